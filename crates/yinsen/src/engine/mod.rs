@@ -1,0 +1,3 @@
+//! Sessions, sampling and text: what turns a backend into a generator.
+
+pub mod tokenizer;
