@@ -87,3 +87,72 @@ pub fn cpu_info() -> CpuInfo {
         amx_tile: f("amx-tile"),
     }
 }
+
+/// Everything `yinsen info` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct MachineInfo {
+    pub cpu: CpuInfo,
+    pub default_threads: usize,
+    /// CPU kernels usable here, best first.
+    pub cpu_kernels: Vec<String>,
+    /// AMX tile-data permission: "granted", "unsupported" or "denied: <why>".
+    pub amx: String,
+    /// CUDA devices, or why there are none.
+    pub cuda: CudaInfo,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaInfo {
+    pub available: bool,
+    pub devices: Vec<String>,
+    pub reason: Option<String>,
+}
+
+pub fn machine_info() -> MachineInfo {
+    MachineInfo {
+        cpu: cpu_info(),
+        default_threads: crate::backends::cpu::forward::default_threads(),
+        cpu_kernels: crate::backends::cpu::kernels::available()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        amx: crate::backends::cpu::kernels::amx_status_text(),
+        cuda: crate::dispatch::cuda_info(),
+    }
+}
+
+impl MachineInfo {
+    pub fn to_text(&self) -> String {
+        let c = &self.cpu;
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        let mut s = format!(
+            "cpu: {}\n  logical cores {}, physical cores {}, default threads {}\n  avx2 {} fma {} f16c {} avx512f {} avx512bw {} avx512_vnni {} amx_tile {} amx_int8 {}\n  amx tile permission: {}\n  cpu kernels: {}\n",
+            c.name,
+            c.logical_cores,
+            c.physical_cores.map_or("?".into(), |n| n.to_string()),
+            self.default_threads,
+            yn(c.avx2),
+            yn(c.fma),
+            yn(c.f16c),
+            yn(c.avx512f),
+            yn(c.avx512bw),
+            yn(c.avx512_vnni),
+            yn(c.amx_tile),
+            yn(c.amx_int8),
+            self.amx,
+            self.cpu_kernels.join(", "),
+        );
+        if self.cuda.available {
+            s += &format!("cuda: {} device(s)\n", self.cuda.devices.len());
+            for d in &self.cuda.devices {
+                s += &format!("  {d}\n");
+            }
+        } else {
+            s += &format!(
+                "cuda: no CUDA device: {}\n",
+                self.cuda.reason.as_deref().unwrap_or("unknown")
+            );
+        }
+        s
+    }
+}

@@ -9,10 +9,7 @@ use yinsen::model::synthetic;
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -35,15 +32,11 @@ fn prefill_equals_decode_and_chunks() {
     }
 
     let mut c3 = be.new_cache(64).unwrap();
-    be.forward(c3.as_mut(), &toks[..10], Output::LastLogits)
-        .unwrap();
-    let chunked = be
-        .forward(c3.as_mut(), &toks[10..], Output::LastLogits)
-        .unwrap();
+    be.forward(c3.as_mut(), &toks[..10], Output::LastLogits).unwrap();
+    let chunked = be.forward(c3.as_mut(), &toks[10..], Output::LastLogits).unwrap();
     assert!(max_abs_diff(&chunked, &last) < 1e-4);
     // Logits are not degenerate.
-    let spread = last.iter().cloned().fold(f32::MIN, f32::max)
-        - last.iter().cloned().fold(f32::MAX, f32::min);
+    let spread = last.iter().cloned().fold(f32::MIN, f32::max) - last.iter().cloned().fold(f32::MAX, f32::min);
     assert!(spread > 1e-3, "spread {spread}");
 }
 
@@ -52,13 +45,9 @@ fn bad_tokens_and_overlong_input_are_errors() {
     let model = Arc::new(synthetic::build("tiny").unwrap());
     let be = CpuBackend::new(model, "scalar", 1).unwrap();
     let mut c = be.new_cache(8).unwrap();
-    let e = be
-        .forward(c.as_mut(), &[5000], Output::LastLogits)
-        .unwrap_err();
+    let e = be.forward(c.as_mut(), &[5000], Output::LastLogits).unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
-    let e = be
-        .forward(c.as_mut(), &[1; 9], Output::LastLogits)
-        .unwrap_err();
+    let e = be.forward(c.as_mut(), &[1; 9], Output::LastLogits).unwrap_err();
     assert!(e.to_string().contains("exceeds the context"), "{e}");
     let e = be.forward(c.as_mut(), &[], Output::LastLogits).unwrap_err();
     assert!(e.to_string().contains("no tokens"), "{e}");

@@ -94,10 +94,7 @@ impl Sampler {
         }
         // Softmax with temperature over the survivors.
         let m = cand[0].1;
-        let mut p: Vec<f32> = cand
-            .iter()
-            .map(|&(_, v)| ((v - m) / c.temperature).exp())
-            .collect();
+        let mut p: Vec<f32> = cand.iter().map(|&(_, v)| ((v - m) / c.temperature).exp()).collect();
         let sum: f32 = p.iter().sum();
         p.iter_mut().for_each(|x| *x /= sum);
         let mut keep = p.len();
@@ -170,13 +167,8 @@ mod tests {
         };
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
         let draw = |seed| {
-            let mut s = Sampler::new(SamplerConfig {
-                seed,
-                ..cfg.clone()
-            });
-            (0..4000)
-                .map(|_| s.sample(&logits, &[]))
-                .collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplerConfig { seed, ..cfg.clone() });
+            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         let a = draw(7);
         assert_eq!(a, draw(7));

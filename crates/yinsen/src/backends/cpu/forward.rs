@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::attention::{self, AttnShape};
 use super::kernels::{self, TernaryKernel};
 use super::linear::{Linear, QuantizedInput};
 use super::ops;
@@ -27,6 +28,29 @@ pub struct CpuBackend {
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// Optional 8-bit copy of the lm_head (halves decode bytes).
+    lm_head_q8: Option<DenseMatrix>,
+}
+
+/// How to build a CPU backend.
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// "auto", "amx", "vnni", "avx2", "scalar".
+    pub kernel: String,
+    /// 0 = physical cores.
+    pub threads: usize,
+    /// Compute logits from a Q8_0 copy of the lm_head.
+    pub lm_head_q8: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self {
+            kernel: "auto".into(),
+            threads: 0,
+            lm_head_q8: false,
+        }
+    }
 }
 
 /// f32 keys and values, `[layer][position][kv_dim]`, grown on demand.
@@ -68,11 +92,22 @@ pub fn default_threads() -> usize {
 impl CpuBackend {
     /// Prepare every ternary matrix in `kernel`'s layout.
     pub fn new(model: Arc<Model>, kernel: &str, threads: usize) -> Result<Self> {
-        let kernel = kernels::select(kernel)?;
-        let threads = if threads == 0 {
+        Self::with_options(
+            model,
+            &CpuOptions {
+                kernel: kernel.into(),
+                threads,
+                lm_head_q8: false,
+            },
+        )
+    }
+
+    pub fn with_options(model: Arc<Model>, opts: &CpuOptions) -> Result<Self> {
+        let kernel = kernels::select(&opts.kernel)?;
+        let threads = if opts.threads == 0 {
             default_threads()
         } else {
-            threads
+            opts.threads
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -96,6 +131,10 @@ impl CpuBackend {
         })?;
         let c = &model.config;
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta);
+        let lm_head_q8 = match opts.lm_head_q8 {
+            true => Some(pool.install(|| model.lm_head().to_q8_0())?),
+            false => None,
+        };
         Ok(Self {
             model,
             kernel,
@@ -103,6 +142,7 @@ impl CpuBackend {
             inv_freq,
             pool,
             threads,
+            lm_head_q8,
         })
     }
 
@@ -125,30 +165,20 @@ impl CpuBackend {
         out
     }
 
-    /// Causal GQA attention of `n` new tokens (queries `q`, `[n][q_dim]`)
-    /// against cache positions `0..p0 + t + 1`.
+    /// Causal GQA attention of `n` new tokens against the cache.
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
         let c = &self.model.config;
-        let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
-        let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; n * qd];
-        // One task per (token, head); each writes its own head slice.
-        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-            let (t, h) = (i / c.n_heads, i % c.n_heads);
-            let kvh = h / group;
-            let qv = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-            let len = p0 + t + 1;
-            let mut scores: Vec<f32> = (0..len)
-                .map(|p| ops::dot(qv, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
-                .collect();
-            ops::softmax(&mut scores);
-            o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                ops::axpy(o, w, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]);
-            }
-        });
-        out
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        // Decode has one query per head: nothing to tile.
+        if n == 1 {
+            attention::causal_attention_simple(&shape, q, kc, vc, p0, n)
+        } else {
+            attention::causal_attention(&shape, q, kc, vc, p0, n)
+        }
     }
 
     fn logits(&self, h: &[f32], head: &DenseMatrix) -> Vec<f32> {
@@ -158,18 +188,15 @@ impl CpuBackend {
         // Row-major over the vocabulary so each embedding row is decoded once.
         let mut by_row = vec![0f32; vocab * n];
         let block = 64;
-        by_row
-            .par_chunks_mut(block * n)
-            .enumerate()
-            .for_each(|(bi, ch)| {
-                let mut row = vec![0f32; c.hidden];
-                for (j, out) in ch.chunks_exact_mut(n).enumerate() {
-                    head.row_to_f32(bi * block + j, &mut row);
-                    for (t, o) in out.iter_mut().enumerate() {
-                        *o = ops::dot(&row, &h[t * c.hidden..(t + 1) * c.hidden]);
-                    }
+        by_row.par_chunks_mut(block * n).enumerate().for_each(|(bi, ch)| {
+            let mut row = vec![0f32; c.hidden];
+            for (j, out) in ch.chunks_exact_mut(n).enumerate() {
+                head.row_to_f32(bi * block + j, &mut row);
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = ops::dot(&row, &h[t * c.hidden..(t + 1) * c.hidden]);
                 }
-            });
+            }
+        });
         if n == 1 {
             return by_row;
         }
@@ -182,12 +209,7 @@ impl CpuBackend {
         out
     }
 
-    fn forward_inner(
-        &self,
-        cache: &mut CpuKvCache,
-        tokens: &[u32],
-        output: Output,
-    ) -> Result<Vec<f32>> {
+    fn forward_inner(&self, cache: &mut CpuKvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         let m = &*self.model;
         let c = &m.config;
         let n = tokens.len();
@@ -195,8 +217,7 @@ impl CpuBackend {
         let (hid, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         let mut x = vec![0f32; n * hid];
         for (t, &tok) in tokens.iter().enumerate() {
-            m.embed
-                .row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
+            m.embed.row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
         }
         let th = self.threads;
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
@@ -266,18 +287,13 @@ impl CpuBackend {
         let h = self.rms_rows(last, &m.final_norm, hid);
         Ok(match output {
             Output::Hidden => h,
-            _ => self.logits(&h, m.lm_head()),
+            _ => self.logits(&h, self.lm_head_q8.as_ref().unwrap_or(m.lm_head())),
         })
     }
 }
 
 /// Check tokens and cache room before running anything.
-pub fn check_forward_args(
-    c: &ModelConfig,
-    cache_len: usize,
-    capacity: usize,
-    tokens: &[u32],
-) -> Result<()> {
+pub fn check_forward_args(c: &ModelConfig, cache_len: usize, capacity: usize, tokens: &[u32]) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::input("forward: no tokens"));
     }
@@ -320,17 +336,13 @@ impl Backend for CpuBackend {
             .downcast_mut::<CpuKvCache>()
             .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
         check_forward_args(&self.model.config, cache.len, cache.capacity, tokens)?;
-        self.pool
-            .install(|| self.forward_inner(cache, tokens, output))
+        self.pool.install(|| self.forward_inner(cache, tokens, output))
     }
     fn resident_weight_bytes(&self) -> usize {
         self.layers
             .iter()
             .map(|l| {
-                l.qkv.resident_bytes()
-                    + l.o.resident_bytes()
-                    + l.gate_up.resident_bytes()
-                    + l.down.resident_bytes()
+                l.qkv.resident_bytes() + l.o.resident_bytes() + l.gate_up.resident_bytes() + l.down.resident_bytes()
             })
             .sum()
     }

@@ -58,10 +58,7 @@ impl Linear {
     pub fn prepare(kernel: &dyn TernaryKernel, mats: &[&TernaryMatrix]) -> Result<Self> {
         let n_in = mats[0].n_in;
         let n_out = mats.iter().map(|m| m.n_out).sum();
-        assert!(
-            mats.iter().all(|m| m.n_in == n_in),
-            "fused matrices must share n_in"
-        );
+        assert!(mats.iter().all(|m| m.n_in == n_in), "fused matrices must share n_in");
         if mats.iter().any(|m| m.tensor_scale().is_none()) {
             return Ok(Self {
                 weights: Weights::PerBlock(mats.iter().map(|m| (*m).clone()).collect()),
@@ -69,10 +66,7 @@ impl Linear {
                 n_in,
             });
         }
-        let parts = mats
-            .iter()
-            .map(|m| (m.n_out, m.tensor_scale().unwrap()))
-            .collect();
+        let parts = mats.iter().map(|m| (m.n_out, m.tensor_scale().unwrap())).collect();
         let packed = if mats.len() == 1 {
             kernel.prepare(mats[0])?
         } else {
@@ -113,12 +107,10 @@ impl Linear {
                 let rb = packed.row_block().max(1);
                 let chunks = (threads * 4).max(1);
                 let rows = self.n_out.div_ceil(chunks).div_ceil(rb) * rb;
-                acc.par_chunks_mut(rows * n)
-                    .enumerate()
-                    .for_each(|(ci, ch)| {
-                        let r0 = ci * rows;
-                        packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
-                    });
+                acc.par_chunks_mut(rows * n).enumerate().for_each(|(ci, ch)| {
+                    let r0 = ci * rows;
+                    packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
+                });
                 // Epilogue: exact int -> float with the two scales, transposing
                 // to token-major.
                 let mut r0 = 0;
@@ -143,8 +135,7 @@ impl Linear {
                             // PerTensor parts of a mixed fusion.
                             let ws = m.tensor_scale().unwrap_or(0.0);
                             for r in 0..m.n_out {
-                                let acc: i32 =
-                                    (0..m.n_in).map(|i| m.get(r, i) as i32 * xq[i] as i32).sum();
+                                let acc: i32 = (0..m.n_in).map(|i| m.get(r, i) as i32 * xq[i] as i32).sum();
                                 out[t * self.n_out + r0 + r] = acc as f32 * ws / x.s[t];
                             }
                             continue;
