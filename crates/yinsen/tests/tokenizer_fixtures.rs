@@ -50,7 +50,11 @@ fn gguf_spec_from_json(rel: &str, pre: Option<&str>, bos: u32, eos: u32) -> Toke
     for a in added {
         let id = a["id"].as_u64().unwrap() as usize;
         tokens[id] = Some(s(&a["content"]).to_string());
-        types[id] = if a["special"].as_bool().unwrap() { 3 } else { 4 };
+        types[id] = if a["special"].as_bool().unwrap() {
+            3
+        } else {
+            4
+        };
     }
     let merges = j["model"]["merges"]
         .as_array()
@@ -122,7 +126,11 @@ fn check_cases(tok: &Tokenizer, label: &str) {
         let want = ids(&c["ids"]);
         let got = tok.encode(text, true).unwrap();
         assert_eq!(got, want, "{label} {name}: encode");
-        assert_eq!(got, ids(&c["llamacpp_parse_special_true"]), "{label} {name}");
+        assert_eq!(
+            got,
+            ids(&c["llamacpp_parse_special_true"]),
+            "{label} {name}"
+        );
         let as_text = tok.encode(text, false).unwrap();
         assert_eq!(
             as_text,
@@ -287,8 +295,8 @@ fn tiny_hf() -> &'static Tokenizer {
 #[test]
 fn tiny_prompts_encode_exactly() {
     let prompts = read_json("tiny-bitnet-a/expected/prompts.json");
-    let gguf = Tokenizer::from_spec(&gguf_spec_from_json(TINY, Some("llama-bpe"), 1792, 1793))
-        .unwrap();
+    let gguf =
+        Tokenizer::from_spec(&gguf_spec_from_json(TINY, Some("llama-bpe"), 1792, 1793)).unwrap();
     let list = prompts["prompts"].as_array().unwrap();
     assert_eq!(list.len(), 6);
     for tok in [tiny_hf(), &gguf] {
@@ -335,7 +343,11 @@ fn chat_template_cases_render_exactly() {
             assert_eq!(got, s(&c[key]), "{name} {key}");
         }
         let rendered = s(&c["rendered_add_generation_prompt_true"]);
-        assert_eq!(full_hf().encode(rendered, true).unwrap(), ids(&c["ids"]), "{name}");
+        assert_eq!(
+            full_hf().encode(rendered, true).unwrap(),
+            ids(&c["ids"]),
+            "{name}"
+        );
     }
 }
 
@@ -356,6 +368,28 @@ fn builtin_chat_template_matches_llama3() {
         );
         // The built-in honours add_generation_prompt (the shipped one does not).
         let no_prompt = render_chat(None, &msgs, false, bos, "").unwrap();
-        assert_eq!(Some(no_prompt.as_str()), want.strip_suffix(header), "{name}");
+        assert_eq!(
+            Some(no_prompt.as_str()),
+            want.strip_suffix(header),
+            "{name}"
+        );
     }
+}
+
+/// Words that are vocabulary entries but that the merges would split
+/// (found by replaying the merge ranks): with `ignore_merges` they are one
+/// token. The HF tokenizer.json path is the oracle for the GGUF path.
+#[test]
+fn gguf_ignore_merges_matches_hf() {
+    for text in [" jeho", "mektedir", " ngoài", " nhiên", "Hello jeho ngoài"] {
+        let want = full_hf().encode(text, true).unwrap();
+        assert_eq!(full_gguf().encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(
+            full_gguf_no_pre().encode(text, true).unwrap(),
+            want,
+            "{text:?}"
+        );
+    }
+    let whole = full_hf().id_of("Ġjeho").expect("vocab entry");
+    assert_eq!(full_hf().encode(" jeho", true).unwrap(), vec![whole]);
 }

@@ -174,7 +174,11 @@ impl Tokenizer {
         if vocab == 0 {
             return Err(Error::format(src, "tokenizer has an empty vocabulary"));
         }
-        for (what, id) in bos.iter().map(|b| ("BOS", b)).chain(eos.iter().map(|e| ("EOS", e))) {
+        for (what, id) in bos
+            .iter()
+            .map(|b| ("BOS", b))
+            .chain(eos.iter().map(|e| ("EOS", e)))
+        {
             if *id as usize >= vocab {
                 return Err(Error::format(
                     src,
@@ -287,7 +291,7 @@ impl Tokenizer {
             (None, Kind::Hf { tok, .. }) => tok
                 .decode(ids, skip_special)
                 .map_err(|e| Error::input(format!("cannot decode ids: {e}"))),
-            (None, Kind::Bytes) => unreachable!("byte tokenizers always have a table"),
+            (None, Kind::Bytes) => Err(Error::input("byte tokenizer without a byte table")),
         }
     }
 
@@ -597,9 +601,9 @@ fn gguf_bpe(tokens: &[String], merges: &[String], ignore_merges: bool) -> Result
     }
     let mut pairs = Vec::with_capacity(merges.len());
     for (rank, m) in merges.iter().enumerate() {
-        let (a, b) = m.split_once(' ').ok_or_else(|| {
-            Error::format(GGUF_SRC, format!("merge {rank} ({m:?}) has no space"))
-        })?;
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| Error::format(GGUF_SRC, format!("merge {rank} ({m:?}) has no space")))?;
         pairs.push((a.to_string(), b.to_string()));
     }
     BPE::builder()
