@@ -683,4 +683,56 @@ mod tests {
         let ok = Tokenizer::from_spec(&spec("gpt2", vec!["a b".into()])).unwrap();
         assert_eq!(ok.encode("abab", true).unwrap(), vec![2, 2]);
     }
+
+    #[test]
+    fn gguf_bad_ids_and_types_are_format_errors() {
+        let base = |bos: Option<u32>, types: Vec<i32>, add_bos: bool| TokenizerSpec::Gguf {
+            model: "gpt2".into(),
+            pre: None,
+            tokens: vec!["a".into(), "b".into()],
+            token_types: types,
+            merges: vec![],
+            bos,
+            eos: None,
+            add_bos,
+        };
+        for spec in [
+            base(Some(2), vec![1, 1], true),
+            base(Some(0), vec![1], true),
+            base(None, vec![1, 1], true),
+        ] {
+            match Tokenizer::from_spec(&spec) {
+                Err(Error::Format { path, .. }) => assert_eq!(path, GGUF_SRC),
+                other => panic!("expected a format error, got {:?}", other.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn hf_json_missing_or_truncated_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("yinsen-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("tokenizer.json");
+        std::fs::write(
+            &bad,
+            br#"{"version": "1.0", "model": {"type": "BPE", "vocab": {"a"#,
+        )
+        .unwrap();
+        let spec = |path: &std::path::Path| TokenizerSpec::HfJson {
+            path: path.to_path_buf(),
+            bos: None,
+            eos: vec![],
+            add_bos: false,
+        };
+        let e = Tokenizer::from_spec(&spec(&bad))
+            .err()
+            .expect("truncated file");
+        assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("tokenizer.json"));
+        let missing = dir.join("nope.json");
+        let e = Tokenizer::from_spec(&spec(&missing))
+            .err()
+            .expect("missing file");
+        assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("nope.json"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
