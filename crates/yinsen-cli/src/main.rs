@@ -221,9 +221,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             repeat_last_n: 64,
             seed: a.seed,
         },
-        stop_ids: engine.tokenizer.eos_ids(),
+        stop_ids: engine.tokenizer.eos_ids().to_vec(),
     };
-    let mut decoder = engine.tokenizer.stream_decoder();
+    let mut decoder = engine.tokenizer.stream(false);
     let mut text_out = String::new();
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
@@ -248,7 +248,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         Ok(true)
     })?;
     if hit_none(&stops, &text_out) {
-        let rest = decoder.flush();
+        let rest = decoder.finish()?;
         if !json {
             let _ = stdout.write_all(rest.as_bytes());
         }

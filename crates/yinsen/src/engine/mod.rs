@@ -42,7 +42,7 @@ impl Default for EngineOptions {
 
 pub struct Engine {
     pub model: Arc<Model>,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<String>,
     pub backend: Arc<dyn Backend>,
     /// Notes from loading (e.g. a guessed activation).
@@ -60,10 +60,10 @@ impl Engine {
         )?;
         let model = Arc::new(loaded.model);
         let c = &model.config;
-        let tokenizer = match &loaded.tokenizer {
+        let tokenizer = Arc::new(match &loaded.tokenizer {
             Some(spec) => Tokenizer::from_spec(spec)?,
             None => Tokenizer::bytes(c.vocab, c.bos, c.eos.clone()),
-        };
+        });
         let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.kernel, opts.threads)?;
         Ok(Self {
             model,
@@ -112,18 +112,9 @@ impl Engine {
             msgs.push(chat::ChatMessage::new("system", s));
         }
         msgs.push(chat::ChatMessage::new("user", user));
-        let bos = self
-            .tokenizer
-            .bos()
-            .map(|b| self.tokenizer.token_to_piece(b))
-            .unwrap_or_default();
-        let eos = self
-            .model
-            .config
-            .eos
-            .first()
-            .map(|&e| self.tokenizer.token_to_piece(e))
-            .unwrap_or_default();
+        let piece = |id: Option<u32>| id.map(|i| self.tokenizer.token_to_piece(i)).transpose();
+        let bos = piece(self.tokenizer.bos())?.unwrap_or_default();
+        let eos = piece(self.model.config.eos.first().copied())?.unwrap_or_default();
         let text = chat::render_chat(self.chat_template.as_deref(), &msgs, true, &bos, &eos)?;
         let mut ids = self.tokenizer.encode(&text, true)?;
         // Templates that do not emit BOS still need it when the model expects one.

@@ -77,13 +77,13 @@ impl ModelConfig {
                 return bad(format!("{name} = {v} (must be 1..={max})"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} heads is not a multiple of {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dim {} is odd (RoPE rotates pairs)", self.head_dim));
         }
         if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {

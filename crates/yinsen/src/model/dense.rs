@@ -64,7 +64,7 @@ impl DenseType {
     /// Bytes of one row of `cols` elements, or None if cols does not fit the block.
     pub fn row_bytes(&self, cols: usize) -> Option<usize> {
         let (be, bb) = self.block();
-        if cols % be != 0 {
+        if !cols.is_multiple_of(be) {
             return None;
         }
         (cols / be).checked_mul(bb)
@@ -137,7 +137,7 @@ impl DenseMatrix {
     /// decode step: per 32 values `d = max|x| / 127`, `q = round(x / d)`.
     pub fn to_q8_0(&self) -> Result<DenseMatrix> {
         use rayon::prelude::*;
-        if self.cols % 32 != 0 {
+        if !self.cols.is_multiple_of(32) {
             return Err(Error::Unsupported(format!(
                 "Q8_0 copy needs a width divisible by 32, got {}",
                 self.cols
