@@ -12,7 +12,9 @@ use yinsen::model::{Activation, Model};
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("YINSEN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        })
 }
 
 fn model_dir() -> PathBuf {
@@ -29,7 +31,12 @@ fn json(path: PathBuf) -> Value {
 }
 
 fn npy_f32(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let a = npy::read(&model_dir().join("expected/intermediates/short_en").join(name)).unwrap();
+    let a = npy::read(
+        &model_dir()
+            .join("expected/intermediates/short_en")
+            .join(name),
+    )
+    .unwrap();
     (a.shape.clone(), a.as_f32().expect("f32 array").to_vec())
 }
 
@@ -59,9 +66,17 @@ fn config_fields() {
         assert_eq!((c.bos, c.eos.clone()), (Some(1792), vec![1793]));
         assert!(l.model.output.is_none());
         match &l.tokenizer {
-            Some(TokenizerSpec::HfJson { path, bos, eos, add_bos }) => {
+            Some(TokenizerSpec::HfJson {
+                path,
+                bos,
+                eos,
+                add_bos,
+            }) => {
                 assert!(path.ends_with("tokenizer.json") && path.is_file());
-                assert_eq!((*bos, eos.clone(), *add_bos), (Some(1792), vec![1793], true));
+                assert_eq!(
+                    (*bos, eos.clone(), *add_bos),
+                    (Some(1792), vec![1793], true)
+                );
             }
             other => panic!("tokenizer spec {other:?}"),
         }
@@ -99,7 +114,9 @@ fn packed_and_master_are_the_same_model() {
     let (packed, master) = (load("hf-packed").model, load("hf-master").model);
     let mut checked = 0;
     for (i, (lp, lm)) in packed.layers.iter().zip(&master.layers).enumerate() {
-        for (((name, mp), (_, mm)), (_, hf_name)) in lp.ternaries().into_iter().zip(lm.ternaries()).zip(PROJ) {
+        for (((name, mp), (_, mm)), (_, hf_name)) in
+            lp.ternaries().into_iter().zip(lm.ternaries()).zip(PROJ)
+        {
             let key = format!("model.layers.{i}.{hf_name}.weight");
             let e = &info[&key];
             let shape: Vec<usize> = serde_json::from_value(e["shape_out_in"].clone()).unwrap();
@@ -119,7 +136,12 @@ fn packed_and_master_are_the_same_model() {
 
 fn prompt_ids(name: &str) -> Vec<usize> {
     let p = json(model_dir().join("expected/prompts.json"));
-    let entry = p["prompts"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap();
+    let entry = p["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap();
     serde_json::from_value(entry["ids"].clone()).unwrap()
 }
 
@@ -135,7 +157,11 @@ fn embedding_rows_match_oracle() {
         for (t, &id) in ids.iter().enumerate() {
             row.fill(f32::NAN);
             m.embed.row_to_f32(id, &mut row);
-            assert_eq!(&row[..], &want[t * 256..(t + 1) * 256], "{sub} token {t} (id {id})");
+            assert_eq!(
+                &row[..],
+                &want[t * 256..(t + 1) * 256],
+                "{sub} token {t} (id {id})"
+            );
         }
     }
 }
@@ -152,7 +178,10 @@ fn input_norm_matches_oracle() {
         let inv = 1.0 / (ms + 1e-5).sqrt();
         for ((&xv, &g), &w) in xt.iter().zip(&m.layers[0].attn_norm).zip(wt) {
             let got = xv as f64 * inv * g as f64;
-            assert!((got - w as f64).abs() <= 1e-5 * (1.0 + w.abs() as f64), "{got} vs {w}");
+            assert!(
+                (got - w as f64).abs() <= 1e-5 * (1.0 + w.abs() as f64),
+                "{got} vs {w}"
+            );
         }
     }
 }
@@ -173,10 +202,15 @@ fn projections_match_oracle() {
                 ("up", "gate_up_in"),
                 ("down", "down_in"),
             ] {
-                let w = l.ternaries().into_iter().find(|(n, _)| *n == name).unwrap().1;
-                let codes = npy::read(
-                    &model_dir().join(format!("expected/intermediates/short_en/l{li}.{input}.int8.npy")),
-                )
+                let w = l
+                    .ternaries()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap()
+                    .1;
+                let codes = npy::read(&model_dir().join(format!(
+                    "expected/intermediates/short_en/l{li}.{input}.int8.npy"
+                )))
                 .unwrap();
                 let xq = codes.as_i8().expect("int8 codes");
                 let (_, s) = npy_f32(&format!("l{li}.{input}.scale.npy"));

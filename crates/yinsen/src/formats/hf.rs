@@ -18,36 +18,51 @@ use crate::engine::tokenizer::TokenizerSpec;
 use crate::error::{Error, Result};
 use crate::model::config::{MAX_DIM, MAX_LAYERS, MAX_VOCAB};
 use crate::model::dense::decode_row;
-use crate::model::{Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix, WeightScale};
+use crate::model::{
+    Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix,
+    WeightScale,
+};
 
 /// Load a Hugging Face model directory.
 pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
-        return Err(Error::format(dir, "missing config.json (not a Hugging Face model directory?)"));
+        return Err(Error::format(
+            dir,
+            "missing config.json (not a Hugging Face model directory?)",
+        ));
     }
     let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    // Config problems are reported before any weight file is touched.
+    let parsed = parse_config(&cfg_path.display().to_string(), &cfg_bytes, opts)?;
     let files = shard_files(dir)?;
-    let maps = files.iter().map(|p| map_file(p)).collect::<Result<Vec<_>>>()?;
+    let maps = files
+        .iter()
+        .map(|p| map_file(p))
+        .collect::<Result<Vec<_>>>()?;
     let shards = files
         .iter()
         .zip(&maps)
         .map(|(p, m)| Shard::new(p.display().to_string(), &m[..], Some(m.clone())))
         .collect::<Result<Vec<_>>>()?;
-    let label = cfg_path.display().to_string();
-    let mut loaded = build(&label, &cfg_bytes, shards, &dir.display().to_string(), opts)?;
+    let mut loaded = build(parsed, shards, &dir.display().to_string(), opts)?;
     attach_tokenizer(dir, &mut loaded);
     Ok(loaded)
 }
 
 /// Load from in-memory bytes (tests, fuzzing). Dense tensors are copied.
-pub fn load_parts(config_json: &[u8], safetensors: &[&[u8]], opts: &LoadOptions) -> Result<LoadedModel> {
+pub fn load_parts(
+    config_json: &[u8],
+    safetensors: &[&[u8]],
+    opts: &LoadOptions,
+) -> Result<LoadedModel> {
+    let parsed = parse_config("config.json", config_json, opts)?;
     let shards = safetensors
         .iter()
         .enumerate()
         .map(|(i, b)| Shard::new(format!("safetensors[{i}]"), b, None))
         .collect::<Result<Vec<_>>>()?;
-    build("config.json", config_json, shards, "safetensors", opts)
+    build(parsed, shards, "safetensors", opts)
 }
 
 // ---------------------------------------------------------------- files
@@ -70,7 +85,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::format(dir, "no model.safetensors or *.safetensors files"));
+        return Err(Error::format(
+            dir,
+            "no model.safetensors or *.safetensors files",
+        ));
     }
     Ok(files)
 }
@@ -81,8 +99,8 @@ fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         weight_map: BTreeMap<String, String>,
     }
     let bytes = std::fs::read(index).map_err(|e| Error::io(index, e))?;
-    let idx: Index =
-        serde_json::from_slice(&bytes).map_err(|e| Error::format(index, format!("malformed JSON: {e}")))?;
+    let idx: Index = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format(index, format!("malformed JSON: {e}")))?;
     let mut names: Vec<&String> = idx.weight_map.values().collect();
     names.sort();
     names.dedup();
@@ -90,11 +108,17 @@ fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     for n in names {
         // Shards must sit beside the index; refuse paths that leave the directory.
         if n.is_empty() || n.contains(['/', '\\']) || n == ".." {
-            return Err(Error::format(index, format!("shard name '{n}' is not a plain file name")));
+            return Err(Error::format(
+                index,
+                format!("shard name '{n}' is not a plain file name"),
+            ));
         }
         let p = dir.join(n);
         if !p.is_file() {
-            return Err(Error::format(index, format!("lists shard '{n}', which is missing")));
+            return Err(Error::format(
+                index,
+                format!("lists shard '{n}', which is missing"),
+            ));
         }
         out.push(p);
     }
@@ -108,7 +132,10 @@ fn map_file(p: &Path) -> Result<Arc<memmap2::Mmap>> {
     let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
     let len = f.metadata().map_err(|e| Error::io(p, e))?.len();
     if len < 8 {
-        return Err(Error::format(p, format!("{len} bytes is too short for a safetensors file")));
+        return Err(Error::format(
+            p,
+            format!("{len} bytes is too short for a safetensors file"),
+        ));
     }
     // SAFETY: the map is read-only; like every mmap-based loader we assume
     // the file is not truncated while the model is alive.
@@ -129,7 +156,12 @@ impl<'a> Shard<'a> {
     fn new(label: String, bytes: &'a [u8], map: Option<Arc<memmap2::Mmap>>) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::format(&label, format!("invalid safetensors file: {e}")))?;
-        Ok(Self { label, bytes, map, st })
+        Ok(Self {
+            label,
+            bytes,
+            map,
+            st,
+        })
     }
 }
 
@@ -183,8 +215,8 @@ struct Parsed {
 }
 
 fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed> {
-    let raw: RawConfig =
-        serde_json::from_slice(bytes).map_err(|e| Error::format(label, format!("malformed JSON: {e}")))?;
+    let raw: RawConfig = serde_json::from_slice(bytes)
+        .map_err(|e| Error::format(label, format!("malformed JSON: {e}")))?;
     let unsupported = |m: String| Error::Unsupported(format!("{label}: {m}"));
     let mut warnings = Vec::new();
 
@@ -203,10 +235,16 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
         "BitNetForCausalLM" => (true, Activation::Relu2, true, 500000.0),
         // 1bitLLM's remote-code class is spelled "BitnetForCausalLM".
         "LlamaForCausalLM" | "BitnetForCausalLM" => (false, Activation::Silu, false, 10000.0),
-        a => return Err(unsupported(format!("architecture '{a}' (want BitNetForCausalLM or LlamaForCausalLM)"))),
+        a => {
+            return Err(unsupported(format!(
+                "architecture '{a}' (want BitNetForCausalLM or LlamaForCausalLM)"
+            )))
+        }
     };
     if raw.attention_bias == Some(true) || raw.mlp_bias == Some(true) {
-        return Err(unsupported("linear biases (attention_bias / mlp_bias) are not supported".into()));
+        return Err(unsupported(
+            "linear biases (attention_bias / mlp_bias) are not supported".into(),
+        ));
     }
 
     let activation = match (opts.activation, raw.hidden_act.as_deref()) {
@@ -220,7 +258,10 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
         let v = v.ok_or_else(|| Error::format(label, format!("missing '{name}'")))?;
         match usize::try_from(v) {
             Ok(x) if x >= 1 && x <= max => Ok(x),
-            _ => Err(Error::format(label, format!("'{name}' = {v} is out of range (1..={max})"))),
+            _ => Err(Error::format(
+                label,
+                format!("'{name}' = {v} is out of range (1..={max})"),
+            )),
         }
     };
     let hidden = dim("hidden_size", raw.hidden_size, MAX_DIM)?;
@@ -234,7 +275,7 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
     let vocab = dim("vocab_size", raw.vocab_size, MAX_VOCAB)?;
     let head_dim = match raw.head_dim {
         Some(_) => dim("head_dim", raw.head_dim, MAX_DIM)?,
-        None if hidden % n_heads == 0 => hidden / n_heads,
+        None if hidden.is_multiple_of(n_heads) => hidden / n_heads,
         None => {
             return Err(Error::format(
                 label,
@@ -244,7 +285,9 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
     };
     let max_ctx = match raw.max_position_embeddings {
         None => {
-            warnings.push(format!("{label}: no max_position_embeddings, assuming 2048"));
+            warnings.push(format!(
+                "{label}: no max_position_embeddings, assuming 2048"
+            ));
             2048
         }
         v => dim("max_position_embeddings", v, 1 << 24)?,
@@ -254,12 +297,19 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
         1e-5
     }) as f32;
 
-    for (key, v) in [("rope_scaling", &raw.rope_scaling), ("rope_parameters", &raw.rope_parameters)] {
+    for (key, v) in [
+        ("rope_scaling", &raw.rope_scaling),
+        ("rope_parameters", &raw.rope_parameters),
+    ] {
         if let Some(v) = v {
             check_rope(label, key, v)?;
         }
     }
-    let nested_theta = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+    let nested_theta = raw
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64);
     let rope_theta = match raw.rope_theta.or(nested_theta) {
         Some(t) => t as f32,
         None => {
@@ -301,7 +351,9 @@ fn parse_config(label: &str, bytes: &[u8], opts: &LoadOptions) -> Result<Parsed>
         eos,
         add_bos: bos.is_some(),
     };
-    config.validate().map_err(|e| Error::format(label, e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(label, e.to_string()))?;
     Ok(Parsed {
         config,
         linear_class,
@@ -320,13 +372,21 @@ fn check_rope(label: &str, key: &str, v: &Value) -> Result<()> {
     let obj = match v {
         Value::Null => return Ok(()),
         Value::Object(o) => o,
-        _ => return Err(Error::format(label, format!("'{key}' is neither null nor an object"))),
+        _ => {
+            return Err(Error::format(
+                label,
+                format!("'{key}' is neither null nor an object"),
+            ))
+        }
     };
-    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str);
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str);
     let factor = obj.get("factor").and_then(Value::as_f64);
     match (kind, factor) {
         (None | Some("default"), None) => Ok(()),
-        (Some("linear") | Some("default") | None, Some(f)) if f == 1.0 => Ok(()),
+        (Some("linear") | Some("default") | None, Some(1.0)) => Ok(()),
         _ => Err(Error::Unsupported(format!(
             "{label}: {key} {} (only unscaled RoPE is implemented)",
             Value::Object(obj.clone())
@@ -341,7 +401,9 @@ fn quant_class(label: &str, q: Option<&QuantConfig>) -> Result<LinearClass> {
     let unsupported = |m: String| Err(Error::Unsupported(format!("{label}: {m}")));
     if let Some(m) = q.quant_method.as_deref() {
         if m != "bitnet" {
-            return unsupported(format!("quantization_config.quant_method '{m}' (only 'bitnet')"));
+            return unsupported(format!(
+                "quantization_config.quant_method '{m}' (only 'bitnet')"
+            ));
         }
     }
     if let Some(m) = q.quantization_mode.as_deref() {
@@ -352,7 +414,9 @@ fn quant_class(label: &str, q: Option<&QuantConfig>) -> Result<LinearClass> {
     match q.linear_class.as_deref() {
         None | Some("bitlinear") => Ok(LinearClass::BitLinear),
         Some("autobitlinear") => Ok(LinearClass::AutoBitLinear),
-        Some(c) => unsupported(format!("linear_class '{c}' (want bitlinear or autobitlinear)")),
+        Some(c) => unsupported(format!(
+            "linear_class '{c}' (want bitlinear or autobitlinear)"
+        )),
     }
 }
 
@@ -393,8 +457,12 @@ impl Found<'_> {
         }
     }
     fn float_type(&self) -> Result<DenseType> {
-        self.dense_type()
-            .ok_or_else(|| self.err(format!("has dtype {:?}, expected BF16, F16 or F32", self.view.dtype())))
+        self.dense_type().ok_or_else(|| {
+            self.err(format!(
+                "has dtype {:?}, expected BF16, F16 or F32",
+                self.view.dtype()
+            ))
+        })
     }
     fn expect_shape(&self, want: &[usize]) -> Result<()> {
         if self.view.shape() != want {
@@ -408,7 +476,12 @@ impl Found<'_> {
 }
 
 impl<'a, 'o> Weights<'a, 'o> {
-    fn new(place: &str, shards: Vec<Shard<'a>>, class: LinearClass, opts: &'o LoadOptions) -> Result<Self> {
+    fn new(
+        place: &str,
+        shards: Vec<Shard<'a>>,
+        class: LinearClass,
+        opts: &'o LoadOptions,
+    ) -> Result<Self> {
         let mut index = HashMap::new();
         let mut total = 0u64;
         for (i, s) in shards.iter().enumerate() {
@@ -527,7 +600,10 @@ impl<'a, 'o> Weights<'a, 'o> {
 fn scalar(t: &Found) -> Result<f32> {
     let dt = t.float_type()?;
     if t.view.shape().iter().any(|&d| d != 1) || t.view.shape().len() > 2 {
-        return Err(t.err(format!("has shape {:?}, expected one value", t.view.shape())));
+        return Err(t.err(format!(
+            "has shape {:?}, expected one value",
+            t.view.shape()
+        )));
     }
     let mut v = [0f32];
     decode_row(dt, t.view.data(), &mut v);
@@ -543,30 +619,36 @@ const HF_TO_CANON: [u8; 4] = [0b10, 0b00, 0b01, 0xFF];
 /// Packed along the OUTPUT dim in 4 row blocks of `R = n_out / 4`:
 /// `W[i*R + r, c] = ((P[r, c] >> 2i) & 3) - 1`.
 fn unpack_linear(t: &Found, n_out: usize, n_in: usize, scale: f32) -> Result<TernaryMatrix> {
-    if n_out % 4 != 0 {
-        return Err(t.err(format!("is packed (U8) but its output size {n_out} is not a multiple of 4")));
+    if !n_out.is_multiple_of(4) {
+        return Err(t.err(format!(
+            "is packed (U8) but its output size {n_out} is not a multiple of 4"
+        )));
     }
     let r4 = n_out / 4;
     t.expect_shape(&[r4, n_in])?;
     let p = t.view.data();
-    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(scale)).map_err(|e| t.err(e))?;
+    let mut m =
+        TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(scale)).map_err(|e| t.err(e))?;
     let rb = m.row_bytes();
-    m.packed.par_chunks_mut(rb).enumerate().try_for_each(|(row, dst)| {
-        let (shift, src) = (2 * (row / r4), &p[(row % r4) * n_in..][..n_in]);
-        for (cb, chunk) in src.chunks(4).enumerate() {
-            let mut byte = 0u8;
-            for (k, &b) in chunk.iter().enumerate() {
-                let code = HF_TO_CANON[((b >> shift) & 3) as usize];
-                if code == 0xFF {
-                    return Err(cb * 4 + k + (row % r4) * n_in);
+    m.packed
+        .par_chunks_mut(rb)
+        .enumerate()
+        .try_for_each(|(row, dst)| {
+            let (shift, src) = (2 * (row / r4), &p[(row % r4) * n_in..][..n_in]);
+            for (cb, chunk) in src.chunks(4).enumerate() {
+                let mut byte = 0u8;
+                for (k, &b) in chunk.iter().enumerate() {
+                    let code = HF_TO_CANON[((b >> shift) & 3) as usize];
+                    if code == 0xFF {
+                        return Err(cb * 4 + k + (row % r4) * n_in);
+                    }
+                    byte |= code << (2 * k);
                 }
-                byte |= code << (2 * k);
+                dst[cb] = byte;
             }
-            dst[cb] = byte;
-        }
-        Ok(())
-    })
-    .map_err(|at| t.err(format!("holds code 3 (not a trit) in byte {at}")))?;
+            Ok(())
+        })
+        .map_err(|at| t.err(format!("holds code 3 (not a trit) in byte {at}")))?;
     Ok(m)
 }
 
@@ -594,7 +676,8 @@ fn quantize_master(t: &Found, n_out: usize, n_in: usize) -> Result<TernaryMatrix
         return Err(t.err("holds NaN or infinite values"));
     }
     let scale = 1.0f32 / mean.max(1e-5);
-    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(1.0 / scale)).map_err(|e| t.err(e))?;
+    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(1.0 / scale))
+        .map_err(|e| t.err(e))?;
     let rb = m.row_bytes();
     m.packed
         .par_chunks_mut(rb)
@@ -616,8 +699,7 @@ fn quantize_master(t: &Found, n_out: usize, n_in: usize) -> Result<TernaryMatrix
 // ---------------------------------------------------------------- model
 
 fn build(
-    cfg_label: &str,
-    cfg_bytes: &[u8],
+    parsed: Parsed,
     shards: Vec<Shard<'_>>,
     place: &str,
     opts: &LoadOptions,
@@ -626,7 +708,7 @@ fn build(
         mut config,
         linear_class,
         mut warnings,
-    } = parse_config(cfg_label, cfg_bytes, opts)?;
+    } = parsed;
     let mut w = Weights::new(place, shards, linear_class, opts)?;
     let c = config.clone();
     let embed = w.dense("model.embed_tokens.weight", c.vocab, c.hidden)?;
@@ -650,7 +732,9 @@ fn build(
         ));
     }
     if c.tied_embeddings && w.has("lm_head.weight") {
-        warnings.push(format!("{place}: lm_head.weight ignored (tie_word_embeddings is true)"));
+        warnings.push(format!(
+            "{place}: lm_head.weight ignored (tie_word_embeddings is true)"
+        ));
     }
     if let Some(p) = w.progress {
         p(w.total, w.total);
@@ -663,7 +747,9 @@ fn build(
         final_norm,
         layers,
     };
-    model.validate().map_err(|e| Error::format(place, e.to_string()))?;
+    model
+        .validate()
+        .map_err(|e| Error::format(place, e.to_string()))?;
     Ok(LoadedModel {
         model,
         tokenizer: None,
@@ -711,9 +797,10 @@ fn attach_tokenizer(dir: &Path, loaded: &mut LoadedModel) {
             add_bos: c.add_bos,
         });
     } else {
-        loaded
-            .warnings
-            .push(format!("{}: no tokenizer.json; token ids only", dir.display()));
+        loaded.warnings.push(format!(
+            "{}: no tokenizer.json; token ids only",
+            dir.display()
+        ));
     }
     match chat_template(dir) {
         Ok(t) => loaded.chat_template = t,
@@ -727,16 +814,24 @@ fn chat_template(dir: &Path) -> std::result::Result<Option<String>, String> {
     let p = dir.join("tokenizer_config.json");
     if p.is_file() {
         let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: malformed JSON: {e}", p.display()))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: malformed JSON: {e}", p.display()))?;
         match v.get("chat_template") {
             Some(Value::String(s)) => return Ok(Some(s.clone())),
             Some(Value::Array(list)) => {
-                let default = list.iter().find(|e| e.get("name").and_then(Value::as_str) == Some("default"));
-                if let Some(t) = default.and_then(|e| e.get("template")).and_then(Value::as_str) {
+                let default = list
+                    .iter()
+                    .find(|e| e.get("name").and_then(Value::as_str) == Some("default"));
+                if let Some(t) = default
+                    .and_then(|e| e.get("template"))
+                    .and_then(Value::as_str)
+                {
                     return Ok(Some(t.to_string()));
                 }
-                return Err(format!("{}: chat_template list has no \"default\" entry", p.display()));
+                return Err(format!(
+                    "{}: chat_template list has no \"default\" entry",
+                    p.display()
+                ));
             }
             _ => {}
         }

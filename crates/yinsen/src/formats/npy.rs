@@ -105,7 +105,11 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         "<f8" | "<i8" => 8,
         "<i4" => 4,
         "|i1" | "<i1" => 1,
-        d => return Err(format!("unsupported dtype '{d}' (want <f4, <f8, |i1, <i4 or <i8)")),
+        d => {
+            return Err(format!(
+                "unsupported dtype '{d}' (want <f4, <f8, |i1, <i4 or <i8)"
+            ))
+        }
     };
     let need = count.checked_mul(item).ok_or("data size overflows")?;
     let data = &bytes[end..];
@@ -116,10 +120,26 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         ));
     }
     let data = match descr.as_str() {
-        "<f4" => NpyData::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<f8" => NpyData::F64(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<i4" => NpyData::I32(data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<i8" => NpyData::I64(data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+        "<f4" => NpyData::F32(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "<f8" => NpyData::F64(
+            data.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "<i4" => NpyData::I32(
+            data.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        "<i8" => NpyData::I64(
+            data.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
         _ => NpyData::I8(data.iter().map(|&b| b as i8).collect()),
     };
     Ok(NpyArray { shape, data })
@@ -150,7 +170,11 @@ fn parse_header(h: &str) -> std::result::Result<(String, bool, Vec<usize>), Stri
         .split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| p.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad shape entry '{p}'")))
+        .map(|p| {
+            p.trim_end_matches('L')
+                .parse::<usize>()
+                .map_err(|_| format!("bad shape entry '{p}'"))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((descr, fortran, shape))
 }
@@ -166,14 +190,19 @@ pub fn f32_to_bytes(shape: &[usize], data: &[f32]) -> Result<Vec<u8>> {
     }
     let dims = match shape {
         [d] => format!("{d},"),
-        _ => shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+        _ => shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
     // numpy pads so the data starts at a multiple of 64, header ends in '\n'.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
     header.push('\n');
-    let hlen = u16::try_from(header.len()).map_err(|_| Error::input("npy: shape too long for a v1 header"))?;
+    let hlen = u16::try_from(header.len())
+        .map_err(|_| Error::input("npy: shape too long for a v1 header"))?;
     let mut out = Vec::with_capacity(10 + header.len() + 4 * data.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
@@ -213,7 +242,10 @@ mod tests {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|i| i as f32 * -1.25 + 0.5).collect();
             let bytes = f32_to_bytes(&shape, &data).unwrap();
-            assert_eq!((10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64, 0);
+            assert_eq!(
+                (10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64,
+                0
+            );
             let a = parse(&bytes).unwrap();
             assert_eq!(a.shape, shape);
             assert_eq!(a.as_f32().unwrap(), &data[..]);
@@ -233,35 +265,56 @@ mod tests {
 
     #[test]
     fn reads_other_dtypes_and_v2() {
-        let mut b = header_bytes(2, "{'descr': '|i1', 'fortran_order': False, 'shape': (3,), }\n");
+        let mut b = header_bytes(
+            2,
+            "{'descr': '|i1', 'fortran_order': False, 'shape': (3,), }\n",
+        );
         b.extend_from_slice(&[0xFF, 0x01, 0x80]);
         let a = parse(&b).unwrap();
         assert_eq!(a.as_i8().unwrap(), &[-1, 1, -128]);
 
-        let mut b = header_bytes(1, "{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }\n");
+        let mut b = header_bytes(
+            1,
+            "{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }\n",
+        );
         b.extend_from_slice(&(-3i64).to_le_bytes());
         b.extend_from_slice(&7i64.to_le_bytes());
         assert_eq!(parse(&b).unwrap().data, NpyData::I64(vec![-3, 7]));
 
-        let mut b = header_bytes(1, "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 1), }\n");
+        let mut b = header_bytes(
+            1,
+            "{'descr': '<i4', 'fortran_order': False, 'shape': (1, 1), }\n",
+        );
         b.extend_from_slice(&(-9i32).to_le_bytes());
         assert_eq!(parse(&b).unwrap().data, NpyData::I32(vec![-9]));
 
-        let mut b = header_bytes(1, "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }\n");
+        let mut b = header_bytes(
+            1,
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }\n",
+        );
         b.extend_from_slice(&2.5f64.to_le_bytes());
         assert_eq!(parse(&b).unwrap().to_f32(), vec![2.5]);
     }
 
     #[test]
     fn rejects_bad_files() {
-        let fortran = header_bytes(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n");
+        let fortran = header_bytes(
+            1,
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n",
+        );
         let mut fortran = fortran;
         fortran.extend_from_slice(&[0; 4]);
         assert!(parse(&fortran).unwrap_err().contains("Fortran"));
-        let mut be = header_bytes(1, "{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }\n");
+        let mut be = header_bytes(
+            1,
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }\n",
+        );
         be.extend_from_slice(&[0; 4]);
         assert!(parse(&be).unwrap_err().contains("dtype"));
-        let short = header_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }\n");
+        let short = header_bytes(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }\n",
+        );
         assert!(parse(&short).unwrap_err().contains("needs 8"));
         let huge = header_bytes(
             1,
