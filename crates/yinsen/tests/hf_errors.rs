@@ -768,3 +768,19 @@ fn mutations_never_panic() {
     assert!(outcomes[0] > 100 && outcomes[1] > 50, "{outcomes:?}");
     assert!(start.elapsed().as_secs() < 10, "{:?}", start.elapsed());
 }
+
+/// Seeds for `cargo fuzz run hf_config`: config.json, 0xFF, safetensors.
+/// Run with `YINSEN_FUZZ_SEEDS=<dir> cargo test --test hf_errors -- --ignored`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = PathBuf::from(std::env::var_os("YINSEN_FUZZ_SEEDS").expect("YINSEN_FUZZ_SEEDS"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for packed in [true, false] {
+        let (mut c, s) = Tiny::new(packed).bytes();
+        c.push(0xFF);
+        c.extend_from_slice(&s);
+        assert!(hf::load_parts(&c[..c.len() - s.len() - 1], &[&s], &LoadOptions::default()).is_ok());
+        std::fs::write(dir.join(format!("tiny-{}", if packed { "packed" } else { "master" })), c).unwrap();
+    }
+}
