@@ -780,7 +780,84 @@ fn write_fuzz_seeds() {
         let (mut c, s) = Tiny::new(packed).bytes();
         c.push(0xFF);
         c.extend_from_slice(&s);
-        assert!(hf::load_parts(&c[..c.len() - s.len() - 1], &[&s], &LoadOptions::default()).is_ok());
-        std::fs::write(dir.join(format!("tiny-{}", if packed { "packed" } else { "master" })), c).unwrap();
+        assert!(
+            hf::load_parts(&c[..c.len() - s.len() - 1], &[&s], &LoadOptions::default()).is_ok()
+        );
+        std::fs::write(
+            dir.join(format!("tiny-{}", if packed { "packed" } else { "master" })),
+            c,
+        )
+        .unwrap();
+    }
+}
+
+/// Load time at 2B4T layer shapes (hidden 2560, ffn 6912, 20/5 heads), one
+/// layer, packed and bf16 master. `cargo test --release --test hf_errors -- --ignored bench --nocapture`
+#[test]
+#[ignore]
+fn bench_2b4t_layer() {
+    let (h, f, q, kv) = (2560usize, 6912usize, 2560usize, 640usize);
+    for packed in [true, false] {
+        let mut t = Tiny::new(packed);
+        t.cfg["hidden_size"] = json!(h);
+        t.cfg["intermediate_size"] = json!(f);
+        t.cfg["num_attention_heads"] = json!(20);
+        t.cfg["num_key_value_heads"] = json!(5);
+        t.t.clear();
+        let mut rng = Rng(7);
+        t.put(
+            "model.embed_tokens.weight",
+            Dtype::BF16,
+            &[16, h],
+            vec![0x3c; 32 * h],
+        );
+        for (n, len) in [
+            ("model.norm.weight", h),
+            ("model.layers.0.input_layernorm.weight", h),
+            ("model.layers.0.post_attention_layernorm.weight", h),
+            ("model.layers.0.self_attn.attn_sub_norm.weight", h),
+            ("model.layers.0.mlp.ffn_sub_norm.weight", f),
+        ] {
+            t.put(n, Dtype::F32, &[len], f32_bytes(&vec![1.0; len]));
+        }
+        let mut weights = 0usize;
+        for (name, o, i) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", f, h),
+            ("mlp.up_proj", f, h),
+            ("mlp.down_proj", h, f),
+        ] {
+            let full = format!("model.layers.0.{name}");
+            weights += o * i;
+            if packed {
+                let codes = (0..o / 4 * i).map(|_| (rng.next() as u8) & 0x95).collect();
+                t.put(&format!("{full}.weight"), Dtype::U8, &[o / 4, i], codes);
+                t.put(
+                    &format!("{full}.weight_scale"),
+                    Dtype::BF16,
+                    &[1],
+                    bf16_bytes(&[40.0]),
+                );
+            } else {
+                let w = (0..o * i).flat_map(|_| {
+                    bf16::from_f32((rng.below(64) as f32 - 32.0) / 1024.0).to_le_bytes()
+                });
+                t.put(&format!("{full}.weight"), Dtype::BF16, &[o, i], w.collect());
+            }
+        }
+        let (c, s) = t.bytes();
+        let start = std::time::Instant::now();
+        let m = hf::load_parts(&c, &[&s], &LoadOptions::default()).unwrap();
+        let dt = start.elapsed().as_secs_f64();
+        assert!(m.model.layers[0].w_up.packed.iter().any(|&b| b != 0));
+        println!(
+            "{}: {weights} weights in {:.1} ms = {:.0} Mweights/s",
+            if packed { "packed U8" } else { "bf16 master" },
+            dt * 1e3,
+            weights as f64 / dt / 1e6
+        );
     }
 }

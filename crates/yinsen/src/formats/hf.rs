@@ -630,25 +630,32 @@ fn unpack_linear(t: &Found, n_out: usize, n_in: usize, scale: f32) -> Result<Ter
     let mut m =
         TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(scale)).map_err(|e| t.err(e))?;
     let rb = m.row_bytes();
-    m.packed
+    let bad_row = m
+        .packed
         .par_chunks_mut(rb)
         .enumerate()
-        .try_for_each(|(row, dst)| {
+        .filter_map(|(row, dst)| {
             let (shift, src) = (2 * (row / r4), &p[(row % r4) * n_in..][..n_in]);
-            for (cb, chunk) in src.chunks(4).enumerate() {
-                let mut byte = 0u8;
-                for (k, &b) in chunk.iter().enumerate() {
-                    let code = HF_TO_CANON[((b >> shift) & 3) as usize];
-                    if code == 0xFF {
-                        return Err(cb * 4 + k + (row % r4) * n_in);
-                    }
-                    byte |= code << (2 * k);
-                }
-                dst[cb] = byte;
+            // Check code 3 once per row, not per weight, to keep the loop tight.
+            let mut bad = false;
+            for (d, b4) in dst.iter_mut().zip(src.chunks(4)) {
+                *d = b4.iter().enumerate().fold(0, |acc, (k, &b)| {
+                    let q = (b >> shift) & 3;
+                    bad |= q == 3;
+                    acc | (HF_TO_CANON[q as usize] & 3) << (2 * k)
+                });
             }
-            Ok(())
+            bad.then_some(row)
         })
-        .map_err(|at| t.err(format!("holds code 3 (not a trit) in byte {at}")))?;
+        .min();
+    if let Some(row) = bad_row {
+        return Err(t.err(format!(
+            "holds code 3 (not a trit) for output row {row} (packed row {}, bits {}..{})",
+            row % r4,
+            2 * (row / r4),
+            2 * (row / r4) + 1
+        )));
+    }
     Ok(m)
 }
 
@@ -686,14 +693,23 @@ fn quantize_master(t: &Found, n_out: usize, n_in: usize) -> Result<TernaryMatrix
             || vec![0f32; n_in],
             |buf, (dst, raw)| {
                 decode_row(dt, raw, buf);
-                dst.fill(0);
-                for (c, &w) in buf.iter().enumerate() {
-                    let q = (w * scale).round_ties_even().clamp(-1.0, 1.0) as i8;
-                    dst[c / 4] |= crate::model::ternary::encode_trit(q) << (2 * (c % 4));
+                for (d, w4) in dst.iter_mut().zip(buf.chunks(4)) {
+                    *d = w4
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &w)| ternary_code(w * scale) << (2 * k))
+                        .fold(0, |a, b| a | b);
                 }
             },
         );
     Ok(m)
+}
+
+/// Canonical code of `clamp(round_half_even(x), -1, 1)` for finite or
+/// infinite x: only |x| > 0.5 leaves zero (0.5 itself rounds to even 0).
+#[inline]
+fn ternary_code(x: f32) -> u8 {
+    (x > 0.5) as u8 | (((x < -0.5) as u8) << 1)
 }
 
 // ---------------------------------------------------------------- model
@@ -843,4 +859,45 @@ fn chat_template(dir: &Path) -> std::result::Result<Option<String>, String> {
             .map_err(|e| format!("{}: {e}", j.display()));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ternary::{decode_code, encode_trit};
+
+    /// The comparison shortcut equals transformers' round-then-clamp.
+    #[test]
+    fn ternary_code_matches_round_clamp() {
+        let mut xs = vec![
+            0.5f32,
+            -0.5,
+            0.0,
+            -0.0,
+            1.5,
+            -1.5,
+            2.5,
+            1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        for e in [0.5f32, 1.0, 1.5] {
+            xs.extend([e.next_up(), e.next_down(), -e.next_up(), -e.next_down()]);
+        }
+        xs.extend((0..2000).map(|i| (i as f32 - 1000.0) / 317.0));
+        for x in xs {
+            let want = x.round_ties_even().clamp(-1.0, 1.0) as i8;
+            assert_eq!(decode_code(ternary_code(x)), want, "{x}");
+            assert_eq!(ternary_code(x), encode_trit(want), "{x}");
+        }
+    }
+
+    #[test]
+    fn hf_codes_map_to_canonical() {
+        // HF stores value + 1: 0 -> -1, 1 -> 0, 2 -> +1.
+        for (q, v) in [(0usize, -1i8), (1, 0), (2, 1)] {
+            assert_eq!(HF_TO_CANON[q], encode_trit(v));
+        }
+        assert_eq!(HF_TO_CANON[3], 0xFF);
+    }
 }
