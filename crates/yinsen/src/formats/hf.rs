@@ -32,7 +32,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             "missing config.json (not a Hugging Face model directory?)",
         ));
     }
-    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg_bytes = read_json_file(&cfg_path)?;
     // Config problems are reported before any weight file is touched.
     let parsed = parse_config(&cfg_path.display().to_string(), &cfg_bytes, opts)?;
     let files = shard_files(dir)?;
@@ -98,7 +98,7 @@ fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let bytes = std::fs::read(index).map_err(|e| Error::io(index, e))?;
+    let bytes = read_json_file(index)?;
     let idx: Index = serde_json::from_slice(&bytes)
         .map_err(|e| Error::format(index, format!("malformed JSON: {e}")))?;
     let mut names: Vec<&String> = idx.weight_map.values().collect();
@@ -126,6 +126,19 @@ fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         return Err(Error::format(index, "weight_map is empty"));
     }
     Ok(out)
+}
+
+/// JSON side files are small; refuse absurd ones instead of reading them whole.
+fn read_json_file(p: &Path) -> Result<Vec<u8>> {
+    const MAX_JSON: u64 = 256 << 20;
+    let len = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
+    if len > MAX_JSON {
+        return Err(Error::format(
+            p,
+            format!("{len} bytes is too large for a JSON file"),
+        ));
+    }
+    std::fs::read(p).map_err(|e| Error::io(p, e))
 }
 
 fn map_file(p: &Path) -> Result<Arc<memmap2::Mmap>> {
@@ -829,7 +842,7 @@ fn attach_tokenizer(dir: &Path, loaded: &mut LoadedModel) {
 fn chat_template(dir: &Path) -> std::result::Result<Option<String>, String> {
     let p = dir.join("tokenizer_config.json");
     if p.is_file() {
-        let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let bytes = read_json_file(&p).map_err(|e| e.to_string())?;
         let v: Value = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: malformed JSON: {e}", p.display()))?;
         match v.get("chat_template") {
