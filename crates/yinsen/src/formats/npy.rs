@@ -296,4 +296,39 @@ mod tests {
             assert!(parse(&good[..n]).is_err(), "truncated at {n}");
         }
     }
+
+    /// The oracle's own files (written by NumPy) read with the right shapes.
+    #[test]
+    fn reads_fixture_files() {
+        let root = std::env::var_os("YINSEN_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+        let exp = root.join("tiny-bitnet-a/expected");
+        let a = read(&exp.join("logits_all_short_en.npy")).unwrap();
+        assert_eq!(a.shape, vec![21, 2048]);
+        let last = read(&exp.join("logits_last_short_en.npy")).unwrap();
+        assert_eq!(last.shape, vec![2048]);
+        // The last row of "all" is the "last" file.
+        assert_eq!(&a.as_f32().unwrap()[20 * 2048..], last.as_f32().unwrap());
+        assert!(last.as_f32().unwrap().iter().any(|&v| v != 0.0));
+        let q = read(&exp.join("intermediates/short_en/l0.qkv_in.int8.npy")).unwrap();
+        assert_eq!(q.shape, vec![21, 256]);
+        // Per-token absmax quantization: every row reaches +-127.
+        for row in q.as_i8().unwrap().chunks(256) {
+            assert_eq!(row.iter().map(|v| v.unsigned_abs()).max(), Some(127));
+        }
+        let s = read(&exp.join("intermediates/short_en/l0.qkv_in.scale.npy")).unwrap();
+        assert_eq!((s.shape.clone(), s.len()), (vec![21], 21));
+        // Our writer produces NumPy's exact bytes.
+        let raw = std::fs::read(exp.join("logits_last_short_en.npy")).unwrap();
+        assert_eq!(f32_to_bytes(&[2048], last.as_f32().unwrap()).unwrap(), raw);
+        let raw = std::fs::read(exp.join("logits_all_short_en.npy")).unwrap();
+        assert_eq!(f32_to_bytes(&[21, 2048], a.as_f32().unwrap()).unwrap(), raw);
+        // Re-writing what we read gives a file that reads back identically.
+        let p = std::env::temp_dir().join(format!("yinsen-npy-fx-{}.npy", std::process::id()));
+        write_f32(&p, &last.shape, last.as_f32().unwrap()).unwrap();
+        let back = read(&p).unwrap();
+        std::fs::remove_file(&p).ok();
+        assert_eq!(back, last);
+    }
 }
