@@ -876,3 +876,115 @@ pub fn absmean_quantize(w: &[f32], n_out: usize, n_in: usize) -> Result<TernaryM
     }
     Ok(m)
 }
+
+/// A minimal GGUF writer for tests and fuzz seeds. It writes whatever it is
+/// told (lying offsets, unknown types) so tests can build broken files.
+#[doc(hidden)]
+pub mod testing {
+    use super::Value;
+
+    pub struct TensorSpec {
+        pub name: String,
+        pub dims: Vec<u64>,
+        pub ggml_type: u32,
+        pub data: Vec<u8>,
+        /// Write this relative offset instead of the real one.
+        pub offset_override: Option<u64>,
+    }
+
+    pub struct Writer {
+        pub version: u32,
+        pub alignment: u64,
+        pub kv: Vec<(String, Value)>,
+        pub tensors: Vec<TensorSpec>,
+    }
+
+    impl Default for Writer {
+        fn default() -> Self {
+            Self { version: 3, alignment: 32, kv: Vec::new(), tensors: Vec::new() }
+        }
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    fn put_value(out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::U8(x) => out.push(*x),
+            Value::I8(x) => out.push(*x as u8),
+            Value::U16(x) => out.extend(x.to_le_bytes()),
+            Value::I16(x) => out.extend(x.to_le_bytes()),
+            Value::U32(x) => out.extend(x.to_le_bytes()),
+            Value::I32(x) => out.extend(x.to_le_bytes()),
+            Value::U64(x) => out.extend(x.to_le_bytes()),
+            Value::I64(x) => out.extend(x.to_le_bytes()),
+            Value::F32(x) => out.extend(x.to_le_bytes()),
+            Value::F64(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(*x as u8),
+            Value::Str(s) => put_str(out, s),
+            Value::Array(a) => {
+                // Empty arrays are written as u8 arrays.
+                out.extend(a.first().map_or(0, Value::type_id).to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                a.iter().for_each(|x| put_value(out, x));
+            }
+        }
+    }
+
+    fn pad(out: &mut Vec<u8>, align: u64) {
+        while out.len() as u64 % align != 0 {
+            out.push(0);
+        }
+    }
+
+    impl Writer {
+        pub fn kv(&mut self, key: &str, v: Value) -> &mut Self {
+            self.kv.retain(|(k, _)| k != key);
+            self.kv.push((key.into(), v));
+            self
+        }
+        pub fn tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> &mut Self {
+            self.tensors.retain(|t| t.name != name);
+            self.tensors.push(TensorSpec {
+                name: name.into(),
+                dims: dims.to_vec(),
+                ggml_type,
+                data,
+                offset_override: None,
+            });
+            self
+        }
+        pub fn tensor_mut(&mut self, name: &str) -> &mut TensorSpec {
+            self.tensors.iter_mut().find(|t| t.name == name).expect("tensor in writer")
+        }
+
+        pub fn to_bytes(&self) -> Vec<u8> {
+            let mut out = b"GGUF".to_vec();
+            out.extend(self.version.to_le_bytes());
+            out.extend((self.tensors.len() as u64).to_le_bytes());
+            out.extend((self.kv.len() as u64).to_le_bytes());
+            for (k, v) in &self.kv {
+                put_str(&mut out, k);
+                out.extend(v.type_id().to_le_bytes());
+                put_value(&mut out, v);
+            }
+            let mut off = 0u64;
+            for t in &self.tensors {
+                put_str(&mut out, &t.name);
+                out.extend((t.dims.len() as u32).to_le_bytes());
+                t.dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+                out.extend(t.ggml_type.to_le_bytes());
+                out.extend(t.offset_override.unwrap_or(off).to_le_bytes());
+                off = (off + t.data.len() as u64).div_ceil(self.alignment) * self.alignment;
+            }
+            pad(&mut out, self.alignment);
+            for t in &self.tensors {
+                out.extend(&t.data);
+                pad(&mut out, self.alignment);
+            }
+            out
+        }
+    }
+}
