@@ -630,24 +630,22 @@ impl<'a> Loader<'a> {
             None => None,
         };
         let final_norm = self.norm(g, "output_norm.weight", c.hidden)?;
-        let total = self.ternary_bytes(g, &c);
+        // Check every ternary tensor's presence, shape, type and size before
+        // the slow conversion, so a broken file fails fast.
+        let mut total = 0u64;
+        for i in 0..c.n_layers {
+            for (proj, (n_out, n_in)) in TERNARY.iter().zip(layer_shapes(&c)) {
+                total += self.ternary_source(g, &format!("blk.{i}.{proj}.weight"), n_out, n_in)?.len() as u64;
+            }
+        }
         let mut done = 0u64;
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
-            let shapes = [
-                (c.q_dim(), c.hidden),
-                (c.kv_dim(), c.hidden),
-                (c.kv_dim(), c.hidden),
-                (c.hidden, c.q_dim()),
-                (c.ffn, c.hidden),
-                (c.ffn, c.hidden),
-                (c.hidden, c.ffn),
-            ];
             let mut w = Vec::with_capacity(7);
-            for (proj, (n_out, n_in)) in TERNARY.iter().zip(shapes) {
-                let name = format!("blk.{i}.{proj}.weight");
-                w.push(self.ternary(g, &name, n_out, n_in)?);
-                done += self.need(g, &name)?.size as u64;
+            for (proj, (n_out, n_in)) in TERNARY.iter().zip(layer_shapes(&c)) {
+                let (m, bytes) = self.ternary(g, &format!("blk.{i}.{proj}.weight"), n_out, n_in)?;
+                w.push(m);
+                done += bytes as u64;
                 if let Some(p) = &self.opts.progress {
                     p(done, total);
                 }
@@ -672,14 +670,6 @@ impl<'a> Loader<'a> {
             });
         }
         Ok(Model { config: c, embed, output, final_norm, layers })
-    }
-
-    /// Bytes of ternary tensors present (the progress total).
-    fn ternary_bytes(&self, g: &Gguf, c: &ModelConfig) -> u64 {
-        (0..c.n_layers)
-            .flat_map(|i| TERNARY.iter().map(move |p| format!("blk.{i}.{p}.weight")))
-            .filter_map(|n| g.tensor(&n).map(|t| t.size as u64))
-            .sum()
     }
 
     fn dense(&self, g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
@@ -728,46 +718,49 @@ impl<'a> Loader<'a> {
         })
     }
 
-    fn ternary(&self, g: &Gguf, name: &str, n_out: usize, n_in: usize) -> Result<TernaryMatrix> {
+    /// The bytes of ternary tensor `name`, after checking its shape, type
+    /// and size. Type 36 is I2_S only with bitnet.cpp's byte size (n/4 + 32,
+    /// up to alignment padding); anything else is upstream ggml's type 36 or
+    /// another I2_S layout.
+    fn ternary_source(&self, g: &Gguf, name: &str, n_out: usize, n_in: usize) -> Result<&'a [u8]> {
         let t = self.need(g, name)?;
         self.check_dims(t, &[n_in, n_out])?;
+        match t.ggml_type {
+            types::TQ2_0 | types::TQ1_0 | types::F32 | types::F16 | types::BF16 => Ok(self.data(t)),
+            types::I2_S => {
+                let want = n_out.checked_mul(n_in).and_then(quants::i2_s_bytes);
+                match want.filter(|&w| t.size >= w && ((t.size - w) as u64) < g.alignment) {
+                    Some(w) => Ok(&self.data(t)[..w]),
+                    None => Err(self.err(format!(
+                        "tensor '{name}' has type 36 but spans {} bytes; bitnet.cpp's I2_S needs {} \
+                         (n_out*n_in/4 + 32): not the x86 I2_S layout (or upstream ggml's type 36)",
+                        t.size,
+                        want.map_or("an overflowing size".into(), |w| w.to_string())
+                    ))),
+                }
+            }
+            other => Err(self.err(format!(
+                "ternary tensor '{name}' has type {}; supported: TQ2_0, TQ1_0, I2_S, F32, F16, BF16",
+                type_name(other)
+            ))),
+        }
+    }
+
+    /// Convert ternary tensor `name` to canonical form; also returns the
+    /// bytes it was read from (for progress).
+    fn ternary(&self, g: &Gguf, name: &str, n_out: usize, n_in: usize) -> Result<(TernaryMatrix, usize)> {
+        let raw = self.ternary_source(g, name, n_out, n_in)?;
+        let t = self.need(g, name)?;
         let wrap = |m: String| self.err(format!("tensor '{name}' ({}): {m}", type_name(t.ggml_type)));
         let mut m = match t.ggml_type {
-            types::TQ2_0 => quants::decode_tq2_0(self.data(t), n_out, n_in).map_err(wrap)?,
-            types::TQ1_0 => quants::decode_tq1_0(self.data(t), n_out, n_in).map_err(wrap)?,
-            types::I2_S => self.i2_s(t, n_out, n_in, g.alignment)?,
-            types::F32 | types::F16 | types::BF16 => {
-                absmean_quantize(&self.floats(t)?, n_out, n_in).map_err(|e| self.err(e.to_string()))?
-            }
-            other => {
-                return Err(self.err(format!(
-                    "ternary tensor '{name}' has type {}; supported: TQ2_0, TQ1_0, I2_S, F32, F16, BF16",
-                    type_name(other)
-                )))
-            }
+            types::TQ2_0 => quants::decode_tq2_0(raw, n_out, n_in).map_err(wrap)?,
+            types::TQ1_0 => quants::decode_tq1_0(raw, n_out, n_in).map_err(wrap)?,
+            types::I2_S => quants::decode_i2_s(raw, n_out, n_in).map_err(wrap)?,
+            _ => absmean_quantize(&self.floats(t)?, n_out, n_in).map_err(|e| self.err(e.to_string()))?,
         };
         m.normalize_scales();
         self.apply_scale_tensor(g, name, &mut m)?;
-        Ok(m)
-    }
-
-    /// Type 36 is I2_S only with bitnet.cpp's byte size (n/4 + 32, up to
-    /// alignment padding); anything else is upstream ggml's type 36 or
-    /// another I2_S layout.
-    fn i2_s(&self, t: &TensorInfo, n_out: usize, n_in: usize, align: u64) -> Result<TernaryMatrix> {
-        let want = n_out.checked_mul(n_in).and_then(quants::i2_s_bytes);
-        let fits = want.filter(|&w| t.size >= w && ((t.size - w) as u64) < align);
-        let Some(want) = fits else {
-            return Err(self.err(format!(
-                "tensor '{}' has type 36 but spans {} bytes; bitnet.cpp's I2_S needs {} \
-                 (n_out*n_in/4 + 32): not the x86 I2_S layout (or upstream ggml's type 36)",
-                t.name,
-                t.size,
-                want.map_or("an overflowing size".into(), |w| w.to_string())
-            )));
-        };
-        quants::decode_i2_s(&self.data(t)[..want], n_out, n_in)
-            .map_err(|m| self.err(format!("tensor '{}' (I2_S): {m}", t.name)))
+        Ok((m, raw.len()))
     }
 
     /// Multiply an optional `blk.N.<proj>.scale` (F32, one element) in.
@@ -843,6 +836,19 @@ impl<'a> Loader<'a> {
             _ => Err(err()),
         }
     }
+}
+
+/// (n_out, n_in) of the projections in [`TERNARY`] order.
+fn layer_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+    [
+        (c.q_dim(), c.hidden),
+        (c.kv_dim(), c.hidden),
+        (c.kv_dim(), c.hidden),
+        (c.hidden, c.q_dim()),
+        (c.ffn, c.hidden),
+        (c.ffn, c.hidden),
+        (c.hidden, c.ffn),
+    ]
 }
 
 /// Id of the token spelled `s` in the vocabulary, if any.
@@ -986,5 +992,65 @@ pub mod testing {
             }
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loader(opts: &LoadOptions) -> Loader<'_> {
+        Loader { bytes: &[], map: None, path: PathBuf::from("x.gguf"), opts }
+    }
+
+    fn gguf_with(kv: &[(&str, Value)]) -> Gguf {
+        Gguf {
+            version: 3,
+            metadata: kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            tensors: vec![],
+            alignment: 32,
+            data_start: 0,
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn config(hidden: usize, vocab: usize) -> ModelConfig {
+        let mut c = crate::model::synthetic::shape("tiny").unwrap();
+        (c.hidden, c.vocab) = (hidden, vocab);
+        c
+    }
+
+    #[test]
+    fn missing_activation_warns_louder_for_2b4t_shape() {
+        let opts = LoadOptions::default();
+        let (l, g) = (loader(&opts), gguf_with(&[]));
+        let mut w = Vec::new();
+        let a = l.activation(&g, Family::BitNet, &config(256, 2048), &mut w).unwrap();
+        assert_eq!((a, w.len()), (Activation::Silu, 1));
+        assert!(!w[0].contains("2B4T"));
+        let mut w = Vec::new();
+        l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w).unwrap();
+        assert!(w[0].starts_with("WARNING") && w[0].contains("2B4T"), "{w:?}");
+        // The key decides when present; nonsense is an error naming the file.
+        let g = gguf_with(&[("bitnet.hidden_activation", Value::Str("relu2".into()))]);
+        let mut w = Vec::new();
+        assert_eq!(l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w).unwrap(), Activation::Relu2);
+        assert!(w.is_empty());
+        let g = gguf_with(&[("bitnet.hidden_activation", Value::Str("gelu".into()))]);
+        let e = l.activation(&g, Family::BitNet, &config(256, 2048), &mut w).unwrap_err();
+        assert!(e.to_string().starts_with("x.gguf: "), "{e}");
+    }
+
+    #[test]
+    fn absmean_matches_bitnet_rule() {
+        let w = [0.5f32, -0.2, 0.3, -1.0, 0.25, 0.75, 0.0, 0.4];
+        // sum |W| = 3.4, mean = 0.425, scale = 1/0.425.
+        let m = absmean_quantize(&w, 2, 4).unwrap();
+        let t: Vec<i8> = (0..8).map(|i| m.get(i / 4, i % 4)).collect();
+        // W/0.425 = 1.18, -0.47, 0.71, -2.35, 0.59, 1.76, 0, 0.94
+        assert_eq!(t, vec![1, 0, 1, -1, 1, 1, 0, 1]);
+        assert_eq!(m.tensor_scale(), Some(1.0 / (1.0 / 0.425f32)));
+        assert!(absmean_quantize(&[f32::NAN], 1, 1).is_err());
+        assert!(absmean_quantize(&[1.0; 3], 2, 2).is_err());
     }
 }
