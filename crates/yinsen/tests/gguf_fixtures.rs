@@ -12,7 +12,9 @@ use yinsen::model::{Activation, WeightScale};
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("YINSEN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        })
 }
 
 fn gguf_path(kind: &str) -> PathBuf {
@@ -20,7 +22,8 @@ fn gguf_path(kind: &str) -> PathBuf {
 }
 
 fn load(kind: &str) -> LoadedModel {
-    gguf::load_file(&gguf_path(kind), &LoadOptions::default()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+    gguf::load_file(&gguf_path(kind), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{kind}: {e}"))
 }
 
 const KINDS: [&str; 3] = ["TQ2_0", "TQ1_0", "I2_S"];
@@ -33,8 +36,19 @@ fn weights_info() -> serde_json::Map<String, serde_json::Value> {
 /// (layer, index into Layer::ternaries) for a GGUF tensor name.
 fn locate(gguf_name: &str) -> (usize, usize) {
     let parts: Vec<&str> = gguf_name.split('.').collect();
-    let proj = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
-    (parts[1].parse().unwrap(), proj.iter().position(|p| *p == parts[2]).unwrap())
+    let proj = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    (
+        parts[1].parse().unwrap(),
+        proj.iter().position(|p| *p == parts[2]).unwrap(),
+    )
 }
 
 #[test]
@@ -43,13 +57,25 @@ fn config_matches_fixture() {
         let lm = load(kind);
         let c = &lm.model.config;
         assert_eq!(
-            (c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab),
+            (
+                c.hidden,
+                c.n_layers,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.ffn,
+                c.vocab
+            ),
             (256, 2, 4, 2, 64, 768, 2048),
             "{kind}"
         );
         assert_eq!(c.activation, Activation::Relu2, "{kind}");
         assert!(c.sub_norms && c.tied_embeddings, "{kind}");
-        assert_eq!((c.max_ctx, c.rope_theta, c.rms_eps), (1024, 500000.0, 1e-5), "{kind}");
+        assert_eq!(
+            (c.max_ctx, c.rope_theta, c.rms_eps),
+            (1024, 500000.0, 1e-5),
+            "{kind}"
+        );
         assert_eq!(c.bos, Some(1792), "{kind}");
         // EOS plus <|eot_id|> (1801) found in the vocabulary.
         assert_eq!(c.eos, vec![1793, 1801], "{kind}");
@@ -59,9 +85,24 @@ fn config_matches_fixture() {
         let tmpl = lm.chat_template.as_deref().unwrap_or("");
         assert!(tmpl.contains("<|start_header_id|>"), "{kind}");
         match lm.tokenizer {
-            Some(yinsen::engine::tokenizer::TokenizerSpec::Gguf { model, pre, tokens, token_types, merges, bos, eos, add_bos }) => {
-                assert_eq!((model.as_str(), pre.as_deref()), ("gpt2", Some("llama-bpe")));
-                assert_eq!((tokens.len(), token_types.len(), merges.len()), (2048, 2048, 2297));
+            Some(yinsen::engine::tokenizer::TokenizerSpec::Gguf {
+                model,
+                pre,
+                tokens,
+                token_types,
+                merges,
+                bos,
+                eos,
+                add_bos,
+            }) => {
+                assert_eq!(
+                    (model.as_str(), pre.as_deref()),
+                    ("gpt2", Some("llama-bpe"))
+                );
+                assert_eq!(
+                    (tokens.len(), token_types.len(), merges.len()),
+                    (2048, 2048, 2297)
+                );
                 assert_eq!(tokens[1792], "<|begin_of_text|>");
                 assert_eq!((token_types[0], token_types[1792]), (1, 3));
                 assert_eq!((bos, eos, add_bos), (Some(1792), Some(1793), true));
@@ -80,14 +121,27 @@ fn ternary_tensors_identical_across_formats_and_match_weights_info() {
         let name = v["gguf_name"].as_str().unwrap();
         let (l, p) = locate(name);
         let mean_abs = v["mean_abs_master"].as_f64().unwrap() as f32;
-        let counts: Vec<u64> = v["count_minus1_0_plus1"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-        let shape: Vec<usize> = v["shape_out_in"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let counts: Vec<u64> = v["count_minus1_0_plus1"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let shape: Vec<usize> = v["shape_out_in"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
         let first = models[0].model.layers[l].ternaries()[p].1;
         for (kind, lm) in KINDS.iter().zip(&models) {
             let m = lm.model.layers[l].ternaries()[p].1;
             assert_eq!(vec![m.n_out, m.n_in], shape, "{kind} {name}");
             assert_eq!(m.scale, WeightScale::PerTensor(mean_abs), "{kind} {name}");
-            assert_eq!(m.packed, first.packed, "{kind} {name}: trits differ from TQ2_0");
+            assert_eq!(
+                m.packed, first.packed,
+                "{kind} {name}: trits differ from TQ2_0"
+            );
             let mut c = [0u64; 3];
             for r in 0..m.n_out {
                 for i in 0..m.n_in {
@@ -105,7 +159,10 @@ fn dense_tensors_identical_across_formats() {
     let m0 = &models[0].model;
     assert_eq!(m0.embed.dtype, yinsen::model::DenseType::F16);
     // The embedding stays a window into the mapped file.
-    assert!(matches!(m0.embed.data, yinsen::model::Storage::Mapped { .. }));
+    assert!(matches!(
+        m0.embed.data,
+        yinsen::model::Storage::Mapped { .. }
+    ));
     let (mut a, mut b) = (vec![f32::NAN; 256], vec![f32::NAN; 256]);
     let mut nonzero = 0;
     for lm in &models[1..] {
@@ -145,19 +202,34 @@ fn progress_reports_ternary_bytes() {
     let lm = gguf::load_file(&gguf_path("TQ2_0"), &opts).unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 14);
     // 66 bytes per 256 ternary weights.
-    let weights: usize = lm.model.layers.iter().flat_map(|l| l.ternaries()).map(|(_, m)| m.n_out * m.n_in).sum();
+    let weights: usize = lm
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| l.ternaries())
+        .map(|(_, m)| m.n_out * m.n_in)
+        .sum();
     assert_eq!(seen.load(Ordering::SeqCst), (weights / 256 * 66) as u64);
 }
 
 #[test]
 fn load_bytes_equals_load_file_and_activation_override() {
     let bytes = std::fs::read(gguf_path("TQ1_0")).unwrap();
-    let opts = LoadOptions { activation: Some(Activation::Silu), ..Default::default() };
+    let opts = LoadOptions {
+        activation: Some(Activation::Silu),
+        ..Default::default()
+    };
     let a = gguf::load_bytes(&bytes, &opts).unwrap();
     let b = load("TQ1_0");
     assert_eq!(a.model.config.activation, Activation::Silu);
-    assert_eq!(a.model.layers[1].w_down.packed, b.model.layers[1].w_down.packed);
-    assert!(matches!(a.model.embed.data, yinsen::model::Storage::Owned(_)));
+    assert_eq!(
+        a.model.layers[1].w_down.packed,
+        b.model.layers[1].w_down.packed
+    );
+    assert!(matches!(
+        a.model.embed.data,
+        yinsen::model::Storage::Owned(_)
+    ));
 }
 
 #[test]
@@ -172,12 +244,24 @@ fn bitnet_arch_without_hidden_activation_warns() {
         }
     }
     for t in &g.tensors {
-        w.tensor(&t.name, &t.dims, t.ggml_type, bytes[t.start..t.start + t.size].to_vec());
+        w.tensor(
+            &t.name,
+            &t.dims,
+            t.ggml_type,
+            bytes[t.start..t.start + t.size].to_vec(),
+        );
     }
     let lm = gguf::load_bytes(&w.to_bytes(), &LoadOptions::default()).unwrap();
     assert_eq!(lm.model.config.activation, Activation::Silu);
     assert_eq!(lm.warnings.len(), 1);
-    assert!(lm.warnings[0].contains("hidden_activation"), "{:?}", lm.warnings);
+    assert!(
+        lm.warnings[0].contains("hidden_activation"),
+        "{:?}",
+        lm.warnings
+    );
     // Same trits as the original file.
-    assert_eq!(lm.model.layers[0].wq.packed, load("TQ2_0").model.layers[0].wq.packed);
+    assert_eq!(
+        lm.model.layers[0].wq.packed,
+        load("TQ2_0").model.layers[0].wq.packed
+    );
 }

@@ -14,7 +14,9 @@ use yinsen::model::synthetic::SplitMix64;
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("YINSEN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        })
 }
 
 const INTERESTING: [u64; 8] = [0, 1, 0x7F, 0xFF, 0xFFFF_FFFF, 1 << 32, 1 << 62, u64::MAX];
@@ -23,7 +25,11 @@ const INTERESTING: [u64; 8] = [0, 1, 0x7F, 0xFF, 0xFFFF_FFFF, 1 << 32, 1 << 62, 
 /// header, where structure lives) and from the whole image otherwise.
 fn mutate(b: &mut Vec<u8>, g: &mut SplitMix64, hot: usize) {
     let pos = |g: &mut SplitMix64, len: usize| {
-        let lim = if g.next_u64() % 4 != 0 { hot.min(len) } else { len };
+        let lim = if !g.next_u64().is_multiple_of(4) {
+            hot.min(len)
+        } else {
+            len
+        };
         (g.next_u64() % lim.max(1) as u64) as usize
     };
     match g.next_u64() % 6 {
@@ -55,7 +61,9 @@ fn mutate(b: &mut Vec<u8>, g: &mut SplitMix64, hot: usize) {
         4 => {
             // Insert random bytes (shifts everything after).
             let p = pos(g, b.len());
-            let ins: Vec<u8> = (0..1 + g.next_u64() % 16).map(|_| g.next_u64() as u8).collect();
+            let ins: Vec<u8> = (0..1 + g.next_u64() % 16)
+                .map(|_| g.next_u64() as u8)
+                .collect();
             b.splice(p..p, ins);
         }
         _ => {
@@ -90,9 +98,19 @@ fn run(seed_image: &[u8], hot: usize, iters: usize, seed: u64) -> (usize, usize)
 
 #[test]
 fn mutated_synthetic_models_never_panic() {
-    let shape = Shape { hidden: 128, ffn: 128, heads: 2, kv_heads: 1 };
+    let shape = Shape {
+        hidden: 128,
+        ffn: 128,
+        heads: 2,
+        kv_heads: 1,
+    };
     let (w, _) = model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode);
     let b = w.to_bytes();
+    // `YINSEN_FUZZ_SEED_DIR=fuzz/corpus/gguf` saves this image as a fuzz seed.
+    if let Some(dir) = std::env::var_os("YINSEN_FUZZ_SEED_DIR") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(PathBuf::from(dir).join("tiny-i2s.gguf"), &b).unwrap();
+    }
     let hot = gguf::parse(&b, "x".as_ref()).unwrap().data_start;
     let (ok, err) = run(&b, hot, 5000, 0x5EED);
     // Both outcomes must occur, or the mutator is not exercising anything.

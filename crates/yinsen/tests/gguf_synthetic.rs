@@ -29,7 +29,10 @@ fn expect_err(bytes: &[u8], needle: &str) {
 
 fn ternary_of<'a>(lm: &'a LoadedModel, name: &str) -> &'a TernaryMatrix {
     let l: usize = name.split('.').nth(1).unwrap().parse().unwrap();
-    let p = PROJ.iter().position(|p| name.contains(&format!(".{p}."))).unwrap();
+    let p = PROJ
+        .iter()
+        .position(|p| name.contains(&format!(".{p}.")))
+        .unwrap();
     lm.model.layers[l].ternaries()[p].1
 }
 
@@ -48,10 +51,23 @@ fn self_packed_i2_s_model_loads_and_matches() {
     let lm = load(&w).unwrap();
     assert_matches_truth(&lm, &truth);
     let c = &lm.model.config;
-    assert_eq!((c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab), (256, 512, 4, 2, 64, 16));
+    assert_eq!(
+        (
+            c.hidden,
+            c.ffn,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.vocab
+        ),
+        (256, 512, 4, 2, 64, 16)
+    );
     assert_eq!(c.activation, Activation::Relu2);
     assert!(c.sub_norms);
-    assert_eq!((c.bos, c.eos.clone(), c.add_bos), (Some(14), vec![15], true));
+    assert_eq!(
+        (c.bos, c.eos.clone(), c.add_bos),
+        (Some(14), vec![15], true)
+    );
     // The embedding is the F32 bytes as written.
     let mut row = vec![f32::NAN; HIDDEN];
     lm.model.embed.row_to_f32(3, &mut row);
@@ -92,13 +108,20 @@ fn per_block_scales_and_scale_tensors() {
     let m = random_ternary(o, i, 5);
     let mut raw = encode(&m, types::TQ2_0);
     raw[64..66].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-    w.tensor("blk.0.attn_q.weight", &[i as u64, o as u64], types::TQ2_0, raw);
+    w.tensor(
+        "blk.0.attn_q.weight",
+        &[i as u64, o as u64],
+        types::TQ2_0,
+        raw,
+    );
     // attn_k carries a scale tensor of 3.0 (and a uniform d).
     w.tensor("blk.0.attn_k.scale", &[1], types::F32, f32_bytes(&[3.0]));
     let lm = load(&w).unwrap();
     let q = &lm.model.layers[0].wq;
     assert_eq!(q.packed, m.packed);
-    let WeightScale::PerBlock { block: 256, scales } = &q.scale else { panic!("{:?}", q.scale) };
+    let WeightScale::PerBlock { block: 256, scales } = &q.scale else {
+        panic!("{:?}", q.scale)
+    };
     let s = m.tensor_scale().unwrap();
     assert_eq!(scales[0], 0.5);
     assert!(scales[1..].iter().all(|&x| x == s));
@@ -107,16 +130,32 @@ fn per_block_scales_and_scale_tensors() {
     let s_k = random_ternary(ko, ki, 1001).tensor_scale().unwrap();
     assert_eq!(k.scale, WeightScale::PerTensor(s_k * 3.0));
     // A scale tensor with two elements is refused.
-    w.tensor("blk.0.attn_k.scale", &[2], types::F32, f32_bytes(&[3.0, 1.0]));
+    w.tensor(
+        "blk.0.attn_k.scale",
+        &[2],
+        types::F32,
+        f32_bytes(&[3.0, 1.0]),
+    );
     expect_err(&w.to_bytes(), "blk.0.attn_k.scale");
 }
 
 #[test]
 fn float_ternary_projections_are_quantized_with_absmean() {
     for (t, to_bytes) in [
-        (types::F32, (|v: &[f32]| f32_bytes(v)) as fn(&[f32]) -> Vec<u8>),
-        (types::F16, |v| v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
-        (types::BF16, |v| v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
+        (
+            types::F32,
+            (|v: &[f32]| f32_bytes(v)) as fn(&[f32]) -> Vec<u8>,
+        ),
+        (types::F16, |v| {
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        }),
+        (types::BF16, |v| {
+            v.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect()
+        }),
     ] {
         let (mut w, _) = model_writer("bitnet-b1.58", types::I2_S);
         let (o, i) = proj_shape("ffn_up");
@@ -126,9 +165,17 @@ fn float_ternary_projections_are_quantized_with_absmean() {
         let v: Vec<f32> = (0..o * i)
             .map(|k| m.get(k / i, k % i) as f32 * (0.25 + g.next_f32() / 64.0))
             .collect();
-        let v: Vec<f32> = v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        let v: Vec<f32> = v
+            .iter()
+            .map(|x| half::bf16::from_f32(*x).to_f32())
+            .collect();
         let mean = v.iter().map(|x| x.abs() as f64).sum::<f64>() / v.len() as f64;
-        w.tensor("blk.0.ffn_up.weight", &[i as u64, o as u64], t, to_bytes(&v));
+        w.tensor(
+            "blk.0.ffn_up.weight",
+            &[i as u64, o as u64],
+            t,
+            to_bytes(&v),
+        );
         let lm = load(&w).unwrap();
         let got = &lm.model.layers[0].w_up;
         // |W| / mean is about 1.5 for non-zeros: every trit survives.
@@ -143,9 +190,16 @@ fn bitnet_without_activation_key_warns() {
     let (w, _) = model_writer("bitnet", types::TQ2_0);
     let lm = load(&w).unwrap();
     assert_eq!(lm.model.config.activation, Activation::Silu);
-    assert!(lm.warnings.iter().any(|m| m.contains("hidden_activation")), "{:?}", lm.warnings);
+    assert!(
+        lm.warnings.iter().any(|m| m.contains("hidden_activation")),
+        "{:?}",
+        lm.warnings
+    );
     assert!(!lm.warnings.iter().any(|m| m.contains("2B4T")));
-    let opts = LoadOptions { activation: Some(Activation::Relu2), ..Default::default() };
+    let opts = LoadOptions {
+        activation: Some(Activation::Relu2),
+        ..Default::default()
+    };
     let lm = gguf::load_bytes(&w.to_bytes(), &opts).unwrap();
     assert_eq!(lm.model.config.activation, Activation::Relu2);
     assert!(lm.warnings.is_empty());
@@ -167,7 +221,12 @@ fn encode_i2_s_arm(m: &TernaryMatrix, _t: u32) -> Vec<u8> {
 #[test]
 fn i2_s_of_other_layouts_is_refused() {
     // 64-weight blocks: a model whose rows (192) only fit 64-weight blocks.
-    let shape = Shape { hidden: 192, ffn: 320, heads: 3, kv_heads: 1 };
+    let shape = Shape {
+        hidden: 192,
+        ffn: 320,
+        heads: 3,
+        kv_heads: 1,
+    };
     let (w, _) = model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode_i2_s_arm);
     expect_err(&w.to_bytes(), "ARM");
     // Missing the 32-byte scale tail.
@@ -197,7 +256,11 @@ fn header_errors() {
     let mut b = good.clone();
     b[..4].copy_from_slice(b"GGML");
     expect_err(&b, "not a GGUF file");
-    for (v, needle) in [(1u32, "version 1"), (4, "version 4"), (3u32.swap_bytes(), "big-endian")] {
+    for (v, needle) in [
+        (1u32, "version 1"),
+        (4, "version 4"),
+        (3u32.swap_bytes(), "big-endian"),
+    ] {
         let mut b = good.clone();
         b[4..8].copy_from_slice(&v.to_le_bytes());
         expect_err(&b, needle);
@@ -215,11 +278,21 @@ fn header_errors() {
 fn metadata_errors() {
     let (w, _) = model_writer("bitnet-b1.58", types::I2_S);
     // Duplicate key.
-    let mut d = Writer { kv: w.kv.clone(), ..Default::default() };
+    let mut d = Writer {
+        kv: w.kv.clone(),
+        ..Default::default()
+    };
     d.kv.push(("general.architecture".into(), Value::Str("llama".into())));
-    expect_err(&d.to_bytes(), "duplicate metadata key 'general.architecture'");
+    expect_err(
+        &d.to_bytes(),
+        "duplicate metadata key 'general.architecture'",
+    );
     // Non-UTF-8 string value names its key.
-    let mut b = Writer { kv: vec![("general.name".into(), Value::Str("ab".into()))], ..Default::default() }.to_bytes();
+    let mut b = Writer {
+        kv: vec![("general.name".into(), Value::Str("ab".into()))],
+        ..Default::default()
+    }
+    .to_bytes();
     let pos = b.windows(2).position(|w| w == b"ab").unwrap();
     b[pos] = 0xFF;
     expect_err(&b, "key 'general.name' is not valid UTF-8");
@@ -228,11 +301,24 @@ fn metadata_errors() {
     for _ in 0..20 {
         v = Value::Array(vec![v]);
     }
-    expect_err(&Writer { kv: vec![("deep".into(), v)], ..Default::default() }.to_bytes(), "nested");
+    expect_err(
+        &Writer {
+            kv: vec![("deep".into(), v)],
+            ..Default::default()
+        }
+        .to_bytes(),
+        "nested",
+    );
     // Missing required key.
-    let mut m = Writer { kv: w.kv.clone(), ..Default::default() };
+    let mut m = Writer {
+        kv: w.kv.clone(),
+        ..Default::default()
+    };
     m.kv.retain(|(k, _)| k != "bitnet-b1.58.block_count");
-    expect_err(&m.to_bytes(), "missing metadata key 'bitnet-b1.58.block_count'");
+    expect_err(
+        &m.to_bytes(),
+        "missing metadata key 'bitnet-b1.58.block_count'",
+    );
 }
 
 /// Hand-made header with one key whose array claims `count` elements.
@@ -252,7 +338,13 @@ fn lying_array(elem_type: u32, count: u64) -> Vec<u8> {
 
 #[test]
 fn lying_counts_do_not_allocate() {
-    for (t, n) in [(0u32, 1u64 << 40), (8, 1 << 61), (9, u64::MAX), (12, u64::MAX / 8 + 1), (0, 65)] {
+    for (t, n) in [
+        (0u32, 1u64 << 40),
+        (8, 1 << 61),
+        (9, u64::MAX),
+        (12, u64::MAX / 8 + 1),
+        (0, 65),
+    ] {
         expect_err(&lying_array(t, n), "cannot fit");
     }
     expect_err(&lying_array(77, 1), "unknown array element type 77");
@@ -280,26 +372,64 @@ fn with_tensor(f: impl FnOnce(&mut Writer)) -> Vec<u8> {
 
 #[test]
 fn tensor_table_errors() {
-    expect_err(&with_tensor(|w| w.tensor_mut("blk.0.attn_q.weight").offset_override = Some(1 << 40)), "past the end");
-    expect_err(&with_tensor(|w| w.tensor_mut("blk.0.attn_q.weight").offset_override = Some(8)), "not a multiple of the alignment");
-    expect_err(&with_tensor(|w| w.tensor_mut("blk.0.ffn_up.weight").offset_override = Some(0)), "overlaps");
-    expect_err(&with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1 << 40, 1 << 40]), "element count overflows");
-    expect_err(&with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1; 5]), "5 dims");
-    expect_err(&with_tensor(|w| w.tensor_mut("output_norm.weight").ggml_type = 99), "unknown ggml type id 99");
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("blk.0.attn_q.weight").offset_override = Some(1 << 40)),
+        "past the end",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("blk.0.attn_q.weight").offset_override = Some(8)),
+        "not a multiple of the alignment",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("blk.0.ffn_up.weight").offset_override = Some(0)),
+        "overlaps",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1 << 40, 1 << 40]),
+        "element count overflows",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1; 5]),
+        "5 dims",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("output_norm.weight").ggml_type = 99),
+        "unknown ggml type id 99",
+    );
     // Claims more bytes than the file holds.
-    expect_err(&with_tensor(|w| w.tensor_mut("blk.0.ffn_down.weight").ggml_type = types::F32), "runs past the end");
-    expect_err(&with_tensor(|w| w.tensors.retain(|t| t.name != "blk.0.ffn_up.weight")), "missing tensor 'blk.0.ffn_up.weight'");
-    expect_err(&with_tensor(|w| w.tensors.retain(|t| t.name != "token_embd.weight")), "missing tensor 'token_embd.weight'");
+    expect_err(
+        &with_tensor(|w| w.tensor_mut("blk.0.ffn_down.weight").ggml_type = types::F32),
+        "runs past the end",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensors.retain(|t| t.name != "blk.0.ffn_up.weight")),
+        "missing tensor 'blk.0.ffn_up.weight'",
+    );
+    expect_err(
+        &with_tensor(|w| w.tensors.retain(|t| t.name != "token_embd.weight")),
+        "missing tensor 'token_embd.weight'",
+    );
     expect_err(
         &with_tensor(|w| {
             let t = &w.tensors[1];
-            let dup = TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type, data: t.data.clone(), offset_override: None };
+            let dup = TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ggml_type: t.ggml_type,
+                data: t.data.clone(),
+                offset_override: None,
+            };
             w.tensors.push(dup);
         }),
         "duplicate tensor name 'output_norm.weight'",
     );
     // Metadata says ffn 1024, tensors are 512 wide.
-    expect_err(&with_tensor(|w| { w.kv("bitnet-b1.58.feed_forward_length", Value::U32(1024)); }), "metadata implies");
+    expect_err(
+        &with_tensor(|w| {
+            w.kv("bitnet-b1.58.feed_forward_length", Value::U32(1024));
+        }),
+        "metadata implies",
+    );
     // Vocabulary of 16 tokens, embedding of 17 rows.
     expect_err(
         &with_tensor(|w| {
@@ -310,12 +440,22 @@ fn tensor_table_errors() {
         "token_embd.weight",
     );
     // Absurd config is refused before any tensor is touched.
-    expect_err(&with_tensor(|w| { w.kv("bitnet-b1.58.block_count", Value::U64(1 << 40)); }), "layer count");
+    expect_err(
+        &with_tensor(|w| {
+            w.kv("bitnet-b1.58.block_count", Value::U64(1 << 40));
+        }),
+        "layer count",
+    );
     // A ternary projection in an unsupported type.
     expect_err(
         &with_tensor(|w| {
             let (o, i) = proj_shape("attn_q");
-            w.tensor("blk.0.attn_q.weight", &[i as u64, o as u64], 8, vec![0; o * i / 32 * 34]);
+            w.tensor(
+                "blk.0.attn_q.weight",
+                &[i as u64, o as u64],
+                8,
+                vec![0; o * i / 32 * 34],
+            );
         }),
         "ternary tensor 'blk.0.attn_q.weight' has type Q8_0",
     );
@@ -324,12 +464,20 @@ fn tensor_table_errors() {
 #[test]
 fn every_truncation_is_an_error() {
     // Smallest shape I2_S allows, so that every length is affordable.
-    let shape = Shape { hidden: 128, ffn: 128, heads: 2, kv_heads: 1 };
+    let shape = Shape {
+        hidden: 128,
+        ffn: 128,
+        heads: 2,
+        kv_heads: 1,
+    };
     let (w, _) = model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode);
     let b = w.to_bytes();
     assert!(b.len() < 40_000, "{}", b.len());
     gguf::load_bytes(&b, &LoadOptions::default()).unwrap();
     for n in 0..b.len() {
-        assert!(gguf::load_bytes(&b[..n], &LoadOptions::default()).is_err(), "prefix of {n} bytes loaded");
+        assert!(
+            gguf::load_bytes(&b[..n], &LoadOptions::default()).is_err(),
+            "prefix of {n} bytes loaded"
+        );
     }
 }

@@ -17,7 +17,8 @@ use super::{quants, LoadOptions, LoadedModel};
 use crate::engine::tokenizer::TokenizerSpec;
 use crate::error::{Error, Result};
 use crate::model::{
-    Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix, WeightScale,
+    Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix,
+    WeightScale,
 };
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -255,10 +256,13 @@ impl<'a> Cursor<'a> {
             8 => Value::Str(self.string(&|| format!("string value of key '{key}'"))?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!("key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}"));
+                    return Err(format!(
+                        "key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    ));
                 }
                 let et = self.u32()?;
-                let min = min_value_size(et).ok_or_else(|| format!("key '{key}': unknown array element type {et}"))?;
+                let min = min_value_size(et)
+                    .ok_or_else(|| format!("key '{key}': unknown array element type {et}"))?;
                 let n = self.count(min, &format!("key '{key}' array"))?;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -285,15 +289,23 @@ pub fn parse(bytes: &[u8], name: &Path) -> Result<Gguf> {
 
 fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
     let mut c = Cursor { b: bytes, pos: 0 };
-    let magic = c.take(4).map_err(|_| format!("too short for a GGUF file ({} bytes)", bytes.len()))?;
+    let magic = c
+        .take(4)
+        .map_err(|_| format!("too short for a GGUF file ({} bytes)", bytes.len()))?;
     if magic != MAGIC {
-        return Err(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"));
+        return Err(format!(
+            "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
+        ));
     }
     let version = c.u32()?;
     match version {
         2 | 3 => {}
         1 => return Err("GGUF version 1 is not supported (only 2 and 3)".into()),
-        v if v.swap_bytes() <= 3 => return Err(format!("GGUF version {v}: big-endian files are not supported")),
+        v if v.swap_bytes() <= 3 => {
+            return Err(format!(
+                "GGUF version {v}: big-endian files are not supported"
+            ))
+        }
         v => return Err(format!("unsupported GGUF version {v} (only 2 and 3)")),
     }
     // Smallest tensor info: name length + n_dims + type + offset.
@@ -322,7 +334,9 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
         let name = c.string(&|| format!("tensor #{i} name"))?;
         let nd = c.u32()? as usize;
         if nd > MAX_DIMS {
-            return Err(format!("tensor '{name}' has {nd} dims (at most {MAX_DIMS})"));
+            return Err(format!(
+                "tensor '{name}' has {nd} dims (at most {MAX_DIMS})"
+            ));
         }
         let mut dims = Vec::with_capacity(nd);
         for _ in 0..nd {
@@ -330,8 +344,10 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
         }
         let ggml_type = c.u32()?;
         let off = c.u64()?;
-        if off % alignment != 0 {
-            return Err(format!("tensor '{name}' offset {off} is not a multiple of the alignment {alignment}"));
+        if !off.is_multiple_of(alignment) {
+            return Err(format!(
+                "tensor '{name}' offset {off} is not a multiple of the alignment {alignment}"
+            ));
         }
         let n_elems = dims
             .iter()
@@ -342,15 +358,31 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
             return Err(format!("duplicate tensor name '{name}'"));
         }
         rel_offsets.push(off);
-        tensors.push(TensorInfo { name, dims, ggml_type, start: 0, size: 0, n_elems });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            start: 0,
+            size: 0,
+            n_elems,
+        });
     }
     let data_start = align_up(c.pos as u64, alignment).ok_or("data offset overflows")?;
     let file_len = bytes.len() as u64;
     if !tensors.is_empty() && data_start > file_len {
-        return Err(format!("data section starts at {data_start}, past the end of the file ({file_len} bytes)"));
+        return Err(format!(
+            "data section starts at {data_start}, past the end of the file ({file_len} bytes)"
+        ));
     }
     place_tensors(&mut tensors, &rel_offsets, data_start, file_len)?;
-    Ok(Gguf { version, metadata, tensors, alignment, data_start: data_start as usize, by_name })
+    Ok(Gguf {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_start: data_start as usize,
+        by_name,
+    })
 }
 
 /// Size of a tensor from the type table (None for type 36: see place_tensors).
@@ -358,11 +390,18 @@ fn table_size(t: &TensorInfo) -> std::result::Result<Option<u64>, String> {
     if t.ggml_type == types::I2_S {
         return Ok(None);
     }
-    let (tn, be, bb) = type_layout(t.ggml_type)
-        .ok_or_else(|| format!("tensor '{}' has unknown ggml type id {}", t.name, t.ggml_type))?;
+    let (tn, be, bb) = type_layout(t.ggml_type).ok_or_else(|| {
+        format!(
+            "tensor '{}' has unknown ggml type id {}",
+            t.name, t.ggml_type
+        )
+    })?;
     let ne0 = t.dims.first().copied().unwrap_or(1);
-    if ne0 % be != 0 {
-        return Err(format!("tensor '{}': row of {ne0} is not a multiple of the {tn} block ({be})", t.name));
+    if !ne0.is_multiple_of(be) {
+        return Err(format!(
+            "tensor '{}': row of {ne0} is not a multiple of the {tn} block ({be})",
+            t.name
+        ));
     }
     Ok(Some(t.n_elems / be * bb))
 }
@@ -382,8 +421,15 @@ fn place_tensors(
         let start = data_start
             .checked_add(rel[i])
             .filter(|&s| s <= file_len)
-            .ok_or_else(|| format!("tensor '{}' offset {} is past the end of the file", tensors[i].name, rel[i]))?;
-        let next = order.get(k + 1).map_or(file_len, |&j| data_start.saturating_add(rel[j]).min(file_len));
+            .ok_or_else(|| {
+                format!(
+                    "tensor '{}' offset {} is past the end of the file",
+                    tensors[i].name, rel[i]
+                )
+            })?;
+        let next = order.get(k + 1).map_or(file_len, |&j| {
+            data_start.saturating_add(rel[j]).min(file_len)
+        });
         let size = match table_size(&tensors[i])? {
             Some(s) => s,
             None => next - start,
@@ -396,7 +442,10 @@ fn place_tensors(
         })?;
         if end > next {
             let j = order[k + 1];
-            return Err(format!("tensor '{}' overlaps tensor '{}'", tensors[i].name, tensors[j].name));
+            return Err(format!(
+                "tensor '{}' overlaps tensor '{}'",
+                tensors[i].name, tensors[j].name
+            ));
         }
         tensors[i].start = start as usize;
         tensors[i].size = size as usize;
@@ -426,16 +475,36 @@ pub fn load_file(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     // fault, as with any mmap reader, which we accept for model files.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let map = Arc::new(map);
-    Loader { bytes: &map[..], map: Some(&map), path: path.to_path_buf(), opts }.load()
+    Loader {
+        bytes: &map[..],
+        map: Some(&map),
+        path: path.to_path_buf(),
+        opts,
+    }
+    .load()
 }
 
 /// Load a GGUF image held in memory (tests, fuzzing). Errors name "<memory>".
 pub fn load_bytes(bytes: &[u8], opts: &LoadOptions) -> Result<LoadedModel> {
-    Loader { bytes, map: None, path: PathBuf::from("<memory>"), opts }.load()
+    Loader {
+        bytes,
+        map: None,
+        path: PathBuf::from("<memory>"),
+        opts,
+    }
+    .load()
 }
 
 /// Ternary projection names (GGUF) in `Layer` order.
-const TERNARY: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+const TERNARY: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
 
 struct Loader<'a> {
     bytes: &'a [u8],
@@ -469,7 +538,12 @@ impl<'a> Loader<'a> {
         model.validate().map_err(|e| self.err(e.to_string()))?;
         let tokenizer = self.tokenizer(&g, &model.config, &mut warnings)?;
         let chat_template = g.get_str("tokenizer.chat_template").map(str::to_owned);
-        Ok(LoadedModel { model, tokenizer, chat_template, warnings })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            warnings,
+        })
     }
 
     fn uint(&self, g: &Gguf, key: &str) -> Result<Option<usize>> {
@@ -479,11 +553,16 @@ impl<'a> Loader<'a> {
                 .as_int()
                 .filter(|&n| n >= 0 && n <= usize::MAX as i128)
                 .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("metadata '{key}' = {v:?} is not a non-negative integer"))),
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "metadata '{key}' = {v:?} is not a non-negative integer"
+                    ))
+                }),
         }
     }
     fn need_uint(&self, g: &Gguf, key: &str) -> Result<usize> {
-        self.uint(g, key)?.ok_or_else(|| self.err(format!("missing metadata key '{key}'")))
+        self.uint(g, key)?
+            .ok_or_else(|| self.err(format!("missing metadata key '{key}'")))
     }
     fn float(&self, g: &Gguf, key: &str) -> Result<Option<f32>> {
         match g.get(key) {
@@ -496,7 +575,9 @@ impl<'a> Loader<'a> {
     }
     fn token_id(&self, g: &Gguf, key: &str) -> Result<Option<u32>> {
         match self.uint(g, key)? {
-            Some(n) if n > u32::MAX as usize => Err(self.err(format!("metadata '{key}' = {n} is too large"))),
+            Some(n) if n > u32::MAX as usize => {
+                Err(self.err(format!("metadata '{key}' = {n} is too large")))
+            }
             n => Ok(n.map(|n| n as u32)),
         }
     }
@@ -524,24 +605,36 @@ impl<'a> Loader<'a> {
         if n_heads == 0 {
             return Err(self.err(format!("{} is 0", k("attention.head_count"))));
         }
-        let head_dim = self.uint(g, &k("rope.dimension_count"))?.unwrap_or(hidden / n_heads);
+        let head_dim = self
+            .uint(g, &k("rope.dimension_count"))?
+            .unwrap_or(hidden / n_heads);
         let vocab = match g.get("tokenizer.ggml.tokens") {
             Some(Value::Array(t)) => t.len(),
             _ => match g.tensor("token_embd.weight").map(|t| t.dims.as_slice()) {
                 Some([_, rows]) => usize::try_from(*rows).unwrap_or(usize::MAX),
-                _ => return Err(self.err("no tokenizer.ggml.tokens and no 2-D token_embd.weight to size the vocabulary")),
+                _ => return Err(self.err(
+                    "no tokenizer.ggml.tokens and no 2-D token_embd.weight to size the vocabulary",
+                )),
             },
         };
         let rms_eps = match self.float(g, &k("attention.layer_norm_rms_epsilon"))? {
             Some(e) => e,
             None => {
-                warnings.push(format!("{} absent: using 1e-5", k("attention.layer_norm_rms_epsilon")));
+                warnings.push(format!(
+                    "{} absent: using 1e-5",
+                    k("attention.layer_norm_rms_epsilon")
+                ));
                 1e-5
             }
         };
         let bos = self.token_id(g, "tokenizer.ggml.bos_token_id")?;
-        let mut eos: Vec<u32> = self.token_id(g, "tokenizer.ggml.eos_token_id")?.into_iter().collect();
-        let eot = self.token_id(g, "tokenizer.ggml.eot_token_id")?.or_else(|| find_token(g, "<|eot_id|>"));
+        let mut eos: Vec<u32> = self
+            .token_id(g, "tokenizer.ggml.eos_token_id")?
+            .into_iter()
+            .collect();
+        let eot = self
+            .token_id(g, "tokenizer.ggml.eot_token_id")?
+            .or_else(|| find_token(g, "<|eot_id|>"));
         if let Some(t) = eot.filter(|t| !eos.contains(t)) {
             eos.push(t);
         }
@@ -554,7 +647,9 @@ impl<'a> Loader<'a> {
             hidden,
             n_layers: self.need_uint(g, &k("block_count"))?,
             n_heads,
-            n_kv_heads: self.uint(g, &k("attention.head_count_kv"))?.unwrap_or(n_heads),
+            n_kv_heads: self
+                .uint(g, &k("attention.head_count_kv"))?
+                .unwrap_or(n_heads),
             head_dim,
             ffn: self.need_uint(g, &k("feed_forward_length"))?,
             vocab,
@@ -576,7 +671,13 @@ impl<'a> Loader<'a> {
         Ok(config)
     }
 
-    fn activation(&self, g: &Gguf, family: Family, c: &ModelConfig, warnings: &mut Vec<String>) -> Result<Activation> {
+    fn activation(
+        &self,
+        g: &Gguf,
+        family: Family,
+        c: &ModelConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<Activation> {
         if let Some(a) = self.opts.activation {
             return Ok(a);
         }
@@ -584,9 +685,14 @@ impl<'a> Loader<'a> {
             Family::BitNet2B => Activation::Relu2,
             Family::Llama => Activation::Silu,
             Family::BitNet => match g.get("bitnet.hidden_activation") {
-                Some(Value::Str(s)) => Activation::parse(s)
-                    .ok_or_else(|| self.err(format!("bitnet.hidden_activation '{s}' is not relu2 or silu")))?,
-                Some(v) => return Err(self.err(format!("bitnet.hidden_activation {v:?} is not a string"))),
+                Some(Value::Str(s)) => Activation::parse(s).ok_or_else(|| {
+                    self.err(format!(
+                        "bitnet.hidden_activation '{s}' is not relu2 or silu"
+                    ))
+                })?,
+                Some(v) => {
+                    return Err(self.err(format!("bitnet.hidden_activation {v:?} is not a string")))
+                }
                 None => {
                     warnings.push(if c.looks_like_2b4t() {
                         "WARNING: arch 'bitnet' without bitnet.hidden_activation, but the shape is BitNet \
@@ -605,7 +711,8 @@ impl<'a> Loader<'a> {
     }
 
     fn need<'g>(&self, g: &'g Gguf, name: &str) -> Result<&'g TensorInfo> {
-        g.tensor(name).ok_or_else(|| self.err(format!("missing tensor '{name}'")))
+        g.tensor(name)
+            .ok_or_else(|| self.err(format!("missing tensor '{name}'")))
     }
 
     fn data(&self, t: &TensorInfo) -> &'a [u8] {
@@ -635,7 +742,9 @@ impl<'a> Loader<'a> {
         let mut total = 0u64;
         for i in 0..c.n_layers {
             for (proj, (n_out, n_in)) in TERNARY.iter().zip(layer_shapes(&c)) {
-                total += self.ternary_source(g, &format!("blk.{i}.{proj}.weight"), n_out, n_in)?.len() as u64;
+                total += self
+                    .ternary_source(g, &format!("blk.{i}.{proj}.weight"), n_out, n_in)?
+                    .len() as u64;
             }
         }
         let mut done = 0u64;
@@ -651,7 +760,9 @@ impl<'a> Loader<'a> {
                 }
             }
             let sub = |n: &str, len| -> Result<Option<Vec<f32>>> {
-                c.sub_norms.then(|| self.norm(g, &format!("blk.{i}.{n}.weight"), len)).transpose()
+                c.sub_norms
+                    .then(|| self.norm(g, &format!("blk.{i}.{n}.weight"), len))
+                    .transpose()
             };
             let mut w = w.into_iter();
             let mut next = || w.next().expect("seven projections");
@@ -669,7 +780,13 @@ impl<'a> Loader<'a> {
                 ffn_sub_norm: sub("ffn_sub_norm", c.ffn)?,
             });
         }
-        Ok(Model { config: c, embed, output, final_norm, layers })
+        Ok(Model {
+            config: c,
+            embed,
+            output,
+            final_norm,
+            layers,
+        })
     }
 
     fn dense(&self, g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
@@ -689,10 +806,15 @@ impl<'a> Loader<'a> {
             }
         };
         let data = match self.map {
-            Some(map) => Storage::Mapped { map: Arc::clone(map), offset: t.start, len: t.size },
+            Some(map) => Storage::Mapped {
+                map: Arc::clone(map),
+                offset: t.start,
+                len: t.size,
+            },
             None => Storage::owned(self.data(t).to_vec()),
         };
-        DenseMatrix::new(rows, cols, dtype, data).map_err(|e| self.err(format!("tensor '{name}': {e}")))
+        DenseMatrix::new(rows, cols, dtype, data)
+            .map_err(|e| self.err(format!("tensor '{name}': {e}")))
     }
 
     fn norm(&self, g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -705,9 +827,18 @@ impl<'a> Loader<'a> {
     fn floats(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let raw = self.data(t);
         Ok(match t.ggml_type {
-            types::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            types::F16 => raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            types::BF16 => raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            types::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            types::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            types::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(self.err(format!(
                     "tensor '{}' has type {}; expected F32, F16 or BF16",
@@ -748,15 +879,23 @@ impl<'a> Loader<'a> {
 
     /// Convert ternary tensor `name` to canonical form; also returns the
     /// bytes it was read from (for progress).
-    fn ternary(&self, g: &Gguf, name: &str, n_out: usize, n_in: usize) -> Result<(TernaryMatrix, usize)> {
+    fn ternary(
+        &self,
+        g: &Gguf,
+        name: &str,
+        n_out: usize,
+        n_in: usize,
+    ) -> Result<(TernaryMatrix, usize)> {
         let raw = self.ternary_source(g, name, n_out, n_in)?;
         let t = self.need(g, name)?;
-        let wrap = |m: String| self.err(format!("tensor '{name}' ({}): {m}", type_name(t.ggml_type)));
+        let wrap =
+            |m: String| self.err(format!("tensor '{name}' ({}): {m}", type_name(t.ggml_type)));
         let mut m = match t.ggml_type {
             types::TQ2_0 => quants::decode_tq2_0(raw, n_out, n_in).map_err(wrap)?,
             types::TQ1_0 => quants::decode_tq1_0(raw, n_out, n_in).map_err(wrap)?,
             types::I2_S => quants::decode_i2_s(raw, n_out, n_in).map_err(wrap)?,
-            _ => absmean_quantize(&self.floats(t)?, n_out, n_in).map_err(|e| self.err(e.to_string()))?,
+            _ => absmean_quantize(&self.floats(t)?, n_out, n_in)
+                .map_err(|e| self.err(e.to_string()))?,
         };
         m.normalize_scales();
         self.apply_scale_tensor(g, name, &mut m)?;
@@ -766,10 +905,15 @@ impl<'a> Loader<'a> {
     /// Multiply an optional `blk.N.<proj>.scale` (F32, one element) in.
     fn apply_scale_tensor(&self, g: &Gguf, weight: &str, m: &mut TernaryMatrix) -> Result<()> {
         let name = weight.trim_end_matches(".weight").to_owned() + ".scale";
-        let Some(t) = g.tensor(&name) else { return Ok(()) };
+        let Some(t) = g.tensor(&name) else {
+            return Ok(());
+        };
         let v = self.floats(t)?;
         let [s] = v[..] else {
-            return Err(self.err(format!("scale tensor '{name}' has {} elements, expected 1", v.len())));
+            return Err(self.err(format!(
+                "scale tensor '{name}' has {} elements, expected 1",
+                v.len()
+            )));
         };
         if !s.is_finite() {
             return Err(self.err(format!("scale tensor '{name}' is {s}")));
@@ -781,7 +925,12 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
-    fn tokenizer(&self, g: &Gguf, c: &ModelConfig, warnings: &mut Vec<String>) -> Result<Option<TokenizerSpec>> {
+    fn tokenizer(
+        &self,
+        g: &Gguf,
+        c: &ModelConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<TokenizerSpec>> {
         let Some(tokens) = g.get("tokenizer.ggml.tokens") else {
             warnings.push("no tokenizer.ggml.tokens in the file: no tokenizer".into());
             return Ok(None);
@@ -789,7 +938,9 @@ impl<'a> Loader<'a> {
         let tokens = self.str_array(tokens, "tokenizer.ggml.tokens")?;
         let model = g
             .get_str("tokenizer.ggml.model")
-            .ok_or_else(|| self.err("tokenizer.ggml.tokens present but tokenizer.ggml.model missing"))?
+            .ok_or_else(|| {
+                self.err("tokenizer.ggml.tokens present but tokenizer.ggml.model missing")
+            })?
             .to_owned();
         let token_types = match g.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
@@ -866,7 +1017,10 @@ fn find_token(g: &Gguf, s: &str) -> Option<u32> {
 /// `t = clamp(round_half_even(W*scale), -1, 1)`, `w_scale = 1/scale`.
 pub fn absmean_quantize(w: &[f32], n_out: usize, n_in: usize) -> Result<TernaryMatrix> {
     if n_out.checked_mul(n_in) != Some(w.len()) {
-        return Err(Error::input(format!("{} weights for a {n_out}x{n_in} matrix", w.len())));
+        return Err(Error::input(format!(
+            "{} weights for a {n_out}x{n_in} matrix",
+            w.len()
+        )));
     }
     if let Some(x) = w.iter().find(|x| !x.is_finite()) {
         return Err(Error::input(format!("master weight {x} is not finite")));
@@ -907,7 +1061,12 @@ pub mod testing {
 
     impl Default for Writer {
         fn default() -> Self {
-            Self { version: 3, alignment: 32, kv: Vec::new(), tensors: Vec::new() }
+            Self {
+                version: 3,
+                alignment: 32,
+                kv: Vec::new(),
+                tensors: Vec::new(),
+            }
         }
     }
 
@@ -940,7 +1099,7 @@ pub mod testing {
     }
 
     fn pad(out: &mut Vec<u8>, align: u64) {
-        while out.len() as u64 % align != 0 {
+        while !(out.len() as u64).is_multiple_of(align) {
             out.push(0);
         }
     }
@@ -951,7 +1110,13 @@ pub mod testing {
             self.kv.push((key.into(), v));
             self
         }
-        pub fn tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> &mut Self {
+        pub fn tensor(
+            &mut self,
+            name: &str,
+            dims: &[u64],
+            ggml_type: u32,
+            data: Vec<u8>,
+        ) -> &mut Self {
             self.tensors.retain(|t| t.name != name);
             self.tensors.push(TensorSpec {
                 name: name.into(),
@@ -963,7 +1128,10 @@ pub mod testing {
             self
         }
         pub fn tensor_mut(&mut self, name: &str) -> &mut TensorSpec {
-            self.tensors.iter_mut().find(|t| t.name == name).expect("tensor in writer")
+            self.tensors
+                .iter_mut()
+                .find(|t| t.name == name)
+                .expect("tensor in writer")
         }
 
         pub fn to_bytes(&self) -> Vec<u8> {
@@ -1000,7 +1168,12 @@ mod tests {
     use super::*;
 
     fn loader(opts: &LoadOptions) -> Loader<'_> {
-        Loader { bytes: &[], map: None, path: PathBuf::from("x.gguf"), opts }
+        Loader {
+            bytes: &[],
+            map: None,
+            path: PathBuf::from("x.gguf"),
+            opts,
+        }
     }
 
     fn gguf_with(kv: &[(&str, Value)]) -> Gguf {
@@ -1025,19 +1198,31 @@ mod tests {
         let opts = LoadOptions::default();
         let (l, g) = (loader(&opts), gguf_with(&[]));
         let mut w = Vec::new();
-        let a = l.activation(&g, Family::BitNet, &config(256, 2048), &mut w).unwrap();
+        let a = l
+            .activation(&g, Family::BitNet, &config(256, 2048), &mut w)
+            .unwrap();
         assert_eq!((a, w.len()), (Activation::Silu, 1));
         assert!(!w[0].contains("2B4T"));
         let mut w = Vec::new();
-        l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w).unwrap();
-        assert!(w[0].starts_with("WARNING") && w[0].contains("2B4T"), "{w:?}");
+        l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w)
+            .unwrap();
+        assert!(
+            w[0].starts_with("WARNING") && w[0].contains("2B4T"),
+            "{w:?}"
+        );
         // The key decides when present; nonsense is an error naming the file.
         let g = gguf_with(&[("bitnet.hidden_activation", Value::Str("relu2".into()))]);
         let mut w = Vec::new();
-        assert_eq!(l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w).unwrap(), Activation::Relu2);
+        assert_eq!(
+            l.activation(&g, Family::BitNet, &config(2560, 128256), &mut w)
+                .unwrap(),
+            Activation::Relu2
+        );
         assert!(w.is_empty());
         let g = gguf_with(&[("bitnet.hidden_activation", Value::Str("gelu".into()))]);
-        let e = l.activation(&g, Family::BitNet, &config(256, 2048), &mut w).unwrap_err();
+        let e = l
+            .activation(&g, Family::BitNet, &config(256, 2048), &mut w)
+            .unwrap_err();
         assert!(e.to_string().starts_with("x.gguf: "), "{e}");
     }
 

@@ -31,7 +31,10 @@ pub fn i2_s_bytes(n: usize) -> Option<usize> {
 /// Pack one row of trits into canonical codes (`out.len() == ceil(n/4)`).
 fn pack_row(trits: &[i8], out: &mut [u8]) {
     for (o, q) in out.iter_mut().zip(trits.chunks(4)) {
-        *o = q.iter().enumerate().fold(0u8, |b, (i, &t)| b | (encode_trit(t) << (2 * i)));
+        *o = q
+            .iter()
+            .enumerate()
+            .fold(0u8, |b, (i, &t)| b | (encode_trit(t) << (2 * i)));
     }
 }
 
@@ -53,8 +56,10 @@ fn decode_tq(
     block_bytes: usize,
     decode_block: fn(&[u8], &mut [i8]) -> Result<(), Msg>,
 ) -> Result<TernaryMatrix, Msg> {
-    if n_in == 0 || n_in % QK_K != 0 {
-        return Err(format!("row length {n_in} is not a positive multiple of {QK_K}"));
+    if n_in == 0 || !n_in.is_multiple_of(QK_K) {
+        return Err(format!(
+            "row length {n_in} is not a positive multiple of {QK_K}"
+        ));
     }
     let bpr = n_in / QK_K;
     let need = n_out
@@ -62,7 +67,10 @@ fn decode_tq(
         .and_then(|b| b.checked_mul(block_bytes))
         .ok_or_else(|| format!("{n_out}x{n_in} overflows"))?;
     if raw.len() != need {
-        return Err(format!("{} bytes, expected {need} for {n_out}x{n_in}", raw.len()));
+        return Err(format!(
+            "{} bytes, expected {need} for {n_out}x{n_in}",
+            raw.len()
+        ));
     }
     // f16 d sits in the last two bytes of every block.
     let scales: Vec<f32> = raw
@@ -72,8 +80,15 @@ fn decode_tq(
     if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
         return Err(format!("block scale {s} is not finite"));
     }
-    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerBlock { block: QK_K, scales })
-        .map_err(|e| e.to_string())?;
+    let mut m = TernaryMatrix::zeros(
+        n_out,
+        n_in,
+        WeightScale::PerBlock {
+            block: QK_K,
+            scales,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let rb = m.row_bytes();
     let row_raw = bpr * block_bytes;
     m.packed
@@ -82,7 +97,10 @@ fn decode_tq(
         .try_for_each_init(
             || vec![0i8; n_in],
             |buf, (out, src)| {
-                for (blk, t) in src.chunks_exact(block_bytes).zip(buf.chunks_exact_mut(QK_K)) {
+                for (blk, t) in src
+                    .chunks_exact(block_bytes)
+                    .zip(buf.chunks_exact_mut(QK_K))
+                {
                     decode_block(blk, t)?;
                 }
                 pack_row(buf, out);
@@ -135,17 +153,29 @@ pub fn decode_tq1_0(raw: &[u8], n_out: usize, n_in: usize) -> Result<TernaryMatr
 fn block_scale(m: &TernaryMatrix, r: usize, b: usize) -> Result<f32, Msg> {
     match &m.scale {
         WeightScale::PerTensor(s) => Ok(*s),
-        WeightScale::PerBlock { block: QK_K, scales } => scales
+        WeightScale::PerBlock {
+            block: QK_K,
+            scales,
+        } => scales
             .get(r * (m.n_in / QK_K) + b)
             .copied()
             .ok_or_else(|| "too few block scales".to_string()),
-        WeightScale::PerBlock { block, .. } => Err(format!("cannot encode {block}-weight scale blocks")),
+        WeightScale::PerBlock { block, .. } => {
+            Err(format!("cannot encode {block}-weight scale blocks"))
+        }
     }
 }
 
-fn encode_tq(m: &TernaryMatrix, block_bytes: usize, enc: fn(&[i8; QK_K], &mut [u8])) -> Result<Vec<u8>, Msg> {
-    if m.n_in == 0 || m.n_in % QK_K != 0 {
-        return Err(format!("row length {} is not a positive multiple of {QK_K}", m.n_in));
+fn encode_tq(
+    m: &TernaryMatrix,
+    block_bytes: usize,
+    enc: fn(&[i8; QK_K], &mut [u8]),
+) -> Result<Vec<u8>, Msg> {
+    if m.n_in == 0 || !m.n_in.is_multiple_of(QK_K) {
+        return Err(format!(
+            "row length {} is not a positive multiple of {QK_K}",
+            m.n_in
+        ));
     }
     let mut out = Vec::with_capacity(m.n_out * m.n_in / QK_K * block_bytes);
     let mut t = [0i8; QK_K];
@@ -176,7 +206,7 @@ pub fn encode_tq2_0(m: &TernaryMatrix) -> Result<Vec<u8>, Msg> {
 /// Base-3 digits (most significant first) to ggml's ceil(v * 256 / 243) byte.
 fn tq1_byte(trits: impl Iterator<Item = i8>) -> u8 {
     let v = trits.fold(0u16, |v, t| v * 3 + (t + 1) as u16);
-    ((v * 256 + 242) / 243) as u8
+    (v * 256).div_ceil(243) as u8
 }
 
 /// Canonical to TQ1_0 (the inverse of the layout in formats.md).
@@ -198,23 +228,29 @@ pub fn encode_tq1_0(m: &TernaryMatrix) -> Result<Vec<u8>, Msg> {
 /// bitnet.cpp I2_S (x86 layout, 128-weight blocks) to canonical.
 /// `raw` is exactly `n_out*n_in/4 + 32` bytes.
 pub fn decode_i2_s(raw: &[u8], n_out: usize, n_in: usize) -> Result<TernaryMatrix, Msg> {
-    if n_in == 0 || n_in % I2S_BLOCK != 0 {
+    if n_in == 0 || !n_in.is_multiple_of(I2S_BLOCK) {
         return Err(format!(
             "row length {n_in} is not a positive multiple of {I2S_BLOCK}: not the x86 I2_S layout \
              (64-weight-block ARM files are not supported)"
         ));
     }
-    let n = n_out.checked_mul(n_in).ok_or_else(|| format!("{n_out}x{n_in} overflows"))?;
+    let n = n_out
+        .checked_mul(n_in)
+        .ok_or_else(|| format!("{n_out}x{n_in} overflows"))?;
     let need = i2_s_bytes(n).ok_or("size overflows")?;
     if raw.len() != need {
-        return Err(format!("{} bytes, expected {need} (n/4 codes + 32) for {n_out}x{n_in}", raw.len()));
+        return Err(format!(
+            "{} bytes, expected {need} (n/4 codes + 32) for {n_out}x{n_in}",
+            raw.len()
+        ));
     }
     let sb = &raw[n / 4..n / 4 + 4];
     let scale = f32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]]);
     if !scale.is_finite() {
         return Err(format!("tensor scale {scale} is not finite"));
     }
-    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(scale)).map_err(|e| e.to_string())?;
+    let mut m = TernaryMatrix::zeros(n_out, n_in, WeightScale::PerTensor(scale))
+        .map_err(|e| e.to_string())?;
     let rb = m.row_bytes();
     m.packed
         .par_chunks_mut(rb)
@@ -239,8 +275,11 @@ pub fn encode_i2_s(m: &TernaryMatrix) -> Result<Vec<u8>, Msg> {
     let WeightScale::PerTensor(scale) = m.scale else {
         return Err("I2_S holds one scale per tensor".into());
     };
-    if m.n_in == 0 || m.n_in % I2S_BLOCK != 0 {
-        return Err(format!("row length {} is not a multiple of {I2S_BLOCK}", m.n_in));
+    if m.n_in == 0 || !m.n_in.is_multiple_of(I2S_BLOCK) {
+        return Err(format!(
+            "row length {} is not a multiple of {I2S_BLOCK}",
+            m.n_in
+        ));
     }
     let n = m.n_out * m.n_in;
     let mut out = vec![0u8; n / 4 + I2S_TAIL];
@@ -265,8 +304,13 @@ mod tests {
     }
 
     fn matrix(n_out: usize, n_in: usize, seed: u64, scale: f32) -> TernaryMatrix {
-        TernaryMatrix::from_trits(n_out, n_in, &random_trits(n_out * n_in, seed), WeightScale::PerTensor(scale))
-            .unwrap()
+        TernaryMatrix::from_trits(
+            n_out,
+            n_in,
+            &random_trits(n_out * n_in, seed),
+            WeightScale::PerTensor(scale),
+        )
+        .unwrap()
     }
 
     fn assert_same_trits(a: &TernaryMatrix, b: &TernaryMatrix) {
@@ -294,7 +338,10 @@ mod tests {
         assert_same_trits(&m, &decode_tq1_0(&raw, 5, 256).unwrap());
         // Every 5-trit digit combination round-trips through the byte trick.
         let m = matrix(7, 1280, 3, 1.0);
-        assert_same_trits(&m, &decode_tq1_0(&encode_tq1_0(&m).unwrap(), 7, 1280).unwrap());
+        assert_same_trits(
+            &m,
+            &decode_tq1_0(&encode_tq1_0(&m).unwrap(), 7, 1280).unwrap(),
+        );
     }
 
     #[test]
@@ -317,7 +364,8 @@ mod tests {
     #[test]
     fn tq2_0_reference_bytes() {
         // From the spec: q = trit + 1, LOW bits first, byte m holds m + 32n.
-        let all_plus = TernaryMatrix::from_trits(1, 256, &[1; 256], WeightScale::PerTensor(1.0)).unwrap();
+        let all_plus =
+            TernaryMatrix::from_trits(1, 256, &[1; 256], WeightScale::PerTensor(1.0)).unwrap();
         let raw = encode_tq2_0(&all_plus).unwrap();
         assert!(raw[..64].iter().all(|&b| b == 0xAA));
         assert_eq!(&raw[64..], &[0x00, 0x3C]); // f16 1.0
@@ -331,7 +379,16 @@ mod tests {
         let mut blk = vec![0x55u8; 66];
         blk[0] = 0b0001_1000;
         let d = decode_tq2_0(&blk, 1, 256).unwrap();
-        assert_eq!([d.get(0, 0), d.get(0, 32), d.get(0, 64), d.get(0, 96), d.get(0, 1)], [-1, 1, 0, -1, 0]);
+        assert_eq!(
+            [
+                d.get(0, 0),
+                d.get(0, 32),
+                d.get(0, 64),
+                d.get(0, 96),
+                d.get(0, 1)
+            ],
+            [-1, 1, 0, -1, 0]
+        );
     }
 
     #[test]
@@ -343,7 +400,8 @@ mod tests {
         assert!(raw[..48].iter().all(|&b| b == 128));
         assert!(raw[48..52].iter().all(|&b| b == 127));
         // All +1: 22222_3 = 242 -> 255; qh 2222_3 * 3 = 240 -> 253.
-        let plus = TernaryMatrix::from_trits(1, 256, &[1; 256], WeightScale::PerTensor(1.0)).unwrap();
+        let plus =
+            TernaryMatrix::from_trits(1, 256, &[1; 256], WeightScale::PerTensor(1.0)).unwrap();
         let raw = encode_tq1_0(&plus).unwrap();
         assert!(raw[..48].iter().all(|&b| b == 255));
         assert!(raw[48..52].iter().all(|&b| b == 253));

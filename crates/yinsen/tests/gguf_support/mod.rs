@@ -15,7 +15,15 @@ pub const HEAD_DIM: usize = 64;
 pub const VOCAB: usize = 16;
 pub const LAYERS: usize = 1;
 
-pub const PROJ: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+pub const PROJ: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
 
 #[derive(Clone, Copy)]
 pub struct Shape {
@@ -25,7 +33,12 @@ pub struct Shape {
     pub kv_heads: usize,
 }
 
-pub const SHAPE: Shape = Shape { hidden: HIDDEN, ffn: FFN, heads: HEADS, kv_heads: KV_HEADS };
+pub const SHAPE: Shape = Shape {
+    hidden: HIDDEN,
+    ffn: FFN,
+    heads: HEADS,
+    kv_heads: KV_HEADS,
+};
 
 /// (n_out, n_in) of each projection (head_dim 64).
 pub fn proj_shape_of(s: &Shape, p: &str) -> (usize, usize) {
@@ -46,7 +59,9 @@ pub fn proj_shape(p: &str) -> (usize, usize) {
 /// Random trits (about a third each) with a power-of-two scale.
 pub fn random_ternary(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
     let mut g = SplitMix64(seed);
-    let trits: Vec<i8> = (0..n_out * n_in).map(|_| (g.next_u64() % 3) as i8 - 1).collect();
+    let trits: Vec<i8> = (0..n_out * n_in)
+        .map(|_| (g.next_u64() % 3) as i8 - 1)
+        .collect();
     let scale = 2f32.powi(-5 - (seed % 3) as i32);
     TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(scale)).unwrap()
 }
@@ -100,20 +115,49 @@ pub fn model_writer_shaped(
             "tokenizer.ggml.tokens",
             Value::Array((0..VOCAB).map(|i| Value::Str(format!("t{i}"))).collect()),
         )
-        .kv("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1); VOCAB]))
-        .kv("tokenizer.ggml.merges", Value::Array(vec![Value::Str("t 1".into())]))
+        .kv(
+            "tokenizer.ggml.token_type",
+            Value::Array(vec![Value::I32(1); VOCAB]),
+        )
+        .kv(
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::Str("t 1".into())]),
+        )
         .kv("tokenizer.ggml.bos_token_id", Value::U32(14))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(15));
     let mut g = SplitMix64(99);
     let embed: Vec<f32> = (0..VOCAB * hidden).map(|_| g.next_f32() - 0.5).collect();
-    w.tensor("token_embd.weight", &[hidden as u64, VOCAB as u64], types::F32, f32_bytes(&embed));
-    w.tensor("output_norm.weight", &[hidden as u64], types::F32, norm(hidden, 1));
+    w.tensor(
+        "token_embd.weight",
+        &[hidden as u64, VOCAB as u64],
+        types::F32,
+        f32_bytes(&embed),
+    );
+    w.tensor(
+        "output_norm.weight",
+        &[hidden as u64],
+        types::F32,
+        norm(hidden, 1),
+    );
     let mut truth = Vec::new();
     for l in 0..LAYERS {
-        for (i, n) in ["attn_norm", "ffn_norm", "attn_sub_norm"].iter().enumerate() {
-            w.tensor(&format!("blk.{l}.{n}.weight"), &[hidden as u64], types::F32, norm(hidden, (l * 10 + i) as u64));
+        for (i, n) in ["attn_norm", "ffn_norm", "attn_sub_norm"]
+            .iter()
+            .enumerate()
+        {
+            w.tensor(
+                &format!("blk.{l}.{n}.weight"),
+                &[hidden as u64],
+                types::F32,
+                norm(hidden, (l * 10 + i) as u64),
+            );
         }
-        w.tensor(&format!("blk.{l}.ffn_sub_norm.weight"), &[ffn as u64], types::F32, norm(ffn, 77 + l as u64));
+        w.tensor(
+            &format!("blk.{l}.ffn_sub_norm.weight"),
+            &[ffn as u64],
+            types::F32,
+            norm(ffn, 77 + l as u64),
+        );
         for (i, p) in PROJ.iter().enumerate() {
             let (o, n_in) = proj_shape_of(s, p);
             let m = random_ternary(o, n_in, (l * 7 + i) as u64 + 1000);
