@@ -301,7 +301,7 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
     match version {
         2 | 3 => {}
         1 => return Err("GGUF version 1 is not supported (only 2 and 3)".into()),
-        v if v.swap_bytes() <= 3 => {
+        v if (1..=3).contains(&v.swap_bytes()) => {
             return Err(format!(
                 "GGUF version {v}: big-endian files are not supported"
             ))

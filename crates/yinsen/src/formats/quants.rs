@@ -23,6 +23,9 @@ pub const I2S_TAIL: usize = 32;
 
 type Msg = String;
 
+/// Signature shared by the three decoders.
+pub type DecodeFn = fn(&[u8], usize, usize) -> Result<TernaryMatrix, Msg>;
+
 /// Bytes an I2_S tensor of `n` weights takes, or None on overflow.
 pub fn i2_s_bytes(n: usize) -> Option<usize> {
     (n / 4).checked_add(I2S_TAIL)
