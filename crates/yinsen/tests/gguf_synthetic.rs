@@ -348,6 +348,12 @@ fn lying_counts_do_not_allocate() {
         expect_err(&lying_array(t, n), "cannot fit");
     }
     expect_err(&lying_array(77, 1), "unknown array element type 77");
+    // An honest but absurd u8 array (2^24 + 1 elements present) is refused
+    // rather than expanded into 32-byte values.
+    let n = (1u64 << 24) + 1;
+    let mut b = lying_array(0, n);
+    b.resize(b.len() + n as usize, 0);
+    expect_err(&b, "metadata array elements in all");
     // A tensor count of 2^62.
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());

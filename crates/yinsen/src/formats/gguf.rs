@@ -25,6 +25,8 @@ pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml's GGML_MAX_DIMS.
 pub const MAX_DIMS: usize = 4;
+/// Total metadata array elements accepted (2B4T has about 540k).
+const MAX_ARRAY_ELEMS: usize = 1 << 24;
 /// Nested metadata arrays deeper than this are refused (stack safety).
 const MAX_ARRAY_DEPTH: usize = 8;
 
@@ -195,6 +197,9 @@ pub struct Gguf {
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,
+    /// Array elements still allowed: a `Value` is ~32 bytes, so a file of
+    /// u8 arrays could otherwise expand 32-fold in memory.
+    elems_left: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -264,6 +269,11 @@ impl<'a> Cursor<'a> {
                 let min = min_value_size(et)
                     .ok_or_else(|| format!("key '{key}': unknown array element type {et}"))?;
                 let n = self.count(min, &format!("key '{key}' array"))?;
+                self.elems_left = self.elems_left.checked_sub(n).ok_or_else(|| {
+                    format!(
+                        "key '{key}': more than {MAX_ARRAY_ELEMS} metadata array elements in all"
+                    )
+                })?;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(et, key, depth + 1)?);
@@ -288,7 +298,11 @@ pub fn parse(bytes: &[u8], name: &Path) -> Result<Gguf> {
 }
 
 fn parse_inner(bytes: &[u8]) -> std::result::Result<Gguf, String> {
-    let mut c = Cursor { b: bytes, pos: 0 };
+    let mut c = Cursor {
+        b: bytes,
+        pos: 0,
+        elems_left: MAX_ARRAY_ELEMS,
+    };
     let magic = c
         .take(4)
         .map_err(|_| format!("too short for a GGUF file ({} bytes)", bytes.len()))?;
