@@ -41,15 +41,6 @@ fn pack_row(trits: &[i8], out: &mut [u8]) {
     }
 }
 
-/// Map a stored code `q` (value q - 1) to a trit; 3 is not a trit.
-#[inline]
-fn code_to_trit(q: u8) -> Result<i8, Msg> {
-    match q {
-        0..=2 => Ok(q as i8 - 1),
-        _ => Err("stored code 3 is not a ternary value".into()),
-    }
-}
-
 /// Shared driver for the 256-weight TQ formats: checks sizes, reads every
 /// block's `d`, and decodes rows in parallel.
 fn decode_tq(
@@ -114,11 +105,21 @@ fn decode_tq(
 }
 
 fn tq2_0_block(b: &[u8], t: &mut [i8]) -> Result<(), Msg> {
+    // Flag code 3 once per block instead of branching per weight.
+    let mut bad = false;
     for (j, tj) in t.iter_mut().enumerate() {
-        let byte = b[32 * (j / 128) + j % 32];
-        *tj = code_to_trit((byte >> (2 * ((j % 128) / 32))) & 3)?;
+        let q = (b[32 * (j / 128) + j % 32] >> (2 * ((j % 128) / 32))) & 3;
+        bad |= q == 3;
+        *tj = q as i8 - 1;
     }
-    Ok(())
+    block_ok(bad)
+}
+
+fn block_ok(bad: bool) -> Result<(), Msg> {
+    match bad {
+        true => Err("stored code 3 is not a ternary value".into()),
+        false => Ok(()),
+    }
 }
 
 const POW3: [u8; 5] = [1, 3, 9, 27, 81];
@@ -131,15 +132,17 @@ fn tq1_trit(b: u8, k: usize) -> u8 {
 
 fn tq1_0_block(b: &[u8], t: &mut [i8]) -> Result<(), Msg> {
     let (qs, qh) = (&b[..48], &b[48..52]);
+    let mut bad = false;
     for (j, tj) in t.iter_mut().enumerate() {
         let q = match j {
             0..=159 => tq1_trit(qs[j % 32], j / 32),
             160..=239 => tq1_trit(qs[32 + (j - 160) % 16], (j - 160) / 16),
             _ => tq1_trit(qh[(j - 240) % 4], (j - 240) / 4),
         };
-        *tj = code_to_trit(q)?;
+        bad |= q > 2;
+        *tj = q as i8 - 1;
     }
-    Ok(())
+    block_ok(bad)
 }
 
 /// TQ2_0 (ggml type 35) to canonical, with per-block scales `d`.
@@ -261,11 +264,15 @@ pub fn decode_i2_s(raw: &[u8], n_out: usize, n_in: usize) -> Result<TernaryMatri
         .try_for_each_init(
             || vec![0i8; n_in],
             |buf, (out, src)| {
+                let mut bad = false;
                 for (blk, t) in src.chunks_exact(32).zip(buf.chunks_exact_mut(I2S_BLOCK)) {
                     for (j, tj) in t.iter_mut().enumerate() {
-                        *tj = code_to_trit((blk[j % 32] >> (6 - 2 * (j / 32))) & 3)?;
+                        let q = (blk[j % 32] >> (6 - 2 * (j / 32))) & 3;
+                        bad |= q == 3;
+                        *tj = q as i8 - 1;
                     }
                 }
+                block_ok(bad)?;
                 pack_row(buf, out);
                 Ok::<(), Msg>(())
             },
