@@ -259,7 +259,8 @@ fn header_errors() {
     for (v, needle) in [
         (1u32, "version 1"),
         (4, "version 4"),
-        (3u32.swap_bytes(), "big-endian"), (0, "unsupported GGUF version 0"),
+        (3u32.swap_bytes(), "big-endian"),
+        (0, "unsupported GGUF version 0"),
     ] {
         let mut b = good.clone();
         b[4..8].copy_from_slice(&v.to_le_bytes());

@@ -15,9 +15,21 @@ fn decode_throughput_2b4t_ffn() {
     let (n_out, n_in) = (6912, 2560);
     let m = random_ternary(n_out, n_in, 3);
     let cases: [(&str, Vec<u8>, quants::DecodeFn); 3] = [
-        ("TQ2_0", quants::encode_tq2_0(&m).unwrap(), quants::decode_tq2_0),
-        ("TQ1_0", quants::encode_tq1_0(&m).unwrap(), quants::decode_tq1_0),
-        ("I2_S", quants::encode_i2_s(&m).unwrap(), quants::decode_i2_s),
+        (
+            "TQ2_0",
+            quants::encode_tq2_0(&m).unwrap(),
+            quants::decode_tq2_0,
+        ),
+        (
+            "TQ1_0",
+            quants::encode_tq1_0(&m).unwrap(),
+            quants::decode_tq1_0,
+        ),
+        (
+            "I2_S",
+            quants::encode_i2_s(&m).unwrap(),
+            quants::decode_i2_s,
+        ),
     ];
     for (name, raw, dec) in cases {
         let t = Instant::now();
