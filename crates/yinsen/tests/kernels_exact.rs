@@ -34,14 +34,21 @@ fn device_run() -> bool {
 fn kernels_under_test() -> Vec<Arc<dyn TernaryKernel>> {
     let mut v: Vec<Arc<dyn TernaryKernel>> = kernels::available()
         .into_iter()
-        .map(|n| kernels::select(n).unwrap_or_else(|e| panic!("available kernel {n} not selectable: {e}")))
+        .map(|n| {
+            kernels::select(n)
+                .unwrap_or_else(|e| panic!("available kernel {n} not selectable: {e}"))
+        })
         .collect();
     #[cfg(target_arch = "x86_64")]
     {
         v.push(kernels::amx::emulated());
         let st = kernels::amx::amx_status();
         if device_run() {
-            assert_eq!(st, kernels::amx::AmxStatus::Granted, "YINSEN_DEVICE=1 but AMX is not usable");
+            assert_eq!(
+                st,
+                kernels::amx::AmxStatus::Granted,
+                "YINSEN_DEVICE=1 but AMX is not usable"
+            );
         }
         if st != kernels::amx::AmxStatus::Granted {
             eprintln!("SKIP amx: {st}");
@@ -65,7 +72,10 @@ fn random_matrix(rng: &mut Rng, n_out: usize, n_in: usize) -> TernaryMatrix {
             }
         })
         .collect();
-    assert!(n_out * n_in < 8 || trits.iter().any(|&t| t != 0), "test data must not be all zero");
+    assert!(
+        n_out * n_in < 8 || trits.iter().any(|&t| t != 0),
+        "test data must not be all zero"
+    );
     TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap()
 }
 
@@ -109,7 +119,10 @@ fn check(name: &str, p: &dyn PackedTernary, x: &[i8], n_tokens: usize, want: &[i
             for t in 0..n_tokens {
                 let got = out[(r - r0) * n_tokens + t];
                 let exp = want[t * n_out + r];
-                assert_eq!(got, exp, "{name}: {n_out}x{n_in}, {n_tokens} tokens, rows {r0}..{r1}: row {r} token {t}");
+                assert_eq!(
+                    got, exp,
+                    "{name}: {n_out}x{n_in}, {n_tokens} tokens, rows {r0}..{r1}: row {r} token {t}"
+                );
             }
         }
     }
@@ -163,7 +176,8 @@ fn exhaustive_powers_of_three() {
                 v /= 3;
             }
         }
-        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let m =
+            TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
         // Token 0: 3^j; token 1: -3^j; token 2: 3^j shifted by one position.
         let pow: Vec<i8> = (0..n_in).map(|j| 3i8.pow(j as u32)).collect();
         let mut x = pow.clone();
@@ -173,7 +187,9 @@ fn exhaustive_powers_of_three() {
         let mut want = vec![0i32; n_tokens * n_out];
         for t in 0..n_tokens {
             for r in 0..n_out {
-                want[t * n_out + r] = (0..n_in).map(|j| trits[r * n_in + j] as i32 * x[t * n_in + j] as i32).sum();
+                want[t * n_out + r] = (0..n_in)
+                    .map(|j| trits[r * n_in + j] as i32 * x[t * n_in + j] as i32)
+                    .sum();
             }
         }
         let distinct: std::collections::HashSet<i32> = want[..n_out].iter().copied().collect();
@@ -198,7 +214,8 @@ fn edge_values() {
                 _ => [1, -1, 0][i % 3],
             })
             .collect();
-        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let m =
+            TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
         let mut x = vec![-128i8; n_in];
         x.extend(vec![127i8; n_in]);
         x.extend((0..n_in).map(|i| if i % 2 == 0 { -128 } else { 127 }));
@@ -256,7 +273,11 @@ fn concurrent_row_ranges() {
                     p.gemm(x, n_tokens, r0, r1, &mut out);
                     for r in r0..r1 {
                         for t in 0..n_tokens {
-                            assert_eq!(out[(r - r0) * n_tokens + t], want[t * n_out + r], "{name} row {r} token {t}");
+                            assert_eq!(
+                                out[(r - r0) * n_tokens + t],
+                                want[t * n_out + r],
+                                "{name} row {r} token {t}"
+                            );
                         }
                     }
                 });
@@ -277,7 +298,10 @@ fn select_names() {
         assert_eq!(ok, name == "auto" || avail.contains(&name), "{name}");
     }
     if device_run() {
-        assert!(avail.contains(&"amx"), "YINSEN_DEVICE=1 but amx not available");
+        assert!(
+            avail.contains(&"amx"),
+            "YINSEN_DEVICE=1 but amx not available"
+        );
     }
 }
 
@@ -287,12 +311,19 @@ fn bad_shapes_are_errors() {
         let mut m = TernaryMatrix::zeros(5, 9, WeightScale::PerTensor(1.0)).unwrap();
         m.packed.truncate(7);
         if k.name() != "scalar" {
-            assert!(k.prepare(&m).is_err(), "{}: truncated packed accepted", k.name());
+            assert!(
+                k.prepare(&m).is_err(),
+                "{}: truncated packed accepted",
+                k.name()
+            );
         }
     }
     #[cfg(target_arch = "x86_64")]
     {
         let m = TernaryMatrix::zeros(1, (1 << 22) + 1, WeightScale::PerTensor(1.0)).unwrap();
-        assert!(kernels::amx::emulated().prepare(&m).is_err(), "n_in above the exact-i32 bound accepted");
+        assert!(
+            kernels::amx::emulated().prepare(&m).is_err(),
+            "n_in above the exact-i32 bound accepted"
+        );
     }
 }

@@ -77,7 +77,9 @@ fn detect() -> AmxStatus {
 fn xgetbv0() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: only called after checking OSXSAVE, which makes XGETBV legal.
-    unsafe { asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
     (hi as u64) << 32 | lo as u64
 }
 
@@ -87,16 +89,32 @@ fn request_permission() -> AmxStatus {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with these codes only reads/writes the given u64.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
-        return AmxStatus::Denied(format!("arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {err}"));
+        return AmxStatus::Denied(format!(
+            "arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {err}"
+        ));
     }
     let mut mask: u64 = 0;
     // SAFETY: the kernel writes one u64 through the pointer.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut mask as *mut u64) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_GET_XCOMP_PERM,
+            &mut mask as *mut u64,
+        )
+    };
     if rc != 0 || mask >> XFEATURE_XTILEDATA & 1 == 0 {
-        return AmxStatus::Denied(format!("XTILEDATA not in permitted features (mask {mask:#x})"));
+        return AmxStatus::Denied(format!(
+            "XTILEDATA not in permitted features (mask {mask:#x})"
+        ));
     }
     AmxStatus::Granted
 }
@@ -165,7 +183,11 @@ impl PackedTernary for AmxPacked {
             unsafe { drive(&mut Emu::default(), &self.l, x, n_tokens, r0, r1, out) };
             return;
         }
-        assert_eq!(amx_status(), AmxStatus::Granted, "amx kernel used without AMX permission");
+        assert_eq!(
+            amx_status(),
+            AmxStatus::Granted,
+            "amx kernel used without AMX permission"
+        );
         // SAFETY: AMX permitted (checked); drive configures and releases tiles.
         unsafe { drive_hw(&self.l, x, n_tokens, r0, r1, out) };
     }
@@ -192,14 +214,29 @@ trait TileOps {
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn drive_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+unsafe fn drive_hw(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [i32],
+) {
     drive(&mut Hw, l, x, n_tokens, r0, r1, out)
 }
 
 /// Rows r0..r1 of `W x` through `ops`. Scratch: x zero-padded to
 /// `[ceil64(n_tokens)][ceil64(n_in)]`, one row block's expanded weights.
 #[inline(always)]
-unsafe fn drive<T: TileOps>(ops: &mut T, l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+unsafe fn drive<T: TileOps>(
+    ops: &mut T,
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [i32],
+) {
     if n_tokens == 0 || r0 == r1 {
         return;
     }
@@ -207,7 +244,10 @@ unsafe fn drive<T: TileOps>(ops: &mut T, l: &TileLayout, x: &[i8], n_tokens: usi
     let tp = n_tokens.next_multiple_of(TB);
     let mut xpad = vec![0i8; tp * kp];
     if l.n_in > 0 {
-        for (dst, src) in xpad.chunks_exact_mut(kp).zip(x[..n_tokens * l.n_in].chunks_exact(l.n_in)) {
+        for (dst, src) in xpad
+            .chunks_exact_mut(kp)
+            .zip(x[..n_tokens * l.n_in].chunks_exact(l.n_in))
+        {
             dst[..l.n_in].copy_from_slice(src);
         }
     }
@@ -274,7 +314,13 @@ impl TileOps for Hw {
         asm!("ldtilecfg [{}]", in(reg) &TILE_CFG as *const TileCfg, options(nostack));
     }
     unsafe fn zero(&mut self) {
-        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack)
+        );
     }
     unsafe fn step(&mut self, a: *const i8, a_stride: usize, b: *const i8) {
         let a16 = 16 * a_stride;

@@ -66,7 +66,15 @@ impl PackedTernary for Avx2Packed {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn gemm_avx2(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
+unsafe fn gemm_avx2(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    sums: &[i32],
+    out: &mut [i32],
+) {
     for b in r0 / ROWS..r1.div_ceil(ROWS) {
         let lines = l.block(b);
         let mut t0 = 0;
@@ -98,7 +106,9 @@ macro_rules! line_step {
         let m = _mm256_set1_epi8(3);
         let ones = _mm256_set1_epi16(1);
         for h in 0..2 {
-            let p = _mm256_load_si256(($line as *const Line as *const u8).add(32 * h) as *const __m256i);
+            let p = _mm256_load_si256(
+                ($line as *const Line as *const u8).add(32 * h) as *const __m256i
+            );
             let ws = [
                 _mm256_and_si256(p, m),
                 _mm256_and_si256(_mm256_srli_epi16::<2>(p), m),
@@ -107,9 +117,17 @@ macro_rules! line_step {
             ];
             for t in 0..$nt {
                 let xq = $xp.add(t * $stride);
-                let xb = |s: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 * s) as *const i32));
-                let s01 = _mm256_add_epi16(_mm256_maddubs_epi16(ws[0], xb(0)), _mm256_maddubs_epi16(ws[1], xb(1)));
-                let s23 = _mm256_add_epi16(_mm256_maddubs_epi16(ws[2], xb(2)), _mm256_maddubs_epi16(ws[3], xb(3)));
+                let xb = |s: usize| {
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(4 * s) as *const i32))
+                };
+                let s01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(ws[0], xb(0)),
+                    _mm256_maddubs_epi16(ws[1], xb(1)),
+                );
+                let s23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(ws[2], xb(2)),
+                    _mm256_maddubs_epi16(ws[3], xb(3)),
+                );
                 let s32 = _mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones);
                 $acc[t][h] = _mm256_add_epi32($acc[t][h], s32);
             }
@@ -118,7 +136,12 @@ macro_rules! line_step {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn tile<const NT: usize>(lines: &[Line], n_in: usize, x: &[i8], res: &mut [[i32; ROWS]; MAX_NT]) {
+unsafe fn tile<const NT: usize>(
+    lines: &[Line],
+    n_in: usize,
+    x: &[i8],
+    res: &mut [[i32; ROWS]; MAX_NT],
+) {
     debug_assert!(x.len() >= NT * n_in);
     let full = n_in / CHUNK;
     let mut acc = [[_mm256_setzero_si256(); 2]; NT];

@@ -117,7 +117,12 @@ impl TileLayout {
         let n_lines = blocks
             .checked_mul(chunks)
             .filter(|n| n.checked_mul(LINE).is_some())
-            .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "ternary matrix {}x{} is too large",
+                    w.n_out, w.n_in
+                ))
+            })?;
         let mut lines = vec![PAD_LINE; n_lines];
         if chunks > 0 {
             for (b, blk) in lines.chunks_mut(chunks).enumerate() {
@@ -187,15 +192,35 @@ pub fn token_sums(x: &[i8], n_tokens: usize, n_in: usize, sums: &mut Vec<i32>) {
         sums.resize(n_tokens, 0);
         return;
     }
-    sums.extend(x[..n_tokens * n_in].chunks_exact(n_in).map(|t| t.iter().map(|&v| v as i32).sum::<i32>()));
+    sums.extend(
+        x[..n_tokens * n_in]
+            .chunks_exact(n_in)
+            .map(|t| t.iter().map(|&v| v as i32).sum::<i32>()),
+    );
 }
 
 /// Contract checks shared by the kernels' `gemm` (caller bugs, not input
 /// errors: the unsafe inner loops rely on them).
-pub fn check_gemm_args(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &[i32]) {
-    assert!(r0 <= r1 && r1 <= l.n_out, "gemm rows {r0}..{r1} outside 0..{}", l.n_out);
+pub fn check_gemm_args(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &[i32],
+) {
+    assert!(
+        r0 <= r1 && r1 <= l.n_out,
+        "gemm rows {r0}..{r1} outside 0..{}",
+        l.n_out
+    );
     assert!(r0 % ROWS == 0, "gemm r0 = {r0} is not a multiple of {ROWS}");
-    assert!(x.len() >= n_tokens * l.n_in, "gemm x has {} values, need {}", x.len(), n_tokens * l.n_in);
+    assert!(
+        x.len() >= n_tokens * l.n_in,
+        "gemm x has {} values, need {}",
+        x.len(),
+        n_tokens * l.n_in
+    );
     assert_eq!(out.len(), (r1 - r0) * n_tokens, "gemm out length");
 }
 
@@ -207,13 +232,20 @@ mod tests {
     #[test]
     fn layout_roundtrip_odd_shape() {
         let (n_out, n_in) = (19, 37);
-        let trits: Vec<i8> = (0..n_out * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
-        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let trits: Vec<i8> = (0..n_out * n_in)
+            .map(|i| ((i * 7 + i / 5) % 3) as i8 - 1)
+            .collect();
+        let m =
+            TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
         let l = TileLayout::from_canonical(&m).unwrap();
         assert_eq!((l.blocks, l.chunks), (2, 3));
         for r in 0..32 {
             for i in 0..48 {
-                let want = if r < n_out && i < n_in { trits[r * n_in + i] } else { 0 };
+                let want = if r < n_out && i < n_in {
+                    trits[r * n_in + i]
+                } else {
+                    0
+                };
                 assert_eq!(l.get(r, i), want, "({r},{i})");
             }
         }

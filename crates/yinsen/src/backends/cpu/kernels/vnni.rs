@@ -62,16 +62,22 @@ impl PackedTernary for VnniPacked {
         let mut sums = Vec::new();
         token_sums(x, n_tokens, self.l.n_in, &mut sums);
         // SAFETY: features checked above; shapes checked by check_gemm_args.
-        unsafe {
-            gemm_vnni(&self.l, x, n_tokens, r0, r1, &sums, out)
-        }
+        unsafe { gemm_vnni(&self.l, x, n_tokens, r0, r1, &sums, out) }
     }
 }
 
 /// Rows r0..r1 (r0 % 16 == 0): row blocks outer so a block's weights stay in
 /// L1 while every token tile passes over them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
+unsafe fn gemm_vnni(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    sums: &[i32],
+    out: &mut [i32],
+) {
     if n_tokens == 0 {
         return;
     }
@@ -96,7 +102,13 @@ unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: us
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_dispatch(nt: usize, lines: &[Line], n_in: usize, x: &[i8], res: &mut [[i32; ROWS]; MAX_NT]) {
+unsafe fn tile_dispatch(
+    nt: usize,
+    lines: &[Line],
+    n_in: usize,
+    x: &[i8],
+    res: &mut [[i32; ROWS]; MAX_NT],
+) {
     match nt {
         1 => tile::<1, 4>(lines, n_in, x, res),
         2 => tile::<2, 4>(lines, n_in, x, res),
@@ -143,7 +155,12 @@ macro_rules! line_step {
 /// Full chunks read x in place; the partial last chunk reads a zero-padded
 /// copy so no byte past a token's `n_in` inputs is touched.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const NT: usize, const A: usize>(lines: &[Line], n_in: usize, x: &[i8], res: &mut [[i32; ROWS]; MAX_NT]) {
+unsafe fn tile<const NT: usize, const A: usize>(
+    lines: &[Line],
+    n_in: usize,
+    x: &[i8],
+    res: &mut [[i32; ROWS]; MAX_NT],
+) {
     debug_assert!(x.len() >= NT * n_in);
     let full = n_in / CHUNK;
     let mut acc = [[_mm512_setzero_si512(); A]; NT];
