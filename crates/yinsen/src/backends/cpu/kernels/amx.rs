@@ -242,10 +242,13 @@ unsafe fn drive<T: TileOps>(
     }
     let kp = l.n_in.next_multiple_of(KB);
     let tp = n_tokens.next_multiple_of(TB);
-    let mut xpad = vec![0i8; tp * kp];
+    // Row stride of the padded x: one extra line so the 16 rows of an A tile
+    // do not all map to the same L1 sets when kp is a multiple of 2^k.
+    let xs = kp + KB;
+    let mut xpad = vec![0i8; tp * xs];
     if l.n_in > 0 {
         for (dst, src) in xpad
-            .chunks_exact_mut(kp)
+            .chunks_exact_mut(xs)
             .zip(x[..n_tokens * l.n_in].chunks_exact(l.n_in))
         {
             dst[..l.n_in].copy_from_slice(src);
@@ -261,9 +264,9 @@ unsafe fn drive<T: TileOps>(
         for tt in (0..tp).step_by(TB) {
             ops.zero();
             for kb in 0..kp / KB {
-                let a = xpad.as_ptr().add(tt * kp + kb * KB);
+                let a = xpad.as_ptr().add(tt * xs + kb * KB);
                 let bp = panel.as_ptr().add(kb * (KB / 4)) as *const i8;
-                ops.step(a, kp, bp);
+                ops.step(a, xs, bp);
             }
             ops.store(cbuf.as_mut_ptr() as *mut i32);
             for t in tt..(tt + TB).min(n_tokens) {

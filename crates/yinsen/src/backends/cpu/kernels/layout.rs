@@ -214,7 +214,10 @@ pub fn check_gemm_args(
         "gemm rows {r0}..{r1} outside 0..{}",
         l.n_out
     );
-    assert!(r0 % ROWS == 0, "gemm r0 = {r0} is not a multiple of {ROWS}");
+    assert!(
+        r0.is_multiple_of(ROWS),
+        "gemm r0 = {r0} is not a multiple of {ROWS}"
+    );
     assert!(
         x.len() >= n_tokens * l.n_in,
         "gemm x has {} values, need {}",

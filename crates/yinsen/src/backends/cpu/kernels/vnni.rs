@@ -177,10 +177,9 @@ unsafe fn tile<const NT: usize, const A: usize>(
         line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A);
     }
     for t in 0..NT {
-        let mut s = acc[t][0];
-        for a in 1..A {
-            s = _mm512_add_epi32(s, acc[t][a]);
-        }
+        let s = acc[t][1..]
+            .iter()
+            .fold(acc[t][0], |s, &a| _mm512_add_epi32(s, a));
         _mm512_storeu_si512(res[t].as_mut_ptr() as *mut _, s);
     }
 }
