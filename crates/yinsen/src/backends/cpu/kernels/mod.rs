@@ -3,7 +3,14 @@
 //! layout (derived from the canonical form in `prepare`) and must produce
 //! int32 results bit-equal to [`super::reference::ternary_matmul_i32`].
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+pub mod layout;
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 
 use std::sync::Arc;
 
@@ -35,22 +42,77 @@ pub const KERNEL_NAMES: [&str; 5] = ["auto", "amx", "vnni", "avx2", "scalar"];
 
 /// The kernel for `name` ("auto" = fastest available), or an error saying
 /// why it cannot run here.
+///
+/// "auto" picks vnni > avx2 > scalar; AMX is only used when asked for by
+/// name (or by a dispatcher via [`best_for_tokens`]), since it pays off only
+/// for many tokens per call.
 pub fn select(name: &str) -> Result<Arc<dyn TernaryKernel>> {
+    let name = if name == "auto" { available()[0] } else { name };
     match name {
-        "auto" | "scalar" => Ok(Arc::new(scalar::Scalar)),
+        "scalar" => Ok(Arc::new(scalar::Scalar)),
+        #[cfg(target_arch = "x86_64")]
+        "vnni" if vnni::detected() => Ok(Arc::new(vnni::Vnni)),
+        #[cfg(target_arch = "x86_64")]
+        "avx2" if avx2::detected() => Ok(Arc::new(avx2::Avx2)),
+        #[cfg(target_arch = "x86_64")]
+        "amx" => match amx::amx_status() {
+            amx::AmxStatus::Granted => Ok(Arc::new(amx::Amx)),
+            st => Err(crate::Error::Unsupported(format!("kernel 'amx': {st}"))),
+        },
+        other if KERNEL_NAMES.contains(&other) => Err(crate::Error::Unsupported(format!(
+            "kernel '{other}' needs CPU features this machine lacks (available: {})",
+            available().join(", ")
+        ))),
         other => Err(crate::Error::Unsupported(format!(
-            "kernel '{other}' is not available on this machine/build (known: {})",
+            "unknown kernel '{other}' (known: {})",
             KERNEL_NAMES.join(", ")
         ))),
     }
 }
 
-/// Kernels that can run on this machine, best first.
+/// Kernels that can run here, fastest first for a typical call; "amx"
+/// (when granted) comes last because it only wins for large token counts.
 pub fn available() -> Vec<&'static str> {
-    vec!["scalar"]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vnni::detected() {
+            v.push("vnni");
+        }
+        if avx2::detected() {
+            v.push("avx2");
+        }
+    }
+    v.push("scalar");
+    #[cfg(target_arch = "x86_64")]
+    if amx::amx_status() == amx::AmxStatus::Granted {
+        v.push("amx");
+    }
+    v
 }
 
-/// AMX state for `yinsen info`.
+/// Token count from which AMX beats VNNI (a tile is 16 tokens; below a few
+/// tiles the per-call tile setup and padding dominate).
+pub const AMX_MIN_TOKENS: usize = 32;
+
+/// The kernel name a dispatcher should use for calls of `n_tokens` tokens.
+pub fn best_for_tokens(n_tokens: usize) -> &'static str {
+    let avail = available();
+    if n_tokens >= AMX_MIN_TOKENS && avail.contains(&"amx") {
+        "amx"
+    } else {
+        avail[0]
+    }
+}
+
+/// AMX state for `yinsen info`: "granted", or why it is not usable.
 pub fn amx_status_text() -> String {
-    "unknown (AMX kernel not built yet)".into()
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::amx_status().to_string()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "unsupported (not x86-64)".to_string()
+    }
 }

@@ -1,0 +1,244 @@
+//! The CPU ternary layout ("tile layout") shared by the AVX2, VNNI and AMX
+//! kernels, derived once from the canonical packed form.
+//!
+//! # Spec
+//!
+//! - Each weight is stored as the 2-bit code `u = w + 1` in {0, 1, 2}.
+//! - Rows are grouped in **row blocks** of 16 output rows; inputs in
+//!   **chunks** of 16 inputs. `n_out` is padded to `blocks * 16`, `n_in` to
+//!   `chunks * 16`; every pad weight has `u = 1` (w = 0), so it adds nothing
+//!   to the exact dot product whatever the activation.
+//! - The matrix is a sequence of 64-byte, 64-byte-aligned **lines**, row block
+//!   major: line `b * chunks + c` holds row block `b`, chunk `c`. A row
+//!   block's weights are therefore one contiguous stream of `chunks * 64`
+//!   bytes, and the whole matrix one stream of `blocks * chunks * 64` bytes
+//!   (`n_out_pad * n_in_pad / 4`: 2 bits per weight, nothing expanded).
+//! - Inside a line, byte `j = 4 * rr + k` (rr = row within the block 0..16,
+//!   k = 0..4) holds, at bits `2s..2s+2` (s = 0..4), the code of input
+//!   `16c + 4s + k` of row `16b + rr`.
+//!
+//! Why: `(line >> 2s) & 0x03` (one VPSRLW + one VPANDD on the whole 64-byte
+//! line; the mask discards bits shifted in from the neighbouring byte) is
+//! exactly the unsigned VPDPBUSD operand for 16 rows x 4 consecutive inputs
+//! `16c + 4s .. 16c + 4s + 4`, row `rr` in dword lane `rr`. Broadcasting those
+//! 4 activation bytes to all lanes and accumulating gives
+//! `sum_i u_i * x_i = dot(w, x) + sum_i x_i`; kernels subtract the token's
+//! `sum_i x_i` (over the real `n_in` inputs only) once at the end. The same
+//! 64-byte group is also one row of an AMX B tile (K/4 rows x 16 columns of 4
+//! bytes) and two AVX2 `vpmaddubsw` operands (rows 0-7, rows 8-15).
+//!
+//! Overflow: `|u * x| <= 2 * 128 = 256`, so every partial sum of the `n_in_pad`
+//! products is at most `256 * n_in_pad` in magnitude; `prepare` rejects
+//! `n_in > MAX_N_IN = 2^22`, so `256 * n_in_pad <= 2^30 + 2^12 < 2^31` and the
+//! i32 accumulators never wrap. `|sum x| <= 128 * n_in < 2^31` as well, and the
+//! final difference is the exact dot, `|dot| <= 128 * n_in`.
+
+use crate::error::{Error, Result};
+use crate::model::TernaryMatrix;
+
+/// Output rows per row block.
+pub const ROWS: usize = 16;
+/// Inputs per chunk (one 64-byte line holds ROWS x CHUNK codes).
+pub const CHUNK: usize = 16;
+/// Bytes per line.
+pub const LINE: usize = 64;
+/// Largest accepted `n_in` (keeps every i32 accumulator exact, see above).
+pub const MAX_N_IN: usize = 1 << 22;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; LINE]);
+
+/// Ternary weights in the tile layout.
+pub struct TileLayout {
+    pub n_out: usize,
+    pub n_in: usize,
+    /// Row blocks (`ceil(n_out / 16)`).
+    pub blocks: usize,
+    /// Chunks per row block (`ceil(n_in / 16)`).
+    pub chunks: usize,
+    pub lines: Vec<Line>,
+}
+
+/// Canonical 2-bit code -> u = w + 1 (00 -> 1, 01 -> 2, 10 -> 0, 11 -> 1).
+const fn canon_to_u(c: u8) -> u8 {
+    match c & 3 {
+        0b01 => 2,
+        0b10 => 0,
+        _ => 1,
+    }
+}
+
+/// A canonical byte (4 codes) -> the same 4 positions as u codes.
+const CANON_U: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        let mut v = 0u8;
+        while k < 4 {
+            v |= canon_to_u((b >> (2 * k)) as u8) << (2 * k);
+            k += 1;
+        }
+        t[b] = v;
+        b += 1;
+    }
+    t
+};
+
+/// All-pad line: every code u = 1.
+const PAD_LINE: Line = Line([0x55; LINE]);
+
+impl TileLayout {
+    /// Convert canonical weights. Fails on inconsistent or oversized shapes
+    /// before allocating.
+    pub fn from_canonical(w: &TernaryMatrix) -> Result<Self> {
+        let rb = TernaryMatrix::row_bytes_for(w.n_in);
+        let expect = w.n_out.checked_mul(rb);
+        if expect != Some(w.packed.len()) {
+            return Err(Error::input(format!(
+                "ternary matrix {}x{}: {} packed bytes, expected {}",
+                w.n_out,
+                w.n_in,
+                w.packed.len(),
+                expect.map_or("an overflowing size".into(), |e| e.to_string())
+            )));
+        }
+        if w.n_in > MAX_N_IN {
+            return Err(Error::input(format!(
+                "ternary matrix {}x{}: n_in above {MAX_N_IN} could overflow int32 accumulators",
+                w.n_out, w.n_in
+            )));
+        }
+        let blocks = w.n_out.div_ceil(ROWS);
+        let chunks = w.n_in.div_ceil(CHUNK);
+        // n_out * rb fits (checked above) and lines * 64 ~ n_out_pad * n_in_pad / 4,
+        // still check explicitly.
+        let n_lines = blocks
+            .checked_mul(chunks)
+            .filter(|n| n.checked_mul(LINE).is_some())
+            .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
+        let mut lines = vec![PAD_LINE; n_lines];
+        if chunks > 0 {
+            for (b, blk) in lines.chunks_mut(chunks).enumerate() {
+                fill_block(w, rb, b, blk);
+            }
+        }
+        Ok(Self {
+            n_out: w.n_out,
+            n_in: w.n_in,
+            blocks,
+            chunks,
+            lines,
+        })
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.lines.len() * LINE
+    }
+
+    /// The `chunks` lines of row block `b`.
+    pub fn block(&self, b: usize) -> &[Line] {
+        &self.lines[b * self.chunks..(b + 1) * self.chunks]
+    }
+
+    /// The weight at (r, i), decoded from the layout (for tests).
+    pub fn get(&self, r: usize, i: usize) -> i8 {
+        let line = &self.lines[(r / ROWS) * self.chunks + i / CHUNK].0;
+        let (s, k) = ((i % CHUNK) / 4, i % 4);
+        let u = (line[4 * (r % ROWS) + k] >> (2 * s)) & 3;
+        u as i8 - 1
+    }
+}
+
+/// Transpose one row block's canonical bytes into its lines. Canonical byte
+/// `4c + s` of a row holds inputs `16c + 4s + k` at bits `2k`; the layout wants
+/// them in byte `k` at bits `2s`: a 4x4 transpose of 2-bit fields.
+fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
+    for rr in 0..ROWS {
+        let r = b * ROWS + rr;
+        if r >= w.n_out {
+            break;
+        }
+        let row = &w.packed[r * rb..(r + 1) * rb];
+        for (c, line) in blk.iter_mut().enumerate() {
+            // Missing canonical bytes (past the row end) are all-pad (u = 1).
+            let mut src = [0x55u8; 4];
+            for (s, v) in src.iter_mut().enumerate() {
+                if let Some(&byte) = row.get(4 * c + s) {
+                    *v = CANON_U[byte as usize];
+                }
+            }
+            for k in 0..4 {
+                let mut v = 0u8;
+                for (s, &sb) in src.iter().enumerate() {
+                    v |= ((sb >> (2 * k)) & 3) << (2 * s);
+                }
+                line.0[4 * rr + k] = v;
+            }
+        }
+    }
+}
+
+/// `sum_i x[t * n_in + i]` for each token (the correction for u = w + 1).
+pub fn token_sums(x: &[i8], n_tokens: usize, n_in: usize, sums: &mut Vec<i32>) {
+    sums.clear();
+    if n_in == 0 {
+        sums.resize(n_tokens, 0);
+        return;
+    }
+    sums.extend(
+        x[..n_tokens * n_in]
+            .chunks_exact(n_in)
+            .map(|t| t.iter().map(|&v| v as i32).sum::<i32>()),
+    );
+}
+
+/// Contract checks shared by the kernels' `gemm` (caller bugs, not input
+/// errors: the unsafe inner loops rely on them).
+pub fn check_gemm_args(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &[i32]) {
+    assert!(r0 <= r1 && r1 <= l.n_out, "gemm rows {r0}..{r1} outside 0..{}", l.n_out);
+    assert!(r0.is_multiple_of(ROWS), "gemm r0 = {r0} is not a multiple of {ROWS}");
+    assert!(
+        x.len() >= n_tokens * l.n_in,
+        "gemm x has {} values, need {}",
+        x.len(),
+        n_tokens * l.n_in
+    );
+    assert_eq!(out.len(), (r1 - r0) * n_tokens, "gemm out length");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WeightScale;
+
+    #[test]
+    fn layout_roundtrip_odd_shape() {
+        let (n_out, n_in) = (19, 37);
+        let trits: Vec<i8> = (0..n_out * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
+        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let l = TileLayout::from_canonical(&m).unwrap();
+        assert_eq!((l.blocks, l.chunks), (2, 3));
+        for r in 0..32 {
+            for i in 0..48 {
+                let want = if r < n_out && i < n_in { trits[r * n_in + i] } else { 0 };
+                assert_eq!(l.get(r, i), want, "({r},{i})");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_lying_shapes() {
+        let mut m = TernaryMatrix::zeros(3, 9, WeightScale::PerTensor(1.0)).unwrap();
+        m.packed.pop();
+        assert!(TileLayout::from_canonical(&m).is_err());
+        let m = TernaryMatrix {
+            n_out: usize::MAX / 2,
+            n_in: 8,
+            packed: vec![],
+            scale: WeightScale::PerTensor(1.0),
+        };
+        assert!(TileLayout::from_canonical(&m).is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! AVX-512 VNNI kernel over the tile layout (see `layout.rs`).
+//!
+//! One register tile is 16 output rows (dword lanes) x NT tokens (NT zmm
+//! accumulators, NT <= 16). Per 64-byte line the four u8 operands are
+//! expanded once (shift + mask) and reused for every token of the tile;
+//! each `vpdpbusd` takes its 4 activation bytes as a dword broadcast.
+//! For NT <= 4 (decode / GEMV) every token gets 4 accumulators, one per
+//! shift, so the dependency chains are short and the loop streams the
+//! weights at memory speed.
+
+use std::arch::x86_64::*;
+use std::sync::Arc;
+
+use super::layout::{check_gemm_args, token_sums, Line, TileLayout, CHUNK, ROWS};
+use super::{PackedTernary, TernaryKernel};
+use crate::error::Result;
+use crate::model::TernaryMatrix;
+
+pub struct Vnni;
+
+/// True when this CPU (and OS) can run the VNNI kernel.
+pub fn detected() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+struct VnniPacked {
+    l: TileLayout,
+}
+
+impl TernaryKernel for Vnni {
+    fn name(&self) -> &'static str {
+        "vnni"
+    }
+    fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
+        Ok(Arc::new(VnniPacked {
+            l: TileLayout::from_canonical(w)?,
+        }))
+    }
+}
+
+/// Most tokens one register tile holds.
+const MAX_NT: usize = 16;
+
+impl PackedTernary for VnniPacked {
+    fn n_out(&self) -> usize {
+        self.l.n_out
+    }
+    fn n_in(&self) -> usize {
+        self.l.n_in
+    }
+    fn resident_bytes(&self) -> usize {
+        self.l.resident_bytes()
+    }
+    fn row_block(&self) -> usize {
+        ROWS
+    }
+    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
+        assert!(detected(), "vnni kernel used on a CPU without AVX-512 VNNI");
+        let mut sums = Vec::new();
+        token_sums(x, n_tokens, self.l.n_in, &mut sums);
+        // SAFETY: features checked above; shapes checked by check_gemm_args.
+        unsafe { gemm_vnni(&self.l, x, n_tokens, r0, r1, &sums, out) }
+    }
+}
+
+/// Rows r0..r1 (r0 % 16 == 0): row blocks outer so a block's weights stay in
+/// L1 while every token tile passes over them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
+    if n_tokens == 0 {
+        return;
+    }
+    for b in r0 / ROWS..r1.div_ceil(ROWS) {
+        let lines = l.block(b);
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let nt = (n_tokens - t0).min(MAX_NT);
+            let mut res = [[0i32; ROWS]; MAX_NT];
+            let xt = &x[t0 * l.n_in..];
+            tile_dispatch(nt, lines, l.n_in, xt, &mut res);
+            let rows = (r1 - b * ROWS).min(ROWS);
+            for (t, rt) in res.iter().enumerate().take(nt) {
+                let corr = sums[t0 + t];
+                for (rr, &v) in rt.iter().enumerate().take(rows) {
+                    out[(b * ROWS + rr - r0) * n_tokens + t0 + t] = v.wrapping_sub(corr);
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_dispatch(nt: usize, lines: &[Line], n_in: usize, x: &[i8], res: &mut [[i32; ROWS]; MAX_NT]) {
+    match nt {
+        1 => tile::<1, 4>(lines, n_in, x, res),
+        2 => tile::<2, 4>(lines, n_in, x, res),
+        3 => tile::<3, 4>(lines, n_in, x, res),
+        4 => tile::<4, 4>(lines, n_in, x, res),
+        5 => tile::<5, 2>(lines, n_in, x, res),
+        6 => tile::<6, 2>(lines, n_in, x, res),
+        7 => tile::<7, 2>(lines, n_in, x, res),
+        8 => tile::<8, 2>(lines, n_in, x, res),
+        9 => tile::<9, 1>(lines, n_in, x, res),
+        10 => tile::<10, 1>(lines, n_in, x, res),
+        11 => tile::<11, 1>(lines, n_in, x, res),
+        12 => tile::<12, 1>(lines, n_in, x, res),
+        13 => tile::<13, 1>(lines, n_in, x, res),
+        14 => tile::<14, 1>(lines, n_in, x, res),
+        15 => tile::<15, 1>(lines, n_in, x, res),
+        _ => tile::<16, 1>(lines, n_in, x, res),
+    }
+}
+
+/// One line against NT tokens: `xp` points at the line's first input of
+/// token 0, `stride` bytes between tokens.
+macro_rules! line_step {
+    ($acc:ident, $line:expr, $xp:expr, $stride:expr, $nt:expr, $a:expr) => {{
+        let p = _mm512_load_si512($line as *const Line as *const _);
+        let m = _mm512_set1_epi8(3);
+        let ws = [
+            _mm512_and_si512(p, m),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(p), m),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(p), m),
+            _mm512_and_si512(_mm512_srli_epi16::<6>(p), m),
+        ];
+        for t in 0..$nt {
+            let xq = $xp.add(t * $stride);
+            for (s, &w) in ws.iter().enumerate() {
+                let xb = _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(4 * s) as *const i32));
+                $acc[t][s % $a] = _mm512_dpbusd_epi32($acc[t][s % $a], w, xb);
+            }
+        }
+    }};
+}
+
+/// 16 rows x NT tokens over the whole input: `res[t][rr] = sum_i u * x`.
+/// Full chunks read x in place; the partial last chunk reads a zero-padded
+/// copy so no byte past a token's `n_in` inputs is touched.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const NT: usize, const A: usize>(
+    lines: &[Line],
+    n_in: usize,
+    x: &[i8],
+    res: &mut [[i32; ROWS]; MAX_NT],
+) {
+    debug_assert!(x.len() >= NT * n_in);
+    let full = n_in / CHUNK;
+    let mut acc = [[_mm512_setzero_si512(); A]; NT];
+    let xp = x.as_ptr();
+    for (c, line) in lines.iter().enumerate().take(full) {
+        line_step!(acc, line, xp.add(c * CHUNK), n_in, NT, A);
+    }
+    let rem = n_in - full * CHUNK;
+    if rem > 0 {
+        let mut tail = [[0i8; CHUNK]; NT];
+        for (t, tt) in tail.iter_mut().enumerate() {
+            tt[..rem].copy_from_slice(&x[t * n_in + full * CHUNK..t * n_in + n_in]);
+        }
+        line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A);
+    }
+    for t in 0..NT {
+        let s = acc[t][1..].iter().fold(acc[t][0], |s, &a| _mm512_add_epi32(s, a));
+        _mm512_storeu_si512(res[t].as_mut_ptr() as *mut _, s);
+    }
+}
