@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::attention::{self, AttnShape};
-use super::kernels::{self, TernaryKernel};
+use super::kernels::policy::KernelPolicy;
 use super::linear::{Linear, QuantizedInput};
 use super::ops;
 use crate::backends::{Backend, KvCache, Output};
@@ -23,7 +23,7 @@ struct PreparedLayer {
 
 pub struct CpuBackend {
     model: Arc<Model>,
-    kernel: Arc<dyn TernaryKernel>,
+    kernel: KernelPolicy,
     layers: Vec<PreparedLayer>,
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
@@ -41,6 +41,8 @@ pub struct CpuOptions {
     pub threads: usize,
     /// Compute logits from a Q8_0 copy of the lm_head.
     pub lm_head_q8: bool,
+    /// Kernel per token count (from a tuning profile); overrides `kernel`.
+    pub policy: Option<KernelPolicy>,
 }
 
 impl Default for CpuOptions {
@@ -49,6 +51,7 @@ impl Default for CpuOptions {
             kernel: "auto".into(),
             threads: 0,
             lm_head_q8: false,
+            policy: None,
         }
     }
 }
@@ -98,12 +101,19 @@ impl CpuBackend {
                 kernel: kernel.into(),
                 threads,
                 lm_head_q8: false,
+                policy: None,
             },
         )
     }
 
     pub fn with_options(model: Arc<Model>, opts: &CpuOptions) -> Result<Self> {
-        let kernel = kernels::select(&opts.kernel)?;
+        let kernel = match &opts.policy {
+            Some(p) => {
+                p.validate()?;
+                p.clone()
+            }
+            None => KernelPolicy::single(&opts.kernel)?,
+        };
         let threads = if opts.threads == 0 {
             default_threads()
         } else {
@@ -119,7 +129,7 @@ impl CpuBackend {
                 .layers
                 .par_iter()
                 .map(|l| -> Result<PreparedLayer> {
-                    let k = kernel.as_ref();
+                    let k = &kernel;
                     Ok(PreparedLayer {
                         qkv: Linear::prepare(k, &[&l.wq, &l.wk, &l.wv])?,
                         o: Linear::prepare(k, &[&l.wo])?,
@@ -146,8 +156,8 @@ impl CpuBackend {
         })
     }
 
-    pub fn kernel_name(&self) -> &'static str {
-        self.kernel.name()
+    pub fn kernel_policy(&self) -> &KernelPolicy {
+        &self.kernel
     }
     pub fn threads(&self) -> usize {
         self.threads
@@ -314,7 +324,7 @@ pub fn check_forward_args(c: &ModelConfig, cache_len: usize, capacity: usize, to
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu/{}", self.kernel.name())
+        format!("cpu/{}", self.kernel.describe())
     }
     fn config(&self) -> &ModelConfig {
         &self.model.config

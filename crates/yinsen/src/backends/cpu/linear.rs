@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::kernels::{PackedTernary, TernaryKernel};
+use super::kernels::policy::KernelPolicy;
+use super::kernels::PackedTernary;
 use super::reference;
 use crate::error::Result;
 use crate::model::{TernaryMatrix, WeightScale};
@@ -55,7 +56,7 @@ pub struct Linear {
 
 impl Linear {
     /// Fuse `mats` (same n_in) into one prepared matrix for `kernel`.
-    pub fn prepare(kernel: &dyn TernaryKernel, mats: &[&TernaryMatrix]) -> Result<Self> {
+    pub fn prepare(kernel: &KernelPolicy, mats: &[&TernaryMatrix]) -> Result<Self> {
         let n_in = mats[0].n_in;
         let n_out = mats.iter().map(|m| m.n_out).sum();
         assert!(mats.iter().all(|m| m.n_in == n_in), "fused matrices must share n_in");

@@ -114,7 +114,13 @@ impl TernaryKernel for Amx {
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(Arc::new(AmxPacked {
-            l: TileLayout::from_canonical(w)?,
+            l: Arc::new(TileLayout::from_canonical(w)?),
+            emulate: false,
+        }))
+    }
+    fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
+        Some(Arc::new(AmxPacked {
+            l: l.clone(),
             emulate: false,
         }))
     }
@@ -134,14 +140,14 @@ impl TernaryKernel for AmxEmu {
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(Arc::new(AmxPacked {
-            l: TileLayout::from_canonical(w)?,
+            l: Arc::new(TileLayout::from_canonical(w)?),
             emulate: true,
         }))
     }
 }
 
 struct AmxPacked {
-    l: TileLayout,
+    l: Arc<TileLayout>,
     emulate: bool,
 }
 

@@ -25,7 +25,7 @@ pub fn detected() -> bool {
 }
 
 struct Avx2Packed {
-    l: TileLayout,
+    l: Arc<TileLayout>,
 }
 
 impl TernaryKernel for Avx2 {
@@ -34,8 +34,11 @@ impl TernaryKernel for Avx2 {
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(Arc::new(Avx2Packed {
-            l: TileLayout::from_canonical(w)?,
+            l: Arc::new(TileLayout::from_canonical(w)?),
         }))
+    }
+    fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
+        Some(Arc::new(Avx2Packed { l: l.clone() }))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 pub mod layout;
+pub mod policy;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod vnni;
@@ -22,6 +23,11 @@ pub trait TernaryKernel: Send + Sync {
     fn name(&self) -> &'static str;
     /// Convert canonical weights into this kernel's layout.
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>>;
+    /// Kernels over the shared tile layout wrap an existing one (no copy),
+    /// so several kernels can serve one matrix without duplicating it.
+    fn prepare_tiled(&self, _l: &Arc<layout::TileLayout>) -> Option<Arc<dyn PackedTernary>> {
+        None
+    }
 }
 
 /// Weights in a kernel's own layout, ready to multiply.

@@ -26,7 +26,7 @@ pub fn detected() -> bool {
 }
 
 struct VnniPacked {
-    l: TileLayout,
+    l: Arc<TileLayout>,
 }
 
 impl TernaryKernel for Vnni {
@@ -35,8 +35,11 @@ impl TernaryKernel for Vnni {
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(Arc::new(VnniPacked {
-            l: TileLayout::from_canonical(w)?,
+            l: Arc::new(TileLayout::from_canonical(w)?),
         }))
+    }
+    fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
+        Some(Arc::new(VnniPacked { l: l.clone() }))
     }
 }
 
