@@ -68,6 +68,10 @@ struct ModelArgs {
     /// Override the FFN activation (relu2 or silu), e.g. for `bitnet` GGUFs.
     #[arg(long)]
     activation: Option<String>,
+    /// lm_head precision on the CPU: "native" (file dtype) or "q8" (an 8-bit
+    /// copy: half the bytes per decode step, small logit error).
+    #[arg(long, default_value = "native")]
+    lm_head: String,
 }
 
 #[derive(Args)]
@@ -168,12 +172,21 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         None => None,
         Some(a) => Some(Activation::parse(a).with_context(|| format!("unknown activation '{a}' (relu2, silu)"))?),
     };
+    let lm_head_q8 = match m.lm_head.as_str() {
+        "native" => false,
+        "q8" => true,
+        other => bail!("unknown --lm-head '{other}' (native, q8)"),
+    };
     let engine = Engine::load(
         &m.model,
         EngineOptions {
             backend: m.backend.clone(),
-            kernel: m.kernel.clone(),
-            threads: m.threads,
+            cpu: yinsen::backends::cpu::CpuOptions {
+                kernel: m.kernel.clone(),
+                threads: m.threads,
+                lm_head_q8,
+                policy: None,
+            },
             activation,
             progress: progress_bar(),
         },

@@ -3,15 +3,15 @@
 
 use std::sync::Arc;
 
-use crate::backends::cpu::CpuBackend;
+use crate::backends::cpu::{CpuBackend, CpuOptions};
 use crate::backends::Backend;
 use crate::error::{Error, Result};
 use crate::model::Model;
 
 /// Build the backend named by `choice` ("cpu", "cuda", "auto").
-pub fn make_backend(model: &Arc<Model>, choice: &str, kernel: &str, threads: usize) -> Result<Arc<dyn Backend>> {
+pub fn make_backend(model: &Arc<Model>, choice: &str, cpu: &CpuOptions) -> Result<Arc<dyn Backend>> {
     match choice {
-        "cpu" | "auto" => Ok(Arc::new(CpuBackend::new(model.clone(), kernel, threads)?)),
+        "cpu" | "auto" => Ok(Arc::new(CpuBackend::with_options(model.clone(), cpu)?)),
         "cuda" => Err(Error::Unsupported("the CUDA backend is not built yet".into())),
         other => Err(Error::input(format!("unknown backend '{other}' (cpu, cuda, auto)"))),
     }

@@ -8,7 +8,7 @@ pub mod tokenizer;
 
 use std::sync::Arc;
 
-use crate::backends::cpu::CpuBackend;
+use crate::backends::cpu::{CpuBackend, CpuOptions};
 use crate::backends::Backend;
 use crate::error::Result;
 use crate::formats::{self, LoadOptions};
@@ -20,10 +20,8 @@ pub use tokenizer::Tokenizer;
 pub struct EngineOptions {
     /// "cpu", "cuda" or "auto".
     pub backend: String,
-    /// CPU kernel: "auto", "amx", "vnni", "avx2", "scalar".
-    pub kernel: String,
-    /// CPU threads; 0 = physical cores.
-    pub threads: usize,
+    /// CPU path settings (kernel, threads, 8-bit lm_head).
+    pub cpu: CpuOptions,
     pub activation: Option<Activation>,
     pub progress: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
 }
@@ -32,8 +30,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             backend: "auto".into(),
-            kernel: "auto".into(),
-            threads: 0,
+            cpu: CpuOptions::default(),
             activation: None,
             progress: None,
         }
@@ -64,7 +61,7 @@ impl Engine {
             Some(spec) => Tokenizer::from_spec(spec)?,
             None => Tokenizer::bytes(c.vocab, c.bos, c.eos.clone()),
         });
-        let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.kernel, opts.threads)?;
+        let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.cpu)?;
         Ok(Self {
             model,
             tokenizer,

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::attention::{self, AttnShape};
 use super::kernels::policy::KernelPolicy;
 use super::linear::{Linear, QuantizedInput};
+use super::lm_head;
 use super::ops;
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
@@ -195,25 +196,21 @@ impl CpuBackend {
         let c = &self.model.config;
         let n = h.len() / c.hidden;
         let vocab = head.rows;
-        // Row-major over the vocabulary so each embedding row is decoded once.
-        let mut by_row = vec![0f32; vocab * n];
-        let block = 64;
-        by_row.par_chunks_mut(block * n).enumerate().for_each(|(bi, ch)| {
-            let mut row = vec![0f32; c.hidden];
-            for (j, out) in ch.chunks_exact_mut(n).enumerate() {
-                head.row_to_f32(bi * block + j, &mut row);
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = ops::dot(&row, &h[t * c.hidden..(t + 1) * c.hidden]);
-                }
-            }
-        });
-        if n == 1 {
-            return by_row;
-        }
+        // Row-major over the vocabulary so each lm_head row is read once,
+        // up to 4 tokens at a time (the SIMD kernels' register budget).
         let mut out = vec![0f32; n * vocab];
-        for r in 0..vocab {
-            for t in 0..n {
-                out[t * vocab + r] = by_row[r * n + t];
+        let block = 256;
+        for t0 in (0..n).step_by(4) {
+            let nt = (n - t0).min(4);
+            let ht = &h[t0 * c.hidden..(t0 + nt) * c.hidden];
+            let mut by_row = vec![0f32; vocab * nt];
+            by_row.par_chunks_mut(block * nt).enumerate().for_each_init(Vec::new, |scratch, (bi, ch)| {
+                lm_head::rows_dot(head, bi * block, ht, nt, ch, scratch);
+            });
+            for r in 0..vocab {
+                for t in 0..nt {
+                    out[(t0 + t) * vocab + r] = by_row[r * nt + t];
+                }
             }
         }
         out

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod forward;
 pub mod kernels;
 pub mod linear;
+pub mod lm_head;
 pub mod ops;
 pub mod reference;
 
