@@ -98,11 +98,21 @@ impl DenseMatrix {
                 data.as_slice().len()
             )));
         }
-        Ok(Self { rows, cols, dtype, data })
+        Ok(Self {
+            rows,
+            cols,
+            dtype,
+            data,
+        })
     }
 
     pub fn from_f32(rows: usize, cols: usize, v: &[f32]) -> Result<Self> {
-        Self::new(rows, cols, DenseType::F32, Storage::owned(bytemuck::cast_slice(v).to_vec()))
+        Self::new(
+            rows,
+            cols,
+            DenseType::F32,
+            Storage::owned(bytemuck::cast_slice(v).to_vec()),
+        )
     }
 
     pub fn row_bytes(&self) -> usize {

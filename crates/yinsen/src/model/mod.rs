@@ -74,14 +74,25 @@ impl Model {
         }
         if let Some(o) = &self.output {
             if o.rows != c.vocab || o.cols != c.hidden {
-                return e(format!("lm_head is {}x{}, expected {}x{}", o.rows, o.cols, c.vocab, c.hidden));
+                return e(format!(
+                    "lm_head is {}x{}, expected {}x{}",
+                    o.rows, o.cols, c.vocab, c.hidden
+                ));
             }
         }
         if self.final_norm.len() != c.hidden {
-            return e(format!("final norm has {} weights, hidden is {}", self.final_norm.len(), c.hidden));
+            return e(format!(
+                "final norm has {} weights, hidden is {}",
+                self.final_norm.len(),
+                c.hidden
+            ));
         }
         if self.layers.len() != c.n_layers {
-            return e(format!("{} layers loaded, config says {}", self.layers.len(), c.n_layers));
+            return e(format!(
+                "{} layers loaded, config says {}",
+                self.layers.len(),
+                c.n_layers
+            ));
         }
         for (i, l) in self.layers.iter().enumerate() {
             let want = [
@@ -95,7 +106,10 @@ impl Model {
             ];
             for ((name, m), (_, o, i_)) in l.ternaries().into_iter().zip(want) {
                 if m.n_out != o || m.n_in != i_ {
-                    return e(format!("layer {i} {name}_proj is {}x{}, expected {o}x{i_}", m.n_out, m.n_in));
+                    return e(format!(
+                        "layer {i} {name}_proj is {}x{}, expected {o}x{i_}",
+                        m.n_out, m.n_in
+                    ));
                 }
             }
             for (name, v, n) in [
@@ -106,7 +120,10 @@ impl Model {
             ] {
                 if let Some(v) = v {
                     if v.len() != n {
-                        return e(format!("layer {i} {name} has {} weights, expected {n}", v.len()));
+                        return e(format!(
+                            "layer {i} {name} has {} weights, expected {n}",
+                            v.len()
+                        ));
                     }
                 }
             }
@@ -130,14 +147,25 @@ impl Model {
             + self
                 .layers
                 .iter()
-                .map(|l| norms(l) + l.ternaries().iter().map(|(_, m)| m.resident_bytes()).sum::<usize>())
+                .map(|l| {
+                    norms(l)
+                        + l.ternaries()
+                            .iter()
+                            .map(|(_, m)| m.resident_bytes())
+                            .sum::<usize>()
+                })
                 .sum::<usize>()
     }
 
     pub fn ternary_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| l.ternaries().iter().map(|(_, m)| m.packed.len()).sum::<usize>())
+            .map(|l| {
+                l.ternaries()
+                    .iter()
+                    .map(|(_, m)| m.packed.len())
+                    .sum::<usize>()
+            })
             .sum()
     }
 }

@@ -177,7 +177,8 @@ mod tests {
             assert_eq!(decode_code(encode_trit(t)), t);
         }
         // Reference values from formats.md.
-        let m = TernaryMatrix::from_trits(1, 4, &[1, 1, 1, 1], WeightScale::PerTensor(1.0)).unwrap();
+        let m =
+            TernaryMatrix::from_trits(1, 4, &[1, 1, 1, 1], WeightScale::PerTensor(1.0)).unwrap();
         assert_eq!(m.packed, vec![0x55]);
         let m = TernaryMatrix::from_trits(1, 4, &[-1; 4], WeightScale::PerTensor(1.0)).unwrap();
         assert_eq!(m.packed, vec![0xAA]);
@@ -203,7 +204,10 @@ mod tests {
             1,
             8,
             &[1, -1, 0, 1, 1, 1, 1, 1],
-            WeightScale::PerBlock { block: 4, scales: vec![0.5, 0.0] },
+            WeightScale::PerBlock {
+                block: 4,
+                scales: vec![0.5, 0.0],
+            },
         )
         .unwrap();
         m.normalize_scales();
