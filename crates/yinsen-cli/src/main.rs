@@ -1,3 +1,400 @@
+//! `yinsen`: the command-line surface. Everything here goes through the
+//! library's public API (`yinsen::engine::Engine` and friends).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use yinsen::backends::Output;
+use yinsen::engine::sampling::SamplerConfig;
+use yinsen::engine::{Engine, EngineOptions, GenParams};
+use yinsen::model::Activation;
+
+#[derive(Parser)]
+#[command(
+    name = "yinsen",
+    version,
+    about = "Inference engine for ternary (1.58-bit) language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show CPU features, threads and CUDA devices.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Write logits of a prompt to a .npy file.
+    Logits(LogitsArgs),
+    /// Print the token ids `run` would feed the model, as JSON.
+    Tokenize {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(short, long)]
+        prompt: String,
+    },
+    /// Print the text of comma-separated token ids.
+    Detokenize {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, value_delimiter = ',')]
+        tokens: Vec<u32>,
+    },
+    /// Measure prompt and decode throughput (llama-bench style).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A .gguf file, a Hugging Face directory, or synthetic:<2b4t|700m|125m|tiny>.
+    #[arg(short, long)]
+    model: String,
+    /// Compute path: cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// CPU kernel: auto, amx, vnni, avx2, scalar.
+    #[arg(long, default_value = "auto")]
+    kernel: String,
+    /// CPU threads (default: physical cores).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
+    /// Override the FFN activation (relu2 or silu), e.g. for `bitnet` GGUFs.
+    #[arg(long)]
+    activation: Option<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(short, long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_predict: usize,
+    /// Temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0x5EED)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long)]
+    system: Option<String>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context size (default: the model's).
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(short, long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    #[arg(long)]
+    out: PathBuf,
+    /// All positions instead of the last.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt lengths (comma-separated).
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    n_prompt: Vec<usize>,
+    /// Decode lengths (comma-separated).
+    #[arg(short = 'n', long, value_delimiter = ',', default_value = "128")]
+    n_gen: Vec<usize>,
+    /// Measured repeats per test (one extra warm-up run is excluded).
+    #[arg(short, long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+    /// Skip the memory-bandwidth measurement.
+    #[arg(long)]
+    no_bandwidth: bool,
+}
+
+fn progress_bar() -> Option<Box<dyn Fn(u64, u64) + Send + Sync>> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(Box::new(move |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+        if done >= total {
+            pb.finish_and_clear();
+        }
+    }))
+}
+
+fn load(m: &ModelArgs) -> Result<Engine> {
+    let activation = match &m.activation {
+        None => None,
+        Some(a) => Some(Activation::parse(a).with_context(|| format!("unknown activation '{a}' (relu2, silu)"))?),
+    };
+    let engine = Engine::load(
+        &m.model,
+        EngineOptions {
+            backend: m.backend.clone(),
+            kernel: m.kernel.clone(),
+            threads: m.threads,
+            activation,
+            progress: progress_bar(),
+        },
+    )?;
+    for w in &engine.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(engine)
+}
+
+fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    match (prompt, file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "prompt file {} is not valid UTF-8 (invalid byte at offset {})",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })
+        }
+        (None, None) => bail!("give a prompt with -p TEXT or --prompt-file FILE"),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let engine = load(&a.m)?;
+    let text = read_prompt(&a.prompt, &a.prompt_file)?;
+    let prompt = if a.chat {
+        engine.chat_prompt(a.system.as_deref(), &text)?
+    } else {
+        engine.encode_prompt(&text)?
+    };
+    let mut session = engine.session(a.ctx)?;
+    let params = GenParams {
+        max_new: a.n_predict,
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            repeat_last_n: 64,
+            seed: a.seed,
+        },
+        stop_ids: engine.tokenizer.eos_ids(),
+    };
+    let mut decoder = engine.tokenizer.stream_decoder();
+    let mut text_out = String::new();
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let stops = a.stop.clone();
+    let (tokens, reason, timings) = session.generate(&prompt, &params, |tok| {
+        let piece = decoder.push(tok)?;
+        text_out.push_str(&piece);
+        let hit = stops.iter().find_map(|s| text_out.find(s.as_str()));
+        let emit_upto = hit.unwrap_or(text_out.len());
+        if !json {
+            // Print only what is now known not to be part of a stop string.
+            let printed = text_out.len() - piece.len();
+            if emit_upto > printed {
+                let _ = stdout.write_all(&text_out.as_bytes()[printed..emit_upto]);
+                let _ = stdout.flush();
+            }
+        }
+        if let Some(i) = hit {
+            text_out.truncate(i);
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
+    if hit_none(&stops, &text_out) {
+        let rest = decoder.flush();
+        if !json {
+            let _ = stdout.write_all(rest.as_bytes());
+        }
+        text_out.push_str(&rest);
+    }
+    if json {
+        let v = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": tokens,
+            "text": text_out,
+            "stop_reason": reason,
+            "backend": engine.backend.name(),
+            "timings": timings,
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} prompt tokens: {:.1} tok/s | {} generated: {:.1} tok/s | {} | stop: {:?}]",
+            timings.n_prompt,
+            timings.prompt_tokens_per_s,
+            timings.n_gen,
+            timings.gen_tokens_per_s,
+            engine.backend.name(),
+            reason
+        );
+    }
+    Ok(())
+}
+
+fn hit_none(stops: &[String], text: &str) -> bool {
+    !stops.iter().any(|s| text.contains(s.as_str()))
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let engine = load(&a.m)?;
+    let tokens = match (&a.prompt, &a.tokens) {
+        (Some(p), _) => engine.encode_prompt(p)?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => bail!("give -p TEXT or --tokens 1,2,3"),
+    };
+    let mut s = engine.session(0)?;
+    let out = if a.all { Output::AllLogits } else { Output::LastLogits };
+    let logits = s.feed(&tokens, out)?;
+    let vocab = engine.model.config.vocab;
+    let shape: Vec<usize> = if a.all { vec![tokens.len(), vocab] } else { vec![vocab] };
+    yinsen::formats::npy::write_f32(&a.out, &shape, &logits)?;
+    eprintln!("wrote {} logits {:?} to {}", logits.len(), shape, a.out.display());
+    Ok(())
+}
+
+fn cmd_info(json: bool) -> Result<()> {
+    let info = yinsen::sysinfo::machine_info();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info.to_text());
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let engine = load(&a.m)?;
+    let threads = if a.m.threads == 0 {
+        yinsen::backends::cpu::forward::default_threads()
+    } else {
+        a.m.threads
+    };
+    let quiet = a.json || !std::io::stderr().is_terminal();
+    let progress = |s: &str| {
+        if !quiet {
+            eprint!("\r\x1b[2K{s}");
+        }
+    };
+    let records = yinsen::bench::run(
+        engine.backend.as_ref(),
+        &engine.model,
+        &yinsen::bench::BenchSpec {
+            model_name: &a.m.model,
+            kernel: &a.m.kernel,
+            threads,
+            prompts: &a.n_prompt.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
+            gens: &a.n_gen.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
+            repeats: a.repeats.max(1),
+            progress: &progress,
+        },
+    )?;
+    if !quiet {
+        eprint!("\r\x1b[2K");
+    }
+    let bw = (!a.no_bandwidth).then(|| yinsen::bench::memory_bandwidth(threads));
+    let rss = yinsen::bench::resident_bytes();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    let cpu = yinsen::sysinfo::cpu_info();
+    println!("machine: {} ({} threads used)", cpu.name, threads);
+    println!("| model | backend | threads | test | t/s (median) | mean ± sd |");
+    println!("|---|---|---|---|---|---|");
+    for r in &records {
+        let test = if r.n_gen > 0 {
+            format!("tg{}", r.n_gen)
+        } else {
+            format!("pp{}", r.n_prompt)
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} ± {:.2} |",
+            r.model, r.backend, r.n_threads, test, r.median_ts, r.avg_ts, r.stddev_ts
+        );
+    }
+    for r in records.iter().filter(|r| r.weights_gb_per_s.is_some()) {
+        let gbs = r.weights_gb_per_s.unwrap_or(0.0);
+        match bw {
+            Some(bw) if bw > 0.0 => println!(
+                "tg{}: {:.1} GB/s of weights streamed ({:.0}% of measured {:.1} GB/s memory read bandwidth)",
+                r.n_gen,
+                gbs,
+                100.0 * gbs / bw,
+                bw
+            ),
+            _ => println!("tg{}: {:.1} GB/s of weights streamed", r.n_gen, gbs),
+        }
+    }
+    if let Some(rss) = rss {
+        println!("resident memory: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
+
 fn main() {
-    println!("Hello, world!");
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Info { json } => cmd_info(json),
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Logits(a) => cmd_logits(a),
+        Cmd::Tokenize { m, prompt } => load(&m)
+            .and_then(|e| Ok(e.encode_prompt(&prompt)?))
+            .map(|ids| println!("{}", serde_json::to_string(&ids).unwrap_or_default())),
+        Cmd::Detokenize { m, tokens } => load(&m)
+            .and_then(|e| Ok(e.tokenizer.decode(&tokens, false)?))
+            .map(|t| println!("{t}")),
+        Cmd::Bench(a) => cmd_bench(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -6,6 +6,8 @@
 //! what) -> `engine` (sessions, sampling, tokenizer) -> surfaces (CLI, C ABI).
 
 pub mod backends;
+pub mod bench;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod formats;

@@ -1,3 +1,137 @@
 //! Sessions, sampling and text: what turns a backend into a generator.
+//! [`Engine`] is the library's front door; the CLI and C ABI use only it.
 
+pub mod chat;
+pub mod sampling;
+pub mod session;
 pub mod tokenizer;
+
+use std::sync::Arc;
+
+use crate::backends::cpu::CpuBackend;
+use crate::backends::Backend;
+use crate::error::Result;
+use crate::formats::{self, LoadOptions};
+use crate::model::{Activation, Model};
+pub use session::{GenParams, Session, StopReason, Timings};
+pub use tokenizer::Tokenizer;
+
+/// How to build an engine.
+pub struct EngineOptions {
+    /// "cpu", "cuda" or "auto".
+    pub backend: String,
+    /// CPU kernel: "auto", "amx", "vnni", "avx2", "scalar".
+    pub kernel: String,
+    /// CPU threads; 0 = physical cores.
+    pub threads: usize,
+    pub activation: Option<Activation>,
+    pub progress: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            kernel: "auto".into(),
+            threads: 0,
+            activation: None,
+            progress: None,
+        }
+    }
+}
+
+pub struct Engine {
+    pub model: Arc<Model>,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub backend: Arc<dyn Backend>,
+    /// Notes from loading (e.g. a guessed activation).
+    pub warnings: Vec<String>,
+}
+
+impl Engine {
+    pub fn load(spec: &str, opts: EngineOptions) -> Result<Self> {
+        let loaded = formats::load(
+            spec,
+            &LoadOptions {
+                activation: opts.activation,
+                progress: opts.progress,
+            },
+        )?;
+        let model = Arc::new(loaded.model);
+        let c = &model.config;
+        let tokenizer = match &loaded.tokenizer {
+            Some(spec) => Tokenizer::from_spec(spec)?,
+            None => Tokenizer::bytes(c.vocab, c.bos, c.eos.clone()),
+        };
+        let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.kernel, opts.threads)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template: loaded.chat_template,
+            backend,
+            warnings: loaded.warnings,
+        })
+    }
+
+    pub fn engine_with_backend(&self, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            model: self.model.clone(),
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+            backend,
+            warnings: self.warnings.clone(),
+        }
+    }
+
+    /// A new sequence with room for `capacity` positions (0 = model context).
+    pub fn session(&self, capacity: usize) -> Result<Session> {
+        let cap = if capacity == 0 {
+            self.model.config.max_ctx
+        } else {
+            capacity
+        };
+        Session::new(self.backend.clone(), cap)
+    }
+
+    /// A CPU backend over the same model (used by tests and benches).
+    pub fn cpu_backend(&self, kernel: &str, threads: usize) -> Result<CpuBackend> {
+        CpuBackend::new(self.model.clone(), kernel, threads)
+    }
+
+    /// Prompt text -> the ids the model sees (BOS included when it uses one).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode_prompt(text)
+    }
+
+    /// Render a single-turn chat with the model's template (or Llama-3's).
+    /// The rendered text carries its own BOS, so encode it without adding one.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(chat::ChatMessage::new("system", s));
+        }
+        msgs.push(chat::ChatMessage::new("user", user));
+        let bos = self
+            .tokenizer
+            .bos()
+            .map(|b| self.tokenizer.token_to_piece(b))
+            .unwrap_or_default();
+        let eos = self
+            .model
+            .config
+            .eos
+            .first()
+            .map(|&e| self.tokenizer.token_to_piece(e))
+            .unwrap_or_default();
+        let text = chat::render_chat(self.chat_template.as_deref(), &msgs, true, &bos, &eos)?;
+        let mut ids = self.tokenizer.encode(&text, true)?;
+        // Templates that do not emit BOS still need it when the model expects one.
+        if let (Some(b), true) = (self.tokenizer.bos(), self.model.config.add_bos) {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+}

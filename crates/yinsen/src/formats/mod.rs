@@ -51,6 +51,9 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     } else if path.is_file() {
         gguf::load_file(path, opts)
     } else {
-        Err(Error::format(path, "no such file or directory (expected a .gguf file, a Hugging Face directory or synthetic:<shape>)"))
+        Err(Error::format(
+            path,
+            "no such file or directory (expected a .gguf file, a Hugging Face directory or synthetic:<shape>)",
+        ))
     }
 }

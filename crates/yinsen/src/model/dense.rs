@@ -132,6 +132,35 @@ impl DenseMatrix {
     pub fn resident_bytes(&self) -> usize {
         self.data.as_slice().len()
     }
+
+    /// An 8-bit (ggml Q8_0) copy, halving the bytes an F16 lm_head reads per
+    /// decode step: per 32 values `d = max|x| / 127`, `q = round(x / d)`.
+    pub fn to_q8_0(&self) -> Result<DenseMatrix> {
+        use rayon::prelude::*;
+        if self.cols % 32 != 0 {
+            return Err(Error::Unsupported(format!(
+                "Q8_0 copy needs a width divisible by 32, got {}",
+                self.cols
+            )));
+        }
+        let rb = DenseType::Q8_0.row_bytes(self.cols).unwrap_or(0);
+        let mut out = vec![0u8; rb * self.rows];
+        out.par_chunks_mut(rb).enumerate().for_each(|(r, dst)| {
+            let mut row = vec![0f32; self.cols];
+            self.row_to_f32(r, &mut row);
+            for (blk, x) in dst.chunks_exact_mut(34).zip(row.chunks_exact(32)) {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let dh = f16::from_f32(d);
+                blk[..2].copy_from_slice(&dh.to_le_bytes());
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for (q, &v) in blk[2..].iter_mut().zip(x) {
+                    *q = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+        });
+        DenseMatrix::new(self.rows, self.cols, DenseType::Q8_0, Storage::owned(out))
+    }
 }
 
 /// Decode one row of raw bytes of `dtype` into f32.
@@ -214,6 +243,21 @@ mod tests {
         m.row_to_f32(0, &mut out);
         for (i, v) in out.iter().enumerate() {
             assert_eq!(*v, 0.5 * (i as f32 - 16.0));
+        }
+    }
+
+    #[test]
+    fn q8_0_copy_is_close() {
+        let v: Vec<f32> = (0..2 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let m = DenseMatrix::from_f32(2, 64, &v).unwrap();
+        let q = m.to_q8_0().unwrap();
+        assert_eq!(q.resident_bytes(), 2 * 2 * 34);
+        let mut out = vec![f32::NAN; 64];
+        for r in 0..2 {
+            q.row_to_f32(r, &mut out);
+            for (a, b) in out.iter().zip(&v[r * 64..]) {
+                assert!((a - b).abs() <= 0.65 * 0.013 * 50.0 / 127.0 + 1e-3, "{a} vs {b}");
+            }
         }
     }
 

@@ -1,5 +1,11 @@
 //! The CPU path: the scalar reference every other kernel is tested against,
 //! SIMD/AMX kernels chosen at run time, and the CPU forward pass.
 
+pub mod attention;
+pub mod forward;
 pub mod kernels;
+pub mod linear;
+pub mod ops;
 pub mod reference;
+
+pub use forward::{CpuBackend, CpuOptions};

@@ -44,3 +44,13 @@ pub fn select(name: &str) -> Result<Arc<dyn TernaryKernel>> {
         ))),
     }
 }
+
+/// Kernels that can run on this machine, best first.
+pub fn available() -> Vec<&'static str> {
+    vec!["scalar"]
+}
+
+/// AMX state for `yinsen info`.
+pub fn amx_status_text() -> String {
+    "unknown (AMX kernel not built yet)".into()
+}

@@ -1,0 +1,349 @@
+//! The CPU forward pass: the model graph over [`Linear`] and [`ops`], with a
+//! persistent thread pool (rayon) and an f32 KV cache per sequence.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::attention::{self, AttnShape};
+use super::kernels::{self, TernaryKernel};
+use super::linear::{Linear, QuantizedInput};
+use super::ops;
+use crate::backends::{Backend, KvCache, Output};
+use crate::error::{Error, Result};
+use crate::model::{Activation, DenseMatrix, Model, ModelConfig};
+
+struct PreparedLayer {
+    qkv: Linear,
+    o: Linear,
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct CpuBackend {
+    model: Arc<Model>,
+    kernel: Arc<dyn TernaryKernel>,
+    layers: Vec<PreparedLayer>,
+    inv_freq: Vec<f32>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    /// Optional 8-bit copy of the lm_head (halves decode bytes).
+    lm_head_q8: Option<DenseMatrix>,
+}
+
+/// How to build a CPU backend.
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// "auto", "amx", "vnni", "avx2", "scalar".
+    pub kernel: String,
+    /// 0 = physical cores.
+    pub threads: usize,
+    /// Compute logits from a Q8_0 copy of the lm_head.
+    pub lm_head_q8: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self {
+            kernel: "auto".into(),
+            threads: 0,
+            lm_head_q8: false,
+        }
+    }
+}
+
+/// f32 keys and values, `[layer][position][kv_dim]`, grown on demand.
+pub struct CpuKvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl KvCache for CpuKvCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+    fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.truncate(self.len * self.kv_dim);
+        }
+    }
+    fn resident_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Default thread count: physical cores (logical / 2 when SMT is likely on).
+pub fn default_threads() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    crate::sysinfo::physical_cores().unwrap_or(logical).max(1)
+}
+
+impl CpuBackend {
+    /// Prepare every ternary matrix in `kernel`'s layout.
+    pub fn new(model: Arc<Model>, kernel: &str, threads: usize) -> Result<Self> {
+        Self::with_options(
+            model,
+            &CpuOptions {
+                kernel: kernel.into(),
+                threads,
+                lm_head_q8: false,
+            },
+        )
+    }
+
+    pub fn with_options(model: Arc<Model>, opts: &CpuOptions) -> Result<Self> {
+        let kernel = kernels::select(&opts.kernel)?;
+        let threads = if opts.threads == 0 {
+            default_threads()
+        } else {
+            opts.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("yinsen-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::backend("cpu", e.to_string()))?;
+        let layers = pool.install(|| {
+            model
+                .layers
+                .par_iter()
+                .map(|l| -> Result<PreparedLayer> {
+                    let k = kernel.as_ref();
+                    Ok(PreparedLayer {
+                        qkv: Linear::prepare(k, &[&l.wq, &l.wk, &l.wv])?,
+                        o: Linear::prepare(k, &[&l.wo])?,
+                        gate_up: Linear::prepare(k, &[&l.w_gate, &l.w_up])?,
+                        down: Linear::prepare(k, &[&l.w_down])?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let c = &model.config;
+        let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta);
+        let lm_head_q8 = match opts.lm_head_q8 {
+            true => Some(pool.install(|| model.lm_head().to_q8_0())?),
+            false => None,
+        };
+        Ok(Self {
+            model,
+            kernel,
+            layers,
+            inv_freq,
+            pool,
+            threads,
+            lm_head_q8,
+        })
+    }
+
+    pub fn kernel_name(&self) -> &'static str {
+        self.kernel.name()
+    }
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    fn rms_rows(&self, x: &[f32], w: &[f32], dim: usize) -> Vec<f32> {
+        let eps = self.model.config.rms_eps;
+        let mut out = vec![0f32; x.len()];
+        for (xt, ot) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            ops::rms_norm(xt, w, eps, ot);
+        }
+        out
+    }
+
+    /// Causal GQA attention of `n` new tokens against the cache.
+    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
+        let c = &self.model.config;
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        // Decode has one query per head: nothing to tile.
+        if n == 1 {
+            attention::causal_attention_simple(&shape, q, kc, vc, p0, n)
+        } else {
+            attention::causal_attention(&shape, q, kc, vc, p0, n)
+        }
+    }
+
+    fn logits(&self, h: &[f32], head: &DenseMatrix) -> Vec<f32> {
+        let c = &self.model.config;
+        let n = h.len() / c.hidden;
+        let vocab = head.rows;
+        // Row-major over the vocabulary so each embedding row is decoded once.
+        let mut by_row = vec![0f32; vocab * n];
+        let block = 64;
+        by_row.par_chunks_mut(block * n).enumerate().for_each(|(bi, ch)| {
+            let mut row = vec![0f32; c.hidden];
+            for (j, out) in ch.chunks_exact_mut(n).enumerate() {
+                head.row_to_f32(bi * block + j, &mut row);
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = ops::dot(&row, &h[t * c.hidden..(t + 1) * c.hidden]);
+                }
+            }
+        });
+        if n == 1 {
+            return by_row;
+        }
+        let mut out = vec![0f32; n * vocab];
+        for r in 0..vocab {
+            for t in 0..n {
+                out[t * vocab + r] = by_row[r * n + t];
+            }
+        }
+        out
+    }
+
+    fn forward_inner(&self, cache: &mut CpuKvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
+        let m = &*self.model;
+        let c = &m.config;
+        let n = tokens.len();
+        let p0 = cache.len;
+        let (hid, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let mut x = vec![0f32; n * hid];
+        for (t, &tok) in tokens.iter().enumerate() {
+            m.embed.row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
+        }
+        let th = self.threads;
+        for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
+            // Attention block.
+            let nrm = self.rms_rows(&x, &layer.attn_norm, hid);
+            let xq = QuantizedInput::new(&nrm, hid);
+            let qkv_dim = qd + 2 * kvd;
+            let mut qkv = vec![0f32; n * qkv_dim];
+            pl.qkv.forward(&xq, &mut qkv, th);
+            let mut q = vec![0f32; n * qd];
+            for t in 0..n {
+                let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                let pos = p0 + t;
+                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
+                for hq in q[t * qd..(t + 1) * qd].chunks_exact_mut(c.head_dim) {
+                    ops::rope_neox(hq, pos, &self.inv_freq);
+                }
+                let mut k = row[qd..qd + kvd].to_vec();
+                for hk in k.chunks_exact_mut(c.head_dim) {
+                    ops::rope_neox(hk, pos, &self.inv_freq);
+                }
+                cache.k[li].extend_from_slice(&k);
+                cache.v[li].extend_from_slice(&row[qd + kvd..]);
+            }
+            let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
+            let a = match &layer.attn_sub_norm {
+                Some(w) => self.rms_rows(&a, w, qd),
+                None => a,
+            };
+            let aq = QuantizedInput::new(&a, qd);
+            let mut o = vec![0f32; n * hid];
+            pl.o.forward(&aq, &mut o, th);
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+            // FFN block.
+            let mn = self.rms_rows(&x, &layer.ffn_norm, hid);
+            let mq = QuantizedInput::new(&mn, hid);
+            let f = c.ffn;
+            let mut gu = vec![0f32; n * 2 * f];
+            pl.gate_up.forward(&mq, &mut gu, th);
+            let mut act = vec![0f32; n * f];
+            for t in 0..n {
+                let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
+                let o = &mut act[t * f..(t + 1) * f];
+                match c.activation {
+                    Activation::Relu2 => ops::relu2_mul(g, u, o),
+                    Activation::Silu => ops::silu_mul(g, u, o),
+                }
+            }
+            let act = match &layer.ffn_sub_norm {
+                Some(w) => self.rms_rows(&act, w, f),
+                None => act,
+            };
+            let dq = QuantizedInput::new(&act, f);
+            let mut d = vec![0f32; n * hid];
+            pl.down.forward(&dq, &mut d, th);
+            for (xi, di) in x.iter_mut().zip(&d) {
+                *xi += di;
+            }
+        }
+        cache.len = p0 + n;
+        let last = match output {
+            Output::LastLogits => &x[(n - 1) * hid..],
+            _ => &x[..],
+        };
+        let h = self.rms_rows(last, &m.final_norm, hid);
+        Ok(match output {
+            Output::Hidden => h,
+            _ => self.logits(&h, self.lm_head_q8.as_ref().unwrap_or(m.lm_head())),
+        })
+    }
+}
+
+/// Check tokens and cache room before running anything.
+pub fn check_forward_args(c: &ModelConfig, cache_len: usize, capacity: usize, tokens: &[u32]) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::input("forward: no tokens"));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        return Err(Error::input(format!(
+            "token id {bad} is out of range (vocab {})",
+            c.vocab
+        )));
+    }
+    if cache_len + tokens.len() > capacity {
+        return Err(Error::input(format!(
+            "sequence of {} tokens exceeds the context of {capacity} tokens",
+            cache_len + tokens.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu/{}", self.kernel.name())
+    }
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+    fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
+        let c = &self.model.config;
+        let capacity = capacity.min(c.max_ctx);
+        Ok(Box::new(CpuKvCache {
+            k: vec![Vec::new(); c.n_layers],
+            v: vec![Vec::new(); c.n_layers],
+            len: 0,
+            capacity,
+            kv_dim: c.kv_dim(),
+        }))
+    }
+    fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
+        let cache = cache
+            .as_any_mut()
+            .downcast_mut::<CpuKvCache>()
+            .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
+        check_forward_args(&self.model.config, cache.len, cache.capacity, tokens)?;
+        self.pool.install(|| self.forward_inner(cache, tokens, output))
+    }
+    fn resident_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.qkv.resident_bytes() + l.o.resident_bytes() + l.gate_up.resident_bytes() + l.down.resident_bytes()
+            })
+            .sum()
+    }
+}

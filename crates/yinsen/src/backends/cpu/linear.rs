@@ -1,0 +1,160 @@
+//! BitLinear on the CPU: per-token int8 activations times prepared ternary
+//! weights, exact int32 accumulation, then the two float scales.
+//! Several projections that share one input (q/k/v, gate/up) are fused into
+//! one matrix so one pass over the rows serves them all.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::kernels::{PackedTernary, TernaryKernel};
+use super::reference;
+use crate::error::Result;
+use crate::model::{TernaryMatrix, WeightScale};
+
+/// Per-token int8 activations of a BitLinear input, `[n_tokens][n_in]`.
+pub struct QuantizedInput {
+    pub q: Vec<i8>,
+    /// `s = 127 / max|x|` per token.
+    pub s: Vec<f32>,
+    pub n_in: usize,
+}
+
+impl QuantizedInput {
+    pub fn new(x: &[f32], n_in: usize) -> Self {
+        let n = x.len() / n_in;
+        let mut q = vec![0i8; x.len()];
+        let s = x
+            .chunks_exact(n_in)
+            .zip(q.chunks_exact_mut(n_in))
+            .map(|(xt, qt)| reference::quantize_token(xt, qt))
+            .collect::<Vec<_>>();
+        debug_assert_eq!(s.len(), n);
+        Self { q, s, n_in }
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.s.len()
+    }
+}
+
+enum Weights {
+    /// Fast path: a kernel's packed layout; `parts` gives (rows, scale) in order.
+    Packed {
+        packed: Arc<dyn PackedTernary>,
+        parts: Vec<(usize, f32)>,
+    },
+    /// Per-block scales (rare GGUF files): scalar reference per block.
+    PerBlock(Vec<TernaryMatrix>),
+}
+
+pub struct Linear {
+    weights: Weights,
+    pub n_out: usize,
+    pub n_in: usize,
+}
+
+impl Linear {
+    /// Fuse `mats` (same n_in) into one prepared matrix for `kernel`.
+    pub fn prepare(kernel: &dyn TernaryKernel, mats: &[&TernaryMatrix]) -> Result<Self> {
+        let n_in = mats[0].n_in;
+        let n_out = mats.iter().map(|m| m.n_out).sum();
+        assert!(mats.iter().all(|m| m.n_in == n_in), "fused matrices must share n_in");
+        if mats.iter().any(|m| m.tensor_scale().is_none()) {
+            return Ok(Self {
+                weights: Weights::PerBlock(mats.iter().map(|m| (*m).clone()).collect()),
+                n_out,
+                n_in,
+            });
+        }
+        let parts = mats.iter().map(|m| (m.n_out, m.tensor_scale().unwrap())).collect();
+        let packed = if mats.len() == 1 {
+            kernel.prepare(mats[0])?
+        } else {
+            let mut packed = Vec::with_capacity(mats.iter().map(|m| m.packed.len()).sum());
+            for m in mats {
+                packed.extend_from_slice(&m.packed);
+            }
+            kernel.prepare(&TernaryMatrix {
+                n_out,
+                n_in,
+                packed,
+                scale: WeightScale::PerTensor(1.0),
+            })?
+        };
+        Ok(Self {
+            weights: Weights::Packed { packed, parts },
+            n_out,
+            n_in,
+        })
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        match &self.weights {
+            Weights::Packed { packed, .. } => packed.resident_bytes(),
+            Weights::PerBlock(m) => m.iter().map(|m| m.resident_bytes()).sum(),
+        }
+    }
+
+    /// `out[t * n_out + r]` (token-major) for every token of `x`.
+    /// Output rows are split across the current rayon pool.
+    pub fn forward(&self, x: &QuantizedInput, out: &mut [f32], threads: usize) {
+        let n = x.n_tokens();
+        debug_assert_eq!(x.n_in, self.n_in);
+        debug_assert_eq!(out.len(), n * self.n_out);
+        match &self.weights {
+            Weights::Packed { packed, parts } => {
+                let mut acc = vec![0i32; self.n_out * n];
+                let rb = packed.row_block().max(1);
+                let chunks = (threads * 4).max(1);
+                let rows = self.n_out.div_ceil(chunks).div_ceil(rb) * rb;
+                acc.par_chunks_mut(rows * n).enumerate().for_each(|(ci, ch)| {
+                    let r0 = ci * rows;
+                    packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
+                });
+                // Epilogue: exact int -> float with the two scales, transposing
+                // to token-major.
+                let mut r0 = 0;
+                for &(rows, ws) in parts {
+                    for t in 0..n {
+                        let f = ws / x.s[t];
+                        let o = &mut out[t * self.n_out + r0..t * self.n_out + r0 + rows];
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = acc[(r0 + i) * n + t] as f32 * f;
+                        }
+                    }
+                    r0 += rows;
+                }
+            }
+            Weights::PerBlock(mats) => {
+                // Reference semantics, one token at a time; slow but exact.
+                let mut r0 = 0;
+                for m in mats {
+                    for t in 0..n {
+                        let xq = &x.q[t * self.n_in..(t + 1) * self.n_in];
+                        let WeightScale::PerBlock { block, scales } = &m.scale else {
+                            // PerTensor parts of a mixed fusion.
+                            let ws = m.tensor_scale().unwrap_or(0.0);
+                            for r in 0..m.n_out {
+                                let acc: i32 = (0..m.n_in).map(|i| m.get(r, i) as i32 * xq[i] as i32).sum();
+                                out[t * self.n_out + r0 + r] = acc as f32 * ws / x.s[t];
+                            }
+                            continue;
+                        };
+                        let bpr = m.n_in.div_ceil(*block);
+                        for r in 0..m.n_out {
+                            let mut y = 0f32;
+                            for b in 0..bpr {
+                                let acc: i32 = (b * block..((b + 1) * block).min(m.n_in))
+                                    .map(|i| m.get(r, i) as i32 * xq[i] as i32)
+                                    .sum();
+                                y += acc as f32 * scales[r * bpr + b];
+                            }
+                            out[t * self.n_out + r0 + r] = y / x.s[t];
+                        }
+                    }
+                    r0 += m.n_out;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `yinsen bench`: llama-bench-style prompt (pp) and decode (tg) throughput,
+//! medians over repeats with warm-up excluded, plus decode weight bandwidth
+//! against the machine's measured memory bandwidth.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backends::{Backend, Output};
+use crate::error::Result;
+use crate::model::Model;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRecord {
+    pub model: String,
+    pub backend: String,
+    pub kernel: String,
+    pub n_threads: usize,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Mean tokens/s over the samples (llama-bench's field).
+    pub avg_ts: f64,
+    pub stddev_ts: f64,
+    pub median_ts: f64,
+    pub samples_ts: Vec<f64>,
+    /// Decode only: bytes of weights read per token x tokens/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights_gb_per_s: Option<f64>,
+}
+
+pub struct BenchSpec<'a> {
+    pub model_name: &'a str,
+    pub kernel: &'a str,
+    pub threads: usize,
+    pub prompts: &'a [usize],
+    pub gens: &'a [usize],
+    pub repeats: usize,
+    /// Called before each measurement with a short description.
+    pub progress: &'a dyn Fn(&str),
+}
+
+/// Deterministic "random" prompt tokens below the vocabulary size.
+pub fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut r = crate::model::synthetic::SplitMix64(42);
+    (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+}
+
+fn stats(samples: &[f64]) -> (f64, f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    let var = if samples.len() > 1 {
+        samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (mean, var.sqrt(), med)
+}
+
+/// Bytes one decode step reads: every ternary weight plus the lm_head.
+pub fn decode_bytes_per_token(model: &Model) -> usize {
+    model.ternary_bytes() + model.lm_head().resident_bytes()
+}
+
+pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec<BenchRecord>> {
+    let vocab = model.config.vocab;
+    let mut out = Vec::new();
+    let rec = |n_prompt, n_gen, samples: Vec<f64>, gbs: Option<f64>| {
+        let (avg, sd, med) = stats(&samples);
+        BenchRecord {
+            model: spec.model_name.to_string(),
+            backend: backend.name(),
+            kernel: spec.kernel.to_string(),
+            n_threads: spec.threads,
+            n_prompt,
+            n_gen,
+            avg_ts: avg,
+            stddev_ts: sd,
+            median_ts: med,
+            samples_ts: samples,
+            weights_gb_per_s: gbs,
+        }
+    };
+    for &np in spec.prompts {
+        let toks = bench_tokens(np, vocab);
+        let mut samples = Vec::new();
+        for rep in 0..=spec.repeats {
+            (spec.progress)(&format!(
+                "pp{np} run {rep}/{}{}",
+                spec.repeats,
+                if rep == 0 { " (warm-up)" } else { "" }
+            ));
+            let mut cache = backend.new_cache(np)?;
+            let t = Instant::now();
+            backend.forward(cache.as_mut(), &toks, Output::LastLogits)?;
+            let dt = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                samples.push(np as f64 / dt);
+            }
+        }
+        out.push(rec(np, 0, samples, None));
+    }
+    for &ng in spec.gens {
+        let toks = bench_tokens(ng + 1, vocab);
+        let mut samples = Vec::new();
+        for rep in 0..=spec.repeats {
+            (spec.progress)(&format!(
+                "tg{ng} run {rep}/{}{}",
+                spec.repeats,
+                if rep == 0 { " (warm-up)" } else { "" }
+            ));
+            let mut cache = backend.new_cache(ng + 1)?;
+            let t = Instant::now();
+            for &tok in &toks[..ng] {
+                backend.forward(cache.as_mut(), &[tok], Output::LastLogits)?;
+            }
+            let dt = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                samples.push(ng as f64 / dt);
+            }
+        }
+        let per_tok = decode_bytes_per_token(model) as f64;
+        let med = stats(&samples).2;
+        out.push(rec(0, ng, samples, Some(per_tok * med / 1e9)));
+    }
+    Ok(out)
+}
+
+/// Streaming read bandwidth with `threads` threads over a 1 GiB buffer (GB/s).
+pub fn memory_bandwidth(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build();
+    let Ok(pool) = pool else { return 0.0 };
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(n / (threads.max(1) * 4))
+                .map(|c| c.iter().fold(0u64, |a, &b| a ^ b))
+                .reduce(|| 0, |a, b| a ^ b)
+        });
+        std::hint::black_box(s);
+        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Resident set size of this process in bytes (Linux), if known.
+pub fn resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
