@@ -40,10 +40,7 @@ fn probe_reports_status() {
         }
         cuda::CudaStatus::Unavailable(why) => {
             assert!(!device_required(), "YINSEN_DEVICE=1 but probe says: {why}");
-            assert!(
-                why.contains("no CUDA device"),
-                "reason should say so: {why}"
-            );
+            assert!(why.contains("no CUDA device"), "reason should say so: {why}");
             println!("SKIP cuda: {why}");
         }
     }
@@ -88,11 +85,7 @@ fn nvrtc_reports_compile_errors() {
         println!("SKIP cuda: no NVRTC");
         return;
     }
-    let e = cuda::nvrtc::compile(
-        "extern \"C\" __global__ void k() { undefined_thing(); }",
-        "sm_80",
-    )
-    .unwrap_err();
+    let e = cuda::nvrtc::compile("extern \"C\" __global__ void k() { undefined_thing(); }", "sm_80").unwrap_err();
     assert!(e.to_string().contains("undefined_thing"), "{e}");
 }
 

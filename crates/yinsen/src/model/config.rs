@@ -84,10 +84,7 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head dim {} is odd (RoPE rotates pairs)",
-                self.head_dim
-            ));
+            return bad(format!("head dim {} is odd (RoPE rotates pairs)", self.head_dim));
         }
         if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
             return bad(format!("rms eps {}", self.rms_eps));

@@ -120,10 +120,7 @@ impl Model {
             ] {
                 if let Some(v) = v {
                     if v.len() != n {
-                        return e(format!(
-                            "layer {i} {name} has {} weights, expected {n}",
-                            v.len()
-                        ));
+                        return e(format!("layer {i} {name} has {} weights, expected {n}", v.len()));
                     }
                 }
             }
@@ -147,25 +144,14 @@ impl Model {
             + self
                 .layers
                 .iter()
-                .map(|l| {
-                    norms(l)
-                        + l.ternaries()
-                            .iter()
-                            .map(|(_, m)| m.resident_bytes())
-                            .sum::<usize>()
-                })
+                .map(|l| norms(l) + l.ternaries().iter().map(|(_, m)| m.resident_bytes()).sum::<usize>())
                 .sum::<usize>()
     }
 
     pub fn ternary_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| {
-                l.ternaries()
-                    .iter()
-                    .map(|(_, m)| m.packed.len())
-                    .sum::<usize>()
-            })
+            .map(|l| l.ternaries().iter().map(|(_, m)| m.packed.len()).sum::<usize>())
             .sum()
     }
 }

@@ -7,10 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::{
-    Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix,
-    WeightScale,
-};
+use super::{Activation, DenseMatrix, DenseType, Layer, Model, ModelConfig, Storage, TernaryMatrix, WeightScale};
 use crate::error::{Error, Result};
 
 /// SplitMix64: tiny, fast, statistically fine for weights.
@@ -44,17 +41,16 @@ fn seed_of(name: &str) -> u64 {
 /// beyond a byte-level BOS/EOS convention).
 pub fn shape(name: &str) -> Option<ModelConfig> {
     // (hidden, layers, heads, kv heads, ffn, vocab, ctx, activation, sub_norms)
-    let (hidden, n_layers, n_heads, n_kv_heads, ffn, vocab, max_ctx, activation, sub_norms) =
-        match name {
-            // microsoft/bitnet-b1.58-2B-4T, exactly.
-            "2b4t" => (2560, 30, 20, 5, 6912, 128256, 4096, Activation::Relu2, true),
-            // 1bitLLM/bitnet_b1_58-large (Llama-style).
-            "700m" => (1536, 24, 16, 16, 4096, 32002, 2048, Activation::Silu, false),
-            "125m" => (768, 12, 12, 12, 2048, 32000, 2048, Activation::Relu2, true),
-            // The fixture model's shape.
-            "tiny" => (256, 2, 4, 2, 768, 2048, 1024, Activation::Relu2, true),
-            _ => return None,
-        };
+    let (hidden, n_layers, n_heads, n_kv_heads, ffn, vocab, max_ctx, activation, sub_norms) = match name {
+        // microsoft/bitnet-b1.58-2B-4T, exactly.
+        "2b4t" => (2560, 30, 20, 5, 6912, 128256, 4096, Activation::Relu2, true),
+        // 1bitLLM/bitnet_b1_58-large (Llama-style).
+        "700m" => (1536, 24, 16, 16, 4096, 32002, 2048, Activation::Silu, false),
+        "125m" => (768, 12, 12, 12, 2048, 32000, 2048, Activation::Relu2, true),
+        // The fixture model's shape.
+        "tiny" => (256, 2, 4, 2, 768, 2048, 1024, Activation::Relu2, true),
+        _ => return None,
+    };
     Some(ModelConfig {
         arch: format!("synthetic:{name}"),
         hidden,
@@ -86,22 +82,19 @@ pub fn random_ternary(n_out: usize, n_in: usize, seed: u64) -> Result<TernaryMat
     let rb = m.row_bytes();
     // 4 random bits per weight: 0..=3 -> 0, 4..=9 -> +1, 10..=15 -> -1.
     const CODE: [u8; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2];
-    m.packed
-        .par_chunks_mut(rb)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let mut rng = SplitMix64(seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-            for (b, byte) in row.iter_mut().enumerate() {
-                let bits = rng.next_u64();
-                let mut v = 0u8;
-                for k in 0..4 {
-                    if b * 4 + k < n_in {
-                        v |= CODE[((bits >> (4 * k)) & 15) as usize] << (2 * k);
-                    }
+    m.packed.par_chunks_mut(rb).enumerate().for_each(|(r, row)| {
+        let mut rng = SplitMix64(seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        for (b, byte) in row.iter_mut().enumerate() {
+            let bits = rng.next_u64();
+            let mut v = 0u8;
+            for k in 0..4 {
+                if b * 4 + k < n_in {
+                    v |= CODE[((bits >> (4 * k)) & 15) as usize] << (2 * k);
                 }
-                *byte = v;
             }
-        });
+            *byte = v;
+        }
+    });
     Ok(m)
 }
 
@@ -115,9 +108,7 @@ pub fn build(name: &str) -> Result<Model> {
     })?;
     let c = &config;
     let base = seed_of(name);
-    let t = |what: &str, l: usize, o: usize, i: usize| {
-        random_ternary(o, i, base ^ seed_of(&format!("{l}.{what}")))
-    };
+    let t = |what: &str, l: usize, o: usize, i: usize| random_ternary(o, i, base ^ seed_of(&format!("{l}.{what}")));
     let norm = |n: usize, s: u64| -> Vec<f32> {
         let mut r = SplitMix64(base ^ s);
         (0..n).map(|_| 0.5 + r.next_f32()).collect()
@@ -145,14 +136,12 @@ pub fn build(name: &str) -> Result<Model> {
     let table: Vec<[u8; 2]> = (0..1024)
         .map(|k| half::f16::from_f32((k as f32 - 511.5) * (0.0346 / 512.0)).to_le_bytes())
         .collect();
-    emb.par_chunks_mut(2 * c.hidden)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let mut rng = SplitMix64(base ^ 0xE3B0_C442 ^ (r as u64).wrapping_mul(0x9E37_79B9));
-            for px in row.chunks_exact_mut(2) {
-                px.copy_from_slice(&table[(rng.next_u64() >> 54) as usize]);
-            }
-        });
+    emb.par_chunks_mut(2 * c.hidden).enumerate().for_each(|(r, row)| {
+        let mut rng = SplitMix64(base ^ 0xE3B0_C442 ^ (r as u64).wrapping_mul(0x9E37_79B9));
+        for px in row.chunks_exact_mut(2) {
+            px.copy_from_slice(&table[(rng.next_u64() >> 54) as usize]);
+        }
+    });
     let embed = DenseMatrix::new(c.vocab, c.hidden, DenseType::F16, Storage::owned(emb))?;
     let model = Model {
         final_norm: norm(c.hidden, 7),
@@ -189,10 +178,7 @@ mod tests {
         assert!((z as f64 / tot - 0.25).abs() < 0.02, "zeros {z}");
         assert!((p as f64 / tot - n as f64 / tot).abs() < 0.02);
         // No reserved codes.
-        assert!(m
-            .packed
-            .iter()
-            .all(|b| (0..4).all(|k| (b >> (2 * k)) & 3 != 3)));
+        assert!(m.packed.iter().all(|b| (0..4).all(|k| (b >> (2 * k)) & 3 != 3)));
     }
 
     #[test]

@@ -177,8 +177,7 @@ mod tests {
             assert_eq!(decode_code(encode_trit(t)), t);
         }
         // Reference values from formats.md.
-        let m =
-            TernaryMatrix::from_trits(1, 4, &[1, 1, 1, 1], WeightScale::PerTensor(1.0)).unwrap();
+        let m = TernaryMatrix::from_trits(1, 4, &[1, 1, 1, 1], WeightScale::PerTensor(1.0)).unwrap();
         assert_eq!(m.packed, vec![0x55]);
         let m = TernaryMatrix::from_trits(1, 4, &[-1; 4], WeightScale::PerTensor(1.0)).unwrap();
         assert_eq!(m.packed, vec![0xAA]);

@@ -126,10 +126,7 @@ fn dense_to_f16(m: &DenseMatrix) -> Vec<u8> {
     let mut row = vec![0f32; m.cols];
     for r in 0..m.rows {
         m.row_to_f32(r, &mut row);
-        out.extend(
-            row.iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
-        );
+        out.extend(row.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()));
     }
     out
 }
@@ -172,14 +169,8 @@ impl CudaBackend {
         let rope = gpu.upload(&rope_table(&c))?;
         let max_splits = c.max_ctx.div_ceil(ATT_CHUNK);
         // Keep the split-K partials under ~256 MiB.
-        let per_tok = checked(
-            &[c.n_heads, max_splits, c.head_dim + 2, 4],
-            "attention partials",
-        )?;
-        let chunk = (256usize << 20)
-            .checked_div(per_tok)
-            .unwrap_or(1)
-            .clamp(1, MAX_CHUNK);
+        let per_tok = checked(&[c.n_heads, max_splits, c.head_dim + 2, 4], "attention partials")?;
+        let chunk = (256usize << 20).checked_div(per_tok).unwrap_or(1).clamp(1, MAX_CHUNK);
         let scratch = Scratch::new(&gpu, &c, chunk, max_splits, &layers)?;
         let norms: usize = model
             .layers
@@ -216,13 +207,10 @@ impl CudaBackend {
 
     fn check_shapes(c: &ModelConfig) -> Result<()> {
         let uns = |m: String| Err(Error::Unsupported(format!("CUDA backend: {m}")));
-        if c.head_dim % 8 != 0 || c.head_dim > 256 {
-            return uns(format!(
-                "head dim {} (needs a multiple of 8, at most 256)",
-                c.head_dim
-            ));
+        if !c.head_dim.is_multiple_of(8) || c.head_dim > 256 {
+            return uns(format!("head dim {} (needs a multiple of 8, at most 256)", c.head_dim));
         }
-        if c.hidden % 8 != 0 {
+        if !c.hidden.is_multiple_of(8) {
             return uns(format!("hidden size {} (needs a multiple of 8)", c.hidden));
         }
         if c.hidden.max(c.ffn).max(c.q_dim()) > (1 << 17) {
@@ -256,15 +244,7 @@ impl CudaBackend {
 
     /// `out = W x` (or `+=`), splitting into 16-token GEMV groups when needed.
     #[allow(clippy::too_many_arguments)]
-    fn mm(
-        &self,
-        s: &Scratch,
-        m: &GpuMatrix,
-        nt: usize,
-        ep: Epilogue,
-        out: &DevBuf,
-        stride: usize,
-    ) -> Result<()> {
+    fn mm(&self, s: &Scratch, m: &GpuMatrix, nt: usize, ep: Epilogue, out: &DevBuf, stride: usize) -> Result<()> {
         let kernel = self.kernel_for(nt);
         let group = if kernel == MatKernel::Gemv { 16 } else { nt };
         for t0 in (0..nt).step_by(group) {
@@ -399,16 +379,7 @@ impl CudaBackend {
             self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), l.gu.kpad(), nt)?;
             self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
-            self.norm_quant(
-                s,
-                s.gu.p(),
-                f,
-                2 * f,
-                gate,
-                l.ffn_sub.as_ref(),
-                l.down.kpad(),
-                nt,
-            )?;
+            self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), l.down.kpad(), nt)?;
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
         Ok(())
@@ -464,10 +435,7 @@ impl CudaBackend {
             return Err(Error::input("forward: no tokens"));
         }
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
-            return Err(Error::input(format!(
-                "token id {t} >= vocab {}",
-                self.config.vocab
-            )));
+            return Err(Error::input(format!("token id {t} >= vocab {}", self.config.vocab)));
         }
         if cache.len + tokens.len() > cache.cap {
             return Err(Error::input(format!(
@@ -496,10 +464,7 @@ impl CudaBackend {
             cache.owner = me;
         }
         let exec = cache.graph.as_ref().expect("just captured").exec;
-        super::drv(
-            unsafe { result::graph::launch(exec, self.gpu.stream) },
-            "cuGraphLaunch",
-        )?;
+        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
         self.gpu.sync()
     }
 
@@ -508,19 +473,13 @@ impl CudaBackend {
         let splits = cache.cap.div_ceil(ATT_CHUNK);
         super::drv(
             unsafe {
-                result::stream::begin_capture(
-                    g.stream,
-                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                )
+                result::stream::begin_capture(g.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             },
             "cuStreamBeginCapture",
         )?;
         let work = self.decode_kernels(s, cache, splits);
         // Always end the capture, even when a launch failed.
-        let graph = super::drv(
-            unsafe { result::stream::end_capture(g.stream) },
-            "cuStreamEndCapture",
-        );
+        let graph = super::drv(unsafe { result::stream::end_capture(g.stream) }, "cuStreamEndCapture");
         work?;
         let graph = graph?;
         let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
@@ -549,10 +508,7 @@ impl CudaBackend {
     /// Run `tokens` and return the requested output (the Backend contract).
     fn run(&self, cache: &mut CudaCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         self.check_call(cache, tokens)?;
-        let s = self
-            .scratch
-            .lock()
-            .map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         let c = &self.config;
         if tokens.len() == 1 && output == Output::LastLogits {
@@ -595,17 +551,9 @@ impl CudaBackend {
 
     /// Greedy decode of `n` tokens after `first` through the graph; the next
     /// token is fed back on the device. Returns the generated ids.
-    pub fn generate_greedy(
-        &self,
-        cache: &mut dyn KvCache,
-        first: u32,
-        n: usize,
-    ) -> Result<Vec<u32>> {
+    pub fn generate_greedy(&self, cache: &mut dyn KvCache, first: u32, n: usize) -> Result<Vec<u32>> {
         let cache = self.cache_of(cache)?;
-        let s = self
-            .scratch
-            .lock()
-            .map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         let mut tok = first;
         let mut out = Vec::with_capacity(n);
@@ -622,10 +570,7 @@ impl CudaBackend {
     /// For benchmarks: run the decode graph `n` times back to back (same
     /// token, advancing position) and return GPU milliseconds per step.
     pub(crate) fn time_decode(&self, cache: &mut CudaCache, n: usize) -> Result<f32> {
-        let s = self
-            .scratch
-            .lock()
-            .map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         if cache.len + n + 1 > cache.cap {
             return Err(Error::input("bench: cache too small"));
@@ -638,10 +583,7 @@ impl CudaBackend {
         ev.record_start(self.gpu.stream)?;
         for p in &positions {
             s.pos.write_async(p)?;
-            super::drv(
-                unsafe { result::graph::launch(exec, self.gpu.stream) },
-                "cuGraphLaunch",
-            )?;
+            super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
         }
         let ms = ev.record_stop_ms(self.gpu.stream)?;
         cache.len += n;
@@ -651,10 +593,7 @@ impl CudaBackend {
     /// For benchmarks: GPU milliseconds of one un-graphed forward of `nt`
     /// tokens at the cache's position (the cache is not advanced).
     pub(crate) fn time_forward(&self, cache: &mut CudaCache, nt: usize) -> Result<f32> {
-        let s = self
-            .scratch
-            .lock()
-            .map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         if cache.len + nt > cache.cap {
             return Err(Error::input("bench: cache too small"));
@@ -719,13 +658,7 @@ fn rope_table(c: &ModelConfig) -> Vec<f32> {
 }
 
 impl Scratch {
-    fn new(
-        gpu: &Arc<Gpu>,
-        c: &ModelConfig,
-        chunk: usize,
-        splits: usize,
-        layers: &[GpuLayer],
-    ) -> Result<Self> {
+    fn new(gpu: &Arc<Gpu>, c: &ModelConfig, chunk: usize, splits: usize, layers: &[GpuLayer]) -> Result<Self> {
         let kmax = layers
             .iter()
             .flat_map(|l| [l.qkv.kpad(), l.o.kpad(), l.gu.kpad(), l.down.kpad()])
@@ -767,14 +700,8 @@ impl Events {
     }
     fn record_stop_ms(&self, s: sys::CUstream) -> Result<f32> {
         super::drv(unsafe { result::event::record(self.1, s) }, "cuEventRecord")?;
-        super::drv(
-            unsafe { result::event::synchronize(self.1) },
-            "cuEventSynchronize",
-        )?;
-        super::drv(
-            unsafe { result::event::elapsed(self.0, self.1) },
-            "cuEventElapsedTime",
-        )
+        super::drv(unsafe { result::event::synchronize(self.1) }, "cuEventSynchronize")?;
+        super::drv(unsafe { result::event::elapsed(self.0, self.1) }, "cuEventElapsedTime")
     }
 }
 
@@ -795,10 +722,7 @@ impl Backend for CudaBackend {
         &self.config
     }
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
-        let _g = self
-            .scratch
-            .lock()
-            .map_err(|_| berr("scratch lock poisoned"))?;
+        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         Ok(Box::new(self.cuda_cache(capacity)?))
     }

@@ -66,11 +66,7 @@ impl GpuLayout {
                 }
             };
             for r in 0..m.n_out {
-                encode_row(
-                    m,
-                    r,
-                    &mut bytes[(r0 + r) * chunks * 16..(r0 + r + 1) * chunks * 16],
-                );
+                encode_row(m, r, &mut bytes[(r0 + r) * chunks * 16..(r0 + r + 1) * chunks * 16]);
             }
             row_scale.extend(std::iter::repeat_n(ws, m.n_out));
             r0 += m.n_out;
@@ -146,12 +142,10 @@ mod tests {
             m.packed[0] |= 3;
             let l = GpuLayout::stack(&[&m]).unwrap();
             let mut rng = SplitMix64(seed);
-            let x: Vec<i8> = (0..i)
-                .map(|_| (rng.next_u64() & 0xff) as u8 as i8)
-                .collect();
+            let x: Vec<i8> = (0..i).map(|_| (rng.next_u64() & 0xff) as u8 as i8).collect();
             let want = ternary_matmul_i32(&m, &x, 1);
-            for r in 0..o {
-                assert_eq!(host_dot(&l, r, &x), want[r], "{o}x{i} row {r}");
+            for (r, w) in want.iter().enumerate() {
+                assert_eq!(host_dot(&l, r, &x), *w, "{o}x{i} row {r}");
             }
         }
     }
@@ -168,9 +162,6 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(matches!(
-            GpuLayout::stack(&[&m]),
-            Err(Error::Unsupported(_))
-        ));
+        assert!(matches!(GpuLayout::stack(&[&m]), Err(Error::Unsupported(_))));
     }
 }

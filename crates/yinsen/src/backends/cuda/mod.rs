@@ -105,9 +105,7 @@ pub fn load_libs() -> Result<()> {
     preload_from_dirs();
     // SAFETY: only tries dlopen on candidate names.
     if !unsafe { sys::is_culib_present() } {
-        return Err(berr(
-            "no CUDA device: libcuda.so not found (no NVIDIA driver)",
-        ));
+        return Err(berr("no CUDA device: libcuda.so not found (no NVIDIA driver)"));
     }
     nvrtc_available()
 }
@@ -115,9 +113,7 @@ pub fn load_libs() -> Result<()> {
 /// What `yinsen info` shows: the devices, or why there are none.
 pub fn probe() -> CudaStatus {
     match probe_inner() {
-        Ok(devices) if devices.is_empty() => {
-            CudaStatus::Unavailable("no CUDA device: driver reports 0 devices".into())
-        }
+        Ok(devices) if devices.is_empty() => CudaStatus::Unavailable("no CUDA device: driver reports 0 devices".into()),
         Ok(devices) => CudaStatus::Available { devices },
         Err(e) => CudaStatus::Unavailable(e.to_string()),
     }
@@ -132,22 +128,13 @@ fn probe_inner() -> Result<Vec<DeviceInfo>> {
             let d = drv(result::device::get(i), "cuDeviceGet")?;
             let name = drv(result::device::get_name(d), "cuDeviceGetName")?;
             let mem_bytes = drv(unsafe { result::device::total_mem(d) }, "cuDeviceTotalMem")?;
-            let attr = |a| {
-                drv(
-                    unsafe { result::device::get_attribute(d, a) },
-                    "cuDeviceGetAttribute",
-                )
-            };
+            let attr = |a| drv(unsafe { result::device::get_attribute(d, a) }, "cuDeviceGetAttribute");
             use sys::CUdevice_attribute_enum as A;
             let sm = (
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             );
-            Ok(DeviceInfo {
-                name,
-                mem_bytes,
-                sm,
-            })
+            Ok(DeviceInfo { name, mem_bytes, sm })
         })
         .collect()
 }
@@ -249,13 +236,7 @@ impl Gpu {
         self.info.sm.0 >= 8
     }
 
-    pub fn launch(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &[Arg],
-    ) -> Result<()> {
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let f = *self
             .funcs
             .get(name)
@@ -271,10 +252,7 @@ impl Gpu {
                 Arg::F(f) => f.to_bits() as u64,
             })
             .collect();
-        let mut ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         // SAFETY: `f` comes from our module; argument kinds match the kernel
         // signatures (checked by the device tests); the driver copies them.
         drv(
@@ -371,10 +349,7 @@ impl DevBuf {
         }
         self.gpu.bind()?;
         self.gpu.sync()?;
-        drv(
-            unsafe { result::memcpy_htod_sync(self.ptr, data) },
-            "copy to device",
-        )
+        drv(unsafe { result::memcpy_htod_sync(self.ptr, data) }, "copy to device")
     }
     /// Queue a copy of `data` on the stream (data must stay alive until sync).
     pub fn write_async<T: Copy>(&self, data: &[T]) -> Result<()> {
@@ -536,7 +511,7 @@ pub fn ternary_matmul_i32(
     n_tokens: usize,
     kernel: MatKernel,
 ) -> Result<Vec<i32>> {
-    if n_tokens == 0 || x.len() != n_tokens.checked_mul(w.n_in).unwrap_or(usize::MAX) {
+    if n_tokens == 0 || x.len() != n_tokens.saturating_mul(w.n_in) {
         return Err(Error::input(format!(
             "x has {} values, expected {n_tokens} x {}",
             x.len(),
@@ -563,32 +538,12 @@ pub fn ternary_matmul_i32(
     out.fill(0xA5)?;
     xsum.fill(0x5A)?;
     let k = Arg::I(kpad as i32);
-    gpu.launch(
-        "row_sums_i8",
-        (n_tokens as u32, 1, 1),
-        256,
-        &[xb.p(), k, k, xsum.p()],
-    )?;
-    let group = if kernel == MatKernel::Gemv {
-        16
-    } else {
-        n_tokens
-    };
+    gpu.launch("row_sums_i8", (n_tokens as u32, 1, 1), 256, &[xb.p(), k, k, xsum.p()])?;
+    let group = if kernel == MatKernel::Gemv { 16 } else { n_tokens };
     for t0 in (0..n_tokens).step_by(group) {
         let nt = (n_tokens - t0).min(group);
         let (xo, so, oo) = (xb.at(t0 * kpad), xsum.at(4 * t0), out.at(4 * t0 * w.n_out));
-        launch_matmul(
-            gpu,
-            &m,
-            kernel,
-            xo,
-            nt,
-            ones.p(),
-            so,
-            Epilogue::I32,
-            oo,
-            w.n_out,
-        )?;
+        launch_matmul(gpu, &m, kernel, xo, nt, ones.p(), so, Epilogue::I32, oo, w.n_out)?;
     }
     gpu.sync()?;
     out.read::<i32>(n_tokens * w.n_out)

@@ -104,16 +104,10 @@ fn compile_prog(prog: sys::nvrtcProgram, arch: &str) -> Result<Vec<u8>> {
     let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     let r = unsafe { sys::nvrtcCompileProgram(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
     if r != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(err(format!(
-            "compiling kernels for {arch}: {r:?}\n{}",
-            log(prog)
-        )));
+        return Err(err(format!("compiling kernels for {arch}: {r:?}\n{}", log(prog))));
     }
     let mut n = 0usize;
-    check(
-        unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) },
-        "nvrtcGetCUBINSize",
-    )?;
+    check(unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) }, "nvrtcGetCUBINSize")?;
     if n == 0 || n > (1 << 30) {
         return Err(err(format!("NVRTC returned a {n}-byte CUBIN for {arch}")));
     }
@@ -127,16 +121,12 @@ fn compile_prog(prog: sys::nvrtcProgram, arch: &str) -> Result<Vec<u8>> {
 
 fn log(prog: sys::nvrtcProgram) -> String {
     let mut n = 0usize;
-    if unsafe { sys::nvrtcGetProgramLogSize(prog, &mut n) } != sys::nvrtcResult::NVRTC_SUCCESS
-        || n == 0
-    {
+    if unsafe { sys::nvrtcGetProgramLogSize(prog, &mut n) } != sys::nvrtcResult::NVRTC_SUCCESS || n == 0 {
         return String::new();
     }
     let mut buf = vec![0u8; n];
     unsafe { sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut c_char) };
-    String::from_utf8_lossy(&buf)
-        .trim_end_matches('\0')
-        .to_string()
+    String::from_utf8_lossy(&buf).trim_end_matches('\0').to_string()
 }
 
 /// Where the cached CUBIN for (source, arch, NVRTC version) lives.
