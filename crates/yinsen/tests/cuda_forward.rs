@@ -38,61 +38,95 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
 }
 
+/// Random ternary models are "flip prone" (see the fixtures' tolerances.json):
+/// a legit fp32 engine and another one differ in a few int8 roundings, which
+/// moves logits by up to ~0.04. So: max |d| <= 0.1, mean |d| <= 0.01, and the
+/// same top-1 wherever the CPU's top-1 leads its top-2 by >= 0.05.
+fn close(got: &[f32], want: &[f32], vocab: usize, what: &str) -> (f32, f32) {
+    let d = max_abs(got, want);
+    let mean = got.iter().zip(want).map(|(x, y)| (x - y).abs()).sum::<f32>() / got.len() as f32;
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+    assert!(d <= 0.1 && mean <= 0.01, "{what}: max |dlogit| {d}, mean {mean}");
+    for (t, (g, c)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let top = argmax(c);
+        let second = (0..vocab).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]));
+        if c[top] - second >= 0.05 {
+            assert_eq!(
+                argmax(g),
+                top,
+                "{what}: top-1 at token {t} (margin {})",
+                c[top] - second
+            );
+        }
+    }
+    (d, mean)
+}
+
+fn margin(c: &[f32]) -> f32 {
+    let top = argmax(c);
+    c[top] - (0..c.len()).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]))
+}
+
 #[test]
 fn tiny_matches_cpu_backend() {
     let model = synthetic::build("tiny").unwrap();
-    let Some(mut gpu) = cuda(&model) else { return };
+    let Some(gpu) = cuda(&model) else { return };
     let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
     let vocab = model.config.vocab;
     // 300 tokens: two attention splits; prefill through both matrix kernels.
     let ids = prompt(300, vocab);
     let mut cc = cpu.new_cache(400).unwrap();
     let want_all = cpu.forward(cc.as_mut(), &ids, Output::AllLogits).unwrap();
+    let mut per_kernel = vec![];
     for mma_min in [17, usize::MAX] {
-        gpu.mma_min_tokens = mma_min;
+        gpu.set_mma_min_tokens(mma_min);
         let mut gc = gpu.new_cache(400).unwrap();
         let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
-        let d = max_abs(&got, &want_all);
-        println!("prefill 300 (mma from {mma_min}): max |dlogit| {d:.3e}");
-        assert!(d < 1e-2, "prefill logits differ by {d}");
-        assert!(got.iter().all(|v| v.is_finite()));
+        let (d, mean) = close(&got, &want_all, vocab, &format!("prefill (mma from {mma_min})"));
+        println!("prefill 300 (mma from {mma_min}): max |dlogit| {d:.3e} mean {mean:.3e}");
+        per_kernel.push(got);
     }
-    // Decode 40 tokens greedily: graph path vs CPU, token by token.
-    gpu.mma_min_tokens = 17;
+    // The two matrix kernels are exact, so GPU prefill is deterministic across them.
+    assert_eq!(per_kernel[0], per_kernel[1], "GEMV and tensor-core prefill differ");
+    gpu.set_mma_min_tokens(17);
+    // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.
     let mut gc = gpu.new_cache(400).unwrap();
     let g_last = gpu.forward(gc.as_mut(), &ids[..100], Output::LastLogits).unwrap();
     let mut cc = cpu.new_cache(400).unwrap();
     let c_last = cpu.forward(cc.as_mut(), &ids[..100], Output::LastLogits).unwrap();
-    assert!(max_abs(&g_last, &c_last) < 1e-2);
+    close(&g_last, &c_last, vocab, "prefill 100 last");
+    // GPU last logits equal its own all-logits row (same kernels, same data).
+    assert!(max_abs(&g_last, &per_kernel[0][99 * vocab..100 * vocab]) < 1e-5);
     let mut tok = argmax(&c_last) as u32;
-    assert_eq!(argmax(&g_last) as u32, tok);
     let mut worst = 0f32;
     for step in 0..40 {
         let g = gpu.forward(gc.as_mut(), &[tok], Output::LastLogits).unwrap();
         let c = cpu.forward(cc.as_mut(), &[tok], Output::LastLogits).unwrap();
-        worst = worst.max(max_abs(&g, &c));
-        assert!(max_abs(&g, &c) < 1e-2, "decode step {step}: {}", max_abs(&g, &c));
-        assert_eq!(argmax(&g), argmax(&c), "greedy token at step {step}");
+        worst = worst.max(close(&g, &c, vocab, &format!("decode step {step}")).0);
         tok = argmax(&c) as u32;
     }
     println!("decode 40 steps: max |dlogit| {worst:.3e}");
-    // Greedy on the device (token fed back there) gives the same ids.
+    // Greedy on the device (token fed back there) vs CPU greedy, identical
+    // until the CPU's first near-tie.
     let mut gc2 = gpu.new_cache(400).unwrap();
     let mut cc2 = cpu.new_cache(400).unwrap();
     let l = gpu.forward(gc2.as_mut(), &ids[..10], Output::LastLogits).unwrap();
     let first = argmax(&l) as u32;
     let got = gpu.generate_greedy(gc2.as_mut(), first, 12).unwrap();
-    let mut want = vec![];
     let mut c = cpu.forward(cc2.as_mut(), &ids[..10], Output::LastLogits).unwrap();
     let mut t = argmax(&c) as u32;
-    assert_eq!(t, first);
-    for _ in 0..12 {
-        c = cpu.forward(cc2.as_mut(), &[t], Output::LastLogits).unwrap();
-        t = argmax(&c) as u32;
-        want.push(t);
+    if margin(&c) >= 0.05 {
+        assert_eq!(t, first);
+        for (i, &g) in got.iter().enumerate() {
+            c = cpu.forward(cc2.as_mut(), &[t], Output::LastLogits).unwrap();
+            if margin(&c) < 0.05 {
+                break;
+            }
+            t = argmax(&c) as u32;
+            assert_eq!(g, t, "device greedy step {i}");
+        }
     }
-    assert_eq!(got, want);
-    // Hidden output and truncation.
+    // Hidden output and errors.
     let mut gc3 = gpu.new_cache(64).unwrap();
     let h = gpu.forward(gc3.as_mut(), &ids[..5], Output::Hidden).unwrap();
     assert_eq!(h.len(), 5 * model.config.hidden);

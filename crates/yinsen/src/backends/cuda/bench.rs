@@ -20,6 +20,10 @@ pub struct CudaBench {
     /// One forward of 16 tokens of one sequence (a stand-in for a batch-16
     /// decode step: same matrix work, attention over one sequence).
     pub step16_ms: f64,
+    /// The same through the tensor-core GEMM instead of the GEMV.
+    pub step16_mma_ms: f64,
+    /// 1-token forward without the graph (launch overhead included).
+    pub step1_nograph_ms: f64,
 }
 
 fn median(mut v: Vec<f32>) -> f64 {
@@ -68,5 +72,12 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
         step16_ms: forward_ms(b, 16, 20)?,
+        step16_mma_ms: {
+            b.set_mma_min_tokens(2);
+            let r = forward_ms(b, 16, 20);
+            b.set_mma_min_tokens(17);
+            r?
+        },
+        step1_nograph_ms: forward_ms(b, 1, 20)?,
     })
 }

@@ -65,8 +65,8 @@ pub struct CudaBackend {
     max_splits: usize,
     scratch: Mutex<Scratch>,
     weight_bytes: usize,
-    /// Use the tensor-core GEMM above this many tokens (else the GEMV).
-    pub mma_min_tokens: usize,
+    /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
+    mma_min_tokens: std::sync::atomic::AtomicUsize,
 }
 
 /// A captured decode step.
@@ -201,7 +201,7 @@ impl CudaBackend {
             max_splits,
             scratch: Mutex::new(scratch),
             weight_bytes,
-            mma_min_tokens: 17,
+            mma_min_tokens: 17.into(),
         })
     }
 
@@ -222,6 +222,12 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Token count from which prefill uses the tensor-core GEMM (default 17).
+    pub fn set_mma_min_tokens(&self, n: usize) {
+        self.mma_min_tokens
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
@@ -235,7 +241,7 @@ impl CudaBackend {
     }
 
     fn kernel_for(&self, nt: usize) -> MatKernel {
-        if nt >= self.mma_min_tokens && self.gpu.has_mma() {
+        if nt >= self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_mma() {
             MatKernel::Mma
         } else {
             MatKernel::Gemv
@@ -282,7 +288,7 @@ impl CudaBackend {
         self.gpu.launch(
             "norm_quant",
             (nt as u32, 1, 1),
-            256,
+            1024,
             &[
                 input,
                 Arg::I(n as i32),
@@ -393,7 +399,7 @@ impl CudaBackend {
         self.gpu.launch(
             "norm_quant",
             (n as u32, 1, 1),
-            256,
+            1024,
             &[
                 s.x.at(4 * t0 * h),
                 Arg::I(h as i32),

@@ -161,6 +161,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
     const u16* vb = vc + ((size_t)kvh * cap + j0) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
+#pragma unroll 8
         for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
         out[2 + d] = a;
     }

@@ -47,18 +47,32 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ W, int n_row
     for (int t = 0; t < T; t++) acc[t] = 0;
     if (row < n_rows) {
         const uint4* wr = W + (size_t)row * chunks;
-        for (int c = sub; c < chunks; c += 8) {
-            uint4 w = __ldg(wr + c);
+        // Issue U weight loads before using any: decode is latency-bound
+        // unless many 16-byte loads are in flight per lane.
+        const int U = 4;
+        for (int c0 = sub; c0 < chunks; c0 += 8 * U) {
+            uint4 wv[U];
 #pragma unroll
-            for (int t = 0; t < T; t++) {
-                if (t < nt) {
-                    const uint4* xp = (const uint4*)(X + t * x_stride) + 4 * c;
-                    int a = acc[t];
-                    a = dot_word(w.x, __ldg(xp + 0), a);
-                    a = dot_word(w.y, __ldg(xp + 1), a);
-                    a = dot_word(w.z, __ldg(xp + 2), a);
-                    a = dot_word(w.w, __ldg(xp + 3), a);
-                    acc[t] = a;
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 8 * u;
+                wv[u] = c < chunks ? __ldg(wr + c) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int c = c0 + 8 * u;
+                if (c >= chunks) break;
+                uint4 w = wv[u];
+#pragma unroll
+                for (int t = 0; t < T; t++) {
+                    if (t < nt) {
+                        const uint4* xp = (const uint4*)(X + t * x_stride) + 4 * c;
+                        int a = acc[t];
+                        a = dot_word(w.x, __ldg(xp + 0), a);
+                        a = dot_word(w.y, __ldg(xp + 1), a);
+                        a = dot_word(w.z, __ldg(xp + 2), a);
+                        a = dot_word(w.w, __ldg(xp + 3), a);
+                        acc[t] = a;
+                    }
                 }
             }
         }
