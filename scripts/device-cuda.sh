@@ -32,5 +32,10 @@ else
 fi
 echo "== bench 2b4t"
 "$forward" --test-threads=1 --nocapture bench_2b4t || status=1
+if [ "${PROFILE:-0}" = 1 ] && command -v nsys >/dev/null; then
+  echo "== nsys kernel summary (2b4t bench)"
+  nsys profile -o /tmp/yinsen-prof --force-overwrite true "$forward" --test-threads=1 bench_2b4t >/dev/null 2>&1
+  nsys stats --report cuda_gpu_kern_sum --format csv /tmp/yinsen-prof.nsys-rep 2>/dev/null | cut -c1-160 | head -25
+fi
 echo "== exit $status"
 exit $status
