@@ -73,7 +73,7 @@ fn tiny_matches_cpu_backend() {
     let Some(gpu) = cuda(&model) else { return };
     let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
     let vocab = model.config.vocab;
-    // 300 tokens: two attention splits; prefill through both matrix kernels.
+    // 300 tokens: several attention splits; prefill through both matrix kernels.
     let ids = prompt(300, vocab);
     let mut cc = cpu.new_cache(400).unwrap();
     let want_all = cpu.forward(cc.as_mut(), &ids, Output::AllLogits).unwrap();

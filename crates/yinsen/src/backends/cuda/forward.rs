@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 
 /// Keys per attention split (ATT_CHUNK in ops.cu).
-const ATT_CHUNK: usize = 256;
+const ATT_CHUNK: usize = 64;
 /// Tokens per prefill chunk at most.
 const MAX_CHUNK: usize = 512;
 /// Tokens per lm_head launch (the kernel's accumulator count).

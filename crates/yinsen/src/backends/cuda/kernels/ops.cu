@@ -22,6 +22,66 @@ __device__ __forceinline__ float load_in(const float* in, int n, int i, int gate
     return g / (1.f + expf(-g)) * u;
 }
 
+// norm_quant for rows that fit in registers (n <= NQ_REG * blockDim): one
+// read of the input instead of three; same arithmetic as the general path.
+#define NQ_REG 8
+__device__ void norm_quant_regs(const float* x, int n, int gate, const float* w, int do_norm, float eps, i8* q,
+                                int kpad, float* sx, int* xsum, float* out_f, int out_stride, float* red) {
+    const int tid = threadIdx.x, bd = blockDim.x;
+    float v[NQ_REG];
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        v[k] = i < n ? load_in(x, n, i, gate) : 0.f;
+    }
+    float inv = 1.f;
+    if (do_norm) {
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < NQ_REG; k++) ss += v[k] * v[k];
+        ss = block_sum(ss, red);
+        inv = sqrtf(ss / (float)n + eps);
+    }
+    float am = 0.f;
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        if (i < n) {
+            v[k] = v[k] / inv;
+            if (w) v[k] *= w[i];
+            am = fmaxf(am, fabsf(v[k]));
+        }
+    }
+    if (out_f) {
+        float* o = out_f + (size_t)blockIdx.x * out_stride;
+#pragma unroll
+        for (int k = 0; k < NQ_REG; k++) {
+            int i = tid + k * bd;
+            if (i < n) o[i] = v[k];
+        }
+        return;
+    }
+    am = block_max(am, red);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    i8* qo = q + (size_t)blockIdx.x * kpad;
+    float qs = 0.f;
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        if (i < n) {
+            int qi = (int)fminf(fmaxf(rintf(v[k] * s), -128.f), 127.f);
+            qo[i] = (i8)qi;
+            qs += (float)qi;
+        }
+    }
+    for (int i = n + tid; i < kpad; i += bd) qo[i] = 0;
+    qs = block_sum(qs, red);
+    if (tid == 0) {
+        sx[blockIdx.x] = s;
+        xsum[blockIdx.x] = (int)qs;
+    }
+}
+
 // One block per token. v = [rmsnorm](load_in(...)) [* w]; then either write
 // v as f32 (out_f != 0) or quantise per token as BitNet does:
 // s = 127 / max(max|v|, 1e-5), q = clamp(rint(v * s), -128, 127), padding
@@ -31,6 +91,10 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
                                       float* out_f, int out_stride) {
     __shared__ float red[32];
     const float* x = in + (size_t)blockIdx.x * in_stride;
+    if (n <= NQ_REG * (int)blockDim.x) {
+        norm_quant_regs(x, n, gate, w, do_norm, eps, q, kpad, sx, xsum, out_f, out_stride, red);
+        return;
+    }
     float inv = 1.f;
     if (do_norm) {
         float ss = 0.f;
@@ -108,10 +172,10 @@ extern "C" __global__ void rope_kv(float* qkv, int stride, const int* pos, const
 }
 
 // Split-K attention, pass 1. Grid (split, head, token); split s covers keys
-// [256 s, 256 s + 256) of the causal range 0..=pos+t. Writes per split the
+// [64 s, 64 s + 64) of the causal range 0..=pos+t. Writes per split the
 // running max m, the sum l of exp(score - m), and sum exp(score - m) * v.
 // part layout: [token][head][split][hd + 2].
-#define ATT_CHUNK 256
+#define ATT_CHUNK 64
 extern "C" __global__ void __launch_bounds__(128) attn_partial(
     const float* qkv, int stride, const u16* kc, const u16* vc, const int* pos, int n_heads, int n_kv,
     int hd, int cap, float scale, int n_split, float* part) {
