@@ -5,6 +5,7 @@
 //! - `cuda`: the GPU path (NVRTC-compiled kernels, CUDA loaded at run time).
 
 pub mod cpu;
+pub mod cuda;
 
 use std::any::Any;
 

@@ -1,0 +1,83 @@
+//! Timings for `yinsen bench --backend cuda`: CUDA events, medians of
+//! several runs, warm-up and kernel compilation excluded.
+
+use serde::Serialize;
+
+use super::forward::CudaBackend;
+use crate::error::Result;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaBench {
+    pub device: String,
+    pub arch: String,
+    pub kernels_from_cache: bool,
+    /// Single-sequence greedy decode through the CUDA graph.
+    pub decode_tok_s_ctx0: f64,
+    pub decode_tok_s_ctx2048: f64,
+    /// One forward of 512 / 2048 prompt tokens (ms).
+    pub prefill_ms_512: f64,
+    pub prefill_ms_2048: f64,
+    /// One forward of 16 tokens of one sequence (a stand-in for a batch-16
+    /// decode step: same matrix work, attention over one sequence).
+    pub step16_ms: f64,
+    /// The same through the tensor-core GEMM instead of the GEMV.
+    pub step16_mma_ms: f64,
+    /// 1-token forward without the graph (launch overhead included).
+    pub step1_nograph_ms: f64,
+}
+
+fn median(mut v: Vec<f32>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2] as f64
+}
+
+/// Decode tok/s at a context of `ctx`: fill the cache to `ctx`, then time
+/// `steps` graph replays; median of `reps`.
+fn decode_at(b: &CudaBackend, ctx: usize, steps: usize, reps: usize) -> Result<f64> {
+    let mut ms = Vec::new();
+    for _ in 0..reps {
+        let mut cache = b.cuda_cache(ctx + steps + 2)?;
+        if ctx > 0 {
+            b.time_forward(&mut cache, ctx)?;
+            crate::backends::KvCache::truncate(&mut cache, 0);
+            set_len(&mut cache, ctx);
+        }
+        ms.push(b.time_decode(&mut cache, steps)?);
+    }
+    Ok(1000.0 / median(ms))
+}
+
+fn set_len(c: &mut super::forward::CudaCache, n: usize) {
+    c.set_len_for_bench(n);
+}
+
+fn forward_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<f64> {
+    let mut cache = b.cuda_cache(nt)?;
+    b.time_forward(&mut cache, nt)?; // warm-up
+    let ms: Result<Vec<f32>> = (0..reps).map(|_| b.time_forward(&mut cache, nt)).collect();
+    Ok(median(ms?))
+}
+
+/// Run every measurement the model's context length allows.
+pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
+    let g = b.gpu();
+    let max = crate::backends::Backend::config(b).max_ctx;
+    let long = 2048.min(max.saturating_sub(300));
+    Ok(CudaBench {
+        device: g.info.name.clone(),
+        arch: g.arch.clone(),
+        kernels_from_cache: g.from_cache,
+        decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
+        decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
+        prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
+        prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
+        step16_ms: forward_ms(b, 16, 20)?,
+        step16_mma_ms: {
+            b.set_mma_min_tokens(2);
+            let r = forward_ms(b, 16, 20);
+            b.set_mma_min_tokens(17);
+            r?
+        },
+        step1_nograph_ms: forward_ms(b, 1, 20)?,
+    })
+}

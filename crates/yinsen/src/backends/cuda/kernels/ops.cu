@@ -1,0 +1,338 @@
+// Float-side kernels of the forward pass: embedding, RMSNorm + int8
+// quantisation, RoPE + KV-cache write, attention, lm_head, argmax.
+// Positions are read from device memory (`pos`) so a captured CUDA graph
+// stays valid from one decode step to the next.
+
+// x[t] = embed[tok[t]] (f16 table -> f32).
+extern "C" __global__ void embed_f16(const int* tok, const u16* emb, int hidden, float* x) {
+    const u16* e = emb + (size_t)tok[blockIdx.x] * hidden;
+    float* o = x + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = h2f(e[i]);
+}
+
+// Value i of token row `in` before normalisation: the plain input, or the
+// gated activation act(g) * u of a [gate | up] row (relu2 = 1, silu = 2).
+__device__ __forceinline__ float load_in(const float* in, int n, int i, int gate) {
+    if (gate == 0) return in[i];
+    float g = in[i], u = in[n + i];
+    if (gate == 1) {
+        g = fmaxf(g, 0.f);
+        return g * g * u;
+    }
+    return g / (1.f + expf(-g)) * u;
+}
+
+// norm_quant for rows that fit in registers (n <= NQ_REG * blockDim): one
+// read of the input instead of three; same arithmetic as the general path.
+#define NQ_REG 8
+__device__ void norm_quant_regs(const float* x, int n, int gate, const float* w, int do_norm, float eps, i8* q,
+                                int kpad, float* sx, int* xsum, float* out_f, int out_stride, float* red) {
+    const int tid = threadIdx.x, bd = blockDim.x;
+    float v[NQ_REG];
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        v[k] = i < n ? load_in(x, n, i, gate) : 0.f;
+    }
+    float inv = 1.f;
+    if (do_norm) {
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < NQ_REG; k++) ss += v[k] * v[k];
+        ss = block_sum(ss, red);
+        inv = sqrtf(ss / (float)n + eps);
+    }
+    float am = 0.f;
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        if (i < n) {
+            v[k] = v[k] / inv;
+            if (w) v[k] *= w[i];
+            am = fmaxf(am, fabsf(v[k]));
+        }
+    }
+    if (out_f) {
+        float* o = out_f + (size_t)blockIdx.x * out_stride;
+#pragma unroll
+        for (int k = 0; k < NQ_REG; k++) {
+            int i = tid + k * bd;
+            if (i < n) o[i] = v[k];
+        }
+        return;
+    }
+    am = block_max(am, red);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    i8* qo = q + (size_t)blockIdx.x * kpad;
+    float qs = 0.f;
+#pragma unroll
+    for (int k = 0; k < NQ_REG; k++) {
+        int i = tid + k * bd;
+        if (i < n) {
+            int qi = (int)fminf(fmaxf(rintf(v[k] * s), -128.f), 127.f);
+            qo[i] = (i8)qi;
+            qs += (float)qi;
+        }
+    }
+    for (int i = n + tid; i < kpad; i += bd) qo[i] = 0;
+    qs = block_sum(qs, red);
+    if (tid == 0) {
+        sx[blockIdx.x] = s;
+        xsum[blockIdx.x] = (int)qs;
+    }
+}
+
+// One block per token. v = [rmsnorm](load_in(...)) [* w]; then either write
+// v as f32 (out_f != 0) or quantise per token as BitNet does:
+// s = 127 / max(max|v|, 1e-5), q = clamp(rint(v * s), -128, 127), padding
+// q[n..kpad) with zeros, and record s and sum(q).
+extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int gate, const float* w,
+                                      int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
+                                      float* out_f, int out_stride) {
+    __shared__ float red[32];
+    const float* x = in + (size_t)blockIdx.x * in_stride;
+    if (n <= NQ_REG * (int)blockDim.x) {
+        norm_quant_regs(x, n, gate, w, do_norm, eps, q, kpad, sx, xsum, out_f, out_stride, red);
+        return;
+    }
+    float inv = 1.f;
+    if (do_norm) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float v = load_in(x, n, i, gate);
+            ss += v * v;
+        }
+        ss = block_sum(ss, red);
+        inv = sqrtf(ss / (float)n + eps);
+    }
+    if (out_f) {
+        float* o = out_f + (size_t)blockIdx.x * out_stride;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float v = load_in(x, n, i, gate) / inv;
+            o[i] = w ? v * w[i] : v;
+        }
+        return;
+    }
+    float am = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = load_in(x, n, i, gate) / inv;
+        if (w) v *= w[i];
+        am = fmaxf(am, fabsf(v));
+    }
+    am = block_max(am, red);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    i8* qo = q + (size_t)blockIdx.x * kpad;
+    float qs = 0.f;
+    for (int i = threadIdx.x; i < kpad; i += blockDim.x) {
+        int qi = 0;
+        if (i < n) {
+            float v = load_in(x, n, i, gate) / inv;
+            if (w) v *= w[i];
+            qi = (int)fminf(fmaxf(rintf(v * s), -128.f), 127.f);
+        }
+        qo[i] = (i8)qi;
+        qs += (float)qi;
+    }
+    qs = block_sum(qs, red);
+    if (threadIdx.x == 0) {
+        sx[blockIdx.x] = s;
+        xsum[blockIdx.x] = (int)qs;
+    }
+}
+
+// RoPE NEOX on q and k of the fused [q | k | v] rows (in place), then the
+// rotated k and v written to the f16 cache [kv_head][cap][hd] at pos + t.
+// rope[(p * hd/2 + i)] = (cos, sin) of p * base^(-2i/hd).
+extern "C" __global__ void rope_kv(float* qkv, int stride, const int* pos, const float2* rope, int n_heads,
+                                   int n_kv, int hd, int cap, u16* kc, u16* vc) {
+    const int t = blockIdx.x, p = pos[0] + t, half = hd / 2;
+    float* row = qkv + (size_t)t * stride;
+    const float2* cs = rope + (size_t)p * half;
+    const int nq = n_heads * half, nk = n_kv * half;
+    for (int idx = threadIdx.x; idx < nq + nk; idx += blockDim.x) {
+        int h = idx < nq ? idx / half : (idx - nq) / half;
+        int i = idx % half;
+        float* v = idx < nq ? row + h * hd : row + n_heads * hd + h * hd;
+        float2 c = cs[i];
+        float x1 = v[i], x2 = v[i + half];
+        float o1 = x1 * c.x - x2 * c.y, o2 = x2 * c.x + x1 * c.y;
+        v[i] = o1;
+        v[i + half] = o2;
+        if (idx >= nq) {
+            u16* k = kc + ((size_t)h * cap + p) * hd;
+            k[i] = f2h(o1);
+            k[i + half] = f2h(o2);
+        }
+    }
+    const float* vr = row + (n_heads + n_kv) * hd;
+    for (int idx = threadIdx.x; idx < n_kv * hd; idx += blockDim.x) {
+        int h = idx / hd, d = idx % hd;
+        vc[((size_t)h * cap + p) * hd + d] = f2h(vr[idx]);
+    }
+}
+
+// Split-K attention, pass 1. Grid (split, head, token); split s covers keys
+// [64 s, 64 s + 64) of the causal range 0..=pos+t. Writes per split the
+// running max m, the sum l of exp(score - m), and sum exp(score - m) * v.
+// part layout: [token][head][split][hd + 2].
+#define ATT_CHUNK 64
+extern "C" __global__ void __launch_bounds__(128) attn_partial(
+    const float* qkv, int stride, const u16* kc, const u16* vc, const int* pos, int n_heads, int n_kv,
+    int hd, int cap, float scale, int n_split, float* part) {
+    __shared__ float qs[256];
+    __shared__ float sc[ATT_CHUNK];
+    __shared__ float red[32];
+    const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int n_keys = pos[0] + t + 1, j0 = sp * ATT_CHUNK;
+    float* out = part + (((size_t)t * n_heads + h) * n_split + sp) * (hd + 2);
+    if (j0 >= n_keys) {
+        if (threadIdx.x == 0) {
+            out[0] = NEG_INF;
+            out[1] = 0.f;
+        }
+        return;
+    }
+    const int nj = min(ATT_CHUNK, n_keys - j0);
+    const int kvh = h / (n_heads / n_kv);
+    const float* q = qkv + (size_t)t * stride + h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[d] * scale;
+    __syncthreads();
+    const u16* kb = kc + ((size_t)kvh * cap + j0) * hd;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+        const uint4* kr = (const uint4*)(kb + (size_t)j * hd);
+        float s = 0.f;
+        for (int d8 = 0; d8 < hd / 8; d8++) {
+            uint4 k = kr[d8];
+            u32 ws[4] = {k.x, k.y, k.z, k.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s += qs[8 * d8 + 2 * e] * h2f((u16)(ws[e] & 0xffff));
+                s += qs[8 * d8 + 2 * e + 1] * h2f((u16)(ws[e] >> 16));
+            }
+        }
+        sc[j] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, red);
+    float l = 0.f;
+    for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+        float e = expf(sc[j] - mx);
+        sc[j] = e;
+        l += e;
+    }
+    l = block_sum(l, red);  // synchronises, so sc is complete below
+    const u16* vb = vc + ((size_t)kvh * cap + j0) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+#pragma unroll 8
+        for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
+        out[2 + d] = a;
+    }
+    if (threadIdx.x == 0) {
+        out[0] = mx;
+        out[1] = l;
+    }
+}
+
+// Split-K attention, pass 2: merge the splits of (head, token) into out
+// [token][n_heads * hd].
+extern "C" __global__ void attn_combine(const float* part, const int* pos, int n_heads, int hd, int n_split,
+                                        float* out, int out_stride) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int used = (pos[0] + t + 1 + ATT_CHUNK - 1) / ATT_CHUNK;
+    const float* p = part + ((size_t)t * n_heads + h) * n_split * (hd + 2);
+    float m = NEG_INF;
+    for (int s = 0; s < used; s++) m = fmaxf(m, p[s * (hd + 2)]);
+    float l = 0.f;
+    for (int s = 0; s < used; s++) l += p[s * (hd + 2) + 1] * expf(p[s * (hd + 2)] - m);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < used; s++) a += p[s * (hd + 2) + 2 + d] * expf(p[s * (hd + 2)] - m);
+        out[(size_t)t * out_stride + h * hd + d] = a / l;
+    }
+}
+
+// logits[t][r] = x[t] . E[r] for up to 8 tokens; a warp per row, 16-byte
+// loads of 8 halves. Needs hidden % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256) lm_head_f16(const u16* E, int vocab, int hidden, const float* x,
+                                                            int nt, float* logits) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= vocab) return;
+    const uint4* er = (const uint4*)(E + (size_t)r * hidden);
+    float acc[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t] = 0.f;
+    for (int c = lane; c < hidden / 8; c += 32) {
+        uint4 e = __ldg(er + c);
+        float ev[8];
+        u32 ws[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            ev[2 * k] = h2f((u16)(ws[k] & 0xffff));
+            ev[2 * k + 1] = h2f((u16)(ws[k] >> 16));
+        }
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < nt) {
+                const float4* xp = (const float4*)(x + (size_t)t * hidden + 8 * c);
+                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                acc[t] += ev[0] * a.x + ev[1] * a.y + ev[2] * a.z + ev[3] * a.w + ev[4] * b.x + ev[5] * b.y +
+                          ev[6] * b.z + ev[7] * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        if (t < nt) {
+            float s = warp_sum(acc[t]);
+            if (lane == 0) logits[(size_t)t * vocab + r] = s;
+        }
+    }
+}
+
+// Greedy pick: index of the largest logit (lowest index on ties), one block
+// of 1024 threads per row.
+extern "C" __global__ void argmax_f32(const float* logits, int n, int* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* l = logits + (size_t)blockIdx.x * n;
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float x = l[i];
+        if (x > v) {
+            v = x;
+            idx = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (lane == 0) {
+        bv[w] = v;
+        bi[w] = idx;
+    }
+    __syncthreads();
+    if (w == 0) {
+        int nw = blockDim.x >> 5;
+        v = lane < nw ? bv[lane] : NEG_INF;
+        idx = lane < nw ? bi[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) {
+                v = ov;
+                idx = oi;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+    }
+}

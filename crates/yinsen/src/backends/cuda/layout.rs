@@ -1,0 +1,167 @@
+//! The GPU weight layout, derived from the canonical [`TernaryMatrix`] at upload.
+//!
+//! Spec ("offset-code chunks"):
+//! - Rows of `n_in` weights are padded to `chunks = ceil(n_in / 64)` chunks of
+//!   16 bytes (64 weights); rows are consecutive, so row `r` chunk `c` is the
+//!   16 bytes at `(r * chunks + c) * 16` — one aligned `uint4` load.
+//! - A chunk is 4 little-endian u32 words; word `m` holds the weights
+//!   `64c + 16m + 4j + k` (j, k in 0..4) at bits `8k + 2j`, as the code
+//!   `w + 1` (0 = -1, 1 = 0, 2 = +1). Pad weights are code 1 (zero); the
+//!   canonical reserved code `11` becomes 1 too.
+//! - So `(word >> 2j) & 0x03030303` is an int8x4 matching x bytes
+//!   `64c + 16m + 4j .. +4` (one dp4a, and the same words expand to int8
+//!   tiles for the tensor cores), and the exact product is
+//!   `sum (w+1) x - sum x`, with `sum x` computed once per token.
+//! - Matrices that share an input (q|k|v, gate|up) are stacked row-wise
+//!   into one, with one f32 scale per row.
+
+use crate::error::{Error, Result};
+use crate::model::{TernaryMatrix, WeightScale};
+
+/// Rows of one or more stacked matrices in the GPU layout (host side).
+#[derive(Clone, Debug)]
+pub struct GpuLayout {
+    pub n_rows: usize,
+    pub n_in: usize,
+    pub chunks: usize,
+    pub bytes: Vec<u8>,
+    pub row_scale: Vec<f32>,
+}
+
+pub const CHUNK_WEIGHTS: usize = 64;
+
+impl GpuLayout {
+    /// Padded input length (multiple of 64): the stride of int8 activations.
+    pub fn kpad(&self) -> usize {
+        self.chunks * CHUNK_WEIGHTS
+    }
+
+    /// Stack `mats` (same `n_in`) row-wise. Per-block scales are unsupported here.
+    pub fn stack(mats: &[&TernaryMatrix]) -> Result<Self> {
+        let n_in = mats.first().map_or(0, |m| m.n_in);
+        if n_in == 0 || mats.iter().any(|m| m.n_in != n_in) {
+            return Err(Error::input(
+                "GPU layout: stacked matrices need one non-zero input width",
+            ));
+        }
+        let n_rows = mats
+            .iter()
+            .try_fold(0usize, |a, m| a.checked_add(m.n_out))
+            .ok_or_else(|| Error::input("GPU layout: row count overflows"))?;
+        let chunks = n_in.div_ceil(CHUNK_WEIGHTS);
+        let total = n_rows
+            .checked_mul(chunks * 16)
+            .filter(|&b| b <= (1usize << 40))
+            .ok_or_else(|| Error::input(format!("GPU layout: {n_rows}x{n_in} is too large")))?;
+        let mut bytes = vec![0u8; total];
+        let mut row_scale = Vec::with_capacity(n_rows);
+        let mut r0 = 0;
+        for m in mats {
+            let ws = match m.scale {
+                WeightScale::PerTensor(s) => s,
+                WeightScale::PerBlock { .. } => {
+                    return Err(Error::Unsupported(
+                        "the CUDA backend needs per-tensor weight scales (this model has per-block scales)".into(),
+                    ))
+                }
+            };
+            for r in 0..m.n_out {
+                encode_row(m, r, &mut bytes[(r0 + r) * chunks * 16..(r0 + r + 1) * chunks * 16]);
+            }
+            row_scale.extend(std::iter::repeat_n(ws, m.n_out));
+            r0 += m.n_out;
+        }
+        Ok(Self {
+            n_rows,
+            n_in,
+            chunks,
+            bytes,
+            row_scale,
+        })
+    }
+}
+
+/// Encode canonical row `r` of `m` into `out` (chunks * 16 bytes).
+fn encode_row(m: &TernaryMatrix, r: usize, out: &mut [u8]) {
+    let row = m.row(r);
+    for (c, chunk) in out.chunks_exact_mut(16).enumerate() {
+        for mw in 0..4 {
+            let mut word = 0u32;
+            for j in 0..4 {
+                for k in 0..4 {
+                    let i = c * 64 + mw * 16 + j * 4 + k;
+                    let w = if i < m.n_in {
+                        crate::model::ternary::decode_code(row[i / 4] >> (2 * (i % 4)))
+                    } else {
+                        0
+                    };
+                    word |= ((w + 1) as u32) << (8 * k + 2 * j);
+                }
+            }
+            chunk[4 * mw..4 * mw + 4].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+}
+
+/// Host model of the GPU dot product over one layout row (for tests of the
+/// layout itself, independent of any kernel).
+pub fn host_dot(l: &GpuLayout, r: usize, x: &[i8]) -> i32 {
+    let row = &l.bytes[r * l.chunks * 16..(r + 1) * l.chunks * 16];
+    let mut acc = 0i32;
+    let mut xsum = 0i32;
+    for (c, chunk) in row.chunks_exact(16).enumerate() {
+        for mw in 0..4 {
+            let word = u32::from_le_bytes(chunk[4 * mw..4 * mw + 4].try_into().unwrap());
+            for j in 0..4 {
+                let e = (word >> (2 * j)) & 0x0303_0303;
+                for k in 0..4 {
+                    let i = c * 64 + mw * 16 + j * 4 + k;
+                    let xv = x.get(i).copied().unwrap_or(0) as i32;
+                    acc += ((e >> (8 * k)) & 0xff) as i32 * xv;
+                }
+            }
+        }
+    }
+    for &v in x {
+        xsum += v as i32;
+    }
+    acc - xsum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::cpu::reference::ternary_matmul_i32;
+    use crate::model::synthetic::{random_ternary, SplitMix64};
+
+    #[test]
+    fn layout_dot_matches_reference() {
+        for (o, i, seed) in [(5, 7, 1u64), (3, 64, 2), (9, 130, 3), (4, 1, 4)] {
+            let mut m = random_ternary(o, i, seed).unwrap();
+            // A reserved code must read as zero.
+            m.packed[0] |= 3;
+            let l = GpuLayout::stack(&[&m]).unwrap();
+            let mut rng = SplitMix64(seed);
+            let x: Vec<i8> = (0..i).map(|_| (rng.next_u64() & 0xff) as u8 as i8).collect();
+            let want = ternary_matmul_i32(&m, &x, 1);
+            for (r, w) in want.iter().enumerate() {
+                assert_eq!(host_dot(&l, r, &x), *w, "{o}x{i} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn per_block_scale_is_unsupported() {
+        let m = TernaryMatrix::from_trits(
+            1,
+            4,
+            &[1, 0, -1, 1],
+            WeightScale::PerBlock {
+                block: 4,
+                scales: vec![1.0],
+            },
+        )
+        .unwrap();
+        assert!(matches!(GpuLayout::stack(&[&m]), Err(Error::Unsupported(_))));
+    }
+}

@@ -1,0 +1,550 @@
+//! The CUDA backend. CUDA is loaded at run time (cudarc "dynamic-loading"),
+//! so one `yinsen` binary runs on machines with and without a GPU: every
+//! entry point probes for libcuda / libnvrtc first and turns their absence
+//! into an error instead of cudarc's panic.
+//!
+//! - `nvrtc`: kernels (`kernels/*.cu`, embedded) compiled to CUBIN for the
+//!   device's arch at first use, cached on disk.
+//! - `layout`: the GPU weight layout derived from the canonical form.
+//! - `forward`: [`CudaBackend`], the model forward pass and KV cache.
+//! - `bench`: timings for `yinsen bench --backend cuda`.
+
+pub mod bench;
+pub mod forward;
+pub mod layout;
+pub mod nvrtc;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{result, sys, CudaContext};
+
+use crate::error::{Error, Result};
+use crate::model::TernaryMatrix;
+
+pub use forward::{CudaBackend, CudaCache};
+pub use layout::GpuLayout;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub mem_bytes: usize,
+    pub sm: (i32, i32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum CudaStatus {
+    Available { devices: Vec<DeviceInfo> },
+    Unavailable(String),
+}
+
+fn berr(msg: impl Into<String>) -> Error {
+    Error::backend("cuda", msg)
+}
+
+fn drv<T>(r: std::result::Result<T, result::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| berr(format!("{what}: {e:?}")))
+}
+
+/// Directories tried (before the loader's default search) for the CUDA
+/// libraries: `$YINSEN_CUDA_LIB_DIR`, `$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`.
+fn extra_lib_dirs() -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    if let Some(d) = std::env::var_os("YINSEN_CUDA_LIB_DIR") {
+        v.push(d.into());
+    }
+    for k in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(k) {
+            v.push(std::path::PathBuf::from(d).join("lib64"));
+        }
+    }
+    v
+}
+
+/// Pre-load libraries found in the extra directories. The dynamic loader
+/// matches later loads by soname, so cudarc's bare-name dlopen finds them.
+fn preload_from_dirs() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        for dir in extra_lib_dirs() {
+            for name in [
+                "libnvrtc.so.13",
+                "libnvrtc.so.12",
+                "libnvrtc.so",
+                "libcuda.so.1",
+                "libcuda.so",
+            ] {
+                let p = dir.join(name);
+                if p.exists() {
+                    // SAFETY: loading a system library; its initialisers are the vendor's.
+                    if let Ok(lib) = unsafe { libloading::Library::new(&p) } {
+                        std::mem::forget(lib); // keep it loaded for the process
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Ok when NVRTC can be loaded (enough to compile kernels, no GPU needed).
+pub fn nvrtc_available() -> Result<()> {
+    preload_from_dirs();
+    // SAFETY: only tries dlopen on candidate names.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(berr(
+            "no CUDA device: libnvrtc not found (install the CUDA toolkit or set CUDA_HOME)",
+        ))
+    }
+}
+
+/// Ok when the driver and NVRTC libraries can both be loaded.
+pub fn load_libs() -> Result<()> {
+    preload_from_dirs();
+    // SAFETY: only tries dlopen on candidate names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(berr("no CUDA device: libcuda.so not found (no NVIDIA driver)"));
+    }
+    nvrtc_available()
+}
+
+/// What `yinsen info` shows: the devices, or why there are none.
+pub fn probe() -> CudaStatus {
+    match probe_inner() {
+        Ok(devices) if devices.is_empty() => CudaStatus::Unavailable("no CUDA device: driver reports 0 devices".into()),
+        Ok(devices) => CudaStatus::Available { devices },
+        Err(e) => CudaStatus::Unavailable(e.to_string()),
+    }
+}
+
+fn probe_inner() -> Result<Vec<DeviceInfo>> {
+    load_libs()?;
+    drv(result::init(), "no CUDA device: cuInit")?;
+    let n = drv(result::device::get_count(), "cuDeviceGetCount")?;
+    (0..n)
+        .map(|i| {
+            let d = drv(result::device::get(i), "cuDeviceGet")?;
+            let name = drv(result::device::get_name(d), "cuDeviceGetName")?;
+            let mem_bytes = drv(unsafe { result::device::total_mem(d) }, "cuDeviceTotalMem")?;
+            let attr = |a| drv(unsafe { result::device::get_attribute(d, a) }, "cuDeviceGetAttribute");
+            use sys::CUdevice_attribute_enum as A;
+            let sm = (
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            );
+            Ok(DeviceInfo { name, mem_bytes, sm })
+        })
+        .collect()
+}
+
+/// NVRTC target for a compute capability: the arch-specific `a` variant on
+/// Hopper/Blackwell (sm_90a), plain `sm_XY` elsewhere.
+pub fn arch_for(sm: (i32, i32)) -> String {
+    if sm.0 >= 9 {
+        format!("sm_{}{}a", sm.0, sm.1)
+    } else {
+        format!("sm_{}{}", sm.0, sm.1)
+    }
+}
+
+/// One device: context, a private stream, and the loaded kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: sys::CUstream,
+    module: sys::CUmodule,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+    pub info: DeviceInfo,
+    pub arch: String,
+    /// Whether the kernels came from the disk cache.
+    pub from_cache: bool,
+}
+
+// SAFETY: the raw handles are used only with the context bound (`bind`), and
+// the backend serialises all work on the stream behind a Mutex.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+const KERNELS: [&str; 14] = [
+    "tern_gemv_t1",
+    "tern_gemv_t2",
+    "tern_gemv_t4",
+    "tern_gemv_t8",
+    "tern_gemv_t16",
+    "tern_mma",
+    "row_sums_i8",
+    "embed_f16",
+    "norm_quant",
+    "rope_kv",
+    "attn_partial",
+    "attn_combine",
+    "lm_head_f16",
+    "argmax_f32",
+];
+
+/// A kernel argument, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    P(sys::CUdeviceptr),
+    I(i32),
+    F(f32),
+}
+
+impl Gpu {
+    pub fn new(device: usize) -> Result<Arc<Self>> {
+        load_libs()?;
+        drv(result::init(), "no CUDA device: cuInit")?;
+        let n = drv(result::device::get_count(), "cuDeviceGetCount")?;
+        if device >= n.max(0) as usize {
+            return Err(berr(format!("no CUDA device {device} ({n} present)")));
+        }
+        let ctx = drv(CudaContext::new(device), "creating context")?;
+        let info = probe_inner()?.swap_remove(device);
+        let arch = arch_for(info.sm);
+        let stream = drv(
+            result::stream::create(result::stream::StreamKind::NonBlocking),
+            "cuStreamCreate",
+        )?;
+        let (module, from_cache) = load_module(&arch)?;
+        let mut funcs = HashMap::new();
+        for name in KERNELS {
+            let c = CString::new(name).expect("kernel name");
+            let f = drv(
+                unsafe { result::module::get_function(module, c) },
+                &format!("kernel {name}"),
+            )?;
+            funcs.insert(name, f);
+        }
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            module,
+            funcs,
+            info,
+            arch,
+            from_cache,
+        }))
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        drv(self.ctx.bind_to_thread(), "binding context")
+    }
+
+    /// Whether the tensor-core GEMM can run (mma.sync s8 needs sm_80+).
+    pub fn has_mma(&self) -> bool {
+        self.info.sm.0 >= 8
+    }
+
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| berr(format!("unknown kernel {name}")))?;
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p,
+                Arg::I(i) => i as u32 as u64,
+                Arg::F(f) => f.to_bits() as u64,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        // SAFETY: `f` comes from our module; argument kinds match the kernel
+        // signatures (checked by the device tests); the driver copies them.
+        drv(
+            unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, &mut ptrs) },
+            &format!("launching {name}"),
+        )
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        drv(
+            unsafe { result::stream::synchronize(self.stream) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        DevBuf::new(self, bytes)
+    }
+
+    pub fn upload<T: Copy>(self: &Arc<Self>, data: &[T]) -> Result<DevBuf> {
+        let b = DevBuf::new(self, std::mem::size_of_val(data))?;
+        b.write(data)?;
+        Ok(b)
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            unsafe {
+                let _ = result::stream::synchronize(self.stream);
+                let _ = result::module::unload(self.module);
+                let _ = result::stream::destroy(self.stream);
+            }
+        }
+    }
+}
+
+fn load_module(arch: &str) -> Result<(sys::CUmodule, bool)> {
+    let (bin, cached) = nvrtc::cubin(arch)?;
+    // SAFETY: `bin` is a CUBIN image produced by NVRTC (or our cache).
+    match unsafe { result::module::load_data(bin.as_ptr() as *const c_void) } {
+        Ok(m) => Ok((m, cached)),
+        Err(e) if cached => {
+            // A stale or damaged cache entry: recompile once.
+            nvrtc::evict(arch);
+            let (bin, _) = nvrtc::cubin(arch)?;
+            let m = drv(
+                unsafe { result::module::load_data(bin.as_ptr() as *const c_void) },
+                "loading kernels",
+            )
+            .map_err(|e2| berr(format!("{e2} (cached image also failed: {e:?})")))?;
+            Ok((m, false))
+        }
+        Err(e) => Err(berr(format!("loading kernels for {arch}: {e:?}"))),
+    }
+}
+
+/// Device memory owned by Rust; freed on drop.
+pub struct DevBuf {
+    gpu: Arc<Gpu>,
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+}
+
+// SAFETY: a plain device address; all use goes through the Gpu's stream.
+unsafe impl Send for DevBuf {}
+unsafe impl Sync for DevBuf {}
+
+impl DevBuf {
+    fn new(gpu: &Arc<Gpu>, bytes: usize) -> Result<Self> {
+        gpu.bind()?;
+        let ptr = drv(
+            unsafe { result::malloc_sync(bytes.max(16)) },
+            &format!("allocating {bytes} bytes"),
+        )?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            ptr,
+            bytes,
+        })
+    }
+    pub fn p(&self) -> Arg {
+        Arg::P(self.ptr)
+    }
+    /// Address `off` bytes in.
+    pub fn at(&self, off: usize) -> Arg {
+        debug_assert!(off <= self.bytes);
+        Arg::P(self.ptr + off as u64)
+    }
+    pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
+        if std::mem::size_of_val(data) > self.bytes {
+            return Err(berr("upload larger than its buffer"));
+        }
+        self.gpu.bind()?;
+        self.gpu.sync()?;
+        drv(unsafe { result::memcpy_htod_sync(self.ptr, data) }, "copy to device")
+    }
+    /// Queue a copy of `data` on the stream (data must stay alive until sync).
+    pub fn write_async<T: Copy>(&self, data: &[T]) -> Result<()> {
+        if std::mem::size_of_val(data) > self.bytes {
+            return Err(berr("upload larger than its buffer"));
+        }
+        drv(
+            unsafe { result::memcpy_htod_async(self.ptr, data, self.gpu.stream) },
+            "async copy to device",
+        )
+    }
+    pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
+        if n * std::mem::size_of::<T>() > self.bytes {
+            return Err(berr("download larger than its buffer"));
+        }
+        self.gpu.sync()?;
+        let mut v = vec![T::default(); n];
+        drv(
+            unsafe { result::memcpy_dtoh_sync(&mut v, self.ptr) },
+            "copy from device",
+        )?;
+        Ok(v)
+    }
+    /// Fill with a byte (used to poison outputs before a kernel writes them).
+    pub fn fill(&self, byte: u8) -> Result<()> {
+        drv(
+            unsafe { result::memset_d8_async(self.ptr, byte, self.bytes, self.gpu.stream) },
+            "memset",
+        )
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            unsafe {
+                let _ = result::stream::synchronize(self.gpu.stream);
+                let _ = result::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+/// A ternary matrix uploaded in the GPU layout.
+pub struct GpuMatrix {
+    pub n_rows: usize,
+    pub n_in: usize,
+    pub chunks: usize,
+    pub w: DevBuf,
+    pub scale: DevBuf,
+}
+
+impl GpuMatrix {
+    pub fn upload(gpu: &Arc<Gpu>, mats: &[&TernaryMatrix]) -> Result<Self> {
+        let l = GpuLayout::stack(mats)?;
+        Ok(Self {
+            n_rows: l.n_rows,
+            n_in: l.n_in,
+            chunks: l.chunks,
+            w: gpu.upload(&l.bytes)?,
+            scale: gpu.upload(&l.row_scale)?,
+        })
+    }
+    pub fn kpad(&self) -> usize {
+        self.chunks * layout::CHUNK_WEIGHTS
+    }
+    pub fn bytes(&self) -> usize {
+        self.w.bytes + self.scale.bytes
+    }
+}
+
+/// Which matrix kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatKernel {
+    /// dp4a GEMV for 1..=16 tokens.
+    Gemv,
+    /// int8 tensor-core GEMM (sm_80+).
+    Mma,
+}
+
+/// What the matrix epilogue does with `acc * (ws / sx)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// Raw exact int32 (`out` is i32).
+    I32 = 0,
+    /// Store the float result.
+    Store = 1,
+    /// Add the float result into `out` (residual connection).
+    Add = 2,
+}
+
+/// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad), with
+/// per-token scales `sx` and sums `xsum`; output row stride `out_stride`.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_matmul(
+    gpu: &Gpu,
+    m: &GpuMatrix,
+    kernel: MatKernel,
+    x: Arg,
+    nt: usize,
+    sx: Arg,
+    xsum: Arg,
+    ep: Epilogue,
+    out: Arg,
+    out_stride: usize,
+) -> Result<()> {
+    let (oi, of) = if ep == Epilogue::I32 {
+        (out, Arg::P(0))
+    } else {
+        (Arg::P(0), out)
+    };
+    let args = [
+        m.w.p(),
+        Arg::I(m.n_rows as i32),
+        Arg::I(m.chunks as i32),
+        x,
+        Arg::I(nt as i32),
+        xsum,
+        m.scale.p(),
+        sx,
+        oi,
+        of,
+        Arg::I(out_stride as i32),
+        Arg::I(ep as i32),
+    ];
+    match kernel {
+        MatKernel::Mma => {
+            if !gpu.has_mma() {
+                return Err(Error::Unsupported(format!(
+                    "tensor-core GEMM needs sm_80+, device is {}",
+                    gpu.arch
+                )));
+            }
+            let grid = (m.n_rows.div_ceil(128) as u32, nt.div_ceil(64) as u32, 1);
+            gpu.launch("tern_mma", grid, 128, &args)
+        }
+        MatKernel::Gemv => {
+            let name = match nt {
+                1 => "tern_gemv_t1",
+                2 => "tern_gemv_t2",
+                3..=4 => "tern_gemv_t4",
+                5..=8 => "tern_gemv_t8",
+                9..=16 => "tern_gemv_t16",
+                _ => return Err(berr(format!("GEMV takes 1..=16 tokens, got {nt}"))),
+            };
+            // 4 warps x 4 rows per block.
+            gpu.launch(name, (m.n_rows.div_ceil(16) as u32, 1, 1), 128, &args)
+        }
+    }
+}
+
+/// Exact int32 products `out[t * n_out + o] = sum_i W[o, i] x[t * n_in + i]`
+/// (token-major, like `reference::ternary_matmul_i32`) computed on the GPU
+/// from the canonical matrix. The output buffer is poisoned before launch.
+pub fn ternary_matmul_i32(
+    gpu: &Arc<Gpu>,
+    w: &TernaryMatrix,
+    x: &[i8],
+    n_tokens: usize,
+    kernel: MatKernel,
+) -> Result<Vec<i32>> {
+    if n_tokens == 0 || x.len() != n_tokens.saturating_mul(w.n_in) {
+        return Err(Error::input(format!(
+            "x has {} values, expected {n_tokens} x {}",
+            x.len(),
+            w.n_in
+        )));
+    }
+    if w.n_in > (1 << 17) || w.n_out == 0 {
+        return Err(Error::input(format!(
+            "{}x{} is outside the GPU path's shapes",
+            w.n_out, w.n_in
+        )));
+    }
+    gpu.bind()?;
+    let m = GpuMatrix::upload(gpu, &[w])?;
+    let kpad = m.kpad();
+    let mut xp = vec![0i8; n_tokens * kpad];
+    for t in 0..n_tokens {
+        xp[t * kpad..t * kpad + w.n_in].copy_from_slice(&x[t * w.n_in..(t + 1) * w.n_in]);
+    }
+    let xb = gpu.upload(&xp)?;
+    let xsum = gpu.alloc(4 * n_tokens)?;
+    let ones = gpu.upload(&vec![1f32; n_tokens])?;
+    let out = gpu.alloc(4 * n_tokens * w.n_out)?;
+    out.fill(0xA5)?;
+    xsum.fill(0x5A)?;
+    let k = Arg::I(kpad as i32);
+    gpu.launch("row_sums_i8", (n_tokens as u32, 1, 1), 256, &[xb.p(), k, k, xsum.p()])?;
+    let group = if kernel == MatKernel::Gemv { 16 } else { n_tokens };
+    for t0 in (0..n_tokens).step_by(group) {
+        let nt = (n_tokens - t0).min(group);
+        let (xo, so, oo) = (xb.at(t0 * kpad), xsum.at(4 * t0), out.at(4 * t0 * w.n_out));
+        launch_matmul(gpu, &m, kernel, xo, nt, ones.p(), so, Epilogue::I32, oo, w.n_out)?;
+    }
+    gpu.sync()?;
+    out.read::<i32>(n_tokens * w.n_out)
+}

@@ -1,0 +1,182 @@
+//! NVRTC compilation of the embedded kernels to CUBIN for the device's arch,
+//! with an on-disk cache keyed by hash(source) + arch + NVRTC version, so
+//! only the first start on a machine pays for compilation.
+
+use std::ffi::{c_char, c_int, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::sys;
+
+use crate::error::{Error, Result};
+
+/// Every kernel source, in compilation order (one translation unit).
+pub const SOURCES: [(&str, &str); 3] = [
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("ternary.cu", include_str!("kernels/ternary.cu")),
+    ("ops.cu", include_str!("kernels/ops.cu")),
+];
+
+/// The whole program as one source string.
+pub fn program_source() -> String {
+    SOURCES
+        .iter()
+        .map(|(name, src)| format!("// ---- {name}\n{src}\n"))
+        .collect()
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::backend("cuda/nvrtc", msg)
+}
+
+fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
+    if r == sys::nvrtcResult::NVRTC_SUCCESS {
+        Ok(())
+    } else {
+        Err(err(format!("{what} failed: {r:?}")))
+    }
+}
+
+/// NVRTC's (major, minor). Requires the library to be present (see `super::load_libs`).
+pub fn version() -> Result<(i32, i32)> {
+    let (mut a, mut b): (c_int, c_int) = (0, 0);
+    check(unsafe { sys::nvrtcVersion(&mut a, &mut b) }, "nvrtcVersion")?;
+    Ok((a, b))
+}
+
+/// FNV-1a 64: stable across releases, enough to key a cache.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in p.iter().chain(&[0xffu8]) {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// `$YINSEN_CUDA_CACHE`, else `$XDG_CACHE_HOME/yinsen/cuda`, else `~/.cache/yinsen/cuda`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("YINSEN_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("yinsen").join("cuda"))
+}
+
+fn options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ]
+}
+
+/// Compile `src` for `arch` (e.g. "sm_90a") to CUBIN, no cache.
+pub fn compile(src: &str, arch: &str) -> Result<Vec<u8>> {
+    let csrc = CString::new(src).map_err(|_| err("kernel source contains a NUL byte"))?;
+    let name = CString::new("yinsen.cu").expect("static name");
+    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    check(
+        unsafe {
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                csrc.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        },
+        "nvrtcCreateProgram",
+    )?;
+    let out = compile_prog(prog, arch);
+    unsafe { sys::nvrtcDestroyProgram(&mut prog) };
+    out
+}
+
+fn compile_prog(prog: sys::nvrtcProgram, arch: &str) -> Result<Vec<u8>> {
+    let opts: Vec<CString> = options(arch)
+        .into_iter()
+        .map(|o| CString::new(o).expect("option without NUL"))
+        .collect();
+    let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let r = unsafe { sys::nvrtcCompileProgram(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(err(format!("compiling kernels for {arch}: {r:?}\n{}", log(prog))));
+    }
+    let mut n = 0usize;
+    check(unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) }, "nvrtcGetCUBINSize")?;
+    if n == 0 || n > (1 << 30) {
+        return Err(err(format!("NVRTC returned a {n}-byte CUBIN for {arch}")));
+    }
+    let mut bin = vec![0u8; n];
+    check(
+        unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut c_char) },
+        "nvrtcGetCUBIN",
+    )?;
+    Ok(bin)
+}
+
+fn log(prog: sys::nvrtcProgram) -> String {
+    let mut n = 0usize;
+    if unsafe { sys::nvrtcGetProgramLogSize(prog, &mut n) } != sys::nvrtcResult::NVRTC_SUCCESS || n == 0 {
+        return String::new();
+    }
+    let mut buf = vec![0u8; n];
+    unsafe { sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut c_char) };
+    String::from_utf8_lossy(&buf).trim_end_matches('\0').to_string()
+}
+
+/// Where the cached CUBIN for (source, arch, NVRTC version) lives.
+pub fn cache_path(src: &str, arch: &str) -> Result<Option<PathBuf>> {
+    let (a, b) = version()?;
+    let opts = options(arch).join(" ");
+    let key = fnv(&[
+        src.as_bytes(),
+        arch.as_bytes(),
+        format!("nvrtc {a}.{b}").as_bytes(),
+        opts.as_bytes(),
+    ]);
+    Ok(cache_dir().map(|d| d.join(format!("yinsen-{key:016x}-{arch}.cubin"))))
+}
+
+/// The CUBIN of the embedded kernels for `arch`, from the cache or compiled
+/// (and then cached; a cache that cannot be written is not an error).
+/// Returns the bytes and whether they came from the cache.
+pub fn cubin(arch: &str) -> Result<(Vec<u8>, bool)> {
+    let src = program_source();
+    let path = cache_path(&src, arch)?;
+    if let Some(p) = &path {
+        if let Ok(b) = std::fs::read(p) {
+            if !b.is_empty() {
+                return Ok((b, true));
+            }
+        }
+    }
+    let bin = compile(&src, arch)?;
+    if let Some(p) = &path {
+        store(p, &bin);
+    }
+    Ok((bin, false))
+}
+
+/// Write atomically (temp file + rename) so a concurrent start never reads half a file.
+fn store(p: &std::path::Path, bin: &[u8]) {
+    let Some(dir) = p.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, bin).is_ok() && std::fs::rename(&tmp, p).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Drop a cached CUBIN the driver refused (corrupt or stale).
+pub fn evict(arch: &str) {
+    if let Ok(Some(p)) = cache_path(&program_source(), arch) {
+        let _ = std::fs::remove_file(p);
+    }
+}

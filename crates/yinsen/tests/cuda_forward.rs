@@ -1,0 +1,222 @@
+//! The CUDA forward against the CPU backend (synthetic:tiny) and against the
+//! transformers oracle fixtures. Without a GPU: `SKIP cuda: <reason>`; with
+//! YINSEN_DEVICE=1 a missing GPU fails.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{read_json, tiny_a};
+use yinsen::backends::cpu::CpuBackend;
+use yinsen::backends::cuda::CudaBackend;
+use yinsen::backends::{Backend, Output};
+use yinsen::formats::{self, npy, LoadOptions};
+use yinsen::model::{synthetic, Model};
+
+fn cuda(model: &Model) -> Option<CudaBackend> {
+    match CudaBackend::new(model, 0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") => panic!("YINSEN_DEVICE=1: {e}"),
+        Err(e) => {
+            println!("SKIP cuda: {e}");
+            None
+        }
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m })
+}
+
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    let mut r = synthetic::SplitMix64(99);
+    (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+}
+
+/// Random ternary models are "flip prone" (see the fixtures' tolerances.json):
+/// a legit fp32 engine and another one differ in a few int8 roundings, which
+/// moves logits by up to ~0.04. So: max |d| <= 0.1, mean |d| <= 0.01, and the
+/// same top-1 wherever the CPU's top-1 leads its top-2 by >= 0.05.
+fn close(got: &[f32], want: &[f32], vocab: usize, what: &str) -> (f32, f32) {
+    let d = max_abs(got, want);
+    let mean = got.iter().zip(want).map(|(x, y)| (x - y).abs()).sum::<f32>() / got.len() as f32;
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+    assert!(d <= 0.1 && mean <= 0.01, "{what}: max |dlogit| {d}, mean {mean}");
+    for (t, (g, c)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let top = argmax(c);
+        let second = (0..vocab).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]));
+        if c[top] - second >= 0.05 {
+            assert_eq!(
+                argmax(g),
+                top,
+                "{what}: top-1 at token {t} (margin {})",
+                c[top] - second
+            );
+        }
+    }
+    (d, mean)
+}
+
+fn margin(c: &[f32]) -> f32 {
+    let top = argmax(c);
+    c[top] - (0..c.len()).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]))
+}
+
+#[test]
+fn tiny_matches_cpu_backend() {
+    let model = synthetic::build("tiny").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
+    let vocab = model.config.vocab;
+    // 300 tokens: several attention splits; prefill through both matrix kernels.
+    let ids = prompt(300, vocab);
+    let mut cc = cpu.new_cache(400).unwrap();
+    let want_all = cpu.forward(cc.as_mut(), &ids, Output::AllLogits).unwrap();
+    let mut per_kernel = vec![];
+    for mma_min in [17, usize::MAX] {
+        gpu.set_mma_min_tokens(mma_min);
+        let mut gc = gpu.new_cache(400).unwrap();
+        let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
+        let (d, mean) = close(&got, &want_all, vocab, &format!("prefill (mma from {mma_min})"));
+        println!("prefill 300 (mma from {mma_min}): max |dlogit| {d:.3e} mean {mean:.3e}");
+        per_kernel.push(got);
+    }
+    // The two matrix kernels are exact, so GPU prefill is deterministic across them.
+    assert_eq!(per_kernel[0], per_kernel[1], "GEMV and tensor-core prefill differ");
+    gpu.set_mma_min_tokens(17);
+    // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.
+    let mut gc = gpu.new_cache(400).unwrap();
+    let g_last = gpu.forward(gc.as_mut(), &ids[..100], Output::LastLogits).unwrap();
+    let mut cc = cpu.new_cache(400).unwrap();
+    let c_last = cpu.forward(cc.as_mut(), &ids[..100], Output::LastLogits).unwrap();
+    close(&g_last, &c_last, vocab, "prefill 100 last");
+    // GPU last logits equal its own all-logits row (same kernels, same data).
+    assert!(max_abs(&g_last, &per_kernel[0][99 * vocab..100 * vocab]) < 1e-5);
+    let mut tok = argmax(&c_last) as u32;
+    let mut worst = 0f32;
+    for step in 0..40 {
+        let g = gpu.forward(gc.as_mut(), &[tok], Output::LastLogits).unwrap();
+        let c = cpu.forward(cc.as_mut(), &[tok], Output::LastLogits).unwrap();
+        worst = worst.max(close(&g, &c, vocab, &format!("decode step {step}")).0);
+        tok = argmax(&c) as u32;
+    }
+    println!("decode 40 steps: max |dlogit| {worst:.3e}");
+    // Greedy on the device (token fed back there) vs CPU greedy, identical
+    // until the CPU's first near-tie.
+    let mut gc2 = gpu.new_cache(400).unwrap();
+    let mut cc2 = cpu.new_cache(400).unwrap();
+    let l = gpu.forward(gc2.as_mut(), &ids[..10], Output::LastLogits).unwrap();
+    let first = argmax(&l) as u32;
+    let got = gpu.generate_greedy(gc2.as_mut(), first, 12).unwrap();
+    let mut c = cpu.forward(cc2.as_mut(), &ids[..10], Output::LastLogits).unwrap();
+    let mut t = argmax(&c) as u32;
+    if margin(&c) >= 0.05 {
+        assert_eq!(t, first);
+        for (i, &g) in got.iter().enumerate() {
+            c = cpu.forward(cc2.as_mut(), &[t], Output::LastLogits).unwrap();
+            if margin(&c) < 0.05 {
+                break;
+            }
+            t = argmax(&c) as u32;
+            assert_eq!(g, t, "device greedy step {i}");
+        }
+    }
+    // Hidden output and errors.
+    let mut gc3 = gpu.new_cache(64).unwrap();
+    let h = gpu.forward(gc3.as_mut(), &ids[..5], Output::Hidden).unwrap();
+    assert_eq!(h.len(), 5 * model.config.hidden);
+    gc3.truncate(0);
+    assert!(gpu.forward(gc3.as_mut(), &ids[..65], Output::LastLogits).is_err());
+    assert!(gpu.forward(gc3.as_mut(), &[vocab as u32], Output::LastLogits).is_err());
+}
+
+#[test]
+fn fixture_logits_match_transformers() {
+    // The first format this build can read (readers land independently).
+    let loaded = common::tiny_a_formats()
+        .into_iter()
+        .find_map(|(label, spec)| formats::load(&spec, &LoadOptions::default()).ok().map(|l| (label, l)));
+    let Some((label, loaded)) = loaded else {
+        println!("SKIP fixture: no format reader can load tiny-bitnet-a in this build");
+        return;
+    };
+    println!("fixture format: {label}");
+    let Some(gpu) = cuda(&loaded.model) else { return };
+    let tol = read_json(tiny_a().join("expected/tolerances.json"));
+    let prompts = read_json(tiny_a().join("expected/prompts.json"));
+    let greedy = read_json(tiny_a().join("expected/greedy.json"));
+    for p in prompts["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let mut cache = gpu.new_cache(ids.len() + 20).unwrap();
+        let last = gpu.forward(cache.as_mut(), &ids, Output::LastLogits).unwrap();
+        let want = npy::read(&tiny_a().join(format!("expected/logits_last_{name}.npy")))
+            .unwrap()
+            .to_f32();
+        let d = max_abs(&last, &want);
+        let tmax = tol["prompts"][name]["max_abs_logit"].as_f64().unwrap() as f32;
+        println!("fixture {name}: n={} max |dlogit| {d:.3e} (tol {tmax})", ids.len());
+        assert!(d <= tmax, "{name}: {d} > {tmax}");
+        let g = &greedy[name];
+        let want_ids: Vec<u32> = g["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let margins: Vec<f64> = g["top1_minus_top2_margin"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let first = argmax(&last) as u32;
+        let mut got = vec![first];
+        got.extend(gpu.generate_greedy(cache.as_mut(), first, want_ids.len() - 1).unwrap());
+        for i in 0..want_ids.len() {
+            if margins[i] < 0.05 {
+                break;
+            }
+            assert_eq!(got[i], want_ids[i], "{name}: greedy step {i}");
+        }
+    }
+}
+
+#[test]
+fn bench_runs_on_tiny() {
+    let model = synthetic::build("tiny").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let r = yinsen::backends::cuda::bench::bench(&gpu).unwrap();
+    println!("bench tiny: {}", serde_json::to_string(&r).unwrap());
+    assert!(r.decode_tok_s_ctx0 > 0.0 && r.prefill_ms_512 > 0.0);
+}
+
+/// The real shape (synthetic weights): decode / prefill timings on the device.
+#[test]
+fn bench_2b4t_on_device() {
+    if std::env::var("YINSEN_DEVICE").is_err() {
+        println!("SKIP cuda: bench_2b4t runs only with YINSEN_DEVICE=1");
+        return;
+    }
+    let t = std::time::Instant::now();
+    let model = synthetic::build("2b4t").unwrap();
+    let build_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let Some(gpu) = cuda(&model) else { return };
+    println!(
+        "2b4t: build {build_s:.1}s, upload+compile {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let r = yinsen::backends::cuda::bench::bench(&gpu).unwrap();
+    println!("bench 2b4t: {}", serde_json::to_string(&r).unwrap());
+}
