@@ -204,9 +204,12 @@ impl CpuBackend {
             let nt = (n - t0).min(4);
             let ht = &h[t0 * c.hidden..(t0 + nt) * c.hidden];
             let mut by_row = vec![0f32; vocab * nt];
-            by_row.par_chunks_mut(block * nt).enumerate().for_each_init(Vec::new, |scratch, (bi, ch)| {
-                lm_head::rows_dot(head, bi * block, ht, nt, ch, scratch);
-            });
+            by_row
+                .par_chunks_mut(block * nt)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (bi, ch)| {
+                    lm_head::rows_dot(head, bi * block, ht, nt, ch, scratch);
+                });
             for r in 0..vocab {
                 for t in 0..nt {
                     out[(t0 + t) * vocab + r] = by_row[r * nt + t];

@@ -45,12 +45,13 @@ mod x86 {
     use crate::model::dense::DenseMatrix;
 
     pub fn rows_dot_f16(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
-        assert!(m.cols % 16 == 0 && h.len() >= n * m.cols);
+        assert!(m.cols.is_multiple_of(16) && h.len() >= n * m.cols);
         // SAFETY: avx512f checked by the caller (simd_ok); every load stays
         // inside a row of `cols` halves (cols % 16 == 0) or inside `h`.
         unsafe { f16_impl(m, r0, h, n, out) }
     }
 
+    #[allow(clippy::needless_range_loop)] // t indexes acc, acc2 and h together
     #[target_feature(enable = "avx512f")]
     unsafe fn f16_impl(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
         let cols = m.cols;
@@ -83,12 +84,13 @@ mod x86 {
     }
 
     pub fn rows_dot_q8_0(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
-        assert!(m.cols % 32 == 0 && h.len() >= n * m.cols);
+        assert!(m.cols.is_multiple_of(32) && h.len() >= n * m.cols);
         // SAFETY: avx512f/bw checked by the caller; a Q8_0 row is cols/32
         // blocks of 34 bytes, and every load stays inside its block.
         unsafe { q8_impl(m, r0, h, n, out) }
     }
 
+    #[allow(clippy::needless_range_loop)] // t indexes acc and h together
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn q8_impl(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
         let cols = m.cols;
@@ -137,7 +139,11 @@ mod tests {
                 rows_dot(m, 3, &h, n, &mut a, &mut s);
                 rows_dot_portable(m, 3, &h, n, &mut b, &mut s);
                 for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{:?} n={n}: {x} vs {y}", m.dtype);
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "{:?} n={n}: {x} vs {y}",
+                        m.dtype
+                    );
                 }
             }
         }
