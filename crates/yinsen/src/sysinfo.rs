@@ -148,10 +148,7 @@ impl MachineInfo {
                 s += &format!("  {d}\n");
             }
         } else {
-            s += &format!(
-                "cuda: no CUDA device: {}\n",
-                self.cuda.reason.as_deref().unwrap_or("unknown")
-            );
+            s += &format!("cuda: {}\n", self.cuda.reason.as_deref().unwrap_or("no CUDA device"));
         }
         s
     }
