@@ -392,7 +392,20 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Keep large activation buffers on the heap instead of fresh mmaps: the
+/// forward pass allocates multi-MB buffers per layer, and glibc's default
+/// mmap threshold makes each one a new mapping to page-fault and zero.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Info { json } => cmd_info(json),

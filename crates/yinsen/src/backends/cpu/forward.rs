@@ -170,9 +170,10 @@ impl CpuBackend {
     fn rms_rows(&self, x: &[f32], w: &[f32], dim: usize) -> Vec<f32> {
         let eps = self.model.config.rms_eps;
         let mut out = vec![0f32; x.len()];
-        for (xt, ot) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            ops::rms_norm(xt, w, eps, ot);
-        }
+        out.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .with_min_len(8)
+            .for_each(|(ot, xt)| ops::rms_norm(xt, w, eps, ot));
         out
     }
 

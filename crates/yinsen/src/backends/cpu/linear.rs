@@ -22,15 +22,16 @@ pub struct QuantizedInput {
 }
 
 impl QuantizedInput {
+    /// Quantise every token of `x` (`[n][n_in]`), tokens in parallel.
     pub fn new(x: &[f32], n_in: usize) -> Self {
         let n = x.len() / n_in;
         let mut q = vec![0i8; x.len()];
-        let s = x
-            .chunks_exact(n_in)
-            .zip(q.chunks_exact_mut(n_in))
-            .map(|(xt, qt)| reference::quantize_token(xt, qt))
-            .collect::<Vec<_>>();
-        debug_assert_eq!(s.len(), n);
+        let mut s = vec![0f32; n];
+        q.par_chunks_mut(n_in)
+            .zip(s.par_iter_mut())
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(t, (qt, st))| *st = reference::quantize_token(&x[t * n_in..(t + 1) * n_in], qt));
         Self { q, s, n_in }
     }
     pub fn n_tokens(&self) -> usize {
@@ -113,18 +114,21 @@ impl Linear {
                     packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
                 });
                 // Epilogue: exact int -> float with the two scales, transposing
-                // to token-major.
-                let mut r0 = 0;
-                for &(rows, ws) in parts {
-                    for t in 0..n {
-                        let f = ws / x.s[t];
-                        let o = &mut out[t * self.n_out + r0..t * self.n_out + r0 + rows];
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = acc[(r0 + i) * n + t] as f32 * f;
+                // to token-major; tokens in parallel.
+                let n_out = self.n_out;
+                out.par_chunks_mut(n_out)
+                    .enumerate()
+                    .with_min_len(8)
+                    .for_each(|(t, ot)| {
+                        let mut r0 = 0;
+                        for &(rows, ws) in parts {
+                            let f = ws / x.s[t];
+                            for (i, oi) in ot[r0..r0 + rows].iter_mut().enumerate() {
+                                *oi = acc[(r0 + i) * n + t] as f32 * f;
+                            }
+                            r0 += rows;
                         }
-                    }
-                    r0 += rows;
-                }
+                    });
             }
             Weights::PerBlock(mats) => {
                 // Reference semantics, one token at a time; slow but exact.
