@@ -389,6 +389,45 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(rss) = rss {
         println!("resident memory: {:.1} MiB", rss as f64 / (1 << 20) as f64);
     }
+    if a.m.backend == "cuda" {
+        print_cuda_bench(&engine)?;
+    }
+    Ok(())
+}
+
+/// Issue-4 timings (CUDA events, medians, warm-up and compilation excluded).
+fn print_cuda_bench(engine: &Engine) -> Result<()> {
+    let cb = yinsen::backends::cuda::CudaBackend::new(&engine.model, 0)?;
+    let r = yinsen::backends::cuda::bench::bench(&cb)?;
+    let m = &engine.model;
+    let gb = yinsen::bench::decode_bytes_per_token(m) as f64 / 1e9;
+    println!("cuda: {} ({})", r.device, r.arch);
+    println!("| test | value | derived |");
+    println!("|---|---|---|");
+    println!(
+        "| decode ctx 0 | {:.0} tok/s | {:.0} GB/s of weights |",
+        r.decode_tok_s_ctx0,
+        gb * r.decode_tok_s_ctx0
+    );
+    println!("| decode ctx 2048 | {:.0} tok/s | |", r.decode_tok_s_ctx2048);
+    let ops = 2.0 * m.ternary_bytes() as f64 * 4.0 / 1e12; // TOP per token (2 ops per ternary MAC)
+    println!(
+        "| prefill 512 | {:.2} ms | {:.0} TOPS ternary |",
+        r.prefill_ms_512,
+        ops * 512.0 / (r.prefill_ms_512 / 1e3)
+    );
+    println!(
+        "| prefill 2048 | {:.2} ms | {:.0} TOPS ternary |",
+        r.prefill_ms_2048,
+        ops * 2048.0 / (r.prefill_ms_2048 / 1e3)
+    );
+    let step1 = 1000.0 / r.decode_tok_s_ctx0;
+    println!(
+        "| 16-token step | {:.2} ms | {:.2}x the 1-token step |",
+        r.step16_ms.min(r.step16_mma_ms),
+        r.step16_ms.min(r.step16_mma_ms) / step1
+    );
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
 
