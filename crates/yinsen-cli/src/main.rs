@@ -360,6 +360,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let cpu = yinsen::sysinfo::cpu_info();
     println!("machine: {} ({} threads used)", cpu.name, threads);
+    println!(
+        "load {:.2} s, backend layout transform {:.2} s ({:.0} MB of ternary weights -> {:.0} MB resident in {})",
+        engine.load_s,
+        engine.prepare_s,
+        engine.model.ternary_bytes() as f64 / 1e6,
+        engine.backend.resident_weight_bytes() as f64 / 1e6,
+        engine.backend.name()
+    );
     println!("| model | backend | threads | test | t/s (median) | mean ± sd |");
     println!("|---|---|---|---|---|---|");
     for r in &records {
