@@ -300,7 +300,11 @@ unsafe fn drive<T: TileOps>(
     }
     let kp = l.n_in.next_multiple_of(KB);
     // Tokens read in place: whole pairs, when an A row is whole K steps.
-    let direct = if l.n_in % KB == 0 { n_tokens / TP * TP } else { 0 };
+    let direct = if l.n_in.is_multiple_of(KB) {
+        n_tokens / TP * TP
+    } else {
+        0
+    };
     // Padded copy of the rest; one extra line per row so the 16 rows of an A
     // tile do not all map to the same L1 sets when kp is a multiple of 2^k.
     let xs = kp + KB;
