@@ -74,7 +74,8 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
-    /// The decode step uses the fused one-token kernels (shapes permitting).
+    /// The decode step uses the fused one-token kernels (shapes permitting;
+    /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
     /// Decode graphs use PDL (sm_90+; `YINSEN_CUDA_PDL=0` turns it off).
     pdl: std::sync::atomic::AtomicBool,
@@ -215,6 +216,7 @@ impl CudaBackend {
             + lm_head.as_ref().map_or(0, |b| b.bytes)
             + final_norm.bytes;
         let fused = [c.hidden, c.q_dim(), c.ffn].iter().all(|&n| n <= DM_NMAX)
+            && std::env::var("YINSEN_CUDA_FUSED").map_or(true, |v| v != "0")
             && layers.iter().all(|l| {
                 [&l.qkv, &l.o, &l.gu, &l.down]
                     .iter()

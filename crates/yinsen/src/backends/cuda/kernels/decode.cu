@@ -13,14 +13,26 @@
 
 // Block-wide: v = [rmsnorm](load_in(in)) [* w] into vs, then int8 into xq
 // (zero-padded to kpad). Same arithmetic as norm_quant. Returns (sx, xsum).
+// Global loads go in batches of DQ_B per thread: one L2 round trip per
+// batch instead of one per element (the prologue is latency-bound).
+#define DQ_B 12
 __device__ void dec_quant(const float* in, int n, int gate, const float* nw, float eps, int kpad, float* vs,
                           i8* xq, float* red, float* sx_out, int* xsum_out) {
     const int tid = threadIdx.x, bd = blockDim.x;
     float ss = 0.f;
-    for (int i = tid; i < n; i += bd) {
-        float v = load_in(in, n, i, gate);
-        vs[i] = v;
-        ss += v * v;
+    for (int i0 = tid; i0 < n; i0 += DQ_B * bd) {
+        float v[DQ_B];
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            v[k] = i < n ? load_in(in, n, i, gate) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            if (i < n) vs[i] = v[k];
+            ss += v[k] * v[k];
+        }
     }
     float inv = 1.f;
     if (nw) {
@@ -28,11 +40,23 @@ __device__ void dec_quant(const float* in, int n, int gate, const float* nw, flo
         inv = sqrtf(ss / (float)n + eps);
     }
     float am = 0.f;
-    for (int i = tid; i < n; i += bd) {
-        float v = vs[i] / inv;
-        if (nw) v *= nw[i];
-        vs[i] = v;
-        am = fmaxf(am, fabsf(v));
+    for (int i0 = tid; i0 < n; i0 += DQ_B * bd) {
+        float w[DQ_B];
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            w[k] = nw && i < n ? nw[i] : 1.f;
+        }
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            if (i < n) {
+                float v = vs[i] / inv;
+                if (nw) v *= w[k];
+                vs[i] = v;
+                am = fmaxf(am, fabsf(v));
+            }
+        }
     }
     am = block_max(am, red);
     const float s = 127.f / fmaxf(am, 1e-5f);

@@ -196,6 +196,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
     const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int n_keys = pos[0] + t + 1, j0 = sp * ATT_CHUNK;
     const size_t pstride = hd + 2;
+    // One split holds every key (short contexts): it writes the output itself.
+    const int used = (n_keys + ATT_CHUNK - 1) / ATT_CHUNK;
     float* base = part + ((size_t)t * n_heads + h) * n_split * pstride;
     if (j0 < n_keys) {
         float* out = base + sp * pstride;
@@ -234,13 +236,15 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
             float a = 0.f;
 #pragma unroll 8
             for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
-            out[2 + d] = a;
+            if (used == 1) outp[(size_t)t * out_stride + h * hd + d] = a / l;
+            else out[2 + d] = a;
         }
         if (threadIdx.x == 0) {
             out[0] = mx;
             out[1] = l;
         }
     }
+    if (used == 1) return;
     // Publish this split, then let the last one merge.
     __threadfence();
     __syncthreads();
@@ -252,7 +256,6 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const int used = (n_keys + ATT_CHUNK - 1) / ATT_CHUNK;
     float m = NEG_INF;
     for (int s = 0; s < used; s++) m = fmaxf(m, __ldcg(base + s * pstride));
     float l = 0.f;
