@@ -28,47 +28,16 @@ pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
     s
 }
 
-/// Round half to even for |v| < 2^22 with plain f32 adds (which round to
-/// nearest-even), so the loop vectorises instead of calling `rintf`.
-/// Larger magnitudes (never produced by `x * s`, which is within ±127) fall
-/// back to `round_ties_even`.
+/// Round half to even with plain f32 adds (which round to nearest-even),
+/// so the loop vectorises instead of calling `rintf`. Exact for |v| < 2^22;
+/// larger magnitudes saturate at ±2^22 (callers clamp to int8 anyway). No
+/// branch: LLVM would otherwise speculate the `round_ties_even` fallback
+/// and call `rintf` for every element.
 #[inline]
 pub fn round_half_even_small(v: f32) -> f32 {
     const MAGIC: f32 = 12582912.0; // 1.5 * 2^23
-    if v.abs() < 4194304.0 {
-        (v + MAGIC) - MAGIC
-    } else {
-        v.round_ties_even()
-    }
-}
-
-/// Float result of a BitLinear for one token given its exact integer dot
-/// products: `y = acc * w_scale / s` (per-tensor) or the per-block sum.
-pub fn bitlinear_reference(w: &TernaryMatrix, x: &[f32]) -> Vec<f32> {
-    let mut q = vec![0i8; w.n_in];
-    let s = quantize_token(x, &mut q);
-    match &w.scale {
-        WeightScale::PerTensor(ws) => ternary_matmul_i32(w, &q, 1)
-            .into_iter()
-            .map(|a| a as f32 * (ws / s))
-            .collect(),
-        WeightScale::PerBlock { block, scales } => {
-            let bpr = w.n_in.div_ceil(*block);
-            (0..w.n_out)
-                .map(|o| {
-                    (0..bpr)
-                        .map(|b| {
-                            let acc: i32 = (b * block..((b + 1) * block).min(w.n_in))
-                                .map(|i| w.get(o, i) as i32 * q[i] as i32)
-                                .sum();
-                            acc as f32 * scales[o * bpr + b]
-                        })
-                        .sum::<f32>()
-                        / s
-                })
-                .collect()
-        }
-    }
+    let v = v.clamp(-4194304.0, 4194304.0);
+    (v + MAGIC) - MAGIC
 }
 
 #[cfg(test)]
@@ -84,7 +53,8 @@ mod tests {
             }
             v += 0.25;
         }
-        assert_eq!(round_half_even_small(1e9), 1e9);
+        assert_eq!(round_half_even_small(1e9), 4194304.0);
+        assert_eq!(round_half_even_small(-1e9), -4194304.0);
         assert_eq!(round_half_even_small(-2.5), -2.0);
         assert_eq!(round_half_even_small(3.5), 4.0);
     }
