@@ -57,6 +57,10 @@ pub trait Backend: Send + Sync {
     fn import_kv(&self, _snap: &KvSnapshot, _capacity: usize) -> Result<Box<dyn KvCache>> {
         Err(crate::Error::Unsupported(format!("{}: KV import", self.name())))
     }
+    /// The dispatcher behind this backend, if it is one (for plan reports).
+    fn hybrid(&self) -> Option<&crate::dispatch::HybridBackend> {
+        None
+    }
 }
 
 /// A sequence's keys and values in a path-neutral form: per layer,

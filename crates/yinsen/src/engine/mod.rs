@@ -24,6 +24,8 @@ pub struct EngineOptions {
     pub cpu: CpuOptions,
     pub activation: Option<Activation>,
     pub progress: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
+    /// Hybrid dispatcher settings (used with backend "auto").
+    pub dispatch: crate::dispatch::DispatchOptions,
 }
 
 impl Default for EngineOptions {
@@ -33,6 +35,7 @@ impl Default for EngineOptions {
             cpu: CpuOptions::default(),
             activation: None,
             progress: None,
+            dispatch: Default::default(),
         }
     }
 }
@@ -61,7 +64,7 @@ impl Engine {
             Some(spec) => Tokenizer::from_spec(spec)?,
             None => Tokenizer::bytes(c.vocab, c.bos, c.eos.clone()),
         });
-        let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.cpu)?;
+        let backend = crate::dispatch::make_backend_with(&model, &opts.backend, &opts.cpu, &opts.dispatch)?;
         Ok(Self {
             model,
             tokenizer,
