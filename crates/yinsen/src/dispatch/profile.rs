@@ -19,14 +19,18 @@ pub struct SweepPoint {
     pub ms: f64,
 }
 
-/// Cost of moving a sequence's KV cache between paths.
+/// Cost of moving a sequence's KV cache between paths (export f32 K/V
+/// from one backend, import into the other).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvMovePoint {
     /// Positions in the cache.
     pub positions: usize,
+    /// f32 snapshot bytes.
     pub bytes: usize,
-    pub to_cpu_ms: f64,
-    pub to_cuda_ms: f64,
+    pub export_cpu_ms: f64,
+    pub import_cpu_ms: f64,
+    pub export_cuda_ms: Option<f64>,
+    pub import_cuda_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,7 +178,11 @@ impl Profile {
     /// Estimated ms to move a cache of `positions` positions to `to`.
     pub fn move_ms(&self, positions: usize, to: &str) -> Option<f64> {
         let p = self.kv_move.iter().max_by_key(|p| p.positions)?;
-        let ms = if to == "cuda" { p.to_cuda_ms } else { p.to_cpu_ms };
+        let ms = if to == "cuda" {
+            p.export_cpu_ms + p.import_cuda_ms?
+        } else {
+            p.export_cuda_ms? + p.import_cpu_ms
+        };
         Some(ms * positions as f64 / p.positions.max(1) as f64)
     }
 }
