@@ -7,6 +7,7 @@ use std::path::{Path as FsPath, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backends::cpu::kernels::policy::KernelPolicy;
+use crate::backends::cpu::kernels::KERNEL_NAMES;
 use crate::error::{Error, Result};
 
 /// One measurement: a full forward of `tokens` tokens on `path`.
@@ -110,9 +111,16 @@ impl Profile {
         if self.points.iter().any(|p| !(p.ms.is_finite() && p.ms >= 0.0)) {
             return bad("a measurement is not a finite, non-negative time");
         }
-        self.cpu_policy
-            .validate()
-            .map_err(|e| Error::input(format!("profile {file}: cpu_policy: {e}")))
+        // Structure only: whether the kernels run here is the dispatcher's
+        // check (a profile from another machine falls back to defaults).
+        let c = &self.cpu_policy.rules;
+        if c.first().map(|r| r.0) != Some(1) || !c.windows(2).all(|w| w[0].0 < w[1].0) {
+            return bad("cpu_policy must start at 1 token and increase");
+        }
+        if c.iter().any(|(_, k)| k == "auto" || !KERNEL_NAMES.contains(&k.as_str())) {
+            return bad("cpu_policy names an unknown kernel");
+        }
+        Ok(())
     }
 
     pub fn load(path: &FsPath) -> Result<Self> {
