@@ -66,6 +66,7 @@ fn cpu_plus_cuda_default_rules_follow_the_seed() {
     assert_eq!(p.plan(Phase::Prefill, 15, None, 0).path, Path::Cuda);
     assert_eq!(p.plan(Phase::Prefill, 16, None, 0).path, Path::Cpu);
     assert_eq!(p.plan(Phase::Embed, 256, None, 0).path, Path::Cpu);
+    assert_eq!(p.plan(Phase::Embed, 3, None, 0).path, Path::Cpu);
     // Decode after a CPU prefill moves the cache to the GPU.
     let mv = p.plan(Phase::Decode, 1, Some(Path::Cpu), 100);
     assert_eq!(mv.kv_move_from, Some(Path::Cpu));

@@ -132,7 +132,7 @@ impl Planner {
     /// As [`Self::plan`], with the CUDA path's availability given (it can
     /// turn out unusable when built lazily).
     pub fn plan_with(&self, phase: Phase, n: usize, kv_on: Option<Path>, kv_len: usize, cuda_ok: bool) -> Plan {
-        let (path, source) = self.choose(n, kv_on, kv_len, cuda_ok);
+        let (path, source) = self.choose(phase, n, kv_on, kv_len, cuda_ok);
         let cpu_kernel = (path == Path::Cpu).then(|| self.cpu_policy.kernel_for(n).to_string());
         let here = match (&cpu_kernel, path) {
             (Some(k), _) => format!("cpu/{k}"),
@@ -159,7 +159,7 @@ impl Planner {
         }
     }
 
-    fn choose(&self, n: usize, kv_on: Option<Path>, kv_len: usize, cuda_ok: bool) -> (Path, String) {
+    fn choose(&self, phase: Phase, n: usize, kv_on: Option<Path>, kv_len: usize, cuda_ok: bool) -> (Path, String) {
         if let Some(p) = self.force {
             return (p, "forced".into());
         }
@@ -167,7 +167,8 @@ impl Planner {
             return (Path::Cpu, "only path".into());
         }
         let Some(prof) = &self.profile else {
-            let p = if n >= DEFAULT_CPU_MIN_TOKENS {
+            // The seed: embeddings and big calls on the CPU matrix path.
+            let p = if n >= DEFAULT_CPU_MIN_TOKENS || phase == Phase::Embed {
                 Path::Cpu
             } else {
                 Path::Cuda
