@@ -27,7 +27,11 @@ pub struct EmbedArgs {
 fn inputs(a: &EmbedArgs) -> Result<Vec<String>> {
     if let Some(f) = &a.file {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        return Ok(text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect());
+        return Ok(text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect());
     }
     if a.prompt.is_empty() {
         bail!("give texts with -p TEXT (repeatable) or --file F");

@@ -60,17 +60,30 @@ pub fn cmd_paths(engine: &Engine, model_name: &str, threads: usize, reps: usize,
 pub fn cmd_concurrent(engine: &Engine, json: bool, quick: bool) -> Result<()> {
     let b = engine.backend.as_ref();
     let max = engine.model.config.max_ctx;
-    let (seqs, len, steps) = if quick { (4, 32, 16) } else { (16, 128.min(max), 64.min(max)) };
+    let (seqs, len, steps) = if quick {
+        (4, 32, 16)
+    } else {
+        (16, 128.min(max), 64.min(max))
+    };
     let r = paths::concurrent(b, b, seqs, len, steps)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("embedding: {seqs} x {len} tokens on {} | decode: {steps} steps on {}", r.embed_path, r.decode_path);
+    println!(
+        "embedding: {seqs} x {len} tokens on {} | decode: {steps} steps on {}",
+        r.embed_path, r.decode_path
+    );
     println!("| workload | alone tok/s | concurrent tok/s |");
     println!("|---|---|---|");
-    println!("| embed | {:.1} | {:.1} |", r.embed_alone_tok_s, r.embed_concurrent_tok_s);
-    println!("| decode | {:.1} | {:.1} |", r.decode_alone_tok_s, r.decode_concurrent_tok_s);
+    println!(
+        "| embed | {:.1} | {:.1} |",
+        r.embed_alone_tok_s, r.embed_concurrent_tok_s
+    );
+    println!(
+        "| decode | {:.1} | {:.1} |",
+        r.decode_alone_tok_s, r.decode_concurrent_tok_s
+    );
     println!(
         "combined: {:.1} tok/s concurrent vs {:.1} tok/s one after the other",
         r.combined_tok_s, r.sequential_tok_s

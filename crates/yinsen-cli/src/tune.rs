@@ -107,7 +107,10 @@ fn plot(p: &Profile, file: &Path) -> Result<()> {
     let err = |e: String| anyhow::anyhow!("drawing {}: {e}", file.display());
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("yinsen tune: {} on {}", p.model, p.cpu_name), ("sans-serif", 18))
+        .caption(
+            format!("yinsen tune: {} on {}", p.model, p.cpu_name),
+            ("sans-serif", 18),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -142,7 +145,10 @@ fn plot(p: &Profile, file: &Path) -> Result<()> {
     for (t, color, name) in thresholds.chain(path_t) {
         let x = t as f64;
         chart
-            .draw_series(LineSeries::new(vec![(x, lo * 0.8), (x, hi * 1.25)], color.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                vec![(x, lo * 0.8), (x, hi * 1.25)],
+                color.stroke_width(1),
+            ))
             .map_err(|e| err(e.to_string()))?
             .label(format!("{name} from {t} tokens"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));

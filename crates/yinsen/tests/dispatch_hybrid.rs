@@ -33,12 +33,7 @@ fn greedy(b: &dyn Backend, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>)
     let mut logits = b.forward(c.as_mut(), prompt, Output::LastLogits).unwrap();
     let (mut out, mut all) = (vec![], logits.clone());
     for _ in 0..steps {
-        let t = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
+        let t = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
         out.push(t);
         logits = b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap();
         all.extend_from_slice(&logits);
@@ -76,15 +71,24 @@ fn kernel_policy_from_profile_is_bit_identical_to_single_kernels() {
         Box::new(move || Ok(Arc::new(CpuBackend::with_options(m2.clone(), &cpu_opts)?) as Arc<dyn Backend>)),
     );
     let h = HybridBackend::new(m.config.clone(), planner, slot, None, WeightMode::Dual).unwrap();
-    assert_eq!(h.plan_for(1, Output::LastLogits, None, 0).cpu_kernel.as_deref(), Some(k1.as_str()));
-    assert_eq!(h.plan_for(9, Output::LastLogits, None, 0).cpu_kernel.as_deref(), Some(k2.as_str()));
+    assert_eq!(
+        h.plan_for(1, Output::LastLogits, None, 0).cpu_kernel.as_deref(),
+        Some(k1.as_str())
+    );
+    assert_eq!(
+        h.plan_for(9, Output::LastLogits, None, 0).cpu_kernel.as_deref(),
+        Some(k2.as_str())
+    );
     let prompt = toks(9);
     let (th, lh) = greedy(&h, &prompt, 6);
     for k in [&k1, &k2] {
         let single = CpuBackend::new(m.clone(), k, 2).unwrap();
         let (ts, ls) = greedy(&single, &prompt, 6);
         assert_eq!(th, ts, "greedy tokens differ from {k}");
-        assert!(lh.iter().zip(&ls).all(|(a, b)| a.to_bits() == b.to_bits()), "logits differ from {k}");
+        assert!(
+            lh.iter().zip(&ls).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "logits differ from {k}"
+        );
     }
     assert!(lh.iter().any(|&v| v != 0.0));
     assert_eq!(h.stats().cpu_calls, 7);
@@ -162,7 +166,12 @@ fn lazy_weights_build_on_first_use_and_respect_the_budget() {
     assert!(r[1].resident_weight_bytes > 0);
     // With a budget below two layouts, using one path drops the other.
     let one = r[1].resident_weight_bytes;
-    let h = two_path_hybrid(&m, WeightMode::Lazy { budget: Some(one + one / 2) });
+    let h = two_path_hybrid(
+        &m,
+        WeightMode::Lazy {
+            budget: Some(one + one / 2),
+        },
+    );
     let mut c = h.new_cache(64).unwrap();
     h.forward(c.as_mut(), &toks(20), Output::LastLogits).unwrap();
     h.forward(c.as_mut(), &toks(1), Output::LastLogits).unwrap();

@@ -45,7 +45,9 @@ impl Slot {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Option<Arc<dyn Backend>>>> {
-        self.cur.lock().map_err(|_| Error::backend("hybrid", "slot lock poisoned"))
+        self.cur
+            .lock()
+            .map_err(|_| Error::backend("hybrid", "slot lock poisoned"))
     }
 
     pub fn get(&self) -> Result<Arc<dyn Backend>> {
@@ -110,9 +112,13 @@ pub struct HybridBackend {
     stats: Mutex<HybridStats>,
 }
 
+/// A cache, the path it is on, and the backend that made it (kept alive
+/// with it, so lazily dropped weights never strand a cache).
+type Placed = (Path, Arc<dyn Backend>, Box<dyn KvCache>);
+
 /// A sequence's cache on whichever path holds it (made on first use).
 struct HybridCache {
-    inner: Option<(Path, Arc<dyn Backend>, Box<dyn KvCache>)>,
+    inner: Option<Placed>,
     capacity: usize,
 }
 

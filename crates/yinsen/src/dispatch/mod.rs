@@ -122,7 +122,12 @@ fn cpu_policy(cpu: &CpuOptions, planner: &Planner) -> Result<KernelPolicy> {
 
 /// The hybrid backend over this machine's paths (`caps` may be synthetic:
 /// a CUDA device listed there is built with `CudaBackend`).
-pub fn make_hybrid(model: &Arc<Model>, cpu: &CpuOptions, opts: &DispatchOptions, caps: Capabilities) -> Result<HybridBackend> {
+pub fn make_hybrid(
+    model: &Arc<Model>,
+    cpu: &CpuOptions,
+    opts: &DispatchOptions,
+    caps: Capabilities,
+) -> Result<HybridBackend> {
     let (profile, note) = load_profile(&caps, &opts.profile);
     let mut planner = Planner::new(caps, profile);
     planner.cpu_policy = cpu_policy(cpu, &planner)?;

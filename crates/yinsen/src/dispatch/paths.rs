@@ -98,8 +98,17 @@ fn cell(b: Option<&dyn Backend>, why: &str, n: usize, ctx: usize, reps: usize) -
     }
 }
 
-pub fn run(model: &Arc<Model>, caps: &Capabilities, hybrid: &HybridBackend, threads: usize, reps: usize) -> Result<PathsTable> {
-    let (mk, vk) = (caps.cpu_matrix_kernel().to_string(), caps.cpu_vector_kernel().to_string());
+pub fn run(
+    model: &Arc<Model>,
+    caps: &Capabilities,
+    hybrid: &HybridBackend,
+    threads: usize,
+    reps: usize,
+) -> Result<PathsTable> {
+    let (mk, vk) = (
+        caps.cpu_matrix_kernel().to_string(),
+        caps.cpu_vector_kernel().to_string(),
+    );
     let vector = CpuBackend::new(model.clone(), &vk, threads)?;
     let matrix = match mk == vk {
         true => None,
@@ -193,14 +202,24 @@ fn decode_job(b: &dyn Backend, steps: usize) -> Result<f64> {
 /// Run `seqs` embeddings of `len` tokens on `embed` while `decode` makes
 /// `steps` decode steps, then each alone. The backends may be the same
 /// hybrid (its plans route the two workloads).
-pub fn concurrent(embed: &dyn Backend, decode: &dyn Backend, seqs: usize, len: usize, steps: usize) -> Result<ConcurrentReport> {
+pub fn concurrent(
+    embed: &dyn Backend,
+    decode: &dyn Backend,
+    seqs: usize,
+    len: usize,
+    steps: usize,
+) -> Result<ConcurrentReport> {
     let et = embed_job(embed, seqs, len)?;
     let dt = decode_job(decode, steps)?;
     let t = Instant::now();
     let (e2, d2) = std::thread::scope(|s| {
         let h = s.spawn(|| embed_job(embed, seqs, len));
         let d = decode_job(decode, steps);
-        (h.join().unwrap_or_else(|_| Err(crate::Error::backend("bench", "embed thread panicked"))), d)
+        (
+            h.join()
+                .unwrap_or_else(|_| Err(crate::Error::backend("bench", "embed thread panicked"))),
+            d,
+        )
     });
     let wall = t.elapsed().as_secs_f64();
     let (e2, d2) = (e2?, d2?);

@@ -121,7 +121,6 @@ impl Planner {
         }
     }
 
-
     /// The plan for a call of `n` tokens in `phase`, with the sequence's
     /// cache currently on `kv_on` (None = empty / not yet placed) holding
     /// `kv_len` positions.

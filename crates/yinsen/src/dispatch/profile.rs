@@ -99,7 +99,10 @@ impl Profile {
     pub fn validate(&self, file: &str) -> Result<()> {
         let bad = |m: &str| Err(Error::input(format!("profile {file}: {m}")));
         if self.version != PROFILE_VERSION {
-            return bad(&format!("version {} (this build reads {PROFILE_VERSION})", self.version));
+            return bad(&format!(
+                "version {} (this build reads {PROFILE_VERSION})",
+                self.version
+            ));
         }
         let r = &self.path_rules;
         if r.first().map(|r| r.0) != Some(1) || !r.windows(2).all(|w| w[0].0 < w[1].0) {
@@ -117,7 +120,9 @@ impl Profile {
         if c.first().map(|r| r.0) != Some(1) || !c.windows(2).all(|w| w[0].0 < w[1].0) {
             return bad("cpu_policy must start at 1 token and increase");
         }
-        if c.iter().any(|(_, k)| k == "auto" || !KERNEL_NAMES.contains(&k.as_str())) {
+        if c.iter()
+            .any(|(_, k)| k == "auto" || !KERNEL_NAMES.contains(&k.as_str()))
+        {
             return bad("cpu_policy names an unknown kernel");
         }
         Ok(())
@@ -127,7 +132,10 @@ impl Profile {
         let name = path.display().to_string();
         let meta = std::fs::metadata(path).map_err(|e| Error::input(format!("profile {name}: {e}")))?;
         if meta.len() > MAX_PROFILE_BYTES {
-            return Err(Error::input(format!("profile {name}: {} bytes is too large", meta.len())));
+            return Err(Error::input(format!(
+                "profile {name}: {} bytes is too large",
+                meta.len()
+            )));
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::input(format!("profile {name}: {e}")))?;
         let p: Profile = serde_json::from_str(&text).map_err(|e| Error::input(format!("profile {name}: {e}")))?;
