@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Repeatable CUDA check on the device machine (H100 + CUDA 13, no Rust there).
 #
-# Here (build machine):
-#   cd /work/wt-cuda && /work/shared/tools/device-pack
-#   rm -rf /work/main/.device-cuda && cp -r .device /work/main/.device-cuda
-#   cp scripts/device-cuda.sh /work/main/.device-cuda/
-# Device (run tool, carry [".device-cuda"]):
-#   bash .device-cuda/device-cuda.sh 2>&1 | tail -200
+# Here (build machine), from the worktree:
+#   cargo test --release --no-run -p yinsen --test cuda_kernels --test cuda_forward
+#   d=/work/main/.device-cudaperf; rm -rf $d && mkdir -p $d/tests $d/fixtures
+#   cp target/release/deps/cuda_{kernels,forward}-<hash> $d/tests/  (strip them)
+#   cp -r /work/shared/fixtures/tiny-bitnet-a $d/fixtures/; cp scripts/device-cuda.sh $d/
+#   (/.device-cudaperf/ in /work/main/.git/info/exclude)
+# Device (run tool, carry [".device-cudaperf"]):
+#   bash .device-cudaperf/device-cuda.sh 2>&1 | tail -200
 #
 # Runs: the cuda_* test binaries with YINSEN_DEVICE=1 (GPU tests must run,
 # not skip), compute-sanitizer memcheck on the kernel tests and the tiny

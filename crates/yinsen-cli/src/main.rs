@@ -424,6 +424,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     let cpu = yinsen::sysinfo::cpu_info();
     println!("machine: {} ({} threads used)", cpu.name, threads);
+    println!(
+        "load {:.2} s, backend layout transform {:.2} s ({:.0} MB of ternary weights -> {:.0} MB resident in {})",
+        engine.load_s,
+        engine.prepare_s,
+        engine.model.ternary_bytes() as f64 / 1e6,
+        engine.backend.resident_weight_bytes() as f64 / 1e6,
+        engine.backend.name()
+    );
     println!("| model | backend | threads | test | t/s (median) | mean ± sd |");
     println!("|---|---|---|---|---|---|");
     for r in &records {
@@ -456,6 +464,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(h) = engine.backend.hybrid() {
         report_hybrid(h);
     }
+    if a.m.backend == "cuda" {
+        print_cuda_bench(&engine)?;
+    }
     Ok(())
 }
 
@@ -485,7 +496,56 @@ fn report_hybrid(h: &yinsen::dispatch::HybridBackend) {
     }
 }
 
+/// Issue-4 timings (CUDA events, medians, warm-up and compilation excluded).
+fn print_cuda_bench(engine: &Engine) -> Result<()> {
+    let cb = yinsen::backends::cuda::CudaBackend::new(&engine.model, 0)?;
+    let r = yinsen::backends::cuda::bench::bench(&cb)?;
+    let m = &engine.model;
+    let gb = yinsen::bench::decode_bytes_per_token(m) as f64 / 1e9;
+    println!("cuda: {} ({})", r.device, r.arch);
+    println!("| test | value | derived |");
+    println!("|---|---|---|");
+    println!(
+        "| decode ctx 0 | {:.0} tok/s | {:.0} GB/s of weights |",
+        r.decode_tok_s_ctx0,
+        gb * r.decode_tok_s_ctx0
+    );
+    println!("| decode ctx 2048 | {:.0} tok/s | |", r.decode_tok_s_ctx2048);
+    let ops = 2.0 * m.ternary_bytes() as f64 * 4.0 / 1e12; // TOP per token (2 ops per ternary MAC)
+    println!(
+        "| prefill 512 | {:.2} ms | {:.0} TOPS ternary |",
+        r.prefill_ms_512,
+        ops * 512.0 / (r.prefill_ms_512 / 1e3)
+    );
+    println!(
+        "| prefill 2048 | {:.2} ms | {:.0} TOPS ternary |",
+        r.prefill_ms_2048,
+        ops * 2048.0 / (r.prefill_ms_2048 / 1e3)
+    );
+    let step1 = 1000.0 / r.decode_tok_s_ctx0;
+    println!(
+        "| 16-token step | {:.2} ms | {:.2}x the 1-token step |",
+        r.step16_ms.min(r.step16_mma_ms),
+        r.step16_ms.min(r.step16_mma_ms) / step1
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// Keep large activation buffers on the heap instead of fresh mmaps: the
+/// forward pass allocates multi-MB buffers per layer, and glibc's default
+/// mmap threshold makes each one a new mapping to page-fault and zero.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Info { json } => cmd_info(json),

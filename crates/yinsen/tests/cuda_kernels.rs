@@ -70,6 +70,9 @@ fn nvrtc_compiles_all_kernels() {
             "attn_partial",
             "lm_head_f16",
             "argmax_f32",
+            "dec_mm_l8",
+            "dec_mm_l16",
+            "lm_head_dec",
         ] {
             assert!(
                 bin.windows(name.len()).any(|w| w == name.as_bytes()),

@@ -42,8 +42,12 @@ fn cpu_only_everything_on_cpu_vector_then_amx() {
         assert_eq!(plan.source, "only path");
     }
     assert_eq!(p.plan(Phase::Decode, 1, None, 0).cpu_kernel.as_deref(), Some("vnni"));
-    assert_eq!(p.plan(Phase::Prefill, 31, None, 0).cpu_kernel.as_deref(), Some("vnni"));
-    assert_eq!(p.plan(Phase::Prefill, 32, None, 0).cpu_kernel.as_deref(), Some("amx"));
+    let t = yinsen::backends::cpu::kernels::AMX_MIN_TOKENS;
+    assert_eq!(
+        p.plan(Phase::Prefill, t - 1, None, 0).cpu_kernel.as_deref(),
+        Some("vnni")
+    );
+    assert_eq!(p.plan(Phase::Prefill, t, None, 0).cpu_kernel.as_deref(), Some("amx"));
     let e = p.plan(Phase::Embed, 8, None, 0);
     assert!(e.lm_head.starts_with("skipped"), "{}", e.lm_head);
 }

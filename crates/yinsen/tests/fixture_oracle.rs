@@ -171,3 +171,39 @@ fn every_format_reproduces_transformers_on_every_cpu_kernel() {
         }
     }
 }
+
+/// The optional 8-bit lm_head (issue 3): its logit error against the
+/// transformers reference on every prompt, within the fixture tolerance.
+#[test]
+fn q8_lm_head_error_on_fixtures() {
+    use yinsen::backends::cpu::CpuOptions;
+    let spec = tiny_a_formats().remove(2).1; // TQ2_0
+    let model = Arc::new(formats::load(&spec, &LoadOptions::default()).unwrap().model);
+    let be = CpuBackend::with_options(
+        model,
+        &CpuOptions {
+            threads: 2,
+            lm_head_q8: true,
+            ..CpuOptions::default()
+        },
+    )
+    .unwrap();
+    let mut worst = 0f32;
+    for p in prompts() {
+        let mut c = be.new_cache(p.ids.len()).unwrap();
+        let got = be.forward(c.as_mut(), &p.ids, Output::LastLogits).unwrap();
+        let want = npy::read(&tiny_a().join(format!("expected/logits_last_{}.npy", p.name)))
+            .unwrap()
+            .to_f32();
+        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let mean = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;
+        eprintln!("q8 lm_head {:9} max |dlogit| {max:.2e} mean {mean:.2e}", p.name);
+        worst = worst.max(max);
+        assert!(
+            max <= 0.1 && mean <= 0.01,
+            "{}: q8 lm_head error {max} / {mean}",
+            p.name
+        );
+    }
+    assert!(worst > 0.0, "q8 lm_head should differ from the f16 one somewhere");
+}

@@ -1,12 +1,22 @@
-//! Single-thread kernel throughput (ignored by default; needs optimisation):
-//! `CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo test -p yinsen --test kernels_bench -- --ignored --nocapture`
-//! (or `--release`). GEMV is reported as GB/s of resident weight bytes,
-//! both "hot" (one matrix, cache resident) and "cold" (rotating over copies
-//! totalling more than the L3, so weights stream from DRAM as in decode).
-//! GEMM as int8 GOPS (2 ops per multiply-add).
+//! Kernel throughput (ignored by default; needs optimisation):
+//! `cargo test --release -p yinsen --test kernels_bench -- --ignored --nocapture`.
+//!
+//! - `bench_kernels`: single thread. GEMV as GB/s of resident weight bytes,
+//!   "hot" (one matrix, cache resident) and "cold" (rotating over copies
+//!   totalling more than the L3, as in decode); GEMM as int8 GOPS (2 ops per
+//!   multiply-add).
+//! - `bench_threads`: GEMM GOPS with `YINSEN_BENCH_THREADS` threads (default:
+//!   all logical CPUs), rows split like `Linear::forward`, plus the
+//!   2B4T layer's four matmuls at 512 tokens projected to a matmul-only pp512.
+//! - `bench_2b4t_e2e`: synthetic 2B4T through the CPU backend, pp512 and
+//!   decode tok/s (set `YINSEN_BENCH_E2E=1`; builds a 2B-parameter model).
+//!
+//! `YINSEN_BENCH_KERNELS=amx,vnni` limits the kernels measured.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use yinsen::backends::cpu::kernels::{self, PackedTernary};
 use yinsen::model::{TernaryMatrix, WeightScale};
 
@@ -26,28 +36,55 @@ fn cpu_now() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// CPU seconds per call, best of a few timed batches.
-fn time<F: FnMut()>(mut f: F, min_s: f64) -> f64 {
+/// Seconds per call by `clock`, best of a few timed batches.
+fn time_with<F: FnMut()>(clock: &dyn Fn() -> f64, mut f: F, min_s: f64) -> f64 {
     f();
     let mut best = f64::MAX;
     for _ in 0..3 {
-        let (mut n, t0, w0) = (0u32, cpu_now(), Instant::now());
-        while cpu_now() - t0 < min_s / 3.0 && w0.elapsed().as_secs_f64() < 10.0 * min_s {
+        let (mut n, t0, w0) = (0u32, clock(), Instant::now());
+        while clock() - t0 < min_s / 3.0 && w0.elapsed().as_secs_f64() < 10.0 * min_s {
             f();
             n += 1;
         }
-        best = best.min((cpu_now() - t0) / n as f64);
+        best = best.min((clock() - t0) / n as f64);
     }
     best
+}
+
+fn time<F: FnMut()>(f: F, min_s: f64) -> f64 {
+    time_with(&cpu_now, f, min_s)
+}
+
+fn wall_time<F: FnMut()>(f: F, min_s: f64) -> f64 {
+    let start = Instant::now();
+    time_with(&|| start.elapsed().as_secs_f64(), f, min_s)
+}
+
+fn bench_names() -> Vec<&'static str> {
+    let mut names = kernels::available();
+    names.retain(|n| *n != "scalar");
+    if let Ok(only) = std::env::var("YINSEN_BENCH_KERNELS") {
+        names.retain(|n| only.split(',').any(|o| o == *n));
+    }
+    names
+}
+
+fn bench_threads_n() -> usize {
+    std::env::var("YINSEN_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn ops(n_out: usize, n_in: usize, nt: usize) -> f64 {
+    2.0 * (n_out * n_in * nt) as f64
 }
 
 #[test]
 #[ignore]
 fn bench_kernels() {
     let shapes = [(6912usize, 2560usize), (2560, 6912)];
-    let mut names = kernels::available();
-    names.retain(|n| *n != "scalar");
-    for name in names {
+    for name in bench_names() {
         let k = kernels::select(name).unwrap();
         for (n_out, n_in) in shapes {
             let m = matrix(n_out, n_in, 1);
@@ -76,10 +113,9 @@ fn bench_kernels() {
             drop(cold);
             for nt in [4usize, 16, 64, 512] {
                 let t = time(|| gemm(p.as_ref(), &x, nt, &mut out), 0.6);
-                let ops = 2.0 * (n_out * n_in * nt) as f64;
                 println!(
-                    "{name:6} {n_out}x{n_in} gemm n_tokens={nt:3}: {:7.1} GOPS",
-                    ops / t / 1e9
+                    "{name:6} {n_out}x{n_in} gemm n_tokens={nt:3}: {:7.1} GOPS (1 thread)",
+                    ops(n_out, n_in, nt) / t / 1e9
                 );
             }
         }
@@ -89,4 +125,102 @@ fn bench_kernels() {
 fn gemm(p: &dyn PackedTernary, x: &[i8], nt: usize, out: &mut [i32]) {
     let n_out = p.n_out();
     p.gemm(&x[..nt * p.n_in()], nt, 0, n_out, &mut out[..n_out * nt]);
+}
+
+/// `p` over all rows with the current rayon pool, split as `Linear::forward`
+/// splits them (4 pieces per thread, multiples of `row_block`).
+fn gemm_par(p: &dyn PackedTernary, x: &[i8], nt: usize, out: &mut [i32], threads: usize) {
+    let n_out = p.n_out();
+    let rb = p.row_block().max(1);
+    let rows = n_out.div_ceil(threads * 4).div_ceil(rb) * rb;
+    out[..n_out * nt]
+        .par_chunks_mut(rows * nt)
+        .enumerate()
+        .for_each(|(ci, ch)| {
+            let r0 = ci * rows;
+            p.gemm(&x[..nt * p.n_in()], nt, r0, r0 + ch.len() / nt, ch);
+        });
+}
+
+#[test]
+#[ignore]
+fn bench_threads() {
+    let n = bench_threads_n();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    for name in bench_names() {
+        let k = kernels::select(name).unwrap();
+        for (n_out, n_in) in [(6912usize, 2560usize), (2560, 6912)] {
+            let p = k.prepare(&matrix(n_out, n_in, 2)).unwrap();
+            let x: Vec<i8> = (0..512 * n_in).map(|i| (i * 37 % 255) as i8).collect();
+            let mut out = vec![0i32; n_out * 512];
+            for nt in [1usize, 16, 64, 512] {
+                let t = pool.install(|| wall_time(|| gemm_par(p.as_ref(), &x, nt, &mut out, n), 0.5));
+                let gb = p.resident_bytes() as f64 / t / 1e9;
+                println!(
+                    "{name:6} {n_out}x{n_in} gemm n_tokens={nt:3}: {:8.1} GOPS ({n} threads, {gb:.0} GB/s of weights)",
+                    ops(n_out, n_in, nt) / t / 1e9
+                );
+            }
+        }
+        // One 2B4T layer's ternary matmuls (fused as the CPU backend fuses
+        // them): qkv, o, gate+up, down. 30 layers.
+        let shapes = [(3840usize, 2560usize), (2560, 2560), (13824, 2560), (2560, 6912)];
+        let packed: Vec<Arc<dyn PackedTernary>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, i_))| k.prepare(&matrix(o, i_, 10 + i as u64)).unwrap())
+            .collect();
+        let nt = 512;
+        let x: Vec<i8> = (0..nt * 6912).map(|i| (i * 53 % 251) as i8).collect();
+        let mut out = vec![0i32; 13824 * nt];
+        let t = pool.install(|| {
+            wall_time(
+                || {
+                    for p in &packed {
+                        gemm_par(p.as_ref(), &x, nt, &mut out, n);
+                    }
+                },
+                1.0,
+            )
+        });
+        let layer_ops: f64 = shapes.iter().map(|&(o, i)| ops(o, i, nt)).sum();
+        println!(
+            "{name:6} 2b4t layer matmuls, {nt} tokens, {n} threads: {:.3} ms ({:.1} GOPS) -> matmul-only pp{nt} {:.0} tok/s",
+            t * 1e3,
+            layer_ops / t / 1e9,
+            nt as f64 / (30.0 * t)
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_2b4t_e2e() {
+    use yinsen::backends::cpu::CpuBackend;
+    if std::env::var("YINSEN_BENCH_E2E").ok().as_deref() != Some("1") {
+        eprintln!("SKIP e2e: set YINSEN_BENCH_E2E=1");
+        return;
+    }
+    let n = bench_threads_n();
+    let t0 = Instant::now();
+    let model = Arc::new(yinsen::model::synthetic::build("2b4t").unwrap());
+    println!("synthetic 2b4t built in {:.1} s", t0.elapsed().as_secs_f64());
+    for name in bench_names() {
+        let be = CpuBackend::new(model.clone(), name, n).unwrap();
+        let spec = yinsen::bench::BenchSpec {
+            model_name: "synthetic:2b4t",
+            kernel: name,
+            threads: n,
+            prompts: &[512],
+            gens: &[16],
+            repeats: 2,
+            progress: &|_| {},
+        };
+        for r in yinsen::bench::run(&be, &model, &spec).unwrap() {
+            println!(
+                "{name:6} e2e 2b4t pp{} tg{} {n} threads: {:.1} tok/s (samples {:?})",
+                r.n_prompt, r.n_gen, r.median_ts, r.samples_ts
+            );
+        }
+    }
 }

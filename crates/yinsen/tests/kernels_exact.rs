@@ -158,6 +158,26 @@ fn random_shapes_match_reference() {
     }
 }
 
+/// Shapes that reach every AMX driver path: activations read in place
+/// (n_in a multiple of 64) plus a padded tail pair, several super-blocks of
+/// expanded weights, an odd last row block, and a partial last row block.
+#[test]
+fn blocked_paths_match_reference() {
+    let ks = kernels_under_test();
+    let mut rng = Rng(0xb10c);
+    for (n_out, n_in, tokens) in [
+        (213usize, 2560usize, [64usize, 70]),
+        (40, 6912, [32, 33]),
+        (50, 192, [96, 31]),
+    ] {
+        let m = random_matrix(&mut rng, n_out, n_in);
+        for nt in tokens {
+            let x = random_x(&mut rng, nt * n_in);
+            check_all(&ks, &m, &x, nt);
+        }
+    }
+}
+
 /// Every weight pattern of a row of 5 against x_j = 3^j: each of the 243
 /// rows has a distinct exact sum, computed here independently.
 #[test]

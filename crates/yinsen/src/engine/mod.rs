@@ -47,10 +47,14 @@ pub struct Engine {
     pub backend: Arc<dyn Backend>,
     /// Notes from loading (e.g. a guessed activation).
     pub warnings: Vec<String>,
+    /// Seconds spent reading the model, and deriving the backend's layouts.
+    pub load_s: f64,
+    pub prepare_s: f64,
 }
 
 impl Engine {
     pub fn load(spec: &str, opts: EngineOptions) -> Result<Self> {
+        let t0 = std::time::Instant::now();
         let loaded = formats::load(
             spec,
             &LoadOptions {
@@ -64,24 +68,19 @@ impl Engine {
             Some(spec) => Tokenizer::from_spec(spec)?,
             None => Tokenizer::bytes(c.vocab, c.bos, c.eos.clone()),
         });
+        let load_s = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
         let backend = crate::dispatch::make_backend_with(&model, &opts.backend, &opts.cpu, &opts.dispatch)?;
+        let prepare_s = t1.elapsed().as_secs_f64();
         Ok(Self {
+            load_s,
+            prepare_s,
             model,
             tokenizer,
             chat_template: loaded.chat_template,
             backend,
             warnings: loaded.warnings,
         })
-    }
-
-    pub fn engine_with_backend(&self, backend: Arc<dyn Backend>) -> Self {
-        Self {
-            model: self.model.clone(),
-            tokenizer: self.tokenizer.clone(),
-            chat_template: self.chat_template.clone(),
-            backend,
-            warnings: self.warnings.clone(),
-        }
     }
 
     /// A new sequence with room for `capacity` positions (0 = model context).

@@ -170,9 +170,10 @@ impl CpuBackend {
     fn rms_rows(&self, x: &[f32], w: &[f32], dim: usize) -> Vec<f32> {
         let eps = self.model.config.rms_eps;
         let mut out = vec![0f32; x.len()];
-        for (xt, ot) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            ops::rms_norm(xt, w, eps, ot);
-        }
+        out.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .with_min_len(8)
+            .for_each(|(ot, xt)| ops::rms_norm(xt, w, eps, ot));
         out
     }
 
@@ -230,59 +231,57 @@ impl CpuBackend {
             m.embed.row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
         }
         let th = self.threads;
+        let half = c.head_dim / 2;
+        let rope = ops::rope_table(p0, n, &self.inv_freq);
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
-            let nrm = self.rms_rows(&x, &layer.attn_norm, hid);
-            let xq = QuantizedInput::new(&nrm, hid);
+            let eps = c.rms_eps;
+            let xq = QuantizedInput::from_rms_norm(&x, &layer.attn_norm, eps);
             let qkv_dim = qd + 2 * kvd;
             let mut qkv = vec![0f32; n * qkv_dim];
             pl.qkv.forward(&xq, &mut qkv, th);
             let mut q = vec![0f32; n * qd];
             for t in 0..n {
                 let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
-                let pos = p0 + t;
+                let sc = &rope[t * half..(t + 1) * half];
                 q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
                 for hq in q[t * qd..(t + 1) * qd].chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox(hq, pos, &self.inv_freq);
+                    ops::rope_neox_table(hq, sc);
                 }
                 let mut k = row[qd..qd + kvd].to_vec();
                 for hk in k.chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox(hk, pos, &self.inv_freq);
+                    ops::rope_neox_table(hk, sc);
                 }
                 cache.k[li].extend_from_slice(&k);
                 cache.v[li].extend_from_slice(&row[qd + kvd..]);
             }
             let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
-            let a = match &layer.attn_sub_norm {
-                Some(w) => self.rms_rows(&a, w, qd),
-                None => a,
+            let aq = match &layer.attn_sub_norm {
+                Some(w) => QuantizedInput::from_rms_norm(&a, w, eps),
+                None => QuantizedInput::new(&a, qd),
             };
-            let aq = QuantizedInput::new(&a, qd);
             let mut o = vec![0f32; n * hid];
             pl.o.forward(&aq, &mut o, th);
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
             // FFN block.
-            let mn = self.rms_rows(&x, &layer.ffn_norm, hid);
-            let mq = QuantizedInput::new(&mn, hid);
+            let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
             let f = c.ffn;
             let mut gu = vec![0f32; n * 2 * f];
             pl.gate_up.forward(&mq, &mut gu, th);
             let mut act = vec![0f32; n * f];
-            for t in 0..n {
+            act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
                 let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
-                let o = &mut act[t * f..(t + 1) * f];
                 match c.activation {
                     Activation::Relu2 => ops::relu2_mul(g, u, o),
                     Activation::Silu => ops::silu_mul(g, u, o),
                 }
-            }
-            let act = match &layer.ffn_sub_norm {
-                Some(w) => self.rms_rows(&act, w, f),
-                None => act,
+            });
+            let dq = match &layer.ffn_sub_norm {
+                Some(w) => QuantizedInput::from_rms_norm(&act, w, eps),
+                None => QuantizedInput::new(&act, f),
             };
-            let dq = QuantizedInput::new(&act, f);
             let mut d = vec![0f32; n * hid];
             pl.down.forward(&dq, &mut d, th);
             for (xi, di) in x.iter_mut().zip(&d) {

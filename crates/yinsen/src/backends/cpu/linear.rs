@@ -22,20 +22,50 @@ pub struct QuantizedInput {
 }
 
 impl QuantizedInput {
+    /// Quantise every token of `x` (`[n][n_in]`), tokens in parallel.
     pub fn new(x: &[f32], n_in: usize) -> Self {
         let n = x.len() / n_in;
         let mut q = vec![0i8; x.len()];
-        let s = x
-            .chunks_exact(n_in)
-            .zip(q.chunks_exact_mut(n_in))
-            .map(|(xt, qt)| reference::quantize_token(xt, qt))
-            .collect::<Vec<_>>();
-        debug_assert_eq!(s.len(), n);
+        let mut s = vec![0f32; n];
+        q.par_chunks_mut(n_in)
+            .zip(s.par_iter_mut())
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(t, (qt, st))| *st = reference::quantize_token(&x[t * n_in..(t + 1) * n_in], qt));
         Self { q, s, n_in }
     }
+    /// RMSNorm and quantisation fused, per token and in parallel: the norm's
+    /// float output is never stored (only the BitLinear reads it). Bit-equal
+    /// to `ops::rms_norm` followed by `reference::quantize_token`.
+    pub fn from_rms_norm(x: &[f32], w: &[f32], eps: f32) -> Self {
+        let n_in = w.len();
+        let n = x.len() / n_in;
+        let mut q = vec![0i8; x.len()];
+        let mut s = vec![0f32; n];
+        q.par_chunks_mut(n_in)
+            .zip(s.par_iter_mut())
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(t, (qt, st))| *st = rms_quantize(&x[t * n_in..(t + 1) * n_in], w, eps, qt));
+        Self { q, s, n_in }
+    }
+
     pub fn n_tokens(&self) -> usize {
         self.s.len()
     }
+}
+
+/// One token: `y = x * r * w` (as `ops::rms_norm`), then BitNet int8
+/// quantisation of `y`, recomputing `y` instead of storing it.
+pub fn rms_quantize(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    let ss = super::ops::dot(x, x) / x.len() as f32;
+    let r = 1.0 / (ss + eps).sqrt();
+    let amax = x.iter().zip(w).fold(0f32, |m, (&xi, &wi)| m.max((xi * r * wi).abs()));
+    let s = 127.0 / amax.max(1e-5);
+    for ((qi, &xi), &wi) in q.iter_mut().zip(x).zip(w) {
+        *qi = reference::round_half_even_small(xi * r * wi * s).clamp(-128.0, 127.0) as i8;
+    }
+    s
 }
 
 enum Weights {
@@ -113,18 +143,21 @@ impl Linear {
                     packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
                 });
                 // Epilogue: exact int -> float with the two scales, transposing
-                // to token-major.
-                let mut r0 = 0;
-                for &(rows, ws) in parts {
-                    for t in 0..n {
-                        let f = ws / x.s[t];
-                        let o = &mut out[t * self.n_out + r0..t * self.n_out + r0 + rows];
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = acc[(r0 + i) * n + t] as f32 * f;
+                // to token-major; tokens in parallel.
+                let n_out = self.n_out;
+                out.par_chunks_mut(n_out)
+                    .enumerate()
+                    .with_min_len(8)
+                    .for_each(|(t, ot)| {
+                        let mut r0 = 0;
+                        for &(rows, ws) in parts {
+                            let f = ws / x.s[t];
+                            for (i, oi) in ot[r0..r0 + rows].iter_mut().enumerate() {
+                                *oi = acc[(r0 + i) * n + t] as f32 * f;
+                            }
+                            r0 += rows;
                         }
-                    }
-                    r0 += rows;
-                }
+                    });
             }
             Weights::PerBlock(mats) => {
                 // Reference semantics, one token at a time; slow but exact.
@@ -157,5 +190,28 @@ impl Linear {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic::SplitMix64;
+
+    #[test]
+    fn fused_rms_quantize_is_bit_equal_to_the_two_steps() {
+        let mut r = SplitMix64(11);
+        let (n, d) = (5, 77);
+        let x: Vec<f32> = (0..n * d).map(|_| (r.next_f32() - 0.5) * 8.0).collect();
+        let w: Vec<f32> = (0..d).map(|_| 0.5 + r.next_f32()).collect();
+        let fused = QuantizedInput::from_rms_norm(&x, &w, 1e-5);
+        let mut y = vec![0f32; n * d];
+        for t in 0..n {
+            super::super::ops::rms_norm(&x[t * d..(t + 1) * d], &w, 1e-5, &mut y[t * d..(t + 1) * d]);
+        }
+        let two = QuantizedInput::new(&y, d);
+        assert_eq!(fused.q, two.q);
+        assert_eq!(fused.s, two.s);
+        assert!(fused.q.iter().any(|&v| v == 127 || v == -127));
     }
 }

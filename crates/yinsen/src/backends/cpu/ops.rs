@@ -52,6 +52,25 @@ pub fn rope_neox(x: &mut [f32], pos: usize, inv_freq: &[f32]) {
     }
 }
 
+/// `(sin, cos)` of every rotation angle for positions `p0..p0 + n`,
+/// `[n][head_dim / 2]`: computed once per call and shared by all layers
+/// and heads (the per-element `sin_cos` dominated prefill otherwise).
+pub fn rope_table(p0: usize, n: usize, inv_freq: &[f32]) -> Vec<(f32, f32)> {
+    (p0..p0 + n)
+        .flat_map(|pos| inv_freq.iter().map(move |&f| (pos as f32 * f).sin_cos()))
+        .collect()
+}
+
+/// NEOX RoPE with a precomputed `(sin, cos)` row for the token's position.
+pub fn rope_neox_table(x: &mut [f32], sc: &[(f32, f32)]) {
+    let half = x.len() / 2;
+    for (i, &(s, c)) in sc.iter().enumerate().take(half) {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c - b * s;
+        x[i + half] = a * s + b * c;
+    }
+}
+
 /// Inverse RoPE frequencies as transformers builds them (f32).
 pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
     (0..head_dim / 2)
@@ -111,6 +130,19 @@ mod tests {
         assert!((x[0] - (1.0 * 1f32.cos() - 3.0 * 1f32.sin())).abs() < 1e-6);
         assert!((x[2] - (1.0 * 1f32.sin() + 3.0 * 1f32.cos())).abs() < 1e-6);
         assert!((x[1] - (2.0 * 0.01f32.cos() - 4.0 * 0.01f32.sin())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_table_equals_direct() {
+        let inv = rope_inv_freq(8, 500000.0);
+        let t = rope_table(3, 2, &inv);
+        for (k, pos) in [3usize, 4].iter().enumerate() {
+            let mut a: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+            let mut b = a.clone();
+            rope_neox(&mut a, *pos, &inv);
+            rope_neox_table(&mut b, &t[k * 4..(k + 1) * 4]);
+            assert_eq!(a, b);
+        }
     }
 
     #[test]

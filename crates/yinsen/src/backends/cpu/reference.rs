@@ -23,9 +23,23 @@ pub fn quantize_token(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let s = 127.0 / amax.max(1e-5);
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *qi = round_half_even_small(v * s).clamp(-128.0, 127.0) as i8;
     }
     s
+}
+
+/// Round half to even for |v| < 2^22 with plain f32 adds (which round to
+/// nearest-even), so the loop vectorises instead of calling `rintf`.
+/// Larger magnitudes (never produced by `x * s`, which is within ±127) fall
+/// back to `round_ties_even`.
+#[inline]
+pub fn round_half_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12582912.0; // 1.5 * 2^23
+    if v.abs() < 4194304.0 {
+        (v + MAGIC) - MAGIC
+    } else {
+        v.round_ties_even()
+    }
 }
 
 /// Float result of a BitLinear for one token given its exact integer dot
@@ -54,5 +68,24 @@ pub fn bitlinear_reference(w: &TernaryMatrix, x: &[f32]) -> Vec<f32> {
                 })
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_rounding_equals_round_ties_even() {
+        let mut v = -300.0f32;
+        while v < 300.0 {
+            for x in [v, v + 0.5, v - 0.5, v + 0.49999997, f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(round_half_even_small(x), x.round_ties_even(), "{x}");
+            }
+            v += 0.25;
+        }
+        assert_eq!(round_half_even_small(1e9), 1e9);
+        assert_eq!(round_half_even_small(-2.5), -2.0);
+        assert_eq!(round_half_even_small(3.5), 4.0);
     }
 }

@@ -24,6 +24,25 @@ pub struct CudaBench {
     pub step16_mma_ms: f64,
     /// 1-token forward without the graph (launch overhead included).
     pub step1_nograph_ms: f64,
+    /// Decode graph captured without PDL (ctx 0).
+    pub decode_tok_s_ctx0_no_pdl: f64,
+    /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
+    pub kernels_ctx0: Vec<KernelTime>,
+    pub kernels_ctx2048: Vec<KernelTime>,
+}
+
+/// One kernel group of a decode step (summed over layers).
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelTime {
+    pub tag: String,
+    pub calls: usize,
+    /// GPU microseconds per step (CUDA events around each launch).
+    pub us: f64,
+    /// Bytes the group must read from memory per step.
+    pub bytes: usize,
+    pub gb_s: f64,
+    /// Tera-ops (multiply + add) per second of the matrix work.
+    pub tops: f64,
 }
 
 fn median(mut v: Vec<f32>) -> f64 {
@@ -79,5 +98,13 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
             r?
         },
         step1_nograph_ms: forward_ms(b, 1, 20)?,
+        decode_tok_s_ctx0_no_pdl: {
+            let was = b.set_pdl(false);
+            let r = decode_at(b, 0, 128, 3);
+            b.set_pdl(was);
+            r?
+        },
+        kernels_ctx0: b.profile_decode(0, 10)?,
+        kernels_ctx2048: b.profile_decode(long, 5)?,
     })
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
+use super::layout::{rope_pair_order, GpuLayout};
 use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, MatKernel};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
@@ -52,6 +53,12 @@ struct Scratch {
     normed: DevBuf,
     logits: DevBuf,
     argmax: DevBuf,
+    /// Rotated q rows [chunk][q_dim].
+    qr: DevBuf,
+    /// Attention split counters [chunk][n_heads] (zero between launches).
+    cnt: DevBuf,
+    /// argmax key of the fused decode head (u64, see lm_head_dec).
+    best: DevBuf,
 }
 
 pub struct CudaBackend {
@@ -67,7 +74,17 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
+    /// The decode step uses the fused one-token kernels (shapes permitting;
+    /// `YINSEN_CUDA_FUSED=0` turns them off).
+    fused: bool,
+    /// Decode graphs use PDL (sm_90+; `YINSEN_CUDA_PDL=0` turns it off).
+    pdl: std::sync::atomic::AtomicBool,
 }
+
+/// Largest width the fused decode kernels take (DM_NMAX in decode.cu).
+const DM_NMAX: usize = 8192;
+/// Threads of the fused decode kernels (DM_THREADS).
+const DM_THREADS: usize = 256;
 
 /// A captured decode step.
 struct Graph {
@@ -150,7 +167,15 @@ impl CudaBackend {
         for l in &model.layers {
             layers.push(GpuLayer {
                 attn_norm: up(&l.attn_norm)?,
-                qkv: GpuMatrix::upload(&gpu, &[&l.wq, &l.wk, &l.wv])?,
+                // RoPE pairs side by side, so the decode GEMV can rotate in its epilogue.
+                qkv: GpuMatrix::from_layout(
+                    &gpu,
+                    &GpuLayout::stack(&[&l.wq, &l.wk, &l.wv])?.permute_rows(&rope_pair_order(
+                        c.n_heads,
+                        c.n_kv_heads,
+                        c.head_dim,
+                    ))?,
+                )?,
                 o: GpuMatrix::upload(&gpu, &[&l.wo])?,
                 attn_sub: l.attn_sub_norm.as_deref().map(up).transpose()?,
                 ffn_norm: up(&l.ffn_norm)?,
@@ -190,8 +215,18 @@ impl CudaBackend {
             + embed.bytes
             + lm_head.as_ref().map_or(0, |b| b.bytes)
             + final_norm.bytes;
+        let fused = [c.hidden, c.q_dim(), c.ffn].iter().all(|&n| n <= DM_NMAX)
+            && std::env::var("YINSEN_CUDA_FUSED").map_or(true, |v| v != "0")
+            && layers.iter().all(|l| {
+                [&l.qkv, &l.o, &l.gu, &l.down]
+                    .iter()
+                    .all(|m| m.kpad() <= DM_NMAX && m.chunks <= 128)
+            });
+        let pdl = std::env::var("YINSEN_CUDA_PDL").map_or(true, |v| v != "0");
         Ok(Self {
             gpu,
+            fused,
+            pdl: pdl.into(),
             config: c,
             layers,
             embed,
@@ -318,7 +353,7 @@ impl CudaBackend {
             "embed_f16",
             (nt as u32, 1, 1),
             256,
-            &[s.tok.p(), self.embed.p(), Arg::I(h as i32), s.x.p()],
+            &[s.tok.p(), self.embed.p(), Arg::I(h as i32), s.x.p(), Arg::P(0)],
         )?;
         let gate = match c.activation {
             Activation::Relu2 => 1,
@@ -344,42 +379,10 @@ impl CudaBackend {
                     Arg::I(cache.cap as i32),
                     kc,
                     vc,
+                    s.qr.p(),
                 ],
             )?;
-            let scale = 1.0 / (c.head_dim as f32).sqrt();
-            g.launch(
-                "attn_partial",
-                (n_split as u32, c.n_heads as u32, nt as u32),
-                128,
-                &[
-                    s.qkv.p(),
-                    Arg::I(qkv_n as i32),
-                    kc,
-                    vc,
-                    s.pos.p(),
-                    Arg::I(c.n_heads as i32),
-                    Arg::I(c.n_kv_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(cache.cap as i32),
-                    Arg::F(scale),
-                    Arg::I(n_split as i32),
-                    s.part.p(),
-                ],
-            )?;
-            g.launch(
-                "attn_combine",
-                (c.n_heads as u32, nt as u32, 1),
-                128,
-                &[
-                    s.part.p(),
-                    s.pos.p(),
-                    Arg::I(c.n_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(n_split as i32),
-                    s.attn.p(),
-                    Arg::I(q as i32),
-                ],
-            )?;
+            self.attention(s, cache, li, nt, n_split, false)?;
             // Without sub-norms the attention output is only quantised.
             self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), l.o.kpad(), nt)?;
             self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
@@ -389,6 +392,153 @@ impl CudaBackend {
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
         Ok(())
+    }
+
+    /// Split-K attention of `nt` tokens over layer `li`'s cache, into `s.attn`.
+    fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        self.gpu.launch_ex(
+            "attn_partial",
+            (n_split as u32, c.n_heads as u32, nt as u32),
+            128,
+            &[
+                s.qr.p(),
+                Arg::I(c.q_dim() as i32),
+                cache.k.at(2 * li * cache.layer_elems),
+                cache.v.at(2 * li * cache.layer_elems),
+                s.pos.p(),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(cache.cap as i32),
+                Arg::F(scale),
+                Arg::I(n_split as i32),
+                s.part.p(),
+                s.cnt.p(),
+                s.attn.p(),
+                Arg::I(c.q_dim() as i32),
+            ],
+            pdl,
+        )
+    }
+
+    /// Fused one-token matrix step: `in` normalised (with `nw`) and
+    /// quantised inside the kernel, then mode 1 store / 2 add / 3 RoPE.
+    #[allow(clippy::too_many_arguments)]
+    fn dec_mm(
+        &self,
+        s: &Scratch,
+        m: &GpuMatrix,
+        input: Arg,
+        n: usize,
+        gate: i32,
+        nw: Option<&DevBuf>,
+        out: Arg,
+        mode: i32,
+        kv: (Arg, Arg, usize),
+        pdl: bool,
+    ) -> Result<()> {
+        let c = &self.config;
+        let lpr = if m.chunks <= 64 { 8 } else { 16 };
+        let rows_per_block = DM_THREADS / 32 * (32 / lpr);
+        let name = if lpr == 8 { "dec_mm_l8" } else { "dec_mm_l16" };
+        self.gpu.launch_ex(
+            name,
+            (m.n_rows.div_ceil(rows_per_block) as u32, 1, 1),
+            DM_THREADS as u32,
+            &[
+                m.w.p(),
+                Arg::I(m.n_rows as i32),
+                Arg::I(m.chunks as i32),
+                input,
+                Arg::I(n as i32),
+                Arg::I(gate),
+                nw.map_or(Arg::P(0), DevBuf::p),
+                Arg::F(c.rms_eps),
+                m.scale.p(),
+                out,
+                Arg::I(mode),
+                s.pos.p(),
+                self.rope.p(),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(kv.2 as i32),
+                kv.0,
+                kv.1,
+            ],
+            pdl,
+        )
+    }
+
+    /// The decode step with the fused kernels: embed, per layer 4 matrix
+    /// kernels + attention, then norm + lm_head + argmax: 2 + 5 per layer.
+    fn decode_fused(&self, s: &Scratch, cache: &CudaCache, n_split: usize, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let (h, q, f) = (c.hidden, c.q_dim(), c.ffn);
+        let gate = match c.activation {
+            Activation::Relu2 => 1,
+            Activation::Silu => 2,
+        };
+        g.set_tag("embed");
+        g.launch(
+            "embed_f16",
+            (1, 1, 1),
+            256,
+            &[s.tok.p(), self.embed.p(), Arg::I(h as i32), s.x.p(), s.best.p()],
+        )?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let kv = (
+                cache.k.at(2 * li * cache.layer_elems),
+                cache.v.at(2 * li * cache.layer_elems),
+                cache.cap,
+            );
+            let none = (Arg::P(0), Arg::P(0), 0);
+            g.set_tag("qkv+rope");
+            self.dec_mm(s, &l.qkv, s.x.p(), h, 0, Some(&l.attn_norm), s.qr.p(), 3, kv, pdl)?;
+            g.set_tag("attention");
+            self.attention(s, cache, li, 1, n_split, pdl)?;
+            g.set_tag("o");
+            self.dec_mm(s, &l.o, s.attn.p(), q, 0, l.attn_sub.as_ref(), s.x.p(), 2, none, pdl)?;
+            g.set_tag("gate_up");
+            self.dec_mm(s, &l.gu, s.x.p(), h, 0, Some(&l.ffn_norm), s.gu.p(), 1, none, pdl)?;
+            g.set_tag("down");
+            self.dec_mm(s, &l.down, s.gu.p(), f, gate, l.ffn_sub.as_ref(), s.x.p(), 2, none, pdl)?;
+        }
+        g.set_tag("lm_head+argmax");
+        let e = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize);
+        g.launch_ex(
+            "lm_head_dec",
+            (blocks as u32, 1, 1),
+            256,
+            &[
+                e.p(),
+                Arg::I(c.vocab as i32),
+                Arg::I(h as i32),
+                s.x.p(),
+                self.final_norm.p(),
+                Arg::F(c.rms_eps),
+                s.logits.p(),
+                s.best.p(),
+            ],
+            pdl,
+        )?;
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// The greedy token of the last decode step.
+    fn decoded_token(&self, s: &Scratch) -> Result<u32> {
+        if self.fused {
+            let k = s.best.read::<u64>(1)?[0];
+            // Key 0: no finite logit was seen (the unfused argmax gives 0 too).
+            Ok(if k == 0 { 0 } else { !(k as u32) })
+        } else {
+            Ok(s.argmax.read::<i32>(1)?[0] as u32)
+        }
     }
 
     /// Final norm of rows `t0..t0+n` of x into `normed`, then logits of up to
@@ -466,7 +616,13 @@ impl CudaBackend {
         s.tok.write_async(&tok)?;
         s.pos.write_async(&pos)?;
         if cache.graph.is_none() {
-            cache.graph = Some(self.capture(s, cache)?);
+            let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl();
+            // A driver that cannot capture PDL edges still gets a graph.
+            let graph = match self.capture(s, cache, pdl) {
+                Err(_) if pdl => self.capture(s, cache, false)?,
+                r => r?,
+            };
+            cache.graph = Some(graph);
             cache.owner = me;
         }
         let exec = cache.graph.as_ref().expect("just captured").exec;
@@ -474,7 +630,7 @@ impl CudaBackend {
         self.gpu.sync()
     }
 
-    fn capture(&self, s: &Scratch, cache: &CudaCache) -> Result<Graph> {
+    fn capture(&self, s: &Scratch, cache: &CudaCache, pdl: bool) -> Result<Graph> {
         let g = &self.gpu;
         let splits = cache.cap.div_ceil(ATT_CHUNK);
         super::drv(
@@ -483,7 +639,7 @@ impl CudaBackend {
             },
             "cuStreamBeginCapture",
         )?;
-        let work = self.decode_kernels(s, cache, splits);
+        let work = self.decode_kernels(s, cache, splits, pdl);
         // Always end the capture, even when a launch failed.
         let graph = super::drv(unsafe { result::stream::end_capture(g.stream) }, "cuStreamEndCapture");
         work?;
@@ -500,7 +656,10 @@ impl CudaBackend {
         }
     }
 
-    fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize) -> Result<()> {
+    fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
+        if self.fused {
+            return self.decode_fused(s, cache, splits, pdl);
+        }
         self.body(s, cache, 1, splits)?;
         self.head(s, 0, 1, true)?;
         self.gpu.launch(
@@ -567,7 +726,7 @@ impl CudaBackend {
             self.check_call(cache, &[tok])?;
             self.decode_graph(&s, cache, tok)?;
             cache.len += 1;
-            tok = s.argmax.read::<i32>(1)?[0] as u32;
+            tok = self.decoded_token(&s)?;
             out.push(tok);
         }
         Ok(out)
@@ -618,6 +777,84 @@ impl CudaBackend {
         }
         self.head(&s, nt - 1 - (nt - 1) / s.chunk * s.chunk, 1, true)?;
         ev.record_stop_ms(self.gpu.stream)
+    }
+
+    /// For benchmarks: turn PDL in newly captured decode graphs on or off;
+    /// returns the previous setting.
+    pub(crate) fn set_pdl(&self, on: bool) -> bool {
+        self.pdl.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For benchmarks: per-kernel GPU time of an un-graphed, PDL-less decode
+    /// step at context `ctx` (median of `reps` steps), with the bytes each
+    /// kernel group must read and its ternary ops.
+    pub(crate) fn profile_decode(&self, ctx: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
+        if !self.fused {
+            return Ok(Vec::new());
+        }
+        let mut cache = self.cuda_cache(ctx + 2)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        s.tok.write_async(&[1i32])?;
+        s.pos.write_async(&[ctx as i32])?;
+        let splits = cache.cap.div_ceil(ATT_CHUNK);
+        self.decode_fused(&s, &cache, splits, false)?; // warm-up
+        let mut runs: Vec<Vec<(&'static str, f32)>> = Vec::new();
+        for _ in 0..reps {
+            self.gpu.profile(true)?;
+            let r = self.decode_fused(&s, &cache, splits, false);
+            let t = self.gpu.profile(false)?;
+            r?;
+            runs.push(t);
+        }
+        Ok(self.kernel_table(&runs, ctx))
+    }
+
+    fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize) -> Vec<super::bench::KernelTime> {
+        let c = &self.config;
+        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
+            let b = self.layers.iter().map(|l| f(l).bytes()).sum();
+            let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in) as f64).sum();
+            (b, ops)
+        };
+        let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * 2;
+        let tags: [(&str, (usize, f64)); 7] = [
+            ("embed", (c.hidden * 2, 0.0)),
+            ("qkv+rope", mats(&|l| &l.qkv)),
+            ("attention", (kv, 0.0)),
+            ("o", mats(&|l| &l.o)),
+            ("gate_up", mats(&|l| &l.gu)),
+            ("down", mats(&|l| &l.down)),
+            (
+                "lm_head+argmax",
+                (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64),
+            ),
+        ];
+        tags.iter()
+            .map(|&(tag, (bytes, ops))| {
+                let mut per: Vec<f32> = runs
+                    .iter()
+                    .map(|r| r.iter().filter(|(t, _)| *t == tag).map(|(_, ms)| ms).sum())
+                    .collect();
+                per.sort_by(|a, b| a.total_cmp(b));
+                let us = per.get(per.len() / 2).copied().unwrap_or(0.0) as f64 * 1000.0;
+                let calls = runs.first().map_or(0, |r| r.iter().filter(|(t, _)| *t == tag).count());
+                let (gb_s, tops) = if us > 0.0 {
+                    (bytes as f64 / us / 1e3, ops / us / 1e6)
+                } else {
+                    (0.0, 0.0)
+                };
+                super::bench::KernelTime {
+                    tag: tag.to_string(),
+                    calls,
+                    us,
+                    bytes,
+                    gb_s,
+                    tops,
+                }
+            })
+            .collect()
     }
 
     pub(crate) fn cuda_cache(&self, capacity: usize) -> Result<CudaCache> {
@@ -686,6 +923,13 @@ impl Scratch {
             normed: f32s(&[chunk, c.hidden])?,
             logits: f32s(&[LM_T, c.vocab])?,
             argmax: f32s(&[1])?,
+            qr: f32s(&[chunk, c.q_dim()])?,
+            cnt: {
+                let b = f32s(&[chunk, c.n_heads])?;
+                b.fill(0)?;
+                b
+            },
+            best: f32s(&[2])?,
         })
     }
 }

@@ -81,6 +81,41 @@ impl GpuLayout {
     }
 }
 
+impl GpuLayout {
+    /// The same rows reordered: new row `i` is old row `order[i]`.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if order.len() != self.n_rows || order.iter().any(|&r| r >= self.n_rows) {
+            return Err(Error::input("GPU layout: bad row permutation"));
+        }
+        let rb = self.chunks * 16;
+        let mut bytes = Vec::with_capacity(self.bytes.len());
+        for &r in order {
+            bytes.extend_from_slice(&self.bytes[r * rb..(r + 1) * rb]);
+        }
+        Ok(Self {
+            bytes,
+            row_scale: order.iter().map(|&r| self.row_scale[r]).collect(),
+            ..self.clone()
+        })
+    }
+}
+
+/// Row order of a stacked q|k|v matrix that puts the two halves of every
+/// RoPE pair side by side: in each q and k head, rows 2j and 2j + 1 are dims
+/// j and j + hd/2. The v rows keep their order.
+pub fn rope_pair_order(n_heads: usize, n_kv: usize, hd: usize) -> Vec<usize> {
+    let half = hd / 2;
+    let mut order = Vec::with_capacity((n_heads + 2 * n_kv) * hd);
+    for h in 0..n_heads + n_kv {
+        for j in 0..half {
+            order.push(h * hd + j);
+            order.push(h * hd + j + half);
+        }
+    }
+    order.extend((n_heads + n_kv) * hd..(n_heads + 2 * n_kv) * hd);
+    order
+}
+
 /// Encode canonical row `r` of `m` into `out` (chunks * 16 bytes).
 fn encode_row(m: &TernaryMatrix, r: usize, out: &mut [u8]) {
     let row = m.row(r);
@@ -148,6 +183,20 @@ mod tests {
                 assert_eq!(host_dot(&l, r, &x), *w, "{o}x{i} row {r}");
             }
         }
+    }
+
+    #[test]
+    fn rope_pair_order_is_a_permutation_of_pairs() {
+        let o = rope_pair_order(2, 1, 4);
+        assert_eq!(o, vec![0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 13, 14, 15]);
+        let m = random_ternary(16, 70, 9).unwrap();
+        let l = GpuLayout::stack(&[&m]).unwrap();
+        let p = l.permute_rows(&o).unwrap();
+        let x: Vec<i8> = (0..70).map(|i| (i * 37 % 251) as u8 as i8).collect();
+        for (i, &r) in o.iter().enumerate() {
+            assert_eq!(host_dot(&p, i, &x), host_dot(&l, r, &x));
+        }
+        assert!(l.permute_rows(&o[1..]).is_err());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct DeviceInfo {
     pub name: String,
     pub mem_bytes: usize,
     pub sm: (i32, i32),
+    /// Streaming multiprocessors.
+    pub sms: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -134,7 +136,13 @@ fn probe_inner() -> Result<Vec<DeviceInfo>> {
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             );
-            Ok(DeviceInfo { name, mem_bytes, sm })
+            let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+            Ok(DeviceInfo {
+                name,
+                mem_bytes,
+                sm,
+                sms,
+            })
         })
         .collect()
 }
@@ -159,6 +167,16 @@ pub struct Gpu {
     pub arch: String,
     /// Whether the kernels came from the disk cache.
     pub from_cache: bool,
+    /// Per-launch timing (bench profile mode): the tag of the next launches
+    /// and, while on, (tag, start, stop) events per launch.
+    prof: std::sync::Mutex<Profile>,
+}
+
+#[derive(Default)]
+struct Profile {
+    tag: &'static str,
+    on: bool,
+    events: Vec<(&'static str, sys::CUevent, sys::CUevent)>,
 }
 
 // SAFETY: the raw handles are used only with the context bound (`bind`), and
@@ -166,7 +184,7 @@ pub struct Gpu {
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
-const KERNELS: [&str; 14] = [
+const KERNELS: [&str; 16] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -178,9 +196,11 @@ const KERNELS: [&str; 14] = [
     "norm_quant",
     "rope_kv",
     "attn_partial",
-    "attn_combine",
     "lm_head_f16",
     "argmax_f32",
+    "dec_mm_l8",
+    "dec_mm_l16",
+    "lm_head_dec",
 ];
 
 /// A kernel argument, passed by value.
@@ -224,6 +244,7 @@ impl Gpu {
             info,
             arch,
             from_cache,
+            prof: Default::default(),
         }))
     }
 
@@ -237,6 +258,17 @@ impl Gpu {
     }
 
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        self.launch_ex(name, grid, block, args, false)
+    }
+
+    /// Whether PDL (programmatic dependent launch) is available: sm_90+.
+    pub fn has_pdl(&self) -> bool {
+        self.info.sm.0 >= 9
+    }
+
+    /// Launch; with `pdl` the kernel may start before its predecessor on the
+    /// stream ends (it must `pdl_wait()` before touching what that wrote).
+    pub fn launch_ex(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], pdl: bool) -> Result<()> {
         let f = *self
             .funcs
             .get(name)
@@ -253,12 +285,85 @@ impl Gpu {
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let ev = self.prof_start()?;
         // SAFETY: `f` comes from our module; argument kinds match the kernel
         // signatures (checked by the device tests); the driver copies them.
-        drv(
-            unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, &mut ptrs) },
-            &format!("launching {name}"),
-        )
+        let r = if pdl && self.has_pdl() {
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: self.stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()).result() }
+        } else {
+            unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, &mut ptrs) }
+        };
+        drv(r, &format!("launching {name}"))?;
+        self.prof_stop(ev)
+    }
+
+    /// Tag the following launches for the profile.
+    pub fn set_tag(&self, tag: &'static str) {
+        if let Ok(mut p) = self.prof.lock() {
+            p.tag = tag;
+        }
+    }
+
+    /// Start (true) or stop collecting per-launch events; stopping returns
+    /// (tag, ms) per launch in order.
+    pub fn profile(&self, on: bool) -> Result<Vec<(&'static str, f32)>> {
+        let evs = {
+            let mut p = self.prof.lock().map_err(|_| berr("profile lock poisoned"))?;
+            p.on = on;
+            std::mem::take(&mut p.events)
+        };
+        self.sync()?;
+        let mut out = Vec::with_capacity(evs.len());
+        for (tag, a, b) in evs {
+            let ms = unsafe { result::event::elapsed(a, b) };
+            unsafe {
+                let _ = result::event::destroy(a);
+                let _ = result::event::destroy(b);
+            }
+            out.push((tag, drv(ms, "cuEventElapsedTime")?));
+        }
+        Ok(out)
+    }
+
+    fn prof_start(&self) -> Result<Option<sys::CUevent>> {
+        let on = self.prof.lock().map(|p| p.on).unwrap_or(false);
+        if !on {
+            return Ok(None);
+        }
+        let e = drv(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT),
+            "cuEventCreate",
+        )?;
+        drv(unsafe { result::event::record(e, self.stream) }, "cuEventRecord")?;
+        Ok(Some(e))
+    }
+
+    fn prof_stop(&self, start: Option<sys::CUevent>) -> Result<()> {
+        let Some(a) = start else { return Ok(()) };
+        let b = drv(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT),
+            "cuEventCreate",
+        )?;
+        drv(unsafe { result::event::record(b, self.stream) }, "cuEventRecord")?;
+        let mut p = self.prof.lock().map_err(|_| berr("profile lock poisoned"))?;
+        let tag = p.tag;
+        p.events.push((tag, a, b));
+        Ok(())
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -404,7 +509,9 @@ pub struct GpuMatrix {
 
 impl GpuMatrix {
     pub fn upload(gpu: &Arc<Gpu>, mats: &[&TernaryMatrix]) -> Result<Self> {
-        let l = GpuLayout::stack(mats)?;
+        Self::from_layout(gpu, &GpuLayout::stack(mats)?)
+    }
+    pub fn from_layout(gpu: &Arc<Gpu>, l: &GpuLayout) -> Result<Self> {
         Ok(Self {
             n_rows: l.n_rows,
             n_in: l.n_in,

@@ -1,16 +1,22 @@
 //! AMX-INT8 kernel (Sapphire Rapids and later) for calls with many tokens.
 //!
 //! Tiles (all 16 rows x 64 bytes): C0..C3 = tmm0..3 (i32, 16 tokens x 16
-//! output rows each), A = tmm4/tmm5 (int8 activations, 16 tokens x 64
-//! inputs, loaded straight from a zero-padded copy of x), B = tmm6 (int8
-//! weights, 16 groups of 4 inputs x 16 rows: "VNNI" order).
+//! output rows each), A0/A1 = tmm4/tmm5 (int8 activations, 16 tokens x 64
+//! inputs), B0/B1 = tmm6/tmm7 (int8 weights of two row blocks, 16 groups of 4
+//! inputs x 16 rows: "VNNI" order). Register blocking 2 x 2: per K step two A
+//! and two B loads feed four TDPBSSD (C_{2i+j} += A_i . B_j).
 //!
 //! A B tile row is exactly one expanded group of the tile layout (see
 //! layout.rs): `(line >> 2s) & 3` gives 16 rows x 4 inputs of u = w + 1; we
 //! store `u - 1 = w` (signed) so TDPBSSD gives the exact dot with no
-//! correction. Per row block the whole K panel (`n_in_pad * 16` bytes) is
-//! expanded once into per-call scratch and reused by every 64-token group;
-//! the resident layout stays 2-bit.
+//! correction. The row range is cut into super-blocks whose expanded weights
+//! (`n_in_pad * 16` bytes per row block) fit a per-thread L2-sized scratch;
+//! each is expanded once per call and reused by every 32-token pair of A
+//! tiles. The resident layout stays 2-bit.
+//!
+//! Activations: when `n_in` is a multiple of 64, whole 32-token pairs are
+//! loaded straight from `x` (tile stride `n_in`); only the last partial pair
+//! (or everything, for other `n_in`) goes through a zero-padded copy.
 //!
 //! Tile state: each `gemm` call loads the tile config (LDTILECFG) on its own
 //! thread and releases it (TILERELEASE) before returning, so no state
@@ -18,9 +24,10 @@
 //!
 //! The driver is generic over [`TileOps`] so its index arithmetic can be
 //! tested on machines without AMX through a scalar emulation of the same
-//! five operations ([`emulated`]).
+//! operations ([`emulated`]).
 
 use std::arch::asm;
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -181,24 +188,86 @@ impl PackedTernary for AmxPacked {
     }
 }
 
-/// K inputs per A tile row / per tile step.
+/// K inputs per A tile row / per K step.
 const KB: usize = 64;
-/// Tokens per step (4 C tiles of 16).
-const TB: usize = 64;
+/// Tokens per A tile (rows of a C tile).
+const TT: usize = 16;
+/// Tokens per step: two A tiles.
+const TP: usize = 2 * TT;
+/// Bytes of one expanded K step of one row block (a B tile).
+const B_STEP: usize = 16 * LINE;
+/// Target size of a super-block's expanded weights: they and one token
+/// pair's activations (`32 * n_in` bytes) stay in L2 while every token pair
+/// passes over them.
+const PANEL_BYTES: usize = 512 << 10;
+/// Scratch kept per thread between calls; more is freed after the call.
+const KEEP_LINES: usize = (1 << 20) / LINE;
 
-/// The five tile operations the driver needs (see module doc for tiles).
+/// The tile operations the driver needs (see module doc for tiles).
 trait TileOps {
     /// Load the tile configuration.
     unsafe fn begin(&mut self);
     /// C0..C3 = 0.
     unsafe fn zero(&mut self);
-    /// B = 16 x 64 bytes at `b` (stride 64); for j in 0..4: A = 16 x 64
-    /// bytes at `a + j * 16 * a_stride` (stride `a_stride`), Cj += A . B.
-    unsafe fn step(&mut self, a: *const i8, a_stride: usize, b: *const i8);
-    /// Store Cj to `c + j * 256` (16 rows of 16 i32, stride 64 bytes).
+    /// `nk` K steps: at step k, A_i = 16 x 64 bytes at `a[i] + 64 k` (stride
+    /// `sa[i]`), B_j = 16 x 64 bytes at `b + j * b_next + 1024 k` (stride 64),
+    /// and C_{2i+j} += A_i . B_j for i < 2, j < nb (nb is 1 or 2).
+    unsafe fn run(&mut self, a: [*const i8; 2], sa: [usize; 2], b: *const i8, b_next: usize, nk: usize, nb: usize);
+    /// Store Cq to `c + q * 256` (16 rows of 16 i32, stride 64 bytes).
     unsafe fn store(&mut self, c: *mut i32);
     /// Release tile state.
     unsafe fn end(&mut self);
+    /// Write the transpose of C tile `c` (token x row) to `dst` (row x
+    /// token, row stride `stride` i32): rows `< vr`, tokens `< vt` only.
+    unsafe fn scatter(&self, c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize, vt: usize) {
+        scatter_scalar(c, dst, stride, vr, vt)
+    }
+}
+
+unsafe fn scatter_scalar(c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize, vt: usize) {
+    for n in 0..vr {
+        for m in 0..vt {
+            *dst.add(n * stride + m) = c[16 * m + n];
+        }
+    }
+}
+
+/// 16 x 16 i32 transpose (4 shuffle stages) and masked row stores.
+#[target_feature(enable = "avx512f")]
+unsafe fn scatter_avx512(c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize, vt: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(c.as_ptr().add(16 * i) as *const _));
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + k], 128-bit lane L: column 4L + k of rows 4g..4g+4.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    let mask: __mmask16 = if vt >= 16 { 0xffff } else { (1u16 << vt) - 1 };
+    for k in 0..4 {
+        let v_even = _mm512_shuffle_i32x4::<0x88>(u[k], u[4 + k]);
+        let v_odd = _mm512_shuffle_i32x4::<0xDD>(u[k], u[4 + k]);
+        let w_even = _mm512_shuffle_i32x4::<0x88>(u[8 + k], u[12 + k]);
+        let w_odd = _mm512_shuffle_i32x4::<0xDD>(u[8 + k], u[12 + k]);
+        let cols = [
+            (k, _mm512_shuffle_i32x4::<0x88>(v_even, w_even)),
+            (4 + k, _mm512_shuffle_i32x4::<0x88>(v_odd, w_odd)),
+            (8 + k, _mm512_shuffle_i32x4::<0xDD>(v_even, w_even)),
+            (12 + k, _mm512_shuffle_i32x4::<0xDD>(v_odd, w_odd)),
+        ];
+        for (n, col) in cols {
+            if n < vr {
+                _mm512_mask_storeu_epi32(dst.add(n * stride), mask, col);
+            }
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -206,8 +275,12 @@ unsafe fn drive_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usi
     drive(&mut Hw, l, x, n_tokens, r0, r1, out)
 }
 
-/// Rows r0..r1 of `W x` through `ops`. Scratch: x zero-padded to
-/// `[ceil64(n_tokens)][ceil64(n_in)]`, one row block's expanded weights.
+thread_local! {
+    /// Per-thread expanded-weight panel, reused across calls.
+    static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Rows r0..r1 of `W x` through `ops` (see module doc for the blocking).
 #[inline(always)]
 unsafe fn drive<T: TileOps>(
     ops: &mut T,
@@ -221,47 +294,86 @@ unsafe fn drive<T: TileOps>(
     if n_tokens == 0 || r0 == r1 {
         return;
     }
-    let kp = l.n_in.next_multiple_of(KB);
-    let tp = n_tokens.next_multiple_of(TB);
-    // Row stride of the padded x: one extra line so the 16 rows of an A tile
-    // do not all map to the same L1 sets when kp is a multiple of 2^k.
-    let xs = kp + KB;
-    let mut xpad = vec![0i8; tp * xs];
-    if l.n_in > 0 {
-        for (dst, src) in xpad
-            .chunks_exact_mut(xs)
-            .zip(x[..n_tokens * l.n_in].chunks_exact(l.n_in))
-        {
-            dst[..l.n_in].copy_from_slice(src);
-        }
+    if l.n_in == 0 {
+        out.fill(0);
+        return;
     }
-    // kp / 4 groups of 64 bytes; groups past the layout's chunks stay w = 0.
-    let mut panel = vec![Line([0; LINE]); kp / 4];
-    let mut cbuf = [[0i32; 256]; 4];
+    let kp = l.n_in.next_multiple_of(KB);
+    // Tokens read in place: whole pairs, when an A row is whole K steps.
+    let direct = if l.n_in.is_multiple_of(KB) {
+        n_tokens / TP * TP
+    } else {
+        0
+    };
+    // Padded copy of the rest; one extra line per row so the 16 rows of an A
+    // tile do not all map to the same L1 sets when kp is a multiple of 2^k.
+    let xs = kp + KB;
+    let rest = n_tokens - direct;
+    let mut xpad = vec![0i8; rest.next_multiple_of(TP) * xs];
+    for (dst, src) in xpad
+        .chunks_exact_mut(xs)
+        .zip(x[direct * l.n_in..n_tokens * l.n_in].chunks_exact(l.n_in))
+    {
+        dst[..l.n_in].copy_from_slice(src);
+    }
+    let a_at = |t: usize| -> (*const i8, usize) {
+        if t < direct {
+            (x.as_ptr().add(t * l.n_in), l.n_in)
+        } else {
+            (xpad.as_ptr().add((t - direct) * xs), xs)
+        }
+    };
+    let blk = kp / 4; // expanded lines per row block
+    let (b0, b1) = (r0 / ROWS, r1.div_ceil(ROWS));
+    let sb = ((PANEL_BYTES / (blk * LINE)).max(2) & !1).min(b1 - b0);
+    let mut panel = PANEL.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    panel.resize(sb * blk, Line([0; LINE]));
+    let mut cbuf = CTiles([[0; 256]; 4]);
+    let op = out.as_mut_ptr();
     ops.begin();
-    for b in r0 / ROWS..r1.div_ceil(ROWS) {
-        expand_block(l.block(b), &mut panel);
-        let rows = (r1 - b * ROWS).min(ROWS);
-        for tt in (0..tp).step_by(TB) {
-            ops.zero();
-            for kb in 0..kp / KB {
-                let a = xpad.as_ptr().add(tt * xs + kb * KB);
-                let bp = panel.as_ptr().add(kb * (KB / 4)) as *const i8;
-                ops.step(a, xs, bp);
-            }
-            ops.store(cbuf.as_mut_ptr() as *mut i32);
-            for t in tt..(tt + TB).min(n_tokens) {
-                let c = &cbuf[(t - tt) / 16][16 * ((t - tt) % 16)..];
-                for (rr, &v) in c.iter().enumerate().take(rows) {
-                    out[(b * ROWS + rr - r0) * n_tokens + t] = v;
+    for s0 in (b0..b1).step_by(sb) {
+        let s1 = (s0 + sb).min(b1);
+        for b in s0..s1 {
+            expand_block(l.block(b), &mut panel[(b - s0) * blk..(b - s0 + 1) * blk]);
+        }
+        for t0 in (0..n_tokens).step_by(TP) {
+            let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
+            for bp in (s0..s1).step_by(2) {
+                let nb = (s1 - bp).min(2);
+                let bptr = panel.as_ptr().add((bp - s0) * blk) as *const i8;
+                ops.zero();
+                ops.run([a0, a1], [sa0, sa1], bptr, blk * LINE, kp / KB, nb);
+                ops.store(cbuf.0.as_mut_ptr() as *mut i32);
+                for i in 0..2 {
+                    let t = t0 + TT * i;
+                    for j in 0..nb {
+                        let row = (bp + j) * ROWS;
+                        if t < n_tokens && row < r1 {
+                            let dst = op.add((row - r0) * n_tokens + t);
+                            ops.scatter(
+                                &cbuf.0[2 * i + j],
+                                dst,
+                                n_tokens,
+                                (r1 - row).min(ROWS),
+                                (n_tokens - t).min(TT),
+                            );
+                        }
+                    }
                 }
             }
         }
     }
     ops.end();
+    if panel.capacity() <= KEEP_LINES {
+        PANEL.with(|p| *p.borrow_mut() = panel);
+    }
 }
 
-/// Group `4c + s` of the panel = `((line c >> 2s) & 3) - 1` as int8 (w).
+#[repr(C, align(64))]
+struct CTiles([[i32; 256]; 4]);
+
+/// Group `4c + s` of the panel = `((line c >> 2s) & 3) - 1` as int8 (w);
+/// groups past the layout's chunks (K padding to 64) are w = 0.
 #[inline(always)]
 fn expand_block(lines: &[Line], panel: &mut [Line]) {
     for (c, line) in lines.iter().enumerate() {
@@ -271,6 +383,9 @@ fn expand_block(lines: &[Line], panel: &mut [Line]) {
                 *o = (((byte >> (2 * s)) & 3) as i8 - 1) as u8;
             }
         }
+    }
+    for g in &mut panel[4 * lines.len()..] {
+        g.0 = [0; LINE];
     }
 }
 
@@ -290,7 +405,7 @@ const TILE_CFG: TileCfg = {
     TileCfg(c)
 };
 
-/// Real AMX instructions (tmm0-3 = C, tmm4/5 = A, tmm6 = B).
+/// Real AMX instructions (tmm0-3 = C, tmm4/5 = A, tmm6/7 = B).
 struct Hw;
 
 impl TileOps for Hw {
@@ -306,28 +421,62 @@ impl TileOps for Hw {
             options(nostack)
         );
     }
-    unsafe fn step(&mut self, a: *const i8, a_stride: usize, b: *const i8) {
-        let a16 = 16 * a_stride;
-        asm!(
-            "tileloadd tmm6, [{b} + {s64}*1]",
-            "tileloadd tmm4, [{a} + {st}*1]",
-            "tdpbssd tmm0, tmm4, tmm6",
-            "add {a}, {a16}",
-            "tileloadd tmm5, [{a} + {st}*1]",
-            "tdpbssd tmm1, tmm5, tmm6",
-            "add {a}, {a16}",
-            "tileloadd tmm4, [{a} + {st}*1]",
-            "tdpbssd tmm2, tmm4, tmm6",
-            "add {a}, {a16}",
-            "tileloadd tmm5, [{a} + {st}*1]",
-            "tdpbssd tmm3, tmm5, tmm6",
-            b = in(reg) b,
-            s64 = in(reg) 64usize,
-            a = inout(reg) a => _,
-            st = in(reg) a_stride,
-            a16 = in(reg) a16,
-            options(nostack),
-        );
+    unsafe fn run(&mut self, a: [*const i8; 2], sa: [usize; 2], b: *const i8, b_next: usize, nk: usize, nb: usize) {
+        if nk == 0 {
+            return;
+        }
+        if nb == 2 {
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa0}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbssd tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa1}*1]",
+                "tdpbssd tmm2, tmm5, tmm6",
+                "tdpbssd tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, {bstep}",
+                "add {b1}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                a0 = inout(reg) a[0] => _,
+                a1 = inout(reg) a[1] => _,
+                sa0 = in(reg) sa[0],
+                sa1 = in(reg) sa[1],
+                b0 = inout(reg) b => _,
+                b1 = inout(reg) b.add(b_next) => _,
+                s64 = in(reg) 64usize,
+                bstep = const B_STEP,
+                n = inout(reg) nk => _,
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "2:",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tileloadd tmm4, [{a0} + {sa0}*1]",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {sa1}*1]",
+                "tdpbssd tmm2, tmm5, tmm6",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                a0 = inout(reg) a[0] => _,
+                a1 = inout(reg) a[1] => _,
+                sa0 = in(reg) sa[0],
+                sa1 = in(reg) sa[1],
+                b0 = inout(reg) b => _,
+                s64 = in(reg) 64usize,
+                bstep = const B_STEP,
+                n = inout(reg) nk => _,
+                options(nostack),
+            );
+        }
     }
     unsafe fn store(&mut self, c: *mut i32) {
         asm!(
@@ -343,6 +492,9 @@ impl TileOps for Hw {
     unsafe fn end(&mut self) {
         asm!("tilerelease", options(nostack, nomem));
     }
+    unsafe fn scatter(&self, c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize, vt: usize) {
+        scatter_avx512(c, dst, stride, vr, vt)
+    }
 }
 
 /// Scalar model of the same operations (TDPBSSD semantics:
@@ -357,23 +509,33 @@ impl Default for Emu {
     }
 }
 
+impl Emu {
+    unsafe fn dp(&mut self, q: usize, a: *const i8, sa: usize, b: *const i8) {
+        for m in 0..16 {
+            let arow = a.add(m * sa);
+            for n in 0..16 {
+                let mut acc = 0i32;
+                for k in 0..16 {
+                    for i in 0..4 {
+                        acc += *arow.add(4 * k + i) as i32 * *b.add(64 * k + 4 * n + i) as i32;
+                    }
+                }
+                self.c[q][16 * m + n] += acc;
+            }
+        }
+    }
+}
+
 impl TileOps for Emu {
     unsafe fn begin(&mut self) {}
     unsafe fn zero(&mut self) {
         self.c = [[0; 256]; 4];
     }
-    unsafe fn step(&mut self, a: *const i8, a_stride: usize, b: *const i8) {
-        for (j, c) in self.c.iter_mut().enumerate() {
-            for m in 0..16 {
-                let arow = a.add((16 * j + m) * a_stride);
-                for n in 0..16 {
-                    let mut acc = 0i32;
-                    for k in 0..16 {
-                        for i in 0..4 {
-                            acc += *arow.add(4 * k + i) as i32 * *b.add(64 * k + 4 * n + i) as i32;
-                        }
-                    }
-                    c[16 * m + n] += acc;
+    unsafe fn run(&mut self, a: [*const i8; 2], sa: [usize; 2], b: *const i8, b_next: usize, nk: usize, nb: usize) {
+        for k in 0..nk {
+            for i in 0..2 {
+                for j in 0..nb {
+                    self.dp(2 * i + j, a[i].add(KB * k), sa[i], b.add(j * b_next + B_STEP * k));
                 }
             }
         }
@@ -384,4 +546,33 @@ impl TileOps for Emu {
         }
     }
     unsafe fn end(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avx512_scatter_matches_scalar() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIP: no AVX-512");
+            return;
+        }
+        let c: [i32; 256] = std::array::from_fn(|i| (i as i32 * 7919) ^ 0x5a5a);
+        let stride = 37;
+        for (vr, vt) in [(16, 16), (3, 16), (16, 5), (1, 1), (7, 9)] {
+            let mut want = vec![i32::MIN + 7; 16 * stride];
+            let mut got = want.clone();
+            // SAFETY: 16 rows of `stride >= 16` i32 fit in both buffers.
+            unsafe {
+                scatter_scalar(&c, want.as_mut_ptr(), stride, vr, vt);
+                scatter_avx512(&c, got.as_mut_ptr(), stride, vr, vt);
+            }
+            assert_eq!(got, want, "vr {vr} vt {vt}");
+            assert_eq!(
+                want[stride + 2],
+                if vr > 1 && vt > 2 { c[16 * 2 + 1] } else { i32::MIN + 7 }
+            );
+        }
+    }
 }

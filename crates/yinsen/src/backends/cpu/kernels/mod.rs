@@ -99,7 +99,7 @@ pub fn available() -> Vec<&'static str> {
 
 /// Token count from which AMX beats VNNI (a tile is 16 tokens; below a few
 /// tiles the per-call tile setup and padding dominate).
-pub const AMX_MIN_TOKENS: usize = 32;
+pub const AMX_MIN_TOKENS: usize = 16;
 
 /// The kernel name a dispatcher should use for calls of `n_tokens` tokens.
 pub fn best_for_tokens(n_tokens: usize) -> &'static str {

@@ -19,8 +19,23 @@ pub struct KernelPolicy {
 }
 
 impl KernelPolicy {
-    /// One kernel for every call ("auto" resolves to the best available).
+    /// The default before any tuning: the best vector kernel for small calls,
+    /// AMX from `AMX_MIN_TOKENS` tokens when the OS granted it (measured on
+    /// the device: AMX passes VNNI at 16 tokens, docs/device-runs-amx.md).
+    pub fn auto() -> Self {
+        let avail = super::available();
+        let mut rules = vec![(1, avail[0].to_string())];
+        if avail.contains(&"amx") && avail[0] != "amx" {
+            rules.push((super::AMX_MIN_TOKENS, "amx".to_string()));
+        }
+        Self { rules }
+    }
+
+    /// One kernel for every call; "auto" gives [`KernelPolicy::auto`].
     pub fn single(name: &str) -> Result<Self> {
+        if name == "auto" {
+            return Ok(Self::auto());
+        }
         let k = select(name)?;
         Ok(Self {
             rules: vec![(1, k.name().to_string())],

@@ -69,29 +69,32 @@ impl PackedTernary for VnniPacked {
     }
 }
 
-/// Rows r0..r1 (r0 % 16 == 0): row blocks outer so a block's weights stay in
-/// L1 while every token tile passes over them.
+/// Tokens per group: a group's activations (`64 * n_in` bytes) stay in L2
+/// while every row block of the range passes over them.
+const TOKEN_GROUP: usize = 4 * MAX_NT;
+
+/// Rows r0..r1 (r0 % 16 == 0): token groups outer, then row blocks, so a
+/// block's weights stay in L1 while the group's token tiles pass over them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
-    if n_tokens == 0 {
-        return;
-    }
-    for b in r0 / ROWS..r1.div_ceil(ROWS) {
-        let lines = l.block(b);
-        let mut t0 = 0;
-        while t0 < n_tokens {
-            let nt = (n_tokens - t0).min(MAX_NT);
-            let mut res = [[0i32; ROWS]; MAX_NT];
-            let xt = &x[t0 * l.n_in..];
-            tile_dispatch(nt, lines, l.n_in, xt, &mut res);
+    for g0 in (0..n_tokens).step_by(TOKEN_GROUP) {
+        let g1 = (g0 + TOKEN_GROUP).min(n_tokens);
+        for b in r0 / ROWS..r1.div_ceil(ROWS) {
+            let lines = l.block(b);
             let rows = (r1 - b * ROWS).min(ROWS);
-            for (t, rt) in res.iter().enumerate().take(nt) {
-                let corr = sums[t0 + t];
-                for (rr, &v) in rt.iter().enumerate().take(rows) {
-                    out[(b * ROWS + rr - r0) * n_tokens + t0 + t] = v.wrapping_sub(corr);
+            let mut t0 = g0;
+            while t0 < g1 {
+                let nt = (g1 - t0).min(MAX_NT);
+                let mut res = [[0i32; ROWS]; MAX_NT];
+                tile_dispatch(nt, lines, l.n_in, &x[t0 * l.n_in..], &mut res);
+                for (t, rt) in res.iter().enumerate().take(nt) {
+                    let corr = sums[t0 + t];
+                    for (rr, &v) in rt.iter().enumerate().take(rows) {
+                        out[(b * ROWS + rr - r0) * n_tokens + t0 + t] = v.wrapping_sub(corr);
+                    }
                 }
+                t0 += nt;
             }
-            t0 += nt;
         }
     }
 }

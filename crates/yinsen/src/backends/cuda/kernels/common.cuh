@@ -50,3 +50,18 @@ __device__ float block_max(float v, float* red) {
     v = lane < nw ? red[lane] : NEG_INF;
     return warp_max(v);
 }
+
+// PDL (programmatic dependent launch, sm_90+): launch_dependents lets the
+// next kernel start; wait blocks until the previous kernel has finished and
+// its writes are visible. No-ops without the launch attribute or before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+

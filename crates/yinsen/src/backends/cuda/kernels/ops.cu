@@ -3,11 +3,13 @@
 // Positions are read from device memory (`pos`) so a captured CUDA graph
 // stays valid from one decode step to the next.
 
-// x[t] = embed[tok[t]] (f16 table -> f32).
-extern "C" __global__ void embed_f16(const int* tok, const u16* emb, int hidden, float* x) {
+// x[t] = embed[tok[t]] (f16 table -> f32). A decode step also clears the
+// argmax slot that lm_head_dec fills (`best`, may be null).
+extern "C" __global__ void embed_f16(const int* tok, const u16* emb, int hidden, float* x, u64* best) {
     const u16* e = emb + (size_t)tok[blockIdx.x] * hidden;
     float* o = x + (size_t)blockIdx.x * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = h2f(e[i]);
+    if (best && blockIdx.x == 0 && threadIdx.x == 0) *best = 0;
 }
 
 // Value i of token row `in` before normalisation: the plain input, or the
@@ -140,25 +142,29 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
     }
 }
 
-// RoPE NEOX on q and k of the fused [q | k | v] rows (in place), then the
-// rotated k and v written to the f16 cache [kv_head][cap][hd] at pos + t.
+// RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
+// are pair-interleaved (row 2j, 2j+1 of a head = dims j, j + hd/2; see
+// forward.rs): rotated q goes to qr [token][n_heads * hd] in natural order,
+// rotated k and v to the f16 cache [kv_head][cap][hd] at pos + t.
 // rope[(p * hd/2 + i)] = (cos, sin) of p * base^(-2i/hd).
-extern "C" __global__ void rope_kv(float* qkv, int stride, const int* pos, const float2* rope, int n_heads,
-                                   int n_kv, int hd, int cap, u16* kc, u16* vc) {
+extern "C" __global__ void rope_kv(const float* qkv, int stride, const int* pos, const float2* rope, int n_heads,
+                                   int n_kv, int hd, int cap, u16* kc, u16* vc, float* qr) {
     const int t = blockIdx.x, p = pos[0] + t, half = hd / 2;
-    float* row = qkv + (size_t)t * stride;
+    const float* row = qkv + (size_t)t * stride;
     const float2* cs = rope + (size_t)p * half;
     const int nq = n_heads * half, nk = n_kv * half;
     for (int idx = threadIdx.x; idx < nq + nk; idx += blockDim.x) {
         int h = idx < nq ? idx / half : (idx - nq) / half;
         int i = idx % half;
-        float* v = idx < nq ? row + h * hd : row + n_heads * hd + h * hd;
+        const float* v = idx < nq ? row + h * hd : row + n_heads * hd + h * hd;
         float2 c = cs[i];
-        float x1 = v[i], x2 = v[i + half];
+        float x1 = v[2 * i], x2 = v[2 * i + 1];
         float o1 = x1 * c.x - x2 * c.y, o2 = x2 * c.x + x1 * c.y;
-        v[i] = o1;
-        v[i + half] = o2;
-        if (idx >= nq) {
+        if (idx < nq) {
+            float* q = qr + (size_t)t * n_heads * hd + h * hd;
+            q[i] = o1;
+            q[i + half] = o2;
+        } else {
             u16* k = kc + ((size_t)h * cap + p) * hd;
             k[i] = f2h(o1);
             k[i + half] = f2h(o2);
@@ -171,85 +177,93 @@ extern "C" __global__ void rope_kv(float* qkv, int stride, const int* pos, const
     }
 }
 
-// Split-K attention, pass 1. Grid (split, head, token); split s covers keys
-// [64 s, 64 s + 64) of the causal range 0..=pos+t. Writes per split the
-// running max m, the sum l of exp(score - m), and sum exp(score - m) * v.
-// part layout: [token][head][split][hd + 2].
+// Split-K attention. Grid (split, head, token); split s covers keys
+// [64 s, 64 s + 64) of the causal range 0..=pos+t and writes the running
+// max m, the sum l of exp(score - m) and sum exp(score - m) * v to part
+// [token][head][split][hd + 2]. The last split block of a (head, token) to
+// finish (counted in cnt, which it resets to 0) merges the splits into out
+// [token][n_heads * hd]. q: [token][q_stride], rotated.
 #define ATT_CHUNK 64
 extern "C" __global__ void __launch_bounds__(128) attn_partial(
-    const float* qkv, int stride, const u16* kc, const u16* vc, const int* pos, int n_heads, int n_kv,
-    int hd, int cap, float scale, int n_split, float* part) {
+    const float* qr, int q_stride, const u16* kc, const u16* vc, const int* pos, int n_heads, int n_kv,
+    int hd, int cap, float scale, int n_split, float* part, int* cnt, float* outp, int out_stride) {
     __shared__ float qs[256];
     __shared__ float sc[ATT_CHUNK];
     __shared__ float red[32];
+    __shared__ int last;
+    pdl_launch();
+    pdl_wait();
     const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int n_keys = pos[0] + t + 1, j0 = sp * ATT_CHUNK;
-    float* out = part + (((size_t)t * n_heads + h) * n_split + sp) * (hd + 2);
-    if (j0 >= n_keys) {
-        if (threadIdx.x == 0) {
-            out[0] = NEG_INF;
-            out[1] = 0.f;
-        }
-        return;
-    }
-    const int nj = min(ATT_CHUNK, n_keys - j0);
-    const int kvh = h / (n_heads / n_kv);
-    const float* q = qkv + (size_t)t * stride + h * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[d] * scale;
-    __syncthreads();
-    const u16* kb = kc + ((size_t)kvh * cap + j0) * hd;
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < nj; j += blockDim.x) {
-        const uint4* kr = (const uint4*)(kb + (size_t)j * hd);
-        float s = 0.f;
-        for (int d8 = 0; d8 < hd / 8; d8++) {
-            uint4 k = kr[d8];
-            u32 ws[4] = {k.x, k.y, k.z, k.w};
+    const size_t pstride = hd + 2;
+    // One split holds every key (short contexts): it writes the output itself.
+    const int used = (n_keys + ATT_CHUNK - 1) / ATT_CHUNK;
+    float* base = part + ((size_t)t * n_heads + h) * n_split * pstride;
+    if (j0 < n_keys) {
+        float* out = base + sp * pstride;
+        const int nj = min(ATT_CHUNK, n_keys - j0);
+        const int kvh = h / (n_heads / n_kv);
+        const float* q = qr + (size_t)t * q_stride + h * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[d] * scale;
+        __syncthreads();
+        const u16* kb = kc + ((size_t)kvh * cap + j0) * hd;
+        float mx = NEG_INF;
+        for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+            const uint4* kr = (const uint4*)(kb + (size_t)j * hd);
+            float s = 0.f;
+            for (int d8 = 0; d8 < hd / 8; d8++) {
+                uint4 k = kr[d8];
+                u32 ws[4] = {k.x, k.y, k.z, k.w};
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s += qs[8 * d8 + 2 * e] * h2f((u16)(ws[e] & 0xffff));
-                s += qs[8 * d8 + 2 * e + 1] * h2f((u16)(ws[e] >> 16));
+                for (int e = 0; e < 4; e++) {
+                    s += qs[8 * d8 + 2 * e] * h2f((u16)(ws[e] & 0xffff));
+                    s += qs[8 * d8 + 2 * e + 1] * h2f((u16)(ws[e] >> 16));
+                }
             }
+            sc[j] = s;
+            mx = fmaxf(mx, s);
         }
-        sc[j] = s;
-        mx = fmaxf(mx, s);
-    }
-    mx = block_max(mx, red);
-    float l = 0.f;
-    for (int j = threadIdx.x; j < nj; j += blockDim.x) {
-        float e = expf(sc[j] - mx);
-        sc[j] = e;
-        l += e;
-    }
-    l = block_sum(l, red);  // synchronises, so sc is complete below
-    const u16* vb = vc + ((size_t)kvh * cap + j0) * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
+        mx = block_max(mx, red);
+        float l = 0.f;
+        for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+            float e = expf(sc[j] - mx);
+            sc[j] = e;
+            l += e;
+        }
+        l = block_sum(l, red);  // synchronises, so sc is complete below
+        const u16* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float a = 0.f;
 #pragma unroll 8
-        for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
-        out[2 + d] = a;
+            for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
+            if (used == 1) outp[(size_t)t * out_stride + h * hd + d] = a / l;
+            else out[2 + d] = a;
+        }
+        if (threadIdx.x == 0) {
+            out[0] = mx;
+            out[1] = l;
+        }
     }
+    if (used == 1) return;
+    // Publish this split, then let the last one merge.
+    __threadfence();
+    __syncthreads();
     if (threadIdx.x == 0) {
-        out[0] = mx;
-        out[1] = l;
+        int* c = cnt + (size_t)t * n_heads + h;
+        last = atomicAdd(c, 1) == (int)gridDim.x - 1;
+        if (last) *c = 0;
     }
-}
-
-// Split-K attention, pass 2: merge the splits of (head, token) into out
-// [token][n_heads * hd].
-extern "C" __global__ void attn_combine(const float* part, const int* pos, int n_heads, int hd, int n_split,
-                                        float* out, int out_stride) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const int used = (pos[0] + t + 1 + ATT_CHUNK - 1) / ATT_CHUNK;
-    const float* p = part + ((size_t)t * n_heads + h) * n_split * (hd + 2);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
     float m = NEG_INF;
-    for (int s = 0; s < used; s++) m = fmaxf(m, p[s * (hd + 2)]);
+    for (int s = 0; s < used; s++) m = fmaxf(m, __ldcg(base + s * pstride));
     float l = 0.f;
-    for (int s = 0; s < used; s++) l += p[s * (hd + 2) + 1] * expf(p[s * (hd + 2)] - m);
+    for (int s = 0; s < used; s++) l += __ldcg(base + s * pstride + 1) * expf(__ldcg(base + s * pstride) - m);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < used; s++) a += p[s * (hd + 2) + 2 + d] * expf(p[s * (hd + 2)] - m);
-        out[(size_t)t * out_stride + h * hd + d] = a / l;
+        for (int s = 0; s < used; s++) a += __ldcg(base + s * pstride + 2 + d) * expf(__ldcg(base + s * pstride) - m);
+        outp[(size_t)t * out_stride + h * hd + d] = a / l;
     }
 }
 

@@ -1,0 +1,249 @@
+// One-token decode kernels. Each matrix kernel fuses the RMSNorm + int8
+// quantisation of its input in front (every block recomputes it from the
+// f32 row in shared memory: no separate norm kernel, no int8 buffer) and
+// its consumer behind (store, residual add, or RoPE + KV-cache write).
+// PDL (programmatic dependent launch, sm_90+): a kernel lets the next one
+// start at once; the next one loads its weights, which no kernel writes,
+// and only then waits for its predecessor to finish. Without the launch
+// attribute (or before sm_90) both calls are no-ops.
+
+#define DM_THREADS 256
+#define DM_CPL 8      // weight chunks per lane held in registers
+#define DM_NMAX 8192  // largest input width (f32 row in shared memory)
+
+// Block-wide: v = [rmsnorm](load_in(in)) [* w] into vs, then int8 into xq
+// (zero-padded to kpad). Same arithmetic as norm_quant. Returns (sx, xsum).
+// Global loads go in batches of DQ_B per thread: one L2 round trip per
+// batch instead of one per element (the prologue is latency-bound).
+#define DQ_B 12
+__device__ void dec_quant(const float* in, int n, int gate, const float* nw, float eps, int kpad, float* vs,
+                          i8* xq, float* red, float* sx_out, int* xsum_out) {
+    const int tid = threadIdx.x, bd = blockDim.x;
+    float ss = 0.f;
+    for (int i0 = tid; i0 < n; i0 += DQ_B * bd) {
+        float v[DQ_B];
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            v[k] = i < n ? load_in(in, n, i, gate) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            if (i < n) vs[i] = v[k];
+            ss += v[k] * v[k];
+        }
+    }
+    float inv = 1.f;
+    if (nw) {
+        ss = block_sum(ss, red);
+        inv = sqrtf(ss / (float)n + eps);
+    }
+    float am = 0.f;
+    for (int i0 = tid; i0 < n; i0 += DQ_B * bd) {
+        float w[DQ_B];
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            w[k] = nw && i < n ? nw[i] : 1.f;
+        }
+#pragma unroll
+        for (int k = 0; k < DQ_B; k++) {
+            int i = i0 + k * bd;
+            if (i < n) {
+                float v = vs[i] / inv;
+                if (nw) v *= w[k];
+                vs[i] = v;
+                am = fmaxf(am, fabsf(v));
+            }
+        }
+    }
+    am = block_max(am, red);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    float qs = 0.f;
+    for (int i = tid; i < kpad; i += bd) {
+        int qi = i < n ? (int)fminf(fmaxf(rintf(vs[i] * s), -128.f), 127.f) : 0;
+        xq[i] = (i8)qi;
+        qs += (float)qi;
+    }
+    qs = block_sum(qs, red);  // synchronises: xq is complete after this
+    *sx_out = s;
+    *xsum_out = (int)qs;
+}
+
+// y = W q(in) for one token, LPR lanes per row. mode 1: out[row] = y;
+// 2: out[row] += y; 3: RoPE on the pair-interleaved q|k rows (layout rows
+// 2j, 2j+1 of a head are dims j, j + hd/2), rotated q to out (natural
+// order), k and v to the f16 caches at position pos[0].
+template <int LPR>
+__device__ __forceinline__ void dec_mm_body(const uint4* __restrict__ W, int n_rows, int chunks, const float* in,
+                                            int n, int gate, const float* nw, float eps,
+                                            const float* __restrict__ row_scale, float* out, int mode,
+                                            const int* pos, const float2* rope, int n_heads, int n_kv, int hd,
+                                            int cap, u16* kc, u16* vc) {
+    __shared__ __align__(16) float vs[DM_NMAX];
+    __shared__ __align__(16) i8 xq[DM_NMAX];
+    __shared__ float red[32];
+    pdl_launch();
+    const int lane = threadIdx.x & 31, sub = lane % LPR;
+    const int row = (blockIdx.x * (DM_THREADS / 32) + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+    const bool live = row < n_rows;
+    const uint4* wr = W + (size_t)(live ? row : 0) * chunks;
+    uint4 wv[DM_CPL];
+#pragma unroll
+    for (int k = 0; k < DM_CPL; k++) {
+        int c = sub + k * LPR;
+        wv[k] = live && c < chunks ? __ldg(wr + c) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    float sx;
+    int xsum;
+    dec_quant(in, n, gate, nw, eps, chunks * 64, vs, xq, red, &sx, &xsum);
+    const uint4* x4 = (const uint4*)xq;
+    int acc = 0;
+#pragma unroll
+    for (int k = 0; k < DM_CPL; k++) {
+        int c = sub + k * LPR;
+        if (c < chunks) {
+            uint4 w = wv[k];
+            acc = dot_word(w.x, x4[4 * c + 0], acc);
+            acc = dot_word(w.y, x4[4 * c + 1], acc);
+            acc = dot_word(w.z, x4[4 * c + 2], acc);
+            acc = dot_word(w.w, x4[4 * c + 3], acc);
+        }
+    }
+    if (live)
+        for (int c = sub + DM_CPL * LPR; c < chunks; c += LPR) {
+            uint4 w = __ldg(wr + c);
+            acc = dot_word(w.x, x4[4 * c + 0], acc);
+            acc = dot_word(w.y, x4[4 * c + 1], acc);
+            acc = dot_word(w.z, x4[4 * c + 2], acc);
+            acc = dot_word(w.w, x4[4 * c + 3], acc);
+        }
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const float y = (float)(acc - xsum) * ((live ? row_scale[row] : 0.f) / sx);
+    // Partner row (the other half of a RoPE pair) sits LPR lanes away.
+    const float partner = __shfl_xor_sync(0xffffffffu, y, LPR < 32 ? LPR : 0);
+    if (!live || sub != 0) return;
+    if (mode == 1) {
+        out[row] = y;
+        return;
+    }
+    if (mode == 2) {
+        out[row] += y;
+        return;
+    }
+    const int p = pos[0], half = hd / 2, nq = n_heads * hd, nk = n_kv * hd;
+    if (row < nq + nk) {
+        const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
+        const float2 cs = rope[(size_t)p * half + j];
+        const float x1 = second ? partner : y, x2 = second ? y : partner;
+        const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
+        const int d = j + (second ? half : 0);
+        if (row < nq) out[h * hd + d] = o;
+        else kc[((size_t)h * cap + p) * hd + d] = f2h(o);
+    } else {
+        const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
+        vc[((size_t)h * cap + p) * hd + d] = f2h(y);
+    }
+}
+
+#define DEC_MM(L)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(DM_THREADS) dec_mm_l##L(                                  \
+        const uint4* W, int n_rows, int chunks, const float* in, int n, int gate, const float* nw, float eps, \
+        const float* row_scale, float* out, int mode, const int* pos, const float2* rope, int n_heads,     \
+        int n_kv, int hd, int cap, u16* kc, u16* vc) {                                                     \
+        dec_mm_body<L>(W, n_rows, chunks, in, n, gate, nw, eps, row_scale, out, mode, pos, rope, n_heads,  \
+                       n_kv, hd, cap, kc, vc);                                                             \
+    }
+DEC_MM(8)
+DEC_MM(16)
+
+// Order-preserving key of (logit, index) for a u64 atomicMax: larger logit
+// wins, then the lower index. 0 means "nothing yet".
+__device__ __forceinline__ u64 argmax_key(float v, int i) {
+    u32 u = __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((u64)u << 32) | (u64)(~(u32)i);
+}
+
+#define LM_U 16  // 16-byte pieces per lane held in registers (hidden <= 4096 in one pass)
+
+__device__ __forceinline__ float dot8(uint4 e, const float* xp) {
+    float4 a = *(const float4*)xp, b = *(const float4*)(xp + 4);
+    return h2f((u16)(e.x & 0xffff)) * a.x + h2f((u16)(e.x >> 16)) * a.y + h2f((u16)(e.y & 0xffff)) * a.z +
+           h2f((u16)(e.y >> 16)) * a.w + h2f((u16)(e.z & 0xffff)) * b.x + h2f((u16)(e.z >> 16)) * b.y +
+           h2f((u16)(e.w & 0xffff)) * b.z + h2f((u16)(e.w >> 16)) * b.w;
+}
+
+// Final RMSNorm + f16 lm_head + greedy pick for one token. A warp per row,
+// rows strided over a grid of a few blocks per SM (so the norm, redone by
+// every block, stays cheap). best: u64 slot (zeroed by embed_dec) taking
+// atomicMax of argmax_key. Needs hidden % 8 == 0 and hidden <= DM_NMAX.
+extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int vocab, int hidden, const float* x,
+                                                            const float* nw, float eps, float* logits, u64* best) {
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ float red[32];
+    __shared__ float bv_s[8];
+    __shared__ int bi_s[8];
+    pdl_launch();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = gridDim.x * 8, n8 = hidden / 8;
+    int r = blockIdx.x * 8 + warp;
+    uint4 ev[LM_U];
+    auto load_row = [&](int rr) {
+        const uint4* er = (const uint4*)(E + (size_t)(rr < vocab ? rr : 0) * hidden);
+#pragma unroll
+        for (int k = 0; k < LM_U; k++) {
+            int c = lane + 32 * k;
+            ev[k] = rr < vocab && c < n8 ? __ldg(er + c) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_row(r);
+    pdl_wait();
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = x[i];
+        xs[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float inv = sqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs[i] / inv * nw[i];
+    __syncthreads();
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (; r < vocab; r += nwarps) {
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < LM_U; k++) {
+            int c = lane + 32 * k;
+            if (c < n8) acc += dot8(ev[k], xs + 8 * c);
+        }
+        const uint4* er = (const uint4*)(E + (size_t)r * hidden);
+        for (int c = lane + 32 * LM_U; c < n8; c += 32) acc += dot8(__ldg(er + c), xs + 8 * c);
+        load_row(r + nwarps);
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            logits[r] = acc;
+            if (acc > bv) {
+                bv = acc;
+                bi = r;
+            }
+        }
+    }
+    if (lane == 0) {
+        bv_s[warp] = bv;
+        bi_s[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; w++)
+            if (bv_s[w] > bv || (bv_s[w] == bv && bi_s[w] < bi)) {
+                bv = bv_s[w];
+                bi = bi_s[w];
+            }
+        if (bi != 0x7fffffff) atomicMax(best, argmax_key(bv, bi));
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One device call per build-check-bench sequence (see DEVELOPERS.md).
+#
+#   here:    scripts/device-check.sh pack     # release build, test executables, fixtures -> .device/ (stripped)
+#   device:  bash scripts/device-check.sh remote [quick]   (run tool, carry [".device"])
+#
+# Remote runs, with logs under $OUT (or /tmp/yinsen-out):
+#   1. `yinsen info`
+#   2. every test executable with YINSEN_DEVICE=1 (GPU and AMX tests must run, not skip)
+#   3. compute-sanitizer memcheck on the CUDA kernel tests and the tiny CUDA forward
+#   4. benchmarks on synthetic:2b4t: CPU (vnni, amx) and CUDA, seed table (bench --paths), tune --quick
+set -u
+cmd=${1:-}
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+if [ "$cmd" = pack ]; then
+  set -e
+  cd "$root"
+  ../shared/tools/device-pack >/dev/null
+  # Test binaries carry debug info (profile.release debug = 1): strip to fit the 64 MiB carry limit.
+  rm -f .device/tests/gguf_throughput-* .device/tests/kernels_bench-* .device/bin/*.so
+  strip .device/bin/* .device/tests/* 2>/dev/null || true
+  cp scripts/device-check.sh .device/
+  du -sh .device
+  exit 0
+fi
+
+[ "$cmd" = remote ] || { echo "usage: $0 pack|remote [quick]"; exit 2; }
+dev="$root/.device"
+out=${OUT:-/tmp/yinsen-out}
+mkdir -p "$out"
+export YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures" PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yinsen-cuda-cache
+status=0
+log() { echo "== $*"; }
+{
+  log "date $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core" || true
+  yinsen info
+} 2>&1 | tee "$out/info.txt"
+
+log tests
+for t in "$dev"/tests/*; do
+  name=$(basename "$t")
+  case "$name" in c_abi-*) continue ;; esac # needs a C compiler and cargo (CI covers it)
+  echo "== $name"
+  "$t" --test-threads=4 >"$out/test-$name.log" 2>&1 && echo ok || { echo FAILED; tail -30 "$out/test-$name.log"; status=1; }
+  grep -h "SKIP" "$out/test-$name.log" | head -3
+done 2>&1 | tee "$out/tests.txt"
+grep -q FAILED "$out/tests.txt" && status=1
+
+if command -v compute-sanitizer >/dev/null; then
+  for t in "$dev"/tests/cuda_kernels-* "$dev"/tests/cuda_forward-*; do
+    log "memcheck $(basename "$t")"
+    filter=matmul_exact
+    case "$t" in *cuda_forward*) filter=tiny_matches_cpu_backend ;; esac
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$t" --test-threads=1 "$filter" 2>&1 | tail -4 || status=1
+  done 2>&1 | tee "$out/memcheck.txt"
+fi
+
+if [ "${2:-}" != quick ]; then
+  m=synthetic:2b4t
+  log "bench cpu" | tee "$out/bench.txt"
+  for k in vnni amx; do
+    yinsen bench -m $m --backend cpu --kernel $k -p 64,512 -n 32 -r 2 -t 16 2>&1 | tee -a "$out/bench.txt"
+  done
+  yinsen bench -m $m --backend cpu --kernel auto -p 16 -n 32 -r 2 -t 8 2>&1 | tee -a "$out/bench.txt"
+  log "bench cuda" | tee -a "$out/bench.txt"
+  yinsen bench -m $m --backend cuda -p 512 -n 128 -r 2 2>&1 | tee -a "$out/bench.txt"
+  if yinsen bench --help | grep -q -- --paths; then
+    log "seed table" | tee -a "$out/bench.txt"
+    yinsen bench --paths -m $m 2>&1 | tee -a "$out/bench.txt"
+  fi
+  if yinsen --help | grep -q "tune"; then
+    log "tune" | tee -a "$out/bench.txt"
+    yinsen tune --quick --out "$out/tune" 2>&1 | tail -30 | tee -a "$out/bench.txt"
+  fi
+fi
+log "exit $status"
+exit $status
