@@ -63,7 +63,7 @@ pub fn workloads(max_ctx: usize) -> Vec<(String, usize, usize)> {
     let pre = 2048.min(max_ctx);
     vec![
         (format!("prefill {pre}"), pre, 0),
-        ("single token (ctx 128)".into(), 1, 128.min(max_ctx - 1)),
+        ("single token (ctx 128)".into(), 1, 128.min(max_ctx.saturating_sub(1))),
         ("batch 16 tokens".into(), 16.min(max_ctx), 0),
     ]
 }
