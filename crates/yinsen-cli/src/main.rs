@@ -11,6 +11,10 @@ use yinsen::engine::sampling::SamplerConfig;
 use yinsen::engine::{Engine, EngineOptions, GenParams};
 use yinsen::model::Activation;
 
+mod embed;
+mod paths;
+mod tune;
+
 #[derive(Parser)]
 #[command(
     name = "yinsen",
@@ -49,6 +53,15 @@ enum Cmd {
     },
     /// Measure prompt and decode throughput (llama-bench style).
     Bench(BenchArgs),
+    /// Sweep paths and CPU kernels over token counts; write this machine's profile.
+    Tune(tune::TuneArgs),
+    /// Embed texts (one pooled hidden-state vector per input, JSON).
+    Embed {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[command(flatten)]
+        e: embed::EmbedArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -72,6 +85,19 @@ struct ModelArgs {
     /// copy: half the bytes per decode step, small logit error).
     #[arg(long, default_value = "native")]
     lm_head: String,
+    /// Hybrid weights: "dual" (every path's layout resident) or "lazy"
+    /// (built on first use, idle ones dropped over --weights-budget).
+    #[arg(long, default_value = "dual")]
+    weights: String,
+    /// Lazy mode: resident weight bytes allowed across paths.
+    #[arg(long)]
+    weights_budget: Option<usize>,
+    /// Print each forward call's plan (which path runs which stage).
+    #[arg(long)]
+    explain: bool,
+    /// Tuning profile: "auto" (this machine's, if tuned), "off", or a file.
+    #[arg(long, default_value = "auto")]
+    profile: String,
 }
 
 #[derive(Args)]
@@ -147,6 +173,12 @@ struct BenchArgs {
     /// Skip the memory-bandwidth measurement.
     #[arg(long)]
     no_bandwidth: bool,
+    /// The seed's table: prefill 2K, single token, batch 16 per path + hybrid.
+    #[arg(long)]
+    paths: bool,
+    /// An embedding batch and a decode at once vs one after the other.
+    #[arg(long)]
+    concurrent: bool,
 }
 
 fn progress_bar() -> Option<Box<dyn Fn(u64, u64) + Send + Sync>> {
@@ -177,6 +209,17 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         "q8" => true,
         other => bail!("unknown --lm-head '{other}' (native, q8)"),
     };
+    let weights = match (m.weights.as_str(), m.weights_budget) {
+        ("dual", None) => yinsen::dispatch::WeightMode::Dual,
+        ("dual", Some(_)) => bail!("--weights-budget needs --weights lazy"),
+        ("lazy", budget) => yinsen::dispatch::WeightMode::Lazy { budget },
+        (other, _) => bail!("unknown --weights '{other}' (dual, lazy)"),
+    };
+    let profile = match m.profile.as_str() {
+        "auto" => yinsen::dispatch::ProfileChoice::Auto,
+        "off" => yinsen::dispatch::ProfileChoice::Off,
+        f => yinsen::dispatch::ProfileChoice::File(f.into()),
+    };
     let engine = Engine::load(
         &m.model,
         EngineOptions {
@@ -189,10 +232,22 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             },
             activation,
             progress: progress_bar(),
+            dispatch: yinsen::dispatch::DispatchOptions {
+                weights,
+                profile,
+                explain: m.explain,
+            },
         },
     )?;
     for w in &engine.warnings {
         eprintln!("warning: {w}");
+    }
+    if let Some(h) = engine.backend.hybrid() {
+        for n in h.notes.lock().map(|n| n.clone()).unwrap_or_default() {
+            eprintln!("note: {n}");
+        }
+    } else if m.explain {
+        eprintln!("[plan] every call on {} (forced by --backend)", engine.backend.name());
     }
     Ok(engine)
 }
@@ -330,6 +385,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     } else {
         a.m.threads
     };
+    if a.paths {
+        paths::cmd_paths(&engine, &a.m.model, threads, a.repeats.max(1), a.json)?;
+    }
+    if a.concurrent {
+        paths::cmd_concurrent(&engine, a.json, false)?;
+    }
+    if a.paths || a.concurrent {
+        return Ok(());
+    }
     let quiet = a.json || !std::io::stderr().is_terminal();
     let progress = |s: &str| {
         if !quiet {
@@ -397,10 +461,39 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(rss) = rss {
         println!("resident memory: {:.1} MiB", rss as f64 / (1 << 20) as f64);
     }
+    if let Some(h) = engine.backend.hybrid() {
+        report_hybrid(h);
+    }
     if a.m.backend == "cuda" {
         print_cuda_bench(&engine)?;
     }
     Ok(())
+}
+
+/// Plans, path use, KV moves and resident weights of the hybrid.
+fn report_hybrid(h: &yinsen::dispatch::HybridBackend) {
+    use yinsen::backends::Output;
+    println!("dispatch ({:?} weights):", h.mode());
+    for (what, n) in [("decode", 1), ("batch 16", 16), ("prefill 512", 512)] {
+        println!("  {what}: {}", h.plan_for(n, Output::LastLogits, None, 0).summary());
+    }
+    let s = h.stats();
+    println!(
+        "  calls: cpu {}, cuda {}; KV moves {} ({:.1} MiB, {:.2} ms)",
+        s.cpu_calls,
+        s.cuda_calls,
+        s.kv_moves,
+        s.kv_moved_bytes as f64 / (1 << 20) as f64,
+        s.kv_move_ms
+    );
+    for r in h.residency() {
+        println!(
+            "  resident {}: {:.1} MiB ({})",
+            r.path.as_str(),
+            r.resident_weight_bytes as f64 / (1 << 20) as f64,
+            r.backend.as_deref().unwrap_or("not built")
+        );
+    }
 }
 
 /// Issue-4 timings (CUDA events, medians, warm-up and compilation excluded).
@@ -465,6 +558,8 @@ fn main() {
             .and_then(|e| Ok(e.tokenizer.decode(&tokens, false)?))
             .map(|t| println!("{t}")),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Tune(a) => tune::cmd_tune(a),
+        Cmd::Embed { m, e } => load(&m).and_then(|eng| embed::cmd_embed(&eng, &e)),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

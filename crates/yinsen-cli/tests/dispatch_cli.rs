@@ -27,7 +27,19 @@ fn tune_quick_writes_profile_and_plot_that_run_uses() {
     let svg = std::fs::read_to_string(d.join("sweep.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("tokens per call"));
     let o = yinsen()
-        .args(["run", "-m", "synthetic:tiny", "-p", "hi", "-n", "2", "--temp", "0", "--explain", "--profile"])
+        .args([
+            "run",
+            "-m",
+            "synthetic:tiny",
+            "-p",
+            "hi",
+            "-n",
+            "2",
+            "--temp",
+            "0",
+            "--explain",
+            "--profile",
+        ])
         .arg(d.join("profile.json"))
         .output()
         .unwrap();
@@ -49,15 +61,34 @@ fn tune_quick_writes_profile_and_plot_that_run_uses() {
 #[test]
 fn embed_returns_one_vector_per_input() {
     let o = yinsen()
-        .args(["embed", "-m", "synthetic:tiny", "--normalize", "-p", "first text", "-p", "second"])
+        .args([
+            "embed",
+            "-m",
+            "synthetic:tiny",
+            "--normalize",
+            "-p",
+            "first text",
+            "-p",
+            "second",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let data = v["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
-    let e0: Vec<f64> = data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    let e1: Vec<f64> = data[1]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let e0: Vec<f64> = data[0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let e1: Vec<f64> = data[1]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert_eq!(e0.len(), 256);
     assert!((e0.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4);
     assert_ne!(e0, e1);

@@ -99,6 +99,8 @@ pub struct MachineInfo {
     pub amx: String,
     /// CUDA devices, or why there are none.
     pub cuda: CudaInfo,
+    /// What the dispatcher can route to (paths, fingerprint).
+    pub capabilities: crate::dispatch::Capabilities,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +120,7 @@ pub fn machine_info() -> MachineInfo {
             .collect(),
         amx: crate::backends::cpu::kernels::amx_status_text(),
         cuda: crate::dispatch::cuda_info(),
+        capabilities: crate::dispatch::Capabilities::detect(),
     }
 }
 
@@ -150,6 +153,7 @@ impl MachineInfo {
         } else {
             s += &format!("cuda: {}\n", self.cuda.reason.as_deref().unwrap_or("no CUDA device"));
         }
+        s += &self.capabilities.to_text();
         s
     }
 }

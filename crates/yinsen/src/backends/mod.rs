@@ -48,4 +48,55 @@ pub trait Backend: Send + Sync {
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>>;
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;
+    /// Copy a cache made by this backend out as f32 (to move a sequence to
+    /// another path).
+    fn export_kv(&self, _cache: &mut dyn KvCache) -> Result<KvSnapshot> {
+        Err(crate::Error::Unsupported(format!("{}: KV export", self.name())))
+    }
+    /// A new cache of `capacity` positions holding `snap`'s positions.
+    fn import_kv(&self, _snap: &KvSnapshot, _capacity: usize) -> Result<Box<dyn KvCache>> {
+        Err(crate::Error::Unsupported(format!("{}: KV import", self.name())))
+    }
+    /// The dispatcher behind this backend, if it is one (for plan reports).
+    fn hybrid(&self) -> Option<&crate::dispatch::HybridBackend> {
+        None
+    }
+}
+
+/// A sequence's keys and values in a path-neutral form: per layer,
+/// `[position][kv_dim]` f32, RoPE already applied to K.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvSnapshot {
+    pub len: usize,
+    pub kv_dim: usize,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl KvSnapshot {
+    /// Check the snapshot fits `c` and `capacity` before anyone allocates.
+    pub fn validate(&self, c: &ModelConfig, capacity: usize) -> Result<()> {
+        let bad = |m: String| Err(crate::Error::input(format!("KV import: {m}")));
+        if self.kv_dim != c.kv_dim() || self.k.len() != c.n_layers || self.v.len() != c.n_layers {
+            return bad(format!(
+                "snapshot has {} layers x {} kv dims, model has {} x {}",
+                self.k.len(),
+                self.kv_dim,
+                c.n_layers,
+                c.kv_dim()
+            ));
+        }
+        if self.len > capacity.min(c.max_ctx) {
+            return bad(format!("{} positions exceed a capacity of {capacity}", self.len));
+        }
+        let want = self.len.checked_mul(self.kv_dim);
+        if self.k.iter().chain(&self.v).any(|l| Some(l.len()) != want) {
+            return bad("layer lengths disagree with len x kv_dim".into());
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
 }

@@ -24,6 +24,8 @@ pub struct EngineOptions {
     pub cpu: CpuOptions,
     pub activation: Option<Activation>,
     pub progress: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
+    /// Hybrid dispatcher settings (used with backend "auto").
+    pub dispatch: crate::dispatch::DispatchOptions,
 }
 
 impl Default for EngineOptions {
@@ -33,6 +35,7 @@ impl Default for EngineOptions {
             cpu: CpuOptions::default(),
             activation: None,
             progress: None,
+            dispatch: Default::default(),
         }
     }
 }
@@ -67,7 +70,7 @@ impl Engine {
         });
         let load_s = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
-        let backend = crate::dispatch::make_backend(&model, &opts.backend, &opts.cpu)?;
+        let backend = crate::dispatch::make_backend_with(&model, &opts.backend, &opts.cpu, &opts.dispatch)?;
         let prepare_s = t1.elapsed().as_secs_f64();
         Ok(Self {
             load_s,

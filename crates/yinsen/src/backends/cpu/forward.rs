@@ -355,4 +355,38 @@ impl Backend for CpuBackend {
             })
             .sum()
     }
+    fn export_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
+        self.export_cpu_kv(cache)
+    }
+    fn import_kv(&self, snap: &crate::backends::KvSnapshot, capacity: usize) -> Result<Box<dyn KvCache>> {
+        self.import_cpu_kv(snap, capacity)
+    }
+}
+
+impl CpuBackend {
+    /// The f32 cache as a snapshot (a copy; the cache is unchanged).
+    pub fn export_cpu_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
+        let c = cache
+            .as_any_mut()
+            .downcast_mut::<CpuKvCache>()
+            .ok_or_else(|| Error::backend("cpu", "KV export: cache belongs to another backend"))?;
+        Ok(crate::backends::KvSnapshot {
+            len: c.len,
+            kv_dim: c.kv_dim,
+            k: c.k.clone(),
+            v: c.v.clone(),
+        })
+    }
+
+    pub fn import_cpu_kv(&self, snap: &crate::backends::KvSnapshot, capacity: usize) -> Result<Box<dyn KvCache>> {
+        let cfg = &self.model.config;
+        snap.validate(cfg, capacity)?;
+        Ok(Box::new(CpuKvCache {
+            k: snap.k.clone(),
+            v: snap.v.clone(),
+            len: snap.len,
+            capacity: capacity.min(cfg.max_ctx),
+            kv_dim: snap.kv_dim,
+        }))
+    }
 }

@@ -983,11 +983,83 @@ impl Backend for CudaBackend {
     fn resident_weight_bytes(&self) -> usize {
         self.weight_bytes
     }
+    fn export_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
+        self.export_cuda_kv(cache)
+    }
+    fn import_kv(&self, snap: &crate::backends::KvSnapshot, capacity: usize) -> Result<Box<dyn KvCache>> {
+        Ok(Box::new(self.import_cuda_kv(snap, capacity)?))
+    }
 }
 
 impl CudaCache {
     /// Benchmarks fill a cache by timing a forward without advancing it.
     pub(crate) fn set_len_for_bench(&mut self, n: usize) {
         self.len = n.min(self.cap);
+    }
+}
+
+/// KV moves between paths: the device cache is f16 `[layer][kv_head][cap][head_dim]`,
+/// the snapshot f32 `[layer][pos][kv_head * head_dim]` (the CPU layout).
+impl CudaBackend {
+    pub fn export_cuda_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
+        let cache = self.cache_of(cache)?;
+        let c = &self.config;
+        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let total = checked(&[cache.layer_elems, c.n_layers], "KV export")?;
+        let (hd, kvd, cap, len) = (c.head_dim, c.kv_dim(), cache.cap, cache.len);
+        let to_host = |buf: &DevBuf| -> Result<Vec<Vec<f32>>> {
+            let raw: Vec<u16> = buf.read(total)?;
+            Ok((0..c.n_layers)
+                .map(|li| {
+                    let base = li * cache.layer_elems;
+                    let mut out = vec![0f32; len * kvd];
+                    for p in 0..len {
+                        for h in 0..c.n_kv_heads {
+                            let src = base + (h * cap + p) * hd;
+                            for d in 0..hd {
+                                out[p * kvd + h * hd + d] = half::f16::from_bits(raw[src + d]).to_f32();
+                            }
+                        }
+                    }
+                    out
+                })
+                .collect())
+        };
+        Ok(crate::backends::KvSnapshot {
+            len,
+            kv_dim: kvd,
+            k: to_host(&cache.k)?,
+            v: to_host(&cache.v)?,
+        })
+    }
+
+    pub fn import_cuda_kv(&self, snap: &crate::backends::KvSnapshot, capacity: usize) -> Result<CudaCache> {
+        let c = &self.config;
+        snap.validate(c, capacity)?;
+        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let mut cache = self.cuda_cache(capacity.min(c.max_ctx))?;
+        let total = checked(&[cache.layer_elems, c.n_layers], "KV import")?;
+        let (hd, kvd, cap) = (c.head_dim, c.kv_dim(), cache.cap);
+        let to_dev = |layers: &[Vec<f32>]| -> Vec<u16> {
+            let mut raw = vec![0u16; total];
+            for (li, l) in layers.iter().enumerate() {
+                let base = li * cache.layer_elems;
+                for p in 0..snap.len {
+                    for h in 0..c.n_kv_heads {
+                        let dst = base + (h * cap + p) * hd;
+                        for d in 0..hd {
+                            raw[dst + d] = half::f16::from_f32(l[p * kvd + h * hd + d]).to_bits();
+                        }
+                    }
+                }
+            }
+            raw
+        };
+        cache.k.write(&to_dev(&snap.k))?;
+        cache.v.write(&to_dev(&snap.v))?;
+        cache.len = snap.len;
+        Ok(cache)
     }
 }
