@@ -1,7 +1,7 @@
 //! Scalar reference: the oracle every other kernel and backend is tested
 //! against. Plain loops over the canonical layout, no tricks.
 
-use crate::model::{TernaryMatrix, WeightScale};
+use crate::model::TernaryMatrix;
 
 /// Exact `out[t * n_out + o] = sum_i W[o, i] * x[t * n_in + i]` (token-major).
 pub fn ternary_matmul_i32(w: &TernaryMatrix, x: &[i8], n_tokens: usize) -> Vec<i32> {
