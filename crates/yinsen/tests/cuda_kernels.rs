@@ -63,17 +63,7 @@ fn nvrtc_compiles_all_kernels() {
         let bin = cuda::nvrtc::compile(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert!(bin.len() > 1000, "{arch}: {} bytes", bin.len());
         // Every kernel the host launches is in the image (names are kept verbatim in the ELF).
-        for name in [
-            "tern_gemv_t16",
-            "tern_mma",
-            "norm_quant",
-            "attn_partial",
-            "lm_head_f16",
-            "argmax_f32",
-            "dec_mm_l8",
-            "dec_mm_l16",
-            "lm_head_dec",
-        ] {
+        for name in cuda::KERNELS {
             assert!(
                 bin.windows(name.len()).any(|w| w == name.as_bytes()),
                 "{arch}: {name} missing"

@@ -11,6 +11,8 @@ pub struct CudaBench {
     pub device: String,
     pub arch: String,
     pub kernels_from_cache: bool,
+    /// KV-cache element type (`YINSEN_CUDA_KV`): "F32" or "F16".
+    pub kv_dtype: String,
     /// Single-sequence greedy decode through the CUDA graph.
     pub decode_tok_s_ctx0: f64,
     pub decode_tok_s_ctx2048: f64,
@@ -86,6 +88,7 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
         device: g.info.name.clone(),
         arch: g.arch.clone(),
         kernels_from_cache: g.from_cache,
+        kv_dtype: format!("{:?}", b.kv_dtype()),
         decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
         decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,

@@ -1,5 +1,5 @@
-//! [`CudaBackend`]: weights uploaded in the GPU layout, an f16 KV cache per
-//! sequence, and the BitNet / Llama-style block forward as a chain of
+//! [`CudaBackend`]: weights uploaded in the GPU layout, a KV cache per
+//! sequence (f32 by default, f16 on request: [`KvDtype`]), and the BitNet / Llama-style block forward as a chain of
 //! kernels on one stream. A one-token decode step is captured once per cache
 //! as a CUDA graph (kernels read the position from device memory, so the
 //! graph stays valid as the sequence grows) and replayed every step.
@@ -61,8 +61,64 @@ struct Scratch {
     best: DevBuf,
 }
 
+/// Element type of the KV cache. F32 (the default) keeps the forward in
+/// f32 like the CPU backend; F16 halves the cache bytes (and the attention
+/// reads) but rounds K and V, which can flip int8 activation codes downstream
+/// (with one token the attention output is V itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    F16,
+    #[default]
+    F32,
+}
+
+impl KvDtype {
+    /// Bytes per cached element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+
+    /// `$YINSEN_CUDA_KV` (`f16` or `f32`), else F32.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("YINSEN_CUDA_KV") {
+            Err(_) => Ok(KvDtype::F32),
+            Ok(v) => match v.to_ascii_lowercase().as_str() {
+                "f16" => Ok(KvDtype::F16),
+                "f32" | "" => Ok(KvDtype::F32),
+                _ => Err(Error::input(format!("YINSEN_CUDA_KV={v}: expected f16 or f32"))),
+            },
+        }
+    }
+
+    /// The kernel instantiations for this element type.
+    fn rope_kv(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "rope_kv_f16",
+            KvDtype::F32 => "rope_kv_f32",
+        }
+    }
+    fn attn_partial(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "attn_partial_f16",
+            KvDtype::F32 => "attn_partial_f32",
+        }
+    }
+    fn dec_mm(self, lpr: usize) -> &'static str {
+        match (self, lpr) {
+            (KvDtype::F16, 8) => "dec_mm_l8_f16",
+            (KvDtype::F16, _) => "dec_mm_l16_f16",
+            (KvDtype::F32, 8) => "dec_mm_l8_f32",
+            (KvDtype::F32, _) => "dec_mm_l16_f32",
+        }
+    }
+}
+
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
+    kv: KvDtype,
     config: ModelConfig,
     layers: Vec<GpuLayer>,
     embed: DevBuf,
@@ -101,13 +157,16 @@ impl Drop for Graph {
     }
 }
 
-/// f16 KV cache `[layer][kv_head][capacity][head_dim]` for K and for V.
+/// KV cache `[layer][kv_head][capacity][head_dim]` for K and for V, of the
+/// making backend's [`KvDtype`].
 pub struct CudaCache {
     k: DevBuf,
     v: DevBuf,
     cap: usize,
     len: usize,
-    layer_elems: usize,
+    kv: KvDtype,
+    /// Bytes of one layer's K (or V).
+    layer_bytes: usize,
     graph: Option<Graph>,
     /// Identity of the backend that captured `graph`.
     owner: usize,
@@ -157,7 +216,12 @@ fn checked(parts: &[usize], what: &str) -> Result<usize> {
 }
 
 impl CudaBackend {
+    /// The backend with an f32 KV cache, or f16 when `YINSEN_CUDA_KV=f16`.
     pub fn new(model: &Model, device: usize) -> Result<Self> {
+        Self::with_kv_dtype(model, device, KvDtype::from_env()?)
+    }
+
+    pub fn with_kv_dtype(model: &Model, device: usize, kv: KvDtype) -> Result<Self> {
         model.validate()?;
         let c = model.config.clone();
         Self::check_shapes(&c)?;
@@ -225,6 +289,7 @@ impl CudaBackend {
         let pdl = std::env::var("YINSEN_CUDA_PDL").map_or(true, |v| v != "0");
         Ok(Self {
             gpu,
+            kv,
             fused,
             pdl: pdl.into(),
             config: c,
@@ -267,12 +332,23 @@ impl CudaBackend {
         &self.gpu
     }
 
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv
+    }
+
     /// Downcast a cache made by `new_cache`.
     fn cache_of<'a>(&self, cache: &'a mut dyn KvCache) -> Result<&'a mut CudaCache> {
-        cache
+        let c = cache
             .as_any_mut()
             .downcast_mut::<CudaCache>()
-            .ok_or_else(|| Error::input("CUDA backend was given a cache made by another backend"))
+            .ok_or_else(|| Error::input("CUDA backend was given a cache made by another backend"))?;
+        if c.kv != self.kv {
+            return Err(Error::input(format!(
+                "CUDA backend with a {:?} KV cache was given a {:?} cache",
+                self.kv, c.kv
+            )));
+        }
+        Ok(c)
     }
 
     fn kernel_for(&self, nt: usize) -> MatKernel {
@@ -360,12 +436,12 @@ impl CudaBackend {
             Activation::Silu => 2,
         };
         for (li, l) in self.layers.iter().enumerate() {
-            let kc = cache.k.at(2 * li * cache.layer_elems);
-            let vc = cache.v.at(2 * li * cache.layer_elems);
+            let kc = cache.k.at(li * cache.layer_bytes);
+            let vc = cache.v.at(li * cache.layer_bytes);
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), l.qkv.kpad(), nt)?;
             self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
             g.launch(
-                "rope_kv",
+                self.kv.rope_kv(),
                 (nt as u32, 1, 1),
                 256,
                 &[
@@ -399,14 +475,14 @@ impl CudaBackend {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         self.gpu.launch_ex(
-            "attn_partial",
+            self.kv.attn_partial(),
             (n_split as u32, c.n_heads as u32, nt as u32),
             128,
             &[
                 s.qr.p(),
                 Arg::I(c.q_dim() as i32),
-                cache.k.at(2 * li * cache.layer_elems),
-                cache.v.at(2 * li * cache.layer_elems),
+                cache.k.at(li * cache.layer_bytes),
+                cache.v.at(li * cache.layer_bytes),
                 s.pos.p(),
                 Arg::I(c.n_heads as i32),
                 Arg::I(c.n_kv_heads as i32),
@@ -442,7 +518,7 @@ impl CudaBackend {
         let c = &self.config;
         let lpr = if m.chunks <= 64 { 8 } else { 16 };
         let rows_per_block = DM_THREADS / 32 * (32 / lpr);
-        let name = if lpr == 8 { "dec_mm_l8" } else { "dec_mm_l16" };
+        let name = self.kv.dec_mm(lpr);
         self.gpu.launch_ex(
             name,
             (m.n_rows.div_ceil(rows_per_block) as u32, 1, 1),
@@ -491,8 +567,8 @@ impl CudaBackend {
         )?;
         for (li, l) in self.layers.iter().enumerate() {
             let kv = (
-                cache.k.at(2 * li * cache.layer_elems),
-                cache.v.at(2 * li * cache.layer_elems),
+                cache.k.at(li * cache.layer_bytes),
+                cache.v.at(li * cache.layer_bytes),
                 cache.cap,
             );
             let none = (Arg::P(0), Arg::P(0), 0);
@@ -818,7 +894,7 @@ impl CudaBackend {
             let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in) as f64).sum();
             (b, ops)
         };
-        let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * 2;
+        let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv.bytes();
         let tags: [(&str, (usize, f64)); 7] = [
             ("embed", (c.hidden * 2, 0.0)),
             ("qkv+rope", mats(&|l| &l.qkv)),
@@ -865,8 +941,8 @@ impl CudaBackend {
                 c.max_ctx
             )));
         }
-        let layer_elems = checked(&[c.n_kv_heads, capacity, c.head_dim], "KV cache")?;
-        let bytes = checked(&[layer_elems, c.n_layers, 2], "KV cache")?;
+        let layer_bytes = checked(&[c.n_kv_heads, capacity, c.head_dim, self.kv.bytes()], "KV cache")?;
+        let bytes = checked(&[layer_bytes, c.n_layers], "KV cache")?;
         let k = self.gpu.alloc(bytes)?;
         let v = self.gpu.alloc(bytes)?;
         Ok(CudaCache {
@@ -874,7 +950,8 @@ impl CudaBackend {
             v,
             cap: capacity,
             len: 0,
-            layer_elems,
+            kv: self.kv,
+            layer_bytes,
             graph: None,
             owner: 0,
         })
@@ -998,7 +1075,7 @@ impl CudaCache {
     }
 }
 
-/// KV moves between paths: the device cache is f16 `[layer][kv_head][cap][head_dim]`,
+/// KV moves between paths: the device cache is f32 or f16 `[layer][kv_head][cap][head_dim]`,
 /// the snapshot f32 `[layer][pos][kv_head * head_dim]` (the CPU layout).
 impl CudaBackend {
     pub fn export_cuda_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
@@ -1006,19 +1083,28 @@ impl CudaBackend {
         let c = &self.config;
         let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        let total = checked(&[cache.layer_elems, c.n_layers], "KV export")?;
+        let layer_elems = cache.layer_bytes / cache.kv.bytes();
+        let total = checked(&[layer_elems, c.n_layers], "KV export")?;
         let (hd, kvd, cap, len) = (c.head_dim, c.kv_dim(), cache.cap, cache.len);
+        let f16 = cache.kv == KvDtype::F16;
         let to_host = |buf: &DevBuf| -> Result<Vec<Vec<f32>>> {
-            let raw: Vec<u16> = buf.read(total)?;
+            let raw: Vec<f32> = if f16 {
+                buf.read::<u16>(total)?
+                    .into_iter()
+                    .map(|b| half::f16::from_bits(b).to_f32())
+                    .collect()
+            } else {
+                buf.read::<f32>(total)?
+            };
             Ok((0..c.n_layers)
                 .map(|li| {
-                    let base = li * cache.layer_elems;
+                    let base = li * layer_elems;
                     let mut out = vec![0f32; len * kvd];
                     for p in 0..len {
                         for h in 0..c.n_kv_heads {
                             let src = base + (h * cap + p) * hd;
                             for d in 0..hd {
-                                out[p * kvd + h * hd + d] = half::f16::from_bits(raw[src + d]).to_f32();
+                                out[p * kvd + h * hd + d] = raw[src + d];
                             }
                         }
                     }
@@ -1040,26 +1126,54 @@ impl CudaBackend {
         let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         let mut cache = self.cuda_cache(capacity.min(c.max_ctx))?;
-        let total = checked(&[cache.layer_elems, c.n_layers], "KV import")?;
+        let layer_elems = cache.layer_bytes / cache.kv.bytes();
+        let total = checked(&[layer_elems, c.n_layers], "KV import")?;
         let (hd, kvd, cap) = (c.head_dim, c.kv_dim(), cache.cap);
-        let to_dev = |layers: &[Vec<f32>]| -> Vec<u16> {
-            let mut raw = vec![0u16; total];
+        let to_dev = |layers: &[Vec<f32>]| -> Vec<f32> {
+            let mut raw = vec![0f32; total];
             for (li, l) in layers.iter().enumerate() {
-                let base = li * cache.layer_elems;
+                let base = li * layer_elems;
                 for p in 0..snap.len {
                     for h in 0..c.n_kv_heads {
                         let dst = base + (h * cap + p) * hd;
                         for d in 0..hd {
-                            raw[dst + d] = half::f16::from_f32(l[p * kvd + h * hd + d]).to_bits();
+                            raw[dst + d] = l[p * kvd + h * hd + d];
                         }
                     }
                 }
             }
             raw
         };
-        cache.k.write(&to_dev(&snap.k))?;
-        cache.v.write(&to_dev(&snap.v))?;
+        for (buf, layers) in [(&cache.k, &snap.k), (&cache.v, &snap.v)] {
+            let raw = to_dev(layers);
+            if cache.kv == KvDtype::F16 {
+                buf.write(
+                    &raw.iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect::<Vec<u16>>(),
+                )?;
+            } else {
+                buf.write(&raw)?;
+            }
+        }
         cache.len = snap.len;
         Ok(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel name the host builds for a cache type is one the module loads.
+    #[test]
+    fn kv_kernel_names_are_loaded() {
+        for kv in [KvDtype::F16, KvDtype::F32] {
+            for name in [kv.rope_kv(), kv.attn_partial(), kv.dec_mm(8), kv.dec_mm(16)] {
+                assert!(super::super::KERNELS.contains(&name), "{name} not in KERNELS");
+            }
+        }
+        assert_ne!(KvDtype::F16.dec_mm(8), KvDtype::F32.dec_mm(8));
+        assert_ne!(KvDtype::F16.dec_mm(16), KvDtype::F16.dec_mm(8));
     }
 }

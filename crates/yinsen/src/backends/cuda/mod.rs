@@ -23,7 +23,7 @@ use cudarc::driver::{result, sys, CudaContext};
 use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
-pub use forward::{CudaBackend, CudaCache};
+pub use forward::{CudaBackend, CudaCache, KvDtype};
 pub use layout::GpuLayout;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -184,7 +184,8 @@ struct Profile {
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
-const KERNELS: [&str; 16] = [
+/// Every kernel the host launches (looked up at load; the NVRTC test checks them).
+pub const KERNELS: [&str; 20] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -194,12 +195,16 @@ const KERNELS: [&str; 16] = [
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
-    "rope_kv",
-    "attn_partial",
+    "rope_kv_f16",
+    "rope_kv_f32",
+    "attn_partial_f16",
+    "attn_partial_f32",
     "lm_head_f16",
     "argmax_f32",
-    "dec_mm_l8",
-    "dec_mm_l16",
+    "dec_mm_l8_f16",
+    "dec_mm_l8_f32",
+    "dec_mm_l16_f16",
+    "dec_mm_l16_f32",
     "lm_head_dec",
 ];
 

@@ -18,6 +18,40 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// KV-cache elements are f16 (u16 bits) or f32, chosen per backend; kernels
+// touching the cache are templates over the element type and go through these.
+__device__ __forceinline__ float kv_load(const u16* p) { return h2f(*p); }
+__device__ __forceinline__ float kv_load(const float* p) { return *p; }
+__device__ __forceinline__ void kv_store(u16* p, float v) { *p = f2h(v); }
+__device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
+// q . k over one cached key row of hd elements (hd % 8 == 0, row 16-byte
+// aligned): 16-byte loads of 8 halves or 4 floats.
+__device__ __forceinline__ float kv_dot(const float* q, const u16* k, int hd) {
+    const uint4* kr = (const uint4*)k;
+    float s = 0.f;
+    for (int d8 = 0; d8 < hd / 8; d8++) {
+        uint4 w = kr[d8];
+        u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s += q[8 * d8 + 2 * e] * h2f((u16)(ws[e] & 0xffff));
+            s += q[8 * d8 + 2 * e + 1] * h2f((u16)(ws[e] >> 16));
+        }
+    }
+    return s;
+}
+__device__ __forceinline__ float kv_dot(const float* q, const float* k, int hd) {
+    const float4* kr = (const float4*)k;
+    float s = 0.f;
+    for (int d4 = 0; d4 < hd / 4; d4++) {
+        float4 w = kr[d4];
+        s += q[4 * d4] * w.x;
+        s += q[4 * d4 + 1] * w.y;
+        s += q[4 * d4 + 2] * w.z;
+        s += q[4 * d4 + 3] * w.w;
+    }
+    return s;
+}
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

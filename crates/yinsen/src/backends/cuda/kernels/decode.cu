@@ -74,13 +74,13 @@ __device__ void dec_quant(const float* in, int n, int gate, const float* nw, flo
 // y = W q(in) for one token, LPR lanes per row. mode 1: out[row] = y;
 // 2: out[row] += y; 3: RoPE on the pair-interleaved q|k rows (layout rows
 // 2j, 2j+1 of a head are dims j, j + hd/2), rotated q to out (natural
-// order), k and v to the f16 caches at position pos[0].
-template <int LPR>
+// order), k and v to the caches (KV: u16 = f16 bits, or float) at pos[0].
+template <int LPR, typename KV>
 __device__ __forceinline__ void dec_mm_body(const uint4* __restrict__ W, int n_rows, int chunks, const float* in,
                                             int n, int gate, const float* nw, float eps,
                                             const float* __restrict__ row_scale, float* out, int mode,
                                             const int* pos, const float2* rope, int n_heads, int n_kv, int hd,
-                                            int cap, u16* kc, u16* vc) {
+                                            int cap, KV* kc, KV* vc) {
     __shared__ __align__(16) float vs[DM_NMAX];
     __shared__ __align__(16) i8 xq[DM_NMAX];
     __shared__ float red[32];
@@ -142,23 +142,25 @@ __device__ __forceinline__ void dec_mm_body(const uint4* __restrict__ W, int n_r
         const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
         const int d = j + (second ? half : 0);
         if (row < nq) out[h * hd + d] = o;
-        else kc[((size_t)h * cap + p) * hd + d] = f2h(o);
+        else kv_store(kc + ((size_t)h * cap + p) * hd + d, o);
     } else {
         const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
-        vc[((size_t)h * cap + p) * hd + d] = f2h(y);
+        kv_store(vc + ((size_t)h * cap + p) * hd + d, y);
     }
 }
 
-#define DEC_MM(L)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(DM_THREADS) dec_mm_l##L(                                  \
+#define DEC_MM(L, SUF, KV)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(DM_THREADS) dec_mm_l##L##_##SUF(                          \
         const uint4* W, int n_rows, int chunks, const float* in, int n, int gate, const float* nw, float eps, \
         const float* row_scale, float* out, int mode, const int* pos, const float2* rope, int n_heads,     \
-        int n_kv, int hd, int cap, u16* kc, u16* vc) {                                                     \
-        dec_mm_body<L>(W, n_rows, chunks, in, n, gate, nw, eps, row_scale, out, mode, pos, rope, n_heads,  \
-                       n_kv, hd, cap, kc, vc);                                                             \
+        int n_kv, int hd, int cap, KV* kc, KV* vc) {                                                       \
+        dec_mm_body<L, KV>(W, n_rows, chunks, in, n, gate, nw, eps, row_scale, out, mode, pos, rope,       \
+                           n_heads, n_kv, hd, cap, kc, vc);                                                \
     }
-DEC_MM(8)
-DEC_MM(16)
+DEC_MM(8, f16, u16)
+DEC_MM(16, f16, u16)
+DEC_MM(8, f32, float)
+DEC_MM(16, f32, float)
 
 // Order-preserving key of (logit, index) for a u64 atomicMax: larger logit
 // wins, then the lower index. 0 means "nothing yet".

@@ -145,10 +145,11 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
 // RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
 // are pair-interleaved (row 2j, 2j+1 of a head = dims j, j + hd/2; see
 // forward.rs): rotated q goes to qr [token][n_heads * hd] in natural order,
-// rotated k and v to the f16 cache [kv_head][cap][hd] at pos + t.
-// rope[(p * hd/2 + i)] = (cos, sin) of p * base^(-2i/hd).
-extern "C" __global__ void rope_kv(const float* qkv, int stride, const int* pos, const float2* rope, int n_heads,
-                                   int n_kv, int hd, int cap, u16* kc, u16* vc, float* qr) {
+// rotated k and v to the cache [kv_head][cap][hd] (KV = u16 for f16 or
+// float) at pos + t. rope[(p * hd/2 + i)] = (cos, sin) of p * base^(-2i/hd).
+template <typename KV>
+__device__ void rope_kv_body(const float* qkv, int stride, const int* pos, const float2* rope, int n_heads, int n_kv,
+                             int hd, int cap, KV* kc, KV* vc, float* qr) {
     const int t = blockIdx.x, p = pos[0] + t, half = hd / 2;
     const float* row = qkv + (size_t)t * stride;
     const float2* cs = rope + (size_t)p * half;
@@ -165,28 +166,37 @@ extern "C" __global__ void rope_kv(const float* qkv, int stride, const int* pos,
             q[i] = o1;
             q[i + half] = o2;
         } else {
-            u16* k = kc + ((size_t)h * cap + p) * hd;
-            k[i] = f2h(o1);
-            k[i + half] = f2h(o2);
+            KV* k = kc + ((size_t)h * cap + p) * hd;
+            kv_store(k + i, o1);
+            kv_store(k + i + half, o2);
         }
     }
     const float* vr = row + (n_heads + n_kv) * hd;
     for (int idx = threadIdx.x; idx < n_kv * hd; idx += blockDim.x) {
         int h = idx / hd, d = idx % hd;
-        vc[((size_t)h * cap + p) * hd + d] = f2h(vr[idx]);
+        kv_store(vc + ((size_t)h * cap + p) * hd + d, vr[idx]);
     }
 }
+#define ROPE_KV(SUF, KV)                                                                                         \
+    extern "C" __global__ void rope_kv_##SUF(const float* qkv, int stride, const int* pos, const float2* rope,     \
+                                             int n_heads, int n_kv, int hd, int cap, KV* kc, KV* vc, float* qr) { \
+        rope_kv_body<KV>(qkv, stride, pos, rope, n_heads, n_kv, hd, cap, kc, vc, qr);                             \
+    }
+ROPE_KV(f16, u16)
+ROPE_KV(f32, float)
 
 // Split-K attention. Grid (split, head, token); split s covers keys
 // [64 s, 64 s + 64) of the causal range 0..=pos+t and writes the running
 // max m, the sum l of exp(score - m) and sum exp(score - m) * v to part
 // [token][head][split][hd + 2]. The last split block of a (head, token) to
 // finish (counted in cnt, which it resets to 0) merges the splits into out
-// [token][n_heads * hd]. q: [token][q_stride], rotated.
+// [token][n_heads * hd]. q: [token][q_stride], rotated. KV: the cache
+// element (u16 = f16 bits, or float).
 #define ATT_CHUNK 64
-extern "C" __global__ void __launch_bounds__(128) attn_partial(
-    const float* qr, int q_stride, const u16* kc, const u16* vc, const int* pos, int n_heads, int n_kv,
-    int hd, int cap, float scale, int n_split, float* part, int* cnt, float* outp, int out_stride) {
+template <typename KV>
+__device__ __forceinline__ void attn_partial_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
+                                                  const int* pos, int n_heads, int n_kv, int hd, int cap, float scale,
+                                                  int n_split, float* part, int* cnt, float* outp, int out_stride) {
     __shared__ float qs[256];
     __shared__ float sc[ATT_CHUNK];
     __shared__ float red[32];
@@ -206,20 +216,10 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
         const float* q = qr + (size_t)t * q_stride + h * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[d] * scale;
         __syncthreads();
-        const u16* kb = kc + ((size_t)kvh * cap + j0) * hd;
+        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         float mx = NEG_INF;
         for (int j = threadIdx.x; j < nj; j += blockDim.x) {
-            const uint4* kr = (const uint4*)(kb + (size_t)j * hd);
-            float s = 0.f;
-            for (int d8 = 0; d8 < hd / 8; d8++) {
-                uint4 k = kr[d8];
-                u32 ws[4] = {k.x, k.y, k.z, k.w};
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    s += qs[8 * d8 + 2 * e] * h2f((u16)(ws[e] & 0xffff));
-                    s += qs[8 * d8 + 2 * e + 1] * h2f((u16)(ws[e] >> 16));
-                }
-            }
+            const float s = kv_dot(qs, kb + (size_t)j * hd, hd);
             sc[j] = s;
             mx = fmaxf(mx, s);
         }
@@ -231,11 +231,11 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
             l += e;
         }
         l = block_sum(l, red);  // synchronises, so sc is complete below
-        const u16* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) {
             float a = 0.f;
 #pragma unroll 8
-            for (int j = 0; j < nj; j++) a += sc[j] * h2f(vb[(size_t)j * hd + d]);
+            for (int j = 0; j < nj; j++) a += sc[j] * kv_load(vb + (size_t)j * hd + d);
             if (used == 1) outp[(size_t)t * out_stride + h * hd + d] = a / l;
             else out[2 + d] = a;
         }
@@ -266,6 +266,16 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(
         outp[(size_t)t * out_stride + h * hd + d] = a / l;
     }
 }
+#define ATTN_PARTIAL(SUF, KV)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                                \
+        attn_partial_##SUF(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int n_heads,    \
+                           int n_kv, int hd, int cap, float scale, int n_split, float* part, int* cnt, float* outp,    \
+                           int out_stride) {                                                                         \
+        attn_partial_body<KV>(qr, q_stride, kc, vc, pos, n_heads, n_kv, hd, cap, scale, n_split, part, cnt, outp,     \
+                              out_stride);                                                                            \
+    }
+ATTN_PARTIAL(f16, u16)
+ATTN_PARTIAL(f32, float)
 
 // logits[t][r] = x[t] . E[r] for up to 8 tokens; a warp per row, 16-byte
 // loads of 8 halves. Needs hidden % 8 == 0.
