@@ -9,7 +9,10 @@ fn c_program_uses_the_abi() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let ws = root.join("../..");
     if Command::new("cc").arg("--version").output().is_err() {
-        eprintln!("SKIP c_abi: no C compiler (cc) on PATH");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP c_abi: no C compiler (cc) on PATH\n"),
+        ); // uncaptured: visible in CI logs
         return;
     }
     // Build the staticlib in this test's profile (cargo test builds only the rlib).

@@ -22,7 +22,7 @@ fn cuda_kv(model: &Model, kv: KvDtype) -> Option<CudaBackend> {
         Ok(b) => Some(b),
         Err(e) if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") => panic!("YINSEN_DEVICE=1: {e}"),
         Err(e) => {
-            println!("SKIP cuda: {e}");
+            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
             None
         }
     }
@@ -269,7 +269,10 @@ fn fixture_logits_match_transformers() {
         .into_iter()
         .find_map(|(label, spec)| formats::load(&spec, &LoadOptions::default()).ok().map(|l| (label, l)));
     let Some((label, loaded)) = loaded else {
-        println!("SKIP fixture: no format reader can load tiny-bitnet-a in this build");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP fixture: no format reader can load tiny-bitnet-a in this build\n"),
+        ); // uncaptured: visible in CI logs
         return;
     };
     println!("fixture format: {label}");
@@ -318,7 +321,10 @@ fn bench_runs_on_tiny() {
 #[test]
 fn bench_2b4t_on_device() {
     if std::env::var("YINSEN_DEVICE").is_err() {
-        println!("SKIP cuda: bench_2b4t runs only with YINSEN_DEVICE=1");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP cuda: bench_2b4t runs only with YINSEN_DEVICE=1\n"),
+        ); // uncaptured: visible in CI logs
         return;
     }
     let t = std::time::Instant::now();
@@ -332,4 +338,39 @@ fn bench_2b4t_on_device() {
     );
     let r = yinsen::backends::cuda::bench::bench(&gpu).unwrap();
     println!("bench 2b4t: {}", serde_json::to_string(&r).unwrap());
+}
+
+/// A sequence moved between paths mid-inference (the dispatcher's KV move)
+/// continues exactly as if it had stayed: CUDA prefill -> CPU decode and
+/// CPU prefill -> CUDA decode, against an all-CPU run.
+#[test]
+fn kv_moves_between_cuda_and_cpu() {
+    let model = std::sync::Arc::new(yinsen::model::synthetic::build("tiny").unwrap());
+    let Some(gpu) = cuda(&model) else { return };
+    let cpu = yinsen::backends::cpu::CpuBackend::new(model.clone(), "auto", 2).unwrap();
+    let toks = prompt(24, model.config.vocab);
+    let (pre, rest) = toks.split_at(20);
+    let mut c = cpu.new_cache(64).unwrap();
+    cpu.forward(c.as_mut(), pre, Output::LastLogits).unwrap();
+    let want = cpu.forward(c.as_mut(), rest, Output::LastLogits).unwrap();
+
+    // CUDA prefill, move to CPU, CPU continues.
+    let mut g = gpu.new_cache(64).unwrap();
+    gpu.forward(g.as_mut(), pre, Output::LastLogits).unwrap();
+    let snap = gpu.export_kv(g.as_mut()).unwrap();
+    assert_eq!(snap.len, 20);
+    let mut moved = cpu.import_kv(&snap, 64).unwrap();
+    let got = cpu.forward(moved.as_mut(), rest, Output::LastLogits).unwrap();
+    let d1 = max_abs(&got, &want);
+
+    // CPU prefill, move to CUDA, CUDA continues.
+    let mut c2 = cpu.new_cache(64).unwrap();
+    cpu.forward(c2.as_mut(), pre, Output::LastLogits).unwrap();
+    let snap = cpu.export_kv(c2.as_mut()).unwrap();
+    let mut moved = gpu.import_kv(&snap, 64).unwrap();
+    assert_eq!(moved.len(), 20);
+    let got = gpu.forward(moved.as_mut(), rest, Output::LastLogits).unwrap();
+    let d2 = max_abs(&got, &want);
+    println!("kv move: cuda->cpu max |dlogit| {d1:.2e}, cpu->cuda {d2:.2e}");
+    assert!(d1 < 0.1 && d2 < 0.1, "{d1} {d2}");
 }

@@ -16,7 +16,7 @@ fn gpu() -> Option<std::sync::Arc<Gpu>> {
         Ok(g) => Some(g),
         Err(e) if device_required() => panic!("YINSEN_DEVICE=1 but no GPU: {e}"),
         Err(e) => {
-            println!("SKIP cuda: {e}");
+            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
             None
         }
     }
@@ -41,7 +41,8 @@ fn probe_reports_status() {
         cuda::CudaStatus::Unavailable(why) => {
             assert!(!device_required(), "YINSEN_DEVICE=1 but probe says: {why}");
             assert!(why.contains("no CUDA device"), "reason should say so: {why}");
-            println!("SKIP cuda: {why}");
+            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {why}\n"));
+            // uncaptured: visible in CI logs
         }
     }
 }
@@ -53,7 +54,7 @@ fn probe_reports_status() {
 fn nvrtc_compiles_all_kernels() {
     if let Err(e) = cuda::nvrtc_available() {
         assert!(!device_required(), "YINSEN_DEVICE=1 but {e}");
-        println!("SKIP cuda: {e}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
         return;
     }
     let v = cuda::nvrtc::version().unwrap();
@@ -75,7 +76,7 @@ fn nvrtc_compiles_all_kernels() {
 #[test]
 fn nvrtc_reports_compile_errors() {
     if cuda::nvrtc_available().is_err() {
-        println!("SKIP cuda: no NVRTC");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: no NVRTC\n")); // uncaptured: visible in CI logs
         return;
     }
     let e = cuda::nvrtc::compile("extern \"C\" __global__ void k() { undefined_thing(); }", "sm_80").unwrap_err();

@@ -198,7 +198,10 @@ fn bench_threads() {
 fn bench_2b4t_e2e() {
     use yinsen::backends::cpu::CpuBackend;
     if std::env::var("YINSEN_BENCH_E2E").ok().as_deref() != Some("1") {
-        eprintln!("SKIP e2e: set YINSEN_BENCH_E2E=1");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP e2e: set YINSEN_BENCH_E2E=1\n"),
+        ); // uncaptured: visible in CI logs
         return;
     }
     let n = bench_threads_n();
