@@ -40,31 +40,34 @@ log() { echo "== $*"; }
 } 2>&1 | tee "$out/info.txt"
 
 log tests
+: >"$out/tests.log"
 for t in "$dev"/tests/*; do
   name=$(basename "$t")
   case "$name" in c_abi-*) continue ;; esac # needs a C compiler and cargo (CI covers it)
-  echo "== $name"
-  "$t" --test-threads=4 >"$out/test-$name.log" 2>&1 && echo ok || { echo FAILED; tail -30 "$out/test-$name.log"; status=1; }
-  grep -h "SKIP" "$out/test-$name.log" | head -3
+  echo "== $name" >>"$out/tests.log"
+  if "$t" --test-threads=4 --nocapture >>"$out/tests.log" 2>&1; then r=ok; else r=FAILED; fi
+  echo "$name: $r $(grep -c '^SKIP' "$out/tests.log" 2>/dev/null) skips so far"
 done 2>&1 | tee "$out/tests.txt"
-grep -q FAILED "$out/tests.txt" && status=1
+grep -q FAILED "$out/tests.txt" && { status=1; grep -B2 -A25 "panicked" "$out/tests.log" | head -80; }
+grep "^SKIP" "$out/tests.log" | sort | uniq -c
 
 if command -v compute-sanitizer >/dev/null; then
   for t in "$dev"/tests/cuda_kernels-* "$dev"/tests/cuda_forward-*; do
     log "memcheck $(basename "$t")"
     filter=matmul_exact
     case "$t" in *cuda_forward*) filter=tiny_matches_cpu_backend ;; esac
-    compute-sanitizer --tool memcheck --error-exitcode 9 "$t" --test-threads=1 "$filter" 2>&1 | tail -4 || status=1
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$t" --test-threads=1 "$filter" 2>&1 | tail -4
   done 2>&1 | tee "$out/memcheck.txt"
+  grep -q "ERROR SUMMARY: 0 errors" "$out/memcheck.txt" || status=1
 fi
 
 if [ "${2:-}" != quick ]; then
   m=synthetic:2b4t
   log "bench cpu" | tee "$out/bench.txt"
   for k in vnni amx; do
-    yinsen bench -m $m --backend cpu --kernel $k -p 64,512 -n 32 -r 2 -t 16 2>&1 | tee -a "$out/bench.txt"
+    yinsen bench -m $m --backend cpu --kernel $k -p 16,64,512 -n 32 -r 2 -t 16 2>&1 | tee -a "$out/bench.txt"
   done
-  yinsen bench -m $m --backend cpu --kernel auto -p 16 -n 32 -r 2 -t 8 2>&1 | tee -a "$out/bench.txt"
+  yinsen bench -m $m --backend cpu --kernel vnni -p 0 -n 32 -r 2 -t 16 --lm-head q8 2>&1 | tee -a "$out/bench.txt"
   log "bench cuda" | tee -a "$out/bench.txt"
   yinsen bench -m $m --backend cuda -p 512 -n 128 -r 2 2>&1 | tee -a "$out/bench.txt"
   if yinsen bench --help | grep -q -- --paths; then
