@@ -20,6 +20,7 @@ if [ "$cmd" = pack ]; then
   # Test binaries carry debug info (profile.release debug = 1): strip to fit the 64 MiB carry limit.
   rm -f .device/tests/gguf_throughput-* .device/tests/kernels_bench-* .device/bin/*.so
   strip .device/bin/* .device/tests/* 2>/dev/null || true
+  cp -r ../shared/fixtures/tokenizer-llama3 .device/fixtures/
   cp scripts/device-check.sh .device/
   du -sh .device
   exit 0
@@ -70,14 +71,16 @@ if [ "${2:-}" != quick ]; then
   yinsen bench -m $m --backend cpu --kernel vnni -p 0 -n 32 -r 2 -t 16 --lm-head q8 2>&1 | tee -a "$out/bench.txt"
   log "bench cuda" | tee -a "$out/bench.txt"
   yinsen bench -m $m --backend cuda -p 512 -n 128 -r 2 2>&1 | tee -a "$out/bench.txt"
-  if yinsen bench --help | grep -q -- --paths; then
-    log "seed table" | tee -a "$out/bench.txt"
-    yinsen bench --paths -m $m 2>&1 | tee -a "$out/bench.txt"
-  fi
-  if yinsen --help | grep -q "tune"; then
-    log "tune" | tee -a "$out/bench.txt"
-    yinsen tune --quick --out "$out/tune" 2>&1 | tail -30 | tee -a "$out/bench.txt"
-  fi
+  log "tune" | tee -a "$out/bench.txt"
+  yinsen tune --quick --out "$out/tune" 2>&1 | tail -30 | tee -a "$out/bench.txt"
+  log "seed table, default rules" | tee -a "$out/bench.txt"
+  yinsen bench --paths -m $m --profile off 2>&1 | tee -a "$out/bench.txt"
+  log "tune 2b4t (profile for the hybrid)" | tee -a "$out/bench.txt"
+  yinsen tune -m $m -r 1 --max-call-s 1.5 --out "$out/tune2b4t" 2>&1 | tail -40 | tee -a "$out/bench.txt"
+  log "seed table, measured profile" | tee -a "$out/bench.txt"
+  yinsen bench --paths -m $m --profile "$out/tune2b4t/profile.json" 2>&1 | tee -a "$out/bench.txt"
+  log "concurrent" | tee -a "$out/bench.txt"
+  yinsen bench --concurrent -m $m 2>&1 | tail -20 | tee -a "$out/bench.txt"
 fi
 log "exit $status"
 exit $status

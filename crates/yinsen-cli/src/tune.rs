@@ -23,6 +23,10 @@ pub struct TuneArgs {
     pub out: Option<PathBuf>,
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    /// Stop growing a path's token count once one call takes longer than this
+    /// many seconds (default: 30, or 2 with --quick).
+    #[arg(long)]
+    pub max_call_s: Option<f64>,
     /// Timed repeats per point.
     #[arg(short, long, default_value_t = 3)]
     pub repeats: usize,
@@ -43,7 +47,7 @@ pub fn cmd_tune(a: TuneArgs) -> Result<()> {
         tokens: dispatch::tune::token_counts(a.quick, model.config.max_ctx),
         reps: if a.quick { 1 } else { a.repeats.max(1) },
         threads: a.threads,
-        max_call_s: if a.quick { 2.0 } else { 30.0 },
+        max_call_s: a.max_call_s.unwrap_or(if a.quick { 2.0 } else { 30.0 }),
         kv_positions: if a.quick { 256 } else { 2048 },
         progress: &progress,
     };

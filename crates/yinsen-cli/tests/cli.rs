@@ -11,10 +11,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn yinsen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_yinsen"))
-        .args(args)
-        .output()
-        .expect("run yinsen")
+    Command::new(yinsen_bin()).args(args).output().expect("run yinsen")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -292,5 +289,16 @@ fn bench_json_has_llama_bench_fields() {
             assert!(r.get(k).is_some(), "missing {k}");
         }
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// The binary cargo built; on the device (test executables carried without
+/// the build tree) the packed `yinsen` on PATH.
+fn yinsen_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_yinsen"));
+    if built.exists() {
+        built
+    } else {
+        "yinsen".into()
     }
 }

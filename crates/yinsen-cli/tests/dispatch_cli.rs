@@ -4,7 +4,7 @@
 use std::process::Command;
 
 fn yinsen() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_yinsen"))
+    Command::new(yinsen_bin())
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -97,4 +97,15 @@ fn embed_returns_one_vector_per_input() {
         .output()
         .unwrap();
     assert!(!o.status.success());
+}
+
+/// The binary cargo built; on the device (test executables carried without
+/// the build tree) the packed `yinsen` on PATH.
+fn yinsen_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_yinsen"));
+    if built.exists() {
+        built
+    } else {
+        "yinsen".into()
+    }
 }

@@ -143,21 +143,30 @@ impl Linear {
                     packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
                 });
                 // Epilogue: exact int -> float with the two scales, transposing
-                // to token-major; tokens in parallel.
+                // the row-major accumulators to token-major. Blocked (16
+                // tokens x 64 rows) so each accumulator cache line is read
+                // once: a plain column walk misses cache on every element.
+                const TB: usize = 16;
+                const RB: usize = 64;
                 let n_out = self.n_out;
-                out.par_chunks_mut(n_out)
-                    .enumerate()
-                    .with_min_len(8)
-                    .for_each(|(t, ot)| {
-                        let mut r0 = 0;
-                        for &(rows, ws) in parts {
-                            let f = ws / x.s[t];
-                            for (i, oi) in ot[r0..r0 + rows].iter_mut().enumerate() {
-                                *oi = acc[(r0 + i) * n + t] as f32 * f;
+                let mut row_scale = vec![0f32; n_out];
+                let mut r0 = 0;
+                for &(rows, ws) in parts {
+                    row_scale[r0..r0 + rows].fill(ws);
+                    r0 += rows;
+                }
+                out.par_chunks_mut(TB * n_out).enumerate().for_each(|(bi, ob)| {
+                    let t0 = bi * TB;
+                    let nt = ob.len() / n_out;
+                    for rb0 in (0..n_out).step_by(RB) {
+                        for r in rb0..(rb0 + RB).min(n_out) {
+                            let a = &acc[r * n + t0..r * n + t0 + nt];
+                            for (j, &v) in a.iter().enumerate() {
+                                ob[j * n_out + r] = v as f32 * (row_scale[r] / x.s[t0 + j]);
                             }
-                            r0 += rows;
                         }
-                    });
+                    }
+                });
             }
             Weights::PerBlock(mats) => {
                 // Reference semantics, one token at a time; slow but exact.
