@@ -31,7 +31,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use super::layout::{check_gemm_args, Line, TileLayout, LINE, ROWS};
+use super::layout::{Line, TileLayout, TiledPacked, LINE, ROWS};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -120,16 +120,10 @@ impl TernaryKernel for Amx {
         "amx"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(Arc::new(AmxPacked {
-            l: Arc::new(TileLayout::from_canonical(w)?),
-            emulate: false,
-        }))
+        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm_hw))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(Arc::new(AmxPacked {
-            l: l.clone(),
-            emulate: false,
-        }))
+        Some(TiledPacked::shared(l.clone(), gemm_hw))
     }
 }
 
@@ -146,46 +140,25 @@ impl TernaryKernel for AmxEmu {
         "amx-emu"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(Arc::new(AmxPacked {
-            l: Arc::new(TileLayout::from_canonical(w)?),
-            emulate: true,
-        }))
+        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm_emu))
     }
 }
 
-struct AmxPacked {
-    l: Arc<TileLayout>,
-    emulate: bool,
+/// Entry from `TiledPacked` (shapes checked there): real AMX tiles.
+fn gemm_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    assert_eq!(
+        amx_status(),
+        AmxStatus::Granted,
+        "amx kernel used without AMX permission"
+    );
+    // SAFETY: AMX permitted (checked); drive configures and releases tiles.
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out) };
 }
 
-impl PackedTernary for AmxPacked {
-    fn n_out(&self) -> usize {
-        self.l.n_out
-    }
-    fn n_in(&self) -> usize {
-        self.l.n_in
-    }
-    fn resident_bytes(&self) -> usize {
-        self.l.resident_bytes()
-    }
-    fn row_block(&self) -> usize {
-        ROWS
-    }
-    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
-        if self.emulate {
-            // SAFETY: Emu only touches memory the driver hands it (in bounds).
-            unsafe { drive(&mut Emu::default(), &self.l, x, n_tokens, r0, r1, out) };
-            return;
-        }
-        assert_eq!(
-            amx_status(),
-            AmxStatus::Granted,
-            "amx kernel used without AMX permission"
-        );
-        // SAFETY: AMX permitted (checked); drive configures and releases tiles.
-        unsafe { drive_hw(&self.l, x, n_tokens, r0, r1, out) };
-    }
+/// The same driver with scalar tile operations (tests on machines without AMX).
+fn gemm_emu(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    // SAFETY: Emu only touches memory the driver hands it (in bounds).
+    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out) };
 }
 
 /// K inputs per A tile row / per K step.

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 use std::sync::Arc;
 
-use super::layout::{check_gemm_args, token_sums, Line, TileLayout, CHUNK, ROWS};
+use super::layout::{token_sums, Line, TileLayout, TiledPacked, CHUNK, ROWS};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -24,48 +24,28 @@ pub fn detected() -> bool {
     is_x86_feature_detected!("avx2")
 }
 
-struct Avx2Packed {
-    l: Arc<TileLayout>,
-}
-
 impl TernaryKernel for Avx2 {
     fn name(&self) -> &'static str {
         "avx2"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(Arc::new(Avx2Packed {
-            l: Arc::new(TileLayout::from_canonical(w)?),
-        }))
+        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(Arc::new(Avx2Packed { l: l.clone() }))
+        Some(TiledPacked::shared(l.clone(), gemm))
     }
 }
 
 /// Tokens per register tile (2 halves x 4 tokens = 8 accumulators of 16 ymm).
 const MAX_NT: usize = 4;
 
-impl PackedTernary for Avx2Packed {
-    fn n_out(&self) -> usize {
-        self.l.n_out
-    }
-    fn n_in(&self) -> usize {
-        self.l.n_in
-    }
-    fn resident_bytes(&self) -> usize {
-        self.l.resident_bytes()
-    }
-    fn row_block(&self) -> usize {
-        ROWS
-    }
-    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
-        assert!(detected(), "avx2 kernel used on a CPU without AVX2");
-        let mut sums = Vec::new();
-        token_sums(x, n_tokens, self.l.n_in, &mut sums);
-        // SAFETY: AVX2 checked above; shapes checked by check_gemm_args.
-        unsafe { gemm_avx2(&self.l, x, n_tokens, r0, r1, &sums, out) }
-    }
+/// Entry from `TiledPacked` (shapes checked there).
+fn gemm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    assert!(detected(), "avx2 kernel used on a CPU without AVX2");
+    let mut sums = Vec::new();
+    token_sums(x, n_tokens, l.n_in, &mut sums);
+    // SAFETY: AVX2 checked above; shapes checked by TiledPacked.
+    unsafe { gemm_avx2(l, x, n_tokens, r0, r1, &sums, out) }
 }
 
 #[target_feature(enable = "avx2")]

@@ -180,6 +180,42 @@ fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
     }
 }
 
+/// A kernel's multiply over the tile layout: shapes are already checked.
+pub type TiledGemm = fn(&TileLayout, &[i8], usize, usize, usize, &mut [i32]);
+
+/// A tile-layout matrix bound to one kernel's multiply: the `PackedTernary`
+/// plumbing the avx2, vnni and amx kernels share. Several of these can share
+/// one `Arc<TileLayout>` (see `policy.rs`).
+pub struct TiledPacked {
+    l: std::sync::Arc<TileLayout>,
+    gemm: TiledGemm,
+}
+
+impl TiledPacked {
+    pub fn shared(l: std::sync::Arc<TileLayout>, gemm: TiledGemm) -> std::sync::Arc<dyn super::PackedTernary> {
+        std::sync::Arc::new(Self { l, gemm })
+    }
+}
+
+impl super::PackedTernary for TiledPacked {
+    fn n_out(&self) -> usize {
+        self.l.n_out
+    }
+    fn n_in(&self) -> usize {
+        self.l.n_in
+    }
+    fn resident_bytes(&self) -> usize {
+        self.l.resident_bytes()
+    }
+    fn row_block(&self) -> usize {
+        ROWS
+    }
+    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
+        (self.gemm)(&self.l, x, n_tokens, r0, r1, out)
+    }
+}
+
 /// `sum_i x[t * n_in + i]` for each token (the correction for u = w + 1).
 pub fn token_sums(x: &[i8], n_tokens: usize, n_in: usize, sums: &mut Vec<i32>) {
     sums.clear();

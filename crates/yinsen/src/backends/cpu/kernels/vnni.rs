@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::sync::Arc;
 
-use super::layout::{check_gemm_args, token_sums, Line, TileLayout, CHUNK, ROWS};
+use super::layout::{token_sums, Line, TileLayout, TiledPacked, CHUNK, ROWS};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -25,48 +25,28 @@ pub fn detected() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-struct VnniPacked {
-    l: Arc<TileLayout>,
-}
-
 impl TernaryKernel for Vnni {
     fn name(&self) -> &'static str {
         "vnni"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(Arc::new(VnniPacked {
-            l: Arc::new(TileLayout::from_canonical(w)?),
-        }))
+        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(Arc::new(VnniPacked { l: l.clone() }))
+        Some(TiledPacked::shared(l.clone(), gemm))
     }
 }
 
 /// Most tokens one register tile holds.
 const MAX_NT: usize = 16;
 
-impl PackedTernary for VnniPacked {
-    fn n_out(&self) -> usize {
-        self.l.n_out
-    }
-    fn n_in(&self) -> usize {
-        self.l.n_in
-    }
-    fn resident_bytes(&self) -> usize {
-        self.l.resident_bytes()
-    }
-    fn row_block(&self) -> usize {
-        ROWS
-    }
-    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
-        assert!(detected(), "vnni kernel used on a CPU without AVX-512 VNNI");
-        let mut sums = Vec::new();
-        token_sums(x, n_tokens, self.l.n_in, &mut sums);
-        // SAFETY: features checked above; shapes checked by check_gemm_args.
-        unsafe { gemm_vnni(&self.l, x, n_tokens, r0, r1, &sums, out) }
-    }
+/// Entry from `TiledPacked` (shapes checked there).
+fn gemm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    assert!(detected(), "vnni kernel used on a CPU without AVX-512 VNNI");
+    let mut sums = Vec::new();
+    token_sums(x, n_tokens, l.n_in, &mut sums);
+    // SAFETY: features checked above; shapes checked by TiledPacked.
+    unsafe { gemm_vnni(l, x, n_tokens, r0, r1, &sums, out) }
 }
 
 /// Tokens per group: a group's activations (`64 * n_in` bytes) stay in L2
