@@ -1,6 +1,9 @@
 //! The CLI contract: commands, JSON shapes and clear errors, run through the
 //! real binary on the fixtures and synthetic models.
 
+mod common;
+use common::yinsen_bin;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -289,16 +292,5 @@ fn bench_json_has_llama_bench_fields() {
             assert!(r.get(k).is_some(), "missing {k}");
         }
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
-    }
-}
-
-/// The binary cargo built; on the device (test executables carried without
-/// the build tree) the packed `yinsen` on PATH.
-fn yinsen_bin() -> std::path::PathBuf {
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_yinsen"));
-    if built.exists() {
-        built
-    } else {
-        "yinsen".into()
     }
 }

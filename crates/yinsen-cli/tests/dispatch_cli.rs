@@ -1,6 +1,9 @@
 //! The CLI surfaces of the dispatcher: tune writes a profile and a plot,
 //! run follows it, embed returns one vector per input.
 
+mod common;
+use common::yinsen_bin;
+
 use std::process::Command;
 
 fn yinsen() -> Command {
@@ -97,15 +100,4 @@ fn embed_returns_one_vector_per_input() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-}
-
-/// The binary cargo built; on the device (test executables carried without
-/// the build tree) the packed `yinsen` on PATH.
-fn yinsen_bin() -> std::path::PathBuf {
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_yinsen"));
-    if built.exists() {
-        built
-    } else {
-        "yinsen".into()
-    }
 }

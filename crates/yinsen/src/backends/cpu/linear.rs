@@ -24,21 +24,18 @@ pub struct QuantizedInput {
 impl QuantizedInput {
     /// Quantise every token of `x` (`[n][n_in]`), tokens in parallel.
     pub fn new(x: &[f32], n_in: usize) -> Self {
-        let n = x.len() / n_in;
-        let mut q = vec![0i8; x.len()];
-        let mut s = vec![0f32; n];
-        q.par_chunks_mut(n_in)
-            .zip(s.par_iter_mut())
-            .enumerate()
-            .with_min_len(8)
-            .for_each(|(t, (qt, st))| *st = reference::quantize_token(&x[t * n_in..(t + 1) * n_in], qt));
-        Self { q, s, n_in }
+        Self::per_token(x, n_in, reference::quantize_token)
     }
+
     /// RMSNorm and quantisation fused, per token and in parallel: the norm's
     /// float output is never stored (only the BitLinear reads it). Bit-equal
     /// to `ops::rms_norm` followed by `reference::quantize_token`.
     pub fn from_rms_norm(x: &[f32], w: &[f32], eps: f32) -> Self {
-        let n_in = w.len();
+        Self::per_token(x, w.len(), |xt, qt| rms_quantize(xt, w, eps, qt))
+    }
+
+    /// Run `quantize(token, codes) -> scale` over every token in parallel.
+    fn per_token(x: &[f32], n_in: usize, quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync) -> Self {
         let n = x.len() / n_in;
         let mut q = vec![0i8; x.len()];
         let mut s = vec![0f32; n];
@@ -46,7 +43,7 @@ impl QuantizedInput {
             .zip(s.par_iter_mut())
             .enumerate()
             .with_min_len(8)
-            .for_each(|(t, (qt, st))| *st = rms_quantize(&x[t * n_in..(t + 1) * n_in], w, eps, qt));
+            .for_each(|(t, (qt, st))| *st = quantize(&x[t * n_in..(t + 1) * n_in], qt));
         Self { q, s, n_in }
     }
 
