@@ -48,17 +48,27 @@ mod x86 {
         assert!(m.cols.is_multiple_of(16) && h.len() >= n * m.cols);
         // SAFETY: avx512f checked by the caller (simd_ok); every load stays
         // inside a row of `cols` halves (cols % 16 == 0) or inside `h`.
-        unsafe { f16_impl(m, r0, h, n, out) }
+        unsafe {
+            match n {
+                1 => f16_impl::<1>(m, r0, h, out),
+                2 => f16_impl::<2>(m, r0, h, out),
+                3 => f16_impl::<3>(m, r0, h, out),
+                _ => f16_impl::<4>(m, r0, h, out),
+            }
+        }
     }
 
     #[allow(clippy::needless_range_loop)] // t indexes acc, acc2 and h together
     #[target_feature(enable = "avx512f")]
-    unsafe fn f16_impl(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
+    // N is a constant so the token loops unroll and the accumulators stay in
+    // registers (an indexed array over a runtime n spilled to the stack).
+    unsafe fn f16_impl<const N: usize>(m: &DenseMatrix, r0: usize, h: &[f32], out: &mut [f32]) {
+        let n = N;
         let cols = m.cols;
         for (j, o) in out.chunks_exact_mut(n).enumerate() {
             let row = m.row_raw(r0 + j).as_ptr();
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut acc2 = [_mm512_setzero_ps(); 4];
+            let mut acc = [_mm512_setzero_ps(); N];
+            let mut acc2 = [_mm512_setzero_ps(); N];
             let mut c = 0;
             // Two independent chains per token hide FMA latency.
             while c + 32 <= cols {
@@ -87,16 +97,24 @@ mod x86 {
         assert!(m.cols.is_multiple_of(32) && h.len() >= n * m.cols);
         // SAFETY: avx512f/bw checked by the caller; a Q8_0 row is cols/32
         // blocks of 34 bytes, and every load stays inside its block.
-        unsafe { q8_impl(m, r0, h, n, out) }
+        unsafe {
+            match n {
+                1 => q8_impl::<1>(m, r0, h, out),
+                2 => q8_impl::<2>(m, r0, h, out),
+                3 => q8_impl::<3>(m, r0, h, out),
+                _ => q8_impl::<4>(m, r0, h, out),
+            }
+        }
     }
 
     #[allow(clippy::needless_range_loop)] // t indexes acc and h together
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn q8_impl(m: &DenseMatrix, r0: usize, h: &[f32], n: usize, out: &mut [f32]) {
+    unsafe fn q8_impl<const N: usize>(m: &DenseMatrix, r0: usize, h: &[f32], out: &mut [f32]) {
+        let n = N;
         let cols = m.cols;
         for (j, o) in out.chunks_exact_mut(n).enumerate() {
             let row = m.row_raw(r0 + j);
-            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut acc = [_mm512_setzero_ps(); N];
             for (b, blk) in row.chunks_exact(34).enumerate() {
                 let d = _mm512_set1_ps(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
                 let q = blk.as_ptr().add(2);
