@@ -410,6 +410,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             prompts: &a.n_prompt.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             gens: &a.n_gen.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             repeats: a.repeats.max(1),
+            // Only the CPU path reads the 8-bit copy; CUDA keeps its f16 lm_head.
+            lm_head_q8: a.m.lm_head == "q8" && !engine.backend.name().starts_with("cuda"),
             progress: &progress,
         },
     )?;
@@ -501,7 +503,7 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     let cb = yinsen::backends::cuda::CudaBackend::new(&engine.model, 0)?;
     let r = yinsen::backends::cuda::bench::bench(&cb)?;
     let m = &engine.model;
-    let gb = yinsen::bench::decode_bytes_per_token(m) as f64 / 1e9;
+    let gb = yinsen::bench::decode_bytes_per_token(m, false) as f64 / 1e9;
     println!("cuda: {} ({})", r.device, r.arch);
     println!("| test | value | derived |");
     println!("|---|---|---|");

@@ -35,6 +35,8 @@ pub struct BenchSpec<'a> {
     pub prompts: &'a [usize],
     pub gens: &'a [usize],
     pub repeats: usize,
+    /// The CPU path reads an 8-bit lm_head copy (for the GB/s figure).
+    pub lm_head_q8: bool,
     /// Called before each measurement with a short description.
     pub progress: &'a dyn Fn(&str),
 }
@@ -63,9 +65,16 @@ fn stats(samples: &[f64]) -> (f64, f64, f64) {
     (mean, var.sqrt(), med)
 }
 
-/// Bytes one decode step reads: every ternary weight plus the lm_head.
-pub fn decode_bytes_per_token(model: &Model) -> usize {
-    model.ternary_bytes() + model.lm_head().resident_bytes()
+/// Bytes one decode step reads: every ternary weight plus the lm_head (its
+/// 8-bit Q8_0 copy when `lm_head_q8`: 34 bytes per 32 values).
+pub fn decode_bytes_per_token(model: &Model, lm_head_q8: bool) -> usize {
+    let head = model.lm_head();
+    let head_bytes = if lm_head_q8 {
+        head.rows * head.cols / 32 * 34
+    } else {
+        head.resident_bytes()
+    };
+    model.ternary_bytes() + head_bytes
 }
 
 pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec<BenchRecord>> {
@@ -125,7 +134,7 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
                 samples.push(ng as f64 / dt);
             }
         }
-        let per_tok = decode_bytes_per_token(model) as f64;
+        let per_tok = decode_bytes_per_token(model, spec.lm_head_q8) as f64;
         let med = stats(&samples).2;
         out.push(rec(0, ng, samples, Some(per_tok * med / 1e9)));
     }
