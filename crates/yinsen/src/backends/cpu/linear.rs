@@ -140,28 +140,24 @@ impl Linear {
                     packed.gemm(&x.q, n, r0, r0 + ch.len() / n, ch);
                 });
                 // Epilogue: exact int -> float with the two scales, transposing
-                // the row-major accumulators to token-major. Blocked (16
-                // tokens x 64 rows) so each accumulator cache line is read
-                // once: a plain column walk misses cache on every element.
+                // the row-major accumulators to token-major, 16 tokens per task:
+                // each accumulator cache line is read once, and the factor
+                // `w_scale / s_t` is divided once per (part, token), not per element.
                 const TB: usize = 16;
-                const RB: usize = 64;
                 let n_out = self.n_out;
-                let mut row_scale = vec![0f32; n_out];
-                let mut r0 = 0;
-                for &(rows, ws) in parts {
-                    row_scale[r0..r0 + rows].fill(ws);
-                    r0 += rows;
-                }
                 out.par_chunks_mut(TB * n_out).enumerate().for_each(|(bi, ob)| {
                     let t0 = bi * TB;
                     let nt = ob.len() / n_out;
-                    for rb0 in (0..n_out).step_by(RB) {
-                        for r in rb0..(rb0 + RB).min(n_out) {
+                    let mut r0 = 0;
+                    for &(rows, ws) in parts {
+                        let f: [f32; TB] = std::array::from_fn(|j| if j < nt { ws / x.s[t0 + j] } else { 0.0 });
+                        for r in r0..r0 + rows {
                             let a = &acc[r * n + t0..r * n + t0 + nt];
-                            for (j, &v) in a.iter().enumerate() {
-                                ob[j * n_out + r] = v as f32 * (row_scale[r] / x.s[t0 + j]);
+                            for (j, (&v, &fj)) in a.iter().zip(&f).enumerate() {
+                                ob[j * n_out + r] = v as f32 * fj;
                             }
                         }
+                        r0 += rows;
                     }
                 });
             }
