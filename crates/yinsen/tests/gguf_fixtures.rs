@@ -33,15 +33,7 @@ fn weights_info() -> serde_json::Map<String, serde_json::Value> {
 /// (layer, index into Layer::ternaries) for a GGUF tensor name.
 fn locate(gguf_name: &str) -> (usize, usize) {
     let parts: Vec<&str> = gguf_name.split('.').collect();
-    let proj = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
+    let proj = yinsen::formats::gguf::TERNARY;
     (
         parts[1].parse().unwrap(),
         proj.iter().position(|p| *p == parts[2]).unwrap(),

@@ -494,7 +494,7 @@ pub fn load_bytes(bytes: &[u8], opts: &LoadOptions) -> Result<LoadedModel> {
 }
 
 /// Ternary projection names (GGUF) in `Layer` order.
-const TERNARY: [&str; 7] = [
+pub const TERNARY: [&str; 7] = [
     "attn_q",
     "attn_k",
     "attn_v",

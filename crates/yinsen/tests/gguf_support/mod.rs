@@ -15,15 +15,8 @@ pub const HEAD_DIM: usize = 64;
 pub const VOCAB: usize = 16;
 pub const LAYERS: usize = 1;
 
-pub const PROJ: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
+/// Ternary projection names in `Layer` order (the reader's own list).
+pub const PROJ: [&str; 7] = yinsen::formats::gguf::TERNARY;
 
 #[derive(Clone, Copy)]
 pub struct Shape {
