@@ -43,16 +43,7 @@ pub fn cmd_paths(engine: &Engine, model_name: &str, threads: usize, reps: usize,
         println!("  {name}: {:.1} MiB", *b as f64 / (1 << 20) as f64);
     }
     if let Some(m) = &t.kv_move {
-        let opt = |v: Option<f64>| v.map_or("n/a (no CUDA path)".into(), |v| format!("{v:.2} ms"));
-        println!(
-            "KV move at {} positions ({:.1} MiB f32): cpu export {:.2} ms + cuda import {}; cuda export {} + cpu import {:.2} ms",
-            m.positions,
-            m.bytes as f64 / (1 << 20) as f64,
-            m.export_cpu_ms,
-            opt(m.import_cuda_ms),
-            opt(m.export_cuda_ms),
-            m.import_cpu_ms
-        );
+        println!("KV move at {}", m.describe());
     }
     Ok(())
 }

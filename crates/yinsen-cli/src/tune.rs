@@ -87,16 +87,7 @@ fn print_summary(p: &Profile) {
     let rules: Vec<String> = p.path_rules.iter().map(|(t, s)| format!("{s} from {t}")).collect();
     println!("whole-call path: {}", rules.join(", "));
     for m in &p.kv_move {
-        let opt = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2} ms"));
-        println!(
-            "KV move ({} positions, {:.1} MiB f32): cpu export {:.2} ms, cpu import {:.2} ms, cuda export {}, cuda import {}",
-            m.positions,
-            m.bytes as f64 / (1 << 20) as f64,
-            m.export_cpu_ms,
-            m.import_cpu_ms,
-            opt(m.export_cuda_ms),
-            opt(m.import_cuda_ms)
-        );
+        println!("KV move at {}", m.describe());
     }
 }
 

@@ -7,7 +7,7 @@ mod gguf_support;
 use std::path::PathBuf;
 
 use gguf_support::*;
-use yinsen::formats::gguf::{self, types};
+use yinsen::formats::gguf::{self};
 use yinsen::formats::LoadOptions;
 use yinsen::model::synthetic::SplitMix64;
 
@@ -94,14 +94,7 @@ fn run(seed_image: &[u8], hot: usize, iters: usize, seed: u64) -> (usize, usize)
 
 #[test]
 fn mutated_synthetic_models_never_panic() {
-    let shape = Shape {
-        hidden: 128,
-        ffn: 128,
-        heads: 2,
-        kv_heads: 1,
-    };
-    let (w, _) = model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode);
-    let b = w.to_bytes();
+    let b = smallest_i2_s_model();
     // `YINSEN_FUZZ_SEED_DIR=fuzz/corpus/gguf` saves this image as a fuzz seed.
     if let Some(dir) = std::env::var_os("YINSEN_FUZZ_SEED_DIR") {
         std::fs::create_dir_all(&dir).unwrap();

@@ -427,14 +427,7 @@ fn tensor_table_errors() {
 #[test]
 fn every_truncation_is_an_error() {
     // Smallest shape I2_S allows, so that every length is affordable.
-    let shape = Shape {
-        hidden: 128,
-        ffn: 128,
-        heads: 2,
-        kv_heads: 1,
-    };
-    let (w, _) = model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode);
-    let b = w.to_bytes();
+    let b = smallest_i2_s_model();
     assert!(b.len() < 40_000, "{}", b.len());
     gguf::load_bytes(&b, &LoadOptions::default()).unwrap();
     for n in 0..b.len() {

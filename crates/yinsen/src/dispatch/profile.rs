@@ -34,6 +34,22 @@ pub struct KvMovePoint {
     pub import_cuda_ms: Option<f64>,
 }
 
+impl KvMovePoint {
+    /// One line for reports: "2048 positions (300.0 MiB f32): cpu export .. ms, ..".
+    pub fn describe(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("n/a (no CUDA path)".into(), |v| format!("{v:.2} ms"));
+        format!(
+            "{} positions ({:.1} MiB f32): cpu export {:.2} ms, cpu import {:.2} ms, cuda export {}, cuda import {}",
+            self.positions,
+            self.bytes as f64 / (1 << 20) as f64,
+            self.export_cpu_ms,
+            self.import_cpu_ms,
+            opt(self.export_cuda_ms),
+            opt(self.import_cuda_ms)
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
     pub version: u32,

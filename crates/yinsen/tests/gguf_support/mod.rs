@@ -82,6 +82,20 @@ pub fn model_writer(arch: &str, t: u32) -> (Writer, Vec<(String, TernaryMatrix)>
     model_writer_shaped(arch, t, &SHAPE, encode)
 }
 
+/// The smallest model I2_S allows (128-wide rows), a few tens of KB: cheap
+/// enough to truncate at every length or mutate thousands of times.
+pub fn smallest_i2_s_model() -> Vec<u8> {
+    let shape = Shape {
+        hidden: 128,
+        ffn: 128,
+        heads: 2,
+        kv_heads: 1,
+    };
+    model_writer_shaped("bitnet-b1.58", types::I2_S, &shape, encode)
+        .0
+        .to_bytes()
+}
+
 /// As [`model_writer`] with another shape and ternary encoder.
 pub fn model_writer_shaped(
     arch: &str,
