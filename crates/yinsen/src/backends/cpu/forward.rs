@@ -2,7 +2,8 @@
 //! persistent thread pool (rayon) and an f32 KV cache per sequence.
 
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -14,6 +15,52 @@ use super::ops;
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, Model, ModelConfig};
+
+/// Per-phase wall time of one forward, printed to stderr when
+/// `YINSEN_PROFILE=1`: tells where a forward spends its time without a profiler.
+struct PhaseTimes {
+    on: bool,
+    last: Instant,
+    acc: Vec<(&'static str, f64)>,
+}
+
+impl PhaseTimes {
+    fn new() -> Self {
+        static ON: OnceLock<bool> = OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("YINSEN_PROFILE").is_ok_and(|v| v == "1"));
+        Self {
+            on,
+            last: Instant::now(),
+            acc: Vec::new(),
+        }
+    }
+
+    /// Charge the time since the previous mark to `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        if !self.on {
+            return;
+        }
+        let now = Instant::now();
+        let dt = (now - self.last).as_secs_f64() * 1e3;
+        self.last = now;
+        match self.acc.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, t)) => *t += dt,
+            None => self.acc.push((phase, dt)),
+        }
+    }
+
+    fn report(&self, n_tokens: usize) {
+        if !self.on {
+            return;
+        }
+        let total: f64 = self.acc.iter().map(|(_, t)| t).sum();
+        let parts: Vec<String> = self.acc.iter().map(|(p, t)| format!("{p} {t:.2}")).collect();
+        eprintln!(
+            "profile cpu forward n={n_tokens}: total {total:.2} ms: {}",
+            parts.join(", ")
+        );
+    }
+}
 
 struct PreparedLayer {
     qkv: Linear,
@@ -226,6 +273,7 @@ impl CpuBackend {
         let n = tokens.len();
         let p0 = cache.len;
         let (hid, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let mut prof = PhaseTimes::new();
         let mut x = vec![0f32; n * hid];
         for (t, &tok) in tokens.iter().enumerate() {
             m.embed.row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
@@ -236,10 +284,13 @@ impl CpuBackend {
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
+            prof.mark("other");
             let xq = QuantizedInput::from_rms_norm(&x, &layer.attn_norm, eps);
+            prof.mark("norm_quant");
             let qkv_dim = qd + 2 * kvd;
             let mut qkv = vec![0f32; n * qkv_dim];
             pl.qkv.forward(&xq, &mut qkv, th);
+            prof.mark("qkv");
             let mut q = vec![0f32; n * qd];
             for t in 0..n {
                 let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
@@ -255,21 +306,28 @@ impl CpuBackend {
                 cache.k[li].extend_from_slice(&k);
                 cache.v[li].extend_from_slice(&row[qd + kvd..]);
             }
+            prof.mark("rope_kv");
             let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
+            prof.mark("attention");
             let aq = match &layer.attn_sub_norm {
                 Some(w) => QuantizedInput::from_rms_norm(&a, w, eps),
                 None => QuantizedInput::new(&a, qd),
             };
+            prof.mark("norm_quant");
             let mut o = vec![0f32; n * hid];
             pl.o.forward(&aq, &mut o, th);
+            prof.mark("o");
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
             }
             // FFN block.
+            prof.mark("residual");
             let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
+            prof.mark("norm_quant");
             let f = c.ffn;
             let mut gu = vec![0f32; n * 2 * f];
             pl.gate_up.forward(&mq, &mut gu, th);
+            prof.mark("gate_up");
             let mut act = vec![0f32; n * f];
             act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
                 let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
@@ -278,26 +336,33 @@ impl CpuBackend {
                     Activation::Silu => ops::silu_mul(g, u, o),
                 }
             });
+            prof.mark("act");
             let dq = match &layer.ffn_sub_norm {
                 Some(w) => QuantizedInput::from_rms_norm(&act, w, eps),
                 None => QuantizedInput::new(&act, f),
             };
             let mut d = vec![0f32; n * hid];
+            prof.mark("norm_quant");
             pl.down.forward(&dq, &mut d, th);
+            prof.mark("down");
             for (xi, di) in x.iter_mut().zip(&d) {
                 *xi += di;
             }
         }
+        prof.mark("residual");
         cache.len = p0 + n;
         let last = match output {
             Output::LastLogits => &x[(n - 1) * hid..],
             _ => &x[..],
         };
         let h = self.rms_rows(last, &m.final_norm, hid);
-        Ok(match output {
+        let out = match output {
             Output::Hidden => h,
             _ => self.logits(&h, self.lm_head_q8.as_ref().unwrap_or(m.lm_head())),
-        })
+        };
+        prof.mark("lm_head");
+        prof.report(n);
+        Ok(out)
     }
 }
 
