@@ -513,6 +513,16 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         gb * r.decode_tok_s_ctx0
     );
     println!("| decode ctx 2048 | {:.0} tok/s | |", r.decode_tok_s_ctx2048);
+    println!(
+        "| decode path | {} | per-kernel graph: {:.0} / {:.0} tok/s (ctx 0 / 2048) |",
+        if r.persistent_decode {
+            "persistent kernel"
+        } else {
+            "per-kernel graph"
+        },
+        r.decode_tok_s_ctx0_per_kernel,
+        r.decode_tok_s_ctx2048_per_kernel
+    );
     let ops = 2.0 * m.ternary_bytes() as f64 * 4.0 / 1e12; // TOP per token (2 ops per ternary MAC)
     println!(
         "| prefill 512 | {:.2} ms | {:.0} TOPS ternary |",

@@ -274,3 +274,51 @@ fn kv_moves_between_cuda_and_cpu() {
     println!("kv move: cuda->cpu max |dlogit| {d1:.2e}, cpu->cuda {d2:.2e}");
     assert!(d1 < 0.1 && d2 < 0.1, "{d1} {d2}");
 }
+
+/// The persistent one-launch decode (mega.cu) against the per-kernel decode
+/// graph on the same weights: equal to float rounding (the norms reduce in
+/// another order), held to the flip-prone limits and to the same greedy
+/// tokens where the margin is clear. 80 steps cross the 64-key attention
+/// chunk, so the multi-chunk merge runs too. Shapes: tiny (2 query heads per
+/// KV head) and 125m (no grouping).
+#[test]
+fn mega_decode_matches_per_kernel_decode() {
+    for shape in ["tiny", "125m"] {
+        let model = synthetic::build(shape).unwrap();
+        let Some(gpu) = cuda(&model) else { return };
+        if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
+            assert!(
+                gpu.uses_mega(),
+                "{shape}: the persistent decode is not in use on the device"
+            );
+        } else if !gpu.uses_mega() {
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIP cuda: persistent decode unavailable on this device\n"),
+            );
+            return;
+        }
+        let vocab = model.config.vocab;
+        let ids = prompt(10, vocab);
+        let mut runs = Vec::new();
+        for mega in [true, false] {
+            gpu.set_mega(mega);
+            let mut gc = gpu.new_cache(200).unwrap();
+            gpu.forward(gc.as_mut(), &ids, Output::LastLogits).unwrap();
+            // Same token stream in both runs: a fixed sequence, not the argmax.
+            let steps: Vec<Vec<f32>> = (0..80)
+                .map(|i| {
+                    let tok = ((i * 7919 + 13) % vocab) as u32;
+                    gpu.forward(gc.as_mut(), &[tok], Output::LastLogits).unwrap()
+                })
+                .collect();
+            runs.push(steps);
+        }
+        gpu.set_mega(true);
+        let mut worst = 0f32;
+        for (i, (m, k)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            worst = worst.max(close(m, k, vocab, &format!("{shape} mega step {i}")).0);
+        }
+        println!("{shape}: persistent vs per-kernel decode, 80 steps: max |dlogit| {worst:.3e}");
+    }
+}

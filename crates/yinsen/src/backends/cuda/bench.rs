@@ -28,6 +28,11 @@ pub struct CudaBench {
     pub step1_nograph_ms: f64,
     /// Decode graph captured without PDL (ctx 0).
     pub decode_tok_s_ctx0_no_pdl: f64,
+    /// Whether the decode rows above used the persistent kernel (mega.cu).
+    pub persistent_decode: bool,
+    /// The per-kernel decode graph (persistent kernel off), ctx 0 and 2048.
+    pub decode_tok_s_ctx0_per_kernel: f64,
+    pub decode_tok_s_ctx2048_per_kernel: f64,
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
@@ -105,6 +110,19 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
             let was = b.set_pdl(false);
             let r = decode_at(b, 0, 128, 3);
             b.set_pdl(was);
+            r?
+        },
+        persistent_decode: b.uses_mega(),
+        decode_tok_s_ctx0_per_kernel: {
+            let was = b.set_mega(false);
+            let r = decode_at(b, 0, 128, 3);
+            b.set_mega(was);
+            r?
+        },
+        decode_tok_s_ctx2048_per_kernel: {
+            let was = b.set_mega(false);
+            let r = decode_at(b, long, 128, 3);
+            b.set_mega(was);
             r?
         },
         kernels_ctx0: b.profile_decode(0, 10)?,

@@ -59,6 +59,8 @@ struct Scratch {
     cnt: DevBuf,
     /// argmax key of the fused decode head (u64, see lm_head_dec).
     best: DevBuf,
+    /// Grid-barrier counter of the persistent decode (zeroed per step).
+    bar: DevBuf,
 }
 
 /// Element type of the KV cache. F32 (the default) keeps the forward in
@@ -135,7 +137,24 @@ pub struct CudaBackend {
     fused: bool,
     /// Decode graphs use PDL (sm_90+; `YINSEN_CUDA_PDL=0` turns it off).
     pdl: std::sync::atomic::AtomicBool,
+    /// The persistent one-launch decode (mega.cu), where the shapes and the
+    /// device allow it (`YINSEN_CUDA_MEGA=0` turns it off).
+    mega: Option<Mega>,
+    mega_on: std::sync::atomic::AtomicBool,
 }
+
+/// What the persistent decode kernel needs beyond the layers: a table of
+/// per-layer device addresses and its grid (one block per SM).
+struct Mega {
+    table: DevBuf,
+    grid: u32,
+}
+
+/// Limits of mega.cu (MG_* there).
+const MG_THREADS: usize = 1024;
+const MG_MAXROWS: usize = 512;
+const MG_GMAX: usize = 8;
+const MG_QMAX: usize = 1024;
 
 /// Largest width the fused decode kernels take (DM_NMAX in decode.cu).
 const DM_NMAX: usize = 8192;
@@ -287,7 +306,13 @@ impl CudaBackend {
                     .all(|m| m.kpad() <= DM_NMAX && m.chunks <= 128)
             });
         let pdl = std::env::var("YINSEN_CUDA_PDL").map_or(true, |v| v != "0");
+        let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
+            true => Self::prepare_mega(&gpu, &c, &layers)?,
+            false => None,
+        };
         Ok(Self {
+            mega_on: mega.is_some().into(),
+            mega,
             gpu,
             kv,
             fused,
@@ -303,6 +328,64 @@ impl CudaBackend {
             weight_bytes,
             mma_min_tokens: 17.into(),
         })
+    }
+
+    /// The persistent decode's layer table, or None where mega.cu's limits
+    /// (or the device) rule it out; the per-kernel decode then runs.
+    fn prepare_mega(gpu: &Arc<Gpu>, c: &ModelConfig, layers: &[GpuLayer]) -> Result<Option<Mega>> {
+        let grid = gpu.info.sms.max(1) as usize;
+        let group = c.n_heads / c.n_kv_heads.max(1);
+        let rows = |n: usize, even: bool| {
+            let r = n.div_ceil(grid);
+            r + (even && r % 2 == 1) as usize
+        };
+        let fits = gpu.info.sm.0 >= 8
+            && c.n_kv_heads > 0
+            && c.n_heads % c.n_kv_heads == 0
+            && group <= MG_GMAX
+            && group * c.head_dim <= MG_QMAX
+            && rows(c.q_dim() + 2 * c.kv_dim(), true) <= MG_MAXROWS
+            && rows(c.hidden, false) <= MG_MAXROWS
+            && 2 * rows(c.ffn, false) <= MG_MAXROWS
+            && gpu.occupancy("mega_f32", MG_THREADS as u32)? >= 1
+            && gpu.occupancy("mega_f16", MG_THREADS as u32)? >= 1;
+        if !fits {
+            return Ok(None);
+        }
+        let mut t: Vec<u64> = Vec::with_capacity(layers.len() * 12);
+        for l in layers {
+            let opt = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
+            t.extend([
+                l.qkv.w.ptr,
+                l.qkv.scale.ptr,
+                l.o.w.ptr,
+                l.o.scale.ptr,
+                l.gu.w.ptr,
+                l.gu.scale.ptr,
+                l.down.w.ptr,
+                l.down.scale.ptr,
+                l.attn_norm.ptr,
+                opt(&l.attn_sub),
+                l.ffn_norm.ptr,
+                opt(&l.ffn_sub),
+            ]);
+        }
+        Ok(Some(Mega {
+            table: gpu.upload(&t)?,
+            grid: grid as u32,
+        }))
+    }
+
+    /// Whether decode steps use the persistent kernel.
+    pub fn uses_mega(&self) -> bool {
+        self.mega.is_some() && self.mega_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For benchmarks and tests: turn the persistent decode on or off (for
+    /// graphs captured afterwards); returns the previous setting.
+    pub fn set_mega(&self, on: bool) -> bool {
+        self.mega_on
+            .swap(on && self.mega.is_some(), std::sync::atomic::Ordering::Relaxed)
     }
 
     fn check_shapes(c: &ModelConfig) -> Result<()> {
@@ -583,6 +666,81 @@ impl CudaBackend {
             g.set_tag("down");
             self.dec_mm(s, &l.down, s.gu.p(), f, gate, l.ffn_sub.as_ref(), s.x.p(), 2, none, pdl)?;
         }
+        self.lm_head_step(s, pdl)
+    }
+
+    /// The decode step as three launches: embedding, the persistent kernel
+    /// (every layer), final norm + lm_head + argmax.
+    fn decode_mega(&self, s: &Scratch, cache: &CudaCache, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let m = self
+            .mega
+            .as_ref()
+            .ok_or_else(|| berr("persistent decode unavailable"))?;
+        let gate = match c.activation {
+            Activation::Relu2 => 1,
+            Activation::Silu => 2,
+        };
+        g.set_tag("embed");
+        g.launch(
+            "mega_begin",
+            (1, 1, 1),
+            256,
+            &[
+                s.tok.p(),
+                self.embed.p(),
+                Arg::I(c.hidden as i32),
+                s.x.p(),
+                s.best.p(),
+                s.bar.p(),
+            ],
+        )?;
+        g.set_tag("layers (persistent)");
+        let name = match self.kv {
+            KvDtype::F16 => "mega_f16",
+            KvDtype::F32 => "mega_f32",
+        };
+        g.launch(
+            name,
+            (m.grid, 1, 1),
+            MG_THREADS as u32,
+            &[
+                m.table.p(),
+                Arg::I(c.n_layers as i32),
+                Arg::I(c.hidden as i32),
+                Arg::I(c.q_dim() as i32),
+                Arg::I(c.kv_dim() as i32),
+                Arg::I(c.ffn as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(gate),
+                Arg::F(c.rms_eps),
+                Arg::F(1.0 / (c.head_dim as f32).sqrt()),
+                s.pos.p(),
+                self.rope.p(),
+                cache.k.p(),
+                cache.v.p(),
+                Arg::I((cache.layer_bytes / self.kv.bytes()) as i32),
+                Arg::I(cache.cap as i32),
+                s.x.p(),
+                s.qr.p(),
+                s.attn.p(),
+                s.gu.p(),
+                s.part.p(),
+                Arg::I(self.max_splits as i32),
+                s.cnt.p(),
+                s.bar.p(),
+            ],
+        )?;
+        self.lm_head_step(s, pdl)
+    }
+
+    /// Final RMSNorm + lm_head + greedy pick of the one decoded token.
+    fn lm_head_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
         g.set_tag("lm_head+argmax");
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize);
@@ -593,7 +751,7 @@ impl CudaBackend {
             &[
                 e.p(),
                 Arg::I(c.vocab as i32),
-                Arg::I(h as i32),
+                Arg::I(c.hidden as i32),
                 s.x.p(),
                 self.final_norm.p(),
                 Arg::F(c.rms_eps),
@@ -733,6 +891,9 @@ impl CudaBackend {
     }
 
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
+        if self.uses_mega() {
+            return self.decode_mega(s, cache, pdl);
+        }
         if self.fused {
             return self.decode_fused(s, cache, splits, pdl);
         }
@@ -1007,6 +1168,7 @@ impl Scratch {
                 b
             },
             best: f32s(&[2])?,
+            bar: f32s(&[1])?,
         })
     }
 }

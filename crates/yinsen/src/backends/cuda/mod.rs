@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 20] = [
+pub const KERNELS: [&str; 23] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -206,6 +206,9 @@ pub const KERNELS: [&str; 20] = [
     "dec_mm_l16_f16",
     "dec_mm_l16_f32",
     "lm_head_dec",
+    "mega_begin",
+    "mega_f16",
+    "mega_f32",
 ];
 
 /// A kernel argument, passed by value.
@@ -264,6 +267,19 @@ impl Gpu {
 
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         self.launch_ex(name, grid, block, args, false)
+    }
+
+    /// Resident blocks per SM of kernel `name` at `block` threads (0: it
+    /// cannot run at that size, e.g. too many registers).
+    pub fn occupancy(&self, name: &str, block: u32) -> Result<i32> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| berr(format!("unknown kernel {name}")))?;
+        let mut n = 0i32;
+        let r = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block as i32, 0) };
+        drv(r.result(), &format!("occupancy of {name}"))?;
+        Ok(n)
     }
 
     /// Whether PDL (programmatic dependent launch) is available: sm_90+.

@@ -10,11 +10,12 @@ use cudarc::nvrtc::sys;
 use crate::error::{Error, Result};
 
 /// Every kernel source, in compilation order (one translation unit).
-pub const SOURCES: [(&str, &str); 4] = [
+pub const SOURCES: [(&str, &str); 5] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("ternary.cu", include_str!("kernels/ternary.cu")),
     ("ops.cu", include_str!("kernels/ops.cu")),
     ("decode.cu", include_str!("kernels/decode.cu")),
+    ("mega.cu", include_str!("kernels/mega.cu")),
 ];
 
 /// The whole program as one source string.

@@ -1,0 +1,440 @@
+// The persistent one-token decode: every layer of the transformer body in
+// ONE kernel launch, one 1024-thread block per SM, phases separated by grid
+// barriers. Why: a decode step is ~150 small dependent matrix kernels whose
+// launch, ramp-up and tail latencies (not bytes) set the step time. Here a
+// phase costs one barrier, and the weights of the next phase are already on
+// their way (registers before the barrier, L2 a phase ahead) while the
+// current one runs.
+//
+// Per layer (5 phases, 5 barriers):
+//   QKV  every block: RMSNorm + int8 quantisation of x (recomputed per block,
+//        no extra barrier), its rows of W_qkv, RoPE + KV-cache write.
+//   ATT  items (kv head, key chunk) over the blocks; a chunk's block merges
+//        the partials when it finishes last (no extra barrier).
+//   O    sub-norm + quantisation of the attention output, rows of W_o, x += y.
+//   GU   norm + quantisation of x, gate rows [a, b) and the matching up rows
+//        of the block, so the epilogue writes h = act(g) * u directly.
+//   DN   sub-norm + quantisation of h, rows of W_down, x += y.
+// Arithmetic per element is that of the separate decode kernels (decode.cu);
+// reduction orders differ, so results match them to float rounding.
+//
+// Data written inside the launch by other blocks is read with ld.global.cg
+// (L2, never a stale L1 line); weights and norms are read-only (__ldg).
+
+#define MG_THREADS 1024
+#define MG_NQ 8           // input elements per thread: widths up to 8192
+#define MG_WREG 5         // 16-byte weight chunks per thread kept in registers
+#define MG_MAXROWS 512    // rows of one phase per block (host checks)
+#define MG_GMAX 8         // query heads per KV head
+#define MG_QMAX 1024      // group * head_dim
+#define MG_ACMAX 256      // keys per attention item
+#define MG_LT 12          // u64 entries per layer in the layer table
+
+// Grid barrier over all blocks of the launch. `bar` is zeroed before the
+// launch (mega_begin); `epoch` counts arrivals expected so far.
+__device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch) {
+    __syncthreads();
+    epoch += gridDim.x;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+        } while (v < epoch);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void mg_prefetch_l2(const void* p, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    // One bulk request per 32 KB: the copy engine streams it into L2.
+    const char* c = (const char*)p;
+    for (u32 o = 0; o < bytes; o += 32768u) {
+        u32 n = min(32768u, bytes - o);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c + o), "r"(n) : "memory");
+    }
+#endif
+}
+
+__device__ __forceinline__ float ldcg_kv(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float ldcg_kv(const u16* p) {
+    u16 h;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(h) : "l"(p));
+    return h2f(h);
+}
+
+// The rows a block owns in one matrix phase: local row i < n is global row
+// a + i; with off2 >= 0 the block also owns rows off2 + a + (i - n) for
+// i in [n, 2n) (gate row a + i and its up row F + a + i).
+struct MgRows {
+    int a, n, off2;
+};
+__device__ __forceinline__ int mg_row(const MgRows& r, int i) { return i < r.n ? r.a + i : r.off2 + r.a + (i - r.n); }
+__device__ __forceinline__ int mg_nloc(const MgRows& r) { return r.off2 >= 0 ? 2 * r.n : r.n; }
+
+// Plain split of n_rows over the grid; `even` keeps RoPE pairs in one block.
+__device__ __forceinline__ MgRows mg_rows(int n_rows, int even) {
+    int rpb = (n_rows + gridDim.x - 1) / gridDim.x;
+    if (even) rpb += rpb & 1;
+    const int a = blockIdx.x * rpb;
+    return MgRows{a, max(0, min(rpb, n_rows - a)), -1};
+}
+__device__ __forceinline__ MgRows mg_rows_paired(int f) {
+    const int rpb = (f + gridDim.x - 1) / gridDim.x, a = blockIdx.x * rpb;
+    return MgRows{a, max(0, min(rpb, f - a)), f};
+}
+
+__device__ __forceinline__ void mg_prefetch_rows(const uint4* W, int chunks, MgRows r) {
+    if (threadIdx.x != 0 || r.n == 0) return;
+    const u32 bytes = (u32)r.n * (u32)chunks * 16u;
+    mg_prefetch_l2(W + (size_t)r.a * chunks, bytes);
+    if (r.off2 >= 0) mg_prefetch_l2(W + (size_t)(r.off2 + r.a) * chunks, bytes);
+}
+
+// Issue this thread's weight loads of a phase (flattened (row, chunk) index
+// tid + k * blockDim); they complete while the barrier and prologue run.
+__device__ __forceinline__ void mg_wload(const uint4* W, int chunks, MgRows r, uint4 (&wv)[MG_WREG]) {
+    const int total = mg_nloc(r) * chunks;
+#pragma unroll
+    for (int k = 0; k < MG_WREG; k++) {
+        const int idx = threadIdx.x + k * MG_THREADS;
+        if (idx < total) {
+            const int li = idx / chunks, c = idx - li * chunks;
+            wv[k] = __ldg(W + (size_t)mg_row(r, li) * chunks + c);
+        }
+    }
+}
+
+// Block-wide: v = [rmsnorm](in) [* nw] quantised to int8 into xq (zero
+// padded to kpad); returns (sx, xsum). Same element arithmetic as dec_quant.
+__device__ void mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+                         float* sx_out, int* xsum_out) {
+    const int tid = threadIdx.x;
+    float v[MG_NQ];
+#pragma unroll
+    for (int k = 0; k < MG_NQ; k++) {
+        const int i = tid + k * MG_THREADS;
+        v[k] = i < n ? __ldcg(in + i) : 0.f;
+    }
+    float inv = 1.f;
+    if (nw) {
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < MG_NQ; k++) ss += v[k] * v[k];
+        ss = block_sum(ss, red);
+        inv = sqrtf(ss / (float)n + eps);
+    }
+    float am = 0.f;
+#pragma unroll
+    for (int k = 0; k < MG_NQ; k++) {
+        const int i = tid + k * MG_THREADS;
+        if (i < n) {
+            float t = v[k] / inv;
+            if (nw) t *= __ldg(nw + i);
+            v[k] = t;
+            am = fmaxf(am, fabsf(t));
+        }
+    }
+    am = block_max(am, red);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    float qs = 0.f;
+#pragma unroll
+    for (int k = 0; k < MG_NQ; k++) {
+        const int i = tid + k * MG_THREADS;
+        if (i < kpad) {
+            const int qi = i < n ? (int)fminf(fmaxf(rintf(v[k] * s), -128.f), 127.f) : 0;
+            xq[i] = (i8)qi;
+            qs += (float)qi;
+        }
+    }
+    qs = block_sum(qs, red);  // synchronises: xq is complete after this
+    *sx_out = s;
+    *xsum_out = (int)qs;
+}
+
+// acc_s[li] += W[row(li)] . xq over the block's rows, exact int32. Lanes
+// holding chunks of the same row are summed in-warp first.
+__device__ __forceinline__ void mg_acc(int li, int p, int* acc_s) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned m = __match_any_sync(0xffffffffu, li);
+    const int s = __reduce_add_sync(m, p);
+    if (li >= 0 && (int)(threadIdx.x & 31) == __ffs(m) - 1) atomicAdd(acc_s + li, s);
+#else
+    if (li >= 0) atomicAdd(acc_s + li, p);
+#endif
+}
+
+__device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
+    int a = dot_word(w.x, x4[4 * c + 0], 0);
+    a = dot_word(w.y, x4[4 * c + 1], a);
+    a = dot_word(w.z, x4[4 * c + 2], a);
+    return dot_word(w.w, x4[4 * c + 3], a);
+}
+
+__device__ void mg_dot(const uint4* W, int chunks, MgRows r, const uint4 (&wv)[MG_WREG], const i8* xq, int* acc_s) {
+    const int total = mg_nloc(r) * chunks;
+    const uint4* x4 = (const uint4*)xq;
+#pragma unroll
+    for (int k = 0; k < MG_WREG; k++) {
+        if (k * MG_THREADS >= total) break;  // block-uniform
+        const int idx = threadIdx.x + k * MG_THREADS;
+        int li = -1, p = 0;
+        if (idx < total) {
+            li = idx / chunks;
+            p = mg_dot_chunk(wv[k], x4, idx - li * chunks);
+        }
+        mg_acc(li, p, acc_s);
+    }
+    // Rows beyond the register budget (small GPUs, wide models): load here.
+    for (int base = MG_WREG * MG_THREADS; base < total; base += MG_THREADS) {
+        const int idx = base + threadIdx.x;
+        int li = -1, p = 0;
+        if (idx < total) {
+            li = idx / chunks;
+            const int c = idx - li * chunks;
+            p = mg_dot_chunk(__ldg(W + (size_t)mg_row(r, li) * chunks + c), x4, c);
+        }
+        mg_acc(li, p, acc_s);
+    }
+    __syncthreads();
+}
+
+// Attention of the one new query (position pos) of every head over keys
+// 0..pos of this layer's cache; output [n_heads * hd] into attn.
+template <typename KV>
+__device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
+                             int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
+                             float* sc, float* ml) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = MG_THREADS / 32;
+    const int group = n_heads / n_kv, n_keys = pos + 1;
+    const int per_head = max(1, (int)gridDim.x / n_kv);
+    const int ac = min(MG_ACMAX, max(64, (n_keys + per_head - 1) / per_head));
+    const int nch = (n_keys + ac - 1) / ac;  // <= nsplit (host: cap <= 64 * nsplit)
+    const size_t pst = hd + 2;
+    __shared__ int last;
+    for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
+        const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
+        __syncthreads();  // smem reuse across items
+        for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)kvh * group * hd + i) * scale;
+        __syncthreads();
+        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
+        for (int j = warp; j < nj; j += nwarps) {
+            float s[MG_GMAX];
+#pragma unroll
+            for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
+            for (int d = lane; d < hd; d += 32) {
+                const float kv = ldcg_kv(kb + (size_t)j * hd + d);
+#pragma unroll
+                for (int g = 0; g < MG_GMAX; g++)
+                    if (g < group) s[g] += qs[g * hd + d] * kv;
+            }
+#pragma unroll
+            for (int g = 0; g < MG_GMAX; g++)
+                if (g < group) {
+                    const float t = warp_sum(s[g]);
+                    if (lane == 0) sc[g * ac + j] = t;
+                }
+        }
+        __syncthreads();
+        if (warp < group) {
+            float mx = NEG_INF;
+            for (int j = lane; j < nj; j += 32) mx = fmaxf(mx, sc[warp * ac + j]);
+            mx = warp_max(mx);
+            float l = 0.f;
+            for (int j = lane; j < nj; j += 32) {
+                const float e = expf(sc[warp * ac + j] - mx);
+                sc[warp * ac + j] = e;
+                l += e;
+            }
+            l = warp_sum(l);
+            if (lane == 0) {
+                ml[2 * warp] = mx;
+                ml[2 * warp + 1] = l;
+            }
+        }
+        __syncthreads();
+        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        for (int o = tid; o < group * hd; o += MG_THREADS) {
+            const int g = o / hd, d = o - g * hd, h = kvh * group + g;
+            float a = 0.f;
+            for (int j = 0; j < nj; j++) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
+            if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
+            else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
+        }
+        if (nch == 1) continue;
+        if (tid < group) {
+            float* p = part + ((size_t)(kvh * group + tid) * nsplit + ch) * pst;
+            p[0] = ml[2 * tid];
+            p[1] = ml[2 * tid + 1];
+        }
+        // Publish; the block finishing this KV head's last chunk merges.
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+            last = atomicAdd(cnt + kvh, 1) == nch - 1;
+            if (last) cnt[kvh] = 0;
+        }
+        __syncthreads();
+        if (!last) continue;
+        __threadfence();
+        for (int o = tid; o < group * hd; o += MG_THREADS) {
+            const int g = o / hd, d = o - g * hd, h = kvh * group + g;
+            const float* ph = part + (size_t)h * nsplit * pst;
+            float m = NEG_INF;
+            for (int c = 0; c < nch; c++) m = fmaxf(m, __ldcg(ph + c * pst));
+            float num = 0.f, den = 0.f;
+            for (int c = 0; c < nch; c++) {
+                const float w = expf(__ldcg(ph + c * pst) - m);
+                num += __ldcg(ph + c * pst + 2 + d) * w;
+                den += __ldcg(ph + c * pst + 1) * w;
+            }
+            attn[h * hd + d] = num / den;
+        }
+    }
+}
+
+// Layer table entries (u64 device addresses), MG_LT per layer.
+#define LT_QKV 0
+#define LT_QKV_S 1
+#define LT_O 2
+#define LT_O_S 3
+#define LT_GU 4
+#define LT_GU_S 5
+#define LT_DN 6
+#define LT_DN_S 7
+#define LT_ATTN_NORM 8
+#define LT_ATTN_SUB 9
+#define LT_FFN_NORM 10
+#define LT_FFN_SUB 11
+
+template <typename KV>
+__device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
+                          int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
+                          int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
+                          int nsplit, int* cnt, unsigned* bar) {
+    __shared__ __align__(16) i8 xq[MG_NQ * MG_THREADS];
+    __shared__ int acc_s[MG_MAXROWS];
+    __shared__ float red[32];
+    __shared__ float qs[MG_QMAX];
+    __shared__ float sc[MG_GMAX * MG_ACMAX];
+    __shared__ float ml[2 * MG_GMAX];
+    const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
+    const int cH = (H + 63) / 64, cQ = (Q + 63) / 64, cF = (F + 63) / 64;
+    const int nq = n_heads * hd, nk = n_kv * hd;
+    const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
+    unsigned epoch = 0;
+    uint4 wv[MG_WREG];
+    float sx;
+    int xsum;
+#define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
+#define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
+    mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv);
+    mg_prefetch_rows(W_(0, LT_O), cQ, r_o);
+    mg_wload(W_(0, LT_QKV), cH, r_qkv, wv);
+    for (int l = 0; l < n_layers; l++) {
+        KV* kc = kc0 + (size_t)l * layer_elems;
+        KV* vc = vc0 + (size_t)l * layer_elems;
+        if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
+        // ---- QKV + RoPE + KV write
+        mg_prefetch_rows(W_(l, LT_GU), cH, r_gu);
+        if (tid < MG_MAXROWS) acc_s[tid] = 0;
+        mg_quant(x, H, F_(l, LT_ATTN_NORM), eps, cH * 64, xq, red, &sx, &xsum);
+        mg_dot(W_(l, LT_QKV), cH, r_qkv, wv, xq, acc_s);
+        if (tid < r_qkv.n) {
+            const float* rs = F_(l, LT_QKV_S);
+            const int row = r_qkv.a + tid;
+            const float y = (float)(acc_s[tid] - xsum) * (__ldg(rs + row) / sx);
+            if (row < nq + nk) {
+                const int prow = row ^ 1;
+                const float partner = (float)(acc_s[tid ^ 1] - xsum) * (__ldg(rs + prow) / sx);
+                const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
+                const float2 cs = rope[(size_t)pos * half + j];
+                const float x1 = second ? partner : y, x2 = second ? y : partner;
+                const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
+                const int d = j + (second ? half : 0);
+                if (row < nq) qr[h * hd + d] = o;
+                else kv_store(kc + ((size_t)h * cap + pos) * hd + d, o);
+            } else {
+                const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
+                kv_store(vc + ((size_t)h * cap + pos) * hd + d, y);
+            }
+        }
+        mg_wload(W_(l, LT_O), cQ, r_o, wv);
+        mg_grid_sync(bar, epoch);
+        // ---- attention
+        mg_prefetch_rows(W_(l, LT_DN), cF, r_dn);
+        mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml);
+        mg_grid_sync(bar, epoch);
+        // ---- O + residual
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv);
+        if (tid < MG_MAXROWS) acc_s[tid] = 0;
+        mg_quant(attn, Q, F_(l, LT_ATTN_SUB), eps, cQ * 64, xq, red, &sx, &xsum);
+        mg_dot(W_(l, LT_O), cQ, r_o, wv, xq, acc_s);
+        if (tid < r_o.n) {
+            const int row = r_o.a + tid;
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (__ldg(F_(l, LT_O_S) + row) / sx);
+        }
+        mg_wload(W_(l, LT_GU), cH, r_gu, wv);
+        mg_grid_sync(bar, epoch);
+        // ---- gate/up + activation
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o);
+        if (tid < MG_MAXROWS) acc_s[tid] = 0;
+        mg_quant(x, H, F_(l, LT_FFN_NORM), eps, cH * 64, xq, red, &sx, &xsum);
+        mg_dot(W_(l, LT_GU), cH, r_gu, wv, xq, acc_s);
+        if (tid < r_gu.n) {
+            const float* rs = F_(l, LT_GU_S);
+            const int row = r_gu.a + tid;
+            float g = (float)(acc_s[tid] - xsum) * (__ldg(rs + row) / sx);
+            const float u = (float)(acc_s[tid + r_gu.n] - xsum) * (__ldg(rs + F + row) / sx);
+            if (gate == 1) {
+                g = fmaxf(g, 0.f);
+                hb[row] = g * g * u;
+            } else {
+                hb[row] = g / (1.f + expf(-g)) * u;
+            }
+        }
+        mg_wload(W_(l, LT_DN), cF, r_dn, wv);
+        mg_grid_sync(bar, epoch);
+        // ---- down + residual
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
+        if (tid < MG_MAXROWS) acc_s[tid] = 0;
+        mg_quant(hb, F, F_(l, LT_FFN_SUB), eps, cF * 64, xq, red, &sx, &xsum);
+        mg_dot(W_(l, LT_DN), cF, r_dn, wv, xq, acc_s);
+        if (tid < r_dn.n) {
+            const int row = r_dn.a + tid;
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (__ldg(F_(l, LT_DN_S) + row) / sx);
+        }
+        if (l + 1 < n_layers) {
+            mg_wload(W_(l + 1, LT_QKV), cH, r_qkv, wv);
+            mg_grid_sync(bar, epoch);
+        }
+    }
+#undef W_
+#undef F_
+}
+
+#define MEGA(SUF, KV)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MG_THREADS, 1)                                                  \
+        mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
+                   int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
+                   int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
+                   int* cnt, unsigned* bar) {                                                                    \
+        mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
+                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar);                                \
+    }
+MEGA(f16, u16)
+MEGA(f32, float)
+
+// Before the persistent kernel: the token's embedding row into x, the
+// argmax slot and the barrier counter zeroed.
+extern "C" __global__ void mega_begin(const int* tok, const u16* emb, int hidden, float* x, u64* best,
+                                      unsigned* bar) {
+    const u16* e = emb + (size_t)tok[0] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[i] = h2f(e[i]);
+    if (threadIdx.x == 0) {
+        *best = 0;
+        *bar = 0;
+    }
+}

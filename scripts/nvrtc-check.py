@@ -1,0 +1,29 @@
+#!/usr/bin/env python3
+"""Compile the embedded CUDA kernels with NVRTC on a machine without a GPU.
+
+    python3 scripts/nvrtc-check.py [arch] [libnvrtc.so path]
+
+Catches syntax and register/ptxas errors before a device run. NVRTC comes
+from the PyPI wheel `nvidia-cuda-nvrtc` (unzip it; point at lib/libnvrtc.so.13).
+Prints the compile log and, via -Xptxas -v, registers/smem per kernel.
+"""
+import ctypes, os, sys
+
+arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90a"
+lib = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("NVRTC_LIB", "/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13")
+root = os.path.join(os.path.dirname(__file__), "..", "crates", "yinsen", "src", "backends", "cuda", "kernels")
+order = ["common.cuh", "ternary.cu", "ops.cu", "decode.cu", "mega.cu"]
+src = "".join(f"// ---- {n}\n{open(os.path.join(root, n)).read()}\n" for n in order)
+n = ctypes.CDLL(lib)
+prog = ctypes.c_void_p()
+assert n.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"yinsen.cu", 0, None, None) == 0
+opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-Xptxas", b"-v"]
+arr = (ctypes.c_char_p * len(opts))(*opts)
+r = n.nvrtcCompileProgram(prog, len(opts), arr)
+size = ctypes.c_size_t()
+n.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+log = ctypes.create_string_buffer(size.value)
+n.nvrtcGetProgramLog(prog, log)
+print(log.value.decode(errors="replace"))
+print("nvrtc result", r)
+sys.exit(1 if r else 0)
