@@ -540,6 +540,14 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_ms.min(r.step16_mma_ms),
         r.step16_ms.min(r.step16_mma_ms) / step1
     );
+    for (ctx, phases) in [(0, &r.mega_phases_ctx0), (2048, &r.mega_phases_ctx2048)] {
+        for p in phases.iter() {
+            println!(
+                "| persistent ctx {ctx}: {} | {:.0} us work | {:.0} us at the barrier after it |",
+                p.phase, p.work_us, p.barrier_us
+            );
+        }
+    }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

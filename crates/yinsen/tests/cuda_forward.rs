@@ -276,11 +276,13 @@ fn kv_moves_between_cuda_and_cpu() {
 }
 
 /// The persistent one-launch decode (mega.cu) against the per-kernel decode
-/// graph on the same weights: equal to float rounding (the norms reduce in
-/// another order), held to the flip-prone limits and to the same greedy
-/// tokens where the margin is clear. 80 steps cross the 64-key attention
-/// chunk, so the multi-chunk merge runs too. Shapes: tiny (2 query heads per
-/// KV head) and 125m (no grouping).
+/// graph and the CPU backend on the same weights and token stream. The
+/// norms reduce in another order, so int8 codes may flip: on tiny the two
+/// GPU paths must agree to the flip-prone limits; on every shape the
+/// persistent path must be about as close to the CPU as the per-kernel one
+/// (mean and max |dlogit| at most 2x + a small floor). 80 steps cross the
+/// 64-key attention chunk, so the multi-chunk merge runs too. Shapes: tiny
+/// (2 query heads per KV head) and 125m (12 layers, no grouping).
 #[test]
 fn mega_decode_matches_per_kernel_decode() {
     for shape in ["tiny", "125m"] {
@@ -300,25 +302,43 @@ fn mega_decode_matches_per_kernel_decode() {
         }
         let vocab = model.config.vocab;
         let ids = prompt(10, vocab);
-        let mut runs = Vec::new();
-        for mega in [true, false] {
-            gpu.set_mega(mega);
-            let mut gc = gpu.new_cache(200).unwrap();
-            gpu.forward(gc.as_mut(), &ids, Output::LastLogits).unwrap();
-            // Same token stream in both runs: a fixed sequence, not the argmax.
-            let steps: Vec<Vec<f32>> = (0..80)
-                .map(|i| {
-                    let tok = ((i * 7919 + 13) % vocab) as u32;
-                    gpu.forward(gc.as_mut(), &[tok], Output::LastLogits).unwrap()
-                })
-                .collect();
-            runs.push(steps);
-        }
+        // Same token stream everywhere: a fixed sequence, not the argmax.
+        let stream: Vec<u32> = (0..80).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let decode = |b: &dyn Backend| -> Vec<Vec<f32>> {
+            let mut c = b.new_cache(200).unwrap();
+            b.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
+            stream
+                .iter()
+                .map(|&t| b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
+                .collect()
+        };
+        let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 4).unwrap();
+        let want = decode(&cpu);
         gpu.set_mega(true);
-        let mut worst = 0f32;
-        for (i, (m, k)) in runs[0].iter().zip(&runs[1]).enumerate() {
-            worst = worst.max(close(m, k, vocab, &format!("{shape} mega step {i}")).0);
+        let mega = decode(&gpu);
+        gpu.set_mega(false);
+        let kern = decode(&gpu);
+        gpu.set_mega(true);
+        let err = |got: &[Vec<f32>]| -> (f32, f32) {
+            let all: Vec<f32> = got.concat();
+            let w: Vec<f32> = want.concat();
+            let mean = all.iter().zip(&w).map(|(a, b)| (a - b).abs()).sum::<f32>() / w.len() as f32;
+            assert!(all.iter().all(|v| v.is_finite()), "{shape}: non-finite logits");
+            (max_abs(&all, &w), mean)
+        };
+        let (m_max, m_mean) = err(&mega);
+        let (k_max, k_mean) = err(&kern);
+        println!(
+            "{shape}: 80 decode steps vs CPU: persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
+        );
+        assert!(
+            m_mean <= 2.0 * k_mean + 2e-3 && m_max <= 2.0 * k_max + 2e-2,
+            "{shape}: persistent decode is further from the CPU than the per-kernel decode"
+        );
+        if shape == "tiny" {
+            for (i, (m, k)) in mega.iter().zip(&kern).enumerate() {
+                close(m, k, vocab, &format!("{shape} persistent vs per-kernel step {i}"));
+            }
         }
-        println!("{shape}: persistent vs per-kernel decode, 80 steps: max |dlogit| {worst:.3e}");
     }
 }

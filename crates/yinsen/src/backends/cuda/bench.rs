@@ -33,9 +33,22 @@ pub struct CudaBench {
     /// The per-kernel decode graph (persistent kernel off), ctx 0 and 2048.
     pub decode_tok_s_ctx0_per_kernel: f64,
     pub decode_tok_s_ctx2048_per_kernel: f64,
+    /// Phases of the persistent decode at ctx 0 and 2048 (block 0's clock).
+    pub mega_phases_ctx0: Vec<PhaseTime>,
+    pub mega_phases_ctx2048: Vec<PhaseTime>,
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
+}
+
+/// One phase of the persistent decode (summed over layers).
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseTime {
+    pub phase: String,
+    /// Block 0's work in the phase.
+    pub work_us: f64,
+    /// Block 0's wait at the grid barrier after it.
+    pub barrier_us: f64,
 }
 
 /// One kernel group of a decode step (summed over layers).
@@ -125,6 +138,8 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
             b.set_mega(was);
             r?
         },
+        mega_phases_ctx0: b.trace_mega(0)?,
+        mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,
         kernels_ctx2048: b.profile_decode(long, 5)?,
     })

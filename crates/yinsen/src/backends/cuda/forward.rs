@@ -672,6 +672,10 @@ impl CudaBackend {
     /// The decode step as three launches: embedding, the persistent kernel
     /// (every layer), final norm + lm_head + argmax.
     fn decode_mega(&self, s: &Scratch, cache: &CudaCache, pdl: bool) -> Result<()> {
+        self.decode_mega_traced(s, cache, pdl, Arg::P(0))
+    }
+
+    fn decode_mega_traced(&self, s: &Scratch, cache: &CudaCache, pdl: bool, trace: Arg) -> Result<()> {
         let c = &self.config;
         let g = &self.gpu;
         let m = self
@@ -732,6 +736,7 @@ impl CudaBackend {
                 Arg::I(self.max_splits as i32),
                 s.cnt.p(),
                 s.bar.p(),
+                trace,
             ],
         )?;
         self.lm_head_step(s, pdl)
@@ -1046,6 +1051,51 @@ impl CudaBackend {
             runs.push(t);
         }
         Ok(self.kernel_table(&runs, ctx))
+    }
+
+    /// For benchmarks: where the persistent decode spends a step at context
+    /// `ctx`, from block 0's clock at each phase start and work end: per
+    /// phase (summed over layers) the microseconds of work and of waiting
+    /// at the grid barrier that follows. Empty without the persistent kernel.
+    pub(crate) fn trace_mega(&self, ctx: usize) -> Result<Vec<super::bench::PhaseTime>> {
+        if !self.uses_mega() {
+            return Ok(Vec::new());
+        }
+        let n = self.config.n_layers;
+        let mut cache = self.cuda_cache(ctx + 2)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let tr = self.gpu.alloc(n * 10 * 8)?;
+        tr.fill(0)?;
+        s.tok.write_async(&[1i32])?;
+        s.pos.write_async(&[ctx as i32])?;
+        self.decode_mega_traced(&s, &cache, false, Arg::P(0))?; // warm-up
+        self.decode_mega_traced(&s, &cache, false, tr.p())?;
+        let t = tr.read::<u64>(n * 10)?;
+        let khz = self.gpu.clock_khz()? as f64;
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / khz * 1e3;
+        let names = ["qkv+rope", "attention", "o", "gate_up", "down"];
+        Ok(names
+            .iter()
+            .enumerate()
+            .map(|(p, name)| {
+                let (mut work, mut wait) = (0.0, 0.0);
+                for l in 0..n {
+                    let b = l * 10 + 2 * p;
+                    work += us(t[b], t[b + 1]);
+                    // The next phase starts after the barrier (the last down has none).
+                    if b + 2 < n * 10 {
+                        wait += us(t[b + 1], t[b + 2]);
+                    }
+                }
+                super::bench::PhaseTime {
+                    phase: name.to_string(),
+                    work_us: work,
+                    barrier_us: wait,
+                }
+            })
+            .collect())
     }
 
     fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize) -> Vec<super::bench::KernelTime> {

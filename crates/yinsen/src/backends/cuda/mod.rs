@@ -269,6 +269,15 @@ impl Gpu {
         self.launch_ex(name, grid, block, args, false)
     }
 
+    /// SM clock in kHz (converts clock64 cycles to time).
+    pub fn clock_khz(&self) -> Result<i32> {
+        let dev = drv(result::device::get(self.ctx.ordinal() as i32), "cuDeviceGet")?;
+        drv(
+            unsafe { result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE) },
+            "clock rate",
+        )
+    }
+
     /// Resident blocks per SM of kernel `name` at `block` threads (0: it
     /// cannot run at that size, e.g. too many registers).
     pub fn occupancy(&self, name: &str, block: u32) -> Result<i32> {

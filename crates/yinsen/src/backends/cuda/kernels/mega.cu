@@ -65,6 +65,26 @@ __device__ __forceinline__ float ldcg_kv(const u16* p) {
     return h2f(h);
 }
 
+// 4-byte async copy global -> shared (sm_80+; plain copy before that).
+__device__ __forceinline__ void cp_async4(float* smem, const float* g) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(a), "l"(g) : "memory");
+#else
+    *smem = __ldg(g);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// Trace (bench only): block 0 records clock64 at phase start / work end.
+__device__ __forceinline__ void mg_mark(u64* trace, int idx) {
+    if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[idx] = clock64();
+}
+
 // The rows a block owns in one matrix phase: local row i < n is global row
 // a + i; with off2 >= 0 the block also owns rows off2 + a + (i - n) for
 // i in [n, 2n) (gate row a + i and its up row F + a + i).
@@ -93,6 +113,16 @@ __device__ __forceinline__ void mg_prefetch_rows(const uint4* W, int chunks, MgR
     if (r.off2 >= 0) mg_prefetch_l2(W + (size_t)(r.off2 + r.a) * chunks, bytes);
 }
 
+// Stage the next matrix phase's read-only parameters into shared memory
+// while the grid barrier runs: its norm weight (n floats; none if null)
+// and the row scales of the block's rows. Wait with cp_async_wait().
+__device__ __forceinline__ void mg_stage(const float* nw, int n, const float* rs, MgRows r, float* nws, float* scs) {
+    if (nw)
+        for (int i = threadIdx.x; i < n; i += MG_THREADS) cp_async4(nws + i, nw + i);
+    const int nloc = mg_nloc(r);
+    for (int i = threadIdx.x; i < nloc; i += MG_THREADS) cp_async4(scs + i, rs + mg_row(r, i));
+}
+
 // Issue this thread's weight loads of a phase (flattened (row, chunk) index
 // tid + k * blockDim); they complete while the barrier and prologue run.
 __device__ __forceinline__ void mg_wload(const uint4* W, int chunks, MgRows r, uint4 (&wv)[MG_WREG]) {
@@ -111,6 +141,7 @@ __device__ __forceinline__ void mg_wload(const uint4* W, int chunks, MgRows r, u
 // padded to kpad); returns (sx, xsum). Same element arithmetic as dec_quant.
 __device__ void mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
                          float* sx_out, int* xsum_out) {
+    // nw: the staged norm weight in shared memory, or null.
     const int tid = threadIdx.x;
     float v[MG_NQ];
 #pragma unroll
@@ -132,7 +163,7 @@ __device__ void mg_quant(const float* in, int n, const float* nw, float eps, int
         const int i = tid + k * MG_THREADS;
         if (i < n) {
             float t = v[k] / inv;
-            if (nw) t *= __ldg(nw + i);
+            if (nw) t *= nw[i];
             v[k] = t;
             am = fmaxf(am, fabsf(t));
         }
@@ -214,6 +245,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     const int nch = (n_keys + ac - 1) / ac;  // <= nsplit (host: cap <= 64 * nsplit)
     const size_t pst = hd + 2;
     __shared__ int last;
+    // qs: MG_QMAX floats, sc: MG_GMAX * MG_ACMAX floats (the caller's big buffer).
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
         const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
         __syncthreads();  // smem reuse across items
@@ -313,13 +345,18 @@ template <typename KV>
 __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
-                          int nsplit, int* cnt, unsigned* bar) {
+                          int nsplit, int* cnt, unsigned* bar, u64* trace) {
+    // big: the staged norm weight in matrix phases; q and scores in attention.
+    __shared__ __align__(16) float big[MG_NQ * MG_THREADS];
     __shared__ __align__(16) i8 xq[MG_NQ * MG_THREADS];
     __shared__ int acc_s[MG_MAXROWS];
+    __shared__ float scs[MG_MAXROWS];
+    __shared__ float2 rope_s[MG_QMAX / 8];
     __shared__ float red[32];
-    __shared__ float qs[MG_QMAX];
-    __shared__ float sc[MG_GMAX * MG_ACMAX];
     __shared__ float ml[2 * MG_GMAX];
+    float* nws = big;
+    float* qs = big;
+    float* sc = big + MG_QMAX;
     const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
     const int cH = (H + 63) / 64, cQ = (Q + 63) / 64, cF = (F + 63) / 64;
     const int nq = n_heads * hd, nk = n_kv * hd;
@@ -330,27 +367,35 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     int xsum;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
+#define SYNC_()                  \
+    mg_grid_sync(bar, epoch);    \
+    cp_async_wait();             \
+    __syncthreads();
     mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv);
     mg_prefetch_rows(W_(0, LT_O), cQ, r_o);
     mg_wload(W_(0, LT_QKV), cH, r_qkv, wv);
+    for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
+    mg_stage(F_(0, LT_ATTN_NORM), H, F_(0, LT_QKV_S), r_qkv, nws, scs);
+    cp_async_wait();
+    __syncthreads();
     for (int l = 0; l < n_layers; l++) {
         KV* kc = kc0 + (size_t)l * layer_elems;
         KV* vc = vc0 + (size_t)l * layer_elems;
+        const int tb = l * 10;
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
+        mg_mark(trace, tb + 0);
         mg_prefetch_rows(W_(l, LT_GU), cH, r_gu);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(x, H, F_(l, LT_ATTN_NORM), eps, cH * 64, xq, red, &sx, &xsum);
+        mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
         mg_dot(W_(l, LT_QKV), cH, r_qkv, wv, xq, acc_s);
         if (tid < r_qkv.n) {
-            const float* rs = F_(l, LT_QKV_S);
             const int row = r_qkv.a + tid;
-            const float y = (float)(acc_s[tid] - xsum) * (__ldg(rs + row) / sx);
+            const float y = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
             if (row < nq + nk) {
-                const int prow = row ^ 1;
-                const float partner = (float)(acc_s[tid ^ 1] - xsum) * (__ldg(rs + prow) / sx);
+                const float partner = (float)(acc_s[tid ^ 1] - xsum) * (scs[tid ^ 1] / sx);
                 const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
-                const float2 cs = rope[(size_t)pos * half + j];
+                const float2 cs = rope_s[j];
                 const float x1 = second ? partner : y, x2 = second ? y : partner;
                 const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
                 const int d = j + (second ? half : 0);
@@ -362,32 +407,41 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             }
         }
         mg_wload(W_(l, LT_O), cQ, r_o, wv);
-        mg_grid_sync(bar, epoch);
+        mg_mark(trace, tb + 1);
+        SYNC_();
         // ---- attention
+        mg_mark(trace, tb + 2);
         mg_prefetch_rows(W_(l, LT_DN), cF, r_dn);
         mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml);
-        mg_grid_sync(bar, epoch);
+        __syncthreads();  // big is reused for O's norm weight
+        mg_stage(F_(l, LT_ATTN_SUB), Q, F_(l, LT_O_S), r_o, nws, scs);
+        mg_mark(trace, tb + 3);
+        SYNC_();
         // ---- O + residual
+        mg_mark(trace, tb + 4);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(attn, Q, F_(l, LT_ATTN_SUB), eps, cQ * 64, xq, red, &sx, &xsum);
+        mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &sx, &xsum);
         mg_dot(W_(l, LT_O), cQ, r_o, wv, xq, acc_s);
         if (tid < r_o.n) {
             const int row = r_o.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (__ldg(F_(l, LT_O_S) + row) / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
         }
         mg_wload(W_(l, LT_GU), cH, r_gu, wv);
-        mg_grid_sync(bar, epoch);
+        __syncthreads();
+        mg_stage(F_(l, LT_FFN_NORM), H, F_(l, LT_GU_S), r_gu, nws, scs);
+        mg_mark(trace, tb + 5);
+        SYNC_();
         // ---- gate/up + activation
+        mg_mark(trace, tb + 6);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(x, H, F_(l, LT_FFN_NORM), eps, cH * 64, xq, red, &sx, &xsum);
+        mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
         mg_dot(W_(l, LT_GU), cH, r_gu, wv, xq, acc_s);
         if (tid < r_gu.n) {
-            const float* rs = F_(l, LT_GU_S);
             const int row = r_gu.a + tid;
-            float g = (float)(acc_s[tid] - xsum) * (__ldg(rs + row) / sx);
-            const float u = (float)(acc_s[tid + r_gu.n] - xsum) * (__ldg(rs + F + row) / sx);
+            float g = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
+            const float u = (float)(acc_s[tid + r_gu.n] - xsum) * (scs[tid + r_gu.n] / sx);
             if (gate == 1) {
                 g = fmaxf(g, 0.f);
                 hb[row] = g * g * u;
@@ -396,23 +450,31 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             }
         }
         mg_wload(W_(l, LT_DN), cF, r_dn, wv);
-        mg_grid_sync(bar, epoch);
+        __syncthreads();
+        mg_stage(F_(l, LT_FFN_SUB), F, F_(l, LT_DN_S), r_dn, nws, scs);
+        mg_mark(trace, tb + 7);
+        SYNC_();
         // ---- down + residual
+        mg_mark(trace, tb + 8);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(hb, F, F_(l, LT_FFN_SUB), eps, cF * 64, xq, red, &sx, &xsum);
+        mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &sx, &xsum);
         mg_dot(W_(l, LT_DN), cF, r_dn, wv, xq, acc_s);
         if (tid < r_dn.n) {
             const int row = r_dn.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (__ldg(F_(l, LT_DN_S) + row) / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
         }
+        mg_mark(trace, tb + 9);
         if (l + 1 < n_layers) {
             mg_wload(W_(l + 1, LT_QKV), cH, r_qkv, wv);
-            mg_grid_sync(bar, epoch);
+            __syncthreads();
+            mg_stage(F_(l + 1, LT_ATTN_NORM), H, F_(l + 1, LT_QKV_S), r_qkv, nws, scs);
+            SYNC_();
         }
     }
 #undef W_
 #undef F_
+#undef SYNC_
 }
 
 #define MEGA(SUF, KV)                                                                                             \
@@ -420,9 +482,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
                    int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
                    int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
-                   int* cnt, unsigned* bar) {                                                                    \
+                   int* cnt, unsigned* bar, u64* trace) {                                                        \
         mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
-                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar);                                \
+                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace);                         \
     }
 MEGA(f16, u16)
 MEGA(f32, float)
