@@ -47,6 +47,9 @@ pub struct PhaseTime {
     pub phase: String,
     /// Block 0's work in the phase.
     pub work_us: f64,
+    /// Of which: the input's norm + int8 quantisation, and the int dot.
+    pub quant_us: f64,
+    pub dot_us: f64,
     /// Block 0's wait at the grid barrier after it.
     pub barrier_us: f64,
 }

@@ -148,6 +148,8 @@ pub struct CudaBackend {
 struct Mega {
     table: DevBuf,
     grid: u32,
+    /// 16-byte chunks per weight buffer (two buffers of dynamic smem).
+    wbuf_chunks: usize,
 }
 
 /// Limits of mega.cu (MG_* there).
@@ -339,6 +341,17 @@ impl CudaBackend {
             let r = n.div_ceil(grid);
             r + (even && r % 2 == 1) as usize
         };
+        let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
+        let wbuf_chunks = [
+            rows(c.q_dim() + 2 * c.kv_dim(), true) * ch,
+            rows(c.hidden, false) * cq,
+            2 * rows(c.ffn, false) * ch,
+            rows(c.hidden, false) * cf,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        let smem = 2 * wbuf_chunks * 16;
         let fits = gpu.info.sm.0 >= 8
             && c.n_kv_heads > 0
             && c.n_heads % c.n_kv_heads == 0
@@ -346,11 +359,14 @@ impl CudaBackend {
             && group * c.head_dim <= MG_QMAX
             && rows(c.q_dim() + 2 * c.kv_dim(), true) <= MG_MAXROWS
             && rows(c.hidden, false) <= MG_MAXROWS
-            && 2 * rows(c.ffn, false) <= MG_MAXROWS
-            && gpu.occupancy("mega_f32", MG_THREADS as u32)? >= 1
-            && gpu.occupancy("mega_f16", MG_THREADS as u32)? >= 1;
+            && 2 * rows(c.ffn, false) <= MG_MAXROWS;
         if !fits {
             return Ok(None);
+        }
+        for name in ["mega_f32", "mega_f16"] {
+            if !gpu.allow_dynamic_smem(name, smem)? || gpu.occupancy(name, MG_THREADS as u32, smem)? < 1 {
+                return Ok(None);
+            }
         }
         let mut t: Vec<u64> = Vec::with_capacity(layers.len() * 12);
         for l in layers {
@@ -373,6 +389,7 @@ impl CudaBackend {
         Ok(Some(Mega {
             table: gpu.upload(&t)?,
             grid: grid as u32,
+            wbuf_chunks,
         }))
     }
 
@@ -705,10 +722,11 @@ impl CudaBackend {
             KvDtype::F16 => "mega_f16",
             KvDtype::F32 => "mega_f32",
         };
-        g.launch(
+        g.launch_smem(
             name,
             (m.grid, 1, 1),
             MG_THREADS as u32,
+            (2 * m.wbuf_chunks * 16) as u32,
             &[
                 m.table.p(),
                 Arg::I(c.n_layers as i32),
@@ -737,7 +755,9 @@ impl CudaBackend {
                 s.cnt.p(),
                 s.bar.p(),
                 trace,
+                Arg::I(m.wbuf_chunks as i32),
             ],
+            false,
         )?;
         self.lm_head_step(s, pdl)
     }
@@ -1066,13 +1086,13 @@ impl CudaBackend {
         cache.set_len_for_bench(ctx);
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        let tr = self.gpu.alloc(n * 10 * 8)?;
+        let tr = self.gpu.alloc(n * 20 * 8)?;
         tr.fill(0)?;
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
         self.decode_mega_traced(&s, &cache, false, Arg::P(0))?; // warm-up
         self.decode_mega_traced(&s, &cache, false, tr.p())?;
-        let t = tr.read::<u64>(n * 10)?;
+        let t = tr.read::<u64>(n * 20)?;
         let khz = self.gpu.clock_khz()? as f64;
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / khz * 1e3;
         let names = ["qkv+rope", "attention", "o", "gate_up", "down"];
@@ -1080,18 +1100,25 @@ impl CudaBackend {
             .iter()
             .enumerate()
             .map(|(p, name)| {
-                let (mut work, mut wait) = (0.0, 0.0);
+                let (mut work, mut wait, mut quant, mut dot) = (0.0, 0.0, 0.0, 0.0);
                 for l in 0..n {
-                    let b = l * 10 + 2 * p;
-                    work += us(t[b], t[b + 1]);
+                    // Marks: start, after the norm + quantisation, after the dot, end.
+                    let b = l * 20 + 4 * p;
+                    work += us(t[b], t[b + 3]);
+                    if p != 1 {
+                        quant += us(t[b], t[b + 1]);
+                        dot += us(t[b + 1], t[b + 2]);
+                    }
                     // The next phase starts after the barrier (the last down has none).
-                    if b + 2 < n * 10 {
-                        wait += us(t[b + 1], t[b + 2]);
+                    if b + 4 < n * 20 {
+                        wait += us(t[b + 3], t[b + 4]);
                     }
                 }
                 super::bench::PhaseTime {
                     phase: name.to_string(),
                     work_us: work,
+                    quant_us: quant,
+                    dot_us: dot,
                     barrier_us: wait,
                 }
             })

@@ -280,13 +280,13 @@ impl Gpu {
 
     /// Resident blocks per SM of kernel `name` at `block` threads (0: it
     /// cannot run at that size, e.g. too many registers).
-    pub fn occupancy(&self, name: &str, block: u32) -> Result<i32> {
+    pub fn occupancy(&self, name: &str, block: u32, smem: usize) -> Result<i32> {
         let f = *self
             .funcs
             .get(name)
             .ok_or_else(|| berr(format!("unknown kernel {name}")))?;
         let mut n = 0i32;
-        let r = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block as i32, 0) };
+        let r = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block as i32, smem) };
         drv(r.result(), &format!("occupancy of {name}"))?;
         Ok(n)
     }
@@ -299,6 +299,59 @@ impl Gpu {
     /// Launch; with `pdl` the kernel may start before its predecessor on the
     /// stream ends (it must `pdl_wait()` before touching what that wrote).
     pub fn launch_ex(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], pdl: bool) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, args, pdl)
+    }
+
+    /// Let kernel `name` use `bytes` of dynamic shared memory (beyond the
+    /// 48 KB default), if the device allows that much next to its static use.
+    pub fn allow_dynamic_smem(&self, name: &str, bytes: usize) -> Result<bool> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| berr(format!("unknown kernel {name}")))?;
+        let dev = drv(result::device::get(self.ctx.ordinal() as i32), "cuDeviceGet")?;
+        let optin = drv(
+            unsafe {
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+            },
+            "shared memory limit",
+        )? as usize;
+        let stat = drv(
+            unsafe {
+                result::function::get_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )
+            },
+            "static shared memory",
+        )? as usize;
+        if stat + bytes > optin {
+            return Ok(false);
+        }
+        let r = unsafe {
+            sys::cuFuncSetAttribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        };
+        drv(r.result(), "setting dynamic shared memory")?;
+        Ok(true)
+    }
+
+    /// Launch with `smem` bytes of dynamic shared memory (see launch_ex).
+    pub fn launch_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        pdl: bool,
+    ) -> Result<()> {
         let f = *self
             .funcs
             .get(name)
@@ -329,14 +382,14 @@ impl Gpu {
                 blockDimX: block,
                 blockDimY: 1,
                 blockDimZ: 1,
-                sharedMemBytes: 0,
+                sharedMemBytes: smem,
                 hStream: self.stream,
                 attrs: &mut attr,
                 numAttrs: 1,
             };
             unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()).result() }
         } else {
-            unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, &mut ptrs) }
+            unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut ptrs) }
         };
         drv(r, &format!("launching {name}"))?;
         self.prof_stop(ev)

@@ -3,8 +3,8 @@
 // barriers. Why: a decode step is ~150 small dependent matrix kernels whose
 // launch, ramp-up and tail latencies (not bytes) set the step time. Here a
 // phase costs one barrier, and the weights of the next phase are already on
-// their way (registers before the barrier, L2 a phase ahead) while the
-// current one runs.
+// their way (cp.async into a second shared-memory buffer a phase ahead, L2
+// prefetch two phases ahead) while the current one runs.
 //
 // Per layer (5 phases, 5 barriers):
 //   QKV  every block: RMSNorm + int8 quantisation of x (recomputed per block,
@@ -23,7 +23,6 @@
 
 #define MG_THREADS 1024
 #define MG_NQ 8           // input elements per thread: widths up to 8192
-#define MG_WREG 5         // 16-byte weight chunks per thread kept in registers
 #define MG_MAXROWS 512    // rows of one phase per block (host checks)
 #define MG_GMAX 8         // query heads per KV head
 #define MG_QMAX 1024      // group * head_dim
@@ -123,17 +122,20 @@ __device__ __forceinline__ void mg_stage(const float* nw, int n, const float* rs
     for (int i = threadIdx.x; i < nloc; i += MG_THREADS) cp_async4(scs + i, rs + mg_row(r, i));
 }
 
-// Issue this thread's weight loads of a phase (flattened (row, chunk) index
-// tid + k * blockDim); they complete while the barrier and prologue run.
-__device__ __forceinline__ void mg_wload(const uint4* W, int chunks, MgRows r, uint4 (&wv)[MG_WREG]) {
+// Start copying a phase's weights (the block's rows, flattened (row, chunk)
+// order) into a shared-memory buffer: 16-byte cp.async, L1 bypassed. They
+// land while the current phase and the barrier run; cp_async_wait() waits.
+__device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, uint4* dst) {
     const int total = mg_nloc(r) * chunks;
-#pragma unroll
-    for (int k = 0; k < MG_WREG; k++) {
-        const int idx = threadIdx.x + k * MG_THREADS;
-        if (idx < total) {
-            const int li = idx / chunks, c = idx - li * chunks;
-            wv[k] = __ldg(W + (size_t)mg_row(r, li) * chunks + c);
-        }
+    for (int idx = threadIdx.x; idx < total; idx += MG_THREADS) {
+        const int li = idx / chunks, c = idx - li * chunks;
+        const uint4* src = W + (size_t)mg_row(r, li) * chunks + c;
+#if __CUDA_ARCH__ >= 800
+        const unsigned a = (unsigned)__cvta_generic_to_shared(dst + idx);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
+#else
+        dst[idx] = __ldg(src);
+#endif
     }
 }
 
@@ -204,28 +206,15 @@ __device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
     return dot_word(w.w, x4[4 * c + 3], a);
 }
 
-__device__ void mg_dot(const uint4* W, int chunks, MgRows r, const uint4 (&wv)[MG_WREG], const i8* xq, int* acc_s) {
+__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
     const int total = mg_nloc(r) * chunks;
     const uint4* x4 = (const uint4*)xq;
-#pragma unroll
-    for (int k = 0; k < MG_WREG; k++) {
-        if (k * MG_THREADS >= total) break;  // block-uniform
-        const int idx = threadIdx.x + k * MG_THREADS;
-        int li = -1, p = 0;
-        if (idx < total) {
-            li = idx / chunks;
-            p = mg_dot_chunk(wv[k], x4, idx - li * chunks);
-        }
-        mg_acc(li, p, acc_s);
-    }
-    // Rows beyond the register budget (small GPUs, wide models): load here.
-    for (int base = MG_WREG * MG_THREADS; base < total; base += MG_THREADS) {
+    for (int base = 0; base < total; base += MG_THREADS) {
         const int idx = base + threadIdx.x;
         int li = -1, p = 0;
         if (idx < total) {
             li = idx / chunks;
-            const int c = idx - li * chunks;
-            p = mg_dot_chunk(__ldg(W + (size_t)mg_row(r, li) * chunks + c), x4, c);
+            p = mg_dot_chunk(wsm[idx], x4, idx - li * chunks);
         }
         mg_acc(li, p, acc_s);
     }
@@ -345,7 +334,11 @@ template <typename KV>
 __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
-                          int nsplit, int* cnt, unsigned* bar, u64* trace) {
+                          int nsplit, int* cnt, unsigned* bar, u64* trace, int wbuf_chunks) {
+    // Two weight buffers of wbuf_chunks 16-byte chunks (dynamic shared memory).
+    extern __shared__ __align__(16) uint4 wdyn[];
+    uint4* wb0 = wdyn;
+    uint4* wb1 = wdyn + wbuf_chunks;
     // big: the staged norm weight in matrix phases; q and scores in attention.
     __shared__ __align__(16) float big[MG_NQ * MG_THREADS];
     __shared__ __align__(16) i8 xq[MG_NQ * MG_THREADS];
@@ -362,7 +355,6 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     const int nq = n_heads * hd, nk = n_kv * hd;
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
     unsigned epoch = 0;
-    uint4 wv[MG_WREG];
     float sx;
     int xsum;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
@@ -373,7 +365,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     __syncthreads();
     mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv);
     mg_prefetch_rows(W_(0, LT_O), cQ, r_o);
-    mg_wload(W_(0, LT_QKV), cH, r_qkv, wv);
+    mg_wcopy(W_(0, LT_QKV), cH, r_qkv, wb0);
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
     mg_stage(F_(0, LT_ATTN_NORM), H, F_(0, LT_QKV_S), r_qkv, nws, scs);
     cp_async_wait();
@@ -381,14 +373,17 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     for (int l = 0; l < n_layers; l++) {
         KV* kc = kc0 + (size_t)l * layer_elems;
         KV* vc = vc0 + (size_t)l * layer_elems;
-        const int tb = l * 10;
+        const int tb = l * 20;
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
+        mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
         mg_prefetch_rows(W_(l, LT_GU), cH, r_gu);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
-        mg_dot(W_(l, LT_QKV), cH, r_qkv, wv, xq, acc_s);
+        mg_mark(trace, tb + 1);
+        mg_dot(cH, r_qkv, wb0, xq, acc_s);
+        mg_mark(trace, tb + 2);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
             const float y = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
@@ -406,38 +401,42 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                 kv_store(vc + ((size_t)h * cap + pos) * hd + d, y);
             }
         }
-        mg_wload(W_(l, LT_O), cQ, r_o, wv);
-        mg_mark(trace, tb + 1);
+        mg_mark(trace, tb + 3);
         SYNC_();
         // ---- attention
-        mg_mark(trace, tb + 2);
+        mg_mark(trace, tb + 4);
         mg_prefetch_rows(W_(l, LT_DN), cF, r_dn);
         mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml);
         __syncthreads();  // big is reused for O's norm weight
         mg_stage(F_(l, LT_ATTN_SUB), Q, F_(l, LT_O_S), r_o, nws, scs);
-        mg_mark(trace, tb + 3);
+        mg_mark(trace, tb + 7);
         SYNC_();
         // ---- O + residual
-        mg_mark(trace, tb + 4);
+        mg_mark(trace, tb + 8);
+        mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &sx, &xsum);
-        mg_dot(W_(l, LT_O), cQ, r_o, wv, xq, acc_s);
+        mg_mark(trace, tb + 9);
+        mg_dot(cQ, r_o, wb1, xq, acc_s);
+        mg_mark(trace, tb + 10);
         if (tid < r_o.n) {
             const int row = r_o.a + tid;
             x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
         }
-        mg_wload(W_(l, LT_GU), cH, r_gu, wv);
         __syncthreads();
         mg_stage(F_(l, LT_FFN_NORM), H, F_(l, LT_GU_S), r_gu, nws, scs);
-        mg_mark(trace, tb + 5);
+        mg_mark(trace, tb + 11);
         SYNC_();
         // ---- gate/up + activation
-        mg_mark(trace, tb + 6);
+        mg_mark(trace, tb + 12);
+        mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
-        mg_dot(W_(l, LT_GU), cH, r_gu, wv, xq, acc_s);
+        mg_mark(trace, tb + 13);
+        mg_dot(cH, r_gu, wb0, xq, acc_s);
+        mg_mark(trace, tb + 14);
         if (tid < r_gu.n) {
             const int row = r_gu.a + tid;
             float g = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
@@ -449,24 +448,27 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                 hb[row] = g / (1.f + expf(-g)) * u;
             }
         }
-        mg_wload(W_(l, LT_DN), cF, r_dn, wv);
         __syncthreads();
         mg_stage(F_(l, LT_FFN_SUB), F, F_(l, LT_DN_S), r_dn, nws, scs);
-        mg_mark(trace, tb + 7);
+        mg_mark(trace, tb + 15);
         SYNC_();
         // ---- down + residual
-        mg_mark(trace, tb + 8);
-        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
+        mg_mark(trace, tb + 16);
+        if (l + 1 < n_layers) {
+            mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
+            mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
+        }
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &sx, &xsum);
-        mg_dot(W_(l, LT_DN), cF, r_dn, wv, xq, acc_s);
+        mg_mark(trace, tb + 17);
+        mg_dot(cF, r_dn, wb1, xq, acc_s);
+        mg_mark(trace, tb + 18);
         if (tid < r_dn.n) {
             const int row = r_dn.a + tid;
             x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
         }
-        mg_mark(trace, tb + 9);
+        mg_mark(trace, tb + 19);
         if (l + 1 < n_layers) {
-            mg_wload(W_(l + 1, LT_QKV), cH, r_qkv, wv);
             __syncthreads();
             mg_stage(F_(l + 1, LT_ATTN_NORM), H, F_(l + 1, LT_QKV_S), r_qkv, nws, scs);
             SYNC_();
@@ -482,9 +484,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
                    int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
                    int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
-                   int* cnt, unsigned* bar, u64* trace) {                                                        \
+                   int* cnt, unsigned* bar, u64* trace, int wbuf_chunks) {                                       \
         mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
-                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace);                         \
+                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, wbuf_chunks);            \
     }
 MEGA(f16, u16)
 MEGA(f32, float)
