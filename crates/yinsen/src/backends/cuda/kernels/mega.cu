@@ -139,11 +139,37 @@ __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, u
     }
 }
 
+// Block-wide (sum, max) in one pass: one pair of barriers instead of two.
+// red: 64 floats of shared memory. m must be >= 0.
+__device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if (lane == 0) {
+        red[w] = s;
+        red[32 + w] = m;
+    }
+    __syncthreads();
+    s = lane < MG_THREADS / 32 ? red[lane] : 0.f;
+    m = lane < MG_THREADS / 32 ? red[32 + lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    return make_float2(s, m);
+}
+
 // Block-wide: v = [rmsnorm](in) [* nw] quantised to int8 into xq (zero
-// padded to kpad); returns (sx, xsum). Same element arithmetic as dec_quant.
-__device__ void mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
-                         float* sx_out, int* xsum_out) {
-    // nw: the staged norm weight in shared memory, or null.
+// padded to kpad); returns sx. The sum of the codes is added to *xsum_s
+// (zeroed by the caller; complete after the next __syncthreads, which
+// mg_dot ends with). Latency-bound, so one reduction: the sum of squares
+// and max |v * nw| together, the norm's max then being max |v * nw| / r
+// (per element the codes use (v / r) * nw, as norm_quant does).
+// nw: the staged norm weight in shared memory, or null.
+__device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+                          int* xsum_s) {
     const int tid = threadIdx.x;
     float v[MG_NQ];
 #pragma unroll
@@ -151,49 +177,55 @@ __device__ void mg_quant(const float* in, int n, const float* nw, float eps, int
         const int i = tid + k * MG_THREADS;
         v[k] = i < n ? __ldcg(in + i) : 0.f;
     }
-    float inv = 1.f;
-    if (nw) {
-        float ss = 0.f;
-#pragma unroll
-        for (int k = 0; k < MG_NQ; k++) ss += v[k] * v[k];
-        ss = block_sum(ss, red);
-        inv = sqrtf(ss / (float)n + eps);
-    }
-    float am = 0.f;
+    float ss = 0.f, mw = 0.f;
 #pragma unroll
     for (int k = 0; k < MG_NQ; k++) {
         const int i = tid + k * MG_THREADS;
-        if (i < n) {
-            float t = v[k] / inv;
-            if (nw) t *= nw[i];
-            v[k] = t;
-            am = fmaxf(am, fabsf(t));
-        }
+        ss += v[k] * v[k];
+        if (i < n) mw = fmaxf(mw, fabsf(nw ? v[k] * nw[i] : v[k]));
     }
-    am = block_max(am, red);
-    const float s = 127.f / fmaxf(am, 1e-5f);
-    float qs = 0.f;
+    const float2 r = mg_block_sum_max(ss, mw, red);
+    const float inv = nw ? sqrtf(r.x / (float)n + eps) : 1.f;
+    const float s = 127.f / fmaxf(r.y / inv, 1e-5f);
+    int qs = 0;
 #pragma unroll
     for (int k = 0; k < MG_NQ; k++) {
         const int i = tid + k * MG_THREADS;
         if (i < kpad) {
-            const int qi = i < n ? (int)fminf(fmaxf(rintf(v[k] * s), -128.f), 127.f) : 0;
+            float t = v[k] / inv;
+            if (nw && i < n) t *= nw[i];
+            const int qi = i < n ? (int)fminf(fmaxf(rintf(t * s), -128.f), 127.f) : 0;
             xq[i] = (i8)qi;
-            qs += (float)qi;
+            qs += qi;
         }
     }
-    qs = block_sum(qs, red);  // synchronises: xq is complete after this
-    *sx_out = s;
-    *xsum_out = (int)qs;
+#if __CUDA_ARCH__ >= 800
+    qs = __reduce_add_sync(0xffffffffu, qs);
+#else
+    for (int o = 16; o > 0; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
+#endif
+    if ((tid & 31) == 0) atomicAdd(xsum_s, qs);
+    __syncthreads();  // xq complete
+    return s;
 }
 
-// acc_s[li] += W[row(li)] . xq over the block's rows, exact int32. Lanes
-// holding chunks of the same row are summed in-warp first.
-__device__ __forceinline__ void mg_acc(int li, int p, int* acc_s) {
+// acc_s[li] += p summed over the warp's lanes of each row (li < 0: none).
+// With >= 32 chunks per row a warp spans at most two rows: two reductions;
+// otherwise group lanes by row with match_any.
+__device__ __forceinline__ void mg_acc(int li, int p, int* acc_s, bool wide) {
 #if __CUDA_ARCH__ >= 800
+    const int lane = threadIdx.x & 31;
+    if (wide) {
+        const int l0 = __shfl_sync(0xffffffffu, li, 0), l1 = __shfl_sync(0xffffffffu, li, 31);
+        const int a = __reduce_add_sync(0xffffffffu, li == l0 ? p : 0);
+        const int b = __reduce_add_sync(0xffffffffu, li == l0 ? 0 : p);
+        if (lane == 0 && l0 >= 0) atomicAdd(acc_s + l0, a);
+        if (lane == 31 && l1 >= 0 && l1 != l0) atomicAdd(acc_s + l1, b);
+        return;
+    }
     const unsigned m = __match_any_sync(0xffffffffu, li);
     const int s = __reduce_add_sync(m, p);
-    if (li >= 0 && (int)(threadIdx.x & 31) == __ffs(m) - 1) atomicAdd(acc_s + li, s);
+    if (li >= 0 && lane == __ffs(m) - 1) atomicAdd(acc_s + li, s);
 #else
     if (li >= 0) atomicAdd(acc_s + li, p);
 #endif
@@ -216,7 +248,7 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
             li = idx / chunks;
             p = mg_dot_chunk(wsm[idx], x4, idx - li * chunks);
         }
-        mg_acc(li, p, acc_s);
+        mg_acc(li, p, acc_s, chunks >= 32);
     }
     __syncthreads();
 }
@@ -345,8 +377,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     __shared__ int acc_s[MG_MAXROWS];
     __shared__ float scs[MG_MAXROWS];
     __shared__ float2 rope_s[MG_QMAX / 8];
-    __shared__ float red[32];
+    __shared__ float red[64];
     __shared__ float ml[2 * MG_GMAX];
+    __shared__ int xsum_s;
     float* nws = big;
     float* qs = big;
     float* sc = big + MG_QMAX;
@@ -356,7 +389,6 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
     unsigned epoch = 0;
     float sx;
-    int xsum;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
 #define SYNC_()                  \
@@ -377,18 +409,19 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
-        mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
         mg_prefetch_rows(W_(l, LT_GU), cH, r_gu);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
+        if (tid == 0) xsum_s = 0;
+        sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 1);
+        mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
         mg_dot(cH, r_qkv, wb0, xq, acc_s);
         mg_mark(trace, tb + 2);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
-            const float y = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
+            const float y = (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
             if (row < nq + nk) {
-                const float partner = (float)(acc_s[tid ^ 1] - xsum) * (scs[tid ^ 1] / sx);
+                const float partner = (float)(acc_s[tid ^ 1] - xsum_s) * (scs[tid ^ 1] / sx);
                 const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
                 const float2 cs = rope_s[j];
                 const float x1 = second ? partner : y, x2 = second ? y : partner;
@@ -413,16 +446,17 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- O + residual
         mg_mark(trace, tb + 8);
-        mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &sx, &xsum);
+        if (tid == 0) xsum_s = 0;
+        sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 9);
+        mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
         mg_dot(cQ, r_o, wb1, xq, acc_s);
         mg_mark(trace, tb + 10);
         if (tid < r_o.n) {
             const int row = r_o.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
         }
         __syncthreads();
         mg_stage(F_(l, LT_FFN_NORM), H, F_(l, LT_GU_S), r_gu, nws, scs);
@@ -430,17 +464,18 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
-        mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &sx, &xsum);
+        if (tid == 0) xsum_s = 0;
+        sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 13);
+        mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
         mg_dot(cH, r_gu, wb0, xq, acc_s);
         mg_mark(trace, tb + 14);
         if (tid < r_gu.n) {
             const int row = r_gu.a + tid;
-            float g = (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
-            const float u = (float)(acc_s[tid + r_gu.n] - xsum) * (scs[tid + r_gu.n] / sx);
+            float g = (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
+            const float u = (float)(acc_s[tid + r_gu.n] - xsum_s) * (scs[tid + r_gu.n] / sx);
             if (gate == 1) {
                 g = fmaxf(g, 0.f);
                 hb[row] = g * g * u;
@@ -454,18 +489,17 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- down + residual
         mg_mark(trace, tb + 16);
-        if (l + 1 < n_layers) {
-            mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
-            mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
-        }
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &sx, &xsum);
+        if (tid == 0) xsum_s = 0;
+        sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 17);
+        if (l + 1 < n_layers) mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
         mg_dot(cF, r_dn, wb1, xq, acc_s);
         mg_mark(trace, tb + 18);
         if (tid < r_dn.n) {
             const int row = r_dn.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum) * (scs[tid] / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
         }
         mg_mark(trace, tb + 19);
         if (l + 1 < n_layers) {
