@@ -126,10 +126,13 @@ __device__ __forceinline__ void mg_stage(const float* nw, int n, const float* rs
 // order) into a shared-memory buffer: 16-byte cp.async, L1 bypassed. They
 // land while the current phase and the barrier run; cp_async_wait() waits.
 __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, uint4* dst) {
-    const int total = mg_nloc(r) * chunks;
+    // The block's rows are one contiguous range (two when paired): the
+    // flattened chunk index maps to global chunks without a division.
+    const int span = r.n * chunks, total = mg_nloc(r) * chunks;
+    const uint4* b0 = W + (size_t)r.a * chunks;
+    const uint4* b1 = r.off2 >= 0 ? W + (size_t)(r.off2 + r.a) * chunks - span : b0;
     for (int idx = threadIdx.x; idx < total; idx += MG_THREADS) {
-        const int li = idx / chunks, c = idx - li * chunks;
-        const uint4* src = W + (size_t)mg_row(r, li) * chunks + c;
+        const uint4* src = idx < span ? b0 + idx : b1 + idx;
 #if __CUDA_ARCH__ >= 800
         const unsigned a = (unsigned)__cvta_generic_to_shared(dst + idx);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
@@ -241,14 +244,23 @@ __device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
 __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
     const int total = mg_nloc(r) * chunks;
     const uint4* x4 = (const uint4*)xq;
+    // (row, chunk) of idx = base + tid, stepped without a division per chunk.
+    int li = threadIdx.x / chunks, c = threadIdx.x - li * chunks;
+    const int dli = MG_THREADS / chunks, dc = MG_THREADS - dli * chunks;
     for (int base = 0; base < total; base += MG_THREADS) {
         const int idx = base + threadIdx.x;
-        int li = -1, p = 0;
+        int row = -1, p = 0;
         if (idx < total) {
-            li = idx / chunks;
-            p = mg_dot_chunk(wsm[idx], x4, idx - li * chunks);
+            row = li;
+            p = mg_dot_chunk(wsm[idx], x4, c);
         }
-        mg_acc(li, p, acc_s, chunks >= 32);
+        mg_acc(row, p, acc_s, chunks >= 32);
+        li += dli;
+        c += dc;
+        if (c >= chunks) {
+            c -= chunks;
+            li++;
+        }
     }
     __syncthreads();
 }
