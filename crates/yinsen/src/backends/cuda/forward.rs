@@ -157,6 +157,8 @@ const MG_THREADS: usize = 1024;
 const MG_MAXROWS: usize = 512;
 const MG_GMAX: usize = 8;
 const MG_QMAX: usize = 1024;
+/// Bytes of the padded int8 activation buffer (MG_XBYTES).
+const MG_XBYTES: usize = 8192 / 64 * 80;
 
 /// Largest width the fused decode kernels take (DM_NMAX in decode.cu).
 const DM_NMAX: usize = 8192;
@@ -351,7 +353,7 @@ impl CudaBackend {
         .into_iter()
         .max()
         .unwrap_or(0);
-        let smem = 2 * wbuf_chunks * 16;
+        let smem = 2 * wbuf_chunks * 16 + MG_XBYTES;
         let fits = gpu.info.sm.0 >= 8
             && c.n_kv_heads > 0
             && c.n_heads % c.n_kv_heads == 0
@@ -726,7 +728,7 @@ impl CudaBackend {
             name,
             (m.grid, 1, 1),
             MG_THREADS as u32,
-            (2 * m.wbuf_chunks * 16) as u32,
+            (2 * m.wbuf_chunks * 16 + MG_XBYTES) as u32,
             &[
                 m.table.p(),
                 Arg::I(c.n_layers as i32),

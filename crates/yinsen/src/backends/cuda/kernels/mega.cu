@@ -28,6 +28,11 @@
 #define MG_QMAX 1024      // group * head_dim
 #define MG_ACMAX 256      // keys per attention item
 #define MG_LT 12          // u64 entries per layer in the layer table
+// int8 activations in shared memory: 64-byte chunks at an 80-byte stride, so
+// the 8 lanes of a 16-byte load phase (consecutive chunks) hit 8 distinct
+// 4-bank groups: no bank conflicts (at 64 bytes they collide 4-way).
+#define MG_XSTRIDE 80
+#define MG_XBYTES (MG_NQ * MG_THREADS / 64 * MG_XSTRIDE)
 
 // Grid barrier over all blocks of the launch. `bar` is zeroed before the
 // launch (mega_begin); `epoch` counts arrivals expected so far.
@@ -198,7 +203,7 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
             float t = v[k] / inv;
             if (nw && i < n) t *= nw[i];
             const int qi = i < n ? (int)fminf(fmaxf(rintf(t * s), -128.f), 127.f) : 0;
-            xq[i] = (i8)qi;
+            xq[(i >> 6) * MG_XSTRIDE + (i & 63)] = (i8)qi;
             qs += qi;
         }
     }
@@ -235,10 +240,11 @@ __device__ __forceinline__ void mg_acc(int li, int p, int* acc_s, bool wide) {
 }
 
 __device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
-    int a = dot_word(w.x, x4[4 * c + 0], 0);
-    a = dot_word(w.y, x4[4 * c + 1], a);
-    a = dot_word(w.z, x4[4 * c + 2], a);
-    return dot_word(w.w, x4[4 * c + 3], a);
+    const uint4* xc = x4 + c * (MG_XSTRIDE / 16);
+    int a = dot_word(w.x, xc[0], 0);
+    a = dot_word(w.y, xc[1], a);
+    a = dot_word(w.z, xc[2], a);
+    return dot_word(w.w, xc[3], a);
 }
 
 __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
@@ -379,13 +385,14 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
                           int nsplit, int* cnt, unsigned* bar, u64* trace, int wbuf_chunks) {
-    // Two weight buffers of wbuf_chunks 16-byte chunks (dynamic shared memory).
+    // Dynamic shared memory: two weight buffers of wbuf_chunks 16-byte
+    // chunks, then the int8 activations (MG_XBYTES).
     extern __shared__ __align__(16) uint4 wdyn[];
     uint4* wb0 = wdyn;
     uint4* wb1 = wdyn + wbuf_chunks;
+    i8* xq = (i8*)(wdyn + 2 * wbuf_chunks);  // MG_XBYTES
     // big: the staged norm weight in matrix phases; q and scores in attention.
     __shared__ __align__(16) float big[MG_NQ * MG_THREADS];
-    __shared__ __align__(16) i8 xq[MG_NQ * MG_THREADS];
     __shared__ int acc_s[MG_MAXROWS];
     __shared__ float scs[MG_MAXROWS];
     __shared__ float2 rope_s[MG_QMAX / 8];
