@@ -144,7 +144,7 @@ impl DenseMatrix {
             )));
         }
         let rb = DenseType::Q8_0.row_bytes(self.cols).unwrap_or(0);
-        let mut out = vec![0u8; rb * self.rows];
+        let mut out = crate::mem::huge_vec(rb * self.rows, 0u8);
         out.par_chunks_mut(rb).enumerate().for_each(|(r, dst)| {
             let mut row = vec![0f32; self.cols];
             self.row_to_f32(r, &mut row);

@@ -132,7 +132,7 @@ pub fn build(name: &str) -> Result<Model> {
     }
     // F16 embedding, uniform with std ~0.02 (like a trained embedding's scale).
     let n = c.vocab * c.hidden;
-    let mut emb = vec![0u8; n * 2];
+    let mut emb = crate::mem::huge_vec(n * 2, 0u8);
     let table: Vec<[u8; 2]> = (0..1024)
         .map(|k| half::f16::from_f32((k as f32 - 511.5) * (0.0346 / 512.0)).to_le_bytes())
         .collect();

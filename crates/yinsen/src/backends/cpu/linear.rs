@@ -39,6 +39,11 @@ impl QuantizedInput {
         let n = x.len() / n_in;
         let mut q = vec![0i8; x.len()];
         let mut s = vec![0f32; n];
+        if n == 1 {
+            // Decode: a fork-join would cost more than quantising one token.
+            s[0] = quantize(x, &mut q);
+            return Self { q, s, n_in };
+        }
         q.par_chunks_mut(n_in)
             .zip(s.par_iter_mut())
             .enumerate()
@@ -74,6 +79,10 @@ enum Weights {
     /// Per-block scales (rare GGUF files): scalar reference per block.
     PerBlock(Vec<TernaryMatrix>),
 }
+
+/// Row ranges per thread for one-token calls: more than one lets a thread
+/// that starts late (woken from sleep) be covered by the others.
+const DECODE_CHUNKS_PER_THREAD: usize = 2;
 
 pub struct Linear {
     weights: Weights,
@@ -123,12 +132,44 @@ impl Linear {
         }
     }
 
+    /// Decode (one token): one parallel region over contiguous row ranges
+    /// that also applies the scales, so there is no shared i32 buffer and no
+    /// second fork-join for the epilogue. Bit-equal to the general path
+    /// (same `ws / s` factor, same multiply). False if not applicable.
+    fn forward_one(&self, x: &QuantizedInput, out: &mut [f32], threads: usize) -> bool {
+        let Weights::Packed { packed, parts } = &self.weights else {
+            return false;
+        };
+        let rb = packed.row_block().max(1);
+        let chunks = (threads * DECODE_CHUNKS_PER_THREAD).max(1);
+        let rows = self.n_out.div_ceil(chunks).div_ceil(rb) * rb;
+        let s = x.s[0];
+        out.par_chunks_mut(rows).enumerate().for_each(|(ci, o)| {
+            let (r0, r1) = (ci * rows, ci * rows + o.len());
+            let mut acc = vec![0i32; o.len()];
+            packed.gemm(&x.q, 1, r0, r1, &mut acc);
+            let mut p0 = 0;
+            for &(prows, ws) in parts {
+                let (a, b) = (p0.max(r0), (p0 + prows).min(r1));
+                let f = ws / s;
+                for r in a..b {
+                    o[r - r0] = acc[r - r0] as f32 * f;
+                }
+                p0 += prows;
+            }
+        });
+        true
+    }
+
     /// `out[t * n_out + r]` (token-major) for every token of `x`.
     /// Output rows are split across the current rayon pool.
     pub fn forward(&self, x: &QuantizedInput, out: &mut [f32], threads: usize) {
         let n = x.n_tokens();
         debug_assert_eq!(x.n_in, self.n_in);
         debug_assert_eq!(out.len(), n * self.n_out);
+        if n == 1 && self.forward_one(x, out, threads) {
+            return;
+        }
         match &self.weights {
             Weights::Packed { packed, parts } => {
                 let mut acc = vec![0i32; self.n_out * n];
@@ -215,5 +256,52 @@ mod tests {
         assert_eq!(fused.q, two.q);
         assert_eq!(fused.s, two.s);
         assert!(fused.q.iter().any(|&v| v == 127 || v == -127));
+    }
+
+    /// The one-token path against the general path (token 0 of a 3-token
+    /// call) and against the scalar reference, for every kernel here, fused
+    /// parts with different scales and a row count that is no multiple of 16.
+    #[test]
+    fn decode_path_is_bit_equal_to_general_path() {
+        use crate::model::synthetic::random_ternary;
+        let (n_in, rows) = (200, [37usize, 19, 64]);
+        let mut mats: Vec<TernaryMatrix> = rows
+            .iter()
+            .enumerate()
+            .map(|(k, &r)| random_ternary(r, n_in, 40 + k as u64).unwrap())
+            .collect();
+        for (k, m) in mats.iter_mut().enumerate() {
+            m.scale = WeightScale::PerTensor(0.75 + 0.5 * k as f32);
+        }
+        let refs: Vec<&TernaryMatrix> = mats.iter().collect();
+        let n_out: usize = rows.iter().sum();
+        let mut r = SplitMix64(9);
+        let x: Vec<f32> = (0..3 * n_in).map(|_| (r.next_f32() - 0.5) * 6.0).collect();
+        let x3 = QuantizedInput::new(&x, n_in);
+        let x1 = QuantizedInput::new(&x[..n_in], n_in);
+        assert_eq!(x1.q[..], x3.q[..n_in]);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for name in super::super::kernels::available() {
+            let lin = Linear::prepare(&KernelPolicy::single(name).unwrap(), &refs).unwrap();
+            for threads in [1, 3] {
+                let mut one = vec![f32::NAN; n_out];
+                let mut gen = vec![f32::NAN; 3 * n_out];
+                pool.install(|| {
+                    lin.forward(&x1, &mut one, threads);
+                    lin.forward(&x3, &mut gen, threads);
+                });
+                assert_eq!(one[..], gen[..n_out], "{name}, {threads} threads");
+                let mut r0 = 0;
+                for m in &mats {
+                    let f = m.tensor_scale().unwrap() / x1.s[0];
+                    for i in 0..m.n_out {
+                        let acc: i32 = (0..n_in).map(|c| m.get(i, c) as i32 * x1.q[c] as i32).sum();
+                        assert_eq!(one[r0 + i], acc as f32 * f, "{name} row {}", r0 + i);
+                    }
+                    r0 += m.n_out;
+                }
+                assert!(one.iter().any(|&v| v != 0.0));
+            }
+        }
     }
 }

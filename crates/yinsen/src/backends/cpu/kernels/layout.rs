@@ -118,7 +118,7 @@ impl TileLayout {
             .checked_mul(chunks)
             .filter(|n| n.checked_mul(LINE).is_some())
             .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
-        let mut lines = vec![PAD_LINE; n_lines];
+        let mut lines = crate::mem::huge_vec(n_lines, PAD_LINE);
         if chunks > 0 {
             for (b, blk) in lines.chunks_mut(chunks).enumerate() {
                 fill_block(w, rb, b, blk);
