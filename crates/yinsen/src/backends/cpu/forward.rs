@@ -296,20 +296,29 @@ impl CpuBackend {
             }
             prof.mark("qkv");
             let mut q = vec![0f32; n * qd];
-            for t in 0..n {
-                let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
-                let sc = &rope[t * half..(t + 1) * half];
-                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
-                for hq in q[t * qd..(t + 1) * qd].chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox_table(hq, sc);
-                }
-                let mut k = row[qd..qd + kvd].to_vec();
-                for hk in k.chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox_table(hk, sc);
-                }
-                cache.k[li].extend_from_slice(&k);
-                cache.v[li].extend_from_slice(&row[qd + kvd..]);
-            }
+            // Grow the cache by n rows, then rope q/k and copy v per token in parallel.
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            debug_assert_eq!(kc.len(), p0 * kvd);
+            kc.resize((p0 + n) * kvd, 0.0);
+            vc.resize((p0 + n) * kvd, 0.0);
+            q.par_chunks_mut(qd)
+                .zip(kc[p0 * kvd..].par_chunks_mut(kvd))
+                .zip(vc[p0 * kvd..].par_chunks_mut(kvd))
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(t, ((qt, kt), vt))| {
+                    let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                    let sc = &rope[t * half..(t + 1) * half];
+                    qt.copy_from_slice(&row[..qd]);
+                    for hq in qt.chunks_exact_mut(c.head_dim) {
+                        ops::rope_neox_table(hq, sc);
+                    }
+                    kt.copy_from_slice(&row[qd..qd + kvd]);
+                    for hk in kt.chunks_exact_mut(c.head_dim) {
+                        ops::rope_neox_table(hk, sc);
+                    }
+                    vt.copy_from_slice(&row[qd + kvd..]);
+                });
             prof.mark("rope_kv");
             let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
             prof.mark("attention");

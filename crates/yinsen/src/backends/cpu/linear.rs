@@ -70,8 +70,76 @@ impl QuantizedInput {
 }
 
 /// One token: `y = x * r * w` (as `ops::rms_norm`), then BitNet int8
-/// quantisation of `y`, recomputing `y` instead of storing it.
+/// quantisation of `y`, recomputing `y` instead of storing it. AVX-512 where
+/// detected (bit-equal to [`rms_quantize_scalar`]: the max is exact in any
+/// order, every other step is element-wise).
 pub fn rms_quantize(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_ok() {
+        // SAFETY: avx512f and avx512bw detected.
+        return unsafe { rms_quantize_avx512(x, w, eps, q) };
+    }
+    rms_quantize_scalar(x, w, eps, q)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_ok() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
+/// AVX-512 version: the same float operations in the same order per
+/// element (products `(x * r) * w`, then `* s`), round-half-even by
+/// `roundscale` (equal to the magic-number rounding after the int8 clamp),
+/// NaN codes 0 as `as i8` gives; the tail through masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn rms_quantize_avx512(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let d = x.len();
+    assert!(w.len() >= d && q.len() >= d);
+    let ss = super::ops::dot(x, x) / d as f32;
+    let r = 1.0 / (ss + eps).sqrt();
+    let rv = _mm512_set1_ps(r);
+    let mask = |i: usize| -> __mmask16 {
+        if i + 16 <= d {
+            0xffff
+        } else {
+            ((1u32 << (d - i)) - 1) as __mmask16
+        }
+    };
+    let (xp, wp, qp) = (x.as_ptr(), w.as_ptr(), q.as_mut_ptr());
+    // SAFETY: every access is masked to the first d elements of x, w, q.
+    let y = |i: usize| unsafe {
+        let m = mask(i);
+        let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
+        let wv = _mm512_maskz_loadu_ps(m, wp.add(i));
+        _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv)
+    };
+    let mut mx = _mm512_setzero_ps();
+    for i in (0..d).step_by(16) {
+        // max(m, NaN) keeps m, as the scalar fold does.
+        let a = _mm512_abs_ps(y(i));
+        mx = _mm512_mask_max_ps(mx, _mm512_cmp_ps_mask::<_CMP_ORD_Q>(a, a), mx, a);
+    }
+    let amax = _mm512_reduce_max_ps(mx);
+    let s = 127.0 / amax.max(1e-5);
+    let sv = _mm512_set1_ps(s);
+    for i in (0..d).step_by(16) {
+        let v = _mm512_mul_ps(y(i), sv);
+        let v = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+        let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0)), _mm512_set1_ps(127.0));
+        let c = _mm512_maskz_cvttps_epi32(ord, v);
+        // SAFETY: masked store of the first d codes.
+        unsafe { _mm512_mask_cvtsepi32_storeu_epi8(qp.add(i) as *mut _, mask(i), c) };
+    }
+    s
+}
+
+/// The plain sequential version: the reference the fast one is tested against.
+pub fn rms_quantize_scalar(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
     let ss = super::ops::dot(x, x) / x.len() as f32;
     let r = 1.0 / (ss + eps).sqrt();
     let amax = x.iter().zip(w).fold(0f32, |m, (&xi, &wi)| m.max((xi * r * wi).abs()));
@@ -419,6 +487,33 @@ mod tests {
                     let want: Vec<f32> = base.iter().zip(&want).map(|(b, y)| b + y).collect();
                     assert_eq!(bits(&got), bits(&want), "{kname} add n {n} thr {threads}");
                 }
+            }
+        }
+    }
+
+    /// Fast rms_quantize (AVX-512 build where detected, lanes otherwise)
+    /// against the sequential one: same codes and scale bits, odd lengths,
+    /// ties at .5 after scaling, a zero token, an outlier, NaN and inf.
+    #[test]
+    fn rms_quantize_fast_is_bit_equal_to_scalar() {
+        let mut r = SplitMix64(17);
+        for d in [1, 15, 16, 77, 2560, 2563, 6912] {
+            let w: Vec<f32> = (0..d).map(|_| 0.25 + r.next_f32() * 2.0).collect();
+            for case in 0..6 {
+                let mut x: Vec<f32> = (0..d).map(|_| (r.next_f32() - 0.5) * 6.0).collect();
+                match case {
+                    1 => x.iter_mut().for_each(|v| *v = 0.0),
+                    2 => x[d / 2] = 300.0,
+                    3 => x.iter_mut().for_each(|v| *v = (*v * 4.0).round() * 0.5),
+                    4 => x[d - 1] = f32::NAN,
+                    5 => x[0] = f32::INFINITY,
+                    _ => {}
+                }
+                let (mut qa, mut qb) = (vec![99i8; d], vec![-99i8; d]);
+                let sa = rms_quantize(&x, &w, 1e-5, &mut qa);
+                let sb = rms_quantize_scalar(&x, &w, 1e-5, &mut qb);
+                assert_eq!(sa.to_bits(), sb.to_bits(), "d {d} case {case}");
+                assert_eq!(qa, qb, "d {d} case {case}");
             }
         }
     }
