@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttnShape};
 use super::kernels::policy::KernelPolicy;
-use super::linear::{Linear, QuantizedInput};
+use super::linear::{Epilogue, Linear, QuantizedInput};
 use super::lm_head;
 use super::ops;
 use crate::backends::{Backend, KvCache, Output};
@@ -289,23 +289,36 @@ impl CpuBackend {
             prof.mark("norm_quant");
             let qkv_dim = qd + 2 * kvd;
             let mut qkv = vec![0f32; n * qkv_dim];
-            pl.qkv.forward(&xq, &mut qkv, th);
+            if n > 1 {
+                pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
+            } else {
+                pl.qkv.forward(&xq, &mut qkv, th);
+            }
             prof.mark("qkv");
             let mut q = vec![0f32; n * qd];
-            for t in 0..n {
-                let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
-                let sc = &rope[t * half..(t + 1) * half];
-                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
-                for hq in q[t * qd..(t + 1) * qd].chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox_table(hq, sc);
-                }
-                let mut k = row[qd..qd + kvd].to_vec();
-                for hk in k.chunks_exact_mut(c.head_dim) {
-                    ops::rope_neox_table(hk, sc);
-                }
-                cache.k[li].extend_from_slice(&k);
-                cache.v[li].extend_from_slice(&row[qd + kvd..]);
-            }
+            // Grow the cache by n rows, then rope q/k and copy v per token in parallel.
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            debug_assert_eq!(kc.len(), p0 * kvd);
+            kc.resize((p0 + n) * kvd, 0.0);
+            vc.resize((p0 + n) * kvd, 0.0);
+            q.par_chunks_mut(qd)
+                .zip(kc[p0 * kvd..].par_chunks_mut(kvd))
+                .zip(vc[p0 * kvd..].par_chunks_mut(kvd))
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(t, ((qt, kt), vt))| {
+                    let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                    let sc = &rope[t * half..(t + 1) * half];
+                    qt.copy_from_slice(&row[..qd]);
+                    for hq in qt.chunks_exact_mut(c.head_dim) {
+                        ops::rope_neox_table(hq, sc);
+                    }
+                    kt.copy_from_slice(&row[qd..qd + kvd]);
+                    for hk in kt.chunks_exact_mut(c.head_dim) {
+                        ops::rope_neox_table(hk, sc);
+                    }
+                    vt.copy_from_slice(&row[qd + kvd..]);
+                });
             prof.mark("rope_kv");
             let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
             prof.mark("attention");
@@ -314,39 +327,57 @@ impl CpuBackend {
                 None => QuantizedInput::new(&a, qd),
             };
             prof.mark("norm_quant");
-            let mut o = vec![0f32; n * hid];
-            pl.o.forward(&aq, &mut o, th);
-            prof.mark("o");
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
+            if n > 1 {
+                // Residual add fused into the epilogue (same float ops).
+                pl.o.forward_multi(&aq, &mut x, Epilogue::Add, th);
+                prof.mark("o");
+            } else {
+                let mut o = vec![0f32; n * hid];
+                pl.o.forward(&aq, &mut o, th);
+                prof.mark("o");
+                for (xi, oi) in x.iter_mut().zip(&o) {
+                    *xi += oi;
+                }
             }
             // FFN block.
             prof.mark("residual");
             let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
             prof.mark("norm_quant");
             let f = c.ffn;
-            let mut gu = vec![0f32; n * 2 * f];
-            pl.gate_up.forward(&mq, &mut gu, th);
-            prof.mark("gate_up");
             let mut act = vec![0f32; n * f];
-            act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
-                let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
-                match c.activation {
-                    Activation::Relu2 => ops::relu2_mul(g, u, o),
-                    Activation::Silu => ops::silu_mul(g, u, o),
-                }
-            });
-            prof.mark("act");
+            if n > 1 {
+                // Gated activation fused into the gate/up epilogue (same float ops).
+                pl.gate_up
+                    .forward_multi(&mq, &mut act, Epilogue::Gated(c.activation), th);
+                prof.mark("gate_up");
+            } else {
+                let mut gu = vec![0f32; n * 2 * f];
+                pl.gate_up.forward(&mq, &mut gu, th);
+                prof.mark("gate_up");
+                act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
+                    let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
+                    match c.activation {
+                        Activation::Relu2 => ops::relu2_mul(g, u, o),
+                        Activation::Silu => ops::silu_mul(g, u, o),
+                    }
+                });
+                prof.mark("act");
+            }
             let dq = match &layer.ffn_sub_norm {
                 Some(w) => QuantizedInput::from_rms_norm(&act, w, eps),
                 None => QuantizedInput::new(&act, f),
             };
-            let mut d = vec![0f32; n * hid];
             prof.mark("norm_quant");
-            pl.down.forward(&dq, &mut d, th);
-            prof.mark("down");
-            for (xi, di) in x.iter_mut().zip(&d) {
-                *xi += di;
+            if n > 1 {
+                pl.down.forward_multi(&dq, &mut x, Epilogue::Add, th);
+                prof.mark("down");
+            } else {
+                let mut d = vec![0f32; n * hid];
+                pl.down.forward(&dq, &mut d, th);
+                prof.mark("down");
+                for (xi, di) in x.iter_mut().zip(&d) {
+                    *xi += di;
+                }
             }
         }
         prof.mark("residual");

@@ -9,9 +9,26 @@ use rayon::prelude::*;
 
 use super::kernels::policy::KernelPolicy;
 use super::kernels::PackedTernary;
+use super::ops;
 use super::reference;
 use crate::error::Result;
-use crate::model::{TernaryMatrix, WeightScale};
+use crate::model::{Activation, TernaryMatrix, WeightScale};
+
+/// What the multi-token epilogue does with `y = acc * w_scale / s_t`.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue {
+    /// `out = y` (as [`Linear::forward`]).
+    Store,
+    /// `out += y`: the residual add fused in.
+    Add,
+    /// For a gate/up fusion (two parts of `f` rows): `out[t][r] =
+    /// act(gate_r) * up_r`, `out` is `[n][f]`.
+    Gated(Activation),
+}
+
+/// Output pointer shared by the epilogue tasks; each writes its own rows.
+struct OutPtr(*mut f32);
+unsafe impl Sync for OutPtr {}
 
 /// Per-token int8 activations of a BitLinear input, `[n_tokens][n_in]`.
 pub struct QuantizedInput {
@@ -58,8 +75,76 @@ impl QuantizedInput {
 }
 
 /// One token: `y = x * r * w` (as `ops::rms_norm`), then BitNet int8
-/// quantisation of `y`, recomputing `y` instead of storing it.
+/// quantisation of `y`, recomputing `y` instead of storing it. AVX-512 where
+/// detected (bit-equal to [`rms_quantize_scalar`]: the max is exact in any
+/// order, every other step is element-wise).
 pub fn rms_quantize(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_ok() {
+        // SAFETY: avx512f and avx512bw detected.
+        return unsafe { rms_quantize_avx512(x, w, eps, q) };
+    }
+    rms_quantize_scalar(x, w, eps, q)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_ok() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
+/// AVX-512 version: the same float operations in the same order per
+/// element (products `(x * r) * w`, then `* s`), round-half-even by
+/// `roundscale` (equal to the magic-number rounding after the int8 clamp),
+/// NaN codes 0 as `as i8` gives; the tail through masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn rms_quantize_avx512(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let d = x.len();
+    assert!(w.len() >= d && q.len() >= d);
+    let ss = super::ops::dot(x, x) / d as f32;
+    let r = 1.0 / (ss + eps).sqrt();
+    let rv = _mm512_set1_ps(r);
+    let mask = |i: usize| -> __mmask16 {
+        if i + 16 <= d {
+            0xffff
+        } else {
+            ((1u32 << (d - i)) - 1) as __mmask16
+        }
+    };
+    let (xp, wp, qp) = (x.as_ptr(), w.as_ptr(), q.as_mut_ptr());
+    // SAFETY: every access is masked to the first d elements of x, w, q.
+    let y = |i: usize| unsafe {
+        let m = mask(i);
+        let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
+        let wv = _mm512_maskz_loadu_ps(m, wp.add(i));
+        _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv)
+    };
+    let mut mx = _mm512_setzero_ps();
+    for i in (0..d).step_by(16) {
+        // max(m, NaN) keeps m, as the scalar fold does.
+        let a = _mm512_abs_ps(y(i));
+        mx = _mm512_mask_max_ps(mx, _mm512_cmp_ps_mask::<_CMP_ORD_Q>(a, a), mx, a);
+    }
+    let amax = _mm512_reduce_max_ps(mx);
+    let s = 127.0 / amax.max(1e-5);
+    let sv = _mm512_set1_ps(s);
+    for i in (0..d).step_by(16) {
+        let v = _mm512_mul_ps(y(i), sv);
+        let v = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+        let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0)), _mm512_set1_ps(127.0));
+        let c = _mm512_maskz_cvttps_epi32(ord, v);
+        // SAFETY: masked store of the first d codes.
+        unsafe { _mm512_mask_cvtsepi32_storeu_epi8(qp.add(i) as *mut _, mask(i), c) };
+    }
+    s
+}
+
+/// The plain sequential version: the reference the fast one is tested against.
+pub fn rms_quantize_scalar(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
     let ss = super::ops::dot(x, x) / x.len() as f32;
     let r = 1.0 / (ss + eps).sqrt();
     let amax = x.iter().zip(w).fold(0f32, |m, (&xi, &wi)| m.max((xi * r * wi).abs()));
@@ -234,6 +319,129 @@ impl Linear {
             }
         }
     }
+
+    /// Many tokens: one task per chunk of output rows runs the GEMM into its
+    /// own accumulator (L2-sized) and then applies `epi` to its rows of
+    /// `out`, so no full-size accumulator is written and read back, and the
+    /// gated activation / residual add need no extra pass. Bit-equal to
+    /// [`Self::forward`] followed by the same float operations.
+    pub fn forward_multi(&self, x: &QuantizedInput, out: &mut [f32], epi: Epilogue, threads: usize) {
+        let n = x.n_tokens();
+        debug_assert_eq!(x.n_in, self.n_in);
+        let (packed, parts) = match &self.weights {
+            Weights::Packed { packed, parts } => (packed, parts),
+            Weights::PerBlock(_) => return self.forward_multi_unfused(x, out, epi, threads),
+        };
+        let rb = packed.row_block().max(1);
+        let (n_rows, gated) = match epi {
+            Epilogue::Gated(_) => {
+                let f = self.n_out / 2;
+                if parts.len() != 2 || parts[0].0 != f || parts[1].0 != f || !f.is_multiple_of(rb) {
+                    return self.forward_multi_unfused(x, out, epi, threads);
+                }
+                (f, true)
+            }
+            _ => (self.n_out, false),
+        };
+        let out_cols = n_rows;
+        assert_eq!(out.len(), n * out_cols);
+        // At least 4 tasks per thread; at most ~512 KiB of accumulators per task.
+        let pairs = if gated { 2 } else { 1 };
+        let cap = ((512 << 10) / (4 * n * pairs)).max(rb);
+        let chunk = n_rows.div_ceil(threads * 4).min(cap).div_ceil(rb) * rb;
+        let op = OutPtr(out.as_mut_ptr());
+        let n_chunks = n_rows.div_ceil(chunk);
+        (0..n_chunks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |acc: &mut Vec<i32>, ci| {
+                let op = &op;
+                let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(n_rows));
+                let rows = r1 - r0;
+                acc.clear();
+                acc.resize(rows * n * pairs, 0);
+                let (ag, au) = acc.split_at_mut(rows * n);
+                packed.gemm(&x.q, n, r0, r1, ag);
+                if gated {
+                    packed.gemm(&x.q, n, n_rows + r0, n_rows + r1, au);
+                }
+                let (ag, au) = (&*ag, &*au);
+                // 16 tokens at a time: each accumulator cache line is read once,
+                // and `w_scale / s_t` is divided once per (part, token).
+                const TB: usize = 16;
+                for t0 in (0..n).step_by(TB) {
+                    let nt = (n - t0).min(TB);
+                    let fac =
+                        |ws: f32| -> [f32; TB] { std::array::from_fn(|j| if j < nt { ws / x.s[t0 + j] } else { 0.0 }) };
+                    // SAFETY: this task alone writes columns r0..r1 of every token row.
+                    let orow =
+                        |j: usize| unsafe { std::slice::from_raw_parts_mut(op.0.add((t0 + j) * out_cols + r0), rows) };
+                    match epi {
+                        Epilogue::Gated(a) => {
+                            let (fg, fu) = (fac(parts[0].1), fac(parts[1].1));
+                            for j in 0..nt {
+                                let o = orow(j);
+                                for (rr, o) in o.iter_mut().enumerate() {
+                                    let g = ag[rr * n + t0 + j] as f32 * fg[j];
+                                    let u = au[rr * n + t0 + j] as f32 * fu[j];
+                                    *o = match a {
+                                        Activation::Relu2 => ops::relu2_one(g, u),
+                                        Activation::Silu => ops::silu_one(g, u),
+                                    };
+                                }
+                            }
+                        }
+                        Epilogue::Store | Epilogue::Add => {
+                            let add = matches!(epi, Epilogue::Add);
+                            let mut p0 = 0;
+                            for &(prow, ws) in parts {
+                                let (a, b) = (p0.max(r0), (p0 + prow).min(r1));
+                                p0 += prow;
+                                if a >= b {
+                                    continue;
+                                }
+                                let f = fac(ws);
+                                for j in 0..nt {
+                                    let o = &mut orow(j)[a - r0..b - r0];
+                                    for (k, o) in o.iter_mut().enumerate() {
+                                        let y = ag[(a - r0 + k) * n + t0 + j] as f32 * f[j];
+                                        if add {
+                                            *o += y;
+                                        } else {
+                                            *o = y;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// [`Self::forward_multi`] as separate passes (per-block weights, odd shapes).
+    fn forward_multi_unfused(&self, x: &QuantizedInput, out: &mut [f32], epi: Epilogue, threads: usize) {
+        let n = x.n_tokens();
+        match epi {
+            Epilogue::Store => self.forward(x, out, threads),
+            Epilogue::Add => {
+                let mut y = vec![0f32; n * self.n_out];
+                self.forward(x, &mut y, threads);
+                out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
+            }
+            Epilogue::Gated(a) => {
+                let f = self.n_out / 2;
+                let mut gu = vec![0f32; n * 2 * f];
+                self.forward(x, &mut gu, threads);
+                out.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
+                    let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
+                    match a {
+                        Activation::Relu2 => ops::relu2_mul(g, u, o),
+                        Activation::Silu => ops::silu_mul(g, u, o),
+                    }
+                });
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +509,99 @@ mod tests {
                     r0 += m.n_out;
                 }
                 assert!(one.iter().any(|&v| v != 0.0));
+            }
+        }
+    }
+
+    fn rand_mat(r: &mut SplitMix64, n_out: usize, n_in: usize, scale: f32) -> TernaryMatrix {
+        let trits: Vec<i8> = (0..n_out * n_in).map(|_| (r.next_u64() % 3) as i8 - 1).collect();
+        TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(scale)).unwrap()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The fused multi-token epilogues give exactly the bits of `forward`
+    /// followed by the separate float pass, for every kernel here, token
+    /// counts around the 16-token epilogue block, several chunkings, and a
+    /// gate/up size that is not a multiple of the row block (fallback path).
+    #[test]
+    fn forward_multi_is_bit_equal_to_forward_then_op() {
+        let mut r = SplitMix64(5);
+        for kname in crate::backends::cpu::kernels::available() {
+            let kp = KernelPolicy::single(kname).unwrap();
+            for (n_in, f, n) in [(96, 48, 37), (64, 32, 2), (160, 80, 130), (64, 40, 17)] {
+                let x: Vec<f32> = (0..n * n_in).map(|_| (r.next_f32() - 0.5) * 4.0).collect();
+                let xq = QuantizedInput::new(&x, n_in);
+                let (g, u) = (rand_mat(&mut r, f, n_in, 0.7), rand_mat(&mut r, f, n_in, 1.3));
+                let gu = Linear::prepare(&kp, &[&g, &u]).unwrap();
+                let (q, k, v) = (
+                    rand_mat(&mut r, 48, n_in, 0.5),
+                    rand_mat(&mut r, 16, n_in, 0.9),
+                    rand_mat(&mut r, 32, n_in, 1.1),
+                );
+                let qkv = Linear::prepare(&kp, &[&q, &k, &v]).unwrap();
+                for threads in [1, 2, 7] {
+                    let mut y = vec![f32::NAN; n * 2 * f];
+                    gu.forward(&xq, &mut y, threads);
+                    for act in [Activation::Relu2, Activation::Silu] {
+                        let mut want = vec![f32::NAN; n * f];
+                        for t in 0..n {
+                            let (yg, yu) = y[t * 2 * f..(t + 1) * 2 * f].split_at(f);
+                            let o = &mut want[t * f..(t + 1) * f];
+                            match act {
+                                Activation::Relu2 => ops::relu2_mul(yg, yu, o),
+                                Activation::Silu => ops::silu_mul(yg, yu, o),
+                            }
+                        }
+                        let mut got = vec![f32::NAN; n * f];
+                        gu.forward_multi(&xq, &mut got, Epilogue::Gated(act), threads);
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{kname} gated {act:?} n {n} f {f} thr {threads}"
+                        );
+                        assert!(want.iter().any(|&v| v != 0.0));
+                    }
+                    let mut want = vec![f32::NAN; n * 96];
+                    qkv.forward(&xq, &mut want, threads);
+                    let mut got = vec![f32::NAN; n * 96];
+                    qkv.forward_multi(&xq, &mut got, Epilogue::Store, threads);
+                    assert_eq!(bits(&got), bits(&want), "{kname} store n {n} thr {threads}");
+                    let base: Vec<f32> = (0..n * 96).map(|_| r.next_f32() - 0.5).collect();
+                    let mut got = base.clone();
+                    qkv.forward_multi(&xq, &mut got, Epilogue::Add, threads);
+                    let want: Vec<f32> = base.iter().zip(&want).map(|(b, y)| b + y).collect();
+                    assert_eq!(bits(&got), bits(&want), "{kname} add n {n} thr {threads}");
+                }
+            }
+        }
+    }
+
+    /// Fast rms_quantize (AVX-512 build where detected, lanes otherwise)
+    /// against the sequential one: same codes and scale bits, odd lengths,
+    /// ties at .5 after scaling, a zero token, an outlier, NaN and inf.
+    #[test]
+    fn rms_quantize_fast_is_bit_equal_to_scalar() {
+        let mut r = SplitMix64(17);
+        for d in [1, 15, 16, 77, 2560, 2563, 6912] {
+            let w: Vec<f32> = (0..d).map(|_| 0.25 + r.next_f32() * 2.0).collect();
+            for case in 0..6 {
+                let mut x: Vec<f32> = (0..d).map(|_| (r.next_f32() - 0.5) * 6.0).collect();
+                match case {
+                    1 => x.iter_mut().for_each(|v| *v = 0.0),
+                    2 => x[d / 2] = 300.0,
+                    3 => x.iter_mut().for_each(|v| *v = (*v * 4.0).round() * 0.5),
+                    4 => x[d - 1] = f32::NAN,
+                    5 => x[0] = f32::INFINITY,
+                    _ => {}
+                }
+                let (mut qa, mut qb) = (vec![99i8; d], vec![-99i8; d]);
+                let sa = rms_quantize(&x, &w, 1e-5, &mut qa);
+                let sb = rms_quantize_scalar(&x, &w, 1e-5, &mut qb);
+                assert_eq!(sa.to_bits(), sb.to_bits(), "d {d} case {case}");
+                assert_eq!(qa, qb, "d {d} case {case}");
             }
         }
     }

@@ -78,18 +78,31 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
         .collect()
 }
 
+/// relu(g)^2 * u of one element (shared by the fused epilogue, so both
+/// paths round identically).
+#[inline(always)]
+pub fn relu2_one(g: f32, u: f32) -> f32 {
+    let r = g.max(0.0);
+    r * r * u
+}
+
+/// silu(g) * u of one element.
+#[inline(always)]
+pub fn silu_one(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
 /// relu(g)^2 * u
 pub fn relu2_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((o, &gi), &ui) in out.iter_mut().zip(g).zip(u) {
-        let r = gi.max(0.0);
-        *o = r * r * ui;
+        *o = relu2_one(gi, ui);
     }
 }
 
 /// silu(g) * u
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((o, &gi), &ui) in out.iter_mut().zip(g).zip(u) {
-        *o = gi / (1.0 + (-gi).exp()) * ui;
+        *o = silu_one(gi, ui);
     }
 }
 
