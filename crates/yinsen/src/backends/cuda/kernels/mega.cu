@@ -295,7 +295,6 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             float s[MG_GMAX];
 #pragma unroll
             for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
-#pragma unroll 4
             for (int d = lane; d < hd; d += 32) {
                 const float kv = ldcg_kv(kb + (size_t)j * hd + d);
 #pragma unroll
@@ -330,17 +329,8 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
         for (int o = tid; o < group * hd; o += MG_THREADS) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
-            // Four partial sums: the V loads of several keys are in flight at once.
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int j = 0;
-            for (; j + 4 <= nj; j += 4) {
-                a0 += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
-                a1 += sc[g * ac + j + 1] * ldcg_kv(vb + (size_t)(j + 1) * hd + d);
-                a2 += sc[g * ac + j + 2] * ldcg_kv(vb + (size_t)(j + 2) * hd + d);
-                a3 += sc[g * ac + j + 3] * ldcg_kv(vb + (size_t)(j + 3) * hd + d);
-            }
-            for (; j < nj; j++) a0 += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
-            const float a = (a0 + a1) + (a2 + a3);
+            float a = 0.f;
+            for (int j = 0; j < nj; j++) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
             if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
             else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
         }
