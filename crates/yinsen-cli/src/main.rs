@@ -540,6 +540,9 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_ms.min(r.step16_mma_ms),
         r.step16_ms.min(r.step16_mma_ms) / step1
     );
+    for (f, a, l) in &r.mega_flag_sweep {
+        println!("| persistent variant flags {f} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
+    }
     for (ctx, phases) in [(0, &r.mega_phases_ctx0), (2048, &r.mega_phases_ctx2048)] {
         for p in phases.iter() {
             println!(

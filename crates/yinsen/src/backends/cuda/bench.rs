@@ -33,6 +33,9 @@ pub struct CudaBench {
     /// The per-kernel decode graph (persistent kernel off), ctx 0 and 2048.
     pub decode_tok_s_ctx0_per_kernel: f64,
     pub decode_tok_s_ctx2048_per_kernel: f64,
+    /// `YINSEN_CUDA_MEGA_AB=f1,f2,..`: decode tok/s at ctx 0 and 2048 of the
+    /// persistent kernel with each variant bit set (A/B runs in one call).
+    pub mega_flag_sweep: Vec<(u32, f64, f64)>,
     /// Phases of the persistent decode at ctx 0 and 2048 (block 0's clock).
     pub mega_phases_ctx0: Vec<PhaseTime>,
     pub mega_phases_ctx2048: Vec<PhaseTime>,
@@ -100,6 +103,24 @@ fn forward_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<f64> {
     Ok(median(ms?))
 }
 
+fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
+    let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") else {
+        return Ok(Vec::new());
+    };
+    if !b.uses_mega() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for f in list.split(',').filter_map(|v| v.trim().parse::<u32>().ok()) {
+        let was = b.set_mega_flags(f);
+        let r = decode_at(b, 0, 128, 3).and_then(|a| Ok((a, decode_at(b, long, 128, 3)?)));
+        b.set_mega_flags(was);
+        let (a, l) = r?;
+        out.push((f, a, l));
+    }
+    Ok(out)
+}
+
 /// Run every measurement the model's context length allows.
 pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
     let g = b.gpu();
@@ -141,6 +162,7 @@ pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
             b.set_mega(was);
             r?
         },
+        mega_flag_sweep: flag_sweep(b, long)?,
         mega_phases_ctx0: b.trace_mega(0)?,
         mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,

@@ -141,6 +141,9 @@ pub struct CudaBackend {
     /// device allow it (`YINSEN_CUDA_MEGA=0` turns it off).
     mega: Option<Mega>,
     mega_on: std::sync::atomic::AtomicBool,
+    /// Variant bits of the persistent kernel (MG_* flags in mega.cu), for
+    /// A/B measurements: `YINSEN_CUDA_MEGA_FLAGS` or the bench sweep.
+    mega_flags: std::sync::atomic::AtomicU32,
 }
 
 /// What the persistent decode kernel needs beyond the layers: a table of
@@ -151,6 +154,9 @@ struct Mega {
     /// 16-byte chunks per weight buffer (two buffers of dynamic smem).
     wbuf_chunks: usize,
 }
+
+/// Default variant bits of the persistent kernel (see mega.cu).
+pub const MEGA_DEFAULT_FLAGS: u32 = 0;
 
 /// Limits of mega.cu (MG_* there).
 const MG_THREADS: usize = 1024;
@@ -314,7 +320,14 @@ impl CudaBackend {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
         };
+        let mega_flags = match std::env::var("YINSEN_CUDA_MEGA_FLAGS") {
+            Ok(v) => v
+                .parse::<u32>()
+                .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_FLAGS={v}: expected an integer")))?,
+            Err(_) => MEGA_DEFAULT_FLAGS,
+        };
         Ok(Self {
+            mega_flags: mega_flags.into(),
             mega_on: mega.is_some().into(),
             mega,
             gpu,
@@ -393,6 +406,12 @@ impl CudaBackend {
             grid: grid as u32,
             wbuf_chunks,
         }))
+    }
+
+    /// For benchmarks: the persistent kernel's variant bits for graphs
+    /// captured afterwards; returns the previous bits.
+    pub fn set_mega_flags(&self, flags: u32) -> u32 {
+        self.mega_flags.swap(flags, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether decode steps use the persistent kernel.
@@ -758,6 +777,7 @@ impl CudaBackend {
                 s.bar.p(),
                 trace,
                 Arg::I(m.wbuf_chunks as i32),
+                Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
             false,
         )?;

@@ -35,18 +35,27 @@
 #define MG_XBYTES (MG_NQ * MG_THREADS / 64 * MG_XSTRIDE)
 
 // Grid barrier over all blocks of the launch. `bar` is zeroed before the
-// launch (mega_begin); `epoch` counts arrivals expected so far.
-__device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch) {
+// launch (mega_begin); `epoch` counts arrivals expected so far. flags bit 1:
+// arrive with one release reduction (no separate fence, no returned value);
+// bit 2: no fence after the acquire spin (the acquire orders the reads).
+#define MG_NO_L2_PREFETCH 1
+#define MG_BAR_RELEASE 2
+#define MG_BAR_NO_TAIL_FENCE 4
+__device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
     if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(bar, 1u);
+        if (flags & MG_BAR_RELEASE) {
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+        } else {
+            __threadfence();
+            atomicAdd(bar, 1u);
+        }
         unsigned v;
         do {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
         } while (v < epoch);
-        __threadfence();
+        if (!(flags & MG_BAR_NO_TAIL_FENCE)) __threadfence();
     }
     __syncthreads();
 }
@@ -110,8 +119,8 @@ __device__ __forceinline__ MgRows mg_rows_paired(int f) {
     return MgRows{a, max(0, min(rpb, f - a)), f};
 }
 
-__device__ __forceinline__ void mg_prefetch_rows(const uint4* W, int chunks, MgRows r) {
-    if (threadIdx.x != 0 || r.n == 0) return;
+__device__ __forceinline__ void mg_prefetch_rows(const uint4* W, int chunks, MgRows r, int flags) {
+    if (threadIdx.x != 0 || r.n == 0 || (flags & MG_NO_L2_PREFETCH)) return;
     const u32 bytes = (u32)r.n * (u32)chunks * 16u;
     mg_prefetch_l2(W + (size_t)r.a * chunks, bytes);
     if (r.off2 >= 0) mg_prefetch_l2(W + (size_t)(r.off2 + r.a) * chunks, bytes);
@@ -384,7 +393,7 @@ template <typename KV>
 __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
-                          int nsplit, int* cnt, unsigned* bar, u64* trace, int wbuf_chunks) {
+                          int nsplit, int* cnt, unsigned* bar, u64* trace, int wbuf_chunks, int flags) {
     // Dynamic shared memory: two weight buffers of wbuf_chunks 16-byte
     // chunks, then the int8 activations (MG_XBYTES).
     extern __shared__ __align__(16) uint4 wdyn[];
@@ -411,11 +420,11 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
 #define SYNC_()                  \
-    mg_grid_sync(bar, epoch);    \
+    mg_grid_sync(bar, epoch, flags); \
     cp_async_wait();             \
     __syncthreads();
-    mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv);
-    mg_prefetch_rows(W_(0, LT_O), cQ, r_o);
+    mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv, flags);
+    mg_prefetch_rows(W_(0, LT_O), cQ, r_o, flags);
     mg_wcopy(W_(0, LT_QKV), cH, r_qkv, wb0);
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
     mg_stage(F_(0, LT_ATTN_NORM), H, F_(0, LT_QKV_S), r_qkv, nws, scs);
@@ -428,7 +437,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
-        mg_prefetch_rows(W_(l, LT_GU), cH, r_gu);
+        mg_prefetch_rows(W_(l, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
         sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
@@ -457,7 +466,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- attention
         mg_mark(trace, tb + 4);
-        mg_prefetch_rows(W_(l, LT_DN), cF, r_dn);
+        mg_prefetch_rows(W_(l, LT_DN), cF, r_dn, flags);
         mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml);
         __syncthreads();  // big is reused for O's norm weight
         mg_stage(F_(l, LT_ATTN_SUB), Q, F_(l, LT_O_S), r_o, nws, scs);
@@ -465,7 +474,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- O + residual
         mg_mark(trace, tb + 8);
-        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv);
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
         sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s);
@@ -483,7 +492,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
-        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o);
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
         sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
@@ -508,7 +517,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- down + residual
         mg_mark(trace, tb + 16);
-        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu);
+        if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
         sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s);
@@ -537,9 +546,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
                    int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
                    int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
-                   int* cnt, unsigned* bar, u64* trace, int wbuf_chunks) {                                       \
+                   int* cnt, unsigned* bar, u64* trace, int wbuf_chunks, int flags) {                            \
         mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
-                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, wbuf_chunks);            \
+                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, wbuf_chunks, flags);     \
     }
 MEGA(f16, u16)
 MEGA(f32, float)
