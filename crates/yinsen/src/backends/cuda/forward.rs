@@ -376,7 +376,9 @@ impl CudaBackend {
             && group * c.head_dim <= MG_QMAX
             && rows(c.q_dim() + 2 * c.kv_dim(), true) <= MG_MAXROWS
             && rows(c.hidden, false) <= MG_MAXROWS
-            && 2 * rows(c.ffn, false) <= MG_MAXROWS;
+            && 2 * rows(c.ffn, false) <= MG_MAXROWS
+            // The attention merge keeps (group x chunks) pairs in shared memory.
+            && group * (grid / c.n_kv_heads).max(c.max_ctx.div_ceil(256)).max(1) <= 512;
         if !fits {
             return Ok(None);
         }

@@ -281,22 +281,37 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
 }
 
 // Attention of the one new query (position pos) of every head over keys
-// 0..pos of this layer's cache; output [n_heads * hd] into attn.
+// 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
+// (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
+// weight buffer) while its scores are computed, when they fit.
 template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
-                             float* sc, float* ml) {
+                             float* sc, float* ml, uint4* vstage, int vstage_bytes) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = MG_THREADS / 32;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const int per_head = max(1, (int)gridDim.x / n_kv);
     const int ac = min(MG_ACMAX, max(64, (n_keys + per_head - 1) / per_head));
-    const int nch = (n_keys + ac - 1) / ac;  // <= nsplit (host: cap <= 64 * nsplit)
+    const int nch = (n_keys + ac - 1) / ac;  // <= nsplit; group * nch <= 512 (host)
     const size_t pst = hd + 2;
     __shared__ int last;
     // qs: MG_QMAX floats, sc: MG_GMAX * MG_ACMAX floats (the caller's big buffer).
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
         const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
         __syncthreads();  // smem reuse across items
+        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        const int vchunks = nj * hd * (int)sizeof(KV) / 16;
+        const bool staged = vchunks * 16 <= vstage_bytes;
+        if (staged) {
+            for (int i = tid; i < vchunks; i += MG_THREADS) {
+#if __CUDA_ARCH__ >= 800
+                const unsigned a = (unsigned)__cvta_generic_to_shared(vstage + i);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"((const uint4*)vb + i) : "memory");
+#else
+                vstage[i] = __ldcg((const uint4*)vb + i);
+#endif
+            }
+        }
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)kvh * group * hd + i) * scale;
         __syncthreads();
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
@@ -334,12 +349,16 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 ml[2 * warp + 1] = l;
             }
         }
+        cp_async_wait();
         __syncthreads();
-        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        const KV* vsm = (const KV*)vstage;
         for (int o = tid; o < group * hd; o += MG_THREADS) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
             float a = 0.f;
-            for (int j = 0; j < nj; j++) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
+            if (staged)
+                for (int j = 0; j < nj; j++) a += sc[g * ac + j] * kv_load(vsm + (size_t)j * hd + d);
+            else
+                for (int j = 0; j < nj; j++) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
             if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
             else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
         }
@@ -359,18 +378,38 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (!last) continue;
         __threadfence();
+        // Merge in parallel: every chunk's (max, sum) first, then per head the
+        // weights e^(m_c - M) and the denominator, then the weighted outputs.
+        float* mw = sc;          // [group][nch]: m, then the weight
+        float* lw = sc + 512;    // [group][nch]: l
+        for (int i = tid; i < group * nch; i += MG_THREADS) {
+            const int g = i / nch, c = i - g * nch;
+            const float* p = part + ((size_t)(kvh * group + g) * nsplit + c) * pst;
+            mw[i] = __ldcg(p);
+            lw[i] = __ldcg(p + 1);
+        }
+        __syncthreads();
+        if (warp < group) {
+            float m = NEG_INF;
+            for (int c = lane; c < nch; c += 32) m = fmaxf(m, mw[warp * nch + c]);
+            m = warp_max(m);
+            float den = 0.f;
+            for (int c = lane; c < nch; c += 32) {
+                const float w = expf(mw[warp * nch + c] - m);
+                mw[warp * nch + c] = w;
+                den += lw[warp * nch + c] * w;
+            }
+            den = warp_sum(den);
+            if (lane == 0) ml[2 * warp + 1] = den;
+        }
+        __syncthreads();
         for (int o = tid; o < group * hd; o += MG_THREADS) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
-            const float* ph = part + (size_t)h * nsplit * pst;
-            float m = NEG_INF;
-            for (int c = 0; c < nch; c++) m = fmaxf(m, __ldcg(ph + c * pst));
-            float num = 0.f, den = 0.f;
-            for (int c = 0; c < nch; c++) {
-                const float w = expf(__ldcg(ph + c * pst) - m);
-                num += __ldcg(ph + c * pst + 2 + d) * w;
-                den += __ldcg(ph + c * pst + 1) * w;
-            }
-            attn[h * hd + d] = num / den;
+            const float* ph = part + (size_t)h * nsplit * pst + 2 + d;
+            float num = 0.f;
+#pragma unroll 4
+            for (int c = 0; c < nch; c++) num += __ldcg(ph + c * pst) * mw[g * nch + c];
+            attn[h * hd + d] = num / ml[2 * g + 1];
         }
     }
 }
@@ -467,7 +506,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // ---- attention
         mg_mark(trace, tb + 4);
         mg_prefetch_rows(W_(l, LT_DN), cF, r_dn, flags);
-        mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml);
+        // wb0 is free here: its QKV weights are used, GU's copy starts in O.
+        mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml, wb0,
+                         wbuf_chunks * 16);
         __syncthreads();  // big is reused for O's norm weight
         mg_stage(F_(l, LT_ATTN_SUB), Q, F_(l, LT_O_S), r_o, nws, scs);
         mg_mark(trace, tb + 7);
