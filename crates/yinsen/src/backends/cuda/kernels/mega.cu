@@ -41,6 +41,8 @@
 #define MG_NO_L2_PREFETCH 1
 #define MG_BAR_RELEASE 2
 #define MG_BAR_NO_TAIL_FENCE 4
+#define MG_SPIN_SLEEP 8   // back off in the barrier spin
+#define MG_DOT_FLAT 16    // the flat (row, chunk) dot instead of fixed chunks
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -52,9 +54,11 @@ __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int
             atomicAdd(bar, 1u);
         }
         unsigned v;
-        do {
+        while (true) {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-        } while (v < epoch);
+            if (v >= epoch) break;
+            if (flags & MG_SPIN_SLEEP) __nanosleep(40);
+        }
         if (!(flags & MG_BAR_NO_TAIL_FENCE)) __threadfence();
     }
     __syncthreads();
@@ -256,7 +260,7 @@ __device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
     return dot_word(w.w, xc[3], a);
 }
 
-__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
+__device__ void mg_dot_flat(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
     const int total = mg_nloc(r) * chunks;
     const uint4* x4 = (const uint4*)xq;
     // (row, chunk) of idx = base + tid, stepped without a division per chunk.
@@ -276,6 +280,40 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
             c -= chunks;
             li++;
         }
+    }
+    __syncthreads();
+}
+
+// The dot with a fixed chunk per thread: thread t takes chunk c = t % chunks
+// of rows t / chunks, t / chunks + G, ... (G = blockDim / chunks groups), so
+// its 64 activations are read from shared memory once and stay in registers;
+// per row only the 16 weight bytes are read. Shared-memory traffic drops
+// from (16 + 64) to ~16 bytes per chunk, which bounded the flat loop.
+__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s, int flags) {
+    if (flags & MG_DOT_FLAT) return mg_dot_flat(chunks, r, wsm, xq, acc_s);
+    const int nloc = mg_nloc(r), groups = MG_THREADS / chunks;
+    const int grp = threadIdx.x / chunks, c = threadIdx.x - grp * chunks;
+    const bool act = grp < groups;
+    uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0, x2 = x0, x3 = x0;
+    if (act) {
+        const uint4* xc = (const uint4*)xq + c * (MG_XSTRIDE / 16);
+        x0 = xc[0];
+        x1 = xc[1];
+        x2 = xc[2];
+        x3 = xc[3];
+    }
+    for (int base = 0; base < nloc; base += groups) {
+        const int li = base + grp;
+        int row = -1, p = 0;
+        if (act && li < nloc) {
+            row = li;
+            const uint4 w = wsm[li * chunks + c];
+            p = dot_word(w.x, x0, 0);
+            p = dot_word(w.y, x1, p);
+            p = dot_word(w.z, x2, p);
+            p = dot_word(w.w, x3, p);
+        }
+        mg_acc(row, p, acc_s, chunks >= 32);
     }
     __syncthreads();
 }
@@ -482,7 +520,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 1);
         mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
-        mg_dot(cH, r_qkv, wb0, xq, acc_s);
+        mg_dot(cH, r_qkv, wb0, xq, acc_s, flags);
         mg_mark(trace, tb + 2);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
@@ -521,7 +559,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 9);
         mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
-        mg_dot(cQ, r_o, wb1, xq, acc_s);
+        mg_dot(cQ, r_o, wb1, xq, acc_s, flags);
         mg_mark(trace, tb + 10);
         if (tid < r_o.n) {
             const int row = r_o.a + tid;
@@ -539,7 +577,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 13);
         mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
-        mg_dot(cH, r_gu, wb0, xq, acc_s);
+        mg_dot(cH, r_gu, wb0, xq, acc_s, flags);
         mg_mark(trace, tb + 14);
         if (tid < r_gu.n) {
             const int row = r_gu.a + tid;
@@ -564,7 +602,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 17);
         if (l + 1 < n_layers) mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
-        mg_dot(cF, r_dn, wb1, xq, acc_s);
+        mg_dot(cF, r_dn, wb1, xq, acc_s, flags);
         mg_mark(trace, tb + 18);
         if (tid < r_dn.n) {
             const int row = r_dn.a + tid;
