@@ -170,3 +170,140 @@ fn matmul_exact_exhaustive_trits() {
     let x: Vec<i8> = [-128i8, 127, -1, 3, 100, 127, -128, 5, 0, -77].to_vec();
     check(&g, &w, &x, 2, "exhaustive");
 }
+
+/// flash.cu against an f64 reference: causal GQA attention of `nt` query
+/// rows at positions p0.. over a cache whose rows past p0 + nt are NaN (so a
+/// key read past the causal range shows), both cache types and both
+/// instantiations, head dims 8..256, group sizes 1 and 3, partial query
+/// tiles and p0 inside a key tile.
+#[test]
+fn flash_attention_matches_reference() {
+    use yinsen::backends::cuda::Arg;
+    let Some(g) = gpu() else { return };
+    let cap = 400usize;
+    let mut seed = 7u64;
+    for &(hd, n_heads, n_kv, nt, p0) in &[
+        (64usize, 4usize, 2usize, 300usize, 0usize),
+        (64, 6, 2, 37, 100),
+        (128, 3, 3, 130, 64),
+        (8, 2, 1, 65, 5),
+        (96, 6, 2, 1, 200),
+        (256, 2, 1, 70, 129),
+    ] {
+        let n_keys = p0 + nt;
+        let q_dim = n_heads * hd;
+        seed += 1;
+        let mut r = SplitMix64(seed);
+        let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+                .collect()
+        };
+        let q = rnd(nt * q_dim, 1.0);
+        // Cache [kv_head][cap][hd]; rows at or past n_keys are NaN.
+        let mut k = rnd(n_kv * cap * hd, 3.0);
+        let mut v = rnd(n_kv * cap * hd, 2.0);
+        for h in 0..n_kv {
+            for p in n_keys..cap {
+                for d in 0..hd {
+                    k[(h * cap + p) * hd + d] = f32::NAN;
+                    v[(h * cap + p) * hd + d] = f32::NAN;
+                }
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        for f16 in [false, true] {
+            let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
+            let (kr, vr): (Vec<f32>, Vec<f32>) = (
+                k.iter().map(|&x| round(x)).collect(),
+                v.iter().map(|&x| round(x)).collect(),
+            );
+            // f64 reference over the (rounded) cache.
+            let mut want = vec![0f64; nt * q_dim];
+            for t in 0..nt {
+                for h in 0..n_heads {
+                    let kvh = h / (n_heads / n_kv);
+                    let qv = &q[t * q_dim + h * hd..][..hd];
+                    let sc: Vec<f64> = (0..=p0 + t)
+                        .map(|j| {
+                            let kk = &kr[(kvh * cap + j) * hd..][..hd];
+                            qv.iter().zip(kk).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+                    let l: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        want[t * q_dim + h * hd + d] = e
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &w)| w * vr[(kvh * cap + j) * hd + d] as f64)
+                            .sum::<f64>()
+                            / l;
+                    }
+                }
+            }
+            let (kb, vb) = if f16 {
+                let h = |x: &[f32]| {
+                    x.iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect::<Vec<u16>>()
+                };
+                (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
+            } else {
+                (g.upload(&k).unwrap(), g.upload(&v).unwrap())
+            };
+            let qb = g.upload(&q).unwrap();
+            let pos = g.upload(&[p0 as i32]).unwrap();
+            let out = g.alloc(4 * nt * q_dim).unwrap();
+            let smem = 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd);
+            for wide in [false, true] {
+                if !wide && hd > 128 {
+                    continue;
+                }
+                let name = format!(
+                    "flash_attn_{}_{}",
+                    if wide { "d256" } else { "d128" },
+                    if f16 { "f16" } else { "f32" }
+                );
+                assert!(
+                    g.allow_dynamic_smem(&name, smem).unwrap(),
+                    "{name}: {smem} bytes of smem"
+                );
+                out.fill(0xff).unwrap(); // NaN until written
+                g.launch_smem(
+                    &name,
+                    (nt.div_ceil(64) as u32, n_heads as u32, 1),
+                    256,
+                    smem as u32,
+                    &[
+                        qb.p(),
+                        Arg::I(q_dim as i32),
+                        kb.p(),
+                        vb.p(),
+                        pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(n_heads as i32),
+                        Arg::I(n_kv as i32),
+                        Arg::I(hd as i32),
+                        Arg::I(cap as i32),
+                        Arg::F(scale),
+                        out.p(),
+                        Arg::I(q_dim as i32),
+                    ],
+                    false,
+                )
+                .unwrap();
+                let got = out.read::<f32>(nt * q_dim).unwrap();
+                for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (gv as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                        "{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}: out[{i}] (token {}, head {}) = {gv} want {w}",
+                        i / q_dim,
+                        i % q_dim / hd
+                    );
+                }
+            }
+        }
+    }
+}

@@ -108,6 +108,15 @@ impl KvDtype {
             KvDtype::F32 => "attn_partial_f32",
         }
     }
+    /// The flash prefill attention for head dims up to 128 or (`wide`) 256.
+    fn flash(self, wide: bool) -> &'static str {
+        match (self, wide) {
+            (KvDtype::F16, false) => "flash_attn_d128_f16",
+            (KvDtype::F16, true) => "flash_attn_d256_f16",
+            (KvDtype::F32, false) => "flash_attn_d128_f32",
+            (KvDtype::F32, true) => "flash_attn_d256_f32",
+        }
+    }
     fn dec_mm(self, lpr: usize) -> &'static str {
         match (self, lpr) {
             (KvDtype::F16, 8) => "dec_mm_l8_f16",
@@ -116,6 +125,26 @@ impl KvDtype {
             (KvDtype::F32, _) => "dec_mm_l16_f32",
         }
     }
+}
+
+/// Which attention kernel prefill (more than one token) uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashMode {
+    /// The split-K attn_partial kernels (the decode attention).
+    Off,
+    /// flash.cu, the narrowest instantiation that holds the head dim.
+    Auto,
+    /// flash.cu's hd <= 256 instantiation for any head dim (tests).
+    Wide,
+}
+
+/// Tokens per query tile and keys per key tile of flash.cu (FA_BQ, FA_BK).
+const FA_TILE: usize = 64;
+
+/// Dynamic shared memory of flash.cu for head dim `hd`: Q [64][hd + 4],
+/// K/P [64][max(hd + 4, 68)], V [64][hd] floats.
+fn flash_smem(hd: usize) -> usize {
+    4 * FA_TILE * ((hd + 4) + (hd + 4).max(FA_TILE + 4) + hd)
 }
 
 pub struct CudaBackend {
@@ -132,6 +161,10 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
+    /// Prefill attention: 0 split-K, 1 flash (auto), 2 flash wide (FlashMode).
+    flash: std::sync::atomic::AtomicU8,
+    /// Whether each flash instantiation (narrow, wide) can run this head dim.
+    flash_ok: [bool; 2],
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -318,6 +351,17 @@ impl CudaBackend {
                     .all(|m| m.kpad() <= DM_NMAX && m.chunks <= 128)
             });
         let pdl = std::env::var("YINSEN_CUDA_PDL").map_or(true, |v| v != "0");
+        let mut flash_ok = [false; 2];
+        for (i, wide) in [false, true].into_iter().enumerate() {
+            let fits = c.n_kv_heads > 0
+                && c.n_heads.is_multiple_of(c.n_kv_heads)
+                && c.head_dim <= if wide { 256 } else { 128 };
+            flash_ok[i] = fits
+                && [KvDtype::F16, KvDtype::F32].iter().try_fold(true, |ok, k| {
+                    Ok::<_, Error>(ok && gpu.allow_dynamic_smem(k.flash(wide), flash_smem(c.head_dim))?)
+                })?;
+        }
+        let flash_on = std::env::var("YINSEN_CUDA_FLASH").map_or(true, |v| v != "0");
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
@@ -346,6 +390,8 @@ impl CudaBackend {
             scratch: Mutex::new(scratch),
             weight_bytes,
             mma_min_tokens: 17.into(),
+            flash: (flash_on as u8).into(),
+            flash_ok,
         })
     }
 
@@ -371,7 +417,7 @@ impl CudaBackend {
         let smem = 2 * wbuf_chunks * 16 + MG_XBYTES;
         let fits = gpu.info.sm.0 >= 8
             && c.n_kv_heads > 0
-            && c.n_heads % c.n_kv_heads == 0
+            && c.n_heads.is_multiple_of(c.n_kv_heads)
             && group <= MG_GMAX
             && group * c.head_dim <= MG_QMAX
             && rows(c.q_dim() + 2 * c.kv_dim(), true) <= MG_MAXROWS
@@ -451,6 +497,37 @@ impl CudaBackend {
     pub fn set_mma_min_tokens(&self, n: usize) {
         self.mma_min_tokens
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// For benchmarks and tests: the prefill attention kernel (default Auto,
+    /// `YINSEN_CUDA_FLASH=0` starts Off); returns the previous setting. A
+    /// mode the device or shape cannot run falls back to split-K.
+    pub fn set_flash(&self, mode: FlashMode) -> FlashMode {
+        let v = match mode {
+            FlashMode::Off => 0,
+            FlashMode::Auto => 1,
+            FlashMode::Wide => 2,
+        };
+        match self.flash.swap(v, std::sync::atomic::Ordering::Relaxed) {
+            0 => FlashMode::Off,
+            1 => FlashMode::Auto,
+            _ => FlashMode::Wide,
+        }
+    }
+
+    /// The flash kernel prefill attention runs now, if any.
+    fn flash_kernel(&self) -> Option<&'static str> {
+        let wide = match self.flash.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => return None,
+            1 => !self.flash_ok[0],
+            _ => true,
+        };
+        self.flash_ok[wide as usize].then(|| self.kv.flash(wide))
+    }
+
+    /// Whether prefill uses flash.cu now (mode and device permitting).
+    pub fn uses_flash(&self) -> bool {
+        self.flash_kernel().is_some()
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -595,10 +672,35 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Split-K attention of `nt` tokens over layer `li`'s cache, into `s.attn`.
+    /// Attention of `nt` tokens over layer `li`'s cache, into `s.attn`:
+    /// flash.cu for prefill, else split-K.
     fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        if let Some(name) = self.flash_kernel().filter(|_| nt > 1) {
+            return self.gpu.launch_smem(
+                name,
+                (nt.div_ceil(FA_TILE) as u32, c.n_heads as u32, 1),
+                256,
+                flash_smem(c.head_dim) as u32,
+                &[
+                    s.qr.p(),
+                    Arg::I(c.q_dim() as i32),
+                    cache.k.at(li * cache.layer_bytes),
+                    cache.v.at(li * cache.layer_bytes),
+                    s.pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(c.n_heads as i32),
+                    Arg::I(c.n_kv_heads as i32),
+                    Arg::I(c.head_dim as i32),
+                    Arg::I(cache.cap as i32),
+                    Arg::F(scale),
+                    s.attn.p(),
+                    Arg::I(c.q_dim() as i32),
+                ],
+                pdl,
+            );
+        }
         self.gpu.launch_ex(
             self.kv.attn_partial(),
             (n_split as u32, c.n_heads as u32, nt as u32),
@@ -1434,7 +1536,14 @@ mod tests {
     #[test]
     fn kv_kernel_names_are_loaded() {
         for kv in [KvDtype::F16, KvDtype::F32] {
-            for name in [kv.rope_kv(), kv.attn_partial(), kv.dec_mm(8), kv.dec_mm(16)] {
+            for name in [
+                kv.rope_kv(),
+                kv.attn_partial(),
+                kv.dec_mm(8),
+                kv.dec_mm(16),
+                kv.flash(false),
+                kv.flash(true),
+            ] {
                 assert!(super::super::KERNELS.contains(&name), "{name} not in KERNELS");
             }
         }

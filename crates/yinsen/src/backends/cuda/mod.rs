@@ -23,7 +23,7 @@ use cudarc::driver::{result, sys, CudaContext};
 use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
-pub use forward::{CudaBackend, CudaCache, KvDtype};
+pub use forward::{CudaBackend, CudaCache, FlashMode, KvDtype};
 pub use layout::GpuLayout;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 23] = [
+pub const KERNELS: [&str; 27] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -209,6 +209,10 @@ pub const KERNELS: [&str; 23] = [
     "mega_begin",
     "mega_f16",
     "mega_f32",
+    "flash_attn_d128_f16",
+    "flash_attn_d128_f32",
+    "flash_attn_d256_f16",
+    "flash_attn_d256_f32",
 ];
 
 /// A kernel argument, passed by value.
