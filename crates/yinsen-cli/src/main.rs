@@ -546,8 +546,8 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     for (ctx, phases) in [(0, &r.mega_phases_ctx0), (2048, &r.mega_phases_ctx2048)] {
         for p in phases.iter() {
             println!(
-                "| persistent ctx {ctx}: {} | {:.0} us work (norm+quant {:.0}: inputs {:.0}, reduce {:.0}; dot {:.0}) | {:.0} us at the barrier after it |",
-                p.phase, p.work_us, p.quant_us, p.quant_load_us, p.quant_reduce_us, p.dot_us, p.barrier_us
+                "| persistent ctx {ctx}: {} | {:.0} us work (norm+quant {:.0}, dot {:.0}) | {:.0} us at the barrier after it |",
+                p.phase, p.work_us, p.quant_us, p.dot_us, p.barrier_us
             );
         }
     }

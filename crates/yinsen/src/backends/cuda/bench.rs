@@ -52,9 +52,6 @@ pub struct PhaseTime {
     pub work_us: f64,
     /// Of which: the input's norm + int8 quantisation, and the int dot.
     pub quant_us: f64,
-    /// Of the quantisation: until thread 0 has its inputs, and the reduction.
-    pub quant_load_us: f64,
-    pub quant_reduce_us: f64,
     pub dot_us: f64,
     /// Block 0's wait at the grid barrier after it.
     pub barrier_us: f64,

@@ -1214,17 +1214,13 @@ impl CudaBackend {
         cache.set_len_for_bench(ctx);
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        // 20 phase marks per layer, then 2 marks inside each norm + quantisation.
-        let tr = self.gpu.alloc(n * 60 * 8)?;
+        let tr = self.gpu.alloc(n * 20 * 8)?;
         tr.fill(0)?;
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
         self.decode_mega_traced(&s, &cache, false, Arg::P(0))?; // warm-up
-        let flags = self.set_mega_flags(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) | 32);
-        let r = self.decode_mega_traced(&s, &cache, false, tr.p());
-        self.set_mega_flags(flags);
-        r?;
-        let t = tr.read::<u64>(n * 60)?;
+        self.decode_mega_traced(&s, &cache, false, tr.p())?;
+        let t = tr.read::<u64>(n * 20)?;
         let khz = self.gpu.clock_khz()? as f64;
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / khz * 1e3;
         let names = ["qkv+rope", "attention", "o", "gate_up", "down"];
@@ -1233,7 +1229,6 @@ impl CudaBackend {
             .enumerate()
             .map(|(p, name)| {
                 let (mut work, mut wait, mut quant, mut dot) = (0.0, 0.0, 0.0, 0.0);
-                let (mut load, mut reduce) = (0.0, 0.0);
                 for l in 0..n {
                     // Marks: start, after the norm + quantisation, after the dot, end.
                     let b = l * 20 + 4 * p;
@@ -1241,9 +1236,6 @@ impl CudaBackend {
                     if p != 1 {
                         quant += us(t[b], t[b + 1]);
                         dot += us(t[b + 1], t[b + 2]);
-                        let q = n * 20 + (b + 1) * 2;
-                        load += us(t[b], t[q]);
-                        reduce += us(t[q], t[q + 1]);
                     }
                     // The next phase starts after the barrier (the last down has none).
                     if b + 4 < n * 20 {
@@ -1254,8 +1246,6 @@ impl CudaBackend {
                     phase: name.to_string(),
                     work_us: work,
                     quant_us: quant,
-                    quant_load_us: load,
-                    quant_reduce_us: reduce,
                     dot_us: dot,
                     barrier_us: wait,
                 }

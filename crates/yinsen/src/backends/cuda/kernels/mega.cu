@@ -43,7 +43,6 @@
 #define MG_BAR_NO_TAIL_FENCE 4
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
 #define MG_DOT_FLAT 16    // the flat (row, chunk) dot instead of fixed chunks
-#define MG_TRACE_QUANT 32 // bench trace: also mark inside the norm + quantisation
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -191,7 +190,7 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 // (per element the codes use (v / r) * nw, as norm_quant does).
 // nw: the staged norm weight in shared memory, or null.
 __device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
-                          int* xsum_s, u64* qtr) {
+                          int* xsum_s) {
     const int tid = threadIdx.x;
     float v[MG_NQ];
 #pragma unroll
@@ -206,9 +205,7 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
         ss += v[k] * v[k];
         if (i < n) mw = fmaxf(mw, fabsf(nw ? v[k] * nw[i] : v[k]));
     }
-    if (qtr && blockIdx.x == 0 && tid == 0) qtr[0] = clock64();  // inputs arrived (thread 0)
     const float2 r = mg_block_sum_max(ss, mw, red);
-    if (qtr && blockIdx.x == 0 && tid == 0) qtr[1] = clock64();  // reduced
     const float inv = nw ? sqrtf(r.x / (float)n + eps) : 1.f;
     const float s = 127.f / fmaxf(r.y / inv, 1e-5f);
     int qs = 0;
@@ -499,8 +496,6 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     float sx;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
-// flags & MG_TRACE_QUANT: the quant's inner marks go to trace[n_layers * 20 + ...].
-#define QTR_(k) (trace && (flags & MG_TRACE_QUANT) ? trace + n_layers * 20 + (l * 20 + (k)) * 2 : nullptr)
 #define SYNC_()                  \
     mg_grid_sync(bar, epoch, flags); \
     cp_async_wait();             \
@@ -522,7 +517,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mg_prefetch_rows(W_(l, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
-        sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s, QTR_(1));
+        sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 1);
         mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
         mg_dot(cH, r_qkv, wb0, xq, acc_s, flags);
@@ -561,7 +556,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
-        sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s, QTR_(9));
+        sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 9);
         mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
         mg_dot(cQ, r_o, wb1, xq, acc_s, flags);
@@ -579,7 +574,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
-        sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s, QTR_(13));
+        sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 13);
         mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
         mg_dot(cH, r_gu, wb0, xq, acc_s, flags);
@@ -604,7 +599,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
         if (tid == 0) xsum_s = 0;
-        sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s, QTR_(17));
+        sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s);
         mg_mark(trace, tb + 17);
         if (l + 1 < n_layers) mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
         mg_dot(cF, r_dn, wb1, xq, acc_s, flags);
@@ -623,7 +618,6 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
 #undef W_
 #undef F_
 #undef SYNC_
-#undef QTR_
 }
 
 #define MEGA(SUF, KV)                                                                                             \
