@@ -75,6 +75,24 @@ pub fn causal_attention_isa(
     p0: usize,
     n: usize,
 ) -> Vec<f32> {
+    // NaN until written: a row no task writes shows up in the tests.
+    let mut out = vec![f32::NAN; n * s.n_heads * s.head_dim];
+    causal_attention_into(isa, s, q, kc, vc, p0, n, &mut out);
+    out
+}
+
+/// [`causal_attention_isa`] into `out` (`[n][n_heads * hd]`, every element written).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_into(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    p0: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
     let group = s.n_heads / s.n_kv_heads;
@@ -97,8 +115,7 @@ pub fn causal_attention_isa(
     let n_qb = n.div_ceil(Q_BLOCK);
     let n_tasks = s.n_kv_heads * n_qb;
     let next = AtomicUsize::new(0);
-    // NaN until written: a row no task writes shows up in the tests.
-    let mut out = vec![f32::NAN; n * qd];
+    assert_eq!(out.len(), n * qd);
     let op = OutPtr(out.as_mut_ptr());
     let rows_max = Q_BLOCK * group;
     rayon::broadcast(|_| {
@@ -155,7 +172,6 @@ pub fn causal_attention_isa(
             }
         }
     });
-    out
 }
 
 struct Scratch {
