@@ -75,6 +75,24 @@ pub fn causal_attention_isa(
     p0: usize,
     n: usize,
 ) -> Vec<f32> {
+    // NaN until written: a row no task writes shows up in the tests.
+    let mut out = vec![f32::NAN; n * s.n_heads * s.head_dim];
+    causal_attention_into(isa, s, q, kc, vc, p0, n, &mut out);
+    out
+}
+
+/// [`causal_attention_isa`] into `out` (`[n][n_heads * hd]`, every element written).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_into(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    p0: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
     let group = s.n_heads / s.n_kv_heads;
@@ -97,8 +115,7 @@ pub fn causal_attention_isa(
     let n_qb = n.div_ceil(Q_BLOCK);
     let n_tasks = s.n_kv_heads * n_qb;
     let next = AtomicUsize::new(0);
-    // NaN until written: a row no task writes shows up in the tests.
-    let mut out = vec![f32::NAN; n * qd];
+    assert_eq!(out.len(), n * qd);
     let op = OutPtr(out.as_mut_ptr());
     let rows_max = Q_BLOCK * group;
     rayon::broadcast(|_| {
@@ -155,7 +172,6 @@ pub fn causal_attention_isa(
             }
         }
     });
-    out
 }
 
 struct Scratch {
@@ -370,14 +386,13 @@ mod x86 {
         debug_assert!(b.qs.len() >= rows * hd && b.kt.len() >= (hd - 1) * b.stride + K_BLOCK);
         debug_assert!(b.kb == 0 || b.v.len() >= (b.kb - 1) * b.kvd + hd);
         let (qp, kp, sp) = (b.qs.as_ptr(), b.kt.as_ptr(), s.as_mut_ptr());
-        let mut r = 0;
-        while r + 4 <= rows {
-            scores::<4>(qp.add(r * hd), hd, kp, b.stride, sp.add(r * K_BLOCK));
-            r += 4;
-        }
-        while r < rows {
-            scores::<1>(qp.add(r * hd), hd, kp, b.stride, sp.add(r * K_BLOCK));
-            r += 1;
+        // Only the 16-key vectors that hold keys of the block (the last
+        // block of a causal tile is often partial); softmax masks the rest.
+        match b.kb.div_ceil(16) {
+            1 => scores_rows::<1>(qp, rows, hd, kp, b.stride, sp),
+            2 => scores_rows::<2>(qp, rows, hd, kp, b.stride, sp),
+            3 => scores_rows::<3>(qp, rows, hd, kp, b.stride, sp),
+            _ => scores_rows::<4>(qp, rows, hd, kp, b.stride, sp),
         }
         for r in 0..rows {
             softmax_row(sp.add(r * K_BLOCK), vis[r], &mut m[r], &mut l[r], &mut corr[r]);
@@ -412,19 +427,41 @@ mod x86 {
         }
     }
 
-    /// `s[r][0..64] = sum_d q[r][d] * kt[d][0..64]` for R rows.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores<const R: usize>(q: *const f32, hd: usize, kt: *const f32, stride: usize, s: *mut f32) {
-        let mut a = [[_mm512_setzero_ps(); 4]; R];
+    unsafe fn scores_rows<const C: usize>(
+        qp: *const f32,
+        rows: usize,
+        hd: usize,
+        kp: *const f32,
+        stride: usize,
+        sp: *mut f32,
+    ) {
+        let mut r = 0;
+        while r + 4 <= rows {
+            scores::<4, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 4;
+        }
+        while r < rows {
+            scores::<1, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 1;
+        }
+    }
+
+    /// `s[r][0..16 C] = sum_d q[r][d] * kt[d][0..16 C]` for R rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores<const R: usize, const C: usize>(
+        q: *const f32,
+        hd: usize,
+        kt: *const f32,
+        stride: usize,
+        s: *mut f32,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); C]; R];
         for d in 0..hd {
             let k = kt.add(d * stride);
-            let kv = [
-                _mm512_loadu_ps(k),
-                _mm512_loadu_ps(k.add(16)),
-                _mm512_loadu_ps(k.add(32)),
-                _mm512_loadu_ps(k.add(48)),
-            ];
+            let kv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(k.add(16 * c)));
             for (r, ar) in a.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*q.add(r * hd + d));
                 for (c, acc) in ar.iter_mut().enumerate() {

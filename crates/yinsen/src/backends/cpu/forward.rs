@@ -225,6 +225,18 @@ impl CpuBackend {
     }
 
     /// Causal GQA attention of `n` new tokens against the cache.
+    /// Prefill attention (n > 1) into `out` (`[n][q_dim]`, fully overwritten).
+    fn attention_into(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize, out: &mut [f32]) {
+        let c = &self.model.config;
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let isa = attention::Isa::available(c.head_dim)[0];
+        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out);
+    }
+
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
         let c = &self.model.config;
         let shape = AttnShape {
@@ -281,21 +293,25 @@ impl CpuBackend {
         let th = self.threads;
         let half = c.head_dim / 2;
         let rope = ops::rope_table(p0, n, &self.inv_freq);
+        // Activation buffers for all layers: every layer overwrites them in
+        // full, and a fresh 5-14 MB zeroed buffer per layer cost a serial memset.
+        let qkv_dim = qd + 2 * kvd;
+        let mut qkv = vec![0f32; n * qkv_dim];
+        let mut q = vec![0f32; n * qd];
+        let mut att = vec![0f32; if n > 1 { n * qd } else { 0 }];
+        let mut act = vec![0f32; n * c.ffn];
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
             prof.mark("other");
             let xq = QuantizedInput::from_rms_norm(&x, &layer.attn_norm, eps);
             prof.mark("norm_quant");
-            let qkv_dim = qd + 2 * kvd;
-            let mut qkv = vec![0f32; n * qkv_dim];
             if n > 1 {
                 pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
             } else {
                 pl.qkv.forward(&xq, &mut qkv, th);
             }
             prof.mark("qkv");
-            let mut q = vec![0f32; n * qd];
             // Grow the cache by n rows, then rope q/k and copy v per token in parallel.
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             debug_assert_eq!(kc.len(), p0 * kvd);
@@ -320,11 +336,18 @@ impl CpuBackend {
                     vt.copy_from_slice(&row[qd + kvd..]);
                 });
             prof.mark("rope_kv");
-            let a = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
+            let a1;
+            let a: &[f32] = if n == 1 {
+                a1 = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
+                &a1
+            } else {
+                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att);
+                &att
+            };
             prof.mark("attention");
             let aq = match &layer.attn_sub_norm {
-                Some(w) => QuantizedInput::from_rms_norm(&a, w, eps),
-                None => QuantizedInput::new(&a, qd),
+                Some(w) => QuantizedInput::from_rms_norm(a, w, eps),
+                None => QuantizedInput::new(a, qd),
             };
             prof.mark("norm_quant");
             if n > 1 {
@@ -344,7 +367,6 @@ impl CpuBackend {
             let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
             prof.mark("norm_quant");
             let f = c.ffn;
-            let mut act = vec![0f32; n * f];
             if n > 1 {
                 // Gated activation fused into the gate/up epilogue (same float ops).
                 pl.gate_up
