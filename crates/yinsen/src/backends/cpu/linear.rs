@@ -169,6 +169,19 @@ enum Weights {
 /// that starts late (woken from sleep) be covered by the others.
 const DECODE_CHUNKS_PER_THREAD: usize = 2;
 
+/// Row-chunk tasks per thread of a many-token matmul: 4 (measured best here),
+/// or `YINSEN_CPU_TASKS_PER_THREAD` for tuning runs on other machines.
+fn multi_tasks_per_thread() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("YINSEN_CPU_TASKS_PER_THREAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=64).contains(&n))
+            .unwrap_or(4)
+    })
+}
+
 pub struct Linear {
     weights: Weights,
     pub n_out: usize,
@@ -348,7 +361,7 @@ impl Linear {
         // 4 tasks per thread, as `forward`: capping a task's accumulator at
         // L2 size (more, smaller GEMM calls) measured 4% slower here.
         let pairs = if gated { 2 } else { 1 };
-        let chunk = n_rows.div_ceil(threads * 4).div_ceil(rb) * rb;
+        let chunk = n_rows.div_ceil(threads * multi_tasks_per_thread()).div_ceil(rb) * rb;
         let op = OutPtr(out.as_mut_ptr());
         let n_chunks = n_rows.div_ceil(chunk);
         (0..n_chunks)
