@@ -312,14 +312,15 @@ impl CpuBackend {
                 pl.qkv.forward(&xq, &mut qkv, th);
             }
             prof.mark("qkv");
-            // Grow the cache by n rows, then rope q/k and copy v per token in parallel.
+            // Grow the cache by n rows, then rope q/k and copy v per token in
+            // parallel, straight into the new rows (no serial zero-fill first).
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             debug_assert_eq!(kc.len(), p0 * kvd);
-            kc.resize((p0 + n) * kvd, 0.0);
-            vc.resize((p0 + n) * kvd, 0.0);
+            kc.reserve(n * kvd);
+            vc.reserve(n * kvd);
             q.par_chunks_mut(qd)
-                .zip(kc[p0 * kvd..].par_chunks_mut(kvd))
-                .zip(vc[p0 * kvd..].par_chunks_mut(kvd))
+                .zip(kc.spare_capacity_mut()[..n * kvd].par_chunks_mut(kvd))
+                .zip(vc.spare_capacity_mut()[..n * kvd].par_chunks_mut(kvd))
                 .enumerate()
                 .with_min_len(8)
                 .for_each(|(t, ((qt, kt), vt))| {
@@ -329,12 +330,23 @@ impl CpuBackend {
                     for hq in qt.chunks_exact_mut(c.head_dim) {
                         ops::rope_neox_table(hq, sc);
                     }
-                    kt.copy_from_slice(&row[qd..qd + kvd]);
+                    for (d, s) in kt.iter_mut().zip(&row[qd..qd + kvd]) {
+                        d.write(*s);
+                    }
+                    // SAFETY: every element of kt was initialised just above.
+                    let kt = unsafe { &mut *(kt as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
                     for hk in kt.chunks_exact_mut(c.head_dim) {
                         ops::rope_neox_table(hk, sc);
                     }
-                    vt.copy_from_slice(&row[qd + kvd..]);
+                    for (d, s) in vt.iter_mut().zip(&row[qd + kvd..]) {
+                        d.write(*s);
+                    }
                 });
+            // SAFETY: the n new rows of both caches were written above.
+            unsafe {
+                kc.set_len((p0 + n) * kvd);
+                vc.set_len((p0 + n) * kvd);
+            }
             prof.mark("rope_kv");
             let a1;
             let a: &[f32] = if n == 1 {
