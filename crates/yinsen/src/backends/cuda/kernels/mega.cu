@@ -43,6 +43,7 @@
 #define MG_BAR_NO_TAIL_FENCE 4
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
 #define MG_DOT_FLAT 16    // the flat (row, chunk) dot instead of fixed chunks
+#define MG_TMA 64         // weights by bulk copies (TMA + mbarrier), sm_90+
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -160,6 +161,56 @@ __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, u
     }
 }
 
+// Bulk (TMA) weight copies, sm_90+: one thread issues a few large copies
+// that complete on an mbarrier, instead of every thread issuing 16-byte
+// cp.async (whose issue stalls once the SM's request queue is full).
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+    unsigned done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+#endif
+}
+// Thread 0: copy the block's rows of W into dst, completing on bar.
+__device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x != 0) return;
+    const unsigned span = (unsigned)r.n * (unsigned)chunks * 16u, total = r.off2 >= 0 ? 2 * span : span;
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads of dst
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(total)
+                 : "memory");
+    for (int part = 0; part < (r.off2 >= 0 ? 2 : 1); part++) {
+        const char* src = (const char*)(W + (size_t)((part ? r.off2 : 0) + r.a) * chunks);
+        const unsigned d0 = smem_addr(dst) + part * span;
+        for (unsigned o = 0; o < span; o += 32768u) {
+            const unsigned nb = min(32768u, span - o);
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                             d0 + o),
+                         "l"(src + o), "r"(nb), "r"(smem_addr(bar))
+                         : "memory");
+        }
+    }
+#endif
+}
+
+__device__ __forceinline__ int mg_xsum(const int* xsum_s) {
+    int t = 0;
+#pragma unroll
+    for (int w = 0; w < MG_THREADS / 32; w++) t += xsum_s[w];
+    return t;
+}
+
 // Block-wide (sum, max) in one pass: one pair of barriers instead of two.
 // red: 64 floats of shared memory. m must be >= 0.
 __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red) {
@@ -183,9 +234,8 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 }
 
 // Block-wide: v = [rmsnorm](in) [* nw] quantised to int8 into xq (zero
-// padded to kpad); returns sx. The sum of the codes is added to *xsum_s
-// (zeroed by the caller; complete after the next __syncthreads, which
-// mg_dot ends with). Latency-bound, so one reduction: the sum of squares
+// padded to kpad); returns sx. The sum of the codes is left as 32 per-warp
+// partials in xsum_s (see mg_xsum). Latency-bound, so one reduction: the sum of squares
 // and max |v * nw| together, the norm's max then being max |v * nw| / r
 // (per element the codes use (v / r) * nw, as norm_quant does).
 // nw: the staged norm weight in shared memory, or null.
@@ -225,7 +275,7 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
 #else
     for (int o = 16; o > 0; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
 #endif
-    if ((tid & 31) == 0) atomicAdd(xsum_s, qs);
+    if ((tid & 31) == 0) xsum_s[tid >> 5] = qs;  // per-warp partials (no atomics)
     __syncthreads();  // xq complete
     return s;
 }
@@ -484,7 +534,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     __shared__ float2 rope_s[MG_QMAX / 8];
     __shared__ float red[64];
     __shared__ float ml[2 * MG_GMAX];
-    __shared__ int xsum_s;
+    __shared__ int xsum_s[MG_THREADS / 32];
+    __shared__ __align__(8) u64 mbar[2];
+    unsigned ph0 = 0, ph1 = 0;  // mbarrier phase of each weight buffer
     float* nws = big;
     float* qs = big;
     float* sc = big + MG_QMAX;
@@ -502,7 +554,16 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     __syncthreads();
     mg_prefetch_rows(W_(0, LT_QKV), cH, r_qkv, flags);
     mg_prefetch_rows(W_(0, LT_O), cQ, r_o, flags);
-    mg_wcopy(W_(0, LT_QKV), cH, r_qkv, wb0);
+    if (flags & MG_TMA) {
+        if (tid == 0) {
+            mbar_init(&mbar[0]);
+            mbar_init(&mbar[1]);
+        }
+        __syncthreads();
+        mg_wbulk(W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0]);
+    } else {
+        mg_wcopy(W_(0, LT_QKV), cH, r_qkv, wb0);
+    }
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
     mg_stage(F_(0, LT_ATTN_NORM), H, F_(0, LT_QKV_S), r_qkv, nws, scs);
     cp_async_wait();
@@ -514,19 +575,23 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
+        if (flags & MG_TMA) mg_wbulk(W_(l, LT_O), cQ, r_o, wb1, &mbar[1]);
         mg_prefetch_rows(W_(l, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        if (tid == 0) xsum_s = 0;
-        sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
+        sx = mg_quant(x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, xsum_s);
         mg_mark(trace, tb + 1);
-        mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
+        if (!(flags & MG_TMA)) mg_wcopy(W_(l, LT_O), cQ, r_o, wb1);
+        if (flags & MG_TMA) {
+            mbar_wait(&mbar[0], ph0);
+            ph0 ^= 1;
+        }
         mg_dot(cH, r_qkv, wb0, xq, acc_s, flags);
         mg_mark(trace, tb + 2);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
-            const float y = (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
+            const float y = (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
             if (row < nq + nk) {
-                const float partner = (float)(acc_s[tid ^ 1] - xsum_s) * (scs[tid ^ 1] / sx);
+                const float partner = (float)(acc_s[tid ^ 1] - mg_xsum(xsum_s)) * (scs[tid ^ 1] / sx);
                 const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
                 const float2 cs = rope_s[j];
                 const float x1 = second ? partner : y, x2 = second ? y : partner;
@@ -553,17 +618,21 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- O + residual
         mg_mark(trace, tb + 8);
+        if (flags & MG_TMA) mg_wbulk(W_(l, LT_GU), cH, r_gu, wb0, &mbar[0]);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_QKV), cH, r_qkv, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        if (tid == 0) xsum_s = 0;
-        sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, &xsum_s);
+        sx = mg_quant(attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, cQ * 64, xq, red, xsum_s);
         mg_mark(trace, tb + 9);
-        mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
+        if (!(flags & MG_TMA)) mg_wcopy(W_(l, LT_GU), cH, r_gu, wb0);
+        if (flags & MG_TMA) {
+            mbar_wait(&mbar[1], ph1);
+            ph1 ^= 1;
+        }
         mg_dot(cQ, r_o, wb1, xq, acc_s, flags);
         mg_mark(trace, tb + 10);
         if (tid < r_o.n) {
             const int row = r_o.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
         }
         __syncthreads();
         mg_stage(F_(l, LT_FFN_NORM), H, F_(l, LT_GU_S), r_gu, nws, scs);
@@ -571,18 +640,22 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
+        if (flags & MG_TMA) mg_wbulk(W_(l, LT_DN), cF, r_dn, wb1, &mbar[1]);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_O), cQ, r_o, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        if (tid == 0) xsum_s = 0;
-        sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, &xsum_s);
+        sx = mg_quant(x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, cH * 64, xq, red, xsum_s);
         mg_mark(trace, tb + 13);
-        mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
+        if (!(flags & MG_TMA)) mg_wcopy(W_(l, LT_DN), cF, r_dn, wb1);
+        if (flags & MG_TMA) {
+            mbar_wait(&mbar[0], ph0);
+            ph0 ^= 1;
+        }
         mg_dot(cH, r_gu, wb0, xq, acc_s, flags);
         mg_mark(trace, tb + 14);
         if (tid < r_gu.n) {
             const int row = r_gu.a + tid;
-            float g = (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
-            const float u = (float)(acc_s[tid + r_gu.n] - xsum_s) * (scs[tid + r_gu.n] / sx);
+            float g = (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
+            const float u = (float)(acc_s[tid + r_gu.n] - mg_xsum(xsum_s)) * (scs[tid + r_gu.n] / sx);
             if (gate == 1) {
                 g = fmaxf(g, 0.f);
                 hb[row] = g * g * u;
@@ -596,17 +669,21 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_();
         // ---- down + residual
         mg_mark(trace, tb + 16);
+        if (l + 1 < n_layers && (flags & MG_TMA)) mg_wbulk(W_(l + 1, LT_QKV), cH, r_qkv, wb0, &mbar[0]);
         if (l + 1 < n_layers) mg_prefetch_rows(W_(l + 1, LT_GU), cH, r_gu, flags);
         if (tid < MG_MAXROWS) acc_s[tid] = 0;
-        if (tid == 0) xsum_s = 0;
-        sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, &xsum_s);
+        sx = mg_quant(hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, cF * 64, xq, red, xsum_s);
         mg_mark(trace, tb + 17);
-        if (l + 1 < n_layers) mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
+        if (l + 1 < n_layers && !(flags & MG_TMA)) mg_wcopy(W_(l + 1, LT_QKV), cH, r_qkv, wb0);
+        if (flags & MG_TMA) {
+            mbar_wait(&mbar[1], ph1);
+            ph1 ^= 1;
+        }
         mg_dot(cF, r_dn, wb1, xq, acc_s, flags);
         mg_mark(trace, tb + 18);
         if (tid < r_dn.n) {
             const int row = r_dn.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - xsum_s) * (scs[tid] / sx);
+            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
         }
         mg_mark(trace, tb + 19);
         if (l + 1 < n_layers) {
