@@ -437,9 +437,12 @@ mod tests {
         let pool = SpinPool::new(3).unwrap();
         let hits = AtomicUsize::new(0);
         for _ in 0..3 {
-            // Longer than SPIN_FOR: the workers have parked.
-            thread::sleep(SPIN_FOR * 3);
-            assert!(pool.shared.sleepers.0.load(Ordering::SeqCst) <= 2);
+            // Idle past SPIN_FOR: both workers park (deadline for a busy machine).
+            let t0 = Instant::now();
+            while pool.shared.sleepers.0.load(Ordering::SeqCst) != 2 && t0.elapsed() < Duration::from_secs(5) {
+                thread::sleep(SPIN_FOR);
+            }
+            assert_eq!(pool.shared.sleepers.0.load(Ordering::SeqCst), 2, "workers did not park");
             pool.run(|_, _| {
                 hits.fetch_add(1, Ordering::SeqCst);
             });
