@@ -556,25 +556,32 @@ mod x86 {
 /// Plain per-(token, head) attention: the readable reference the tiled loop
 /// is tested against, and the decode path (one query, nothing to tile).
 pub fn causal_attention_simple(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
+    let (hd, qd) = (s.head_dim, s.n_heads * s.head_dim);
+    let mut out = vec![0f32; n * qd];
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each(|(i, o)| simple_head(s, q, kc, vc, p0, i, o));
+    out
+}
+
+/// Output `o` (`head_dim` floats) of `causal_attention_simple` for head
+/// slot `i` (token `i / n_heads`, head `i % n_heads`).
+pub fn simple_head(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, i: usize, o: &mut [f32]) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; n * qd];
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-        let (t, h) = (i / s.n_heads, i % s.n_heads);
-        let kvh = h / group;
-        let qv = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-        let len = p0 + t + 1;
-        let mut scores: Vec<f32> = (0..len)
-            .map(|p| ops::dot(qv, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
-            .collect();
-        ops::softmax(&mut scores);
-        o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            ops::axpy(o, w, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]);
-        }
-    });
-    out
+    let (t, h) = (i / s.n_heads, i % s.n_heads);
+    let kvh = h / group;
+    let qv = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+    let len = p0 + t + 1;
+    let mut scores: Vec<f32> = (0..len)
+        .map(|p| ops::dot(qv, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
+        .collect();
+    ops::softmax(&mut scores);
+    o.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        ops::axpy(o, w, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]);
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use super::kernels::policy::KernelPolicy;
 use super::linear::{Epilogue, Linear, QuantizedInput};
 use super::lm_head;
 use super::ops;
+use super::spin_pool::SpinPool;
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, Model, ModelConfig};
@@ -75,6 +76,9 @@ pub struct CpuBackend {
     layers: Vec<PreparedLayer>,
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
+    /// Decode's fork-joins (one-token matmuls, lm_head): spinning workers
+    /// start a run far faster than sleeping rayon workers wake.
+    spin: SpinPool,
     threads: usize,
     /// Optional 8-bit copy of the lm_head (halves decode bytes).
     lm_head_q8: Option<DenseMatrix>,
@@ -172,6 +176,7 @@ impl CpuBackend {
             .thread_name(|i| format!("yinsen-cpu-{i}"))
             .build()
             .map_err(|e| Error::backend("cpu", e.to_string()))?;
+        let spin = SpinPool::new(threads).map_err(|e| Error::backend("cpu", e.to_string()))?;
         let layers = pool.install(|| {
             model
                 .layers
@@ -199,6 +204,7 @@ impl CpuBackend {
             layers,
             inv_freq,
             pool,
+            spin,
             threads,
             lm_head_q8,
         })
@@ -244,18 +250,44 @@ impl CpuBackend {
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        // Decode has one query per head: nothing to tile.
+        // Decode has one query per head: nothing to tile. Heads in
+        // contiguous groups on the spin pool, whose workers would otherwise
+        // spin against rayon's for the cores.
         if n == 1 {
-            attention::causal_attention_simple(&shape, q, kc, vc, p0, n)
+            let hd = c.head_dim;
+            let mut out = vec![0f32; c.q_dim()];
+            self.spin.for_ranges(&mut out, hd, |r0, o| {
+                for (k, oh) in o.chunks_exact_mut(hd).enumerate() {
+                    attention::simple_head(&shape, q, kc, vc, p0, r0 / hd + k, oh);
+                }
+            });
+            out
         } else {
             attention::causal_attention(&shape, q, kc, vc, p0, n)
         }
     }
 
     fn logits(&self, h: &[f32], head: &DenseMatrix) -> Vec<f32> {
+        self.logits_chunks(h, head, super::linear::spin_chunks_per_thread())
+    }
+
+    /// `per`: vocabulary chunks per spin-pool thread for one token (1 = fixed ranges).
+    fn logits_chunks(&self, h: &[f32], head: &DenseMatrix, per: usize) -> Vec<f32> {
         let c = &self.model.config;
         let n = h.len() / c.hidden;
         let vocab = head.rows;
+        if n == 1 {
+            // Decode: contiguous vocabulary ranges on the spin pool.
+            let mut out = vec![0f32; vocab];
+            let dot = |r0: usize, o: &mut [f32]| lm_head::rows_dot(head, r0, h, 1, o, &mut Vec::new());
+            if per <= 1 {
+                self.spin.for_ranges(&mut out, 16, dot);
+            } else {
+                let chunk = super::spin_pool::split_len(vocab, self.threads * per, 16);
+                self.spin.for_chunks(&mut out, chunk, dot);
+            }
+            return out;
+        }
         // Row-major over the vocabulary so each lm_head row is read once,
         // up to 4 tokens at a time (the SIMD kernels' register budget).
         let mut out = vec![0f32; n * vocab];
@@ -309,7 +341,7 @@ impl CpuBackend {
             if n > 1 {
                 pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
             } else {
-                pl.qkv.forward(&xq, &mut qkv, th);
+                pl.qkv.forward_spin(&xq, &mut qkv, &self.spin);
             }
             prof.mark("qkv");
             // Grow the cache by n rows, then rope q/k and copy v per token in
@@ -368,7 +400,7 @@ impl CpuBackend {
                 prof.mark("o");
             } else {
                 let mut o = vec![0f32; n * hid];
-                pl.o.forward(&aq, &mut o, th);
+                pl.o.forward_spin(&aq, &mut o, &self.spin);
                 prof.mark("o");
                 for (xi, oi) in x.iter_mut().zip(&o) {
                     *xi += oi;
@@ -386,7 +418,7 @@ impl CpuBackend {
                 prof.mark("gate_up");
             } else {
                 let mut gu = vec![0f32; n * 2 * f];
-                pl.gate_up.forward(&mq, &mut gu, th);
+                pl.gate_up.forward_spin(&mq, &mut gu, &self.spin);
                 prof.mark("gate_up");
                 act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
                     let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
@@ -407,7 +439,7 @@ impl CpuBackend {
                 prof.mark("down");
             } else {
                 let mut d = vec![0f32; n * hid];
-                pl.down.forward(&dq, &mut d, th);
+                pl.down.forward_spin(&dq, &mut d, &self.spin);
                 prof.mark("down");
                 for (xi, di) in x.iter_mut().zip(&d) {
                     *xi += di;
@@ -518,5 +550,73 @@ impl CpuBackend {
             capacity: capacity.min(cfg.max_ctx),
             kv_dim: snap.kv_dim,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic::{self, SplitMix64};
+
+    /// One-token logits on the spin pool (1, 2, 5 threads; F16 head and the
+    /// Q8_0 copy) against every row computed alone on this thread: same bits.
+    #[test]
+    fn one_token_logits_on_spin_pool_are_bit_equal() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let hid = model.config.hidden;
+        let mut r = SplitMix64(21);
+        let h: Vec<f32> = (0..hid).map(|_| r.next_f32() * 2.0 - 1.0).collect();
+        for threads in [1, 2, 5] {
+            let opts = CpuOptions {
+                kernel: "scalar".into(),
+                threads,
+                lm_head_q8: true,
+                policy: None,
+            };
+            let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
+            for head in [model.lm_head(), be.lm_head_q8.as_ref().unwrap()] {
+                let mut want = vec![f32::NAN; head.rows];
+                let mut scratch = Vec::new();
+                for (row, w) in want.iter_mut().enumerate() {
+                    lm_head::rows_dot(head, row, &h, 1, std::slice::from_mut(w), &mut scratch);
+                }
+                assert!(want.iter().any(|&v| v != 0.0));
+                for per in [1, 3] {
+                    let got = be.logits_chunks(&h, head, per);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{threads} threads, per {per}, {:?}",
+                        head.dtype
+                    );
+                }
+            }
+        }
+    }
+
+    /// Decode attention on the spin pool equals the rayon per-head version
+    /// bit for bit (1, 2, 5 threads; 5 leaves a thread without heads).
+    #[test]
+    fn one_token_attention_on_spin_pool_is_bit_equal() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let c = model.config.clone();
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let mut r = SplitMix64(4);
+        let p0 = 13;
+        let mut rnd = |k: usize| (0..k).map(|_| r.next_f32() * 2.0 - 1.0).collect::<Vec<f32>>();
+        let (q, kc, vc) = (rnd(c.q_dim()), rnd((p0 + 1) * c.kv_dim()), rnd((p0 + 1) * c.kv_dim()));
+        let want = attention::causal_attention_simple(&shape, &q, &kc, &vc, p0, 1);
+        assert!(want.iter().any(|&v| v != 0.0));
+        for threads in [1, 2, 5] {
+            let be = CpuBackend::new(model.clone(), "scalar", threads).unwrap();
+            let got = be.attention(&q, &kc, &vc, p0, 1);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{threads} threads");
+        }
     }
 }

@@ -11,6 +11,7 @@ use super::kernels::policy::KernelPolicy;
 use super::kernels::PackedTernary;
 use super::ops;
 use super::reference;
+use super::spin_pool::SpinPool;
 use crate::error::Result;
 use crate::model::{Activation, TernaryMatrix, WeightScale};
 
@@ -183,6 +184,22 @@ enum Weights {
 /// that starts late (woken from sleep) be covered by the others.
 const DECODE_CHUNKS_PER_THREAD: usize = 2;
 
+/// Row chunks per spin-pool thread of a one-token matmul (and lm_head):
+/// 1 = one fixed contiguous range per thread; more = chunks claimed from a
+/// shared counter. 4 by default: equal to 1 on the 16-core device Xeon,
+/// +10-20% here, where the 2 cores are shared and a static half can lag.
+/// `YINSEN_SPIN_CHUNKS` for tuning runs.
+pub fn spin_chunks_per_thread() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("YINSEN_SPIN_CHUNKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=64).contains(&n))
+            .unwrap_or(4)
+    })
+}
+
 /// Row-chunk tasks per thread of a many-token matmul: 4 up to 4 threads (2
 /// threads here: 4 beat a 512 KiB cap by 4%), 8 from 8 threads (16-thread
 /// Xeon, AMX pp512: 1 -> 981, 2 -> 1196, 4 -> 1261, 8 -> 1406, 16 -> 1417
@@ -196,6 +213,31 @@ fn multi_tasks_per_thread(threads: usize) -> usize {
             .filter(|&n| (1..=64).contains(&n))
     });
     env.unwrap_or(if threads >= 8 { 8 } else { 4 })
+}
+
+/// One token, rows `r0..r0 + o.len()` (r0 a multiple of the row block):
+/// exact GEMV into a per-thread accumulator (reused, no allocation per
+/// call), then `acc * (w_scale / s)` per fused part.
+fn one_token_rows(packed: &dyn PackedTernary, parts: &[(usize, f32)], x: &QuantizedInput, r0: usize, o: &mut [f32]) {
+    thread_local! {
+        static ACC: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let r1 = r0 + o.len();
+    let s = x.s[0];
+    ACC.with_borrow_mut(|acc| {
+        acc.clear();
+        acc.resize(o.len(), 0);
+        packed.gemm(&x.q, 1, r0, r1, acc);
+        let mut p0 = 0;
+        for &(prows, ws) in parts {
+            let (a, b) = (p0.max(r0), (p0 + prows).min(r1));
+            let f = ws / s;
+            for r in a..b {
+                o[r - r0] = acc[r - r0] as f32 * f;
+            }
+            p0 += prows;
+        }
+    });
 }
 
 pub struct Linear {
@@ -257,22 +299,36 @@ impl Linear {
         let rb = packed.row_block().max(1);
         let chunks = (threads * DECODE_CHUNKS_PER_THREAD).max(1);
         let rows = self.n_out.div_ceil(chunks).div_ceil(rb) * rb;
-        let s = x.s[0];
-        out.par_chunks_mut(rows).enumerate().for_each(|(ci, o)| {
-            let (r0, r1) = (ci * rows, ci * rows + o.len());
-            let mut acc = vec![0i32; o.len()];
-            packed.gemm(&x.q, 1, r0, r1, &mut acc);
-            let mut p0 = 0;
-            for &(prows, ws) in parts {
-                let (a, b) = (p0.max(r0), (p0 + prows).min(r1));
-                let f = ws / s;
-                for r in a..b {
-                    o[r - r0] = acc[r - r0] as f32 * f;
-                }
-                p0 += prows;
-            }
-        });
+        out.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(ci, o)| one_token_rows(&**packed, parts, x, ci * rows, o));
         true
+    }
+
+    /// Decode on the spin pool: thread `tid` computes one contiguous,
+    /// row-block aligned range of rows and applies their scales. Bit-equal
+    /// to [`Self::forward`] (same per-row operations). Falls back to
+    /// `forward` for many tokens and per-block weights.
+    pub fn forward_spin(&self, x: &QuantizedInput, out: &mut [f32], pool: &SpinPool) {
+        self.forward_spin_chunks(x, out, pool, spin_chunks_per_thread())
+    }
+
+    /// [`Self::forward_spin`] with `per` row chunks per thread (1 = fixed ranges).
+    pub fn forward_spin_chunks(&self, x: &QuantizedInput, out: &mut [f32], pool: &SpinPool, per: usize) {
+        debug_assert_eq!(x.n_in, self.n_in);
+        debug_assert_eq!(out.len(), x.n_tokens() * self.n_out);
+        match &self.weights {
+            Weights::Packed { packed, parts } if x.n_tokens() == 1 => {
+                let rb = packed.row_block().max(1);
+                if per <= 1 {
+                    pool.for_ranges(out, rb, |r0, o| one_token_rows(&**packed, parts, x, r0, o));
+                } else {
+                    let chunk = super::spin_pool::split_len(self.n_out, pool.threads() * per, rb);
+                    pool.for_chunks(out, chunk, |r0, o| one_token_rows(&**packed, parts, x, r0, o));
+                }
+            }
+            _ => self.forward(x, out, pool.threads()),
+        }
     }
 
     /// `out[t * n_out + r]` (token-major) for every token of `x`.
@@ -518,6 +574,7 @@ mod tests {
         let x1 = QuantizedInput::new(&x[..n_in], n_in);
         assert_eq!(x1.q[..], x3.q[..n_in]);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let spins: Vec<SpinPool> = [1, 2, 5].into_iter().map(|n| SpinPool::new(n).unwrap()).collect();
         for name in super::super::kernels::available() {
             let lin = Linear::prepare(&KernelPolicy::single(name).unwrap(), &refs).unwrap();
             for threads in [1, 3] {
@@ -528,6 +585,19 @@ mod tests {
                     lin.forward(&x3, &mut gen, threads);
                 });
                 assert_eq!(one[..], gen[..n_out], "{name}, {threads} threads");
+                // The spin-pool decode path (1, 2, 5 threads; 5 leaves some
+                // threads with fewer rows or none) gives the same bits.
+                for sp in &spins {
+                    for per in [1, 2, 4] {
+                        let mut spun = vec![f32::NAN; n_out];
+                        lin.forward_spin_chunks(&x1, &mut spun, sp, per);
+                        let t = sp.threads();
+                        assert_eq!(bits(&spun), bits(&gen[..n_out]), "{name}, spin {t} per {per}");
+                        let mut spun3 = vec![f32::NAN; 3 * n_out];
+                        lin.forward_spin_chunks(&x3, &mut spun3, sp, per);
+                        assert_eq!(bits(&spun3), bits(&gen), "{name}, spin {t} per {per} 3 tokens");
+                    }
+                }
                 let mut r0 = 0;
                 for m in &mats {
                     let f = m.tensor_scale().unwrap() / x1.s[0];

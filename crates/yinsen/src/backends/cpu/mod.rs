@@ -8,5 +8,6 @@ pub mod linear;
 pub mod lm_head;
 pub mod ops;
 pub mod reference;
+pub mod spin_pool;
 
 pub use forward::{CpuBackend, CpuOptions};
