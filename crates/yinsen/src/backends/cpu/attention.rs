@@ -399,21 +399,13 @@ mod x86 {
         }
         let (vp, ap, cp) = (b.v.as_ptr(), acc.as_mut_ptr(), corr.as_ptr());
         for d0 in (0..hd).step_by(64) {
+            // 4 rows at a time, then single rows.
             let mut r = 0;
-            while r + 4 <= rows {
-                pv::<4>(
-                    sp.add(r * K_BLOCK),
-                    b.kb,
-                    vp.add(d0),
-                    b.kvd,
-                    ap.add(r * hd + d0),
-                    hd,
-                    cp.add(r),
-                );
-                r += 4;
-            }
             while r < rows {
-                pv::<1>(
+                let step = if r + 4 <= rows { 4 } else { 1 };
+                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) =
+                    if step == 4 { pv::<4> } else { pv::<1> };
+                kernel(
                     sp.add(r * K_BLOCK),
                     b.kb,
                     vp.add(d0),
@@ -422,7 +414,7 @@ mod x86 {
                     hd,
                     cp.add(r),
                 );
-                r += 1;
+                r += step;
             }
         }
     }

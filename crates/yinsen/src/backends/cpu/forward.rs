@@ -311,6 +311,20 @@ impl CpuBackend {
         out
     }
 
+    /// `x += W q`: for many tokens the residual add runs in the matmul's
+    /// epilogue (same float ops); one token goes through the spin pool.
+    fn add_linear(&self, lin: &Linear, q: &QuantizedInput, x: &mut [f32], threads: usize) {
+        if q.n_tokens() > 1 {
+            lin.forward_multi(q, x, Epilogue::Add, threads);
+        } else {
+            let mut y = vec![0f32; x.len()];
+            lin.forward_spin(q, &mut y, &self.spin);
+            for (xi, yi) in x.iter_mut().zip(&y) {
+                *xi += yi;
+            }
+        }
+    }
+
     fn forward_inner(&self, cache: &mut CpuKvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         let m = &*self.model;
         let c = &m.config;
@@ -394,18 +408,8 @@ impl CpuBackend {
                 None => QuantizedInput::new(a, qd),
             };
             prof.mark("norm_quant");
-            if n > 1 {
-                // Residual add fused into the epilogue (same float ops).
-                pl.o.forward_multi(&aq, &mut x, Epilogue::Add, th);
-                prof.mark("o");
-            } else {
-                let mut o = vec![0f32; n * hid];
-                pl.o.forward_spin(&aq, &mut o, &self.spin);
-                prof.mark("o");
-                for (xi, oi) in x.iter_mut().zip(&o) {
-                    *xi += oi;
-                }
-            }
+            self.add_linear(&pl.o, &aq, &mut x, th);
+            prof.mark("o");
             // FFN block.
             prof.mark("residual");
             let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
@@ -434,17 +438,8 @@ impl CpuBackend {
                 None => QuantizedInput::new(&act, f),
             };
             prof.mark("norm_quant");
-            if n > 1 {
-                pl.down.forward_multi(&dq, &mut x, Epilogue::Add, th);
-                prof.mark("down");
-            } else {
-                let mut d = vec![0f32; n * hid];
-                pl.down.forward_spin(&dq, &mut d, &self.spin);
-                prof.mark("down");
-                for (xi, di) in x.iter_mut().zip(&d) {
-                    *xi += di;
-                }
-            }
+            self.add_linear(&pl.down, &dq, &mut x, th);
+            prof.mark("down");
         }
         prof.mark("residual");
         cache.len = p0 + n;

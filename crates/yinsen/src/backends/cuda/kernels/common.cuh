@@ -99,3 +99,27 @@ __device__ __forceinline__ void pdl_launch() {
 #endif
 }
 
+
+// Epilogue of one output row of the fused q|k|v matrix for one token at
+// position p: RoPE on the pair-interleaved q|k rows (layout rows 2j, 2j+1 of
+// a head are dims j, j + hd/2; `partner` is the other row of the pair), the
+// rotated q to q_out (natural order), k and v to the caches at p.
+// rope_row: the (cos, sin) pairs of position p.
+template <typename KV>
+__device__ __forceinline__ void qkv_rope_store(int row, float y, float partner, int p, const float2* rope_row,
+                                               int n_heads, int n_kv, int hd, int cap, float* q_out, KV* kc,
+                                               KV* vc) {
+    const int half = hd / 2, nq = n_heads * hd, nk = n_kv * hd;
+    if (row < nq + nk) {
+        const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
+        const float2 cs = rope_row[j];
+        const float x1 = second ? partner : y, x2 = second ? y : partner;
+        const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
+        const int d = j + (second ? half : 0);
+        if (row < nq) q_out[h * hd + d] = o;
+        else kv_store(kc + ((size_t)h * cap + p) * hd + d, o);
+    } else {
+        const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
+        kv_store(vc + ((size_t)h * cap + p) * hd + d, y);
+    }
+}

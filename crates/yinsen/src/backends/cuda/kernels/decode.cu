@@ -134,19 +134,8 @@ __device__ __forceinline__ void dec_mm_body(const uint4* __restrict__ W, int n_r
         out[row] += y;
         return;
     }
-    const int p = pos[0], half = hd / 2, nq = n_heads * hd, nk = n_kv * hd;
-    if (row < nq + nk) {
-        const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
-        const float2 cs = rope[(size_t)p * half + j];
-        const float x1 = second ? partner : y, x2 = second ? y : partner;
-        const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
-        const int d = j + (second ? half : 0);
-        if (row < nq) out[h * hd + d] = o;
-        else kv_store(kc + ((size_t)h * cap + p) * hd + d, o);
-    } else {
-        const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
-        kv_store(vc + ((size_t)h * cap + p) * hd + d, y);
-    }
+    const int p = pos[0];
+    qkv_rope_store(row, y, partner, p, rope + (size_t)p * (hd / 2), n_heads, n_kv, hd, cap, out, kc, vc);
 }
 
 #define DEC_MM(L, SUF, KV)                                                                                 \
