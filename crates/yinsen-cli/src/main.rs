@@ -81,8 +81,9 @@ struct ModelArgs {
     /// Override the FFN activation (relu2 or silu), e.g. for `bitnet` GGUFs.
     #[arg(long)]
     activation: Option<String>,
-    /// lm_head precision on the CPU: "native" (file dtype) or "q8" (an 8-bit
-    /// copy: half the bytes per decode step, small logit error).
+    /// lm_head precision: "native" (file dtype; f16 on CUDA) or "q8" (an 8-bit
+    /// Q8_0 copy: half the bytes per decode step, small logit error; on CUDA
+    /// it serves the one-token decode step, prefill logits stay f16).
     #[arg(long, default_value = "native")]
     lm_head: String,
     /// Hybrid weights: "dual" (every path's layout resident) or "lazy"
@@ -220,6 +221,11 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         "off" => yinsen::dispatch::ProfileChoice::Off,
         f => yinsen::dispatch::ProfileChoice::File(f.into()),
     };
+    if lm_head_q8 && std::env::var_os("YINSEN_CUDA_LM_HEAD").is_none() {
+        // The CUDA backend reads its lm_head choice when it is built (inside
+        // Engine::load); set before any worker thread exists.
+        std::env::set_var("YINSEN_CUDA_LM_HEAD", "q8");
+    }
     let engine = Engine::load(
         &m.model,
         EngineOptions {
@@ -410,8 +416,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             prompts: &a.n_prompt.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             gens: &a.n_gen.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             repeats: a.repeats.max(1),
-            // Only the CPU path reads the 8-bit copy; CUDA keeps its f16 lm_head.
-            lm_head_q8: a.m.lm_head == "q8" && !engine.backend.name().starts_with("cuda"),
+            // Both paths decode from the 8-bit copy (CUDA: one-token steps).
+            lm_head_q8: a.m.lm_head == "q8",
             progress: &progress,
         },
     )?;
@@ -501,7 +507,7 @@ fn report_hybrid(h: &yinsen::dispatch::HybridBackend) {
 /// Issue-4 timings (CUDA events, medians, warm-up and compilation excluded).
 fn print_cuda_bench(engine: &Engine) -> Result<()> {
     let cb = yinsen::backends::cuda::CudaBackend::new(&engine.model, 0)?;
-    let r = yinsen::backends::cuda::bench::bench(&cb)?;
+    let r = yinsen::backends::cuda::bench::bench(&cb, Some(&engine.model))?;
     let m = &engine.model;
     let gb = yinsen::bench::decode_bytes_per_token(m, false) as f64 / 1e9;
     println!("cuda: {} ({})", r.device, r.arch);
@@ -523,6 +529,9 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.decode_tok_s_ctx0_per_kernel,
         r.decode_tok_s_ctx2048_per_kernel
     );
+    if let (Some(a), Some(l)) = (r.decode_tok_s_ctx0_lm_head_q8, r.decode_tok_s_ctx2048_lm_head_q8) {
+        println!("| decode, 8-bit lm_head | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
+    }
     let ops = 2.0 * m.ternary_bytes() as f64 * 4.0 / 1e12; // TOP per token (2 ops per ternary MAC)
     println!(
         "| prefill 512 | {:.2} ms | {:.0} TOPS ternary |",

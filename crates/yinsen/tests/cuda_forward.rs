@@ -265,7 +265,7 @@ fn kv_dtype_bytes_and_mismatch() {
 fn bench_runs_on_tiny() {
     let model = synthetic::build("tiny").unwrap();
     let Some(gpu) = cuda(&model) else { return };
-    let r = yinsen::backends::cuda::bench::bench(&gpu).unwrap();
+    let r = yinsen::backends::cuda::bench::bench(&gpu, Some(&model)).unwrap();
     println!("bench tiny: {}", serde_json::to_string(&r).unwrap());
     assert!(r.decode_tok_s_ctx0 > 0.0 && r.prefill_ms_512 > 0.0);
 }
@@ -289,7 +289,7 @@ fn bench_2b4t_on_device() {
         "2b4t: build {build_s:.1}s, upload+compile {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    let r = yinsen::backends::cuda::bench::bench(&gpu).unwrap();
+    let r = yinsen::backends::cuda::bench::bench(&gpu, Some(&model)).unwrap();
     println!("bench 2b4t: {}", serde_json::to_string(&r).unwrap());
 }
 
@@ -394,4 +394,54 @@ fn mega_decode_matches_per_kernel_decode() {
             }
         }
     }
+}
+
+/// The 8-bit lm_head on the GPU decode step against the CPU with the same
+/// Q8_0 copy (same bytes, so only float order and the flip-prone limits
+/// separate them), and against the GPU's own f16 lm_head (a real change in
+/// the logits, bounded like the CPU's `q8_lm_head_error_on_fixtures`).
+#[test]
+fn q8_lm_head_decode_matches_cpu_q8() {
+    use yinsen::backends::cpu::CpuOptions;
+    let model = synthetic::build("tiny").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let vocab = model.config.vocab;
+    let cpu = CpuBackend::with_options(
+        Arc::new(model.clone()),
+        &CpuOptions {
+            threads: 2,
+            lm_head_q8: true,
+            ..CpuOptions::default()
+        },
+    )
+    .unwrap();
+    let ids = prompt(12, vocab);
+    let stream: Vec<u32> = (0..30).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let decode = |b: &dyn Backend| -> Vec<Vec<f32>> {
+        let mut c = b.new_cache(64).unwrap();
+        b.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
+        stream
+            .iter()
+            .map(|&t| b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
+            .collect()
+    };
+    let f16 = decode(&gpu);
+    assert!(!gpu.set_lm_head_q8(Some(model.lm_head())).unwrap());
+    let q8 = decode(&gpu);
+    let want = decode(&cpu);
+    gpu.set_lm_head_q8(None).unwrap();
+    let mut worst = (0f32, 0f32);
+    for (i, ((g, c), f)) in q8.iter().zip(&want).zip(&f16).enumerate() {
+        let (d, _) = close(g, c, vocab, &format!("q8 lm_head step {i} vs CPU q8"));
+        worst.0 = worst.0.max(d);
+        let dq = max_abs(g, f);
+        let mean = g.iter().zip(f).map(|(a, b)| (a - b).abs()).sum::<f32>() / vocab as f32;
+        assert!(dq <= 0.1 && mean <= 0.01, "step {i}: q8 vs f16 lm_head {dq} / {mean}");
+        worst.1 = worst.1.max(dq);
+    }
+    println!(
+        "q8 lm_head decode: vs CPU q8 max {:.3e}; vs f16 lm_head max {:.3e}",
+        worst.0, worst.1
+    );
+    assert!(worst.1 > 0.0, "the 8-bit lm_head should change the logits somewhere");
 }

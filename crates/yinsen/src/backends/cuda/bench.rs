@@ -39,6 +39,9 @@ pub struct CudaBench {
     /// Phases of the persistent decode at ctx 0 and 2048 (block 0's clock).
     pub mega_phases_ctx0: Vec<PhaseTime>,
     pub mega_phases_ctx2048: Vec<PhaseTime>,
+    /// Decode at ctx 0 / 2048 with the 8-bit lm_head copy (when a model was given).
+    pub decode_tok_s_ctx0_lm_head_q8: Option<f64>,
+    pub decode_tok_s_ctx2048_lm_head_q8: Option<f64>,
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
@@ -121,12 +124,26 @@ fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
     Ok(out)
 }
 
-/// Run every measurement the model's context length allows.
-pub fn bench(b: &CudaBackend) -> Result<CudaBench> {
+/// Decode tok/s at ctx 0 and `long` with the 8-bit lm_head (then back to f16).
+fn q8_decode(b: &CudaBackend, model: Option<&crate::model::Model>, long: usize) -> Result<(Option<f64>, Option<f64>)> {
+    let Some(m) = model else { return Ok((None, None)) };
+    let was = b.set_lm_head_q8(Some(m.lm_head()))?;
+    let r = decode_at(b, 0, 128, 3).and_then(|a| Ok((a, decode_at(b, long, 128, 3)?)));
+    b.set_lm_head_q8(if was { Some(m.lm_head()) } else { None })?;
+    let (a, l) = r?;
+    Ok((Some(a), Some(l)))
+}
+
+/// Run every measurement the model's context length allows (`model`: the
+/// backend's model, for the 8-bit lm_head rows; None skips them).
+pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<CudaBench> {
     let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
+    let (q8_0, q8_long) = q8_decode(b, model, long)?;
     Ok(CudaBench {
+        decode_tok_s_ctx0_lm_head_q8: q8_0,
+        decode_tok_s_ctx2048_lm_head_q8: q8_long,
         device: g.info.name.clone(),
         arch: g.arch.clone(),
         kernels_from_cache: g.from_cache,

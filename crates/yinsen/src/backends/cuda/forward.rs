@@ -154,6 +154,10 @@ pub struct CudaBackend {
     layers: Vec<GpuLayer>,
     embed: DevBuf,
     lm_head: Option<DevBuf>,
+    /// Optional 8-bit lm_head for the decode step (the CPU's `--lm-head q8`
+    /// bytes, split: int8 values, f16 scales), and whether decode uses it.
+    lm_head_q8: Mutex<Option<(DevBuf, DevBuf)>>,
+    lm_head_q8_on: std::sync::atomic::AtomicBool,
     final_norm: DevBuf,
     rope: DevBuf,
     max_splits: usize,
@@ -258,6 +262,22 @@ impl KvCache for CudaCache {
 }
 
 /// A dense matrix as f16 bytes (converted on the host when stored otherwise).
+/// The lm_head as ggml Q8_0 (the CPU's 8-bit copy, same numbers), split for
+/// aligned GPU loads: int8 values `[rows][cols]` and the f16 scale of each
+/// 32 values `[rows][cols / 32]`.
+fn q8_split(m: &DenseMatrix) -> Result<(Vec<u8>, Vec<u8>)> {
+    let q = m.to_q8_0()?;
+    let (mut vals, mut scales) = (
+        Vec::with_capacity(m.rows * m.cols),
+        Vec::with_capacity(m.rows * m.cols / 16),
+    );
+    for blk in q.data.as_slice().chunks_exact(34) {
+        scales.extend_from_slice(&blk[..2]);
+        vals.extend_from_slice(&blk[2..]);
+    }
+    Ok((vals, scales))
+}
+
 fn dense_to_f16(m: &DenseMatrix) -> Vec<u8> {
     if m.dtype == DenseType::F16 {
         return m.data.as_slice().to_vec();
@@ -372,7 +392,7 @@ impl CudaBackend {
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_FLAGS={v}: expected an integer")))?,
             Err(_) => MEGA_DEFAULT_FLAGS,
         };
-        Ok(Self {
+        let be = Self {
             mega_flags: mega_flags.into(),
             mega_on: mega.is_some().into(),
             mega,
@@ -384,6 +404,8 @@ impl CudaBackend {
             layers,
             embed,
             lm_head,
+            lm_head_q8: Mutex::new(None),
+            lm_head_q8_on: false.into(),
             final_norm,
             rope,
             max_splits,
@@ -392,7 +414,11 @@ impl CudaBackend {
             mma_min_tokens: 17.into(),
             flash: (flash_on as u8).into(),
             flash_ok,
-        })
+        };
+        if std::env::var("YINSEN_CUDA_LM_HEAD").is_ok_and(|v| v.eq_ignore_ascii_case("q8")) {
+            be.set_lm_head_q8(Some(model.lm_head()))?;
+        }
+        Ok(be)
     }
 
     /// The persistent decode's layer table, or None where mega.cu's limits
@@ -895,8 +921,31 @@ impl CudaBackend {
         let c = &self.config;
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
-        let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize);
+        if self.lm_head_q8_on.load(std::sync::atomic::Ordering::Relaxed) {
+            let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
+            g.launch_ex(
+                "lm_head_dec_q8",
+                (blocks as u32, 1, 1),
+                256,
+                &[
+                    vals.p(),
+                    scales.p(),
+                    Arg::I(c.vocab as i32),
+                    Arg::I(c.hidden as i32),
+                    s.x.p(),
+                    self.final_norm.p(),
+                    Arg::F(c.rms_eps),
+                    s.logits.p(),
+                    s.best.p(),
+                ],
+                pdl,
+            )?;
+            g.set_tag("");
+            return Ok(());
+        }
+        let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         g.launch_ex(
             "lm_head_dec",
             (blocks as u32, 1, 1),
@@ -915,6 +964,33 @@ impl CudaBackend {
         )?;
         g.set_tag("");
         Ok(())
+    }
+
+    /// Decode with an 8-bit copy of `lm_head` (the model's output matrix:
+    /// ggml Q8_0, the same bytes as the CPU's `--lm-head q8`; half the bytes
+    /// of f16; `YINSEN_CUDA_LM_HEAD=q8` at construction), or with the f16 one
+    /// (None). It serves the one-token decode step (graphs captured
+    /// afterwards); prefill logits stay f16. Returns the previous setting.
+    pub fn set_lm_head_q8(&self, lm_head: Option<&DenseMatrix>) -> Result<bool> {
+        let c = &self.config;
+        let on = lm_head.is_some();
+        if let Some(m) = lm_head {
+            if !c.hidden.is_multiple_of(32) || c.hidden > DM_NMAX || !self.fused {
+                return Err(Error::Unsupported(format!(
+                    "CUDA 8-bit lm_head needs the fused decode and a width divisible by 32 (<= {DM_NMAX}), got {}",
+                    c.hidden
+                )));
+            }
+            let mut q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            if q.is_none() {
+                if m.rows != c.vocab || m.cols != c.hidden {
+                    return Err(Error::input("8-bit lm_head: matrix shape differs from the model's"));
+                }
+                let (vals, scales) = q8_split(m)?;
+                *q = Some((self.gpu.upload(&vals)?, self.gpu.upload(&scales)?));
+            }
+        }
+        Ok(self.lm_head_q8_on.swap(on, std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The greedy token of the last decode step.

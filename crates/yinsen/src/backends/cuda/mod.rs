@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 27] = [
+pub const KERNELS: [&str; 28] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -206,6 +206,7 @@ pub const KERNELS: [&str; 27] = [
     "dec_mm_l16_f16",
     "dec_mm_l16_f32",
     "lm_head_dec",
+    "lm_head_dec_q8",
     "mega_begin",
     "mega_f16",
     "mega_f32",

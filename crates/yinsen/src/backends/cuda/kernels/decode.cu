@@ -168,6 +168,39 @@ __device__ __forceinline__ float dot8(uint4 e, const float* xp) {
            h2f((u16)(e.w & 0xffff)) * b.z + h2f((u16)(e.w >> 16)) * b.w;
 }
 
+// The final RMSNorm of x into xs (shared memory), block-wide.
+__device__ __forceinline__ void lm_head_norm(const float* x, const float* nw, float eps, int hidden, float* xs,
+                                             float* red) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = x[i];
+        xs[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float inv = sqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs[i] / inv * nw[i];
+    __syncthreads();
+}
+
+// The block's best (logit, row) over its 8 warps into the global argmax key.
+__device__ __forceinline__ void lm_head_pick(float bv, int bi, float* bv_s, int* bi_s, u64* best) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        bv_s[warp] = bv;
+        bi_s[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; w++)
+            if (bv_s[w] > bv || (bv_s[w] == bv && bi_s[w] < bi)) {
+                bv = bv_s[w];
+                bi = bi_s[w];
+            }
+        if (bi != 0x7fffffff) atomicMax(best, argmax_key(bv, bi));
+    }
+}
+
 // Final RMSNorm + f16 lm_head + greedy pick for one token. A warp per row,
 // rows strided over a grid of a few blocks per SM (so the norm, redone by
 // every block, stays cheap). best: u64 slot (zeroed by embed_dec) taking
@@ -193,16 +226,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
     };
     load_row(r);
     pdl_wait();
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = x[i];
-        xs[i] = v;
-        ss += v * v;
-    }
-    ss = block_sum(ss, red);
-    const float inv = sqrtf(ss / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs[i] / inv * nw[i];
-    __syncthreads();
+    lm_head_norm(x, nw, eps, hidden, xs, red);
     float bv = NEG_INF;
     int bi = 0x7fffffff;
     for (; r < vocab; r += nwarps) {
@@ -224,17 +248,74 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
             }
         }
     }
-    if (lane == 0) {
-        bv_s[warp] = bv;
-        bi_s[warp] = bi;
+    lm_head_pick(bv, bi, bv_s, bi_s, best);
+}
+
+// 16 int8 weights (one 16-byte piece) times 16 activations, times the
+// piece's ggml Q8_0 block scale.
+__device__ __forceinline__ float dot16_q8(uint4 q, float d, const float* xp) {
+    const u32 w[4] = {q.x, q.y, q.z, q.w};
+    float a = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float4 xv = *(const float4*)(xp + 4 * e);
+        a += (float)(signed char)(w[e] & 0xff) * xv.x + (float)(signed char)((w[e] >> 8) & 0xff) * xv.y +
+             (float)(signed char)((w[e] >> 16) & 0xff) * xv.z + (float)(signed char)(w[e] >> 24) * xv.w;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < 8; w++)
-            if (bv_s[w] > bv || (bv_s[w] == bv && bi_s[w] < bi)) {
-                bv = bv_s[w];
-                bi = bi_s[w];
+    return a * d;
+}
+
+#define LMQ_U 8  // 16-byte pieces per lane in registers (hidden <= 4096 in one pass)
+
+// The same with the 8-bit lm_head copy (the CPU's `--lm-head q8` bytes,
+// ggml Q8_0 split for aligned loads): Q = int8 [vocab][hidden], D = f16
+// scale per 32 values [vocab][hidden / 32]. Half the bytes of f16. Needs
+// hidden % 32 == 0.
+extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
+                                                               const float* x, const float* nw, float eps,
+                                                               float* logits, u64* best) {
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ float red[32];
+    __shared__ float bv_s[8];
+    __shared__ int bi_s[8];
+    pdl_launch();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = gridDim.x * 8, n16 = hidden / 16, nb = hidden / 32;
+    int r = blockIdx.x * 8 + warp;
+    uint4 qv[LMQ_U];
+    auto load_row = [&](int rr) {
+        const uint4* qr = Q + (size_t)(rr < vocab ? rr : 0) * n16;
+#pragma unroll
+        for (int k = 0; k < LMQ_U; k++) {
+            int c = lane + 32 * k;
+            qv[k] = rr < vocab && c < n16 ? __ldg(qr + c) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_row(r);
+    pdl_wait();
+    lm_head_norm(x, nw, eps, hidden, xs, red);
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (; r < vocab; r += nwarps) {
+        const u16* dr = D + (size_t)r * nb;
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < LMQ_U; k++) {
+            int c = lane + 32 * k;
+            if (c < n16) acc += dot16_q8(qv[k], h2f(__ldg(dr + c / 2)), xs + 16 * c);
+        }
+        const uint4* qr = Q + (size_t)r * n16;
+        for (int c = lane + 32 * LMQ_U; c < n16; c += 32)
+            acc += dot16_q8(__ldg(qr + c), h2f(__ldg(dr + c / 2)), xs + 16 * c);
+        load_row(r + nwarps);
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            logits[r] = acc;
+            if (acc > bv) {
+                bv = acc;
+                bi = r;
             }
-        if (bi != 0x7fffffff) atomicMax(best, argmax_key(bv, bi));
+        }
     }
+    lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
