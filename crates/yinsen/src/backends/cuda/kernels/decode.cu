@@ -283,12 +283,16 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
     const int nwarps = gridDim.x * 8, n16 = hidden / 16, nb = hidden / 32;
     int r = blockIdx.x * 8 + warp;
     uint4 qv[LMQ_U];
+    u16 dv[LMQ_U];  // the pieces' scales, loaded with them (no dependent load later)
     auto load_row = [&](int rr) {
         const uint4* qr = Q + (size_t)(rr < vocab ? rr : 0) * n16;
+        const u16* dr = D + (size_t)(rr < vocab ? rr : 0) * nb;
 #pragma unroll
         for (int k = 0; k < LMQ_U; k++) {
             int c = lane + 32 * k;
-            qv[k] = rr < vocab && c < n16 ? __ldg(qr + c) : make_uint4(0, 0, 0, 0);
+            const bool in = rr < vocab && c < n16;
+            qv[k] = in ? __ldg(qr + c) : make_uint4(0, 0, 0, 0);
+            dv[k] = in ? __ldg(dr + c / 2) : (u16)0;
         }
     };
     load_row(r);
@@ -302,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
 #pragma unroll
         for (int k = 0; k < LMQ_U; k++) {
             int c = lane + 32 * k;
-            if (c < n16) acc += dot16_q8(qv[k], h2f(__ldg(dr + c / 2)), xs + 16 * c);
+            if (c < n16) acc += dot16_q8(qv[k], h2f(dv[k]), xs + 16 * c);
         }
         const uint4* qr = Q + (size_t)r * n16;
         for (int c = lane + 32 * LMQ_U; c < n16; c += 32)
