@@ -875,9 +875,9 @@ impl CudaBackend {
             KvDtype::F16 => "mega_f16",
             KvDtype::F32 => "mega_f32",
         };
-        g.launch_smem(
+        g.launch_cooperative(
             name,
-            (m.grid, 1, 1),
+            m.grid,
             MG_THREADS as u32,
             (2 * m.wbuf_chunks * 16 + MG_XBYTES) as u32,
             &[
@@ -911,7 +911,6 @@ impl CudaBackend {
                 Arg::I(m.wbuf_chunks as i32),
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
-            false,
         )?;
         self.lm_head_step(s, pdl)
     }

@@ -357,6 +357,28 @@ impl Gpu {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
+        self.launch_with(name, grid, block, smem, args, pdl, false)
+    }
+
+    /// A cooperative launch: the driver starts the grid only when every block
+    /// can be resident at once, which a kernel with grid-wide barriers needs
+    /// (with two such kernels on two streams, partial residency could
+    /// otherwise deadlock both).
+    pub fn launch_cooperative(&self, name: &str, grid: u32, block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        self.launch_with(name, (grid, 1, 1), block, smem, args, false, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_with(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        pdl: bool,
+        coop: bool,
+    ) -> Result<()> {
         let f = *self
             .funcs
             .get(name)
@@ -376,10 +398,15 @@ impl Gpu {
         let ev = self.prof_start()?;
         // SAFETY: `f` comes from our module; argument kinds match the kernel
         // signatures (checked by the device tests); the driver copies them.
-        let r = if pdl && self.has_pdl() {
+        let r = if (pdl && self.has_pdl()) || coop {
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
+            if coop {
+                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+                attr.value.cooperative = 1;
+            } else {
+                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attr.value.programmaticStreamSerializationAllowed = 1;
+            }
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
