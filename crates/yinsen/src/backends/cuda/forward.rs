@@ -921,46 +921,24 @@ impl CudaBackend {
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
         let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize);
-        if self.lm_head_q8_on.load(std::sync::atomic::Ordering::Relaxed) {
+        // The 8-bit copy takes (values, scales) where the f16 kernel takes E.
+        let (name, mut args) = if self.lm_head_q8_on.load(std::sync::atomic::Ordering::Relaxed) {
             let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
             let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
-            g.launch_ex(
-                "lm_head_dec_q8",
-                (blocks as u32, 1, 1),
-                256,
-                &[
-                    vals.p(),
-                    scales.p(),
-                    Arg::I(c.vocab as i32),
-                    Arg::I(c.hidden as i32),
-                    s.x.p(),
-                    self.final_norm.p(),
-                    Arg::F(c.rms_eps),
-                    s.logits.p(),
-                    s.best.p(),
-                ],
-                pdl,
-            )?;
-            g.set_tag("");
-            return Ok(());
-        }
-        let e = self.lm_head.as_ref().unwrap_or(&self.embed);
-        g.launch_ex(
-            "lm_head_dec",
-            (blocks as u32, 1, 1),
-            256,
-            &[
-                e.p(),
-                Arg::I(c.vocab as i32),
-                Arg::I(c.hidden as i32),
-                s.x.p(),
-                self.final_norm.p(),
-                Arg::F(c.rms_eps),
-                s.logits.p(),
-                s.best.p(),
-            ],
-            pdl,
-        )?;
+            ("lm_head_dec_q8", vec![vals.p(), scales.p()])
+        } else {
+            ("lm_head_dec", vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()])
+        };
+        args.extend([
+            Arg::I(c.vocab as i32),
+            Arg::I(c.hidden as i32),
+            s.x.p(),
+            self.final_norm.p(),
+            Arg::F(c.rms_eps),
+            s.logits.p(),
+            s.best.p(),
+        ]);
+        g.launch_ex(name, (blocks as u32, 1, 1), 256, &args, pdl)?;
         g.set_tag("");
         Ok(())
     }

@@ -216,6 +216,14 @@ pub const KERNELS: [&str; 28] = [
     "flash_attn_d256_f32",
 ];
 
+/// How a kernel is launched: plainly, with PDL, or cooperatively.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    Plain,
+    Pdl,
+    Cooperative,
+}
+
 /// A kernel argument, passed by value.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
@@ -357,7 +365,8 @@ impl Gpu {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
-        self.launch_with(name, grid, block, smem, args, pdl, false)
+        let how = if pdl { Launch::Pdl } else { Launch::Plain };
+        self.launch_with(name, grid, block, smem, args, how)
     }
 
     /// A cooperative launch: the driver starts the grid only when every block
@@ -365,10 +374,9 @@ impl Gpu {
     /// (with two such kernels on two streams, partial residency could
     /// otherwise deadlock both).
     pub fn launch_cooperative(&self, name: &str, grid: u32, block: u32, smem: u32, args: &[Arg]) -> Result<()> {
-        self.launch_with(name, (grid, 1, 1), block, smem, args, false, true)
+        self.launch_with(name, (grid, 1, 1), block, smem, args, Launch::Cooperative)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch_with(
         &self,
         name: &str,
@@ -376,9 +384,10 @@ impl Gpu {
         block: u32,
         smem: u32,
         args: &[Arg],
-        pdl: bool,
-        coop: bool,
+        how: Launch,
     ) -> Result<()> {
+        let pdl = how == Launch::Pdl;
+        let coop = how == Launch::Cooperative;
         let f = *self
             .funcs
             .get(name)
