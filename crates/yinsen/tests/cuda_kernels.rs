@@ -2,7 +2,7 @@
 //! pass; with YINSEN_DEVICE=1 a missing GPU is a failure.
 
 use yinsen::backends::cpu::reference::ternary_matmul_i32;
-use yinsen::backends::cuda::{self, Gpu, MatKernel};
+use yinsen::backends::cuda::{self, Gpu, Launch, MatKernel};
 use yinsen::model::synthetic::{random_ternary, SplitMix64};
 use yinsen::model::{TernaryMatrix, WeightScale};
 
@@ -291,7 +291,7 @@ fn flash_attention_matches_reference() {
                         out.p(),
                         Arg::I(q_dim as i32),
                     ],
-                    false,
+                    Launch::Plain,
                 )
                 .unwrap();
                 let got = out.read::<f32>(nt * q_dim).unwrap();

@@ -231,24 +231,37 @@ fn tile(
             v,
             kvd,
         };
-        let (s, acc) = (&mut sc.s[..nr * K_BLOCK], &mut sc.acc[lo * hd..rows * hd]);
-        let (m, l, corr, vis) = (
-            &mut sc.m[lo..rows],
-            &mut sc.l[lo..rows],
-            &mut sc.corr[lo..rows],
-            &sc.vis[lo..rows],
-        );
+        let mut t = Tile {
+            s: &mut sc.s[..nr * K_BLOCK],
+            m: &mut sc.m[lo..rows],
+            l: &mut sc.l[lo..rows],
+            corr: &mut sc.corr[lo..rows],
+            vis: &sc.vis[lo..rows],
+            acc: &mut sc.acc[lo * hd..rows * hd],
+        };
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx512 is only chosen when avx512f is detected and hd % 64 == 0.
-            Isa::Avx512 => unsafe { x86::block_avx512(&blk, s, m, l, corr, vis, acc) },
+            Isa::Avx512 => unsafe { x86::block_avx512(&blk, &mut t) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2 is only chosen when avx2 and fma are detected.
-            Isa::Avx2 => unsafe { block_avx2(&blk, s, m, l, corr, vis, acc) },
-            _ => block_portable(&blk, s, m, l, corr, vis, acc),
+            Isa::Avx2 => unsafe { block_avx2(&blk, &mut t) },
+            _ => block_portable(&blk, &mut t),
         }
         k0 = k1;
     }
+}
+
+/// The running state of the rows of one block step: scores `s`
+/// (`[rows][K_BLOCK]`), online-softmax max `m`, sum `l` and rescale `corr`
+/// per row, visible keys per row, and the output accumulators `[rows][hd]`.
+struct Tile<'a> {
+    s: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    corr: &'a mut [f32],
+    vis: &'a [usize],
+    acc: &'a mut [f32],
 }
 
 /// Inputs of one key block for the rows that see any of it.
@@ -269,29 +282,14 @@ struct Block<'a> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_avx2(
-    b: &Block,
-    s: &mut [f32],
-    m: &mut [f32],
-    l: &mut [f32],
-    corr: &mut [f32],
-    vis: &[usize],
-    acc: &mut [f32],
-) {
-    block_portable(b, s, m, l, corr, vis, acc)
+fn block_avx2(b: &Block, t: &mut Tile) {
+    block_portable(b, t)
 }
 
 /// The block in plain loops (vectorised by the compiler where it can).
 #[inline(always)]
-fn block_portable(
-    b: &Block,
-    s: &mut [f32],
-    m: &mut [f32],
-    l: &mut [f32],
-    corr: &mut [f32],
-    vis: &[usize],
-    acc: &mut [f32],
-) {
+fn block_portable(b: &Block, t: &mut Tile) {
+    let (s, m, l, corr, vis, acc) = (&mut *t.s, &mut *t.m, &mut *t.l, &mut *t.corr, t.vis, &mut *t.acc);
     let hd = b.hd;
     // S = Q . K^T over all K_BLOCK columns (padding and masked keys included).
     for r in 0..b.rows {
@@ -368,19 +366,12 @@ pub fn exp2_portable(x: f32) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Block, EXP2_P, K_BLOCK};
+    use super::{Block, Tile, EXP2_P, K_BLOCK};
 
     /// The block with AVX-512F: 4-row micro-kernels for both GEMMs.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block_avx512(
-        b: &Block,
-        s: &mut [f32],
-        m: &mut [f32],
-        l: &mut [f32],
-        corr: &mut [f32],
-        vis: &[usize],
-        acc: &mut [f32],
-    ) {
+    pub unsafe fn block_avx512(b: &Block, t: &mut Tile) {
+        let (s, m, l, corr, vis, acc) = (&mut *t.s, &mut *t.m, &mut *t.l, &mut *t.corr, t.vis, &mut *t.acc);
         let (rows, hd) = (b.rows, b.hd);
         debug_assert!(hd.is_multiple_of(64) && s.len() >= rows * K_BLOCK && acc.len() >= rows * hd);
         debug_assert!(b.qs.len() >= rows * hd && b.kt.len() >= (hd - 1) * b.stride + K_BLOCK);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys};
 
 use super::layout::{rope_pair_order, GpuLayout};
-use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, MatKernel};
+use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
@@ -724,7 +724,7 @@ impl CudaBackend {
                     s.attn.p(),
                     Arg::I(c.q_dim() as i32),
                 ],
-                pdl,
+                if pdl { Launch::Pdl } else { Launch::Plain },
             );
         }
         self.gpu.launch_ex(
@@ -875,9 +875,9 @@ impl CudaBackend {
             KvDtype::F16 => "mega_f16",
             KvDtype::F32 => "mega_f32",
         };
-        g.launch_cooperative(
+        g.launch_smem(
             name,
-            m.grid,
+            (m.grid, 1, 1),
             MG_THREADS as u32,
             (2 * m.wbuf_chunks * 16 + MG_XBYTES) as u32,
             &[
@@ -911,6 +911,7 @@ impl CudaBackend {
                 Arg::I(m.wbuf_chunks as i32),
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
+            Launch::Cooperative,
         )?;
         self.lm_head_step(s, pdl)
     }

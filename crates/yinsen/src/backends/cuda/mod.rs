@@ -217,8 +217,8 @@ pub const KERNELS: [&str; 28] = [
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Launch {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
     Plain,
     Pdl,
     Cooperative,
@@ -312,7 +312,8 @@ impl Gpu {
     /// Launch; with `pdl` the kernel may start before its predecessor on the
     /// stream ends (it must `pdl_wait()` before touching what that wrote).
     pub fn launch_ex(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], pdl: bool) -> Result<()> {
-        self.launch_smem(name, grid, block, 0, args, pdl)
+        let how = if pdl { Launch::Pdl } else { Launch::Plain };
+        self.launch_smem(name, grid, block, 0, args, how)
     }
 
     /// Let kernel `name` use `bytes` of dynamic shared memory (beyond the
@@ -355,29 +356,12 @@ impl Gpu {
         Ok(true)
     }
 
-    /// Launch with `smem` bytes of dynamic shared memory (see launch_ex).
+    /// Launch with `smem` bytes of dynamic shared memory, plainly, with PDL
+    /// (see launch_ex) or cooperatively: then the driver starts the grid only
+    /// when every block can be resident at once, which a kernel with grid-wide
+    /// barriers needs (two such kernels on two streams could otherwise each
+    /// hold part of the GPU and deadlock).
     pub fn launch_smem(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-        pdl: bool,
-    ) -> Result<()> {
-        let how = if pdl { Launch::Pdl } else { Launch::Plain };
-        self.launch_with(name, grid, block, smem, args, how)
-    }
-
-    /// A cooperative launch: the driver starts the grid only when every block
-    /// can be resident at once, which a kernel with grid-wide barriers needs
-    /// (with two such kernels on two streams, partial residency could
-    /// otherwise deadlock both).
-    pub fn launch_cooperative(&self, name: &str, grid: u32, block: u32, smem: u32, args: &[Arg]) -> Result<()> {
-        self.launch_with(name, (grid, 1, 1), block, smem, args, Launch::Cooperative)
-    }
-
-    fn launch_with(
         &self,
         name: &str,
         grid: (u32, u32, u32),

@@ -65,24 +65,29 @@ __device__ __forceinline__ int warp_sum_i(int v) {
     return v;
 }
 // Block-wide reductions; `red` is 32 floats of shared memory. Every thread
-// of the block must call them (they synchronise).
-__device__ float block_sum(float v, float* red) {
+// of the block must call them (they synchronise). `max` picks the operation.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) red[w] = v;
     __syncthreads();
-    v = lane < nw ? red[lane] : 0.f;
-    return warp_sum(v);
+    v = lane < nw ? red[lane] : (MAX ? NEG_INF : 0.f);
+    return MAX ? warp_max(v) : warp_sum(v);
 }
-__device__ float block_max(float v, float* red) {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    v = lane < nw ? red[lane] : NEG_INF;
-    return warp_max(v);
+__device__ float block_sum(float v, float* red) { return block_reduce<false>(v, red); }
+__device__ float block_max(float v, float* red) { return block_reduce<true>(v, red); }
+// Warp-wide argmax of (v, idx): the larger value, then the lower index.
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
 }
 
 // PDL (programmatic dependent launch, sm_90+): launch_dependents lets the

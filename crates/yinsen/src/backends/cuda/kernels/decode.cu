@@ -159,7 +159,6 @@ __device__ __forceinline__ u64 argmax_key(float v, int i) {
     return ((u64)u << 32) | (u64)(~(u32)i);
 }
 
-#define LM_U 16  // 16-byte pieces per lane held in registers (hidden <= 4096 in one pass)
 
 __device__ __forceinline__ float dot8(uint4 e, const float* xp) {
     float4 a = *(const float4*)xp, b = *(const float4*)(xp + 4);
@@ -201,56 +200,6 @@ __device__ __forceinline__ void lm_head_pick(float bv, int bi, float* bv_s, int*
     }
 }
 
-// Final RMSNorm + f16 lm_head + greedy pick for one token. A warp per row,
-// rows strided over a grid of a few blocks per SM (so the norm, redone by
-// every block, stays cheap). best: u64 slot (zeroed by embed_dec) taking
-// atomicMax of argmax_key. Needs hidden % 8 == 0 and hidden <= DM_NMAX.
-extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int vocab, int hidden, const float* x,
-                                                            const float* nw, float eps, float* logits, u64* best) {
-    __shared__ __align__(16) float xs[DM_NMAX];
-    __shared__ float red[32];
-    __shared__ float bv_s[8];
-    __shared__ int bi_s[8];
-    pdl_launch();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nwarps = gridDim.x * 8, n8 = hidden / 8;
-    int r = blockIdx.x * 8 + warp;
-    uint4 ev[LM_U];
-    auto load_row = [&](int rr) {
-        const uint4* er = (const uint4*)(E + (size_t)(rr < vocab ? rr : 0) * hidden);
-#pragma unroll
-        for (int k = 0; k < LM_U; k++) {
-            int c = lane + 32 * k;
-            ev[k] = rr < vocab && c < n8 ? __ldg(er + c) : make_uint4(0, 0, 0, 0);
-        }
-    };
-    load_row(r);
-    pdl_wait();
-    lm_head_norm(x, nw, eps, hidden, xs, red);
-    float bv = NEG_INF;
-    int bi = 0x7fffffff;
-    for (; r < vocab; r += nwarps) {
-        float acc = 0.f;
-#pragma unroll
-        for (int k = 0; k < LM_U; k++) {
-            int c = lane + 32 * k;
-            if (c < n8) acc += dot8(ev[k], xs + 8 * c);
-        }
-        const uint4* er = (const uint4*)(E + (size_t)r * hidden);
-        for (int c = lane + 32 * LM_U; c < n8; c += 32) acc += dot8(__ldg(er + c), xs + 8 * c);
-        load_row(r + nwarps);
-        acc = warp_sum(acc);
-        if (lane == 0) {
-            logits[r] = acc;
-            if (acc > bv) {
-                bv = acc;
-                bi = r;
-            }
-        }
-    }
-    lm_head_pick(bv, bi, bv_s, bi_s, best);
-}
-
 // 16 int8 weights (one 16-byte piece) times 16 activations, times the
 // piece's ggml Q8_0 block scale.
 __device__ __forceinline__ float dot16_q8(uint4 q, float d, const float* xp) {
@@ -265,34 +214,61 @@ __device__ __forceinline__ float dot16_q8(uint4 q, float d, const float* xp) {
     return a * d;
 }
 
-#define LMQ_U 8  // 16-byte pieces per lane in registers (hidden <= 4096 in one pass)
+// Row formats of the decode lm_head: a row is `pieces` 16-byte pieces; a lane
+// keeps U of them (and what their dot needs) in registers for the next row.
+// f16: 8 halves per piece.
+struct LmRowF16 {
+    static constexpr int U = 16;  // hidden <= 4096 in one pass
+    static constexpr int PER = 8;
+    const u16* E;
+    int hidden;
+    __device__ int pieces() const { return hidden / 8; }
+    __device__ const uint4* row(int r) const { return (const uint4*)(E + (size_t)r * hidden); }
+    __device__ u16 aux(int, int) const { return 0; }
+    __device__ float dot(uint4 p, u16, const float* xp) const { return dot8(p, xp); }
+};
+// 8-bit (the CPU's `--lm-head q8` bytes, ggml Q8_0 split for aligned loads):
+// Q = int8 [vocab][hidden], D = f16 scale per 32 values [vocab][hidden / 32].
+struct LmRowQ8 {
+    static constexpr int U = 8;
+    static constexpr int PER = 16;
+    const uint4* Q;
+    const u16* D;
+    int hidden;
+    __device__ int pieces() const { return hidden / 16; }
+    __device__ const uint4* row(int r) const { return Q + (size_t)r * (hidden / 16); }
+    // The piece's scale, loaded with it (no dependent load in the dot).
+    __device__ u16 aux(int r, int c) const { return __ldg(D + (size_t)r * (hidden / 32) + c / 2); }
+    __device__ float dot(uint4 p, u16 d, const float* xp) const { return dot16_q8(p, h2f(d), xp); }
+};
 
-// The same with the 8-bit lm_head copy (the CPU's `--lm-head q8` bytes,
-// ggml Q8_0 split for aligned loads): Q = int8 [vocab][hidden], D = f16
-// scale per 32 values [vocab][hidden / 32]. Half the bytes of f16. Needs
-// hidden % 32 == 0.
-extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
-                                                               const float* x, const float* nw, float eps,
-                                                               float* logits, u64* best) {
+// Final RMSNorm + lm_head + greedy pick for one token. A warp per row, rows
+// strided over a grid of a few blocks per SM (so the norm, redone by every
+// block, stays cheap); the next row's pieces are loaded before this row's
+// sum is reduced. best: u64 slot (zeroed by embed_dec) taking atomicMax of
+// argmax_key. Needs hidden % 8 == 0 (f16) / % 32 == 0 (q8), <= DM_NMAX.
+template <typename Row>
+__device__ void lm_head_body(Row R, int vocab, int hidden, const float* x, const float* nw, float eps,
+                             float* logits, u64* best) {
     __shared__ __align__(16) float xs[DM_NMAX];
     __shared__ float red[32];
     __shared__ float bv_s[8];
     __shared__ int bi_s[8];
     pdl_launch();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nwarps = gridDim.x * 8, n16 = hidden / 16, nb = hidden / 32;
+    const int nwarps = gridDim.x * 8, np = R.pieces();
     int r = blockIdx.x * 8 + warp;
-    uint4 qv[LMQ_U];
-    u16 dv[LMQ_U];  // the pieces' scales, loaded with them (no dependent load later)
+    uint4 pv[Row::U];
+    u16 av[Row::U];
     auto load_row = [&](int rr) {
-        const uint4* qr = Q + (size_t)(rr < vocab ? rr : 0) * n16;
-        const u16* dr = D + (size_t)(rr < vocab ? rr : 0) * nb;
+        const int rs = rr < vocab ? rr : 0;
+        const uint4* pr = R.row(rs);
 #pragma unroll
-        for (int k = 0; k < LMQ_U; k++) {
-            int c = lane + 32 * k;
-            const bool in = rr < vocab && c < n16;
-            qv[k] = in ? __ldg(qr + c) : make_uint4(0, 0, 0, 0);
-            dv[k] = in ? __ldg(dr + c / 2) : (u16)0;
+        for (int k = 0; k < Row::U; k++) {
+            const int c = lane + 32 * k;
+            const bool in = rr < vocab && c < np;
+            pv[k] = in ? __ldg(pr + c) : make_uint4(0, 0, 0, 0);
+            av[k] = in ? R.aux(rs, c) : (u16)0;
         }
     };
     load_row(r);
@@ -301,16 +277,14 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
     float bv = NEG_INF;
     int bi = 0x7fffffff;
     for (; r < vocab; r += nwarps) {
-        const u16* dr = D + (size_t)r * nb;
         float acc = 0.f;
 #pragma unroll
-        for (int k = 0; k < LMQ_U; k++) {
-            int c = lane + 32 * k;
-            if (c < n16) acc += dot16_q8(qv[k], h2f(dv[k]), xs + 16 * c);
+        for (int k = 0; k < Row::U; k++) {
+            const int c = lane + 32 * k;
+            if (c < np) acc += R.dot(pv[k], av[k], xs + Row::PER * c);
         }
-        const uint4* qr = Q + (size_t)r * n16;
-        for (int c = lane + 32 * LMQ_U; c < n16; c += 32)
-            acc += dot16_q8(__ldg(qr + c), h2f(__ldg(dr + c / 2)), xs + 16 * c);
+        const uint4* pr = R.row(r);
+        for (int c = lane + 32 * Row::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), R.aux(r, c), xs + Row::PER * c);
         load_row(r + nwarps);
         acc = warp_sum(acc);
         if (lane == 0) {
@@ -322,4 +296,15 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
         }
     }
     lm_head_pick(bv, bi, bv_s, bi_s, best);
+}
+
+extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int vocab, int hidden, const float* x,
+                                                            const float* nw, float eps, float* logits, u64* best) {
+    lm_head_body(LmRowF16{E, hidden}, vocab, hidden, x, nw, eps, logits, best);
+}
+
+extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
+                                                               const float* x, const float* nw, float eps,
+                                                               float* logits, u64* best) {
+    lm_head_body(LmRowQ8{Q, D, hidden}, vocab, hidden, x, nw, eps, logits, best);
 }
