@@ -58,30 +58,17 @@ impl Isa {
 /// `q`: `[n][n_heads * hd]` (token t at position p0 + t); `kc`/`vc`:
 /// `[p0 + n][n_kv_heads * hd]`. Returns `[n][n_heads * hd]`.
 pub fn causal_attention(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
-    causal_attention_isa(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n)
+    let mut out = vec![0f32; n * s.n_heads * s.head_dim];
+    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out);
+    out
 }
 
 /// Output pointer shared by the tasks; each writes a disjoint set of rows.
 struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
-/// [`causal_attention`] with a given kernel set (tests compare them).
-pub fn causal_attention_isa(
-    isa: Isa,
-    s: &AttnShape,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    p0: usize,
-    n: usize,
-) -> Vec<f32> {
-    // NaN until written: a row no task writes shows up in the tests.
-    let mut out = vec![f32::NAN; n * s.n_heads * s.head_dim];
-    causal_attention_into(isa, s, q, kc, vc, p0, n, &mut out);
-    out
-}
-
-/// [`causal_attention_isa`] into `out` (`[n][n_heads * hd]`, every element written).
+/// [`causal_attention`] with a given kernel set (tests compare them) into
+/// `out` (`[n][n_heads * hd]`, every element written).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_into(
     isa: Isa,
@@ -598,7 +585,9 @@ mod tests {
                 let vc = rnd(tot * nkv * hd, 1.0);
                 let want = causal_attention_simple(&s, &q, &kc, &vc, p0, n);
                 for isa in Isa::available(hd) {
-                    let got = causal_attention_isa(isa, &s, &q, &kc, &vc, p0, n);
+                    // NaN until written: a row no task writes shows up here.
+                    let mut got = vec![f32::NAN; n * nh * hd];
+                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got);
                     let d = max_diff(&got, &want);
                     assert!(d < 5e-6, "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} n {n}: {d}");
                 }
