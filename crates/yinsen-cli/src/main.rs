@@ -549,6 +549,18 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_ms.min(r.step16_mma_ms),
         r.step16_ms.min(r.step16_mma_ms) / step1
     );
+    for (what, rows) in [
+        ("16-token step", &r.kernels_step16),
+        ("prefill 512", &r.kernels_prefill_512),
+        ("prefill 2048", &r.kernels_prefill_2048),
+    ] {
+        for k in rows.iter().filter(|k| k.calls > 0) {
+            println!(
+                "| {what}: {} | {:.0} us ({} calls) | {:.0} TOPS |",
+                k.tag, k.us, k.calls, k.tops
+            );
+        }
+    }
     for (f, a, l) in &r.mega_flag_sweep {
         println!("| persistent variant flags {f} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
     }

@@ -119,6 +119,13 @@ fn matmul_exact_random_shapes() {
         (2560, 2560, 1),
         (256, 6912, 9),
         (77, 200, 130),
+        // Every tensor-core variant (16 / 32 / 64 / 128-token tiles), odd chunk
+        // counts (the 2-chunk pipeline stages' tail), row and token edges.
+        (100, 300, 33),
+        (64, 640, 64),
+        (200, 2560, 128),
+        (384, 2560, 300),
+        (129, 6912, 24),
     ];
     for (i, &(o, n, nt)) in shapes.iter().enumerate() {
         let w = random_ternary(o, n, 100 + i as u64).unwrap();

@@ -45,6 +45,10 @@ pub struct CudaBench {
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
+    /// Per-kernel-group times of the un-graphed 16 / 512 / 2048-token forwards.
+    pub kernels_step16: Vec<KernelTime>,
+    pub kernels_prefill_512: Vec<KernelTime>,
+    pub kernels_prefill_2048: Vec<KernelTime>,
 }
 
 /// One phase of the persistent decode (summed over layers).
@@ -184,5 +188,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,
         kernels_ctx2048: b.profile_decode(long, 5)?,
+        kernels_step16: b.profile_forward(16, 5)?,
+        kernels_prefill_512: b.profile_forward(512.min(max), 3)?,
+        kernels_prefill_2048: b.profile_forward(2048.min(max), 3)?,
     })
 }

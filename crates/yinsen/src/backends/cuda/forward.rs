@@ -653,6 +653,7 @@ impl CudaBackend {
         let g = &self.gpu;
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let qkv_n = q + 2 * kv;
+        g.set_tag("embed");
         g.launch(
             "embed_f16",
             (nt as u32, 1, 1),
@@ -666,8 +667,11 @@ impl CudaBackend {
         for (li, l) in self.layers.iter().enumerate() {
             let kc = cache.k.at(li * cache.layer_bytes);
             let vc = cache.v.at(li * cache.layer_bytes);
+            g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), l.qkv.kpad(), nt)?;
+            g.set_tag("qkv");
             self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
+            g.set_tag("rope_kv");
             g.launch(
                 self.kv.rope_kv(),
                 (nt as u32, 1, 1),
@@ -686,15 +690,23 @@ impl CudaBackend {
                     s.qr.p(),
                 ],
             )?;
+            g.set_tag("attention");
             self.attention(s, cache, li, nt, n_split, false)?;
             // Without sub-norms the attention output is only quantised.
+            g.set_tag("norm_quant");
             self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), l.o.kpad(), nt)?;
+            g.set_tag("o");
             self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
+            g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), l.gu.kpad(), nt)?;
+            g.set_tag("gate_up");
             self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
+            g.set_tag("norm_quant");
             self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), l.down.kpad(), nt)?;
+            g.set_tag("down");
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
+        g.set_tag("head");
         Ok(())
     }
 
@@ -1327,6 +1339,46 @@ impl CudaBackend {
                 (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64),
             ),
         ];
+        Self::group_times(runs, &tags)
+    }
+
+    /// For benchmarks: per-kernel-group GPU time of an un-graphed forward of
+    /// `nt` tokens from position 0 (median of `reps`), with the matrix TOPS.
+    pub(crate) fn profile_forward(&self, nt: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
+        let mut cache = self.cuda_cache(nt)?;
+        self.time_forward(&mut cache, nt)?; // warm-up
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            self.gpu.profile(true)?;
+            let r = self.time_forward(&mut cache, nt);
+            let t = self.gpu.profile(false)?;
+            r?;
+            runs.push(t);
+        }
+        let c = &self.config;
+        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
+            let b = self.layers.iter().map(|l| f(l).bytes()).sum();
+            let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64).sum();
+            (b, ops)
+        };
+        // Causal scores and P V: 2 x 2 hd flops per (query, key <= query) per head.
+        let att = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * (nt * (nt + 1) / 2) as f64;
+        let tags: [(&str, (usize, f64)); 9] = [
+            ("embed", (0, 0.0)),
+            ("norm_quant", (0, 0.0)),
+            ("qkv", mats(&|l| &l.qkv)),
+            ("rope_kv", (0, 0.0)),
+            ("attention", (0, att)),
+            ("o", mats(&|l| &l.o)),
+            ("gate_up", mats(&|l| &l.gu)),
+            ("down", mats(&|l| &l.down)),
+            ("head", (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64)),
+        ];
+        Ok(Self::group_times(&runs, &tags))
+    }
+
+    /// Median GPU time per tag over `runs`, with GB/s and TOPS from each tag's bytes / ops.
+    fn group_times(runs: &[Vec<(&'static str, f32)>], tags: &[(&str, (usize, f64))]) -> Vec<super::bench::KernelTime> {
         tags.iter()
             .map(|&(tag, (bytes, ops))| {
                 let mut per: Vec<f32> = runs

@@ -185,13 +185,16 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 28] = [
+pub const KERNELS: [&str; 31] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
     "tern_gemv_t8",
     "tern_gemv_t16",
-    "tern_mma",
+    "tern_mma_n16",
+    "tern_mma_n32",
+    "tern_mma_n64",
+    "tern_mma_n128",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -257,7 +260,7 @@ impl Gpu {
             )?;
             funcs.insert(name, f);
         }
-        Ok(Arc::new(Self {
+        let gpu = Arc::new(Self {
             ctx,
             stream,
             module,
@@ -266,7 +269,15 @@ impl Gpu {
             arch,
             from_cache,
             prof: Default::default(),
-        }))
+        });
+        if gpu.has_mma() {
+            for v in MmaVariant::ALL {
+                if !gpu.allow_dynamic_smem(v.name, v.smem())? {
+                    return Err(berr(format!("{} needs {} B of shared memory", v.name, v.smem())));
+                }
+            }
+        }
+        Ok(gpu)
     }
 
     pub fn bind(&self) -> Result<()> {
@@ -645,6 +656,49 @@ pub enum MatKernel {
     Mma,
 }
 
+/// One instantiation of `tern_mma_body` (ternary.cu): its tile and launch
+/// shape. Keep in step with the `TERN_MMA(...)` lines there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmaVariant {
+    pub name: &'static str,
+    /// Weight rows x tokens per block.
+    pub bm: usize,
+    pub bn: usize,
+    pub threads: u32,
+    /// cp.async pipeline depth (stages of 2 chunks).
+    pub stages: usize,
+}
+
+impl MmaVariant {
+    pub const ALL: [MmaVariant; 4] = [
+        MmaVariant::new("tern_mma_n16", 2, 1, 1, 2, 8),
+        MmaVariant::new("tern_mma_n32", 4, 1, 1, 4, 6),
+        MmaVariant::new("tern_mma_n64", 4, 1, 1, 8, 4),
+        MmaVariant::new("tern_mma_n128", 4, 2, 2, 8, 4),
+    ];
+
+    /// Warps along rows / tokens, m16 / n8 tiles per warp, stages (as in the macro).
+    const fn new(name: &'static str, mw: usize, nw: usize, mt: usize, nt: usize, stages: usize) -> Self {
+        Self {
+            name,
+            bm: 16 * mt * mw,
+            bn: 8 * nt * nw,
+            threads: (32 * mw * nw) as u32,
+            stages,
+        }
+    }
+
+    /// Dynamic shared memory: per stage 2 chunks of 2-bit rows + padded int8 token rows.
+    pub const fn smem(&self) -> usize {
+        self.stages * (2 * self.bm * 16 + self.bn * (2 * 64 + 16))
+    }
+
+    /// The smallest token tile that covers `nt` (the widest for more).
+    pub fn for_tokens(nt: usize) -> Self {
+        Self::ALL.into_iter().find(|v| v.bn >= nt).unwrap_or(Self::ALL[3])
+    }
+}
+
 /// What the matrix epilogue does with `acc * (ws / sx)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
@@ -698,8 +752,9 @@ pub fn launch_matmul(
                     gpu.arch
                 )));
             }
-            let grid = (m.n_rows.div_ceil(128) as u32, nt.div_ceil(64) as u32, 1);
-            gpu.launch("tern_mma", grid, 128, &args)
+            let v = MmaVariant::for_tokens(nt);
+            let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
+            gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, Launch::Plain)
         }
         MatKernel::Gemv => {
             let name = match nt {

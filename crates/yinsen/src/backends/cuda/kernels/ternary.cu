@@ -114,97 +114,156 @@ extern "C" __global__ void row_sums_i8(const i8* X, int n, int stride, int* out)
     if (threadIdx.x == 0) out[blockIdx.x] = (int)t;
 }
 
-// Prefill GEMM on int8 tensor cores (mma.sync m16n8k32 s8, sm_80+).
-// Block tile: 128 weight rows x 64 tokens, K step 64 (one chunk). 4 warps,
-// warp w owns rows 32w..32w+31 (2 m16 tiles) x 64 tokens (8 n8 tiles).
-// Weight codes (0..2) are expanded to int8 in shared memory; x is loaded
-// as is. Row stride 80 bytes keeps fragment reads bank-conflict free.
-#define MM_BM 128
-#define MM_BN 64
-#define MM_LD 80
-extern "C" __global__ void __launch_bounds__(128) tern_mma(
-    const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,
-    const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode) {
+// Prefill / multi-token GEMM on int8 tensor cores (mma.sync m16n8k32 s8,
+// sm_80+). A = weights (rows), B = activations (tokens), D = [row][token].
+//
+// Block tile BM = 16 MT MW rows x BN = 8 NT NW tokens; warp (wm, wn) owns
+// MT m16 tiles x NT n8 tiles. The K loop walks stages of TM_KC chunks (64
+// weights each) through an S-deep cp.async pipeline, so global loads of the
+// next stages overlap the tensor-core work on this one.
+//
+// Shared memory per stage:
+// - A: the weights as stored (2-bit codes, 16 bytes per row-chunk), laid out
+//   [kc][row] so the 8 rows a warp's lane groups read are 128 contiguous
+//   bytes. The codes are expanded to int8 in registers: the A fragment of
+//   m16n8k32 wants, for lane (g, tg), k = 4 tg .. 4 tg + 3 (+16) of rows g
+//   and g + 8, which is exactly `(word >> 2 tg) & 0x03030303` of words 2 ks
+//   and 2 ks + 1 of the row's chunk (see the layout at the top).
+// - B: the int8 activations, [token][TM_KC * 64 bytes + 16 pad]; the pad
+//   makes the 8-row ldmatrix reads bank-conflict free. One ldmatrix.x2 per
+//   n8 tile and k32 half gives its two B registers (k 0..15 and 16..31).
+// Rows >= n_rows, tokens >= nt and chunks >= chunks are zero-filled by
+// cp.async (source size 0) and never stored; zero activations make the pad
+// weights' codes irrelevant.
+#define TM_KC 2
+#define TM_BROW (TM_KC * 64 + 16)
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void mma_s8(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int MW, int NW, int MT, int NT, int S>
+__device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n_rows, int chunks,
+                                              const i8* __restrict__ X, int nt, const int* xsum,
+                                              const float* row_scale, const float* sx, int* out_i,
+                                              float* out_f, int out_stride, int mode) {
 #if __CUDA_ARCH__ >= 800
-    __shared__ __align__(16) u8 As[MM_BM * MM_LD];
-    __shared__ __align__(16) u8 Bs[MM_BN * MM_LD];
+    constexpr int THREADS = 32 * MW * NW;
+    constexpr int BM = 16 * MT * MW, BN = 8 * NT * NW;
+    constexpr int A_BYTES = TM_KC * BM * 16, STAGE = A_BYTES + BN * TM_BROW;
+    extern __shared__ __align__(16) u8 tm_smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp % MW, wn = warp / MW;
     const int g = lane >> 2, tg = lane & 3;
-    const int row0 = blockIdx.x * MM_BM, tok0 = blockIdx.y * MM_BN;
+    const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const size_t x_stride = (size_t)chunks * 64;
-    int acc[2][8][4];
+    const int iters = (chunks + TM_KC - 1) / TM_KC;
+    const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
+
+    // Queue stage `it` (an empty group past the end keeps the counts uniform).
+    auto issue = [&](int it) {
+        if (it < iters) {
+            const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
+            for (int i = tid; i < TM_KC * BM; i += THREADS) {
+                const int kc = i / BM, r = i % BM, c = it * TM_KC + kc, row = row0 + r;
+                const bool ok = c < chunks && row < n_rows;
+                cp_async16(a_s + 16 * i, ok ? W + (size_t)row * chunks + c : W, ok);
+            }
+            for (int i = tid; i < BN * TM_KC * 4; i += THREADS) {
+                const int t = i / (TM_KC * 4), piece = i % (TM_KC * 4);
+                const int c = it * TM_KC + piece / 4, tok = tok0 + t;
+                const bool ok = c < chunks && tok < nt;
+                const i8* src = ok ? X + tok * x_stride + (size_t)c * 64 + 16 * (piece % 4) : X;
+                cp_async16(b_s + t * TM_BROW + 16 * piece, src, ok);
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+
+    int acc[MT][NT][4];
 #pragma unroll
-    for (int a = 0; a < 2; a++)
+    for (int a = 0; a < MT; a++)
 #pragma unroll
-        for (int b = 0; b < 8; b++)
+        for (int b = 0; b < NT; b++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0;
 
-    // Each thread loads one weight chunk (its row) and two 16-byte x pieces.
-    const int wrow = row0 + tid;
-    const int xt0 = tid >> 2, xp0 = tid & 3;  // token tid/4, piece tid%4 (and token + 32)
-    uint4 wv = make_uint4(0, 0, 0, 0), xv0 = wv, xv1 = wv;
-    auto load = [&](int c) {
-        wv = wrow < n_rows ? __ldg(W + (size_t)wrow * chunks + c) : make_uint4(0, 0, 0, 0);
-        int ta = tok0 + xt0, tb = tok0 + xt0 + 32;
-        xv0 = ta < nt ? __ldg((const uint4*)(X + ta * x_stride + (size_t)c * 64) + xp0) : make_uint4(0, 0, 0, 0);
-        xv1 = tb < nt ? __ldg((const uint4*)(X + tb * x_stride + (size_t)c * 64) + xp0) : make_uint4(0, 0, 0, 0);
-    };
-    load(0);
-    for (int c = 0; c < chunks; c++) {
+#pragma unroll
+    for (int s = 0; s < S - 1; s++) issue(s);
+    for (int it = 0; it < iters; it++) {
+        // Stage `it` has landed once at most S - 2 newer groups are pending.
+        asm volatile("cp.async.wait_group %0;" ::"n"(S - 2) : "memory");
         __syncthreads();
-        u32* ar = (u32*)(As + tid * MM_LD);
-        u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
+        // The slot refilled here was consumed in iteration it - 1, which every
+        // thread has finished (the barrier above).
+        issue(it + S - 1);
+        const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
+        const u8* a_p = tm_smem + (it % S) * STAGE;
 #pragma unroll
-        for (int m = 0; m < 4; m++)
+        for (int kc = 0; kc < TM_KC; kc++) {
+            uint4 wlo[MT], whi[MT];  // rows g and g + 8 of each m16 tile
 #pragma unroll
-            for (int j = 0; j < 4; j++) ar[4 * m + j] = (ws[m] >> (2 * j)) & 0x03030303u;
-        *(uint4*)(Bs + xt0 * MM_LD + 16 * xp0) = xv0;
-        *(uint4*)(Bs + (xt0 + 32) * MM_LD + 16 * xp0) = xv1;
-        __syncthreads();
-        if (c + 1 < chunks) load(c + 1);
-#pragma unroll
-        for (int ks = 0; ks < 2; ks++) {
-            const int kb = ks * 32;
-            u32 af[2][4], bf[8][2];
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                const u8* base = As + (warp * 32 + mt * 16 + g) * MM_LD + kb + 4 * tg;
-                af[mt][0] = *(const u32*)(base);
-                af[mt][1] = *(const u32*)(base + 8 * MM_LD);
-                af[mt][2] = *(const u32*)(base + 16);
-                af[mt][3] = *(const u32*)(base + 8 * MM_LD + 16);
+            for (int mt = 0; mt < MT; mt++) {
+                const uint4* ap = (const uint4*)(a_p + 16 * (kc * BM + (wm * MT + mt) * 16 + g));
+                wlo[mt] = ap[0];
+                whi[mt] = ap[8];
             }
 #pragma unroll
-            for (int n8 = 0; n8 < 8; n8++) {
-                const u8* base = Bs + (n8 * 8 + g) * MM_LD + kb + 4 * tg;
-                bf[n8][0] = *(const u32*)(base);
-                bf[n8][1] = *(const u32*)(base + 16);
-            }
+            for (int ks = 0; ks < 2; ks++) {
+                // B fragments of this k32 half: matrix 0 = bytes 0..15, 1 = 16..31.
+                u32 bf[NT][2];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int n8 = 0; n8 < 8; n8++) {
-                    int* d = acc[mt][n8];
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
-                        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-                        : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]),
-                          "r"(bf[n8][0]), "r"(bf[n8][1]));
+                for (int n8 = 0; n8 < NT; n8++) {
+                    const u32 addr = b_s + ((wn * NT + n8) * 8 + (lane & 7)) * TM_BROW + kc * 64 + 32 * ks +
+                                     16 * ((lane >> 3) & 1);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                                 : "=r"(bf[n8][0]), "=r"(bf[n8][1])
+                                 : "r"(addr));
                 }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const u32 a0 = ext2(ks ? wlo[mt].z : wlo[mt].x, tg), a1 = ext2(ks ? whi[mt].z : whi[mt].x, tg);
+                    const u32 a2 = ext2(ks ? wlo[mt].w : wlo[mt].y, tg), a3 = ext2(ks ? whi[mt].w : whi[mt].y, tg);
+#pragma unroll
+                    for (int n8 = 0; n8 < NT; n8++) mma_s8(acc[mt][n8], a0, a1, a2, a3, bf[n8][0], bf[n8][1]);
+                }
+            }
         }
     }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int n8 = 0; n8 < 8; n8++)
+        for (int n8 = 0; n8 < NT; n8++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                int r = row0 + warp * 32 + mt * 16 + g + (i >= 2 ? 8 : 0);
-                int t = tok0 + n8 * 8 + 2 * tg + (i & 1);
+                const int r = row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0);
+                const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
                 if (r < n_rows && t < nt)
                     store_out(mode, acc[mt][n8][i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
             }
 #endif
 }
+
+// Variants by token count (the host picks one, see `mma_variant` in mod.rs):
+// name, warps along rows x tokens, m16 / n8 tiles per warp, pipeline depth,
+// blocks per SM the registers must allow.
+#define TERN_MMA(NAME, MW, NW, MT, NT, S, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * MW * NW, MINB) NAME(                            \
+        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode) { \
+        tern_mma_body<MW, NW, MT, NT, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,  \
+                                         out_stride, mode);                                            \
+    }
+TERN_MMA(tern_mma_n16, 2, 1, 1, 2, 8, 1)
+TERN_MMA(tern_mma_n32, 4, 1, 1, 4, 6, 1)
+TERN_MMA(tern_mma_n64, 4, 1, 1, 8, 4, 1)
+TERN_MMA(tern_mma_n128, 4, 2, 2, 8, 4, 2)
