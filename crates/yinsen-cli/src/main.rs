@@ -561,6 +561,12 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
             );
         }
     }
+    for t in &r.gemm_sweep {
+        println!(
+            "| gemm {} x {} tokens: {} | {:.1} us | {:.0} TOPS, {:.0} GB/s of weights |",
+            t.matrix, t.tokens, t.variant, t.us, t.tops, t.weight_gb_s
+        );
+    }
     for (f, a, l) in &r.mega_flag_sweep {
         println!("| persistent variant flags {f} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
     }

@@ -92,7 +92,9 @@ fn check(g: &std::sync::Arc<Gpu>, w: &TernaryMatrix, x: &[i8], nt: usize, what: 
     let want = ternary_matmul_i32(w, x, nt);
     let mut kernels = vec![MatKernel::Gemv];
     if g.has_mma() {
+        // The default choice for nt, then every tile variant.
         kernels.push(MatKernel::Mma);
+        kernels.extend(cuda::MmaVariant::ALL.map(MatKernel::MmaWith));
     }
     for k in kernels {
         let got = cuda::ternary_matmul_i32(g, w, x, nt, k).unwrap();

@@ -49,6 +49,20 @@ pub struct CudaBench {
     pub kernels_step16: Vec<KernelTime>,
     pub kernels_prefill_512: Vec<KernelTime>,
     pub kernels_prefill_2048: Vec<KernelTime>,
+    /// Every tensor-core variant on layer 0's matrices (only with `YINSEN_CUDA_GEMM_SWEEP=1`).
+    pub gemm_sweep: Vec<GemmTime>,
+}
+
+/// One tensor-core GEMM timing of the sweep (`YINSEN_CUDA_GEMM_SWEEP=1`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmTime {
+    pub matrix: String,
+    pub tokens: usize,
+    pub variant: String,
+    pub us: f64,
+    pub tops: f64,
+    /// Weight bytes streamed per microsecond x 1e-3 (GB/s).
+    pub weight_gb_s: f64,
 }
 
 /// One phase of the persistent decode (summed over layers).
@@ -188,8 +202,18 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,
         kernels_ctx2048: b.profile_decode(long, 5)?,
-        kernels_step16: b.profile_forward(16, 5)?,
+        kernels_step16: {
+            b.set_mma_min_tokens(2);
+            let r = b.profile_forward(16, 5);
+            b.set_mma_min_tokens(17);
+            r?
+        },
         kernels_prefill_512: b.profile_forward(512.min(max), 3)?,
         kernels_prefill_2048: b.profile_forward(2048.min(max), 3)?,
+        gemm_sweep: if std::env::var("YINSEN_CUDA_GEMM_SWEEP").is_ok_and(|v| v == "1") {
+            b.gemm_sweep(&[16, 512, 2048])?
+        } else {
+            Vec::new()
+        },
     })
 }

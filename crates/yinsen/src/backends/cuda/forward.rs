@@ -17,8 +17,8 @@ use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 
 /// Keys per attention split (ATT_CHUNK in ops.cu).
 const ATT_CHUNK: usize = 64;
-/// Tokens per prefill chunk at most.
-const MAX_CHUNK: usize = 512;
+/// Tokens per prefill chunk at most (activation buffers are sized for it).
+const MAX_CHUNK: usize = 2048;
 /// Tokens per lm_head launch (the kernel's accumulator count).
 const LM_T: usize = 8;
 
@@ -40,6 +40,8 @@ struct GpuLayer {
 /// Activation buffers, sized for `chunk` tokens.
 struct Scratch {
     chunk: usize,
+    /// Tokens the split-K attention partials (`part`, `cnt`) have room for.
+    part_tokens: usize,
     tok: DevBuf,
     pos: DevBuf,
     x: DevBuf,
@@ -341,10 +343,12 @@ impl CudaBackend {
         let final_norm = up(&model.final_norm)?;
         let rope = gpu.upload(&rope_table(&c))?;
         let max_splits = c.max_ctx.div_ceil(ATT_CHUNK);
-        // Keep the split-K partials under ~256 MiB.
+        // Keep the split-K partials under ~256 MiB: they bound the chunk only
+        // when prefill attention is split-K (no flash kernel).
         let per_tok = checked(&[c.n_heads, max_splits, c.head_dim + 2, 4], "attention partials")?;
-        let chunk = (256usize << 20).checked_div(per_tok).unwrap_or(1).clamp(1, MAX_CHUNK);
-        let scratch = Scratch::new(&gpu, &c, chunk, max_splits, &layers)?;
+        let part_tokens = (256usize << 20).checked_div(per_tok).unwrap_or(1).clamp(1, MAX_CHUNK);
+        let chunk = MAX_CHUNK.min(c.max_ctx.max(1));
+        let scratch = Scratch::new(&gpu, &c, chunk, part_tokens, max_splits, &layers)?;
         let norms: usize = model
             .layers
             .iter()
@@ -577,6 +581,16 @@ impl CudaBackend {
             )));
         }
         Ok(c)
+    }
+
+    /// Tokens per body() call: the activation chunk, or what the split-K
+    /// attention partials hold when prefill attention is not flash.
+    fn chunk_tokens(&self, s: &Scratch) -> usize {
+        if self.flash_kernel().is_some() {
+            s.chunk
+        } else {
+            s.chunk.min(s.part_tokens)
+        }
     }
 
     fn kernel_for(&self, nt: usize) -> MatKernel {
@@ -1138,7 +1152,8 @@ impl CudaBackend {
             return s.logits.read::<f32>(c.vocab);
         }
         let mut out = Vec::new();
-        for (ci, chunk) in tokens.chunks(s.chunk).enumerate() {
+        let per_call = self.chunk_tokens(&s);
+        for (ci, chunk) in tokens.chunks(per_call).enumerate() {
             let nt = chunk.len();
             let tok: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
             let pos = [cache.len as i32];
@@ -1146,7 +1161,7 @@ impl CudaBackend {
             s.pos.write_async(&pos)?;
             let splits = (cache.len + nt).div_ceil(ATT_CHUNK);
             self.body(&s, cache, nt, splits)?;
-            let last_chunk = (ci + 1) * s.chunk >= tokens.len();
+            let last_chunk = (ci + 1) * per_call >= tokens.len();
             match output {
                 Output::LastLogits if last_chunk => {
                     self.head(&s, nt - 1, 1, true)?;
@@ -1222,16 +1237,17 @@ impl CudaBackend {
         let tok: Vec<i32> = (0..nt).map(|i| (i % self.config.vocab) as i32).collect();
         let ev = Events::new()?;
         let mut done = 0;
+        let per_call = self.chunk_tokens(&s);
         ev.record_start(self.gpu.stream)?;
         while done < nt {
-            let n = (nt - done).min(s.chunk);
+            let n = (nt - done).min(per_call);
             let pos = [(cache.len + done) as i32];
             s.tok.write_async(&tok[done..done + n])?;
             s.pos.write_async(&pos)?;
             self.body(&s, cache, n, (cache.len + done + n).div_ceil(ATT_CHUNK))?;
             done += n;
         }
-        self.head(&s, nt - 1 - (nt - 1) / s.chunk * s.chunk, 1, true)?;
+        self.head(&s, nt - 1 - (nt - 1) / per_call * per_call, 1, true)?;
         ev.record_stop_ms(self.gpu.stream)
     }
 
@@ -1358,7 +1374,11 @@ impl CudaBackend {
         let c = &self.config;
         let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
             let b = self.layers.iter().map(|l| f(l).bytes()).sum();
-            let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64).sum();
+            let ops = self
+                .layers
+                .iter()
+                .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
+                .sum();
             (b, ops)
         };
         // Causal scores and P V: 2 x 2 hd flops per (query, key <= query) per head.
@@ -1375,6 +1395,72 @@ impl CudaBackend {
             ("head", (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64)),
         ];
         Ok(Self::group_times(&runs, &tags))
+    }
+
+    /// For benchmarks: every tensor-core tile variant on layer 0's four
+    /// matrices at each token count (random int8 activations, Store epilogue).
+    pub(crate) fn gemm_sweep(&self, token_counts: &[usize]) -> Result<Vec<super::bench::GemmTime>> {
+        let Some(l) = self.layers.first() else {
+            return Ok(Vec::new());
+        };
+        let g = &self.gpu;
+        g.bind()?;
+        let max_t = token_counts.iter().copied().max().unwrap_or(1);
+        let mats: [(&str, &GpuMatrix); 4] = [("qkv", &l.qkv), ("o", &l.o), ("gate_up", &l.gu), ("down", &l.down)];
+        let kmax = mats.iter().map(|(_, m)| m.kpad()).max().unwrap_or(64);
+        let rows = mats.iter().map(|(_, m)| m.n_rows).max().unwrap_or(1);
+        let mut r = 0x9E37_79B9_7F4A_7C15u64;
+        let x: Vec<i8> = (0..max_t * kmax)
+            .map(|_| {
+                r ^= r << 13;
+                r ^= r >> 7;
+                r ^= r << 17;
+                (r >> 56) as i8
+            })
+            .collect();
+        let xb = g.upload(&x)?;
+        let ones = g.upload(&vec![1f32; max_t])?;
+        let zeros = g.upload(&vec![0i32; max_t])?;
+        let out = g.alloc(4 * max_t * rows)?;
+        let ev = Events::new()?;
+        let mut res = Vec::new();
+        for &(name, m) in &mats {
+            for &nt in token_counts {
+                for v in super::MmaVariant::ALL {
+                    let run = || {
+                        launch_matmul(
+                            g,
+                            m,
+                            MatKernel::MmaWith(v),
+                            xb.p(),
+                            nt,
+                            ones.p(),
+                            zeros.p(),
+                            Epilogue::Store,
+                            out.p(),
+                            m.n_rows,
+                        )
+                    };
+                    run()?; // warm-up
+                    let reps = 10;
+                    ev.record_start(g.stream)?;
+                    for _ in 0..reps {
+                        run()?;
+                    }
+                    let us = ev.record_stop_ms(g.stream)? as f64 * 1000.0 / reps as f64;
+                    let ops = 2.0 * (m.n_rows * m.n_in * nt) as f64;
+                    res.push(super::bench::GemmTime {
+                        matrix: name.to_string(),
+                        tokens: nt,
+                        variant: v.name.to_string(),
+                        us,
+                        tops: ops / us / 1e6,
+                        weight_gb_s: m.bytes() as f64 / us / 1e3,
+                    });
+                }
+            }
+        }
+        Ok(res)
     }
 
     /// Median GPU time per tag over `runs`, with GB/s and TOPS from each tag's bytes / ops.
@@ -1450,7 +1536,14 @@ fn rope_table(c: &ModelConfig) -> Vec<f32> {
 }
 
 impl Scratch {
-    fn new(gpu: &Arc<Gpu>, c: &ModelConfig, chunk: usize, splits: usize, layers: &[GpuLayer]) -> Result<Self> {
+    fn new(
+        gpu: &Arc<Gpu>,
+        c: &ModelConfig,
+        chunk: usize,
+        part_tokens: usize,
+        splits: usize,
+        layers: &[GpuLayer],
+    ) -> Result<Self> {
         let kmax = layers
             .iter()
             .flat_map(|l| [l.qkv.kpad(), l.o.kpad(), l.gu.kpad(), l.down.kpad()])
@@ -1459,6 +1552,7 @@ impl Scratch {
         let f32s = |n: &[usize]| -> Result<DevBuf> { gpu.alloc(checked(n, "scratch")? * 4) };
         Ok(Self {
             chunk,
+            part_tokens,
             tok: f32s(&[chunk])?,
             pos: f32s(&[1])?,
             x: f32s(&[chunk, c.hidden])?,
@@ -1468,13 +1562,13 @@ impl Scratch {
             qkv: f32s(&[chunk, c.q_dim() + 2 * c.kv_dim()])?,
             attn: f32s(&[chunk, c.q_dim()])?,
             gu: f32s(&[chunk, 2 * c.ffn])?,
-            part: f32s(&[chunk, c.n_heads, splits, c.head_dim + 2])?,
+            part: f32s(&[part_tokens, c.n_heads, splits, c.head_dim + 2])?,
             normed: f32s(&[chunk, c.hidden])?,
             logits: f32s(&[LM_T, c.vocab])?,
             argmax: f32s(&[1])?,
             qr: f32s(&[chunk, c.q_dim()])?,
             cnt: {
-                let b = f32s(&[chunk, c.n_heads])?;
+                let b = f32s(&[part_tokens, c.n_heads])?;
                 b.fill(0)?;
                 b
             },

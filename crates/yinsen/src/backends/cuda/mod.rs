@@ -185,16 +185,20 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 31] = [
+pub const KERNELS: [&str; 35] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
     "tern_gemv_t8",
     "tern_gemv_t16",
-    "tern_mma_n16",
-    "tern_mma_n32",
-    "tern_mma_n64",
-    "tern_mma_n128",
+    "tern_mma_32x16",
+    "tern_mma_64x16",
+    "tern_mma_128x16",
+    "tern_mma_64x32",
+    "tern_mma_64x64",
+    "tern_mma_128x128",
+    "tern_mma_256x64",
+    "tern_mma_256x128",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -652,8 +656,10 @@ impl GpuMatrix {
 pub enum MatKernel {
     /// dp4a GEMV for 1..=16 tokens.
     Gemv,
-    /// int8 tensor-core GEMM (sm_80+).
+    /// int8 tensor-core GEMM (sm_80+), the variant for the token count.
     Mma,
+    /// The same with a given tile variant (tests and the bench's sweep).
+    MmaWith(MmaVariant),
 }
 
 /// One instantiation of `tern_mma_body` (ternary.cu): its tile and launch
@@ -670,11 +676,15 @@ pub struct MmaVariant {
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 4] = [
-        MmaVariant::new("tern_mma_n16", 2, 1, 1, 2, 8),
-        MmaVariant::new("tern_mma_n32", 4, 1, 1, 4, 6),
-        MmaVariant::new("tern_mma_n64", 4, 1, 1, 8, 4),
-        MmaVariant::new("tern_mma_n128", 4, 2, 2, 8, 4),
+    pub const ALL: [MmaVariant; 8] = [
+        MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
+        MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
+        MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
+        MmaVariant::new("tern_mma_64x32", 4, 1, 1, 4, 6),
+        MmaVariant::new("tern_mma_64x64", 4, 1, 1, 8, 4),
+        MmaVariant::new("tern_mma_128x128", 4, 2, 2, 8, 4),
+        MmaVariant::new("tern_mma_256x64", 8, 1, 2, 8, 4),
+        MmaVariant::new("tern_mma_256x128", 4, 2, 4, 8, 4),
     ];
 
     /// Warps along rows / tokens, m16 / n8 tiles per warp, stages (as in the macro).
@@ -693,9 +703,19 @@ impl MmaVariant {
         self.stages * (2 * self.bm * 16 + self.bn * (2 * 64 + 16))
     }
 
-    /// The smallest token tile that covers `nt` (the widest for more).
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name == name)
+    }
+
+    /// The default for `nt` tokens (chosen from the bench's GEMM sweep).
     pub fn for_tokens(nt: usize) -> Self {
-        Self::ALL.into_iter().find(|v| v.bn >= nt).unwrap_or(Self::ALL[3])
+        let name = match nt {
+            0..=16 => "tern_mma_32x16",
+            17..=32 => "tern_mma_64x32",
+            33..=64 => "tern_mma_64x64",
+            _ => "tern_mma_128x128",
+        };
+        Self::by_name(name).expect("listed variant")
     }
 }
 
@@ -745,14 +765,17 @@ pub fn launch_matmul(
         Arg::I(ep as i32),
     ];
     match kernel {
-        MatKernel::Mma => {
+        MatKernel::Mma | MatKernel::MmaWith(_) => {
             if !gpu.has_mma() {
                 return Err(Error::Unsupported(format!(
                     "tensor-core GEMM needs sm_80+, device is {}",
                     gpu.arch
                 )));
             }
-            let v = MmaVariant::for_tokens(nt);
+            let v = match kernel {
+                MatKernel::MmaWith(v) => v,
+                _ => MmaVariant::for_tokens(nt),
+            };
             let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
             gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, Launch::Plain)
         }

@@ -263,7 +263,11 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         tern_mma_body<MW, NW, MT, NT, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,  \
                                          out_stride, mode);                                            \
     }
-TERN_MMA(tern_mma_n16, 2, 1, 1, 2, 8, 1)
-TERN_MMA(tern_mma_n32, 4, 1, 1, 4, 6, 1)
-TERN_MMA(tern_mma_n64, 4, 1, 1, 8, 4, 1)
-TERN_MMA(tern_mma_n128, 4, 2, 2, 8, 4, 2)
+TERN_MMA(tern_mma_32x16, 2, 1, 1, 2, 8, 1)
+TERN_MMA(tern_mma_64x16, 4, 1, 1, 2, 8, 1)
+TERN_MMA(tern_mma_128x16, 8, 1, 1, 2, 6, 1)
+TERN_MMA(tern_mma_64x32, 4, 1, 1, 4, 6, 1)
+TERN_MMA(tern_mma_64x64, 4, 1, 1, 8, 4, 1)
+TERN_MMA(tern_mma_128x128, 4, 2, 2, 8, 4, 2)
+TERN_MMA(tern_mma_256x64, 8, 1, 2, 8, 4, 2)
+TERN_MMA(tern_mma_256x128, 4, 2, 4, 8, 4, 1)
