@@ -22,6 +22,12 @@ const MAX_CHUNK: usize = 2048;
 /// Tokens per lm_head launch (the kernel's accumulator count).
 const LM_T: usize = 8;
 
+/// Threads per norm_quant row: enough for 8 values each (its register
+/// path), at least 128; fewer threads make its three block reductions cheaper.
+fn norm_threads(n: usize) -> u32 {
+    n.div_ceil(8).next_power_of_two().clamp(128, 1024) as u32
+}
+
 fn berr(msg: impl Into<String>) -> Error {
     Error::backend("cuda", msg)
 }
@@ -641,7 +647,7 @@ impl CudaBackend {
         self.gpu.launch(
             "norm_quant",
             (nt as u32, 1, 1),
-            1024,
+            norm_threads(n),
             &[
                 input,
                 Arg::I(n as i32),
@@ -1016,7 +1022,7 @@ impl CudaBackend {
         self.gpu.launch(
             "norm_quant",
             (n as u32, 1, 1),
-            1024,
+            norm_threads(h),
             &[
                 s.x.at(4 * t0 * h),
                 Arg::I(h as i32),

@@ -707,13 +707,19 @@ impl MmaVariant {
         Self::ALL.into_iter().find(|v| v.name == name)
     }
 
-    /// The default for `nt` tokens (chosen from the bench's GEMM sweep).
-    pub fn for_tokens(nt: usize) -> Self {
-        let name = match nt {
-            0..=16 => "tern_mma_32x16",
-            17..=32 => "tern_mma_64x32",
-            33..=64 => "tern_mma_64x64",
-            _ => "tern_mma_128x128",
+    /// The default for `nt` tokens and `n_rows` rows on `sms` SMs, from the
+    /// bench's GEMM sweep (H200, 2B4T matrices): the 256x64 tile is fastest
+    /// (410-440 TOPS) once it makes a block per SM; with fewer, the 64-row
+    /// tiles that fill the GPU win (16 tokens: 64x16, 12-25 us per matrix).
+    pub fn for_shape(nt: usize, n_rows: usize, sms: usize) -> Self {
+        let name = if n_rows.div_ceil(256) * nt.div_ceil(64) >= sms {
+            "tern_mma_256x64"
+        } else {
+            match nt {
+                0..=16 => "tern_mma_64x16",
+                17..=32 => "tern_mma_64x32",
+                _ => "tern_mma_64x64",
+            }
         };
         Self::by_name(name).expect("listed variant")
     }
@@ -774,7 +780,7 @@ pub fn launch_matmul(
             }
             let v = match kernel {
                 MatKernel::MmaWith(v) => v,
-                _ => MmaVariant::for_tokens(nt),
+                _ => MmaVariant::for_shape(nt, m.n_rows, gpu.info.sms.max(1) as usize),
             };
             let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
             gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, Launch::Plain)
