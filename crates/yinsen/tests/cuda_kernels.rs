@@ -94,7 +94,8 @@ fn check(g: &std::sync::Arc<Gpu>, w: &TernaryMatrix, x: &[i8], nt: usize, what: 
     if g.has_mma() {
         // The default choice for nt, then every tile variant.
         kernels.push(MatKernel::Mma);
-        kernels.extend(cuda::MmaVariant::ALL.map(MatKernel::MmaWith));
+        let usable = cuda::MmaVariant::ALL.into_iter().filter(|v| v.available(g));
+        kernels.extend(usable.map(MatKernel::MmaWith));
     }
     for k in kernels {
         let got = cuda::ternary_matmul_i32(g, w, x, nt, k).unwrap();

@@ -1432,7 +1432,7 @@ impl CudaBackend {
         let mut res = Vec::new();
         for &(name, m) in &mats {
             for &nt in token_counts {
-                for v in super::MmaVariant::ALL {
+                for v in super::MmaVariant::ALL.into_iter().filter(|v| v.available(g)) {
                     let run = || {
                         launch_matmul(
                             g,

@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 35] = [
+pub const KERNELS: [&str; 36] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -199,6 +199,7 @@ pub const KERNELS: [&str; 35] = [
     "tern_mma_128x128",
     "tern_mma_256x64",
     "tern_mma_256x128",
+    "tern_wgmma_128x128",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -275,7 +276,7 @@ impl Gpu {
             prof: Default::default(),
         });
         if gpu.has_mma() {
-            for v in MmaVariant::ALL {
+            for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
                 if !gpu.allow_dynamic_smem(v.name, v.smem())? {
                     return Err(berr(format!("{} needs {} B of shared memory", v.name, v.smem())));
                 }
@@ -673,10 +674,12 @@ pub struct MmaVariant {
     pub threads: u32,
     /// cp.async pipeline depth (stages of 2 chunks).
     pub stages: usize,
+    /// Hopper warpgroup MMA (`tern_wgmma_body`; sm_90a only).
+    pub wgmma: bool,
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 8] = [
+    pub const ALL: [MmaVariant; 9] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -685,6 +688,14 @@ impl MmaVariant {
         MmaVariant::new("tern_mma_128x128", 4, 2, 2, 8, 4),
         MmaVariant::new("tern_mma_256x64", 8, 1, 2, 8, 4),
         MmaVariant::new("tern_mma_256x128", 4, 2, 4, 8, 4),
+        MmaVariant {
+            name: "tern_wgmma_128x128",
+            bm: 128,
+            bn: 128,
+            threads: 256,
+            stages: 4,
+            wgmma: true,
+        },
     ];
 
     /// Warps along rows / tokens, m16 / n8 tiles per warp, stages (as in the macro).
@@ -695,12 +706,20 @@ impl MmaVariant {
             bn: 8 * nt * nw,
             threads: (32 * mw * nw) as u32,
             stages,
+            wgmma: false,
         }
     }
 
-    /// Dynamic shared memory: per stage 2 chunks of 2-bit rows + padded int8 token rows.
+    /// Whether `gpu` can run it (wgmma exists on sm_90a only).
+    pub fn available(&self, gpu: &Gpu) -> bool {
+        gpu.has_mma() && (!self.wgmma || gpu.arch == "sm_90a")
+    }
+
+    /// Dynamic shared memory: per stage 2 chunks of 2-bit rows + int8 token
+    /// rows (padded by 16 bytes for ldmatrix; core-matrix order for wgmma).
     pub const fn smem(&self) -> usize {
-        self.stages * (2 * self.bm * 16 + self.bn * (2 * 64 + 16))
+        let b_row = if self.wgmma { 2 * 64 } else { 2 * 64 + 16 };
+        self.stages * (2 * self.bm * 16 + self.bn * b_row)
     }
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -782,6 +801,9 @@ pub fn launch_matmul(
                 MatKernel::MmaWith(v) => v,
                 _ => MmaVariant::for_shape(nt, m.n_rows, gpu.info.sms.max(1) as usize),
             };
+            if !v.available(gpu) {
+                return Err(Error::Unsupported(format!("{} cannot run on {}", v.name, gpu.arch)));
+            }
             let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
             gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, Launch::Plain)
         }

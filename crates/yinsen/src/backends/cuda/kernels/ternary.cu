@@ -271,3 +271,125 @@ TERN_MMA(tern_mma_64x64, 4, 1, 1, 8, 4, 1)
 TERN_MMA(tern_mma_128x128, 4, 2, 2, 8, 4, 2)
 TERN_MMA(tern_mma_256x64, 8, 1, 2, 8, 4, 2)
 TERN_MMA(tern_mma_256x128, 4, 2, 4, 8, 4, 1)
+
+// Hopper (sm_90a) variant: warpgroup MMA. Block = WG warpgroups x 64 weight
+// rows, 128 tokens; each warpgroup issues wgmma.m64n128k32 with A (weights)
+// from registers — expanded from the 2-bit codes exactly as for mma.sync
+// (the wgmma A fragment of warp w is the m16n8k32 one for rows 16w..16w+15)
+// — and B (activations) from shared memory through a matrix descriptor.
+//
+// B stage layout (no swizzle, K-major "core matrices" of 8 tokens x 16
+// bytes, 128 contiguous bytes): core matrix (token group ng, k group kg) at
+// (ng * 8 + kg) * 128, token r of the group at + 16 r. For k32 step kk the
+// descriptor starts at kg = 2 kk; the next k group is +128 bytes (leading
+// byte offset) and the next token group +1024 (stride byte offset).
+// D fragment: per warp, like m16n8 C tiles repeated along N: d[4j + i] is
+// row g (+8 for i >= 2), token 8 j + 2 tg + (i & 1).
+#define WG_BN 128
+#define WG_KG (TM_KC * 4)
+
+__device__ __forceinline__ u64 wg_desc(u32 addr) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)((WG_KG * 128) >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_n128(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+#endif
+}
+
+template <int WG, int S>
+__device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int n_rows, int chunks,
+                                                const i8* __restrict__ X, int nt, const int* xsum,
+                                                const float* row_scale, const float* sx, int* out_i,
+                                                float* out_f, int out_stride, int mode) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int THREADS = 128 * WG, BM = 64 * WG, BN = WG_BN;
+    constexpr int A_BYTES = TM_KC * BM * 16, STAGE = A_BYTES + BN * TM_KC * 64;
+    extern __shared__ __align__(128) u8 tm_smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;  // warp w: rows 16 w .. 16 w + 15
+    const int g = lane >> 2, tg = lane & 3;
+    const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
+    const size_t x_stride = (size_t)chunks * 64;
+    const int iters = (chunks + TM_KC - 1) / TM_KC;
+    const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
+
+    auto issue = [&](int it) {
+        if (it < iters) {
+            const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
+            for (int i = tid; i < TM_KC * BM; i += THREADS) {
+                const int kc = i / BM, r = i % BM, c = it * TM_KC + kc, row = row0 + r;
+                const bool ok = c < chunks && row < n_rows;
+                cp_async16(a_s + 16 * i, ok ? W + (size_t)row * chunks + c : W, ok);
+            }
+            // i -> token r of group ng, k group kg: 8 consecutive threads fill
+            // one 128-byte core matrix.
+            for (int i = tid; i < BN * WG_KG; i += THREADS) {
+                const int r = i & 7, kg = (i >> 3) % WG_KG, ng = i / (8 * WG_KG);
+                const int t = ng * 8 + r, c = it * TM_KC + kg / 4, tok = tok0 + t;
+                const bool ok = c < chunks && tok < nt;
+                const i8* src = ok ? X + tok * x_stride + (size_t)c * 64 + 16 * (kg % 4) : X;
+                cp_async16(b_s + (ng * WG_KG + kg) * 128 + 16 * r, src, ok);
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+
+    int d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) d[i] = 0;
+
+#pragma unroll
+    for (int s = 0; s < S - 1; s++) issue(s);
+    for (int it = 0; it < iters; it++) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(S - 2) : "memory");
+        // cp.async wrote through the generic proxy; wgmma reads through the async one.
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        issue(it + S - 1);
+        const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
+        const u8* a_p = tm_smem + (it % S) * STAGE;
+        u32 af[TM_KC * 2][4];
+#pragma unroll
+        for (int kc = 0; kc < TM_KC; kc++) {
+            const uint4* ap = (const uint4*)(a_p + 16 * (kc * BM + warp * 16 + g));
+            const uint4 lo = ap[0], hi = ap[8];
+            af[2 * kc][0] = ext2(lo.x, tg);
+            af[2 * kc][1] = ext2(hi.x, tg);
+            af[2 * kc][2] = ext2(lo.y, tg);
+            af[2 * kc][3] = ext2(hi.y, tg);
+            af[2 * kc + 1][0] = ext2(lo.z, tg);
+            af[2 * kc + 1][1] = ext2(hi.z, tg);
+            af[2 * kc + 1][2] = ext2(lo.w, tg);
+            af[2 * kc + 1][3] = ext2(hi.w, tg);
+        }
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < TM_KC * 2; kk++)
+            wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], wg_desc(b_s + 2 * kk * 128));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        // The slot is refilled two iterations on; A registers are rewritten next
+        // iteration: wait for this stage's MMAs.
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
+            const int t = tok0 + 8 * j + 2 * tg + (i & 1);
+            if (r < n_rows && t < nt) store_out(mode, d[4 * j + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+        }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) tern_wgmma_128x128(
+    const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum, const float* row_scale,
+    const float* sx, int* out_i, float* out_f, int out_stride, int mode) {
+    tern_wgmma_body<2, 4>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode);
+}
