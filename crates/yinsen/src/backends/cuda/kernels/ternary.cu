@@ -343,17 +343,19 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0;
 
-#pragma unroll
-    for (int s = 0; s < S - 1; s++) issue(s);
-    for (int it = 0; it < iters; it++) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(S - 2) : "memory");
+    // One stage: A fragments from the 2-bit codes, then 2 TM_KC wgmmas as one
+    // group. Up to two groups are in flight: a stage's smem slot and its A
+    // registers (`af`, alternating between two sets) are reused only after
+    // wgmma.wait_group 1 has retired the group before the last.
+    auto stage = [&](int it, u32 (&af)[TM_KC * 2][4]) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(S - 3) : "memory");
         // cp.async wrote through the generic proxy; wgmma reads through the async one.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
-        issue(it + S - 1);
-        const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
+        // Slot of stage it - 2, whose MMAs retired at the end of stage it - 1.
+        issue(it + S - 2);
+        const u32 b_s = sbase + (it % S) * STAGE + A_BYTES;
         const u8* a_p = tm_smem + (it % S) * STAGE;
-        u32 af[TM_KC * 2][4];
 #pragma unroll
         for (int kc = 0; kc < TM_KC; kc++) {
             const uint4* ap = (const uint4*)(a_p + 16 * (kc * BM + warp * 16 + g));
@@ -372,10 +374,17 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
         for (int kk = 0; kk < TM_KC * 2; kk++)
             wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], wg_desc(b_s + 2 * kk * 128));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        // The slot is refilled two iterations on; A registers are rewritten next
-        // iteration: wait for this stage's MMAs.
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    };
+
+#pragma unroll
+    for (int s = 0; s < S - 2; s++) issue(s);
+    u32 af0[TM_KC * 2][4], af1[TM_KC * 2][4];
+    for (int it = 0; it < iters; it += 2) {
+        stage(it, af0);
+        if (it + 1 < iters) stage(it + 1, af1);
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     asm volatile("cp.async.wait_group 0;" ::: "memory");
 #pragma unroll
     for (int j = 0; j < BN / 8; j++)
