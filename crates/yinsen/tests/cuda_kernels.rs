@@ -174,14 +174,23 @@ fn matmul_exact_exhaustive_trits() {
 /// flash.cu against an f64 reference: causal GQA attention of `nt` query
 /// rows at positions p0.. over a cache whose rows past p0 + nt are NaN (so a
 /// key read past the causal range shows), both cache types and both
-/// instantiations, head dims 8..256, group sizes 1 and 3, partial query
-/// tiles and p0 inside a key tile.
+/// instantiations, head dims 8..256, group sizes 1, 3 and 4, partial query
+/// tiles and p0 inside a key tile; output poisoned with NaN before each run.
+///
+/// Tolerances, |got - want| <= tol (1 + |want|): the f32 kernel 2e-5. The
+/// tensor-core kernel (sm_80+, head dims multiple of 16): split mode 5e-5
+/// (hi + lo f16 parts carry ~22 of f32's 24 bits, and mma's f32
+/// accumulation truncates), 10x below what plain f16 inputs give, so a lost
+/// lo part fails; plain f16 (tc16) 1e-2: Q, P (and an f32 cache's K, V)
+/// rounded to f16 (unit roundoff 2^-11) perturb scores of magnitude ~1-8 by
+/// ~1e-3..8e-3, a wrong fragment layout gives O(1) errors.
 #[test]
 fn flash_attention_matches_reference() {
-    use yinsen::backends::cuda::Arg;
+    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     let cap = 400usize;
     let mut seed = 7u64;
+    let mut worst: std::collections::BTreeMap<String, f64> = Default::default();
     for &(hd, n_heads, n_kv, nt, p0) in &[
         (64usize, 4usize, 2usize, 300usize, 0usize),
         (64, 6, 2, 37, 100),
@@ -189,6 +198,9 @@ fn flash_attention_matches_reference() {
         (8, 2, 1, 65, 5),
         (96, 6, 2, 1, 200),
         (256, 2, 1, 70, 129),
+        // The 2b4t shape's head dim and group of 4, mid-tile start, partial last tile.
+        (128, 8, 2, 200, 37),
+        (64, 4, 1, 129, 250),
     ] {
         let n_keys = p0 + nt;
         let q_dim = n_heads * hd;
@@ -256,7 +268,9 @@ fn flash_attention_matches_reference() {
             let qb = g.upload(&q).unwrap();
             let pos = g.upload(&[p0 as i32]).unwrap();
             let out = g.alloc(4 * nt * q_dim).unwrap();
-            let smem = 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd);
+            let kv = if f16 { KvDtype::F16 } else { KvDtype::F32 };
+            // (kernel, threads, smem, tolerance)
+            let mut kernels: Vec<(String, u32, usize, f64)> = Vec::new();
             for wide in [false, true] {
                 if !wide && hd > 128 {
                     continue;
@@ -266,6 +280,15 @@ fn flash_attention_matches_reference() {
                     if wide { "d256" } else { "d128" },
                     if f16 { "f16" } else { "f32" }
                 );
+                kernels.push((name, 256, 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd), 2e-5));
+                if g.has_mma() && hd % 16 == 0 {
+                    for (split, tol) in [(true, 5e-5), (false, 1e-2)] {
+                        let name = kv.flash_tc(wide, split).to_string();
+                        kernels.push((name, FLASH_TC_THREADS, flash_tc_smem(hd, split, kv), tol));
+                    }
+                }
+            }
+            for (name, threads, smem, tol) in kernels {
                 assert!(
                     g.allow_dynamic_smem(&name, smem).unwrap(),
                     "{name}: {smem} bytes of smem"
@@ -274,7 +297,7 @@ fn flash_attention_matches_reference() {
                 g.launch_smem(
                     &name,
                     (nt.div_ceil(64) as u32, n_heads as u32, 1),
-                    256,
+                    threads,
                     smem as u32,
                     &[
                         qb.p(),
@@ -295,9 +318,11 @@ fn flash_attention_matches_reference() {
                 )
                 .unwrap();
                 let got = out.read::<f32>(nt * q_dim).unwrap();
+                let e = worst.entry(name.clone()).or_default();
                 for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
+                    *e = e.max((gv as f64 - w).abs() / (1.0 + w.abs()));
                     assert!(
-                        (gv as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                        (gv as f64 - w).abs() <= tol * (1.0 + w.abs()),
                         "{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}: out[{i}] (token {}, head {}) = {gv} want {w}",
                         i / q_dim,
                         i % q_dim / hd
@@ -306,4 +331,9 @@ fn flash_attention_matches_reference() {
             }
         }
     }
+    for (name, e) in &worst {
+        println!("{name}: max |err| / (1 + |want|) = {e:.2e}");
+    }
+    // The tensor-core kernels ran where the device has them (sm_80+).
+    assert_eq!(worst.keys().any(|k| k.starts_with("flash_tc")), g.has_mma());
 }

@@ -23,7 +23,7 @@ use cudarc::driver::{result, sys, CudaContext};
 use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
-pub use forward::{CudaBackend, CudaCache, FlashMode, KvDtype};
+pub use forward::{flash_tc_smem, CudaBackend, CudaCache, FlashMode, KvDtype, FLASH_TC_THREADS};
 pub use layout::GpuLayout;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 28] = [
+pub const KERNELS: [&str; 36] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -214,6 +214,14 @@ pub const KERNELS: [&str; 28] = [
     "flash_attn_d128_f32",
     "flash_attn_d256_f16",
     "flash_attn_d256_f32",
+    "flash_tc_d128_f16",
+    "flash_tc_d128_f32",
+    "flash_tc_d256_f16",
+    "flash_tc_d256_f32",
+    "flash_tc16_d128_f16",
+    "flash_tc16_d128_f32",
+    "flash_tc16_d256_f16",
+    "flash_tc16_d256_f32",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.
