@@ -50,7 +50,7 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
     for idx in range(TC_BQ*(hd//4)):
         r = idx // (hd//4); d = (idx - r*(hd//4))*4
         v = np.zeros(4, np.float32)
-        if r < rows: v = (qr[(t0+r), h*hd+d:h*hd+d+4] * np.float32(scale)).astype(np.float32)
+        if r < rows: v = (qr[(t0+r), h*hd+d:h*hd+d+4] * np.float32(scale * 1.4426950408889634)).astype(np.float32)
         store4(v, Qh, Ql, r*ld+d, SPLIT)
     states = []
     for warp in range(4):
@@ -101,9 +101,9 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
             # quad reduce
             mx0 = np.repeat(mx0.reshape(8, 4).max(1), 4); mx1 = np.repeat(mx1.reshape(8, 4).max(1), 4)
             mn0 = np.maximum(st['m0'], mx0); mn1 = np.maximum(st['m1'], mx1)
-            a0 = np.exp(st['m0'] - mn0); a1 = np.exp(st['m1'] - mn1)
+            a0 = np.exp2(st['m0'] - mn0); a1 = np.exp2(st['m1'] - mn1)
             st['m0'], st['m1'] = mn0, mn1
-            s[:, :, 0:2] = np.exp(s[:, :, 0:2] - mn0[:, None, None]); s[:, :, 2:4] = np.exp(s[:, :, 2:4] - mn1[:, None, None])
+            s[:, :, 0:2] = np.exp2(s[:, :, 0:2] - mn0[:, None, None]); s[:, :, 2:4] = np.exp2(s[:, :, 2:4] - mn1[:, None, None])
             st['l0'] = st['l0']*a0 + s[:, :, 0:2].sum((1, 2)); st['l1'] = st['l1']*a1 + s[:, :, 2:4].sum((1, 2))
             o = st['o']; o[:, :, 0:2] *= a0[:, None, None]; o[:, :, 2:4] *= a1[:, None, None]
             for kk in range(4):

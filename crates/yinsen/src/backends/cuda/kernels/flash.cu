@@ -350,16 +350,19 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     const KV* kb = kc + (size_t)kvh * cap * hd;
     const KV* vb = vc + (size_t)kvh * cap * hd;
 
-    // Q, pre-scaled; rows past nt are zeros (finite, never written out).
+    // Q, pre-scaled by scale * log2(e): scores come out in base-2 units, so
+    // the softmax takes exp2 (one ex2) instead of expf. Rows past nt are
+    // zeros (finite, never written out).
+    const float qscale = scale * 1.4426950408889634f;
     for (int idx = threadIdx.x; idx < TC_BQ * (hd / 4); idx += TC_THREADS) {
         const int r = idx / (hd / 4), d = (idx - r * (hd / 4)) * 4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r < rows) {
             v = *(const float4*)(qr + (size_t)(t0 + r) * q_stride + h * hd + d);
-            v.x *= scale;
-            v.y *= scale;
-            v.z *= scale;
-            v.w *= scale;
+            v.x *= qscale;
+            v.y *= qscale;
+            v.z *= qscale;
+            v.w *= qscale;
         }
         tc_store4<SPLIT>(v, Qh + r * ld + d, Ql + r * ld + d);
     }
@@ -458,16 +461,16 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
             }
             // A row masked out of this whole tile keeps m (mx = -inf) and gets p = 0.
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float a0 = expf(m0 - mn0), a1 = expf(m1 - mn1);
+            const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
             m0 = mn0;
             m1 = mn1;
             float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
             for (int n = 0; n < 8; n++) {
-                s[n][0] = expf(s[n][0] - mn0);
-                s[n][1] = expf(s[n][1] - mn0);
-                s[n][2] = expf(s[n][2] - mn1);
-                s[n][3] = expf(s[n][3] - mn1);
+                s[n][0] = exp2f(s[n][0] - mn0);
+                s[n][1] = exp2f(s[n][1] - mn0);
+                s[n][2] = exp2f(s[n][2] - mn1);
+                s[n][3] = exp2f(s[n][3] - mn1);
                 sum0 += s[n][0] + s[n][1];
                 sum1 += s[n][2] + s[n][3];
             }
