@@ -214,6 +214,7 @@ __device__ __forceinline__ void flash_body(const float* qr, int q_stride, const 
     extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                                              \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
              int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+        pdl_wait(); /* `attention` may launch with PDL: q and the cache come from the previous kernel */      \
         flash_body<KV, NG>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp, out_stride);   \
     }
 FLASH_ATTN(flash_attn_d128_f16, u16, 2, 2)
@@ -548,6 +549,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     extern "C" __global__ void __launch_bounds__(TC_THREADS, MINB)                                             \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
              int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+        pdl_wait(); /* as FLASH_ATTN */                                                                         \
         flash_tc_body<KV, HDMAX, SPLIT>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,     \
                                         out_stride);                                                            \
     }
