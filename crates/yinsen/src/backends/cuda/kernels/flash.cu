@@ -325,6 +325,8 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #if __CUDA_ARCH__ >= 800
     constexpr bool KLO = SPLIT && sizeof(KV) == 4;  // K, V need a lo part
     constexpr int NT = HDMAX / 8;                   // n8 tiles of an output row
+    constexpr int KS = HDMAX / 16;                  // k16 steps over the head dim
+    constexpr bool QREG = HDMAX <= 128;             // Q fragments live in registers (d256: too many)
     extern __shared__ uint4 tc_smem4[];
     const int ld = hd + 8, tile = TC_BQ * ld;
     u16* p = (u16*)tc_smem4;
@@ -393,6 +395,19 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     const bool active = 16 * warp < rows;
     const int wlast = wfirst + 15;
 
+    // Q's A fragments are the same for every key tile: load them once.
+    u32 qreg[QREG ? KS : 1][4], qlreg[QREG && SPLIT ? KS : 1][4];
+    if (QREG) {
+        __syncthreads();  // Q staged
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            if (16 * ks < hd) {
+                tc_ldsm4(qreg[ks], sQh + 32 * ks);
+                if (SPLIT) tc_ldsm4(qlreg[QREG && SPLIT ? ks : 0], sQl + 32 * ks);
+            }
+        }
+    }
+
     float o[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++)
@@ -414,11 +429,19 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #pragma unroll
                 for (int e = 0; e < 4; e++) s[n][e] = 0.f;
 #pragma unroll
-            for (int ks = 0; ks < HDMAX / 16; ks++) {
+            for (int ks = 0; ks < KS; ks++) {
                 if (16 * ks < hd) {
                     u32 qh[4], ql[4];
-                    tc_ldsm4(qh, sQh + 32 * ks);
-                    if (SPLIT) tc_ldsm4(ql, sQl + 32 * ks);
+                    if (QREG) {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            qh[i] = qreg[QREG ? ks : 0][i];
+                            ql[i] = qlreg[QREG && SPLIT ? ks : 0][i];
+                        }
+                    } else {
+                        tc_ldsm4(qh, sQh + 32 * ks);
+                        if (SPLIT) tc_ldsm4(ql, sQl + 32 * ks);
+                    }
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
                         const u32 koff = 2 * 16 * np * ld + 32 * ks;
