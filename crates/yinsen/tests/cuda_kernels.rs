@@ -337,3 +337,130 @@ fn flash_attention_matches_reference() {
     // The tensor-core kernels ran where the device has them (sm_80+).
     assert_eq!(worst.keys().any(|k| k.starts_with("flash_tc")), g.has_mma());
 }
+
+/// The prefill attention kernels at the 2b4t shape (2048 tokens from an
+/// empty cache, 20 query heads on 5 KV heads, hd 128), device runs only
+/// (YINSEN_DEVICE=1): the tensor-core kernels against the f32 kernel over
+/// 2048 keys (split 1e-4, tc16 1e-2, relative to 1 + |want|: the f64 checks
+/// above at 2x their limits, for the longer sums), then the time of one
+/// launch (x 30 layers = a 2048-token prefill's attention), both caches.
+#[test]
+fn flash_attention_2b4t_timing() {
+    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
+    if std::env::var("YINSEN_DEVICE").is_err() {
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP cuda: flash_attention_2b4t_timing runs only with YINSEN_DEVICE=1\n"),
+        ); // uncaptured: visible in CI logs
+        return;
+    }
+    let Some(g) = gpu() else { return };
+    let (nt, n_heads, n_kv, hd) = (2048usize, 20usize, 5usize, 128usize);
+    let q_dim = n_heads * hd;
+    let mut r = SplitMix64(99);
+    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+            .collect()
+    };
+    let q = rnd(nt * q_dim, 1.0);
+    let k = rnd(n_kv * nt * hd, 3.0);
+    let v = rnd(n_kv * nt * hd, 2.0);
+    let qb = g.upload(&q).unwrap();
+    let pos = g.upload(&[0i32]).unwrap();
+    let out = g.alloc(4 * nt * q_dim).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let (kb, vb) = match kv {
+            KvDtype::F32 => (g.upload(&k).unwrap(), g.upload(&v).unwrap()),
+            KvDtype::F16 => {
+                let h = |x: &[f32]| {
+                    x.iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect::<Vec<u16>>()
+                };
+                (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
+            }
+        };
+        let f32_name = match kv {
+            KvDtype::F32 => "flash_attn_d128_f32",
+            KvDtype::F16 => "flash_attn_d128_f16",
+        };
+        let mut kernels = vec![(f32_name, 256u32, 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd), 0.0)];
+        if g.has_mma() {
+            kernels.push((
+                kv.flash_tc(false, true),
+                FLASH_TC_THREADS,
+                flash_tc_smem(hd, true, kv),
+                1e-4,
+            ));
+            kernels.push((
+                kv.flash_tc(false, false),
+                FLASH_TC_THREADS,
+                flash_tc_smem(hd, false, kv),
+                1e-2,
+            ));
+        }
+        let mut want: Vec<f32> = Vec::new();
+        for (name, threads, smem, tol) in kernels {
+            assert!(
+                g.allow_dynamic_smem(name, smem).unwrap(),
+                "{name}: {smem} bytes of smem"
+            );
+            let launch = || {
+                g.launch_smem(
+                    name,
+                    (nt.div_ceil(64) as u32, n_heads as u32, 1),
+                    threads,
+                    smem as u32,
+                    &[
+                        qb.p(),
+                        Arg::I(q_dim as i32),
+                        kb.p(),
+                        vb.p(),
+                        pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(n_heads as i32),
+                        Arg::I(n_kv as i32),
+                        Arg::I(hd as i32),
+                        Arg::I(nt as i32),
+                        Arg::F(scale),
+                        out.p(),
+                        Arg::I(q_dim as i32),
+                    ],
+                    Launch::Plain,
+                )
+                .unwrap()
+            };
+            out.fill(0xff).unwrap(); // NaN until written
+            launch();
+            let got = out.read::<f32>(nt * q_dim).unwrap();
+            if want.is_empty() {
+                assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite output");
+                want = got;
+            } else {
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(&a, &b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
+                    .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                println!("{name}: max |err| / (1 + |f32 kernel|) = {err:.2e}");
+                assert!(err <= tol, "{name}: {err} > {tol}");
+            }
+            let reps = 20;
+            launch();
+            g.sync().unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                launch();
+            }
+            g.sync().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let occ = g.occupancy(name, threads, smem).unwrap();
+            println!(
+                "{name}: {ms:.3} ms per launch, x30 layers {:.2} ms ({occ} blocks/SM)",
+                30.0 * ms
+            );
+        }
+    }
+}
