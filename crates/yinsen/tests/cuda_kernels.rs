@@ -184,14 +184,23 @@ fn matmul_exact_exhaustive_trits() {
 /// flash.cu against an f64 reference: causal GQA attention of `nt` query
 /// rows at positions p0.. over a cache whose rows past p0 + nt are NaN (so a
 /// key read past the causal range shows), both cache types and both
-/// instantiations, head dims 8..256, group sizes 1 and 3, partial query
-/// tiles and p0 inside a key tile.
+/// instantiations, head dims 8..256, group sizes 1, 3 and 4, partial query
+/// tiles and p0 inside a key tile; output poisoned with NaN before each run.
+///
+/// Tolerances, |got - want| <= tol (1 + |want|): the f32 kernel 2e-5. The
+/// tensor-core kernel (sm_80+, head dims multiple of 16): split mode 5e-5
+/// (hi + lo f16 parts carry ~22 of f32's 24 bits, and mma's f32
+/// accumulation truncates), 10x below what plain f16 inputs give, so a lost
+/// lo part fails; plain f16 (tc16) 1e-2: Q, P (and an f32 cache's K, V)
+/// rounded to f16 (unit roundoff 2^-11) perturb scores of magnitude ~1-8 by
+/// ~1e-3..8e-3, a wrong fragment layout gives O(1) errors.
 #[test]
 fn flash_attention_matches_reference() {
-    use yinsen::backends::cuda::Arg;
+    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     let cap = 400usize;
     let mut seed = 7u64;
+    let mut worst: std::collections::BTreeMap<String, f64> = Default::default();
     for &(hd, n_heads, n_kv, nt, p0) in &[
         (64usize, 4usize, 2usize, 300usize, 0usize),
         (64, 6, 2, 37, 100),
@@ -199,6 +208,9 @@ fn flash_attention_matches_reference() {
         (8, 2, 1, 65, 5),
         (96, 6, 2, 1, 200),
         (256, 2, 1, 70, 129),
+        // The 2b4t shape's head dim and group of 4, mid-tile start, partial last tile.
+        (128, 8, 2, 200, 37),
+        (64, 4, 1, 129, 250),
     ] {
         let n_keys = p0 + nt;
         let q_dim = n_heads * hd;
@@ -266,7 +278,9 @@ fn flash_attention_matches_reference() {
             let qb = g.upload(&q).unwrap();
             let pos = g.upload(&[p0 as i32]).unwrap();
             let out = g.alloc(4 * nt * q_dim).unwrap();
-            let smem = 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd);
+            let kv = if f16 { KvDtype::F16 } else { KvDtype::F32 };
+            // (kernel, threads, smem, tolerance)
+            let mut kernels: Vec<(String, u32, usize, f64)> = Vec::new();
             for wide in [false, true] {
                 if !wide && hd > 128 {
                     continue;
@@ -276,6 +290,15 @@ fn flash_attention_matches_reference() {
                     if wide { "d256" } else { "d128" },
                     if f16 { "f16" } else { "f32" }
                 );
+                kernels.push((name, 256, 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd), 2e-5));
+                if g.has_mma() && hd % 16 == 0 {
+                    for (split, tol) in [(true, 5e-5), (false, 1e-2)] {
+                        let name = kv.flash_tc(wide, split).to_string();
+                        kernels.push((name, FLASH_TC_THREADS, flash_tc_smem(hd, split, kv), tol));
+                    }
+                }
+            }
+            for (name, threads, smem, tol) in kernels {
                 assert!(
                     g.allow_dynamic_smem(&name, smem).unwrap(),
                     "{name}: {smem} bytes of smem"
@@ -284,7 +307,7 @@ fn flash_attention_matches_reference() {
                 g.launch_smem(
                     &name,
                     (nt.div_ceil(64) as u32, n_heads as u32, 1),
-                    256,
+                    threads,
                     smem as u32,
                     &[
                         qb.p(),
@@ -305,15 +328,149 @@ fn flash_attention_matches_reference() {
                 )
                 .unwrap();
                 let got = out.read::<f32>(nt * q_dim).unwrap();
+                let e = worst.entry(name.clone()).or_default();
                 for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
+                    *e = e.max((gv as f64 - w).abs() / (1.0 + w.abs()));
                     assert!(
-                        (gv as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                        (gv as f64 - w).abs() <= tol * (1.0 + w.abs()),
                         "{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}: out[{i}] (token {}, head {}) = {gv} want {w}",
                         i / q_dim,
                         i % q_dim / hd
                     );
                 }
             }
+        }
+    }
+    for (name, e) in &worst {
+        println!("{name}: max |err| / (1 + |want|) = {e:.2e}");
+    }
+    // The tensor-core kernels ran where the device has them (sm_80+).
+    assert_eq!(worst.keys().any(|k| k.starts_with("flash_tc")), g.has_mma());
+}
+
+/// The prefill attention kernels at the 2b4t shape (2048 tokens from an
+/// empty cache, 20 query heads on 5 KV heads, hd 128), device runs only
+/// (YINSEN_DEVICE=1): the tensor-core kernels against the f32 kernel over
+/// 2048 keys (split 1e-4, tc16 1e-2, relative to 1 + |want|: the f64 checks
+/// above at 2x their limits, for the longer sums), then the time of one
+/// launch (x 30 layers = a 2048-token prefill's attention), both caches.
+#[test]
+fn flash_attention_2b4t_timing() {
+    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
+    if std::env::var("YINSEN_DEVICE").is_err() {
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP cuda: flash_attention_2b4t_timing runs only with YINSEN_DEVICE=1\n"),
+        ); // uncaptured: visible in CI logs
+        return;
+    }
+    let Some(g) = gpu() else { return };
+    let (nt, n_heads, n_kv, hd) = (2048usize, 20usize, 5usize, 128usize);
+    let q_dim = n_heads * hd;
+    let mut r = SplitMix64(99);
+    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+            .collect()
+    };
+    let q = rnd(nt * q_dim, 1.0);
+    let k = rnd(n_kv * nt * hd, 3.0);
+    let v = rnd(n_kv * nt * hd, 2.0);
+    let qb = g.upload(&q).unwrap();
+    let pos = g.upload(&[0i32]).unwrap();
+    let out = g.alloc(4 * nt * q_dim).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let (kb, vb) = match kv {
+            KvDtype::F32 => (g.upload(&k).unwrap(), g.upload(&v).unwrap()),
+            KvDtype::F16 => {
+                let h = |x: &[f32]| {
+                    x.iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect::<Vec<u16>>()
+                };
+                (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
+            }
+        };
+        let f32_name = match kv {
+            KvDtype::F32 => "flash_attn_d128_f32",
+            KvDtype::F16 => "flash_attn_d128_f16",
+        };
+        let mut kernels = vec![(f32_name, 256u32, 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd), 0.0)];
+        if g.has_mma() {
+            kernels.push((
+                kv.flash_tc(false, true),
+                FLASH_TC_THREADS,
+                flash_tc_smem(hd, true, kv),
+                1e-4,
+            ));
+            kernels.push((
+                kv.flash_tc(false, false),
+                FLASH_TC_THREADS,
+                flash_tc_smem(hd, false, kv),
+                1e-2,
+            ));
+        }
+        let mut want: Vec<f32> = Vec::new();
+        for (name, threads, smem, tol) in kernels {
+            assert!(
+                g.allow_dynamic_smem(name, smem).unwrap(),
+                "{name}: {smem} bytes of smem"
+            );
+            let launch = || {
+                g.launch_smem(
+                    name,
+                    (nt.div_ceil(64) as u32, n_heads as u32, 1),
+                    threads,
+                    smem as u32,
+                    &[
+                        qb.p(),
+                        Arg::I(q_dim as i32),
+                        kb.p(),
+                        vb.p(),
+                        pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(n_heads as i32),
+                        Arg::I(n_kv as i32),
+                        Arg::I(hd as i32),
+                        Arg::I(nt as i32),
+                        Arg::F(scale),
+                        out.p(),
+                        Arg::I(q_dim as i32),
+                    ],
+                    Launch::Plain,
+                )
+                .unwrap()
+            };
+            out.fill(0xff).unwrap(); // NaN until written
+            launch();
+            let got = out.read::<f32>(nt * q_dim).unwrap();
+            if want.is_empty() {
+                assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite output");
+                want = got;
+            } else {
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(&a, &b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
+                    .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                println!("{name}: max |err| / (1 + |f32 kernel|) = {err:.2e}");
+                assert!(err <= tol, "{name}: {err} > {tol}");
+            }
+            let reps = 20;
+            launch();
+            g.sync().unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                launch();
+            }
+            g.sync().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let occ = g.occupancy(name, threads, smem).unwrap();
+            println!(
+                "{name}: {ms:.3} ms per launch, x30 layers {:.2} ms ({occ} blocks/SM)",
+                30.0 * ms
+            );
         }
     }
 }

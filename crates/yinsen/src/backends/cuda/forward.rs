@@ -125,6 +125,20 @@ impl KvDtype {
             (KvDtype::F32, true) => "flash_attn_d256_f32",
         }
     }
+    /// The tensor-core flash prefill (flash.cu, sm_80+) for head dims up to
+    /// 128 or (`wide`) 256, split precision or (`!split`) plain f16.
+    pub fn flash_tc(self, wide: bool, split: bool) -> &'static str {
+        match (self, wide, split) {
+            (KvDtype::F16, false, true) => "flash_tc_d128_f16",
+            (KvDtype::F16, true, true) => "flash_tc_d256_f16",
+            (KvDtype::F32, false, true) => "flash_tc_d128_f32",
+            (KvDtype::F32, true, true) => "flash_tc_d256_f32",
+            (KvDtype::F16, false, false) => "flash_tc16_d128_f16",
+            (KvDtype::F16, true, false) => "flash_tc16_d256_f16",
+            (KvDtype::F32, false, false) => "flash_tc16_d128_f32",
+            (KvDtype::F32, true, false) => "flash_tc16_d256_f32",
+        }
+    }
     fn dec_mm(self, lpr: usize) -> &'static str {
         match (self, lpr) {
             (KvDtype::F16, 8) => "dec_mm_l8_f16",
@@ -135,15 +149,55 @@ impl KvDtype {
     }
 }
 
-/// Which attention kernel prefill (more than one token) uses.
+/// Which attention kernel prefill (more than one token) uses. A mode the
+/// device or shape cannot run falls back to split-K (Auto: to F32 first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum FlashMode {
     /// The split-K attn_partial kernels (the decode attention).
     Off,
-    /// flash.cu, the narrowest instantiation that holds the head dim.
+    /// Tc where the device (sm_80+) and head dim (multiple of 16) allow, else F32.
     Auto,
-    /// flash.cu's hd <= 256 instantiation for any head dim (tests).
+    /// flash.cu's f32 CUDA-core kernel, the narrowest instantiation that holds the head dim.
+    F32,
+    /// The f32 kernel's hd <= 256 instantiation for any head dim (tests).
     Wide,
+    /// flash.cu's tensor-core kernel, split precision (hi + lo f16 parts, ~f32 accuracy).
+    Tc,
+    /// The tensor-core kernel on plain f16 inputs: ~3x fewer mma than Tc,
+    /// f16 rounding of Q, K, V and P (flips int8 codes downstream).
+    Tc16,
+}
+
+impl FlashMode {
+    const ALL: [FlashMode; 6] = [
+        FlashMode::Off,
+        FlashMode::Auto,
+        FlashMode::F32,
+        FlashMode::Wide,
+        FlashMode::Tc,
+        FlashMode::Tc16,
+    ];
+
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`.
+    pub fn from_env() -> Result<Self> {
+        let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
+            return Ok(FlashMode::Auto);
+        };
+        Ok(match v.to_ascii_lowercase().as_str() {
+            "0" | "off" => FlashMode::Off,
+            "" | "1" | "auto" => FlashMode::Auto,
+            "f32" => FlashMode::F32,
+            "wide" => FlashMode::Wide,
+            "tc" => FlashMode::Tc,
+            "tc16" => FlashMode::Tc16,
+            _ => {
+                return Err(Error::input(format!(
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc or tc16"
+                )))
+            }
+        })
+    }
 }
 
 /// Tokens per query tile and keys per key tile of flash.cu (FA_BQ, FA_BK).
@@ -154,6 +208,20 @@ const FA_TILE: usize = 64;
 fn flash_smem(hd: usize) -> usize {
     4 * FA_TILE * ((hd + 4) + (hd + 4).max(FA_TILE + 4) + hd)
 }
+
+/// Threads per block of flash.cu's tensor-core kernel (TC_THREADS).
+pub const FLASH_TC_THREADS: u32 = 128;
+
+/// Dynamic shared memory of the tensor-core kernel: f16 tiles [64][hd + 8]
+/// of Q, K and V, plus the lo parts in split mode (Q always, K and V only
+/// from an f32 cache: f16 cache values are exact in f16).
+pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
+    let lo_kv = split && kv == KvDtype::F32;
+    2 * FA_TILE * (hd + 8) * (1 + split as usize + 2 * (1 + lo_kv as usize))
+}
+
+/// A prefill attention kernel: name, threads per block, dynamic smem bytes.
+type FlashKernel = (&'static str, u32, usize);
 
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
@@ -173,10 +241,13 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
-    /// Prefill attention: 0 split-K, 1 flash (auto), 2 flash wide (FlashMode).
+    /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
-    /// Whether each flash instantiation (narrow, wide) can run this head dim.
+    /// Whether each f32 flash instantiation (narrow, wide) can run this head dim.
     flash_ok: [bool; 2],
+    /// Whether the tensor-core flash kernel (plain f16, split) can run here
+    /// (sm_80+, head dim a multiple of 16 up to 256, smem).
+    tc_ok: [bool; 2],
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -391,7 +462,20 @@ impl CudaBackend {
                     Ok::<_, Error>(ok && gpu.allow_dynamic_smem(k.flash(wide), flash_smem(c.head_dim))?)
                 })?;
         }
-        let flash_on = std::env::var("YINSEN_CUDA_FLASH").map_or(true, |v| v != "0");
+        let mut tc_ok = [false; 2];
+        for (i, split) in [false, true].into_iter().enumerate() {
+            let fits = gpu.info.sm.0 >= 8
+                && c.n_kv_heads > 0
+                && c.n_heads.is_multiple_of(c.n_kv_heads)
+                && c.head_dim.is_multiple_of(16)
+                && c.head_dim <= 256;
+            tc_ok[i] = fits
+                && gpu.allow_dynamic_smem(
+                    kv.flash_tc(c.head_dim > 128, split),
+                    flash_tc_smem(c.head_dim, split, kv),
+                )?;
+        }
+        let flash_mode = FlashMode::from_env()?;
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
@@ -422,8 +506,9 @@ impl CudaBackend {
             scratch: Mutex::new(scratch),
             weight_bytes,
             mma_min_tokens: 17.into(),
-            flash: (flash_on as u8).into(),
+            flash: (flash_mode as u8).into(),
             flash_ok,
+            tc_ok,
         };
         if std::env::var("YINSEN_CUDA_LM_HEAD").is_ok_and(|v| v.eq_ignore_ascii_case("q8")) {
             be.set_lm_head_q8(Some(model.lm_head()))?;
@@ -536,34 +621,45 @@ impl CudaBackend {
     }
 
     /// For benchmarks and tests: the prefill attention kernel (default Auto,
-    /// `YINSEN_CUDA_FLASH=0` starts Off); returns the previous setting. A
-    /// mode the device or shape cannot run falls back to split-K.
+    /// else `YINSEN_CUDA_FLASH`); returns the previous setting. A mode the
+    /// device or shape cannot run falls back to split-K.
     pub fn set_flash(&self, mode: FlashMode) -> FlashMode {
-        let v = match mode {
-            FlashMode::Off => 0,
-            FlashMode::Auto => 1,
-            FlashMode::Wide => 2,
-        };
-        match self.flash.swap(v, std::sync::atomic::Ordering::Relaxed) {
-            0 => FlashMode::Off,
-            1 => FlashMode::Auto,
-            _ => FlashMode::Wide,
-        }
+        let old = self.flash.swap(mode as u8, std::sync::atomic::Ordering::Relaxed);
+        FlashMode::ALL[old as usize]
     }
 
     /// The flash kernel prefill attention runs now, if any.
-    fn flash_kernel(&self) -> Option<&'static str> {
-        let wide = match self.flash.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => return None,
-            1 => !self.flash_ok[0],
-            _ => true,
+    fn flash_kernel(&self) -> Option<FlashKernel> {
+        let hd = self.config.head_dim;
+        let f32k = |wide: bool| self.flash_ok[wide as usize].then(|| (self.kv.flash(wide), 256, flash_smem(hd)));
+        let narrow = || f32k(false).or_else(|| f32k(true));
+        let tc = |split: bool| {
+            self.tc_ok[split as usize].then(|| {
+                (
+                    self.kv.flash_tc(hd > 128, split),
+                    FLASH_TC_THREADS,
+                    flash_tc_smem(hd, split, self.kv),
+                )
+            })
         };
-        self.flash_ok[wide as usize].then(|| self.kv.flash(wide))
+        match FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize] {
+            FlashMode::Off => None,
+            FlashMode::Auto => tc(true).or_else(narrow),
+            FlashMode::F32 => narrow(),
+            FlashMode::Wide => f32k(true),
+            FlashMode::Tc => tc(true),
+            FlashMode::Tc16 => tc(false),
+        }
     }
 
     /// Whether prefill uses flash.cu now (mode and device permitting).
     pub fn uses_flash(&self) -> bool {
         self.flash_kernel().is_some()
+    }
+
+    /// The kernel prefill attention runs now, if flash.cu's (tests, logs).
+    pub fn flash_kernel_name(&self) -> Option<&'static str> {
+        self.flash_kernel().map(|k| k.0)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -735,12 +831,12 @@ impl CudaBackend {
     fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        if let Some(name) = self.flash_kernel().filter(|_| nt > 1) {
+        if let Some((name, threads, smem)) = self.flash_kernel().filter(|_| nt > 1) {
             return self.gpu.launch_smem(
                 name,
                 (nt.div_ceil(FA_TILE) as u32, c.n_heads as u32, 1),
-                256,
-                flash_smem(c.head_dim) as u32,
+                threads,
+                smem as u32,
                 &[
                     s.qr.p(),
                     Arg::I(c.q_dim() as i32),
@@ -1749,11 +1845,46 @@ mod tests {
                 kv.dec_mm(16),
                 kv.flash(false),
                 kv.flash(true),
+                kv.flash_tc(false, false),
+                kv.flash_tc(false, true),
+                kv.flash_tc(true, false),
+                kv.flash_tc(true, true),
             ] {
                 assert!(super::super::KERNELS.contains(&name), "{name} not in KERNELS");
             }
         }
         assert_ne!(KvDtype::F16.dec_mm(8), KvDtype::F32.dec_mm(8));
         assert_ne!(KvDtype::F16.dec_mm(16), KvDtype::F16.dec_mm(8));
+        // Every (cache, width, precision) picks its own tensor-core kernel.
+        let mut tc: Vec<&str> = [KvDtype::F16, KvDtype::F32]
+            .iter()
+            .flat_map(|kv| [(false, false), (false, true), (true, false), (true, true)].map(|(w, s)| kv.flash_tc(w, s)))
+            .collect();
+        tc.sort();
+        tc.dedup();
+        assert_eq!(tc.len(), 8);
+    }
+
+    /// FlashMode round-trips through its u8 (the backend's atomic).
+    #[test]
+    fn flash_mode_table_matches_discriminants() {
+        for (i, m) in FlashMode::ALL.iter().enumerate() {
+            assert_eq!(*m as usize, i, "{m:?}");
+        }
+    }
+
+    /// Tensor-core smem: 3 f16 tiles (tc16), + Q lo (split, f16 cache), + K, V
+    /// lo (split, f32 cache); the widest must fit an H100's 227 KB per block.
+    #[test]
+    fn flash_tc_smem_sizes() {
+        let tile = |hd: usize| 2 * 64 * (hd + 8);
+        assert_eq!(flash_tc_smem(128, false, KvDtype::F32), 3 * tile(128));
+        assert_eq!(flash_tc_smem(128, false, KvDtype::F16), 3 * tile(128));
+        assert_eq!(flash_tc_smem(128, true, KvDtype::F16), 4 * tile(128));
+        assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 6 * tile(128));
+        assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 104_448);
+        assert!(flash_tc_smem(256, true, KvDtype::F32) <= 227 * 1024);
+        // Two d128 split blocks per SM (228 KB, 1 KB reserved per block).
+        assert!(2 * (flash_tc_smem(128, true, KvDtype::F32) + 1024) <= 228 * 1024);
     }
 }

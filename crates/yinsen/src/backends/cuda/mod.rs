@@ -23,7 +23,7 @@ use cudarc::driver::{result, sys, CudaContext};
 use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
-pub use forward::{CudaBackend, CudaCache, FlashMode, KvDtype};
+pub use forward::{flash_tc_smem, CudaBackend, CudaCache, FlashMode, KvDtype, FLASH_TC_THREADS};
 pub use layout::GpuLayout;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -222,6 +222,14 @@ pub const KERNELS: [&str; 36] = [
     "flash_attn_d128_f32",
     "flash_attn_d256_f16",
     "flash_attn_d256_f32",
+    "flash_tc_d128_f16",
+    "flash_tc_d128_f32",
+    "flash_tc_d256_f16",
+    "flash_tc_d256_f32",
+    "flash_tc16_d128_f16",
+    "flash_tc16_d128_f32",
+    "flash_tc16_d256_f16",
+    "flash_tc16_d256_f32",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

@@ -214,9 +214,373 @@ __device__ __forceinline__ void flash_body(const float* qr, int q_stride, const 
     extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                                              \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
              int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+        pdl_wait(); /* `attention` may launch with PDL: q and the cache come from the previous kernel */      \
         flash_body<KV, NG>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp, out_stride);   \
     }
 FLASH_ATTN(flash_attn_d128_f16, u16, 2, 2)
 FLASH_ATTN(flash_attn_d128_f32, float, 2, 2)
 FLASH_ATTN(flash_attn_d256_f16, u16, 4, 1)
 FLASH_ATTN(flash_attn_d256_f32, float, 4, 1)
+
+// ---- Prefill attention on tensor cores (mma.sync m16n8k16 f16 -> f32, sm_80+)
+// Same contract and grid as flash_body: one block per (64-token query tile,
+// query head), causal, GQA. 4 warps; warp w owns query rows 16 w .. 16 w + 15
+// of the tile. Per 64-key tile: K and V are converted to f16 while staged in
+// shared memory, S = Q K^T by mma, online softmax on the accumulator
+// fragments, P turned into A fragments straight from the S registers
+// (FlashAttention-2), O += P V by mma with V fragments from ldmatrix.trans.
+//
+// SPLIT (the default mode): x = hi + lo, hi = f16(x), lo = f16(x - hi), and
+// each product takes hi*hi + hi*lo + lo*hi (the lo*lo term is ~2^-22 of the
+// result), so Q, K, V and P carry ~22 bits instead of 11: accuracy close to
+// the f32 kernel. An f16 cache has no lo part (K, V exact in f16), so there
+// only Q and P are split. f16 has no f32 range: |K|, |V|, |Q scale| must stay
+// below 65504 (the f32 kernel has no such limit).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16, g = lane / 4, c = lane % 4):
+//   A 16x16 (row): a0 (row g, cols 2c, 2c+1), a1 (row g+8, same cols),
+//                  a2 (row g, cols 2c+8, 2c+9), a3 (row g+8, cols 2c+8, 2c+9)
+//   B 16x8 (col):  b0 (k rows 2c, 2c+1, col g), b1 (k rows 2c+8, 2c+9, col g)
+//   C/D 16x8 f32:  d0, d1 (row g, cols 2c, 2c+1), d2, d3 (row g+8, same cols)
+// The lower-index element sits in the low half of each f16x2 register.
+// ldmatrix.x4: lane l gives the address of row l % 8 of 8x8 matrix l / 8 and
+// receives register i = its (row l / 4, cols 2 (l % 4) .. +1) of matrix i
+// (.trans: rows 2 (l % 4) .. +1 of column l / 4 instead).
+//
+// Shared memory, f16, rows of ld = hd + 8 halves (16-byte aligned rows, and
+// the 16-byte shift per row keeps the 8 row reads of an ldmatrix on distinct
+// banks): Qh [64][ld], Ql (SPLIT), Kh, Kl (SPLIT, f32 cache), Vh, Vl (same).
+#define TC_BQ 64
+#define TC_BK 64
+#define TC_THREADS 128
+
+#if __CUDA_ARCH__ >= 800
+// f16x2 of (a, b): a in the low half.
+__device__ __forceinline__ u32 tc_pack(float a, float b) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+}
+// The residual pair (a, b) - f16x2 h: what the low part holds.
+__device__ __forceinline__ u32 tc_pack_lo(float a, float b, u32 h) {
+    return tc_pack(a - h2f((u16)(h & 0xffff)), b - h2f((u16)(h >> 16)));
+}
+__device__ __forceinline__ void tc_ldsm4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void tc_ldsm4t(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+// d += a b (16x8x16).
+__device__ __forceinline__ void tc_mma(float* d, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 4 floats into hi (and, with LO, lo) f16 rows at 8-byte aligned dst.
+template <bool LO>
+__device__ __forceinline__ void tc_store4(float4 v, u16* hi, u16* lo) {
+    const u32 h0 = tc_pack(v.x, v.y), h1 = tc_pack(v.z, v.w);
+    *(uint2*)hi = make_uint2(h0, h1);
+    if (LO) *(uint2*)lo = make_uint2(tc_pack_lo(v.x, v.y, h0), tc_pack_lo(v.z, v.w, h1));
+}
+// Keys j0 .. j0 + 63 of one KV head into f16 rows; keys at or past kmax
+// (not written yet: garbage or NaN) become zeros, as P V would otherwise
+// pick up 0 * NaN.
+template <bool LO>
+__device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kmax, int hd, int ld, u16* hi, u16* lo) {
+    const int per_row = hd / 4;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (j0 + j < kmax) v = *(const float4*)(base + (size_t)(j0 + j) * hd + d);
+        tc_store4<LO>(v, hi + j * ld + d, lo + j * ld + d);
+    }
+}
+// f16 cache: copied as is (exact in f16, so never a lo part).
+template <bool LO>
+__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kmax, int hd, int ld, u16* hi, u16*) {
+    const int per_row = hd / 8;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (j0 + j < kmax) v = *(const uint4*)(base + (size_t)(j0 + j) * hd + d);
+        *(uint4*)(hi + j * ld + d) = v;
+    }
+}
+#endif
+
+// HDMAX: the largest head dim of the instantiation (hd <= HDMAX, hd % 16 == 0).
+template <typename KV, int HDMAX, bool SPLIT>
+__device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
+                                              const int* pos, int nt, int n_heads, int n_kv, int hd, int cap,
+                                              float scale, float* outp, int out_stride) {
+#if __CUDA_ARCH__ >= 800
+    constexpr bool KLO = SPLIT && sizeof(KV) == 4;  // K, V need a lo part
+    constexpr int NT = HDMAX / 8;                   // n8 tiles of an output row
+    constexpr int KS = HDMAX / 16;                  // k16 steps over the head dim
+    constexpr bool QREG = HDMAX <= 128;             // Q fragments live in registers (d256: too many)
+    extern __shared__ uint4 tc_smem4[];
+    const int ld = hd + 8, tile = TC_BQ * ld;
+    u16* p = (u16*)tc_smem4;
+    u16* Qh = p;
+    p += tile;
+    u16* Ql = p;
+    if (SPLIT) p += tile;
+    u16* Kh = p;
+    p += tile;
+    u16* Kl = p;
+    if (KLO) p += tile;
+    u16* Vh = p;
+    p += tile;
+    u16* Vl = p;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    // Heaviest (last) query tiles first: the causal work grows with the tile.
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv);
+    const int p0 = pos[0], t0 = qt * TC_BQ;
+    const int rows = min(TC_BQ, nt - t0);
+    const int kmax = p0 + t0 + rows;  // keys this tile needs (last row inclusive)
+    const KV* kb = kc + (size_t)kvh * cap * hd;
+    const KV* vb = vc + (size_t)kvh * cap * hd;
+
+    // Q, pre-scaled by scale * log2(e): scores come out in base-2 units, so
+    // the softmax takes exp2 (one ex2) instead of expf. Rows past nt are
+    // zeros (finite, never written out).
+    const float qscale = scale * 1.4426950408889634f;
+    for (int idx = threadIdx.x; idx < TC_BQ * (hd / 4); idx += TC_THREADS) {
+        const int r = idx / (hd / 4), d = (idx - r * (hd / 4)) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < rows) {
+            v = *(const float4*)(qr + (size_t)(t0 + r) * q_stride + h * hd + d);
+            v.x *= qscale;
+            v.y *= qscale;
+            v.z *= qscale;
+            v.w *= qscale;
+        }
+        tc_store4<SPLIT>(v, Qh + r * ld + d, Ql + r * ld + d);
+    }
+
+    // ldmatrix row addresses of this lane (elements; x2 bytes below).
+    // lm = matrix, lr = row within it.
+    const int lm = lane >> 3, lr = lane & 7;
+    // Q as A (rows 16 warp.. +15, 16 dims): matrices (rows +0/+8) x (dims +0/+8) in a0..a3 order.
+    const int q_off = (16 * warp + lr + 8 * (lm & 1)) * ld + 8 * (lm >> 1);
+    // K as B of two n8 key tiles: regs 0, 1 = b0, b1 of keys +0..7; regs 2, 3 of keys +8..15.
+    const int k_off = (lr + 8 * (lm >> 1)) * ld + 8 * (lm & 1);
+    // V (rows = keys) transposed as B of two n8 dim tiles: regs 0, 1 = b0
+    // (keys +0..7), b1 (keys +8..15) of dims +0..7; regs 2, 3 of dims +8..15.
+    const int v_off = (lr + 8 * (lm & 1)) * ld + 8 * (lm >> 1);
+    const u32 sQh = (u32)__cvta_generic_to_shared(Qh) + 2 * q_off;
+    const u32 sQl = (u32)__cvta_generic_to_shared(Ql) + 2 * q_off;
+    const u32 sKh = (u32)__cvta_generic_to_shared(Kh) + 2 * k_off;
+    const u32 sKl = (u32)__cvta_generic_to_shared(Kl) + 2 * k_off;
+    const u32 sVh = (u32)__cvta_generic_to_shared(Vh) + 2 * v_off;
+    const u32 sVl = (u32)__cvta_generic_to_shared(Vl) + 2 * v_off;
+
+    // This lane's accumulator rows: r0 = 16 warp + g (d0, d1) and r0 + 8 (d2, d3).
+    const int r0 = 16 * warp + g;
+    const int pos0 = p0 + t0 + r0;  // position of row r0 (row r0 + 8: pos0 + 8)
+    const int wfirst = p0 + t0 + 16 * warp;
+    // Warp-uniform: this warp holds a real row, and which key tiles it needs.
+    const bool active = 16 * warp < rows;
+    const int wlast = wfirst + 15;
+
+    // Q's A fragments are the same for every key tile: load them once.
+    u32 qreg[QREG ? KS : 1][4], qlreg[QREG && SPLIT ? KS : 1][4];
+    if (QREG) {
+        __syncthreads();  // Q staged
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            if (16 * ks < hd) {
+                tc_ldsm4(qreg[ks], sQh + 32 * ks);
+                if (SPLIT) tc_ldsm4(qlreg[QREG && SPLIT ? ks : 0], sQl + 32 * ks);
+            }
+        }
+    }
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    // Running max and (lane-partial) sum of rows r0, r0 + 8.
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (int j0 = 0; j0 < kmax; j0 += TC_BK) {
+        tc_load_tile<KLO>(kb, j0, kmax, hd, ld, Kh, Kl);
+        tc_load_tile<KLO>(vb, j0, kmax, hd, ld, Vh, Vl);
+        __syncthreads();
+        // Tile 0 holds key 0 for every row, so each active warp runs it and
+        // m is finite from then on; tiles wholly past the warp's rows are skipped.
+        if (active && j0 <= wlast) {
+            float s[8][4];
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                if (16 * ks < hd) {
+                    u32 qh[4], ql[4];
+                    if (QREG) {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            qh[i] = qreg[QREG ? ks : 0][i];
+                            ql[i] = qlreg[QREG && SPLIT ? ks : 0][i];
+                        }
+                    } else {
+                        tc_ldsm4(qh, sQh + 32 * ks);
+                        if (SPLIT) tc_ldsm4(ql, sQl + 32 * ks);
+                    }
+#pragma unroll
+                    for (int np = 0; np < 4; np++) {
+                        const u32 koff = 2 * 16 * np * ld + 32 * ks;
+                        u32 kh[4];
+                        tc_ldsm4(kh, sKh + koff);
+                        if (SPLIT) {
+                            tc_mma(s[2 * np], ql, kh[0], kh[1]);
+                            tc_mma(s[2 * np + 1], ql, kh[2], kh[3]);
+                        }
+                        if (KLO) {
+                            u32 kl[4];
+                            tc_ldsm4(kl, sKl + koff);
+                            tc_mma(s[2 * np], qh, kl[0], kl[1]);
+                            tc_mma(s[2 * np + 1], qh, kl[2], kl[3]);
+                        }
+                        tc_mma(s[2 * np], qh, kh[0], kh[1]);
+                        tc_mma(s[2 * np + 1], qh, kh[2], kh[3]);
+                    }
+                }
+            }
+            // s[n][e] is key j0 + 8 n + 2 c + (e & 1) of row r0 + 8 (e >> 1).
+            // Mask only where the tile reaches past the warp's first row.
+            if (j0 + TC_BK - 1 > wfirst) {
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
+            }
+            // Online softmax: a row's 64 scores live in the 4 lanes of a quad.
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            // A row masked out of this whole tile keeps m (mx = -inf) and gets p = 0.
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+            m0 = mn0;
+            m1 = mn1;
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                s[n][0] = exp2f(s[n][0] - mn0);
+                s[n][1] = exp2f(s[n][1] - mn0);
+                s[n][2] = exp2f(s[n][2] - mn1);
+                s[n][3] = exp2f(s[n][3] - mn1);
+                sum0 += s[n][0] + s[n][1];
+                sum1 += s[n][2] + s[n][3];
+            }
+            l0 = l0 * a0 + sum0;
+            l1 = l1 * a1 + sum1;
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                o[n][0] *= a0;
+                o[n][1] *= a0;
+                o[n][2] *= a1;
+                o[n][3] *= a1;
+            }
+            // O += P V, 16 keys per step. P's A fragment of keys 16 kk.. is
+            // the S accumulators of key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                u32 ph[4], pl[4];
+                ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+                ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+                ph[2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                ph[3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                if (SPLIT) {
+                    pl[0] = tc_pack_lo(s[2 * kk][0], s[2 * kk][1], ph[0]);
+                    pl[1] = tc_pack_lo(s[2 * kk][2], s[2 * kk][3], ph[1]);
+                    pl[2] = tc_pack_lo(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2]);
+                    pl[3] = tc_pack_lo(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < NT / 2; dp++) {
+                    if (16 * dp < hd) {
+                        const u32 voff = 2 * 16 * kk * ld + 32 * dp;
+                        u32 vh[4];
+                        tc_ldsm4t(vh, sVh + voff);
+                        if (SPLIT) {
+                            tc_mma(o[2 * dp], pl, vh[0], vh[1]);
+                            tc_mma(o[2 * dp + 1], pl, vh[2], vh[3]);
+                        }
+                        if (KLO) {
+                            u32 vl[4];
+                            tc_ldsm4t(vl, sVl + voff);
+                            tc_mma(o[2 * dp], ph, vl[0], vl[1]);
+                            tc_mma(o[2 * dp + 1], ph, vl[2], vl[3]);
+                        }
+                        tc_mma(o[2 * dp], ph, vh[0], vh[1]);
+                        tc_mma(o[2 * dp + 1], ph, vh[2], vh[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // K and V are overwritten by the next tile
+    }
+
+    if (!active) return;
+    // The row sums were lane-partial (each lane its 2 keys per n8 tile).
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * hd + 2 * c;
+    float* out1 = out0 + (size_t)8 * out_stride;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        if (8 * n < hd) {
+            if (r0 < rows) *(float2*)(out0 + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
+            if (r0 + 8 < rows) *(float2*)(out1 + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
+        }
+    }
+#endif
+}
+// tc: split precision (default); tc16: plain f16 inputs. d128: hd <= 128,
+// two blocks per SM; d256: hd <= 256.
+#define FLASH_TC(NAME, KV, HDMAX, SPLIT, MINB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, MINB)                                             \
+        NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
+             int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+        pdl_wait(); /* as FLASH_ATTN */                                                                         \
+        flash_tc_body<KV, HDMAX, SPLIT>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,     \
+                                        out_stride);                                                            \
+    }
+FLASH_TC(flash_tc_d128_f16, u16, 128, true, 2)
+FLASH_TC(flash_tc_d128_f32, float, 128, true, 2)
+FLASH_TC(flash_tc_d256_f16, u16, 256, true, 1)
+FLASH_TC(flash_tc_d256_f32, float, 256, true, 1)
+FLASH_TC(flash_tc16_d128_f16, u16, 128, false, 2)
+FLASH_TC(flash_tc16_d128_f32, float, 128, false, 2)
+FLASH_TC(flash_tc16_d256_f16, u16, 256, false, 1)
+FLASH_TC(flash_tc16_d256_f32, float, 256, false, 1)
