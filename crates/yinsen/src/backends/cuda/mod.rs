@@ -185,7 +185,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 36] = [
+pub const KERNELS: [&str; 44] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
