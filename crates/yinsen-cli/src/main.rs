@@ -545,9 +545,18 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     );
     let step1 = 1000.0 / r.decode_tok_s_ctx0;
     println!(
-        "| 16-token step | {:.2} ms | {:.2}x the 1-token step |",
+        "| 16-token step{} | {:.2} ms | {:.2}x the 1-token step ({:.3} ms); GEMV {:.2} / tensor-core {:.2} ms |",
+        if r.step16_graph { " (graph)" } else { "" },
         r.step16_ms.min(r.step16_mma_ms),
-        r.step16_ms.min(r.step16_mma_ms) / step1
+        r.step16_vs_step1,
+        step1,
+        r.step16_ms,
+        r.step16_mma_ms
+    );
+    println!(
+        "| 16-token step, no graph | {:.2} ms | {:.2}x the 1-token step |",
+        r.step16_nograph_ms,
+        r.step16_nograph_ms / step1
     );
     for (f, a, l) in &r.mega_flag_sweep {
         println!("| persistent variant flags {f} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");

@@ -477,3 +477,100 @@ fn two_backends_decode_concurrently() {
         assert!(ok, "non-finite logits");
     }
 }
+
+fn step_graphs(c: &mut dyn yinsen::backends::KvCache) -> usize {
+    c.as_any_mut()
+        .downcast_mut::<yinsen::backends::cuda::CudaCache>()
+        .expect("a CUDA cache")
+        .step_graph_count()
+}
+
+/// Calls of 2..=16 tokens replay a captured graph per (token count, output,
+/// attention kernel, split bucket): its logits are bit-equal to the un-graphed
+/// launches of the same kernels (flash and split-K attention, f32 and f16
+/// caches) at position 0, after a prefill, on replays (same nt twice in a
+/// row), after the split-K count crosses a bucket (65 and 129 keys), and after
+/// the graph list evicts; the graphed logits also stay close to the CPU's.
+#[test]
+fn step_graph_matches_ungraphed() {
+    let model = synthetic::build("tiny").unwrap();
+    let vocab = model.config.vocab;
+    let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
+    let (l, a) = (Output::LastLogits, Output::AllLogits);
+    // (tokens, output): replays, 64- and 128-key crossings, un-graphed 12 x all.
+    let mut calls: Vec<(usize, Output)> = vec![(2, l), (2, l), (5, a), (5, a), (16, l), (16, l), (16, l)];
+    calls.extend([
+        (5, l),
+        (5, l),
+        (16, l),
+        (16, l),
+        (16, l),
+        (16, l),
+        (16, l),
+        (2, a),
+        (2, a),
+        (12, a),
+    ]);
+    // Ten distinct token counts (more than the cache keeps), then 2 again.
+    calls.extend((2..=11).map(|n| (n, l)));
+    calls.push((2, l));
+    let total: usize = calls.iter().map(|c| c.0).sum();
+    for (kv, flash) in [
+        (KvDtype::F32, FlashMode::Auto),
+        (KvDtype::F32, FlashMode::Off),
+        (KvDtype::F16, FlashMode::Auto),
+    ] {
+        let Some(gpu) = cuda_kv(&model, kv) else { return };
+        gpu.set_flash(flash);
+        let flash_on = gpu.uses_flash();
+        for prefill in [0usize, 70] {
+            let ids = prompt(prefill + total, vocab);
+            let what = format!("{kv:?} cache, flash {flash_on}, after {prefill} tokens");
+            let (mut g, mut u) = (gpu.new_cache(400).unwrap(), gpu.new_cache(400).unwrap());
+            let mut cc = cpu.new_cache(400).unwrap();
+            if prefill > 0 {
+                let p = &ids[..prefill];
+                let gl = gpu.forward(g.as_mut(), p, l).unwrap();
+                assert_eq!(gl, gpu.forward(u.as_mut(), p, l).unwrap(), "{what}: prefill");
+                cpu.forward(cc.as_mut(), p, l).unwrap();
+            }
+            let mut at = prefill;
+            let mut keys: Vec<(usize, bool, usize)> = Vec::new();
+            for (i, &(nt, out)) in calls.iter().enumerate() {
+                let t = &ids[at..at + nt];
+                gpu.set_step_graphs(true);
+                let got = gpu.forward(g.as_mut(), t, out).unwrap();
+                gpu.set_step_graphs(false);
+                let want = gpu.forward(u.as_mut(), t, out).unwrap();
+                let c = cpu.forward(cc.as_mut(), t, out).unwrap();
+                let rows = if out == a { nt } else { 1 };
+                assert_eq!(got.len(), rows * vocab, "{what}: call {i}");
+                let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{what}: call {i} ({nt} tokens at {at}): graph != un-graphed");
+                close(&got, &c, vocab, &format!("{what}: call {i} vs CPU"));
+                // The graph list the implementation should hold (split bucket
+                // only for split-K; AllLogits only up to 8 tokens).
+                if out == l || nt <= 8 {
+                    let splits = if flash_on {
+                        0
+                    } else {
+                        (at + nt).div_ceil(64).next_power_of_two()
+                    };
+                    let key = (nt, out == a, splits);
+                    keys.retain(|k| *k != key);
+                    keys.push(key);
+                    if keys.len() > 8 {
+                        keys.remove(0);
+                    }
+                }
+                assert_eq!(step_graphs(g.as_mut()), keys.len(), "{what}: graphs after call {i}");
+                assert_eq!(step_graphs(u.as_mut()), 0, "{what}: graphs with step graphs off");
+                at += nt;
+            }
+            assert_eq!(g.len(), at);
+            // The split-K bucket grew past 1 (a recapture), and the list filled up.
+            assert!(flash_on || keys.iter().any(|k| k.2 > 1), "{what}: no split crossing");
+            assert_eq!(keys.len(), 8, "{what}: eviction not exercised");
+        }
+    }
+}

@@ -20,10 +20,17 @@ pub struct CudaBench {
     pub prefill_ms_512: f64,
     pub prefill_ms_2048: f64,
     /// One forward of 16 tokens of one sequence (a stand-in for a batch-16
-    /// decode step: same matrix work, attention over one sequence).
+    /// decode step: same matrix work, attention over one sequence), as `run`
+    /// does it: a replay of the captured 16-token graph (back to back, ctx 0),
+    /// or un-graphed where step graphs are off (`step16_graph` false).
     pub step16_ms: f64,
+    pub step16_graph: bool,
     /// The same through the tensor-core GEMM instead of the GEMV.
     pub step16_mma_ms: f64,
+    /// The 16-token forward without the graph (launch overhead included).
+    pub step16_nograph_ms: f64,
+    /// The faster 16-token step over the decode step at ctx 0 (issue 4: <= 1.3).
+    pub step16_vs_step1: f64,
     /// 1-token forward without the graph (launch overhead included).
     pub step1_nograph_ms: f64,
     /// Decode graph captured without PDL (ctx 0).
@@ -106,6 +113,20 @@ fn forward_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<f64> {
     Ok(median(ms?))
 }
 
+/// GPU ms of the `nt`-token step as `run` does it: graph replays (median of
+/// `reps` runs of 10 back-to-back replays at ctx 0), else un-graphed.
+fn step_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<(f64, bool)> {
+    let mut cache = b.cuda_cache(nt)?;
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        match b.time_step_graph(&mut cache, nt, 10)? {
+            Some(t) => ms.push(t),
+            None => return Ok((forward_ms(b, nt, reps)?, false)),
+        }
+    }
+    Ok((median(ms), true))
+}
+
 fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
     let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") else {
         return Ok(Vec::new());
@@ -141,6 +162,14 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
     let (q8_0, q8_long) = q8_decode(b, model, long)?;
+    let decode_ctx0 = decode_at(b, 0, 128, 5)?;
+    let (step16_ms, step16_graph) = step_ms(b, 16, 20)?;
+    let step16_mma_ms = {
+        b.set_mma_min_tokens(2);
+        let r = step_ms(b, 16, 20);
+        b.set_mma_min_tokens(17);
+        r?.0
+    };
     Ok(CudaBench {
         decode_tok_s_ctx0_lm_head_q8: q8_0,
         decode_tok_s_ctx2048_lm_head_q8: q8_long,
@@ -148,17 +177,15 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         arch: g.arch.clone(),
         kernels_from_cache: g.from_cache,
         kv_dtype: format!("{:?}", b.kv_dtype()),
-        decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
+        decode_tok_s_ctx0: decode_ctx0,
         decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
-        step16_ms: forward_ms(b, 16, 20)?,
-        step16_mma_ms: {
-            b.set_mma_min_tokens(2);
-            let r = forward_ms(b, 16, 20);
-            b.set_mma_min_tokens(17);
-            r?
-        },
+        step16_ms,
+        step16_graph,
+        step16_mma_ms,
+        step16_nograph_ms: forward_ms(b, 16, 20)?,
+        step16_vs_step1: step16_ms.min(step16_mma_ms) * decode_ctx0 / 1000.0,
         step1_nograph_ms: forward_ms(b, 1, 20)?,
         decode_tok_s_ctx0_no_pdl: {
             let was = b.set_pdl(false);

@@ -5,6 +5,7 @@
 //! graph stays valid as the sequence grows) and replayed every step.
 
 use std::any::Any;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
@@ -148,6 +149,9 @@ fn flash_smem(hd: usize) -> usize {
 }
 
 pub struct CudaBackend {
+    /// Unique per backend (never 0): caches remember which backend captured
+    /// their graphs (an address could be reused by a later backend).
+    id: usize,
     gpu: Arc<Gpu>,
     kv: KvDtype,
     config: ModelConfig,
@@ -181,7 +185,12 @@ pub struct CudaBackend {
     /// Variant bits of the persistent kernel (MG_* flags in mega.cu), for
     /// A/B measurements: `YINSEN_CUDA_MEGA_FLAGS` or the bench sweep.
     mega_flags: std::sync::atomic::AtomicU32,
+    /// Calls of 2..=16 tokens replay a captured graph per token count
+    /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
+    step_graphs: std::sync::atomic::AtomicBool,
 }
+
+static NEXT_BACKEND_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// What the persistent decode kernel needs beyond the layers: a table of
 /// per-layer device addresses and its grid (one block per SM).
@@ -236,8 +245,30 @@ pub struct CudaCache {
     /// Bytes of one layer's K (or V).
     layer_bytes: usize,
     graph: Option<Graph>,
-    /// Identity of the backend that captured `graph`.
+    /// Captured multi-token steps (1 < nt <= STEP_GRAPH_MAX), least recently
+    /// used first, at most STEP_GRAPHS.
+    steps: Vec<(StepKey, Graph)>,
+    /// Identity (`CudaBackend::id`) of the backend that captured the graphs.
     owner: usize,
+}
+
+/// Largest token count a multi-token step is captured for (the GEMV's group).
+const STEP_GRAPH_MAX: usize = 16;
+/// Multi-token graphs kept per cache (speculative or batched callers vary nt).
+const STEP_GRAPHS: usize = 8;
+
+/// Everything a captured multi-token step depends on besides the cache and
+/// the scratch buffers (position and token ids are read from device memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StepKey {
+    nt: usize,
+    /// Attention splits launched (split-K only; 0 with flash, whose grid does
+    /// not depend on the position).
+    splits: usize,
+    flash: Option<&'static str>,
+    mat: MatKernel,
+    /// Logits of every token (nt <= LM_T) instead of the last.
+    all: bool,
 }
 
 // SAFETY: the graph handles are only used with the owning backend's lock held.
@@ -392,7 +423,10 @@ impl CudaBackend {
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_FLAGS={v}: expected an integer")))?,
             Err(_) => MEGA_DEFAULT_FLAGS,
         };
+        let step_graphs = std::env::var("YINSEN_CUDA_STEP_GRAPH").map_or(true, |v| v != "0");
         let be = Self {
+            id: NEXT_BACKEND_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            step_graphs: step_graphs.into(),
             mega_flags: mega_flags.into(),
             mega_on: mega.is_some().into(),
             mega,
@@ -1045,42 +1079,49 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Drop graphs another backend captured into `cache` (they point at
+    /// that backend's buffers) and mark it as ours.
+    fn claim(&self, cache: &mut CudaCache) {
+        if cache.owner != self.id {
+            cache.graph = None;
+            cache.steps.clear();
+            cache.owner = self.id;
+        }
+    }
+
     /// One decode step through the cache's CUDA graph (captured on first
     /// use). Leaves the logits in `s.logits` and the greedy token in `s.argmax`.
     fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32) -> Result<()> {
-        let me = self as *const Self as usize;
-        if cache.owner != me {
-            cache.graph = None;
-        }
+        self.claim(cache);
         let tok = [token as i32];
         let pos = [cache.len as i32];
         s.tok.write_async(&tok)?;
         s.pos.write_async(&pos)?;
         if cache.graph.is_none() {
             let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl();
+            let splits = cache.cap.div_ceil(ATT_CHUNK);
             // A driver that cannot capture PDL edges still gets a graph.
-            let graph = match self.capture(s, cache, pdl) {
-                Err(_) if pdl => self.capture(s, cache, false)?,
+            let graph = match self.capture(|| self.decode_kernels(s, cache, splits, pdl)) {
+                Err(_) if pdl => self.capture(|| self.decode_kernels(s, cache, splits, false))?,
                 r => r?,
             };
             cache.graph = Some(graph);
-            cache.owner = me;
         }
         let exec = cache.graph.as_ref().expect("just captured").exec;
         super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
         self.gpu.sync()
     }
 
-    fn capture(&self, s: &Scratch, cache: &CudaCache, pdl: bool) -> Result<Graph> {
+    /// Record the launches `work` makes on the stream as a graph.
+    fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<Graph> {
         let g = &self.gpu;
-        let splits = cache.cap.div_ceil(ATT_CHUNK);
         super::drv(
             unsafe {
                 result::stream::begin_capture(g.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             },
             "cuStreamBeginCapture",
         )?;
-        let work = self.decode_kernels(s, cache, splits, pdl);
+        let work = work();
         // Always end the capture, even when a launch failed.
         let graph = super::drv(unsafe { result::stream::end_capture(g.stream) }, "cuStreamEndCapture");
         work?;
@@ -1095,6 +1136,71 @@ impl CudaBackend {
                 Err(berr(format!("cuGraphInstantiate: {e:?}")))
             }
         }
+    }
+
+    /// The graph key of a multi-token step of `nt` tokens at the cache's
+    /// position, or None where such a call runs un-graphed.
+    fn step_key(&self, s: &Scratch, cache: &CudaCache, nt: usize, output: Output) -> Option<StepKey> {
+        let all = match output {
+            Output::LastLogits => false,
+            // The logits buffer holds LM_T rows: one head launch, no reads between.
+            Output::AllLogits if nt <= LM_T => true,
+            _ => return None,
+        };
+        if !(2..=STEP_GRAPH_MAX).contains(&nt) || nt > s.chunk || !self.step_graphs.load(Ordering::Relaxed) {
+            return None;
+        }
+        let flash = self.flash_kernel();
+        // Split-K's result does not depend on the split count beyond the
+        // splits in use (its merge reads those only), so round up to a power
+        // of two: log2(context / 64) captures per sequence instead of one
+        // per 64 tokens.
+        let splits = match flash {
+            Some(_) => 0,
+            None => (cache.len + nt)
+                .div_ceil(ATT_CHUNK)
+                .next_power_of_two()
+                .min(self.max_splits),
+        };
+        Some(StepKey {
+            nt,
+            splits,
+            flash,
+            mat: self.kernel_for(nt),
+            all,
+        })
+    }
+
+    /// The launches of a multi-token step: body, final norm and lm_head
+    /// (last token, or all when `key.all`), as `run` issues them un-graphed.
+    fn step_kernels(&self, s: &Scratch, cache: &CudaCache, key: StepKey) -> Result<()> {
+        self.body(s, cache, key.nt, key.splits.max(1))?;
+        match key.all {
+            true => self.head(s, 0, key.nt, true),
+            false => self.head(s, key.nt - 1, 1, true),
+        }
+    }
+
+    /// Queue the multi-token step `key` for `tokens` at the cache's position
+    /// through its graph, capturing it on first use (evicting the least
+    /// recently used one when full). The cache is not advanced.
+    fn step_graph(&self, s: &Scratch, cache: &mut CudaCache, tokens: &[u32], key: StepKey) -> Result<()> {
+        self.claim(cache);
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        s.tok.write_async(&tok)?;
+        s.pos.write_async(&[cache.len as i32])?;
+        let graph = match cache.steps.iter().position(|(k, _)| *k == key) {
+            Some(i) => cache.steps.remove(i).1,
+            None => {
+                if cache.steps.len() >= STEP_GRAPHS {
+                    cache.steps.remove(0);
+                }
+                self.capture(|| self.step_kernels(s, cache, key))?
+            }
+        };
+        let exec = graph.exec;
+        cache.steps.push((key, graph));
+        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
     }
 
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
@@ -1124,6 +1230,13 @@ impl CudaBackend {
             self.decode_graph(&s, cache, tokens[0])?;
             cache.len += 1;
             return s.logits.read::<f32>(c.vocab);
+        }
+        if let Some(key) = self.step_key(&s, cache, tokens.len(), output) {
+            self.step_graph(&s, cache, tokens, key)?;
+            let rows = if key.all { key.nt } else { 1 };
+            let out = s.logits.read::<f32>(rows * c.vocab)?;
+            cache.len += key.nt;
+            return Ok(out);
         }
         let mut out = Vec::new();
         for (ci, chunk) in tokens.chunks(s.chunk).enumerate() {
@@ -1197,6 +1310,31 @@ impl CudaBackend {
         let ms = ev.record_stop_ms(self.gpu.stream)?;
         cache.len += n;
         Ok(ms / n as f32)
+    }
+
+    /// For benchmarks: GPU milliseconds per replay of the `nt`-token step
+    /// graph (last logits) at the cache's position, `n` replays back to back
+    /// after a capture + warm-up replay (the cache is not advanced; every
+    /// replay rewrites the same KV rows). None where `run` would not use a
+    /// graph for `nt` tokens.
+    pub(crate) fn time_step_graph(&self, cache: &mut CudaCache, nt: usize, n: usize) -> Result<Option<f32>> {
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        if cache.len + nt > cache.cap {
+            return Err(Error::input("bench: cache too small"));
+        }
+        let Some(key) = self.step_key(&s, cache, nt, Output::LastLogits) else {
+            return Ok(None);
+        };
+        let tok: Vec<u32> = (0..nt).map(|i| (i % self.config.vocab) as u32).collect();
+        self.step_graph(&s, cache, &tok, key)?; // capture + warm
+        let exec = cache.steps.last().expect("just used").1.exec;
+        let ev = Events::new()?;
+        ev.record_start(self.gpu.stream)?;
+        for _ in 0..n {
+            super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
+        }
+        Ok(Some(ev.record_stop_ms(self.gpu.stream)? / n.max(1) as f32))
     }
 
     /// For benchmarks: GPU milliseconds of one un-graphed forward of `nt`
@@ -1373,12 +1511,19 @@ impl CudaBackend {
             kv: self.kv,
             layer_bytes,
             graph: None,
+            steps: Vec::new(),
             owner: 0,
         })
     }
 
     pub fn max_splits(&self) -> usize {
         self.max_splits
+    }
+
+    /// For benchmarks and tests: replay captured graphs for calls of
+    /// 2..=16 tokens (on by default); returns the previous setting.
+    pub fn set_step_graphs(&self, on: bool) -> bool {
+        self.step_graphs.swap(on, Ordering::Relaxed)
     }
 }
 
@@ -1490,6 +1635,11 @@ impl Backend for CudaBackend {
 }
 
 impl CudaCache {
+    /// For tests: how many multi-token step graphs the cache holds.
+    pub fn step_graph_count(&self) -> usize {
+        self.steps.len()
+    }
+
     /// Benchmarks fill a cache by timing a forward without advancing it.
     pub(crate) fn set_len_for_bench(&mut self, n: usize) {
         self.len = n.min(self.cap);
