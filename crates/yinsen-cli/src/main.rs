@@ -558,6 +558,15 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_nograph_ms,
         r.step16_nograph_ms / step1
     );
+    for (ctx, ks) in [(0, &r.kernels_step16_ctx0), (2048, &r.kernels_step16_ctx2048)] {
+        let sum: f64 = ks.iter().map(|k| k.us).sum();
+        let parts: Vec<String> = ks.iter().map(|k| format!("{} {:.0}", k.tag, k.us)).collect();
+        println!(
+            "| 16-token step kernels, ctx {ctx} | {:.2} ms summed | {} us |",
+            sum / 1e3,
+            parts.join(", ")
+        );
+    }
     for (f, a, l) in &r.mega_flag_sweep {
         println!("| persistent variant flags {f} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
     }

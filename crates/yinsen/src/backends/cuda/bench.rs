@@ -52,6 +52,10 @@ pub struct CudaBench {
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
+    /// Per-kernel times of one un-graphed 16-token step at ctx 0 and 2048
+    /// (their sum against `step16_ms` is the launch/gap share).
+    pub kernels_step16_ctx0: Vec<KernelTime>,
+    pub kernels_step16_ctx2048: Vec<KernelTime>,
 }
 
 /// One phase of the persistent decode (summed over layers).
@@ -211,5 +215,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,
         kernels_ctx2048: b.profile_decode(long, 5)?,
+        kernels_step16_ctx0: b.profile_step(16, 0, 10)?,
+        kernels_step16_ctx2048: b.profile_step(16, long, 5)?,
     })
 }

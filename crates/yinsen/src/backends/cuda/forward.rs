@@ -687,6 +687,7 @@ impl CudaBackend {
         let g = &self.gpu;
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let qkv_n = q + 2 * kv;
+        g.set_tag("embed");
         g.launch(
             "embed_f16",
             (nt as u32, 1, 1),
@@ -700,6 +701,8 @@ impl CudaBackend {
         for (li, l) in self.layers.iter().enumerate() {
             let kc = cache.k.at(li * cache.layer_bytes);
             let vc = cache.v.at(li * cache.layer_bytes);
+            // Profile tags: each norm + quantisation counts with the matrix it feeds.
+            g.set_tag("qkv+rope");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), l.qkv.kpad(), nt)?;
             self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
             g.launch(
@@ -720,15 +723,20 @@ impl CudaBackend {
                     s.qr.p(),
                 ],
             )?;
+            g.set_tag("attention");
             self.attention(s, cache, li, nt, n_split, false)?;
+            g.set_tag("o");
             // Without sub-norms the attention output is only quantised.
             self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), l.o.kpad(), nt)?;
             self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
+            g.set_tag("gate_up");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), l.gu.kpad(), nt)?;
             self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
+            g.set_tag("down");
             self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), l.down.kpad(), nt)?;
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
+        g.set_tag("");
         Ok(())
     }
 
@@ -1021,6 +1029,7 @@ impl CudaBackend {
     fn head(&self, s: &Scratch, t0: usize, n: usize, logits: bool) -> Result<()> {
         let c = &self.config;
         let h = c.hidden;
+        self.gpu.set_tag("lm_head+argmax");
         self.gpu.launch(
             "norm_quant",
             (n as u32, 1, 1),
@@ -1390,7 +1399,38 @@ impl CudaBackend {
             r?;
             runs.push(t);
         }
-        Ok(self.kernel_table(&runs, ctx))
+        Ok(self.kernel_table(&runs, ctx, 1))
+    }
+
+    /// For benchmarks: per-kernel GPU time of an un-graphed `nt`-token step
+    /// (last logits) at context `ctx` (median of `reps`), grouped like the
+    /// decode profile (each norm + quantisation with the matrix it feeds).
+    pub(crate) fn profile_step(&self, nt: usize, ctx: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
+        let mut cache = self.cuda_cache(ctx + nt)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        if nt == 0 || nt > s.chunk {
+            return Ok(Vec::new());
+        }
+        let tok: Vec<i32> = (0..nt).map(|i| (i % self.config.vocab) as i32).collect();
+        s.tok.write_async(&tok)?;
+        s.pos.write_async(&[ctx as i32])?;
+        let splits = (ctx + nt).div_ceil(ATT_CHUNK);
+        let step = || -> Result<()> {
+            self.body(&s, &cache, nt, splits)?;
+            self.head(&s, nt - 1, 1, true)
+        };
+        step()?; // warm-up
+        let mut runs: Vec<Vec<(&'static str, f32)>> = Vec::new();
+        for _ in 0..reps {
+            self.gpu.profile(true)?;
+            let r = step();
+            let t = self.gpu.profile(false)?;
+            r?;
+            runs.push(t);
+        }
+        Ok(self.kernel_table(&runs, ctx, nt))
     }
 
     /// For benchmarks: where the persistent decode spends a step at context
@@ -1445,11 +1485,17 @@ impl CudaBackend {
             .collect())
     }
 
-    fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize) -> Vec<super::bench::KernelTime> {
+    /// Per tag: median GPU time over `runs`, bytes, and the ops of `nt`
+    /// tokens' matrix work (lm_head: one token).
+    fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize, nt: usize) -> Vec<super::bench::KernelTime> {
         let c = &self.config;
         let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
             let b = self.layers.iter().map(|l| f(l).bytes()).sum();
-            let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in) as f64).sum();
+            let ops = self
+                .layers
+                .iter()
+                .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
+                .sum();
             (b, ops)
         };
         let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv.bytes();
