@@ -497,7 +497,8 @@ fn step_graph_matches_ungraphed() {
     let vocab = model.config.vocab;
     let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
     let (l, a) = (Output::LastLogits, Output::AllLogits);
-    // (tokens, output): replays, 64- and 128-key crossings, un-graphed 12 x all.
+    // (tokens, output): replays, 64- and 128-key crossings, all logits over
+    // two head launches (12, 16).
     let mut calls: Vec<(usize, Output)> = vec![(2, l), (2, l), (5, a), (5, a), (16, l), (16, l), (16, l)];
     calls.extend([
         (5, l),
@@ -510,6 +511,7 @@ fn step_graph_matches_ungraphed() {
         (2, a),
         (2, a),
         (12, a),
+        (16, a),
     ]);
     // Ten distinct token counts (more than the cache keeps), then 2 again.
     calls.extend((2..=11).map(|n| (n, l)));
@@ -544,24 +546,26 @@ fn step_graph_matches_ungraphed() {
                 let want = gpu.forward(u.as_mut(), t, out).unwrap();
                 let c = cpu.forward(cc.as_mut(), t, out).unwrap();
                 let rows = if out == a { nt } else { 1 };
-                assert_eq!(got.len(), rows * vocab, "{what}: call {i}");
+                assert_eq!(
+                    (got.len(), want.len()),
+                    (rows * vocab, rows * vocab),
+                    "{what}: call {i}"
+                );
                 let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{what}: call {i} ({nt} tokens at {at}): graph != un-graphed");
                 close(&got, &c, vocab, &format!("{what}: call {i} vs CPU"));
-                // The graph list the implementation should hold (split bucket
-                // only for split-K; AllLogits only up to 8 tokens).
-                if out == l || nt <= 8 {
-                    let splits = if flash_on {
-                        0
-                    } else {
-                        (at + nt).div_ceil(64).next_power_of_two()
-                    };
-                    let key = (nt, out == a, splits);
-                    keys.retain(|k| *k != key);
-                    keys.push(key);
-                    if keys.len() > 8 {
-                        keys.remove(0);
-                    }
+                // The graph list the implementation should hold, least recently
+                // used first (split bucket only for split-K).
+                let splits = if flash_on {
+                    0
+                } else {
+                    (at + nt).div_ceil(64).next_power_of_two()
+                };
+                let key = (nt, out == a, splits);
+                keys.retain(|k| *k != key);
+                keys.push(key);
+                if keys.len() > 8 {
+                    keys.remove(0);
                 }
                 assert_eq!(step_graphs(g.as_mut()), keys.len(), "{what}: graphs after call {i}");
                 assert_eq!(step_graphs(u.as_mut()), 0, "{what}: graphs with step graphs off");

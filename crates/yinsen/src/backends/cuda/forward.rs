@@ -267,7 +267,7 @@ struct StepKey {
     splits: usize,
     flash: Option<&'static str>,
     mat: MatKernel,
-    /// Logits of every token (nt <= LM_T) instead of the last.
+    /// Logits of every token instead of the last.
     all: bool,
 }
 
@@ -1027,6 +1027,11 @@ impl CudaBackend {
     /// Final norm of rows `t0..t0+n` of x into `normed`, then logits of up to
     /// LM_T of them into `logits`.
     fn head(&self, s: &Scratch, t0: usize, n: usize, logits: bool) -> Result<()> {
+        self.head_at(s, t0, n, logits, 0)
+    }
+
+    /// `head`, writing the logits from row `row` of `logits` on.
+    fn head_at(&self, s: &Scratch, t0: usize, n: usize, logits: bool, row: usize) -> Result<()> {
         let c = &self.config;
         let h = c.hidden;
         self.gpu.set_tag("lm_head+argmax");
@@ -1053,7 +1058,7 @@ impl CudaBackend {
         if !logits {
             return Ok(());
         }
-        debug_assert!(n <= LM_T);
+        debug_assert!(n <= LM_T && (row + n) * c.vocab * 4 <= s.logits.bytes);
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.gpu.launch(
             "lm_head_f16",
@@ -1065,7 +1070,7 @@ impl CudaBackend {
                 Arg::I(h as i32),
                 s.normed.p(),
                 Arg::I(n as i32),
-                s.logits.p(),
+                s.logits.at(4 * row * c.vocab),
             ],
         )
     }
@@ -1152,8 +1157,7 @@ impl CudaBackend {
     fn step_key(&self, s: &Scratch, cache: &CudaCache, nt: usize, output: Output) -> Option<StepKey> {
         let all = match output {
             Output::LastLogits => false,
-            // The logits buffer holds LM_T rows: one head launch, no reads between.
-            Output::AllLogits if nt <= LM_T => true,
+            Output::AllLogits => true,
             _ => return None,
         };
         if !(2..=STEP_GRAPH_MAX).contains(&nt) || nt > s.chunk || !self.step_graphs.load(Ordering::Relaxed) {
@@ -1185,7 +1189,10 @@ impl CudaBackend {
     fn step_kernels(&self, s: &Scratch, cache: &CudaCache, key: StepKey) -> Result<()> {
         self.body(s, cache, key.nt, key.splits.max(1))?;
         match key.all {
-            true => self.head(s, 0, key.nt, true),
+            // The same LM_T-token launches as un-graphed, into successive rows.
+            true => (0..key.nt)
+                .step_by(LM_T)
+                .try_for_each(|t0| self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)),
             false => self.head(s, key.nt - 1, 1, true),
         }
     }
@@ -1609,7 +1616,8 @@ impl Scratch {
             gu: f32s(&[chunk, 2 * c.ffn])?,
             part: f32s(&[chunk, c.n_heads, splits, c.head_dim + 2])?,
             normed: f32s(&[chunk, c.hidden])?,
-            logits: f32s(&[LM_T, c.vocab])?,
+            // LM_T rows per head launch; a graphed step keeps all its rows.
+            logits: f32s(&[LM_T.max(STEP_GRAPH_MAX), c.vocab])?,
             argmax: f32s(&[1])?,
             qr: f32s(&[chunk, c.q_dim()])?,
             cnt: {
