@@ -554,6 +554,10 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_mma_ms
     );
     println!(
+        "| 16-token step, ctx 2048 | {:.2} ms | {:.2}x the 1-token step at ctx 2048 |",
+        r.step16_ms_ctx2048, r.step16_vs_step1_ctx2048
+    );
+    println!(
         "| 16-token step, no graph | {:.2} ms | {:.2}x the 1-token step |",
         r.step16_nograph_ms,
         r.step16_nograph_ms / step1

@@ -31,6 +31,10 @@ pub struct CudaBench {
     pub step16_nograph_ms: f64,
     /// The faster 16-token step over the decode step at ctx 0 (issue 4: <= 1.3).
     pub step16_vs_step1: f64,
+    /// The 16-token step (as `run` does it) after 2048 cached tokens, and its
+    /// ratio to the decode step at ctx 2048.
+    pub step16_ms_ctx2048: f64,
+    pub step16_vs_step1_ctx2048: f64,
     /// 1-token forward without the graph (launch overhead included).
     pub step1_nograph_ms: f64,
     /// Decode graph captured without PDL (ctx 0).
@@ -119,14 +123,26 @@ fn forward_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<f64> {
 
 /// GPU ms of the `nt`-token step as `run` does it: graph replays (median of
 /// `reps` runs of 10 back-to-back replays at ctx 0), else un-graphed.
-fn step_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<(f64, bool)> {
-    let mut cache = b.cuda_cache(nt)?;
+/// `ctx`: cached tokens before the step (filled by a forward first).
+fn step_ms(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<(f64, bool)> {
+    let mut cache = b.cuda_cache(ctx + nt)?;
+    if ctx > 0 {
+        b.time_forward(&mut cache, ctx)?;
+        set_len(&mut cache, ctx);
+    }
     let mut ms = Vec::with_capacity(reps);
     for _ in 0..reps {
         match b.time_step_graph(&mut cache, nt, 10)? {
             Some(t) => ms.push(t),
-            None => return Ok((forward_ms(b, nt, reps)?, false)),
+            None => break,
         }
+    }
+    if ms.is_empty() {
+        b.time_forward(&mut cache, nt)?; // warm-up
+        for _ in 0..reps {
+            ms.push(b.time_forward(&mut cache, nt)?);
+        }
+        return Ok((median(ms), false));
     }
     Ok((median(ms), true))
 }
@@ -167,10 +183,12 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let long = 2048.min(max.saturating_sub(300));
     let (q8_0, q8_long) = q8_decode(b, model, long)?;
     let decode_ctx0 = decode_at(b, 0, 128, 5)?;
-    let (step16_ms, step16_graph) = step_ms(b, 16, 20)?;
+    let decode_long = decode_at(b, long, 128, 3)?;
+    let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
+    let step16_ms_ctx2048 = step_ms(b, 16, long, 10)?.0;
     let step16_mma_ms = {
         b.set_mma_min_tokens(2);
-        let r = step_ms(b, 16, 20);
+        let r = step_ms(b, 16, 0, 20);
         b.set_mma_min_tokens(17);
         r?.0
     };
@@ -182,7 +200,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         kernels_from_cache: g.from_cache,
         kv_dtype: format!("{:?}", b.kv_dtype()),
         decode_tok_s_ctx0: decode_ctx0,
-        decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
+        decode_tok_s_ctx2048: decode_long,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
         step16_ms,
@@ -190,6 +208,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         step16_mma_ms,
         step16_nograph_ms: forward_ms(b, 16, 20)?,
         step16_vs_step1: step16_ms.min(step16_mma_ms) * decode_ctx0 / 1000.0,
+        step16_ms_ctx2048,
+        step16_vs_step1_ctx2048: step16_ms_ctx2048 * decode_long / 1000.0,
         step1_nograph_ms: forward_ms(b, 1, 20)?,
         decode_tok_s_ctx0_no_pdl: {
             let was = b.set_pdl(false);
