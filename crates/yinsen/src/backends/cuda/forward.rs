@@ -248,6 +248,11 @@ pub struct CudaCache {
     /// Captured multi-token steps (1 < nt <= STEP_GRAPH_MAX), least recently
     /// used first, at most STEP_GRAPHS.
     steps: Vec<(StepKey, Graph)>,
+    /// Step keys requested once and run un-graphed (least recently used
+    /// first, at most STEP_GRAPHS): a key is captured on its second use, so
+    /// one-off calls (a short prompt, `yinsen tune`'s fresh caches) do not
+    /// pay for a capture.
+    seen: Vec<StepKey>,
     /// Identity (`CudaBackend::id`) of the backend that captured the graphs.
     owner: usize,
 }
@@ -1099,6 +1104,7 @@ impl CudaBackend {
         if cache.owner != self.id {
             cache.graph = None;
             cache.steps.clear();
+            cache.seen.clear();
             cache.owner = self.id;
         }
     }
@@ -1198,16 +1204,37 @@ impl CudaBackend {
     }
 
     /// Queue the multi-token step `key` for `tokens` at the cache's position
-    /// through its graph, capturing it on first use (evicting the least
-    /// recently used one when full). The cache is not advanced.
-    fn step_graph(&self, s: &Scratch, cache: &mut CudaCache, tokens: &[u32], key: StepKey) -> Result<()> {
+    /// through its graph, capturing it on its second use (`eager`: on the
+    /// first) and evicting the least recently used graph when full. Returns
+    /// false, having queued nothing, on a key's first use: the caller runs
+    /// the step un-graphed. The cache is not advanced.
+    fn step_graph(
+        &self,
+        s: &Scratch,
+        cache: &mut CudaCache,
+        tokens: &[u32],
+        key: StepKey,
+        eager: bool,
+    ) -> Result<bool> {
         self.claim(cache);
+        let cached = cache.steps.iter().position(|(k, _)| *k == key);
+        let seen = cache.seen.iter().position(|k| *k == key);
+        if cached.is_none() && seen.is_none() && !eager {
+            if cache.seen.len() >= STEP_GRAPHS {
+                cache.seen.remove(0);
+            }
+            cache.seen.push(key);
+            return Ok(false);
+        }
         let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         s.tok.write_async(&tok)?;
         s.pos.write_async(&[cache.len as i32])?;
-        let graph = match cache.steps.iter().position(|(k, _)| *k == key) {
+        let graph = match cached {
             Some(i) => cache.steps.remove(i).1,
             None => {
+                if let Some(i) = seen {
+                    cache.seen.remove(i);
+                }
                 if cache.steps.len() >= STEP_GRAPHS {
                     cache.steps.remove(0);
                 }
@@ -1216,7 +1243,8 @@ impl CudaBackend {
         };
         let exec = graph.exec;
         cache.steps.push((key, graph));
-        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
+        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
+        Ok(true)
     }
 
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
@@ -1247,12 +1275,14 @@ impl CudaBackend {
             cache.len += 1;
             return s.logits.read::<f32>(c.vocab);
         }
+        // Multi-token steps through a graph (from a key's second use on).
         if let Some(key) = self.step_key(&s, cache, tokens.len(), output) {
-            self.step_graph(&s, cache, tokens, key)?;
-            let rows = if key.all { key.nt } else { 1 };
-            let out = s.logits.read::<f32>(rows * c.vocab)?;
-            cache.len += key.nt;
-            return Ok(out);
+            if self.step_graph(&s, cache, tokens, key, false)? {
+                let rows = if key.all { key.nt } else { 1 };
+                let out = s.logits.read::<f32>(rows * c.vocab)?;
+                cache.len += key.nt;
+                return Ok(out);
+            }
         }
         let mut out = Vec::new();
         for (ci, chunk) in tokens.chunks(s.chunk).enumerate() {
@@ -1343,7 +1373,7 @@ impl CudaBackend {
             return Ok(None);
         };
         let tok: Vec<u32> = (0..nt).map(|i| (i % self.config.vocab) as u32).collect();
-        self.step_graph(&s, cache, &tok, key)?; // capture + warm
+        self.step_graph(&s, cache, &tok, key, true)?; // capture + warm
         let exec = cache.steps.last().expect("just used").1.exec;
         let ev = Events::new()?;
         ev.record_start(self.gpu.stream)?;
@@ -1565,6 +1595,7 @@ impl CudaBackend {
             layer_bytes,
             graph: None,
             steps: Vec::new(),
+            seen: Vec::new(),
             owner: 0,
         })
     }
