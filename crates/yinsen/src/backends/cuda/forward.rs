@@ -2,7 +2,9 @@
 //! sequence (f32 by default, f16 on request: [`KvDtype`]), and the BitNet / Llama-style block forward as a chain of
 //! kernels on one stream. A one-token decode step is captured once per cache
 //! as a CUDA graph (kernels read the position from device memory, so the
-//! graph stays valid as the sequence grows) and replayed every step.
+//! graph stays valid as the sequence grows) and replayed every step. Calls
+//! of 2..=16 tokens (batched or speculative steps) replay a graph per token
+//! count too, captured on a count's second use.
 
 use std::any::Any;
 use std::sync::atomic::Ordering;
