@@ -545,12 +545,33 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     );
     let step1 = 1000.0 / r.decode_tok_s_ctx0;
     println!(
-        "| 16-token step | {:.2} ms | {:.2}x the 1-token step |",
-        r.step16_ms.min(r.step16_mma_ms),
-        r.step16_ms.min(r.step16_mma_ms) / step1
+        "| 16-token step{} | {:.2} ms | {:.2}x the 1-token step ({:.3} ms); tensor-core {:.2} / GEMV {:.2} ms |",
+        if r.step16_graph { " (graph)" } else { "" },
+        r.step16_ms.min(r.step16_gemv_ms),
+        r.step16_vs_step1,
+        step1,
+        r.step16_ms,
+        r.step16_gemv_ms
     );
+    println!(
+        "| 16-token step, ctx 2048 | {:.2} ms | {:.2}x the 1-token step at ctx 2048 |",
+        r.step16_ms_ctx2048, r.step16_vs_step1_ctx2048
+    );
+    println!(
+        "| 16-token step, no graph | {:.2} ms | {:.2}x the 1-token step |",
+        r.step16_nograph_ms,
+        r.step16_nograph_ms / step1
+    );
+    for (ctx, ks) in [(0, &r.kernels_step16_ctx0), (2048, &r.kernels_step16_ctx2048)] {
+        let sum: f64 = ks.iter().map(|k| k.us).sum();
+        let parts: Vec<String> = ks.iter().map(|k| format!("{} {:.0}", k.tag, k.us)).collect();
+        println!(
+            "| 16-token step kernels, ctx {ctx} | {:.2} ms summed | {} us |",
+            sum / 1e3,
+            parts.join(", ")
+        );
+    }
     for (what, rows) in [
-        ("16-token step", &r.kernels_step16),
         ("prefill 512", &r.kernels_prefill_512),
         ("prefill 2048", &r.kernels_prefill_2048),
     ] {

@@ -92,7 +92,7 @@ fn tiny_matches_cpu(kv: KvDtype) {
     let mut cc = cpu.new_cache(400).unwrap();
     let want_all = cpu.forward(cc.as_mut(), &ids, Output::AllLogits).unwrap();
     let mut per_kernel = vec![];
-    for mma_min in [17, usize::MAX] {
+    for mma_min in [2, usize::MAX] {
         gpu.set_mma_min_tokens(mma_min);
         let mut gc = gpu.new_cache(400).unwrap();
         let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
@@ -102,7 +102,7 @@ fn tiny_matches_cpu(kv: KvDtype) {
     }
     // The two matrix kernels are exact, so GPU prefill is deterministic across them.
     assert_eq!(per_kernel[0], per_kernel[1], "GEMV and tensor-core prefill differ");
-    gpu.set_mma_min_tokens(17);
+    gpu.set_mma_min_tokens(2);
     // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.
     let mut gc = gpu.new_cache(400).unwrap();
     let g_last = gpu.forward(gc.as_mut(), &ids[..100], Output::LastLogits).unwrap();
@@ -490,5 +490,121 @@ fn two_backends_decode_concurrently() {
             .recv_timeout(std::time::Duration::from_secs(120))
             .expect("concurrent persistent decodes did not finish (deadlock?)");
         assert!(ok, "non-finite logits");
+    }
+}
+
+fn step_graphs(c: &mut dyn yinsen::backends::KvCache) -> usize {
+    c.as_any_mut()
+        .downcast_mut::<yinsen::backends::cuda::CudaCache>()
+        .expect("a CUDA cache")
+        .step_graph_count()
+}
+
+/// Calls of 2..=16 tokens replay a captured graph per (token count, output,
+/// attention kernel, split bucket), captured on a key's second use: logits
+/// are bit-equal to the un-graphed launches of the same kernels (flash and
+/// split-K attention, f32 and f16 caches) at position 0, after a prefill, on
+/// first use (un-graphed), capture and replays, after the split-K count
+/// crosses a bucket (65 and 129 keys), all logits over two head launches,
+/// and after the graph list evicts; graphed logits also stay close to the CPU's.
+#[test]
+fn step_graph_matches_ungraphed() {
+    let model = synthetic::build("tiny").unwrap();
+    let vocab = model.config.vocab;
+    let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
+    let (l, a) = (Output::LastLogits, Output::AllLogits);
+    let mut calls: Vec<(usize, Output)> = Vec::new();
+    for (nt, out, times) in [
+        (2, l, 3),
+        (5, a, 3),
+        (16, l, 3),
+        (5, l, 3),
+        (16, l, 4),
+        (2, a, 2),
+        (12, a, 2),
+        (16, a, 2),
+    ] {
+        calls.extend(std::iter::repeat_n((nt, out), times));
+    }
+    // Eight more token counts, each captured (more graphs than a cache keeps), then 2 again.
+    for nt in 2..=9 {
+        calls.extend([(nt, l), (nt, l)]);
+    }
+    calls.push((2, l));
+    let total: usize = calls.iter().map(|c| c.0).sum();
+    for (kv, flash) in [
+        (KvDtype::F32, FlashMode::Auto),
+        (KvDtype::F32, FlashMode::Off),
+        (KvDtype::F16, FlashMode::Auto),
+    ] {
+        let Some(gpu) = cuda_kv(&model, kv) else { return };
+        gpu.set_flash(flash);
+        let flash_on = gpu.uses_flash();
+        for prefill in [0usize, 70] {
+            let ids = prompt(prefill + total, vocab);
+            let what = format!("{kv:?} cache, flash {flash_on}, after {prefill} tokens");
+            let (mut g, mut u) = (gpu.new_cache(400).unwrap(), gpu.new_cache(400).unwrap());
+            let mut cc = cpu.new_cache(400).unwrap();
+            if prefill > 0 {
+                let p = &ids[..prefill];
+                let gl = gpu.forward(g.as_mut(), p, l).unwrap();
+                assert_eq!(gl, gpu.forward(u.as_mut(), p, l).unwrap(), "{what}: prefill");
+                cpu.forward(cc.as_mut(), p, l).unwrap();
+            }
+            let mut at = prefill;
+            // What the cache should hold, least recently used first: graphs,
+            // and keys used once (split bucket only for split-K).
+            let (mut graphs, mut seen): (Vec<(usize, bool, usize)>, Vec<_>) = (Vec::new(), Vec::new());
+            let (mut replays, mut widest) = (0, 0);
+            for (i, &(nt, out)) in calls.iter().enumerate() {
+                let t = &ids[at..at + nt];
+                gpu.set_step_graphs(true);
+                let got = gpu.forward(g.as_mut(), t, out).unwrap();
+                gpu.set_step_graphs(false);
+                let want = gpu.forward(u.as_mut(), t, out).unwrap();
+                let c = cpu.forward(cc.as_mut(), t, out).unwrap();
+                let rows = if out == a { nt } else { 1 };
+                assert_eq!(
+                    (got.len(), want.len()),
+                    (rows * vocab, rows * vocab),
+                    "{what}: call {i}"
+                );
+                let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{what}: call {i} ({nt} tokens at {at}): graph != un-graphed");
+                close(&got, &c, vocab, &format!("{what}: call {i} vs CPU"));
+                let splits = if flash_on {
+                    0
+                } else {
+                    (at + nt).div_ceil(64).next_power_of_two()
+                };
+                let key = (nt, out == a, splits);
+                if let Some(k) = graphs.iter().position(|k| *k == key) {
+                    graphs.remove(k);
+                    graphs.push(key);
+                    replays += 1;
+                } else if let Some(k) = seen.iter().position(|k| *k == key) {
+                    seen.remove(k);
+                    if graphs.len() == 8 {
+                        graphs.remove(0);
+                    }
+                    graphs.push(key);
+                    widest = widest.max(splits);
+                } else {
+                    if seen.len() == 8 {
+                        seen.remove(0);
+                    }
+                    seen.push(key);
+                }
+                assert_eq!(step_graphs(g.as_mut()), graphs.len(), "{what}: graphs after call {i}");
+                assert_eq!(step_graphs(u.as_mut()), 0, "{what}: graphs with step graphs off");
+                at += nt;
+            }
+            assert_eq!(g.len(), at);
+            println!("{what}: {} calls, {replays} replays", calls.len());
+            assert!(replays >= 4, "{what}: only {replays} replays");
+            // A split-K graph past the first bucket (a recapture), and a full list.
+            assert!(flash_on || widest > 1, "{what}: no split crossing");
+            assert_eq!(graphs.len(), 8, "{what}: eviction not exercised");
+        }
     }
 }

@@ -20,10 +20,21 @@ pub struct CudaBench {
     pub prefill_ms_512: f64,
     pub prefill_ms_2048: f64,
     /// One forward of 16 tokens of one sequence (a stand-in for a batch-16
-    /// decode step: same matrix work, attention over one sequence).
+    /// decode step: same matrix work, attention over one sequence), as `run`
+    /// does it: a replay of the captured 16-token graph (back to back, ctx 0),
+    /// or un-graphed where step graphs are off (`step16_graph` false).
     pub step16_ms: f64,
-    /// The same through the tensor-core GEMM instead of the GEMV.
-    pub step16_mma_ms: f64,
+    pub step16_graph: bool,
+    /// The same through the dp4a GEMV instead of the tensor-core GEMM.
+    pub step16_gemv_ms: f64,
+    /// The 16-token forward without the graph (launch overhead included).
+    pub step16_nograph_ms: f64,
+    /// The faster 16-token step over the decode step at ctx 0 (issue 4: <= 1.3).
+    pub step16_vs_step1: f64,
+    /// The 16-token step (as `run` does it) after 2048 cached tokens, and its
+    /// ratio to the decode step at ctx 2048.
+    pub step16_ms_ctx2048: f64,
+    pub step16_vs_step1_ctx2048: f64,
     /// 1-token forward without the graph (launch overhead included).
     pub step1_nograph_ms: f64,
     /// Decode graph captured without PDL (ctx 0).
@@ -45,8 +56,11 @@ pub struct CudaBench {
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
-    /// Per-kernel-group times of the un-graphed 16 / 512 / 2048-token forwards.
-    pub kernels_step16: Vec<KernelTime>,
+    /// Per-kernel times of one un-graphed 16-token step at ctx 0 and 2048
+    /// (their sum against `step16_ms` is the launch/gap share).
+    pub kernels_step16_ctx0: Vec<KernelTime>,
+    pub kernels_step16_ctx2048: Vec<KernelTime>,
+    /// Per-kernel-group times of the un-graphed 512 / 2048-token forwards.
     pub kernels_prefill_512: Vec<KernelTime>,
     pub kernels_prefill_2048: Vec<KernelTime>,
     /// Every tensor-core variant on layer 0's matrices (only with `YINSEN_CUDA_GEMM_SWEEP=1`).
@@ -124,6 +138,32 @@ fn forward_ms(b: &CudaBackend, nt: usize, reps: usize) -> Result<f64> {
     Ok(median(ms?))
 }
 
+/// GPU ms of the `nt`-token step as `run` does it: graph replays (median of
+/// `reps` runs of 10 back-to-back replays at ctx 0), else un-graphed.
+/// `ctx`: cached tokens before the step (filled by a forward first).
+fn step_ms(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<(f64, bool)> {
+    let mut cache = b.cuda_cache(ctx + nt)?;
+    if ctx > 0 {
+        b.time_forward(&mut cache, ctx)?;
+        set_len(&mut cache, ctx);
+    }
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        match b.time_step_graph(&mut cache, nt, 10)? {
+            Some(t) => ms.push(t),
+            None => break,
+        }
+    }
+    if ms.is_empty() {
+        b.time_forward(&mut cache, nt)?; // warm-up
+        for _ in 0..reps {
+            ms.push(b.time_forward(&mut cache, nt)?);
+        }
+        return Ok((median(ms), false));
+    }
+    Ok((median(ms), true))
+}
+
 fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
     let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") else {
         return Ok(Vec::new());
@@ -159,6 +199,16 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
     let (q8_0, q8_long) = q8_decode(b, model, long)?;
+    let decode_ctx0 = decode_at(b, 0, 128, 5)?;
+    let decode_long = decode_at(b, long, 128, 3)?;
+    let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
+    let step16_ms_ctx2048 = step_ms(b, 16, long, 10)?.0;
+    let step16_gemv_ms = {
+        let was = b.set_mma_min_tokens(17);
+        let r = step_ms(b, 16, 0, 20);
+        b.set_mma_min_tokens(was);
+        r?.0
+    };
     Ok(CudaBench {
         decode_tok_s_ctx0_lm_head_q8: q8_0,
         decode_tok_s_ctx2048_lm_head_q8: q8_long,
@@ -166,17 +216,17 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         arch: g.arch.clone(),
         kernels_from_cache: g.from_cache,
         kv_dtype: format!("{:?}", b.kv_dtype()),
-        decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
-        decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
+        decode_tok_s_ctx0: decode_ctx0,
+        decode_tok_s_ctx2048: decode_long,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
-        step16_ms: forward_ms(b, 16, 20)?,
-        step16_mma_ms: {
-            b.set_mma_min_tokens(2);
-            let r = forward_ms(b, 16, 20);
-            b.set_mma_min_tokens(17);
-            r?
-        },
+        step16_ms,
+        step16_graph,
+        step16_gemv_ms,
+        step16_nograph_ms: forward_ms(b, 16, 20)?,
+        step16_vs_step1: step16_ms.min(step16_gemv_ms) * decode_ctx0 / 1000.0,
+        step16_ms_ctx2048,
+        step16_vs_step1_ctx2048: step16_ms_ctx2048 * decode_long / 1000.0,
         step1_nograph_ms: forward_ms(b, 1, 20)?,
         decode_tok_s_ctx0_no_pdl: {
             let was = b.set_pdl(false);
@@ -202,12 +252,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         mega_phases_ctx2048: b.trace_mega(long)?,
         kernels_ctx0: b.profile_decode(0, 10)?,
         kernels_ctx2048: b.profile_decode(long, 5)?,
-        kernels_step16: {
-            b.set_mma_min_tokens(2);
-            let r = b.profile_forward(16, 5);
-            b.set_mma_min_tokens(17);
-            r?
-        },
+        kernels_step16_ctx0: b.profile_step(16, 0, 10)?,
+        kernels_step16_ctx2048: b.profile_step(16, long, 5)?,
         kernels_prefill_512: b.profile_forward(512.min(max), 3)?,
         kernels_prefill_2048: b.profile_forward(2048.min(max), 3)?,
         gemm_sweep: if std::env::var("YINSEN_CUDA_GEMM_SWEEP").is_ok_and(|v| v == "1") {

@@ -2,9 +2,12 @@
 //! sequence (f32 by default, f16 on request: [`KvDtype`]), and the BitNet / Llama-style block forward as a chain of
 //! kernels on one stream. A one-token decode step is captured once per cache
 //! as a CUDA graph (kernels read the position from device memory, so the
-//! graph stays valid as the sequence grows) and replayed every step.
+//! graph stays valid as the sequence grows) and replayed every step. Calls
+//! of 2..=16 tokens (batched or speculative steps) replay a graph per token
+//! count too, captured on a count's second use.
 
 use std::any::Any;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
@@ -224,6 +227,9 @@ pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
 type FlashKernel = (&'static str, u32, usize);
 
 pub struct CudaBackend {
+    /// Unique per backend (never 0): caches remember which backend captured
+    /// their graphs (an address could be reused by a later backend).
+    id: usize,
     gpu: Arc<Gpu>,
     kv: KvDtype,
     config: ModelConfig,
@@ -260,7 +266,12 @@ pub struct CudaBackend {
     /// Variant bits of the persistent kernel (MG_* flags in mega.cu), for
     /// A/B measurements: `YINSEN_CUDA_MEGA_FLAGS` or the bench sweep.
     mega_flags: std::sync::atomic::AtomicU32,
+    /// Calls of 2..=16 tokens replay a captured graph per token count
+    /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
+    step_graphs: std::sync::atomic::AtomicBool,
 }
+
+static NEXT_BACKEND_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// What the persistent decode kernel needs beyond the layers: a table of
 /// per-layer device addresses and its grid (one block per SM).
@@ -315,8 +326,35 @@ pub struct CudaCache {
     /// Bytes of one layer's K (or V).
     layer_bytes: usize,
     graph: Option<Graph>,
-    /// Identity of the backend that captured `graph`.
+    /// Captured multi-token steps (1 < nt <= STEP_GRAPH_MAX), least recently
+    /// used first, at most STEP_GRAPHS.
+    steps: Vec<(StepKey, Graph)>,
+    /// Step keys requested once and run un-graphed (least recently used
+    /// first, at most STEP_GRAPHS): a key is captured on its second use, so
+    /// one-off calls (a short prompt, `yinsen tune`'s fresh caches) do not
+    /// pay for a capture.
+    seen: Vec<StepKey>,
+    /// Identity (`CudaBackend::id`) of the backend that captured the graphs.
     owner: usize,
+}
+
+/// Largest token count a multi-token step is captured for (the GEMV's group).
+const STEP_GRAPH_MAX: usize = 16;
+/// Multi-token graphs kept per cache (speculative or batched callers vary nt).
+const STEP_GRAPHS: usize = 8;
+
+/// Everything a captured multi-token step depends on besides the cache and
+/// the scratch buffers (position and token ids are read from device memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StepKey {
+    nt: usize,
+    /// Attention splits launched (split-K only; 0 with flash, whose grid does
+    /// not depend on the position).
+    splits: usize,
+    flash: Option<&'static str>,
+    mat: MatKernel,
+    /// Logits of every token instead of the last.
+    all: bool,
 }
 
 // SAFETY: the graph handles are only used with the owning backend's lock held.
@@ -486,7 +524,10 @@ impl CudaBackend {
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_FLAGS={v}: expected an integer")))?,
             Err(_) => MEGA_DEFAULT_FLAGS,
         };
+        let step_graphs = std::env::var("YINSEN_CUDA_STEP_GRAPH").map_or(true, |v| v != "0");
         let be = Self {
+            id: NEXT_BACKEND_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            step_graphs: step_graphs.into(),
             mega_flags: mega_flags.into(),
             mega_on: mega.is_some().into(),
             mega,
@@ -505,7 +546,9 @@ impl CudaBackend {
             max_splits,
             scratch: Mutex::new(scratch),
             weight_bytes,
-            mma_min_tokens: 17.into(),
+            // The tensor-core GEMM from 2 tokens: at 16 tokens its 64x16 tile
+            // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
+            mma_min_tokens: 2.into(),
             flash: (flash_mode as u8).into(),
             flash_ok,
             tc_ok,
@@ -614,10 +657,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Token count from which prefill uses the tensor-core GEMM (default 17).
-    pub fn set_mma_min_tokens(&self, n: usize) {
-        self.mma_min_tokens
-            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    /// Token count from which the tensor-core GEMM runs (default 2);
+    /// returns the previous setting.
+    pub fn set_mma_min_tokens(&self, n: usize) -> usize {
+        self.mma_min_tokens.swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
     }
 
     /// For benchmarks and tests: the prefill attention kernel (default Auto,
@@ -822,7 +865,7 @@ impl CudaBackend {
             g.set_tag("down");
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
-        g.set_tag("head");
+        g.set_tag("");
         Ok(())
     }
 
@@ -1113,8 +1156,14 @@ impl CudaBackend {
     /// Final norm of rows `t0..t0+n` of x into `normed`, then logits of up to
     /// LM_T of them into `logits`.
     fn head(&self, s: &Scratch, t0: usize, n: usize, logits: bool) -> Result<()> {
+        self.head_at(s, t0, n, logits, 0)
+    }
+
+    /// `head`, writing the logits from row `row` of `logits` on.
+    fn head_at(&self, s: &Scratch, t0: usize, n: usize, logits: bool, row: usize) -> Result<()> {
         let c = &self.config;
         let h = c.hidden;
+        self.gpu.set_tag("lm_head+argmax");
         self.gpu.launch(
             "norm_quant",
             (n as u32, 1, 1),
@@ -1138,7 +1187,7 @@ impl CudaBackend {
         if !logits {
             return Ok(());
         }
-        debug_assert!(n <= LM_T);
+        debug_assert!(n <= LM_T && (row + n) * c.vocab * 4 <= s.logits.bytes);
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.gpu.launch(
             "lm_head_f16",
@@ -1150,7 +1199,7 @@ impl CudaBackend {
                 Arg::I(h as i32),
                 s.normed.p(),
                 Arg::I(n as i32),
-                s.logits.p(),
+                s.logits.at(4 * row * c.vocab),
             ],
         )
     }
@@ -1173,42 +1222,50 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Drop graphs another backend captured into `cache` (they point at
+    /// that backend's buffers) and mark it as ours.
+    fn claim(&self, cache: &mut CudaCache) {
+        if cache.owner != self.id {
+            cache.graph = None;
+            cache.steps.clear();
+            cache.seen.clear();
+            cache.owner = self.id;
+        }
+    }
+
     /// One decode step through the cache's CUDA graph (captured on first
     /// use). Leaves the logits in `s.logits` and the greedy token in `s.argmax`.
     fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32) -> Result<()> {
-        let me = self as *const Self as usize;
-        if cache.owner != me {
-            cache.graph = None;
-        }
+        self.claim(cache);
         let tok = [token as i32];
         let pos = [cache.len as i32];
         s.tok.write_async(&tok)?;
         s.pos.write_async(&pos)?;
         if cache.graph.is_none() {
             let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl();
+            let splits = cache.cap.div_ceil(ATT_CHUNK);
             // A driver that cannot capture PDL edges still gets a graph.
-            let graph = match self.capture(s, cache, pdl) {
-                Err(_) if pdl => self.capture(s, cache, false)?,
+            let graph = match self.capture(|| self.decode_kernels(s, cache, splits, pdl)) {
+                Err(_) if pdl => self.capture(|| self.decode_kernels(s, cache, splits, false))?,
                 r => r?,
             };
             cache.graph = Some(graph);
-            cache.owner = me;
         }
         let exec = cache.graph.as_ref().expect("just captured").exec;
         super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
         self.gpu.sync()
     }
 
-    fn capture(&self, s: &Scratch, cache: &CudaCache, pdl: bool) -> Result<Graph> {
+    /// Record the launches `work` makes on the stream as a graph.
+    fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<Graph> {
         let g = &self.gpu;
-        let splits = cache.cap.div_ceil(ATT_CHUNK);
         super::drv(
             unsafe {
                 result::stream::begin_capture(g.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             },
             "cuStreamBeginCapture",
         )?;
-        let work = self.decode_kernels(s, cache, splits, pdl);
+        let work = work();
         // Always end the capture, even when a launch failed.
         let graph = super::drv(unsafe { result::stream::end_capture(g.stream) }, "cuStreamEndCapture");
         work?;
@@ -1223,6 +1280,95 @@ impl CudaBackend {
                 Err(berr(format!("cuGraphInstantiate: {e:?}")))
             }
         }
+    }
+
+    /// The graph key of a multi-token step of `nt` tokens at the cache's
+    /// position, or None where such a call runs un-graphed.
+    fn step_key(&self, s: &Scratch, cache: &CudaCache, nt: usize, output: Output) -> Option<StepKey> {
+        let all = match output {
+            Output::LastLogits => false,
+            Output::AllLogits => true,
+            _ => return None,
+        };
+        if !(2..=STEP_GRAPH_MAX).contains(&nt) || nt > s.chunk || !self.step_graphs.load(Ordering::Relaxed) {
+            return None;
+        }
+        let flash = self.flash_kernel();
+        // Split-K's result does not depend on the split count beyond the
+        // splits in use (its merge reads those only), so round up to a power
+        // of two: log2(context / 64) captures per sequence instead of one
+        // per 64 tokens.
+        let splits = match flash {
+            Some(_) => 0,
+            None => (cache.len + nt)
+                .div_ceil(ATT_CHUNK)
+                .next_power_of_two()
+                .min(self.max_splits),
+        };
+        Some(StepKey {
+            nt,
+            splits,
+            flash: flash.map(|k| k.0),
+            mat: self.kernel_for(nt),
+            all,
+        })
+    }
+
+    /// The launches of a multi-token step: body, final norm and lm_head
+    /// (last token, or all when `key.all`), as `run` issues them un-graphed.
+    fn step_kernels(&self, s: &Scratch, cache: &CudaCache, key: StepKey) -> Result<()> {
+        self.body(s, cache, key.nt, key.splits.max(1))?;
+        match key.all {
+            // The same LM_T-token launches as un-graphed, into successive rows.
+            true => (0..key.nt)
+                .step_by(LM_T)
+                .try_for_each(|t0| self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)),
+            false => self.head(s, key.nt - 1, 1, true),
+        }
+    }
+
+    /// Queue the multi-token step `key` for `tokens` at the cache's position
+    /// through its graph, capturing it on its second use (`eager`: on the
+    /// first) and evicting the least recently used graph when full. Returns
+    /// false, having queued nothing, on a key's first use: the caller runs
+    /// the step un-graphed. The cache is not advanced.
+    fn step_graph(
+        &self,
+        s: &Scratch,
+        cache: &mut CudaCache,
+        tokens: &[u32],
+        key: StepKey,
+        eager: bool,
+    ) -> Result<bool> {
+        self.claim(cache);
+        let cached = cache.steps.iter().position(|(k, _)| *k == key);
+        let seen = cache.seen.iter().position(|k| *k == key);
+        if cached.is_none() && seen.is_none() && !eager {
+            if cache.seen.len() >= STEP_GRAPHS {
+                cache.seen.remove(0);
+            }
+            cache.seen.push(key);
+            return Ok(false);
+        }
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        s.tok.write_async(&tok)?;
+        s.pos.write_async(&[cache.len as i32])?;
+        let graph = match cached {
+            Some(i) => cache.steps.remove(i).1,
+            None => {
+                if let Some(i) = seen {
+                    cache.seen.remove(i);
+                }
+                if cache.steps.len() >= STEP_GRAPHS {
+                    cache.steps.remove(0);
+                }
+                self.capture(|| self.step_kernels(s, cache, key))?
+            }
+        };
+        let exec = graph.exec;
+        cache.steps.push((key, graph));
+        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
+        Ok(true)
     }
 
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
@@ -1252,6 +1398,15 @@ impl CudaBackend {
             self.decode_graph(&s, cache, tokens[0])?;
             cache.len += 1;
             return s.logits.read::<f32>(c.vocab);
+        }
+        // Multi-token steps through a graph (from a key's second use on).
+        if let Some(key) = self.step_key(&s, cache, tokens.len(), output) {
+            if self.step_graph(&s, cache, tokens, key, false)? {
+                let rows = if key.all { key.nt } else { 1 };
+                let out = s.logits.read::<f32>(rows * c.vocab)?;
+                cache.len += key.nt;
+                return Ok(out);
+            }
         }
         let mut out = Vec::new();
         let per_call = self.chunk_tokens(&s);
@@ -1328,6 +1483,31 @@ impl CudaBackend {
         Ok(ms / n as f32)
     }
 
+    /// For benchmarks: GPU milliseconds per replay of the `nt`-token step
+    /// graph (last logits) at the cache's position, `n` replays back to back
+    /// after a capture + warm-up replay (the cache is not advanced; every
+    /// replay rewrites the same KV rows). None where `run` would not use a
+    /// graph for `nt` tokens.
+    pub(crate) fn time_step_graph(&self, cache: &mut CudaCache, nt: usize, n: usize) -> Result<Option<f32>> {
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        if cache.len + nt > cache.cap {
+            return Err(Error::input("bench: cache too small"));
+        }
+        let Some(key) = self.step_key(&s, cache, nt, Output::LastLogits) else {
+            return Ok(None);
+        };
+        let tok: Vec<u32> = (0..nt).map(|i| (i % self.config.vocab) as u32).collect();
+        self.step_graph(&s, cache, &tok, key, true)?; // capture + warm
+        let exec = cache.steps.last().expect("just used").1.exec;
+        let ev = Events::new()?;
+        ev.record_start(self.gpu.stream)?;
+        for _ in 0..n {
+            super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
+        }
+        Ok(Some(ev.record_stop_ms(self.gpu.stream)? / n.max(1) as f32))
+    }
+
     /// For benchmarks: GPU milliseconds of one un-graphed forward of `nt`
     /// tokens at the cache's position (the cache is not advanced).
     pub(crate) fn time_forward(&self, cache: &mut CudaCache, nt: usize) -> Result<f32> {
@@ -1382,7 +1562,38 @@ impl CudaBackend {
             r?;
             runs.push(t);
         }
-        Ok(self.kernel_table(&runs, ctx))
+        Ok(self.kernel_table(&runs, ctx, 1))
+    }
+
+    /// For benchmarks: per-kernel GPU time of an un-graphed `nt`-token step
+    /// (last logits) at context `ctx` (median of `reps`), grouped like the
+    /// decode profile (each norm + quantisation with the matrix it feeds).
+    pub(crate) fn profile_step(&self, nt: usize, ctx: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
+        let mut cache = self.cuda_cache(ctx + nt)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        if nt == 0 || nt > s.chunk {
+            return Ok(Vec::new());
+        }
+        let tok: Vec<i32> = (0..nt).map(|i| (i % self.config.vocab) as i32).collect();
+        s.tok.write_async(&tok)?;
+        s.pos.write_async(&[ctx as i32])?;
+        let splits = (ctx + nt).div_ceil(ATT_CHUNK);
+        let step = || -> Result<()> {
+            self.body(&s, &cache, nt, splits)?;
+            self.head(&s, nt - 1, 1, true)
+        };
+        step()?; // warm-up
+        let mut runs: Vec<Vec<(&'static str, f32)>> = Vec::new();
+        for _ in 0..reps {
+            self.gpu.profile(true)?;
+            let r = step();
+            let t = self.gpu.profile(false)?;
+            r?;
+            runs.push(t);
+        }
+        Ok(self.forward_table(&runs, nt, ctx))
     }
 
     /// For benchmarks: where the persistent decode spends a step at context
@@ -1437,11 +1648,17 @@ impl CudaBackend {
             .collect())
     }
 
-    fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize) -> Vec<super::bench::KernelTime> {
+    /// Per tag: median GPU time over `runs`, bytes, and the ops of `nt`
+    /// tokens' matrix work (lm_head: one token).
+    fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize, nt: usize) -> Vec<super::bench::KernelTime> {
         let c = &self.config;
         let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
             let b = self.layers.iter().map(|l| f(l).bytes()).sum();
-            let ops = self.layers.iter().map(|l| 2.0 * (f(l).n_rows * f(l).n_in) as f64).sum();
+            let ops = self
+                .layers
+                .iter()
+                .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
+                .sum();
             (b, ops)
         };
         let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv.bytes();
@@ -1473,6 +1690,12 @@ impl CudaBackend {
             r?;
             runs.push(t);
         }
+        Ok(self.forward_table(&runs, nt, 0))
+    }
+
+    /// Per-tag times of body() + head() runs over `nt` tokens after `ctx`
+    /// cached ones (tags set in body() and head_at()).
+    fn forward_table(&self, runs: &[Vec<(&'static str, f32)>], nt: usize, ctx: usize) -> Vec<super::bench::KernelTime> {
         let c = &self.config;
         let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
             let b = self.layers.iter().map(|l| f(l).bytes()).sum();
@@ -1483,8 +1706,9 @@ impl CudaBackend {
                 .sum();
             (b, ops)
         };
-        // Causal scores and P V: 2 x 2 hd flops per (query, key <= query) per head.
-        let att = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * (nt * (nt + 1) / 2) as f64;
+        // Scores and P V: 2 x 2 hd flops per (query, visible key) per head.
+        let keys = (nt * ctx + nt * (nt + 1) / 2) as f64;
+        let att = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * keys;
         let tags: [(&str, (usize, f64)); 9] = [
             ("embed", (0, 0.0)),
             ("norm_quant", (0, 0.0)),
@@ -1494,9 +1718,12 @@ impl CudaBackend {
             ("o", mats(&|l| &l.o)),
             ("gate_up", mats(&|l| &l.gu)),
             ("down", mats(&|l| &l.down)),
-            ("head", (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64)),
+            (
+                "lm_head+argmax",
+                (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64),
+            ),
         ];
-        Ok(Self::group_times(&runs, &tags))
+        Self::group_times(runs, &tags)
     }
 
     /// For benchmarks: every tensor-core tile variant on layer 0's four
@@ -1613,12 +1840,20 @@ impl CudaBackend {
             kv: self.kv,
             layer_bytes,
             graph: None,
+            steps: Vec::new(),
+            seen: Vec::new(),
             owner: 0,
         })
     }
 
     pub fn max_splits(&self) -> usize {
         self.max_splits
+    }
+
+    /// For benchmarks and tests: replay captured graphs for calls of
+    /// 2..=16 tokens (on by default); returns the previous setting.
+    pub fn set_step_graphs(&self, on: bool) -> bool {
+        self.step_graphs.swap(on, Ordering::Relaxed)
     }
 }
 
@@ -1666,7 +1901,8 @@ impl Scratch {
             gu: f32s(&[chunk, 2 * c.ffn])?,
             part: f32s(&[part_tokens, c.n_heads, splits, c.head_dim + 2])?,
             normed: f32s(&[chunk, c.hidden])?,
-            logits: f32s(&[LM_T, c.vocab])?,
+            // LM_T rows per head launch; a graphed step keeps all its rows.
+            logits: f32s(&[LM_T.max(STEP_GRAPH_MAX), c.vocab])?,
             argmax: f32s(&[1])?,
             qr: f32s(&[chunk, c.q_dim()])?,
             cnt: {
@@ -1738,6 +1974,11 @@ impl Backend for CudaBackend {
 }
 
 impl CudaCache {
+    /// For tests: how many multi-token step graphs the cache holds.
+    pub fn step_graph_count(&self) -> usize {
+        self.steps.len()
+    }
+
     /// Benchmarks fill a cache by timing a forward without advancing it.
     pub(crate) fn set_len_for_bench(&mut self, n: usize) {
         self.len = n.min(self.cap);
