@@ -764,9 +764,21 @@ impl CudaBackend {
                 ep,
                 out.at(4 * t0 * stride),
                 stride,
+                self.body_launch(),
             )?;
         }
         Ok(())
+    }
+
+    /// How body() and head() launch: with PDL where the device has it (each
+    /// of their kernels starts with pdl_wait), so in a graph a kernel's
+    /// launch overlaps its predecessor's tail. `YINSEN_CUDA_PDL=0`: plain.
+    fn body_launch(&self) -> Launch {
+        if self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl() {
+            Launch::Pdl
+        } else {
+            Launch::Plain
+        }
     }
 
     /// RMSNorm (optional) + quantisation of `nt` rows of `input` into q8/sx/xsum.
@@ -783,10 +795,11 @@ impl CudaBackend {
         nt: usize,
     ) -> Result<()> {
         let do_norm = w.is_some() as i32;
-        self.gpu.launch(
+        self.gpu.launch_smem(
             "norm_quant",
             (nt as u32, 1, 1),
             norm_threads(n),
+            0,
             &[
                 input,
                 Arg::I(n as i32),
@@ -802,6 +815,7 @@ impl CudaBackend {
                 Arg::P(0),
                 Arg::I(0),
             ],
+            self.body_launch(),
         )
     }
 
@@ -812,12 +826,15 @@ impl CudaBackend {
         let g = &self.gpu;
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let qkv_n = q + 2 * kv;
+        let how = self.body_launch();
         g.set_tag("embed");
-        g.launch(
+        g.launch_smem(
             "embed_f16",
             (nt as u32, 1, 1),
             256,
+            0,
             &[s.tok.p(), self.embed.p(), Arg::I(h as i32), s.x.p(), Arg::P(0)],
+            how,
         )?;
         let gate = match c.activation {
             Activation::Relu2 => 1,
@@ -831,10 +848,11 @@ impl CudaBackend {
             g.set_tag("qkv");
             self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
             g.set_tag("rope_kv");
-            g.launch(
+            g.launch_smem(
                 self.kv.rope_kv(),
                 (nt as u32, 1, 1),
                 256,
+                0,
                 &[
                     s.qkv.p(),
                     Arg::I(qkv_n as i32),
@@ -848,9 +866,10 @@ impl CudaBackend {
                     vc,
                     s.qr.p(),
                 ],
+                how,
             )?;
             g.set_tag("attention");
-            self.attention(s, cache, li, nt, n_split, false)?;
+            self.attention(s, cache, li, nt, n_split, how == Launch::Pdl)?;
             // Without sub-norms the attention output is only quantised.
             g.set_tag("norm_quant");
             self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), l.o.kpad(), nt)?;
@@ -1164,10 +1183,12 @@ impl CudaBackend {
         let c = &self.config;
         let h = c.hidden;
         self.gpu.set_tag("lm_head+argmax");
-        self.gpu.launch(
+        let how = self.body_launch();
+        self.gpu.launch_smem(
             "norm_quant",
             (n as u32, 1, 1),
             norm_threads(h),
+            0,
             &[
                 s.x.at(4 * t0 * h),
                 Arg::I(h as i32),
@@ -1183,16 +1204,18 @@ impl CudaBackend {
                 s.normed.p(),
                 Arg::I(h as i32),
             ],
+            how,
         )?;
         if !logits {
             return Ok(());
         }
         debug_assert!(n <= LM_T && (row + n) * c.vocab * 4 <= s.logits.bytes);
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.gpu.launch(
+        self.gpu.launch_smem(
             "lm_head_f16",
             (c.vocab.div_ceil(8) as u32, 1, 1),
             256,
+            0,
             &[
                 e.p(),
                 Arg::I(c.vocab as i32),
@@ -1201,6 +1224,7 @@ impl CudaBackend {
                 Arg::I(n as i32),
                 s.logits.at(4 * row * c.vocab),
             ],
+            how,
         )
     }
 
@@ -1768,14 +1792,18 @@ impl CudaBackend {
                             Epilogue::Store,
                             out.p(),
                             m.n_rows,
+                            Launch::Plain,
                         )
                     };
                     run()?; // warm-up
-                    let reps = 10;
+                            // Replayed as a graph of `reps` launches: GPU time without
+                            // the host's per-launch cost (which floors short kernels).
+                    let reps = 20;
+                    let graph = self.capture(|| (0..reps).try_for_each(|_| run()))?;
+                    let launch = || super::drv(unsafe { result::graph::launch(graph.exec, g.stream) }, "cuGraphLaunch");
+                    launch()?;
                     ev.record_start(g.stream)?;
-                    for _ in 0..reps {
-                        run()?;
-                    }
+                    launch()?;
                     let us = ev.record_stop_ms(g.stream)? as f64 * 1000.0 / reps as f64;
                     let ops = 2.0 * (m.n_rows * m.n_in * nt) as f64;
                     res.push(super::bench::GemmTime {

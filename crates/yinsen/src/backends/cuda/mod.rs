@@ -777,6 +777,7 @@ pub fn launch_matmul(
     ep: Epilogue,
     out: Arg,
     out_stride: usize,
+    how: Launch,
 ) -> Result<()> {
     let (oi, of) = if ep == Epilogue::I32 {
         (out, Arg::P(0))
@@ -813,7 +814,7 @@ pub fn launch_matmul(
                 return Err(Error::Unsupported(format!("{} cannot run on {}", v.name, gpu.arch)));
             }
             let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
-            gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, Launch::Plain)
+            gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, how)
         }
         MatKernel::Gemv => {
             let name = match nt {
@@ -825,7 +826,7 @@ pub fn launch_matmul(
                 _ => return Err(berr(format!("GEMV takes 1..=16 tokens, got {nt}"))),
             };
             // 4 warps x 4 rows per block.
-            gpu.launch(name, (m.n_rows.div_ceil(16) as u32, 1, 1), 128, &args)
+            gpu.launch_smem(name, (m.n_rows.div_ceil(16) as u32, 1, 1), 128, 0, &args, how)
         }
     }
 }
@@ -872,7 +873,19 @@ pub fn ternary_matmul_i32(
     for t0 in (0..n_tokens).step_by(group) {
         let nt = (n_tokens - t0).min(group);
         let (xo, so, oo) = (xb.at(t0 * kpad), xsum.at(4 * t0), out.at(4 * t0 * w.n_out));
-        launch_matmul(gpu, &m, kernel, xo, nt, ones.p(), so, Epilogue::I32, oo, w.n_out)?;
+        launch_matmul(
+            gpu,
+            &m,
+            kernel,
+            xo,
+            nt,
+            ones.p(),
+            so,
+            Epilogue::I32,
+            oo,
+            w.n_out,
+            Launch::Plain,
+        )?;
     }
     gpu.sync()?;
     out.read::<i32>(n_tokens * w.n_out)
