@@ -170,7 +170,16 @@ pub struct Gpu {
     /// Per-launch timing (bench profile mode): the tag of the next launches
     /// and, while on, (tag, start, stop) events per launch.
     prof: std::sync::Mutex<Profile>,
+    /// Split-K scratch of the tensor-core GEMM (see `splitk_finish` in
+    /// ternary.cu): int32 sums [token][row] and per-tile arrival counters,
+    /// zero between launches. 0 where there is no tensor-core GEMM.
+    splitk_sum: sys::CUdeviceptr,
+    splitk_cnt: sys::CUdeviceptr,
 }
+
+/// Split-K scratch capacity: int32 sums (16 tokens x 64 Ki rows) and tile counters.
+const SPLITK_SUM_INTS: usize = 16 << 16;
+const SPLITK_TILES: usize = 8192;
 
 #[derive(Default)]
 struct Profile {
@@ -273,6 +282,19 @@ impl Gpu {
             )?;
             funcs.insert(name, f);
         }
+        let (splitk_sum, splitk_cnt) = if info.sm.0 >= 8 {
+            let alloc = |n: usize| -> Result<sys::CUdeviceptr> {
+                let p = drv(unsafe { result::malloc_sync(4 * n) }, "allocating split-K scratch")?;
+                drv(
+                    unsafe { result::memset_d8_sync(p, 0, 4 * n) },
+                    "zeroing split-K scratch",
+                )?;
+                Ok(p)
+            };
+            (alloc(SPLITK_SUM_INTS)?, alloc(SPLITK_TILES)?)
+        } else {
+            (0, 0)
+        };
         let gpu = Arc::new(Self {
             ctx,
             stream,
@@ -282,6 +304,8 @@ impl Gpu {
             arch,
             from_cache,
             prof: Default::default(),
+            splitk_sum,
+            splitk_cnt,
         });
         if gpu.has_mma() {
             for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
@@ -521,6 +545,11 @@ impl Drop for Gpu {
         if self.ctx.bind_to_thread().is_ok() {
             unsafe {
                 let _ = result::stream::synchronize(self.stream);
+                for p in [self.splitk_sum, self.splitk_cnt] {
+                    if p != 0 {
+                        let _ = result::free_sync(p);
+                    }
+                }
                 let _ = result::module::unload(self.module);
                 let _ = result::stream::destroy(self.stream);
             }
@@ -797,6 +826,8 @@ pub fn launch_matmul(
         of,
         Arg::I(out_stride as i32),
         Arg::I(ep as i32),
+        Arg::P(gpu.splitk_sum),
+        Arg::P(gpu.splitk_cnt),
     ];
     match kernel {
         MatKernel::Mma | MatKernel::MmaWith(_) => {
@@ -813,7 +844,8 @@ pub fn launch_matmul(
             if !v.available(gpu) {
                 return Err(Error::Unsupported(format!("{} cannot run on {}", v.name, gpu.arch)));
             }
-            let grid = (m.n_rows.div_ceil(v.bm) as u32, nt.div_ceil(v.bn) as u32, 1);
+            let (gx, gy) = (m.n_rows.div_ceil(v.bm), nt.div_ceil(v.bn));
+            let grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
             gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, how)
         }
         MatKernel::Gemv => {
@@ -829,6 +861,18 @@ pub fn launch_matmul(
             gpu.launch_smem(name, (m.n_rows.div_ceil(16) as u32, 1, 1), 128, 0, &args, how)
         }
     }
+}
+
+/// K splits for a tensor-core launch of `tiles` tiles: few tokens leave the
+/// GPU mostly idle (a 2560-row matrix makes 40 blocks), so the K range is
+/// cut until there are ~4 blocks per SM, keeping >= 4 chunks per split.
+fn splitk(gpu: &Gpu, m: &GpuMatrix, v: MmaVariant, nt: usize, tiles: usize) -> usize {
+    let fits = gpu.splitk_sum != 0 && tiles <= SPLITK_TILES && m.n_rows * nt <= SPLITK_SUM_INTS;
+    if v.wgmma || v.bn > 16 || !fits {
+        return 1;
+    }
+    let want = (4 * gpu.info.sms.max(1) as usize).div_ceil(tiles);
+    want.clamp(1, (m.chunks / 4).clamp(1, 16))
 }
 
 /// Exact int32 products `out[t * n_out + o] = sum_i W[o, i] x[t * n_in + i]`

@@ -93,7 +93,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ W, int n_row
 #define GEMV(T)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) tern_gemv_t##T(                                \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,               \
-        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode) { \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
+        int* ksum, int* kcnt) { /* split-K scratch: unused here */                                     \
         pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
         gemv_body<T>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode); \
     }
@@ -151,11 +152,37 @@ __device__ __forceinline__ void mma_s8(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Split-K epilogue. Every z block has added its int32 partials into ksum
+// ([token][row], zero between launches): integer adds are exact and
+// commutative, so the sum does not depend on arrival order. The block that
+// arrives last at the tile's counter applies the epilogue once, and leaves
+// ksum and the counter at zero for the next launch (graph replays too).
+__device__ __noinline__ void splitk_finish(int BM, int BN, int THREADS, int row0, int tok0, int n_rows, int nt,
+                                           int* ksum, int* kcnt, int mode, int out_stride, const int* xsum,
+                                           const float* row_scale, const float* sx, int* out_i, float* out_f) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) last = atomicAdd(kcnt + tile, 1) == (int)gridDim.z - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < BM * BN; i += THREADS) {
+        const int r = row0 + i % BM, t = tok0 + i / BM;
+        if (r < n_rows && t < nt) {
+            const int v = atomicExch(ksum + (size_t)t * n_rows + r, 0);
+            store_out(mode, v, r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+        }
+    }
+    if (threadIdx.x == 0) kcnt[tile] = 0;
+}
+
 template <int MW, int NW, int MT, int NT, int S>
 __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                               const i8* __restrict__ X, int nt, const int* xsum,
                                               const float* row_scale, const float* sx, int* out_i,
-                                              float* out_f, int out_stride, int mode) {
+                                              float* out_f, int out_stride, int mode, int* ksum, int* kcnt) {
 #if __CUDA_ARCH__ >= 800
     constexpr int THREADS = 32 * MW * NW;
     constexpr int BM = 16 * MT * MW, BN = 8 * NT * NW;
@@ -166,7 +193,10 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
     const int g = lane >> 2, tg = lane & 3;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const size_t x_stride = (size_t)chunks * 64;
-    const int iters = (chunks + TM_KC - 1) / TM_KC;
+    // Split-K (gridDim.z > 1, few tokens): block z takes chunks [c0, c1).
+    const int cps = (chunks + gridDim.z - 1) / gridDim.z;
+    const int c0 = min(chunks, (int)blockIdx.z * cps), c1 = min(chunks, c0 + cps);
+    const int iters = (c1 - c0 + TM_KC - 1) / TM_KC;
     const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
 
     // Queue stage `it` (an empty group past the end keeps the counts uniform).
@@ -174,14 +204,14 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         if (it < iters) {
             const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
             for (int i = tid; i < TM_KC * BM; i += THREADS) {
-                const int kc = i / BM, r = i % BM, c = it * TM_KC + kc, row = row0 + r;
-                const bool ok = c < chunks && row < n_rows;
+                const int kc = i / BM, r = i % BM, c = c0 + it * TM_KC + kc, row = row0 + r;
+                const bool ok = c < c1 && row < n_rows;
                 cp_async16(a_s + 16 * i, ok ? W + (size_t)row * chunks + c : W, ok);
             }
             for (int i = tid; i < BN * TM_KC * 4; i += THREADS) {
                 const int t = i / (TM_KC * 4), piece = i % (TM_KC * 4);
-                const int c = it * TM_KC + piece / 4, tok = tok0 + t;
-                const bool ok = c < chunks && tok < nt;
+                const int c = c0 + it * TM_KC + piece / 4, tok = tok0 + t;
+                const bool ok = c < c1 && tok < nt;
                 const i8* src = ok ? X + tok * x_stride + (size_t)c * 64 + 16 * (piece % 4) : X;
                 cp_async16(b_s + t * TM_BROW + 16 * piece, src, ok);
             }
@@ -240,6 +270,7 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         }
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
+    const bool split = gridDim.z > 1;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -248,9 +279,13 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
             for (int i = 0; i < 4; i++) {
                 const int r = row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0);
                 const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
-                if (r < n_rows && t < nt)
-                    store_out(mode, acc[mt][n8][i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+                if (r < n_rows && t < nt) {
+                    if (split) atomicAdd(ksum + (size_t)t * n_rows + r, acc[mt][n8][i]);
+                    else store_out(mode, acc[mt][n8][i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+                }
             }
+    if (split) splitk_finish(BM, BN, THREADS, row0, tok0, n_rows, nt, ksum, kcnt, mode, out_stride, xsum,
+                             row_scale, sx, out_i, out_f);
 #endif
 }
 
@@ -260,10 +295,11 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
 #define TERN_MMA(NAME, MW, NW, MT, NT, S, MINB)                                                        \
     extern "C" __global__ void __launch_bounds__(32 * MW * NW, MINB) NAME(                            \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
-        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode) { \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
+        int* ksum, int* kcnt) {                                                                        \
         pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
         tern_mma_body<MW, NW, MT, NT, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,  \
-                                         out_stride, mode);                                            \
+                                         out_stride, mode, ksum, kcnt);                                \
     }
 TERN_MMA(tern_mma_32x16, 2, 1, 1, 2, 8, 1)
 TERN_MMA(tern_mma_64x16, 4, 1, 1, 2, 8, 1)
@@ -401,7 +437,7 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
 
 extern "C" __global__ void __launch_bounds__(256, 1) tern_wgmma_128x128(
     const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum, const float* row_scale,
-    const float* sx, int* out_i, float* out_f, int out_stride, int mode) {
+    const float* sx, int* out_i, float* out_f, int out_stride, int mode, int* ksum, int* kcnt) {
     pdl_wait();
     tern_wgmma_body<2, 4>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode);
 }
