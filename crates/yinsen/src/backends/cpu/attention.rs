@@ -59,13 +59,50 @@ impl Isa {
 /// `[p0 + n][n_kv_heads * hd]`. Returns `[n][n_heads * hd]`.
 pub fn causal_attention(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * s.n_heads * s.head_dim];
-    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out);
+    let mut sc = AttnScratch::default();
+    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out, &mut sc);
     out
 }
 
 /// Output pointer shared by the tasks; each writes a disjoint set of rows.
 struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
+
+/// Buffers of a prefill attention call that a caller keeps across layers, so
+/// their pages are faulted in once per forward instead of once per layer.
+#[derive(Default)]
+pub struct AttnScratch {
+    kt: Vec<f32>,
+}
+
+impl AttnScratch {
+    /// `K^T` of every kv head, `[kv head][dim][stride]`: key p's dim d at
+    /// `d * stride + p`, zeros from `tot` to the end of its key block. Tasks
+    /// of (kv head, key block) so every thread helps (5 kv heads < 16 cores);
+    /// a task's 64 keys x 128 dims (32 KiB) stay in L1 while it transposes.
+    fn transpose_keys(&mut self, kc: &[f32], tot: usize, n_kv: usize, hd: usize, stride: usize) -> &[f32] {
+        let kvd = n_kv * hd;
+        let len = n_kv * hd * stride;
+        if self.kt.len() < len {
+            self.kt.resize(len, 0.0);
+        }
+        let n_kb = tot.div_ceil(K_BLOCK);
+        let op = OutPtr(self.kt.as_mut_ptr());
+        (0..n_kv * n_kb).into_par_iter().for_each(|i| {
+            let op = &op;
+            let (kvh, kb) = (i / n_kb, i % n_kb);
+            let base = kvh * hd * stride;
+            for p in kb * K_BLOCK..(kb + 1) * K_BLOCK {
+                let src = (p < tot).then(|| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]);
+                for d in 0..hd {
+                    // SAFETY: (kvh, d, p) is unique to this task; p < stride.
+                    unsafe { *op.0.add(base + d * stride + p) = src.map_or(0.0, |r| r[d]) };
+                }
+            }
+        });
+        &self.kt[..len]
+    }
+}
 
 /// [`causal_attention`] with a given kernel set (tests compare them) into
 /// `out` (`[n][n_heads * hd]`, every element written).
@@ -79,6 +116,7 @@ pub fn causal_attention_into(
     p0: usize,
     n: usize,
     out: &mut [f32],
+    scratch: &mut AttnScratch,
 ) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
@@ -86,17 +124,11 @@ pub fn causal_attention_into(
     let tot = p0 + n;
     assert!(q.len() >= n * qd && kc.len() >= tot * kvd && vc.len() >= tot * kvd);
     // K^T per kv head, positions padded with zeros to whole key blocks so
-    // every block load is in bounds (padded scores are masked off).
-    let stride = tot.next_multiple_of(K_BLOCK);
-    let mut kt = vec![0f32; s.n_kv_heads * hd * stride];
-    kt.par_chunks_mut(hd * stride).enumerate().for_each(|(kvh, kh)| {
-        for p in 0..tot {
-            let src = &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            for (d, &v) in src.iter().enumerate() {
-                kh[d * stride + p] = v;
-            }
-        }
-    });
+    // every block load is in bounds (padded scores are masked off). One extra
+    // cache line per row: a power-of-two pitch (2 KiB at 512 tokens) would put
+    // the 128 rows of a key block into 2 L1 sets.
+    let stride = tot.next_multiple_of(K_BLOCK) + 16;
+    let kt = scratch.transpose_keys(kc, tot, s.n_kv_heads, hd, stride);
     // Scores in base 2: exp(x * scale) = exp2(x * scale * log2 e).
     let qscale = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let n_qb = n.div_ceil(Q_BLOCK);
@@ -570,6 +602,8 @@ mod tests {
     #[test]
     fn tiled_matches_simple() {
         let mut r = SplitMix64(3);
+        // One scratch for every case: stale K^T of a longer call must not leak in.
+        let mut scratch = AttnScratch::default();
         for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16)] {
             let s = AttnShape {
                 n_heads: nh,
@@ -587,7 +621,7 @@ mod tests {
                 for isa in Isa::available(hd) {
                     // NaN until written: a row no task writes shows up here.
                     let mut got = vec![f32::NAN; n * nh * hd];
-                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got);
+                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got, &mut scratch);
                     let d = max_diff(&got, &want);
                     assert!(d < 5e-6, "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} n {n}: {d}");
                 }

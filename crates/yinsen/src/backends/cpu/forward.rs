@@ -232,7 +232,17 @@ impl CpuBackend {
 
     /// Causal GQA attention of `n` new tokens against the cache.
     /// Prefill attention (n > 1) into `out` (`[n][q_dim]`, fully overwritten).
-    fn attention_into(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize, out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn attention_into(
+        &self,
+        q: &[f32],
+        kc: &[f32],
+        vc: &[f32],
+        p0: usize,
+        n: usize,
+        out: &mut [f32],
+        scratch: &mut attention::AttnScratch,
+    ) {
         let c = &self.model.config;
         let shape = AttnShape {
             n_heads: c.n_heads,
@@ -240,7 +250,7 @@ impl CpuBackend {
             head_dim: c.head_dim,
         };
         let isa = attention::Isa::available(c.head_dim)[0];
-        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out);
+        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out, scratch);
     }
 
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
@@ -346,6 +356,7 @@ impl CpuBackend {
         let mut q = vec![0f32; n * qd];
         let mut att = vec![0f32; if n > 1 { n * qd } else { 0 }];
         let mut act = vec![0f32; n * c.ffn];
+        let mut att_scratch = attention::AttnScratch::default();
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
@@ -399,7 +410,7 @@ impl CpuBackend {
                 a1 = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
                 &a1
             } else {
-                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att);
+                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att, &mut att_scratch);
                 &att
             };
             prof.mark("attention");
