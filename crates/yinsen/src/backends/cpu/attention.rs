@@ -409,12 +409,21 @@ mod x86 {
         }
         let (vp, ap, cp) = (b.v.as_ptr(), acc.as_mut_ptr(), corr.as_ptr());
         for d0 in (0..hd).step_by(64) {
-            // 4 rows at a time, then single rows.
+            // 6 rows at a time (24 accumulators), then 4, 2, 1.
             let mut r = 0;
             while r < rows {
-                let step = if r + 4 <= rows { 4 } else { 1 };
-                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) =
-                    if step == 4 { pv::<4> } else { pv::<1> };
+                let step = match rows - r {
+                    6.. => 6,
+                    4 | 5 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) = match step {
+                    6 => pv::<6>,
+                    4 => pv::<4>,
+                    2 => pv::<2>,
+                    _ => pv::<1>,
+                };
                 kernel(
                     sp.add(r * K_BLOCK),
                     b.kb,
@@ -439,14 +448,22 @@ mod x86 {
         stride: usize,
         sp: *mut f32,
     ) {
+        // 6 rows x 4 key vectors = 24 accumulators: 10 loads per 24 FMAs.
         let mut r = 0;
-        while r + 4 <= rows {
+        while r + 6 <= rows {
+            scores::<6, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 6;
+        }
+        if r + 4 <= rows {
             scores::<4, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
             r += 4;
         }
-        while r < rows {
+        if r + 2 <= rows {
+            scores::<2, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 2;
+        }
+        if r < rows {
             scores::<1, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-            r += 1;
         }
     }
 
