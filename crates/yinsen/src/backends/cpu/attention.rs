@@ -621,7 +621,8 @@ mod tests {
         let mut r = SplitMix64(3);
         // One scratch for every case: stale K^T of a longer call must not leak in.
         let mut scratch = AttnScratch::default();
-        for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16)] {
+        // Groups of 1 and 3 with hd 64 reach every row-tile remainder (1..5) of the AVX-512 kernels.
+        for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16), (6, 2, 64), (5, 5, 64)] {
             let s = AttnShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
