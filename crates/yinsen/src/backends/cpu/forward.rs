@@ -357,11 +357,14 @@ impl CpuBackend {
         let mut att = vec![0f32; if n > 1 { n * qd } else { 0 }];
         let mut act = vec![0f32; n * c.ffn];
         let mut att_scratch = attention::AttnScratch::default();
+        // Int8 inputs of the matmuls, refilled 4 times per layer.
+        let mut nq = QuantizedInput::default();
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
             prof.mark("other");
-            let xq = QuantizedInput::from_rms_norm(&x, &layer.attn_norm, eps);
+            nq.refill_rms_norm(&x, &layer.attn_norm, eps);
+            let xq = &nq;
             prof.mark("norm_quant");
             if n > 1 {
                 pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
@@ -414,16 +417,18 @@ impl CpuBackend {
                 &att
             };
             prof.mark("attention");
-            let aq = match &layer.attn_sub_norm {
-                Some(w) => QuantizedInput::from_rms_norm(a, w, eps),
-                None => QuantizedInput::new(a, qd),
+            match &layer.attn_sub_norm {
+                Some(w) => nq.refill_rms_norm(a, w, eps),
+                None => nq.refill(a, qd),
             };
+            let aq = &nq;
             prof.mark("norm_quant");
             self.add_linear(&pl.o, &aq, &mut x, th);
             prof.mark("o");
             // FFN block.
             prof.mark("residual");
-            let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
+            nq.refill_rms_norm(&x, &layer.ffn_norm, eps);
+            let mq = &nq;
             prof.mark("norm_quant");
             let f = c.ffn;
             if n > 1 {
@@ -444,10 +449,11 @@ impl CpuBackend {
                 });
                 prof.mark("act");
             }
-            let dq = match &layer.ffn_sub_norm {
-                Some(w) => QuantizedInput::from_rms_norm(&act, w, eps),
-                None => QuantizedInput::new(&act, f),
+            match &layer.ffn_sub_norm {
+                Some(w) => nq.refill_rms_norm(&act, w, eps),
+                None => nq.refill(&act, f),
             };
+            let dq = &nq;
             prof.mark("norm_quant");
             self.add_linear(&pl.down, &dq, &mut x, th);
             prof.mark("down");
