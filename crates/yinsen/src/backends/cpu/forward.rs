@@ -367,9 +367,9 @@ impl CpuBackend {
             let xq = &nq;
             prof.mark("norm_quant");
             if n > 1 {
-                pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
+                pl.qkv.forward_multi(xq, &mut qkv, Epilogue::Store, th);
             } else {
-                pl.qkv.forward_spin(&xq, &mut qkv, &self.spin);
+                pl.qkv.forward_spin(xq, &mut qkv, &self.spin);
             }
             prof.mark("qkv");
             // Grow the cache by n rows, then rope q/k and copy v per token in
@@ -423,7 +423,7 @@ impl CpuBackend {
             };
             let aq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.o, &aq, &mut x, th);
+            self.add_linear(&pl.o, aq, &mut x, th);
             prof.mark("o");
             // FFN block.
             prof.mark("residual");
@@ -434,11 +434,11 @@ impl CpuBackend {
             if n > 1 {
                 // Gated activation fused into the gate/up epilogue (same float ops).
                 pl.gate_up
-                    .forward_multi(&mq, &mut act, Epilogue::Gated(c.activation), th);
+                    .forward_multi(mq, &mut act, Epilogue::Gated(c.activation), th);
                 prof.mark("gate_up");
             } else {
                 let mut gu = vec![0f32; n * 2 * f];
-                pl.gate_up.forward_spin(&mq, &mut gu, &self.spin);
+                pl.gate_up.forward_spin(mq, &mut gu, &self.spin);
                 prof.mark("gate_up");
                 act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
                     let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
@@ -455,7 +455,7 @@ impl CpuBackend {
             };
             let dq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.down, &dq, &mut x, th);
+            self.add_linear(&pl.down, dq, &mut x, th);
             prof.mark("down");
         }
         prof.mark("residual");
