@@ -59,13 +59,50 @@ impl Isa {
 /// `[p0 + n][n_kv_heads * hd]`. Returns `[n][n_heads * hd]`.
 pub fn causal_attention(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * s.n_heads * s.head_dim];
-    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out);
+    let mut sc = AttnScratch::default();
+    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out, &mut sc);
     out
 }
 
 /// Output pointer shared by the tasks; each writes a disjoint set of rows.
 struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
+
+/// Buffers of a prefill attention call that a caller keeps across layers, so
+/// their pages are faulted in once per forward instead of once per layer.
+#[derive(Default)]
+pub struct AttnScratch {
+    kt: Vec<f32>,
+}
+
+impl AttnScratch {
+    /// `K^T` of every kv head, `[kv head][dim][stride]`: key p's dim d at
+    /// `d * stride + p`, zeros from `tot` to the end of its key block. Tasks
+    /// of (kv head, key block) so every thread helps (5 kv heads < 16 cores);
+    /// a task's 64 keys x 128 dims (32 KiB) stay in L1 while it transposes.
+    fn transpose_keys(&mut self, kc: &[f32], tot: usize, n_kv: usize, hd: usize, stride: usize) -> &[f32] {
+        let kvd = n_kv * hd;
+        let len = n_kv * hd * stride;
+        if self.kt.len() < len {
+            self.kt.resize(len, 0.0);
+        }
+        let n_kb = tot.div_ceil(K_BLOCK);
+        let op = OutPtr(self.kt.as_mut_ptr());
+        (0..n_kv * n_kb).into_par_iter().for_each(|i| {
+            let op = &op;
+            let (kvh, kb) = (i / n_kb, i % n_kb);
+            let base = kvh * hd * stride;
+            for p in kb * K_BLOCK..(kb + 1) * K_BLOCK {
+                let src = (p < tot).then(|| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]);
+                for d in 0..hd {
+                    // SAFETY: (kvh, d, p) is unique to this task; p < stride.
+                    unsafe { *op.0.add(base + d * stride + p) = src.map_or(0.0, |r| r[d]) };
+                }
+            }
+        });
+        &self.kt[..len]
+    }
+}
 
 /// [`causal_attention`] with a given kernel set (tests compare them) into
 /// `out` (`[n][n_heads * hd]`, every element written).
@@ -79,6 +116,7 @@ pub fn causal_attention_into(
     p0: usize,
     n: usize,
     out: &mut [f32],
+    scratch: &mut AttnScratch,
 ) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
@@ -86,17 +124,11 @@ pub fn causal_attention_into(
     let tot = p0 + n;
     assert!(q.len() >= n * qd && kc.len() >= tot * kvd && vc.len() >= tot * kvd);
     // K^T per kv head, positions padded with zeros to whole key blocks so
-    // every block load is in bounds (padded scores are masked off).
-    let stride = tot.next_multiple_of(K_BLOCK);
-    let mut kt = vec![0f32; s.n_kv_heads * hd * stride];
-    kt.par_chunks_mut(hd * stride).enumerate().for_each(|(kvh, kh)| {
-        for p in 0..tot {
-            let src = &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            for (d, &v) in src.iter().enumerate() {
-                kh[d * stride + p] = v;
-            }
-        }
-    });
+    // every block load is in bounds (padded scores are masked off). One extra
+    // cache line per row: a power-of-two pitch (2 KiB at 512 tokens) would put
+    // the 128 rows of a key block into 2 L1 sets.
+    let stride = tot.next_multiple_of(K_BLOCK) + 16;
+    let kt = scratch.transpose_keys(kc, tot, s.n_kv_heads, hd, stride);
     // Scores in base 2: exp(x * scale) = exp2(x * scale * log2 e).
     let qscale = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let n_qb = n.div_ceil(Q_BLOCK);
@@ -377,12 +409,21 @@ mod x86 {
         }
         let (vp, ap, cp) = (b.v.as_ptr(), acc.as_mut_ptr(), corr.as_ptr());
         for d0 in (0..hd).step_by(64) {
-            // 4 rows at a time, then single rows.
+            // 6 rows at a time (24 accumulators), then 4, 2, 1.
             let mut r = 0;
             while r < rows {
-                let step = if r + 4 <= rows { 4 } else { 1 };
-                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) =
-                    if step == 4 { pv::<4> } else { pv::<1> };
+                let step = match rows - r {
+                    6.. => 6,
+                    4 | 5 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) = match step {
+                    6 => pv::<6>,
+                    4 => pv::<4>,
+                    2 => pv::<2>,
+                    _ => pv::<1>,
+                };
                 kernel(
                     sp.add(r * K_BLOCK),
                     b.kb,
@@ -407,14 +448,22 @@ mod x86 {
         stride: usize,
         sp: *mut f32,
     ) {
+        // 6 rows x 4 key vectors = 24 accumulators: 10 loads per 24 FMAs.
         let mut r = 0;
-        while r + 4 <= rows {
+        while r + 6 <= rows {
+            scores::<6, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 6;
+        }
+        if r + 4 <= rows {
             scores::<4, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
             r += 4;
         }
-        while r < rows {
+        if r + 2 <= rows {
+            scores::<2, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
+            r += 2;
+        }
+        if r < rows {
             scores::<1, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-            r += 1;
         }
     }
 
@@ -570,7 +619,10 @@ mod tests {
     #[test]
     fn tiled_matches_simple() {
         let mut r = SplitMix64(3);
-        for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16)] {
+        // One scratch for every case: stale K^T of a longer call must not leak in.
+        let mut scratch = AttnScratch::default();
+        // Groups of 1 and 3 with hd 64 reach every row-tile remainder (1..5) of the AVX-512 kernels.
+        for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16), (6, 2, 64), (5, 5, 64)] {
             let s = AttnShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
@@ -587,7 +639,7 @@ mod tests {
                 for isa in Isa::available(hd) {
                     // NaN until written: a row no task writes shows up here.
                     let mut got = vec![f32::NAN; n * nh * hd];
-                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got);
+                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got, &mut scratch);
                     let d = max_diff(&got, &want);
                     assert!(d < 5e-6, "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} n {n}: {d}");
                 }

@@ -232,7 +232,17 @@ impl CpuBackend {
 
     /// Causal GQA attention of `n` new tokens against the cache.
     /// Prefill attention (n > 1) into `out` (`[n][q_dim]`, fully overwritten).
-    fn attention_into(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize, out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn attention_into(
+        &self,
+        q: &[f32],
+        kc: &[f32],
+        vc: &[f32],
+        p0: usize,
+        n: usize,
+        out: &mut [f32],
+        scratch: &mut attention::AttnScratch,
+    ) {
         let c = &self.model.config;
         let shape = AttnShape {
             n_heads: c.n_heads,
@@ -240,7 +250,7 @@ impl CpuBackend {
             head_dim: c.head_dim,
         };
         let isa = attention::Isa::available(c.head_dim)[0];
-        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out);
+        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out, scratch);
     }
 
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
@@ -346,16 +356,20 @@ impl CpuBackend {
         let mut q = vec![0f32; n * qd];
         let mut att = vec![0f32; if n > 1 { n * qd } else { 0 }];
         let mut act = vec![0f32; n * c.ffn];
+        let mut att_scratch = attention::AttnScratch::default();
+        // Int8 inputs of the matmuls, refilled 4 times per layer.
+        let mut nq = QuantizedInput::default();
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
             prof.mark("other");
-            let xq = QuantizedInput::from_rms_norm(&x, &layer.attn_norm, eps);
+            nq.refill_rms_norm(&x, &layer.attn_norm, eps);
+            let xq = &nq;
             prof.mark("norm_quant");
             if n > 1 {
-                pl.qkv.forward_multi(&xq, &mut qkv, Epilogue::Store, th);
+                pl.qkv.forward_multi(xq, &mut qkv, Epilogue::Store, th);
             } else {
-                pl.qkv.forward_spin(&xq, &mut qkv, &self.spin);
+                pl.qkv.forward_spin(xq, &mut qkv, &self.spin);
             }
             prof.mark("qkv");
             // Grow the cache by n rows, then rope q/k and copy v per token in
@@ -399,30 +413,32 @@ impl CpuBackend {
                 a1 = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
                 &a1
             } else {
-                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att);
+                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att, &mut att_scratch);
                 &att
             };
             prof.mark("attention");
-            let aq = match &layer.attn_sub_norm {
-                Some(w) => QuantizedInput::from_rms_norm(a, w, eps),
-                None => QuantizedInput::new(a, qd),
+            match &layer.attn_sub_norm {
+                Some(w) => nq.refill_rms_norm(a, w, eps),
+                None => nq.refill(a, qd),
             };
+            let aq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.o, &aq, &mut x, th);
+            self.add_linear(&pl.o, aq, &mut x, th);
             prof.mark("o");
             // FFN block.
             prof.mark("residual");
-            let mq = QuantizedInput::from_rms_norm(&x, &layer.ffn_norm, eps);
+            nq.refill_rms_norm(&x, &layer.ffn_norm, eps);
+            let mq = &nq;
             prof.mark("norm_quant");
             let f = c.ffn;
             if n > 1 {
                 // Gated activation fused into the gate/up epilogue (same float ops).
                 pl.gate_up
-                    .forward_multi(&mq, &mut act, Epilogue::Gated(c.activation), th);
+                    .forward_multi(mq, &mut act, Epilogue::Gated(c.activation), th);
                 prof.mark("gate_up");
             } else {
                 let mut gu = vec![0f32; n * 2 * f];
-                pl.gate_up.forward_spin(&mq, &mut gu, &self.spin);
+                pl.gate_up.forward_spin(mq, &mut gu, &self.spin);
                 prof.mark("gate_up");
                 act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
                     let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
@@ -433,12 +449,13 @@ impl CpuBackend {
                 });
                 prof.mark("act");
             }
-            let dq = match &layer.ffn_sub_norm {
-                Some(w) => QuantizedInput::from_rms_norm(&act, w, eps),
-                None => QuantizedInput::new(&act, f),
+            match &layer.ffn_sub_norm {
+                Some(w) => nq.refill_rms_norm(&act, w, eps),
+                None => nq.refill(&act, f),
             };
+            let dq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.down, &dq, &mut x, th);
+            self.add_linear(&pl.down, dq, &mut x, th);
             prof.mark("down");
         }
         prof.mark("residual");

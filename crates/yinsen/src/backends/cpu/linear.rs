@@ -32,6 +32,7 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
 /// Per-token int8 activations of a BitLinear input, `[n_tokens][n_in]`.
+#[derive(Default)]
 pub struct QuantizedInput {
     pub q: Vec<i8>,
     /// `s = 127 / max|x|` per token.
@@ -49,44 +50,134 @@ impl QuantizedInput {
     /// float output is never stored (only the BitLinear reads it). Bit-equal
     /// to `ops::rms_norm` followed by `reference::quantize_token`.
     pub fn from_rms_norm(x: &[f32], w: &[f32], eps: f32) -> Self {
-        Self::per_token(x, w.len(), |xt, qt| rms_quantize(xt, w, eps, qt))
+        let mut me = Self {
+            q: Vec::new(),
+            s: Vec::new(),
+            n_in: w.len(),
+        };
+        me.refill_rms_norm(x, w, eps);
+        me
+    }
+
+    /// [`Self::from_rms_norm`] into this input's buffers: a forward reuses
+    /// one input for its 4 x layers calls instead of a fresh 1-4 MB buffer
+    /// per call (fresh pages fault in, freed ones go back to the OS).
+    pub fn refill_rms_norm(&mut self, x: &[f32], w: &[f32], eps: f32) {
+        self.refill_tokens(x, w.len(), |xs, qs, ss| rms_quantize_tokens(xs, w, eps, qs, ss));
+    }
+
+    /// [`Self::new`] into this input's buffers.
+    pub fn refill(&mut self, x: &[f32], n_in: usize) {
+        self.refill_tokens(x, n_in, |xs, qs, ss| {
+            for ((xt, qt), st) in xs.chunks_exact(n_in).zip(qs.chunks_exact_mut(n_in)).zip(ss) {
+                *st = reference::quantize_token(xt, qt);
+            }
+        });
     }
 
     /// Run `quantize(token, codes) -> scale` over every token in parallel.
     fn per_token(x: &[f32], n_in: usize, quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync) -> Self {
+        let mut me = Self {
+            q: Vec::new(),
+            s: Vec::new(),
+            n_in,
+        };
+        me.refill_tokens(x, n_in, |xs, qs, ss| {
+            for ((xt, qt), st) in xs.chunks_exact(n_in).zip(qs.chunks_exact_mut(n_in)).zip(ss) {
+                *st = quantize(xt, qt);
+            }
+        });
+        me
+    }
+
+    /// Fill `q` / `s` from `x` (`[n][n_in]`) with `quantize(tokens, codes,
+    /// scales)` over runs of whole tokens, runs in parallel for many tokens.
+    fn refill_tokens(&mut self, x: &[f32], n_in: usize, quantize: impl Fn(&[f32], &mut [i8], &mut [f32]) + Sync) {
         let n = x.len() / n_in;
-        let mut s = vec![0f32; n];
+        self.n_in = n_in;
+        self.s.clear();
+        self.s.resize(n, 0.0);
+        // Every code is overwritten below; only growth is zero-filled.
+        self.q.resize(x.len(), 0);
         if n == 1 {
             // Decode: a fork-join would cost more than quantising one token.
-            let mut q = vec![0i8; x.len()];
-            s[0] = quantize(x, &mut q);
-            return Self { q, s, n_in };
+            quantize(x, &mut self.q, &mut self.s);
+            return;
         }
-        // Many tokens: each task zeroes and fills its own rows, so the buffer
-        // (up to MBs) is not first zeroed by one thread (0.3 ms per call on 16
-        // threads, 120 calls per forward).
-        let mut q: Vec<i8> = Vec::with_capacity(x.len());
-        q.spare_capacity_mut()
-            .par_chunks_mut(n_in)
-            .zip(s.par_iter_mut())
-            .enumerate()
-            .with_min_len(8)
-            .for_each(|(t, (qt, st))| {
-                qt.iter_mut().for_each(|v| {
-                    v.write(0);
-                });
-                // SAFETY: every element of qt was initialised just above.
-                let qt = unsafe { &mut *(qt as *mut [std::mem::MaybeUninit<i8>] as *mut [i8]) };
-                *st = quantize(&x[t * n_in..(t + 1) * n_in], qt);
-            });
-        // SAFETY: the chunks cover all x.len() elements and each was initialised.
-        unsafe { q.set_len(x.len()) };
-        Self { q, s, n_in }
+        // Runs of 8 tokens: enough tasks for 16 threads at 128+ tokens.
+        const RUN: usize = 8;
+        self.q
+            .par_chunks_mut(RUN * n_in)
+            .zip(self.s.par_chunks_mut(RUN))
+            .zip(x.par_chunks(RUN * n_in))
+            .for_each(|((qs, ss), xs)| quantize(xs, qs, ss));
     }
 
     pub fn n_tokens(&self) -> usize {
         self.s.len()
     }
+}
+
+/// [`rms_quantize`] of every token of `x` (`[n][w.len()]`) into `q` and
+/// `s`, bit-equal to it token by token. The AVX-512 version runs the
+/// sum-of-squares chains of 4 tokens together: that sum's fixed 16-lane order
+/// (as `ops::dot`) is one serial add chain per token, latency-bound alone.
+pub fn rms_quantize_tokens(x: &[f32], w: &[f32], eps: f32, q: &mut [i8], s: &mut [f32]) {
+    let d = w.len();
+    debug_assert!(x.len() == s.len() * d && q.len() == x.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512_ok() && d >= 16 {
+        let mut t = 0;
+        while t < s.len() {
+            let k = (s.len() - t).min(4);
+            let xs = &x[t * d..(t + k) * d];
+            // SAFETY: avx512f and avx512bw detected.
+            let ss = unsafe { sum_squares4_avx512(xs, d, k) };
+            for j in 0..k {
+                let (xt, qt) = (&xs[j * d..(j + 1) * d], &mut q[(t + j) * d..(t + j + 1) * d]);
+                // SAFETY: as above.
+                s[t + j] = unsafe { quantize_scaled_avx512(xt, w, ss[j], eps, qt) };
+            }
+            t += k;
+        }
+        return;
+    }
+    for ((xt, qt), st) in x.chunks_exact(d).zip(q.chunks_exact_mut(d)).zip(s.iter_mut()) {
+        *st = rms_quantize(xt, w, eps, qt);
+    }
+}
+
+/// `ops::dot(x_j, x_j)` of `k <= 4` consecutive tokens of length `d`, bit
+/// for bit: per token 16 lanes of `acc += x * x` (multiply, then add),
+/// lanes summed in order from 0.0, then the tail elements in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_squares4_avx512(x: &[f32], d: usize, k: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    assert!(k <= 4 && x.len() >= k * d);
+    let full = d / 16 * 16;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let p = x.as_ptr();
+    for i in (0..full).step_by(16) {
+        for (j, a) in acc.iter_mut().enumerate().take(k) {
+            // SAFETY: token j < k, i + 16 <= d.
+            let v = unsafe { _mm512_loadu_ps(p.add(j * d + i)) };
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(v, v));
+        }
+    }
+    std::array::from_fn(|j| {
+        if j >= k {
+            return 0.0;
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: 16 floats into a 16-float array.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[j]) };
+        let mut s: f32 = lanes.iter().sum();
+        for &v in &x[j * d + full..(j + 1) * d] {
+            s += v * v;
+        }
+        s
+    })
 }
 
 /// One token: `y = x * r * w` (as `ops::rms_norm`), then BitNet int8
@@ -116,10 +207,17 @@ fn avx512_ok() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn rms_quantize_avx512(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    quantize_scaled_avx512(x, w, super::ops::dot(x, x), eps, q)
+}
+
+/// The steps of [`rms_quantize_avx512`] after the sum of squares `ss`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantize_scaled_avx512(x: &[f32], w: &[f32], ss: f32, eps: f32, q: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
     let d = x.len();
     assert!(w.len() >= d && q.len() >= d);
-    let ss = super::ops::dot(x, x) / d as f32;
+    let ss = ss / d as f32;
     let r = 1.0 / (ss + eps).sqrt();
     let rv = _mm512_set1_ps(r);
     let mask = |i: usize| -> __mmask16 {
@@ -137,23 +235,44 @@ fn rms_quantize_avx512(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
         let wv = _mm512_maskz_loadu_ps(m, wp.add(i));
         _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv)
     };
-    let mut mx = _mm512_setzero_ps();
-    for i in (0..d).step_by(16) {
-        // max(m, NaN) keeps m, as the scalar fold does.
-        let a = _mm512_abs_ps(y(i));
-        mx = _mm512_mask_max_ps(mx, _mm512_cmp_ps_mask::<_CMP_ORD_Q>(a, a), mx, a);
+    // max(m, NaN) keeps m, as the scalar fold does. Four accumulators: max is
+    // exact in any order, and one chain would be latency-bound.
+    let ord_max = |m: __m512, a: __m512| _mm512_mask_max_ps(m, _mm512_cmp_ps_mask::<_CMP_ORD_Q>(a, a), m, a);
+    let mut mx = [_mm512_setzero_ps(); 4];
+    let full = d / 64 * 64;
+    for i in (0..full).step_by(64) {
+        for (k, m) in mx.iter_mut().enumerate() {
+            *m = ord_max(*m, _mm512_abs_ps(y(i + 16 * k)));
+        }
     }
-    let amax = _mm512_reduce_max_ps(mx);
+    for i in (full..d).step_by(16) {
+        mx[0] = ord_max(mx[0], _mm512_abs_ps(y(i)));
+    }
+    let m2 = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+    let amax = _mm512_reduce_max_ps(m2);
     let s = 127.0 / amax.max(1e-5);
     let sv = _mm512_set1_ps(s);
-    for i in (0..d).step_by(16) {
+    // Codes of 16 elements as int32 in [-128, 127] (NaN -> 0).
+    let codes = |i: usize| {
         let v = _mm512_mul_ps(y(i), sv);
         let v = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
         let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0)), _mm512_set1_ps(127.0));
-        let c = _mm512_maskz_cvttps_epi32(ord, v);
+        _mm512_maskz_cvttps_epi32(ord, v)
+    };
+    // 64 codes per store: two saturating packs (exact, values are in range)
+    // interleave 128-bit lanes; one dword permute restores the order.
+    let perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for i in (0..full).step_by(64) {
+        let ab = _mm512_packs_epi32(codes(i), codes(i + 16));
+        let cd = _mm512_packs_epi32(codes(i + 32), codes(i + 48));
+        let b = _mm512_permutexvar_epi32(perm, _mm512_packs_epi16(ab, cd));
+        // SAFETY: i + 64 <= d.
+        unsafe { _mm512_storeu_si512(qp.add(i) as *mut _, b) };
+    }
+    for i in (full..d).step_by(16) {
         // SAFETY: masked store of the first d codes.
-        unsafe { _mm512_mask_cvtsepi32_storeu_epi8(qp.add(i) as *mut _, mask(i), c) };
+        unsafe { _mm512_mask_cvtsepi32_storeu_epi8(qp.add(i) as *mut _, mask(i), codes(i)) };
     }
     s
 }
@@ -675,6 +794,76 @@ mod tests {
                     assert_eq!(bits(&got), bits(&want), "{kname} add n {n} thr {threads}");
                 }
             }
+        }
+    }
+
+    /// The multi-token version (4 sum-of-squares chains at once, 64-code
+    /// stores) against the sequential one token by token: 1..=9 tokens, widths
+    /// with and without a 16 / 64 tail, a zero token, NaN, inf, an outlier and
+    /// ties; codes and scales poisoned first.
+    #[test]
+    fn rms_quantize_tokens_is_bit_equal_to_scalar() {
+        let mut r = SplitMix64(23);
+        for d in [16, 77, 130, 2560, 2563, 6912] {
+            let w: Vec<f32> = (0..d).map(|_| 0.25 + r.next_f32() * 2.0).collect();
+            for n in [1, 3, 4, 5, 9] {
+                let mut x: Vec<f32> = (0..n * d).map(|_| (r.next_f32() - 0.5) * 6.0).collect();
+                if n >= 3 {
+                    x[d..2 * d].iter_mut().for_each(|v| *v = 0.0);
+                    x[2 * d + d / 2] = f32::NAN;
+                }
+                if n >= 5 {
+                    x[3 * d + 1] = 300.0;
+                    x[4 * d + d - 1] = f32::INFINITY;
+                    x[..d].iter_mut().for_each(|v| *v = (*v * 4.0).round() * 0.5);
+                }
+                let (mut q, mut s) = (vec![99i8; n * d], vec![f32::NAN; n]);
+                rms_quantize_tokens(&x, &w, 1e-5, &mut q, &mut s);
+                for t in 0..n {
+                    let mut qt = vec![-99i8; d];
+                    let st = rms_quantize_scalar(&x[t * d..(t + 1) * d], &w, 1e-5, &mut qt);
+                    assert_eq!(s[t].to_bits(), st.to_bits(), "d {d} n {n} token {t}");
+                    assert_eq!(q[t * d..(t + 1) * d], qt[..], "d {d} n {n} token {t}");
+                }
+            }
+        }
+    }
+
+    /// One `QuantizedInput` refilled with other widths and token counts (as
+    /// the forward does) equals a fresh one each time: nothing stale survives.
+    #[test]
+    fn refilled_input_equals_fresh() {
+        let mut r = SplitMix64(29);
+        let mut buf = QuantizedInput::default();
+        for (n, d, norm) in [
+            (37, 96, true),
+            (5, 200, false),
+            (1, 64, true),
+            (20, 150, true),
+            (9, 96, false),
+        ] {
+            let x: Vec<f32> = (0..n * d).map(|_| (r.next_f32() - 0.5) * 5.0).collect();
+            let w: Vec<f32> = (0..d).map(|_| 0.5 + r.next_f32()).collect();
+            let fresh = if norm {
+                buf.refill_rms_norm(&x, &w, 1e-5);
+                let mut want = QuantizedInput {
+                    q: vec![0; n * d],
+                    s: vec![0.0; n],
+                    n_in: d,
+                };
+                for t in 0..n {
+                    let (xt, qt) = (&x[t * d..(t + 1) * d], &mut want.q[t * d..(t + 1) * d]);
+                    want.s[t] = rms_quantize_scalar(xt, &w, 1e-5, qt);
+                }
+                want
+            } else {
+                buf.refill(&x, d);
+                QuantizedInput::new(&x, d)
+            };
+            assert_eq!((buf.n_in, buf.n_tokens()), (d, n));
+            assert_eq!(buf.q, fresh.q, "n {n} d {d}");
+            assert_eq!(bits(&buf.s), bits(&fresh.s), "n {n} d {d}");
+            assert!(buf.q.iter().any(|&v| v != 0));
         }
     }
 

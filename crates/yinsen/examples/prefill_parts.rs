@@ -1,0 +1,62 @@
+//! Time the non-matmul parts of a 2B4T prefill layer at 512 tokens:
+//! `cargo run --release -p yinsen --example prefill_parts [threads]`.
+//! Prints the best of several calls (ms per layer; x30 for a forward).
+use std::time::Instant;
+
+use yinsen::backends::cpu::attention::{self, AttnScratch, AttnShape, Isa};
+use yinsen::backends::cpu::linear::QuantizedInput;
+
+fn best(mut f: impl FnMut(), reps: usize) -> f64 {
+    let mut b = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        b = b.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    b
+}
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
+    let n: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(512);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let s = AttnShape {
+        n_heads: 20,
+        n_kv_heads: 5,
+        head_dim: 128,
+    };
+    let (qd, kvd) = (2560, 640);
+    let mut st = 1u64;
+    let mut rnd = |k: usize, a: f32| {
+        (0..k)
+            .map(|_| {
+                st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((st >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+            })
+            .collect::<Vec<f32>>()
+    };
+    let q = rnd(n * qd, 3.0);
+    let kc = rnd(n * kvd, 1.0);
+    let vc = rnd(n * kvd, 1.0);
+    let x = rnd(n * 6912, 2.0);
+    let w = rnd(6912, 1.0);
+    let mut out = vec![0f32; n * qd];
+    let mut sc = AttnScratch::default();
+    pool.install(|| {
+        for isa in Isa::available(128) {
+            let ms = best(
+                || attention::causal_attention_into(isa, &s, &q, &kc, &vc, 0, n, &mut out, &mut sc),
+                10,
+            );
+            let gf = 20.0 * (n * (n + 1) / 2) as f64 * 128.0 * 4.0 / 1e9;
+            println!(
+                "attention {isa:?} {threads} thr n {n}: {ms:.3} ms/layer ({:.1} GFLOP/s causal)",
+                gf / ms * 1e3
+            );
+        }
+        for d in [2560, 6912] {
+            let ms = best(|| drop(QuantizedInput::from_rms_norm(&x[..n * d], &w[..d], 1e-5)), 20);
+            println!("norm_quant d {d}: {ms:.3} ms/call");
+        }
+    });
+}
