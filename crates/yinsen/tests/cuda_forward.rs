@@ -217,6 +217,64 @@ fn flash_prefill_matches_split_k() {
     }
 }
 
+/// The tensor-core flash attention with its key range split over blocks
+/// (CudaBackend::key_splits; automatic, forced 3 and 16) against the
+/// un-split kernel (forced 1), both caches, on tiny (4 query heads on 2 KV
+/// heads, hd 64): a 900-token prefill (15 query tiles), then 5, 16 and 64
+/// tokens (the batched steps the split is for; 5 and 16 through a captured
+/// step graph on the second call), all logits. The split only reorders
+/// float sums (kernel level: within 2e-5 of the un-split result), so most
+/// tokens agree to 1e-3; int8 codes may still flip downstream, hence the
+/// flip-prone limits of `close`.
+#[test]
+fn flash_key_split_matches_unsplit() {
+    let model = synthetic::build("tiny").unwrap();
+    let vocab = model.config.vocab;
+    let ids = prompt(900 + 2 * (5 + 16 + 64), vocab);
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let Some(gpu) = cuda_kv(&model, kv) else { return };
+        gpu.set_flash(FlashMode::Tc);
+        if !gpu.uses_flash() {
+            assert!(!gpu.gpu().has_mma(), "{kv:?}: Tc unavailable on an sm_80+ device");
+            return;
+        }
+        assert!(
+            gpu.key_splits(16) > 1,
+            "tiny's 4 heads leave SMs idle: expected a key split"
+        );
+        let run = |n_ks: usize| -> Vec<Vec<f32>> {
+            gpu.set_key_splits(n_ks);
+            let mut c = gpu.new_cache(1100).unwrap();
+            let mut at = 0;
+            let mut outs = Vec::new();
+            for nt in [900usize, 5, 16, 64, 5, 16, 64] {
+                outs.push(gpu.forward(c.as_mut(), &ids[at..at + nt], Output::AllLogits).unwrap());
+                at += nt;
+            }
+            outs
+        };
+        let want = run(1);
+        for n_ks in [0usize, 3, 16] {
+            let got = run(n_ks);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{kv:?} n_ks {n_ks} call {i}");
+                let (d, mean) = close(g, w, vocab, &what);
+                let tokens = w.len() / vocab;
+                let tight = g
+                    .chunks(vocab)
+                    .zip(w.chunks(vocab))
+                    .filter(|(a, b)| max_abs(a, b) <= 1e-3)
+                    .count();
+                println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}, {tight}/{tokens} tokens within 1e-3");
+                assert!(mean <= 1e-3, "{what}: mean |dlogit| {mean}");
+                assert!(2 * tight >= tokens, "{what}: only {tight}/{tokens} tokens within 1e-3");
+            }
+        }
+        gpu.set_key_splits(0);
+        gpu.set_flash(FlashMode::Auto);
+    }
+}
+
 /// The oracle checks of tests/fixture_oracle.rs for one prompt, with greedy
 /// decoding on the device (`generate_greedy`). The f32 cache is held to the
 /// fixture's tolerances.json limits exactly; the f16 cache to the flip-prone

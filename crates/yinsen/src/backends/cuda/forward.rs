@@ -249,6 +249,10 @@ pub struct CudaBackend {
     mma_min_tokens: std::sync::atomic::AtomicUsize,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
+    /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
+    key_splits_override: std::sync::atomic::AtomicUsize,
+    /// Tokens `part` holds with max_splits splits (see Scratch).
+    part_tokens: usize,
     /// Whether each f32 flash instantiation (narrow, wide) can run this head dim.
     flash_ok: [bool; 2],
     /// Whether the tensor-core flash kernel (plain f16, split) can run here
@@ -550,6 +554,8 @@ impl CudaBackend {
             // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
             mma_min_tokens: 2.into(),
             flash: (flash_mode as u8).into(),
+            key_splits_override: 0.into(),
+            part_tokens,
             flash_ok,
             tc_ok,
         };
@@ -693,6 +699,32 @@ impl CudaBackend {
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
         }
+    }
+
+    /// Key splits of the tensor-core flash kernel for `nt` queries: enough
+    /// blocks for two per SM when the query tiles alone are too few (a short
+    /// batch after a long context), within `part`'s room. Depends on nt only,
+    /// not on the position, so a captured step graph (keyed on nt) stays valid.
+    pub fn key_splits(&self, nt: usize) -> usize {
+        let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
+        let c = &self.config;
+        let blocks = nt.div_ceil(FA_TILE) * c.n_heads;
+        let target = 2 * self.gpu.info.sms.max(1) as usize;
+        let want = if forced > 0 {
+            forced
+        } else {
+            target.div_ceil(blocks.max(1))
+        };
+        // part holds [part_tokens][n_heads][max_splits][hd + 2] floats; the
+        // key split uses [nt][n_heads][n_ks][hd + 2].
+        let room = (self.part_tokens * self.max_splits) / nt.max(1);
+        want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
+    }
+
+    /// For tests: force `n` key splits of the tensor-core flash kernel (0 =
+    /// automatic); returns the previous setting.
+    pub fn set_key_splits(&self, n: usize) -> usize {
+        self.key_splits_override.swap(n, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether prefill uses flash.cu now (mode and device permitting).
@@ -875,28 +907,48 @@ impl CudaBackend {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         if let Some((name, threads, smem)) = self.flash_kernel().filter(|_| nt > 1) {
-            return self.gpu.launch_smem(
-                name,
-                (nt.div_ceil(FA_TILE) as u32, c.n_heads as u32, 1),
-                threads,
-                smem as u32,
-                &[
-                    s.qr.p(),
-                    Arg::I(c.q_dim() as i32),
-                    cache.k.at(li * cache.layer_bytes),
-                    cache.v.at(li * cache.layer_bytes),
-                    s.pos.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(c.n_heads as i32),
-                    Arg::I(c.n_kv_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(cache.cap as i32),
-                    Arg::F(scale),
-                    s.attn.p(),
-                    Arg::I(c.q_dim() as i32),
-                ],
-                if pdl { Launch::Pdl } else { Launch::Plain },
-            );
+            let tc = name.starts_with("flash_tc");
+            let n_ks = if tc { self.key_splits(nt) } else { 1 };
+            let how = if pdl { Launch::Pdl } else { Launch::Plain };
+            let mut args = vec![
+                s.qr.p(),
+                Arg::I(c.q_dim() as i32),
+                cache.k.at(li * cache.layer_bytes),
+                cache.v.at(li * cache.layer_bytes),
+                s.pos.p(),
+                Arg::I(nt as i32),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(cache.cap as i32),
+                Arg::F(scale),
+                s.attn.p(),
+                Arg::I(c.q_dim() as i32),
+            ];
+            if tc {
+                args.extend([Arg::I(n_ks as i32), s.part.p()]);
+            }
+            let grid = ((nt.div_ceil(FA_TILE) * n_ks) as u32, c.n_heads as u32, 1);
+            self.gpu.launch_smem(name, grid, threads, smem as u32, &args, how)?;
+            if n_ks > 1 {
+                self.gpu.launch_ex(
+                    "flash_tc_merge",
+                    (nt as u32, c.n_heads as u32, 1),
+                    128,
+                    &[
+                        s.part.p(),
+                        s.pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(c.n_heads as i32),
+                        Arg::I(c.head_dim as i32),
+                        Arg::I(n_ks as i32),
+                        s.attn.p(),
+                        Arg::I(c.q_dim() as i32),
+                    ],
+                    pdl,
+                )?;
+            }
+            return Ok(());
         }
         self.gpu.launch_ex(
             self.kv.attn_partial(),

@@ -317,11 +317,18 @@ __device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kmax, 
 }
 #endif
 
+// Keys per key split of a query tile that needs kmax keys: n_ks near-equal
+// whole key tiles (the last splits may be empty). Shared with the merge.
+__device__ __forceinline__ int tc_split_chunk(int kmax, int n_ks) {
+    return ((kmax + n_ks - 1) / n_ks + TC_BK - 1) / TC_BK * TC_BK;
+}
+__device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m; }
+
 // HDMAX: the largest head dim of the instantiation (hd <= HDMAX, hd % 16 == 0).
 template <typename KV, int HDMAX, bool SPLIT>
 __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
                                               const int* pos, int nt, int n_heads, int n_kv, int hd, int cap,
-                                              float scale, float* outp, int out_stride) {
+                                              float scale, float* outp, int out_stride, int n_ks, float* part) {
 #if __CUDA_ARCH__ >= 800
     constexpr bool KLO = SPLIT && sizeof(KV) == 4;  // K, V need a lo part
     constexpr int NT = HDMAX / 8;                   // n8 tiles of an output row
@@ -345,11 +352,17 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     // Heaviest (last) query tiles first: the causal work grows with the tile.
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;
+    // With n_ks > 1 key splits, block x = (tile, split) takes one key range.
+    const int qt = gridDim.x / n_ks - 1 - blockIdx.x / n_ks, ksp = blockIdx.x % n_ks, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv);
     const int p0 = pos[0], t0 = qt * TC_BQ;
     const int rows = min(TC_BQ, nt - t0);
     const int kmax = p0 + t0 + rows;  // keys this tile needs (last row inclusive)
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
+    // Past the keys of this tile: the merge skips it. With one split in use
+    // (kchunk >= kmax), that split writes the output itself.
+    if (kbeg >= kmax) return;
     const KV* kb = kc + (size_t)kvh * cap * hd;
     const KV* vb = vc + (size_t)kvh * cap * hd;
 
@@ -416,12 +429,12 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     // Running max and (lane-partial) sum of rows r0, r0 + 8.
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    for (int j0 = 0; j0 < kmax; j0 += TC_BK) {
-        tc_load_tile<KLO>(kb, j0, kmax, hd, ld, Kh, Kl);
-        tc_load_tile<KLO>(vb, j0, kmax, hd, ld, Vh, Vl);
+    for (int j0 = kbeg; j0 < kend; j0 += TC_BK) {
+        tc_load_tile<KLO>(kb, j0, kend, hd, ld, Kh, Kl);
+        tc_load_tile<KLO>(vb, j0, kend, hd, ld, Vh, Vl);
         __syncthreads();
-        // Tile 0 holds key 0 for every row, so each active warp runs it and
-        // m is finite from then on; tiles wholly past the warp's rows are skipped.
+        // Tiles wholly past the warp's rows are skipped. A row can see only
+        // masked keys (a key split past its position): m stays -inf, p = 0.
         if (active && j0 <= wlast) {
             float s[8][4];
 #pragma unroll
@@ -483,18 +496,19 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
-            // A row masked out of this whole tile keeps m (mx = -inf) and gets p = 0.
+            // A row masked out of this whole tile keeps m (mx = -inf) and gets
+            // p = 0; while m is -inf, subtract 0 instead (-inf - -inf is NaN).
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+            const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
             m0 = mn0;
             m1 = mn1;
             float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
             for (int n = 0; n < 8; n++) {
-                s[n][0] = exp2f(s[n][0] - mn0);
-                s[n][1] = exp2f(s[n][1] - mn0);
-                s[n][2] = exp2f(s[n][2] - mn1);
-                s[n][3] = exp2f(s[n][3] - mn1);
+                s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
+                s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
+                s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
+                s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
                 sum0 += s[n][0] + s[n][1];
                 sum1 += s[n][2] + s[n][3];
             }
@@ -554,6 +568,25 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
+    if (n_ks > 1 && kchunk < kmax) {
+        // Partial of this key range, un-normalised: [m (base 2), l, o[hd]] per
+        // (token, head, split) for flash_tc_merge.
+        const size_t pst = hd + 2;
+        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
+        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
+        if (c == 0) {
+            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
+            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            if (8 * n < hd) {
+                if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
+                if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
+            }
+        }
+        return;
+    }
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
     float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * hd + 2 * c;
     float* out1 = out0 + (size_t)8 * out_stride;
@@ -571,10 +604,10 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #define FLASH_TC(NAME, KV, HDMAX, SPLIT, MINB)                                                                 \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, MINB)                                             \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
-             int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+             int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks, float* part) {      \
         pdl_wait(); /* as FLASH_ATTN */                                                                         \
         flash_tc_body<KV, HDMAX, SPLIT>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,     \
-                                        out_stride);                                                            \
+                                        out_stride, n_ks, part);                                                \
     }
 FLASH_TC(flash_tc_d128_f16, u16, 128, true, 2)
 FLASH_TC(flash_tc_d128_f32, float, 128, true, 2)
@@ -584,3 +617,29 @@ FLASH_TC(flash_tc16_d128_f16, u16, 128, false, 2)
 FLASH_TC(flash_tc16_d128_f32, float, 128, false, 2)
 FLASH_TC(flash_tc16_d256_f16, u16, 256, false, 1)
 FLASH_TC(flash_tc16_d256_f32, float, 256, false, 1)
+
+// Merges the key-split partials of flash_tc_* (n_ks > 1) in split order
+// (deterministic): grid (nt, n_heads), any block size. part as written there.
+extern "C" __global__ void __launch_bounds__(128)
+    flash_tc_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
+                   int out_stride) {
+    pdl_wait();
+    const int t = blockIdx.x, h = blockIdx.y;
+    const int t0 = t / TC_BQ * TC_BQ;
+    const int kmax = pos[0] + t0 + min(TC_BQ, nt - t0);
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int used = (kmax + kchunk - 1) / kchunk;  // splits that wrote (split 0 holds key 0: m finite)
+    if (used == 1) return;                          // split 0 wrote the output
+    const size_t pst = hd + 2;
+    const float* base = part + ((size_t)t * n_heads + h) * n_ks * pst;
+    float m = NEG_INF;
+    for (int s = 0; s < used; s++) m = fmaxf(m, base[s * pst]);
+    float l = 0.f;
+    for (int s = 0; s < used; s++) l += base[s * pst + 1] * exp2f(base[s * pst] - m);
+    const float inv = 1.f / l;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < used; s++) a += base[s * pst + 2 + d] * exp2f(base[s * pst] - m);
+        outp[(size_t)t * out_stride + h * hd + d] = a * inv;
+    }
+}
