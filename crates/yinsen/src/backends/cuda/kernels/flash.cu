@@ -291,30 +291,51 @@ __device__ __forceinline__ void tc_store4(float4 v, u16* hi, u16* lo) {
     *(uint2*)hi = make_uint2(h0, h1);
     if (LO) *(uint2*)lo = make_uint2(tc_pack_lo(v.x, v.y, h0), tc_pack_lo(v.z, v.w, h1));
 }
-// Keys j0 .. j0 + 63 of one KV head into f16 rows; keys at or past kmax
-// (not written yet: garbage or NaN) become zeros, as P V would otherwise
-// pick up 0 * NaN.
-template <bool LO>
-__device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kmax, int hd, int ld, u16* hi, u16* lo) {
-    const int per_row = hd / 4;
-    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
-        const int j = idx / per_row, d = (idx - j * per_row) * 4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (j0 + j < kmax) v = *(const float4*)(base + (size_t)(j0 + j) * hd + d);
-        tc_store4<LO>(v, hi + j * ld + d, lo + j * ld + d);
+// Keys j0 .. j0 + 63 of one KV head into f16 rows; keys at or past kend
+// (not written yet: garbage or NaN; or the next key split's) become zeros,
+// as P V would otherwise pick up 0 * NaN. TC_LB loads per thread are issued
+// before any is converted: the compiler cannot hoist a global load above the
+// shared-memory stores, so one at a time each would wait its full latency.
+#define TC_LB 8
+template <bool LO, int HDMAX>
+__device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kend, int hd, int ld, u16* hi, u16* lo) {
+    constexpr int ITER = TC_BK * (HDMAX / 4) / TC_THREADS;  // float4s per thread at hd = HDMAX
+    static_assert(ITER % TC_LB == 0, "whole load batches");
+    const int per_row = hd / 4, n = TC_BK * per_row;
+#pragma unroll 1
+    for (int b = 0; b < ITER; b += TC_LB) {
+        float4 v[TC_LB];
+#pragma unroll
+        for (int i = 0; i < TC_LB; i++) {
+            const int idx = threadIdx.x + (b + i) * TC_THREADS, j = idx / per_row, d = (idx - j * per_row) * 4;
+            v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (idx < n && j0 + j < kend) v[i] = *(const float4*)(base + (size_t)(j0 + j) * hd + d);
+        }
+#pragma unroll
+        for (int i = 0; i < TC_LB; i++) {
+            const int idx = threadIdx.x + (b + i) * TC_THREADS, j = idx / per_row, d = (idx - j * per_row) * 4;
+            if (idx < n) tc_store4<LO>(v[i], hi + j * ld + d, lo + j * ld + d);
+        }
     }
 }
-// f16 cache: copied as is (exact in f16, so never a lo part).
-template <bool LO>
-__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kmax, int hd, int ld, u16* hi, u16*) {
+// f16 cache: copied as is (exact in f16, so never a lo part) by cp.async,
+// all in flight at once; tc_load_wait() before the barrier.
+template <bool LO, int HDMAX>
+__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, int hd, int ld, u16* hi, u16*) {
     const int per_row = hd / 8;
     for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
         const int j = idx / per_row, d = (idx - j * per_row) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (j0 + j < kmax) v = *(const uint4*)(base + (size_t)(j0 + j) * hd + d);
-        *(uint4*)(hi + j * ld + d) = v;
+        u16* dst = hi + j * ld + d;
+        if (j0 + j < kend) {
+            const u32 a = (u32)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
+                         : "memory");
+        } else {
+            *(uint4*)dst = make_uint4(0, 0, 0, 0);
+        }
     }
 }
+__device__ __forceinline__ void tc_load_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #endif
 
 // Keys per key split of a query tile that needs kmax keys: n_ks near-equal
@@ -430,8 +451,9 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
     for (int j0 = kbeg; j0 < kend; j0 += TC_BK) {
-        tc_load_tile<KLO>(kb, j0, kend, hd, ld, Kh, Kl);
-        tc_load_tile<KLO>(vb, j0, kend, hd, ld, Vh, Vl);
+        tc_load_tile<KLO, HDMAX>(kb, j0, kend, hd, ld, Kh, Kl);
+        tc_load_tile<KLO, HDMAX>(vb, j0, kend, hd, ld, Vh, Vl);
+        tc_load_wait();
         __syncthreads();
         // Tiles wholly past the warp's rows are skipped. A row can see only
         // masked keys (a key split past its position): m stays -inf, p = 0.
