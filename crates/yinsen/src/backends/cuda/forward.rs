@@ -217,10 +217,14 @@ pub const FLASH_TC_THREADS: u32 = 128;
 
 /// Dynamic shared memory of the tensor-core kernel: f16 tiles [64][hd + 8]
 /// of Q, K and V, plus the lo parts in split mode (Q always, K and V only
-/// from an f32 cache: f16 cache values are exact in f16).
+/// from an f32 cache: f16 cache values are exact in f16); an f16 cache's K
+/// and V tiles are double-buffered (cp.async).
 pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
-    let lo_kv = split && kv == KvDtype::F32;
-    2 * FA_TILE * (hd + 8) * (1 + split as usize + 2 * (1 + lo_kv as usize))
+    let kv_tiles = match kv {
+        KvDtype::F32 => 2 * (1 + split as usize),
+        KvDtype::F16 => 4,
+    };
+    2 * FA_TILE * (hd + 8) * (1 + split as usize + kv_tiles)
 }
 
 /// A prefill attention kernel: name, threads per block, dynamic smem bytes.

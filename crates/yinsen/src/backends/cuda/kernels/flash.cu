@@ -249,7 +249,8 @@ FLASH_ATTN(flash_attn_d256_f32, float, 4, 1)
 //
 // Shared memory, f16, rows of ld = hd + 8 halves (16-byte aligned rows, and
 // the 16-byte shift per row keeps the 8 row reads of an ldmatrix on distinct
-// banks): Qh [64][ld], Ql (SPLIT), Kh, Kl (SPLIT, f32 cache), Vh, Vl (same).
+// banks): Qh [64][ld], Ql (SPLIT), Kh, Kl (SPLIT, f32 cache), Vh, Vl (same),
+// and with an f16 cache a second stage of Kh, Vh (cp.async double buffer).
 #define TC_BQ 64
 #define TC_BK 64
 #define TC_THREADS 128
@@ -336,6 +337,8 @@ __device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, 
     }
 }
 __device__ __forceinline__ void tc_load_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void tc_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 #endif
 
 // Keys per key split of a query tile that needs kmax keys: n_ks near-equal
@@ -386,6 +389,16 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     if (kbeg >= kmax) return;
     const KV* kb = kc + (size_t)kvh * cap * hd;
     const KV* vb = vc + (size_t)kvh * cap * hd;
+    // f16 cache: K/V tiles double-buffered by cp.async (stage 1 two tiles
+    // past stage 0, after Vh): the next tile lands while this one computes.
+    // The first is in flight while Q is staged.
+    constexpr bool ASYNC = sizeof(KV) == 2;
+    const int sst = 2 * tile;  // halves from stage 0 to stage 1 (ASYNC)
+    if (ASYNC) {
+        tc_load_tile<KLO, HDMAX>(kb, kbeg, kend, hd, ld, Kh, Kl);
+        tc_load_tile<KLO, HDMAX>(vb, kbeg, kend, hd, ld, Vh, Vl);
+        tc_commit();
+    }
 
     // Q, pre-scaled by scale * log2(e): scores come out in base-2 units, so
     // the softmax takes exp2 (one ex2) instead of expf. Rows past nt are
@@ -450,11 +463,23 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     // Running max and (lane-partial) sum of rows r0, r0 + 8.
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
+    int stage = 0;
     for (int j0 = kbeg; j0 < kend; j0 += TC_BK) {
-        tc_load_tile<KLO, HDMAX>(kb, j0, kend, hd, ld, Kh, Kl);
-        tc_load_tile<KLO, HDMAX>(vb, j0, kend, hd, ld, Vh, Vl);
-        tc_load_wait();
+        if (!ASYNC) {
+            tc_load_tile<KLO, HDMAX>(kb, j0, kend, hd, ld, Kh, Kl);
+            tc_load_tile<KLO, HDMAX>(vb, j0, kend, hd, ld, Vh, Vl);
+        } else if (j0 + TC_BK < kend) {
+            // The other stage was last read before the previous trailing barrier.
+            const int o = (stage ^ 1) * sst;
+            tc_load_tile<KLO, HDMAX>(kb, j0 + TC_BK, kend, hd, ld, Kh + o, Kl);
+            tc_load_tile<KLO, HDMAX>(vb, j0 + TC_BK, kend, hd, ld, Vh + o, Vl);
+            tc_commit();
+            tc_wait_prev();  // this tile's group is done, the next one may still fly
+        } else {
+            tc_load_wait();
+        }
         __syncthreads();
+        const u32 sb = 2 * stage * sst;  // bytes to this stage's K/V
         // Tiles wholly past the warp's rows are skipped. A row can see only
         // masked keys (a key split past its position): m stays -inf, p = 0.
         if (active && j0 <= wlast) {
@@ -481,7 +506,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                     for (int np = 0; np < 4; np++) {
                         const u32 koff = 2 * 16 * np * ld + 32 * ks;
                         u32 kh[4];
-                        tc_ldsm4(kh, sKh + koff);
+                        tc_ldsm4(kh, sKh + sb + koff);
                         if (SPLIT) {
                             tc_mma(s[2 * np], ql, kh[0], kh[1]);
                             tc_mma(s[2 * np + 1], ql, kh[2], kh[3]);
@@ -563,7 +588,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                     if (16 * dp < hd) {
                         const u32 voff = 2 * 16 * kk * ld + 32 * dp;
                         u32 vh[4];
-                        tc_ldsm4t(vh, sVh + voff);
+                        tc_ldsm4t(vh, sVh + sb + voff);
                         if (SPLIT) {
                             tc_mma(o[2 * dp], pl, vh[0], vh[1]);
                             tc_mma(o[2 * dp + 1], pl, vh[2], vh[3]);
@@ -581,6 +606,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
             }
         }
         __syncthreads();  // K and V are overwritten by the next tile
+        if (ASYNC) stage ^= 1;
     }
 
     if (!active) return;
