@@ -186,7 +186,13 @@ fn flash_prefill_matches_split_k() {
             vec![a, b, d]
         };
         let want = run(FlashMode::Off);
-        for mode in [FlashMode::F32, FlashMode::Wide, FlashMode::Tc, FlashMode::Tc16] {
+        for mode in [
+            FlashMode::F32,
+            FlashMode::Wide,
+            FlashMode::Tc,
+            FlashMode::Tc16,
+            FlashMode::TcStaged,
+        ] {
             gpu.set_flash(mode);
             if !gpu.uses_flash() {
                 assert!(!tc, "{kv:?} {mode:?} unavailable on an sm_80+ device");
@@ -231,11 +237,15 @@ fn flash_key_split_matches_unsplit() {
     let model = synthetic::build("tiny").unwrap();
     let vocab = model.config.vocab;
     let ids = prompt(900 + 2 * (5 + 16 + 64), vocab);
-    for kv in [KvDtype::F32, KvDtype::F16] {
+    for (kv, mode) in [
+        (KvDtype::F32, FlashMode::Tc),
+        (KvDtype::F32, FlashMode::TcStaged),
+        (KvDtype::F16, FlashMode::Tc),
+    ] {
         let Some(gpu) = cuda_kv(&model, kv) else { return };
-        gpu.set_flash(FlashMode::Tc);
+        gpu.set_flash(mode);
         if !gpu.uses_flash() {
-            assert!(!gpu.gpu().has_mma(), "{kv:?}: Tc unavailable on an sm_80+ device");
+            assert!(!gpu.gpu().has_mma(), "{kv:?}: {mode:?} unavailable on an sm_80+ device");
             return;
         }
         assert!(
@@ -257,7 +267,7 @@ fn flash_key_split_matches_unsplit() {
         for n_ks in [0usize, 3, 16] {
             let got = run(n_ks);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let what = format!("{kv:?} n_ks {n_ks} call {i}");
+                let what = format!("{kv:?} {mode:?} n_ks {n_ks} call {i}");
                 let (d, mean) = close(g, w, vocab, &what);
                 let tokens = w.len() / vocab;
                 let tight = g

@@ -296,6 +296,11 @@ fn flash_attention_matches_reference() {
                         let name = kv.flash_tc(wide, split).to_string();
                         kernels.push((name, FLASH_TC_THREADS, flash_tc_smem(hd, split, kv), tol));
                     }
+                    // Split with K/V staged raw by cp.async (f32 cache, hd <= 128).
+                    if !wide && !f16 {
+                        let smem = flash_tc_smem(hd, true, kv);
+                        kernels.push(("flash_tcs_d128_f32".into(), FLASH_TC_THREADS, smem, 5e-5));
+                    }
                 }
             }
             for (name, threads, smem, tol) in kernels {
@@ -456,8 +461,14 @@ fn flash_key_split_matches_reference() {
                     } else {
                         (g.upload(&k).unwrap(), g.upload(&v).unwrap())
                     };
-                    for (split, tol) in [(true, 5e-5), (false, 1e-2)] {
-                        let name = kv.flash_tc(hd > 128, split);
+                    let mut names = vec![
+                        (kv.flash_tc(hd > 128, true), true, 5e-5),
+                        (kv.flash_tc(hd > 128, false), false, 1e-2),
+                    ];
+                    if !f16 {
+                        names.push(("flash_tcs_d128_f32", true, 5e-5));
+                    }
+                    for (name, split, tol) in names {
                         let smem = flash_tc_smem(hd, split, kv);
                         assert!(g.allow_dynamic_smem(name, smem).unwrap());
                         let args = [
@@ -622,8 +633,14 @@ fn flash_attention_2b4t_timing() {
                 1usize,
             )];
             if g.has_mma() {
-                for (split, tol) in [(true, 1e-4), (false, 1e-2)] {
-                    let name = kv.flash_tc(false, split);
+                let mut names = vec![
+                    (kv.flash_tc(false, true), true, 1e-4),
+                    (kv.flash_tc(false, false), false, 1e-2),
+                ];
+                if kv == KvDtype::F32 {
+                    names.push(("flash_tcs_d128_f32", true, 1e-4));
+                }
+                for (name, split, tol) in names {
                     let smem = flash_tc_smem(hd, split, kv);
                     kernels.push((name, FLASH_TC_THREADS, smem, tol, 1));
                     if auto > 1 {

@@ -170,19 +170,23 @@ pub enum FlashMode {
     /// The tensor-core kernel on plain f16 inputs: ~3x fewer mma than Tc,
     /// f16 rounding of Q, K, V and P (flips int8 codes downstream).
     Tc16,
+    /// Tc with K/V copied raw by cp.async and converted in shared memory
+    /// (`flash_tcs_d128_f32`: f32 cache, head dim <= 128; else Tc).
+    TcStaged,
 }
 
 impl FlashMode {
-    const ALL: [FlashMode; 6] = [
+    const ALL: [FlashMode; 7] = [
         FlashMode::Off,
         FlashMode::Auto,
         FlashMode::F32,
         FlashMode::Wide,
         FlashMode::Tc,
         FlashMode::Tc16,
+        FlashMode::TcStaged,
     ];
 
-    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`.
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`.
     pub fn from_env() -> Result<Self> {
         let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
             return Ok(FlashMode::Auto);
@@ -194,9 +198,10 @@ impl FlashMode {
             "wide" => FlashMode::Wide,
             "tc" => FlashMode::Tc,
             "tc16" => FlashMode::Tc16,
+            "tcs" => FlashMode::TcStaged,
             _ => {
                 return Err(Error::input(format!(
-                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc or tc16"
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16 or tcs"
                 )))
             }
         })
@@ -262,6 +267,8 @@ pub struct CudaBackend {
     /// Whether the tensor-core flash kernel (plain f16, split) can run here
     /// (sm_80+, head dim a multiple of 16 up to 256, smem).
     tc_ok: [bool; 2],
+    /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
+    tcs_ok: bool,
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -521,6 +528,11 @@ impl CudaBackend {
                     flash_tc_smem(c.head_dim, split, kv),
                 )?;
         }
+        let tcs_smem = flash_tc_smem(c.head_dim, true, KvDtype::F32);
+        let tcs_ok = tc_ok[1]
+            && kv == KvDtype::F32
+            && c.head_dim <= 128
+            && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
@@ -559,6 +571,7 @@ impl CudaBackend {
             mma_min_tokens: 2.into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
+            tcs_ok,
             part_tokens,
             flash_ok,
             tc_ok,
@@ -702,6 +715,10 @@ impl CudaBackend {
             FlashMode::Wide => f32k(true),
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
+            FlashMode::TcStaged => match self.tcs_ok {
+                true => Some(("flash_tcs_d128_f32", FLASH_TC_THREADS, flash_tc_smem(hd, true, self.kv))),
+                false => tc(true),
+            },
         }
     }
 

@@ -339,6 +339,30 @@ __device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, 
 __device__ __forceinline__ void tc_load_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void tc_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Raw f32 keys j0 .. j0 + 63 into stg [64][hd] by cp.async (zeros past kend).
+__device__ __forceinline__ void tc_stage_tile(const float* base, int j0, int kend, int hd, float* stg) {
+    const int per_row = hd / 4;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 4;
+        float* dst = stg + j * hd + d;
+        if (j0 + j < kend) {
+            const u32 a = (u32)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
+                         : "memory");
+        } else {
+            *(float4*)dst = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+}
+__device__ __forceinline__ void tc_stage_tile(const u16*, int, int, int, float*) {}  // f16 cache: never staged
+// The staged f32 tile into hi/lo f16 rows.
+__device__ __forceinline__ void tc_convert(const float* stg, int hd, int ld, u16* hi, u16* lo) {
+    const int per_row = hd / 4;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 4;
+        tc_store4<true>(*(const float4*)(stg + j * hd + d), hi + j * ld + d, lo + j * ld + d);
+    }
+}
 #endif
 
 // Keys per key split of a query tile that needs kmax keys: n_ks near-equal
@@ -349,7 +373,11 @@ __device__ __forceinline__ int tc_split_chunk(int kmax, int n_ks) {
 __device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m; }
 
 // HDMAX: the largest head dim of the instantiation (hd <= HDMAX, hd % 16 == 0).
-template <typename KV, int HDMAX, bool SPLIT>
+// STG (f32 cache, split, hd <= 128 only): raw f32 K/V tiles are copied by
+// cp.async into the Q tiles' smem (dead once Q's fragments are in
+// registers; 256 (hd + 8) bytes hold a 256 hd-byte f32 tile) and converted
+// to hi/lo there: V's copy flies during S = Q K^T, the next K's during O += P V.
+template <typename KV, int HDMAX, bool SPLIT, bool STG = false>
 __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
                                               const int* pos, int nt, int n_heads, int n_kv, int hd, int cap,
                                               float scale, float* outp, int out_stride, int n_ks, float* part) {
@@ -358,6 +386,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     constexpr int NT = HDMAX / 8;                   // n8 tiles of an output row
     constexpr int KS = HDMAX / 16;                  // k16 steps over the head dim
     constexpr bool QREG = HDMAX <= 128;             // Q fragments live in registers (d256: too many)
+    constexpr bool STG_ = STG && KLO && QREG;
     extern __shared__ uint4 tc_smem4[];
     const int ld = hd + 8, tile = TC_BQ * ld;
     u16* p = (u16*)tc_smem4;
@@ -454,6 +483,12 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
             }
         }
     }
+    float* stg = (float*)Qh;
+    if (STG_) {
+        __syncthreads();  // every warp holds Q: its smem becomes the staging tile
+        tc_stage_tile(kb, kbeg, kend, hd, stg);
+        tc_commit();
+    }
 
     float o[NT][4];
 #pragma unroll
@@ -465,7 +500,14 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 
     int stage = 0;
     for (int j0 = kbeg; j0 < kend; j0 += TC_BK) {
-        if (!ASYNC) {
+        if (STG_) {
+            tc_load_wait();
+            __syncthreads();  // K's copy landed; everyone is past the previous P V (Kh, Vh free)
+            tc_convert(stg, hd, ld, Kh, Kl);
+            __syncthreads();  // Kh ready, staging free
+            tc_stage_tile(vb, j0, kend, hd, stg);
+            tc_commit();
+        } else if (!ASYNC) {
             tc_load_tile<KLO, HDMAX>(kb, j0, kend, hd, ld, Kh, Kl);
             tc_load_tile<KLO, HDMAX>(vb, j0, kend, hd, ld, Vh, Vl);
         } else if (j0 + TC_BK < kend) {
@@ -478,16 +520,17 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
         } else {
             tc_load_wait();
         }
-        __syncthreads();
+        if (!STG_) __syncthreads();
         const u32 sb = 2 * stage * sst;  // bytes to this stage's K/V
         // Tiles wholly past the warp's rows are skipped. A row can see only
         // masked keys (a key split past its position): m stays -inf, p = 0.
-        if (active && j0 <= wlast) {
-            float s[8][4];
+        const bool run = active && j0 <= wlast;
+        float s[8][4];
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+        for (int n = 0; n < 8; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+        if (run) {
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 if (16 * ks < hd) {
@@ -568,6 +611,18 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 o[n][2] *= a1;
                 o[n][3] *= a1;
             }
+        }
+        if (STG_) {
+            tc_load_wait();
+            __syncthreads();  // V's copy landed (S used Kh only)
+            tc_convert(stg, hd, ld, Vh, Vl);
+            __syncthreads();  // Vh ready, staging free
+            if (j0 + TC_BK < kend) {
+                tc_stage_tile(kb, j0 + TC_BK, kend, hd, stg);
+                tc_commit();
+            }
+        }
+        if (run) {
             // O += P V, 16 keys per step. P's A fragment of keys 16 kk.. is
             // the S accumulators of key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
 #pragma unroll
@@ -605,7 +660,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 }
             }
         }
-        __syncthreads();  // K and V are overwritten by the next tile
+        if (!STG_) __syncthreads();  // K and V are overwritten by the next tile (STG: the next top barrier)
         if (ASYNC) stage ^= 1;
     }
 
@@ -665,6 +720,15 @@ FLASH_TC(flash_tc16_d128_f16, u16, 128, false, 2)
 FLASH_TC(flash_tc16_d128_f32, float, 128, false, 2)
 FLASH_TC(flash_tc16_d256_f16, u16, 256, false, 1)
 FLASH_TC(flash_tc16_d256_f32, float, 256, false, 1)
+// Split, f32 cache, hd <= 128, K/V staged raw by cp.async (STG above).
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    flash_tcs_d128_f32(const float* qr, int q_stride, const float* kc, const float* vc, const int* pos, int nt,
+                       int n_heads, int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks,
+                       float* part) {
+    pdl_wait();
+    flash_tc_body<float, 128, true, true>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,
+                                          out_stride, n_ks, part);
+}
 
 // Merges the key-split partials of flash_tc_* (n_ks > 1) in split order
 // (deterministic): grid (nt, n_heads), any block size. part as written there.
