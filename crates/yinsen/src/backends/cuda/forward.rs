@@ -2187,18 +2187,25 @@ mod tests {
         }
     }
 
-    /// Tensor-core smem: 3 f16 tiles (tc16), + Q lo (split, f16 cache), + K, V
-    /// lo (split, f32 cache); the widest must fit an H100's 227 KB per block.
+    /// Tensor-core smem: 3 f16 tiles (tc16, f32 cache), + Q lo (split), + K, V
+    /// lo (split, f32 cache), + a second K, V stage (f16 cache, cp.async);
+    /// the widest must fit an H100's 227 KB per block.
     #[test]
     fn flash_tc_smem_sizes() {
         let tile = |hd: usize| 2 * 64 * (hd + 8);
         assert_eq!(flash_tc_smem(128, false, KvDtype::F32), 3 * tile(128));
-        assert_eq!(flash_tc_smem(128, false, KvDtype::F16), 3 * tile(128));
-        assert_eq!(flash_tc_smem(128, true, KvDtype::F16), 4 * tile(128));
+        assert_eq!(flash_tc_smem(128, false, KvDtype::F16), 5 * tile(128));
+        assert_eq!(flash_tc_smem(128, true, KvDtype::F16), 6 * tile(128));
         assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 6 * tile(128));
         assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 104_448);
-        assert!(flash_tc_smem(256, true, KvDtype::F32) <= 227 * 1024);
-        // Two d128 split blocks per SM (228 KB, 1 KB reserved per block).
-        assert!(2 * (flash_tc_smem(128, true, KvDtype::F32) + 1024) <= 228 * 1024);
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            assert!(flash_tc_smem(256, true, kv) <= 227 * 1024, "{kv:?}");
+            // Two d128 split blocks per SM (228 KB, 1 KB reserved per block).
+            assert!(2 * (flash_tc_smem(128, true, kv) + 1024) <= 228 * 1024, "{kv:?}");
+        }
+        // flash_tcs stages an f32 tile (256 hd bytes) in the Q hi + lo tiles.
+        for hd in (16..=128).step_by(16) {
+            assert!(64 * hd * 4 <= 2 * tile(hd), "hd {hd}");
+        }
     }
 }
