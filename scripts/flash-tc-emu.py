@@ -40,12 +40,18 @@ def store4(v, hi, lo, off, LO):
     h = v.astype(f16); hi[off:off+4] = h
     if LO: lo[off:off+4] = (v - h.astype(np.float32)).astype(f16)
 
-def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_stride, qt, h, HDMAX, SPLIT, KVF32):
+def split_chunk(kmax, n_ks): return ((kmax + n_ks - 1)//n_ks + 63)//64*64
+def fin(m): return np.where(m == -np.inf, 0.0, m)
+
+def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_stride, qt, h, HDMAX, SPLIT, KVF32,
+          ksp=0, n_ks=1, part=None):
     KLO = SPLIT and KVF32; NT = HDMAX//8; TC_BQ = TC_BK = 64
     ld = hd + 8; tile = TC_BQ*ld
     Qh, Ql, Kh, Kl, Vh, Vl = [np.full(tile, np.nan, f16) for _ in range(6)]
     kvh = h // (n_heads // n_kv); t0 = qt*TC_BQ
     rows = min(TC_BQ, nt - t0); kmax = p0 + t0 + rows
+    kchunk = split_chunk(kmax, n_ks); kbeg = ksp*kchunk; kend = min(kmax, kbeg + kchunk)
+    if kbeg >= kmax: return
     kb = kc[kvh]; vb = vc[kvh]
     for idx in range(TC_BQ*(hd//4)):
         r = idx // (hd//4); d = (idx - r*(hd//4))*4
@@ -60,14 +66,14 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
         v_off = (lr + 8*(lm & 1))*ld + 8*(lm >> 1)
         states.append(dict(q_off=q_off, k_off=k_off, v_off=v_off, o=np.zeros((32, NT, 4)),
             m0=np.full(32, -np.inf), m1=np.full(32, -np.inf), l0=np.zeros(32), l1=np.zeros(32)))
-    j0 = 0
-    while j0 < kmax:
+    j0 = kbeg
+    while j0 < kend:
         for (base, hi, lo) in ((kb, Kh, Kl), (vb, Vh, Vl)):
             hi[:] = np.nan; lo[:] = np.nan
             for j in range(TC_BK):
                 for d in range(0, hd, 4):
                     v = np.zeros(4, np.float32)
-                    if j0 + j < kmax: v = base[j0+j, d:d+4].astype(np.float32)
+                    if j0 + j < kend: v = base[j0+j, d:d+4].astype(np.float32)
                     store4(v, hi, lo, j*ld+d, KLO)
         for warp in range(4):
             st = states[warp]
@@ -101,9 +107,9 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
             # quad reduce
             mx0 = np.repeat(mx0.reshape(8, 4).max(1), 4); mx1 = np.repeat(mx1.reshape(8, 4).max(1), 4)
             mn0 = np.maximum(st['m0'], mx0); mn1 = np.maximum(st['m1'], mx1)
-            a0 = np.exp2(st['m0'] - mn0); a1 = np.exp2(st['m1'] - mn1)
+            a0 = np.exp2(st['m0'] - fin(mn0)); a1 = np.exp2(st['m1'] - fin(mn1))
             st['m0'], st['m1'] = mn0, mn1
-            s[:, :, 0:2] = np.exp2(s[:, :, 0:2] - mn0[:, None, None]); s[:, :, 2:4] = np.exp2(s[:, :, 2:4] - mn1[:, None, None])
+            s[:, :, 0:2] = np.exp2(s[:, :, 0:2] - fin(mn0)[:, None, None]); s[:, :, 2:4] = np.exp2(s[:, :, 2:4] - fin(mn1)[:, None, None])
             st['l0'] = st['l0']*a0 + s[:, :, 0:2].sum((1, 2)); st['l1'] = st['l1']*a1 + s[:, :, 2:4].sum((1, 2))
             o = st['o']; o[:, :, 0:2] *= a0[:, None, None]; o[:, :, 2:4] *= a1[:, None, None]
             for kk in range(4):
@@ -130,6 +136,16 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
         if not 16*warp < rows: continue
         st = states[warp]
         l0 = np.repeat(st['l0'].reshape(8,4).sum(1), 4); l1 = np.repeat(st['l1'].reshape(8,4).sum(1), 4)
+        if n_ks > 1 and kchunk < kmax:
+            for l in range(32):
+                g, c = l//4, l%4; r0 = 16*warp + g
+                for (r, m, ll, e) in ((r0, st['m0'][l], l0[l], 0), (r0 + 8, st['m1'][l], l1[l], 2)):
+                    if r >= rows: continue
+                    pp = part[t0 + r, h, ksp]
+                    if c == 0: pp[0], pp[1] = m, ll
+                    for n in range(NT):
+                        if 8*n < hd: pp[2 + 8*n + 2*c: 4 + 8*n + 2*c] = st['o'][l, n, e:e+2]
+            continue
         for l in range(32):
             g, c = l//4, l%4; r0 = 16*warp + g
             for n in range(NT):
@@ -137,7 +153,18 @@ def block(qr, q_stride, kc, vc, p0, nt, n_heads, n_kv, hd, cap, scale, out, out_
                 if r0 < rows: out[t0+r0, h*hd + 8*n + 2*c: h*hd + 8*n + 2*c + 2] = st['o'][l, n, 0:2] / l0[l]
                 if r0 + 8 < rows: out[t0+r0+8, h*hd + 8*n + 2*c: h*hd + 8*n + 2*c + 2] = st['o'][l, n, 2:4] / l1[l]
 
-def run(hd, n_heads, n_kv, nt, p0, HDMAX, SPLIT, KVF32, seed=1):
+def merge(part, p0, nt, n_heads, hd, n_ks, out):
+    for t in range(nt):
+        t0 = t//64*64; kmax = p0 + t0 + min(64, nt - t0)
+        kchunk = split_chunk(kmax, n_ks); used = (kmax + kchunk - 1)//kchunk
+        if used == 1: continue
+        for h in range(n_heads):
+            b = part[t, h]
+            m = max(b[s, 0] for s in range(used))
+            l = sum(b[s, 1]*np.exp2(b[s, 0] - m) for s in range(used))
+            out[t, h*hd:(h+1)*hd] = sum(b[s, 2:2+hd]*np.exp2(b[s, 0] - m) for s in range(used)) / l
+
+def run(hd, n_heads, n_kv, nt, p0, HDMAX, SPLIT, KVF32, seed=1, n_ks=1):
     rng = np.random.default_rng(seed); cap = p0 + nt + 10
     q = rng.uniform(-1, 1, (nt, n_heads*hd)).astype(np.float32)
     k = rng.uniform(-3, 3, (n_kv, cap, hd)).astype(np.float32); v = rng.uniform(-2, 2, (n_kv, cap, hd)).astype(np.float32)
@@ -145,9 +172,13 @@ def run(hd, n_heads, n_kv, nt, p0, HDMAX, SPLIT, KVF32, seed=1):
     if not KVF32: k = k.astype(f16).astype(np.float32); v = v.astype(f16).astype(np.float32)
     scale = 1/np.sqrt(hd)
     out = np.full((nt, n_heads*hd), np.nan)
+    part = np.full((nt, n_heads, n_ks, hd + 2), np.nan)
     for qt in range((nt+63)//64):
         for h in range(n_heads):
-            block(q, n_heads*hd, k, v, p0, nt, n_heads, n_kv, hd, cap, scale, out, n_heads*hd, qt, h, HDMAX, SPLIT, KVF32)
+            for ksp in range(n_ks):
+                block(q, n_heads*hd, k, v, p0, nt, n_heads, n_kv, hd, cap, scale, out, n_heads*hd, qt, h, HDMAX, SPLIT,
+                      KVF32, ksp, n_ks, part)
+    if n_ks > 1: merge(part, p0, nt, n_heads, hd, n_ks, out)
     want = np.zeros_like(out)
     for t in range(nt):
         for h in range(n_heads):
@@ -162,7 +193,10 @@ if __name__ == '__main__':
     worst = 0.0
     for case in [(64, 2, 1, 70, 37, 128, True, True), (64, 2, 1, 70, 37, 128, False, True),
                  (32, 2, 2, 20, 0, 128, True, False), (48, 1, 1, 65, 64, 64, True, True),
-                 (128, 8, 2, 100, 37, 128, True, True), (128, 4, 1, 70, 0, 256, True, False)]:
+                 (128, 8, 2, 100, 37, 128, True, True), (128, 4, 1, 70, 0, 256, True, False),
+                 # key splits (last field): rows wholly masked in a split, empty splits, one split in use
+                 (32, 2, 1, 16, 200, 128, True, True, 1, 3), (32, 2, 1, 5, 130, 128, True, False, 1, 9),
+                 (32, 2, 1, 70, 60, 128, True, True, 1, 2), (32, 1, 1, 5, 0, 128, True, True, 1, 4)]:
         e = run(*case)
         print(case, f"{e:.2e}")
         tol = 1e-6 if case[6] else 1e-2

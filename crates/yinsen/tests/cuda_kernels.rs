@@ -296,6 +296,11 @@ fn flash_attention_matches_reference() {
                         let name = kv.flash_tc(wide, split).to_string();
                         kernels.push((name, FLASH_TC_THREADS, flash_tc_smem(hd, split, kv), tol));
                     }
+                    // Split with K/V staged raw by cp.async (f32 cache, hd <= 128).
+                    if !wide && !f16 {
+                        let smem = flash_tc_smem(hd, true, kv);
+                        kernels.push(("flash_tcs_d128_f32".into(), FLASH_TC_THREADS, smem, 5e-5));
+                    }
                 }
             }
             for (name, threads, smem, tol) in kernels {
@@ -304,29 +309,22 @@ fn flash_attention_matches_reference() {
                     "{name}: {smem} bytes of smem"
                 );
                 out.fill(0xff).unwrap(); // NaN until written
-                g.launch_smem(
-                    &name,
-                    (nt.div_ceil(64) as u32, n_heads as u32, 1),
-                    threads,
-                    smem as u32,
-                    &[
-                        qb.p(),
-                        Arg::I(q_dim as i32),
-                        kb.p(),
-                        vb.p(),
-                        pos.p(),
-                        Arg::I(nt as i32),
-                        Arg::I(n_heads as i32),
-                        Arg::I(n_kv as i32),
-                        Arg::I(hd as i32),
-                        Arg::I(cap as i32),
-                        Arg::F(scale),
-                        out.p(),
-                        Arg::I(q_dim as i32),
-                    ],
-                    Launch::Plain,
-                )
-                .unwrap();
+                let args = [
+                    qb.p(),
+                    Arg::I(q_dim as i32),
+                    kb.p(),
+                    vb.p(),
+                    pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(n_heads as i32),
+                    Arg::I(n_kv as i32),
+                    Arg::I(hd as i32),
+                    Arg::I(cap as i32),
+                    Arg::F(scale),
+                    out.p(),
+                    Arg::I(q_dim as i32),
+                ];
+                flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let e = worst.entry(name.clone()).or_default();
                 for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
@@ -348,12 +346,237 @@ fn flash_attention_matches_reference() {
     assert_eq!(worst.keys().any(|k| k.starts_with("flash_tc")), g.has_mma());
 }
 
-/// The prefill attention kernels at the 2b4t shape (2048 tokens from an
-/// empty cache, 20 query heads on 5 KV heads, hd 128), device runs only
-/// (YINSEN_DEVICE=1): the tensor-core kernels against the f32 kernel over
-/// 2048 keys (split 1e-4, tc16 1e-2, relative to 1 + |want|: the f64 checks
+/// One flash.cu launch: `args` is the common argument list (through
+/// out_stride); the tensor-core kernels also take the key split count and
+/// the partials buffer, and with n_ks > 1 are followed by flash_tc_merge.
+#[allow(clippy::too_many_arguments)]
+fn flash_launch(
+    g: &Gpu,
+    name: &str,
+    threads: u32,
+    smem: usize,
+    nt: usize,
+    n_heads: usize,
+    hd: usize,
+    args: &[yinsen::backends::cuda::Arg],
+    n_ks: usize,
+    part: yinsen::backends::cuda::Arg,
+) {
+    use yinsen::backends::cuda::Arg;
+    let tc = name.starts_with("flash_tc");
+    let mut a = args.to_vec();
+    if tc {
+        a.extend([Arg::I(n_ks as i32), part]);
+    } else {
+        assert_eq!(n_ks, 1, "{name}: no key split");
+    }
+    let grid = ((nt.div_ceil(64) * n_ks) as u32, n_heads as u32, 1);
+    g.launch_smem(name, grid, threads, smem as u32, &a, Launch::Plain)
+        .unwrap();
+    if n_ks > 1 {
+        // part, pos, nt, n_heads, hd, n_ks, out, out_stride
+        let m = [
+            part,
+            args[4],
+            Arg::I(nt as i32),
+            Arg::I(n_heads as i32),
+            Arg::I(hd as i32),
+            Arg::I(n_ks as i32),
+            args[11],
+            args[12],
+        ];
+        g.launch_smem(
+            "flash_tc_merge",
+            (nt as u32, n_heads as u32, 1),
+            128,
+            0,
+            &m,
+            Launch::Plain,
+        )
+        .unwrap();
+    }
+}
+
+/// The tensor-core flash kernel with its key range split over n_ks blocks
+/// (flash-decoding for few queries after a long context) against an f64
+/// reference: nt in {1, 5, 16, 64} queries after p0 in {0, 100, 2100} cached
+/// keys, GQA (8 query heads on 2 KV heads, hd 128; 4 on 1, hd 64), both
+/// caches, split and plain f16, n_ks 1 (the un-split path), 2, 3, 7 and 33
+/// (more splits than key tiles: empty splits, rows wholly masked in a
+/// split). Cache rows past p0 + nt are NaN, output and partials poisoned
+/// with NaN. Tolerances as flash_attention_matches_reference (split 5e-5,
+/// tc16 1e-2), and the split results within 2e-5 of the un-split ones
+/// (merge order, exp2 of the per-split maxima).
+#[test]
+fn flash_key_split_matches_reference() {
+    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
+    let Some(g) = gpu() else { return };
+    if !g.has_mma() {
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP cuda: no mma.sync (sm_80+)\n"),
+        ); // uncaptured: visible in CI logs
+        return;
+    }
+    let cap = 2200usize;
+    let mut seed = 70u64;
+    let mut splits_seen = 0usize;
+    for &(hd, n_heads, n_kv) in &[(128usize, 8usize, 2usize), (64, 4, 1)] {
+        for p0 in [0usize, 100, 2100] {
+            for nt in [1usize, 5, 16, 64] {
+                let n_keys = p0 + nt;
+                let q_dim = n_heads * hd;
+                seed += 1;
+                let mut r = SplitMix64(seed);
+                let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+                        .collect()
+                };
+                let q = rnd(nt * q_dim, 1.0);
+                let mut k = rnd(n_kv * cap * hd, 3.0);
+                let mut v = rnd(n_kv * cap * hd, 2.0);
+                for h in 0..n_kv {
+                    for p in n_keys..cap {
+                        k[(h * cap + p) * hd..][..hd].fill(f32::NAN);
+                        v[(h * cap + p) * hd..][..hd].fill(f32::NAN);
+                    }
+                }
+                let scale = 1.0 / (hd as f32).sqrt();
+                let qb = g.upload(&q).unwrap();
+                let pos = g.upload(&[p0 as i32]).unwrap();
+                let out = g.alloc(4 * nt * q_dim).unwrap();
+                let part = g.alloc(4 * nt * n_heads * 33 * (hd + 2)).unwrap();
+                for kv in [KvDtype::F32, KvDtype::F16] {
+                    let f16 = kv == KvDtype::F16;
+                    let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
+                    let want = attention_f64(&q, &k, &v, round, nt, p0, n_heads, n_kv, hd, cap, scale);
+                    let (kb, vb) = if f16 {
+                        let h = |x: &[f32]| {
+                            x.iter()
+                                .map(|&x| half::f16::from_f32(x).to_bits())
+                                .collect::<Vec<u16>>()
+                        };
+                        (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
+                    } else {
+                        (g.upload(&k).unwrap(), g.upload(&v).unwrap())
+                    };
+                    let mut names = vec![
+                        (kv.flash_tc(hd > 128, true), true, 5e-5),
+                        (kv.flash_tc(hd > 128, false), false, 1e-2),
+                    ];
+                    if !f16 {
+                        names.push(("flash_tcs_d128_f32", true, 5e-5));
+                    }
+                    for (name, split, tol) in names {
+                        let smem = flash_tc_smem(hd, split, kv);
+                        assert!(g.allow_dynamic_smem(name, smem).unwrap());
+                        let args = [
+                            qb.p(),
+                            Arg::I(q_dim as i32),
+                            kb.p(),
+                            vb.p(),
+                            pos.p(),
+                            Arg::I(nt as i32),
+                            Arg::I(n_heads as i32),
+                            Arg::I(n_kv as i32),
+                            Arg::I(hd as i32),
+                            Arg::I(cap as i32),
+                            Arg::F(scale),
+                            out.p(),
+                            Arg::I(q_dim as i32),
+                        ];
+                        let mut base: Vec<f32> = Vec::new();
+                        for n_ks in [1usize, 2, 3, 7, 33] {
+                            out.fill(0xff).unwrap(); // NaN until written
+                            part.fill(0xff).unwrap();
+                            flash_launch(&g, name, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, n_ks, part.p());
+                            let got = out.read::<f32>(nt * q_dim).unwrap();
+                            let what = format!("{name} hd {hd} nt {nt} p0 {p0} n_ks {n_ks}");
+                            for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (gv as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                                    "{what}: out[{i}] (token {}, head {}) = {gv} want {w}",
+                                    i / q_dim,
+                                    i % q_dim / hd
+                                );
+                            }
+                            if n_ks == 1 {
+                                base = got;
+                            } else {
+                                let d = got
+                                    .iter()
+                                    .zip(&base)
+                                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                                    .fold(0f32, f32::max);
+                                assert!(d <= 2e-5, "{what}: {d} from the un-split result");
+                                // Splits in use: ceil(kmax / chunk) with chunk whole 64-key tiles.
+                                let chunk = (n_keys.div_ceil(n_ks)).div_ceil(64) * 64;
+                                splits_seen = splits_seen.max(n_keys.div_ceil(chunk));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(splits_seen >= 7, "the key split never used 7 splits ({splits_seen})");
+}
+
+/// Causal GQA attention in f64 over the cache rounded by `round`:
+/// [nt][n_heads * hd] for queries at p0.. (see flash_attention_matches_reference).
+#[allow(clippy::too_many_arguments)]
+fn attention_f64(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    round: impl Fn(f32) -> f32,
+    nt: usize,
+    p0: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    cap: usize,
+    scale: f32,
+) -> Vec<f64> {
+    let q_dim = n_heads * hd;
+    let mut want = vec![0f64; nt * q_dim];
+    for t in 0..nt {
+        for h in 0..n_heads {
+            let kvh = h / (n_heads / n_kv);
+            let qv = &q[t * q_dim + h * hd..][..hd];
+            let sc: Vec<f64> = (0..=p0 + t)
+                .map(|j| {
+                    let kk = &k[(kvh * cap + j) * hd..][..hd];
+                    qv.iter()
+                        .zip(kk)
+                        .map(|(&a, &b)| a as f64 * round(b) as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = e.iter().sum();
+            for (j, &w) in e.iter().enumerate() {
+                let vv = &v[(kvh * cap + j) * hd..][..hd];
+                for d in 0..hd {
+                    want[t * q_dim + h * hd + d] += w * round(vv[d]) as f64 / l;
+                }
+            }
+        }
+    }
+    want
+}
+
+/// The prefill attention kernels at the 2b4t shape (20 query heads on 5 KV
+/// heads, hd 128), device runs only (YINSEN_DEVICE=1), both caches, two
+/// cases: 2048 tokens from an empty cache (a 2048-token prefill) and 16
+/// tokens after 2048 cached keys (a batched decode step). The tensor-core
+/// kernels (un-split and with the key split the backend picks) against the
+/// f32 kernel (split 1e-4, tc16 1e-2, relative to 1 + |want|: the f64 checks
 /// above at 2x their limits, for the longer sums), then the time of one
-/// launch (x 30 layers = a 2048-token prefill's attention), both caches.
+/// launch (x 30 layers = that call's attention).
 #[test]
 fn flash_attention_2b4t_timing() {
     use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
@@ -365,7 +588,7 @@ fn flash_attention_2b4t_timing() {
         return;
     }
     let Some(g) = gpu() else { return };
-    let (nt, n_heads, n_kv, hd) = (2048usize, 20usize, 5usize, 128usize);
+    let (n_heads, n_kv, hd, cap) = (20usize, 5usize, 128usize, 2064usize);
     let q_dim = n_heads * hd;
     let mut r = SplitMix64(99);
     let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
@@ -373,12 +596,12 @@ fn flash_attention_2b4t_timing() {
             .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
             .collect()
     };
-    let q = rnd(nt * q_dim, 1.0);
-    let k = rnd(n_kv * nt * hd, 3.0);
-    let v = rnd(n_kv * nt * hd, 2.0);
+    let q = rnd(2048 * q_dim, 1.0);
+    let k = rnd(n_kv * cap * hd, 3.0);
+    let v = rnd(n_kv * cap * hd, 2.0);
     let qb = g.upload(&q).unwrap();
-    let pos = g.upload(&[0i32]).unwrap();
-    let out = g.alloc(4 * nt * q_dim).unwrap();
+    let out = g.alloc(4 * 2048 * q_dim).unwrap();
+    let part = g.alloc(4 * 16 * n_heads * 64 * (hd + 2)).unwrap();
     let scale = 1.0 / (hd as f32).sqrt();
     for kv in [KvDtype::F32, KvDtype::F16] {
         let (kb, vb) = match kv {
@@ -396,81 +619,87 @@ fn flash_attention_2b4t_timing() {
             KvDtype::F32 => "flash_attn_d128_f32",
             KvDtype::F16 => "flash_attn_d128_f16",
         };
-        let mut kernels = vec![(f32_name, 256u32, 4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd), 0.0)];
-        if g.has_mma() {
-            kernels.push((
-                kv.flash_tc(false, true),
-                FLASH_TC_THREADS,
-                flash_tc_smem(hd, true, kv),
-                1e-4,
-            ));
-            kernels.push((
-                kv.flash_tc(false, false),
-                FLASH_TC_THREADS,
-                flash_tc_smem(hd, false, kv),
-                1e-2,
-            ));
-        }
-        let mut want: Vec<f32> = Vec::new();
-        for (name, threads, smem, tol) in kernels {
-            assert!(
-                g.allow_dynamic_smem(name, smem).unwrap(),
-                "{name}: {smem} bytes of smem"
-            );
-            let launch = || {
-                g.launch_smem(
-                    name,
-                    (nt.div_ceil(64) as u32, n_heads as u32, 1),
-                    threads,
-                    smem as u32,
-                    &[
-                        qb.p(),
-                        Arg::I(q_dim as i32),
-                        kb.p(),
-                        vb.p(),
-                        pos.p(),
-                        Arg::I(nt as i32),
-                        Arg::I(n_heads as i32),
-                        Arg::I(n_kv as i32),
-                        Arg::I(hd as i32),
-                        Arg::I(nt as i32),
-                        Arg::F(scale),
-                        out.p(),
-                        Arg::I(q_dim as i32),
-                    ],
-                    Launch::Plain,
-                )
-                .unwrap()
-            };
-            out.fill(0xff).unwrap(); // NaN until written
-            launch();
-            let got = out.read::<f32>(nt * q_dim).unwrap();
-            if want.is_empty() {
-                assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite output");
-                want = got;
-            } else {
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(&a, &b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
-                    .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
-                println!("{name}: max |err| / (1 + |f32 kernel|) = {err:.2e}");
-                assert!(err <= tol, "{name}: {err} > {tol}");
+        for (nt, p0) in [(2048usize, 0usize), (16, 2048)] {
+            let pos = g.upload(&[p0 as i32]).unwrap();
+            // The backend's choice (CudaBackend::key_splits): two blocks per SM.
+            let auto = (2 * g.info.sms.max(1) as usize)
+                .div_ceil(nt.div_ceil(64) * n_heads)
+                .min(64);
+            let mut kernels = vec![(
+                f32_name,
+                256u32,
+                4 * 64 * ((hd + 4) + (hd + 4).max(68) + hd),
+                0.0,
+                1usize,
+            )];
+            if g.has_mma() {
+                let mut names = vec![
+                    (kv.flash_tc(false, true), true, 1e-4),
+                    (kv.flash_tc(false, false), false, 1e-2),
+                ];
+                if kv == KvDtype::F32 {
+                    names.push(("flash_tcs_d128_f32", true, 1e-4));
+                }
+                for (name, split, tol) in names {
+                    let smem = flash_tc_smem(hd, split, kv);
+                    kernels.push((name, FLASH_TC_THREADS, smem, tol, 1));
+                    if auto > 1 {
+                        kernels.push((name, FLASH_TC_THREADS, smem, tol, auto));
+                    }
+                }
             }
-            let reps = 20;
-            launch();
-            g.sync().unwrap();
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
+            let mut want: Vec<f32> = Vec::new();
+            for (name, threads, smem, tol, n_ks) in kernels {
+                assert!(
+                    g.allow_dynamic_smem(name, smem).unwrap(),
+                    "{name}: {smem} bytes of smem"
+                );
+                let args = [
+                    qb.p(),
+                    Arg::I(q_dim as i32),
+                    kb.p(),
+                    vb.p(),
+                    pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(n_heads as i32),
+                    Arg::I(n_kv as i32),
+                    Arg::I(hd as i32),
+                    Arg::I(cap as i32),
+                    Arg::F(scale),
+                    out.p(),
+                    Arg::I(q_dim as i32),
+                ];
+                let launch = || flash_launch(&g, name, threads, smem, nt, n_heads, hd, &args, n_ks, part.p());
+                out.fill(0xff).unwrap(); // NaN until written
                 launch();
+                let got = out.read::<f32>(nt * q_dim).unwrap();
+                if want.is_empty() {
+                    assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite output");
+                    want = got;
+                } else {
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(&a, &b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
+                        .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                    println!("{name} nt {nt} p0 {p0} n_ks {n_ks}: max |err| / (1 + |f32 kernel|) = {err:.2e}");
+                    assert!(err <= tol, "{name} nt {nt} p0 {p0} n_ks {n_ks}: {err} > {tol}");
+                }
+                let reps = 20;
+                launch();
+                g.sync().unwrap();
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    launch();
+                }
+                g.sync().unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                let occ = g.occupancy(name, threads, smem).unwrap();
+                println!(
+                    "{name} nt {nt} after {p0} keys, n_ks {n_ks}: {ms:.4} ms per launch, x30 layers {:.2} ms ({occ} blocks/SM)",
+                    30.0 * ms
+                );
             }
-            g.sync().unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-            let occ = g.occupancy(name, threads, smem).unwrap();
-            println!(
-                "{name}: {ms:.3} ms per launch, x30 layers {:.2} ms ({occ} blocks/SM)",
-                30.0 * ms
-            );
         }
     }
 }

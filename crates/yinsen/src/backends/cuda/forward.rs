@@ -170,19 +170,23 @@ pub enum FlashMode {
     /// The tensor-core kernel on plain f16 inputs: ~3x fewer mma than Tc,
     /// f16 rounding of Q, K, V and P (flips int8 codes downstream).
     Tc16,
+    /// Tc with K/V copied raw by cp.async and converted in shared memory
+    /// (`flash_tcs_d128_f32`: f32 cache, head dim <= 128; else Tc).
+    TcStaged,
 }
 
 impl FlashMode {
-    const ALL: [FlashMode; 6] = [
+    const ALL: [FlashMode; 7] = [
         FlashMode::Off,
         FlashMode::Auto,
         FlashMode::F32,
         FlashMode::Wide,
         FlashMode::Tc,
         FlashMode::Tc16,
+        FlashMode::TcStaged,
     ];
 
-    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`.
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`.
     pub fn from_env() -> Result<Self> {
         let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
             return Ok(FlashMode::Auto);
@@ -194,9 +198,10 @@ impl FlashMode {
             "wide" => FlashMode::Wide,
             "tc" => FlashMode::Tc,
             "tc16" => FlashMode::Tc16,
+            "tcs" => FlashMode::TcStaged,
             _ => {
                 return Err(Error::input(format!(
-                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc or tc16"
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16 or tcs"
                 )))
             }
         })
@@ -217,10 +222,14 @@ pub const FLASH_TC_THREADS: u32 = 128;
 
 /// Dynamic shared memory of the tensor-core kernel: f16 tiles [64][hd + 8]
 /// of Q, K and V, plus the lo parts in split mode (Q always, K and V only
-/// from an f32 cache: f16 cache values are exact in f16).
+/// from an f32 cache: f16 cache values are exact in f16); an f16 cache's K
+/// and V tiles are double-buffered (cp.async).
 pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
-    let lo_kv = split && kv == KvDtype::F32;
-    2 * FA_TILE * (hd + 8) * (1 + split as usize + 2 * (1 + lo_kv as usize))
+    let kv_tiles = match kv {
+        KvDtype::F32 => 2 * (1 + split as usize),
+        KvDtype::F16 => 4,
+    };
+    2 * FA_TILE * (hd + 8) * (1 + split as usize + kv_tiles)
 }
 
 /// A prefill attention kernel: name, threads per block, dynamic smem bytes.
@@ -249,11 +258,17 @@ pub struct CudaBackend {
     mma_min_tokens: std::sync::atomic::AtomicUsize,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
+    /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
+    key_splits_override: std::sync::atomic::AtomicUsize,
+    /// Tokens `part` holds with max_splits splits (see Scratch).
+    part_tokens: usize,
     /// Whether each f32 flash instantiation (narrow, wide) can run this head dim.
     flash_ok: [bool; 2],
     /// Whether the tensor-core flash kernel (plain f16, split) can run here
     /// (sm_80+, head dim a multiple of 16 up to 256, smem).
     tc_ok: [bool; 2],
+    /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
+    tcs_ok: bool,
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -513,6 +528,11 @@ impl CudaBackend {
                     flash_tc_smem(c.head_dim, split, kv),
                 )?;
         }
+        let tcs_smem = flash_tc_smem(c.head_dim, true, KvDtype::F32);
+        let tcs_ok = tc_ok[1]
+            && kv == KvDtype::F32
+            && c.head_dim <= 128
+            && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
@@ -550,6 +570,9 @@ impl CudaBackend {
             // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
             mma_min_tokens: 2.into(),
             flash: (flash_mode as u8).into(),
+            key_splits_override: 0.into(),
+            tcs_ok,
+            part_tokens,
             flash_ok,
             tc_ok,
         };
@@ -692,7 +715,37 @@ impl CudaBackend {
             FlashMode::Wide => f32k(true),
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
+            FlashMode::TcStaged => match self.tcs_ok {
+                true => Some(("flash_tcs_d128_f32", FLASH_TC_THREADS, flash_tc_smem(hd, true, self.kv))),
+                false => tc(true),
+            },
         }
+    }
+
+    /// Key splits of the tensor-core flash kernel for `nt` queries: enough
+    /// blocks for two per SM when the query tiles alone are too few (a short
+    /// batch after a long context), within `part`'s room. Depends on nt only,
+    /// not on the position, so a captured step graph (keyed on nt) stays valid.
+    pub fn key_splits(&self, nt: usize) -> usize {
+        let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
+        let c = &self.config;
+        let blocks = nt.div_ceil(FA_TILE) * c.n_heads;
+        let target = 2 * self.gpu.info.sms.max(1) as usize;
+        let want = if forced > 0 {
+            forced
+        } else {
+            target.div_ceil(blocks.max(1))
+        };
+        // part holds [part_tokens][n_heads][max_splits][hd + 2] floats; the
+        // key split uses [nt][n_heads][n_ks][hd + 2].
+        let room = (self.part_tokens * self.max_splits) / nt.max(1);
+        want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
+    }
+
+    /// For tests: force `n` key splits of the tensor-core flash kernel (0 =
+    /// automatic); returns the previous setting.
+    pub fn set_key_splits(&self, n: usize) -> usize {
+        self.key_splits_override.swap(n, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether prefill uses flash.cu now (mode and device permitting).
@@ -894,28 +947,48 @@ impl CudaBackend {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         if let Some((name, threads, smem)) = self.flash_kernel().filter(|_| nt > 1) {
-            return self.gpu.launch_smem(
-                name,
-                (nt.div_ceil(FA_TILE) as u32, c.n_heads as u32, 1),
-                threads,
-                smem as u32,
-                &[
-                    s.qr.p(),
-                    Arg::I(c.q_dim() as i32),
-                    cache.k.at(li * cache.layer_bytes),
-                    cache.v.at(li * cache.layer_bytes),
-                    s.pos.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(c.n_heads as i32),
-                    Arg::I(c.n_kv_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(cache.cap as i32),
-                    Arg::F(scale),
-                    s.attn.p(),
-                    Arg::I(c.q_dim() as i32),
-                ],
-                if pdl { Launch::Pdl } else { Launch::Plain },
-            );
+            let tc = name.starts_with("flash_tc");
+            let n_ks = if tc { self.key_splits(nt) } else { 1 };
+            let how = if pdl { Launch::Pdl } else { Launch::Plain };
+            let mut args = vec![
+                s.qr.p(),
+                Arg::I(c.q_dim() as i32),
+                cache.k.at(li * cache.layer_bytes),
+                cache.v.at(li * cache.layer_bytes),
+                s.pos.p(),
+                Arg::I(nt as i32),
+                Arg::I(c.n_heads as i32),
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(cache.cap as i32),
+                Arg::F(scale),
+                s.attn.p(),
+                Arg::I(c.q_dim() as i32),
+            ];
+            if tc {
+                args.extend([Arg::I(n_ks as i32), s.part.p()]);
+            }
+            let grid = ((nt.div_ceil(FA_TILE) * n_ks) as u32, c.n_heads as u32, 1);
+            self.gpu.launch_smem(name, grid, threads, smem as u32, &args, how)?;
+            if n_ks > 1 {
+                self.gpu.launch_ex(
+                    "flash_tc_merge",
+                    (nt as u32, c.n_heads as u32, 1),
+                    128,
+                    &[
+                        s.part.p(),
+                        s.pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(c.n_heads as i32),
+                        Arg::I(c.head_dim as i32),
+                        Arg::I(n_ks as i32),
+                        s.attn.p(),
+                        Arg::I(c.q_dim() as i32),
+                    ],
+                    pdl,
+                )?;
+            }
+            return Ok(());
         }
         self.gpu.launch_ex(
             self.kv.attn_partial(),
@@ -2142,18 +2215,25 @@ mod tests {
         }
     }
 
-    /// Tensor-core smem: 3 f16 tiles (tc16), + Q lo (split, f16 cache), + K, V
-    /// lo (split, f32 cache); the widest must fit an H100's 227 KB per block.
+    /// Tensor-core smem: 3 f16 tiles (tc16, f32 cache), + Q lo (split), + K, V
+    /// lo (split, f32 cache), + a second K, V stage (f16 cache, cp.async);
+    /// the widest must fit an H100's 227 KB per block.
     #[test]
     fn flash_tc_smem_sizes() {
         let tile = |hd: usize| 2 * 64 * (hd + 8);
         assert_eq!(flash_tc_smem(128, false, KvDtype::F32), 3 * tile(128));
-        assert_eq!(flash_tc_smem(128, false, KvDtype::F16), 3 * tile(128));
-        assert_eq!(flash_tc_smem(128, true, KvDtype::F16), 4 * tile(128));
+        assert_eq!(flash_tc_smem(128, false, KvDtype::F16), 5 * tile(128));
+        assert_eq!(flash_tc_smem(128, true, KvDtype::F16), 6 * tile(128));
         assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 6 * tile(128));
         assert_eq!(flash_tc_smem(128, true, KvDtype::F32), 104_448);
-        assert!(flash_tc_smem(256, true, KvDtype::F32) <= 227 * 1024);
-        // Two d128 split blocks per SM (228 KB, 1 KB reserved per block).
-        assert!(2 * (flash_tc_smem(128, true, KvDtype::F32) + 1024) <= 228 * 1024);
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            assert!(flash_tc_smem(256, true, kv) <= 227 * 1024, "{kv:?}");
+            // Two d128 split blocks per SM (228 KB, 1 KB reserved per block).
+            assert!(2 * (flash_tc_smem(128, true, kv) + 1024) <= 228 * 1024, "{kv:?}");
+        }
+        // flash_tcs stages an f32 tile (256 hd bytes) in the Q hi + lo tiles.
+        for hd in (16..=128).step_by(16) {
+            assert!(64 * hd * 4 <= 2 * tile(hd), "hd {hd}");
+        }
     }
 }

@@ -194,7 +194,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 44] = [
+pub const KERNELS: [&str; 46] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -239,6 +239,8 @@ pub const KERNELS: [&str; 44] = [
     "flash_tc16_d128_f32",
     "flash_tc16_d256_f16",
     "flash_tc16_d256_f32",
+    "flash_tc_merge",
+    "flash_tcs_d128_f32",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

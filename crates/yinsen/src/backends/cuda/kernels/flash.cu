@@ -249,7 +249,8 @@ FLASH_ATTN(flash_attn_d256_f32, float, 4, 1)
 //
 // Shared memory, f16, rows of ld = hd + 8 halves (16-byte aligned rows, and
 // the 16-byte shift per row keeps the 8 row reads of an ldmatrix on distinct
-// banks): Qh [64][ld], Ql (SPLIT), Kh, Kl (SPLIT, f32 cache), Vh, Vl (same).
+// banks): Qh [64][ld], Ql (SPLIT), Kh, Kl (SPLIT, f32 cache), Vh, Vl (same),
+// and with an f16 cache a second stage of Kh, Vh (cp.async double buffer).
 #define TC_BQ 64
 #define TC_BK 64
 #define TC_THREADS 128
@@ -291,42 +292,101 @@ __device__ __forceinline__ void tc_store4(float4 v, u16* hi, u16* lo) {
     *(uint2*)hi = make_uint2(h0, h1);
     if (LO) *(uint2*)lo = make_uint2(tc_pack_lo(v.x, v.y, h0), tc_pack_lo(v.z, v.w, h1));
 }
-// Keys j0 .. j0 + 63 of one KV head into f16 rows; keys at or past kmax
-// (not written yet: garbage or NaN) become zeros, as P V would otherwise
-// pick up 0 * NaN.
-template <bool LO>
-__device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kmax, int hd, int ld, u16* hi, u16* lo) {
-    const int per_row = hd / 4;
-    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
-        const int j = idx / per_row, d = (idx - j * per_row) * 4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (j0 + j < kmax) v = *(const float4*)(base + (size_t)(j0 + j) * hd + d);
-        tc_store4<LO>(v, hi + j * ld + d, lo + j * ld + d);
+// Keys j0 .. j0 + 63 of one KV head into f16 rows; keys at or past kend
+// (not written yet: garbage or NaN; or the next key split's) become zeros,
+// as P V would otherwise pick up 0 * NaN. TC_LB loads per thread are issued
+// before any is converted: the compiler cannot hoist a global load above the
+// shared-memory stores, so one at a time each would wait its full latency.
+#define TC_LB 8
+template <bool LO, int HDMAX>
+__device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kend, int hd, int ld, u16* hi, u16* lo) {
+    constexpr int ITER = TC_BK * (HDMAX / 4) / TC_THREADS;  // float4s per thread at hd = HDMAX
+    static_assert(ITER % TC_LB == 0, "whole load batches");
+    const int per_row = hd / 4, n = TC_BK * per_row;
+#pragma unroll 1
+    for (int b = 0; b < ITER; b += TC_LB) {
+        float4 v[TC_LB];
+#pragma unroll
+        for (int i = 0; i < TC_LB; i++) {
+            const int idx = threadIdx.x + (b + i) * TC_THREADS, j = idx / per_row, d = (idx - j * per_row) * 4;
+            v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (idx < n && j0 + j < kend) v[i] = *(const float4*)(base + (size_t)(j0 + j) * hd + d);
+        }
+#pragma unroll
+        for (int i = 0; i < TC_LB; i++) {
+            const int idx = threadIdx.x + (b + i) * TC_THREADS, j = idx / per_row, d = (idx - j * per_row) * 4;
+            if (idx < n) tc_store4<LO>(v[i], hi + j * ld + d, lo + j * ld + d);
+        }
     }
 }
-// f16 cache: copied as is (exact in f16, so never a lo part).
-template <bool LO>
-__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kmax, int hd, int ld, u16* hi, u16*) {
+// f16 cache: copied as is (exact in f16, so never a lo part) by cp.async,
+// all in flight at once; tc_load_wait() before the barrier.
+template <bool LO, int HDMAX>
+__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, int hd, int ld, u16* hi, u16*) {
     const int per_row = hd / 8;
     for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
         const int j = idx / per_row, d = (idx - j * per_row) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (j0 + j < kmax) v = *(const uint4*)(base + (size_t)(j0 + j) * hd + d);
-        *(uint4*)(hi + j * ld + d) = v;
+        u16* dst = hi + j * ld + d;
+        if (j0 + j < kend) {
+            const u32 a = (u32)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
+                         : "memory");
+        } else {
+            *(uint4*)dst = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+__device__ __forceinline__ void tc_load_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void tc_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Raw f32 keys j0 .. j0 + 63 into stg [64][hd] by cp.async (zeros past kend).
+__device__ __forceinline__ void tc_stage_tile(const float* base, int j0, int kend, int hd, float* stg) {
+    const int per_row = hd / 4;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 4;
+        float* dst = stg + j * hd + d;
+        if (j0 + j < kend) {
+            const u32 a = (u32)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
+                         : "memory");
+        } else {
+            *(float4*)dst = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+}
+__device__ __forceinline__ void tc_stage_tile(const u16*, int, int, int, float*) {}  // f16 cache: never staged
+// The staged f32 tile into hi/lo f16 rows.
+__device__ __forceinline__ void tc_convert(const float* stg, int hd, int ld, u16* hi, u16* lo) {
+    const int per_row = hd / 4;
+    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
+        const int j = idx / per_row, d = (idx - j * per_row) * 4;
+        tc_store4<true>(*(const float4*)(stg + j * hd + d), hi + j * ld + d, lo + j * ld + d);
     }
 }
 #endif
 
+// Keys per key split of a query tile that needs kmax keys: n_ks near-equal
+// whole key tiles (the last splits may be empty). Shared with the merge.
+__device__ __forceinline__ int tc_split_chunk(int kmax, int n_ks) {
+    return ((kmax + n_ks - 1) / n_ks + TC_BK - 1) / TC_BK * TC_BK;
+}
+__device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m; }
+
 // HDMAX: the largest head dim of the instantiation (hd <= HDMAX, hd % 16 == 0).
-template <typename KV, int HDMAX, bool SPLIT>
+// STG (f32 cache, split, hd <= 128 only): raw f32 K/V tiles are copied by
+// cp.async into the Q tiles' smem (dead once Q's fragments are in
+// registers; 256 (hd + 8) bytes hold a 256 hd-byte f32 tile) and converted
+// to hi/lo there: V's copy flies during S = Q K^T, the next K's during O += P V.
+template <typename KV, int HDMAX, bool SPLIT, bool STG = false>
 __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
                                               const int* pos, int nt, int n_heads, int n_kv, int hd, int cap,
-                                              float scale, float* outp, int out_stride) {
+                                              float scale, float* outp, int out_stride, int n_ks, float* part) {
 #if __CUDA_ARCH__ >= 800
     constexpr bool KLO = SPLIT && sizeof(KV) == 4;  // K, V need a lo part
     constexpr int NT = HDMAX / 8;                   // n8 tiles of an output row
     constexpr int KS = HDMAX / 16;                  // k16 steps over the head dim
     constexpr bool QREG = HDMAX <= 128;             // Q fragments live in registers (d256: too many)
+    constexpr bool STG_ = STG && KLO && QREG;
     extern __shared__ uint4 tc_smem4[];
     const int ld = hd + 8, tile = TC_BQ * ld;
     u16* p = (u16*)tc_smem4;
@@ -345,13 +405,29 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     // Heaviest (last) query tiles first: the causal work grows with the tile.
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;
+    // With n_ks > 1 key splits, block x = (tile, split) takes one key range.
+    const int qt = gridDim.x / n_ks - 1 - blockIdx.x / n_ks, ksp = blockIdx.x % n_ks, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv);
     const int p0 = pos[0], t0 = qt * TC_BQ;
     const int rows = min(TC_BQ, nt - t0);
     const int kmax = p0 + t0 + rows;  // keys this tile needs (last row inclusive)
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
+    // Past the keys of this tile: the merge skips it. With one split in use
+    // (kchunk >= kmax), that split writes the output itself.
+    if (kbeg >= kmax) return;
     const KV* kb = kc + (size_t)kvh * cap * hd;
     const KV* vb = vc + (size_t)kvh * cap * hd;
+    // f16 cache: K/V tiles double-buffered by cp.async (stage 1 two tiles
+    // past stage 0, after Vh): the next tile lands while this one computes.
+    // The first is in flight while Q is staged.
+    constexpr bool ASYNC = sizeof(KV) == 2;
+    const int sst = 2 * tile;  // halves from stage 0 to stage 1 (ASYNC)
+    if (ASYNC) {
+        tc_load_tile<KLO, HDMAX>(kb, kbeg, kend, hd, ld, Kh, Kl);
+        tc_load_tile<KLO, HDMAX>(vb, kbeg, kend, hd, ld, Vh, Vl);
+        tc_commit();
+    }
 
     // Q, pre-scaled by scale * log2(e): scores come out in base-2 units, so
     // the softmax takes exp2 (one ex2) instead of expf. Rows past nt are
@@ -407,6 +483,12 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
             }
         }
     }
+    float* stg = (float*)Qh;
+    if (STG_) {
+        __syncthreads();  // every warp holds Q: its smem becomes the staging tile
+        tc_stage_tile(kb, kbeg, kend, hd, stg);
+        tc_commit();
+    }
 
     float o[NT][4];
 #pragma unroll
@@ -416,18 +498,39 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     // Running max and (lane-partial) sum of rows r0, r0 + 8.
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    for (int j0 = 0; j0 < kmax; j0 += TC_BK) {
-        tc_load_tile<KLO>(kb, j0, kmax, hd, ld, Kh, Kl);
-        tc_load_tile<KLO>(vb, j0, kmax, hd, ld, Vh, Vl);
-        __syncthreads();
-        // Tile 0 holds key 0 for every row, so each active warp runs it and
-        // m is finite from then on; tiles wholly past the warp's rows are skipped.
-        if (active && j0 <= wlast) {
-            float s[8][4];
+    int stage = 0;
+    for (int j0 = kbeg; j0 < kend; j0 += TC_BK) {
+        if (STG_) {
+            tc_load_wait();
+            __syncthreads();  // K's copy landed; everyone is past the previous P V (Kh, Vh free)
+            tc_convert(stg, hd, ld, Kh, Kl);
+            __syncthreads();  // Kh ready, staging free
+            tc_stage_tile(vb, j0, kend, hd, stg);
+            tc_commit();
+        } else if (!ASYNC) {
+            tc_load_tile<KLO, HDMAX>(kb, j0, kend, hd, ld, Kh, Kl);
+            tc_load_tile<KLO, HDMAX>(vb, j0, kend, hd, ld, Vh, Vl);
+        } else if (j0 + TC_BK < kend) {
+            // The other stage was last read before the previous trailing barrier.
+            const int o = (stage ^ 1) * sst;
+            tc_load_tile<KLO, HDMAX>(kb, j0 + TC_BK, kend, hd, ld, Kh + o, Kl);
+            tc_load_tile<KLO, HDMAX>(vb, j0 + TC_BK, kend, hd, ld, Vh + o, Vl);
+            tc_commit();
+            tc_wait_prev();  // this tile's group is done, the next one may still fly
+        } else {
+            tc_load_wait();
+        }
+        if (!STG_) __syncthreads();
+        const u32 sb = 2 * stage * sst;  // bytes to this stage's K/V
+        // Tiles wholly past the warp's rows are skipped. A row can see only
+        // masked keys (a key split past its position): m stays -inf, p = 0.
+        const bool run = active && j0 <= wlast;
+        float s[8][4];
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+        for (int n = 0; n < 8; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+        if (run) {
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 if (16 * ks < hd) {
@@ -446,7 +549,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                     for (int np = 0; np < 4; np++) {
                         const u32 koff = 2 * 16 * np * ld + 32 * ks;
                         u32 kh[4];
-                        tc_ldsm4(kh, sKh + koff);
+                        tc_ldsm4(kh, sKh + sb + koff);
                         if (SPLIT) {
                             tc_mma(s[2 * np], ql, kh[0], kh[1]);
                             tc_mma(s[2 * np + 1], ql, kh[2], kh[3]);
@@ -483,18 +586,19 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
-            // A row masked out of this whole tile keeps m (mx = -inf) and gets p = 0.
+            // A row masked out of this whole tile keeps m (mx = -inf) and gets
+            // p = 0; while m is -inf, subtract 0 instead (-inf - -inf is NaN).
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+            const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
             m0 = mn0;
             m1 = mn1;
             float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
             for (int n = 0; n < 8; n++) {
-                s[n][0] = exp2f(s[n][0] - mn0);
-                s[n][1] = exp2f(s[n][1] - mn0);
-                s[n][2] = exp2f(s[n][2] - mn1);
-                s[n][3] = exp2f(s[n][3] - mn1);
+                s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
+                s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
+                s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
+                s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
                 sum0 += s[n][0] + s[n][1];
                 sum1 += s[n][2] + s[n][3];
             }
@@ -507,6 +611,18 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 o[n][2] *= a1;
                 o[n][3] *= a1;
             }
+        }
+        if (STG_) {
+            tc_load_wait();
+            __syncthreads();  // V's copy landed (S used Kh only)
+            tc_convert(stg, hd, ld, Vh, Vl);
+            __syncthreads();  // Vh ready, staging free
+            if (j0 + TC_BK < kend) {
+                tc_stage_tile(kb, j0 + TC_BK, kend, hd, stg);
+                tc_commit();
+            }
+        }
+        if (run) {
             // O += P V, 16 keys per step. P's A fragment of keys 16 kk.. is
             // the S accumulators of key tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
 #pragma unroll
@@ -527,7 +643,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                     if (16 * dp < hd) {
                         const u32 voff = 2 * 16 * kk * ld + 32 * dp;
                         u32 vh[4];
-                        tc_ldsm4t(vh, sVh + voff);
+                        tc_ldsm4t(vh, sVh + sb + voff);
                         if (SPLIT) {
                             tc_mma(o[2 * dp], pl, vh[0], vh[1]);
                             tc_mma(o[2 * dp + 1], pl, vh[2], vh[3]);
@@ -544,7 +660,8 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 }
             }
         }
-        __syncthreads();  // K and V are overwritten by the next tile
+        if (!STG_) __syncthreads();  // K and V are overwritten by the next tile (STG: the next top barrier)
+        if (ASYNC) stage ^= 1;
     }
 
     if (!active) return;
@@ -553,6 +670,25 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     for (int off = 1; off < 4; off <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    if (n_ks > 1 && kchunk < kmax) {
+        // Partial of this key range, un-normalised: [m (base 2), l, o[hd]] per
+        // (token, head, split) for flash_tc_merge.
+        const size_t pst = hd + 2;
+        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
+        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
+        if (c == 0) {
+            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
+            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            if (8 * n < hd) {
+                if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
+                if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
+            }
+        }
+        return;
     }
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
     float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * hd + 2 * c;
@@ -571,10 +707,10 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #define FLASH_TC(NAME, KV, HDMAX, SPLIT, MINB)                                                                 \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, MINB)                                             \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
-             int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
+             int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks, float* part) {      \
         pdl_wait(); /* as FLASH_ATTN */                                                                         \
         flash_tc_body<KV, HDMAX, SPLIT>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,     \
-                                        out_stride);                                                            \
+                                        out_stride, n_ks, part);                                                \
     }
 FLASH_TC(flash_tc_d128_f16, u16, 128, true, 2)
 FLASH_TC(flash_tc_d128_f32, float, 128, true, 2)
@@ -584,3 +720,38 @@ FLASH_TC(flash_tc16_d128_f16, u16, 128, false, 2)
 FLASH_TC(flash_tc16_d128_f32, float, 128, false, 2)
 FLASH_TC(flash_tc16_d256_f16, u16, 256, false, 1)
 FLASH_TC(flash_tc16_d256_f32, float, 256, false, 1)
+// Split, f32 cache, hd <= 128, K/V staged raw by cp.async (STG above).
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    flash_tcs_d128_f32(const float* qr, int q_stride, const float* kc, const float* vc, const int* pos, int nt,
+                       int n_heads, int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks,
+                       float* part) {
+    pdl_wait();
+    flash_tc_body<float, 128, true, true>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,
+                                          out_stride, n_ks, part);
+}
+
+// Merges the key-split partials of flash_tc_* (n_ks > 1) in split order
+// (deterministic): grid (nt, n_heads), any block size. part as written there.
+extern "C" __global__ void __launch_bounds__(128)
+    flash_tc_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
+                   int out_stride) {
+    pdl_wait();
+    const int t = blockIdx.x, h = blockIdx.y;
+    const int t0 = t / TC_BQ * TC_BQ;
+    const int kmax = pos[0] + t0 + min(TC_BQ, nt - t0);
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int used = (kmax + kchunk - 1) / kchunk;  // splits that wrote (split 0 holds key 0: m finite)
+    if (used == 1) return;                          // split 0 wrote the output
+    const size_t pst = hd + 2;
+    const float* base = part + ((size_t)t * n_heads + h) * n_ks * pst;
+    float m = NEG_INF;
+    for (int s = 0; s < used; s++) m = fmaxf(m, base[s * pst]);
+    float l = 0.f;
+    for (int s = 0; s < used; s++) l += base[s * pst + 1] * exp2f(base[s * pst] - m);
+    const float inv = 1.f / l;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < used; s++) a += base[s * pst + 2 + d] * exp2f(base[s * pst] - m);
+        outp[(size_t)t * out_stride + h * hd + d] = a * inv;
+    }
+}
