@@ -195,9 +195,11 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
     const int g = lane >> 2, tg = lane & 3;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const size_t x_stride = (size_t)chunks * 64;
-    // Split-K (gridDim.z > 1, few tokens): block z takes chunks [c0, c1).
-    const int cps = (chunks + gridDim.z - 1) / gridDim.z;
-    const int c0 = min(chunks, (int)blockIdx.z * cps), c1 = min(chunks, c0 + cps);
+    // Split-K (gridDim.z > 1; only the 16-token tiles, the host never splits
+    // others): block z takes chunks [c0, c1).
+    constexpr bool CAN_SPLIT = BN <= 16;
+    const int cps = CAN_SPLIT ? (chunks + gridDim.z - 1) / gridDim.z : chunks;
+    const int c0 = CAN_SPLIT ? min(chunks, (int)blockIdx.z * cps) : 0, c1 = min(chunks, c0 + cps);
     const int iters = (c1 - c0 + TM_KC - 1) / TM_KC;
     const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
 
@@ -272,7 +274,7 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         }
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
-    const bool split = gridDim.z > 1;
+    const bool split = CAN_SPLIT && gridDim.z > 1;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
