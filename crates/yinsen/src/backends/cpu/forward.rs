@@ -636,6 +636,29 @@ mod tests {
         }
     }
 
+    /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16
+    /// one on the same model and prompt: a bounded change, not zero.
+    #[test]
+    fn q8_lm_head_error_against_f16() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let ids: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % model.config.vocab as u32).collect();
+        let logits = |q8: bool| {
+            let opts = CpuOptions {
+                threads: 2,
+                lm_head_q8: q8,
+                ..CpuOptions::default()
+            };
+            let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
+            let mut c = be.new_cache(16).unwrap();
+            be.forward(c.as_mut(), &ids, Output::AllLogits).unwrap()
+        };
+        let (f, q) = (logits(false), logits(true));
+        let max = f.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let mean = f.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f32>() / f.len() as f32;
+        eprintln!("q8 vs f16 lm_head: max |dlogit| {max:.2e}, mean {mean:.2e}");
+        assert!(max > 0.0 && max <= 0.05 && mean <= 0.01, "{max} / {mean}");
+    }
+
     /// Decode attention on the spin pool equals the rayon per-head version
     /// bit for bit (1, 2, 5 threads; 5 leaves a thread without heads).
     #[test]
