@@ -480,8 +480,9 @@ fn mega_decode_matches_per_kernel_decode() {
 }
 
 /// The 8-bit lm_head on the GPU decode step against the CPU with the same
-/// Q8_0 copy (same bytes, so only float order and the flip-prone limits
-/// separate them), and against the GPU's own f16 lm_head (a real change in
+/// Q8_0 copy (same weight bytes; the CPU also quantises the hidden state per
+/// 32-block where VNNI runs, ~1e-2 in the logits, inside the flip-prone
+/// limits), and against the GPU's own f16 lm_head (a real change in
 /// the logits, bounded like the CPU's `q8_lm_head_error_on_fixtures`).
 #[test]
 fn q8_lm_head_decode_matches_cpu_q8() {

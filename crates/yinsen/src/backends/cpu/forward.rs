@@ -81,7 +81,15 @@ pub struct CpuBackend {
     spin: SpinPool,
     threads: usize,
     /// Optional 8-bit copy of the lm_head (halves decode bytes).
-    lm_head_q8: Option<DenseMatrix>,
+    lm_head_q8: Option<HeadQ8>,
+}
+
+/// The 8-bit lm_head copy of `--lm-head q8`.
+enum HeadQ8 {
+    /// Int8 activations x int8 weights (VNNI): the decode fast path.
+    Act8(lm_head::Q8Head),
+    /// f32 activations x Q8_0 rows (CPUs without VNNI).
+    Dense(DenseMatrix),
 }
 
 /// How to build a CPU backend.
@@ -195,7 +203,13 @@ impl CpuBackend {
         let c = &model.config;
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta);
         let lm_head_q8 = match opts.lm_head_q8 {
-            true => Some(pool.install(|| model.lm_head().to_q8_0())?),
+            true => {
+                let d = pool.install(|| model.lm_head().to_q8_0())?;
+                Some(match lm_head::q8_act_fast() {
+                    true => HeadQ8::Act8(pool.install(|| lm_head::Q8Head::from_q8_0(&d))?),
+                    false => HeadQ8::Dense(d),
+                })
+            }
             false => None,
         };
         Ok(Self {
@@ -277,24 +291,51 @@ impl CpuBackend {
         }
     }
 
-    fn logits(&self, h: &[f32], head: &DenseMatrix) -> Vec<f32> {
-        self.logits_chunks(h, head, super::linear::spin_chunks_per_thread())
+    fn logits(&self, h: &[f32]) -> Vec<f32> {
+        self.logits_chunks(h, super::linear::spin_chunks_per_thread())
     }
 
-    /// `per`: vocabulary chunks per spin-pool thread for one token (1 = fixed ranges).
-    fn logits_chunks(&self, h: &[f32], head: &DenseMatrix, per: usize) -> Vec<f32> {
-        let c = &self.model.config;
-        let n = h.len() / c.hidden;
-        let vocab = head.rows;
+    /// Logits of every token of `h` from the lm_head in use; `per`: vocabulary
+    /// chunks per spin-pool thread for one token (1 = fixed ranges).
+    fn logits_chunks(&self, h: &[f32], per: usize) -> Vec<f32> {
+        let hid = self.model.config.hidden;
+        let n = h.len() / hid;
+        match &self.lm_head_q8 {
+            Some(HeadQ8::Act8(q)) => {
+                // Quantised once per call (a few us), read by every thread.
+                let a = q.quantize(h, n);
+                self.logits_with(n, q.rows, per, |r0, t0, nt, o| q.rows_dot(r0, &a, t0, nt, o))
+            }
+            Some(HeadQ8::Dense(d)) => self.logits_dense(h, d, per),
+            None => self.logits_dense(h, self.model.lm_head(), per),
+        }
+    }
+
+    fn logits_dense(&self, h: &[f32], head: &DenseMatrix, per: usize) -> Vec<f32> {
+        let hid = self.model.config.hidden;
+        self.logits_with(h.len() / hid, head.rows, per, |r0, t0, nt, o| {
+            lm_head::rows_dot(head, r0, &h[t0 * hid..(t0 + nt) * hid], nt, o, &mut Vec::new())
+        })
+    }
+
+    /// `[n][vocab]` logits from `dot(r0, t0, nt, out)`, which writes rows
+    /// `r0..` for tokens `t0..t0 + nt` (`out[j * nt + t]`, nt <= 4).
+    fn logits_with(
+        &self,
+        n: usize,
+        vocab: usize,
+        per: usize,
+        dot: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+    ) -> Vec<f32> {
         if n == 1 {
-            // Decode: contiguous vocabulary ranges on the spin pool.
+            // Decode: vocabulary ranges on the spin pool.
             let mut out = vec![0f32; vocab];
-            let dot = |r0: usize, o: &mut [f32]| lm_head::rows_dot(head, r0, h, 1, o, &mut Vec::new());
+            let one = |r0: usize, o: &mut [f32]| dot(r0, 0, 1, o);
             if per <= 1 {
-                self.spin.for_ranges(&mut out, 16, dot);
+                self.spin.for_ranges(&mut out, 16, one);
             } else {
                 let chunk = super::spin_pool::split_len(vocab, self.threads * per, 16);
-                self.spin.for_chunks(&mut out, chunk, dot);
+                self.spin.for_chunks(&mut out, chunk, one);
             }
             return out;
         }
@@ -304,14 +345,11 @@ impl CpuBackend {
         let block = 256;
         for t0 in (0..n).step_by(4) {
             let nt = (n - t0).min(4);
-            let ht = &h[t0 * c.hidden..(t0 + nt) * c.hidden];
             let mut by_row = vec![0f32; vocab * nt];
             by_row
                 .par_chunks_mut(block * nt)
                 .enumerate()
-                .for_each_init(Vec::new, |scratch, (bi, ch)| {
-                    lm_head::rows_dot(head, bi * block, ht, nt, ch, scratch);
-                });
+                .for_each(|(bi, ch)| dot(bi * block, t0, nt, ch));
             for r in 0..vocab {
                 for t in 0..nt {
                     out[(t0 + t) * vocab + r] = by_row[r * nt + t];
@@ -467,7 +505,7 @@ impl CpuBackend {
         let h = self.rms_rows(last, &m.final_norm, hid);
         let out = match output {
             Output::Hidden => h,
-            _ => self.logits(&h, self.lm_head_q8.as_ref().unwrap_or(m.lm_head())),
+            _ => self.logits(&h),
         };
         prof.mark("lm_head");
         prof.report(n);
@@ -571,40 +609,71 @@ mod tests {
     use crate::model::synthetic::{self, SplitMix64};
 
     /// One-token logits on the spin pool (1, 2, 5 threads; F16 head and the
-    /// Q8_0 copy) against every row computed alone on this thread: same bits.
+    /// 8-bit copy) against every row computed alone on this thread: same
+    /// bits. And a 6-token call gives each token the bits of its own call.
     #[test]
     fn one_token_logits_on_spin_pool_are_bit_equal() {
         let model = Arc::new(synthetic::build("tiny").unwrap());
         let hid = model.config.hidden;
         let mut r = SplitMix64(21);
-        let h: Vec<f32> = (0..hid).map(|_| r.next_f32() * 2.0 - 1.0).collect();
+        let h: Vec<f32> = (0..6 * hid).map(|_| r.next_f32() * 2.0 - 1.0).collect();
+        let h0 = &h[..hid];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for threads in [1, 2, 5] {
-            let opts = CpuOptions {
-                kernel: "scalar".into(),
-                threads,
-                lm_head_q8: true,
-                policy: None,
-            };
-            let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
-            for head in [model.lm_head(), be.lm_head_q8.as_ref().unwrap()] {
-                let mut want = vec![f32::NAN; head.rows];
+            for q8 in [false, true] {
+                let opts = CpuOptions {
+                    kernel: "scalar".into(),
+                    threads,
+                    lm_head_q8: q8,
+                    policy: None,
+                };
+                let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
+                let vocab = model.config.vocab;
+                let mut want = vec![f32::NAN; vocab];
                 let mut scratch = Vec::new();
                 for (row, w) in want.iter_mut().enumerate() {
-                    lm_head::rows_dot(head, row, &h, 1, std::slice::from_mut(w), &mut scratch);
+                    let w = std::slice::from_mut(w);
+                    match &be.lm_head_q8 {
+                        None => lm_head::rows_dot(model.lm_head(), row, h0, 1, w, &mut scratch),
+                        Some(HeadQ8::Dense(d)) => lm_head::rows_dot(d, row, h0, 1, w, &mut scratch),
+                        Some(HeadQ8::Act8(q)) => q.rows_dot(row, &q.quantize(h0, 1), 0, 1, w),
+                    }
                 }
-                assert!(want.iter().any(|&v| v != 0.0));
+                assert!(want.iter().all(|v| v.is_finite()) && want.iter().any(|&v| v != 0.0));
                 for per in [1, 3] {
-                    let got = be.logits_chunks(&h, head, per);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want),
-                        "{threads} threads, per {per}, {:?}",
-                        head.dtype
-                    );
+                    let got = be.logits_chunks(h0, per);
+                    assert_eq!(bits(&got), bits(&want), "{threads} threads, per {per}, q8 {q8}");
+                }
+                let all = be.pool.install(|| be.logits_chunks(&h, 1));
+                for t in 0..6 {
+                    let one = be.logits_chunks(&h[t * hid..(t + 1) * hid], 2);
+                    assert_eq!(bits(&all[t * vocab..(t + 1) * vocab]), bits(&one), "token {t} q8 {q8}");
                 }
             }
         }
+    }
+
+    /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16
+    /// one on the same model and prompt: a bounded change, not zero.
+    #[test]
+    fn q8_lm_head_error_against_f16() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let ids: Vec<u32> = (0..9).map(|i| (i * 37 + 5) % model.config.vocab as u32).collect();
+        let logits = |q8: bool| {
+            let opts = CpuOptions {
+                threads: 2,
+                lm_head_q8: q8,
+                ..CpuOptions::default()
+            };
+            let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
+            let mut c = be.new_cache(16).unwrap();
+            be.forward(c.as_mut(), &ids, Output::AllLogits).unwrap()
+        };
+        let (f, q) = (logits(false), logits(true));
+        let max = f.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let mean = f.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f32>() / f.len() as f32;
+        eprintln!("q8 vs f16 lm_head: max |dlogit| {max:.2e}, mean {mean:.2e}");
+        assert!(max > 0.0 && max <= 0.05 && mean <= 0.01, "{max} / {mean}");
     }
 
     /// Decode attention on the spin pool equals the rayon per-head version

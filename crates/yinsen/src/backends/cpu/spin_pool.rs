@@ -7,6 +7,13 @@
 //!
 //! No allocation per run. A panic in a worker is caught there and re-raised
 //! in the caller after every thread has finished the run.
+//!
+//! Shared cores: the chunked runs ([`SpinPool::for_chunks`],
+//! [`SpinPool::for_ranges`]) never wait for a worker that has not started:
+//! the caller closes the run once no chunk is left, and a worker that comes
+//! later skips it. Waiting threads yield the core after a short spin. Before
+//! this, one busy process on one of 2 cores cut decode from ~35 to ~2.5
+//! tok/s: every fork-join waited for a descheduled spinning worker.
 
 use std::any::Any;
 use std::cell::UnsafeCell;
@@ -18,8 +25,19 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-/// How long an idle worker spins before it parks.
+/// How long an idle worker waits (spinning, then yielding) before it parks.
 const SPIN_FOR: Duration = Duration::from_millis(2);
+
+/// How long a waiting thread busy-waits before it yields its core between
+/// checks: longer than the gaps between decode's fork-joins, so on a quiet
+/// machine nothing yields; shorter than a scheduler slice (ms), so a thread
+/// that shares its core with the one it waits for lets that one run. (Yielding
+/// after ~1 us instead lost whole slices to other processes: 25 -> 16 tok/s.)
+const HOT: Duration = Duration::from_micros(50);
+
+/// `entry`: bit 31 closes the run; bits 0..31 count the workers inside it;
+/// bits 32.. hold the low 32 bits of the run's generation.
+const CLOSED: u64 = 1 << 31;
 
 /// Keeps the hot atomics on their own cache lines.
 #[repr(align(128))]
@@ -31,13 +49,17 @@ struct Padded<T>(T);
 struct Job {
     data: *const (),
     call: unsafe fn(*const (), usize, usize),
+    /// Every worker must run it (`run`); else the caller may close it.
+    all: bool,
 }
 
 struct Shared {
     /// Bumped (Release) once per run after `job` is written.
     generation: Padded<AtomicU64>,
-    /// Workers that finished the current run.
+    /// Workers that finished the current run (runs with `job.all`).
     done: Padded<AtomicUsize>,
+    /// Generation, closed flag and workers inside the run (see [`CLOSED`]).
+    entry: Padded<AtomicU64>,
     /// Workers that are (about to be) parked.
     sleepers: Padded<AtomicUsize>,
     job: UnsafeCell<Job>,
@@ -47,9 +69,11 @@ struct Shared {
 }
 
 // SAFETY: `job` is written only by the thread that holds `SpinPool::run_lock`
-// while no worker reads it (all workers finished the previous run and wait
-// for the next generation); workers read it only after observing the new
-// generation with Acquire, which orders them after that write.
+// while no worker reads it: the previous run is closed and no worker is inside
+// it. A worker reads `job` only after entering the run (a CAS on `entry`
+// that matches the generation and finds it open, Acquire), which orders it
+// after that write; the caller does not close and return before every
+// entered worker has left.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -76,10 +100,12 @@ impl SpinPool {
         let shared = Arc::new(Shared {
             generation: Padded(AtomicU64::new(0)),
             done: Padded(AtomicUsize::new(0)),
+            entry: Padded(AtomicU64::new(CLOSED)),
             sleepers: Padded(AtomicUsize::new(0)),
             job: UnsafeCell::new(Job {
                 data: std::ptr::null(),
                 call: noop,
+                all: false,
             }),
             panic: Mutex::new(None),
             shutdown: AtomicBool::new(false),
@@ -116,6 +142,80 @@ impl SpinPool {
         self.n
     }
 
+    /// Publish `f` as the next run and wake the workers. The caller holds
+    /// `run_lock`, and the previous run is closed with no worker inside.
+    fn run_locked<F: Fn(usize, usize) + Sync>(&self, f: &F, all: bool) {
+        let s = &*self.shared;
+        // SAFETY: see `Shared`: no worker reads `job` now. The lifetime of
+        // `f` is erased here, and that is sound because the caller does not
+        // return (or unwind) before the run is closed and every worker that
+        // entered it has left (`close`).
+        unsafe {
+            *s.job.get() = Job {
+                data: f as *const F as *const (),
+                call: call_job::<F>,
+                all,
+            };
+        }
+        s.done.0.store(0, Ordering::Relaxed);
+        let g = s.generation.0.load(Ordering::Relaxed).wrapping_add(1);
+        s.entry.0.store((g & 0xffff_ffff) << 32, Ordering::Release);
+        // SeqCst pairs with the worker's `sleepers` increment then
+        // `generation` load: either it sees this generation or we see it asleep.
+        s.generation.0.store(g, Ordering::SeqCst);
+        if s.sleepers.0.load(Ordering::SeqCst) > 0 {
+            for w in &self.workers {
+                w.thread().unpark();
+            }
+        }
+    }
+
+    /// Close the current run (late workers skip it) and wait for the workers
+    /// inside it to leave.
+    fn close(&self) {
+        let e = &self.shared.entry.0;
+        e.fetch_or(CLOSED, Ordering::AcqRel);
+        wait_until(|| e.load(Ordering::Acquire) & (CLOSED - 1) == 0);
+    }
+
+    /// Re-raise the first worker panic of the run just closed.
+    fn raise_worker_panic(&self) {
+        let worker_panic = self.shared.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(p) = worker_panic {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            panic!("spin pool worker panicked: {msg}");
+        }
+    }
+
+    /// Run `f` on the caller and on every worker that starts before the
+    /// caller's `f` returns; `f` must finish the whole job alone if need be
+    /// (claim its work from a shared counter).
+    fn run_claim<F: Fn() + Sync>(&self, f: F) {
+        if self.n == 1 {
+            return f();
+        }
+        let _guard = match self.run_lock.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                (0..self.n).into_par_iter().for_each(|_| f());
+                return;
+            }
+        };
+        let g = |_: usize, _: usize| f();
+        self.run_locked(&g, false);
+        let mine = panic::catch_unwind(AssertUnwindSafe(&f));
+        self.close();
+        if let Err(p) = mine {
+            panic::resume_unwind(p);
+        }
+        self.raise_worker_panic();
+    }
+
     /// Run `f(tid, n)` once for every `tid` in `0..n` and return when all
     /// have returned. Normally every tid runs on its own thread (tid 0 on the
     /// caller); a run issued while another is in progress (another thread, or
@@ -134,71 +234,24 @@ impl SpinPool {
                 return;
             }
         };
-        let s = &*self.shared;
-        // SAFETY: we hold `run_lock` and the previous run has fully joined
-        // (done == n - 1 was observed), so no worker reads `job` now. The
-        // lifetime of `f` is erased here, and that is sound because this
-        // function does not return (or unwind) before every worker has
-        // finished calling it: the join below runs on both paths.
-        unsafe {
-            *s.job.get() = Job {
-                data: &f as *const F as *const (),
-                call: call_job::<F>,
-            };
-        }
-        s.done.0.store(0, Ordering::Relaxed);
-        // SeqCst pairs with the worker's `sleepers` increment then
-        // `generation` load: either it sees this generation or we see it asleep.
-        s.generation.0.fetch_add(1, Ordering::SeqCst);
-        if s.sleepers.0.load(Ordering::SeqCst) > 0 {
-            for w in &self.workers {
-                w.thread().unpark();
-            }
-        }
+        self.run_locked(&f, true);
         let mine = panic::catch_unwind(AssertUnwindSafe(|| f(0, n)));
         // Join: wait until every worker has returned from `f`.
-        let mut spins = 0u32;
-        while s.done.0.load(Ordering::Acquire) != n - 1 {
-            spins = spins.wrapping_add(1);
-            if spins < 1 << 16 {
-                std::hint::spin_loop();
-            } else {
-                // A descheduled worker: let it have the core.
-                thread::yield_now();
-            }
-        }
+        let s = &*self.shared;
+        wait_until(|| s.done.0.load(Ordering::Acquire) == n - 1);
+        self.close();
         if let Err(p) = mine {
             panic::resume_unwind(p);
         }
-        let worker_panic = s.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(p) = worker_panic {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            panic!("spin pool worker panicked: {msg}");
-        }
+        self.raise_worker_panic();
     }
 
     /// Split `out` into `n` contiguous ranges whose starts are multiples of
     /// `align` and call `f(start, &mut out[start..end])` for each non-empty
-    /// range, range `tid` on thread `tid`.
+    /// range, each range once, on whichever thread claims it first.
     pub fn for_ranges<T: Send, F: Fn(usize, &mut [T]) + Sync>(&self, out: &mut [T], align: usize, f: F) {
-        let len = out.len();
-        let step = split_len(len, self.n, align);
-        let base = SendPtr(out.as_mut_ptr());
-        self.run(|tid, _| {
-            let base = &base;
-            let r0 = (tid * step).min(len);
-            let r1 = ((tid + 1) * step).min(len);
-            if r0 < r1 {
-                // SAFETY: ranges of different tids are disjoint and inside
-                // `out`, which stays mutably borrowed until `run` returns.
-                let o = unsafe { std::slice::from_raw_parts_mut(base.0.add(r0), r1 - r0) };
-                f(r0, o);
-            }
-        });
+        let step = split_len(out.len(), self.n, align);
+        self.for_chunks(out, step, f)
     }
 }
 
@@ -213,7 +266,7 @@ impl SpinPool {
         let n_chunks = len.div_ceil(chunk);
         let next = AtomicUsize::new(0);
         let base = SendPtr(out.as_mut_ptr());
-        self.run(|_, _| {
+        self.run_claim(|| {
             let base = &base;
             loop {
                 let c = next.fetch_add(1, Ordering::Relaxed);
@@ -239,10 +292,30 @@ pub fn split_len(len: usize, n: usize, align: usize) -> usize {
 struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
+/// Spin briefly, then yield the core between checks, until `cond` holds.
+fn wait_until(cond: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    let mut hot = None;
+    while !cond() {
+        spins = spins.wrapping_add(1);
+        if !spins.is_multiple_of(32) {
+            std::hint::spin_loop();
+            continue;
+        }
+        let t0 = *hot.get_or_insert_with(Instant::now);
+        if t0.elapsed() < HOT {
+            std::hint::spin_loop();
+        } else {
+            // A descheduled thread (shared core) needs this one's core.
+            thread::yield_now();
+        }
+    }
+}
+
 fn worker(s: &Shared, tid: usize, n: usize) {
     let mut seen = 0u64;
     loop {
-        // Wait for the next generation: spin, then park.
+        // Wait for the next generation: spin, then yield, then park.
         let mut since = Instant::now();
         let mut spins = 0u32;
         loop {
@@ -255,11 +328,17 @@ fn worker(s: &Shared, tid: usize, n: usize) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(256) {
+            if !spins.is_multiple_of(32) {
                 std::hint::spin_loop();
                 continue;
             }
-            if since.elapsed() < SPIN_FOR {
+            let waited = since.elapsed();
+            if waited < HOT {
+                std::hint::spin_loop();
+                continue;
+            }
+            thread::yield_now();
+            if waited < SPIN_FOR {
                 continue;
             }
             s.sleepers.0.fetch_add(1, Ordering::SeqCst);
@@ -268,10 +347,29 @@ fn worker(s: &Shared, tid: usize, n: usize) {
             }
             s.sleepers.0.fetch_sub(1, Ordering::SeqCst);
             since = Instant::now();
+            spins = 0;
         }
-        // SAFETY: see `Shared`: the job of generation `seen` is published.
+        // Enter run `seen` unless it is closed or already replaced.
+        let mut e = s.entry.0.load(Ordering::Acquire);
+        let entered = loop {
+            if e >> 32 != seen & 0xffff_ffff || e & CLOSED != 0 {
+                break false;
+            }
+            match s
+                .entry
+                .0
+                .compare_exchange_weak(e, e + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break true,
+                Err(now) => e = now,
+            }
+        };
+        if !entered {
+            continue;
+        }
+        // SAFETY: see `Shared`: the job of run `seen` is published, and it
+        // stays alive until this worker leaves the run below.
         let job = unsafe { *s.job.get() };
-        // SAFETY: `run` keeps the closure alive until `done` reaches n - 1.
         let r = panic::catch_unwind(AssertUnwindSafe(|| unsafe { (job.call)(job.data, tid, n) }));
         if let Err(p) = r {
             let mut slot = s.panic.lock().unwrap_or_else(|p| p.into_inner());
@@ -279,7 +377,10 @@ fn worker(s: &Shared, tid: usize, n: usize) {
                 *slot = Some(p);
             }
         }
-        s.done.0.fetch_add(1, Ordering::Release);
+        if job.all {
+            s.done.0.fetch_add(1, Ordering::Release);
+        }
+        s.entry.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -448,5 +549,43 @@ mod tests {
             });
         }
         assert_eq!(hits.load(Ordering::SeqCst), 9);
+    }
+
+    /// Chunked runs that the caller often finishes (and closes) before a
+    /// worker arrives, interleaved with every-tid runs: late workers skip the
+    /// closed runs and never run a job twice or miss an every-tid run; more
+    /// threads than cores (busy threads) to force descheduled workers.
+    #[test]
+    fn late_workers_skip_closed_runs() {
+        let stop = AtomicBool::new(false);
+        thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                });
+            }
+            let n = 4;
+            let pool = SpinPool::new(n).unwrap();
+            let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for r in 0..3000 {
+                let len = 1 + r % 5;
+                let mut out = vec![usize::MAX; len];
+                pool.for_chunks(&mut out, 1, |r0, o| {
+                    assert_eq!(o[0], usize::MAX, "chunk written twice");
+                    o[0] = r0 + r;
+                });
+                assert!(out.iter().enumerate().all(|(i, &v)| v == i + r), "run {r}");
+                if r % 3 == 0 {
+                    pool.run(|tid, _| {
+                        counts[tid].fetch_add(1, Ordering::Relaxed);
+                    });
+                    let want = r / 3 + 1;
+                    assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == want), "run {r}");
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
     }
 }
