@@ -509,7 +509,12 @@ fn flash_key_split_matches_reference() {
                                     .zip(&base)
                                     .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
                                     .fold(0f32, f32::max);
-                                assert!(d <= 2e-5, "{what}: {d} from the un-split result");
+                                // Split modes agree to f32 rounding; plain f16 (tc16)
+                                // rounds P after a different per-split max, so its
+                                // split and un-split results differ at its own
+                                // accuracy (`tol`, ~1e-2 relative to the reference).
+                                let same = if tol < 1e-3 { 2e-5 } else { tol as f32 };
+                                assert!(d <= same, "{what}: {d} from the un-split result");
                                 // Splits in use: ceil(kmax / chunk) with chunk whole 64-key tiles.
                                 let chunk = (n_keys.div_ceil(n_ks)).div_ceil(64) * 64;
                                 splits_seen = splits_seen.max(n_keys.div_ceil(chunk));
