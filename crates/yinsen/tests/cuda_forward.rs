@@ -66,6 +66,20 @@ fn close(got: &[f32], want: &[f32], vocab: usize, what: &str) -> (f32, f32) {
     (d, mean)
 }
 
+/// `close`, then how many of the tokens agree to 1e-3 (printed): (mean
+/// |dlogit|, tokens within 1e-3, tokens).
+fn close_tokens(got: &[f32], want: &[f32], vocab: usize, what: &str) -> (f32, usize, usize) {
+    let (d, mean) = close(got, want, vocab, what);
+    let tokens = want.len() / vocab;
+    let tight = got
+        .chunks(vocab)
+        .zip(want.chunks(vocab))
+        .filter(|(a, b)| max_abs(a, b) <= 1e-3)
+        .count();
+    println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}, {tight}/{tokens} tokens within 1e-3");
+    (mean, tight, tokens)
+}
+
 fn margin(c: &[f32]) -> f32 {
     let top = argmax(c);
     c[top] - (0..c.len()).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]))
@@ -204,14 +218,7 @@ fn flash_prefill_matches_split_k() {
                 .zip(got.iter().zip(&want))
             {
                 let what = format!("{kv:?} {mode:?} prefill {case}");
-                let (d, mean) = close(g, w, vocab, &what);
-                let tokens = w.len() / vocab;
-                let tight = g
-                    .chunks(vocab)
-                    .zip(w.chunks(vocab))
-                    .filter(|(a, b)| max_abs(a, b) <= 1e-3)
-                    .count();
-                println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}, {tight}/{tokens} tokens within 1e-3");
+                let (mean, tight, tokens) = close_tokens(g, w, vocab, &what);
                 if mode == FlashMode::Tc16 {
                     continue; // `close`'s flip-prone limits only
                 }
@@ -273,14 +280,7 @@ fn flash_key_split_matches_unsplit() {
             let got = run(n_ks);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 let what = format!("{kv:?} {mode:?} n_ks {n_ks} call {i}");
-                let (d, mean) = close(g, w, vocab, &what);
-                let tokens = w.len() / vocab;
-                let tight = g
-                    .chunks(vocab)
-                    .zip(w.chunks(vocab))
-                    .filter(|(a, b)| max_abs(a, b) <= 1e-3)
-                    .count();
-                println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}, {tight}/{tokens} tokens within 1e-3");
+                let (mean, tight, tokens) = close_tokens(g, w, vocab, &what);
                 assert!(mean <= 1e-3, "{what}: mean |dlogit| {mean}");
                 assert!(2 * tight >= tokens, "{what}: only {tight}/{tokens} tokens within 1e-3");
             }

@@ -309,21 +309,7 @@ fn flash_attention_matches_reference() {
                     "{name}: {smem} bytes of smem"
                 );
                 out.fill(0xff).unwrap(); // NaN until written
-                let args = [
-                    qb.p(),
-                    Arg::I(q_dim as i32),
-                    kb.p(),
-                    vb.p(),
-                    pos.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(n_heads as i32),
-                    Arg::I(n_kv as i32),
-                    Arg::I(hd as i32),
-                    Arg::I(cap as i32),
-                    Arg::F(scale),
-                    out.p(),
-                    Arg::I(q_dim as i32),
-                ];
+                let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                 flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let e = worst.entry(name.clone()).or_default();
@@ -349,6 +335,35 @@ fn flash_attention_matches_reference() {
 /// One flash.cu launch: `args` is the common argument list (through
 /// out_stride); the tensor-core kernels also take the key split count and
 /// the partials buffer, and with n_ks > 1 are followed by flash_tc_merge.
+/// The flash kernels' arguments: q rows (stride q_dim), K and V cache,
+/// positions, output; dims = [q_dim, nt, n_heads, n_kv, hd, cap].
+fn flash_args(
+    q: &cuda::DevBuf,
+    k: &cuda::DevBuf,
+    v: &cuda::DevBuf,
+    pos: &cuda::DevBuf,
+    out: &cuda::DevBuf,
+    dims: [usize; 6],
+    scale: f32,
+) -> [cuda::Arg; 13] {
+    let [q_dim, nt, n_heads, n_kv, hd, cap] = dims.map(|d| cuda::Arg::I(d as i32));
+    [
+        q.p(),
+        q_dim,
+        k.p(),
+        v.p(),
+        pos.p(),
+        nt,
+        n_heads,
+        n_kv,
+        hd,
+        cap,
+        cuda::Arg::F(scale),
+        out.p(),
+        q_dim,
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 fn flash_launch(
     g: &Gpu,
@@ -409,7 +424,7 @@ fn flash_launch(
 /// (merge order, exp2 of the per-split maxima).
 #[test]
 fn flash_key_split_matches_reference() {
-    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
+    use yinsen::backends::cuda::{flash_tc_smem, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     if !g.has_mma() {
         let _ = std::io::Write::write_fmt(
@@ -471,21 +486,7 @@ fn flash_key_split_matches_reference() {
                     for (name, split, tol) in names {
                         let smem = flash_tc_smem(hd, split, kv);
                         assert!(g.allow_dynamic_smem(name, smem).unwrap());
-                        let args = [
-                            qb.p(),
-                            Arg::I(q_dim as i32),
-                            kb.p(),
-                            vb.p(),
-                            pos.p(),
-                            Arg::I(nt as i32),
-                            Arg::I(n_heads as i32),
-                            Arg::I(n_kv as i32),
-                            Arg::I(hd as i32),
-                            Arg::I(cap as i32),
-                            Arg::F(scale),
-                            out.p(),
-                            Arg::I(q_dim as i32),
-                        ];
+                        let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                         let mut base: Vec<f32> = Vec::new();
                         for n_ks in [1usize, 2, 3, 7, 33] {
                             out.fill(0xff).unwrap(); // NaN until written
@@ -584,7 +585,7 @@ fn attention_f64(
 /// launch (x 30 layers = that call's attention).
 #[test]
 fn flash_attention_2b4t_timing() {
-    use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
+    use yinsen::backends::cuda::{flash_tc_smem, KvDtype, FLASH_TC_THREADS};
     if std::env::var("YINSEN_DEVICE").is_err() {
         let _ = std::io::Write::write_fmt(
             &mut std::io::stderr(),
@@ -659,21 +660,7 @@ fn flash_attention_2b4t_timing() {
                     g.allow_dynamic_smem(name, smem).unwrap(),
                     "{name}: {smem} bytes of smem"
                 );
-                let args = [
-                    qb.p(),
-                    Arg::I(q_dim as i32),
-                    kb.p(),
-                    vb.p(),
-                    pos.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(n_heads as i32),
-                    Arg::I(n_kv as i32),
-                    Arg::I(hd as i32),
-                    Arg::I(cap as i32),
-                    Arg::F(scale),
-                    out.p(),
-                    Arg::I(q_dim as i32),
-                ];
+                let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                 let launch = || flash_launch(&g, name, threads, smem, nt, n_heads, hd, &args, n_ks, part.p());
                 out.fill(0xff).unwrap(); // NaN until written
                 launch();

@@ -1650,15 +1650,7 @@ impl CudaBackend {
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
         let splits = cache.cap.div_ceil(ATT_CHUNK);
-        self.decode_fused(&s, &cache, splits, false)?; // warm-up
-        let mut runs: Vec<Vec<(&'static str, f32)>> = Vec::new();
-        for _ in 0..reps {
-            self.gpu.profile(true)?;
-            let r = self.decode_fused(&s, &cache, splits, false);
-            let t = self.gpu.profile(false)?;
-            r?;
-            runs.push(t);
-        }
+        let runs = self.profiled(reps, || self.decode_fused(&s, &cache, splits, false))?;
         Ok(self.kernel_table(&runs, ctx, 1))
     }
 
@@ -1681,15 +1673,7 @@ impl CudaBackend {
             self.body(&s, &cache, nt, splits)?;
             self.head(&s, nt - 1, 1, true)
         };
-        step()?; // warm-up
-        let mut runs: Vec<Vec<(&'static str, f32)>> = Vec::new();
-        for _ in 0..reps {
-            self.gpu.profile(true)?;
-            let r = step();
-            let t = self.gpu.profile(false)?;
-            r?;
-            runs.push(t);
-        }
+        let runs = self.profiled(reps, step)?;
         Ok(self.forward_table(&runs, nt, ctx))
     }
 
@@ -1745,19 +1729,23 @@ impl CudaBackend {
             .collect())
     }
 
+    /// Bytes of one matrix kind over all layers, and the ops (2 per
+    /// multiply-add) of `nt` tokens through them.
+    fn matrix_work(&self, f: &dyn Fn(&GpuLayer) -> &GpuMatrix, nt: usize) -> (usize, f64) {
+        let bytes = self.layers.iter().map(|l| f(l).bytes()).sum();
+        let ops = self
+            .layers
+            .iter()
+            .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
+            .sum();
+        (bytes, ops)
+    }
+
     /// Per tag: median GPU time over `runs`, bytes, and the ops of `nt`
     /// tokens' matrix work (lm_head: one token).
     fn kernel_table(&self, runs: &[Vec<(&'static str, f32)>], ctx: usize, nt: usize) -> Vec<super::bench::KernelTime> {
         let c = &self.config;
-        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
-            let b = self.layers.iter().map(|l| f(l).bytes()).sum();
-            let ops = self
-                .layers
-                .iter()
-                .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
-                .sum();
-            (b, ops)
-        };
+        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| self.matrix_work(f, nt);
         let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv.bytes();
         let tags: [(&str, (usize, f64)); 7] = [
             ("embed", (c.hidden * 2, 0.0)),
@@ -1778,31 +1766,30 @@ impl CudaBackend {
     /// `nt` tokens from position 0 (median of `reps`), with the matrix TOPS.
     pub(crate) fn profile_forward(&self, nt: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
         let mut cache = self.cuda_cache(nt)?;
-        self.time_forward(&mut cache, nt)?; // warm-up
-        let mut runs = Vec::new();
+        let runs = self.profiled(reps, || self.time_forward(&mut cache, nt).map(|_| ()))?;
+        Ok(self.forward_table(&runs, nt, 0))
+    }
+
+    /// One warm-up call of `f`, then `reps` calls with per-launch events on:
+    /// (tag, ms) of every launch, per call.
+    fn profiled(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<Vec<(&'static str, f32)>>> {
+        f()?;
+        let mut runs = Vec::with_capacity(reps);
         for _ in 0..reps {
             self.gpu.profile(true)?;
-            let r = self.time_forward(&mut cache, nt);
+            let r = f();
             let t = self.gpu.profile(false)?;
             r?;
             runs.push(t);
         }
-        Ok(self.forward_table(&runs, nt, 0))
+        Ok(runs)
     }
 
     /// Per-tag times of body() + head() runs over `nt` tokens after `ctx`
     /// cached ones (tags set in body() and head_at()).
     fn forward_table(&self, runs: &[Vec<(&'static str, f32)>], nt: usize, ctx: usize) -> Vec<super::bench::KernelTime> {
         let c = &self.config;
-        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| -> (usize, f64) {
-            let b = self.layers.iter().map(|l| f(l).bytes()).sum();
-            let ops = self
-                .layers
-                .iter()
-                .map(|l| 2.0 * (f(l).n_rows * f(l).n_in * nt) as f64)
-                .sum();
-            (b, ops)
-        };
+        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| self.matrix_work(f, nt);
         // Scores and P V: 2 x 2 hd flops per (query, visible key) per head.
         let keys = (nt * ctx + nt * (nt + 1) / 2) as f64;
         let att = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * keys;
