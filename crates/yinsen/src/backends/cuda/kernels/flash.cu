@@ -214,7 +214,7 @@ __device__ __forceinline__ void flash_body(const float* qr, int q_stride, const 
     extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                                              \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
              int n_kv, int hd, int cap, float scale, float* outp, int out_stride) {                             \
-        pdl_launch(); pdl_wait(); /* `attention` may launch with PDL: q and the cache come from the previous kernel */      \
+        pdl_wait(); /* `attention` may launch with PDL: q and the cache come from the previous kernel */      \
         flash_body<KV, NG>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp, out_stride);   \
     }
 FLASH_ATTN(flash_attn_d128_f16, u16, 2, 2)
@@ -708,7 +708,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     extern "C" __global__ void __launch_bounds__(TC_THREADS, MINB)                                             \
         NAME(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int nt, int n_heads,    \
              int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks, float* part) {      \
-        pdl_launch(); pdl_wait(); /* as FLASH_ATTN */                                                                         \
+        pdl_wait(); /* as FLASH_ATTN */                                                                         \
         flash_tc_body<KV, HDMAX, SPLIT>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,     \
                                         out_stride, n_ks, part);                                                \
     }
@@ -725,7 +725,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     flash_tcs_d128_f32(const float* qr, int q_stride, const float* kc, const float* vc, const int* pos, int nt,
                        int n_heads, int n_kv, int hd, int cap, float scale, float* outp, int out_stride, int n_ks,
                        float* part) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     flash_tc_body<float, 128, true, true>(qr, q_stride, kc, vc, pos, nt, n_heads, n_kv, hd, cap, scale, outp,
                                           out_stride, n_ks, part);
 }
@@ -735,7 +735,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 extern "C" __global__ void __launch_bounds__(128)
     flash_tc_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
                    int out_stride) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y;
     const int t0 = t / TC_BQ * TC_BQ;
     const int kmax = pos[0] + t0 + min(TC_BQ, nt - t0);

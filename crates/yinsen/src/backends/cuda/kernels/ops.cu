@@ -5,13 +5,11 @@
 
 // x[t] = embed[tok[t]] (f16 table -> f32). A decode step also clears the
 // argmax slot that lm_head_dec fills (`best`, may be null).
-// The multi-token kernels below start with pdl_launch(); pdl_wait(): body()
-// launches them with PDL. The trigger lets the next kernel's blocks be
-// scheduled once all of this grid's blocks run (hiding its launch latency);
-// the wait keeps this kernel from reading its predecessor's output (or
-// overwriting what that still reads) before the predecessor has finished.
+// The multi-token kernels below start with pdl_wait(): body() may launch
+// them with PDL, and a PDL-launched kernel must not read its predecessor's
+// output (nor overwrite what that still reads) before the wait.
 extern "C" __global__ void embed_f16(const int* tok, const u16* emb, int hidden, float* x, u64* best) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     const u16* e = emb + (size_t)tok[blockIdx.x] * hidden;
     float* o = x + (size_t)blockIdx.x * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = h2f(e[i]);
@@ -97,7 +95,7 @@ __device__ void norm_quant_regs(const float* x, int n, int gate, const float* w,
 extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int gate, const float* w,
                                       int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
                                       float* out_f, int out_stride) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     __shared__ float red[32];
     const float* x = in + (size_t)blockIdx.x * in_stride;
     if (n <= NQ_REG * (int)blockDim.x) {
@@ -187,7 +185,7 @@ __device__ void rope_kv_body(const float* qkv, int stride, const int* pos, const
 #define ROPE_KV(SUF, KV)                                                                                         \
     extern "C" __global__ void rope_kv_##SUF(const float* qkv, int stride, const int* pos, const float2* rope,     \
                                              int n_heads, int n_kv, int hd, int cap, KV* kc, KV* vc, float* qr) { \
-        pdl_launch(); pdl_wait();                                                                                               \
+        pdl_wait();                                                                                               \
         rope_kv_body<KV>(qkv, stride, pos, rope, n_heads, n_kv, hd, cap, kc, vc, qr);                             \
     }
 ROPE_KV(f16, u16)
@@ -289,7 +287,7 @@ ATTN_PARTIAL(f32, float)
 // loads of 8 halves. Needs hidden % 8 == 0.
 extern "C" __global__ void __launch_bounds__(256) lm_head_f16(const u16* E, int vocab, int hidden, const float* x,
                                                             int nt, float* logits) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= vocab) return;

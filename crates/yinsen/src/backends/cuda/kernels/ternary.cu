@@ -97,7 +97,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ W, int n_row
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,               \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt) { /* split-K scratch: unused here */                                     \
-        pdl_launch(); pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
+        pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
         gemv_body<T>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode); \
     }
 GEMV(1)
@@ -301,7 +301,7 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt) {                                                                        \
-        pdl_launch(); pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
+        pdl_wait(); /* may be launched with PDL (see embed_f16 in ops.cu) */                           \
         tern_mma_body<MW, NW, MT, NT, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,  \
                                          out_stride, mode, ksum, kcnt);                                \
     }
@@ -442,6 +442,6 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
 extern "C" __global__ void __launch_bounds__(256, 1) tern_wgmma_128x128(
     const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum, const float* row_scale,
     const float* sx, int* out_i, float* out_f, int out_stride, int mode, int* ksum, int* kcnt) {
-    pdl_launch(); pdl_wait();
+    pdl_wait();
     tern_wgmma_body<2, 4>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode);
 }
