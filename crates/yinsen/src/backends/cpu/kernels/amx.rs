@@ -173,6 +173,18 @@ const B_STEP: usize = 16 * LINE;
 /// pair's activations (`32 * n_in` bytes) stay in L2 while every token pair
 /// passes over them.
 const PANEL_BYTES: usize = 512 << 10;
+/// K steps per slice of the driver's K loop (`YINSEN_AMX_KSLICE`, 0 = whole
+/// K): 8 steps keep a token pair's A slice (16 KB) and a super-block's parked
+/// C tiles (<= 24 KB) within a 48 KB L1.
+fn k_slice() -> usize {
+    static K: OnceLock<usize> = OnceLock::new();
+    *K.get_or_init(|| match std::env::var("YINSEN_AMX_KSLICE").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(0) => usize::MAX,
+        Some(k) => k,
+        None => 8,
+    })
+}
+
 /// Scratch kept per thread between calls; more is freed after the call.
 const KEEP_LINES: usize = (1 << 20) / LINE;
 
@@ -188,6 +200,8 @@ trait TileOps {
     unsafe fn run(&mut self, a: [*const i8; 2], sa: [usize; 2], b: *const i8, b_next: usize, nk: usize, nb: usize);
     /// Store Cq to `c + q * 256` (16 rows of 16 i32, stride 64 bytes).
     unsafe fn store(&mut self, c: *mut i32);
+    /// Load Cq from `c + q * 256` (the inverse of `store`).
+    unsafe fn load(&mut self, c: *const i32);
     /// Release tile state.
     unsafe fn end(&mut self);
     /// Write the transpose of C tile `c` (token x row) to `dst` (row x
@@ -301,7 +315,9 @@ unsafe fn drive<T: TileOps>(
     let sb = ((PANEL_BYTES / (blk * LINE)).max(2) & !1).min(b1 - b0);
     let mut panel = PANEL.with(|p| std::mem::take(&mut *p.borrow_mut()));
     panel.resize(sb * blk, Line([0; LINE]));
-    let mut cbuf = CTiles([[0; 256]; 4]);
+    let nk = kp / KB;
+    let ks = k_slice().min(nk);
+    let mut cacc: Vec<CTiles> = Vec::new();
     let op = out.as_mut_ptr();
     ops.begin();
     for s0 in (b0..b1).step_by(sb) {
@@ -309,14 +325,30 @@ unsafe fn drive<T: TileOps>(
         for b in s0..s1 {
             expand_block(l.block(b), &mut panel[(b - s0) * blk..(b - s0 + 1) * blk]);
         }
+        let npairs = (s1 - s0).div_ceil(2);
+        cacc.resize_with(npairs, || CTiles([[0; 256]; 4]));
         for t0 in (0..n_tokens).step_by(TP) {
             let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
-            for bp in (s0..s1).step_by(2) {
+            // K in slices of `ks` steps, every row pair per slice: the two A
+            // tiles' slice stays in L1 across the pairs (only B streams from
+            // L2); C tiles are parked in `cacc` between slices.
+            for k0 in (0..nk).step_by(ks) {
+                let kn = ks.min(nk - k0);
+                for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                    let nb = (s1 - bp).min(2);
+                    let bptr = (panel.as_ptr().add((bp - s0) * blk) as *const i8).add(k0 * B_STEP);
+                    let c = cacc[pi].0.as_mut_ptr() as *mut i32;
+                    if k0 == 0 {
+                        ops.zero();
+                    } else {
+                        ops.load(c);
+                    }
+                    ops.run([a0.add(KB * k0), a1.add(KB * k0)], [sa0, sa1], bptr, blk * LINE, kn, nb);
+                    ops.store(c);
+                }
+            }
+            for (pi, bp) in (s0..s1).step_by(2).enumerate() {
                 let nb = (s1 - bp).min(2);
-                let bptr = panel.as_ptr().add((bp - s0) * blk) as *const i8;
-                ops.zero();
-                ops.run([a0, a1], [sa0, sa1], bptr, blk * LINE, kp / KB, nb);
-                ops.store(cbuf.0.as_mut_ptr() as *mut i32);
                 for i in 0..2 {
                     let t = t0 + TT * i;
                     for j in 0..nb {
@@ -324,7 +356,7 @@ unsafe fn drive<T: TileOps>(
                         if t < n_tokens && row < r1 {
                             let dst = op.add((row - r0) * n_tokens + t);
                             ops.scatter(
-                                &cbuf.0[2 * i + j],
+                                &cacc[pi].0[2 * i + j],
                                 dst,
                                 n_tokens,
                                 (r1 - row).min(ROWS),
@@ -462,6 +494,17 @@ impl TileOps for Hw {
             options(nostack),
         );
     }
+    unsafe fn load(&mut self, c: *const i32) {
+        asm!(
+            "tileloadd tmm0, [{c} + {s64}*1]",
+            "tileloadd tmm1, [{c} + {s64}*1 + 1024]",
+            "tileloadd tmm2, [{c} + {s64}*1 + 2048]",
+            "tileloadd tmm3, [{c} + {s64}*1 + 3072]",
+            c = in(reg) c,
+            s64 = in(reg) 64usize,
+            options(nostack),
+        );
+    }
     unsafe fn end(&mut self) {
         asm!("tilerelease", options(nostack, nomem));
     }
@@ -516,6 +559,11 @@ impl TileOps for Emu {
     unsafe fn store(&mut self, c: *mut i32) {
         for (j, t) in self.c.iter().enumerate() {
             std::ptr::copy_nonoverlapping(t.as_ptr(), c.add(256 * j), 256);
+        }
+    }
+    unsafe fn load(&mut self, c: *const i32) {
+        for (j, t) in self.c.iter_mut().enumerate() {
+            std::ptr::copy_nonoverlapping(c.add(256 * j), t.as_mut_ptr(), 256);
         }
     }
     unsafe fn end(&mut self) {}
