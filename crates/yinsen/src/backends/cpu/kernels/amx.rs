@@ -173,6 +173,18 @@ const B_STEP: usize = 16 * LINE;
 /// pair's activations (`32 * n_in` bytes) stay in L2 while every token pair
 /// passes over them.
 const PANEL_BYTES: usize = 512 << 10;
+/// `PANEL_BYTES`, or `YINSEN_AMX_PANEL_KB` KiB (for measurements).
+fn panel_bytes() -> usize {
+    static P: OnceLock<usize> = OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("YINSEN_AMX_PANEL_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&k| k > 0)
+            .map_or(PANEL_BYTES, |k| k << 10)
+    })
+}
+
 /// K steps per slice of the driver's K loop (`YINSEN_AMX_KSLICE`, 0 = whole
 /// K): 8 steps keep a token pair's A slice (16 KB) and a super-block's parked
 /// C tiles (<= 24 KB) within a 48 KB L1.
@@ -312,7 +324,7 @@ unsafe fn drive<T: TileOps>(
     };
     let blk = kp / 4; // expanded lines per row block
     let (b0, b1) = (r0 / ROWS, r1.div_ceil(ROWS));
-    let sb = ((PANEL_BYTES / (blk * LINE)).max(2) & !1).min(b1 - b0);
+    let sb = ((panel_bytes() / (blk * LINE)).max(2) & !1).min(b1 - b0);
     let mut panel = PANEL.with(|p| std::mem::take(&mut *p.borrow_mut()));
     panel.resize(sb * blk, Line([0; LINE]));
     let nk = kp / KB;
