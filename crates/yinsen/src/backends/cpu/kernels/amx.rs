@@ -190,10 +190,15 @@ fn panel_bytes() -> usize {
 /// C tiles (<= 24 KB) within a 48 KB L1.
 fn k_slice() -> usize {
     static K: OnceLock<usize> = OnceLock::new();
-    *K.get_or_init(|| match std::env::var("YINSEN_AMX_KSLICE").ok().and_then(|v| v.parse::<usize>().ok()) {
-        Some(0) => usize::MAX,
-        Some(k) => k,
-        None => 8,
+    *K.get_or_init(|| {
+        match std::env::var("YINSEN_AMX_KSLICE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(0) => usize::MAX,
+            Some(k) => k,
+            None => 8,
+        }
     })
 }
 
