@@ -215,24 +215,7 @@ fn flash_attention_matches_reference() {
         let n_keys = p0 + nt;
         let q_dim = n_heads * hd;
         seed += 1;
-        let mut r = SplitMix64(seed);
-        let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
-                .collect()
-        };
-        let q = rnd(nt * q_dim, 1.0);
-        // Cache [kv_head][cap][hd]; rows at or past n_keys are NaN.
-        let mut k = rnd(n_kv * cap * hd, 3.0);
-        let mut v = rnd(n_kv * cap * hd, 2.0);
-        for h in 0..n_kv {
-            for p in n_keys..cap {
-                for d in 0..hd {
-                    k[(h * cap + p) * hd + d] = f32::NAN;
-                    v[(h * cap + p) * hd + d] = f32::NAN;
-                }
-            }
-        }
+        let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
         let scale = 1.0 / (hd as f32).sqrt();
         for f16 in [false, true] {
             let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
@@ -335,6 +318,35 @@ fn flash_attention_matches_reference() {
 /// One flash.cu launch: `args` is the common argument list (through
 /// out_stride); the tensor-core kernels also take the key split count and
 /// the partials buffer, and with n_ks > 1 are followed by flash_tc_merge.
+/// Random q (`nq` values in [-1, 1]) and a K / V cache `[n_kv][cap][hd]`
+/// (amplitudes 3 and 2) whose rows at or past `n_keys` are NaN: a kernel
+/// that reads past the causal range poisons its output.
+fn attn_inputs(
+    seed: u64,
+    nq: usize,
+    n_kv: usize,
+    cap: usize,
+    hd: usize,
+    n_keys: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut r = SplitMix64(seed);
+    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+            .collect()
+    };
+    let q = rnd(nq, 1.0);
+    let mut k = rnd(n_kv * cap * hd, 3.0);
+    let mut v = rnd(n_kv * cap * hd, 2.0);
+    for h in 0..n_kv {
+        for p in n_keys..cap {
+            k[(h * cap + p) * hd..][..hd].fill(f32::NAN);
+            v[(h * cap + p) * hd..][..hd].fill(f32::NAN);
+        }
+    }
+    (q, k, v)
+}
+
 /// The flash kernels' arguments: q rows (stride q_dim), K and V cache,
 /// positions, output; dims = [q_dim, nt, n_heads, n_kv, hd, cap].
 fn flash_args(
@@ -442,21 +454,7 @@ fn flash_key_split_matches_reference() {
                 let n_keys = p0 + nt;
                 let q_dim = n_heads * hd;
                 seed += 1;
-                let mut r = SplitMix64(seed);
-                let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
-                    (0..n)
-                        .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
-                        .collect()
-                };
-                let q = rnd(nt * q_dim, 1.0);
-                let mut k = rnd(n_kv * cap * hd, 3.0);
-                let mut v = rnd(n_kv * cap * hd, 2.0);
-                for h in 0..n_kv {
-                    for p in n_keys..cap {
-                        k[(h * cap + p) * hd..][..hd].fill(f32::NAN);
-                        v[(h * cap + p) * hd..][..hd].fill(f32::NAN);
-                    }
-                }
+                let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
                 let scale = 1.0 / (hd as f32).sqrt();
                 let qb = g.upload(&q).unwrap();
                 let pos = g.upload(&[p0 as i32]).unwrap();
