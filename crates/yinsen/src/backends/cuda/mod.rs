@@ -940,3 +940,53 @@ pub fn ternary_matmul_i32(
     gpu.sync()?;
     out.read::<i32>(n_tokens * w.n_out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's tile table (`MmaVariant::ALL`: block shape, threads, shared
+    /// memory) must describe what the `TERN_MMA(...)` lines of ternary.cu
+    /// instantiate; a drift would launch a kernel with the wrong block size.
+    #[test]
+    fn mma_variants_match_the_kernel_macros() {
+        let src = include_str!("kernels/ternary.cu");
+        let mut seen = 0;
+        for line in src.lines().filter(|l| l.starts_with("TERN_MMA(")) {
+            let args: Vec<&str> = line["TERN_MMA(".len()..line.rfind(')').unwrap()]
+                .split(',')
+                .map(str::trim)
+                .collect();
+            assert_eq!(args.len(), 7, "{line}");
+            let n: Vec<usize> = args[1..6].iter().map(|a| a.parse().unwrap()).collect();
+            let want = MmaVariant::new(args[0], n[0], n[1], n[2], n[3], n[4]);
+            assert_eq!(MmaVariant::by_name(args[0]), Some(want), "{line}");
+            assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
+            seen += 1;
+        }
+        let wgmma = MmaVariant::ALL.iter().filter(|v| v.wgmma).count();
+        assert_eq!(seen + wgmma, MmaVariant::ALL.len());
+        assert!(seen >= 4);
+    }
+
+    #[test]
+    fn shape_choice_is_a_plain_variant_that_fits() {
+        for nt in [1, 2, 15, 16, 17, 32, 33, 64, 65, 512, 2048] {
+            for rows in [16, 640, 2560, 3840, 13824] {
+                for sms in [1, 132] {
+                    let v = MmaVariant::for_shape(nt, rows, sms);
+                    assert!(!v.wgmma, "{nt} x {rows}: {}", v.name);
+                    assert!(v.smem() <= 227 << 10, "{}: {} B", v.name, v.smem());
+                    // Up to 64 tokens one token tile covers them (no idle tile rows
+                    // beyond the 16-token granule).
+                    if nt <= 64 && v.bn < 256 {
+                        assert!(v.bn >= nt.min(16), "{nt}: {}", v.name);
+                    }
+                }
+            }
+        }
+        // Big calls get the big tile; 16-token calls the 16-token tile.
+        assert_eq!(MmaVariant::for_shape(2048, 13824, 132).name, "tern_mma_256x64");
+        assert_eq!(MmaVariant::for_shape(16, 2560, 132).bn, 16);
+    }
+}
