@@ -248,16 +248,7 @@ fn flash_attention_matches_reference() {
                     }
                 }
             }
-            let (kb, vb) = if f16 {
-                let h = |x: &[f32]| {
-                    x.iter()
-                        .map(|&x| half::f16::from_f32(x).to_bits())
-                        .collect::<Vec<u16>>()
-                };
-                (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
-            } else {
-                (g.upload(&k).unwrap(), g.upload(&v).unwrap())
-            };
+            let (kb, vb) = upload_kv(&g, &k, &v, f16);
             let qb = g.upload(&q).unwrap();
             let pos = g.upload(&[p0 as i32]).unwrap();
             let out = g.alloc(4 * nt * q_dim).unwrap();
@@ -345,6 +336,20 @@ fn attn_inputs(
         }
     }
     (q, k, v)
+}
+
+/// K and V caches on the device, as f16 bits or f32.
+fn upload_kv(g: &std::sync::Arc<Gpu>, k: &[f32], v: &[f32], f16: bool) -> (cuda::DevBuf, cuda::DevBuf) {
+    if f16 {
+        let h = |x: &[f32]| {
+            x.iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect::<Vec<u16>>()
+        };
+        (g.upload(&h(k)).unwrap(), g.upload(&h(v)).unwrap())
+    } else {
+        (g.upload(k).unwrap(), g.upload(v).unwrap())
+    }
 }
 
 /// The flash kernels' arguments: q rows (stride q_dim), K and V cache,
@@ -464,16 +469,7 @@ fn flash_key_split_matches_reference() {
                     let f16 = kv == KvDtype::F16;
                     let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
                     let want = attention_f64(&q, &k, &v, round, nt, p0, n_heads, n_kv, hd, cap, scale);
-                    let (kb, vb) = if f16 {
-                        let h = |x: &[f32]| {
-                            x.iter()
-                                .map(|&x| half::f16::from_f32(x).to_bits())
-                                .collect::<Vec<u16>>()
-                        };
-                        (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
-                    } else {
-                        (g.upload(&k).unwrap(), g.upload(&v).unwrap())
-                    };
+                    let (kb, vb) = upload_kv(&g, &k, &v, f16);
                     let mut names = vec![
                         (kv.flash_tc(hd > 128, true), true, 5e-5),
                         (kv.flash_tc(hd > 128, false), false, 1e-2),

@@ -285,6 +285,24 @@ __device__ __forceinline__ void tc_mma(float* d, const u32* a, u32 b0, u32 b1) {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Two n8 tiles (c0: B regs 0-1, c1: 2-3) of A x B with the split operands:
+// lo(A) hi(B) when SPLIT, hi(A) lo(B) when KLO, then hi(A) hi(B) — small
+// terms first, one fixed order for the S and the O products.
+template <bool SPLIT, bool KLO>
+__device__ __forceinline__ void tc_mma_split(float* c0, float* c1, const u32* ah, const u32* al, const u32* bh,
+                                             const u32* bl) {
+    if (SPLIT) {
+        tc_mma(c0, al, bh[0], bh[1]);
+        tc_mma(c1, al, bh[2], bh[3]);
+    }
+    if (KLO) {
+        tc_mma(c0, ah, bl[0], bl[1]);
+        tc_mma(c1, ah, bl[2], bl[3]);
+    }
+    tc_mma(c0, ah, bh[0], bh[1]);
+    tc_mma(c1, ah, bh[2], bh[3]);
+}
 // 4 floats into hi (and, with LO, lo) f16 rows at 8-byte aligned dst.
 template <bool LO>
 __device__ __forceinline__ void tc_store4(float4 v, u16* hi, u16* lo) {
@@ -548,20 +566,10 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
                         const u32 koff = 2 * 16 * np * ld + 32 * ks;
-                        u32 kh[4];
+                        u32 kh[4], kl[4];
                         tc_ldsm4(kh, sKh + sb + koff);
-                        if (SPLIT) {
-                            tc_mma(s[2 * np], ql, kh[0], kh[1]);
-                            tc_mma(s[2 * np + 1], ql, kh[2], kh[3]);
-                        }
-                        if (KLO) {
-                            u32 kl[4];
-                            tc_ldsm4(kl, sKl + koff);
-                            tc_mma(s[2 * np], qh, kl[0], kl[1]);
-                            tc_mma(s[2 * np + 1], qh, kl[2], kl[3]);
-                        }
-                        tc_mma(s[2 * np], qh, kh[0], kh[1]);
-                        tc_mma(s[2 * np + 1], qh, kh[2], kh[3]);
+                        if (KLO) tc_ldsm4(kl, sKl + koff);
+                        tc_mma_split<SPLIT, KLO>(s[2 * np], s[2 * np + 1], qh, ql, kh, kl);
                     }
                 }
             }
@@ -642,20 +650,10 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
                 for (int dp = 0; dp < NT / 2; dp++) {
                     if (16 * dp < hd) {
                         const u32 voff = 2 * 16 * kk * ld + 32 * dp;
-                        u32 vh[4];
+                        u32 vh[4], vl[4];
                         tc_ldsm4t(vh, sVh + sb + voff);
-                        if (SPLIT) {
-                            tc_mma(o[2 * dp], pl, vh[0], vh[1]);
-                            tc_mma(o[2 * dp + 1], pl, vh[2], vh[3]);
-                        }
-                        if (KLO) {
-                            u32 vl[4];
-                            tc_ldsm4t(vl, sVl + voff);
-                            tc_mma(o[2 * dp], ph, vl[0], vl[1]);
-                            tc_mma(o[2 * dp + 1], ph, vl[2], vl[3]);
-                        }
-                        tc_mma(o[2 * dp], ph, vh[0], vh[1]);
-                        tc_mma(o[2 * dp + 1], ph, vh[2], vh[3]);
+                        if (KLO) tc_ldsm4t(vl, sVl + voff);
+                        tc_mma_split<SPLIT, KLO>(o[2 * dp], o[2 * dp + 1], ph, pl, vh, vl);
                     }
                 }
             }
