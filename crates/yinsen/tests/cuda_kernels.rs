@@ -219,35 +219,8 @@ fn flash_attention_matches_reference() {
         let scale = 1.0 / (hd as f32).sqrt();
         for f16 in [false, true] {
             let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
-            let (kr, vr): (Vec<f32>, Vec<f32>) = (
-                k.iter().map(|&x| round(x)).collect(),
-                v.iter().map(|&x| round(x)).collect(),
-            );
             // f64 reference over the (rounded) cache.
-            let mut want = vec![0f64; nt * q_dim];
-            for t in 0..nt {
-                for h in 0..n_heads {
-                    let kvh = h / (n_heads / n_kv);
-                    let qv = &q[t * q_dim + h * hd..][..hd];
-                    let sc: Vec<f64> = (0..=p0 + t)
-                        .map(|j| {
-                            let kk = &kr[(kvh * cap + j) * hd..][..hd];
-                            qv.iter().zip(kk).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
-                        })
-                        .collect();
-                    let m = sc.iter().cloned().fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
-                    let l: f64 = e.iter().sum();
-                    for d in 0..hd {
-                        want[t * q_dim + h * hd + d] = e
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &w)| w * vr[(kvh * cap + j) * hd + d] as f64)
-                            .sum::<f64>()
-                            / l;
-                    }
-                }
-            }
+            let want = attention_f64(&q, &k, &v, round, nt, p0, n_heads, n_kv, hd, cap, scale);
             let (kb, vb) = upload_kv(&g, &k, &v, f16);
             let qb = g.upload(&q).unwrap();
             let pos = g.upload(&[p0 as i32]).unwrap();
