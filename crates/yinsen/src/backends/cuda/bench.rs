@@ -195,6 +195,9 @@ fn q8_decode(b: &CudaBackend, model: Option<&crate::model::Model>, long: usize) 
 /// Run every measurement the model's context length allows (`model`: the
 /// backend's model, for the 8-bit lm_head rows; None skips them).
 pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<CudaBench> {
+    if std::env::var("YINSEN_CUDA_BENCH").is_ok_and(|v| v == "decode") {
+        return bench_decode_only(b);
+    }
     let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
@@ -261,5 +264,68 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         } else {
             Vec::new()
         },
+    })
+}
+
+/// `YINSEN_CUDA_BENCH=decode`: only the persistent decode rows (tok/s, the
+/// flag sweep and the phase trace), for quick A/B runs of the decode kernel;
+/// every other row is reported as 0 / empty.
+fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
+    let g = b.gpu();
+    let max = crate::backends::Backend::config(b).max_ctx;
+    let long = 2048.min(max.saturating_sub(300));
+    // Per A/B flag value, the ctx-0 phase trace (stderr: work, quant, dot,
+    // barrier microseconds per layer).
+    if let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") {
+        for f in list.split(',').filter_map(|v| v.trim().parse::<u32>().ok()) {
+            let was = b.set_mega_flags(f);
+            let t = b.trace_mega(0);
+            b.set_mega_flags(was);
+            let per_layer = crate::backends::Backend::config(b).n_layers.max(1) as f64;
+            for p in t? {
+                eprintln!(
+                    "flags {f} trace ctx0 {:>9}: work {:5.2} quant {:5.2} dot {:5.2} barrier {:5.2} us/layer",
+                    p.phase,
+                    p.work_us / per_layer,
+                    p.quant_us / per_layer,
+                    p.dot_us / per_layer,
+                    p.barrier_us / per_layer
+                );
+            }
+        }
+    }
+    Ok(CudaBench {
+        device: g.info.name.clone(),
+        arch: g.arch.clone(),
+        kernels_from_cache: g.from_cache,
+        kv_dtype: format!("{:?}", b.kv_dtype()),
+        decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
+        decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
+        prefill_ms_512: 0.0,
+        prefill_ms_2048: 0.0,
+        step16_ms: 0.0,
+        step16_graph: false,
+        step16_gemv_ms: 0.0,
+        step16_nograph_ms: 0.0,
+        step16_vs_step1: 0.0,
+        step16_ms_ctx2048: 0.0,
+        step16_vs_step1_ctx2048: 0.0,
+        step1_nograph_ms: 0.0,
+        decode_tok_s_ctx0_no_pdl: 0.0,
+        persistent_decode: b.uses_mega(),
+        decode_tok_s_ctx0_per_kernel: 0.0,
+        decode_tok_s_ctx2048_per_kernel: 0.0,
+        mega_flag_sweep: flag_sweep(b, long)?,
+        mega_phases_ctx0: b.trace_mega(0)?,
+        mega_phases_ctx2048: b.trace_mega(long)?,
+        decode_tok_s_ctx0_lm_head_q8: None,
+        decode_tok_s_ctx2048_lm_head_q8: None,
+        kernels_ctx0: Vec::new(),
+        kernels_ctx2048: Vec::new(),
+        kernels_step16_ctx0: Vec::new(),
+        kernels_step16_ctx2048: Vec::new(),
+        kernels_prefill_512: Vec::new(),
+        kernels_prefill_2048: Vec::new(),
+        gemm_sweep: Vec::new(),
     })
 }

@@ -45,6 +45,10 @@
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
 #define MG_DOT_FLAT 16    // the flat (row, chunk) dot instead of fixed chunks
 #define MG_TMA 64         // weights by bulk copies (TMA + mbarrier), sm_90+
+#define MG_QUANT_OLD 128  // the scalar 8-per-thread quantisation (A/B against mg_quant4)
+#define MG_DOT_SHIFT 256   // the shift-and-mask dot_word instead of mg_dot_chunk_masked (A/B)
+#define MG_PROBE_NOLOAD 512   // timing probe only (wrong results): mg_quant4 skips its loads
+#define MG_PROBE_NODOT 1024   // timing probe only (wrong results): no dot
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -224,7 +228,7 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 // and max |v * nw| together, the norm's max then being max |v * nw| / r
 // (per element the codes use (v / r) * nw, as norm_quant does).
 // nw: the staged norm weight in shared memory, or null.
-__device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+__device__ __noinline__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
                           int* xsum_s) {
     const int tid = threadIdx.x;
     float v[MG_NQ];
@@ -265,6 +269,95 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
     return s;
 }
 
+// mg_quant for widths that are a multiple of 4 (MG_QUANT_OLD off), lean per
+// element: float4 loads, only the threads that hold elements work; y =
+// (v * r) * nw as the CPU's rms_quantize (r = 1 / sqrt(mean + eps)); the
+// code is one saturating round-to-nearest-even conversion, 4 codes packed by
+// byte permutes and summed by one dp4a. The max comes from redux.sync on
+// the bits (non-negative floats order as integers). Why: at 1024 threads
+// every per-element instruction costs 8 issue slots per scheduler; the
+// divisions and clamps of mg_quant made it ~2 us per 2560 elements.
+__device__ __forceinline__ int mg_code(float t) {
+    int q;
+    asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(t));  // NaN -> 0, clamped to [-128, 127]
+    return q;
+}
+__device__ float mg_quant4(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+                           int* xsum_s, int flags) {
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
+    float4 v[MG_NQ / 4];
+    float ss = 0.f, mw = 0.f;
+#pragma unroll
+    for (int k = 0; k < MG_NQ / 4; k++) {
+        const int i4 = tid + k * MG_THREADS;
+        v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i4 < n4) {
+            v[k] = (flags & MG_PROBE_NOLOAD) ? make_float4(1.f, -2.f, 3.f, 0.5f) : __ldcg((const float4*)in + i4);
+            ss += v[k].x * v[k].x;
+            ss += v[k].y * v[k].y;
+            ss += v[k].z * v[k].z;
+            ss += v[k].w * v[k].w;
+            if (nw) {
+                const float4 g = ((const float4*)nw)[i4];
+                mw = fmaxf(mw, fmaxf(fmaxf(fabsf(v[k].x * g.x), fabsf(v[k].y * g.y)),
+                                     fmaxf(fabsf(v[k].z * g.z), fabsf(v[k].w * g.w))));
+            } else {
+                mw = fmaxf(mw, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
+            }
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    unsigned mb = __float_as_uint(mw);
+#if __CUDA_ARCH__ >= 800
+    mb = __reduce_max_sync(0xffffffffu, mb);
+#else
+    for (int o = 16; o > 0; o >>= 1) mb = max(mb, __shfl_xor_sync(0xffffffffu, mb, o));
+#endif
+    if (lane == 0) {
+        red[w] = ss;
+        red[32 + w] = __uint_as_float(mb);
+    }
+    __syncthreads();
+    ss = lane < MG_THREADS / 32 ? red[lane] : 0.f;
+    mb = lane < MG_THREADS / 32 ? __float_as_uint(red[32 + lane]) : 0u;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+#if __CUDA_ARCH__ >= 800
+    mb = __reduce_max_sync(0xffffffffu, mb);
+#else
+    for (int o = 16; o > 0; o >>= 1) mb = max(mb, __shfl_xor_sync(0xffffffffu, mb, o));
+#endif
+    const float r = nw ? 1.f / sqrtf(ss / (float)n + eps) : 1.f;
+    const float s = 127.f / fmaxf(__uint_as_float(mb) * r, 1e-5f);
+    int qs = 0;
+#pragma unroll
+    for (int k = 0; k < MG_NQ / 4; k++) {
+        const int i4 = tid + k * MG_THREADS, i = 4 * i4;
+        if (i < kpad) {
+            unsigned word = 0;
+            if (i4 < n4) {
+                float4 t = v[k];
+                if (nw) {
+                    const float4 g = ((const float4*)nw)[i4];
+                    t = make_float4(t.x * r * g.x, t.y * r * g.y, t.z * r * g.z, t.w * r * g.w);
+                }
+                const unsigned lo = __byte_perm(mg_code(t.x * s), mg_code(t.y * s), 0x0040);
+                const unsigned hi = __byte_perm(mg_code(t.z * s), mg_code(t.w * s), 0x0040);
+                word = __byte_perm(lo, hi, 0x5410);
+                qs = __dp4a((int)word, 0x01010101, qs);
+            }
+            *(unsigned*)(xq + (i >> 6) * MG_XSTRIDE + (i & 63)) = word;
+        }
+    }
+#if __CUDA_ARCH__ >= 800
+    qs = __reduce_add_sync(0xffffffffu, qs);
+#else
+    for (int o = 16; o > 0; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
+#endif
+    if (lane == 0) xsum_s[w] = qs;
+    __syncthreads();  // xq complete
+    return s;
+}
+
 // acc_s[li] += p summed over the warp's lanes of each row (li < 0: none).
 // With >= 32 chunks per row a warp spans at most two rows: two reductions;
 // otherwise group lanes by row with match_any.
@@ -293,6 +386,30 @@ __device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
     a = dot_word(w.y, xc[1], a);
     a = dot_word(w.z, xc[2], a);
     return dot_word(w.w, xc[3], a);
+}
+
+// dp4a of unsigned bytes a (0..255) and signed bytes b.
+__device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// One chunk's dot without the shifts of ext2: the code field j of every
+// byte is masked in place (value c << 2j, at most 128: unsigned dp4a) into
+// accumulator j, which is then exactly 4^j times the field's dot product.
+// 4 fewer instructions per word (the dot is integer-issue bound).
+__device__ __forceinline__ int mg_dot_chunk_masked(uint4 w, uint4 x0, uint4 x1, uint4 x2, uint4 x3) {
+    const u32 wd[4] = {w.x, w.y, w.z, w.w};
+    const uint4 xs[4] = {x0, x1, x2, x3};
+    int a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma unroll
+    for (int m = 0; m < 4; m++) {
+        a0 = dp4a_us(wd[m] & 0x03030303u, xs[m].x, a0);
+        a1 = dp4a_us(wd[m] & 0x0c0c0c0cu, xs[m].y, a1);
+        a2 = dp4a_us(wd[m] & 0x30303030u, xs[m].z, a2);
+        a3 = dp4a_us(wd[m] & 0xc0c0c0c0u, xs[m].w, a3);
+    }
+    return a0 + (a1 >> 2) + (a2 >> 4) + (a3 >> 6);
 }
 
 __device__ void mg_dot_flat(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
@@ -343,10 +460,14 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
         if (act && li < nloc) {
             row = li;
             const uint4 w = wsm[li * chunks + c];
-            p = dot_word(w.x, x0, 0);
-            p = dot_word(w.y, x1, p);
-            p = dot_word(w.z, x2, p);
-            p = dot_word(w.w, x3, p);
+            if (flags & MG_DOT_SHIFT) {
+                p = dot_word(w.x, x0, 0);
+                p = dot_word(w.y, x1, p);
+                p = dot_word(w.z, x2, p);
+                p = dot_word(w.w, x3, p);
+            } else {
+                p = mg_dot_chunk_masked(w, x0, x1, x2, x3);
+            }
         }
         mg_acc(row, p, acc_s, chunks >= 32);
     }
@@ -425,13 +546,22 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         cp_async_wait();
         __syncthreads();
         const KV* vsm = (const KV*)vstage;
-        for (int o = tid; o < group * hd; o += MG_THREADS) {
+        // PV: `split` adjacent lanes share an output, each taking every
+        // split-th key, summed by shuffles (a 512-output group leaves half
+        // of the 1024 threads idle otherwise).
+        int split = 1;
+        while (split < 8 && group * hd * split * 2 <= MG_THREADS) split *= 2;
+        if ((group * hd * split) % 32 != 0) split = 1;  // whole warps only (the shuffles)
+        const int part_i = tid & (split - 1);
+        for (int o = tid / split; o < group * hd; o += MG_THREADS / split) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
             float a = 0.f;
             if (staged)
-                for (int j = 0; j < nj; j++) a += sc[g * ac + j] * kv_load(vsm + (size_t)j * hd + d);
+                for (int j = part_i; j < nj; j += split) a += sc[g * ac + j] * kv_load(vsm + (size_t)j * hd + d);
             else
-                for (int j = 0; j < nj; j++) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
+                for (int j = part_i; j < nj; j += split) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
+            for (int m = 1; m < split; m *= 2) a += __shfl_xor_sync(0xffffffffu, a, m);
+            if (part_i != 0) continue;
             if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
             else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
         }
@@ -506,14 +636,16 @@ __device__ __forceinline__ float mg_phase(const MgMat& cur, unsigned& cur_ph, co
                           int mark, int flags) {
     if (next && (flags & MG_TMA)) mg_wbulk(next->W, next->chunks, next->r, next->buf, next->bar);
     if (threadIdx.x < MG_MAXROWS) acc_s[threadIdx.x] = 0;
-    const float sx = mg_quant(in, n, nw, eps, cur.chunks * 64, xq, red, xsum_s);
+    const float sx = (n & 3) == 0 && !(flags & MG_QUANT_OLD)
+                         ? mg_quant4(in, n, nw, eps, cur.chunks * 64, xq, red, xsum_s, flags)
+                         : mg_quant(in, n, nw, eps, cur.chunks * 64, xq, red, xsum_s);
     mg_mark(trace, mark + 1);
     if (next && !(flags & MG_TMA)) mg_wcopy(next->W, next->chunks, next->r, next->buf);
     if (flags & MG_TMA) {
         mbar_wait(cur.bar, cur_ph);
         cur_ph ^= 1;
     }
-    mg_dot(cur.chunks, cur.r, cur.buf, xq, acc_s, flags);
+    if (!(flags & MG_PROBE_NODOT)) mg_dot(cur.chunks, cur.r, cur.buf, xq, acc_s, flags);
     mg_mark(trace, mark + 2);
     return sx;
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Quick decode A/B on the device (one call): pack here, run there.
+#   here:    scripts/device-quick.sh pack
+#   device:  bash .device/device-quick.sh remote "7,263,135"   (run tool, carry [".device"])
+# Runs the cuda_forward tests, then `yinsen bench` decode-only with the
+# persistent kernel's variant flags A/B'd (YINSEN_CUDA_MEGA_AB) and traced.
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = pack ]; then
+  set -e
+  cd "$root"
+  cargo build --release -q
+  t=$(cargo test --release --no-run -p yinsen --test cuda_forward 2>&1 | grep -o "target/release/deps/cuda_forward-[a-z0-9]*" | head -1)
+  rm -rf .device && mkdir -p .device/bin .device/tests .device/fixtures
+  cp target/release/yinsen .device/bin/ && cp "$t" .device/tests/cuda_forward
+  strip .device/bin/* .device/tests/*
+  cp -r ../shared/fixtures/tiny-bitnet-a ../shared/fixtures/MANIFEST.json .device/fixtures/
+  cp scripts/device-quick.sh .device/
+  du -sh .device
+  exit 0
+fi
+[ "${1:-}" = remote ] || { echo "usage: $0 pack | remote FLAGS [test-filter]"; exit 2; }
+dev="$root"
+[ -d "$root/.device" ] && dev="$root/.device"
+out=${OUT:-/tmp/yinsen-out}
+mkdir -p "$out"
+export PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yc YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures"
+nvidia-smi --query-gpu=name --format=csv,noheader
+"$dev/tests/cuda_forward" --test-threads=2 ${3:-} >"$out/tests.log" 2>&1
+grep -E "test result|FAILED|panicked|SKIP" "$out/tests.log" | head -20
+YINSEN_CUDA_BENCH=decode YINSEN_CUDA_MEGA_AB="$2" yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 >"$out/bench.txt" 2>&1
+grep -E "^flags|decode ctx|variant" "$out/bench.txt"
