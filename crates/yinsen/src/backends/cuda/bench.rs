@@ -85,7 +85,8 @@ pub struct PhaseTime {
     pub phase: String,
     /// Block 0's work in the phase.
     pub work_us: f64,
-    /// Of which: the input's norm + int8 quantisation, and the int dot.
+    /// Of which: the input's norm + int8 quantisation, and the int dot
+    /// (attention: scores + softmax, and the P V product).
     pub quant_us: f64,
     pub dot_us: f64,
     /// Block 0's wait at the grid barrier after it.

@@ -293,8 +293,17 @@ static NEXT_BACKEND_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 struct Mega {
     table: DevBuf,
     grid: u32,
-    /// 16-byte chunks per weight buffer (two buffers of dynamic smem).
-    wbuf_chunks: usize,
+    /// 16-byte chunks of the two weight buffers (QKV and gate/up; O and down).
+    w0_chunks: usize,
+    w1_chunks: usize,
+    /// Bytes of the attention's V staging buffer (0: V read from L2).
+    vbytes: usize,
+}
+
+impl Mega {
+    fn smem(&self) -> usize {
+        (self.w0_chunks + self.w1_chunks) * 16 + MG_XBYTES + self.vbytes
+    }
 }
 
 /// Default variant bits of the persistent kernel (see mega.cu): no L2 bulk
@@ -307,6 +316,8 @@ const MG_THREADS: usize = 1024;
 const MG_MAXROWS: usize = 512;
 const MG_GMAX: usize = 8;
 const MG_QMAX: usize = 1024;
+/// Trace marks per layer (MG_TRACE).
+const MG_TRACE: usize = 24;
 /// Bytes of the padded int8 activation buffer (MG_XBYTES).
 const MG_XBYTES: usize = 8192 / 64 * 80;
 
@@ -518,6 +529,8 @@ impl CudaBackend {
         let mut tc_ok = [false; 2];
         for (i, split) in [false, true].into_iter().enumerate() {
             let fits = gpu.info.sm.0 >= 8
+            // mg_quant reads float4s.
+            && [c.hidden, c.q_dim(), c.ffn].iter().all(|d| d % 4 == 0)
                 && c.n_kv_heads > 0
                 && c.n_heads.is_multiple_of(c.n_kv_heads)
                 && c.head_dim.is_multiple_of(16)
@@ -592,16 +605,9 @@ impl CudaBackend {
             r + (even && r % 2 == 1) as usize
         };
         let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
-        let wbuf_chunks = [
-            rows(c.q_dim() + 2 * c.kv_dim(), true) * ch,
-            rows(c.hidden, false) * cq,
-            2 * rows(c.ffn, false) * ch,
-            rows(c.hidden, false) * cf,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
-        let smem = 2 * wbuf_chunks * 16 + MG_XBYTES;
+        // Buffer 0 holds QKV then gate/up, buffer 1 O then down (mega.cu).
+        let w0_chunks = (rows(c.q_dim() + 2 * c.kv_dim(), true) * ch).max(2 * rows(c.ffn, false) * ch);
+        let w1_chunks = (rows(c.hidden, false) * cq).max(rows(c.hidden, false) * cf);
         let fits = gpu.info.sm.0 >= 8
             && c.n_kv_heads > 0
             && c.n_heads.is_multiple_of(c.n_kv_heads)
@@ -615,11 +621,25 @@ impl CudaBackend {
         if !fits {
             return Ok(None);
         }
-        for name in ["mega_f32", "mega_f16"] {
-            if !gpu.allow_dynamic_smem(name, smem)? || gpu.occupancy(name, MG_THREADS as u32, smem)? < 1 {
-                return Ok(None);
+        // The largest V staging buffer (64 KB: 128 f32 keys of 128 dims) that
+        // still lets one block run per SM; 0 reads V from L2.
+        let smem = |vbytes: usize| (w0_chunks + w1_chunks) * 16 + MG_XBYTES + vbytes;
+        let mut chosen = None;
+        for vbytes in [64 << 10, 32 << 10, 0] {
+            let mut ok = true;
+            for name in ["mega_f32", "mega_f16"] {
+                ok = ok
+                    && gpu.allow_dynamic_smem(name, smem(vbytes))?
+                    && gpu.occupancy(name, MG_THREADS as u32, smem(vbytes))? >= 1;
+            }
+            if ok {
+                chosen = Some(vbytes);
+                break;
             }
         }
+        let Some(vbytes) = chosen else {
+            return Ok(None);
+        };
         let mut t: Vec<u64> = Vec::with_capacity(layers.len() * 12);
         for l in layers {
             let opt = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
@@ -641,7 +661,9 @@ impl CudaBackend {
         Ok(Some(Mega {
             table: gpu.upload(&t)?,
             grid: grid as u32,
-            wbuf_chunks,
+            w0_chunks,
+            w1_chunks,
+            vbytes,
         }))
     }
 
@@ -1142,7 +1164,7 @@ impl CudaBackend {
             name,
             (m.grid, 1, 1),
             MG_THREADS as u32,
-            (2 * m.wbuf_chunks * 16 + MG_XBYTES) as u32,
+            m.smem() as u32,
             &[
                 m.table.p(),
                 Arg::I(c.n_layers as i32),
@@ -1171,7 +1193,9 @@ impl CudaBackend {
                 s.cnt.p(),
                 s.bar.p(),
                 trace,
-                Arg::I(m.wbuf_chunks as i32),
+                Arg::I(m.w0_chunks as i32),
+                Arg::I(m.w1_chunks as i32),
+                Arg::I(m.vbytes as i32),
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
             Launch::Cooperative,
@@ -1690,13 +1714,13 @@ impl CudaBackend {
         cache.set_len_for_bench(ctx);
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        let tr = self.gpu.alloc(n * 20 * 8)?;
+        let tr = self.gpu.alloc(n * MG_TRACE * 8)?;
         tr.fill(0)?;
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
         self.decode_mega_traced(&s, &cache, false, Arg::P(0))?; // warm-up
         self.decode_mega_traced(&s, &cache, false, tr.p())?;
-        let t = tr.read::<u64>(n * 20)?;
+        let t = tr.read::<u64>(n * MG_TRACE)?;
         let khz = self.gpu.clock_khz()? as f64;
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / khz * 1e3;
         let names = ["qkv+rope", "attention", "o", "gate_up", "down"];
@@ -1707,16 +1731,32 @@ impl CudaBackend {
                 let (mut work, mut wait, mut quant, mut dot) = (0.0, 0.0, 0.0, 0.0);
                 for l in 0..n {
                     // Marks: start, after the norm + quantisation, after the dot, end.
-                    let b = l * 20 + 4 * p;
+                    let b = l * MG_TRACE + 4 * p;
                     work += us(t[b], t[b + 3]);
-                    if p != 1 {
-                        quant += us(t[b], t[b + 1]);
-                        dot += us(t[b + 1], t[b + 2]);
-                    }
+                    // Attention: scores + softmax (+ V rows landed), then P V.
+                    quant += us(t[b], t[b + 1]);
+                    dot += us(t[b + 1], t[b + 2]);
                     // The next phase starts after the barrier (the last down has none).
-                    if b + 4 < n * 20 {
-                        wait += us(t[b + 3], t[b + 4]);
+                    let next = if p == 4 { (l + 1) * MG_TRACE } else { b + 4 };
+                    if next < n * MG_TRACE {
+                        wait += us(t[b + 3], t[next]);
                     }
+                }
+                if p == 1 && std::env::var("YINSEN_CUDA_BENCH").is_ok_and(|v| v == "decode") {
+                    // Attention's inner marks (block 0's first item): q loaded,
+                    // scores, softmax, V landed; microseconds per layer.
+                    let mut part = [0.0; 5];
+                    for l in 0..n {
+                        let b = l * MG_TRACE;
+                        let m = [b + 4, b + 23, b + 20, b + 21, b + 22, b + 5];
+                        for k in 0..5 {
+                            part[k] += us(t[m[k]], t[m[k + 1]]) / n as f64;
+                        }
+                    }
+                    eprintln!(
+                        "attention inner (us/layer): start {:.2} q {:.2} scores {:.2} softmax {:.2} V+gu {:.2}",
+                        part[0], part[1], part[2], part[3], part[4]
+                    );
                 }
                 super::bench::PhaseTime {
                     phase: name.to_string(),

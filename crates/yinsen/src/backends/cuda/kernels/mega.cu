@@ -28,6 +28,7 @@
 #define MG_QMAX 1024      // group * head_dim
 #define MG_ACMAX 256      // keys per attention item
 #define MG_LT 12          // u64 entries per layer in the layer table
+#define MG_TRACE 24       // trace marks per layer (bench only)
 // int8 activations in shared memory: 64-byte chunks at an 80-byte stride, so
 // the 8 lanes of a 16-byte load phase (consecutive chunks) hit 8 distinct
 // 4-bank groups: no bank conflicts (at 64 bytes they collide 4-way).
@@ -43,12 +44,6 @@
 #define MG_BAR_RELEASE 2
 #define MG_BAR_NO_TAIL_FENCE 4
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
-#define MG_DOT_FLAT 16    // the flat (row, chunk) dot instead of fixed chunks
-#define MG_TMA 64         // weights by bulk copies (TMA + mbarrier), sm_90+
-#define MG_QUANT_OLD 128  // the scalar 8-per-thread quantisation (A/B against mg_quant4)
-#define MG_DOT_SHIFT 256   // the shift-and-mask dot_word instead of mg_dot_chunk_masked (A/B)
-#define MG_PROBE_NOLOAD 512   // timing probe only (wrong results): mg_quant4 skips its loads
-#define MG_PROBE_NODOT 1024   // timing probe only (wrong results): no dot
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -120,14 +115,19 @@ __device__ __forceinline__ MgRows mg_rows_paired(int f) {
 }
 
 
-// Stage the next matrix phase's read-only parameters into shared memory
-// while the grid barrier runs: its norm weight (n floats; none if null)
-// and the row scales of the block's rows. Wait with cp_async_wait().
-__device__ __forceinline__ void mg_stage(const float* nw, int n, const float* rs, MgRows r, float* nws, float* scs) {
-    if (nw)
-        for (int i = threadIdx.x; i < n; i += MG_THREADS) cp_async4(nws + i, nw + i);
-    const int nloc = mg_nloc(r);
-    for (int i = threadIdx.x; i < nloc; i += MG_THREADS) cp_async4(scs + i, rs + mg_row(r, i));
+// cp.async groups: a phase's weights and row scales are one group, so a
+// later group (the gate/up weights, issued a phase early) can stay in
+// flight while an earlier one is waited for.
+__device__ __forceinline__ void cp_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_wait_group() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
 }
 
 // Start copying a phase's weights (the block's rows, flattened (row, chunk)
@@ -171,26 +171,58 @@ __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
             : "memory");
 #endif
 }
-// Thread 0: copy the block's rows of W into dst, completing on bar.
-__device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar) {
+// Thread 0: copy `bytes` (a multiple of 16, both ends 16-byte aligned) from
+// global src to shared dst as bulk copies of <= 32 KB, completing on bar.
+// `fence.proxy.async` first: earlier generic-proxy reads of dst (and, for
+// data written in this launch, the generic writes to src) come before them.
+__device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsigned bytes, u64* bar) {
 #if __CUDA_ARCH__ >= 900
-    if (threadIdx.x != 0) return;
-    const unsigned span = (unsigned)r.n * (unsigned)chunks * 16u, total = r.off2 >= 0 ? 2 * span : span;
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads of dst
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(total)
-                 : "memory");
-    for (int part = 0; part < (r.off2 >= 0 ? 2 : 1); part++) {
-        const char* src = (const char*)(W + (size_t)((part ? r.off2 : 0) + r.a) * chunks);
-        const unsigned d0 = smem_addr(dst) + part * span;
-        for (unsigned o = 0; o < span; o += 32768u) {
-            const unsigned nb = min(32768u, span - o);
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                             d0 + o),
-                         "l"(src + o), "r"(nb), "r"(smem_addr(bar))
-                         : "memory");
-        }
+    for (unsigned o = 0; o < bytes; o += 32768u) {
+        const unsigned nb = min(32768u, bytes - o);
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         dst + o),
+                     "l"(src + o), "r"(nb), "r"(smem_addr(bar))
+                     : "memory");
     }
 #endif
+}
+__device__ __forceinline__ void mg_bulk_expect(u64* bar, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+// Thread 0: copy the block's rows of W into dst, completing on bar.
+__device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar) {
+    if (threadIdx.x != 0) return;
+    const unsigned span = (unsigned)r.n * (unsigned)chunks * 16u, total = r.off2 >= 0 ? 2 * span : span;
+    mg_bulk_expect(bar, total);
+    for (int part = 0; part < (r.off2 >= 0 ? 2 : 1); part++)
+        mg_bulk_part(smem_addr(dst) + part * span, (const char*)(W + (size_t)((part ? r.off2 : 0) + r.a) * chunks),
+                     span, bar);
+}
+
+// The next matrix phase's copy: the block's rows of W into `dst` (TMA bulk
+// copies by thread 0 completing on `bar`, sm_90+; else cp.async), their row
+// scales into `scs` (cp.async, one commit group).
+struct MgNext {
+    const uint4* W;
+    int chunks;
+    MgRows r;
+    uint4* dst;
+    u64* bar;
+    const float* rs;
+    float* scs;
+};
+__device__ __forceinline__ void mg_issue(const MgNext& n) {
+#if __CUDA_ARCH__ >= 900
+    mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar);
+#else
+    mg_wcopy(n.W, n.chunks, n.r, n.dst);
+#endif
+    const int nloc = mg_nloc(n.r);
+    for (int i = threadIdx.x; i < nloc; i += MG_THREADS) cp_async4(n.scs + i, n.rs + mg_row(n.r, i));
+    cp_commit();
 }
 
 __device__ __forceinline__ int mg_xsum(const int* xsum_s) {
@@ -224,52 +256,7 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 
 // Block-wide: v = [rmsnorm](in) [* nw] quantised to int8 into xq (zero
 // padded to kpad); returns sx. The sum of the codes is left as 32 per-warp
-// partials in xsum_s (see mg_xsum). Latency-bound, so one reduction: the sum of squares
-// and max |v * nw| together, the norm's max then being max |v * nw| / r
-// (per element the codes use (v / r) * nw, as norm_quant does).
-// nw: the staged norm weight in shared memory, or null.
-__device__ __noinline__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
-                          int* xsum_s) {
-    const int tid = threadIdx.x;
-    float v[MG_NQ];
-#pragma unroll
-    for (int k = 0; k < MG_NQ; k++) {
-        const int i = tid + k * MG_THREADS;
-        v[k] = i < n ? __ldcg(in + i) : 0.f;
-    }
-    float ss = 0.f, mw = 0.f;
-#pragma unroll
-    for (int k = 0; k < MG_NQ; k++) {
-        const int i = tid + k * MG_THREADS;
-        ss += v[k] * v[k];
-        if (i < n) mw = fmaxf(mw, fabsf(nw ? v[k] * nw[i] : v[k]));
-    }
-    const float2 r = mg_block_sum_max(ss, mw, red);
-    const float inv = nw ? sqrtf(r.x / (float)n + eps) : 1.f;
-    const float s = 127.f / fmaxf(r.y / inv, 1e-5f);
-    int qs = 0;
-#pragma unroll
-    for (int k = 0; k < MG_NQ; k++) {
-        const int i = tid + k * MG_THREADS;
-        if (i < kpad) {
-            float t = v[k] / inv;
-            if (nw && i < n) t *= nw[i];
-            const int qi = i < n ? (int)fminf(fmaxf(rintf(t * s), -128.f), 127.f) : 0;
-            xq[(i >> 6) * MG_XSTRIDE + (i & 63)] = (i8)qi;
-            qs += qi;
-        }
-    }
-#if __CUDA_ARCH__ >= 800
-    qs = __reduce_add_sync(0xffffffffu, qs);
-#else
-    for (int o = 16; o > 0; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
-#endif
-    if ((tid & 31) == 0) xsum_s[tid >> 5] = qs;  // per-warp partials (no atomics)
-    __syncthreads();  // xq complete
-    return s;
-}
-
-// mg_quant for widths that are a multiple of 4 (MG_QUANT_OLD off), lean per
+// partials in xsum_s (see mg_xsum). n must be a multiple of 4 (host). Lean per
 // element: float4 loads, only the threads that hold elements work; y =
 // (v * r) * nw as the CPU's rms_quantize (r = 1 / sqrt(mean + eps)); the
 // code is one saturating round-to-nearest-even conversion, 4 codes packed by
@@ -282,8 +269,8 @@ __device__ __forceinline__ int mg_code(float t) {
     asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(t));  // NaN -> 0, clamped to [-128, 127]
     return q;
 }
-__device__ float mg_quant4(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
-                           int* xsum_s, int flags) {
+__device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+                          int* xsum_s) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
     float4 v[MG_NQ / 4];
     float ss = 0.f, mw = 0.f;
@@ -292,7 +279,7 @@ __device__ float mg_quant4(const float* in, int n, const float* nw, float eps, i
         const int i4 = tid + k * MG_THREADS;
         v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (i4 < n4) {
-            v[k] = (flags & MG_PROBE_NOLOAD) ? make_float4(1.f, -2.f, 3.f, 0.5f) : __ldcg((const float4*)in + i4);
+            v[k] = __ldcg((const float4*)in + i4);
             ss += v[k].x * v[k].x;
             ss += v[k].y * v[k].y;
             ss += v[k].z * v[k].z;
@@ -380,13 +367,6 @@ __device__ __forceinline__ void mg_acc(int li, int p, int* acc_s, bool wide) {
 #endif
 }
 
-__device__ __forceinline__ int mg_dot_chunk(uint4 w, const uint4* x4, int c) {
-    const uint4* xc = x4 + c * (MG_XSTRIDE / 16);
-    int a = dot_word(w.x, xc[0], 0);
-    a = dot_word(w.y, xc[1], a);
-    a = dot_word(w.z, xc[2], a);
-    return dot_word(w.w, xc[3], a);
-}
 
 // dp4a of unsigned bytes a (0..255) and signed bytes b.
 __device__ __forceinline__ int dp4a_us(u32 a, u32 b, int c) {
@@ -412,37 +392,12 @@ __device__ __forceinline__ int mg_dot_chunk_masked(uint4 w, uint4 x0, uint4 x1, 
     return a0 + (a1 >> 2) + (a2 >> 4) + (a3 >> 6);
 }
 
-__device__ void mg_dot_flat(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
-    const int total = mg_nloc(r) * chunks;
-    const uint4* x4 = (const uint4*)xq;
-    // (row, chunk) of idx = base + tid, stepped without a division per chunk.
-    int li = threadIdx.x / chunks, c = threadIdx.x - li * chunks;
-    const int dli = MG_THREADS / chunks, dc = MG_THREADS - dli * chunks;
-    for (int base = 0; base < total; base += MG_THREADS) {
-        const int idx = base + threadIdx.x;
-        int row = -1, p = 0;
-        if (idx < total) {
-            row = li;
-            p = mg_dot_chunk(wsm[idx], x4, c);
-        }
-        mg_acc(row, p, acc_s, chunks >= 32);
-        li += dli;
-        c += dc;
-        if (c >= chunks) {
-            c -= chunks;
-            li++;
-        }
-    }
-    __syncthreads();
-}
-
 // The dot with a fixed chunk per thread: thread t takes chunk c = t % chunks
 // of rows t / chunks, t / chunks + G, ... (G = blockDim / chunks groups), so
 // its 64 activations are read from shared memory once and stay in registers;
 // per row only the 16 weight bytes are read. Shared-memory traffic drops
 // from (16 + 64) to ~16 bytes per chunk, which bounded the flat loop.
-__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s, int flags) {
-    if (flags & MG_DOT_FLAT) return mg_dot_flat(chunks, r, wsm, xq, acc_s);
+__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
     const int nloc = mg_nloc(r), groups = MG_THREADS / chunks;
     const int grp = threadIdx.x / chunks, c = threadIdx.x - grp * chunks;
     const bool act = grp < groups;
@@ -460,14 +415,7 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
         if (act && li < nloc) {
             row = li;
             const uint4 w = wsm[li * chunks + c];
-            if (flags & MG_DOT_SHIFT) {
-                p = dot_word(w.x, x0, 0);
-                p = dot_word(w.y, x1, p);
-                p = dot_word(w.z, x2, p);
-                p = dot_word(w.w, x3, p);
-            } else {
-                p = mg_dot_chunk_masked(w, x0, x1, x2, x3);
-            }
+            p = mg_dot_chunk_masked(w, x0, x1, x2, x3);
         }
         mg_acc(row, p, acc_s, chunks >= 32);
     }
@@ -481,7 +429,8 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
 template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
-                             float* sc, float* ml, uint4* vstage, int vstage_bytes) {
+                             float* sc, float* ml, uint4* vstage, int vstage_bytes, const MgNext& gu, u64* trace,
+                             int tb) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = MG_THREADS / 32;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const int per_head = max(1, (int)gridDim.x / n_kv);
@@ -489,15 +438,20 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     const int nch = (n_keys + ac - 1) / ac;  // <= nsplit; group * nch <= 512 (host)
     const size_t pst = hd + 2;
     __shared__ int last;
+    // The gate/up copy (gu) is issued after the first item's K and V reads,
+    // which it would otherwise slow down; blocks without an item issue it at
+    // once. Its row scales are the newest cp.async group: the barrier after
+    // the attention waits for all others.
+    bool gu_issued = false;
     // qs: MG_QMAX floats, sc: MG_GMAX * MG_ACMAX floats (the caller's big buffer).
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
         const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
         __syncthreads();  // smem reuse across items
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
-        const int vchunks = nj * hd * (int)sizeof(KV) / 16;
-        const bool staged = vchunks * 16 <= vstage_bytes;
+        const int vbytes = nj * hd * (int)sizeof(KV);
+        const bool staged = vbytes <= vstage_bytes && vbytes % 16 == 0 && ((size_t)vb & 15) == 0;
         if (staged) {
-            for (int i = tid; i < vchunks; i += MG_THREADS) {
+            for (int i = tid; i < vbytes / 16; i += MG_THREADS) {
 #if __CUDA_ARCH__ >= 800
                 const unsigned a = (unsigned)__cvta_generic_to_shared(vstage + i);
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"((const uint4*)vb + i) : "memory");
@@ -505,9 +459,12 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 vstage[i] = __ldcg((const uint4*)vb + i);
 #endif
             }
+            cp_commit();
         }
+        if (item == blockIdx.x) mg_mark(trace, tb + 23);
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)kvh * group * hd + i) * scale;
         __syncthreads();
+        if (item == blockIdx.x) mg_mark(trace, tb + 20);
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         for (int j = warp; j < nj; j += nwarps) {
             float s[MG_GMAX];
@@ -527,6 +484,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 }
         }
         __syncthreads();
+        if (item == blockIdx.x) mg_mark(trace, tb + 21);
         if (warp < group) {
             float mx = NEG_INF;
             for (int j = lane; j < nj; j += 32) mx = fmaxf(mx, sc[warp * ac + j]);
@@ -543,8 +501,14 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 ml[2 * warp + 1] = l;
             }
         }
-        cp_async_wait();
+        if (item == blockIdx.x) mg_mark(trace, tb + 22);
+        cp_async_wait();  // the V rows
         __syncthreads();
+        if (!gu_issued) {
+            mg_issue(gu);
+            gu_issued = true;
+        }
+        if (item == blockIdx.x) mg_mark(trace, tb + 5);
         const KV* vsm = (const KV*)vstage;
         // PV: `split` adjacent lanes share an output, each taking every
         // split-th key, summed by shuffles (a 512-output group leaves half
@@ -565,6 +529,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
             else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
         }
+        if (item == blockIdx.x) mg_mark(trace, tb + 6);
         if (nch == 1) continue;
         if (tid < group) {
             float* p = part + ((size_t)(kvh * group + tid) * nsplit + ch) * pst;
@@ -615,37 +580,25 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             attn[h * hd + d] = num / ml[2 * g + 1];
         }
     }
+    if (!gu_issued) mg_issue(gu);
+    __syncthreads();  // qs / sc reuse by the next layer's attention
 }
 
-// A matrix phase's weights: the block's rows of W, its shared-memory buffer
-// and (TMA) the mbarrier that buffer's copies complete on.
-struct MgMat {
-    const uint4* W;
-    int chunks;
-    MgRows r;
-    uint4* buf;
-    u64* bar;
-};
-
-// A matrix phase up to its dot: start copying the next phase's weights (TMA
-// at once; cp.async after the input loads, which would queue behind it),
-// norm + quantise the input, wait for this phase's weights, dot into acc_s.
-// Returns sx. Marks `mark + 1` after the quantisation, `mark + 2` after the dot.
-__device__ __forceinline__ float mg_phase(const MgMat& cur, unsigned& cur_ph, const MgMat* next, const float* in, int n,
-                          const float* nw, float eps, i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace,
-                          int mark, int flags) {
-    if (next && (flags & MG_TMA)) mg_wbulk(next->W, next->chunks, next->r, next->buf, next->bar);
+// A matrix phase up to its dot: norm + quantise the input (nw: the norm
+// weight, or null), start the next phase's copy, wait for this phase's
+// weights (buf, on bar with parity ph), dot the block's rows into acc_s.
+// Returns sx. Marks `mark + 1` after the quantisation, `mark + 2` after the
+// dot.
+__device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf, u64* bar, unsigned& ph,
+                                       const MgNext* next, const float* in, int n, const float* nw, float eps,
+                                       i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace, int mark) {
     if (threadIdx.x < MG_MAXROWS) acc_s[threadIdx.x] = 0;
-    const float sx = (n & 3) == 0 && !(flags & MG_QUANT_OLD)
-                         ? mg_quant4(in, n, nw, eps, cur.chunks * 64, xq, red, xsum_s, flags)
-                         : mg_quant(in, n, nw, eps, cur.chunks * 64, xq, red, xsum_s);
+    const float sx = mg_quant(in, n, nw, eps, chunks * 64, xq, red, xsum_s);
     mg_mark(trace, mark + 1);
-    if (next && !(flags & MG_TMA)) mg_wcopy(next->W, next->chunks, next->r, next->buf);
-    if (flags & MG_TMA) {
-        mbar_wait(cur.bar, cur_ph);
-        cur_ph ^= 1;
-    }
-    if (!(flags & MG_PROBE_NODOT)) mg_dot(cur.chunks, cur.r, cur.buf, xq, acc_s, flags);
+    if (next) mg_issue(*next);
+    mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
+    ph ^= 1;
+    mg_dot(chunks, r, buf, xq, acc_s);
     mg_mark(trace, mark + 2);
     return sx;
 }
@@ -664,28 +617,35 @@ __device__ __forceinline__ float mg_phase(const MgMat& cur, unsigned& cur_ph, co
 #define LT_FFN_NORM 10
 #define LT_FFN_SUB 11
 
+// Copy schedule (one cp.async group per phase's weights + row scales):
+//   QKV phase issues O -> wb1;  attention issues GU -> wb0 (its V rows go to
+//   vbuf), and GU stays in flight through the O phase (its barrier waits for
+//   all but the newest group); GU issues DN -> wb1; DN issues QKV(l+1) -> wb0.
+// Why: gate/up is the largest matrix (67 KB per block on 2B4T): issued in
+// the O phase it could not land before O's barrier.
 template <typename KV>
 __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
-                          int nsplit, int* cnt, unsigned* bar, u64* trace, int wbuf_chunks, int flags) {
-    // Dynamic shared memory: two weight buffers of wbuf_chunks 16-byte
-    // chunks, then the int8 activations (MG_XBYTES).
+                          int nsplit, int* cnt, unsigned* bar, u64* trace, int w0_chunks, int w1_chunks, int vbytes,
+                          int flags) {
+    // Dynamic shared memory: weight buffers wb0 (QKV, GU) and wb1 (O, DN),
+    // the int8 activations (MG_XBYTES), then the attention's V staging.
     extern __shared__ __align__(16) uint4 wdyn[];
     uint4* wb0 = wdyn;
-    uint4* wb1 = wdyn + wbuf_chunks;
-    i8* xq = (i8*)(wdyn + 2 * wbuf_chunks);  // MG_XBYTES
-    // big: the staged norm weight in matrix phases; q and scores in attention.
-    __shared__ __align__(16) float big[MG_NQ * MG_THREADS];
+    uint4* wb1 = wdyn + w0_chunks;
+    i8* xq = (i8*)(wdyn + w0_chunks + w1_chunks);
+    uint4* vbuf = (uint4*)(xq + MG_XBYTES);
+    // q and scores in attention.
+    __shared__ __align__(16) float big[MG_QMAX + MG_GMAX * MG_ACMAX];
     __shared__ int acc_s[MG_MAXROWS];
-    __shared__ float scs[MG_MAXROWS];
+    __shared__ float scs2[2][MG_MAXROWS];  // row scales: QKV, GU in [0]; O, DN in [1]
     __shared__ float2 rope_s[MG_QMAX / 8];
     __shared__ float red[64];
     __shared__ float ml[2 * MG_GMAX];
     __shared__ int xsum_s[MG_THREADS / 32];
-    __shared__ __align__(8) u64 mbar[2];
-    unsigned ph0 = 0, ph1 = 0;  // mbarrier phase of each weight buffer
-    float* nws = big;
+    __shared__ __align__(8) u64 mbar[2];  // bulk weight copies into wb0, wb1
+    unsigned ph0 = 0, ph1 = 0;            // their mbarrier phases
     float* qs = big;
     float* sc = big + MG_QMAX;
     const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
@@ -695,78 +655,72 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     float sx;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
-#define SYNC_()                  \
+#define SYNC_(WAIT)                  \
     mg_grid_sync(bar, epoch, flags); \
-    cp_async_wait();             \
+    WAIT;                            \
     __syncthreads();
-    if (flags & MG_TMA) {
-        if (tid == 0) {
-            mbar_init(&mbar[0]);
-            mbar_init(&mbar[1]);
-        }
-        __syncthreads();
-        mg_wbulk(W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0]);
-    } else {
-        mg_wcopy(W_(0, LT_QKV), cH, r_qkv, wb0);
+    if (tid == 0) {
+        mbar_init(&mbar[0]);
+        mbar_init(&mbar[1]);
     }
+    __syncthreads();
+    mg_issue(MgNext{W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0]});
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
-    mg_stage(F_(0, LT_ATTN_NORM), H, F_(0, LT_QKV_S), r_qkv, nws, scs);
     cp_async_wait();
     __syncthreads();
     for (int l = 0; l < n_layers; l++) {
         KV* kc = kc0 + (size_t)l * layer_elems;
         KV* vc = vc0 + (size_t)l * layer_elems;
-        const int tb = l * 20;
+        const int tb = l * MG_TRACE;
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
         {
-            const MgMat cur{W_(l, LT_QKV), cH, r_qkv, wb0, &mbar[0]}, next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1]};
-            sx = mg_phase(cur, ph0, &next, x, H, F_(l, LT_ATTN_NORM) ? nws : nullptr, eps, xq, red, xsum_s, acc_s,
-                          trace, tb, flags);
+            const MgNext next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]};
+            sx = mg_phase(cH, r_qkv, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s,
+                          trace, tb);
         }
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
             const int xs = mg_xsum(xsum_s);
+            const float* scs = scs2[0];
             const float y = (float)(acc_s[tid] - xs) * (scs[tid] / sx);
             // The pair partner (rows 2j, 2j+1 stay in one block: rows per block are even).
             const float partner = (float)(acc_s[tid ^ 1] - xs) * (scs[tid ^ 1] / sx);
             qkv_rope_store(row, y, partner, pos, rope_s, n_heads, n_kv, hd, cap, qr, kc, vc);
         }
         mg_mark(trace, tb + 3);
-        SYNC_();
-        // ---- attention
+        SYNC_(cp_async_wait());
+        // ---- attention; the gate/up copy starts here
         mg_mark(trace, tb + 4);
-        // wb0 is free here: its QKV weights are used, GU's copy starts in O.
-        mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml, wb0,
-                         wbuf_chunks * 16);
-        __syncthreads();  // big is reused for O's norm weight
-        mg_stage(F_(l, LT_ATTN_SUB), Q, F_(l, LT_O_S), r_o, nws, scs);
+        {
+            const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0]};
+            mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml,
+                             vbuf, vbytes, gu, trace, tb);
+        }
         mg_mark(trace, tb + 7);
-        SYNC_();
+        SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
         // ---- O + residual
         mg_mark(trace, tb + 8);
         {
-            const MgMat cur{W_(l, LT_O), cQ, r_o, wb1, &mbar[1]}, next{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0]};
-            sx = mg_phase(cur, ph1, &next, attn, Q, F_(l, LT_ATTN_SUB) ? nws : nullptr, eps, xq, red, xsum_s, acc_s,
-                          trace, tb + 8, flags);
+            // The residual rows this block adds to: loaded now, used after the dot.
+            const float xres = tid < r_o.n ? __ldcg(x + r_o.a + tid) : 0.f;
+            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, nullptr, attn, Q, F_(l, LT_ATTN_SUB), eps, xq, red, xsum_s, acc_s,
+                          trace, tb + 8);
+            if (tid < r_o.n)
+                x[r_o.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
         }
-        if (tid < r_o.n) {
-            const int row = r_o.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
-        }
-        __syncthreads();
-        mg_stage(F_(l, LT_FFN_NORM), H, F_(l, LT_GU_S), r_gu, nws, scs);
         mg_mark(trace, tb + 11);
-        SYNC_();
+        SYNC_(cp_async_wait());
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
         {
-            const MgMat cur{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0]}, next{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1]};
-            sx = mg_phase(cur, ph0, &next, x, H, F_(l, LT_FFN_NORM) ? nws : nullptr, eps, xq, red, xsum_s, acc_s,
-                          trace, tb + 12, flags);
+            const MgNext next{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]};
+            sx = mg_phase(cH, r_gu, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s,
+                          trace, tb + 12);
         }
         if (tid < r_gu.n) {
+            const float* scs = scs2[0];
             const int row = r_gu.a + tid;
             float g = (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
             const float u = (float)(acc_s[tid + r_gu.n] - mg_xsum(xsum_s)) * (scs[tid + r_gu.n] / sx);
@@ -777,28 +731,23 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                 hb[row] = g / (1.f + expf(-g)) * u;
             }
         }
-        __syncthreads();
-        mg_stage(F_(l, LT_FFN_SUB), F, F_(l, LT_DN_S), r_dn, nws, scs);
         mg_mark(trace, tb + 15);
-        SYNC_();
+        SYNC_(cp_async_wait());
         // ---- down + residual
         mg_mark(trace, tb + 16);
         {
             const bool more = l + 1 < n_layers;
-            const MgMat cur{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1]};
-            const MgMat next{more ? W_(l + 1, LT_QKV) : nullptr, cH, r_qkv, wb0, &mbar[0]};
-            sx = mg_phase(cur, ph1, more ? &next : nullptr, hb, F, F_(l, LT_FFN_SUB) ? nws : nullptr, eps, xq, red,
-                          xsum_s, acc_s, trace, tb + 16, flags);
-        }
-        if (tid < r_dn.n) {
-            const int row = r_dn.a + tid;
-            x[row] = __ldcg(x + row) + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs[tid] / sx);
+            const float xres = tid < r_dn.n ? __ldcg(x + r_dn.a + tid) : 0.f;
+            const MgNext next{more ? W_(l + 1, LT_QKV) : nullptr, cH, r_qkv, wb0, &mbar[0],
+                              more ? F_(l + 1, LT_QKV_S) : nullptr, scs2[0]};
+            sx = mg_phase(cF, r_dn, wb1, &mbar[1], ph1, more ? &next : nullptr, hb, F, F_(l, LT_FFN_SUB), eps, xq, red,
+                          xsum_s, acc_s, trace, tb + 16);
+            if (tid < r_dn.n)
+                x[r_dn.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
         }
         mg_mark(trace, tb + 19);
         if (l + 1 < n_layers) {
-            __syncthreads();
-            mg_stage(F_(l + 1, LT_ATTN_NORM), H, F_(l + 1, LT_QKV_S), r_qkv, nws, scs);
-            SYNC_();
+            SYNC_(cp_async_wait());
         }
     }
 #undef W_
@@ -811,9 +760,10 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
                    int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
                    int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
-                   int* cnt, unsigned* bar, u64* trace, int wbuf_chunks, int flags) {                            \
+                   int* cnt, unsigned* bar, u64* trace, int w0_chunks, int w1_chunks, int vbytes, int flags) {   \
         mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
-                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, wbuf_chunks, flags);     \
+                      layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, w0_chunks, w1_chunks,    \
+                      vbytes, flags);                                                                            \
     }
 MEGA(f16, u16)
 MEGA(f32, float)
