@@ -275,6 +275,9 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
     let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
+    for (tag, us) in b.profile_mega(0, 5)? {
+        eprintln!("persistent decode launch {tag}: {us:.1} us (un-graphed, ctx 0)");
+    }
     // Per A/B flag value, the ctx-0 phase trace (stderr: work, quant, dot,
     // barrier microseconds per layer).
     if let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") {

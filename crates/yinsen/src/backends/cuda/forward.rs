@@ -1663,6 +1663,29 @@ impl CudaBackend {
     /// For benchmarks: per-kernel GPU time of an un-graphed, PDL-less decode
     /// step at context `ctx` (median of `reps` steps), with the bytes each
     /// kernel group must read and its ternary ops.
+    /// For benchmarks: GPU microseconds of the persistent decode's three
+    /// launches (embedding, all layers, lm_head + argmax), un-graphed, at
+    /// context `ctx` (median of `reps` per launch).
+    pub(crate) fn profile_mega(&self, ctx: usize, reps: usize) -> Result<Vec<(&'static str, f64)>> {
+        if !self.uses_mega() {
+            return Ok(Vec::new());
+        }
+        let mut cache = self.cuda_cache(ctx + 2)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        s.tok.write_async(&[1i32])?;
+        s.pos.write_async(&[ctx as i32])?;
+        let runs = self.profiled(reps, || self.decode_mega(&s, &cache, false))?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for (i, (tag, _)) in runs.first().map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
+            let mut v: Vec<f32> = runs.iter().filter_map(|r| r.get(i).map(|t| t.1)).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            out.push((tag, v[v.len() / 2] as f64 * 1e3));
+        }
+        Ok(out)
+    }
+
     pub(crate) fn profile_decode(&self, ctx: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
         if !self.fused {
             return Ok(Vec::new());
