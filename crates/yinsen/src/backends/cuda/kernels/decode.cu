@@ -200,20 +200,6 @@ __device__ __forceinline__ void lm_head_pick(float bv, int bi, float* bv_s, int*
     }
 }
 
-// 16 int8 weights (one 16-byte piece) times 16 activations, times the
-// piece's ggml Q8_0 block scale.
-__device__ __forceinline__ float dot16_q8(uint4 q, float d, const float* xp) {
-    const u32 w[4] = {q.x, q.y, q.z, q.w};
-    float a = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float4 xv = *(const float4*)(xp + 4 * e);
-        a += (float)(signed char)(w[e] & 0xff) * xv.x + (float)(signed char)((w[e] >> 8) & 0xff) * xv.y +
-             (float)(signed char)((w[e] >> 16) & 0xff) * xv.z + (float)(signed char)(w[e] >> 24) * xv.w;
-    }
-    return a * d;
-}
-
 // Row formats of the decode lm_head: a row is `pieces` 16-byte pieces; a lane
 // keeps U of them (and what their dot needs) in registers for the next row.
 // f16: 8 halves per piece.
@@ -227,26 +213,11 @@ struct LmRowF16 {
     __device__ u16 aux(int, int) const { return 0; }
     __device__ float dot(uint4 p, u16, const float* xp) const { return dot8(p, xp); }
 };
-// 8-bit (the CPU's `--lm-head q8` bytes, ggml Q8_0 split for aligned loads):
-// Q = int8 [vocab][hidden], D = f16 scale per 32 values [vocab][hidden / 32].
-struct LmRowQ8 {
-    static constexpr int U = 8;
-    static constexpr int PER = 16;
-    const uint4* Q;
-    const u16* D;
-    int hidden;
-    __device__ int pieces() const { return hidden / 16; }
-    __device__ const uint4* row(int r) const { return Q + (size_t)r * (hidden / 16); }
-    // The piece's scale, loaded with it (no dependent load in the dot).
-    __device__ u16 aux(int r, int c) const { return __ldg(D + (size_t)r * (hidden / 32) + c / 2); }
-    __device__ float dot(uint4 p, u16 d, const float* xp) const { return dot16_q8(p, h2f(d), xp); }
-};
-
 // Final RMSNorm + lm_head + greedy pick for one token. A warp per row, rows
 // strided over a grid of a few blocks per SM (so the norm, redone by every
 // block, stays cheap); the next row's pieces are loaded before this row's
 // sum is reduced. best: u64 slot (zeroed by embed_dec) taking atomicMax of
-// argmax_key. Needs hidden % 8 == 0 (f16) / % 32 == 0 (q8), <= DM_NMAX.
+// argmax_key. Needs hidden % 8 == 0, <= DM_NMAX.
 template <typename Row>
 __device__ void lm_head_body(Row R, int vocab, int hidden, const float* x, const float* nw, float eps,
                              float* logits, u64* best) {
@@ -303,8 +274,99 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
     lm_head_body(LmRowF16{E, hidden}, vocab, hidden, x, nw, eps, logits, best);
 }
 
+// The 8-bit lm_head, int8 x int8 as the CPU's Q8Head (cpu/lm_head.rs): the
+// normed x is quantised per block of 32 (dx = max|v| / 127, codes
+// round(v / dx) within +-127; a non-finite block gives dx = NaN), each block's
+// dot is exact (dp4a; the two 16-byte halves sit in adjacent lanes), then
+// lane j of the 16 blocks of a 512-wide group keeps acc = fma(dot, dw * dx,
+// acc) over the groups, and the 16 lanes are summed pairwise in the CPU's
+// order. For the same normed x the logits are the CPU's bits; and 4 dp4a
+// replace 16 int8 -> f32 conversions and FMAs per 16 weights.
+// Needs hidden % 32 == 0, <= DM_NMAX.
 extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
                                                                const float* x, const float* nw, float eps,
                                                                float* logits, u64* best) {
-    lm_head_body(LmRowQ8{Q, D, hidden}, vocab, hidden, x, nw, eps, logits, best);
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ __align__(16) i8 xq8[DM_NMAX];
+    __shared__ float dxs[DM_NMAX / 32];
+    __shared__ float red[32];
+    __shared__ float bv_s[8];
+    __shared__ int bi_s[8];
+    pdl_launch();
+    constexpr int U = 8;  // pieces per lane kept in registers (hidden <= 4096 in one pass)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = gridDim.x * 8, np = hidden / 16, nb = hidden / 32;
+    int r = blockIdx.x * 8 + warp;
+    uint4 pv[U];
+    float dw[U];
+    auto load_row = [&](int rr) {
+        const int rs = rr < vocab ? rr : 0;
+#pragma unroll
+        for (int k = 0; k < U; k++) {
+            const int c = lane + 32 * k;
+            const bool in = rr < vocab && c < np;
+            pv[k] = in ? __ldg(Q + (size_t)rs * np + c) : make_uint4(0, 0, 0, 0);
+            dw[k] = in ? h2f(__ldg(D + (size_t)rs * nb + c / 2)) : 0.f;
+        }
+    };
+    load_row(r);
+    pdl_wait();
+    lm_head_norm(x, nw, eps, hidden, xs, red);
+    for (int b = warp; b < nb; b += 8) {
+        const float v = xs[32 * b + lane];
+        const float amax = warp_max(fabsf(v));
+        const float dx = isfinite(amax) ? amax / 127.f : __int_as_float(0x7fc00000);
+        const float inv = dx > 0.f ? 1.f / dx : 0.f;
+        const float t = roundf(v * inv);
+        xq8[32 * b + lane] = (i8)(isnan(t) ? 0 : (int)fminf(fmaxf(t, -127.f), 127.f));
+        if (lane == 0) dxs[b] = dx;
+    }
+    __syncthreads();
+    const uint4* xq4 = (const uint4*)xq8;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (; r < vocab; r += nwarps) {
+        float acc = 0.f;
+        const int kmax = (np + 31) / 32;
+        for (int k = 0; k < kmax; k++) {
+            const int c = lane + 32 * k;
+            uint4 w = make_uint4(0, 0, 0, 0);
+            float d = 0.f;
+            if (k < U) {
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    if (u == k) {
+                        w = pv[u];
+                        d = dw[u];
+                    }
+            } else if (c < np) {
+                w = __ldg(Q + (size_t)r * np + c);
+                d = h2f(__ldg(D + (size_t)r * nb + c / 2));
+            }
+            int dot = 0;
+            if (c < np) {
+                const uint4 xv = xq4[c];
+                dot = __dp4a((int)w.x, (int)xv.x, dot);
+                dot = __dp4a((int)w.y, (int)xv.y, dot);
+                dot = __dp4a((int)w.z, (int)xv.z, dot);
+                dot = __dp4a((int)w.w, (int)xv.w, dot);
+            }
+            dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the block's two halves
+            if (c < np) acc = fmaf((float)dot, __fmul_rn(d, dxs[c / 2]), acc);
+        }
+        load_row(r + nwarps);
+        // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
+        acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        if (lane == 0) {
+            logits[r] = acc;
+            if (acc > bv) {
+                bv = acc;
+                bi = r;
+            }
+        }
+    }
+    lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
