@@ -1660,9 +1660,18 @@ impl CudaBackend {
         self.pdl.swap(on, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// For benchmarks: per-kernel GPU time of an un-graphed, PDL-less decode
-    /// step at context `ctx` (median of `reps` steps), with the bytes each
-    /// kernel group must read and its ternary ops.
+    /// A decode step's state for the profiles: a cache holding `ctx` tokens
+    /// and the scratch with token 1 at position `ctx`.
+    fn profile_state(&self, ctx: usize) -> Result<(CudaCache, std::sync::MutexGuard<'_, Scratch>)> {
+        let mut cache = self.cuda_cache(ctx + 2)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        s.tok.write_async(&[1i32])?;
+        s.pos.write_async(&[ctx as i32])?;
+        Ok((cache, s))
+    }
+
     /// For benchmarks: GPU microseconds of the persistent decode's three
     /// launches (embedding, all layers, lm_head + argmax), un-graphed, at
     /// context `ctx` (median of `reps` per launch).
@@ -1670,12 +1679,7 @@ impl CudaBackend {
         if !self.uses_mega() {
             return Ok(Vec::new());
         }
-        let mut cache = self.cuda_cache(ctx + 2)?;
-        cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
-        self.gpu.bind()?;
-        s.tok.write_async(&[1i32])?;
-        s.pos.write_async(&[ctx as i32])?;
+        let (cache, s) = self.profile_state(ctx)?;
         let runs = self.profiled(reps, || self.decode_mega(&s, &cache, false))?;
         let mut out: Vec<(&'static str, f64)> = Vec::new();
         for (i, (tag, _)) in runs.first().map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
@@ -1686,16 +1690,14 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// For benchmarks: per-kernel GPU time of an un-graphed, PDL-less decode
+    /// step at context `ctx` (median of `reps` steps), with the bytes each
+    /// kernel group must read and its ternary ops.
     pub(crate) fn profile_decode(&self, ctx: usize, reps: usize) -> Result<Vec<super::bench::KernelTime>> {
         if !self.fused {
             return Ok(Vec::new());
         }
-        let mut cache = self.cuda_cache(ctx + 2)?;
-        cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
-        self.gpu.bind()?;
-        s.tok.write_async(&[1i32])?;
-        s.pos.write_async(&[ctx as i32])?;
+        let (cache, s) = self.profile_state(ctx)?;
         let splits = cache.cap.div_ceil(ATT_CHUNK);
         let runs = self.profiled(reps, || self.decode_fused(&s, &cache, splits, false))?;
         Ok(self.kernel_table(&runs, ctx, 1))

@@ -213,6 +213,18 @@ struct LmRowF16 {
     __device__ u16 aux(int, int) const { return 0; }
     __device__ float dot(uint4 p, u16, const float* xp) const { return dot8(p, xp); }
 };
+// Lane 0 of a row's warp: store its logit, keep the warp's best (first
+// index on ties, rows ascending).
+__device__ __forceinline__ void lm_head_keep(int r, float acc, float* logits, float& bv, int& bi) {
+    if ((threadIdx.x & 31) == 0) {
+        logits[r] = acc;
+        if (acc > bv) {
+            bv = acc;
+            bi = r;
+        }
+    }
+}
+
 // Final RMSNorm + lm_head + greedy pick for one token. A warp per row, rows
 // strided over a grid of a few blocks per SM (so the norm, redone by every
 // block, stays cheap); the next row's pieces are loaded before this row's
@@ -257,14 +269,7 @@ __device__ void lm_head_body(Row R, int vocab, int hidden, const float* x, const
         const uint4* pr = R.row(r);
         for (int c = lane + 32 * Row::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), R.aux(r, c), xs + Row::PER * c);
         load_row(r + nwarps);
-        acc = warp_sum(acc);
-        if (lane == 0) {
-            logits[r] = acc;
-            if (acc > bv) {
-                bv = acc;
-                bi = r;
-            }
-        }
+        lm_head_keep(r, warp_sum(acc), logits, bv, bi);
     }
     lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
@@ -360,13 +365,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
         acc += __shfl_xor_sync(0xffffffffu, acc, 8);
         acc += __shfl_xor_sync(0xffffffffu, acc, 4);
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        if (lane == 0) {
-            logits[r] = acc;
-            if (acc > bv) {
-                bv = acc;
-                bi = r;
-            }
-        }
+        lm_head_keep(r, acc, logits, bv, bi);
     }
     lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
