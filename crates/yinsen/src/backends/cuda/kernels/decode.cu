@@ -302,19 +302,22 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = gridDim.x * 8, np = hidden / 16, nb = hidden / 32;
     int r = blockIdx.x * 8 + warp;
-    uint4 pv[U];
-    float dw[U];
-    auto load_row = [&](int rr) {
+    // Two rows per warp in flight (r and r + nwarps): a row is half the
+    // bytes of an f16 row, and one row per warp left HBM idle between rows.
+    uint4 pv[2][U];
+    float dw[2][U];
+    auto load_row = [&](int rr, int slot) {
         const int rs = rr < vocab ? rr : 0;
 #pragma unroll
         for (int k = 0; k < U; k++) {
             const int c = lane + 32 * k;
             const bool in = rr < vocab && c < np;
-            pv[k] = in ? __ldg(Q + (size_t)rs * np + c) : make_uint4(0, 0, 0, 0);
-            dw[k] = in ? h2f(__ldg(D + (size_t)rs * nb + c / 2)) : 0.f;
+            pv[slot][k] = in ? __ldg(Q + (size_t)rs * np + c) : make_uint4(0, 0, 0, 0);
+            dw[slot][k] = in ? h2f(__ldg(D + (size_t)rs * nb + c / 2)) : 0.f;
         }
     };
-    load_row(r);
+    load_row(r, 0);
+    load_row(r + nwarps, 1);
     pdl_wait();
     lm_head_norm(x, nw, eps, hidden, xs, red);
     for (int b = warp; b < nb; b += 8) {
@@ -330,42 +333,43 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (; r < vocab; r += nwarps) {
-        float acc = 0.f;
-        const int kmax = (np + 31) / 32;
-        for (int k = 0; k < kmax; k++) {
-            const int c = lane + 32 * k;
-            uint4 w = make_uint4(0, 0, 0, 0);
-            float d = 0.f;
-            if (k < U) {
-#pragma unroll
-                for (int u = 0; u < U; u++)
-                    if (u == k) {
-                        w = pv[u];
-                        d = dw[u];
-                    }
-            } else if (c < np) {
-                w = __ldg(Q + (size_t)r * np + c);
-                d = h2f(__ldg(D + (size_t)r * nb + c / 2));
-            }
-            int dot = 0;
-            if (c < np) {
-                const uint4 xv = xq4[c];
-                dot = __dp4a((int)w.x, (int)xv.x, dot);
-                dot = __dp4a((int)w.y, (int)xv.y, dot);
-                dot = __dp4a((int)w.z, (int)xv.z, dot);
-                dot = __dp4a((int)w.w, (int)xv.w, dot);
-            }
-            dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the block's two halves
-            if (c < np) acc = fmaf((float)dot, __fmul_rn(d, dxs[c / 2]), acc);
+    // One block-half (16 bytes of row r at piece c): its exact dot joined with
+    // the other half's lane, then lane j's fma. k < kmax is warp-uniform.
+    auto piece = [&](uint4 w, float d, int c, float acc) {
+        int dot = 0;
+        if (c < np) {
+            const uint4 xv = xq4[c];
+            dot = __dp4a((int)w.x, (int)xv.x, dot);
+            dot = __dp4a((int)w.y, (int)xv.y, dot);
+            dot = __dp4a((int)w.z, (int)xv.z, dot);
+            dot = __dp4a((int)w.w, (int)xv.w, dot);
         }
-        load_row(r + nwarps);
-        // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
-        acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 8);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        lm_head_keep(r, acc, logits, bv, bi);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the block's two halves
+        return c < np ? fmaf((float)dot, __fmul_rn(d, dxs[c / 2]), acc) : acc;
+    };
+    for (; r < vocab; r += 2 * nwarps) {
+#pragma unroll
+        for (int slot = 0; slot < 2; slot++) {
+            const int rr = r + slot * nwarps;
+            if (rr >= vocab) break;  // warp-uniform
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < U; k++)
+                if (32 * k < np) acc = piece(pv[slot][k], dw[slot][k], lane + 32 * k, acc);
+            for (int k = U; 32 * k < np; k++) {
+                const int c = lane + 32 * k;
+                const bool in = c < np;
+                acc = piece(in ? __ldg(Q + (size_t)rr * np + c) : make_uint4(0, 0, 0, 0),
+                            in ? h2f(__ldg(D + (size_t)rr * nb + c / 2)) : 0.f, c, acc);
+            }
+            load_row(rr + 2 * nwarps, slot);
+            // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
+            acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            lm_head_keep(rr, acc, logits, bv, bi);
+        }
     }
     lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
