@@ -536,16 +536,21 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             p[0] = ml[2 * tid];
             p[1] = ml[2 * tid + 1];
         }
-        // Publish; the block finishing this KV head's last chunk merges.
-        __threadfence();
+        // Publish; the block finishing this KV head's last chunk merges. One
+        // thread fences around the counter, after and before a block barrier
+        // (as a grid sync does): the barrier orders the block's partial
+        // writes before the fence, and the merge's reads after it.
         __syncthreads();
         if (tid == 0) {
+            __threadfence();
             last = atomicAdd(cnt + kvh, 1) == nch - 1;
-            if (last) cnt[kvh] = 0;
+            if (last) {
+                cnt[kvh] = 0;
+                __threadfence();
+            }
         }
         __syncthreads();
         if (!last) continue;
-        __threadfence();
         // Merge in parallel: every chunk's (max, sum) first, then per head the
         // weights e^(m_c - M) and the denominator, then the weighted outputs.
         float* mw = sc;          // [group][nch]: m, then the weight
