@@ -3,8 +3,8 @@
 // barriers. Why: a decode step is ~150 small dependent matrix kernels whose
 // launch, ramp-up and tail latencies (not bytes) set the step time. Here a
 // phase costs one barrier, and the weights of the next phase are already on
-// their way (copied into a second shared-memory buffer a phase ahead) while
-// the current one runs.
+// their way (bulk-copied into the other shared-memory buffer a phase ahead;
+// gate/up's during the attention) while the current one runs.
 //
 // Per layer (5 phases, 5 barriers):
 //   QKV  every block: RMSNorm + int8 quantisation of x (recomputed per block,
@@ -15,8 +15,9 @@
 //   GU   norm + quantisation of x, gate rows [a, b) and the matching up rows
 //        of the block, so the epilogue writes h = act(g) * u directly.
 //   DN   sub-norm + quantisation of h, rows of W_down, x += y.
-// Arithmetic per element is that of the separate decode kernels (decode.cu);
-// reduction orders differ, so results match them to float rounding.
+// Arithmetic per element is that of the separate decode kernels (decode.cu),
+// except the norm: y = (x * r) * w as the CPU computes it (decode.cu divides
+// by the root); reduction orders differ, so results match to float rounding.
 //
 // Data written inside the launch by other blocks is read with ld.global.cg
 // (L2, never a stale L1 line); weights and norms are read-only (__ldg).
