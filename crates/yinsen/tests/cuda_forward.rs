@@ -22,7 +22,7 @@ fn cuda_kv(model: &Model, kv: KvDtype) -> Option<CudaBackend> {
         Ok(b) => Some(b),
         Err(e) if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") => panic!("YINSEN_DEVICE=1: {e}"),
         Err(e) => {
-            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
+            common::skip_cuda(&e.to_string());
             None
         }
     }
@@ -361,11 +361,7 @@ fn bench_runs_on_tiny() {
 /// The real shape (synthetic weights): decode / prefill timings on the device.
 #[test]
 fn bench_2b4t_on_device() {
-    if std::env::var("YINSEN_DEVICE").is_err() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP cuda: bench_2b4t runs only with YINSEN_DEVICE=1\n"),
-        ); // uncaptured: visible in CI logs
+    if !common::device_only("bench_2b4t") {
         return;
     }
     let t = std::time::Instant::now();
@@ -435,10 +431,7 @@ fn mega_decode_matches_per_kernel_decode() {
                 "{shape}: the persistent decode is not in use on the device"
             );
         } else if !gpu.uses_mega() {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIP cuda: persistent decode unavailable on this device\n"),
-            );
+            common::skip_cuda("persistent decode unavailable on this device");
             return;
         }
         let vocab = model.config.vocab;

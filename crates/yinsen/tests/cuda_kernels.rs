@@ -1,6 +1,8 @@
 //! CUDA backend tests. Without a GPU they print `SKIP cuda: <reason>` and
 //! pass; with YINSEN_DEVICE=1 a missing GPU is a failure.
 
+mod common;
+
 use yinsen::backends::cpu::reference::ternary_matmul_i32;
 use yinsen::backends::cuda::{self, Gpu, Launch, MatKernel};
 use yinsen::model::synthetic::{random_ternary, SplitMix64};
@@ -16,10 +18,27 @@ fn gpu() -> Option<std::sync::Arc<Gpu>> {
         Ok(g) => Some(g),
         Err(e) if device_required() => panic!("YINSEN_DEVICE=1 but no GPU: {e}"),
         Err(e) => {
-            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
+            common::skip_cuda(&e.to_string());
             None
         }
     }
+}
+
+/// Every attention output within `tol * (1 + |want|)` of the f64 reference
+/// (`[token][head][hd]`); returns the largest such relative error.
+fn assert_attention_close(got: &[f32], want: &[f64], tol: f64, q_dim: usize, hd: usize, what: &str) -> f64 {
+    let mut worst = 0f64;
+    for (i, (&gv, &w)) in got.iter().zip(want).enumerate() {
+        let rel = (gv as f64 - w).abs() / (1.0 + w.abs());
+        assert!(
+            rel <= tol,
+            "{what}: out[{i}] (token {}, head {}) = {gv} want {w}",
+            i / q_dim,
+            i % q_dim / hd
+        );
+        worst = worst.max(rel);
+    }
+    worst
 }
 
 #[test]
@@ -41,8 +60,7 @@ fn probe_reports_status() {
         cuda::CudaStatus::Unavailable(why) => {
             assert!(!device_required(), "YINSEN_DEVICE=1 but probe says: {why}");
             assert!(why.contains("no CUDA device"), "reason should say so: {why}");
-            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {why}\n"));
-            // uncaptured: visible in CI logs
+            common::skip_cuda(&why.to_string());
         }
     }
 }
@@ -54,7 +72,7 @@ fn probe_reports_status() {
 fn nvrtc_compiles_all_kernels() {
     if let Err(e) = cuda::nvrtc_available() {
         assert!(!device_required(), "YINSEN_DEVICE=1 but {e}");
-        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {e}\n")); // uncaptured: visible in CI logs
+        common::skip_cuda(&e.to_string());
         return;
     }
     let v = cuda::nvrtc::version().unwrap();
@@ -76,7 +94,7 @@ fn nvrtc_compiles_all_kernels() {
 #[test]
 fn nvrtc_reports_compile_errors() {
     if cuda::nvrtc_available().is_err() {
-        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: no NVRTC\n")); // uncaptured: visible in CI logs
+        common::skip_cuda("no NVRTC");
         return;
     }
     let e = cuda::nvrtc::compile("extern \"C\" __global__ void k() { undefined_thing(); }", "sm_80").unwrap_err();
@@ -260,15 +278,8 @@ fn flash_attention_matches_reference() {
                 flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let e = worst.entry(name.clone()).or_default();
-                for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
-                    *e = e.max((gv as f64 - w).abs() / (1.0 + w.abs()));
-                    assert!(
-                        (gv as f64 - w).abs() <= tol * (1.0 + w.abs()),
-                        "{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}: out[{i}] (token {}, head {}) = {gv} want {w}",
-                        i / q_dim,
-                        i % q_dim / hd
-                    );
-                }
+                let what = format!("{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}");
+                *e = e.max(assert_attention_close(&got, &want, tol, q_dim, hd, &what));
             }
         }
     }
@@ -417,10 +428,7 @@ fn flash_key_split_matches_reference() {
     use yinsen::backends::cuda::{flash_tc_smem, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     if !g.has_mma() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP cuda: no mma.sync (sm_80+)\n"),
-        ); // uncaptured: visible in CI logs
+        common::skip_cuda("no mma.sync (sm_80+)");
         return;
     }
     let cap = 2200usize;
@@ -461,14 +469,7 @@ fn flash_key_split_matches_reference() {
                             flash_launch(&g, name, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, n_ks, part.p());
                             let got = out.read::<f32>(nt * q_dim).unwrap();
                             let what = format!("{name} hd {hd} nt {nt} p0 {p0} n_ks {n_ks}");
-                            for (i, (&gv, &w)) in got.iter().zip(&want).enumerate() {
-                                assert!(
-                                    (gv as f64 - w).abs() <= tol * (1.0 + w.abs()),
-                                    "{what}: out[{i}] (token {}, head {}) = {gv} want {w}",
-                                    i / q_dim,
-                                    i % q_dim / hd
-                                );
-                            }
+                            assert_attention_close(&got, &want, tol, q_dim, hd, &what);
                             if n_ks == 1 {
                                 base = got;
                             } else {
@@ -553,11 +554,7 @@ fn attention_f64(
 #[test]
 fn flash_attention_2b4t_timing() {
     use yinsen::backends::cuda::{flash_tc_smem, KvDtype, FLASH_TC_THREADS};
-    if std::env::var("YINSEN_DEVICE").is_err() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP cuda: flash_attention_2b4t_timing runs only with YINSEN_DEVICE=1\n"),
-        ); // uncaptured: visible in CI logs
+    if !common::device_only("flash_attention_2b4t_timing") {
         return;
     }
     let Some(g) = gpu() else { return };

@@ -171,3 +171,18 @@ pub fn check_greedy(what: &str, name: &str, got: &[u32]) -> usize {
     }
     same
 }
+
+/// `SKIP cuda: <why>` on stderr, uncaptured so that CI logs show it.
+pub fn skip_cuda(why: &str) {
+    let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP cuda: {why}\n"));
+}
+
+/// Device-only tests (timings on the real shape): true with YINSEN_DEVICE
+/// set, else false after a SKIP line naming the test.
+pub fn device_only(test: &str) -> bool {
+    let on = std::env::var("YINSEN_DEVICE").is_ok();
+    if !on {
+        skip_cuda(&format!("{test} runs only with YINSEN_DEVICE=1"));
+    }
+    on
+}

@@ -1812,18 +1812,12 @@ impl CudaBackend {
         let c = &self.config;
         let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| self.matrix_work(f, nt);
         let kv = 2 * c.n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv.bytes();
-        let tags: [(&str, (usize, f64)); 7] = [
+        let mut tags = vec![
             ("embed", (c.hidden * 2, 0.0)),
             ("qkv+rope", mats(&|l| &l.qkv)),
             ("attention", (kv, 0.0)),
-            ("o", mats(&|l| &l.o)),
-            ("gate_up", mats(&|l| &l.gu)),
-            ("down", mats(&|l| &l.down)),
-            (
-                "lm_head+argmax",
-                (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64),
-            ),
         ];
+        tags.extend(self.tail_tags(nt));
         Self::group_times(runs, &tags)
     }
 
@@ -1858,12 +1852,24 @@ impl CudaBackend {
         // Scores and P V: 2 x 2 hd flops per (query, visible key) per head.
         let keys = (nt * ctx + nt * (nt + 1) / 2) as f64;
         let att = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * keys;
-        let tags: [(&str, (usize, f64)); 9] = [
+        let mut tags = vec![
             ("embed", (0, 0.0)),
             ("norm_quant", (0, 0.0)),
             ("qkv", mats(&|l| &l.qkv)),
             ("rope_kv", (0, 0.0)),
             ("attention", (0, att)),
+        ];
+        tags.extend(self.tail_tags(nt));
+        Self::group_times(runs, &tags)
+    }
+
+    /// The profile rows after the attention, the same in every table: the
+    /// o / gate_up / down matrices of `nt` tokens and the lm_head (one token):
+    /// (tag, (bytes, ops)).
+    fn tail_tags(&self, nt: usize) -> [(&'static str, (usize, f64)); 4] {
+        let c = &self.config;
+        let mats = |f: &dyn Fn(&GpuLayer) -> &GpuMatrix| self.matrix_work(f, nt);
+        [
             ("o", mats(&|l| &l.o)),
             ("gate_up", mats(&|l| &l.gu)),
             ("down", mats(&|l| &l.down)),
@@ -1871,8 +1877,7 @@ impl CudaBackend {
                 "lm_head+argmax",
                 (c.vocab * c.hidden * 2, 2.0 * (c.vocab * c.hidden) as f64),
             ),
-        ];
-        Self::group_times(runs, &tags)
+        ]
     }
 
     /// For benchmarks: every tensor-core tile variant on layer 0's four

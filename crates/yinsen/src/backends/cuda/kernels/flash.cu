@@ -337,14 +337,15 @@ __device__ __forceinline__ void tc_load_tile(const float* base, int j0, int kend
         }
     }
 }
-// f16 cache: copied as is (exact in f16, so never a lo part) by cp.async,
-// all in flight at once; tc_load_wait() before the barrier.
-template <bool LO, int HDMAX>
-__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, int hd, int ld, u16* hi, u16*) {
-    const int per_row = hd / 8;
+// Rows j0 .. j0 + TC_BK of a [key][hd] cache into dst (row stride ld) as
+// 16-byte cp.async copies, all in flight at once; zeros past kend.
+template <typename T>
+__device__ __forceinline__ void tc_copy_rows(const T* base, int j0, int kend, int hd, int ld, T* dst0) {
+    constexpr int PER = 16 / sizeof(T);
+    const int per_row = hd / PER;
     for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
-        const int j = idx / per_row, d = (idx - j * per_row) * 8;
-        u16* dst = hi + j * ld + d;
+        const int j = idx / per_row, d = (idx - j * per_row) * PER;
+        T* dst = dst0 + j * ld + d;
         if (j0 + j < kend) {
             const u32 a = (u32)__cvta_generic_to_shared(dst);
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
@@ -354,23 +355,18 @@ __device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, 
         }
     }
 }
+// f16 cache: copied as is (exact in f16, so never a lo part) by cp.async;
+// tc_load_wait() before the barrier.
+template <bool LO, int HDMAX>
+__device__ __forceinline__ void tc_load_tile(const u16* base, int j0, int kend, int hd, int ld, u16* hi, u16*) {
+    tc_copy_rows(base, j0, kend, hd, ld, hi);
+}
 __device__ __forceinline__ void tc_load_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void tc_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 // Raw f32 keys j0 .. j0 + 63 into stg [64][hd] by cp.async (zeros past kend).
 __device__ __forceinline__ void tc_stage_tile(const float* base, int j0, int kend, int hd, float* stg) {
-    const int per_row = hd / 4;
-    for (int idx = threadIdx.x; idx < TC_BK * per_row; idx += TC_THREADS) {
-        const int j = idx / per_row, d = (idx - j * per_row) * 4;
-        float* dst = stg + j * hd + d;
-        if (j0 + j < kend) {
-            const u32 a = (u32)__cvta_generic_to_shared(dst);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(base + (size_t)(j0 + j) * hd + d)
-                         : "memory");
-        } else {
-            *(float4*)dst = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    }
+    tc_copy_rows(base, j0, kend, hd, hd, stg);
 }
 __device__ __forceinline__ void tc_stage_tile(const u16*, int, int, int, float*) {}  // f16 cache: never staged
 // The staged f32 tile into hi/lo f16 rows.
