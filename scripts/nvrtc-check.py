@@ -12,7 +12,10 @@ import ctypes, os, sys
 arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90a"
 lib = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("NVRTC_LIB", "/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13")
 root = os.path.join(os.path.dirname(__file__), "..", "crates", "yinsen", "src", "backends", "cuda", "kernels")
-order = ["common.cuh", "ternary.cu", "ops.cu", "decode.cu", "mega.cu", "flash.cu"]
+# The sources in the order nvrtc.rs concatenates them.
+import re
+rs = open(os.path.join(root, "..", "nvrtc.rs")).read()
+order = re.findall(r'\("([\w.]+)", include_str!', rs)
 src = "".join(f"// ---- {n}\n{open(os.path.join(root, n)).read()}\n" for n in order)
 n = ctypes.CDLL(lib)
 prog = ctypes.c_void_p()

@@ -545,12 +545,14 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     );
     let step1 = 1000.0 / r.decode_tok_s_ctx0;
     println!(
-        "| 16-token step{} | {:.2} ms | {:.2}x the 1-token step ({:.3} ms); tensor-core {:.2} / GEMV {:.2} ms |",
+        "| 16-token step{} | {:.2} ms | {:.2}x the 1-token step ({:.3} ms); {} {:.2} / per-kernel tensor-core {:.2} / GEMV {:.2} ms |",
         if r.step16_graph { " (graph)" } else { "" },
-        r.step16_ms.min(r.step16_gemv_ms),
+        r.step16_ms.min(r.step16_gemv_ms).min(r.step16_per_kernel_ms),
         r.step16_vs_step1,
         step1,
+        if r.step16_persistent { "persistent" } else { "default" },
         r.step16_ms,
+        r.step16_per_kernel_ms,
         r.step16_gemv_ms
     );
     println!(

@@ -477,6 +477,65 @@ fn mega_decode_matches_per_kernel_decode() {
     }
 }
 
+/// The persistent multi-token step (mega_multi.cu) against the per-kernel
+/// multi-token body and the CPU: every token's logits of calls of 2..=16
+/// tokens (odd counts, one and two n8 tiles), 74 positions in all, so the
+/// attention crosses a 64-key chunk and merges. Each call starts from the
+/// CPU's cache (exported and imported), so an int8 rounding flip in one
+/// call does not carry into the next: every call must be close to the CPU
+/// (the flip-prone bounds of `close`), and on average no further from it
+/// than the per-kernel body (2x + a small floor). KV caches f32 and f16;
+/// shapes tiny and 125m (12 layers, no grouping).
+#[test]
+fn mega_multi_matches_per_kernel_step() {
+    for (shape, kv) in [("tiny", KvDtype::F32), ("tiny", KvDtype::F16), ("125m", KvDtype::F32)] {
+        let model = synthetic::build(shape).unwrap();
+        let Some(gpu) = cuda_kv(&model, kv) else { return };
+        if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
+            assert!(
+                gpu.uses_mega_multi(),
+                "{shape}: the persistent multi-token step is not in use on the device"
+            );
+        } else if !gpu.uses_mega_multi() {
+            common::skip_cuda("persistent multi-token step unavailable on this device");
+            return;
+        }
+        let vocab = model.config.vocab;
+        let ids = prompt(74, vocab);
+        let calls = [10, 2, 5, 8, 9, 16, 3, 16, 5];
+        assert_eq!(calls.iter().sum::<usize>(), ids.len());
+        let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 4).unwrap();
+        let mut cc = cpu.new_cache(128).unwrap();
+        let (mut at, mut sum_m, mut sum_k) = (0, 0f32, 0f32);
+        for n in calls {
+            let toks = &ids[at..at + n];
+            let snap = cpu.export_kv(cc.as_mut()).unwrap();
+            let on_gpu = |multi: bool| {
+                gpu.set_mega_multi(multi);
+                let mut c = gpu.import_kv(&snap, 128).unwrap();
+                gpu.forward(c.as_mut(), toks, Output::AllLogits).unwrap()
+            };
+            let (multi, kern) = (on_gpu(true), on_gpu(false));
+            gpu.set_mega_multi(true);
+            let want = cpu.forward(cc.as_mut(), toks, Output::AllLogits).unwrap();
+            let what = format!("{shape} {kv:?}: call of {n} at {at}");
+            let (m_max, m_mean) = close(&multi, &want, vocab, &format!("{what}, persistent vs CPU"));
+            let (k_max, k_mean) = close(&kern, &want, vocab, &format!("{what}, per-kernel vs CPU"));
+            println!(
+                "{what}: persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
+            );
+            sum_m += m_mean * n as f32;
+            sum_k += k_mean * n as f32;
+            at += n;
+        }
+        let (m_mean, k_mean) = (sum_m / at as f32, sum_k / at as f32);
+        assert!(
+            m_mean <= 2.0 * k_mean + 2e-3,
+            "{shape} {kv:?}: the persistent multi-token step (mean {m_mean:.3e}) is further from the CPU than the per-kernel one ({k_mean:.3e})"
+        );
+    }
+}
+
 /// The 8-bit lm_head on the GPU decode step against the CPU with the same
 /// Q8_0 copy (same weight bytes; the CPU also quantises the hidden state per
 /// 32-block where VNNI runs, ~1e-2 in the logits, inside the flip-prone

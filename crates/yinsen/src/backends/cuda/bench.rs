@@ -25,8 +25,13 @@ pub struct CudaBench {
     /// or un-graphed where step graphs are off (`step16_graph` false).
     pub step16_ms: f64,
     pub step16_graph: bool,
-    /// The same through the dp4a GEMV instead of the tensor-core GEMM.
+    /// The same through the dp4a GEMV instead of the tensor-core GEMM
+    /// (per-kernel body).
     pub step16_gemv_ms: f64,
+    /// Whether `step16_ms` ran the persistent multi-token kernel
+    /// (mega_multi.cu), and the per-kernel body's graph for comparison.
+    pub step16_persistent: bool,
+    pub step16_per_kernel_ms: f64,
     /// The 16-token forward without the graph (launch overhead included).
     pub step16_nograph_ms: f64,
     /// The faster 16-token step over the decode step at ctx 0 (issue 4: <= 1.3).
@@ -165,6 +170,52 @@ fn step_ms(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<(f64, 
     Ok((median(ms), true))
 }
 
+/// `step_ms` with the persistent multi-token kernel off (the per-kernel body).
+fn per_kernel_step(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<f64> {
+    let was = b.set_mega_multi(false);
+    let r = step_ms(b, nt, ctx, reps);
+    b.set_mega_multi(was);
+    Ok(r?.0)
+}
+
+/// `YINSEN_CUDA_BENCH=step`: the multi-token step rows only (persistent
+/// against per-kernel, 2..16 tokens on stderr) and the decode step they
+/// are compared with.
+fn bench_step_only(b: &CudaBackend) -> Result<CudaBench> {
+    let max = crate::backends::Backend::config(b).max_ctx;
+    let long = 2048.min(max.saturating_sub(300));
+    for nt in [2, 4, 8, 16] {
+        let (p, _) = step_ms(b, nt, 0, 10)?;
+        let k = per_kernel_step(b, nt, 0, 10)?;
+        eprintln!("step {nt:2} tokens ctx 0: persistent {p:.3} ms, per-kernel {k:.3} ms");
+    }
+    for (nt, ctx) in [(16, 0), (2, 0), (16, long)] {
+        let steps = b.trace_mega_multi(nt, ctx)?;
+        let total: f64 = steps.iter().map(|s| s.1).sum();
+        eprintln!("trace {nt} tokens ctx {ctx}: {total:.2} us per layer");
+        for (name, us) in steps {
+            eprintln!("trace {nt} tokens ctx {ctx}: {name:>20} {us:6.2} us");
+        }
+    }
+    let decode_ctx0 = decode_at(b, 0, 128, 5)?;
+    let decode_long = decode_at(b, long, 128, 3)?;
+    let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
+    let step16_per_kernel_ms = per_kernel_step(b, 16, 0, 20)?;
+    let step16_ms_ctx2048 = step_ms(b, 16, long, 10)?.0;
+    let k_long = per_kernel_step(b, 16, long, 10)?;
+    eprintln!("step 16 tokens ctx {long}: persistent {step16_ms_ctx2048:.3} ms, per-kernel {k_long:.3} ms");
+    let mut r = bench_decode_only_rows(b, decode_ctx0, decode_long)?;
+    r.step16_ms = step16_ms;
+    r.step16_graph = step16_graph;
+    r.step16_persistent = b.uses_mega_multi();
+    r.step16_per_kernel_ms = step16_per_kernel_ms;
+    r.step16_gemv_ms = f64::INFINITY;
+    r.step16_vs_step1 = step16_ms.min(step16_per_kernel_ms) * decode_ctx0 / 1000.0;
+    r.step16_ms_ctx2048 = step16_ms_ctx2048;
+    r.step16_vs_step1_ctx2048 = step16_ms_ctx2048 * decode_long / 1000.0;
+    Ok(r)
+}
+
 fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
     let Ok(list) = std::env::var("YINSEN_CUDA_MEGA_AB") else {
         return Ok(Vec::new());
@@ -196,8 +247,10 @@ fn q8_decode(b: &CudaBackend, model: Option<&crate::model::Model>, long: usize) 
 /// Run every measurement the model's context length allows (`model`: the
 /// backend's model, for the 8-bit lm_head rows; None skips them).
 pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<CudaBench> {
-    if std::env::var("YINSEN_CUDA_BENCH").is_ok_and(|v| v == "decode") {
-        return bench_decode_only(b);
+    match std::env::var("YINSEN_CUDA_BENCH").as_deref() {
+        Ok("decode") => return bench_decode_only(b),
+        Ok("step") => return bench_step_only(b),
+        _ => {}
     }
     let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
@@ -207,10 +260,13 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let decode_long = decode_at(b, long, 128, 3)?;
     let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
     let step16_ms_ctx2048 = step_ms(b, 16, long, 10)?.0;
+    let step16_per_kernel_ms = per_kernel_step(b, 16, 0, 20)?;
     let step16_gemv_ms = {
+        let multi = b.set_mega_multi(false);
         let was = b.set_mma_min_tokens(17);
         let r = step_ms(b, 16, 0, 20);
         b.set_mma_min_tokens(was);
+        b.set_mega_multi(multi);
         r?.0
     };
     Ok(CudaBench {
@@ -227,8 +283,10 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         step16_ms,
         step16_graph,
         step16_gemv_ms,
+        step16_persistent: b.uses_mega_multi(),
+        step16_per_kernel_ms,
         step16_nograph_ms: forward_ms(b, 16, 20)?,
-        step16_vs_step1: step16_ms.min(step16_gemv_ms) * decode_ctx0 / 1000.0,
+        step16_vs_step1: step16_ms.min(step16_gemv_ms).min(step16_per_kernel_ms) * decode_ctx0 / 1000.0,
         step16_ms_ctx2048,
         step16_vs_step1_ctx2048: step16_ms_ctx2048 * decode_long / 1000.0,
         step1_nograph_ms: forward_ms(b, 1, 20)?,
@@ -272,7 +330,6 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
 /// flag sweep and the phase trace), for quick A/B runs of the decode kernel;
 /// every other row is reported as 0 / empty.
 fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
-    let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
     for (tag, us) in b.profile_mega(0, 5)? {
@@ -298,18 +355,31 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
             }
         }
     }
+    let (a, l) = (decode_at(b, 0, 128, 5)?, decode_at(b, long, 128, 3)?);
+    let mut r = bench_decode_only_rows(b, a, l)?;
+    r.mega_flag_sweep = flag_sweep(b, long)?;
+    r.mega_phases_ctx0 = b.trace_mega(0)?;
+    r.mega_phases_ctx2048 = b.trace_mega(long)?;
+    Ok(r)
+}
+
+/// A bench record with the decode rows only (everything else empty).
+fn bench_decode_only_rows(b: &CudaBackend, decode_ctx0: f64, decode_long: f64) -> Result<CudaBench> {
+    let g = b.gpu();
     Ok(CudaBench {
         device: g.info.name.clone(),
         arch: g.arch.clone(),
         kernels_from_cache: g.from_cache,
         kv_dtype: format!("{:?}", b.kv_dtype()),
-        decode_tok_s_ctx0: decode_at(b, 0, 128, 5)?,
-        decode_tok_s_ctx2048: decode_at(b, long, 128, 3)?,
+        decode_tok_s_ctx0: decode_ctx0,
+        decode_tok_s_ctx2048: decode_long,
         prefill_ms_512: 0.0,
         prefill_ms_2048: 0.0,
         step16_ms: 0.0,
         step16_graph: false,
         step16_gemv_ms: 0.0,
+        step16_persistent: false,
+        step16_per_kernel_ms: 0.0,
         step16_nograph_ms: 0.0,
         step16_vs_step1: 0.0,
         step16_ms_ctx2048: 0.0,
@@ -319,9 +389,9 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
         persistent_decode: b.uses_mega(),
         decode_tok_s_ctx0_per_kernel: 0.0,
         decode_tok_s_ctx2048_per_kernel: 0.0,
-        mega_flag_sweep: flag_sweep(b, long)?,
-        mega_phases_ctx0: b.trace_mega(0)?,
-        mega_phases_ctx2048: b.trace_mega(long)?,
+        mega_flag_sweep: Vec::new(),
+        mega_phases_ctx0: Vec::new(),
+        mega_phases_ctx2048: Vec::new(),
         decode_tok_s_ctx0_lm_head_q8: None,
         decode_tok_s_ctx2048_lm_head_q8: None,
         kernels_ctx0: Vec::new(),

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
+mod mega_multi;
+
 use super::layout::{rope_pair_order, GpuLayout};
 use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel};
 use crate::backends::{Backend, KvCache, Output};
@@ -281,6 +283,11 @@ pub struct CudaBackend {
     /// Variant bits of the persistent kernel (MG_* flags in mega.cu), for
     /// A/B measurements: `YINSEN_CUDA_MEGA_FLAGS` or the bench sweep.
     mega_flags: std::sync::atomic::AtomicU32,
+    /// The persistent multi-token step (mega_multi.cu) for calls of
+    /// 2..=16 tokens, where the persistent decode runs and shared memory
+    /// allows (`YINSEN_CUDA_MEGA_MULTI=0` turns it off).
+    mega_multi: Option<mega_multi::MegaMulti>,
+    mega_multi_on: std::sync::atomic::AtomicBool,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
     step_graphs: std::sync::atomic::AtomicBool,
@@ -551,6 +558,13 @@ impl CudaBackend {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
         };
+        let mega_multi = match (
+            &mega,
+            std::env::var("YINSEN_CUDA_MEGA_MULTI").map_or(true, |v| v != "0"),
+        ) {
+            (Some(m), true) => mega_multi::MegaMulti::prepare(&gpu, &c, m, part_tokens, max_splits, kv.bytes())?,
+            _ => None,
+        };
         let mega_flags = match std::env::var("YINSEN_CUDA_MEGA_FLAGS") {
             Ok(v) => v
                 .parse::<u32>()
@@ -564,6 +578,8 @@ impl CudaBackend {
             mega_flags: mega_flags.into(),
             mega_on: mega.is_some().into(),
             mega,
+            mega_multi_on: mega_multi.is_some().into(),
+            mega_multi,
             gpu,
             kv,
             fused,
@@ -901,6 +917,9 @@ impl CudaBackend {
         let g = &self.gpu;
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let qkv_n = q + 2 * kv;
+        if (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi() {
+            return self.body_multi(s, cache, nt);
+        }
         let how = self.body_launch();
         g.set_tag("embed");
         g.launch_smem(

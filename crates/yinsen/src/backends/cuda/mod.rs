@@ -194,7 +194,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 46] = [
+pub const KERNELS: [&str; 49] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -227,6 +227,9 @@ pub const KERNELS: [&str; 46] = [
     "mega_begin",
     "mega_f16",
     "mega_f32",
+    "mega_multi_begin",
+    "mega_multi_f16",
+    "mega_multi_f32",
     "flash_attn_d128_f16",
     "flash_attn_d128_f32",
     "flash_attn_d256_f16",

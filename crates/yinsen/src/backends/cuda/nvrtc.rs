@@ -10,12 +10,13 @@ use cudarc::nvrtc::sys;
 use crate::error::{Error, Result};
 
 /// Every kernel source, in compilation order (one translation unit).
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("ternary.cu", include_str!("kernels/ternary.cu")),
     ("ops.cu", include_str!("kernels/ops.cu")),
     ("decode.cu", include_str!("kernels/decode.cu")),
     ("mega.cu", include_str!("kernels/mega.cu")),
+    ("mega_multi.cu", include_str!("kernels/mega_multi.cu")),
     ("flash.cu", include_str!("kernels/flash.cu")),
 ];
 

@@ -1,0 +1,294 @@
+//! Host side of the persistent multi-token step (kernels/mega_multi.cu):
+//! 2..=16 tokens of one sequence through every layer in one launch.
+//!
+//! The shared-memory plan (see the kernel's header) is computed here and
+//! passed as byte offsets; buffers the kernel exchanges between blocks
+//! (int8 codes, per-block statistics) live in global memory.
+
+use super::{Mega, MG_MAXROWS, MG_QMAX, MG_THREADS};
+use crate::backends::cuda::{Arg, DevBuf, Gpu, Launch};
+use crate::error::Result;
+use crate::model::ModelConfig;
+use std::sync::Arc;
+
+/// Tokens per launch at most (MM_T).
+pub(super) const MM_T: usize = 16;
+/// Query rows (tokens x group) at most (MM_RMAX).
+const MM_RMAX: usize = 128;
+/// Keys per attention item (MM_AC).
+const MM_AC: usize = 64;
+
+/// Bytes per token row of int8 codes (mm_xs).
+fn xs(kpad: usize) -> usize {
+    kpad.div_ceil(128) * 128 + 16
+}
+
+pub(super) struct MegaMulti {
+    /// int8 codes of a phase input, [MM_T][xs].
+    xg: DevBuf,
+    /// Per-block, per-token (sum of squares, max) partials, [grid][MM_T] float2.
+    stat: DevBuf,
+    c_off: usize,
+    dn_off: usize,
+    s_off: usize,
+    acc_off: usize,
+    smem: usize,
+}
+
+impl MegaMulti {
+    /// The plan for `c` on `gpu` next to the one-token kernel's `mega`, or
+    /// None where the shapes, the device or shared memory rule it out.
+    pub(super) fn prepare(
+        gpu: &Arc<Gpu>,
+        c: &ModelConfig,
+        mega: &Mega,
+        part_tokens: usize,
+        max_splits: usize,
+        kv_bytes: usize,
+    ) -> Result<Option<Self>> {
+        let grid = mega.grid as usize;
+        let group = c.n_heads / c.n_kv_heads.max(1);
+        let hd = c.head_dim;
+        let rows = |n: usize, even: bool| {
+            let r = n.div_ceil(grid);
+            r + (even && r % 2 == 1) as usize
+        };
+        let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
+        let r_qkv = rows(c.q_dim() + 2 * c.kv_dim(), true);
+        let (r_o, r_gu, r_dn) = (rows(c.hidden, false), rows(c.ffn, false), rows(c.hidden, false));
+        let (w_b, w_a) = (mega.w1_chunks * 16, mega.w0_chunks * 16);
+        let (qkv_bytes, o_bytes) = (r_qkv * ch * 16, r_o * cq * 16);
+        let r_max = MM_T * group;
+        let q_bytes = r_max * (hd + 4) * 4;
+        let k_bytes = MM_AC * (hd * kv_bytes + 16);
+        let v_bytes = MM_AC * hd * kv_bytes;
+        let s_bytes = r_max * (MM_AC + 1) * 4;
+        let fits = gpu.info.sm.0 >= 9
+            && grid * MM_T / 2 <= 2 * MG_THREADS
+            && group * hd <= MG_QMAX
+            && r_max <= MM_RMAX
+            && MG_THREADS.is_multiple_of(hd)
+            && c.hidden.is_multiple_of(4)
+            && c.q_dim().is_multiple_of(4)
+            && c.ffn.is_multiple_of(4)
+            && part_tokens >= MM_T
+            && r_qkv.max(r_o).max(2 * r_gu).max(r_dn) <= MG_MAXROWS
+            // The chunk merge keeps (m, l) of every (row, chunk) in the K/V area.
+            && r_max * max_splits * 2 * 4 <= k_bytes + v_bytes;
+        if !fits {
+            return Ok(None);
+        }
+        let c_off = w_b + w_a;
+        // The scores go into B's free tail behind the O weights when they fit.
+        let (s_off, att) = match w_b - o_bytes >= s_bytes {
+            true => (o_bytes, q_bytes + k_bytes + v_bytes),
+            false => (
+                c_off + q_bytes + k_bytes + v_bytes,
+                q_bytes + k_bytes + v_bytes + s_bytes,
+            ),
+        };
+        // The code buffers also stage the per-block partials (mm_scales).
+        let partials = grid * MM_T * 8;
+        let c_need = att.max(MM_T * xs(ch * 64)).max(MM_T * xs(cq * 64)).max(partials);
+        let dn_off = w_b + qkv_bytes;
+        let end = (c_off + c_need).max(dn_off + (MM_T * xs(cf * 64)).max(partials));
+        let acc_off = end.next_multiple_of(16);
+        let n_acc = r_qkv.max(r_o).max(2 * r_gu).max(r_dn);
+        let smem = acc_off + n_acc * MM_T * 4;
+        for name in ["mega_multi_f32", "mega_multi_f16"] {
+            if !gpu.allow_dynamic_smem(name, smem)? || gpu.occupancy(name, MG_THREADS as u32, smem)? < 1 {
+                return Ok(None);
+            }
+        }
+        let xg_bytes = MM_T * xs(ch.max(cq).max(cf) * 64);
+        let xg = gpu.alloc(xg_bytes)?;
+        xg.fill(0)?;
+        Ok(Some(Self {
+            xg,
+            stat: gpu.alloc(grid * MM_T * 8)?,
+            c_off,
+            dn_off,
+            s_off,
+            acc_off,
+            smem,
+        }))
+    }
+}
+
+impl super::CudaBackend {
+    /// Whether calls of 2..=16 tokens run the persistent multi-token kernel.
+    pub fn uses_mega_multi(&self) -> bool {
+        self.mega_multi.is_some() && self.mega_multi_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For benchmarks and tests: turn the persistent multi-token step on or
+    /// off (for graphs captured afterwards); returns the previous setting.
+    pub fn set_mega_multi(&self, on: bool) -> bool {
+        self.mega_multi_on
+            .swap(on && self.mega_multi.is_some(), std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The body (embedding + every layer, hidden states into `s.x`) of `nt`
+    /// tokens at the cache's position in two launches.
+    pub(super) fn body_multi(&self, s: &super::Scratch, cache: &super::CudaCache, nt: usize) -> Result<()> {
+        self.body_multi_traced(s, cache, nt, Arg::P(0))
+    }
+
+    fn body_multi_traced(&self, s: &super::Scratch, cache: &super::CudaCache, nt: usize, trace: Arg) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let (Some(m), Some(mm)) = (self.mega.as_ref(), self.mega_multi.as_ref()) else {
+            return Err(super::berr("persistent multi-token step unavailable"));
+        };
+        g.set_tag("embed");
+        g.launch(
+            "mega_multi_begin",
+            (nt as u32, 1, 1),
+            256,
+            &[s.tok.p(), self.embed.p(), Arg::I(c.hidden as i32), s.x.p(), s.bar.p()],
+        )?;
+        g.set_tag("layers (persistent, multi-token)");
+        let name = match self.kv {
+            super::KvDtype::F16 => "mega_multi_f16",
+            super::KvDtype::F32 => "mega_multi_f32",
+        };
+        let gate = match c.activation {
+            crate::model::Activation::Relu2 => 1,
+            crate::model::Activation::Silu => 2,
+        };
+        let i = |v: usize| Arg::I(v as i32);
+        g.launch_smem(
+            name,
+            (m.grid, 1, 1),
+            MG_THREADS as u32,
+            mm.smem as u32,
+            &[
+                m.table.p(),
+                i(c.n_layers),
+                i(c.hidden),
+                i(c.q_dim()),
+                i(c.kv_dim()),
+                i(c.ffn),
+                i(c.head_dim),
+                i(c.n_heads),
+                i(c.n_kv_heads),
+                Arg::I(gate),
+                Arg::F(c.rms_eps),
+                Arg::F(1.0 / (c.head_dim as f32).sqrt()),
+                s.pos.p(),
+                i(nt),
+                self.rope.p(),
+                cache.k.p(),
+                cache.v.p(),
+                i(cache.layer_bytes / self.kv.bytes()),
+                i(cache.cap),
+                s.x.p(),
+                s.qr.p(),
+                s.attn.p(),
+                s.gu.p(),
+                s.part.p(),
+                i(self.max_splits),
+                s.cnt.p(),
+                s.bar.p(),
+                mm.xg.p(),
+                mm.stat.p(),
+                i(m.w0_chunks),
+                i(m.w1_chunks),
+                i(mm.c_off),
+                i(mm.dn_off),
+                i(mm.s_off),
+                i(mm.acc_off),
+                trace,
+                Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
+            ],
+            Launch::Cooperative,
+        )?;
+        g.set_tag("");
+        Ok(())
+    }
+}
+
+/// Trace marks per layer (MM_TRACE).
+const MM_TRACE: usize = 48;
+
+impl super::CudaBackend {
+    /// For benchmarks: block 0's clock at the marks of one `nt`-token call
+    /// after `ctx` cached tokens, as microseconds per layer of each step:
+    /// (name, us). Empty where the multi-token kernel is off.
+    pub(crate) fn trace_mega_multi(&self, nt: usize, ctx: usize) -> Result<Vec<(&'static str, f64)>> {
+        if !self.uses_mega_multi() || !(2..=MM_T).contains(&nt) {
+            return Ok(Vec::new());
+        }
+        let n = self.config.n_layers;
+        let mut cache = self.cuda_cache(ctx + nt)?;
+        cache.set_len_for_bench(ctx);
+        let s = self.scratch.lock().map_err(|_| super::berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let tr = self.gpu.alloc(n * MM_TRACE * 8)?;
+        tr.fill(0)?;
+        let tok: Vec<i32> = (0..nt as i32).collect();
+        s.tok.write_async(&tok)?;
+        s.pos.write_async(&[ctx as i32])?;
+        self.body_multi_traced(&s, &cache, nt, Arg::P(0))?; // warm-up
+        self.body_multi_traced(&s, &cache, nt, tr.p())?;
+        let t = tr.read::<u64>(n * MM_TRACE)?;
+        let khz = self.gpu.clock_khz()? as f64;
+        // Consecutive marks (mega_multi.cu); the last step of a layer runs
+        // to the next layer's first mark.
+        const STEPS: [(&str, usize, usize); 39] = [
+            ("qkv scales", 0, 30),
+            ("qkv quant slice", 30, 31),
+            ("qkv slice to barrier", 31, 1),
+            ("qkv barrier", 1, 2),
+            ("qkv codes issue", 2, 32),
+            ("qkv codes wait+xsum", 32, 3),
+            ("qkv weights wait", 3, 26),
+            ("qkv dot", 26, 4),
+            ("qkv epilogue", 4, 5),
+            ("qkv end barrier", 5, 6),
+            ("attention start", 6, 33),
+            ("att staging wait", 33, 34),
+            ("att scale+scores", 34, 35),
+            ("att softmax", 35, 36),
+            ("att pv", 36, 37),
+            ("att out+stats", 37, 38),
+            ("att rest", 38, 7),
+            ("attention barrier", 7, 8),
+            ("o scales+quant", 8, 9),
+            ("o barrier", 9, 10),
+            ("o load codes", 10, 11),
+            ("o weights wait", 11, 27),
+            ("o dot", 27, 12),
+            ("o epilogue", 12, 13),
+            ("o end barrier", 13, 14),
+            ("gu scales+quant", 14, 15),
+            ("gu barrier", 15, 16),
+            ("gu load codes", 16, 17),
+            ("gu weights wait", 17, 28),
+            ("gu dot", 28, 18),
+            ("gu epilogue", 18, 19),
+            ("gu end barrier", 19, 20),
+            ("down scales+quant", 20, 21),
+            ("down barrier", 21, 22),
+            ("down load codes", 22, 23),
+            ("down weights wait", 23, 29),
+            ("down dot", 29, 24),
+            ("down epilogue", 24, 25),
+            ("down end barrier", 25, MM_TRACE),
+        ];
+        let mut out = Vec::new();
+        for (name, a, b) in STEPS {
+            let mut us = 0.0;
+            let mut cnt = 0;
+            for l in 0..n {
+                let (ia, ib) = (l * MM_TRACE + a, l * MM_TRACE + b);
+                if ib < n * MM_TRACE && t[ib] >= t[ia] && t[ia] > 0 {
+                    us += (t[ib] - t[ia]) as f64 / khz * 1e3;
+                    cnt += 1;
+                }
+            }
+            out.push((name, us / cnt.max(1) as f64));
+        }
+        Ok(out)
+    }
+}

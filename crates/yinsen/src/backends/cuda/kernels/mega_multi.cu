@@ -1,0 +1,734 @@
+// The persistent multi-token step: 2..16 tokens of one sequence through every
+// layer in ONE launch (one 1024-thread block per SM, grid barriers), the
+// batched counterpart of mega.cu's one-token decode. Uses mega.cu's barrier,
+// row split and weight-copy helpers and ternary.cu's mma_s8 / ext2.
+//
+// Why not mega.cu's scheme: there every block normalises and quantises the
+// whole input vector itself (no extra barrier). For T tokens that is T times
+// the f32 broadcast to all 132 SMs (16 x 6912 floats = 442 KB per block for
+// down), which the L2 cannot deliver in a few microseconds. Here the input is
+// quantised ONCE, spread over the blocks, and the int8 codes (4x fewer bytes)
+// are broadcast instead:
+//   1. the phase that writes an input also leaves, per block and token, the
+//      partial (sum of squares, max |v * norm weight|) of the rows it wrote
+//      (`stat`, [block][16]);
+//   2. the consuming phase sums those partials per token in a fixed order
+//      (deterministic), quantises its share of the T x n values into the
+//      global int8 buffer `xg` ([token][xs]);
+//   3. grid barrier; every block copies the whole code matrix into shared
+//      memory (cp.async), sums each token's codes there, and runs its rows
+//      of W on the tensor cores.
+// Every block reads the same partials and codes: each is loaded once per
+// block with coalesced 16-byte loads (132 requests per L2 line; per-warp
+// 4-byte loads of the same lines queued ~16x more and cost ~6 us a phase).
+// So a matrix phase costs two barriers (9 per layer instead of 5).
+//
+// Per layer: QKV (+ RoPE + KV write for positions pos..pos+T-1), attention
+// (items = (KV head, 64-key chunk) with all T tokens x group query heads;
+// causal inside the new tokens; the last block of a head merges chunks), O +
+// residual, gate/up + activation, down + residual.
+//
+// The dot: mma.sync m16n8k32 with A = the block's weight rows straight from
+// the offset-code chunks in shared memory (`ext2` gives the A fragment, see
+// ternary.cu) and B = the int8 codes of up to 16 tokens (two n8 tiles).
+// Items (m16 row tile, 64-weight chunk) are split over the 32 warps, partial
+// int32 sums added into acc_s with shared atomics: exact in any order.
+//
+// Shared memory (bytes, offsets from the host, see `MegaMulti` in forward.rs):
+//   [0, wB)            B: O weights, then down weights
+//   [wB, wB + wA)      A: QKV weights, then gate/up weights
+//   c_off ..           the codes of QKV / O / GU inputs, or the attention's
+//                      q (later its outputs), K and V rows (f32)
+//   dn_off ..          the codes of the down input: inside A behind the next
+//                      layer's QKV weights (gate/up is done by then)
+//   s_off ..           the attention scores (B's free tail where it fits)
+//   acc_off ..         int32 row x token sums of the dot
+
+#define MM_T 16          // tokens at most
+#define MM_RMAX 128      // query rows (tokens x group) at most
+#define MM_AC 64         // keys per attention item
+#define MM_TRACE 48      // trace marks per layer (bench only; see trace_mega_multi)
+
+// Bytes per token row of codes: the K padding, then 16 bytes so that the 8
+// token rows of an n8 tile start in 8 distinct 4-bank groups.
+__device__ __forceinline__ int mm_xs(int kpad) { return ((kpad + 127) / 128) * 128 + 16; }
+
+// 16-byte cp.async global -> shared.
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+// (sum, max) of the 64 threads of each token group (threads 64t..64t+63)
+// in a fixed order; thread 64t gets the result. red2: 32 float2.
+__device__ __forceinline__ float2 mm_group_reduce(float ss, float mx, float2* red2) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    ss = warp_sum(ss);
+    mx = warp_max(mx);
+    __syncthreads();  // red2 reuse
+    if (lane == 0) red2[w] = make_float2(ss, mx);
+    __syncthreads();
+    const float2 a = red2[w & ~1], b = red2[w | 1];
+    return make_float2(a.x + b.x, fmaxf(a.y, b.y));
+}
+
+// Write this block's per-token partials (thread 64t holds token t's).
+__device__ __forceinline__ void mm_stat_put(float ss, float mx, int T, float2* red2, float2* stat) {
+    const float2 r = mm_group_reduce(ss, mx, red2);
+    const int t = threadIdx.x >> 6;
+    if ((threadIdx.x & 63) == 0 && t < MM_T) stat[blockIdx.x * MM_T + t] = t < T ? r : make_float2(0.f, 0.f);
+}
+
+// Per token: r = 1 / sqrt(mean square + eps) (1 without a norm) and the
+// quantisation scale s = 127 / max(max|v w| r, 1e-5), from every block's
+// partials summed in block order. As mg_quant, `max|v w| * r` stands for
+// max|(v r) w|. The partials are staged in `sbuf` (grid x MM_T float2 of
+// free shared memory) by coalesced loads, all issued before the first use.
+__device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps, float* r_s, float* s_s,
+                          float2* sbuf) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, n4 = gridDim.x * MM_T / 2;
+    const float4* src = (const float4*)stat;
+    const int i0 = threadIdx.x, i1 = threadIdx.x + MG_THREADS;
+    const float4 a = i0 < n4 ? __ldcg(src + i0) : make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 b = i1 < n4 ? __ldcg(src + i1) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i0 < n4) ((float4*)sbuf)[i0] = a;
+    if (i1 < n4) ((float4*)sbuf)[i1] = b;
+    __syncthreads();
+    if (w < T) {
+        float ss = 0.f, mx = 0.f;
+        for (int blk = lane; blk < (int)gridDim.x; blk += 32) {
+            const float2 v = sbuf[blk * MM_T + w];
+            ss += v.x;
+            mx = fmaxf(mx, v.y);
+        }
+        ss = warp_sum(ss);
+        mx = warp_max(mx);
+        if (lane == 0) {
+            const float r = norm ? 1.f / sqrtf(ss / (float)n + eps) : 1.f;
+            r_s[w] = r;
+            s_s[w] = 127.f / fmaxf(mx * r, 1e-5f);
+        }
+    }
+    __syncthreads();
+}
+
+// One word (4 codes) of token row t at element i: y = (v * r) * nw (as
+// mg_quant), code = saturating round-to-nearest-even of y * s.
+__device__ __forceinline__ unsigned mm_codes(float4 v, float4 g, bool norm, float r, float s) {
+    if (norm) v = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
+    const unsigned lo = __byte_perm(mg_code(v.x * s), mg_code(v.y * s), 0x0040);
+    const unsigned hi = __byte_perm(mg_code(v.z * s), mg_code(v.w * s), 0x0040);
+    return __byte_perm(lo, hi, 0x5410);
+}
+
+// A phase input's first half: the per-token scales (mm_scales), then this
+// block's share of the codes of in [T][n] into xg [T][xs] (k in [n, kpad)
+// -> 0). The first word of each thread is loaded before the scales, so both
+// round trips overlap. sbuf: free shared memory for mm_scales.
+__device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, const float* nw, const float2* stat,
+                               bool norm, float eps, float* r_s, float* s_s, i8* xg, float2* sbuf,
+                               u64* trace = nullptr, int mark = 0) {
+    const int wpt = kpad / 4, total = T * wpt, per = (total + gridDim.x - 1) / gridDim.x;
+    const int w0 = blockIdx.x * per, w1 = min(total, w0 + per);
+    const bool has_nw = nw != nullptr;
+    int idx = w0 + (int)threadIdx.x;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f), g = v;
+    if (idx < w1) {
+        const int t = idx / wpt, i = (idx - t * wpt) * 4;
+        if (i < n) {
+            v = __ldcg((const float4*)(in + (size_t)t * n + i));
+            if (has_nw) g = __ldg((const float4*)(nw + i));
+        }
+    }
+    mm_scales(stat, T, n, norm, eps, r_s, s_s, sbuf);  // ends with a block barrier
+    mg_mark(trace, mark);
+    for (; idx < w1; idx += MG_THREADS) {
+        const int t = idx / wpt, i = (idx - t * wpt) * 4;
+        unsigned word = 0;
+        if (i < n) {
+            if (idx >= w0 + MG_THREADS) {
+                v = __ldcg((const float4*)(in + (size_t)t * n + i));
+                if (has_nw) g = __ldg((const float4*)(nw + i));
+            }
+            word = mm_codes(v, g, has_nw, r_s[t], s_s[t]);
+        }
+        *(unsigned*)(xg + (size_t)t * xs + i) = word;
+    }
+    mg_mark(trace, mark + 1);
+}
+
+// After the barrier: copy the codes ([T][xs], written by every block) into
+// shared memory, then each token's code sum (exact) from there: threads
+// 64t..64t+63 take token t.
+__device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
+                              u64* trace = nullptr, int mark = 0) {
+    for (int i = threadIdx.x; i < bytes / 16; i += MG_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
+    cp_commit();
+    mg_mark(trace, mark);
+    cp_async_wait();
+    __syncthreads();
+    const int t = threadIdx.x >> 6, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int sum = 0;
+    if (t < T)
+        for (int k4 = threadIdx.x & 63; k4 < kpad / 4; k4 += 64)
+            sum = __dp4a(*(const int*)(xq + t * xs + 4 * k4), 0x01010101, sum);
+    sum = warp_sum_i(sum);
+    if (lane == 0) red_i[w] = sum;
+    __syncthreads();
+    if ((threadIdx.x & 63) == 0 && t < T) xsum_s[t] = red_i[2 * t] + red_i[2 * t + 1];
+    __syncthreads();
+}
+
+// acc_s[li * MM_T + t] += sum_k code(W[li][k]) x[t][k] (codes 0..2 = w + 1)
+// for the block's nloc rows (wsm: [nloc][chunks] offset-code chunks) and T
+// tokens (xq: [T][xs] codes). acc_s must be zero; ends with a block barrier.
+__device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* xq, int xs, int* acc_s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
+    const int items = ((nloc + 15) >> 4) * chunks, per = (items + 31) >> 5;
+    const int i0 = warp * per, i1 = min(items, i0 + per);
+    // B rows: token g (tile 0) and g + 8 (tile 1), clamped (extra columns are never stored).
+    const i8* xb0 = xq + min(g, T - 1) * xs + 4 * tg;
+    const i8* xb1 = xq + min(g + 8, T - 1) * xs + 4 * tg;
+    const bool two = T > 8;
+    int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
+    int cur = -1;
+    auto flush = [&](int mt) {
+        const int ra = mt * 16 + g, rb = ra + 8, t0 = 2 * tg;
+        if (ra < nloc) {
+            if (t0 < T) atomicAdd(acc_s + ra * MM_T + t0, c0[0]);
+            if (t0 + 1 < T) atomicAdd(acc_s + ra * MM_T + t0 + 1, c0[1]);
+            if (two && t0 + 8 < T) atomicAdd(acc_s + ra * MM_T + t0 + 8, c1[0]);
+            if (two && t0 + 9 < T) atomicAdd(acc_s + ra * MM_T + t0 + 9, c1[1]);
+        }
+        if (rb < nloc) {
+            if (t0 < T) atomicAdd(acc_s + rb * MM_T + t0, c0[2]);
+            if (t0 + 1 < T) atomicAdd(acc_s + rb * MM_T + t0 + 1, c0[3]);
+            if (two && t0 + 8 < T) atomicAdd(acc_s + rb * MM_T + t0 + 8, c1[2]);
+            if (two && t0 + 9 < T) atomicAdd(acc_s + rb * MM_T + t0 + 9, c1[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) c0[i] = c1[i] = 0;
+    };
+    for (int it = i0; it < i1; it++) {
+        const int mt = it / chunks, c = it - mt * chunks;
+        if (mt != cur) {
+            if (cur >= 0) flush(cur);
+            cur = mt;
+        }
+        const int ra = min(mt * 16 + g, nloc - 1), rb = min(mt * 16 + g + 8, nloc - 1);
+        const uint4 wa = wsm[ra * chunks + c], wb = wsm[rb * chunks + c];
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++) {
+            const u32 a0 = ext2(ks ? wa.z : wa.x, tg), a1 = ext2(ks ? wb.z : wb.x, tg);
+            const u32 a2 = ext2(ks ? wa.w : wa.y, tg), a3 = ext2(ks ? wb.w : wb.y, tg);
+            const int k = c * 64 + 32 * ks;
+            mma_s8(c0, a0, a1, a2, a3, *(const u32*)(xb0 + k), *(const u32*)(xb0 + k + 16));
+            if (two) mma_s8(c1, a0, a1, a2, a3, *(const u32*)(xb1 + k), *(const u32*)(xb1 + k + 16));
+        }
+    }
+    if (cur >= 0) flush(cur);
+    __syncthreads();
+}
+
+__device__ __forceinline__ void mm_zero_acc(int* acc_s, int nloc) {
+    for (int i = threadIdx.x; i < nloc * MM_T; i += MG_THREADS) acc_s[i] = 0;
+}
+
+// Row y of local row li for token t: (acc - sum x) * (row scale / s).
+__device__ __forceinline__ float mm_y(const int* acc_s, const int* xsum_s, const float* scs, const float* s_s, int li,
+                                      int t) {
+    return (float)(acc_s[li * MM_T + t] - xsum_s[t]) * (scs[li] / s_s[t]);
+}
+
+// Attention of the T new queries (positions pos..pos+T-1) of every head over
+// keys 0..pos+t of this layer's cache; output [T][n_heads * hd] into attn.
+// Items (KV head, MM_AC-key chunk) over the blocks; each holds the T x group
+// query rows, the chunk's K and V rows (f32) and the scores in shared memory.
+// Per-token (sum of squares, max |v nw|) of the outputs this block writes
+// accumulate into statacc (in item order: deterministic).
+__device__ __forceinline__ float4 ld4f(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 ld4f(const u16* p) {
+    const uint2 u = *(const uint2*)p;
+    return make_float4(h2f((u16)(u.x & 0xffff)), h2f((u16)(u.x >> 16)), h2f((u16)(u.y & 0xffff)),
+                       h2f((u16)(u.y >> 16)));
+}
+
+template <typename KV>
+__device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int pos, int T, int n_heads, int n_kv,
+                             int hd, int cap, float scale, int nsplit, float* part, int* cnt, float* attn,
+                             const float* nw, float* qsm, KV* ksm, KV* vsm, float* S, float* ml, float* nws,
+                             float2* statacc, float2* red2, int* last_s, const MgNext& gu, u64* trace, int tb) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = n_heads / n_kv, R = T * group, n_keys = pos + T, Q = n_heads * hd;
+    const int nch = (n_keys + MM_AC - 1) / MM_AC, hs = hd + 4, ss_ = MM_AC + 1;
+    // K rows padded by 16 bytes (conflict-free 8-row reads); 16-byte units per row.
+    const int khs = hd + 16 / (int)sizeof(KV), ku = hd * (int)sizeof(KV) / 16, qu = hd / 4;
+    const size_t pst = hd + 2;
+    bool gu_issued = false;
+    for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
+        const int kvh = item / nch, ch = item % nch, j0 = ch * MM_AC, nj = min(MM_AC, n_keys - j0);
+        __syncthreads();  // shared reuse across items
+        // K, V rows of the chunk and the query rows into shared memory, all
+        // as 16-byte cp.async (one round trip), then the queries scaled.
+        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
+        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        for (int i = tid; i < nj * ku; i += MG_THREADS) {
+            const int j = i / ku, c = i - j * ku;
+            cp16(ksm + j * khs + c * (16 / (int)sizeof(KV)), (const char*)(kb + (size_t)j * hd) + 16 * c);
+            cp16((char*)vsm + 16 * i, (const char*)vb + 16 * i);
+        }
+        for (int i = tid; i < R * qu; i += MG_THREADS) {
+            const int r = i / qu, c = i - r * qu, t = r / group, g = r - t * group;
+            cp16(qsm + r * hs + 4 * c, qr + (size_t)t * Q + (kvh * group + g) * hd + 4 * c);
+        }
+        // The sub-norm weights of this head group (for the output statistics).
+        if (nw)
+            for (int i = tid; i < group * qu; i += MG_THREADS) cp16(nws + 4 * i, nw + (size_t)kvh * group * hd + 4 * i);
+        cp_commit();
+        const bool first = item == (int)blockIdx.x;
+        if (first) mg_mark(trace, tb + 33);
+        cp_async_wait();
+        __syncthreads();
+        if (first) mg_mark(trace, tb + 34);
+        for (int i = tid; i < R * hd; i += MG_THREADS) {
+            const int r = i / hd, d = i - r * hd;
+            qsm[r * hs + d] *= scale;
+        }
+        __syncthreads();
+        if (!gu_issued) {
+            mg_issue(gu);
+            gu_issued = true;
+        }
+        // Scores, 4 query rows x 1 key per thread (each K row read once per
+        // 4 rows); keys after a query's own position are masked.
+        const int nrq = (R + 3) / 4;
+        for (int p = tid; p < nrq * nj; p += MG_THREADS) {
+            const int r0 = 4 * (p / nj), j = p - (p / nj) * nj;
+            const KV* kr = ksm + j * khs;
+            const float4* q0 = (const float4*)(qsm + min(r0, R - 1) * hs);
+            const float4* q1 = (const float4*)(qsm + min(r0 + 1, R - 1) * hs);
+            const float4* q2 = (const float4*)(qsm + min(r0 + 2, R - 1) * hs);
+            const float4* q3 = (const float4*)(qsm + min(r0 + 3, R - 1) * hs);
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+            for (int d4 = 0; d4 < hd / 4; d4++) {
+                const float4 b = ld4f(kr + 4 * d4), a0 = q0[d4], a1 = q1[d4], a2 = q2[d4], a3 = q3[d4];
+                s0 += a0.x * b.x;
+                s0 += a0.y * b.y;
+                s0 += a0.z * b.z;
+                s0 += a0.w * b.w;
+                s1 += a1.x * b.x;
+                s1 += a1.y * b.y;
+                s1 += a1.z * b.z;
+                s1 += a1.w * b.w;
+                s2 += a2.x * b.x;
+                s2 += a2.y * b.y;
+                s2 += a2.z * b.z;
+                s2 += a2.w * b.w;
+                s3 += a3.x * b.x;
+                s3 += a3.y * b.y;
+                s3 += a3.z * b.z;
+                s3 += a3.w * b.w;
+            }
+            const float sv[4] = {s0, s1, s2, s3};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = r0 + i;
+                if (r < R) S[r * ss_ + j] = j0 + j <= pos + r / group ? sv[i] : NEG_INF;
+            }
+        }
+        __syncthreads();
+        if (first) mg_mark(trace, tb + 35);
+        // Softmax per query row (unnormalised; the sum goes to ml).
+        for (int r = warp; r < R; r += MG_THREADS / 32) {
+            float m = NEG_INF;
+            for (int j = lane; j < nj; j += 32) m = fmaxf(m, S[r * ss_ + j]);
+            m = warp_max(m);
+            float l = 0.f;
+            for (int j = lane; j < nj; j += 32) {
+                const float e = m == NEG_INF ? 0.f : expf(S[r * ss_ + j] - m);
+                S[r * ss_ + j] = e;
+                l += e;
+            }
+            l = warp_sum(l);
+            if (lane == 0) {
+                ml[2 * r] = m;
+                ml[2 * r + 1] = l;
+            }
+        }
+        __syncthreads();
+        if (first) mg_mark(trace, tb + 36);
+        // P V: thread (4 rows, 4 dims); outputs into qsm ([R][hd]).
+        const int n4 = hd / 4;
+        for (int p = tid; p < nrq * n4; p += MG_THREADS) {
+            const int r0 = 4 * (p / n4), d = 4 * (p - (p / n4) * n4);
+            float4 a[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int j = 0; j < nj; j++) {
+                const float4 v = ld4f(vsm + j * hd + d);
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float e = S[min(r0 + i, R - 1) * ss_ + j];
+                    a[i].x += e * v.x;
+                    a[i].y += e * v.y;
+                    a[i].z += e * v.z;
+                    a[i].w += e * v.w;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                if (r0 + i < R) *(float4*)(qsm + (r0 + i) * hd + d) = a[i];
+        }
+        __syncthreads();
+        if (first) mg_mark(trace, tb + 37);
+        bool out = true;
+        if (nch == 1) {
+            for (int i = tid; i < R * hd; i += MG_THREADS) {
+                const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
+                const float v = qsm[i] / ml[2 * r + 1];
+                qsm[i] = v;
+                attn[(size_t)t * Q + (kvh * group + g) * hd + dd] = v;
+            }
+        } else {
+            for (int i = tid; i < R * hd; i += MG_THREADS) {
+                const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
+                part[(((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst + 2 + dd] = qsm[i];
+            }
+            for (int r = tid; r < R; r += MG_THREADS) {
+                const int t = r / group, g = r - t * group;
+                float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst;
+                p[0] = ml[2 * r];
+                p[1] = ml[2 * r + 1];
+            }
+            // Publish; the block finishing this KV head's last chunk merges
+            // (one thread fences around the counter, as in mega.cu).
+            __syncthreads();
+            if (tid == 0) {
+                __threadfence();
+                *last_s = atomicAdd(cnt + kvh, 1) == nch - 1;
+                if (*last_s) {
+                    cnt[kvh] = 0;
+                    __threadfence();
+                }
+            }
+            __syncthreads();
+            out = *last_s;
+            if (out) {
+                // Every chunk's (max, sum) into the K/V area, the weights
+                // e^(m_c - M) (0 for a chunk with no visible key), then the
+                // outputs in chunk order.
+                float* mw = (float*)ksm;
+                float* lw = mw + R * nch;
+                for (int i = tid; i < R * nch; i += MG_THREADS) {
+                    const int r = i / nch, c = i - r * nch, t = r / group, g = r - t * group;
+                    const float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + c) * pst;
+                    mw[i] = __ldcg(p);
+                    lw[i] = __ldcg(p + 1);
+                }
+                __syncthreads();
+                for (int r = warp; r < R; r += MG_THREADS / 32) {
+                    float m = NEG_INF;
+                    for (int c = lane; c < nch; c += 32) m = fmaxf(m, mw[r * nch + c]);
+                    m = warp_max(m);
+                    for (int c = lane; c < nch; c += 32) {
+                        const float mc = mw[r * nch + c];
+                        mw[r * nch + c] = mc == NEG_INF ? 0.f : expf(mc - m);
+                    }
+                    __syncwarp();
+                    if (lane == 0) {
+                        float den = 0.f;
+                        for (int c = 0; c < nch; c++) den += lw[r * nch + c] * mw[r * nch + c];
+                        ml[2 * r + 1] = den;
+                    }
+                }
+                __syncthreads();
+                for (int i = tid; i < R * hd; i += MG_THREADS) {
+                    const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
+                    const float* ph = part + ((size_t)t * n_heads + kvh * group + g) * nsplit * pst + 2 + dd;
+                    float num = 0.f;
+#pragma unroll 8
+                    for (int c = 0; c < nch; c++) num += __ldcg(ph + c * pst) * mw[r * nch + c];
+                    const float v = num / ml[2 * r + 1];
+                    qsm[i] = v;
+                    attn[(size_t)t * Q + (kvh * group + g) * hd + dd] = v;
+                }
+            }
+        }
+        if (!out) continue;  // uniform over the block (last_s)
+        __syncthreads();
+        // This item's outputs into the block's per-token statistics.
+        const int t = tid >> 6, lt = tid & 63;
+        float ss = 0.f, mx = 0.f;
+        if (t < T)
+            for (int i = lt; i < group * hd; i += 64) {
+                const float v = qsm[(t * group) * hd + i];
+                ss += v * v;
+                mx = fmaxf(mx, fabsf(nw ? v * nws[i] : v));
+            }
+        const float2 r = mm_group_reduce(ss, mx, red2);
+        if (lt == 0 && t < T) statacc[t] = make_float2(statacc[t].x + r.x, fmaxf(statacc[t].y, r.y));
+        if (first) mg_mark(trace, tb + 38);
+    }
+    if (!gu_issued) mg_issue(gu);
+}
+
+// Per-token stats of this block's rows [a, a + n) of x [T][H] with norm
+// weight nw (layer 0's input: nothing wrote it inside the launch).
+__device__ void mm_stats_rows(const float* x, int H, int T, int a, int n, const float* nw, float2* red2,
+                              float2* stat) {
+    const int t = threadIdx.x >> 6, lt = threadIdx.x & 63;
+    float ss = 0.f, mx = 0.f;
+    if (t < T)
+        for (int i = lt; i < n; i += 64) {
+            const float v = __ldcg(x + (size_t)t * H + a + i);
+            ss += v * v;
+            mx = fmaxf(mx, fabsf(v * nw[a + i]));
+        }
+    mm_stat_put(ss, mx, T, red2, stat);
+}
+
+template <typename KV>
+__device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
+                           int gate, float eps, float att_scale, const int* pos_p, int T, const float2* rope, KV* kc0,
+                           KV* vc0, int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
+                           int nsplit, int* cnt, unsigned* bar, i8* xg, float2* stat, int w0_chunks,
+                           int w1_chunks, int c_off, int dn_off, int s_off, int acc_off, u64* trace, int flags) {
+    extern __shared__ __align__(16) uint4 wdyn[];
+    char* base = (char*)wdyn;
+    uint4* wb1 = wdyn;              // B: O, down
+    uint4* wb0 = wdyn + w1_chunks;  // A: QKV, gate/up
+    i8* xq_c = (i8*)(base + c_off);
+    i8* xq_dn = (i8*)(base + dn_off);
+    float* S = (float*)(base + s_off);
+    int* acc_s = (int*)(base + acc_off);
+    const int group = n_heads / n_kv, R = T * group;
+    float* qsm = (float*)(base + c_off);
+    KV* ksm = (KV*)(qsm + R * (hd + 4));  // behind the q rows of this T (the host sized 16)
+    KV* vsm = ksm + MM_AC * (hd + 16 / (int)sizeof(KV));
+    __shared__ float scs2[2][MG_MAXROWS];
+    __shared__ float r_s[MM_T], s_s[MM_T], ml[2 * MM_RMAX];
+    __shared__ int xsum_s[MM_T], red_i[32], last_s;
+    __shared__ float2 red2[32], statacc[MM_T];
+    __shared__ __align__(16) float nws[MG_QMAX];  // the attention's sub-norm weights
+    __shared__ __align__(8) u64 mbar[2];
+    unsigned ph0 = 0, ph1 = 0;
+    const int tid = threadIdx.x, half = hd / 2;
+    // Loop-invariant shapes live in shared memory, re-read after barriers:
+    // held in registers across the whole kernel they spilled (at 64
+    // registers a thread), and a spill reload goes to L2 here (the L1 is
+    // nearly all shared memory), ~1 us apiece.
+    struct MmC {
+        int cH, cQ, cF, xsH, xsQ, xsF, pos;
+        MgRows r_qkv, r_o, r_gu, r_dn;
+    };
+    __shared__ MmC mc;
+    if (tid == 0) {
+        mc.cH = (H + 63) / 64;
+        mc.cQ = (Q + 63) / 64;
+        mc.cF = (F + 63) / 64;
+        mc.xsH = mm_xs(mc.cH * 64);
+        mc.xsQ = mm_xs(mc.cQ * 64);
+        mc.xsF = mm_xs(mc.cF * 64);
+        mc.pos = pos_p[0];
+        mc.r_qkv = mg_rows(Q + 2 * KVD, 1);
+        mc.r_o = mg_rows(H, 0);
+        mc.r_gu = mg_rows_paired(F);
+        mc.r_dn = mg_rows(H, 0);
+    }
+    __syncthreads();
+#define tt (threadIdx.x >> 6)  // epilogue: token, row lane
+#define lt6 (threadIdx.x & 63)
+    unsigned epoch = 0;
+#define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
+#define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
+#define SYNC_ mg_grid_sync(bar, epoch, flags)
+    if (tid == 0) {
+        mbar_init(&mbar[0]);
+        mbar_init(&mbar[1]);
+    }
+    __syncthreads();
+    mg_issue(MgNext{W_(0, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0]});
+    mm_stats_rows(x, H, T, mc.r_dn.a, mc.r_dn.n, F_(0, LT_ATTN_NORM), red2, stat);
+    SYNC_;
+    for (int l = 0; l < n_layers; l++) {
+        KV* kc = kc0 + (size_t)l * layer_elems;
+        KV* vc = vc0 + (size_t)l * layer_elems;
+        if (l == n_layers - 1) pdl_launch();
+        const int tb = l * MM_TRACE;
+        // ---- QKV + RoPE + KV write
+        mg_mark(trace, tb + 0);
+        mm_quant_slice(x, T, H, mc.cH * 64, mc.xsH, F_(l, LT_ATTN_NORM), stat, true, eps, r_s, s_s, xg, (float2*)xq_c,
+                       trace, tb + 30);
+        mg_mark(trace, tb + 1);
+        SYNC_;
+        mg_mark(trace, tb + 2);
+        mg_issue(MgNext{W_(l, LT_O), mc.cQ, mc.r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]});
+        mm_zero_acc(acc_s, mc.r_qkv.n);
+        mm_load_codes(xg, T * mc.xsH, xq_c, T, mc.cH * 64, mc.xsH, xsum_s, red_i, trace, tb + 32);
+        mg_mark(trace, tb + 3);
+        mbar_wait(&mbar[0], ph0);
+        ph0 ^= 1;
+        mg_mark(trace, tb + 26);
+        mm_dot(mc.cH, mc.r_qkv.n, T, wb0, xq_c, mc.xsH, acc_s);
+        mg_mark(trace, tb + 4);
+        if (tt < T)
+            for (int li = lt6; li < mc.r_qkv.n; li += 64) {
+                const float y = mm_y(acc_s, xsum_s, scs2[0], s_s, li, tt);
+                const float partner = mm_y(acc_s, xsum_s, scs2[0], s_s, li ^ 1, tt);
+                const int p = mc.pos + tt;
+                qkv_rope_store(mc.r_qkv.a + li, y, partner, p, rope + (size_t)p * half, n_heads, n_kv, hd, cap,
+                               qr + (size_t)tt * Q, kc, vc);
+            }
+        mg_mark(trace, tb + 5);
+        SYNC_;
+        // ---- attention; the gate/up copy starts here
+        mg_mark(trace, tb + 6);
+        if (tid < MM_T) statacc[tid] = make_float2(0.f, 0.f);
+        __syncthreads();
+        {
+            const MgNext gu{W_(l, LT_GU), mc.cH, mc.r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0]};
+            mm_attention<KV>(qr, kc, vc, mc.pos, T, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn,
+                             F_(l, LT_ATTN_SUB), qsm, ksm, vsm, S, ml, nws, statacc, red2, &last_s, gu, trace, tb);
+        }
+        __syncthreads();
+        if (tid < MM_T) stat[blockIdx.x * MM_T + tid] = tid < T ? statacc[tid] : make_float2(0.f, 0.f);
+        mg_mark(trace, tb + 7);
+        SYNC_;
+        // ---- O + residual
+        mg_mark(trace, tb + 8);
+        {
+            const float* sub = F_(l, LT_ATTN_SUB);
+            mm_quant_slice(attn, T, Q, mc.cQ * 64, mc.xsQ, sub, stat, sub != nullptr, eps, r_s, s_s, xg, (float2*)xq_c);
+        }
+        mg_mark(trace, tb + 9);
+        SYNC_;
+        mg_mark(trace, tb + 10);
+        mm_zero_acc(acc_s, mc.r_o.n);
+        // The residual value of this thread's first row, loaded ahead of its use.
+        float xres = tt < T && lt6 < mc.r_o.n ? __ldcg(x + (size_t)tt * H + mc.r_o.a + lt6) : 0.f;
+        mm_load_codes(xg, T * mc.xsQ, xq_c, T, mc.cQ * 64, mc.xsQ, xsum_s, red_i);
+        mg_mark(trace, tb + 11);
+        mbar_wait(&mbar[1], ph1);
+        ph1 ^= 1;
+        mg_mark(trace, tb + 27);
+        mm_dot(mc.cQ, mc.r_o.n, T, wb1, xq_c, mc.xsQ, acc_s);
+        mg_mark(trace, tb + 12);
+        {
+            const float* nw = F_(l, LT_FFN_NORM);
+            float ss = 0.f, mx = 0.f;
+            if (tt < T)
+                for (int li = lt6; li < mc.r_o.n; li += 64) {
+                    const int row = mc.r_o.a + li;
+                    float* xp = x + (size_t)tt * H + row;
+                    const float v = (li == lt6 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs2[1], s_s, li, tt);
+                    *xp = v;
+                    ss += v * v;
+                    mx = fmaxf(mx, fabsf(v * nw[row]));
+                }
+            mm_stat_put(ss, mx, T, red2, stat);
+        }
+        mg_mark(trace, tb + 13);
+        SYNC_;
+        // ---- gate/up + activation
+        mg_mark(trace, tb + 14);
+        mm_quant_slice(x, T, H, mc.cH * 64, mc.xsH, F_(l, LT_FFN_NORM), stat, true, eps, r_s, s_s, xg, (float2*)xq_c);
+        mg_mark(trace, tb + 15);
+        SYNC_;
+        mg_mark(trace, tb + 16);
+        mg_issue(MgNext{W_(l, LT_DN), mc.cF, mc.r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]});
+        mm_zero_acc(acc_s, 2 * mc.r_gu.n);
+        mm_load_codes(xg, T * mc.xsH, xq_c, T, mc.cH * 64, mc.xsH, xsum_s, red_i);
+        mg_mark(trace, tb + 17);
+        mbar_wait(&mbar[0], ph0);
+        ph0 ^= 1;
+        mg_mark(trace, tb + 28);
+        mm_dot(mc.cH, 2 * mc.r_gu.n, T, wb0, xq_c, mc.xsH, acc_s);
+        mg_mark(trace, tb + 18);
+        {
+            const float* sub = F_(l, LT_FFN_SUB);
+            float ss = 0.f, mx = 0.f;
+            if (tt < T)
+                for (int li = lt6; li < mc.r_gu.n; li += 64) {
+                    const int row = mc.r_gu.a + li;
+                    float g = mm_y(acc_s, xsum_s, scs2[0], s_s, li, tt);
+                    const float u = mm_y(acc_s, xsum_s, scs2[0], s_s, li + mc.r_gu.n, tt);
+                    float h;
+                    if (gate == 1) {
+                        g = fmaxf(g, 0.f);
+                        h = g * g * u;
+                    } else {
+                        h = g / (1.f + expf(-g)) * u;
+                    }
+                    hb[(size_t)tt * F + row] = h;
+                    ss += h * h;
+                    mx = fmaxf(mx, fabsf(sub ? h * sub[row] : h));
+                }
+            mm_stat_put(ss, mx, T, red2, stat);
+        }
+        mg_mark(trace, tb + 19);
+        SYNC_;
+        // ---- down + residual
+        mg_mark(trace, tb + 20);
+        {
+            const float* sub = F_(l, LT_FFN_SUB);
+            mm_quant_slice(hb, T, F, mc.cF * 64, mc.xsF, sub, stat, sub != nullptr, eps, r_s, s_s, xg, (float2*)xq_dn);
+        }
+        mg_mark(trace, tb + 21);
+        SYNC_;
+        mg_mark(trace, tb + 22);
+        const bool more = l + 1 < n_layers;
+        if (more) mg_issue(MgNext{W_(l + 1, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0]});
+        mm_zero_acc(acc_s, mc.r_dn.n);
+        xres = tt < T && lt6 < mc.r_dn.n ? __ldcg(x + (size_t)tt * H + mc.r_dn.a + lt6) : 0.f;
+        mm_load_codes(xg, T * mc.xsF, xq_dn, T, mc.cF * 64, mc.xsF, xsum_s, red_i);
+        mg_mark(trace, tb + 23);
+        mbar_wait(&mbar[1], ph1);
+        ph1 ^= 1;
+        mg_mark(trace, tb + 29);
+        mm_dot(mc.cF, mc.r_dn.n, T, wb1, xq_dn, mc.xsF, acc_s);
+        mg_mark(trace, tb + 24);
+        {
+            const float* nw = more ? F_(l + 1, LT_ATTN_NORM) : nullptr;
+            float ss = 0.f, mx = 0.f;
+            if (tt < T)
+                for (int li = lt6; li < mc.r_dn.n; li += 64) {
+                    const int row = mc.r_dn.a + li;
+                    float* xp = x + (size_t)tt * H + row;
+                    const float v = (li == lt6 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs2[1], s_s, li, tt);
+                    *xp = v;
+                    ss += v * v;
+                    mx = fmaxf(mx, fabsf(nw ? v * nw[row] : v));
+                }
+            mm_stat_put(ss, mx, T, red2, stat);
+        }
+        mg_mark(trace, tb + 25);
+        if (more) SYNC_;
+    }
+#undef W_
+#undef F_
+#undef SYNC_
+#undef tt
+#undef lt6
+}
+
+#define MEGA_MULTI(SUF, KV)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) mega_multi_##SUF(                                  \
+        const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv, int gate,        \
+        float eps, float att_scale, const int* pos_p, int T, const float2* rope, KV* kc0, KV* vc0, int layer_elems, \
+        int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, int* cnt, unsigned* bar,    \
+        i8* xg, float2* stat, int w0_chunks, int w1_chunks, int c_off, int dn_off, int s_off,                      \
+        int acc_off, u64* trace, int flags) {                                                                      \
+        mmega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, T, rope, kc0,   \
+                       vc0, layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, xg, stat, w0_chunks,         \
+                       w1_chunks, c_off, dn_off, s_off, acc_off, trace, flags);                                    \
+    }
+MEGA_MULTI(f16, u16)
+MEGA_MULTI(f32, float)
+
+// Before the multi-token kernel: the T tokens' embedding rows into x (one
+// block per token) and the barrier counter zeroed.
+extern "C" __global__ void mega_multi_begin(const int* tok, const u16* emb, int hidden, float* x, unsigned* bar) {
+    const u16* e = emb + (size_t)tok[blockIdx.x] * hidden;
+    float* o = x + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = h2f(e[i]);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *bar = 0;
+}
