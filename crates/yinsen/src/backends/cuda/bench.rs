@@ -189,6 +189,17 @@ fn bench_step_only(b: &CudaBackend) -> Result<CudaBench> {
         let k = per_kernel_step(b, nt, 0, 10)?;
         eprintln!("step {nt:2} tokens ctx 0: persistent {p:.3} ms, per-kernel {k:.3} ms");
     }
+    // Where the multi-token kernel stops paying: 16 tokens after ctx keys.
+    let was = b.set_mega_multi_ctx(usize::MAX);
+    for ctx in [256, 512, 1024, 2048] {
+        let p = step_ms(b, 16, ctx, 10).map(|r| r.0);
+        let k = per_kernel_step(b, 16, ctx, 10);
+        eprintln!(
+            "step 16 tokens ctx {ctx}: persistent {:.3} ms, per-kernel {:.3} ms",
+            p?, k?
+        );
+    }
+    b.set_mega_multi_ctx(was);
     for (nt, ctx) in [(16, 0), (2, 0), (16, long)] {
         let steps = b.trace_mega_multi(nt, ctx)?;
         let total: f64 = steps.iter().map(|s| s.1).sum();

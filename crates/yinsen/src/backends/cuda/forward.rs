@@ -288,6 +288,10 @@ pub struct CudaBackend {
     /// allows (`YINSEN_CUDA_MEGA_MULTI=0` turns it off).
     mega_multi: Option<mega_multi::MegaMulti>,
     mega_multi_on: std::sync::atomic::AtomicBool,
+    /// The multi-token kernel runs while the keys of a call (cached + new)
+    /// stay at most this many; longer contexts take the per-kernel body,
+    /// whose flash attention scales better (`YINSEN_CUDA_MEGA_MULTI_CTX`).
+    mega_multi_ctx: std::sync::atomic::AtomicUsize,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
     step_graphs: std::sync::atomic::AtomicBool,
@@ -565,6 +569,12 @@ impl CudaBackend {
             (Some(m), true) => mega_multi::MegaMulti::prepare(&gpu, &c, m, part_tokens, max_splits, kv.bytes())?,
             _ => None,
         };
+        let mega_multi_ctx = match std::env::var("YINSEN_CUDA_MEGA_MULTI_CTX") {
+            Ok(v) => v
+                .parse::<usize>()
+                .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_CTX={v}: expected an integer")))?,
+            Err(_) => mega_multi::DEFAULT_MAX_CTX,
+        };
         let mega_flags = match std::env::var("YINSEN_CUDA_MEGA_FLAGS") {
             Ok(v) => v
                 .parse::<u32>()
@@ -580,6 +590,7 @@ impl CudaBackend {
             mega,
             mega_multi_on: mega_multi.is_some().into(),
             mega_multi,
+            mega_multi_ctx: mega_multi_ctx.into(),
             gpu,
             kv,
             fused,
@@ -917,7 +928,7 @@ impl CudaBackend {
         let g = &self.gpu;
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let qkv_n = q + 2 * kv;
-        if (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi() {
+        if (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(cache.len + nt) {
             return self.body_multi(s, cache, nt);
         }
         let how = self.body_launch();

@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 /// Tokens per launch at most (MM_T).
 pub(super) const MM_T: usize = 16;
+/// Keys (cached + new) up to which calls take the multi-token kernel by
+/// default: its attention is a plain loop over 64-key chunks, slower than
+/// the per-kernel flash attention on long contexts (device runs 95-97).
+pub(super) const DEFAULT_MAX_CTX: usize = 1024;
 /// Query rows (tokens x group) at most (MM_RMAX).
 const MM_RMAX: usize = 128;
 /// Keys per attention item (MM_AC).
@@ -20,7 +24,7 @@ const MM_AC: usize = 64;
 
 /// Bytes per token row of int8 codes (mm_xs).
 fn xs(kpad: usize) -> usize {
-    kpad.div_ceil(128) * 128 + 16
+    kpad.div_ceil(128) * 128 + 64
 }
 
 pub(super) struct MegaMulti {
@@ -119,6 +123,17 @@ impl super::CudaBackend {
     /// Whether calls of 2..=16 tokens run the persistent multi-token kernel.
     pub fn uses_mega_multi(&self) -> bool {
         self.mega_multi.is_some() && self.mega_multi_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a call reaching `keys` keys runs the multi-token kernel.
+    pub(super) fn uses_mega_multi_at(&self, keys: usize) -> bool {
+        self.uses_mega_multi() && keys <= self.mega_multi_ctx.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For benchmarks: the longest context (keys) the multi-token kernel
+    /// takes; returns the previous limit.
+    pub fn set_mega_multi_ctx(&self, keys: usize) -> usize {
+        self.mega_multi_ctx.swap(keys, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// For benchmarks and tests: turn the persistent multi-token step on or

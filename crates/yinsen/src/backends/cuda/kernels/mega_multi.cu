@@ -49,9 +49,18 @@
 #define MM_AC 64         // keys per attention item
 #define MM_TRACE 48      // trace marks per layer (bench only; see trace_mega_multi)
 
-// Bytes per token row of codes: the K padding, then 16 bytes so that the 8
-// token rows of an n8 tile start in 8 distinct 4-bank groups.
-__device__ __forceinline__ int mm_xs(int kpad) { return ((kpad + 127) / 128) * 128 + 16; }
+// Bytes per token row of codes: the K padding, then 64 bytes, so that two
+// token rows' 64-byte chunks share no bank (the dot reads 16 bytes a lane).
+__device__ __forceinline__ int mm_xs(int kpad) { return ((kpad + 127) / 128) * 128 + 64; }
+
+// Where the 4 codes of elements i..i+3 (i % 4 == 0) sit in a token row:
+// inside each 64-byte chunk the 16 words are stored transposed (word
+// 4m + j at 4j + m), so lane j's B-fragment words of both k32 halves
+// (elements 4j, 16 + 4j, 32 + 4j, 48 + 4j) are one 16-byte load.
+__device__ __forceinline__ int mm_code_pos(int i) {
+    const int w = (i & 63) >> 2;
+    return (i & ~63) + 4 * (((w & 3) << 2) | (w >> 2));
+}
 
 // 16-byte cp.async global -> shared.
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
@@ -151,14 +160,15 @@ __device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, 
             }
             word = mm_codes(v, g, has_nw, r_s[t], s_s[t]);
         }
-        *(unsigned*)(xg + (size_t)t * xs + i) = word;
+        *(unsigned*)(xg + (size_t)t * xs + mm_code_pos(i)) = word;
     }
     mg_mark(trace, mark + 1);
 }
 
 // After the barrier: copy the codes ([T][xs], written by every block) into
 // shared memory, then each token's code sum (exact) from there: threads
-// 64t..64t+63 take token t.
+// 64t..64t+63 take token t. (Bulk copies by one thread measured slower
+// here than cp.async by all: run 100.)
 __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
     for (int i = threadIdx.x; i < bytes / 16; i += MG_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
@@ -185,12 +195,12 @@ __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
     const int items = ((nloc + 15) >> 4) * chunks, per = (items + 31) >> 5;
     const int i0 = warp * per, i1 = min(items, i0 + per);
-    // B rows: token g (tile 0) and g + 8 (tile 1), clamped (extra columns are never stored).
-    const i8* xb0 = xq + min(g, T - 1) * xs + 4 * tg;
-    const i8* xb1 = xq + min(g + 8, T - 1) * xs + 4 * tg;
+    // B rows: token g (tile 0) and g + 8 (tile 1), clamped (extra columns
+    // are never stored); lane tg's 4 words of a chunk are one uint4 (mm_code_pos).
+    const uint4* xb0 = (const uint4*)(xq + min(g, T - 1) * xs) + tg;
+    const uint4* xb1 = (const uint4*)(xq + min(g + 8, T - 1) * xs) + tg;
     const bool two = T > 8;
     int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
-    int cur = -1;
     auto flush = [&](int mt) {
         const int ra = mt * 16 + g, rb = ra + 8, t0 = 2 * tg;
         if (ra < nloc) {
@@ -208,24 +218,29 @@ __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* 
 #pragma unroll
         for (int i = 0; i < 4; i++) c0[i] = c1[i] = 0;
     };
-    for (int it = i0; it < i1; it++) {
-        const int mt = it / chunks, c = it - mt * chunks;
-        if (mt != cur) {
-            if (cur >= 0) flush(cur);
-            cur = mt;
+    if (i0 < i1) {
+        // Walk (m16 tile, chunk) from item i0 without a division per item.
+        int mt = i0 / chunks, c = i0 - mt * chunks;
+        const uint4 *wa = wsm + min(mt * 16 + g, nloc - 1) * chunks, *wb = wsm + min(mt * 16 + g + 8, nloc - 1) * chunks;
+        for (int it = i0; it < i1; it++) {
+            const uint4 a = wa[c], b = wb[c], x0 = xb0[4 * c];
+            mma_s8(c0, ext2(a.x, tg), ext2(b.x, tg), ext2(a.y, tg), ext2(b.y, tg), x0.x, x0.y);
+            mma_s8(c0, ext2(a.z, tg), ext2(b.z, tg), ext2(a.w, tg), ext2(b.w, tg), x0.z, x0.w);
+            if (two) {
+                const uint4 x1 = xb1[4 * c];
+                mma_s8(c1, ext2(a.x, tg), ext2(b.x, tg), ext2(a.y, tg), ext2(b.y, tg), x1.x, x1.y);
+                mma_s8(c1, ext2(a.z, tg), ext2(b.z, tg), ext2(a.w, tg), ext2(b.w, tg), x1.z, x1.w);
+            }
+            if (++c == chunks && it + 1 < i1) {
+                flush(mt);
+                c = 0;
+                mt++;
+                wa = wsm + min(mt * 16 + g, nloc - 1) * chunks;
+                wb = wsm + min(mt * 16 + g + 8, nloc - 1) * chunks;
+            }
         }
-        const int ra = min(mt * 16 + g, nloc - 1), rb = min(mt * 16 + g + 8, nloc - 1);
-        const uint4 wa = wsm[ra * chunks + c], wb = wsm[rb * chunks + c];
-#pragma unroll
-        for (int ks = 0; ks < 2; ks++) {
-            const u32 a0 = ext2(ks ? wa.z : wa.x, tg), a1 = ext2(ks ? wb.z : wb.x, tg);
-            const u32 a2 = ext2(ks ? wa.w : wa.y, tg), a3 = ext2(ks ? wb.w : wb.y, tg);
-            const int k = c * 64 + 32 * ks;
-            mma_s8(c0, a0, a1, a2, a3, *(const u32*)(xb0 + k), *(const u32*)(xb0 + k + 16));
-            if (two) mma_s8(c1, a0, a1, a2, a3, *(const u32*)(xb1 + k), *(const u32*)(xb1 + k + 16));
-        }
+        flush(mt);
     }
-    if (cur >= 0) flush(cur);
     __syncthreads();
 }
 
@@ -267,17 +282,19 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
         const int kvh = item / nch, ch = item % nch, j0 = ch * MM_AC, nj = min(MM_AC, n_keys - j0);
         __syncthreads();  // shared reuse across items
-        // K, V rows of the chunk and the query rows into shared memory, all
-        // as 16-byte cp.async (one round trip), then the queries scaled.
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
-        for (int i = tid; i < nj * ku; i += MG_THREADS) {
-            const int j = i / ku, c = i - j * ku;
+        // K, V rows of the chunk and the query rows into shared memory, all
+        // as 16-byte cp.async (one round trip), then the queries scaled.
+        // Loops are (row, unit) grids with the unit fixed per thread (units
+        // per row divide the block): no integer division per element, which
+        // at 1024 threads costs 8 issue slots per scheduler each.
+        for (int j = tid / ku, c = tid % ku; j < nj; j += MG_THREADS / ku) {
             cp16(ksm + j * khs + c * (16 / (int)sizeof(KV)), (const char*)(kb + (size_t)j * hd) + 16 * c);
-            cp16((char*)vsm + 16 * i, (const char*)vb + 16 * i);
+            cp16((char*)(vsm + j * hd) + 16 * c, (const char*)(vb + (size_t)j * hd) + 16 * c);
         }
-        for (int i = tid; i < R * qu; i += MG_THREADS) {
-            const int r = i / qu, c = i - r * qu, t = r / group, g = r - t * group;
+        for (int r = tid / qu, c = tid % qu; r < R; r += MG_THREADS / qu) {
+            const int t = r / group, g = r - t * group;
             cp16(qsm + r * hs + 4 * c, qr + (size_t)t * Q + (kvh * group + g) * hd + 4 * c);
         }
         // The sub-norm weights of this head group (for the output statistics).
@@ -289,10 +306,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         cp_async_wait();
         __syncthreads();
         if (first) mg_mark(trace, tb + 34);
-        for (int i = tid; i < R * hd; i += MG_THREADS) {
-            const int r = i / hd, d = i - r * hd;
-            qsm[r * hs + d] *= scale;
-        }
+        for (int r = tid / hd, d = tid % hd; r < R; r += MG_THREADS / hd) qsm[r * hs + d] *= scale;
         __syncthreads();
         if (!gu_issued) {
             mg_issue(gu);
@@ -382,16 +396,16 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (first) mg_mark(trace, tb + 37);
         bool out = true;
         if (nch == 1) {
-            for (int i = tid; i < R * hd; i += MG_THREADS) {
-                const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
-                const float v = qsm[i] / ml[2 * r + 1];
-                qsm[i] = v;
+            for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+                const int t = r / group, g = r - t * group;
+                const float v = qsm[r * hd + dd] / ml[2 * r + 1];
+                qsm[r * hd + dd] = v;
                 attn[(size_t)t * Q + (kvh * group + g) * hd + dd] = v;
             }
         } else {
-            for (int i = tid; i < R * hd; i += MG_THREADS) {
-                const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
-                part[(((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst + 2 + dd] = qsm[i];
+            for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+                const int t = r / group, g = r - t * group;
+                part[(((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst + 2 + dd] = qsm[r * hd + dd];
             }
             for (int r = tid; r < R; r += MG_THREADS) {
                 const int t = r / group, g = r - t * group;
@@ -441,8 +455,8 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                     }
                 }
                 __syncthreads();
-                for (int i = tid; i < R * hd; i += MG_THREADS) {
-                    const int r = i / hd, dd = i - r * hd, t = r / group, g = r - t * group;
+                for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+                    const int t = r / group, g = r - t * group, i = r * hd + dd;
                     const float* ph = part + ((size_t)t * n_heads + kvh * group + g) * nsplit * pst + 2 + dd;
                     float num = 0.f;
 #pragma unroll 8
@@ -509,7 +523,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
     __shared__ int xsum_s[MM_T], red_i[32], last_s;
     __shared__ float2 red2[32], statacc[MM_T];
     __shared__ __align__(16) float nws[MG_QMAX];  // the attention's sub-norm weights
-    __shared__ __align__(8) u64 mbar[2];
+    __shared__ __align__(8) u64 mbar[2];  // bulk weight copies into A, B
     unsigned ph0 = 0, ph1 = 0;
     const int tid = threadIdx.x, half = hd / 2;
     // Loop-invariant shapes live in shared memory, re-read after barriers:
