@@ -283,14 +283,82 @@ impl SpinPool {
     }
 }
 
+impl SpinPool {
+    /// Run `f` on the caller and on every worker that starts before the
+    /// caller's `f` returns (see `run_claim`): `f` must claim its work from a
+    /// shared counter and be able to finish it alone.
+    pub fn broadcast_claim<F: Fn() + Sync>(&self, f: F) {
+        self.run_claim(f)
+    }
+
+    /// Call `f(i)` once for every `i` in `0..n`, indices claimed in order
+    /// from a shared counter by whichever threads are running.
+    pub fn for_each_index<F: Fn(usize) + Sync>(&self, n: usize, f: F) {
+        match n {
+            0 => {}
+            1 => f(0),
+            _ => {
+                let next = AtomicUsize::new(0);
+                self.run_claim(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    f(i);
+                });
+            }
+        }
+    }
+}
+
+/// Where the parallel regions of a many-token forward run: rayon's pool
+/// (sleeping workers, woken per region) or the spin pool (workers spin
+/// between regions, so a region starts in well under a microsecond).
+#[derive(Clone, Copy)]
+pub enum Par<'a> {
+    Rayon,
+    Spin(&'a SpinPool),
+}
+
+impl Par<'_> {
+    /// Run `f` on every participating thread (rayon: every thread of the
+    /// current pool; spin: the caller and the workers that start in time).
+    /// `f` must claim its work from a shared counter.
+    pub fn broadcast_claim<F: Fn() + Sync>(self, f: F) {
+        match self {
+            Par::Rayon => {
+                rayon::broadcast(|_| f());
+            }
+            Par::Spin(p) => p.broadcast_claim(f),
+        }
+    }
+
+    /// `f(i)` for every `i` in `0..n`, in parallel, each index once.
+    pub fn for_each_index<F: Fn(usize) + Sync + Send>(self, n: usize, f: F) {
+        match self {
+            Par::Rayon => (0..n).into_par_iter().for_each(f),
+            Par::Spin(p) => p.for_each_index(n, f),
+        }
+    }
+}
+
 /// Rows per thread: `len / n` rounded up to a multiple of `align`.
 pub fn split_len(len: usize, n: usize, align: usize) -> usize {
     let align = align.max(1);
     len.div_ceil(n.max(1)).div_ceil(align).max(1) * align
 }
 
-struct SendPtr<T>(*mut T);
+/// A raw pointer that parallel tasks may share; each task must touch a
+/// disjoint part of what it points to (the caller's SAFETY argument).
+pub struct SendPtr<T>(pub *mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the wrapper, not the field).
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
 
 /// Spin briefly, then yield the core between checks, until `cond` holds.
 fn wait_until(cond: impl Fn() -> bool) {
