@@ -73,8 +73,11 @@ struct ForwardBufs {
     att: Vec<f32>,
     act: Vec<f32>,
     att_scratch: attention::AttnScratch,
-    /// The int8 inputs of the matmuls, refilled 4 times per layer.
+    /// The int8 inputs of the matmuls: `nq` for the hidden-size ones (3 per
+    /// layer), `nq_ffn` for down's. Two, so neither changes length between
+    /// layers: a grown Vec zero-fills its new part (2.2 MB per layer).
     nq: QuantizedInput,
+    nq_ffn: QuantizedInput,
 }
 
 /// Most bytes of activation buffers (and, separately, of dropped KV caches)
@@ -199,6 +202,19 @@ impl KvCache for CpuKvCache {
 fn prefill_on_spin() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("YINSEN_CPU_PREFILL_POOL").map_or(true, |v| v != "rayon"))
+}
+
+/// How long spin-pool workers busy-wait between the regions of a
+/// many-token forward before yielding: 1 ms, or `YINSEN_PREFILL_HOT_US`.
+fn prefill_hot() -> std::time::Duration {
+    static US: OnceLock<u64> = OnceLock::new();
+    let us = *US.get_or_init(|| {
+        std::env::var("YINSEN_PREFILL_HOT_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000)
+    });
+    std::time::Duration::from_micros(us)
 }
 
 /// Default thread count: physical cores (logical / 2 when SMT is likely on).
@@ -456,6 +472,7 @@ impl CpuBackend {
             act,
             att_scratch,
             nq,
+            nq_ffn,
         } = &mut bufs;
         // Every element of these is overwritten before it is read (x by the
         // embeddings, the others in full by every layer): only growth is zeroed.
@@ -473,13 +490,26 @@ impl CpuBackend {
         q.resize(n * qd, 0.0);
         att.resize(if n > 1 { n * qd } else { 0 }, 0.0);
         act.resize(n * c.ffn, 0.0);
-        // `nq`: the int8 inputs of the matmuls, refilled 4 times per layer.
         // Many tokens: every parallel region on the spin pool (rayon's
         // sleeping workers took tens of us to wake per region, ~10 regions
         // per layer); `YINSEN_CPU_PREFILL_POOL=rayon` restores rayon.
         let par = match n > 1 && prefill_on_spin() {
             true => Par::Spin(&self.spin),
             false => Par::Rayon,
+        };
+        // Workers stay hot across the gaps between regions (restored on return).
+        struct Hot<'a>(&'a SpinPool);
+        impl Drop for Hot<'_> {
+            fn drop(&mut self) {
+                self.0.set_hot(None);
+            }
+        }
+        let _hot = match par {
+            Par::Spin(p) => {
+                p.set_hot(Some(prefill_hot()));
+                Some(Hot(p))
+            }
+            Par::Rayon => None,
         };
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
@@ -581,10 +611,10 @@ impl CpuBackend {
                 prof.mark("act");
             }
             match &layer.ffn_sub_norm {
-                Some(w) => nq.refill_rms_norm_on(act, w, eps, par),
-                None => nq.refill_on(act, f, par),
+                Some(w) => nq_ffn.refill_rms_norm_on(act, w, eps, par),
+                None => nq_ffn.refill_on(act, f, par),
             };
-            let dq = &nq;
+            let dq = &nq_ffn;
             prof.mark("norm_quant");
             self.add_linear(&pl.down, dq, x, th, par);
             prof.mark("down");

@@ -358,6 +358,19 @@ fn multi_tasks_per_thread(threads: usize) -> usize {
     env.unwrap_or(if threads >= 8 { 8 } else { 4 })
 }
 
+/// Token ranges of a many-token matmul on a token-major kernel: 1 (all
+/// tokens per task) by default, or `YINSEN_CPU_TOKEN_SPLIT`.
+fn token_split() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("YINSEN_CPU_TOKEN_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=64).contains(&n))
+            .unwrap_or(1)
+    })
+}
+
 /// One token, rows `r0..r0 + o.len()` (r0 a multiple of the row block):
 /// exact GEMV into a per-thread accumulator (reused, no allocation per
 /// call), then `acc * (w_scale / s)` per fused part.
@@ -384,7 +397,8 @@ fn one_token_rows(packed: &dyn PackedTernary, parts: &[(usize, f32)], x: &Quanti
 }
 
 /// The multi-token epilogue over TOKEN-major accumulators of rows r0..r1
-/// (`ag[t * rows + r - r0]`; `au` the up rows of a gated pair): per token
+/// (`ag[t * rows + r - r0]`; `au` the up rows of a gated pair) of the
+/// tokens whose scales are `scales` (output row `t` = `orow(t)`): per token
 /// one contiguous run, the same float operations per element as the
 /// row-major epilogue of [`Linear::forward_multi`] (so the same bits), in
 /// loops the compiler vectorises.
@@ -392,8 +406,7 @@ fn one_token_rows(packed: &dyn PackedTernary, parts: &[(usize, f32)], x: &Quanti
 fn epilogue_token_major<'o>(
     epi: Epilogue,
     parts: &[(usize, f32)],
-    x: &QuantizedInput,
-    n: usize,
+    scales: &[f32],
     r0: usize,
     r1: usize,
     ag: &[i32],
@@ -401,12 +414,12 @@ fn epilogue_token_major<'o>(
     orow: impl Fn(usize) -> &'o mut [f32],
 ) {
     let rows = r1 - r0;
-    for t in 0..n {
+    for (t, &st) in scales.iter().enumerate() {
         let o = orow(t);
         let a = &ag[t * rows..(t + 1) * rows];
         match epi {
             Epilogue::Gated(act) => {
-                let (fg, fu) = (parts[0].1 / x.s[t], parts[1].1 / x.s[t]);
+                let (fg, fu) = (parts[0].1 / st, parts[1].1 / st);
                 let u = &au[t * rows..(t + 1) * rows];
                 match act {
                     Activation::Relu2 => {
@@ -429,7 +442,7 @@ fn epilogue_token_major<'o>(
                     if pa >= pb {
                         continue;
                     }
-                    let f = ws / x.s[t];
+                    let f = ws / st;
                     let (o, a) = (&mut o[pa - r0..pb - r0], &a[pa - r0..pb - r0]);
                     if matches!(epi, Epilogue::Add) {
                         for (o, &v) in o.iter_mut().zip(a) {
@@ -622,6 +635,20 @@ impl Linear {
 
     /// [`Self::forward_multi`] with its parallel region on `par`.
     pub fn forward_multi_on(&self, x: &QuantizedInput, out: &mut [f32], epi: Epilogue, threads: usize, par: Par) {
+        self.forward_multi_split(x, out, epi, threads, par, token_split())
+    }
+
+    /// [`Self::forward_multi_on`] with the tokens in up to `split` ranges
+    /// where the kernel is token-major.
+    fn forward_multi_split(
+        &self,
+        x: &QuantizedInput,
+        out: &mut [f32],
+        epi: Epilogue,
+        threads: usize,
+        par: Par,
+        split: usize,
+    ) {
         let n = x.n_tokens();
         debug_assert_eq!(x.n_in, self.n_in);
         let (packed, parts) = match &self.weights {
@@ -644,7 +671,16 @@ impl Linear {
         // 4 tasks per thread, as `forward`: capping a task's accumulator at
         // L2 size (more, smaller GEMM calls) measured 4% slower here.
         let pairs = if gated { 2 } else { 1 };
-        let chunk = n_rows.div_ceil(threads * multi_tasks_per_thread(threads)).div_ceil(rb) * rb;
+        // Token-major kernels (AMX) may also split the tokens into `n_tr`
+        // ranges of `tr` (tasks of more rows over fewer tokens: the
+        // activations a task streams shrink, the weights it reuses grow).
+        let mut tr = n.div_ceil(split).next_multiple_of(32).min(n);
+        if split <= 1 || tr >= n || !(0..n.div_ceil(tr)).all(|i| packed.token_major(tr.min(n - i * tr))) {
+            tr = n;
+        }
+        let n_tr = n.div_ceil(tr);
+        let tasks = (threads * multi_tasks_per_thread(threads)).div_ceil(n_tr);
+        let chunk = n_rows.div_ceil(tasks).div_ceil(rb) * rb;
         let op = OutPtr(out.as_mut_ptr());
         let n_chunks = n_rows.div_ceil(chunk);
         thread_local! {
@@ -657,11 +693,30 @@ impl Linear {
             let mut acc = ACC.with(|a| std::mem::take(&mut *a.borrow_mut()));
             loop {
                 let ci = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if ci >= n_chunks {
+                if ci >= n_chunks * n_tr {
                     break;
                 }
                 let acc = &mut acc;
                 let op = &op;
+                if n_tr > 1 {
+                    // Token range ci / n_chunks, row chunk ci % n_chunks.
+                    let (ta, c) = (ci / n_chunks * tr, ci % n_chunks);
+                    let (tb, r0) = ((ta + tr).min(n), c * chunk);
+                    let (r1, nt) = ((r0 + chunk).min(n_rows), tb - ta);
+                    let rows = r1 - r0;
+                    acc.resize(acc.len().max(rows * nt * pairs), 0);
+                    let (ag, au) = acc[..rows * nt * pairs].split_at_mut(rows * nt);
+                    let xs = &x.q[ta * self.n_in..tb * self.n_in];
+                    assert!(packed.gemm_tokens(xs, nt, r0, r1, ag));
+                    if gated {
+                        assert!(packed.gemm_tokens(xs, nt, n_rows + r0, n_rows + r1, au));
+                    }
+                    // SAFETY: this task alone writes columns r0..r1 of token rows ta..tb.
+                    let orow =
+                        |t: usize| unsafe { std::slice::from_raw_parts_mut(op.0.add((ta + t) * out_cols + r0), rows) };
+                    epilogue_token_major(epi, parts, &x.s[ta..tb], r0, r1, ag, au, orow);
+                    continue;
+                }
                 let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(n_rows));
                 let rows = r1 - r0;
                 // Every element is overwritten by the GEMM: only growth is zeroed.
@@ -673,7 +728,7 @@ impl Linear {
                     }
                     // SAFETY: this task alone writes columns r0..r1 of every token row.
                     let orow = |t: usize| unsafe { std::slice::from_raw_parts_mut(op.0.add(t * out_cols + r0), rows) };
-                    epilogue_token_major(epi, parts, x, n, r0, r1, ag, au, orow);
+                    epilogue_token_major(epi, parts, &x.s[..n], r0, r1, ag, au, orow);
                     continue;
                 }
                 packed.gemm(&x.q, n, r0, r1, ag);
@@ -947,7 +1002,14 @@ mod tests {
         };
         let pool = SpinPool::new(3).unwrap();
         for k in &ks {
-            for (n_in, f, n) in [(128, 64, 37), (96, 48, 33), (64, 32, 2), (192, 80, 64), (64, 48, 17)] {
+            for (n_in, f, n) in [
+                (128, 64, 37),
+                (96, 48, 33),
+                (64, 32, 2),
+                (192, 80, 64),
+                (64, 48, 17),
+                (64, 32, 100),
+            ] {
                 let x: Vec<f32> = (0..n * n_in).map(|_| (r.next_f32() - 0.5) * 4.0).collect();
                 let xq = QuantizedInput::new(&x, n_in);
                 let (g, u) = (rand_mat(&mut r, f, n_in, 0.7), rand_mat(&mut r, f, n_in, 1.3));
@@ -959,7 +1021,7 @@ mod tests {
                 );
                 let qkv = fuse(k.as_ref(), &[&q, &kk, &v]);
                 let no = qkv.n_out;
-                for threads in [1, 3] {
+                for (threads, split) in [(1, 1), (3, 1), (3, 2), (2, 3)] {
                     for par in [Par::Rayon, Par::Spin(&pool)] {
                         let mut y = vec![f32::NAN; n * 2 * f];
                         gu.forward(&xq, &mut y, threads);
@@ -970,19 +1032,19 @@ mod tests {
                         }
                         let mut got = vec![f32::NAN; n * f];
                         let epi = Epilogue::Gated(Activation::Relu2);
-                        gu.forward_multi_on(&xq, &mut got, epi, threads, par);
-                        assert_eq!(bits(&got), bits(&want), "{} gated n {n} f {f}", k.name());
+                        gu.forward_multi_split(&xq, &mut got, epi, threads, par, split);
+                        assert_eq!(bits(&got), bits(&want), "{} gated n {n} f {f} split {split}", k.name());
                         assert!(want.iter().any(|&v| v != 0.0));
                         let mut want = vec![f32::NAN; n * no];
                         qkv.forward(&xq, &mut want, threads);
                         let mut got = vec![f32::NAN; n * no];
-                        qkv.forward_multi_on(&xq, &mut got, Epilogue::Store, threads, par);
-                        assert_eq!(bits(&got), bits(&want), "{} store n {n}", k.name());
+                        qkv.forward_multi_split(&xq, &mut got, Epilogue::Store, threads, par, split);
+                        assert_eq!(bits(&got), bits(&want), "{} store n {n} split {split}", k.name());
                         let base: Vec<f32> = (0..n * no).map(|_| r.next_f32() - 0.5).collect();
                         let mut got = base.clone();
-                        qkv.forward_multi_on(&xq, &mut got, Epilogue::Add, threads, par);
+                        qkv.forward_multi_split(&xq, &mut got, Epilogue::Add, threads, par, split);
                         let want: Vec<f32> = base.iter().zip(&want).map(|(b, y)| b + y).collect();
-                        assert_eq!(bits(&got), bits(&want), "{} add n {n}", k.name());
+                        assert_eq!(bits(&got), bits(&want), "{} add n {n} split {split}", k.name());
                     }
                 }
             }

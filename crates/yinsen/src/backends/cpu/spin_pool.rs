@@ -62,6 +62,9 @@ struct Shared {
     entry: Padded<AtomicU64>,
     /// Workers that are (about to be) parked.
     sleepers: Padded<AtomicUsize>,
+    /// How long a waiting worker busy-waits before it yields (ns): [`HOT`],
+    /// or longer while a many-token forward runs (`SpinPool::set_hot`).
+    hot_ns: AtomicU64,
     job: UnsafeCell<Job>,
     /// First panic payload of a worker in the current run.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
@@ -102,6 +105,7 @@ impl SpinPool {
             done: Padded(AtomicUsize::new(0)),
             entry: Padded(AtomicU64::new(CLOSED)),
             sleepers: Padded(AtomicUsize::new(0)),
+            hot_ns: AtomicU64::new(HOT.as_nanos() as u64),
             job: UnsafeCell::new(Job {
                 data: std::ptr::null(),
                 call: noop,
@@ -142,6 +146,16 @@ impl SpinPool {
         self.n
     }
 
+    /// Busy-wait up to `hot` before yielding (workers between runs, the
+    /// caller joining them); `None` restores the default [`HOT`]. A
+    /// many-token forward sets ~1 ms: its regions follow each other with
+    /// gaps (a matmul's tail) longer than 50 us, and a worker that yielded
+    /// its core joins the next region late.
+    pub fn set_hot(&self, hot: Option<Duration>) {
+        let ns = hot.unwrap_or(HOT).min(SPIN_FOR).as_nanos() as u64;
+        self.shared.hot_ns.store(ns, Ordering::Relaxed);
+    }
+
     /// Publish `f` as the next run and wake the workers. The caller holds
     /// `run_lock`, and the previous run is closed with no worker inside.
     fn run_locked<F: Fn(usize, usize) + Sync>(&self, f: &F, all: bool) {
@@ -175,7 +189,11 @@ impl SpinPool {
     fn close(&self) {
         let e = &self.shared.entry.0;
         e.fetch_or(CLOSED, Ordering::AcqRel);
-        wait_until(|| e.load(Ordering::Acquire) & (CLOSED - 1) == 0);
+        wait_until(self.hot(), || e.load(Ordering::Acquire) & (CLOSED - 1) == 0);
+    }
+
+    fn hot(&self) -> Duration {
+        Duration::from_nanos(self.shared.hot_ns.load(Ordering::Relaxed))
     }
 
     /// Re-raise the first worker panic of the run just closed.
@@ -238,7 +256,7 @@ impl SpinPool {
         let mine = panic::catch_unwind(AssertUnwindSafe(|| f(0, n)));
         // Join: wait until every worker has returned from `f`.
         let s = &*self.shared;
-        wait_until(|| s.done.0.load(Ordering::Acquire) == n - 1);
+        wait_until(self.hot(), || s.done.0.load(Ordering::Acquire) == n - 1);
         self.close();
         if let Err(p) = mine {
             panic::resume_unwind(p);
@@ -361,7 +379,7 @@ impl<T> SendPtr<T> {
 }
 
 /// Spin briefly, then yield the core between checks, until `cond` holds.
-fn wait_until(cond: impl Fn() -> bool) {
+fn wait_until(hot_for: Duration, cond: impl Fn() -> bool) {
     let mut spins = 0u32;
     let mut hot = None;
     while !cond() {
@@ -371,7 +389,7 @@ fn wait_until(cond: impl Fn() -> bool) {
             continue;
         }
         let t0 = *hot.get_or_insert_with(Instant::now);
-        if t0.elapsed() < HOT {
+        if t0.elapsed() < hot_for {
             std::hint::spin_loop();
         } else {
             // A descheduled thread (shared core) needs this one's core.
@@ -401,7 +419,7 @@ fn worker(s: &Shared, tid: usize, n: usize) {
                 continue;
             }
             let waited = since.elapsed();
-            if waited < HOT {
+            if waited < Duration::from_nanos(s.hot_ns.load(Ordering::Relaxed)) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -599,6 +617,36 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 3 * 200 * 3);
+    }
+
+    /// A longer busy-wait (as a many-token forward sets) changes nothing
+    /// but timing; workers still park once it is back to the default.
+    #[test]
+    fn hot_setting_keeps_runs_exact_and_restores() {
+        let pool = SpinPool::new(3).unwrap();
+        pool.set_hot(Some(Duration::from_millis(1)));
+        assert_eq!(pool.hot(), Duration::from_millis(1));
+        for len in [0, 5, 100] {
+            let mut out = vec![0usize; len];
+            pool.for_chunks(&mut out, 7, |r0, o| {
+                o.iter_mut().enumerate().for_each(|(k, v)| *v = r0 + k)
+            });
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i));
+            let hits = AtomicUsize::new(0);
+            pool.for_each_index(len, |_| {
+                hits.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), len);
+        }
+        pool.set_hot(Some(Duration::from_secs(1)));
+        assert_eq!(pool.hot(), SPIN_FOR, "capped at the park deadline");
+        pool.set_hot(None);
+        assert_eq!(pool.hot(), HOT);
+        let t0 = Instant::now();
+        while pool.shared.sleepers.0.load(Ordering::SeqCst) != 2 && t0.elapsed() < Duration::from_secs(5) {
+            thread::sleep(SPIN_FOR);
+        }
+        assert_eq!(pool.shared.sleepers.0.load(Ordering::SeqCst), 2, "workers did not park");
     }
 
     #[test]

@@ -227,6 +227,30 @@ fn k_slice() -> usize {
     })
 }
 
+/// Token pairs that run each K slice together for a super-block of `npairs`
+/// row pairs over `kp` inputs: 4 where the super-block has at most 2 row
+/// pairs (its B slices, <= 32 KB, stay in L1 across the group) and K is at
+/// most 4096 (a 512-token A, <= 2 MB, stays in L2 while the group streams
+/// it; down's 6912 did not: 52 -> 66-78 ms with groups), else 1 (the
+/// A-reuse order). `YINSEN_AMX_TGROUP` = N overrides the 4 (and drops the
+/// K limit); `YINSEN_AMX_TGROUP_PAIRS` the 2.
+fn t_group(npairs: usize, kp: usize) -> usize {
+    static G: OnceLock<(Option<usize>, usize)> = OnceLock::new();
+    let (g, maxp) = *G.get_or_init(|| {
+        let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        (
+            get("YINSEN_AMX_TGROUP").map(|g| g.max(1)),
+            get("YINSEN_AMX_TGROUP_PAIRS").unwrap_or(2),
+        )
+    });
+    match g {
+        _ if npairs > maxp => 1,
+        Some(g) => g,
+        None if kp <= 4096 => 4,
+        None => 1,
+    }
+}
+
 /// Scratch kept per thread between calls; more is freed after the call.
 const KEEP_LINES: usize = (1 << 20) / LINE;
 
@@ -377,76 +401,89 @@ unsafe fn drive<T: TileOps>(
             expand_block(l.block(b), &mut panel[(b - s0) * blk..(b - s0 + 1) * blk]);
         }
         let npairs = (s1 - s0).div_ceil(2);
-        cacc.resize_with(npairs, || CTiles([[0; 256]; 4]));
-        for t0 in (0..n_tokens).step_by(TP) {
-            let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
+        let ntp = n_tokens.div_ceil(TP);
+        // Token pairs per group: the group's pairs run slice by slice
+        // together, so a slice of B (npairs x 16 KB) is reused by every
+        // token pair of the group (one group = the order A-reuse-only).
+        let g = t_group(npairs, kp).clamp(1, ntp);
+        cacc.resize_with(npairs * g, || CTiles([[0; 256]; 4]));
+        for tg0 in (0..ntp).step_by(g) {
+            let tg1 = (tg0 + g).min(ntp);
             // K in slices of `ks` steps, every row pair per slice: the two A
-            // tiles' slice stays in L1 across the pairs (only B streams from
-            // L2); C tiles are parked in `cacc` between slices.
+            // tiles' slice stays in L1 across the pairs; C tiles are parked
+            // in `cacc` between slices.
             for k0 in (0..nk).step_by(ks) {
                 let kn = ks.min(nk - k0);
                 let last = k0 + kn >= nk;
-                for (pi, bp) in (s0..s1).step_by(2).enumerate() {
-                    let nb = (s1 - bp).min(2);
-                    let bptr = (panel.as_ptr().add((bp - s0) * blk) as *const i8).add(k0 * B_STEP);
-                    let c = cacc[pi].0.as_mut_ptr() as *mut i32;
-                    if k0 == 0 {
-                        ops.zero();
-                    } else {
-                        ops.load(c);
+                for tp in tg0..tg1 {
+                    let t0 = tp * TP;
+                    let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
+                    for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                        let nb = (s1 - bp).min(2);
+                        let bptr = (panel.as_ptr().add((bp - s0) * blk) as *const i8).add(k0 * B_STEP);
+                        let c = cacc[(tp - tg0) * npairs + pi].0.as_mut_ptr() as *mut i32;
+                        if k0 == 0 {
+                            ops.zero();
+                        } else {
+                            ops.load(c);
+                        }
+                        ops.run([a0.add(KB * k0), a1.add(KB * k0)], [sa0, sa1], bptr, blk * LINE, kn, nb);
+                        // Token-major, last slice, every tile whole: straight to `out`.
+                        let whole = t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1;
+                        if tm && last && whole {
+                            for i in 0..2 {
+                                for j in 0..nb {
+                                    let dst = op.add((t0 + TT * i) * ldo + (bp + j) * ROWS - r0);
+                                    ops.store_one(2 * i + j, dst, ldo * 4);
+                                }
+                            }
+                        } else {
+                            ops.store(c);
+                        }
                     }
-                    ops.run([a0.add(KB * k0), a1.add(KB * k0)], [sa0, sa1], bptr, blk * LINE, kn, nb);
-                    // Token-major, last slice, every tile whole: straight to `out`.
-                    let whole = t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1;
-                    if tm && last && whole {
+                }
+            }
+            for tp in tg0..tg1 {
+                let t0 = tp * TP;
+                let cg = &cacc[(tp - tg0) * npairs..(tp - tg0 + 1) * npairs];
+                if tm {
+                    // Tiles cut by the token or row end: their valid part, row by row.
+                    let lt = (n_tokens - t0).min(TP);
+                    for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                        let nb = (s1 - bp).min(2);
+                        if t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1 {
+                            continue;
+                        }
                         for i in 0..2 {
                             for j in 0..nb {
-                                let dst = op.add((t0 + TT * i) * ldo + (bp + j) * ROWS - r0);
-                                ops.store_one(2 * i + j, dst, ldo * 4);
+                                let row = (bp + j) * ROWS;
+                                let vr = (r1 - row).min(ROWS);
+                                let c = &cg[pi].0[2 * i + j];
+                                for m in 0..TT.min(lt.saturating_sub(TT * i)) {
+                                    let dst = op.add((t0 + TT * i + m) * ldo + row - r0);
+                                    std::ptr::copy_nonoverlapping(c.as_ptr().add(16 * m), dst, vr);
+                                }
                             }
                         }
-                    } else {
-                        ops.store(c);
                     }
+                    continue;
                 }
-            }
-            if tm {
-                // Tiles cut by the token or row end: their valid part, row by row.
-                let lt = (n_tokens - t0).min(TP);
                 for (pi, bp) in (s0..s1).step_by(2).enumerate() {
                     let nb = (s1 - bp).min(2);
-                    if t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1 {
-                        continue;
-                    }
                     for i in 0..2 {
+                        let t = t0 + TT * i;
                         for j in 0..nb {
                             let row = (bp + j) * ROWS;
-                            let vr = (r1 - row).min(ROWS);
-                            let c = &cacc[pi].0[2 * i + j];
-                            for m in 0..TT.min(lt.saturating_sub(TT * i)) {
-                                let dst = op.add((t0 + TT * i + m) * ldo + row - r0);
-                                std::ptr::copy_nonoverlapping(c.as_ptr().add(16 * m), dst, vr);
+                            if t < n_tokens && row < r1 {
+                                let dst = op.add((row - r0) * n_tokens + t);
+                                ops.scatter(
+                                    &cg[pi].0[2 * i + j],
+                                    dst,
+                                    n_tokens,
+                                    (r1 - row).min(ROWS),
+                                    (n_tokens - t).min(TT),
+                                );
                             }
-                        }
-                    }
-                }
-                continue;
-            }
-            for (pi, bp) in (s0..s1).step_by(2).enumerate() {
-                let nb = (s1 - bp).min(2);
-                for i in 0..2 {
-                    let t = t0 + TT * i;
-                    for j in 0..nb {
-                        let row = (bp + j) * ROWS;
-                        if t < n_tokens && row < r1 {
-                            let dst = op.add((row - r0) * n_tokens + t);
-                            ops.scatter(
-                                &cacc[pi].0[2 * i + j],
-                                dst,
-                                n_tokens,
-                                (r1 - row).min(ROWS),
-                                (n_tokens - t).min(TT),
-                            );
                         }
                     }
                 }

@@ -229,6 +229,9 @@ impl super::PackedTernary for TiledPacked {
         check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
         (self.gemm)(&self.l, x, n_tokens, r0, r1, out)
     }
+    fn token_major(&self, _n_tokens: usize) -> bool {
+        self.gemm_tm.is_some()
+    }
     fn gemm_tokens(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) -> bool {
         let Some(g) = self.gemm_tm else {
             return false;

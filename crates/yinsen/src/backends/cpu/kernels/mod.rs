@@ -47,6 +47,10 @@ pub trait PackedTernary: Send + Sync {
     fn gemm_tokens(&self, _x: &[i8], _n_tokens: usize, _r0: usize, _r1: usize, _out: &mut [i32]) -> bool {
         false
     }
+    /// Whether [`Self::gemm_tokens`] runs for calls of `n_tokens` tokens.
+    fn token_major(&self, _n_tokens: usize) -> bool {
+        false
+    }
 }
 
 /// Names accepted by `--kernel`.
