@@ -205,16 +205,13 @@ fn prefill_on_spin() -> bool {
 }
 
 /// How long spin-pool workers busy-wait between the regions of a
-/// many-token forward before yielding: 1 ms, or `YINSEN_PREFILL_HOT_US`.
-fn prefill_hot() -> std::time::Duration {
-    static US: OnceLock<u64> = OnceLock::new();
-    let us = *US.get_or_init(|| {
-        std::env::var("YINSEN_PREFILL_HOT_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000)
-    });
-    std::time::Duration::from_micros(us)
+/// many-token forward before yielding, if `YINSEN_PREFILL_HOT_US` is set
+/// (else the pool's 50 us). 1000 us measured no different from 50 on the
+/// device (docs/performance.md, CPU prefill).
+fn prefill_hot() -> Option<std::time::Duration> {
+    static US: OnceLock<Option<u64>> = OnceLock::new();
+    let us = *US.get_or_init(|| std::env::var("YINSEN_PREFILL_HOT_US").ok().and_then(|v| v.parse().ok()));
+    us.map(std::time::Duration::from_micros)
 }
 
 /// Default thread count: physical cores (logical / 2 when SMT is likely on).
@@ -497,19 +494,20 @@ impl CpuBackend {
             true => Par::Spin(&self.spin),
             false => Par::Rayon,
         };
-        // Workers stay hot across the gaps between regions (restored on return).
+        // `YINSEN_PREFILL_HOT_US`: workers stay hot across the gaps between
+        // regions (restored on return).
         struct Hot<'a>(&'a SpinPool);
         impl Drop for Hot<'_> {
             fn drop(&mut self) {
                 self.0.set_hot(None);
             }
         }
-        let _hot = match par {
-            Par::Spin(p) => {
-                p.set_hot(Some(prefill_hot()));
+        let _hot = match (par, prefill_hot()) {
+            (Par::Spin(p), Some(hot)) => {
+                p.set_hot(Some(hot));
                 Some(Hot(p))
             }
-            Par::Rayon => None,
+            _ => None,
         };
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.

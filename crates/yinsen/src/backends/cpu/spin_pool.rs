@@ -147,10 +147,9 @@ impl SpinPool {
     }
 
     /// Busy-wait up to `hot` before yielding (workers between runs, the
-    /// caller joining them); `None` restores the default [`HOT`]. A
-    /// many-token forward sets ~1 ms: its regions follow each other with
-    /// gaps (a matmul's tail) longer than 50 us, and a worker that yielded
-    /// its core joins the next region late.
+    /// caller joining them), at most [`SPIN_FOR`]; `None` restores the
+    /// default [`HOT`]. For many-token forwards (`YINSEN_PREFILL_HOT_US`),
+    /// whose regions can be separated by a matmul's tail of more than 50 us.
     pub fn set_hot(&self, hot: Option<Duration>) {
         let ns = hot.unwrap_or(HOT).min(SPIN_FOR).as_nanos() as u64;
         self.shared.hot_ns.store(ns, Ordering::Relaxed);
@@ -619,7 +618,7 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), 3 * 200 * 3);
     }
 
-    /// A longer busy-wait (as a many-token forward sets) changes nothing
+    /// A longer busy-wait (`YINSEN_PREFILL_HOT_US`) changes nothing
     /// but timing; workers still park once it is back to the default.
     #[test]
     fn hot_setting_keeps_runs_exact_and_restores() {

@@ -228,12 +228,12 @@ fn k_slice() -> usize {
 }
 
 /// Token pairs that run each K slice together for a super-block of `npairs`
-/// row pairs over `kp` inputs: 4 where the super-block has at most 2 row
-/// pairs (its B slices, <= 32 KB, stay in L1 across the group) and K is at
-/// most 4096 (a 512-token A, <= 2 MB, stays in L2 while the group streams
-/// it; down's 6912 did not: 52 -> 66-78 ms with groups), else 1 (the
-/// A-reuse order). `YINSEN_AMX_TGROUP` = N overrides the 4 (and drops the
-/// K limit); `YINSEN_AMX_TGROUP_PAIRS` the 2.
+/// row pairs over `kp` inputs, so a slice of B stays in L1 across the group:
+/// 1 (the A-reuse order) unless `YINSEN_AMX_TGROUP` = N, which applies to
+/// super-blocks of at most `YINSEN_AMX_TGROUP_PAIRS` (2) row pairs with K
+/// at most 4096. On the device (docs/performance.md, CPU prefill), 4 or 16
+/// for every matmul made down (K = 6912, A beyond L2) slower, 52 -> 66-78
+/// ms; limited to K <= 4096, no difference above the host's noise.
 fn t_group(npairs: usize, kp: usize) -> usize {
     static G: OnceLock<(Option<usize>, usize)> = OnceLock::new();
     let (g, maxp) = *G.get_or_init(|| {
@@ -244,10 +244,8 @@ fn t_group(npairs: usize, kp: usize) -> usize {
         )
     });
     match g {
-        _ if npairs > maxp => 1,
-        Some(g) => g,
-        None if kp <= 4096 => 4,
-        None => 1,
+        Some(g) if npairs <= maxp && kp <= 4096 => g,
+        _ => 1,
     }
 }
 
