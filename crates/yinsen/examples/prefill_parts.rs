@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use yinsen::backends::cpu::attention::{self, AttnScratch, AttnShape, Isa};
 use yinsen::backends::cpu::linear::QuantizedInput;
+use yinsen::backends::cpu::spin_pool::{Par, SendPtr, SpinPool};
 
 fn best(mut f: impl FnMut(), reps: usize) -> f64 {
     let mut b = f64::MAX;
@@ -59,4 +60,46 @@ fn main() {
             println!("norm_quant d {d}: {ms:.3} ms/call");
         }
     });
+    // As the forward runs it: a reused input, the spin pool, and the input
+    // freshly written by every thread in column stripes (as a matmul
+    // epilogue leaves it) or not.
+    let spin = SpinPool::new(threads).unwrap();
+    let mut xm = x.clone();
+    let mut nq = QuantizedInput::default();
+    for d in [2560, 6912] {
+        for (name, par) in [("rayon", Par::Rayon), ("spin", Par::Spin(&spin))] {
+            pool.install(|| {
+                let hot = best(|| nq.refill_rms_norm_on(&xm[..n * d], &w[..d], 1e-5, par), 20);
+                let mut cold = f64::MAX;
+                let mut stripe = f64::MAX;
+                for rep in 0..20 {
+                    let xp = SendPtr(xm.as_mut_ptr());
+                    let cols = d.div_ceil(threads * 8).next_multiple_of(16);
+                    let t = Instant::now();
+                    spin.for_each_index(d.div_ceil(cols), |c| {
+                        for tk in 0..n {
+                            for j in c * cols..((c + 1) * cols).min(d) {
+                                // SAFETY: column stripe c is this task's alone.
+                                unsafe { *xp.get().add(tk * d + j) += 1e-3 * rep as f32 };
+                            }
+                        }
+                    });
+                    stripe = stripe.min(t.elapsed().as_secs_f64() * 1e3);
+                    let t = Instant::now();
+                    nq.refill_rms_norm_on(&xm[..n * d], &w[..d], 1e-5, par);
+                    cold = cold.min(t.elapsed().as_secs_f64() * 1e3);
+                }
+                println!(
+                    "norm_quant d {d} {name}: reused {hot:.3} ms, after striped writes {cold:.3} ms (stripe pass {stripe:.3} ms)"
+                );
+            });
+        }
+    }
+    // An empty region: the fork-join cost alone.
+    for (name, par) in [("rayon", Par::Rayon), ("spin", Par::Spin(&spin))] {
+        pool.install(|| {
+            let ms = best(|| par.for_each_index(threads * 4, |_| std::hint::black_box(())), 200);
+            println!("empty region {name}: {:.1} us", ms * 1e3);
+        });
+    }
 }

@@ -123,6 +123,19 @@ fn check(name: &str, p: &dyn PackedTernary, x: &[i8], n_tokens: usize, want: &[i
                 );
             }
         }
+        // The token-major variant, where the kernel has one.
+        let mut tm = vec![POISON; (r1 - r0) * n_tokens];
+        if p.gemm_tokens(x, n_tokens, r0, r1, &mut tm) {
+            for t in 0..n_tokens {
+                for r in r0..r1 {
+                    assert_eq!(
+                        tm[t * (r1 - r0) + r - r0],
+                        want[t * n_out + r],
+                        "{name} token-major: {n_out}x{n_in}, {n_tokens} tokens, rows {r0}..{r1}: row {r} token {t}"
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 use super::ops;
+use super::spin_pool::Par;
 
 /// Shapes for one attention call.
 pub struct AttnShape {
@@ -80,7 +81,7 @@ impl AttnScratch {
     /// `d * stride + p`, zeros from `tot` to the end of its key block. Tasks
     /// of (kv head, key block) so every thread helps (5 kv heads < 16 cores);
     /// a task's 64 keys x 128 dims (32 KiB) stay in L1 while it transposes.
-    fn transpose_keys(&mut self, kc: &[f32], tot: usize, n_kv: usize, hd: usize, stride: usize) -> &[f32] {
+    fn transpose_keys(&mut self, kc: &[f32], tot: usize, n_kv: usize, hd: usize, stride: usize, par: Par) -> &[f32] {
         let kvd = n_kv * hd;
         let len = n_kv * hd * stride;
         if self.kt.len() < len {
@@ -88,7 +89,7 @@ impl AttnScratch {
         }
         let n_kb = tot.div_ceil(K_BLOCK);
         let op = OutPtr(self.kt.as_mut_ptr());
-        (0..n_kv * n_kb).into_par_iter().for_each(|i| {
+        par.for_each_index(n_kv * n_kb, |i| {
             let op = &op;
             let (kvh, kb) = (i / n_kb, i % n_kb);
             let base = kvh * hd * stride;
@@ -118,6 +119,23 @@ pub fn causal_attention_into(
     out: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
+    causal_attention_into_on(isa, s, q, kc, vc, p0, n, out, scratch, Par::Rayon)
+}
+
+/// [`causal_attention_into`] with its parallel regions on `par`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_into_on(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    p0: usize,
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+    par: Par,
+) {
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
     let group = s.n_heads / s.n_kv_heads;
@@ -128,7 +146,7 @@ pub fn causal_attention_into(
     // cache line per row: a power-of-two pitch (2 KiB at 512 tokens) would put
     // the 128 rows of a key block into 2 L1 sets.
     let stride = tot.next_multiple_of(K_BLOCK) + 16;
-    let kt = scratch.transpose_keys(kc, tot, s.n_kv_heads, hd, stride);
+    let kt = scratch.transpose_keys(kc, tot, s.n_kv_heads, hd, stride, par);
     // Scores in base 2: exp(x * scale) = exp2(x * scale * log2 e).
     let qscale = std::f32::consts::LOG2_E / (hd as f32).sqrt();
     let n_qb = n.div_ceil(Q_BLOCK);
@@ -137,7 +155,7 @@ pub fn causal_attention_into(
     assert_eq!(out.len(), n * qd);
     let op = OutPtr(out.as_mut_ptr());
     let rows_max = Q_BLOCK * group;
-    rayon::broadcast(|_| {
+    par.broadcast_claim(|| {
         let op = &op;
         let mut sc = Scratch {
             qs: vec![0f32; rows_max * hd],

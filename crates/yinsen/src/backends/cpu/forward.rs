@@ -2,7 +2,7 @@
 //! persistent thread pool (rayon) and an f32 KV cache per sequence.
 
 use std::any::Any;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -12,7 +12,7 @@ use super::kernels::policy::KernelPolicy;
 use super::linear::{Epilogue, Linear, QuantizedInput};
 use super::lm_head;
 use super::ops;
-use super::spin_pool::SpinPool;
+use super::spin_pool::{Par, SendPtr, SpinPool};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, Model, ModelConfig};
@@ -63,6 +63,30 @@ impl PhaseTimes {
     }
 }
 
+/// The activation buffers of a many-token forward, kept by the backend
+/// between calls (one set; a concurrent forward makes its own).
+#[derive(Default)]
+struct ForwardBufs {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    act: Vec<f32>,
+    att_scratch: attention::AttnScratch,
+    /// The int8 inputs of the matmuls: `nq` for the hidden-size ones (3 per
+    /// layer), `nq_ffn` for down's. Two, so neither changes length between
+    /// layers: a grown Vec zero-fills its new part (2.2 MB per layer).
+    nq: QuantizedInput,
+    nq_ffn: QuantizedInput,
+}
+
+/// Most bytes of activation buffers (and, separately, of dropped KV caches)
+/// the backend keeps for the next call: 512 tokens of 2B4T need ~40 / ~80 MB.
+const KEEP_BUF_BYTES: usize = 256 << 20;
+
+/// Layer buffers of dropped KV caches, handed to the next `new_cache`.
+type KvFree = Arc<Mutex<Vec<Vec<f32>>>>;
+
 struct PreparedLayer {
     qkv: Linear,
     o: Linear,
@@ -82,6 +106,11 @@ pub struct CpuBackend {
     threads: usize,
     /// Optional 8-bit copy of the lm_head (halves decode bytes).
     lm_head_q8: Option<HeadQ8>,
+    bufs: Mutex<ForwardBufs>,
+    /// Dropped caches' buffers: a cache made right after another is
+    /// dropped (a new prompt, `yinsen bench` repetitions) writes into pages
+    /// that are already mapped instead of faulting in ~80 MB at 512 tokens.
+    kv_free: KvFree,
 }
 
 /// The 8-bit lm_head copy of `--lm-head q8`.
@@ -123,6 +152,28 @@ pub struct CpuKvCache {
     len: usize,
     capacity: usize,
     kv_dim: usize,
+    /// Where the layer buffers go when the cache is dropped.
+    free: Option<KvFree>,
+}
+
+impl Drop for CpuKvCache {
+    fn drop(&mut self) {
+        let Some(free) = &self.free else {
+            return;
+        };
+        let Ok(mut f) = free.lock() else {
+            return;
+        };
+        let mut kept: usize = f.iter().map(|v| v.capacity() * 4).sum();
+        for mut v in self.k.drain(..).chain(self.v.drain(..)) {
+            if v.capacity() == 0 || kept + v.capacity() * 4 > KEEP_BUF_BYTES {
+                continue;
+            }
+            kept += v.capacity() * 4;
+            v.clear();
+            f.push(v);
+        }
+    }
 }
 
 impl KvCache for CpuKvCache {
@@ -144,6 +195,23 @@ impl KvCache for CpuKvCache {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+}
+
+/// Whether many-token forwards run their parallel regions on the spin pool
+/// (default) or on rayon (`YINSEN_CPU_PREFILL_POOL=rayon`).
+fn prefill_on_spin() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("YINSEN_CPU_PREFILL_POOL").map_or(true, |v| v != "rayon"))
+}
+
+/// How long spin-pool workers busy-wait between the regions of a
+/// many-token forward before yielding, if `YINSEN_PREFILL_HOT_US` is set
+/// (else the pool's 50 us). 1000 us measured no different from 50 on the
+/// device (docs/performance.md, CPU prefill).
+fn prefill_hot() -> Option<std::time::Duration> {
+    static US: OnceLock<Option<u64>> = OnceLock::new();
+    let us = *US.get_or_init(|| std::env::var("YINSEN_PREFILL_HOT_US").ok().and_then(|v| v.parse().ok()));
+    us.map(std::time::Duration::from_micros)
 }
 
 /// Default thread count: physical cores (logical / 2 when SMT is likely on).
@@ -221,6 +289,8 @@ impl CpuBackend {
             spin,
             threads,
             lm_head_q8,
+            bufs: Mutex::new(ForwardBufs::default()),
+            kv_free: KvFree::default(),
         })
     }
 
@@ -256,6 +326,7 @@ impl CpuBackend {
         n: usize,
         out: &mut [f32],
         scratch: &mut attention::AttnScratch,
+        par: Par,
     ) {
         let c = &self.model.config;
         let shape = AttnShape {
@@ -264,7 +335,7 @@ impl CpuBackend {
             head_dim: c.head_dim,
         };
         let isa = attention::Isa::available(c.head_dim)[0];
-        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out, scratch);
+        attention::causal_attention_into_on(isa, &shape, q, kc, vc, p0, n, out, scratch, par);
     }
 
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
@@ -361,9 +432,9 @@ impl CpuBackend {
 
     /// `x += W q`: for many tokens the residual add runs in the matmul's
     /// epilogue (same float ops); one token goes through the spin pool.
-    fn add_linear(&self, lin: &Linear, q: &QuantizedInput, x: &mut [f32], threads: usize) {
+    fn add_linear(&self, lin: &Linear, q: &QuantizedInput, x: &mut [f32], threads: usize, par: Par) {
         if q.n_tokens() > 1 {
-            lin.forward_multi(q, x, Epilogue::Add, threads);
+            lin.forward_multi_on(q, x, Epilogue::Add, threads, par);
         } else {
             let mut y = vec![0f32; x.len()];
             lin.forward_spin(q, &mut y, &self.spin);
@@ -380,7 +451,29 @@ impl CpuBackend {
         let p0 = cache.len;
         let (hid, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         let mut prof = PhaseTimes::new();
-        let mut x = vec![0f32; n * hid];
+        // Activation buffers kept from the last forward (fresh pages fault
+        // in one by one: ~40 MB at 512 tokens), or new ones.
+        let mut bufs = match n > 1 {
+            true => self
+                .bufs
+                .try_lock()
+                .map(|mut b| std::mem::take(&mut *b))
+                .unwrap_or_default(),
+            false => ForwardBufs::default(),
+        };
+        let ForwardBufs {
+            x,
+            qkv,
+            q,
+            att,
+            act,
+            att_scratch,
+            nq,
+            nq_ffn,
+        } = &mut bufs;
+        // Every element of these is overwritten before it is read (x by the
+        // embeddings, the others in full by every layer): only growth is zeroed.
+        x.resize(n * hid, 0.0);
         for (t, &tok) in tokens.iter().enumerate() {
             m.embed.row_to_f32(tok as usize, &mut x[t * hid..(t + 1) * hid]);
         }
@@ -390,24 +483,44 @@ impl CpuBackend {
         // Activation buffers for all layers: every layer overwrites them in
         // full, and a fresh 5-14 MB zeroed buffer per layer cost a serial memset.
         let qkv_dim = qd + 2 * kvd;
-        let mut qkv = vec![0f32; n * qkv_dim];
-        let mut q = vec![0f32; n * qd];
-        let mut att = vec![0f32; if n > 1 { n * qd } else { 0 }];
-        let mut act = vec![0f32; n * c.ffn];
-        let mut att_scratch = attention::AttnScratch::default();
-        // Int8 inputs of the matmuls, refilled 4 times per layer.
-        let mut nq = QuantizedInput::default();
+        qkv.resize(n * qkv_dim, 0.0);
+        q.resize(n * qd, 0.0);
+        att.resize(if n > 1 { n * qd } else { 0 }, 0.0);
+        act.resize(n * c.ffn, 0.0);
+        // Many tokens: every parallel region on the spin pool (~10 per
+        // layer; an empty region costs 3.3 us there against rayon's 8.2 on
+        // the device Xeon, pp512 +4%); `YINSEN_CPU_PREFILL_POOL=rayon`
+        // restores rayon.
+        let par = match n > 1 && prefill_on_spin() {
+            true => Par::Spin(&self.spin),
+            false => Par::Rayon,
+        };
+        // `YINSEN_PREFILL_HOT_US`: workers stay hot across the gaps between
+        // regions (restored on return).
+        struct Hot<'a>(&'a SpinPool);
+        impl Drop for Hot<'_> {
+            fn drop(&mut self) {
+                self.0.set_hot(None);
+            }
+        }
+        let _hot = match (par, prefill_hot()) {
+            (Par::Spin(p), Some(hot)) => {
+                p.set_hot(Some(hot));
+                Some(Hot(p))
+            }
+            _ => None,
+        };
         for (li, (layer, pl)) in m.layers.iter().zip(&self.layers).enumerate() {
             // Attention block.
             let eps = c.rms_eps;
             prof.mark("other");
-            nq.refill_rms_norm(&x, &layer.attn_norm, eps);
+            nq.refill_rms_norm_on(x, &layer.attn_norm, eps, par);
             let xq = &nq;
             prof.mark("norm_quant");
             if n > 1 {
-                pl.qkv.forward_multi(xq, &mut qkv, Epilogue::Store, th);
+                pl.qkv.forward_multi_on(xq, qkv, Epilogue::Store, th, par);
             } else {
-                pl.qkv.forward_spin(xq, &mut qkv, &self.spin);
+                pl.qkv.forward_spin(xq, qkv, &self.spin);
             }
             prof.mark("qkv");
             // Grow the cache by n rows, then rope q/k and copy v per token in
@@ -416,30 +529,39 @@ impl CpuBackend {
             debug_assert_eq!(kc.len(), p0 * kvd);
             kc.reserve(n * kvd);
             vc.reserve(n * kvd);
-            q.par_chunks_mut(qd)
-                .zip(kc.spare_capacity_mut()[..n * kvd].par_chunks_mut(kvd))
-                .zip(vc.spare_capacity_mut()[..n * kvd].par_chunks_mut(kvd))
-                .enumerate()
-                .with_min_len(8)
-                .for_each(|(t, ((qt, kt), vt))| {
+            let (qp, kp, vp) = (
+                SendPtr(q.as_mut_ptr()),
+                SendPtr(kc.spare_capacity_mut().as_mut_ptr() as *mut f32),
+                SendPtr(vc.spare_capacity_mut().as_mut_ptr() as *mut f32),
+            );
+            const RUN: usize = 8;
+            par.for_each_index(n.div_ceil(RUN), |i| {
+                for t in i * RUN..((i + 1) * RUN).min(n) {
                     let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                    // SAFETY: token t's rows are written by this task alone:
+                    // `q` holds n rows of qd, the caches' spare capacity at
+                    // least n rows of kvd (reserved above); the new cache
+                    // rows are initialised by the copies before the slices
+                    // over them are made.
+                    let (qt, kt) = unsafe {
+                        let (kd, vd) = (kp.get().add(t * kvd), vp.get().add(t * kvd));
+                        std::ptr::copy_nonoverlapping(row[qd..].as_ptr(), kd, kvd);
+                        std::ptr::copy_nonoverlapping(row[qd + kvd..].as_ptr(), vd, kvd);
+                        (
+                            std::slice::from_raw_parts_mut(qp.get().add(t * qd), qd),
+                            std::slice::from_raw_parts_mut(kd, kvd),
+                        )
+                    };
                     let sc = &rope[t * half..(t + 1) * half];
                     qt.copy_from_slice(&row[..qd]);
                     for hq in qt.chunks_exact_mut(c.head_dim) {
                         ops::rope_neox_table(hq, sc);
                     }
-                    for (d, s) in kt.iter_mut().zip(&row[qd..qd + kvd]) {
-                        d.write(*s);
-                    }
-                    // SAFETY: every element of kt was initialised just above.
-                    let kt = unsafe { &mut *(kt as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
                     for hk in kt.chunks_exact_mut(c.head_dim) {
                         ops::rope_neox_table(hk, sc);
                     }
-                    for (d, s) in vt.iter_mut().zip(&row[qd + kvd..]) {
-                        d.write(*s);
-                    }
-                });
+                }
+            });
             // SAFETY: the n new rows of both caches were written above.
             unsafe {
                 kc.set_len((p0 + n) * kvd);
@@ -448,31 +570,31 @@ impl CpuBackend {
             prof.mark("rope_kv");
             let a1;
             let a: &[f32] = if n == 1 {
-                a1 = self.attention(&q, &cache.k[li], &cache.v[li], p0, n);
+                a1 = self.attention(q, &cache.k[li], &cache.v[li], p0, n);
                 &a1
             } else {
-                self.attention_into(&q, &cache.k[li], &cache.v[li], p0, n, &mut att, &mut att_scratch);
-                &att
+                self.attention_into(q, &cache.k[li], &cache.v[li], p0, n, att, att_scratch, par);
+                att
             };
             prof.mark("attention");
             match &layer.attn_sub_norm {
-                Some(w) => nq.refill_rms_norm(a, w, eps),
-                None => nq.refill(a, qd),
+                Some(w) => nq.refill_rms_norm_on(a, w, eps, par),
+                None => nq.refill_on(a, qd, par),
             };
             let aq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.o, aq, &mut x, th);
+            self.add_linear(&pl.o, aq, x, th, par);
             prof.mark("o");
             // FFN block.
             prof.mark("residual");
-            nq.refill_rms_norm(&x, &layer.ffn_norm, eps);
+            nq.refill_rms_norm_on(x, &layer.ffn_norm, eps, par);
             let mq = &nq;
             prof.mark("norm_quant");
             let f = c.ffn;
             if n > 1 {
                 // Gated activation fused into the gate/up epilogue (same float ops).
                 pl.gate_up
-                    .forward_multi(mq, &mut act, Epilogue::Gated(c.activation), th);
+                    .forward_multi_on(mq, act, Epilogue::Gated(c.activation), th, par);
                 prof.mark("gate_up");
             } else {
                 let mut gu = vec![0f32; n * 2 * f];
@@ -488,12 +610,12 @@ impl CpuBackend {
                 prof.mark("act");
             }
             match &layer.ffn_sub_norm {
-                Some(w) => nq.refill_rms_norm(&act, w, eps),
-                None => nq.refill(&act, f),
+                Some(w) => nq_ffn.refill_rms_norm_on(act, w, eps, par),
+                None => nq_ffn.refill_on(act, f, par),
             };
-            let dq = &nq;
+            let dq = &nq_ffn;
             prof.mark("norm_quant");
-            self.add_linear(&pl.down, dq, &mut x, th);
+            self.add_linear(&pl.down, dq, x, th, par);
             prof.mark("down");
         }
         prof.mark("residual");
@@ -509,6 +631,12 @@ impl CpuBackend {
         };
         prof.mark("lm_head");
         prof.report(n);
+        let kept: usize = [&*x, &*qkv, &*q, &*att, &*act].iter().map(|v| v.capacity() * 4).sum();
+        if n > 1 && kept <= KEEP_BUF_BYTES {
+            if let Ok(mut b) = self.bufs.try_lock() {
+                *b = bufs;
+            }
+        }
         Ok(out)
     }
 }
@@ -543,12 +671,28 @@ impl Backend for CpuBackend {
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
         let c = &self.model.config;
         let capacity = capacity.min(c.max_ctx);
+        // Empty buffers of dropped caches first (contents never read: the
+        // cache is empty and grows by writing new rows).
+        let mut free = self
+            .kv_free
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        let mut take = || free.pop().unwrap_or_default();
+        let k = (0..c.n_layers).map(|_| take()).collect();
+        let v = (0..c.n_layers).map(|_| take()).collect();
+        if !free.is_empty() {
+            if let Ok(mut f) = self.kv_free.lock() {
+                f.append(&mut free);
+            }
+        }
         Ok(Box::new(CpuKvCache {
-            k: vec![Vec::new(); c.n_layers],
-            v: vec![Vec::new(); c.n_layers],
+            k,
+            v,
             len: 0,
             capacity,
             kv_dim: c.kv_dim(),
+            free: Some(self.kv_free.clone()),
         }))
     }
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
@@ -599,6 +743,7 @@ impl CpuBackend {
             len: snap.len,
             capacity: capacity.min(cfg.max_ctx),
             kv_dim: snap.kv_dim,
+            free: Some(self.kv_free.clone()),
         }))
     }
 }
@@ -651,6 +796,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Kept activation buffers and recycled KV buffers change nothing: a
+    /// prompt gives the same bits in a fresh backend and after other
+    /// prompts (longer and shorter) whose caches were dropped, and decode
+    /// after it continues the same way.
+    #[test]
+    fn recycled_buffers_give_the_same_bits() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let ids: Vec<u32> = (0..11).map(|i| (i * 29 + 3) % model.config.vocab as u32).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let run = |be: &CpuBackend, toks: &[u32]| {
+            let mut c = be.new_cache(32).unwrap();
+            let mut a = be.forward(c.as_mut(), toks, Output::AllLogits).unwrap();
+            a.extend(be.forward(c.as_mut(), &[7], Output::LastLogits).unwrap());
+            a.extend(be.forward(c.as_mut(), &[9, 4], Output::AllLogits).unwrap());
+            a
+        };
+        let fresh = CpuBackend::new(model.clone(), "auto", 2).unwrap();
+        let want = run(&fresh, &ids);
+        let be = CpuBackend::new(model.clone(), "auto", 2).unwrap();
+        let long: Vec<u32> = (0..20).map(|i| (i * 13 + 1) % model.config.vocab as u32).collect();
+        run(&be, &long);
+        assert_eq!(bits(&run(&be, &ids)), bits(&want), "after a longer prompt");
+        run(&be, &ids[..3]);
+        assert_eq!(bits(&run(&be, &ids)), bits(&want), "after a shorter prompt");
+        assert!(
+            !be.kv_free.lock().unwrap().is_empty(),
+            "dropped caches' buffers are kept"
+        );
     }
 
     /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16

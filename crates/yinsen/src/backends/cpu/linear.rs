@@ -11,7 +11,7 @@ use super::kernels::policy::KernelPolicy;
 use super::kernels::PackedTernary;
 use super::ops;
 use super::reference;
-use super::spin_pool::SpinPool;
+use super::spin_pool::{Par, SendPtr, SpinPool};
 use crate::error::Result;
 use crate::model::{Activation, TernaryMatrix, WeightScale};
 
@@ -63,12 +63,22 @@ impl QuantizedInput {
     /// one input for its 4 x layers calls instead of a fresh 1-4 MB buffer
     /// per call (fresh pages fault in, freed ones go back to the OS).
     pub fn refill_rms_norm(&mut self, x: &[f32], w: &[f32], eps: f32) {
-        self.refill_tokens(x, w.len(), |xs, qs, ss| rms_quantize_tokens(xs, w, eps, qs, ss));
+        self.refill_rms_norm_on(x, w, eps, Par::Rayon)
+    }
+
+    /// [`Self::refill_rms_norm`] with its parallel region on `par`.
+    pub fn refill_rms_norm_on(&mut self, x: &[f32], w: &[f32], eps: f32, par: Par) {
+        self.refill_tokens(x, w.len(), par, |xs, qs, ss| rms_quantize_tokens(xs, w, eps, qs, ss));
     }
 
     /// [`Self::new`] into this input's buffers.
     pub fn refill(&mut self, x: &[f32], n_in: usize) {
-        self.refill_tokens(x, n_in, |xs, qs, ss| {
+        self.refill_on(x, n_in, Par::Rayon)
+    }
+
+    /// [`Self::refill`] with its parallel region on `par`.
+    pub fn refill_on(&mut self, x: &[f32], n_in: usize, par: Par) {
+        self.refill_tokens(x, n_in, par, |xs, qs, ss| {
             for ((xt, qt), st) in xs.chunks_exact(n_in).zip(qs.chunks_exact_mut(n_in)).zip(ss) {
                 *st = reference::quantize_token(xt, qt);
             }
@@ -82,7 +92,7 @@ impl QuantizedInput {
             s: Vec::new(),
             n_in,
         };
-        me.refill_tokens(x, n_in, |xs, qs, ss| {
+        me.refill_tokens(x, n_in, Par::Rayon, |xs, qs, ss| {
             for ((xt, qt), st) in xs.chunks_exact(n_in).zip(qs.chunks_exact_mut(n_in)).zip(ss) {
                 *st = quantize(xt, qt);
             }
@@ -92,7 +102,13 @@ impl QuantizedInput {
 
     /// Fill `q` / `s` from `x` (`[n][n_in]`) with `quantize(tokens, codes,
     /// scales)` over runs of whole tokens, runs in parallel for many tokens.
-    fn refill_tokens(&mut self, x: &[f32], n_in: usize, quantize: impl Fn(&[f32], &mut [i8], &mut [f32]) + Sync) {
+    fn refill_tokens(
+        &mut self,
+        x: &[f32],
+        n_in: usize,
+        par: Par,
+        quantize: impl Fn(&[f32], &mut [i8], &mut [f32]) + Sync + Send,
+    ) {
         let n = x.len() / n_in;
         self.n_in = n_in;
         self.s.clear();
@@ -106,11 +122,19 @@ impl QuantizedInput {
         }
         // Runs of 8 tokens: enough tasks for 16 threads at 128+ tokens.
         const RUN: usize = 8;
-        self.q
-            .par_chunks_mut(RUN * n_in)
-            .zip(self.s.par_chunks_mut(RUN))
-            .zip(x.par_chunks(RUN * n_in))
-            .for_each(|((qs, ss), xs)| quantize(xs, qs, ss));
+        let (qp, sp) = (SendPtr(self.q.as_mut_ptr()), SendPtr(self.s.as_mut_ptr()));
+        par.for_each_index(n.div_ceil(RUN), |i| {
+            let (t0, t1) = (i * RUN, ((i + 1) * RUN).min(n));
+            // SAFETY: run i alone writes tokens t0..t1 of `q` and `s`, which
+            // hold n * n_in codes and n scales.
+            let (qs, ss) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(qp.get().add(t0 * n_in), (t1 - t0) * n_in),
+                    std::slice::from_raw_parts_mut(sp.get().add(t0), t1 - t0),
+                )
+            };
+            quantize(&x[t0 * n_in..t1 * n_in], qs, ss);
+        });
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -334,6 +358,19 @@ fn multi_tasks_per_thread(threads: usize) -> usize {
     env.unwrap_or(if threads >= 8 { 8 } else { 4 })
 }
 
+/// Token ranges of a many-token matmul on a token-major kernel: 1 (all
+/// tokens per task) by default, or `YINSEN_CPU_TOKEN_SPLIT`.
+fn token_split() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("YINSEN_CPU_TOKEN_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=64).contains(&n))
+            .unwrap_or(1)
+    })
+}
+
 /// One token, rows `r0..r0 + o.len()` (r0 a multiple of the row block):
 /// exact GEMV into a per-thread accumulator (reused, no allocation per
 /// call), then `acc * (w_scale / s)` per fused part.
@@ -357,6 +394,69 @@ fn one_token_rows(packed: &dyn PackedTernary, parts: &[(usize, f32)], x: &Quanti
             p0 += prows;
         }
     });
+}
+
+/// The multi-token epilogue over TOKEN-major accumulators of rows r0..r1
+/// (`ag[t * rows + r - r0]`; `au` the up rows of a gated pair) of the
+/// tokens whose scales are `scales` (output row `t` = `orow(t)`): per token
+/// one contiguous run, the same float operations per element as the
+/// row-major epilogue of [`Linear::forward_multi`] (so the same bits), in
+/// loops the compiler vectorises.
+#[allow(clippy::too_many_arguments)]
+fn epilogue_token_major<'o>(
+    epi: Epilogue,
+    parts: &[(usize, f32)],
+    scales: &[f32],
+    r0: usize,
+    r1: usize,
+    ag: &[i32],
+    au: &[i32],
+    orow: impl Fn(usize) -> &'o mut [f32],
+) {
+    let rows = r1 - r0;
+    for (t, &st) in scales.iter().enumerate() {
+        let o = orow(t);
+        let a = &ag[t * rows..(t + 1) * rows];
+        match epi {
+            Epilogue::Gated(act) => {
+                let (fg, fu) = (parts[0].1 / st, parts[1].1 / st);
+                let u = &au[t * rows..(t + 1) * rows];
+                match act {
+                    Activation::Relu2 => {
+                        for ((o, &g), &u) in o.iter_mut().zip(a).zip(u) {
+                            *o = ops::relu2_one(g as f32 * fg, u as f32 * fu);
+                        }
+                    }
+                    Activation::Silu => {
+                        for ((o, &g), &u) in o.iter_mut().zip(a).zip(u) {
+                            *o = ops::silu_one(g as f32 * fg, u as f32 * fu);
+                        }
+                    }
+                }
+            }
+            Epilogue::Store | Epilogue::Add => {
+                let mut p0 = 0;
+                for &(prow, ws) in parts {
+                    let (pa, pb) = (p0.max(r0), (p0 + prow).min(r1));
+                    p0 += prow;
+                    if pa >= pb {
+                        continue;
+                    }
+                    let f = ws / st;
+                    let (o, a) = (&mut o[pa - r0..pb - r0], &a[pa - r0..pb - r0]);
+                    if matches!(epi, Epilogue::Add) {
+                        for (o, &v) in o.iter_mut().zip(a) {
+                            *o += v as f32 * f;
+                        }
+                    } else {
+                        for (o, &v) in o.iter_mut().zip(a) {
+                            *o = v as f32 * f;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 pub struct Linear {
@@ -530,6 +630,25 @@ impl Linear {
     /// gated activation / residual add need no extra pass. Bit-equal to
     /// [`Self::forward`] followed by the same float operations.
     pub fn forward_multi(&self, x: &QuantizedInput, out: &mut [f32], epi: Epilogue, threads: usize) {
+        self.forward_multi_on(x, out, epi, threads, Par::Rayon)
+    }
+
+    /// [`Self::forward_multi`] with its parallel region on `par`.
+    pub fn forward_multi_on(&self, x: &QuantizedInput, out: &mut [f32], epi: Epilogue, threads: usize, par: Par) {
+        self.forward_multi_split(x, out, epi, threads, par, token_split())
+    }
+
+    /// [`Self::forward_multi_on`] with the tokens in up to `split` ranges
+    /// where the kernel is token-major.
+    fn forward_multi_split(
+        &self,
+        x: &QuantizedInput,
+        out: &mut [f32],
+        epi: Epilogue,
+        threads: usize,
+        par: Par,
+        split: usize,
+    ) {
         let n = x.n_tokens();
         debug_assert_eq!(x.n_in, self.n_in);
         let (packed, parts) = match &self.weights {
@@ -552,18 +671,66 @@ impl Linear {
         // 4 tasks per thread, as `forward`: capping a task's accumulator at
         // L2 size (more, smaller GEMM calls) measured 4% slower here.
         let pairs = if gated { 2 } else { 1 };
-        let chunk = n_rows.div_ceil(threads * multi_tasks_per_thread(threads)).div_ceil(rb) * rb;
+        // Token-major kernels (AMX) may also split the tokens into `n_tr`
+        // ranges of `tr` (tasks of more rows over fewer tokens: the
+        // activations a task streams shrink, the weights it reuses grow).
+        let mut tr = n.div_ceil(split).next_multiple_of(32).min(n);
+        if split <= 1 || tr >= n || !(0..n.div_ceil(tr)).all(|i| packed.token_major(tr.min(n - i * tr))) {
+            tr = n;
+        }
+        let n_tr = n.div_ceil(tr);
+        let tasks = (threads * multi_tasks_per_thread(threads)).div_ceil(n_tr);
+        let chunk = n_rows.div_ceil(tasks).div_ceil(rb) * rb;
         let op = OutPtr(out.as_mut_ptr());
         let n_chunks = n_rows.div_ceil(chunk);
-        (0..n_chunks)
-            .into_par_iter()
-            .for_each_init(Vec::new, |acc: &mut Vec<i32>, ci| {
+        thread_local! {
+            /// Each thread's accumulator, kept across calls (no fresh pages per region).
+            static ACC: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        par.broadcast_claim(|| {
+            // Taken out (not borrowed): a nested region on this thread gets its own.
+            let mut acc = ACC.with(|a| std::mem::take(&mut *a.borrow_mut()));
+            loop {
+                let ci = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if ci >= n_chunks * n_tr {
+                    break;
+                }
+                let acc = &mut acc;
                 let op = &op;
+                if n_tr > 1 {
+                    // Token range ci / n_chunks, row chunk ci % n_chunks.
+                    let (ta, c) = (ci / n_chunks * tr, ci % n_chunks);
+                    let (tb, r0) = ((ta + tr).min(n), c * chunk);
+                    let (r1, nt) = ((r0 + chunk).min(n_rows), tb - ta);
+                    let rows = r1 - r0;
+                    acc.resize(acc.len().max(rows * nt * pairs), 0);
+                    let (ag, au) = acc[..rows * nt * pairs].split_at_mut(rows * nt);
+                    let xs = &x.q[ta * self.n_in..tb * self.n_in];
+                    assert!(packed.gemm_tokens(xs, nt, r0, r1, ag));
+                    if gated {
+                        assert!(packed.gemm_tokens(xs, nt, n_rows + r0, n_rows + r1, au));
+                    }
+                    // SAFETY: this task alone writes columns r0..r1 of token rows ta..tb.
+                    let orow =
+                        |t: usize| unsafe { std::slice::from_raw_parts_mut(op.0.add((ta + t) * out_cols + r0), rows) };
+                    epilogue_token_major(epi, parts, &x.s[ta..tb], r0, r1, ag, au, orow);
+                    continue;
+                }
                 let (r0, r1) = (ci * chunk, ((ci + 1) * chunk).min(n_rows));
                 let rows = r1 - r0;
-                acc.clear();
-                acc.resize(rows * n * pairs, 0);
-                let (ag, au) = acc.split_at_mut(rows * n);
+                // Every element is overwritten by the GEMM: only growth is zeroed.
+                acc.resize(acc.len().max(rows * n * pairs), 0);
+                let (ag, au) = acc[..rows * n * pairs].split_at_mut(rows * n);
+                if packed.gemm_tokens(&x.q, n, r0, r1, ag) {
+                    if gated {
+                        assert!(packed.gemm_tokens(&x.q, n, n_rows + r0, n_rows + r1, au));
+                    }
+                    // SAFETY: this task alone writes columns r0..r1 of every token row.
+                    let orow = |t: usize| unsafe { std::slice::from_raw_parts_mut(op.0.add(t * out_cols + r0), rows) };
+                    epilogue_token_major(epi, parts, &x.s[..n], r0, r1, ag, au, orow);
+                    continue;
+                }
                 packed.gemm(&x.q, n, r0, r1, ag);
                 if gated {
                     packed.gemm(&x.q, n, n_rows + r0, n_rows + r1, au);
@@ -619,7 +786,9 @@ impl Linear {
                         }
                     }
                 }
-            });
+            }
+            ACC.with(|a| *a.borrow_mut() = acc);
+        });
     }
 
     /// [`Self::forward_multi`] as separate passes (per-block weights, odd shapes).
@@ -792,6 +961,91 @@ mod tests {
                     qkv.forward_multi(&xq, &mut got, Epilogue::Add, threads);
                     let want: Vec<f32> = base.iter().zip(&want).map(|(b, y)| b + y).collect();
                     assert_eq!(bits(&got), bits(&want), "{kname} add n {n} thr {threads}");
+                }
+            }
+        }
+    }
+
+    /// The AMX driver's token-major path (scalar emulation here, real AMX
+    /// where granted) through `forward_multi`: the same bits as its
+    /// row-major `forward` followed by the separate float pass, for every
+    /// epilogue, whole and cut tiles (tokens and rows), both A paths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn forward_multi_token_major_amx_is_bit_equal() {
+        use super::super::kernels::{amx, TernaryKernel};
+        let mut r = SplitMix64(31);
+        let mut ks: Vec<std::sync::Arc<dyn TernaryKernel>> = vec![amx::emulated()];
+        if amx::amx_status() == amx::AmxStatus::Granted {
+            ks.push(std::sync::Arc::new(amx::Amx));
+        }
+        let fuse = |k: &dyn TernaryKernel, mats: &[&TernaryMatrix]| {
+            let n_in = mats[0].n_in;
+            let n_out = mats.iter().map(|m| m.n_out).sum();
+            let mut packed = Vec::new();
+            for m in mats {
+                packed.extend_from_slice(&m.packed);
+            }
+            let fused = TernaryMatrix {
+                n_out,
+                n_in,
+                packed,
+                scale: WeightScale::PerTensor(1.0),
+            };
+            let packed = k.prepare(&fused).unwrap();
+            let parts = mats.iter().map(|m| (m.n_out, m.tensor_scale().unwrap())).collect();
+            Linear {
+                weights: Weights::Packed { packed, parts },
+                n_out,
+                n_in,
+            }
+        };
+        let pool = SpinPool::new(3).unwrap();
+        for k in &ks {
+            for (n_in, f, n) in [
+                (128, 64, 37),
+                (96, 48, 33),
+                (64, 32, 2),
+                (192, 80, 64),
+                (64, 48, 17),
+                (64, 32, 100),
+            ] {
+                let x: Vec<f32> = (0..n * n_in).map(|_| (r.next_f32() - 0.5) * 4.0).collect();
+                let xq = QuantizedInput::new(&x, n_in);
+                let (g, u) = (rand_mat(&mut r, f, n_in, 0.7), rand_mat(&mut r, f, n_in, 1.3));
+                let gu = fuse(k.as_ref(), &[&g, &u]);
+                let (q, kk, v) = (
+                    rand_mat(&mut r, 48, n_in, 0.5),
+                    rand_mat(&mut r, 16, n_in, 0.9),
+                    rand_mat(&mut r, 37, n_in, 1.1),
+                );
+                let qkv = fuse(k.as_ref(), &[&q, &kk, &v]);
+                let no = qkv.n_out;
+                for (threads, split) in [(1, 1), (3, 1), (3, 2), (2, 3)] {
+                    for par in [Par::Rayon, Par::Spin(&pool)] {
+                        let mut y = vec![f32::NAN; n * 2 * f];
+                        gu.forward(&xq, &mut y, threads);
+                        let mut want = vec![f32::NAN; n * f];
+                        for t in 0..n {
+                            let (yg, yu) = y[t * 2 * f..(t + 1) * 2 * f].split_at(f);
+                            ops::relu2_mul(yg, yu, &mut want[t * f..(t + 1) * f]);
+                        }
+                        let mut got = vec![f32::NAN; n * f];
+                        let epi = Epilogue::Gated(Activation::Relu2);
+                        gu.forward_multi_split(&xq, &mut got, epi, threads, par, split);
+                        assert_eq!(bits(&got), bits(&want), "{} gated n {n} f {f} split {split}", k.name());
+                        assert!(want.iter().any(|&v| v != 0.0));
+                        let mut want = vec![f32::NAN; n * no];
+                        qkv.forward(&xq, &mut want, threads);
+                        let mut got = vec![f32::NAN; n * no];
+                        qkv.forward_multi_split(&xq, &mut got, Epilogue::Store, threads, par, split);
+                        assert_eq!(bits(&got), bits(&want), "{} store n {n} split {split}", k.name());
+                        let base: Vec<f32> = (0..n * no).map(|_| r.next_f32() - 0.5).collect();
+                        let mut got = base.clone();
+                        qkv.forward_multi_split(&xq, &mut got, Epilogue::Add, threads, par, split);
+                        let want: Vec<f32> = base.iter().zip(&want).map(|(b, y)| b + y).collect();
+                        assert_eq!(bits(&got), bits(&want), "{} add n {n} split {split}", k.name());
+                    }
                 }
             }
         }

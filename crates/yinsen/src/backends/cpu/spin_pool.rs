@@ -62,6 +62,9 @@ struct Shared {
     entry: Padded<AtomicU64>,
     /// Workers that are (about to be) parked.
     sleepers: Padded<AtomicUsize>,
+    /// How long a waiting worker busy-waits before it yields (ns): [`HOT`],
+    /// or longer while a many-token forward runs (`SpinPool::set_hot`).
+    hot_ns: AtomicU64,
     job: UnsafeCell<Job>,
     /// First panic payload of a worker in the current run.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
@@ -102,6 +105,7 @@ impl SpinPool {
             done: Padded(AtomicUsize::new(0)),
             entry: Padded(AtomicU64::new(CLOSED)),
             sleepers: Padded(AtomicUsize::new(0)),
+            hot_ns: AtomicU64::new(HOT.as_nanos() as u64),
             job: UnsafeCell::new(Job {
                 data: std::ptr::null(),
                 call: noop,
@@ -142,6 +146,15 @@ impl SpinPool {
         self.n
     }
 
+    /// Busy-wait up to `hot` before yielding (workers between runs, the
+    /// caller joining them), at most [`SPIN_FOR`]; `None` restores the
+    /// default [`HOT`]. For many-token forwards (`YINSEN_PREFILL_HOT_US`),
+    /// whose regions can be separated by a matmul's tail of more than 50 us.
+    pub fn set_hot(&self, hot: Option<Duration>) {
+        let ns = hot.unwrap_or(HOT).min(SPIN_FOR).as_nanos() as u64;
+        self.shared.hot_ns.store(ns, Ordering::Relaxed);
+    }
+
     /// Publish `f` as the next run and wake the workers. The caller holds
     /// `run_lock`, and the previous run is closed with no worker inside.
     fn run_locked<F: Fn(usize, usize) + Sync>(&self, f: &F, all: bool) {
@@ -175,7 +188,11 @@ impl SpinPool {
     fn close(&self) {
         let e = &self.shared.entry.0;
         e.fetch_or(CLOSED, Ordering::AcqRel);
-        wait_until(|| e.load(Ordering::Acquire) & (CLOSED - 1) == 0);
+        wait_until(self.hot(), || e.load(Ordering::Acquire) & (CLOSED - 1) == 0);
+    }
+
+    fn hot(&self) -> Duration {
+        Duration::from_nanos(self.shared.hot_ns.load(Ordering::Relaxed))
     }
 
     /// Re-raise the first worker panic of the run just closed.
@@ -238,7 +255,7 @@ impl SpinPool {
         let mine = panic::catch_unwind(AssertUnwindSafe(|| f(0, n)));
         // Join: wait until every worker has returned from `f`.
         let s = &*self.shared;
-        wait_until(|| s.done.0.load(Ordering::Acquire) == n - 1);
+        wait_until(self.hot(), || s.done.0.load(Ordering::Acquire) == n - 1);
         self.close();
         if let Err(p) = mine {
             panic::resume_unwind(p);
@@ -283,17 +300,85 @@ impl SpinPool {
     }
 }
 
+impl SpinPool {
+    /// Run `f` on the caller and on every worker that starts before the
+    /// caller's `f` returns (see `run_claim`): `f` must claim its work from a
+    /// shared counter and be able to finish it alone.
+    pub fn broadcast_claim<F: Fn() + Sync>(&self, f: F) {
+        self.run_claim(f)
+    }
+
+    /// Call `f(i)` once for every `i` in `0..n`, indices claimed in order
+    /// from a shared counter by whichever threads are running.
+    pub fn for_each_index<F: Fn(usize) + Sync>(&self, n: usize, f: F) {
+        match n {
+            0 => {}
+            1 => f(0),
+            _ => {
+                let next = AtomicUsize::new(0);
+                self.run_claim(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    f(i);
+                });
+            }
+        }
+    }
+}
+
+/// Where the parallel regions of a many-token forward run: rayon's pool
+/// (sleeping workers, woken per region) or the spin pool (workers spin
+/// between regions, so a region starts in well under a microsecond).
+#[derive(Clone, Copy)]
+pub enum Par<'a> {
+    Rayon,
+    Spin(&'a SpinPool),
+}
+
+impl Par<'_> {
+    /// Run `f` on every participating thread (rayon: every thread of the
+    /// current pool; spin: the caller and the workers that start in time).
+    /// `f` must claim its work from a shared counter.
+    pub fn broadcast_claim<F: Fn() + Sync>(self, f: F) {
+        match self {
+            Par::Rayon => {
+                rayon::broadcast(|_| f());
+            }
+            Par::Spin(p) => p.broadcast_claim(f),
+        }
+    }
+
+    /// `f(i)` for every `i` in `0..n`, in parallel, each index once.
+    pub fn for_each_index<F: Fn(usize) + Sync + Send>(self, n: usize, f: F) {
+        match self {
+            Par::Rayon => (0..n).into_par_iter().for_each(f),
+            Par::Spin(p) => p.for_each_index(n, f),
+        }
+    }
+}
+
 /// Rows per thread: `len / n` rounded up to a multiple of `align`.
 pub fn split_len(len: usize, n: usize, align: usize) -> usize {
     let align = align.max(1);
     len.div_ceil(n.max(1)).div_ceil(align).max(1) * align
 }
 
-struct SendPtr<T>(*mut T);
+/// A raw pointer that parallel tasks may share; each task must touch a
+/// disjoint part of what it points to (the caller's SAFETY argument).
+pub struct SendPtr<T>(pub *mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the wrapper, not the field).
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// Spin briefly, then yield the core between checks, until `cond` holds.
-fn wait_until(cond: impl Fn() -> bool) {
+fn wait_until(hot_for: Duration, cond: impl Fn() -> bool) {
     let mut spins = 0u32;
     let mut hot = None;
     while !cond() {
@@ -303,7 +388,7 @@ fn wait_until(cond: impl Fn() -> bool) {
             continue;
         }
         let t0 = *hot.get_or_insert_with(Instant::now);
-        if t0.elapsed() < HOT {
+        if t0.elapsed() < hot_for {
             std::hint::spin_loop();
         } else {
             // A descheduled thread (shared core) needs this one's core.
@@ -333,7 +418,7 @@ fn worker(s: &Shared, tid: usize, n: usize) {
                 continue;
             }
             let waited = since.elapsed();
-            if waited < HOT {
+            if waited < Duration::from_nanos(s.hot_ns.load(Ordering::Relaxed)) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -531,6 +616,36 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 3 * 200 * 3);
+    }
+
+    /// A longer busy-wait (`YINSEN_PREFILL_HOT_US`) changes nothing
+    /// but timing; workers still park once it is back to the default.
+    #[test]
+    fn hot_setting_keeps_runs_exact_and_restores() {
+        let pool = SpinPool::new(3).unwrap();
+        pool.set_hot(Some(Duration::from_millis(1)));
+        assert_eq!(pool.hot(), Duration::from_millis(1));
+        for len in [0, 5, 100] {
+            let mut out = vec![0usize; len];
+            pool.for_chunks(&mut out, 7, |r0, o| {
+                o.iter_mut().enumerate().for_each(|(k, v)| *v = r0 + k)
+            });
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i));
+            let hits = AtomicUsize::new(0);
+            pool.for_each_index(len, |_| {
+                hits.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), len);
+        }
+        pool.set_hot(Some(Duration::from_secs(1)));
+        assert_eq!(pool.hot(), SPIN_FOR, "capped at the park deadline");
+        pool.set_hot(None);
+        assert_eq!(pool.hot(), HOT);
+        let t0 = Instant::now();
+        while pool.shared.sleepers.0.load(Ordering::SeqCst) != 2 && t0.elapsed() < Duration::from_secs(5) {
+            thread::sleep(SPIN_FOR);
+        }
+        assert_eq!(pool.shared.sleepers.0.load(Ordering::SeqCst), 2, "workers did not park");
     }
 
     #[test]

@@ -120,10 +120,14 @@ impl TernaryKernel for Amx {
         "amx"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm_hw))
+        Ok(TiledPacked::shared_tm(
+            Arc::new(TileLayout::from_canonical(w)?),
+            gemm_hw,
+            gemm_hw_tm,
+        ))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(TiledPacked::shared(l.clone(), gemm_hw))
+        Some(TiledPacked::shared_tm(l.clone(), gemm_hw, gemm_hw_tm))
     }
 }
 
@@ -140,7 +144,11 @@ impl TernaryKernel for AmxEmu {
         "amx-emu"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(TiledPacked::shared(Arc::new(TileLayout::from_canonical(w)?), gemm_emu))
+        Ok(TiledPacked::shared_tm(
+            Arc::new(TileLayout::from_canonical(w)?),
+            gemm_emu,
+            gemm_emu_tm,
+        ))
     }
 }
 
@@ -152,13 +160,30 @@ fn gemm_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out:
         "amx kernel used without AMX permission"
     );
     // SAFETY: AMX permitted (checked); drive configures and releases tiles.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out) };
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, false) };
+}
+
+/// [`gemm_hw`] with token-major output (`out[t * (r1 - r0) + r - r0]`).
+fn gemm_hw_tm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    assert_eq!(
+        amx_status(),
+        AmxStatus::Granted,
+        "amx kernel used without AMX permission"
+    );
+    // SAFETY: as gemm_hw.
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, true) };
 }
 
 /// The same driver with scalar tile operations (tests on machines without AMX).
 fn gemm_emu(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
     // SAFETY: Emu only touches memory the driver hands it (in bounds).
-    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out) };
+    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out, false) };
+}
+
+/// [`gemm_emu`] with token-major output.
+fn gemm_emu_tm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    // SAFETY: as gemm_emu.
+    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out, true) };
 }
 
 /// K inputs per A tile row / per K step.
@@ -202,6 +227,28 @@ fn k_slice() -> usize {
     })
 }
 
+/// Token pairs that run each K slice together for a super-block of `npairs`
+/// row pairs over `kp` inputs, so a slice of B stays in L1 across the group:
+/// 1 (the A-reuse order) unless `YINSEN_AMX_TGROUP` = N, which applies to
+/// super-blocks of at most `YINSEN_AMX_TGROUP_PAIRS` (2) row pairs with K
+/// at most 4096. On the device (docs/performance.md, CPU prefill), 4 or 16
+/// for every matmul made down (K = 6912, A beyond L2) slower, 52 -> 66-78
+/// ms; limited to K <= 4096, no difference above the host's noise.
+fn t_group(npairs: usize, kp: usize) -> usize {
+    static G: OnceLock<(Option<usize>, usize)> = OnceLock::new();
+    let (g, maxp) = *G.get_or_init(|| {
+        let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        (
+            get("YINSEN_AMX_TGROUP").map(|g| g.max(1)),
+            get("YINSEN_AMX_TGROUP_PAIRS").unwrap_or(2),
+        )
+    });
+    match g {
+        Some(g) if npairs <= maxp && kp <= 4096 => g,
+        _ => 1,
+    }
+}
+
 /// Scratch kept per thread between calls; more is freed after the call.
 const KEEP_LINES: usize = (1 << 20) / LINE;
 
@@ -219,6 +266,8 @@ trait TileOps {
     unsafe fn store(&mut self, c: *mut i32);
     /// Load Cq from `c + q * 256` (the inverse of `store`).
     unsafe fn load(&mut self, c: *const i32);
+    /// Store tile Cq alone: 16 rows of 16 i32 at `c`, row stride `stride` bytes.
+    unsafe fn store_one(&mut self, q: usize, c: *mut i32, stride: usize);
     /// Release tile state.
     unsafe fn end(&mut self);
     /// Write the transpose of C tile `c` (token x row) to `dst` (row x
@@ -275,8 +324,8 @@ unsafe fn scatter_avx512(c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn drive_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-    drive(&mut Hw, l, x, n_tokens, r0, r1, out)
+unsafe fn drive_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32], tm: bool) {
+    drive(&mut Hw, l, x, n_tokens, r0, r1, out, tm)
 }
 
 thread_local! {
@@ -284,7 +333,11 @@ thread_local! {
     static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Rows r0..r1 of `W x` through `ops` (see module doc for the blocking).
+/// Rows r0..r1 of `W x` through `ops` (see module doc for the blocking):
+/// row-major `out[(r - r0) * n_tokens + t]`, or with `tm` token-major
+/// `out[t * (r1 - r0) + r - r0]`, which is a C tile's own order: whole
+/// tiles are stored straight into `out` (no transpose).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn drive<T: TileOps>(
     ops: &mut T,
@@ -294,6 +347,7 @@ unsafe fn drive<T: TileOps>(
     r0: usize,
     r1: usize,
     out: &mut [i32],
+    tm: bool,
 ) {
     if n_tokens == 0 || r0 == r1 {
         return;
@@ -336,6 +390,8 @@ unsafe fn drive<T: TileOps>(
     let ks = k_slice().min(nk);
     let mut cacc: Vec<CTiles> = Vec::new();
     let op = out.as_mut_ptr();
+    // Token-major row pitch (i32) of `out`.
+    let ldo = r1 - r0;
     ops.begin();
     for s0 in (b0..b1).step_by(sb) {
         let s1 = (s0 + sb).min(b1);
@@ -343,42 +399,89 @@ unsafe fn drive<T: TileOps>(
             expand_block(l.block(b), &mut panel[(b - s0) * blk..(b - s0 + 1) * blk]);
         }
         let npairs = (s1 - s0).div_ceil(2);
-        cacc.resize_with(npairs, || CTiles([[0; 256]; 4]));
-        for t0 in (0..n_tokens).step_by(TP) {
-            let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
+        let ntp = n_tokens.div_ceil(TP);
+        // Token pairs per group: the group's pairs run slice by slice
+        // together, so a slice of B (npairs x 16 KB) is reused by every
+        // token pair of the group (one group = the order A-reuse-only).
+        let g = t_group(npairs, kp).clamp(1, ntp);
+        cacc.resize_with(npairs * g, || CTiles([[0; 256]; 4]));
+        for tg0 in (0..ntp).step_by(g) {
+            let tg1 = (tg0 + g).min(ntp);
             // K in slices of `ks` steps, every row pair per slice: the two A
-            // tiles' slice stays in L1 across the pairs (only B streams from
-            // L2); C tiles are parked in `cacc` between slices.
+            // tiles' slice stays in L1 across the pairs; C tiles are parked
+            // in `cacc` between slices.
             for k0 in (0..nk).step_by(ks) {
                 let kn = ks.min(nk - k0);
-                for (pi, bp) in (s0..s1).step_by(2).enumerate() {
-                    let nb = (s1 - bp).min(2);
-                    let bptr = (panel.as_ptr().add((bp - s0) * blk) as *const i8).add(k0 * B_STEP);
-                    let c = cacc[pi].0.as_mut_ptr() as *mut i32;
-                    if k0 == 0 {
-                        ops.zero();
-                    } else {
-                        ops.load(c);
+                let last = k0 + kn >= nk;
+                for tp in tg0..tg1 {
+                    let t0 = tp * TP;
+                    let ((a0, sa0), (a1, sa1)) = (a_at(t0), a_at(t0 + TT));
+                    for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                        let nb = (s1 - bp).min(2);
+                        let bptr = (panel.as_ptr().add((bp - s0) * blk) as *const i8).add(k0 * B_STEP);
+                        let c = cacc[(tp - tg0) * npairs + pi].0.as_mut_ptr() as *mut i32;
+                        if k0 == 0 {
+                            ops.zero();
+                        } else {
+                            ops.load(c);
+                        }
+                        ops.run([a0.add(KB * k0), a1.add(KB * k0)], [sa0, sa1], bptr, blk * LINE, kn, nb);
+                        // Token-major, last slice, every tile whole: straight to `out`.
+                        let whole = t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1;
+                        if tm && last && whole {
+                            for i in 0..2 {
+                                for j in 0..nb {
+                                    let dst = op.add((t0 + TT * i) * ldo + (bp + j) * ROWS - r0);
+                                    ops.store_one(2 * i + j, dst, ldo * 4);
+                                }
+                            }
+                        } else {
+                            ops.store(c);
+                        }
                     }
-                    ops.run([a0.add(KB * k0), a1.add(KB * k0)], [sa0, sa1], bptr, blk * LINE, kn, nb);
-                    ops.store(c);
                 }
             }
-            for (pi, bp) in (s0..s1).step_by(2).enumerate() {
-                let nb = (s1 - bp).min(2);
-                for i in 0..2 {
-                    let t = t0 + TT * i;
-                    for j in 0..nb {
-                        let row = (bp + j) * ROWS;
-                        if t < n_tokens && row < r1 {
-                            let dst = op.add((row - r0) * n_tokens + t);
-                            ops.scatter(
-                                &cacc[pi].0[2 * i + j],
-                                dst,
-                                n_tokens,
-                                (r1 - row).min(ROWS),
-                                (n_tokens - t).min(TT),
-                            );
+            for tp in tg0..tg1 {
+                let t0 = tp * TP;
+                let cg = &cacc[(tp - tg0) * npairs..(tp - tg0 + 1) * npairs];
+                if tm {
+                    // Tiles cut by the token or row end: their valid part, row by row.
+                    let lt = (n_tokens - t0).min(TP);
+                    for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                        let nb = (s1 - bp).min(2);
+                        if t0 + TP <= n_tokens && (bp + nb) * ROWS <= r1 {
+                            continue;
+                        }
+                        for i in 0..2 {
+                            for j in 0..nb {
+                                let row = (bp + j) * ROWS;
+                                let vr = (r1 - row).min(ROWS);
+                                let c = &cg[pi].0[2 * i + j];
+                                for m in 0..TT.min(lt.saturating_sub(TT * i)) {
+                                    let dst = op.add((t0 + TT * i + m) * ldo + row - r0);
+                                    std::ptr::copy_nonoverlapping(c.as_ptr().add(16 * m), dst, vr);
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                for (pi, bp) in (s0..s1).step_by(2).enumerate() {
+                    let nb = (s1 - bp).min(2);
+                    for i in 0..2 {
+                        let t = t0 + TT * i;
+                        for j in 0..nb {
+                            let row = (bp + j) * ROWS;
+                            if t < n_tokens && row < r1 {
+                                let dst = op.add((row - r0) * n_tokens + t);
+                                ops.scatter(
+                                    &cg[pi].0[2 * i + j],
+                                    dst,
+                                    n_tokens,
+                                    (r1 - row).min(ROWS),
+                                    (n_tokens - t).min(TT),
+                                );
+                            }
                         }
                     }
                 }
@@ -522,6 +625,14 @@ impl TileOps for Hw {
             options(nostack),
         );
     }
+    unsafe fn store_one(&mut self, q: usize, c: *mut i32, stride: usize) {
+        match q {
+            0 => asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c, s = in(reg) stride, options(nostack)),
+            1 => asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) c, s = in(reg) stride, options(nostack)),
+            2 => asm!("tilestored [{c} + {s}*1], tmm2", c = in(reg) c, s = in(reg) stride, options(nostack)),
+            _ => asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c, s = in(reg) stride, options(nostack)),
+        }
+    }
     unsafe fn end(&mut self) {
         asm!("tilerelease", options(nostack, nomem));
     }
@@ -581,6 +692,12 @@ impl TileOps for Emu {
     unsafe fn load(&mut self, c: *const i32) {
         for (j, t) in self.c.iter_mut().enumerate() {
             std::ptr::copy_nonoverlapping(c.add(256 * j), t.as_mut_ptr(), 256);
+        }
+    }
+    unsafe fn store_one(&mut self, q: usize, c: *mut i32, stride: usize) {
+        for m in 0..16 {
+            let row = (c as *mut u8).add(m * stride) as *mut i32;
+            std::ptr::copy_nonoverlapping(self.c[q].as_ptr().add(16 * m), row, 16);
         }
     }
     unsafe fn end(&mut self) {}

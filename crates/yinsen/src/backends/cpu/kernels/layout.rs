@@ -189,11 +189,26 @@ pub type TiledGemm = fn(&TileLayout, &[i8], usize, usize, usize, &mut [i32]);
 pub struct TiledPacked {
     l: std::sync::Arc<TileLayout>,
     gemm: TiledGemm,
+    /// The same multiply with token-major output, where the kernel has one.
+    gemm_tm: Option<TiledGemm>,
 }
 
 impl TiledPacked {
     pub fn shared(l: std::sync::Arc<TileLayout>, gemm: TiledGemm) -> std::sync::Arc<dyn super::PackedTernary> {
-        std::sync::Arc::new(Self { l, gemm })
+        std::sync::Arc::new(Self { l, gemm, gemm_tm: None })
+    }
+
+    /// [`Self::shared`] for a kernel that also writes token-major output.
+    pub fn shared_tm(
+        l: std::sync::Arc<TileLayout>,
+        gemm: TiledGemm,
+        gemm_tm: TiledGemm,
+    ) -> std::sync::Arc<dyn super::PackedTernary> {
+        std::sync::Arc::new(Self {
+            l,
+            gemm,
+            gemm_tm: Some(gemm_tm),
+        })
     }
 }
 
@@ -213,6 +228,17 @@ impl super::PackedTernary for TiledPacked {
     fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
         check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
         (self.gemm)(&self.l, x, n_tokens, r0, r1, out)
+    }
+    fn token_major(&self, _n_tokens: usize) -> bool {
+        self.gemm_tm.is_some()
+    }
+    fn gemm_tokens(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) -> bool {
+        let Some(g) = self.gemm_tm else {
+            return false;
+        };
+        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
+        g(&self.l, x, n_tokens, r0, r1, out);
+        true
     }
 }
 

@@ -41,6 +41,16 @@ pub trait PackedTernary: Send + Sync {
     /// exact products ROW-major: `out[(r - r0) * n_tokens + t] =
     /// sum_i W[r, i] * x[t * n_in + i]`. `out.len() == (r1 - r0) * n_tokens`.
     fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]);
+    /// [`Self::gemm`] with TOKEN-major output, `out[t * (r1 - r0) + r - r0]`,
+    /// for kernels whose tiles come out in that order (AMX); false (nothing
+    /// written) where the kernel has no such variant.
+    fn gemm_tokens(&self, _x: &[i8], _n_tokens: usize, _r0: usize, _r1: usize, _out: &mut [i32]) -> bool {
+        false
+    }
+    /// Whether [`Self::gemm_tokens`] runs for calls of `n_tokens` tokens.
+    fn token_major(&self, _n_tokens: usize) -> bool {
+        false
+    }
 }
 
 /// Names accepted by `--kernel`.

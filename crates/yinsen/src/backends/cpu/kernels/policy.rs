@@ -136,6 +136,12 @@ impl PackedTernary for Switched {
     fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
         self.pick(n_tokens).gemm(x, n_tokens, r0, r1, out)
     }
+    fn token_major(&self, n_tokens: usize) -> bool {
+        self.pick(n_tokens).token_major(n_tokens)
+    }
+    fn gemm_tokens(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) -> bool {
+        self.pick(n_tokens).gemm_tokens(x, n_tokens, r0, r1, out)
+    }
 }
 
 #[cfg(test)]
