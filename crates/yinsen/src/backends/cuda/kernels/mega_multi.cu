@@ -168,7 +168,7 @@ __device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, 
 // After the barrier: copy the codes ([T][xs], written by every block) into
 // shared memory, then each token's code sum (exact) from there: threads
 // 64t..64t+63 take token t. (Bulk copies by one thread measured slower
-// here than cp.async by all: run 100.)
+// here than cp.async by all: run 103.)
 __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
     for (int i = threadIdx.x; i < bytes / 16; i += MG_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
