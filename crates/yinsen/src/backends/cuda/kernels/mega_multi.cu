@@ -256,8 +256,8 @@ __device__ __forceinline__ float mm_y(const int* acc_s, const int* xsum_s, const
 
 // Attention of the T new queries (positions pos..pos+T-1) of every head over
 // keys 0..pos+t of this layer's cache; output [T][n_heads * hd] into attn.
-// Items (KV head, MM_AC-key chunk) over the blocks; each holds the T x group
-// query rows, the chunk's K and V rows (f32) and the scores in shared memory.
+// Items (KV head, MM_AC-key chunk, block of tokens) over the blocks; each
+// holds its query rows, the chunk's K and V rows and the scores in shared memory.
 // Per-token (sum of squares, max |v nw|) of the outputs this block writes
 // accumulate into statacc (in item order: deterministic).
 __device__ __forceinline__ float4 ld4f(const float* p) { return *(const float4*)p; }
@@ -273,14 +273,21 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                              const float* nw, float* qsm, KV* ksm, KV* vsm, float* S, float* ml, float* nws,
                              float2* statacc, float2* red2, int* last_s, const MgNext& gu, u64* trace, int tb) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = n_heads / n_kv, R = T * group, n_keys = pos + T, Q = n_heads * hd;
+    const int group = n_heads / n_kv, n_keys = pos + T, Q = n_heads * hd;
     const int nch = (n_keys + MM_AC - 1) / MM_AC, hs = hd + 4, ss_ = MM_AC + 1;
+    // Token blocks: (KV head, chunk) pairs are few on short contexts (5 on
+    // 2B4T at position 0), so the tokens are split too until the items
+    // about fill the grid; each item then stages fewer query rows.
+    const int TB = (T + max(1, min(T, (int)gridDim.x / (n_kv * nch))) - 1) / max(1, min(T, (int)gridDim.x / (n_kv * nch)));
+    const int ntb = (T + TB - 1) / TB;  // non-empty blocks of TB tokens
     // K rows padded by 16 bytes (conflict-free 8-row reads); 16-byte units per row.
     const int khs = hd + 16 / (int)sizeof(KV), ku = hd * (int)sizeof(KV) / 16, qu = hd / 4;
     const size_t pst = hd + 2;
-    bool gu_issued = false;
-    for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
-        const int kvh = item / nch, ch = item % nch, j0 = ch * MM_AC, nj = min(MM_AC, n_keys - j0);
+    for (int item = blockIdx.x; item < n_kv * nch * ntb; item += gridDim.x) {
+        const int kvh = item / (nch * ntb), rem = item - kvh * nch * ntb, ch = rem / ntb, tbk = rem - ch * ntb;
+        const int t0 = tbk * TB, Tb = min(TB, T - t0), R = Tb * group, j0 = ch * MM_AC;
+        // Keys up to the block's last token only (none: an empty partial).
+        const int nj = max(0, min(MM_AC, min(n_keys, pos + t0 + Tb) - j0));
         __syncthreads();  // shared reuse across items
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
@@ -294,7 +301,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
             cp16((char*)(vsm + j * hd) + 16 * c, (const char*)(vb + (size_t)j * hd) + 16 * c);
         }
         for (int r = tid / qu, c = tid % qu; r < R; r += MG_THREADS / qu) {
-            const int t = r / group, g = r - t * group;
+            const int t = t0 + r / group, g = r - (t - t0) * group;
             cp16(qsm + r * hs + 4 * c, qr + (size_t)t * Q + (kvh * group + g) * hd + 4 * c);
         }
         // The sub-norm weights of this head group (for the output statistics).
@@ -308,10 +315,6 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (first) mg_mark(trace, tb + 34);
         for (int r = tid / hd, d = tid % hd; r < R; r += MG_THREADS / hd) qsm[r * hs + d] *= scale;
         __syncthreads();
-        if (!gu_issued) {
-            mg_issue(gu);
-            gu_issued = true;
-        }
         // Scores, 4 query rows x 1 key per thread (each K row read once per
         // 4 rows); keys after a query's own position are masked.
         const int nrq = (R + 3) / 4;
@@ -346,7 +349,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int r = r0 + i;
-                if (r < R) S[r * ss_ + j] = j0 + j <= pos + r / group ? sv[i] : NEG_INF;
+                if (r < R) S[r * ss_ + j] = j0 + j <= pos + t0 + r / group ? sv[i] : NEG_INF;
             }
         }
         __syncthreads();
@@ -397,18 +400,18 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         bool out = true;
         if (nch == 1) {
             for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
-                const int t = r / group, g = r - t * group;
+                const int t = t0 + r / group, g = r - (t - t0) * group;
                 const float v = qsm[r * hd + dd] / ml[2 * r + 1];
                 qsm[r * hd + dd] = v;
                 attn[(size_t)t * Q + (kvh * group + g) * hd + dd] = v;
             }
         } else {
             for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
-                const int t = r / group, g = r - t * group;
+                const int t = t0 + r / group, g = r - (t - t0) * group;
                 part[(((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst + 2 + dd] = qsm[r * hd + dd];
             }
             for (int r = tid; r < R; r += MG_THREADS) {
-                const int t = r / group, g = r - t * group;
+                const int t = t0 + r / group, g = r - (t - t0) * group;
                 float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst;
                 p[0] = ml[2 * r];
                 p[1] = ml[2 * r + 1];
@@ -418,9 +421,9 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
             __syncthreads();
             if (tid == 0) {
                 __threadfence();
-                *last_s = atomicAdd(cnt + kvh, 1) == nch - 1;
+                *last_s = atomicAdd(cnt + kvh * ntb + tbk, 1) == nch - 1;
                 if (*last_s) {
-                    cnt[kvh] = 0;
+                    cnt[kvh * ntb + tbk] = 0;
                     __threadfence();
                 }
             }
@@ -433,7 +436,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                 float* mw = (float*)ksm;
                 float* lw = mw + R * nch;
                 for (int i = tid; i < R * nch; i += MG_THREADS) {
-                    const int r = i / nch, c = i - r * nch, t = r / group, g = r - t * group;
+                    const int r = i / nch, c = i - r * nch, t = t0 + r / group, g = r - (t - t0) * group;
                     const float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + c) * pst;
                     mw[i] = __ldcg(p);
                     lw[i] = __ldcg(p + 1);
@@ -456,7 +459,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                 }
                 __syncthreads();
                 for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
-                    const int t = r / group, g = r - t * group, i = r * hd + dd;
+                    const int t = t0 + r / group, g = r - (t - t0) * group, i = r * hd + dd;
                     const float* ph = part + ((size_t)t * n_heads + kvh * group + g) * nsplit * pst + 2 + dd;
                     float num = 0.f;
 #pragma unroll 8
@@ -470,19 +473,22 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (!out) continue;  // uniform over the block (last_s)
         __syncthreads();
         // This item's outputs into the block's per-token statistics.
-        const int t = tid >> 6, lt = tid & 63;
+        const int t = tid >> 6, lt = tid & 63;  // token t0 + t
         float ss = 0.f, mx = 0.f;
-        if (t < T)
+        if (t < Tb)
             for (int i = lt; i < group * hd; i += 64) {
                 const float v = qsm[(t * group) * hd + i];
                 ss += v * v;
                 mx = fmaxf(mx, fabsf(nw ? v * nws[i] : v));
             }
         const float2 r = mm_group_reduce(ss, mx, red2);
-        if (lt == 0 && t < T) statacc[t] = make_float2(statacc[t].x + r.x, fmaxf(statacc[t].y, r.y));
+        if (lt == 0 && t < Tb)
+            statacc[t0 + t] = make_float2(statacc[t0 + t].x + r.x, fmaxf(statacc[t0 + t].y, r.y));
         if (first) mg_mark(trace, tb + 38);
     }
-    if (!gu_issued) mg_issue(gu);
+    // The gate/up weights are wanted two phases later: issued inside the
+    // first item, the copy held up that item's scores by ~4 us (run 104).
+    mg_issue(gu);
 }
 
 // Per-token stats of this block's rows [a, a + n) of x [T][H] with norm
