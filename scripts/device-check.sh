@@ -54,15 +54,17 @@ grep -q FAILED "$out/tests.txt" && { status=1; grep -B2 -A25 "panicked" "$out/te
 grep "^SKIP" "$out/tests.log" | sort | uniq -c
 
 if command -v compute-sanitizer >/dev/null; then
-  # Kernel tests (GEMV/GEMM, flash attention) and the tiny forward (prefill
-  # through flash attention, decode through the persistent kernel).
-  for run in "cuda_kernels matmul_exact" "cuda_kernels flash_attention" "cuda_forward tiny_matches_cpu_backend"; do
+  # Kernel tests (GEMV/GEMM, flash attention), the tiny forward (prefill
+  # through flash attention, decode through the persistent kernel) and the
+  # persistent multi-token step.
+  for run in "cuda_kernels matmul_exact" "cuda_kernels flash_attention" "cuda_forward tiny_matches_cpu_backend" \
+    "cuda_forward mega_multi"; do
     read -r bin filter <<<"$run"
     t=$(ls "$dev"/tests/"$bin"-* | head -1)
     log "memcheck $bin $filter"
     compute-sanitizer --tool memcheck --error-exitcode 9 "$t" --test-threads=1 "$filter" 2>&1 | tail -4
   done 2>&1 | tee "$out/memcheck.txt"
-  [ "$(grep -c "ERROR SUMMARY: 0 errors" "$out/memcheck.txt")" -ge 3 ] || status=1
+  [ "$(grep -c "ERROR SUMMARY: 0 errors" "$out/memcheck.txt")" -ge 4 ] || status=1
 fi
 
 if [ "${2:-}" != quick ]; then
