@@ -49,6 +49,9 @@
 #define MM_AC 64         // keys per attention item
 #define MM_TRACE 48      // trace marks per layer (bench only; see trace_mega_multi)
 
+// sm_90+ only (the host checks): cp.async, mma.sync m16n8k32 and bulk
+// copies; older archs get empty kernels so that every image has the names.
+#if __CUDA_ARCH__ >= 900
 // Bytes per token row of codes: the K padding, then 64 bytes, so that two
 // token rows' 64-byte chunks share no bank (the dot reads 16 bytes a lane).
 __device__ __forceinline__ int mm_xs(int kpad) { return ((kpad + 127) / 128) * 128 + 64; }
@@ -730,6 +733,13 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
 #undef lt6
 }
 
+#define MMEGA_CALL(KV) mmega_body<KV>
+#else
+template <typename... A>
+__device__ void mm_none(A...) {}
+#define MMEGA_CALL(KV) mm_none
+#endif  // __CUDA_ARCH__ >= 900
+
 #define MEGA_MULTI(SUF, KV)                                                                                        \
     extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) mega_multi_##SUF(                                  \
         const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv, int gate,        \
@@ -737,7 +747,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, int* cnt, unsigned* bar,    \
         i8* xg, float2* stat, int w0_chunks, int w1_chunks, int c_off, int dn_off, int s_off,                      \
         int acc_off, u64* trace, int flags) {                                                                      \
-        mmega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, T, rope, kc0,   \
+        MMEGA_CALL(KV)(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, T, rope, kc0,   \
                        vc0, layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, xg, stat, w0_chunks,         \
                        w1_chunks, c_off, dn_off, s_off, acc_off, trace, flags);                                    \
     }
