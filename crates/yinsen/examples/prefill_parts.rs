@@ -46,7 +46,7 @@ fn main() {
     pool.install(|| {
         for isa in Isa::available(128) {
             let ms = best(
-                || attention::causal_attention_into(isa, &s, &q, &kc, &vc, 0, n, &mut out, &mut sc),
+                || attention::causal_attention_into(isa, &s, &q, &kc, &vc, 0, n, &mut out, &mut sc, Par::Rayon),
                 10,
             );
             let gf = 20.0 * (n * (n + 1) / 2) as f64 * 128.0 * 4.0 / 1e9;

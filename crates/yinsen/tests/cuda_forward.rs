@@ -28,6 +28,18 @@ fn cuda_kv(model: &Model, kv: KvDtype) -> Option<CudaBackend> {
     }
 }
 
+/// Whether a test of an optional GPU path (`what`) can go on: on the device
+/// (YINSEN_DEVICE=1) the path must be in use; elsewhere its absence is a
+/// printed SKIP.
+fn path_in_use(used: bool, what: &str) -> bool {
+    if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
+        assert!(used, "{what} is not in use on the device");
+    } else if !used {
+        common::skip_cuda(&format!("{what} is unavailable on this device"));
+    }
+    used
+}
+
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -425,13 +437,7 @@ fn mega_decode_matches_per_kernel_decode() {
     for shape in ["tiny", "125m"] {
         let model = synthetic::build(shape).unwrap();
         let Some(gpu) = cuda(&model) else { return };
-        if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
-            assert!(
-                gpu.uses_mega(),
-                "{shape}: the persistent decode is not in use on the device"
-            );
-        } else if !gpu.uses_mega() {
-            common::skip_cuda("persistent decode unavailable on this device");
+        if !path_in_use(gpu.uses_mega(), &format!("{shape}: the persistent decode")) {
             return;
         }
         let vocab = model.config.vocab;
@@ -491,13 +497,10 @@ fn mega_multi_matches_per_kernel_step() {
     for (shape, kv) in [("tiny", KvDtype::F32), ("tiny", KvDtype::F16), ("125m", KvDtype::F32)] {
         let model = synthetic::build(shape).unwrap();
         let Some(gpu) = cuda_kv(&model, kv) else { return };
-        if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
-            assert!(
-                gpu.uses_mega_multi(),
-                "{shape}: the persistent multi-token step is not in use on the device"
-            );
-        } else if !gpu.uses_mega_multi() {
-            common::skip_cuda("persistent multi-token step unavailable on this device");
+        if !path_in_use(
+            gpu.uses_mega_multi(),
+            &format!("{shape}: the persistent multi-token step"),
+        ) {
             return;
         }
         let vocab = model.config.vocab;

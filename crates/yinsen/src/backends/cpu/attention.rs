@@ -61,7 +61,18 @@ impl Isa {
 pub fn causal_attention(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * s.n_heads * s.head_dim];
     let mut sc = AttnScratch::default();
-    causal_attention_into(Isa::available(s.head_dim)[0], s, q, kc, vc, p0, n, &mut out, &mut sc);
+    causal_attention_into(
+        Isa::available(s.head_dim)[0],
+        s,
+        q,
+        kc,
+        vc,
+        p0,
+        n,
+        &mut out,
+        &mut sc,
+        Par::Rayon,
+    );
     out
 }
 
@@ -106,25 +117,10 @@ impl AttnScratch {
 }
 
 /// [`causal_attention`] with a given kernel set (tests compare them) into
-/// `out` (`[n][n_heads * hd]`, every element written).
+/// `out` (`[n][n_heads * hd]`, every element written), its parallel regions
+/// on `par`.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_into(
-    isa: Isa,
-    s: &AttnShape,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    p0: usize,
-    n: usize,
-    out: &mut [f32],
-    scratch: &mut AttnScratch,
-) {
-    causal_attention_into_on(isa, s, q, kc, vc, p0, n, out, scratch, Par::Rayon)
-}
-
-/// [`causal_attention_into`] with its parallel regions on `par`.
-#[allow(clippy::too_many_arguments)]
-pub fn causal_attention_into_on(
     isa: Isa,
     s: &AttnShape,
     q: &[f32],
@@ -657,7 +653,7 @@ mod tests {
                 for isa in Isa::available(hd) {
                     // NaN until written: a row no task writes shows up here.
                     let mut got = vec![f32::NAN; n * nh * hd];
-                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got, &mut scratch);
+                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got, &mut scratch, Par::Rayon);
                     let d = max_diff(&got, &want);
                     assert!(d < 5e-6, "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} n {n}: {d}");
                 }

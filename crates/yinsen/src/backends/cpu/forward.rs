@@ -335,7 +335,7 @@ impl CpuBackend {
             head_dim: c.head_dim,
         };
         let isa = attention::Isa::available(c.head_dim)[0];
-        attention::causal_attention_into_on(isa, &shape, q, kc, vc, p0, n, out, scratch, par);
+        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out, scratch, par);
     }
 
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {

@@ -334,13 +334,15 @@ const DECODE_CHUNKS_PER_THREAD: usize = 2;
 /// `YINSEN_SPIN_CHUNKS` for tuning runs.
 pub fn spin_chunks_per_thread() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("YINSEN_SPIN_CHUNKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| (1..=64).contains(&n))
-            .unwrap_or(4)
-    })
+    *N.get_or_init(|| env_count("YINSEN_SPIN_CHUNKS").unwrap_or(4))
+}
+
+/// A tuning count from the environment: `name` parsed, if in 1..=64.
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| (1..=64).contains(&n))
 }
 
 /// Row-chunk tasks per thread of a many-token matmul: 4 up to 4 threads (2
@@ -349,12 +351,7 @@ pub fn spin_chunks_per_thread() -> usize {
 /// tok/s: finer tasks balance the cores), or `YINSEN_CPU_TASKS_PER_THREAD`.
 fn multi_tasks_per_thread(threads: usize) -> usize {
     static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let env = *N.get_or_init(|| {
-        std::env::var("YINSEN_CPU_TASKS_PER_THREAD")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| (1..=64).contains(&n))
-    });
+    let env = *N.get_or_init(|| env_count("YINSEN_CPU_TASKS_PER_THREAD"));
     env.unwrap_or(if threads >= 8 { 8 } else { 4 })
 }
 
@@ -362,13 +359,7 @@ fn multi_tasks_per_thread(threads: usize) -> usize {
 /// tokens per task) by default, or `YINSEN_CPU_TOKEN_SPLIT`.
 fn token_split() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("YINSEN_CPU_TOKEN_SPLIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| (1..=64).contains(&n))
-            .unwrap_or(1)
-    })
+    *N.get_or_init(|| env_count("YINSEN_CPU_TOKEN_SPLIT").unwrap_or(1))
 }
 
 /// One token, rows `r0..r0 + o.len()` (r0 a multiple of the row block):

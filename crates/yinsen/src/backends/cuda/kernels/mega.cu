@@ -423,6 +423,44 @@ __device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int
     __syncthreads();
 }
 
+// Warp: one query row's scores s[0..nj) replaced by e^(s - max) (all 0 when
+// every key is masked, max = -inf), and on lane 0 (max, sum) into ml[0..2).
+__device__ __forceinline__ void mg_softmax_row(float* s, int nj, float* ml) {
+    const int lane = threadIdx.x & 31;
+    float m = NEG_INF;
+    for (int j = lane; j < nj; j += 32) m = fmaxf(m, s[j]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int j = lane; j < nj; j += 32) {
+        const float e = m == NEG_INF ? 0.f : expf(s[j] - m);
+        s[j] = e;
+        l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+        ml[0] = m;
+        ml[1] = l;
+    }
+}
+
+// Warp: the merge weights of one query row's nch chunk partials, in place
+// in mw (max m_c -> e^(m_c - M); 0 for a chunk without a visible key), and
+// on lane 0 the denominator sum l_c w_c into *den, in chunk order as the
+// split-K merge of ops.cu sums.
+__device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch, float* den) {
+    const int lane = threadIdx.x & 31;
+    float m = NEG_INF;
+    for (int c = lane; c < nch; c += 32) m = fmaxf(m, mw[c]);
+    m = warp_max(m);
+    for (int c = lane; c < nch; c += 32) mw[c] = mw[c] == NEG_INF ? 0.f : expf(mw[c] - m);
+    __syncwarp();
+    if (lane == 0) {
+        float d = 0.f;
+        for (int c = 0; c < nch; c++) d += lw[c] * mw[c];
+        *den = d;
+    }
+}
+
 // Attention of the one new query (position pos) of every head over keys
 // 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
 // (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
@@ -486,22 +524,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         }
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 21);
-        if (warp < group) {
-            float mx = NEG_INF;
-            for (int j = lane; j < nj; j += 32) mx = fmaxf(mx, sc[warp * ac + j]);
-            mx = warp_max(mx);
-            float l = 0.f;
-            for (int j = lane; j < nj; j += 32) {
-                const float e = expf(sc[warp * ac + j] - mx);
-                sc[warp * ac + j] = e;
-                l += e;
-            }
-            l = warp_sum(l);
-            if (lane == 0) {
-                ml[2 * warp] = mx;
-                ml[2 * warp + 1] = l;
-            }
-        }
+        if (warp < group) mg_softmax_row(sc + warp * ac, nj, ml + 2 * warp);
         if (item == blockIdx.x) mg_mark(trace, tb + 22);
         cp_async_wait();  // the V rows
         __syncthreads();
@@ -563,19 +586,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             lw[i] = __ldcg(p + 1);
         }
         __syncthreads();
-        if (warp < group) {
-            float m = NEG_INF;
-            for (int c = lane; c < nch; c += 32) m = fmaxf(m, mw[warp * nch + c]);
-            m = warp_max(m);
-            for (int c = lane; c < nch; c += 32) mw[warp * nch + c] = expf(mw[warp * nch + c] - m);
-            __syncwarp();
-            if (lane == 0) {
-                // In chunk order, as the split-K merge of ops.cu sums.
-                float den = 0.f;
-                for (int c = 0; c < nch; c++) den += lw[warp * nch + c] * mw[warp * nch + c];
-                ml[2 * warp + 1] = den;
-            }
-        }
+        if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
         __syncthreads();
         for (int o = tid; o < group * hd; o += MG_THREADS) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;

@@ -251,6 +251,22 @@ __device__ __forceinline__ void mm_zero_acc(int* acc_s, int nloc) {
     for (int i = threadIdx.x; i < nloc * MM_T; i += MG_THREADS) acc_s[i] = 0;
 }
 
+// A matrix phase after its barrier: acc_s zeroed, the codes copied in
+// (mm_load_codes), the weights awaited (bar, parity ph), the dot. Marks
+// m_codes after the copy, m_wait after the weights (m_issue: see
+// mm_load_codes; 0 = none).
+__device__ __forceinline__ void mm_matrix(int chunks, int nloc, int T, const uint4* wsm, u64* bar, unsigned& ph,
+                                          const i8* xg, int xs, i8* xq, int* acc_s, int* xsum_s, int* red_i,
+                                          u64* trace, int m_codes, int m_wait, int m_issue = 0) {
+    mm_zero_acc(acc_s, nloc);
+    mm_load_codes(xg, T * xs, xq, T, chunks * 64, xs, xsum_s, red_i, m_issue ? trace : nullptr, m_issue);
+    mg_mark(trace, m_codes);
+    mbar_wait(bar, ph);
+    ph ^= 1;
+    mg_mark(trace, m_wait);
+    mm_dot(chunks, nloc, T, wsm, xq, xs, acc_s);
+}
+
 // Row y of local row li for token t: (acc - sum x) * (row scale / s).
 __device__ __forceinline__ float mm_y(const int* acc_s, const int* xsum_s, const float* scs, const float* s_s, int li,
                                       int t) {
@@ -358,22 +374,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (first) mg_mark(trace, tb + 35);
         // Softmax per query row (unnormalised; the sum goes to ml).
-        for (int r = warp; r < R; r += MG_THREADS / 32) {
-            float m = NEG_INF;
-            for (int j = lane; j < nj; j += 32) m = fmaxf(m, S[r * ss_ + j]);
-            m = warp_max(m);
-            float l = 0.f;
-            for (int j = lane; j < nj; j += 32) {
-                const float e = m == NEG_INF ? 0.f : expf(S[r * ss_ + j] - m);
-                S[r * ss_ + j] = e;
-                l += e;
-            }
-            l = warp_sum(l);
-            if (lane == 0) {
-                ml[2 * r] = m;
-                ml[2 * r + 1] = l;
-            }
-        }
+        for (int r = warp; r < R; r += MG_THREADS / 32) mg_softmax_row(S + r * ss_, nj, ml + 2 * r);
         __syncthreads();
         if (first) mg_mark(trace, tb + 36);
         // P V: thread (4 rows, 4 dims); outputs into qsm ([R][hd]).
@@ -445,21 +446,8 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                     lw[i] = __ldcg(p + 1);
                 }
                 __syncthreads();
-                for (int r = warp; r < R; r += MG_THREADS / 32) {
-                    float m = NEG_INF;
-                    for (int c = lane; c < nch; c += 32) m = fmaxf(m, mw[r * nch + c]);
-                    m = warp_max(m);
-                    for (int c = lane; c < nch; c += 32) {
-                        const float mc = mw[r * nch + c];
-                        mw[r * nch + c] = mc == NEG_INF ? 0.f : expf(mc - m);
-                    }
-                    __syncwarp();
-                    if (lane == 0) {
-                        float den = 0.f;
-                        for (int c = 0; c < nch; c++) den += lw[r * nch + c] * mw[r * nch + c];
-                        ml[2 * r + 1] = den;
-                    }
-                }
+                for (int r = warp; r < R; r += MG_THREADS / 32)
+                    mg_merge_row(mw + r * nch, lw + r * nch, nch, ml + 2 * r + 1);
                 __syncthreads();
                 for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
                     const int t = t0 + r / group, g = r - (t - t0) * group, i = r * hd + dd;
@@ -505,6 +493,26 @@ __device__ void mm_stats_rows(const float* x, int H, int T, int a, int n, const 
             const float v = __ldcg(x + (size_t)t * H + a + i);
             ss += v * v;
             mx = fmaxf(mx, fabsf(v * nw[a + i]));
+        }
+    mm_stat_put(ss, mx, T, red2, stat);
+}
+
+// Epilogue of O and down: x[t][r.a + li] += y for the block's rows and the
+// T tokens (xres: the thread's first old value, loaded ahead), then the
+// per-token partials of the new x with the next norm's weight nw (null:
+// none, the last layer) into stat.
+__device__ void mm_residual(float* x, int H, int T, MgRows r, float xres, const int* acc_s, const int* xsum_s,
+                            const float* scs, const float* s_s, const float* nw, float2* red2, float2* stat) {
+    const int t = threadIdx.x >> 6, l0 = threadIdx.x & 63;
+    float ss = 0.f, mx = 0.f;
+    if (t < T)
+        for (int li = l0; li < r.n; li += 64) {
+            const int row = r.a + li;
+            float* xp = x + (size_t)t * H + row;
+            const float v = (li == l0 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs, s_s, li, t);
+            *xp = v;
+            ss += v * v;
+            mx = fmaxf(mx, fabsf(nw ? v * nw[row] : v));
         }
     mm_stat_put(ss, mx, T, red2, stat);
 }
@@ -585,13 +593,8 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         SYNC_;
         mg_mark(trace, tb + 2);
         mg_issue(MgNext{W_(l, LT_O), mc.cQ, mc.r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]});
-        mm_zero_acc(acc_s, mc.r_qkv.n);
-        mm_load_codes(xg, T * mc.xsH, xq_c, T, mc.cH * 64, mc.xsH, xsum_s, red_i, trace, tb + 32);
-        mg_mark(trace, tb + 3);
-        mbar_wait(&mbar[0], ph0);
-        ph0 ^= 1;
-        mg_mark(trace, tb + 26);
-        mm_dot(mc.cH, mc.r_qkv.n, T, wb0, xq_c, mc.xsH, acc_s);
+        mm_matrix(mc.cH, mc.r_qkv.n, T, wb0, &mbar[0], ph0, xg, mc.xsH, xq_c, acc_s, xsum_s, red_i, trace, tb + 3,
+                  tb + 26, tb + 32);
         mg_mark(trace, tb + 4);
         if (tt < T)
             for (int li = lt6; li < mc.r_qkv.n; li += 64) {
@@ -625,30 +628,12 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mg_mark(trace, tb + 9);
         SYNC_;
         mg_mark(trace, tb + 10);
-        mm_zero_acc(acc_s, mc.r_o.n);
         // The residual value of this thread's first row, loaded ahead of its use.
         float xres = tt < T && lt6 < mc.r_o.n ? __ldcg(x + (size_t)tt * H + mc.r_o.a + lt6) : 0.f;
-        mm_load_codes(xg, T * mc.xsQ, xq_c, T, mc.cQ * 64, mc.xsQ, xsum_s, red_i);
-        mg_mark(trace, tb + 11);
-        mbar_wait(&mbar[1], ph1);
-        ph1 ^= 1;
-        mg_mark(trace, tb + 27);
-        mm_dot(mc.cQ, mc.r_o.n, T, wb1, xq_c, mc.xsQ, acc_s);
+        mm_matrix(mc.cQ, mc.r_o.n, T, wb1, &mbar[1], ph1, xg, mc.xsQ, xq_c, acc_s, xsum_s, red_i, trace, tb + 11,
+                  tb + 27);
         mg_mark(trace, tb + 12);
-        {
-            const float* nw = F_(l, LT_FFN_NORM);
-            float ss = 0.f, mx = 0.f;
-            if (tt < T)
-                for (int li = lt6; li < mc.r_o.n; li += 64) {
-                    const int row = mc.r_o.a + li;
-                    float* xp = x + (size_t)tt * H + row;
-                    const float v = (li == lt6 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs2[1], s_s, li, tt);
-                    *xp = v;
-                    ss += v * v;
-                    mx = fmaxf(mx, fabsf(v * nw[row]));
-                }
-            mm_stat_put(ss, mx, T, red2, stat);
-        }
+        mm_residual(x, H, T, mc.r_o, xres, acc_s, xsum_s, scs2[1], s_s, F_(l, LT_FFN_NORM), red2, stat);
         mg_mark(trace, tb + 13);
         SYNC_;
         // ---- gate/up + activation
@@ -658,13 +643,8 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         SYNC_;
         mg_mark(trace, tb + 16);
         mg_issue(MgNext{W_(l, LT_DN), mc.cF, mc.r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]});
-        mm_zero_acc(acc_s, 2 * mc.r_gu.n);
-        mm_load_codes(xg, T * mc.xsH, xq_c, T, mc.cH * 64, mc.xsH, xsum_s, red_i);
-        mg_mark(trace, tb + 17);
-        mbar_wait(&mbar[0], ph0);
-        ph0 ^= 1;
-        mg_mark(trace, tb + 28);
-        mm_dot(mc.cH, 2 * mc.r_gu.n, T, wb0, xq_c, mc.xsH, acc_s);
+        mm_matrix(mc.cH, 2 * mc.r_gu.n, T, wb0, &mbar[0], ph0, xg, mc.xsH, xq_c, acc_s, xsum_s, red_i, trace, tb + 17,
+                  tb + 28);
         mg_mark(trace, tb + 18);
         {
             const float* sub = F_(l, LT_FFN_SUB);
@@ -700,29 +680,12 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mg_mark(trace, tb + 22);
         const bool more = l + 1 < n_layers;
         if (more) mg_issue(MgNext{W_(l + 1, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0]});
-        mm_zero_acc(acc_s, mc.r_dn.n);
         xres = tt < T && lt6 < mc.r_dn.n ? __ldcg(x + (size_t)tt * H + mc.r_dn.a + lt6) : 0.f;
-        mm_load_codes(xg, T * mc.xsF, xq_dn, T, mc.cF * 64, mc.xsF, xsum_s, red_i);
-        mg_mark(trace, tb + 23);
-        mbar_wait(&mbar[1], ph1);
-        ph1 ^= 1;
-        mg_mark(trace, tb + 29);
-        mm_dot(mc.cF, mc.r_dn.n, T, wb1, xq_dn, mc.xsF, acc_s);
+        mm_matrix(mc.cF, mc.r_dn.n, T, wb1, &mbar[1], ph1, xg, mc.xsF, xq_dn, acc_s, xsum_s, red_i, trace, tb + 23,
+                  tb + 29);
         mg_mark(trace, tb + 24);
-        {
-            const float* nw = more ? F_(l + 1, LT_ATTN_NORM) : nullptr;
-            float ss = 0.f, mx = 0.f;
-            if (tt < T)
-                for (int li = lt6; li < mc.r_dn.n; li += 64) {
-                    const int row = mc.r_dn.a + li;
-                    float* xp = x + (size_t)tt * H + row;
-                    const float v = (li == lt6 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs2[1], s_s, li, tt);
-                    *xp = v;
-                    ss += v * v;
-                    mx = fmaxf(mx, fabsf(nw ? v * nw[row] : v));
-                }
-            mm_stat_put(ss, mx, T, red2, stat);
-        }
+        mm_residual(x, H, T, mc.r_dn, xres, acc_s, xsum_s, scs2[1], s_s, more ? F_(l + 1, LT_ATTN_NORM) : nullptr, red2,
+                    stat);
         mg_mark(trace, tb + 25);
         if (more) SYNC_;
     }
