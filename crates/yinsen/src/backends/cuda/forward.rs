@@ -317,6 +317,20 @@ impl Mega {
     }
 }
 
+/// 16-byte chunks of the persistent kernels' two weight buffers on `grid`
+/// blocks: buffer 0 holds a block's QKV then gate/up rows, buffer 1 its O
+/// then down rows (mega.cu, mega_multi.cu).
+fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
+    let rows = |n: usize, even: bool| {
+        let r = n.div_ceil(grid);
+        r + (even && r % 2 == 1) as usize
+    };
+    let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
+    let w0 = (rows(c.q_dim() + 2 * c.kv_dim(), true) * ch).max(2 * rows(c.ffn, false) * ch);
+    let w1 = (rows(c.hidden, false) * cq).max(rows(c.hidden, false) * cf);
+    (w0, w1)
+}
+
 /// Default variant bits of the persistent kernel (see mega.cu): no L2 bulk
 /// prefetch, release-reduction arrive, no fence after the acquire spin
 /// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200).
@@ -631,10 +645,7 @@ impl CudaBackend {
             let r = n.div_ceil(grid);
             r + (even && r % 2 == 1) as usize
         };
-        let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
-        // Buffer 0 holds QKV then gate/up, buffer 1 O then down (mega.cu).
-        let w0_chunks = (rows(c.q_dim() + 2 * c.kv_dim(), true) * ch).max(2 * rows(c.ffn, false) * ch);
-        let w1_chunks = (rows(c.hidden, false) * cq).max(rows(c.hidden, false) * cf);
+        let (w0_chunks, w1_chunks) = mega_weight_chunks(c, grid);
         let fits = gpu.info.sm.0 >= 8
             && c.n_kv_heads > 0
             && c.n_heads.is_multiple_of(c.n_kv_heads)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub(super) const MM_T: usize = 16;
 /// Keys (cached + new) up to which calls take the multi-token kernel by
 /// default: its attention is a plain loop over 64-key chunks, slower than
-/// the per-kernel flash attention on long contexts (device runs 95-97).
+/// the per-kernel flash attention on long contexts (device runs 102, 105).
 pub(super) const DEFAULT_MAX_CTX: usize = 1024;
 /// Query rows (tokens x group) at most (MM_RMAX).
 const MM_RMAX: usize = 128;
@@ -27,16 +27,134 @@ fn xs(kpad: usize) -> usize {
     kpad.div_ceil(128) * 128 + 64
 }
 
+/// Byte offsets of the kernel's dynamic shared memory (see mega_multi.cu's
+/// header): B = [0, w_b) holds O then down weights, A = [w_b, w_b + w_a)
+/// QKV then gate/up; the rest is placed so that nothing a phase uses
+/// overlaps what is live or landing in that phase (tests below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// The QKV / O / gate-up codes, or the attention's q, K and V rows.
+    c_off: usize,
+    /// The down codes: in A behind the next layer's QKV weights.
+    dn_off: usize,
+    /// The attention scores: B's free tail behind the O weights if they fit.
+    s_off: usize,
+    /// The int32 row x token sums of the dot.
+    acc_off: usize,
+    /// Bytes in all.
+    smem: usize,
+}
+
+/// Shapes one block handles on `grid` blocks (as mega.cu's mg_rows).
+struct Shapes {
+    r_qkv: usize,
+    r_o: usize,
+    r_gu: usize,
+    r_dn: usize,
+    ch: usize,
+    cq: usize,
+    cf: usize,
+}
+
+impl Shapes {
+    fn new(c: &ModelConfig, grid: usize) -> Self {
+        let rows = |n: usize, even: bool| {
+            let r = n.div_ceil(grid);
+            r + (even && r % 2 == 1) as usize
+        };
+        Self {
+            r_qkv: rows(c.q_dim() + 2 * c.kv_dim(), true),
+            r_o: rows(c.hidden, false),
+            r_gu: rows(c.ffn, false),
+            r_dn: rows(c.hidden, false),
+            ch: c.hidden.div_ceil(64),
+            cq: c.q_dim().div_ceil(64),
+            cf: c.ffn.div_ceil(64),
+        }
+    }
+}
+
+/// Attention buffer bytes for KV elements of `kv_bytes`: (q rows, K rows,
+/// V rows, scores), sized for 16 tokens.
+fn attention_bytes(c: &ModelConfig, kv_bytes: usize) -> (usize, usize, usize, usize) {
+    let (hd, r_max) = (c.head_dim, MM_T * (c.n_heads / c.n_kv_heads.max(1)));
+    (
+        r_max * (hd + 4) * 4,
+        MM_AC * (hd * kv_bytes + 16),
+        MM_AC * hd * kv_bytes,
+        r_max * (MM_AC + 1) * 4,
+    )
+}
+
+/// The shared-memory plan for `c` on `grid` blocks next to the one-token
+/// kernel's weight buffers (w0 / w1 chunks), or None where the kernel's
+/// limits rule the shape out (the device and its shared memory are checked
+/// by the caller).
+fn plan(
+    c: &ModelConfig,
+    grid: usize,
+    (w0_chunks, w1_chunks): (usize, usize),
+    part_tokens: usize,
+    max_splits: usize,
+    kv_bytes: usize,
+) -> Option<Plan> {
+    let sh = Shapes::new(c, grid);
+    let group = c.n_heads / c.n_kv_heads.max(1);
+    let hd = c.head_dim;
+    let (w_b, w_a) = (w1_chunks * 16, w0_chunks * 16);
+    let (qkv_bytes, o_bytes) = (sh.r_qkv * sh.ch * 16, sh.r_o * sh.cq * 16);
+    let (q_bytes, k_bytes, v_bytes, s_bytes) = attention_bytes(c, kv_bytes);
+    let r_max = MM_T * group;
+    let fits = c.n_kv_heads > 0
+        && c.n_heads.is_multiple_of(c.n_kv_heads)
+        && grid * MM_T / 2 <= 2 * MG_THREADS
+        && group * hd <= MG_QMAX
+        && r_max <= MM_RMAX
+        && hd > 0
+        && MG_THREADS.is_multiple_of(hd)
+        && c.hidden.is_multiple_of(4)
+        && c.q_dim().is_multiple_of(4)
+        && c.ffn.is_multiple_of(4)
+        && part_tokens >= MM_T
+        && sh.r_qkv.max(sh.r_o).max(2 * sh.r_gu).max(sh.r_dn) <= MG_MAXROWS
+        // The chunk merge keeps (m, l) of every (row, chunk) in the K/V area.
+        && r_max * max_splits * 2 * 4 <= k_bytes + v_bytes
+        && w_b >= o_bytes
+        && w_a >= qkv_bytes;
+    if !fits {
+        return None;
+    }
+    let c_off = w_b + w_a;
+    // The scores go into B's free tail behind the O weights when they fit.
+    let (s_off, att) = match w_b - o_bytes >= s_bytes {
+        true => (o_bytes, q_bytes + k_bytes + v_bytes),
+        false => (
+            c_off + q_bytes + k_bytes + v_bytes,
+            q_bytes + k_bytes + v_bytes + s_bytes,
+        ),
+    };
+    // The code buffers also stage the per-block partials (mm_scales).
+    let partials = grid * MM_T * 8;
+    let c_need = att.max(MM_T * xs(sh.ch * 64)).max(MM_T * xs(sh.cq * 64)).max(partials);
+    let dn_off = w_b + qkv_bytes;
+    let end = (c_off + c_need).max(dn_off + (MM_T * xs(sh.cf * 64)).max(partials));
+    let acc_off = end.next_multiple_of(16);
+    let n_acc = sh.r_qkv.max(sh.r_o).max(2 * sh.r_gu).max(sh.r_dn);
+    Some(Plan {
+        c_off,
+        dn_off,
+        s_off,
+        acc_off,
+        smem: acc_off + n_acc * MM_T * 4,
+    })
+}
+
 pub(super) struct MegaMulti {
     /// int8 codes of a phase input, [MM_T][xs].
     xg: DevBuf,
     /// Per-block, per-token (sum of squares, max) partials, [grid][MM_T] float2.
     stat: DevBuf,
-    c_off: usize,
-    dn_off: usize,
-    s_off: usize,
-    acc_off: usize,
-    smem: usize,
+    plan: Plan,
 }
 
 impl MegaMulti {
@@ -51,70 +169,29 @@ impl MegaMulti {
         kv_bytes: usize,
     ) -> Result<Option<Self>> {
         let grid = mega.grid as usize;
-        let group = c.n_heads / c.n_kv_heads.max(1);
-        let hd = c.head_dim;
-        let rows = |n: usize, even: bool| {
-            let r = n.div_ceil(grid);
-            r + (even && r % 2 == 1) as usize
+        let plan = match plan(
+            c,
+            grid,
+            (mega.w0_chunks, mega.w1_chunks),
+            part_tokens,
+            max_splits,
+            kv_bytes,
+        ) {
+            Some(p) if gpu.info.sm.0 >= 9 => p,
+            _ => return Ok(None),
         };
-        let (ch, cq, cf) = (c.hidden.div_ceil(64), c.q_dim().div_ceil(64), c.ffn.div_ceil(64));
-        let r_qkv = rows(c.q_dim() + 2 * c.kv_dim(), true);
-        let (r_o, r_gu, r_dn) = (rows(c.hidden, false), rows(c.ffn, false), rows(c.hidden, false));
-        let (w_b, w_a) = (mega.w1_chunks * 16, mega.w0_chunks * 16);
-        let (qkv_bytes, o_bytes) = (r_qkv * ch * 16, r_o * cq * 16);
-        let r_max = MM_T * group;
-        let q_bytes = r_max * (hd + 4) * 4;
-        let k_bytes = MM_AC * (hd * kv_bytes + 16);
-        let v_bytes = MM_AC * hd * kv_bytes;
-        let s_bytes = r_max * (MM_AC + 1) * 4;
-        let fits = gpu.info.sm.0 >= 9
-            && grid * MM_T / 2 <= 2 * MG_THREADS
-            && group * hd <= MG_QMAX
-            && r_max <= MM_RMAX
-            && MG_THREADS.is_multiple_of(hd)
-            && c.hidden.is_multiple_of(4)
-            && c.q_dim().is_multiple_of(4)
-            && c.ffn.is_multiple_of(4)
-            && part_tokens >= MM_T
-            && r_qkv.max(r_o).max(2 * r_gu).max(r_dn) <= MG_MAXROWS
-            // The chunk merge keeps (m, l) of every (row, chunk) in the K/V area.
-            && r_max * max_splits * 2 * 4 <= k_bytes + v_bytes;
-        if !fits {
-            return Ok(None);
-        }
-        let c_off = w_b + w_a;
-        // The scores go into B's free tail behind the O weights when they fit.
-        let (s_off, att) = match w_b - o_bytes >= s_bytes {
-            true => (o_bytes, q_bytes + k_bytes + v_bytes),
-            false => (
-                c_off + q_bytes + k_bytes + v_bytes,
-                q_bytes + k_bytes + v_bytes + s_bytes,
-            ),
-        };
-        // The code buffers also stage the per-block partials (mm_scales).
-        let partials = grid * MM_T * 8;
-        let c_need = att.max(MM_T * xs(ch * 64)).max(MM_T * xs(cq * 64)).max(partials);
-        let dn_off = w_b + qkv_bytes;
-        let end = (c_off + c_need).max(dn_off + (MM_T * xs(cf * 64)).max(partials));
-        let acc_off = end.next_multiple_of(16);
-        let n_acc = r_qkv.max(r_o).max(2 * r_gu).max(r_dn);
-        let smem = acc_off + n_acc * MM_T * 4;
         for name in ["mega_multi_f32", "mega_multi_f16"] {
-            if !gpu.allow_dynamic_smem(name, smem)? || gpu.occupancy(name, MG_THREADS as u32, smem)? < 1 {
+            if !gpu.allow_dynamic_smem(name, plan.smem)? || gpu.occupancy(name, MG_THREADS as u32, plan.smem)? < 1 {
                 return Ok(None);
             }
         }
-        let xg_bytes = MM_T * xs(ch.max(cq).max(cf) * 64);
-        let xg = gpu.alloc(xg_bytes)?;
+        let sh = Shapes::new(c, grid);
+        let xg = gpu.alloc(MM_T * xs(sh.ch.max(sh.cq).max(sh.cf) * 64))?;
         xg.fill(0)?;
         Ok(Some(Self {
             xg,
             stat: gpu.alloc(grid * MM_T * 8)?,
-            c_off,
-            dn_off,
-            s_off,
-            acc_off,
-            smem,
+            plan,
         }))
     }
 }
@@ -176,7 +253,7 @@ impl super::CudaBackend {
             name,
             (m.grid, 1, 1),
             MG_THREADS as u32,
-            mm.smem as u32,
+            mm.plan.smem as u32,
             &[
                 m.table.p(),
                 i(c.n_layers),
@@ -209,10 +286,10 @@ impl super::CudaBackend {
                 mm.stat.p(),
                 i(m.w0_chunks),
                 i(m.w1_chunks),
-                i(mm.c_off),
-                i(mm.dn_off),
-                i(mm.s_off),
-                i(mm.acc_off),
+                i(mm.plan.c_off),
+                i(mm.plan.dn_off),
+                i(mm.plan.s_off),
+                i(mm.plan.acc_off),
                 trace,
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
@@ -305,5 +382,92 @@ impl super::CudaBackend {
             out.push((name, us / cnt.max(1) as f64));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic;
+
+    /// Byte ranges that must not overlap.
+    fn disjoint(what: &str, parts: &[(&str, usize, usize)]) {
+        for (i, a) in parts.iter().enumerate() {
+            assert!(a.1 <= a.2, "{what}: {} is empty backwards", a.0);
+            for b in &parts[i + 1..] {
+                assert!(
+                    a.2 <= b.1 || b.2 <= a.1,
+                    "{what}: {} {:?} overlaps {} {:?}",
+                    a.0,
+                    (a.1, a.2),
+                    b.0,
+                    (b.1, b.2)
+                );
+            }
+        }
+    }
+
+    /// In every phase, the buffers it uses and the weight copies live or
+    /// landing then are disjoint; the accumulators come after everything;
+    /// 2B4T fits an H100 / H200 block (227 KB) with f32 and f16 caches.
+    #[test]
+    fn shared_memory_plan_keeps_each_phase_apart() {
+        for shape in synthetic::SHAPES {
+            let c = synthetic::shape(shape).unwrap();
+            for grid in [132, 114, 78] {
+                for kvb in [2, 4] {
+                    let what = format!("{shape} grid {grid} kv {kvb}");
+                    let chunks = super::super::mega_weight_chunks(&c, grid);
+                    let max_splits = c.max_ctx.div_ceil(MM_AC);
+                    let Some(p) = plan(&c, grid, chunks, 64, max_splits, kvb) else {
+                        // The attention loops need head dims dividing the block (700m's is 96).
+                        assert!(!MG_THREADS.is_multiple_of(c.head_dim), "{what}: no plan");
+                        continue;
+                    };
+                    let sh = Shapes::new(&c, grid);
+                    let (w_b, w_a) = (chunks.1 * 16, chunks.0 * 16);
+                    let (qkv, o) = (sh.r_qkv * sh.ch * 16, sh.r_o * sh.cq * 16);
+                    let (qb, kb, vb, sb) = attention_bytes(&c, kvb);
+                    let codes = |k: usize| (MM_T * xs(k * 64)).max(grid * MM_T * 8);
+                    let acc = ("acc", p.acc_off, p.smem);
+                    let (a_all, b_all) = (("A", w_b, w_b + w_a), ("B", 0, w_b));
+                    let c_codes = |k| ("codes", p.c_off, p.c_off + codes(k));
+                    disjoint(
+                        &format!("{what} qkv"),
+                        &[("A qkv", w_b, w_b + qkv), ("B o", 0, o), c_codes(sh.ch), acc],
+                    );
+                    disjoint(
+                        &format!("{what} attention"),
+                        &[
+                            a_all,
+                            ("B o", 0, o),
+                            ("q", p.c_off, p.c_off + qb),
+                            ("k", p.c_off + qb, p.c_off + qb + kb),
+                            ("v", p.c_off + qb + kb, p.c_off + qb + kb + vb),
+                            ("scores", p.s_off, p.s_off + sb),
+                            acc,
+                        ],
+                    );
+                    disjoint(&format!("{what} o"), &[a_all, ("B o", 0, o), c_codes(sh.cq), acc]);
+                    disjoint(&format!("{what} gate/up"), &[a_all, b_all, c_codes(sh.ch), acc]);
+                    disjoint(
+                        &format!("{what} down"),
+                        &[
+                            b_all,
+                            ("A qkv", w_b, w_b + qkv),
+                            ("codes", p.dn_off, p.dn_off + codes(sh.cf)),
+                            acc,
+                        ],
+                    );
+                    assert!(
+                        p.acc_off % 16 == 0 && p.dn_off % 16 == 0 && p.s_off % 16 == 0,
+                        "{what}: alignment"
+                    );
+                    if shape == "2b4t" && grid == 132 {
+                        assert!(p.smem + 10_112 <= 232_448, "{what}: {} bytes do not fit", p.smem);
+                    }
+                }
+            }
+        }
     }
 }
