@@ -263,7 +263,6 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         Ok("step") => return bench_step_only(b),
         _ => {}
     }
-    let g = b.gpu();
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
     let (q8_0, q8_long) = q8_decode(b, model, long)?;
@@ -280,15 +279,11 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         b.set_mega_multi(multi);
         r?.0
     };
+    // The device and decode rows as the decode-only record has them; every
+    // other row measured here.
     Ok(CudaBench {
         decode_tok_s_ctx0_lm_head_q8: q8_0,
         decode_tok_s_ctx2048_lm_head_q8: q8_long,
-        device: g.info.name.clone(),
-        arch: g.arch.clone(),
-        kernels_from_cache: g.from_cache,
-        kv_dtype: format!("{:?}", b.kv_dtype()),
-        decode_tok_s_ctx0: decode_ctx0,
-        decode_tok_s_ctx2048: decode_long,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
         step16_ms,
@@ -334,6 +329,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         } else {
             Vec::new()
         },
+        ..bench_decode_only_rows(b, decode_ctx0, decode_long)?
     })
 }
 
