@@ -231,6 +231,70 @@ fn exhaustive_powers_of_three() {
     }
 }
 
+/// The 243 rows of five weights of `exhaustive_powers_of_three`, against
+/// x_j = 3^j, at every offset of a 20-input window (past one 16-input tile
+/// chunk and one 20-input base-3 chunk): every code position of every
+/// layout decodes a distinct weight. The inputs outside the window have zero
+/// weights but non-zero activations, so a misplaced code shows too.
+#[test]
+fn exhaustive_powers_of_three_at_every_offset() {
+    let ks = kernels_under_test();
+    let n_out = 243;
+    for o in 0..=21usize {
+        let n_in = o + 5;
+        let mut trits = vec![0i8; n_out * n_in];
+        for r in 0..n_out {
+            let mut v = r;
+            for j in 0..5 {
+                trits[r * n_in + o + j] = (v % 3) as i8 - 1;
+                v /= 3;
+            }
+        }
+        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let other = |i: usize| if i % 2 == 0 { 37 } else { -91 };
+        let x: Vec<i8> = (0..2 * n_in)
+            .map(|i| {
+                let (t, j) = (i / n_in, i % n_in);
+                match (j >= o, t) {
+                    (true, 0) => 3i8.pow((j - o) as u32),
+                    (true, _) => -(3i8.pow((j - o) as u32)),
+                    (false, _) => other(i),
+                }
+            })
+            .collect();
+        let want = ternary_matmul_i32(&m, &x, 2);
+        let distinct: std::collections::HashSet<i32> = want[..n_out].iter().copied().collect();
+        assert_eq!(distinct.len(), n_out, "offset {o}: 3^j sums must be distinct");
+        for k in &ks {
+            let p = k.prepare(&m).unwrap();
+            check(&format!("{} offset {o}", k.name()), p.as_ref(), &x, 2, &want);
+        }
+    }
+}
+
+/// Inputs past the in-place-mask bound of the one-token tiles take the
+/// shift path: all-(+1) and all-(-1) rows against x = 127 stay exact.
+#[test]
+fn very_wide_rows_stay_exact() {
+    let ks = kernels_under_test();
+    let (n_out, n_in) = (17usize, (1usize << 19) + 7);
+    let trits: Vec<i8> = (0..n_out * n_in)
+        .map(|i| match (i / n_in) % 3 {
+            0 => 1,
+            1 => -1,
+            _ => [1, 0, -1, 1][i % 4],
+        })
+        .collect();
+    let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+    let x: Vec<i8> = (0..n_in).map(|i| if i % 5 == 0 { -128 } else { 127 }).collect();
+    let want = ternary_matmul_i32(&m, &x, 1);
+    assert!(want[0] > 1 << 25, "the all-(+1) row's sum is large: {}", want[0]);
+    for k in &ks {
+        let p = k.prepare(&m).unwrap();
+        check(k.name(), p.as_ref(), &x, 1, &want);
+    }
+}
+
 /// Largest magnitudes: x = -128 / 127 everywhere with all-(+1) / all-(-1) rows.
 #[test]
 fn edge_values() {

@@ -61,7 +61,7 @@ pub struct TileLayout {
 }
 
 /// Canonical 2-bit code -> u = w + 1 (00 -> 1, 01 -> 2, 10 -> 0, 11 -> 1).
-const fn canon_to_u(c: u8) -> u8 {
+pub(super) const fn canon_to_u(c: u8) -> u8 {
     match c & 3 {
         0b01 => 2,
         0b10 => 0,
@@ -226,7 +226,7 @@ impl super::PackedTernary for TiledPacked {
         ROWS
     }
     fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
+        check_gemm_args(self.l.n_out, self.l.n_in, x, n_tokens, r0, r1, out);
         (self.gemm)(&self.l, x, n_tokens, r0, r1, out)
     }
     fn token_major(&self, _n_tokens: usize) -> bool {
@@ -236,7 +236,7 @@ impl super::PackedTernary for TiledPacked {
         let Some(g) = self.gemm_tm else {
             return false;
         };
-        check_gemm_args(&self.l, x, n_tokens, r0, r1, out);
+        check_gemm_args(self.l.n_out, self.l.n_in, x, n_tokens, r0, r1, out);
         g(&self.l, x, n_tokens, r0, r1, out);
         true
     }
@@ -258,14 +258,14 @@ pub fn token_sums(x: &[i8], n_tokens: usize, n_in: usize, sums: &mut Vec<i32>) {
 
 /// Contract checks shared by the kernels' `gemm` (caller bugs, not input
 /// errors: the unsafe inner loops rely on them).
-pub fn check_gemm_args(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &[i32]) {
-    assert!(r0 <= r1 && r1 <= l.n_out, "gemm rows {r0}..{r1} outside 0..{}", l.n_out);
+pub fn check_gemm_args(n_out: usize, n_in: usize, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &[i32]) {
+    assert!(r0 <= r1 && r1 <= n_out, "gemm rows {r0}..{r1} outside 0..{n_out}");
     assert!(r0.is_multiple_of(ROWS), "gemm r0 = {r0} is not a multiple of {ROWS}");
     assert!(
-        x.len() >= n_tokens * l.n_in,
+        x.len() >= n_tokens * n_in,
         "gemm x has {} values, need {}",
         x.len(),
-        n_tokens * l.n_in
+        n_tokens * n_in
     );
     assert_eq!(out.len(), (r1 - r0) * n_tokens, "gemm out length");
 }

@@ -7,11 +7,14 @@
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+pub mod base3;
 pub mod layout;
 pub mod policy;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod vnni;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni3;
 
 use std::sync::Arc;
 
@@ -54,7 +57,7 @@ pub trait PackedTernary: Send + Sync {
 }
 
 /// Names accepted by `--kernel`.
-pub const KERNEL_NAMES: [&str; 5] = ["auto", "amx", "vnni", "avx2", "scalar"];
+pub const KERNEL_NAMES: [&str; 6] = ["auto", "amx", "vnni3", "vnni", "avx2", "scalar"];
 
 /// The kernel for `name` ("auto" = fastest available), or an error saying
 /// why it cannot run here.
@@ -66,6 +69,8 @@ pub fn select(name: &str) -> Result<Arc<dyn TernaryKernel>> {
     let name = if name == "auto" { available()[0] } else { name };
     match name {
         "scalar" => Ok(Arc::new(scalar::Scalar)),
+        #[cfg(target_arch = "x86_64")]
+        "vnni3" if vnni3::detected() => Ok(Arc::new(vnni3::Vnni3)),
         #[cfg(target_arch = "x86_64")]
         "vnni" if vnni::detected() => Ok(Arc::new(vnni::Vnni)),
         #[cfg(target_arch = "x86_64")]
@@ -94,6 +99,9 @@ pub fn available() -> Vec<&'static str> {
     {
         if vnni::detected() {
             v.push("vnni");
+        }
+        if vnni3::detected() {
+            v.push("vnni3");
         }
         if avx2::detected() {
             v.push("avx2");

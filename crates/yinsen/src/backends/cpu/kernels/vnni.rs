@@ -37,6 +37,11 @@ impl TernaryKernel for Vnni {
     }
 }
 
+/// Largest `n_in` for the in-place field masks of tiles with one
+/// accumulator per plane: a plane-3 product is at most `64 * 2 * 128 =
+/// 2^14`, an accumulator sums `n_in / 4` of them, so `2^14 * 2^19 / 4 < 2^31`.
+pub(super) const IN_PLACE_MAX_N_IN: usize = 1 << 19;
+
 /// Most tokens one register tile holds.
 const MAX_NT: usize = 16;
 
@@ -81,38 +86,53 @@ unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: us
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_dispatch(nt: usize, lines: &[Line], n_in: usize, x: &[i8], res: &mut [[i32; ROWS]; MAX_NT]) {
+    let m = n_in <= IN_PLACE_MAX_N_IN;
     match nt {
-        1 => tile::<1, 4>(lines, n_in, x, res),
-        2 => tile::<2, 4>(lines, n_in, x, res),
-        3 => tile::<3, 4>(lines, n_in, x, res),
-        4 => tile::<4, 4>(lines, n_in, x, res),
-        5 => tile::<5, 2>(lines, n_in, x, res),
-        6 => tile::<6, 2>(lines, n_in, x, res),
-        7 => tile::<7, 2>(lines, n_in, x, res),
-        8 => tile::<8, 2>(lines, n_in, x, res),
-        9 => tile::<9, 1>(lines, n_in, x, res),
-        10 => tile::<10, 1>(lines, n_in, x, res),
-        11 => tile::<11, 1>(lines, n_in, x, res),
-        12 => tile::<12, 1>(lines, n_in, x, res),
-        13 => tile::<13, 1>(lines, n_in, x, res),
-        14 => tile::<14, 1>(lines, n_in, x, res),
-        15 => tile::<15, 1>(lines, n_in, x, res),
-        _ => tile::<16, 1>(lines, n_in, x, res),
+        1 if m => tile::<1, 4, true>(lines, n_in, x, res),
+        2 if m => tile::<2, 4, true>(lines, n_in, x, res),
+        3 if m => tile::<3, 4, true>(lines, n_in, x, res),
+        4 if m => tile::<4, 4, true>(lines, n_in, x, res),
+        1 => tile::<1, 4, false>(lines, n_in, x, res),
+        2 => tile::<2, 4, false>(lines, n_in, x, res),
+        3 => tile::<3, 4, false>(lines, n_in, x, res),
+        4 => tile::<4, 4, false>(lines, n_in, x, res),
+        5 => tile::<5, 2, false>(lines, n_in, x, res),
+        6 => tile::<6, 2, false>(lines, n_in, x, res),
+        7 => tile::<7, 2, false>(lines, n_in, x, res),
+        8 => tile::<8, 2, false>(lines, n_in, x, res),
+        9 => tile::<9, 1, false>(lines, n_in, x, res),
+        10 => tile::<10, 1, false>(lines, n_in, x, res),
+        11 => tile::<11, 1, false>(lines, n_in, x, res),
+        12 => tile::<12, 1, false>(lines, n_in, x, res),
+        13 => tile::<13, 1, false>(lines, n_in, x, res),
+        14 => tile::<14, 1, false>(lines, n_in, x, res),
+        15 => tile::<15, 1, false>(lines, n_in, x, res),
+        _ => tile::<16, 1, false>(lines, n_in, x, res),
     }
 }
 
 /// One line against NT tokens: `xp` points at the line's first input of
 /// token 0, `stride` bytes between tokens.
 macro_rules! line_step {
-    ($acc:ident, $line:expr, $xp:expr, $stride:expr, $nt:expr, $a:expr) => {{
+    ($acc:ident, $line:expr, $xp:expr, $stride:expr, $nt:expr, $a:expr, $m:expr) => {{
         let p = _mm512_load_si512($line as *const Line as *const _);
         let m = _mm512_set1_epi8(3);
-        let ws = [
-            _mm512_and_si512(p, m),
-            _mm512_and_si512(_mm512_srli_epi16::<2>(p), m),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(p), m),
-            _mm512_and_si512(_mm512_srli_epi16::<6>(p), m),
-        ];
+        let ws = if $m {
+            // Fields masked in place: plane s is 4^s u (one op, no shift).
+            [
+                _mm512_and_si512(p, m),
+                _mm512_and_si512(p, _mm512_set1_epi8(0x0c)),
+                _mm512_and_si512(p, _mm512_set1_epi8(0x30)),
+                _mm512_and_si512(p, _mm512_set1_epi8(0xc0u8 as i8)),
+            ]
+        } else {
+            [
+                _mm512_and_si512(p, m),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(p), m),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(p), m),
+                _mm512_and_si512(_mm512_srli_epi16::<6>(p), m),
+            ]
+        };
         for t in 0..$nt {
             let xq = $xp.add(t * $stride);
             for (s, &w) in ws.iter().enumerate() {
@@ -127,7 +147,7 @@ macro_rules! line_step {
 /// Full chunks read x in place; the partial last chunk reads a zero-padded
 /// copy so no byte past a token's `n_in` inputs is touched.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const NT: usize, const A: usize>(
+unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     lines: &[Line],
     n_in: usize,
     x: &[i8],
@@ -138,7 +158,7 @@ unsafe fn tile<const NT: usize, const A: usize>(
     let mut acc = [[_mm512_setzero_si512(); A]; NT];
     let xp = x.as_ptr();
     for (c, line) in lines.iter().enumerate().take(full) {
-        line_step!(acc, line, xp.add(c * CHUNK), n_in, NT, A);
+        line_step!(acc, line, xp.add(c * CHUNK), n_in, NT, A, M);
     }
     let rem = n_in - full * CHUNK;
     if rem > 0 {
@@ -146,7 +166,15 @@ unsafe fn tile<const NT: usize, const A: usize>(
         for (t, tt) in tail.iter_mut().enumerate() {
             tt[..rem].copy_from_slice(&x[t * n_in + full * CHUNK..t * n_in + n_in]);
         }
-        line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A);
+        line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A, M);
+    }
+    if M {
+        // Accumulator s holds 4^s times plane s's exact sum.
+        for at in acc.iter_mut() {
+            at[1] = _mm512_srai_epi32::<2>(at[1]);
+            at[2] = _mm512_srai_epi32::<4>(at[2]);
+            at[3] = _mm512_srai_epi32::<6>(at[3]);
+        }
     }
     for t in 0..NT {
         let s = acc[t][1..].iter().fold(acc[t][0], |s, &a| _mm512_add_epi32(s, a));

@@ -1,0 +1,222 @@
+//! The 1.6-bit CPU ternary layout ("base-3 layout"): five weights per byte,
+//! for decode, where every weight byte comes from memory once per token.
+//!
+//! # Spec
+//!
+//! - Each weight is the code `u = w + 1` in {0, 1, 2}, as in the tile layout.
+//! - Rows are grouped in **row blocks** of 16 output rows; inputs in
+//!   **chunks** of 20 inputs. `n_out` is padded to `blocks * 16`, `n_in` to
+//!   `chunks * 20`; every pad weight has `u = 1` (w = 0).
+//! - The matrix is a sequence of 64-byte, 64-byte-aligned **lines**, row block
+//!   major: line `b * chunks + c` holds row block `b`, chunk `c`, so a row
+//!   block is one contiguous stream of `chunks * 64` bytes.
+//! - Inside a line, byte `j = 4 * rr + k` (rr = row within the block, k =
+//!   0..4) holds `sum_s u_s * 3^s` (s = 0..5, a value 0..=242), where `u_s` is
+//!   the code of input `20c + 4s + k` of row `16b + rr`.
+//!
+//! Why: 64 bytes hold 320 weights instead of 256 (0.8x the bytes of the
+//! 2-bit tile layout), and decode on this class of machine is bound by
+//! memory bandwidth. A line is turned back into the tile layout's operands
+//! with table lookups: `FIELDS[byte]` is the 2-bit-field byte of planes
+//! s = 0..4 (the tile layout's line byte: plane s at bits `2s`), `TOP[byte]`
+//! is `u_4`. Each table has 256 entries, so a lookup on AVX-512 VBMI is two
+//! 128-entry `vpermi2b` (the index's low 7 bits) and a blend on bit 7.
+//! Plane s is then the unsigned VPDPBUSD operand for 16 rows x inputs
+//! `20c + 4s .. 20c + 4s + 4`; kernels subtract each token's `sum_i x_i`.
+//!
+//! Overflow: the same bound as the tile layout (`|u * x| <= 256` per
+//! product, `n_in <= MAX_N_IN`), so i32 accumulators never wrap.
+
+use rayon::prelude::*;
+
+use super::layout::{canon_to_u, Line, LINE, MAX_N_IN, ROWS};
+use crate::error::{Error, Result};
+use crate::model::TernaryMatrix;
+
+/// Inputs per chunk (one line holds ROWS x CHUNK codes).
+pub const CHUNK: usize = 20;
+/// Planes per line (4 inputs each).
+pub const PLANES: usize = 5;
+
+/// Byte value of an all-pad group of five codes (u = 1 each).
+const PAD_BYTE: u8 = 1 + 3 + 9 + 27 + 81;
+
+/// Ternary weights in the base-3 layout.
+pub struct Base3Layout {
+    pub n_out: usize,
+    pub n_in: usize,
+    /// Row blocks (`ceil(n_out / 16)`).
+    pub blocks: usize,
+    /// Chunks per row block (`ceil(n_in / 20)`).
+    pub chunks: usize,
+    pub lines: Vec<Line>,
+}
+
+/// `FIELDS[b]`: codes u_0..u_3 of byte `b` as 2-bit fields (u_s at bits 2s);
+/// values past 242 are never stored and map to pad codes.
+pub static FIELDS: Table = Table({
+    let mut t = [0x55u8; 256];
+    let mut b = 0;
+    while b < 243 {
+        let (mut v, mut s, mut f) = (b, 0, 0u8);
+        while s < 4 {
+            f |= ((v % 3) as u8) << (2 * s);
+            v /= 3;
+            s += 1;
+        }
+        t[b] = f;
+        b += 1;
+    }
+    t
+});
+
+/// `TOP[b]`: code u_4 of byte `b` (1, a pad code, past 242).
+pub static TOP: Table = Table({
+    let mut t = [1u8; 256];
+    let mut b = 0;
+    while b < 243 {
+        t[b] = (b / 81) as u8;
+        b += 1;
+    }
+    t
+});
+
+/// A 256-entry byte table, aligned for 64-byte vector loads.
+#[repr(C, align(64))]
+pub struct Table(pub [u8; 256]);
+
+impl Base3Layout {
+    /// Convert canonical weights. Fails on inconsistent or oversized shapes
+    /// before allocating.
+    pub fn from_canonical(w: &TernaryMatrix) -> Result<Self> {
+        let rb = TernaryMatrix::row_bytes_for(w.n_in);
+        let expect = w.n_out.checked_mul(rb);
+        if expect != Some(w.packed.len()) {
+            return Err(Error::input(format!(
+                "ternary matrix {}x{}: {} packed bytes, expected {}",
+                w.n_out,
+                w.n_in,
+                w.packed.len(),
+                expect.map_or("an overflowing size".into(), |e| e.to_string())
+            )));
+        }
+        if w.n_in > MAX_N_IN {
+            return Err(Error::input(format!(
+                "ternary matrix {}x{}: n_in above {MAX_N_IN} could overflow int32 accumulators",
+                w.n_out, w.n_in
+            )));
+        }
+        let blocks = w.n_out.div_ceil(ROWS);
+        let chunks = w.n_in.div_ceil(CHUNK);
+        let n_lines = blocks
+            .checked_mul(chunks)
+            .filter(|n| n.checked_mul(LINE).is_some())
+            .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
+        let mut lines = crate::mem::huge_vec(n_lines, Line([PAD_BYTE; LINE]));
+        if chunks > 0 {
+            lines
+                .par_chunks_mut(chunks)
+                .enumerate()
+                .for_each(|(b, blk)| fill_block(w, rb, b, blk));
+        }
+        Ok(Self {
+            n_out: w.n_out,
+            n_in: w.n_in,
+            blocks,
+            chunks,
+            lines,
+        })
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.lines.len() * LINE
+    }
+
+    /// The `chunks` lines of row block `b`.
+    pub fn block(&self, b: usize) -> &[Line] {
+        &self.lines[b * self.chunks..(b + 1) * self.chunks]
+    }
+
+    /// The weight at (r, i), decoded from the layout (for tests).
+    pub fn get(&self, r: usize, i: usize) -> i8 {
+        let byte = self.lines[(r / ROWS) * self.chunks + i / CHUNK].0[4 * (r % ROWS) + i % 4];
+        let s = (i % CHUNK) / 4;
+        (byte / 3u8.pow(s as u32) % 3) as i8 - 1
+    }
+}
+
+/// One row block's lines from the canonical rows (2-bit codes, input i at
+/// bits `2 (i % 4)` of byte `i / 4`).
+fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
+    let mut u = vec![1u8; blk.len() * CHUNK];
+    for rr in 0..ROWS {
+        let r = b * ROWS + rr;
+        if r >= w.n_out {
+            break;
+        }
+        let row = &w.packed[r * rb..(r + 1) * rb];
+        for (i, v) in u.iter_mut().enumerate().take(w.n_in) {
+            *v = canon_to_u(row[i / 4] >> (2 * (i % 4)));
+        }
+        for (c, line) in blk.iter_mut().enumerate() {
+            for k in 0..4 {
+                let mut byte = 0u8;
+                for s in (0..PLANES).rev() {
+                    byte = byte * 3 + u[CHUNK * c + 4 * s + k];
+                }
+                line.0[4 * rr + k] = byte;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WeightScale;
+
+    #[test]
+    fn layout_roundtrip_odd_shape() {
+        let (n_out, n_in) = (19, 47);
+        let trits: Vec<i8> = (0..n_out * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
+        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let l = Base3Layout::from_canonical(&m).unwrap();
+        assert_eq!((l.blocks, l.chunks), (2, 3));
+        assert_eq!(l.resident_bytes(), 2 * 3 * 64);
+        for r in 0..32 {
+            for i in 0..60 {
+                let want = if r < n_out && i < n_in { trits[r * n_in + i] } else { 0 };
+                assert_eq!(l.get(r, i), want, "({r},{i})");
+            }
+        }
+    }
+
+    #[test]
+    fn tables_invert_the_packing() {
+        for b in 0..243usize {
+            let (f, t) = (FIELDS.0[b], TOP.0[b]);
+            let v: usize = (0..4)
+                .map(|s| ((f >> (2 * s)) & 3) as usize * 3usize.pow(s))
+                .sum::<usize>()
+                + 81 * t as usize;
+            assert_eq!(v, b);
+            assert!((0..4).all(|s| (f >> (2 * s)) & 3 < 3) && t < 3);
+        }
+        assert_eq!(FIELDS.0[PAD_BYTE as usize], 0x55);
+        assert_eq!(TOP.0[PAD_BYTE as usize], 1);
+    }
+
+    #[test]
+    fn rejects_lying_shapes() {
+        let mut m = TernaryMatrix::zeros(3, 9, WeightScale::PerTensor(1.0)).unwrap();
+        m.packed.pop();
+        assert!(Base3Layout::from_canonical(&m).is_err());
+        let m = TernaryMatrix {
+            n_out: usize::MAX / 2,
+            n_in: 8,
+            packed: vec![],
+            scale: WeightScale::PerTensor(1.0),
+        };
+        assert!(Base3Layout::from_canonical(&m).is_err());
+    }
+}
