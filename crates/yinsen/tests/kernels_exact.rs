@@ -251,7 +251,7 @@ fn exhaustive_powers_of_three_at_every_offset() {
             }
         }
         let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
-        let other = |i: usize| if i % 2 == 0 { 37 } else { -91 };
+        let other = |i: usize| if i.is_multiple_of(2) { 37 } else { -91 };
         let x: Vec<i8> = (0..2 * n_in)
             .map(|i| {
                 let (t, j) = (i / n_in, i % n_in);
