@@ -72,7 +72,7 @@ struct ModelArgs {
     /// Compute path: cpu, cuda or auto.
     #[arg(long, default_value = "auto")]
     backend: String,
-    /// CPU kernel: auto, amx, vnni, avx2, scalar.
+    /// CPU kernel: auto, amx, vnni3 (1.6-bit base-3 layout), vnni, avx2, scalar.
     #[arg(long, default_value = "auto")]
     kernel: String,
     /// CPU threads (default: physical cores).

@@ -134,7 +134,12 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
                 samples.push(ng as f64 / dt);
             }
         }
-        let per_tok = decode_bytes_per_token(model, spec.lm_head_q8) as f64;
+        // The backend's own decode layout where it reports one (vnni3 reads
+        // 1.6 bits per ternary weight).
+        let per_tok = match backend.decode_ternary_bytes() {
+            Some(t) => decode_bytes_per_token(model, spec.lm_head_q8) - model.ternary_bytes() + t,
+            None => decode_bytes_per_token(model, spec.lm_head_q8),
+        } as f64;
         let med = stats(&samples).2;
         out.push(rec(0, ng, samples, Some(per_tok * med / 1e9)));
     }

@@ -48,6 +48,11 @@ pub trait Backend: Send + Sync {
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>>;
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;
+    /// Ternary weight bytes one decode step (one token) reads, where the
+    /// backend knows them (its decode layout may be smaller than 2 bits).
+    fn decode_ternary_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Copy a cache made by this backend out as f32 (to move a sequence to
     /// another path).
     fn export_kv(&self, _cache: &mut dyn KvCache) -> Result<KvSnapshot> {

@@ -124,7 +124,7 @@ enum HeadQ8 {
 /// How to build a CPU backend.
 #[derive(Clone, Debug)]
 pub struct CpuOptions {
-    /// "auto", "amx", "vnni", "avx2", "scalar".
+    /// "auto", "amx", "vnni3", "vnni", "avx2", "scalar".
     pub kernel: String,
     /// 0 = physical cores.
     pub threads: usize,
@@ -710,6 +710,14 @@ impl Backend for CpuBackend {
                 l.qkv.resident_bytes() + l.o.resident_bytes() + l.gate_up.resident_bytes() + l.down.resident_bytes()
             })
             .sum()
+    }
+    fn decode_ternary_bytes(&self) -> Option<usize> {
+        Some(
+            self.layers
+                .iter()
+                .map(|l| l.qkv.bytes_for(1) + l.o.bytes_for(1) + l.gate_up.bytes_for(1) + l.down.bytes_for(1))
+                .sum(),
+        )
     }
     fn export_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
         self.export_cpu_kv(cache)

@@ -498,6 +498,14 @@ impl Linear {
         }
     }
 
+    /// Weight bytes one call of `n_tokens` tokens reads.
+    pub fn bytes_for(&self, n_tokens: usize) -> usize {
+        match &self.weights {
+            Weights::Packed { packed, .. } => packed.bytes_for(n_tokens),
+            Weights::PerBlock(m) => m.iter().map(|m| m.resident_bytes()).sum(),
+        }
+    }
+
     /// Decode (one token): one parallel region over contiguous row ranges
     /// that also applies the scales, so there is no shared i32 buffer and no
     /// second fork-join for the epilogue. Bit-equal to the general path

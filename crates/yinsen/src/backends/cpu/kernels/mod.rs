@@ -50,6 +50,11 @@ pub trait PackedTernary: Send + Sync {
     fn gemm_tokens(&self, _x: &[i8], _n_tokens: usize, _r0: usize, _r1: usize, _out: &mut [i32]) -> bool {
         false
     }
+    /// Weight bytes a call of `n_tokens` tokens reads (a policy holding
+    /// several layouts reads only the one its kernel for that call uses).
+    fn bytes_for(&self, _n_tokens: usize) -> usize {
+        self.resident_bytes()
+    }
     /// Whether [`Self::gemm_tokens`] runs for calls of `n_tokens` tokens.
     fn token_major(&self, _n_tokens: usize) -> bool {
         false
@@ -62,7 +67,7 @@ pub const KERNEL_NAMES: [&str; 6] = ["auto", "amx", "vnni3", "vnni", "avx2", "sc
 /// The kernel for `name` ("auto" = fastest available), or an error saying
 /// why it cannot run here.
 ///
-/// "auto" picks vnni > avx2 > scalar; AMX is only used when asked for by
+/// "auto" picks vnni3 > vnni > avx2 > scalar; AMX is only used when asked for by
 /// name (or by a dispatcher via [`best_for_tokens`]), since it pays off only
 /// for many tokens per call.
 pub fn select(name: &str) -> Result<Arc<dyn TernaryKernel>> {
@@ -97,11 +102,13 @@ pub fn available() -> Vec<&'static str> {
     let mut v = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if vnni::detected() {
-            v.push("vnni");
-        }
+        // The 1.6-bit layout first: decode reads 0.8x the bytes of the 2-bit
+        // one (docs/performance.md, session 6).
         if vnni3::detected() {
             v.push("vnni3");
+        }
+        if vnni::detected() {
+            v.push("vnni");
         }
         if avx2::detected() {
             v.push("avx2");

@@ -130,6 +130,9 @@ impl PackedTernary for Switched {
             .map(|(_, v)| v.resident_bytes())
             .sum()
     }
+    fn bytes_for(&self, n_tokens: usize) -> usize {
+        self.pick(n_tokens).resident_bytes()
+    }
     fn row_block(&self) -> usize {
         self.variants.iter().map(|(_, v)| v.row_block()).max().unwrap_or(1)
     }
