@@ -15,14 +15,14 @@
 //!   the code of input `20c + 4s + k` of row `16b + rr`.
 //!
 //! Why: 64 bytes hold 320 weights instead of 256 (0.8x the bytes of the
-//! 2-bit tile layout), and decode on this class of machine is bound by
-//! memory bandwidth. A line is turned back into the tile layout's operands
-//! with table lookups: `FIELDS[byte]` is the 2-bit-field byte of planes
-//! s = 0..4 (the tile layout's line byte: plane s at bits `2s`), `TOP[byte]`
-//! is `u_4`. Each table has 256 entries, so a lookup on AVX-512 VBMI is two
-//! 128-entry `vpermi2b` (the index's low 7 bits) and a blend on bit 7.
-//! Plane s is then the unsigned VPDPBUSD operand for 16 rows x inputs
-//! `20c + 4s .. 20c + 4s + 4`; kernels subtract each token's `sum_i x_i`.
+//! 2-bit tile layout), and decode is bound by memory bandwidth (on one core
+//! of this class of machine, by what one core's streams keep in flight). A
+//! kernel turns a line back into the tile layout's operands: `u_4 = byte /
+//! 81` (two compares), and `FIELDS[byte - 81 u_4]` is the tile layout's line
+//! byte of planes 0..4 (u_s at bits `2s`): 81 entries, one AVX-512 VBMI
+//! `vpermi2b`. Plane s is then the unsigned VPDPBUSD operand for 16 rows x
+//! inputs `20c + 4s .. 20c + 4s + 4`; kernels subtract each token's
+//! `sum_i x_i`.
 //!
 //! Overflow: the same bound as the tile layout (`|u * x| <= 256` per
 //! product, `n_in <= MAX_N_IN`), so i32 accumulators never wrap.
@@ -52,12 +52,12 @@ pub struct Base3Layout {
     pub lines: Vec<Line>,
 }
 
-/// `FIELDS[b]`: codes u_0..u_3 of byte `b` as 2-bit fields (u_s at bits 2s);
-/// values past 242 are never stored and map to pad codes.
+/// `FIELDS[v]`: codes u_0..u_3 of `v = sum_{s<4} u_s 3^s` as 2-bit fields
+/// (u_s at bits 2s); entries past 80 are never indexed and hold pad codes.
 pub static FIELDS: Table = Table({
     let mut t = [0x55u8; 256];
     let mut b = 0;
-    while b < 243 {
+    while b < 81 {
         let (mut v, mut s, mut f) = (b, 0, 0u8);
         while s < 4 {
             f |= ((v % 3) as u8) << (2 * s);
@@ -65,17 +65,6 @@ pub static FIELDS: Table = Table({
             s += 1;
         }
         t[b] = f;
-        b += 1;
-    }
-    t
-});
-
-/// `TOP[b]`: code u_4 of byte `b` (1, a pad code, past 242).
-pub static TOP: Table = Table({
-    let mut t = [1u8; 256];
-    let mut b = 0;
-    while b < 243 {
-        t[b] = (b / 81) as u8;
         b += 1;
     }
     t
@@ -192,18 +181,18 @@ mod tests {
     }
 
     #[test]
-    fn tables_invert_the_packing() {
+    fn fields_invert_the_packing() {
         for b in 0..243usize {
-            let (f, t) = (FIELDS.0[b], TOP.0[b]);
-            let v: usize = (0..4)
+            let (v, top) = (b % 81, b / 81);
+            let f = FIELDS.0[v];
+            let back: usize = (0..4)
                 .map(|s| ((f >> (2 * s)) & 3) as usize * 3usize.pow(s))
                 .sum::<usize>()
-                + 81 * t as usize;
-            assert_eq!(v, b);
-            assert!((0..4).all(|s| (f >> (2 * s)) & 3 < 3) && t < 3);
+                + 81 * top;
+            assert_eq!(back, b);
+            assert!((0..4).all(|s| (f >> (2 * s)) & 3 < 3));
         }
-        assert_eq!(FIELDS.0[PAD_BYTE as usize], 0x55);
-        assert_eq!(TOP.0[PAD_BYTE as usize], 1);
+        assert_eq!(FIELDS.0[PAD_BYTE as usize - 81], 0x55);
     }
 
     #[test]

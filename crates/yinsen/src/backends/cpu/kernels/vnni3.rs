@@ -1,10 +1,9 @@
 //! AVX-512 VNNI kernel over the 1.6-bit base-3 layout (see `base3.rs`).
 //!
 //! The same register tiles as `vnni.rs` (16 output rows in dword lanes x
-//! NT tokens), with one more step per 64-byte line: two table lookups
-//! (`vpermi2b` x 2 + a blend on bit 7, AVX-512 VBMI) turn the line's 64
-//! base-3 bytes into the 2-bit fields of planes 0..4 and the codes of plane
-//! 4. The five planes are then VPDPBUSD operands, each against a dword
+//! NT tokens), with one more step per 64-byte line: two compares and one
+//! table lookup (`vpermi2b`, AVX-512 VBMI) turn the line's 64 base-3 bytes
+//! into the 2-bit fields of planes 0..3 and the codes of plane 4. The five planes are then VPDPBUSD operands, each against a dword
 //! broadcast of 4 activation bytes; the token's activation sum is
 //! subtracted once at the end (u = w + 1).
 //!
@@ -90,10 +89,12 @@ impl Luts {
 /// The 2-bit fields of planes 0..4 (`FIELDS[b]`) and the codes of plane 4
 /// (`b / 81`) of every byte `b` of `p`: `u4 = [b >= 81] + [b >= 162]` by two
 /// compares, then `v = b - 81 u4` (< 81) indexes the first 128 entries of
-/// `FIELDS` with a single `vpermi2b`.
+/// `FIELDS` with a single `vpermi2b`. (Two `vpermi2b` and a blend over all
+/// 256 entries, or a third `vpermi2b` for `u4`, measured slower on Zen 4:
+/// the byte permutes are the costly part of the decode.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn decode(t: &[__m512i; 2], p: __m512i) -> (__m512i, __m512i) {
+unsafe fn decode(l: &Luts, p: __m512i) -> (__m512i, __m512i) {
     let (one, c81) = (_mm512_set1_epi8(1), _mm512_set1_epi8(81));
     let k1 = _mm512_cmpge_epu8_mask(p, c81);
     let k2 = _mm512_cmpge_epu8_mask(p, _mm512_set1_epi8(162u8 as i8));
@@ -101,7 +102,7 @@ unsafe fn decode(t: &[__m512i; 2], p: __m512i) -> (__m512i, __m512i) {
     let v = _mm512_mask_sub_epi8(v, k2, v, c81);
     let u1 = _mm512_maskz_mov_epi8(k1, one);
     let top = _mm512_mask_add_epi8(u1, k2, u1, one);
-    (_mm512_permutex2var_epi8(t[0], v, t[1]), top)
+    (_mm512_permutex2var_epi8(l.fields[0], v, l.fields[1]), top)
 }
 
 /// Rows r0..r1 (r0 % 16 == 0), row-major out: token groups outer, then row
@@ -109,6 +110,9 @@ unsafe fn decode(t: &[__m512i; 2], p: __m512i) -> (__m512i, __m512i) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn gemm_vnni3(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
     let luts = Luts::load();
+    if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN && std::env::var_os("YINSEN_VNNI3_NOPAIR").is_none() {
+        return gemv_pairs(&luts, l, x, r0, r1, sums[0], out);
+    }
     for g0 in (0..n_tokens).step_by(TOKEN_GROUP) {
         let g1 = (g0 + TOKEN_GROUP).min(n_tokens);
         for b in r0 / ROWS..r1.div_ceil(ROWS) {
@@ -129,6 +133,66 @@ unsafe fn gemm_vnni3(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: 
             }
         }
     }
+}
+
+/// One token (decode): row blocks in pairs `(b, b + half)` of the range,
+/// streamed together, so a thread keeps two independent memory streams in
+/// flight (one core's single stream stops well below the memory bandwidth).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+unsafe fn gemv_pairs(luts: &Luts, l: &Base3Layout, x: &[i8], r0: usize, r1: usize, sum: i32, out: &mut [i32]) {
+    let (b0, b1) = (r0 / ROWS, r1.div_ceil(ROWS));
+    let half = (b1 - b0).div_ceil(2);
+    let mut put = |b: usize, r: &[i32; ROWS]| {
+        for (rr, &v) in r.iter().enumerate().take((r1 - b * ROWS).min(ROWS)) {
+            out[b * ROWS + rr - r0] = v.wrapping_sub(sum);
+        }
+    };
+    for ba in b0..b0 + half {
+        let bb = ba + half;
+        if bb < b1 {
+            let (ra, rb) = tile_pair(luts, l.block(ba), l.block(bb), l.n_in, x);
+            put(ba, &ra);
+            put(bb, &rb);
+        } else {
+            let mut res = [[0i32; ROWS]; MAX_NT];
+            tile::<1, 5, true>(luts, l.block(ba), l.n_in, x, &mut res);
+            put(ba, &res[0]);
+        }
+    }
+}
+
+/// [`tile`] for one token over two row blocks at once (in-place masks).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+unsafe fn tile_pair(luts: &Luts, la: &[Line], lb: &[Line], n_in: usize, x: &[i8]) -> ([i32; ROWS], [i32; ROWS]) {
+    let full = n_in / CHUNK;
+    let mut aa = [[_mm512_setzero_si512(); 5]; 1];
+    let mut ab = [[_mm512_setzero_si512(); 5]; 1];
+    let xp = x.as_ptr();
+    for c in 0..full {
+        line_step::<1, 5, true>(luts, &mut aa, &la[c], xp.add(c * CHUNK), n_in);
+        line_step::<1, 5, true>(luts, &mut ab, &lb[c], xp.add(c * CHUNK), n_in);
+    }
+    let rem = n_in - full * CHUNK;
+    if rem > 0 {
+        let mut tail = [0i8; CHUNK];
+        tail[..rem].copy_from_slice(&x[full * CHUNK..n_in]);
+        line_step::<1, 5, true>(luts, &mut aa, &la[full], tail.as_ptr(), CHUNK);
+        line_step::<1, 5, true>(luts, &mut ab, &lb[full], tail.as_ptr(), CHUNK);
+    }
+    let fold = |acc: &mut [[__m512i; 5]; 1]| {
+        let a = &mut acc[0];
+        let s = _mm512_add_epi32(
+            _mm512_add_epi32(a[0], a[4]),
+            _mm512_add_epi32(
+                _mm512_srai_epi32::<2>(a[1]),
+                _mm512_add_epi32(_mm512_srai_epi32::<4>(a[2]), _mm512_srai_epi32::<6>(a[3])),
+            ),
+        );
+        let mut r = [0i32; ROWS];
+        _mm512_storeu_si512(r.as_mut_ptr() as *mut _, s);
+        r
+    };
+    (fold(&mut aa), fold(&mut ab))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
@@ -175,7 +239,7 @@ unsafe fn line_step<const NT: usize, const A: usize, const M: bool>(
     stride: usize,
 ) {
     let p = _mm512_load_si512(line as *const Line as *const _);
-    let (f, top) = decode(&luts.fields, p);
+    let (f, top) = decode(luts, p);
     let m = _mm512_set1_epi8(3);
     let ws = if M {
         // Fields masked in place: plane s is 4^s u_s (one op, no shift).
