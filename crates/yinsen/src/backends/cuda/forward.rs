@@ -74,6 +74,9 @@ struct Scratch {
     best: DevBuf,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
+    /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
+    /// ([n_kv][flash_tcx_scap][4][hd] halves), where that kernel runs.
+    kvs: Option<DevBuf>,
 }
 
 /// Element type of the KV cache. F32 (the default) keeps the forward in
@@ -175,10 +178,14 @@ pub enum FlashMode {
     /// Tc with K/V copied raw by cp.async and converted in shared memory
     /// (`flash_tcs_d128_f32`: f32 cache, head dim <= 128; else Tc).
     TcStaged,
+    /// Split precision with K/V split into hi/lo f16 once per layer
+    /// (`kv_split_f32` + `flash_tcx_*`: f32 cache, head dim 64 or 128) for
+    /// calls of at least TCX_MIN_NT tokens; else Tc. Auto's choice where it runs.
+    Tcx,
 }
 
 impl FlashMode {
-    const ALL: [FlashMode; 7] = [
+    const ALL: [FlashMode; 8] = [
         FlashMode::Off,
         FlashMode::Auto,
         FlashMode::F32,
@@ -186,9 +193,10 @@ impl FlashMode {
         FlashMode::Tc,
         FlashMode::Tc16,
         FlashMode::TcStaged,
+        FlashMode::Tcx,
     ];
 
-    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`.
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`, `tcx`.
     pub fn from_env() -> Result<Self> {
         let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
             return Ok(FlashMode::Auto);
@@ -201,9 +209,10 @@ impl FlashMode {
             "tc" => FlashMode::Tc,
             "tc16" => FlashMode::Tc16,
             "tcs" => FlashMode::TcStaged,
+            "tcx" => FlashMode::Tcx,
             _ => {
                 return Err(Error::input(format!(
-                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16 or tcs"
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16, tcs or tcx"
                 )))
             }
         })
@@ -236,6 +245,55 @@ pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
 
 /// A prefill attention kernel: name, threads per block, dynamic smem bytes.
 type FlashKernel = (&'static str, u32, usize);
+
+/// Threads per block of flash.cu's `flash_tcx_*` (TCX_THREADS: 8 warps).
+pub const FLASH_TCX_THREADS: u32 = 256;
+
+/// Calls of at least this many tokens take `flash_tcx_*` (Auto / Tcx): the
+/// per-layer K/V split costs a pass over every cached key, which a short
+/// batched step after a long context would not earn back. Above the step
+/// graphs' sizes, so no captured graph holds the split.
+pub const TCX_MIN_NT: usize = 64;
+const _: () = assert!(TCX_MIN_NT > STEP_GRAPH_MAX);
+
+/// `flash_tcx_*` for head dim `hd` and `hpb` query heads per block (`s3`:
+/// three key-tile stages, d128 h4 only), if instantiated.
+pub fn flash_tcx_name(hd: usize, hpb: usize, s3: bool) -> Option<&'static str> {
+    Some(match (hd, hpb, s3) {
+        (128, 4, false) => "flash_tcx_d128_h4",
+        (128, 4, true) => "flash_tcx_d128_h4_s3",
+        (128, 2, false) => "flash_tcx_d128_h2",
+        (128, 1, false) => "flash_tcx_d128_h1",
+        (64, 4, false) => "flash_tcx_d64_h4",
+        (64, 2, false) => "flash_tcx_d64_h2",
+        (64, 1, false) => "flash_tcx_d64_h1",
+        _ => return None,
+    })
+}
+
+/// Dynamic shared memory of `flash_tcx_*`: `stages` key tiles of four f16
+/// planes (K hi, K lo, V hi, V lo) [64][hd + 8].
+pub fn flash_tcx_smem(hd: usize, stages: usize) -> usize {
+    stages * 4 * FA_TILE * (hd + 8) * 2
+}
+
+/// Query rows per tile of `flash_tcx_*` with `hpb` heads per block (8 warps of 16 rows).
+pub fn flash_tcx_bq(hpb: usize) -> usize {
+    128 / hpb
+}
+
+/// Key rows of the hi/lo side buffer of `kv_split_f32` (whole key tiles).
+pub fn flash_tcx_scap(max_ctx: usize) -> usize {
+    max_ctx.div_ceil(FA_TILE) * FA_TILE
+}
+
+/// The `flash_tcx_*` instantiation a backend runs: kernel, heads per block, smem.
+#[derive(Clone, Copy, Debug)]
+struct Tcx {
+    name: &'static str,
+    hpb: usize,
+    smem: usize,
+}
 
 pub struct CudaBackend {
     /// Unique per backend (never 0): caches remember which backend captured
@@ -271,6 +329,8 @@ pub struct CudaBackend {
     tc_ok: [bool; 2],
     /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
     tcs_ok: bool,
+    /// The `flash_tcx_*` kernel (f32 cache, hd 64 / 128, sm_80+, smem), if any.
+    tcx: Option<Tcx>,
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -572,6 +632,36 @@ impl CudaBackend {
             && c.head_dim <= 128
             && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
+        let tcx = match (kv, c.head_dim) {
+            (KvDtype::F32, 64 | 128)
+                if gpu.info.sm.0 >= 8 && c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) =>
+            {
+                let group = c.n_heads / c.n_kv_heads;
+                let hpb = [4usize, 2, 1]
+                    .into_iter()
+                    .find(|h| group.is_multiple_of(*h))
+                    .unwrap_or(1);
+                // `YINSEN_CUDA_TCX_STAGES=3`: three key-tile stages where instantiated.
+                let s3 = std::env::var("YINSEN_CUDA_TCX_STAGES").is_ok_and(|v| v == "3");
+                let pick = flash_tcx_name(c.head_dim, hpb, s3)
+                    .map(|n| (n, 3))
+                    .filter(|_| s3)
+                    .or_else(|| flash_tcx_name(c.head_dim, hpb, false).map(|n| (n, 2)));
+                match pick {
+                    Some((name, stages)) => {
+                        let smem = flash_tcx_smem(c.head_dim, stages);
+                        gpu.allow_dynamic_smem(name, smem)?.then_some(Tcx { name, hpb, smem })
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let mut scratch = scratch;
+        if tcx.is_some() {
+            let scap = flash_tcx_scap(c.max_ctx);
+            scratch.kvs = Some(gpu.alloc(checked(&[c.n_kv_heads, scap, 4, c.head_dim, 2], "K/V split")?)?);
+        }
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
@@ -626,6 +716,7 @@ impl CudaBackend {
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
             tcs_ok,
+            tcx,
             part_tokens,
             flash_ok,
             tc_ok,
@@ -775,6 +866,7 @@ impl CudaBackend {
             FlashMode::Wide => f32k(true),
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
+            FlashMode::Tcx => tc(true),
             FlashMode::TcStaged => match self.tcs_ok {
                 true => Some(("flash_tcs_d128_f32", FLASH_TC_THREADS, flash_tc_smem(hd, true, self.kv))),
                 false => tc(true),
@@ -798,6 +890,40 @@ impl CudaBackend {
         };
         // part holds [part_tokens][n_heads][max_splits][hd + 2] floats; the
         // key split uses [nt][n_heads][n_ks][hd + 2].
+        let room = (self.part_tokens * self.max_splits) / nt.max(1);
+        want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
+    }
+
+    /// The `flash_tcx_*` kernel a call of `nt` tokens runs (Auto and Tcx
+    /// modes, nt >= TCX_MIN_NT), if any.
+    fn tcx_for(&self, nt: usize) -> Option<Tcx> {
+        let mode = FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize];
+        match mode {
+            FlashMode::Auto | FlashMode::Tcx if nt >= TCX_MIN_NT => self.tcx,
+            _ => None,
+        }
+    }
+
+    /// The kernel prefill attention of `nt` tokens runs now (tests, logs).
+    pub fn attention_kernel_name(&self, nt: usize) -> Option<&'static str> {
+        match self.tcx_for(nt) {
+            Some(t) => Some(t.name),
+            None => self.flash_kernel_name(),
+        }
+    }
+
+    /// Key splits of `flash_tcx_*` for `nt` queries (as key_splits: two
+    /// blocks per SM, here of one resident block each, within `part`).
+    fn tcx_splits(&self, nt: usize, t: Tcx) -> usize {
+        let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
+        let c = &self.config;
+        let blocks = nt.div_ceil(flash_tcx_bq(t.hpb)) * (c.n_heads / t.hpb);
+        let target = 2 * self.gpu.info.sms.max(1) as usize;
+        let want = if forced > 0 {
+            forced
+        } else {
+            target.div_ceil(blocks.max(1))
+        };
         let room = (self.part_tokens * self.max_splits) / nt.max(1);
         want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
     }
@@ -1009,6 +1135,73 @@ impl CudaBackend {
     fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        if let (Some(t), Some(kvs)) = (self.tcx_for(nt), s.kvs.as_ref()) {
+            let scap = flash_tcx_scap(c.max_ctx);
+            let gx = (cache.cap * c.head_dim / 4).div_ceil(2048).clamp(1, 64) as u32;
+            self.gpu.launch_ex(
+                "kv_split_f32",
+                (gx, 2 * c.n_kv_heads as u32, 1),
+                256,
+                &[
+                    cache.k.at(li * cache.layer_bytes),
+                    cache.v.at(li * cache.layer_bytes),
+                    s.pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(c.n_kv_heads as i32),
+                    Arg::I(c.head_dim as i32),
+                    Arg::I(cache.cap as i32),
+                    Arg::I(scap as i32),
+                    kvs.p(),
+                ],
+                pdl,
+            )?;
+            let n_ks = self.tcx_splits(nt, t);
+            let bq = flash_tcx_bq(t.hpb);
+            let blocks = nt.div_ceil(bq) * n_ks * (c.n_heads / t.hpb);
+            let how = if pdl { Launch::Pdl } else { Launch::Plain };
+            self.gpu.launch_smem(
+                t.name,
+                (blocks as u32, 1, 1),
+                FLASH_TCX_THREADS,
+                t.smem as u32,
+                &[
+                    s.qr.p(),
+                    Arg::I(c.q_dim() as i32),
+                    kvs.p(),
+                    s.pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(c.n_heads as i32),
+                    Arg::I(c.n_kv_heads as i32),
+                    Arg::I(scap as i32),
+                    Arg::F(scale),
+                    s.attn.p(),
+                    Arg::I(c.q_dim() as i32),
+                    Arg::I(n_ks as i32),
+                    s.part.p(),
+                ],
+                how,
+            )?;
+            if n_ks > 1 {
+                self.gpu.launch_ex(
+                    "flash_tcx_merge",
+                    (nt as u32, c.n_heads as u32, 1),
+                    128,
+                    &[
+                        s.part.p(),
+                        s.pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(c.n_heads as i32),
+                        Arg::I(c.head_dim as i32),
+                        Arg::I(n_ks as i32),
+                        s.attn.p(),
+                        Arg::I(c.q_dim() as i32),
+                        Arg::I(bq as i32),
+                    ],
+                    pdl,
+                )?;
+            }
+            return Ok(());
+        }
         if let Some((name, threads, smem)) = self.flash_kernel().filter(|_| nt > 1) {
             let tc = name.starts_with("flash_tc");
             let n_ks = if tc { self.key_splits(nt) } else { 1 };
@@ -2111,6 +2304,7 @@ impl Scratch {
             },
             best: f32s(&[2])?,
             bar: f32s(&[1])?,
+            kvs: None,
         })
     }
 }
