@@ -741,7 +741,7 @@ fn step_graph_matches_ungraphed() {
 /// Prefill through `kv_split_f32` + `flash_tcx_*` (FlashMode::Tcx, Auto's
 /// choice for calls of TCX_MIN_NT tokens or more) against the old split
 /// kernel (FlashMode::Tc) on tiny (4 query heads on 2 KV heads, hd 64: the
-/// d64 h2 instantiation): 300 tokens from an empty cache, then 100 + 137
+/// default d64 instantiation): 300 tokens from an empty cache, then 100 + 137
 /// tokens (p0 = 100, mid key tile). With one key split forced the two run
 /// the same arithmetic, so the logits agree to 1e-4 (normally bit for bit);
 /// with the automatic key splits (different counts: the new kernel's grid
@@ -761,7 +761,7 @@ fn tcx_prefill_matches_tc() {
         gpu.set_flash(FlashMode::Auto);
         return;
     }
-    assert_eq!(name, "flash_tcx_d64_h2");
+    assert!(name.starts_with("flash_tcx_d64_"), "{name}");
     assert!(!gpu
         .attention_kernel_name(TCX_MIN_NT - 1)
         .unwrap_or("")

@@ -665,9 +665,7 @@ fn flash_attention_2b4t_timing() {
 #[allow(clippy::too_many_arguments)]
 fn tcx_launch(
     g: &Gpu,
-    name: &str,
-    hpb: usize,
-    stages: usize,
+    t: cuda::TcxKernel,
     args: &[cuda::Arg; 13],
     kvs: &cuda::DevBuf,
     scap: usize,
@@ -675,7 +673,7 @@ fn tcx_launch(
     n_ks: usize,
     part: cuda::Arg,
 ) {
-    use yinsen::backends::cuda::{flash_tcx_bq, flash_tcx_smem, Arg, FLASH_TCX_THREADS};
+    use yinsen::backends::cuda::Arg;
     let [q_dim, nt, n_heads, n_kv, hd, cap] = dims;
     let split = [
         args[2],
@@ -690,8 +688,8 @@ fn tcx_launch(
     ];
     g.launch_smem("kv_split_f32", (16, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
         .unwrap();
-    let bq = flash_tcx_bq(hpb);
-    let blocks = nt.div_ceil(bq) * n_ks * (n_heads / hpb);
+    let bq = t.bq();
+    let blocks = nt.div_ceil(bq) * n_ks * (n_heads / t.hpb);
     let a = [
         args[0],
         Arg::I(q_dim as i32),
@@ -707,12 +705,11 @@ fn tcx_launch(
         Arg::I(n_ks as i32),
         part,
     ];
-    let smem = flash_tcx_smem(hd, stages);
     g.launch_smem(
-        name,
+        t.name,
         (blocks as u32, 1, 1),
-        FLASH_TCX_THREADS,
-        smem as u32,
+        t.threads(),
+        t.smem() as u32,
         &a,
         Launch::Plain,
     )
@@ -741,21 +738,14 @@ fn tcx_launch(
     }
 }
 
-/// The `flash_tcx_*` instantiations (heads per block dividing the group)
-/// for head dim `hd`: (name, heads per block, stages).
-fn tcx_kernels(hd: usize, group: usize) -> Vec<(&'static str, usize, usize)> {
-    use yinsen::backends::cuda::flash_tcx_name;
-    let mut v = Vec::new();
-    for hpb in [4usize, 2, 1] {
-        if group.is_multiple_of(hpb) {
-            for (s3, stages) in [(false, 2usize), (true, 3)] {
-                if let Some(n) = flash_tcx_name(hd, hpb, s3) {
-                    v.push((n, hpb, stages));
-                }
-            }
-        }
-    }
-    v
+/// The `flash_tcx_*` variants whose heads per block divide the group, for head dim `hd`.
+fn tcx_kernels(hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
+    use yinsen::backends::cuda::{flash_tcx, TCX_VARIANTS};
+    TCX_VARIANTS
+        .iter()
+        .filter_map(|v| flash_tcx(hd, v))
+        .filter(|t| group.is_multiple_of(t.hpb))
+        .collect()
 }
 
 /// `kv_split_f32` + `flash_tcx_*` (K/V split into hi/lo f16 once, 8 warps
@@ -769,7 +759,7 @@ fn tcx_kernels(hd: usize, group: usize) -> Vec<(&'static str, usize, usize)> {
 /// first (a row read past the keys shows), outputs and partials too.
 #[test]
 fn flash_tcx_matches_reference() {
-    use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, flash_tcx_smem, KvDtype, FLASH_TC_THREADS};
+    use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     if !g.has_mma() {
         common::skip_cuda("no mma.sync (sm_80+)");
@@ -811,12 +801,10 @@ fn flash_tcx_matches_reference() {
         flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
         let tc = out.read::<f32>(nt * q_dim).unwrap();
         use yinsen::backends::cuda::Arg;
-        for (name, hpb, stages) in tcx_kernels(hd, n_heads / n_kv) {
-            if !g.allow_dynamic_smem(name, flash_tcx_smem(hd, stages)).unwrap() {
-                println!(
-                    "{name}: {} bytes of smem not available here",
-                    flash_tcx_smem(hd, stages)
-                );
+        for t in tcx_kernels(hd, n_heads / n_kv) {
+            let name = t.name;
+            if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
+                println!("{name}: {} bytes of smem not available here", t.smem());
                 continue;
             }
             let mut base: Vec<f32> = Vec::new();
@@ -824,7 +812,7 @@ fn flash_tcx_matches_reference() {
                 kvs.fill(0xff).unwrap(); // NaN until split
                 out.fill(0xff).unwrap();
                 part.fill(0xff).unwrap();
-                tcx_launch(&g, name, hpb, stages, &args, &kvs, scap, dims, n_ks, part.p());
+                tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let what = format!("{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0} n_ks {n_ks}");
                 let e = assert_attention_close(&got, &want, 5e-5, q_dim, hd, &what);
@@ -860,9 +848,7 @@ fn flash_tcx_matches_reference() {
 /// included) next to the old kernel's, A/B in the same process.
 #[test]
 fn flash_tcx_2b4t_timing() {
-    use yinsen::backends::cuda::{
-        flash_tc_smem, flash_tcx_bq, flash_tcx_scap, flash_tcx_smem, Arg, KvDtype, FLASH_TC_THREADS,
-    };
+    use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, Arg, KvDtype, FLASH_TC_THREADS};
     if !common::device_only("flash_tcx_2b4t_timing") {
         return;
     }
@@ -946,18 +932,23 @@ fn flash_tcx_2b4t_timing() {
                 .unwrap()
         });
         table.push(format!("nt {nt} p0 {p0}: kv_split_f32 {t_split:.4} ms"));
-        for (name, hpb, stages) in tcx_kernels(hd, n_heads / n_kv) {
-            if !g.allow_dynamic_smem(name, flash_tcx_smem(hd, stages)).unwrap() {
+        for t in tcx_kernels(hd, n_heads / n_kv) {
+            let name = t.name;
+            if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
                 continue;
             }
-            let blocks = nt.div_ceil(flash_tcx_bq(hpb)) * (n_heads / hpb);
-            let auto = (2 * sms).div_ceil(blocks).min(64);
-            for n_ks in [1usize, auto, 2 * auto] {
-                if n_ks > 1 && n_ks == auto && auto == 1 {
-                    continue;
-                }
+            // CudaBackend::tcx_splits: about one block per SM where the
+            // un-split grid leaves over half of them idle.
+            let blocks = nt.div_ceil(t.bq()) * (n_heads / t.hpb);
+            let slots = sms * (8 / t.warps);
+            let auto = if 2 * blocks <= slots { slots / blocks } else { 1 };
+            let mut splits = vec![1usize, 2];
+            if auto > 2 {
+                splits.push(auto);
+            }
+            for n_ks in splits {
                 out.fill(0xff).unwrap();
-                let run = || tcx_launch(&g, name, hpb, stages, &args, &kvs, scap, dims, n_ks, part.p());
+                let run = || tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
                 run();
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let d = got
@@ -967,11 +958,11 @@ fn flash_tcx_2b4t_timing() {
                     .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
                 let tol = if n_ks == 1 { 1e-6 } else { 2e-5 };
                 assert!(d <= tol, "{name} nt {nt} p0 {p0} n_ks {n_ks}: {d} from {old}");
-                let t = time(&run);
-                let occ = g.occupancy(name, 256, flash_tcx_smem(hd, stages)).unwrap();
+                let ms = time(&run);
+                let occ = g.occupancy(name, t.threads(), t.smem()).unwrap();
                 table.push(format!(
-                    "nt {nt} p0 {p0}: {name} n_ks {n_ks} {t:.4} ms incl. split (x30 {:.2} ms; {occ} blocks/SM; diff {d:.1e})",
-                    30.0 * t
+                    "nt {nt} p0 {p0}: {name} n_ks {n_ks} {ms:.4} ms incl. split (x30 {:.2} ms; {occ} blocks/SM; diff {d:.1e})",
+                    30.0 * ms
                 ));
             }
         }

@@ -246,9 +246,6 @@ pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
 /// A prefill attention kernel: name, threads per block, dynamic smem bytes.
 type FlashKernel = (&'static str, u32, usize);
 
-/// Threads per block of flash.cu's `flash_tcx_*` (TCX_THREADS: 8 warps).
-pub const FLASH_TCX_THREADS: u32 = 256;
-
 /// Calls of at least this many tokens take `flash_tcx_*` (Auto / Tcx): the
 /// per-layer K/V split costs a pass over every cached key, which a short
 /// batched step after a long context would not earn back. Above the step
@@ -256,30 +253,62 @@ pub const FLASH_TCX_THREADS: u32 = 256;
 pub const TCX_MIN_NT: usize = 64;
 const _: () = assert!(TCX_MIN_NT > STEP_GRAPH_MAX);
 
-/// `flash_tcx_*` for head dim `hd` and `hpb` query heads per block (`s3`:
-/// three key-tile stages, d128 h4 only), if instantiated.
-pub fn flash_tcx_name(hd: usize, hpb: usize, s3: bool) -> Option<&'static str> {
-    Some(match (hd, hpb, s3) {
-        (128, 4, false) => "flash_tcx_d128_h4",
-        (128, 4, true) => "flash_tcx_d128_h4_s3",
-        (128, 2, false) => "flash_tcx_d128_h2",
-        (128, 1, false) => "flash_tcx_d128_h1",
-        (64, 4, false) => "flash_tcx_d64_h4",
-        (64, 2, false) => "flash_tcx_d64_h2",
-        (64, 1, false) => "flash_tcx_d64_h1",
+/// One `flash_tcx_*` instantiation (flash.cu): kernel, query heads per
+/// block, warps per block, keys per tile (two stages of four f16 planes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcxKernel {
+    pub name: &'static str,
+    pub hpb: usize,
+    pub warps: usize,
+    pub bk: usize,
+    pub hd: usize,
+}
+
+impl TcxKernel {
+    pub fn threads(&self) -> u32 {
+        32 * self.warps as u32
+    }
+    /// Query rows per tile: 16 per warp, over hpb heads.
+    pub fn bq(&self) -> usize {
+        16 * self.warps / self.hpb
+    }
+    /// Dynamic shared memory: 2 stages x 4 planes (K hi, K lo, V hi, V lo) [bk][hd + 8] f16.
+    pub fn smem(&self) -> usize {
+        2 * 4 * self.bk * (self.hd + 8) * 2
+    }
+}
+
+/// The `flash_tcx_*` variants: `h1`, `h2`, `h4` (8 warps, 64-key tiles, 1,
+/// 2 or 4 query heads of a KV group per block) and `w4` (4 warps, one head,
+/// 32-key tiles), for head dims 64 and 128.
+pub const TCX_VARIANTS: [&str; 4] = ["h1", "h2", "h4", "w4"];
+
+/// `flash_tcx_*` variant `v` (TCX_VARIANTS) for head dim `hd`, if instantiated.
+pub fn flash_tcx(hd: usize, v: &str) -> Option<TcxKernel> {
+    let name = match (hd, v) {
+        (128, "h1") => "flash_tcx_d128_h1",
+        (128, "h2") => "flash_tcx_d128_h2",
+        (128, "h4") => "flash_tcx_d128_h4",
+        (128, "w4") => "flash_tcx_d128_w4",
+        (64, "h1") => "flash_tcx_d64_h1",
+        (64, "h2") => "flash_tcx_d64_h2",
+        (64, "h4") => "flash_tcx_d64_h4",
+        (64, "w4") => "flash_tcx_d64_w4",
         _ => return None,
+    };
+    let (hpb, warps, bk) = match v {
+        "h2" => (2, 8, 64),
+        "h4" => (4, 8, 64),
+        "w4" => (1, 4, 32),
+        _ => (1, 8, 64),
+    };
+    Some(TcxKernel {
+        name,
+        hpb,
+        warps,
+        bk,
+        hd,
     })
-}
-
-/// Dynamic shared memory of `flash_tcx_*`: `stages` key tiles of four f16
-/// planes (K hi, K lo, V hi, V lo) [64][hd + 8].
-pub fn flash_tcx_smem(hd: usize, stages: usize) -> usize {
-    stages * 4 * FA_TILE * (hd + 8) * 2
-}
-
-/// Query rows per tile of `flash_tcx_*` with `hpb` heads per block (8 warps of 16 rows).
-pub fn flash_tcx_bq(hpb: usize) -> usize {
-    128 / hpb
 }
 
 /// Key rows of the hi/lo side buffer of `kv_split_f32` (whole key tiles).
@@ -287,13 +316,8 @@ pub fn flash_tcx_scap(max_ctx: usize) -> usize {
     max_ctx.div_ceil(FA_TILE) * FA_TILE
 }
 
-/// The `flash_tcx_*` instantiation a backend runs: kernel, heads per block, smem.
-#[derive(Clone, Copy, Debug)]
-struct Tcx {
-    name: &'static str,
-    hpb: usize,
-    smem: usize,
-}
+/// The default `flash_tcx_*` variant (`YINSEN_CUDA_TCX` overrides it).
+const TCX_DEFAULT: &str = "h1";
 
 pub struct CudaBackend {
     /// Unique per backend (never 0): caches remember which backend captured
@@ -330,7 +354,7 @@ pub struct CudaBackend {
     /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
     tcs_ok: bool,
     /// The `flash_tcx_*` kernel (f32 cache, hd 64 / 128, sm_80+, smem), if any.
-    tcx: Option<Tcx>,
+    tcx: Option<TcxKernel>,
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -637,22 +661,20 @@ impl CudaBackend {
                 if gpu.info.sm.0 >= 8 && c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) =>
             {
                 let group = c.n_heads / c.n_kv_heads;
-                let hpb = [4usize, 2, 1]
-                    .into_iter()
-                    .find(|h| group.is_multiple_of(*h))
-                    .unwrap_or(1);
-                // `YINSEN_CUDA_TCX_STAGES=3`: three key-tile stages where instantiated.
-                let s3 = std::env::var("YINSEN_CUDA_TCX_STAGES").is_ok_and(|v| v == "3");
-                let pick = flash_tcx_name(c.head_dim, hpb, s3)
-                    .map(|n| (n, 3))
-                    .filter(|_| s3)
-                    .or_else(|| flash_tcx_name(c.head_dim, hpb, false).map(|n| (n, 2)));
-                match pick {
-                    Some((name, stages)) => {
-                        let smem = flash_tcx_smem(c.head_dim, stages);
-                        gpu.allow_dynamic_smem(name, smem)?.then_some(Tcx { name, hpb, smem })
-                    }
-                    None => None,
+                // `YINSEN_CUDA_TCX=h1|h2|h4|w4` (A/B runs); a variant whose
+                // heads per block do not divide the group falls back to h1.
+                let v = std::env::var("YINSEN_CUDA_TCX").unwrap_or_else(|_| TCX_DEFAULT.into());
+                if !TCX_VARIANTS.contains(&v.as_str()) {
+                    return Err(Error::input(format!(
+                        "YINSEN_CUDA_TCX={v}: expected one of {TCX_VARIANTS:?}"
+                    )));
+                }
+                let t = flash_tcx(c.head_dim, &v)
+                    .filter(|t| group.is_multiple_of(t.hpb))
+                    .or_else(|| flash_tcx(c.head_dim, "h1"));
+                match t {
+                    Some(t) if gpu.allow_dynamic_smem(t.name, t.smem())? => Some(t),
+                    _ => None,
                 }
             }
             _ => None,
@@ -896,7 +918,7 @@ impl CudaBackend {
 
     /// The `flash_tcx_*` kernel a call of `nt` tokens runs (Auto and Tcx
     /// modes, nt >= TCX_MIN_NT), if any.
-    fn tcx_for(&self, nt: usize) -> Option<Tcx> {
+    fn tcx_for(&self, nt: usize) -> Option<TcxKernel> {
         let mode = FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize];
         match mode {
             FlashMode::Auto | FlashMode::Tcx if nt >= TCX_MIN_NT => self.tcx,
@@ -912,17 +934,19 @@ impl CudaBackend {
         }
     }
 
-    /// Key splits of `flash_tcx_*` for `nt` queries (as key_splits: two
-    /// blocks per SM, here of one resident block each, within `part`).
-    fn tcx_splits(&self, nt: usize, t: Tcx) -> usize {
+    /// Key splits of `flash_tcx_*` for `nt` queries: only where its blocks
+    /// would leave over half the SMs idle, then enough for about one block
+    /// per SM (the split's partials and merge cost more than a partly idle
+    /// wave: 512 tokens at 2b4t run faster un-split on an H100), within `part`.
+    pub fn tcx_splits(&self, nt: usize, t: TcxKernel) -> usize {
         let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
         let c = &self.config;
-        let blocks = nt.div_ceil(flash_tcx_bq(t.hpb)) * (c.n_heads / t.hpb);
-        let target = 2 * self.gpu.info.sms.max(1) as usize;
-        let want = if forced > 0 {
-            forced
-        } else {
-            target.div_ceil(blocks.max(1))
+        let blocks = (nt.div_ceil(t.bq()) * (c.n_heads / t.hpb)).max(1);
+        let slots = self.gpu.info.sms.max(1) as usize * (8 / t.warps);
+        let want = match forced {
+            0 if 2 * blocks <= slots => slots / blocks,
+            0 => 1,
+            n => n,
         };
         let room = (self.part_tokens * self.max_splits) / nt.max(1);
         want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
@@ -1156,14 +1180,14 @@ impl CudaBackend {
                 pdl,
             )?;
             let n_ks = self.tcx_splits(nt, t);
-            let bq = flash_tcx_bq(t.hpb);
+            let bq = t.bq();
             let blocks = nt.div_ceil(bq) * n_ks * (c.n_heads / t.hpb);
             let how = if pdl { Launch::Pdl } else { Launch::Plain };
             self.gpu.launch_smem(
                 t.name,
                 (blocks as u32, 1, 1),
-                FLASH_TCX_THREADS,
-                t.smem as u32,
+                t.threads(),
+                t.smem() as u32,
                 &[
                     s.qr.p(),
                     Arg::I(c.q_dim() as i32),

@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
 pub use forward::{
-    flash_tc_smem, flash_tcx_bq, flash_tcx_name, flash_tcx_scap, flash_tcx_smem, CudaBackend, CudaCache, FlashMode,
-    KvDtype, FLASH_TCX_THREADS, FLASH_TC_THREADS, TCX_MIN_NT,
+    flash_tc_smem, flash_tcx, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel, FLASH_TC_THREADS,
+    TCX_MIN_NT, TCX_VARIANTS,
 };
 pub use layout::GpuLayout;
 
@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 58] = [
+pub const KERNELS: [&str; 59] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -249,13 +249,14 @@ pub const KERNELS: [&str; 58] = [
     "flash_tcs_d128_f32",
     "flash_tcx_merge",
     "kv_split_f32",
-    "flash_tcx_d128_h4",
-    "flash_tcx_d128_h2",
     "flash_tcx_d128_h1",
-    "flash_tcx_d128_h4_s3",
-    "flash_tcx_d64_h4",
-    "flash_tcx_d64_h2",
+    "flash_tcx_d128_h2",
+    "flash_tcx_d128_h4",
+    "flash_tcx_d128_w4",
     "flash_tcx_d64_h1",
+    "flash_tcx_d64_h2",
+    "flash_tcx_d64_h4",
+    "flash_tcx_d64_w4",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

@@ -769,14 +769,14 @@ extern "C" __global__ void __launch_bounds__(128)
 // order, softmax, masking, key split, partials) is flash_tc_body's, so
 // with one key split the results are bit-identical to flash_tc_d*_f32.
 //
-// flash_tcx_d{HD}_h{HPB}[_s3]: 8 warps per block; one block per (query
+// flash_tcx_d{HD}_h{HPB}: NW = 8 warps per block; one block per (query
 // tile, group of HPB query heads sharing one KV head, key split): the
 // K/V tile in shared memory serves HPB heads. Warp w: head hg HPB + w /
-// (8 / HPB), rows 16 (w % (8 / HPB)) .. +15 of the BQ = 128 / HPB row
+// (NW / HPB), rows 16 (w % (NW / HPB)) .. +15 of the BQ = 16 NW / HPB row
 // tile. Q's A fragments go straight from global memory to registers. Key
-// tiles of 64 rotate through ST stages (one barrier per tile). The 1-D
-// grid runs the heaviest query tiles of every head group first.
-#define TCX_THREADS 256
+// tiles of BK = 64 rotate through ST = 2 stages (one barrier per tile).
+// The 1-D grid runs the heaviest query tiles of every head group first.
+// flash_tcx_d{HD}_w4: 4 warps, one head, 32-key tiles (two blocks per SM).
 extern "C" __global__ void __launch_bounds__(256)
     kv_split_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
                  u16* kvs) {
@@ -807,21 +807,22 @@ __device__ __forceinline__ void tcx_wait() {
 }
 #endif
 
-template <int HD, int HPB, int ST>
+template <int HD, int HPB, int ST, int NW, int BK>
 __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
                                                int n_heads, int n_kv, int scap, float scale, float* outp,
                                                int out_stride, int n_ks, float* part) {
 #if __CUDA_ARCH__ >= 800
-    constexpr int NW = TCX_THREADS / 32;
+    constexpr int THREADS = 32 * NW;
     constexpr int WPH = NW / HPB;  // warps per head
     constexpr int BQ = 16 * WPH;   // query rows per tile
     constexpr int KS = HD / 16, NT = HD / 8;
     constexpr int LD = HD + 8;            // halves per smem row (as flash_tc_body)
-    constexpr int PLANE = TC_BK * LD;     // halves per plane and stage
+    constexpr int PLANE = BK * LD;        // halves per plane and stage
     constexpr int STAGE = 4 * PLANE;      // Kh, Kl, Vh, Vl
     constexpr int CPR = HD / 8;           // 16-byte chunks per row
-    constexpr int CPT = 4 * TC_BK * CPR / TCX_THREADS;  // chunks per thread and tile
-    static_assert(NW % HPB == 0 && CPT * TCX_THREADS == 4 * TC_BK * CPR, "tile shape");
+    constexpr int CPT = 4 * BK * CPR / THREADS;  // chunks per thread and tile
+    constexpr int NS = BK / 8;                     // n8 key tiles of S
+    static_assert(NW % HPB == 0 && CPT * THREADS == 4 * BK * CPR && TC_BK % BK == 0, "tile shape");
     extern __shared__ uint4 tc_smem4[];
     u16* sm = (u16*)tc_smem4;
 
@@ -838,29 +839,29 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     const int kchunk = tc_split_chunk(kmax, n_ks);
     const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
     if (kbeg >= kmax) return;  // block-uniform
-    const int ntl = (kend - kbeg + TC_BK - 1) / TC_BK;
+    const int ntl = (kend - kbeg + BK - 1) / BK;
     // kvs rows are [Kh | Kl | Vh | Vl] of one key (4 HD halves), so a key
-    // tile is one contiguous run: chunk id = tid + TCX_THREADS i is 16
+    // tile is one contiguous run: chunk id = tid + THREADS i is 16
     // bytes at id * 8 halves, i.e. key row id / (4 CPR), plane (id / CPR) % 4.
     // Rows at or past kend become zeros (cp.async zero fill; the source
     // stays inside kvs: scap is a whole number of key tiles).
     const u16* src_t = kvs + (size_t)kvh * scap * 4 * HD + threadIdx.x * 8;
     const int jt = threadIdx.x / (4 * CPR), pt = (threadIdx.x / CPR) % 4, dt = (threadIdx.x % CPR) * 8;
-    constexpr int RSTEP = TCX_THREADS / (4 * CPR);  // key rows per chunk step
-    static_assert(TCX_THREADS % (4 * CPR) == 0, "whole rows per chunk step");
+    constexpr int RSTEP = THREADS / (4 * CPR);  // key rows per chunk step
+    static_assert(THREADS % (4 * CPR) == 0, "whole rows per chunk step");
     u16* dst_t = sm + pt * PLANE + jt * LD + dt;
     auto copy_tile = [&](int j0, int st) {
         const u16* src = src_t + (size_t)j0 * 4 * HD;
         u16* dst = dst_t + st * STAGE;
 #pragma unroll
         for (int i = 0; i < CPT; i++)
-            tcx_cp16(dst + i * RSTEP * LD, src + i * TCX_THREADS * 8, j0 + jt + i * RSTEP < kend);
+            tcx_cp16(dst + i * RSTEP * LD, src + i * THREADS * 8, j0 + jt + i * RSTEP < kend);
     };
     copy_tile(kbeg, 0);
     tc_commit();
 #pragma unroll
     for (int s = 1; s < ST - 1; s++) {
-        if (s < ntl) copy_tile(kbeg + s * TC_BK, s);
+        if (s < ntl) copy_tile(kbeg + s * BK, s);
         tc_commit();
     }
 
@@ -913,20 +914,20 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     for (int it = 0; it < ntl; it++) {
         tcx_wait<ST - 2>();
         __syncthreads();  // tile it landed for all; everyone is past tile it - 1 (its stage is free)
-        if (it + ST - 1 < ntl) copy_tile(kbeg + (it + ST - 1) * TC_BK, (it + ST - 1) % ST);
+        if (it + ST - 1 < ntl) copy_tile(kbeg + (it + ST - 1) * BK, (it + ST - 1) % ST);
         tc_commit();
-        const int j0 = kbeg + it * TC_BK;
+        const int j0 = kbeg + it * BK;
         const u32 sb = 2 * (it % ST) * STAGE;
         if (!(active && j0 <= wlast)) continue;  // tiles wholly past the warp's rows
-        float s[8][4];
+        float s[NS][4];
 #pragma unroll
-        for (int n = 0; n < 8; n++)
+        for (int n = 0; n < NS; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[n][e] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
 #pragma unroll
-            for (int np = 0; np < 4; np++) {
+            for (int np = 0; np < NS / 2; np++) {
                 const u32 koff = sb + 2 * 16 * np * LD + 32 * ks;
                 u32 kh[4], kl[4];
                 tc_ldsm4(kh, sKh + koff);
@@ -934,16 +935,16 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
                 tc_mma_split<true, true>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], kh, kl);
             }
         }
-        if (j0 + TC_BK - 1 > wfirst) {
+        if (j0 + BK - 1 > wfirst) {
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+            for (int n = 0; n < NS; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++)
                     if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < NS; n++) {
             mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
             mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
@@ -958,7 +959,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
         m1 = mn1;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < NS; n++) {
             s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
             s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
             s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
@@ -976,7 +977,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
             o[n][3] *= a1;
         }
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
+        for (int kk = 0; kk < NS / 2; kk++) {
             u32 ph[4], pl[4];
             ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
             ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
@@ -1029,18 +1030,20 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     }
 #endif
 }
-#define FLASH_TCX(NAME, HD, HPB, ST)                                                                          \
-    extern "C" __global__ void __launch_bounds__(TCX_THREADS, 1)                                               \
+// NW warps per block (8: one resident block per SM; 4: two, with 32-key tiles).
+#define FLASH_TCX(NAME, HD, HPB, ST, NW, BK)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * NW, 8 / NW)                                              \
         NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \
              int scap, float scale, float* outp, int out_stride, int n_ks, float* part) {                       \
         pdl_wait();                                                                                             \
-        flash_tcx_body<HD, HPB, ST>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp, out_stride,   \
-                                    n_ks, part);                                                                \
+        flash_tcx_body<HD, HPB, ST, NW, BK>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp,       \
+                                            out_stride, n_ks, part);                                            \
     }
-FLASH_TCX(flash_tcx_d128_h4, 128, 4, 2)
-FLASH_TCX(flash_tcx_d128_h2, 128, 2, 2)
-FLASH_TCX(flash_tcx_d128_h1, 128, 1, 2)
-FLASH_TCX(flash_tcx_d128_h4_s3, 128, 4, 3)
-FLASH_TCX(flash_tcx_d64_h4, 64, 4, 2)
-FLASH_TCX(flash_tcx_d64_h2, 64, 2, 2)
-FLASH_TCX(flash_tcx_d64_h1, 64, 1, 2)
+FLASH_TCX(flash_tcx_d128_h1, 128, 1, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_h2, 128, 2, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_h4, 128, 4, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_w4, 128, 1, 2, 4, 32)
+FLASH_TCX(flash_tcx_d64_h1, 64, 1, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_h2, 64, 2, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_h4, 64, 4, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_w4, 64, 1, 2, 4, 32)
