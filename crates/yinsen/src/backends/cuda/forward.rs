@@ -164,7 +164,8 @@ impl KvDtype {
 pub enum FlashMode {
     /// The split-K attn_partial kernels (the decode attention).
     Off,
-    /// Tc where the device (sm_80+) and head dim (multiple of 16) allow, else F32.
+    /// Tc where the device (sm_80+) and head dim (multiple of 16) allow, else
+    /// F32; calls of TCX_MIN_NT tokens or more take Tcx where it runs.
     Auto,
     /// flash.cu's f32 CUDA-core kernel, the narrowest instantiation that holds the head dim.
     F32,
@@ -679,10 +680,16 @@ impl CudaBackend {
             }
             _ => None,
         };
+        // The hi/lo side buffer holds every key of the context (21 MB at
+        // 2b4t); past 256 MiB (very long contexts) the old kernel stays.
+        let kvs_bytes = checked(
+            &[c.n_kv_heads, flash_tcx_scap(c.max_ctx), 4, c.head_dim, 2],
+            "K/V split",
+        )?;
+        let tcx = tcx.filter(|_| kvs_bytes <= 256 << 20);
         let mut scratch = scratch;
         if tcx.is_some() {
-            let scap = flash_tcx_scap(c.max_ctx);
-            scratch.kvs = Some(gpu.alloc(checked(&[c.n_kv_heads, scap, 4, c.head_dim, 2], "K/V split")?)?);
+            scratch.kvs = Some(gpu.alloc(kvs_bytes)?);
         }
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
