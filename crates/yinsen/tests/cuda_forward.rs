@@ -737,3 +737,66 @@ fn step_graph_matches_ungraphed() {
         }
     }
 }
+
+/// Prefill through `kv_split_f32` + `flash_tcx_*` (FlashMode::Tcx, Auto's
+/// choice for calls of TCX_MIN_NT tokens or more) against the old split
+/// kernel (FlashMode::Tc) on tiny (4 query heads on 2 KV heads, hd 64: the
+/// default d64 instantiation): 300 tokens from an empty cache, then 100 + 137
+/// tokens (p0 = 100, mid key tile). With one key split forced the two run
+/// the same arithmetic, so the logits agree to 1e-4 (normally bit for bit);
+/// with the automatic key splits (different counts: the new kernel's grid
+/// differs) within `close_tokens`' limits as flash_prefill_matches_split_k.
+/// Calls under TCX_MIN_NT tokens take the old kernel.
+#[test]
+fn tcx_prefill_matches_tc() {
+    use yinsen::backends::cuda::TCX_MIN_NT;
+    let model = synthetic::build("tiny").unwrap();
+    let vocab = model.config.vocab;
+    let ids = prompt(237, vocab);
+    let long = prompt(300, vocab);
+    let Some(gpu) = cuda(&model) else { return };
+    gpu.set_flash(FlashMode::Tcx);
+    let name = gpu.attention_kernel_name(300).unwrap_or("none");
+    if !path_in_use(name.starts_with("flash_tcx_"), "flash_tcx") {
+        gpu.set_flash(FlashMode::Auto);
+        return;
+    }
+    assert!(name.starts_with("flash_tcx_d64_"), "{name}");
+    assert!(!gpu
+        .attention_kernel_name(TCX_MIN_NT - 1)
+        .unwrap_or("")
+        .starts_with("flash_tcx_"));
+    gpu.set_flash(FlashMode::Auto);
+    assert_eq!(gpu.attention_kernel_name(300), Some(name), "Auto runs flash_tcx");
+    let run = |mode: FlashMode| -> Vec<Vec<f32>> {
+        gpu.set_flash(mode);
+        let mut c = gpu.new_cache(400).unwrap();
+        let a = gpu.forward(c.as_mut(), &long, Output::AllLogits).unwrap();
+        let mut c = gpu.new_cache(400).unwrap();
+        let b = gpu.forward(c.as_mut(), &ids[..100], Output::AllLogits).unwrap();
+        let d = gpu.forward(c.as_mut(), &ids[100..], Output::AllLogits).unwrap();
+        vec![a, b, d]
+    };
+    for n_ks in [1usize, 0] {
+        gpu.set_key_splits(n_ks);
+        let want = run(FlashMode::Tc);
+        let got = run(FlashMode::Tcx);
+        for (case, (g, w)) in ["300 from 0", "100 from 0", "137 from 100"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let what = format!("Tcx vs Tc, key splits {n_ks}, prefill {case}");
+            if n_ks == 1 {
+                let d = max_abs(g, w);
+                println!("{what}: max |dlogit| {d:.3e} (bit-identical: {})", g == w);
+                assert!(d <= 1e-4, "{what}: max |dlogit| {d}");
+            } else {
+                let (mean, tight, tokens) = close_tokens(g, w, vocab, &what);
+                assert!(mean <= 1e-3, "{what}: mean |dlogit| {mean}");
+                assert!(2 * tight >= tokens, "{what}: only {tight}/{tokens} tokens within 1e-3");
+            }
+        }
+    }
+    gpu.set_key_splits(0);
+    gpu.set_flash(FlashMode::Auto);
+}

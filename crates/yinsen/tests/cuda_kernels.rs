@@ -659,3 +659,315 @@ fn flash_attention_2b4t_timing() {
         }
     }
 }
+
+/// kv_split_f32 + one `flash_tcx_*` launch (+ flash_tcx_merge for n_ks > 1)
+/// over an f32 cache; `kvs` is the hi/lo side buffer ([n_kv][scap][4][hd]).
+#[allow(clippy::too_many_arguments)]
+fn tcx_launch(
+    g: &Gpu,
+    t: cuda::TcxKernel,
+    args: &[cuda::Arg; 13],
+    kvs: &cuda::DevBuf,
+    scap: usize,
+    dims: [usize; 6],
+    n_ks: usize,
+    part: cuda::Arg,
+) {
+    use yinsen::backends::cuda::Arg;
+    let [q_dim, nt, n_heads, n_kv, hd, cap] = dims;
+    let split = [
+        args[2],
+        args[3],
+        args[4],
+        Arg::I(nt as i32),
+        Arg::I(n_kv as i32),
+        Arg::I(hd as i32),
+        Arg::I(cap as i32),
+        Arg::I(scap as i32),
+        kvs.p(),
+    ];
+    g.launch_smem("kv_split_f32", (16, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
+        .unwrap();
+    let bq = t.bq();
+    let blocks = nt.div_ceil(bq) * n_ks * (n_heads / t.hpb);
+    let a = [
+        args[0],
+        Arg::I(q_dim as i32),
+        kvs.p(),
+        args[4],
+        Arg::I(nt as i32),
+        Arg::I(n_heads as i32),
+        Arg::I(n_kv as i32),
+        Arg::I(scap as i32),
+        args[10],
+        args[11],
+        args[12],
+        Arg::I(n_ks as i32),
+        part,
+    ];
+    g.launch_smem(
+        t.name,
+        (blocks as u32, 1, 1),
+        t.threads(),
+        t.smem() as u32,
+        &a,
+        Launch::Plain,
+    )
+    .unwrap();
+    if n_ks > 1 {
+        let m = [
+            part,
+            args[4],
+            Arg::I(nt as i32),
+            Arg::I(n_heads as i32),
+            Arg::I(hd as i32),
+            Arg::I(n_ks as i32),
+            args[11],
+            args[12],
+            Arg::I(bq as i32),
+        ];
+        g.launch_smem(
+            "flash_tcx_merge",
+            (nt as u32, n_heads as u32, 1),
+            128,
+            0,
+            &m,
+            Launch::Plain,
+        )
+        .unwrap();
+    }
+}
+
+/// The `flash_tcx_*` variants whose heads per block divide the group, for head dim `hd`.
+fn tcx_kernels(hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
+    use yinsen::backends::cuda::{flash_tcx, TCX_VARIANTS};
+    TCX_VARIANTS
+        .iter()
+        .filter_map(|v| flash_tcx(hd, v))
+        .filter(|t| group.is_multiple_of(t.hpb))
+        .collect()
+}
+
+/// `kv_split_f32` + `flash_tcx_*` (K/V split into hi/lo f16 once, 8 warps
+/// per block over 1, 2 or 4 query heads of a KV group) against the f64
+/// reference (split precision: 5e-5, as flash_attention_matches_reference)
+/// and against `flash_tc_d128_f32` (the same arithmetic: with one key split
+/// within 1e-6, normally bit-identical), head dims 64 and 128, groups 1, 3
+/// and 4, partial query tiles, p0 inside a key tile and after 2100 keys,
+/// key splits 1, 2, 3 and 7 (within 2e-5 of the un-split result). Cache
+/// rows past p0 + nt are NaN and the side buffer is poisoned with NaN
+/// first (a row read past the keys shows), outputs and partials too.
+#[test]
+fn flash_tcx_matches_reference() {
+    use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, KvDtype, FLASH_TC_THREADS};
+    let Some(g) = gpu() else { return };
+    if !g.has_mma() {
+        common::skip_cuda("no mma.sync (sm_80+)");
+        return;
+    }
+    let cap = 2200usize;
+    let scap = flash_tcx_scap(cap);
+    let mut seed = 170u64;
+    let mut ran = 0usize;
+    let mut identical = 0usize;
+    for &(hd, n_heads, n_kv, nt, p0) in &[
+        (128usize, 8usize, 2usize, 200usize, 37usize),
+        (128, 20, 5, 300, 0),
+        (128, 3, 3, 130, 64),
+        (128, 8, 2, 64, 2100),
+        (64, 4, 1, 129, 250),
+        (64, 6, 2, 300, 0),
+        (64, 4, 2, 97, 1000),
+    ] {
+        let n_keys = p0 + nt;
+        let q_dim = n_heads * hd;
+        seed += 1;
+        let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let want = attention_f64(&q, &k, &v, |x| x, nt, p0, n_heads, n_kv, hd, cap, scale);
+        let (kb, vb) = upload_kv(&g, &k, &v, false);
+        let qb = g.upload(&q).unwrap();
+        let pos = g.upload(&[p0 as i32]).unwrap();
+        let out = g.alloc(4 * nt * q_dim).unwrap();
+        let part = g.alloc(4 * nt * n_heads * 7 * (hd + 2)).unwrap();
+        let kvs = g.alloc(2 * n_kv * scap * 4 * hd).unwrap();
+        let dims = [q_dim, nt, n_heads, n_kv, hd, cap];
+        let args = flash_args(&qb, &kb, &vb, &pos, &out, dims, scale);
+        // The old split kernel, un-split, as the bit-level reference.
+        let old = KvDtype::F32.flash_tc(false, true);
+        let smem = flash_tc_smem(hd, true, KvDtype::F32);
+        assert!(g.allow_dynamic_smem(old, smem).unwrap());
+        out.fill(0xff).unwrap();
+        flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
+        let tc = out.read::<f32>(nt * q_dim).unwrap();
+        use yinsen::backends::cuda::Arg;
+        for t in tcx_kernels(hd, n_heads / n_kv) {
+            let name = t.name;
+            if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
+                println!("{name}: {} bytes of smem not available here", t.smem());
+                continue;
+            }
+            let mut base: Vec<f32> = Vec::new();
+            for n_ks in [1usize, 2, 3, 7] {
+                kvs.fill(0xff).unwrap(); // NaN until split
+                out.fill(0xff).unwrap();
+                part.fill(0xff).unwrap();
+                tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
+                let got = out.read::<f32>(nt * q_dim).unwrap();
+                let what = format!("{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0} n_ks {n_ks}");
+                let e = assert_attention_close(&got, &want, 5e-5, q_dim, hd, &what);
+                let rel = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                        .fold(0f32, f32::max)
+                };
+                if n_ks == 1 {
+                    let d = rel(&got, &tc);
+                    println!("{what}: err {e:.2e}, vs flash_tc_d128_f32 {d:.2e}");
+                    assert!(d <= 1e-6, "{what}: {d} from flash_tc_d128_f32");
+                    identical += (got == tc) as usize;
+                    base = got;
+                } else {
+                    let d = rel(&got, &base);
+                    assert!(d <= 2e-5, "{what}: {d} from the un-split result");
+                }
+                ran += 1;
+            }
+        }
+    }
+    println!("flash_tcx: {ran} launches checked, {identical} un-split results bit-identical to flash_tc_d128_f32");
+    assert!(ran >= 7 * 4);
+}
+
+/// `flash_tcx_*` against `flash_tc_d128_f32` at the 2b4t shape (20 heads on
+/// 5 KV heads, hd 128, f32 cache), device runs only: 2048 tokens from an
+/// empty cache, 512 tokens (with the key split the backend picks) and 64
+/// tokens after 2048 keys; results within 1e-6 of the old kernel
+/// (un-split) or 2e-5 (split), then the time per launch (kv_split_f32
+/// included) next to the old kernel's, A/B in the same process.
+#[test]
+fn flash_tcx_2b4t_timing() {
+    use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, Arg, KvDtype, FLASH_TC_THREADS};
+    if !common::device_only("flash_tcx_2b4t_timing") {
+        return;
+    }
+    let Some(g) = gpu() else { return };
+    let (n_heads, n_kv, hd, cap) = (20usize, 5usize, 128usize, 4096usize);
+    let scap = flash_tcx_scap(cap);
+    let q_dim = n_heads * hd;
+    let mut r = SplitMix64(991);
+    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
+            .collect()
+    };
+    let q = rnd(2048 * q_dim, 1.0);
+    let k = rnd(n_kv * cap * hd, 3.0);
+    let v = rnd(n_kv * cap * hd, 2.0);
+    let qb = g.upload(&q).unwrap();
+    let (kb, vb) = (g.upload(&k).unwrap(), g.upload(&v).unwrap());
+    let out = g.alloc(4 * 2048 * q_dim).unwrap();
+    let part = g.alloc(4 * 2048 * n_heads * 8 * (hd + 2)).unwrap();
+    let kvs = g.alloc(2 * n_kv * scap * 4 * hd).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let sms = g.info.sms.max(1) as usize;
+    let time = |f: &dyn Fn()| -> f64 {
+        f();
+        g.sync().unwrap();
+        let reps = 20;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        g.sync().unwrap();
+        t.elapsed().as_secs_f64() * 1e3 / reps as f64
+    };
+    let mut table = Vec::new();
+    for (nt, p0) in [(2048usize, 0usize), (512, 0), (64, 2048)] {
+        let pos = g.upload(&[p0 as i32]).unwrap();
+        let dims = [q_dim, nt, n_heads, n_kv, hd, cap];
+        let args = flash_args(&qb, &kb, &vb, &pos, &out, dims, scale);
+        let old = KvDtype::F32.flash_tc(false, true);
+        let smem = flash_tc_smem(hd, true, KvDtype::F32);
+        assert!(g.allow_dynamic_smem(old, smem).unwrap());
+        let old_ks = (2 * sms).div_ceil(nt.div_ceil(64) * n_heads).min(64);
+        out.fill(0xff).unwrap();
+        flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
+        let want = out.read::<f32>(nt * q_dim).unwrap();
+        assert!(want.iter().all(|x| x.is_finite()));
+        let t_old = time(&|| flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0)));
+        let t_old_ks = time(&|| {
+            flash_launch(
+                &g,
+                old,
+                FLASH_TC_THREADS,
+                smem,
+                nt,
+                n_heads,
+                hd,
+                &args,
+                old_ks,
+                part.p(),
+            )
+        });
+        table.push(format!(
+            "nt {nt} p0 {p0}: {old} n_ks 1 {t_old:.4} ms, n_ks {old_ks} {t_old_ks:.4} ms"
+        ));
+        // kv_split_f32 alone.
+        let split = [
+            args[2],
+            args[3],
+            args[4],
+            Arg::I(nt as i32),
+            Arg::I(n_kv as i32),
+            Arg::I(hd as i32),
+            Arg::I(cap as i32),
+            Arg::I(scap as i32),
+            kvs.p(),
+        ];
+        let gx = (cap * hd / 4).div_ceil(2048).clamp(1, 64) as u32;
+        let t_split = time(&|| {
+            g.launch_smem("kv_split_f32", (gx, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
+                .unwrap()
+        });
+        table.push(format!("nt {nt} p0 {p0}: kv_split_f32 {t_split:.4} ms"));
+        for t in tcx_kernels(hd, n_heads / n_kv) {
+            let name = t.name;
+            if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
+                continue;
+            }
+            // CudaBackend::tcx_splits: about one block per SM where the
+            // un-split grid leaves over half of them idle.
+            let blocks = nt.div_ceil(t.bq()) * (n_heads / t.hpb);
+            let slots = sms * (8 / t.warps);
+            let auto = if 2 * blocks <= slots { slots / blocks } else { 1 };
+            let mut splits = vec![1usize, 2];
+            if auto > 2 {
+                splits.push(auto);
+            }
+            for n_ks in splits {
+                out.fill(0xff).unwrap();
+                let run = || tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
+                run();
+                let got = out.read::<f32>(nt * q_dim).unwrap();
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
+                    .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                let tol = if n_ks == 1 { 1e-6 } else { 2e-5 };
+                assert!(d <= tol, "{name} nt {nt} p0 {p0} n_ks {n_ks}: {d} from {old}");
+                let ms = time(&run);
+                let occ = g.occupancy(name, t.threads(), t.smem()).unwrap();
+                table.push(format!(
+                    "nt {nt} p0 {p0}: {name} n_ks {n_ks} {ms:.4} ms incl. split (x30 {:.2} ms; {occ} blocks/SM; diff {d:.1e})",
+                    30.0 * ms
+                ));
+            }
+        }
+    }
+    for l in &table {
+        println!("TIMING {l}");
+    }
+}

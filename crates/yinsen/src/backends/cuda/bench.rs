@@ -261,6 +261,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     match std::env::var("YINSEN_CUDA_BENCH").as_deref() {
         Ok("decode") => return bench_decode_only(b),
         Ok("step") => return bench_step_only(b),
+        Ok("prefill") => return bench_prefill_only(b),
         _ => {}
     }
     let max = crate::backends::Backend::config(b).max_ctx;
@@ -367,6 +368,46 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
     r.mega_flag_sweep = flag_sweep(b, long)?;
     r.mega_phases_ctx0 = b.trace_mega(0)?;
     r.mega_phases_ctx2048 = b.trace_mega(long)?;
+    Ok(r)
+}
+
+/// `YINSEN_CUDA_BENCH=prefill`: only the prefill rows (512 and 2048 tokens)
+/// and their per-kernel profiles, plus (stderr) an A/B of the prefill
+/// attention kernels in this process: the old split kernel (`tc`) and the
+/// K/V-split one (`tcx`), alternated twice, with the attention's share of
+/// the un-graphed per-kernel profile.
+fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
+    use super::forward::FlashMode;
+    let max = crate::backends::Backend::config(b).max_ctx;
+    let (short, long) = (512.min(max), 2048.min(max));
+    let mut r = bench_decode_only_rows(b, 0.0, 0.0)?;
+    r.prefill_ms_512 = forward_ms(b, short, 5)?;
+    r.prefill_ms_2048 = forward_ms(b, long, 5)?;
+    r.kernels_prefill_512 = b.profile_forward(short, 3)?;
+    r.kernels_prefill_2048 = b.profile_forward(long, 3)?;
+    for round in 0..2 {
+        for mode in [FlashMode::Tc, FlashMode::Tcx] {
+            let was = b.set_flash(mode);
+            let res = (|| -> Result<(f64, f64, f64)> {
+                let a = forward_ms(b, short, 5)?;
+                let c = forward_ms(b, long, 5)?;
+                let att = b
+                    .profile_forward(long, 3)?
+                    .iter()
+                    .filter(|k| k.tag == "attention")
+                    .map(|k| k.us)
+                    .sum::<f64>();
+                Ok((a, c, att))
+            })();
+            let name = b.attention_kernel_name(long).unwrap_or("none");
+            b.set_flash(was);
+            let (a, c, att) = res?;
+            eprintln!(
+                "prefill A/B round {round} {mode:?} ({name}): {short} tokens {a:.2} ms, {long} tokens {c:.2} ms, attention {:.2} ms of the {long}-token profile",
+                att / 1e3
+            );
+        }
+    }
     Ok(r)
 }
 

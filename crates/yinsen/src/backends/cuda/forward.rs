@@ -74,6 +74,9 @@ struct Scratch {
     best: DevBuf,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
+    /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
+    /// ([n_kv][flash_tcx_scap][4][hd] halves), where that kernel runs.
+    kvs: Option<DevBuf>,
 }
 
 /// Element type of the KV cache. F32 (the default) keeps the forward in
@@ -161,7 +164,8 @@ impl KvDtype {
 pub enum FlashMode {
     /// The split-K attn_partial kernels (the decode attention).
     Off,
-    /// Tc where the device (sm_80+) and head dim (multiple of 16) allow, else F32.
+    /// Tc where the device (sm_80+) and head dim (multiple of 16) allow, else
+    /// F32; calls of TCX_MIN_NT tokens or more take Tcx where it runs.
     Auto,
     /// flash.cu's f32 CUDA-core kernel, the narrowest instantiation that holds the head dim.
     F32,
@@ -175,10 +179,14 @@ pub enum FlashMode {
     /// Tc with K/V copied raw by cp.async and converted in shared memory
     /// (`flash_tcs_d128_f32`: f32 cache, head dim <= 128; else Tc).
     TcStaged,
+    /// Split precision with K/V split into hi/lo f16 once per layer
+    /// (`kv_split_f32` + `flash_tcx_*`: f32 cache, head dim 64 or 128) for
+    /// calls of at least TCX_MIN_NT tokens; else Tc. Auto's choice where it runs.
+    Tcx,
 }
 
 impl FlashMode {
-    const ALL: [FlashMode; 7] = [
+    const ALL: [FlashMode; 8] = [
         FlashMode::Off,
         FlashMode::Auto,
         FlashMode::F32,
@@ -186,9 +194,10 @@ impl FlashMode {
         FlashMode::Tc,
         FlashMode::Tc16,
         FlashMode::TcStaged,
+        FlashMode::Tcx,
     ];
 
-    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`.
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`, `tcx`.
     pub fn from_env() -> Result<Self> {
         let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
             return Ok(FlashMode::Auto);
@@ -201,9 +210,10 @@ impl FlashMode {
             "tc" => FlashMode::Tc,
             "tc16" => FlashMode::Tc16,
             "tcs" => FlashMode::TcStaged,
+            "tcx" => FlashMode::Tcx,
             _ => {
                 return Err(Error::input(format!(
-                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16 or tcs"
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16, tcs or tcx"
                 )))
             }
         })
@@ -236,6 +246,79 @@ pub fn flash_tc_smem(hd: usize, split: bool, kv: KvDtype) -> usize {
 
 /// A prefill attention kernel: name, threads per block, dynamic smem bytes.
 type FlashKernel = (&'static str, u32, usize);
+
+/// Calls of at least this many tokens take `flash_tcx_*` (Auto / Tcx): the
+/// per-layer K/V split costs a pass over every cached key, which a short
+/// batched step after a long context would not earn back. Above the step
+/// graphs' sizes, so no captured graph holds the split.
+pub const TCX_MIN_NT: usize = 64;
+const _: () = assert!(TCX_MIN_NT > STEP_GRAPH_MAX);
+
+/// One `flash_tcx_*` instantiation (flash.cu): kernel, query heads per
+/// block, warps per block, keys per tile (two stages of four f16 planes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcxKernel {
+    pub name: &'static str,
+    pub hpb: usize,
+    pub warps: usize,
+    pub bk: usize,
+    pub hd: usize,
+}
+
+impl TcxKernel {
+    pub fn threads(&self) -> u32 {
+        32 * self.warps as u32
+    }
+    /// Query rows per tile: 16 per warp, over hpb heads.
+    pub fn bq(&self) -> usize {
+        16 * self.warps / self.hpb
+    }
+    /// Dynamic shared memory: 2 stages x 4 planes (K hi, K lo, V hi, V lo) [bk][hd + 8] f16.
+    pub fn smem(&self) -> usize {
+        2 * 4 * self.bk * (self.hd + 8) * 2
+    }
+}
+
+/// The `flash_tcx_*` variants: `h1`, `h2`, `h4` (8 warps, 64-key tiles, 1,
+/// 2 or 4 query heads of a KV group per block) and `w4` (4 warps, one head,
+/// 32-key tiles), for head dims 64 and 128.
+pub const TCX_VARIANTS: [&str; 4] = ["h1", "h2", "h4", "w4"];
+
+/// `flash_tcx_*` variant `v` (TCX_VARIANTS) for head dim `hd`, if instantiated.
+pub fn flash_tcx(hd: usize, v: &str) -> Option<TcxKernel> {
+    let name = match (hd, v) {
+        (128, "h1") => "flash_tcx_d128_h1",
+        (128, "h2") => "flash_tcx_d128_h2",
+        (128, "h4") => "flash_tcx_d128_h4",
+        (128, "w4") => "flash_tcx_d128_w4",
+        (64, "h1") => "flash_tcx_d64_h1",
+        (64, "h2") => "flash_tcx_d64_h2",
+        (64, "h4") => "flash_tcx_d64_h4",
+        (64, "w4") => "flash_tcx_d64_w4",
+        _ => return None,
+    };
+    let (hpb, warps, bk) = match v {
+        "h2" => (2, 8, 64),
+        "h4" => (4, 8, 64),
+        "w4" => (1, 4, 32),
+        _ => (1, 8, 64),
+    };
+    Some(TcxKernel {
+        name,
+        hpb,
+        warps,
+        bk,
+        hd,
+    })
+}
+
+/// Key rows of the hi/lo side buffer of `kv_split_f32` (whole key tiles).
+pub fn flash_tcx_scap(max_ctx: usize) -> usize {
+    max_ctx.div_ceil(FA_TILE) * FA_TILE
+}
+
+/// The default `flash_tcx_*` variant (`YINSEN_CUDA_TCX` overrides it).
+const TCX_DEFAULT: &str = "h1";
 
 pub struct CudaBackend {
     /// Unique per backend (never 0): caches remember which backend captured
@@ -271,6 +354,8 @@ pub struct CudaBackend {
     tc_ok: [bool; 2],
     /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
     tcs_ok: bool,
+    /// The `flash_tcx_*` kernel (f32 cache, hd 64 / 128, sm_80+, smem), if any.
+    tcx: Option<TcxKernel>,
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -572,6 +657,40 @@ impl CudaBackend {
             && c.head_dim <= 128
             && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
+        let tcx = match (kv, c.head_dim) {
+            (KvDtype::F32, 64 | 128)
+                if gpu.info.sm.0 >= 8 && c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) =>
+            {
+                let group = c.n_heads / c.n_kv_heads;
+                // `YINSEN_CUDA_TCX=h1|h2|h4|w4` (A/B runs); a variant whose
+                // heads per block do not divide the group falls back to h1.
+                let v = std::env::var("YINSEN_CUDA_TCX").unwrap_or_else(|_| TCX_DEFAULT.into());
+                if !TCX_VARIANTS.contains(&v.as_str()) {
+                    return Err(Error::input(format!(
+                        "YINSEN_CUDA_TCX={v}: expected one of {TCX_VARIANTS:?}"
+                    )));
+                }
+                let t = flash_tcx(c.head_dim, &v)
+                    .filter(|t| group.is_multiple_of(t.hpb))
+                    .or_else(|| flash_tcx(c.head_dim, "h1"));
+                match t {
+                    Some(t) if gpu.allow_dynamic_smem(t.name, t.smem())? => Some(t),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        // The hi/lo side buffer holds every key of the context (21 MB at
+        // 2b4t); past 256 MiB (very long contexts) the old kernel stays.
+        let kvs_bytes = checked(
+            &[c.n_kv_heads, flash_tcx_scap(c.max_ctx), 4, c.head_dim, 2],
+            "K/V split",
+        )?;
+        let tcx = tcx.filter(|_| kvs_bytes <= 256 << 20);
+        let mut scratch = scratch;
+        if tcx.is_some() {
+            scratch.kvs = Some(gpu.alloc(kvs_bytes)?);
+        }
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
             true => Self::prepare_mega(&gpu, &c, &layers)?,
             false => None,
@@ -626,6 +745,7 @@ impl CudaBackend {
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
             tcs_ok,
+            tcx,
             part_tokens,
             flash_ok,
             tc_ok,
@@ -775,6 +895,7 @@ impl CudaBackend {
             FlashMode::Wide => f32k(true),
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
+            FlashMode::Tcx => tc(true),
             FlashMode::TcStaged => match self.tcs_ok {
                 true => Some(("flash_tcs_d128_f32", FLASH_TC_THREADS, flash_tc_smem(hd, true, self.kv))),
                 false => tc(true),
@@ -798,6 +919,42 @@ impl CudaBackend {
         };
         // part holds [part_tokens][n_heads][max_splits][hd + 2] floats; the
         // key split uses [nt][n_heads][n_ks][hd + 2].
+        let room = (self.part_tokens * self.max_splits) / nt.max(1);
+        want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
+    }
+
+    /// The `flash_tcx_*` kernel a call of `nt` tokens runs (Auto and Tcx
+    /// modes, nt >= TCX_MIN_NT), if any.
+    fn tcx_for(&self, nt: usize) -> Option<TcxKernel> {
+        let mode = FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize];
+        match mode {
+            FlashMode::Auto | FlashMode::Tcx if nt >= TCX_MIN_NT => self.tcx,
+            _ => None,
+        }
+    }
+
+    /// The kernel prefill attention of `nt` tokens runs now (tests, logs).
+    pub fn attention_kernel_name(&self, nt: usize) -> Option<&'static str> {
+        match self.tcx_for(nt) {
+            Some(t) => Some(t.name),
+            None => self.flash_kernel_name(),
+        }
+    }
+
+    /// Key splits of `flash_tcx_*` for `nt` queries: only where its blocks
+    /// would leave over half the SMs idle, then enough for about one block
+    /// per SM (the split's partials and merge cost more than a partly idle
+    /// wave: 512 tokens at 2b4t run faster un-split on an H100), within `part`.
+    pub fn tcx_splits(&self, nt: usize, t: TcxKernel) -> usize {
+        let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
+        let c = &self.config;
+        let blocks = (nt.div_ceil(t.bq()) * (c.n_heads / t.hpb)).max(1);
+        let slots = self.gpu.info.sms.max(1) as usize * (8 / t.warps);
+        let want = match forced {
+            0 if 2 * blocks <= slots => slots / blocks,
+            0 => 1,
+            n => n,
+        };
         let room = (self.part_tokens * self.max_splits) / nt.max(1);
         want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
     }
@@ -1009,6 +1166,73 @@ impl CudaBackend {
     fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        if let (Some(t), Some(kvs)) = (self.tcx_for(nt), s.kvs.as_ref()) {
+            let scap = flash_tcx_scap(c.max_ctx);
+            let gx = (cache.cap * c.head_dim / 4).div_ceil(2048).clamp(1, 64) as u32;
+            self.gpu.launch_ex(
+                "kv_split_f32",
+                (gx, 2 * c.n_kv_heads as u32, 1),
+                256,
+                &[
+                    cache.k.at(li * cache.layer_bytes),
+                    cache.v.at(li * cache.layer_bytes),
+                    s.pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(c.n_kv_heads as i32),
+                    Arg::I(c.head_dim as i32),
+                    Arg::I(cache.cap as i32),
+                    Arg::I(scap as i32),
+                    kvs.p(),
+                ],
+                pdl,
+            )?;
+            let n_ks = self.tcx_splits(nt, t);
+            let bq = t.bq();
+            let blocks = nt.div_ceil(bq) * n_ks * (c.n_heads / t.hpb);
+            let how = if pdl { Launch::Pdl } else { Launch::Plain };
+            self.gpu.launch_smem(
+                t.name,
+                (blocks as u32, 1, 1),
+                t.threads(),
+                t.smem() as u32,
+                &[
+                    s.qr.p(),
+                    Arg::I(c.q_dim() as i32),
+                    kvs.p(),
+                    s.pos.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(c.n_heads as i32),
+                    Arg::I(c.n_kv_heads as i32),
+                    Arg::I(scap as i32),
+                    Arg::F(scale),
+                    s.attn.p(),
+                    Arg::I(c.q_dim() as i32),
+                    Arg::I(n_ks as i32),
+                    s.part.p(),
+                ],
+                how,
+            )?;
+            if n_ks > 1 {
+                self.gpu.launch_ex(
+                    "flash_tcx_merge",
+                    (nt as u32, c.n_heads as u32, 1),
+                    128,
+                    &[
+                        s.part.p(),
+                        s.pos.p(),
+                        Arg::I(nt as i32),
+                        Arg::I(c.n_heads as i32),
+                        Arg::I(c.head_dim as i32),
+                        Arg::I(n_ks as i32),
+                        s.attn.p(),
+                        Arg::I(c.q_dim() as i32),
+                        Arg::I(bq as i32),
+                    ],
+                    pdl,
+                )?;
+            }
+            return Ok(());
+        }
         if let Some((name, threads, smem)) = self.flash_kernel().filter(|_| nt > 1) {
             let tc = name.starts_with("flash_tc");
             let n_ks = if tc { self.key_splits(nt) } else { 1 };
@@ -2111,6 +2335,7 @@ impl Scratch {
             },
             best: f32s(&[2])?,
             bar: f32s(&[1])?,
+            kvs: None,
         })
     }
 }

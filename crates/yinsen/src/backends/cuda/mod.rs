@@ -23,7 +23,10 @@ use cudarc::driver::{result, sys, CudaContext};
 use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
-pub use forward::{flash_tc_smem, CudaBackend, CudaCache, FlashMode, KvDtype, FLASH_TC_THREADS};
+pub use forward::{
+    flash_tc_smem, flash_tcx, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel, FLASH_TC_THREADS,
+    TCX_MIN_NT, TCX_VARIANTS,
+};
 pub use layout::GpuLayout;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -194,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 49] = [
+pub const KERNELS: [&str; 59] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -244,6 +247,16 @@ pub const KERNELS: [&str; 49] = [
     "flash_tc16_d256_f32",
     "flash_tc_merge",
     "flash_tcs_d128_f32",
+    "flash_tcx_merge",
+    "kv_split_f32",
+    "flash_tcx_d128_h1",
+    "flash_tcx_d128_h2",
+    "flash_tcx_d128_h4",
+    "flash_tcx_d128_w4",
+    "flash_tcx_d64_h1",
+    "flash_tcx_d64_h2",
+    "flash_tcx_d64_h4",
+    "flash_tcx_d64_w4",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

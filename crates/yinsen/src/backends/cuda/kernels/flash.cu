@@ -724,15 +724,14 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
                                           out_stride, n_ks, part);
 }
 
-// Merges the key-split partials of flash_tc_* (n_ks > 1) in split order
-// (deterministic): grid (nt, n_heads), any block size. part as written there.
-extern "C" __global__ void __launch_bounds__(128)
-    flash_tc_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
-                   int out_stride) {
-    pdl_wait();
+// Merges the key-split partials of flash_tc_* / flash_tcx_* (n_ks > 1) in
+// split order (deterministic): grid (nt, n_heads), any block size. part as
+// written there; bq: the query tile of the kernel that wrote it (its kmax).
+__device__ __forceinline__ void tc_merge_body(const float* part, const int* pos, int nt, int n_heads, int hd,
+                                              int n_ks, float* outp, int out_stride, int bq) {
     const int t = blockIdx.x, h = blockIdx.y;
-    const int t0 = t / TC_BQ * TC_BQ;
-    const int kmax = pos[0] + t0 + min(TC_BQ, nt - t0);
+    const int t0 = t / bq * bq;
+    const int kmax = pos[0] + t0 + min(bq, nt - t0);
     const int kchunk = tc_split_chunk(kmax, n_ks);
     const int used = (kmax + kchunk - 1) / kchunk;  // splits that wrote (split 0 holds key 0: m finite)
     if (used == 1) return;                          // split 0 wrote the output
@@ -749,3 +748,302 @@ extern "C" __global__ void __launch_bounds__(128)
         outp[(size_t)t * out_stride + h * hd + d] = a * inv;
     }
 }
+extern "C" __global__ void __launch_bounds__(128)
+    flash_tc_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
+                   int out_stride) {
+    pdl_wait();
+    tc_merge_body(part, pos, nt, n_heads, hd, n_ks, outp, out_stride, TC_BQ);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    flash_tcx_merge(const float* part, const int* pos, int nt, int n_heads, int hd, int n_ks, float* outp,
+                    int out_stride, int bq) {
+    pdl_wait();
+    tc_merge_body(part, pos, nt, n_heads, hd, n_ks, outp, out_stride, bq);
+}
+
+// ---- Prefill attention, v2 (flash_tcx_*): split precision, f32 cache, K/V split once per layer.
+// kv_split_f32 turns keys 0 .. p0 + nt - 1 of one layer's f32 cache into
+// f16 rows kvs [n_kv][scap][4][hd] (per key: K hi, K lo, V hi, V lo, the
+// same hi/lo values tc_store4 makes; scap a multiple of 64), so the attention blocks only copy f16
+// tiles (cp.async, multi-stage) and never convert. Everything else (mma
+// order, softmax, masking, key split, partials) is flash_tc_body's, so
+// with one key split the results are bit-identical to flash_tc_d*_f32.
+//
+// flash_tcx_d{HD}_h{HPB}: NW = 8 warps per block; one block per (query
+// tile, group of HPB query heads sharing one KV head, key split): the
+// K/V tile in shared memory serves HPB heads. Warp w: head hg HPB + w /
+// (NW / HPB), rows 16 (w % (NW / HPB)) .. +15 of the BQ = 16 NW / HPB row
+// tile. Q's A fragments go straight from global memory to registers. Key
+// tiles of BK = 64 rotate through ST = 2 stages (one barrier per tile).
+// The 1-D grid runs the heaviest query tiles of every head group first.
+// flash_tcx_d{HD}_w4: 4 warps, one head, 32-key tiles (two blocks per SM).
+extern "C" __global__ void __launch_bounds__(256)
+    kv_split_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
+                 u16* kvs) {
+    pdl_wait();
+#if __CUDA_ARCH__ >= 800
+    const int kmax = pos[0] + nt;
+    const int which = blockIdx.y & 1, kvh = blockIdx.y >> 1;  // which: 0 = K, 1 = V
+    const float* src = (which ? vc : kc) + (size_t)kvh * cap * hd;
+    u16* dst = kvs + (size_t)kvh * scap * 4 * hd + 2 * which * hd;  // key row: Kh Kl Vh Vl
+    const int per_row = hd / 4;
+    const int n = kmax * per_row;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const int j = i / per_row, d = (i - j * per_row) * 4;
+        u16* hi = dst + (size_t)j * 4 * hd + d;
+        tc_store4<true>(*(const float4*)(src + (size_t)j * hd + d), hi, hi + hd);
+    }
+#endif
+}
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void tcx_cp16(u16* dst, const u16* src, bool ok) {
+    const u32 a = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void tcx_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+
+template <int HD, int HPB, int ST, int NW, int BK>
+__device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
+                                               int n_heads, int n_kv, int scap, float scale, float* outp,
+                                               int out_stride, int n_ks, float* part) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int THREADS = 32 * NW;
+    constexpr int WPH = NW / HPB;  // warps per head
+    constexpr int BQ = 16 * WPH;   // query rows per tile
+    constexpr int KS = HD / 16, NT = HD / 8;
+    constexpr int LD = HD + 8;            // halves per smem row (as flash_tc_body)
+    constexpr int PLANE = BK * LD;        // halves per plane and stage
+    constexpr int STAGE = 4 * PLANE;      // Kh, Kl, Vh, Vl
+    constexpr int CPR = HD / 8;           // 16-byte chunks per row
+    constexpr int CPT = 4 * BK * CPR / THREADS;  // chunks per thread and tile
+    constexpr int NS = BK / 8;                     // n8 key tiles of S
+    static_assert(NW % HPB == 0 && CPT * THREADS == 4 * BK * CPR && TC_BK % BK == 0, "tile shape");
+    extern __shared__ uint4 tc_smem4[];
+    u16* sm = (u16*)tc_smem4;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int n_hg = n_heads / HPB, n_qt = (nt + BQ - 1) / BQ;
+    const int hg = blockIdx.x % n_hg, rest = blockIdx.x / n_hg;
+    const int ksp = rest % n_ks, qt = n_qt - 1 - rest / n_ks;
+    const int h = hg * HPB + warp / WPH;
+    const int kvh = hg * HPB / (n_heads / n_kv);
+    const int p0 = pos[0], t0 = qt * BQ;
+    const int rows = min(BQ, nt - t0);
+    const int kmax = p0 + t0 + rows;
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
+    if (kbeg >= kmax) return;  // block-uniform
+    const int ntl = (kend - kbeg + BK - 1) / BK;
+    // kvs rows are [Kh | Kl | Vh | Vl] of one key (4 HD halves), so a key
+    // tile is one contiguous run: chunk id = tid + THREADS i is 16
+    // bytes at id * 8 halves, i.e. key row id / (4 CPR), plane (id / CPR) % 4.
+    // Rows at or past kend become zeros (cp.async zero fill; the source
+    // stays inside kvs: scap is a whole number of key tiles).
+    const u16* src_t = kvs + (size_t)kvh * scap * 4 * HD + threadIdx.x * 8;
+    const int jt = threadIdx.x / (4 * CPR), pt = (threadIdx.x / CPR) % 4, dt = (threadIdx.x % CPR) * 8;
+    constexpr int RSTEP = THREADS / (4 * CPR);  // key rows per chunk step
+    static_assert(THREADS % (4 * CPR) == 0, "whole rows per chunk step");
+    u16* dst_t = sm + pt * PLANE + jt * LD + dt;
+    auto copy_tile = [&](int j0, int st) {
+        const u16* src = src_t + (size_t)j0 * 4 * HD;
+        u16* dst = dst_t + st * STAGE;
+#pragma unroll
+        for (int i = 0; i < CPT; i++)
+            tcx_cp16(dst + i * RSTEP * LD, src + i * THREADS * 8, j0 + jt + i * RSTEP < kend);
+    };
+    copy_tile(kbeg, 0);
+    tc_commit();
+#pragma unroll
+    for (int s = 1; s < ST - 1; s++) {
+        if (s < ntl) copy_tile(kbeg + s * BK, s);
+        tc_commit();
+    }
+
+    // Q (pre-scaled by scale * log2(e), as flash_tc_body) split into hi/lo
+    // A fragments straight from global memory: a0 row g cols 2c.., a1 row
+    // g + 8, a2 / a3 cols + 8. Rows past nt are zeros.
+    const int wr = 16 * (warp % WPH);  // the warp's first row in the tile
+    const int r0 = wr + g;
+    const float qscale = scale * 1.4426950408889634f;
+    u32 qreg[KS][4], qlreg[KS][4];
+    {
+        const float* q0 = qr + (size_t)(t0 + r0) * q_stride + h * HD + 2 * c;
+        const float* q1 = q0 + (size_t)8 * q_stride;
+        const bool ok0 = r0 < rows, ok1 = r0 + 8 < rows;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            float2 v[4];
+            v[0] = ok0 ? *(const float2*)(q0 + 16 * ks) : make_float2(0.f, 0.f);
+            v[1] = ok1 ? *(const float2*)(q1 + 16 * ks) : make_float2(0.f, 0.f);
+            v[2] = ok0 ? *(const float2*)(q0 + 16 * ks + 8) : make_float2(0.f, 0.f);
+            v[3] = ok1 ? *(const float2*)(q1 + 16 * ks + 8) : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float x = v[i].x * qscale, y = v[i].y * qscale;
+                qreg[ks][i] = tc_pack(x, y);
+                qlreg[ks][i] = tc_pack_lo(x, y, qreg[ks][i]);
+            }
+        }
+    }
+
+    const int lm = lane >> 3, lr = lane & 7;
+    const int k_off = (lr + 8 * (lm >> 1)) * LD + 8 * (lm & 1);
+    const int v_off = (lr + 8 * (lm & 1)) * LD + 8 * (lm >> 1);
+    const u32 s_base = (u32)__cvta_generic_to_shared(sm);
+    const u32 sKh = s_base + 2 * k_off, sKl = sKh + 2 * PLANE;
+    const u32 sVh = s_base + 2 * (2 * PLANE + v_off), sVl = sVh + 2 * PLANE;
+
+    const int pos0 = p0 + t0 + r0;
+    const int wfirst = p0 + t0 + wr, wlast = wfirst + 15;
+    const bool active = wr < rows;
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+#pragma unroll 1
+    for (int it = 0; it < ntl; it++) {
+        tcx_wait<ST - 2>();
+        __syncthreads();  // tile it landed for all; everyone is past tile it - 1 (its stage is free)
+        if (it + ST - 1 < ntl) copy_tile(kbeg + (it + ST - 1) * BK, (it + ST - 1) % ST);
+        tc_commit();
+        const int j0 = kbeg + it * BK;
+        const u32 sb = 2 * (it % ST) * STAGE;
+        if (!(active && j0 <= wlast)) continue;  // tiles wholly past the warp's rows
+        float s[NS][4];
+#pragma unroll
+        for (int n = 0; n < NS; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+            for (int np = 0; np < NS / 2; np++) {
+                const u32 koff = sb + 2 * 16 * np * LD + 32 * ks;
+                u32 kh[4], kl[4];
+                tc_ldsm4(kh, sKh + koff);
+                tc_ldsm4(kl, sKl + koff);
+                tc_mma_split<true, true>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], kh, kl);
+            }
+        }
+        if (j0 + BK - 1 > wfirst) {
+#pragma unroll
+            for (int n = 0; n < NS; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < NS; n++) {
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
+        m0 = mn0;
+        m1 = mn1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < NS; n++) {
+            s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
+            s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
+            s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
+            s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
+            sum0 += s[n][0] + s[n][1];
+            sum1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * a0 + sum0;
+        l1 = l1 * a1 + sum1;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            o[n][0] *= a0;
+            o[n][1] *= a0;
+            o[n][2] *= a1;
+            o[n][3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; kk++) {
+            u32 ph[4], pl[4];
+            ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+            ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+            ph[2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            ph[3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pl[0] = tc_pack_lo(s[2 * kk][0], s[2 * kk][1], ph[0]);
+            pl[1] = tc_pack_lo(s[2 * kk][2], s[2 * kk][3], ph[1]);
+            pl[2] = tc_pack_lo(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2]);
+            pl[3] = tc_pack_lo(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3]);
+#pragma unroll
+            for (int dp = 0; dp < NT / 2; dp++) {
+                const u32 voff = sb + 2 * 16 * kk * LD + 32 * dp;
+                u32 vh[4], vl[4];
+                tc_ldsm4t(vh, sVh + voff);
+                tc_ldsm4t(vl, sVl + voff);
+                tc_mma_split<true, true>(o[2 * dp], o[2 * dp + 1], ph, pl, vh, vl);
+            }
+        }
+    }
+    tcx_wait<0>();  // nothing in flight at exit (the last groups are empty)
+
+    if (!active) return;
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    if (n_ks > 1 && kchunk < kmax) {
+        const size_t pst = HD + 2;
+        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
+        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
+        if (c == 0) {
+            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
+            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
+            if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
+        }
+        return;
+    }
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * HD + 2 * c;
+    float* out1 = out0 + (size_t)8 * out_stride;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        if (r0 < rows) *(float2*)(out0 + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
+        if (r0 + 8 < rows) *(float2*)(out1 + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
+    }
+#endif
+}
+// NW warps per block (8: one resident block per SM; 4: two, with 32-key tiles).
+#define FLASH_TCX(NAME, HD, HPB, ST, NW, BK)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * NW, 8 / NW)                                              \
+        NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \
+             int scap, float scale, float* outp, int out_stride, int n_ks, float* part) {                       \
+        pdl_wait();                                                                                             \
+        flash_tcx_body<HD, HPB, ST, NW, BK>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp,       \
+                                            out_stride, n_ks, part);                                            \
+    }
+FLASH_TCX(flash_tcx_d128_h1, 128, 1, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_h2, 128, 2, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_h4, 128, 4, 2, 8, 64)
+FLASH_TCX(flash_tcx_d128_w4, 128, 1, 2, 4, 32)
+FLASH_TCX(flash_tcx_d64_h1, 64, 1, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_h2, 64, 2, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_h4, 64, 4, 2, 8, 64)
+FLASH_TCX(flash_tcx_d64_w4, 64, 1, 2, 4, 32)
