@@ -459,15 +459,15 @@ mod x86 {
             let mut acc = Aligned::new(LANES * hd);
             let mut ml = Aligned::new(4 * LANES);
             // Longest first: the last query block of every head, then the one
-            // before. Returns the task's kv head and tokens.
+            // before. Gives the task's kv head and tokens.
             let task = |i: usize| {
                 let (qb, kvh) = (n_qb - 1 - i / s.n_kv_heads, i % s.n_kv_heads);
                 (kvh, qb * qt_tokens, ((qb + 1) * qt_tokens).min(n))
             };
             let mut i = next.fetch_add(1, Ordering::Relaxed);
             while i < n_tasks {
-                // Claim the next task now and fetch its query rows and output
-                // lines towards L2 while this one runs (they come from L3).
+                // Claim the next task now and ask for its query rows and
+                // output lines (from L3 or memory) while this one runs.
                 let after = next.fetch_add(1, Ordering::Relaxed);
                 if after < n_tasks {
                     let (kvh, t0, t1) = task(after);
@@ -590,16 +590,20 @@ mod x86 {
                 }
                 _mm512_loadu_si512(p.as_ptr().cast())
             });
+            // Last position of each vector's rows, and of each row.
+            let last: [usize; 4] = std::array::from_fn(|v| self.pa + (16 * v + 15).min(self.rows - 1) / self.group);
+            let row_last = |r: usize| self.pa + r / self.group;
             let mut k0 = 0;
             while k0 < self.pb {
                 let k1 = (k0 + K_BLOCK).min(self.pb);
                 let kb = k1 - k0;
                 let kp = kc.add(k0 * kvd);
+                let last = &last[..nv];
                 match nv {
-                    1 => scores_t::<1, 16>(qt, hd, kp, kvd, kb, st),
-                    2 => scores_t::<2, 12>(qt, hd, kp, kvd, kb, st),
-                    3 => scores_t::<3, 8>(qt, hd, kp, kvd, kb, st),
-                    _ => scores_t::<4, 6>(qt, hd, kp, kvd, kb, st),
+                    1 => scores_t::<16>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    2 => scores_t::<12>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    3 => scores_t::<8>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    _ => scores_t::<6>(qt, rw, hd, kp, kvd, k0, kb, last, st),
                 }
                 // Keys past the first row's position are masked per lane.
                 let masked = k1 - 1 > self.pa;
@@ -644,10 +648,12 @@ mod x86 {
                             2 => pv::<2>,
                             _ => pv::<1>,
                         };
+                        // Keys past the last row's position have p = 0.
+                        let kbr = (row_last(r + step - 1) + 1 - k0).min(kb);
                         kernel(
                             st.add(r),
                             rw,
-                            kb,
+                            kbr,
                             vp.add(d0),
                             kvd,
                             acc.add(r * hd + d0),
@@ -713,32 +719,62 @@ mod x86 {
     }
 
     /// `st[j][lanes] = sum_d k[j][d] * qt[d][lanes]` for the `kb` keys of a
-    /// block, NV lane vectors, J keys at a time (then 4, 2, 1).
+    /// block, J keys at a time (then 4, 2, 1), lane vectors of stride `rw`.
+    /// `last[v]`: the last position of vector v's rows; a group of keys skips
+    /// the leading vectors that see none of it (their scores stay stale and
+    /// are masked off by the softmax).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores_t<const NV: usize, const J: usize>(
+    unsafe fn scores_t<const J: usize>(
         qt: *const f32,
+        rw: usize,
         hd: usize,
         k: *const f32,
         kvd: usize,
+        k0: usize,
         kb: usize,
+        last: &[usize],
         st: *mut f32,
     ) {
+        let group = |j: usize, w: usize| {
+            let v0 = last.iter().take_while(|&&p| p < k0 + j).count();
+            let (q, k, s) = (qt.add(16 * v0), k.add(j * kvd), st.add(j * rw + 16 * v0));
+            let tile: unsafe fn(*const f32, usize, usize, *const f32, usize, *mut f32) = match (last.len() - v0, w) {
+                (0, _) => return,
+                (1, 1) => scores_tile::<1, 1>,
+                (1, 2) => scores_tile::<1, 2>,
+                (1, 4) => scores_tile::<1, 4>,
+                (1, _) => scores_tile::<1, J>,
+                (2, 1) => scores_tile::<2, 1>,
+                (2, 2) => scores_tile::<2, 2>,
+                (2, 4) => scores_tile::<2, 4>,
+                (2, _) => scores_tile::<2, J>,
+                (3, 1) => scores_tile::<3, 1>,
+                (3, 2) => scores_tile::<3, 2>,
+                (3, 4) => scores_tile::<3, 4>,
+                (3, _) => scores_tile::<3, J>,
+                (_, 1) => scores_tile::<4, 1>,
+                (_, 2) => scores_tile::<4, 2>,
+                (_, 4) => scores_tile::<4, 4>,
+                _ => scores_tile::<4, J>,
+            };
+            tile(q, rw, hd, k, kvd, s);
+        };
         let mut j = 0;
         while j + J <= kb {
-            scores_tile::<NV, J>(qt, hd, k.add(j * kvd), kvd, st.add(j * NV * 16));
+            group(j, J);
             j += J;
         }
         if J > 4 && j + 4 <= kb {
-            scores_tile::<NV, 4>(qt, hd, k.add(j * kvd), kvd, st.add(j * NV * 16));
+            group(j, 4);
             j += 4;
         }
         while j + 2 <= kb {
-            scores_tile::<NV, 2>(qt, hd, k.add(j * kvd), kvd, st.add(j * NV * 16));
+            group(j, 2);
             j += 2;
         }
         if j < kb {
-            scores_tile::<NV, 1>(qt, hd, k.add(j * kvd), kvd, st.add(j * NV * 16));
+            group(j, 1);
         }
     }
 
@@ -748,6 +784,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn scores_tile<const NV: usize, const J: usize>(
         qt: *const f32,
+        rw: usize,
         hd: usize,
         k: *const f32,
         kvd: usize,
@@ -755,7 +792,7 @@ mod x86 {
     ) {
         let mut a = [[_mm512_setzero_ps(); NV]; J];
         for d in 0..hd {
-            let qv: [__m512; NV] = std::array::from_fn(|v| _mm512_load_ps(qt.add(d * NV * 16 + 16 * v)));
+            let qv: [__m512; NV] = std::array::from_fn(|v| _mm512_load_ps(qt.add(d * rw + 16 * v)));
             for (j, aj) in a.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*k.add(j * kvd + d));
                 for (acc, &qx) in aj.iter_mut().zip(&qv) {
@@ -765,7 +802,7 @@ mod x86 {
         }
         for (j, aj) in a.iter().enumerate() {
             for (v, acc) in aj.iter().enumerate() {
-                _mm512_store_ps(st.add(j * NV * 16 + 16 * v), *acc);
+                _mm512_store_ps(st.add(j * rw + 16 * v), *acc);
             }
         }
     }
@@ -811,7 +848,7 @@ mod x86 {
         let nm = _mm512_max_ps(mo, _mm512_max_ps(m0, m1));
         let prob = |j: usize| {
             let x = _mm512_load_ps(st.add(j * rw));
-            let mut p = exp2(_mm512_sub_ps(x, nm));
+            let mut p = exp2_finite(_mm512_sub_ps(x, nm));
             if masked {
                 p = _mm512_maskz_mov_ps(vis(j), p);
             }
@@ -841,6 +878,21 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp2(x: __m512) -> __m512 {
         let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        let f = _mm512_sub_ps(x, n);
+        let mut p = _mm512_set1_ps(EXP2_P[0]);
+        for &c in &EXP2_P[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        let r = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(r, n)
+    }
+
+    /// [`exp2`] without the clamps, for finite x: 2^x over/underflows to
+    /// inf/0 (the softmax masks lanes whose scores may exceed the max).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp2_finite(x: __m512) -> __m512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let f = _mm512_sub_ps(x, n);
         let mut p = _mm512_set1_ps(EXP2_P[0]);
