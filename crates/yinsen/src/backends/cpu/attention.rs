@@ -723,6 +723,7 @@ mod x86 {
     /// `last[v]`: the last position of vector v's rows; a group of keys skips
     /// the leading vectors that see none of it (their scores stay stale and
     /// are masked off by the softmax).
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn scores_t<const J: usize>(
