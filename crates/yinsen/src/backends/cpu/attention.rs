@@ -598,6 +598,14 @@ mod x86 {
                 let k1 = (k0 + K_BLOCK).min(self.pb);
                 let kb = k1 - k0;
                 let kp = kc.add(k0 * kvd);
+                // The next block's keys and values towards L2 (long contexts
+                // stream them from L3).
+                for j in k1..(k1 + K_BLOCK).min(self.pb) {
+                    for e in (0..hd).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T1>(kc.add(j * kvd + e).cast());
+                        _mm_prefetch::<_MM_HINT_T1>(vc.add(j * kvd + e).cast());
+                    }
+                }
                 let last = &last[..nv];
                 match nv {
                     1 => scores_t::<16>(qt, rw, hd, kp, kvd, k0, kb, last, st),
