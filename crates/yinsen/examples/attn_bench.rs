@@ -29,10 +29,35 @@ fn main() {
             })
             .collect::<Vec<f32>>()
     };
-    let q = rnd(n * qd, 3.0);
-    let kc = rnd(n * kvd, 1.0);
-    let vc = rnd(n * kvd, 1.0);
-    let mut out = vec![0f32; n * qd];
+    // Buffers start `YINSEN_ATTN_SHIFT` floats (default 4, as a 16-byte
+    // aligned malloc block gives) past a 64-byte boundary.
+    let shift: usize = std::env::var("YINSEN_ATTN_SHIFT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let mut bufs: Vec<Vec<f32>> = Vec::new();
+    let mut place = |v: Vec<f32>| {
+        let mut b = vec![0f32; v.len() + 32];
+        let off = b.as_ptr().align_offset(64) + shift % 16;
+        b[off..off + v.len()].copy_from_slice(&v);
+        bufs.push(b);
+        off
+    };
+    let offs = [
+        place(rnd(n * qd, 3.0)),
+        place(rnd(n * kvd, 1.0)),
+        place(rnd(n * kvd, 1.0)),
+        place(vec![0f32; n * qd]),
+    ];
+    let [qb, kb, vb, ob] = &mut bufs[..] else {
+        unreachable!()
+    };
+    let (q, kc, vc) = (
+        &qb[offs[0]..offs[0] + n * qd],
+        &kb[offs[1]..offs[1] + n * kvd],
+        &vb[offs[2]..offs[2] + n * kvd],
+    );
+    let out = &mut ob[offs[3]..offs[3] + n * qd];
     let mut sc = AttnScratch::default();
     let spin = SpinPool::new(threads).unwrap();
     let isas = Isa::available(128);
@@ -40,7 +65,7 @@ fn main() {
         let mut t = Vec::new();
         for _ in 0..reps + 1 {
             let t0 = Instant::now();
-            attention::causal_attention_into(*isa, &s, &q, &kc, &vc, 0, n, &mut out, &mut sc, Par::Spin(&spin));
+            attention::causal_attention_into(*isa, &s, q, kc, vc, 0, n, out, &mut sc, Par::Spin(&spin));
             t.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         t.remove(0);

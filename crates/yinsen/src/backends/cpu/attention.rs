@@ -451,6 +451,7 @@ mod x86 {
         let n_qb = n.div_ceil(qt_tokens);
         let n_tasks = s.n_kv_heads * n_qb;
         let next = AtomicUsize::new(0);
+        let head_major = head_major();
         let op = OutPtr(out.as_mut_ptr());
         par.broadcast_claim(|| {
             let op = &op;
@@ -459,9 +460,15 @@ mod x86 {
             let mut acc = Aligned::new(LANES * hd);
             let mut ml = Aligned::new(4 * LANES);
             // Longest first: the last query block of every head, then the one
-            // before. Gives the task's kv head and tokens.
+            // before; or (`head_major`) each head's blocks longest first, so a
+            // thread's next task mostly reads the same head's keys and values
+            // (in its L2 while they fit). Gives the task's kv head and tokens.
             let task = |i: usize| {
-                let (qb, kvh) = (n_qb - 1 - i / s.n_kv_heads, i % s.n_kv_heads);
+                let (qb, kvh) = if head_major {
+                    (n_qb - 1 - i % n_qb, i / n_qb)
+                } else {
+                    (n_qb - 1 - i / s.n_kv_heads, i % s.n_kv_heads)
+                };
                 (kvh, qb * qt_tokens, ((qb + 1) * qt_tokens).min(n))
             };
             let mut i = next.fetch_add(1, Ordering::Relaxed);
@@ -511,6 +518,13 @@ mod x86 {
         });
     }
 
+    /// `YINSEN_CPU_ATTN_ORDER=head`: tasks in head-major order (measurement
+    /// switch; default: query-block-major, see `causal`).
+    fn head_major() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("YINSEN_CPU_ATTN_ORDER").is_ok_and(|v| v == "head"))
+    }
+
     /// One task's shape: `rows` = tokens x `group` query rows at positions
     /// `pa..pb` (row r: token r / group, head r % group of the kv head).
     struct Task {
@@ -524,7 +538,7 @@ mod x86 {
     }
 
     impl Task {
-        /// Row vectors (lanes / 16) and lanes.
+        /// Lane vectors: rows / 16 rounded up.
         fn nv(&self) -> usize {
             self.rows.div_ceil(16)
         }
@@ -536,15 +550,15 @@ mod x86 {
             let (hd, rw) = (self.hd, self.nv() * 16);
             let sc = _mm512_set1_ps(scale);
             for lb in 0..self.nv() {
+                // Offsets of the 16 rows (None past the last row).
+                let rows: [Option<usize>; 16] = std::array::from_fn(|i| {
+                    let row = lb * 16 + i;
+                    (row < self.rows).then(|| (row / self.group) * self.qd + (row % self.group) * hd)
+                });
                 for db in (0..hd).step_by(16) {
-                    let mut r: [__m512; 16] = std::array::from_fn(|i| {
-                        let row = lb * 16 + i;
-                        if row < self.rows {
-                            let (tk, h) = (row / self.group, row % self.group);
-                            _mm512_mul_ps(_mm512_loadu_ps(q.add(tk * self.qd + h * hd + db)), sc)
-                        } else {
-                            _mm512_setzero_ps()
-                        }
+                    let mut r: [__m512; 16] = std::array::from_fn(|i| match rows[i] {
+                        Some(o) => _mm512_mul_ps(_mm512_loadu_ps(q.add(o + db)), sc),
+                        None => _mm512_setzero_ps(),
                     });
                     transpose16(&mut r);
                     for (c, v) in r.iter().enumerate() {
