@@ -2,7 +2,8 @@
 //! heads, head_dim 128), on the spin pool as the forward runs it:
 //! `cargo run --release -p yinsen --example attn_bench -- [threads] [tokens] [reps] [all]`.
 //! Prints min and median ms per layer (one call = one layer); `all` adds the
-//! AVX2 and scalar kernels.
+//! AVX2 and scalar kernels. `YINSEN_ATTN_P0=P`: the tokens follow P cached
+//! positions (a chunk of a longer prompt, a multi-token step).
 use std::time::Instant;
 
 use yinsen::backends::cpu::attention::{self, AttnScratch, AttnShape, Isa};
@@ -20,6 +21,10 @@ fn main() {
         head_dim: 128,
     };
     let (qd, kvd) = (2560, 640);
+    let p0: usize = std::env::var("YINSEN_ATTN_P0")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut st = 1u64;
     let mut rnd = |k: usize, a: f32| {
         (0..k)
@@ -45,8 +50,8 @@ fn main() {
     };
     let offs = [
         place(rnd(n * qd, 3.0)),
-        place(rnd(n * kvd, 1.0)),
-        place(rnd(n * kvd, 1.0)),
+        place(rnd((p0 + n) * kvd, 1.0)),
+        place(rnd((p0 + n) * kvd, 1.0)),
         place(vec![0f32; n * qd]),
     ];
     let [qb, kb, vb, ob] = &mut bufs[..] else {
@@ -54,8 +59,8 @@ fn main() {
     };
     let (q, kc, vc) = (
         &qb[offs[0]..offs[0] + n * qd],
-        &kb[offs[1]..offs[1] + n * kvd],
-        &vb[offs[2]..offs[2] + n * kvd],
+        &kb[offs[1]..offs[1] + (p0 + n) * kvd],
+        &vb[offs[2]..offs[2] + (p0 + n) * kvd],
     );
     let out = &mut ob[offs[3]..offs[3] + n * qd];
     let mut sc = AttnScratch::default();
@@ -65,12 +70,12 @@ fn main() {
         let mut t = Vec::new();
         for _ in 0..reps + 1 {
             let t0 = Instant::now();
-            attention::causal_attention_into(*isa, &s, q, kc, vc, 0, n, out, &mut sc, Par::Spin(&spin));
+            attention::causal_attention_into(*isa, &s, q, kc, vc, p0, n, out, &mut sc, Par::Spin(&spin));
             t.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         t.remove(0);
         t.sort_by(f64::total_cmp);
-        let gf = 20.0 * (n * (n + 1) / 2) as f64 * 128.0 * 4.0 / 1e9;
+        let gf = 20.0 * (n * (n + 1) / 2 + n * p0) as f64 * 128.0 * 4.0 / 1e9;
         let chk: f64 = out.iter().map(|&x| x as f64).sum();
         println!(
             "attention {isa:?} {threads} thr n {n}: min {:.3} median {:.3} ms/layer ({:.1} GFLOP/s causal at min) sum {chk:.4}",
