@@ -568,13 +568,23 @@ impl CpuBackend {
                 vc.set_len((p0 + n) * kvd);
             }
             prof.mark("rope_kv");
+            // Last layer with only the last logits wanted: once the K/V of
+            // every token are in the cache, no other token's row is read
+            // again, so attention and everything after it run for the last
+            // token alone. Each row's float ops are the same either way (the
+            // tiled attention treats rows independently; one-token matmuls
+            // are bit-equal to the batched ones), so the logits are too.
+            let tail = n > 1 && li + 1 == m.layers.len() && matches!(output, Output::LastLogits);
+            let (nt, t0) = if tail { (1, n - 1) } else { (n, 0) };
+            let xs: &mut [f32] = &mut x[t0 * hid..];
             let a1;
             let a: &[f32] = if n == 1 {
                 a1 = self.attention(q, &cache.k[li], &cache.v[li], p0, n);
                 &a1
             } else {
-                self.attention_into(q, &cache.k[li], &cache.v[li], p0, n, att, att_scratch, par);
-                att
+                let (qs, out) = (&q[t0 * qd..], &mut att[..nt * qd]);
+                self.attention_into(qs, &cache.k[li], &cache.v[li], p0 + t0, nt, out, att_scratch, par);
+                &att[..nt * qd]
             };
             prof.mark("attention");
             match &layer.attn_sub_norm {
@@ -583,30 +593,29 @@ impl CpuBackend {
             };
             let aq = &nq;
             prof.mark("norm_quant");
-            self.add_linear(&pl.o, aq, x, th, par);
+            self.add_linear(&pl.o, aq, xs, th, par);
             prof.mark("o");
             // FFN block.
             prof.mark("residual");
-            nq.refill_rms_norm_on(x, &layer.ffn_norm, eps, par);
+            nq.refill_rms_norm_on(xs, &layer.ffn_norm, eps, par);
             let mq = &nq;
             prof.mark("norm_quant");
             let f = c.ffn;
-            if n > 1 {
+            let act = &mut act[..nt * f];
+            if nt > 1 {
                 // Gated activation fused into the gate/up epilogue (same float ops).
                 pl.gate_up
                     .forward_multi_on(mq, act, Epilogue::Gated(c.activation), th, par);
                 prof.mark("gate_up");
             } else {
-                let mut gu = vec![0f32; n * 2 * f];
+                let mut gu = vec![0f32; 2 * f];
                 pl.gate_up.forward_spin(mq, &mut gu, &self.spin);
                 prof.mark("gate_up");
-                act.par_chunks_mut(f).enumerate().with_min_len(8).for_each(|(t, o)| {
-                    let (g, u) = gu[t * 2 * f..(t + 1) * 2 * f].split_at(f);
-                    match c.activation {
-                        Activation::Relu2 => ops::relu2_mul(g, u, o),
-                        Activation::Silu => ops::silu_mul(g, u, o),
-                    }
-                });
+                let (g, u) = gu.split_at(f);
+                match c.activation {
+                    Activation::Relu2 => ops::relu2_mul(g, u, act),
+                    Activation::Silu => ops::silu_mul(g, u, act),
+                }
                 prof.mark("act");
             }
             match &layer.ffn_sub_norm {
@@ -615,7 +624,7 @@ impl CpuBackend {
             };
             let dq = &nq_ffn;
             prof.mark("norm_quant");
-            self.add_linear(&pl.down, dq, x, th, par);
+            self.add_linear(&pl.down, dq, xs, th, par);
             prof.mark("down");
         }
         prof.mark("residual");
@@ -834,6 +843,37 @@ mod tests {
             !be.kv_free.lock().unwrap().is_empty(),
             "dropped caches' buffers are kept"
         );
+    }
+
+    /// Last logits only (the last layer runs attention and the FFN for the
+    /// last token alone) give the same bits as the last row of all logits,
+    /// for a prompt and for a chunk after cached tokens, for every kernel.
+    #[test]
+    fn last_logits_equal_the_last_row_of_all_logits() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let vocab = model.config.vocab;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let ids: Vec<u32> = (0..37).map(|i| (i * 41 + 7) % vocab as u32).collect();
+        for kernel in crate::backends::cpu::kernels::available() {
+            let be = CpuBackend::new(model.clone(), kernel, 2).unwrap();
+            for (pre, n) in [(0usize, 37usize), (0, 2), (20, 17), (36, 1)] {
+                let run = |output| {
+                    let mut c = be.new_cache(64).unwrap();
+                    if pre > 0 {
+                        be.forward(c.as_mut(), &ids[..pre], Output::AllLogits).unwrap();
+                    }
+                    be.forward(c.as_mut(), &ids[pre..pre + n], output).unwrap()
+                };
+                let (all, last) = (run(Output::AllLogits), run(Output::LastLogits));
+                assert_eq!(last.len(), vocab);
+                assert!(last.iter().any(|&v| v != 0.0));
+                assert_eq!(
+                    bits(&last),
+                    bits(&all[(n - 1) * vocab..]),
+                    "{kernel}: {pre} cached, {n} new"
+                );
+            }
+        }
     }
 
     /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16
