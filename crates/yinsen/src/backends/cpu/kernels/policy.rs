@@ -19,12 +19,20 @@ pub struct KernelPolicy {
 }
 
 impl KernelPolicy {
-    /// The default before any tuning: the best vector kernel for small calls,
+    /// The default before any tuning: vnni3 (1.6-bit layout) for one-token
+    /// calls where it runs, the best 2-bit vector kernel for small calls,
     /// AMX from `AMX_MIN_TOKENS` tokens when the OS granted it (measured on
     /// the device: AMX passes VNNI at 16 tokens, docs/device-runs-amx.md).
     pub fn auto() -> Self {
         let avail = super::available();
         let mut rules = vec![(1, avail[0].to_string())];
+        // The 1.6-bit decode layout for one-token calls, the 2-bit tile
+        // layout from two tokens: vnni3's line decode costs more than it
+        // saves once a call is compute-bound (pp512 here: vnni 160 vs vnni3
+        // 145 tok/s), while decode reads 0.8x the bytes (docs/performance.md).
+        if avail[0] == "vnni3" && avail.contains(&"vnni") {
+            rules.push((2, "vnni".to_string()));
+        }
         if avail.contains(&"amx") && avail[0] != "amx" {
             rules.push((super::AMX_MIN_TOKENS, "amx".to_string()));
         }
