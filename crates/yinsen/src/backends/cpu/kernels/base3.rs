@@ -134,6 +134,21 @@ impl Base3Layout {
     }
 }
 
+/// A canonical byte -> the u codes of its four inputs.
+static CANON4: [[u8; 4]; 256] = {
+    let mut t = [[0u8; 4]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 4 {
+            t[b][k] = canon_to_u((b >> (2 * k)) as u8);
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// One row block's lines from the canonical rows (2-bit codes, input i at
 /// bits `2 (i % 4)` of byte `i / 4`).
 fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
@@ -144,8 +159,11 @@ fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
             break;
         }
         let row = &w.packed[r * rb..(r + 1) * rb];
-        for (i, v) in u.iter_mut().enumerate().take(w.n_in) {
-            *v = canon_to_u(row[i / 4] >> (2 * (i % 4)));
+        // A canonical byte's four codes at once (the row's last byte may
+        // hold fewer than four inputs: the rest of `u` keeps its pad 1s).
+        for (dst, &byte) in u[..w.n_in].chunks_mut(4).zip(row) {
+            let four = CANON4[byte as usize];
+            dst.copy_from_slice(&four[..dst.len()]);
         }
         for (c, line) in blk.iter_mut().enumerate() {
             for k in 0..4 {
