@@ -27,10 +27,8 @@
 //! Overflow: the same bound as the tile layout (`|u * x| <= 256` per
 //! product, `n_in <= MAX_N_IN`), so i32 accumulators never wrap.
 
-use rayon::prelude::*;
-
-use super::layout::{canon_to_u, Line, LINE, MAX_N_IN, ROWS};
-use crate::error::{Error, Result};
+use super::layout::{canon_to_u, Line, LineLayout, LINE, ROWS};
+use crate::error::Result;
 use crate::model::TernaryMatrix;
 
 /// Inputs per chunk (one line holds ROWS x CHUNK codes).
@@ -41,16 +39,11 @@ pub const PLANES: usize = 5;
 /// Byte value of an all-pad group of five codes (u = 1 each).
 const PAD_BYTE: u8 = 1 + 3 + 9 + 27 + 81;
 
+/// The base-3 layout's line format (see the module doc).
+pub enum Base3 {}
+
 /// Ternary weights in the base-3 layout.
-pub struct Base3Layout {
-    pub n_out: usize,
-    pub n_in: usize,
-    /// Row blocks (`ceil(n_out / 16)`).
-    pub blocks: usize,
-    /// Chunks per row block (`ceil(n_in / 20)`).
-    pub chunks: usize,
-    pub lines: Vec<Line>,
-}
+pub type Base3Layout = LineLayout<Base3>;
 
 /// `FIELDS[v]`: codes u_0..u_3 of `v = sum_{s<4} u_s 3^s` as 2-bit fields
 /// (u_s at bits 2s); entries past 80 are never indexed and hold pad codes.
@@ -78,52 +71,7 @@ impl Base3Layout {
     /// Convert canonical weights. Fails on inconsistent or oversized shapes
     /// before allocating.
     pub fn from_canonical(w: &TernaryMatrix) -> Result<Self> {
-        let rb = TernaryMatrix::row_bytes_for(w.n_in);
-        let expect = w.n_out.checked_mul(rb);
-        if expect != Some(w.packed.len()) {
-            return Err(Error::input(format!(
-                "ternary matrix {}x{}: {} packed bytes, expected {}",
-                w.n_out,
-                w.n_in,
-                w.packed.len(),
-                expect.map_or("an overflowing size".into(), |e| e.to_string())
-            )));
-        }
-        if w.n_in > MAX_N_IN {
-            return Err(Error::input(format!(
-                "ternary matrix {}x{}: n_in above {MAX_N_IN} could overflow int32 accumulators",
-                w.n_out, w.n_in
-            )));
-        }
-        let blocks = w.n_out.div_ceil(ROWS);
-        let chunks = w.n_in.div_ceil(CHUNK);
-        let n_lines = blocks
-            .checked_mul(chunks)
-            .filter(|n| n.checked_mul(LINE).is_some())
-            .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
-        let mut lines = crate::mem::huge_vec(n_lines, Line([PAD_BYTE; LINE]));
-        if chunks > 0 {
-            lines
-                .par_chunks_mut(chunks)
-                .enumerate()
-                .for_each(|(b, blk)| fill_block(w, rb, b, blk));
-        }
-        Ok(Self {
-            n_out: w.n_out,
-            n_in: w.n_in,
-            blocks,
-            chunks,
-            lines,
-        })
-    }
-
-    pub fn resident_bytes(&self) -> usize {
-        self.lines.len() * LINE
-    }
-
-    /// The `chunks` lines of row block `b`.
-    pub fn block(&self, b: usize) -> &[Line] {
-        &self.lines[b * self.chunks..(b + 1) * self.chunks]
+        Self::build(w, CHUNK, Line([PAD_BYTE; LINE]), |rb, b, blk| fill_block(w, rb, b, blk))
     }
 
     /// The weight at (r, i), decoded from the layout (for tests).

@@ -49,15 +49,69 @@ pub const MAX_N_IN: usize = 1 << 22;
 #[repr(C, align(64))]
 pub struct Line(pub [u8; LINE]);
 
-/// Ternary weights in the tile layout.
-pub struct TileLayout {
+/// Ternary weights as 64-byte lines: row blocks of 16 rows, each a run of
+/// `chunks` lines over consecutive inputs. `F` says how a line codes its
+/// weights: [`TwoBit`] (the tile layout, this file) or `Base3` (base3.rs).
+pub struct LineLayout<F> {
     pub n_out: usize,
     pub n_in: usize,
     /// Row blocks (`ceil(n_out / 16)`).
     pub blocks: usize,
-    /// Chunks per row block (`ceil(n_in / 16)`).
+    /// Chunks per row block (`ceil(n_in / inputs per line)`).
     pub chunks: usize,
     pub lines: Vec<Line>,
+    format: std::marker::PhantomData<F>,
+}
+
+/// The 2-bit tile layout's line format (see the module doc).
+pub enum TwoBit {}
+
+/// Ternary weights in the tile layout.
+pub type TileLayout = LineLayout<TwoBit>;
+
+impl<F> LineLayout<F> {
+    /// Lines for `w` with `chunk` inputs per line, all `pad` first, then
+    /// each row block's written by `fill(row_bytes, block, lines)` (blocks in
+    /// parallel). Fails on inconsistent or oversized shapes before
+    /// allocating.
+    pub(super) fn build(
+        w: &TernaryMatrix,
+        chunk: usize,
+        pad: Line,
+        fill: impl Fn(usize, usize, &mut [Line]) + Sync,
+    ) -> Result<Self> {
+        use rayon::prelude::*;
+        let LineShape {
+            row_bytes,
+            blocks,
+            chunks,
+            n_lines,
+        } = LineShape::check(w, chunk)?;
+        let mut lines = crate::mem::huge_vec(n_lines, pad);
+        if chunks > 0 {
+            lines
+                .par_chunks_mut(chunks)
+                .enumerate()
+                .for_each(|(b, blk)| fill(row_bytes, b, blk));
+        }
+        Ok(Self {
+            n_out: w.n_out,
+            n_in: w.n_in,
+            blocks,
+            chunks,
+            lines,
+            format: std::marker::PhantomData,
+        })
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.lines.len() * LINE
+    }
+
+    /// The `chunks` lines of row block `b`.
+    pub fn block(&self, b: usize) -> &[Line] {
+        &self.lines[b * self.chunks..(b + 1) * self.chunks]
+    }
 }
 
 /// Canonical 2-bit code -> u = w + 1 (00 -> 1, 01 -> 2, 10 -> 0, 11 -> 1).
@@ -86,13 +140,21 @@ const CANON_U: [u8; 256] = {
     t
 };
 
-/// All-pad line: every code u = 1.
-const PAD_LINE: Line = Line([0x55; LINE]);
+/// Shape of a line layout (16-row blocks x chunks of `chunk` inputs, one
+/// 64-byte line each) for a canonical matrix, checked before allocating.
+struct LineShape {
+    /// Canonical bytes per row.
+    pub row_bytes: usize,
+    pub blocks: usize,
+    pub chunks: usize,
+    pub n_lines: usize,
+}
 
-impl TileLayout {
-    /// Convert canonical weights. Fails on inconsistent or oversized shapes
-    /// before allocating.
-    pub fn from_canonical(w: &TernaryMatrix) -> Result<Self> {
+impl LineShape {
+    /// Fails on a packed length that does not match the shape, on `n_in`
+    /// past [`MAX_N_IN`] (int32 accumulators could wrap) and on sizes whose
+    /// byte counts overflow.
+    fn check(w: &TernaryMatrix, chunk: usize) -> Result<Self> {
         let rb = TernaryMatrix::row_bytes_for(w.n_in);
         let expect = w.n_out.checked_mul(rb);
         if expect != Some(w.packed.len()) {
@@ -111,35 +173,28 @@ impl TileLayout {
             )));
         }
         let blocks = w.n_out.div_ceil(ROWS);
-        let chunks = w.n_in.div_ceil(CHUNK);
-        // n_out * rb fits (checked above) and lines * 64 ~ n_out_pad * n_in_pad / 4,
-        // still check explicitly.
+        let chunks = w.n_in.div_ceil(chunk);
         let n_lines = blocks
             .checked_mul(chunks)
             .filter(|n| n.checked_mul(LINE).is_some())
             .ok_or_else(|| Error::input(format!("ternary matrix {}x{} is too large", w.n_out, w.n_in)))?;
-        let mut lines = crate::mem::huge_vec(n_lines, PAD_LINE);
-        if chunks > 0 {
-            for (b, blk) in lines.chunks_mut(chunks).enumerate() {
-                fill_block(w, rb, b, blk);
-            }
-        }
         Ok(Self {
-            n_out: w.n_out,
-            n_in: w.n_in,
+            row_bytes: rb,
             blocks,
             chunks,
-            lines,
+            n_lines,
         })
     }
+}
 
-    pub fn resident_bytes(&self) -> usize {
-        self.lines.len() * LINE
-    }
+/// All-pad line: every code u = 1.
+const PAD_LINE: Line = Line([0x55; LINE]);
 
-    /// The `chunks` lines of row block `b`.
-    pub fn block(&self, b: usize) -> &[Line] {
-        &self.lines[b * self.chunks..(b + 1) * self.chunks]
+impl TileLayout {
+    /// Convert canonical weights. Fails on inconsistent or oversized shapes
+    /// before allocating.
+    pub fn from_canonical(w: &TernaryMatrix) -> Result<Self> {
+        Self::build(w, CHUNK, PAD_LINE, |rb, b, blk| fill_block(w, rb, b, blk))
     }
 
     /// The weight at (r, i), decoded from the layout (for tests).
@@ -180,29 +235,30 @@ fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
     }
 }
 
-/// A kernel's multiply over the tile layout: shapes are already checked.
-pub type TiledGemm = fn(&TileLayout, &[i8], usize, usize, usize, &mut [i32]);
+/// A kernel's multiply over a line layout: shapes are already checked.
+pub type TiledGemm<F = TwoBit> = fn(&LineLayout<F>, &[i8], usize, usize, usize, &mut [i32]);
 
-/// A tile-layout matrix bound to one kernel's multiply: the `PackedTernary`
-/// plumbing the avx2, vnni and amx kernels share. Several of these can share
-/// one `Arc<TileLayout>` (see `policy.rs`).
-pub struct TiledPacked {
-    l: std::sync::Arc<TileLayout>,
-    gemm: TiledGemm,
+/// A line-layout matrix bound to one kernel's multiply: the `PackedTernary`
+/// plumbing the avx2, vnni, amx (tile layout) and vnni3 (base-3 layout)
+/// kernels share. Several of these can share one `Arc` of a layout (see
+/// `policy.rs`).
+pub struct TiledPacked<F = TwoBit> {
+    l: std::sync::Arc<LineLayout<F>>,
+    gemm: TiledGemm<F>,
     /// The same multiply with token-major output, where the kernel has one.
-    gemm_tm: Option<TiledGemm>,
+    gemm_tm: Option<TiledGemm<F>>,
 }
 
-impl TiledPacked {
-    pub fn shared(l: std::sync::Arc<TileLayout>, gemm: TiledGemm) -> std::sync::Arc<dyn super::PackedTernary> {
+impl<F: Send + Sync + 'static> TiledPacked<F> {
+    pub fn shared(l: std::sync::Arc<LineLayout<F>>, gemm: TiledGemm<F>) -> std::sync::Arc<dyn super::PackedTernary> {
         std::sync::Arc::new(Self { l, gemm, gemm_tm: None })
     }
 
     /// [`Self::shared`] for a kernel that also writes token-major output.
     pub fn shared_tm(
-        l: std::sync::Arc<TileLayout>,
-        gemm: TiledGemm,
-        gemm_tm: TiledGemm,
+        l: std::sync::Arc<LineLayout<F>>,
+        gemm: TiledGemm<F>,
+        gemm_tm: TiledGemm<F>,
     ) -> std::sync::Arc<dyn super::PackedTernary> {
         std::sync::Arc::new(Self {
             l,
@@ -212,7 +268,7 @@ impl TiledPacked {
     }
 }
 
-impl super::PackedTernary for TiledPacked {
+impl<F: Send + Sync + 'static> super::PackedTernary for TiledPacked<F> {
     fn n_out(&self) -> usize {
         self.l.n_out
     }

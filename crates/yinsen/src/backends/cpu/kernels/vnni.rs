@@ -43,7 +43,7 @@ impl TernaryKernel for Vnni {
 pub(super) const IN_PLACE_MAX_N_IN: usize = 1 << 19;
 
 /// Most tokens one register tile holds.
-const MAX_NT: usize = 16;
+pub(super) const MAX_NT: usize = 16;
 
 /// Entry from `TiledPacked` (shapes checked there).
 fn gemm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
@@ -58,20 +58,37 @@ fn gemm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &m
 /// while every row block of the range passes over them.
 const TOKEN_GROUP: usize = 4 * MAX_NT;
 
-/// Rows r0..r1 (r0 % 16 == 0): token groups outer, then row blocks, so a
-/// block's weights stay in L1 while the group's token tiles pass over them.
+/// Rows r0..r1 (r0 % 16 == 0) of the tile layout (see [`for_each_tile`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
+    for_each_tile(n_tokens, r0, r1, sums, out, |b, t0, nt, res| {
+        // SAFETY: the caller checked the features; x holds n_tokens rows.
+        unsafe { tile_dispatch(nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
+    });
+}
+
+/// The blocked loop of both VNNI kernels, row-major out: token groups
+/// outer, then row blocks, so a block's lines stay in L1 while the group's
+/// tiles of up to `MAX_NT` tokens pass over them. `tile(b, t0, nt, res)`
+/// fills `res[t][rr] = sum_i u * x` of row block `b` for tokens `t0..t0 +
+/// nt`; the loop subtracts each token's activation sum (u = w + 1).
+pub(super) fn for_each_tile(
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    sums: &[i32],
+    out: &mut [i32],
+    mut tile: impl FnMut(usize, usize, usize, &mut [[i32; ROWS]; MAX_NT]),
+) {
     for g0 in (0..n_tokens).step_by(TOKEN_GROUP) {
         let g1 = (g0 + TOKEN_GROUP).min(n_tokens);
         for b in r0 / ROWS..r1.div_ceil(ROWS) {
-            let lines = l.block(b);
             let rows = (r1 - b * ROWS).min(ROWS);
             let mut t0 = g0;
             while t0 < g1 {
                 let nt = (g1 - t0).min(MAX_NT);
                 let mut res = [[0i32; ROWS]; MAX_NT];
-                tile_dispatch(nt, lines, l.n_in, &x[t0 * l.n_in..], &mut res);
+                tile(b, t0, nt, &mut res);
                 for (t, rt) in res.iter().enumerate().take(nt) {
                     let corr = sums[t0 + t];
                     for (rr, &v) in rt.iter().enumerate().take(rows) {

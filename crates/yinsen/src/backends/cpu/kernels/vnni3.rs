@@ -14,8 +14,8 @@ use std::arch::x86_64::*;
 use std::sync::Arc;
 
 use super::base3::{Base3Layout, CHUNK, FIELDS};
-use super::layout::{check_gemm_args, token_sums, Line, ROWS};
-use super::vnni::IN_PLACE_MAX_N_IN;
+use super::layout::{token_sums, Line, TiledPacked, ROWS};
+use super::vnni::{for_each_tile, IN_PLACE_MAX_N_IN, MAX_NT};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -32,44 +32,18 @@ impl TernaryKernel for Vnni3 {
         "vnni3"
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(Arc::new(Base3Packed {
-            l: Base3Layout::from_canonical(w)?,
-        }))
+        Ok(TiledPacked::shared(Arc::new(Base3Layout::from_canonical(w)?), gemm))
     }
 }
 
-struct Base3Packed {
-    l: Base3Layout,
+/// Entry from `TiledPacked` (shapes checked there).
+fn gemm(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+    assert!(detected(), "vnni3 kernel used on a CPU without AVX-512 VNNI + VBMI");
+    let mut sums = Vec::new();
+    token_sums(x, n_tokens, l.n_in, &mut sums);
+    // SAFETY: features checked above; shapes checked by TiledPacked.
+    unsafe { gemm_vnni3(l, x, n_tokens, r0, r1, &sums, out) }
 }
-
-impl PackedTernary for Base3Packed {
-    fn n_out(&self) -> usize {
-        self.l.n_out
-    }
-    fn n_in(&self) -> usize {
-        self.l.n_in
-    }
-    fn resident_bytes(&self) -> usize {
-        self.l.resident_bytes()
-    }
-    fn row_block(&self) -> usize {
-        ROWS
-    }
-    fn gemm(&self, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-        check_gemm_args(self.l.n_out, self.l.n_in, x, n_tokens, r0, r1, out);
-        assert!(detected(), "vnni3 kernel used on a CPU without AVX-512 VNNI + VBMI");
-        let mut sums = Vec::new();
-        token_sums(x, n_tokens, self.l.n_in, &mut sums);
-        // SAFETY: features checked above; shapes checked by check_gemm_args.
-        unsafe { gemm_vnni3(&self.l, x, n_tokens, r0, r1, &sums, out) }
-    }
-}
-
-/// Most tokens one register tile holds.
-const MAX_NT: usize = 16;
-/// Tokens per group: a group's activations stay in L2 while every row
-/// block of the range passes over them.
-const TOKEN_GROUP: usize = 4 * MAX_NT;
 
 /// The first 128 entries of `FIELDS` as 2 zmm.
 struct Luts {
@@ -105,34 +79,18 @@ unsafe fn decode(l: &Luts, p: __m512i) -> (__m512i, __m512i) {
     (_mm512_permutex2var_epi8(l.fields[0], v, l.fields[1]), top)
 }
 
-/// Rows r0..r1 (r0 % 16 == 0), row-major out: token groups outer, then row
-/// blocks, so a block's lines stay in L1 while the group's tiles pass.
+/// Rows r0..r1 (r0 % 16 == 0), row-major out: one token in row-block
+/// pairs, more through the VNNI kernels' blocked loop.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn gemm_vnni3(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
     let luts = Luts::load();
-    if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN && std::env::var_os("YINSEN_VNNI3_NOPAIR").is_none() {
+    if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN {
         return gemv_pairs(&luts, l, x, r0, r1, sums[0], out);
     }
-    for g0 in (0..n_tokens).step_by(TOKEN_GROUP) {
-        let g1 = (g0 + TOKEN_GROUP).min(n_tokens);
-        for b in r0 / ROWS..r1.div_ceil(ROWS) {
-            let lines = l.block(b);
-            let rows = (r1 - b * ROWS).min(ROWS);
-            let mut t0 = g0;
-            while t0 < g1 {
-                let nt = (g1 - t0).min(MAX_NT);
-                let mut res = [[0i32; ROWS]; MAX_NT];
-                tile_dispatch(&luts, nt, lines, l.n_in, &x[t0 * l.n_in..], &mut res);
-                for (t, rt) in res.iter().enumerate().take(nt) {
-                    let corr = sums[t0 + t];
-                    for (rr, &v) in rt.iter().enumerate().take(rows) {
-                        out[(b * ROWS + rr - r0) * n_tokens + t0 + t] = v.wrapping_sub(corr);
-                    }
-                }
-                t0 += nt;
-            }
-        }
-    }
+    for_each_tile(n_tokens, r0, r1, sums, out, |b, t0, nt, res| {
+        // SAFETY: the caller checked the features; x holds n_tokens rows.
+        unsafe { tile_dispatch(&luts, nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
+    });
 }
 
 /// One token (decode): row blocks in pairs `(b, b + half)` of the range,

@@ -391,6 +391,48 @@ __device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m
 // cp.async into the Q tiles' smem (dead once Q's fragments are in
 // registers; 256 (hd + 8) bytes hold a 256 hd-byte f32 tile) and converted
 // to hi/lo there: V's copy flies during S = Q K^T, the next K's during O += P V.
+// The end of a tensor-core flash tile for one lane's rows r0 and r0 + 8:
+// the row sums were lane-partial (each lane its 2 keys per n8 tile); then
+// either this key split's un-normalised partial [m (base 2), l, o[hd]] per
+// (token, head, split) for the merge kernel, or the normalised output.
+template <int NT>
+__device__ __forceinline__ void tc_finish(const float (&o)[NT][4], float m0, float m1, float l0, float l1, int hd,
+                                          bool partial, float* part, int t0, int r0, int rows, int c, int h,
+                                          int n_heads, int n_ks, int ksp, float* outp, int out_stride) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    if (partial) {
+        const size_t pst = hd + 2;
+        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
+        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
+        if (c == 0) {
+            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
+            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            if (8 * n < hd) {
+                if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
+                if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
+            }
+        }
+        return;
+    }
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * hd + 2 * c;
+    float* out1 = out0 + (size_t)8 * out_stride;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        if (8 * n < hd) {
+            if (r0 < rows) *(float2*)(out0 + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
+            if (r0 + 8 < rows) *(float2*)(out1 + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
+        }
+    }
+}
+
 template <typename KV, int HDMAX, bool SPLIT, bool STG = false>
 __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
                                               const int* pos, int nt, int n_heads, int n_kv, int hd, int cap,
@@ -659,41 +701,8 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     }
 
     if (!active) return;
-    // The row sums were lane-partial (each lane its 2 keys per n8 tile).
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    if (n_ks > 1 && kchunk < kmax) {
-        // Partial of this key range, un-normalised: [m (base 2), l, o[hd]] per
-        // (token, head, split) for flash_tc_merge.
-        const size_t pst = hd + 2;
-        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
-        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
-        if (c == 0) {
-            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
-            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
-        }
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            if (8 * n < hd) {
-                if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
-                if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
-            }
-        }
-        return;
-    }
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * hd + 2 * c;
-    float* out1 = out0 + (size_t)8 * out_stride;
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-        if (8 * n < hd) {
-            if (r0 < rows) *(float2*)(out0 + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
-            if (r0 + 8 < rows) *(float2*)(out1 + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
-        }
-    }
+    tc_finish<NT>(o, m0, m1, l0, l1, hd, n_ks > 1 && kchunk < kmax, part, t0, r0, rows, c, h, n_heads, n_ks, ksp,
+                  outp, out_stride);
 #endif
 }
 // tc: split precision (default); tc16: plain f16 inputs. d128: hd <= 128,
@@ -1000,34 +1009,8 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     tcx_wait<0>();  // nothing in flight at exit (the last groups are empty)
 
     if (!active) return;
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    if (n_ks > 1 && kchunk < kmax) {
-        const size_t pst = HD + 2;
-        float* pp0 = part + (((size_t)(t0 + r0) * n_heads + h) * n_ks + ksp) * pst;
-        float* pp1 = pp0 + (size_t)8 * n_heads * n_ks * pst;
-        if (c == 0) {
-            if (r0 < rows) *(float2*)pp0 = make_float2(m0, l0);
-            if (r0 + 8 < rows) *(float2*)pp1 = make_float2(m1, l1);
-        }
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            if (r0 < rows) *(float2*)(pp0 + 2 + 8 * n + 2 * c) = make_float2(o[n][0], o[n][1]);
-            if (r0 + 8 < rows) *(float2*)(pp1 + 2 + 8 * n + 2 * c) = make_float2(o[n][2], o[n][3]);
-        }
-        return;
-    }
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    float* out0 = outp + (size_t)(t0 + r0) * out_stride + h * HD + 2 * c;
-    float* out1 = out0 + (size_t)8 * out_stride;
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-        if (r0 < rows) *(float2*)(out0 + 8 * n) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
-        if (r0 + 8 < rows) *(float2*)(out1 + 8 * n) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
-    }
+    tc_finish<NT>(o, m0, m1, l0, l1, HD, n_ks > 1 && kchunk < kmax, part, t0, r0, rows, c, h, n_heads, n_ks, ksp,
+                  outp, out_stride);
 #endif
 }
 // NW warps per block (8: one resident block per SM; 4: two, with 32-key tiles).
