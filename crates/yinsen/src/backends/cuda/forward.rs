@@ -1161,6 +1161,31 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The merge of `n_ks` key splits' partials (`s.part`) into `s.attn`:
+    /// `flash_tc_merge`, or `flash_tcx_merge` given its query-tile rows `bq`.
+    fn flash_merge(&self, s: &Scratch, nt: usize, n_ks: usize, bq: Option<usize>, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let mut args = vec![
+            s.part.p(),
+            s.pos.p(),
+            Arg::I(nt as i32),
+            Arg::I(c.n_heads as i32),
+            Arg::I(c.head_dim as i32),
+            Arg::I(n_ks as i32),
+            s.attn.p(),
+            Arg::I(c.q_dim() as i32),
+        ];
+        let name = match bq {
+            Some(bq) => {
+                args.push(Arg::I(bq as i32));
+                "flash_tcx_merge"
+            }
+            None => "flash_tc_merge",
+        };
+        self.gpu
+            .launch_ex(name, (nt as u32, c.n_heads as u32, 1), 128, &args, pdl)
+    }
+
     /// Attention of `nt` tokens over layer `li`'s cache, into `s.attn`:
     /// flash.cu for prefill, else split-K.
     fn attention(&self, s: &Scratch, cache: &CudaCache, li: usize, nt: usize, n_split: usize, pdl: bool) -> Result<()> {
@@ -1213,23 +1238,7 @@ impl CudaBackend {
                 how,
             )?;
             if n_ks > 1 {
-                self.gpu.launch_ex(
-                    "flash_tcx_merge",
-                    (nt as u32, c.n_heads as u32, 1),
-                    128,
-                    &[
-                        s.part.p(),
-                        s.pos.p(),
-                        Arg::I(nt as i32),
-                        Arg::I(c.n_heads as i32),
-                        Arg::I(c.head_dim as i32),
-                        Arg::I(n_ks as i32),
-                        s.attn.p(),
-                        Arg::I(c.q_dim() as i32),
-                        Arg::I(bq as i32),
-                    ],
-                    pdl,
-                )?;
+                self.flash_merge(s, nt, n_ks, Some(bq), pdl)?;
             }
             return Ok(());
         }
@@ -1258,22 +1267,7 @@ impl CudaBackend {
             let grid = ((nt.div_ceil(FA_TILE) * n_ks) as u32, c.n_heads as u32, 1);
             self.gpu.launch_smem(name, grid, threads, smem as u32, &args, how)?;
             if n_ks > 1 {
-                self.gpu.launch_ex(
-                    "flash_tc_merge",
-                    (nt as u32, c.n_heads as u32, 1),
-                    128,
-                    &[
-                        s.part.p(),
-                        s.pos.p(),
-                        Arg::I(nt as i32),
-                        Arg::I(c.n_heads as i32),
-                        Arg::I(c.head_dim as i32),
-                        Arg::I(n_ks as i32),
-                        s.attn.p(),
-                        Arg::I(c.q_dim() as i32),
-                    ],
-                    pdl,
-                )?;
+                self.flash_merge(s, nt, n_ks, None, pdl)?;
             }
             return Ok(());
         }

@@ -128,28 +128,47 @@ unsafe fn tile_dispatch(nt: usize, lines: &[Line], n_in: usize, x: &[i8], res: &
     }
 }
 
+/// The four 2-bit fields of each byte of `f` as VPDPBUSD operands: plane
+/// s = `(f >> 2s) & 3`, or with `M` masked in place, `f & (3 << 2s)` = 4^s
+/// times it (one op each; the accumulators are scaled back by
+/// [`unscale_planes`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn planes<const M: bool>(f: __m512i) -> [__m512i; 4] {
+    let m = _mm512_set1_epi8(3);
+    if M {
+        [
+            _mm512_and_si512(f, m),
+            _mm512_and_si512(f, _mm512_set1_epi8(0x0c)),
+            _mm512_and_si512(f, _mm512_set1_epi8(0x30)),
+            _mm512_and_si512(f, _mm512_set1_epi8(0xc0u8 as i8)),
+        ]
+    } else {
+        [
+            _mm512_and_si512(f, m),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(f), m),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(f), m),
+            _mm512_and_si512(_mm512_srli_epi16::<6>(f), m),
+        ]
+    }
+}
+
+/// Accumulators 1..4 of in-place planes hold 4^s times plane s's exact sum
+/// (all terms multiples of 4^s, so the arithmetic shift is exact).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn unscale_planes(acc: &mut [__m512i]) {
+    acc[1] = _mm512_srai_epi32::<2>(acc[1]);
+    acc[2] = _mm512_srai_epi32::<4>(acc[2]);
+    acc[3] = _mm512_srai_epi32::<6>(acc[3]);
+}
+
 /// One line against NT tokens: `xp` points at the line's first input of
 /// token 0, `stride` bytes between tokens.
 macro_rules! line_step {
     ($acc:ident, $line:expr, $xp:expr, $stride:expr, $nt:expr, $a:expr, $m:expr) => {{
         let p = _mm512_load_si512($line as *const Line as *const _);
-        let m = _mm512_set1_epi8(3);
-        let ws = if $m {
-            // Fields masked in place: plane s is 4^s u (one op, no shift).
-            [
-                _mm512_and_si512(p, m),
-                _mm512_and_si512(p, _mm512_set1_epi8(0x0c)),
-                _mm512_and_si512(p, _mm512_set1_epi8(0x30)),
-                _mm512_and_si512(p, _mm512_set1_epi8(0xc0u8 as i8)),
-            ]
-        } else {
-            [
-                _mm512_and_si512(p, m),
-                _mm512_and_si512(_mm512_srli_epi16::<2>(p), m),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(p), m),
-                _mm512_and_si512(_mm512_srli_epi16::<6>(p), m),
-            ]
-        };
+        let ws = planes::<$m>(p);
         for t in 0..$nt {
             let xq = $xp.add(t * $stride);
             for (s, &w) in ws.iter().enumerate() {
@@ -186,11 +205,8 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
         line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A, M);
     }
     if M {
-        // Accumulator s holds 4^s times plane s's exact sum.
         for at in acc.iter_mut() {
-            at[1] = _mm512_srai_epi32::<2>(at[1]);
-            at[2] = _mm512_srai_epi32::<4>(at[2]);
-            at[3] = _mm512_srai_epi32::<6>(at[3]);
+            unscale_planes(at);
         }
     }
     for t in 0..NT {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::base3::{Base3Layout, CHUNK, FIELDS};
 use super::layout::{token_sums, Line, TiledPacked, ROWS};
-use super::vnni::{for_each_tile, IN_PLACE_MAX_N_IN, MAX_NT};
+use super::vnni::{for_each_tile, planes, unscale_planes, IN_PLACE_MAX_N_IN, MAX_NT};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -137,20 +137,14 @@ unsafe fn tile_pair(luts: &Luts, la: &[Line], lb: &[Line], n_in: usize, x: &[i8]
         line_step::<1, 5, true>(luts, &mut aa, &la[full], tail.as_ptr(), CHUNK);
         line_step::<1, 5, true>(luts, &mut ab, &lb[full], tail.as_ptr(), CHUNK);
     }
-    let fold = |acc: &mut [[__m512i; 5]; 1]| {
+    let mut res = [[0i32; ROWS]; 2];
+    for (acc, r) in [aa, ab].iter_mut().zip(res.iter_mut()) {
         let a = &mut acc[0];
-        let s = _mm512_add_epi32(
-            _mm512_add_epi32(a[0], a[4]),
-            _mm512_add_epi32(
-                _mm512_srai_epi32::<2>(a[1]),
-                _mm512_add_epi32(_mm512_srai_epi32::<4>(a[2]), _mm512_srai_epi32::<6>(a[3])),
-            ),
-        );
-        let mut r = [0i32; ROWS];
+        unscale_planes(a);
+        let s = a[1..].iter().fold(a[0], |s, &v| _mm512_add_epi32(s, v));
         _mm512_storeu_si512(r.as_mut_ptr() as *mut _, s);
-        r
-    };
-    (fold(&mut aa), fold(&mut ab))
+    }
+    (res[0], res[1])
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
@@ -198,25 +192,8 @@ unsafe fn line_step<const NT: usize, const A: usize, const M: bool>(
 ) {
     let p = _mm512_load_si512(line as *const Line as *const _);
     let (f, top) = decode(luts, p);
-    let m = _mm512_set1_epi8(3);
-    let ws = if M {
-        // Fields masked in place: plane s is 4^s u_s (one op, no shift).
-        [
-            _mm512_and_si512(f, m),
-            _mm512_and_si512(f, _mm512_set1_epi8(0x0c)),
-            _mm512_and_si512(f, _mm512_set1_epi8(0x30)),
-            _mm512_and_si512(f, _mm512_set1_epi8(0xc0u8 as i8)),
-            top,
-        ]
-    } else {
-        [
-            _mm512_and_si512(f, m),
-            _mm512_and_si512(_mm512_srli_epi16::<2>(f), m),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(f), m),
-            _mm512_and_si512(_mm512_srli_epi16::<6>(f), m),
-            top,
-        ]
-    };
+    let [w0, w1, w2, w3] = planes::<M>(f);
+    let ws = [w0, w1, w2, w3, top];
     for (t, at) in acc.iter_mut().enumerate() {
         let xq = xp.add(t * stride);
         for (s, &w) in ws.iter().enumerate() {
@@ -253,11 +230,8 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
         line_step::<NT, A, M>(luts, &mut acc, &lines[full], tail.as_ptr() as *const i8, CHUNK);
     }
     if M {
-        // Accumulator s holds 4^s times plane s's exact sum.
         for at in acc.iter_mut() {
-            at[1] = _mm512_srai_epi32::<2>(at[1]);
-            at[2] = _mm512_srai_epi32::<4>(at[2]);
-            at[3] = _mm512_srai_epi32::<6>(at[3]);
+            unscale_planes(at);
         }
     }
     for t in 0..NT {
