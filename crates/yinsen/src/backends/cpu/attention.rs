@@ -900,15 +900,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp2(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        let f = _mm512_sub_ps(x, n);
-        let mut p = _mm512_set1_ps(EXP2_P[0]);
-        for &c in &EXP2_P[1..] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-        }
-        let r = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(r, n)
+        exp2_finite(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0)))
     }
 
     /// [`exp2`] without the clamps, for finite x: 2^x over/underflows to
