@@ -900,7 +900,10 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp2(x: __m512) -> __m512 {
-        exp2_finite(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0)))
+        exp2_finite(_mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-127.0)),
+            _mm512_set1_ps(127.0),
+        ))
     }
 
     /// [`exp2`] without the clamps, for finite x: 2^x over/underflows to
