@@ -59,10 +59,16 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 /// moves logits by up to ~0.04. So: max |d| <= 0.1, mean |d| <= 0.01, and the
 /// same top-1 wherever the CPU's top-1 leads its top-2 by >= 0.05.
 fn close(got: &[f32], want: &[f32], vocab: usize, what: &str) -> (f32, f32) {
+    close_mean(got, want, vocab, what, 0.01)
+}
+
+/// [`close`] with another bound on the mean |d| (a short call in which one
+/// token flips has a larger mean than a whole prompt).
+fn close_mean(got: &[f32], want: &[f32], vocab: usize, what: &str, mean_bound: f32) -> (f32, f32) {
     let d = max_abs(got, want);
     let mean = got.iter().zip(want).map(|(x, y)| (x - y).abs()).sum::<f32>() / got.len() as f32;
     assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
-    assert!(d <= 0.1 && mean <= 0.01, "{what}: max |dlogit| {d}, mean {mean}");
+    assert!(d <= 0.1 && mean <= mean_bound, "{what}: max |dlogit| {d}, mean {mean}");
     for (t, (g, c)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         let top = argmax(c);
         let second = (0..vocab).filter(|&i| i != top).fold(f32::MIN, |m, i| m.max(c[i]));
@@ -522,8 +528,11 @@ fn mega_multi_matches_per_kernel_step() {
             gpu.set_mega_multi(true);
             let want = cpu.forward(cc.as_mut(), toks, Output::AllLogits).unwrap();
             let what = format!("{shape} {kv:?}: call of {n} at {at}");
-            let (m_max, m_mean) = close(&multi, &want, vocab, &format!("{what}, persistent vs CPU"));
-            let (k_max, k_mean) = close(&kern, &want, vocab, &format!("{what}, per-kernel vs CPU"));
+            // Per call: the flip-prone max and top-1 bounds; the mean bound
+            // holds over the whole sequence (below): in a call of 2-9 tokens
+            // one flipped token can pass 0.01 alone (125m, run S6-5).
+            let (m_max, m_mean) = close_mean(&multi, &want, vocab, &format!("{what}, persistent vs CPU"), 0.05);
+            let (k_max, k_mean) = close_mean(&kern, &want, vocab, &format!("{what}, per-kernel vs CPU"), 0.05);
             println!(
                 "{what}: persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
             );
@@ -532,6 +541,10 @@ fn mega_multi_matches_per_kernel_step() {
             at += n;
         }
         let (m_mean, k_mean) = (sum_m / at as f32, sum_k / at as f32);
+        assert!(
+            m_mean <= 0.01 && k_mean <= 0.01,
+            "{shape} {kv:?}: mean |dlogit| over the sequence: persistent {m_mean:.3e}, per-kernel {k_mean:.3e}"
+        );
         assert!(
             m_mean <= 2.0 * k_mean + 2e-3,
             "{shape} {kv:?}: the persistent multi-token step (mean {m_mean:.3e}) is further from the CPU than the per-kernel one ({k_mean:.3e})"
