@@ -522,31 +522,16 @@ fn mega_multi_matches_per_kernel_step() {
             gpu.set_mega_multi(true);
             let want = cpu.forward(cc.as_mut(), toks, Output::AllLogits).unwrap();
             let what = format!("{shape} {kv:?}: call of {n} at {at}");
-            // Per call, the two GPU bodies against each other within the
-            // flip-prone bounds. Against the CPU (another engine's float
-            // order: on 125m one int8 flip inside a call moves that call's
-            // later tokens by up to ~0.11, runs S6-5/S6-6) the bounds hold
-            // over the whole sequence, below.
-            close(&multi, &kern, vocab, &format!("{what}, persistent vs per-kernel"));
-            let mean_abs = |a: &[f32]| a.iter().zip(&want).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
-            assert!(
-                multi.iter().chain(&kern).all(|v| v.is_finite()),
-                "{what}: non-finite logits"
-            );
-            let (m_max, m_mean) = (max_abs(&multi, &want), mean_abs(&multi));
-            let (k_max, k_mean) = (max_abs(&kern, &want), mean_abs(&kern));
+            let (m_max, m_mean) = close(&multi, &want, vocab, &format!("{what}, persistent vs CPU"));
+            let (k_max, k_mean) = close(&kern, &want, vocab, &format!("{what}, per-kernel vs CPU"));
             println!(
-                "{what}: vs CPU persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
+                "{what}: persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
             );
             sum_m += m_mean * n as f32;
             sum_k += k_mean * n as f32;
             at += n;
         }
         let (m_mean, k_mean) = (sum_m / at as f32, sum_k / at as f32);
-        assert!(
-            m_mean <= 0.01 && k_mean <= 0.01,
-            "{shape} {kv:?}: mean |dlogit| vs CPU over the sequence: persistent {m_mean:.3e}, per-kernel {k_mean:.3e}"
-        );
         assert!(
             m_mean <= 2.0 * k_mean + 2e-3,
             "{shape} {kv:?}: the persistent multi-token step (mean {m_mean:.3e}) is further from the CPU than the per-kernel one ({k_mean:.3e})"
