@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::base3::{Base3Layout, CHUNK, FIELDS};
 use super::layout::{token_sums, Line, TiledPacked, ROWS};
-use super::vnni::{for_each_tile, planes, unscale_planes, IN_PLACE_MAX_N_IN, MAX_NT};
+use super::vnni::{fold_planes, for_each_block_pair, for_each_tile, planes, unscale_planes, IN_PLACE_MAX_N_IN, MAX_NT};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -85,38 +85,24 @@ unsafe fn decode(l: &Luts, p: __m512i) -> (__m512i, __m512i) {
 unsafe fn gemm_vnni3(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
     let luts = Luts::load();
     if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN {
-        return gemv_pairs(&luts, l, x, r0, r1, sums[0], out);
+        // SAFETY (closures): the caller checked the features; x holds n_in values.
+        return for_each_block_pair(
+            r0,
+            r1,
+            sums[0],
+            out,
+            |ba, bb| unsafe { tile_pair(&luts, l.block(ba), l.block(bb), l.n_in, x) },
+            |b| unsafe {
+                let mut res = [[0i32; ROWS]; MAX_NT];
+                tile::<1, 5, true>(&luts, l.block(b), l.n_in, x, &mut res);
+                res[0]
+            },
+        );
     }
     for_each_tile(n_tokens, r0, r1, sums, out, |b, t0, nt, res| {
         // SAFETY: the caller checked the features; x holds n_tokens rows.
         unsafe { tile_dispatch(&luts, nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
     });
-}
-
-/// One token (decode): row blocks in pairs `(b, b + half)` of the range,
-/// streamed together, so a thread keeps two independent memory streams in
-/// flight (one core's single stream stops well below the memory bandwidth).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-unsafe fn gemv_pairs(luts: &Luts, l: &Base3Layout, x: &[i8], r0: usize, r1: usize, sum: i32, out: &mut [i32]) {
-    let (b0, b1) = (r0 / ROWS, r1.div_ceil(ROWS));
-    let half = (b1 - b0).div_ceil(2);
-    let mut put = |b: usize, r: &[i32; ROWS]| {
-        for (rr, &v) in r.iter().enumerate().take((r1 - b * ROWS).min(ROWS)) {
-            out[b * ROWS + rr - r0] = v.wrapping_sub(sum);
-        }
-    };
-    for ba in b0..b0 + half {
-        let bb = ba + half;
-        if bb < b1 {
-            let (ra, rb) = tile_pair(luts, l.block(ba), l.block(bb), l.n_in, x);
-            put(ba, &ra);
-            put(bb, &rb);
-        } else {
-            let mut res = [[0i32; ROWS]; MAX_NT];
-            tile::<1, 5, true>(luts, l.block(ba), l.n_in, x, &mut res);
-            put(ba, &res[0]);
-        }
-    }
 }
 
 /// [`tile`] for one token over two row blocks at once (in-place masks).
@@ -137,14 +123,7 @@ unsafe fn tile_pair(luts: &Luts, la: &[Line], lb: &[Line], n_in: usize, x: &[i8]
         line_step::<1, 5, true>(luts, &mut aa, &la[full], tail.as_ptr(), CHUNK);
         line_step::<1, 5, true>(luts, &mut ab, &lb[full], tail.as_ptr(), CHUNK);
     }
-    let mut res = [[0i32; ROWS]; 2];
-    for (acc, r) in [aa, ab].iter_mut().zip(res.iter_mut()) {
-        let a = &mut acc[0];
-        unscale_planes(a);
-        let s = a[1..].iter().fold(a[0], |s, &v| _mm512_add_epi32(s, v));
-        _mm512_storeu_si512(r.as_mut_ptr() as *mut _, s);
-    }
-    (res[0], res[1])
+    (fold_planes(&mut aa[0]), fold_planes(&mut ab[0]))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
