@@ -391,6 +391,59 @@ __device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m
 // cp.async into the Q tiles' smem (dead once Q's fragments are in
 // registers; 256 (hd + 8) bytes hold a 256 hd-byte f32 tile) and converted
 // to hi/lo there: V's copy flies during S = Q K^T, the next K's during O += P V.
+// One key tile's online-softmax step for a lane's rows r0 (s[.][0..2]) and
+// r0 + 8 (s[.][2..4]) in base-2 units: causal mask (only where `mask`: the
+// tile reaches past the warp's first row; row r0 sits at position pos0),
+// the row max over the quad's lanes, p = 2^(s - max) in place, and the
+// running max m, sum l and output rows o rescaled. A row masked out of the
+// whole tile keeps m (max = -inf) and gets p = 0; while m is -inf, 0 is
+// subtracted instead (-inf - -inf is NaN).
+template <int NS, int NT>
+__device__ __forceinline__ void tc_softmax_step(float (&s)[NS][4], float (&o)[NT][4], bool mask, int j0, int pos0,
+                                                int c, float& m0, float& m1, float& l0, float& l1) {
+    if (mask) {
+#pragma unroll
+        for (int n = 0; n < NS; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
+    }
+    float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+    for (int n = 0; n < NS; n++) {
+        mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
+    m0 = mn0;
+    m1 = mn1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int n = 0; n < NS; n++) {
+        s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
+        s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
+        s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
+        s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
+        sum0 += s[n][0] + s[n][1];
+        sum1 += s[n][2] + s[n][3];
+    }
+    l0 = l0 * a0 + sum0;
+    l1 = l1 * a1 + sum1;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        o[n][0] *= a0;
+        o[n][1] *= a0;
+        o[n][2] *= a1;
+        o[n][3] *= a1;
+    }
+}
+
 // The end of a tensor-core flash tile for one lane's rows r0 and r0 + 8:
 // the row sums were lane-partial (each lane its 2 keys per n8 tile); then
 // either this key split's un-normalised partial [m (base 2), l, o[hd]] per
@@ -613,50 +666,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
             }
             // s[n][e] is key j0 + 8 n + 2 c + (e & 1) of row r0 + 8 (e >> 1).
             // Mask only where the tile reaches past the warp's first row.
-            if (j0 + TC_BK - 1 > wfirst) {
-#pragma unroll
-                for (int n = 0; n < 8; n++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
-            }
-            // Online softmax: a row's 64 scores live in the 4 lanes of a quad.
-            float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-            }
-#pragma unroll
-            for (int off = 1; off < 4; off <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-            }
-            // A row masked out of this whole tile keeps m (mx = -inf) and gets
-            // p = 0; while m is -inf, subtract 0 instead (-inf - -inf is NaN).
-            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
-            m0 = mn0;
-            m1 = mn1;
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
-                s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
-                s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
-                s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
-                sum0 += s[n][0] + s[n][1];
-                sum1 += s[n][2] + s[n][3];
-            }
-            l0 = l0 * a0 + sum0;
-            l1 = l1 * a1 + sum1;
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                o[n][0] *= a0;
-                o[n][1] *= a0;
-                o[n][2] *= a1;
-                o[n][3] *= a1;
-            }
+            tc_softmax_step<8, NT>(s, o, j0 + TC_BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
         }
         if (STG_) {
             tc_load_wait();
@@ -944,47 +954,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
                 tc_mma_split<true, true>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], kh, kl);
             }
         }
-        if (j0 + BK - 1 > wfirst) {
-#pragma unroll
-            for (int n = 0; n < NS; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (j0 + 8 * n + 2 * c + (e & 1) > pos0 + 8 * (e >> 1)) s[n][e] = NEG_INF;
-        }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (int n = 0; n < NS; n++) {
-            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float a0 = exp2f(m0 - tc_fin(mn0)), a1 = exp2f(m1 - tc_fin(mn1));
-        m0 = mn0;
-        m1 = mn1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < NS; n++) {
-            s[n][0] = exp2f(s[n][0] - tc_fin(mn0));
-            s[n][1] = exp2f(s[n][1] - tc_fin(mn0));
-            s[n][2] = exp2f(s[n][2] - tc_fin(mn1));
-            s[n][3] = exp2f(s[n][3] - tc_fin(mn1));
-            sum0 += s[n][0] + s[n][1];
-            sum1 += s[n][2] + s[n][3];
-        }
-        l0 = l0 * a0 + sum0;
-        l1 = l1 * a1 + sum1;
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            o[n][0] *= a0;
-            o[n][1] *= a0;
-            o[n][2] *= a1;
-            o[n][3] *= a1;
-        }
+        tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
 #pragma unroll
         for (int kk = 0; kk < NS / 2; kk++) {
             u32 ph[4], pl[4];
