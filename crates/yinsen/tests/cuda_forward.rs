@@ -45,6 +45,11 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+fn mean_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
 fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m })
 }
@@ -488,10 +493,14 @@ fn mega_decode_matches_per_kernel_decode() {
 /// tokens (odd counts, one and two n8 tiles), 74 positions in all, so the
 /// attention crosses a 64-key chunk and merges. Each call starts from the
 /// CPU's cache (exported and imported), so an int8 rounding flip in one
-/// call does not carry into the next: every call must be close to the CPU
-/// (the flip-prone bounds of `close`), and on average no further from it
-/// than the per-kernel body (2x + a small floor). KV caches f32 and f16;
-/// shapes tiny and 125m (12 layers, no grouping).
+/// call does not carry into the next. On tiny every call must be close to
+/// the CPU (the flip-prone bounds of `close`). 125m (12 layers, no
+/// grouping) flips more: one int8 flip inside a call moves the call's later
+/// tokens by up to ~0.11 (runs S6-5 to S6-7, after a change of the CPU's
+/// attention float order), so there every token stays within 0.25 and the
+/// mean over the sequence within 0.02. Everywhere, the persistent body is on
+/// average no further from the CPU than the per-kernel one (2x + a small
+/// floor). KV caches f32 and f16.
 #[test]
 fn mega_multi_matches_per_kernel_step() {
     for (shape, kv) in [("tiny", KvDtype::F32), ("tiny", KvDtype::F16), ("125m", KvDtype::F32)] {
@@ -522,8 +531,18 @@ fn mega_multi_matches_per_kernel_step() {
             gpu.set_mega_multi(true);
             let want = cpu.forward(cc.as_mut(), toks, Output::AllLogits).unwrap();
             let what = format!("{shape} {kv:?}: call of {n} at {at}");
-            let (m_max, m_mean) = close(&multi, &want, vocab, &format!("{what}, persistent vs CPU"));
-            let (k_max, k_mean) = close(&kern, &want, vocab, &format!("{what}, per-kernel vs CPU"));
+            let check = |got: &[f32], body: &str| {
+                let what = format!("{what}, {body} vs CPU");
+                if shape == "tiny" {
+                    return close(got, &want, vocab, &what);
+                }
+                assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+                let (d, mean) = (max_abs(got, &want), mean_abs(got, &want));
+                assert!(d <= 0.25, "{what}: max |dlogit| {d} (mean {mean})");
+                (d, mean)
+            };
+            let (m_max, m_mean) = check(&multi, "persistent");
+            let (k_max, k_mean) = check(&kern, "per-kernel");
             println!(
                 "{what}: persistent max {m_max:.3e} mean {m_mean:.3e}; per-kernel max {k_max:.3e} mean {k_mean:.3e}"
             );
@@ -532,6 +551,11 @@ fn mega_multi_matches_per_kernel_step() {
             at += n;
         }
         let (m_mean, k_mean) = (sum_m / at as f32, sum_k / at as f32);
+        let bound = if shape == "tiny" { 0.01 } else { 0.02 };
+        assert!(
+            m_mean <= bound && k_mean <= bound,
+            "{shape} {kv:?}: mean |dlogit| vs CPU over the sequence: persistent {m_mean:.3e}, per-kernel {k_mean:.3e}"
+        );
         assert!(
             m_mean <= 2.0 * k_mean + 2e-3,
             "{shape} {kv:?}: the persistent multi-token step (mean {m_mean:.3e}) is further from the CPU than the per-kernel one ({k_mean:.3e})"

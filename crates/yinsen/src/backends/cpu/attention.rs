@@ -1,11 +1,16 @@
 //! Causal GQA attention on the CPU.
 //!
 //! Prefill uses a tiled, flash-style loop: a task takes one KV head and a
-//! block of query tokens (all query heads of that group, 64 query rows),
-//! walks the keys in blocks of 64 with an online softmax, and does each block
-//! as two small GEMMs: `S = Q . K^T` and `O += P . V`, with a vector exp2.
-//! K is transposed once per call (`[kv head][dim][position]`) so the score
-//! GEMM broadcasts query elements against 64 contiguous keys.
+//! block of query tokens (all query heads of that group), walks the keys in
+//! blocks of 64 with an online softmax, and does each block as two small
+//! GEMMs: `S = Q . K^T` and `O += P . V`, with a vector exp2.
+//!
+//! The AVX-512 kernels (`x86`) put the task's query rows (up to 64) in the
+//! lanes: `S^T = K . Q^T` with `Q^T` built once per task and the keys read
+//! as they lie in the cache, so the softmax is lane-wise and nothing is
+//! transposed per key block. The portable loops (scalar, AVX2) transpose K
+//! once per call (`[kv head][dim][position]`) so the score GEMM broadcasts
+//! query elements against 64 contiguous keys.
 //! Tasks run longest-first (late query blocks see more keys) from a shared
 //! counter, so threads finish together.
 
@@ -135,6 +140,12 @@ pub fn causal_attention_into(
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
     let group = s.n_heads / s.n_kv_heads;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && group <= x86::LANES {
+        return x86::causal(s, q, kc, vc, p0, n, out, par);
+    }
+    // (Groups of more than 64 query heads per kv head, no real model, take
+    // the portable loops below.)
     let tot = p0 + n;
     assert!(q.len() >= n * qd && kc.len() >= tot * kvd && vc.len() >= tot * kvd);
     // K^T per kv head, positions padded with zeros to whole key blocks so
@@ -274,9 +285,6 @@ fn tile(
         };
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx512 is only chosen when avx512f is detected and hd % 64 == 0.
-            Isa::Avx512 => unsafe { x86::block_avx512(&blk, &mut t) },
-            #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2 is only chosen when avx2 and fma are detected.
             Isa::Avx2 => unsafe { block_avx2(&blk, &mut t) },
             _ => block_portable(&blk, &mut t),
@@ -398,145 +406,511 @@ pub fn exp2_portable(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{Block, Tile, EXP2_P, K_BLOCK};
+    use super::{AttnShape, OutPtr, Par, EXP2_P, K_BLOCK};
 
-    /// The block with AVX-512F: 4-row micro-kernels for both GEMMs.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn block_avx512(b: &Block, t: &mut Tile) {
-        let (s, m, l, corr, vis, acc) = (&mut *t.s, &mut *t.m, &mut *t.l, &mut *t.corr, t.vis, &mut *t.acc);
-        let (rows, hd) = (b.rows, b.hd);
-        debug_assert!(hd.is_multiple_of(64) && s.len() >= rows * K_BLOCK && acc.len() >= rows * hd);
-        debug_assert!(b.qs.len() >= rows * hd && b.kt.len() >= (hd - 1) * b.stride + K_BLOCK);
-        debug_assert!(b.kb == 0 || b.v.len() >= (b.kb - 1) * b.kvd + hd);
-        let (qp, kp, sp) = (b.qs.as_ptr(), b.kt.as_ptr(), s.as_mut_ptr());
-        // Only the 16-key vectors that hold keys of the block (the last
-        // block of a causal tile is often partial); softmax masks the rest.
-        match b.kb.div_ceil(16) {
-            1 => scores_rows::<1>(qp, rows, hd, kp, b.stride, sp),
-            2 => scores_rows::<2>(qp, rows, hd, kp, b.stride, sp),
-            3 => scores_rows::<3>(qp, rows, hd, kp, b.stride, sp),
-            _ => scores_rows::<4>(qp, rows, hd, kp, b.stride, sp),
+    /// Query rows of a task at most: one lane of four 16-lane vectors each.
+    pub const LANES: usize = 64;
+
+    /// A 64-byte aligned f32 buffer (vector loads never split a cache line).
+    struct Aligned {
+        buf: Vec<f32>,
+        off: usize,
+    }
+
+    impl Aligned {
+        fn new(len: usize) -> Self {
+            let buf = vec![0f32; len + 16];
+            let off = buf.as_ptr().align_offset(64).min(15);
+            Aligned { buf, off }
         }
-        for r in 0..rows {
-            softmax_row(sp.add(r * K_BLOCK), vis[r], &mut m[r], &mut l[r], &mut corr[r]);
+        fn ptr(&mut self) -> *mut f32 {
+            self.buf[self.off..].as_mut_ptr()
         }
-        let (vp, ap, cp) = (b.v.as_ptr(), acc.as_mut_ptr(), corr.as_ptr());
-        for d0 in (0..hd).step_by(64) {
-            // 6 rows at a time (24 accumulators), then 4, 2, 1.
-            let mut r = 0;
-            while r < rows {
-                let step = match rows - r {
-                    6.. => 6,
-                    4 | 5 => 4,
-                    2 | 3 => 2,
-                    _ => 1,
+    }
+
+    /// The AVX-512 prefill attention. A task is (kv head, block of query
+    /// tokens); its rows (token, head of the group), at most [`LANES`], are
+    /// the lanes of the vectors: `Q^T` (`[dim][lane]`, scaled, built once per
+    /// task) times the keys as they lie in the cache (one broadcast per key
+    /// and dim) gives `S^T` (`[key][lane]`), so the online softmax is
+    /// lane-wise (no horizontal max or sum, no transpose of K), and
+    /// `O += P V` broadcasts `P^T[key][row]` against value vectors into
+    /// row-major accumulators.
+    #[allow(clippy::too_many_arguments)]
+    pub fn causal(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize, out: &mut [f32], par: Par) {
+        let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+        let group = s.n_heads / s.n_kv_heads;
+        assert!(is_x86_feature_detected!("avx512f") && hd.is_multiple_of(64) && (1..=LANES).contains(&group));
+        let tot = p0 + n;
+        assert!(q.len() >= n * qd && kc.len() >= tot * kvd && vc.len() >= tot * kvd && out.len() == n * qd);
+        // Scores in base 2: exp(x * scale) = exp2(x * scale * log2 e).
+        let qscale = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        let qt_tokens = LANES / group;
+        let n_qb = n.div_ceil(qt_tokens);
+        let n_tasks = s.n_kv_heads * n_qb;
+        let next = AtomicUsize::new(0);
+        let head_major = head_major();
+        let op = OutPtr(out.as_mut_ptr());
+        par.broadcast_claim(|| {
+            let op = &op;
+            let mut qt = Aligned::new(hd * LANES);
+            let mut st = Aligned::new(K_BLOCK * LANES);
+            let mut acc = Aligned::new(LANES * hd);
+            let mut ml = Aligned::new(4 * LANES);
+            // Longest first: the last query block of every head, then the one
+            // before; or (`head_major`) each head's blocks longest first, so a
+            // thread's next task mostly reads the same head's keys and values
+            // (in its L2 while they fit). Gives the task's kv head and tokens.
+            let task = |i: usize| {
+                let (qb, kvh) = if head_major {
+                    (n_qb - 1 - i % n_qb, i / n_qb)
+                } else {
+                    (n_qb - 1 - i / s.n_kv_heads, i % s.n_kv_heads)
                 };
-                let kernel: unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, *const f32) = match step {
-                    6 => pv::<6>,
-                    4 => pv::<4>,
-                    2 => pv::<2>,
-                    _ => pv::<1>,
-                };
-                kernel(
-                    sp.add(r * K_BLOCK),
-                    b.kb,
-                    vp.add(d0),
-                    b.kvd,
-                    ap.add(r * hd + d0),
+                (kvh, qb * qt_tokens, ((qb + 1) * qt_tokens).min(n))
+            };
+            let mut i = next.fetch_add(1, Ordering::Relaxed);
+            while i < n_tasks {
+                // Claim the next task now and ask for its query rows and
+                // output lines (from L3 or memory) while this one runs.
+                let after = next.fetch_add(1, Ordering::Relaxed);
+                if after < n_tasks {
+                    let (kvh, t0, t1) = task(after);
+                    for tk in t0..t1 {
+                        let off = tk * qd + kvh * group * hd;
+                        for e in (0..group * hd).step_by(16) {
+                            // SAFETY: prefetches of in-bounds addresses.
+                            unsafe {
+                                _mm_prefetch::<_MM_HINT_T1>(q.as_ptr().add(off + e).cast());
+                                _mm_prefetch::<_MM_HINT_ET1>(op.0.add(off + e).cast_const().cast());
+                            }
+                        }
+                    }
+                }
+                let (kvh, t0, t1) = task(i);
+                let t = Task {
+                    rows: (t1 - t0) * group,
+                    group,
                     hd,
-                    cp.add(r),
-                );
-                r += step;
+                    qd,
+                    kvd,
+                    pa: p0 + t0,
+                    pb: p0 + t1,
+                };
+                // SAFETY: avx512f and the shapes are checked above; the task's
+                // (token, head) rows of `out` are its alone.
+                unsafe {
+                    t.load_q(q.as_ptr().add(t0 * qd + kvh * group * hd), qscale, qt.ptr());
+                    t.run(
+                        kc.as_ptr().add(kvh * hd),
+                        vc.as_ptr().add(kvh * hd),
+                        qt.ptr(),
+                        st.ptr(),
+                        acc.ptr(),
+                        ml.ptr(),
+                    );
+                    t.store(acc.ptr(), ml.ptr().add(LANES), op.0.add(t0 * qd + kvh * group * hd));
+                }
+                i = after;
             }
-        }
+        });
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores_rows<const C: usize>(
-        qp: *const f32,
+    /// `YINSEN_CPU_ATTN_ORDER=head`: tasks in head-major order (measurement
+    /// switch; default: query-block-major, see `causal`).
+    fn head_major() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("YINSEN_CPU_ATTN_ORDER").is_ok_and(|v| v == "head"))
+    }
+
+    /// One task's shape: `rows` = tokens x `group` query rows at positions
+    /// `pa..pb` (row r: token r / group, head r % group of the kv head).
+    struct Task {
         rows: usize,
+        group: usize,
         hd: usize,
-        kp: *const f32,
-        stride: usize,
-        sp: *mut f32,
-    ) {
-        // 6 rows x 4 key vectors = 24 accumulators: 10 loads per 24 FMAs.
-        let mut r = 0;
-        while r + 6 <= rows {
-            scores::<6, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-            r += 6;
-        }
-        if r + 4 <= rows {
-            scores::<4, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-            r += 4;
-        }
-        if r + 2 <= rows {
-            scores::<2, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-            r += 2;
-        }
-        if r < rows {
-            scores::<1, C>(qp.add(r * hd), hd, kp, stride, sp.add(r * K_BLOCK));
-        }
+        qd: usize,
+        kvd: usize,
+        pa: usize,
+        pb: usize,
     }
 
-    /// `s[r][0..16 C] = sum_d q[r][d] * kt[d][0..16 C]` for R rows.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores<const R: usize, const C: usize>(
-        q: *const f32,
-        hd: usize,
-        kt: *const f32,
-        stride: usize,
-        s: *mut f32,
-    ) {
-        let mut a = [[_mm512_setzero_ps(); C]; R];
-        for d in 0..hd {
-            let k = kt.add(d * stride);
-            let kv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(k.add(16 * c)));
-            for (r, ar) in a.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*q.add(r * hd + d));
-                for (c, acc) in ar.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(x, kv[c], *acc);
+    impl Task {
+        /// Lane vectors: rows / 16 rounded up.
+        fn nv(&self) -> usize {
+            self.rows.div_ceil(16)
+        }
+
+        /// `qt[d][lane]` = query row `lane`, dim d, times `scale` (0 past the
+        /// rows), by 16x16 transposes. `q` points at the first row.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_q(&self, q: *const f32, scale: f32, qt: *mut f32) {
+            let (hd, rw) = (self.hd, self.nv() * 16);
+            let sc = _mm512_set1_ps(scale);
+            for lb in 0..self.nv() {
+                // Offsets of the 16 rows (None past the last row).
+                let rows: [Option<usize>; 16] = std::array::from_fn(|i| {
+                    let row = lb * 16 + i;
+                    (row < self.rows).then(|| (row / self.group) * self.qd + (row % self.group) * hd)
+                });
+                for db in (0..hd).step_by(16) {
+                    let mut r: [__m512; 16] = std::array::from_fn(|i| match rows[i] {
+                        Some(o) => _mm512_mul_ps(_mm512_loadu_ps(q.add(o + db)), sc),
+                        None => _mm512_setzero_ps(),
+                    });
+                    transpose16(&mut r);
+                    for (c, v) in r.iter().enumerate() {
+                        _mm512_store_ps(qt.add((db + c) * rw + lb * 16), *v);
+                    }
                 }
             }
         }
-        for (r, ar) in a.iter().enumerate() {
-            for (c, acc) in ar.iter().enumerate() {
-                _mm512_storeu_ps(s.add(r * K_BLOCK + c * 16), *acc);
+
+        /// The key blocks of the task: `kc`/`vc` point at key 0's dims of
+        /// this kv head; `ml` holds m, l, corr (`[3][LANES]`).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(
+            &self,
+            kc: *const f32,
+            vc: *const f32,
+            qt: *const f32,
+            st: *mut f32,
+            acc: *mut f32,
+            ml: *mut f32,
+        ) {
+            let (nv, hd, kvd) = (self.nv(), self.hd, self.kvd);
+            let rw = nv * 16;
+            let (m, l, corr) = (ml, ml.add(LANES), ml.add(2 * LANES));
+            for v in 0..nv {
+                _mm512_store_ps(m.add(16 * v), _mm512_set1_ps(f32::NEG_INFINITY));
+                _mm512_store_ps(l.add(16 * v), _mm512_setzero_ps());
+            }
+            // Position of each lane (padding lanes see every key).
+            let pos: [__m512i; 4] = std::array::from_fn(|v| {
+                let lane = _mm512_add_epi32(
+                    _mm512_set1_epi32(16 * v as i32),
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                );
+                let mut p = [0i32; 16];
+                _mm512_storeu_si512(p.as_mut_ptr().cast(), lane);
+                for x in &mut p {
+                    *x = if (*x as usize) < self.rows {
+                        (self.pa + *x as usize / self.group) as i32
+                    } else {
+                        i32::MAX
+                    };
+                }
+                _mm512_loadu_si512(p.as_ptr().cast())
+            });
+            // Last position of each vector's rows, and of each row.
+            let last: [usize; 4] = std::array::from_fn(|v| self.pa + (16 * v + 15).min(self.rows - 1) / self.group);
+            let row_last = |r: usize| self.pa + r / self.group;
+            let mut k0 = 0;
+            while k0 < self.pb {
+                let k1 = (k0 + K_BLOCK).min(self.pb);
+                let kb = k1 - k0;
+                let kp = kc.add(k0 * kvd);
+                // The next block's keys and values towards L2 (long contexts
+                // stream them from L3).
+                for j in k1..(k1 + K_BLOCK).min(self.pb) {
+                    for e in (0..hd).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T1>(kc.add(j * kvd + e).cast());
+                        _mm_prefetch::<_MM_HINT_T1>(vc.add(j * kvd + e).cast());
+                    }
+                }
+                let last = &last[..nv];
+                match nv {
+                    1 => scores_t::<16>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    2 => scores_t::<12>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    3 => scores_t::<8>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                    _ => scores_t::<6>(qt, rw, hd, kp, kvd, k0, kb, last, st),
+                }
+                // Keys past the first row's position are masked per lane.
+                let masked = k1 - 1 > self.pa;
+                for (v, &pv) in pos.iter().enumerate().take(nv) {
+                    softmax_lanes(
+                        st.add(16 * v),
+                        rw,
+                        kb,
+                        k0,
+                        masked,
+                        pv,
+                        m.add(16 * v),
+                        l.add(16 * v),
+                        corr.add(16 * v),
+                    );
+                }
+                let vp = vc.add(k0 * kvd);
+                let first = k0 == 0;
+                for d0 in (0..hd).step_by(64) {
+                    // 6 rows at a time (24 accumulators), then 4, 2, 1.
+                    let mut r = 0;
+                    while r < self.rows {
+                        let step = match self.rows - r {
+                            6.. => 6,
+                            4 | 5 => 4,
+                            2 | 3 => 2,
+                            _ => 1,
+                        };
+                        let kernel: unsafe fn(
+                            *const f32,
+                            usize,
+                            usize,
+                            *const f32,
+                            usize,
+                            *mut f32,
+                            usize,
+                            *const f32,
+                            bool,
+                        ) = match step {
+                            6 => pv::<6>,
+                            4 => pv::<4>,
+                            2 => pv::<2>,
+                            _ => pv::<1>,
+                        };
+                        // Keys past the last row's position have p = 0.
+                        let kbr = (row_last(r + step - 1) + 1 - k0).min(kb);
+                        kernel(
+                            st.add(r),
+                            rw,
+                            kbr,
+                            vp.add(d0),
+                            kvd,
+                            acc.add(r * hd + d0),
+                            hd,
+                            corr.add(r),
+                            first,
+                        );
+                        r += step;
+                    }
+                }
+                k0 = k1;
+            }
+        }
+
+        /// `out` row r (token r / group, head r % group) = `acc[r] / l[r]`.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store(&self, acc: *const f32, l: *const f32, out: *mut f32) {
+            let hd = self.hd;
+            for r in 0..self.rows {
+                let inv = _mm512_set1_ps(1.0 / *l.add(r));
+                let dst = out.add((r / self.group) * self.qd + (r % self.group) * hd);
+                for d in (0..hd).step_by(16) {
+                    _mm512_storeu_ps(dst.add(d), _mm512_mul_ps(_mm512_load_ps(acc.add(r * hd + d)), inv));
+                }
             }
         }
     }
 
-    /// Online-softmax step of one row: probabilities in place (0 past `cnt`).
+    /// In-register 16x16 transpose: `r[i]` lane j becomes `r[j]` lane i.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn softmax_row(s: *mut f32, cnt: usize, m: &mut f32, l: &mut f32, corr: &mut f32) {
-        let bits: u64 = if cnt >= 64 { u64::MAX } else { (1u64 << cnt) - 1 };
-        let mask: [__mmask16; 4] = std::array::from_fn(|c| (bits >> (16 * c)) as __mmask16);
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let x: [__m512; 4] = std::array::from_fn(|c| _mm512_mask_loadu_ps(ninf, mask[c], s.add(16 * c)));
-        let mx = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-        let nm = m.max(_mm512_reduce_max_ps(mx));
-        let nmv = _mm512_set1_ps(nm);
-        let mut sum = _mm512_setzero_ps();
-        for c in 0..4 {
-            let p = _mm512_maskz_mov_ps(mask[c], exp2(_mm512_sub_ps(x[c], nmv)));
-            sum = _mm512_add_ps(sum, p);
-            _mm512_storeu_ps(s.add(16 * c), p);
+    unsafe fn transpose16(r: &mut [__m512; 16]) {
+        // Pairs of rows interleaved per 128-bit lane, then quads: r[4i + k]
+        // lane L = column 4L + k of rows 4i..4i+3.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        for i in 0..4 {
+            let pd = |x: __m512| _mm512_castps_pd(x);
+            let (a0, a1, a2, a3) = (pd(t[4 * i]), pd(t[4 * i + 1]), pd(t[4 * i + 2]), pd(t[4 * i + 3]));
+            r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+            r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+            r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+            r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+        }
+        // Column 4L + k = lane L of r[k], r[4 + k], r[8 + k], r[12 + k].
+        let u = *r;
+        for k in 0..4 {
+            let s0 = _mm512_shuffle_f32x4::<0x44>(u[k], u[4 + k]);
+            let s1 = _mm512_shuffle_f32x4::<0xEE>(u[k], u[4 + k]);
+            let s2 = _mm512_shuffle_f32x4::<0x44>(u[8 + k], u[12 + k]);
+            let s3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + k], u[12 + k]);
+            r[k] = _mm512_shuffle_f32x4::<0x88>(s0, s2);
+            r[4 + k] = _mm512_shuffle_f32x4::<0xDD>(s0, s2);
+            r[8 + k] = _mm512_shuffle_f32x4::<0x88>(s1, s3);
+            r[12 + k] = _mm512_shuffle_f32x4::<0xDD>(s1, s3);
+        }
+    }
+
+    /// `st[j][lanes] = sum_d k[j][d] * qt[d][lanes]` for the `kb` keys of a
+    /// block, J keys at a time (then 4, 2, 1), lane vectors of stride `rw`.
+    /// `last[v]`: the last position of vector v's rows; a group of keys skips
+    /// the leading vectors that see none of it (their scores stay stale and
+    /// are masked off by the softmax).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_t<const J: usize>(
+        qt: *const f32,
+        rw: usize,
+        hd: usize,
+        k: *const f32,
+        kvd: usize,
+        k0: usize,
+        kb: usize,
+        last: &[usize],
+        st: *mut f32,
+    ) {
+        let group = |j: usize, w: usize| {
+            let v0 = last.iter().take_while(|&&p| p < k0 + j).count();
+            let (q, k, s) = (qt.add(16 * v0), k.add(j * kvd), st.add(j * rw + 16 * v0));
+            let tile: unsafe fn(*const f32, usize, usize, *const f32, usize, *mut f32) = match (last.len() - v0, w) {
+                (0, _) => return,
+                (1, 1) => scores_tile::<1, 1>,
+                (1, 2) => scores_tile::<1, 2>,
+                (1, 4) => scores_tile::<1, 4>,
+                (1, _) => scores_tile::<1, J>,
+                (2, 1) => scores_tile::<2, 1>,
+                (2, 2) => scores_tile::<2, 2>,
+                (2, 4) => scores_tile::<2, 4>,
+                (2, _) => scores_tile::<2, J>,
+                (3, 1) => scores_tile::<3, 1>,
+                (3, 2) => scores_tile::<3, 2>,
+                (3, 4) => scores_tile::<3, 4>,
+                (3, _) => scores_tile::<3, J>,
+                (_, 1) => scores_tile::<4, 1>,
+                (_, 2) => scores_tile::<4, 2>,
+                (_, 4) => scores_tile::<4, 4>,
+                _ => scores_tile::<4, J>,
+            };
+            tile(q, rw, hd, k, kvd, s);
+        };
+        let mut j = 0;
+        while j + J <= kb {
+            group(j, J);
+            j += J;
+        }
+        if J > 4 && j + 4 <= kb {
+            group(j, 4);
+            j += 4;
+        }
+        while j + 2 <= kb {
+            group(j, 2);
+            j += 2;
+        }
+        if j < kb {
+            group(j, 1);
+        }
+    }
+
+    /// J keys x NV lane vectors: per dim NV loads and J broadcasts for
+    /// J * NV FMAs.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_tile<const NV: usize, const J: usize>(
+        qt: *const f32,
+        rw: usize,
+        hd: usize,
+        k: *const f32,
+        kvd: usize,
+        st: *mut f32,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); NV]; J];
+        for d in 0..hd {
+            let qv: [__m512; NV] = std::array::from_fn(|v| _mm512_load_ps(qt.add(d * rw + 16 * v)));
+            for (j, aj) in a.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*k.add(j * kvd + d));
+                for (acc, &qx) in aj.iter_mut().zip(&qv) {
+                    *acc = _mm512_fmadd_ps(x, qx, *acc);
+                }
+            }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            for (v, acc) in aj.iter().enumerate() {
+                _mm512_store_ps(st.add(j * rw + 16 * v), *acc);
+            }
+        }
+    }
+
+    /// Online-softmax step of 16 lanes over the block's `kb` keys (`st[j *
+    /// rw]`, probabilities written in place): key k0 + j is visible to a lane
+    /// at position >= k0 + j (checked only where `masked`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn softmax_lanes(
+        st: *mut f32,
+        rw: usize,
+        kb: usize,
+        k0: usize,
+        masked: bool,
+        pos: __m512i,
+        m: *mut f32,
+        l: *mut f32,
+        corr: *mut f32,
+    ) {
+        let vis = |j: usize| _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((k0 + j) as i32));
+        let max_of = |c: __m512, j: usize| {
+            let x = _mm512_load_ps(st.add(j * rw));
+            if masked {
+                _mm512_mask_max_ps(c, vis(j), c, x)
+            } else {
+                _mm512_max_ps(c, x)
+            }
+        };
+        // Two independent max chains (kept in registers).
+        let (mut m0, mut m1) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
+        let mut j = 0;
+        while j + 2 <= kb {
+            m0 = max_of(m0, j);
+            m1 = max_of(m1, j + 1);
+            j += 2;
+        }
+        if j < kb {
+            m0 = max_of(m0, j);
+        }
+        let mo = _mm512_load_ps(m);
+        let nm = _mm512_max_ps(mo, _mm512_max_ps(m0, m1));
+        let prob = |j: usize| {
+            let x = _mm512_load_ps(st.add(j * rw));
+            let mut p = exp2_finite(_mm512_sub_ps(x, nm));
+            if masked {
+                p = _mm512_maskz_mov_ps(vis(j), p);
+            }
+            _mm512_store_ps(st.add(j * rw), p);
+            p
+        };
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut j = 0;
+        while j + 2 <= kb {
+            s0 = _mm512_add_ps(s0, prob(j));
+            s1 = _mm512_add_ps(s1, prob(j + 1));
+            j += 2;
+        }
+        if j < kb {
+            s0 = _mm512_add_ps(s0, prob(j));
         }
         // m = -inf (first block) gives exp2(-127 clamp) ~ 0: the empty accumulator.
-        *corr = _mm512_cvtss_f32(exp2(_mm512_set1_ps(*m - nm)));
-        *l = *l * *corr + _mm512_reduce_add_ps(sum);
-        *m = nm;
+        let c = exp2(_mm512_sub_ps(mo, nm));
+        let s = _mm512_add_ps(s0, s1);
+        _mm512_store_ps(l, _mm512_fmadd_ps(_mm512_load_ps(l), c, s));
+        _mm512_store_ps(m, nm);
+        _mm512_store_ps(corr, c);
     }
 
     /// `2^x` per lane, same polynomial as `exp2_portable` (x <= 127; -inf -> ~0).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp2(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
+        exp2_finite(_mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-127.0)),
+            _mm512_set1_ps(127.0),
+        ))
+    }
+
+    /// [`exp2`] without the clamps, for finite x: 2^x over/underflows to
+    /// inf/0 (the softmax masks lanes whose scores may exceed the max).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp2_finite(x: __m512) -> __m512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let f = _mm512_sub_ps(x, n);
         let mut p = _mm512_set1_ps(EXP2_P[0]);
@@ -547,21 +921,31 @@ mod x86 {
         _mm512_scalef_ps(r, n)
     }
 
-    /// `acc[r][0..64] = acc[r][0..64] * corr[r] + sum_j p[r][j] * v[j][0..64]` for R rows.
+    /// `acc[r][0..64] = acc[r][0..64] * corr[r] + sum_j p[j][r] * v[j][0..64]`
+    /// for R rows (`p[j][r]` at `p[j * rw + r]`); `first`: acc starts empty.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv<const R: usize>(
         p: *const f32,
+        rw: usize,
         kb: usize,
         v: *const f32,
         kvd: usize,
         acc: *mut f32,
         hd: usize,
         corr: *const f32,
+        first: bool,
     ) {
         let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| {
             let c = _mm512_set1_ps(*corr.add(r));
-            std::array::from_fn(|k| _mm512_mul_ps(_mm512_loadu_ps(acc.add(r * hd + 16 * k)), c))
+            std::array::from_fn(|k| {
+                if first {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_mul_ps(_mm512_load_ps(acc.add(r * hd + 16 * k)), c)
+                }
+            })
         });
         for j in 0..kb {
             let vj = v.add(j * kvd);
@@ -572,7 +956,7 @@ mod x86 {
                 _mm512_loadu_ps(vj.add(48)),
             ];
             for (r, ar) in a.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*p.add(r * K_BLOCK + j));
+                let x = _mm512_set1_ps(*p.add(j * rw + r));
                 for (c, acc) in ar.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(x, vv[c], *acc);
                 }
@@ -580,7 +964,7 @@ mod x86 {
         }
         for (r, ar) in a.iter().enumerate() {
             for (c, x) in ar.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(r * hd + 16 * c), *x);
+                _mm512_store_ps(acc.add(r * hd + 16 * c), *x);
             }
         }
     }
