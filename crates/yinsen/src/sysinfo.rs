@@ -14,6 +14,8 @@ pub struct CpuInfo {
     pub avx512f: bool,
     pub avx512bw: bool,
     pub avx512_vnni: bool,
+    /// Byte permutes (`vpermi2b`), which the vnni3 kernel needs.
+    pub avx512_vbmi: bool,
     pub amx_int8: bool,
     pub amx_tile: bool,
 }
@@ -65,6 +67,7 @@ pub fn cpu_info() -> CpuInfo {
             "avx512f" => std::is_x86_feature_detected!("avx512f"),
             "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
             "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
+            "avx512vbmi" => std::is_x86_feature_detected!("avx512vbmi"),
             // AMX detection is unstable in std: read CPUID.(7,0):EDX directly.
             "amx-int8" => cpuid7_edx() >> 25 & 1 == 1,
             "amx-tile" => cpuid7_edx() >> 24 & 1 == 1,
@@ -83,6 +86,7 @@ pub fn cpu_info() -> CpuInfo {
         avx512f: f("avx512f"),
         avx512bw: f("avx512bw"),
         avx512_vnni: f("avx512vnni"),
+        avx512_vbmi: f("avx512vbmi"),
         amx_int8: f("amx-int8"),
         amx_tile: f("amx-tile"),
     }
@@ -129,7 +133,7 @@ impl MachineInfo {
         let c = &self.cpu;
         let yn = |b: bool| if b { "yes" } else { "no" };
         let mut s = format!(
-            "cpu: {}\n  logical cores {}, physical cores {}, default threads {}\n  avx2 {} fma {} f16c {} avx512f {} avx512bw {} avx512_vnni {} amx_tile {} amx_int8 {}\n  amx tile permission: {}\n  cpu kernels: {}\n",
+            "cpu: {}\n  logical cores {}, physical cores {}, default threads {}\n  avx2 {} fma {} f16c {} avx512f {} avx512bw {} avx512_vnni {} avx512_vbmi {} amx_tile {} amx_int8 {}\n  amx tile permission: {}\n  cpu kernels: {}\n",
             c.name,
             c.logical_cores,
             c.physical_cores.map_or("?".into(), |n| n.to_string()),
@@ -140,6 +144,7 @@ impl MachineInfo {
             yn(c.avx512f),
             yn(c.avx512bw),
             yn(c.avx512_vnni),
+            yn(c.avx512_vbmi),
             yn(c.amx_tile),
             yn(c.amx_int8),
             self.amx,

@@ -111,11 +111,17 @@ impl Capabilities {
             .map_or("scalar", String::as_str)
     }
 
-    /// Best kernel for many tokens (matrix path): AMX when granted.
+    /// Best kernel for many tokens (matrix path): AMX when granted, else the
+    /// best kernel over the 2-bit tile layout (vnni3's 1.6-bit layout only
+    /// pays where decode is memory-bound), else the vector kernel.
     pub fn cpu_matrix_kernel(&self) -> &str {
         match self.cpu_kernels.iter().any(|k| k == "amx") {
             true => "amx",
-            false => self.cpu_vector_kernel(),
+            false => self
+                .cpu_kernels
+                .iter()
+                .find(|k| *k != "vnni3")
+                .map_or(self.cpu_vector_kernel(), String::as_str),
         }
     }
 

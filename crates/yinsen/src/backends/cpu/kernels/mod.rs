@@ -126,11 +126,14 @@ pub fn available() -> Vec<&'static str> {
 /// tiles the per-call tile setup and padding dominate).
 pub const AMX_MIN_TOKENS: usize = 16;
 
-/// The kernel name a dispatcher should use for calls of `n_tokens` tokens.
+/// The kernel name a dispatcher should use for calls of `n_tokens` tokens
+/// (the rules of [`policy::KernelPolicy::auto`]).
 pub fn best_for_tokens(n_tokens: usize) -> &'static str {
     let avail = available();
     if n_tokens >= AMX_MIN_TOKENS && avail.contains(&"amx") {
         "amx"
+    } else if n_tokens >= 2 && avail[0] == "vnni3" && avail.contains(&"vnni") {
+        "vnni"
     } else {
         avail[0]
     }
