@@ -114,15 +114,29 @@ pub(super) fn for_each_block_pair(
     }
 }
 
-/// Sum of accumulators (in-place planes scaled back) as 16 row results.
+/// One token's accumulators summed into its 16 row results (with `M`, the
+/// in-place planes scaled back first).
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn fold_planes(acc: &mut [__m512i]) -> [i32; ROWS] {
-    unscale_planes(acc);
+pub(super) unsafe fn fold_acc<const M: bool>(acc: &mut [__m512i]) -> [i32; ROWS] {
+    if M {
+        unscale_planes(acc);
+    }
     let s = acc[1..].iter().fold(acc[0], |s, &v| _mm512_add_epi32(s, v));
     let mut r = [0i32; ROWS];
     _mm512_storeu_si512(r.as_mut_ptr() as *mut _, s);
     r
+}
+
+/// The last, partial chunk (`C` inputs per line) of each of NT tokens'
+/// inputs, zero-padded, so no byte past a token's `n_in` inputs is read.
+pub(super) fn padded_tail<const NT: usize, const C: usize>(x: &[i8], n_in: usize) -> [[i8; C]; NT] {
+    let full = n_in / C * C;
+    let mut tail = [[0i8; C]; NT];
+    for (t, tt) in tail.iter_mut().enumerate() {
+        tt[..n_in - full].copy_from_slice(&x[t * n_in + full..(t + 1) * n_in]);
+    }
+    tail
 }
 
 /// The blocked loop of both VNNI kernels, row-major out: token groups
@@ -256,20 +270,11 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     }
     let rem = n_in - full * CHUNK;
     if rem > 0 {
-        let mut tail = [[0i8; CHUNK]; NT];
-        for (t, tt) in tail.iter_mut().enumerate() {
-            tt[..rem].copy_from_slice(&x[t * n_in + full * CHUNK..t * n_in + n_in]);
-        }
+        let tail = padded_tail::<NT, CHUNK>(x, n_in);
         line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A, M);
     }
-    if M {
-        for at in acc.iter_mut() {
-            unscale_planes(at);
-        }
-    }
-    for t in 0..NT {
-        let s = acc[t][1..].iter().fold(acc[t][0], |s, &a| _mm512_add_epi32(s, a));
-        _mm512_storeu_si512(res[t].as_mut_ptr() as *mut _, s);
+    for (at, r) in acc.iter_mut().zip(res.iter_mut()) {
+        *r = fold_acc::<M>(at);
     }
 }
 
@@ -286,10 +291,9 @@ unsafe fn tile_pair(la: &[Line], lb: &[Line], n_in: usize, x: &[i8]) -> ([i32; R
     }
     let rem = n_in - full * CHUNK;
     if rem > 0 {
-        let mut tail = [[0i8; CHUNK]; 1];
-        tail[0][..rem].copy_from_slice(&x[full * CHUNK..n_in]);
+        let tail = padded_tail::<1, CHUNK>(x, n_in);
         line_step!(aa, &la[full], tail.as_ptr() as *const i8, CHUNK, 1, 4, true);
         line_step!(ab, &lb[full], tail.as_ptr() as *const i8, CHUNK, 1, 4, true);
     }
-    (fold_planes(&mut aa[0]), fold_planes(&mut ab[0]))
+    (fold_acc::<true>(&mut aa[0]), fold_acc::<true>(&mut ab[0]))
 }

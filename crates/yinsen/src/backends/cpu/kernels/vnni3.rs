@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::base3::{Base3Layout, CHUNK, FIELDS};
 use super::layout::{token_sums, Line, TiledPacked, ROWS};
-use super::vnni::{fold_planes, for_each_block_pair, for_each_tile, planes, unscale_planes, IN_PLACE_MAX_N_IN, MAX_NT};
+use super::vnni::{fold_acc, for_each_block_pair, for_each_tile, padded_tail, planes, IN_PLACE_MAX_N_IN, MAX_NT};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -118,12 +118,11 @@ unsafe fn tile_pair(luts: &Luts, la: &[Line], lb: &[Line], n_in: usize, x: &[i8]
     }
     let rem = n_in - full * CHUNK;
     if rem > 0 {
-        let mut tail = [0i8; CHUNK];
-        tail[..rem].copy_from_slice(&x[full * CHUNK..n_in]);
-        line_step::<1, 5, true>(luts, &mut aa, &la[full], tail.as_ptr(), CHUNK);
-        line_step::<1, 5, true>(luts, &mut ab, &lb[full], tail.as_ptr(), CHUNK);
+        let tail = padded_tail::<1, CHUNK>(x, n_in);
+        line_step::<1, 5, true>(luts, &mut aa, &la[full], tail.as_ptr() as *const i8, CHUNK);
+        line_step::<1, 5, true>(luts, &mut ab, &lb[full], tail.as_ptr() as *const i8, CHUNK);
     }
-    (fold_planes(&mut aa[0]), fold_planes(&mut ab[0]))
+    (fold_acc::<true>(&mut aa[0]), fold_acc::<true>(&mut ab[0]))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
@@ -202,19 +201,10 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     }
     let rem = n_in - full * CHUNK;
     if rem > 0 {
-        let mut tail = [[0i8; CHUNK]; NT];
-        for (t, tt) in tail.iter_mut().enumerate() {
-            tt[..rem].copy_from_slice(&x[t * n_in + full * CHUNK..t * n_in + n_in]);
-        }
+        let tail = padded_tail::<NT, CHUNK>(x, n_in);
         line_step::<NT, A, M>(luts, &mut acc, &lines[full], tail.as_ptr() as *const i8, CHUNK);
     }
-    if M {
-        for at in acc.iter_mut() {
-            unscale_planes(at);
-        }
-    }
-    for t in 0..NT {
-        let s = acc[t][1..].iter().fold(acc[t][0], |s, &a| _mm512_add_epi32(s, a));
-        _mm512_storeu_si512(res[t].as_mut_ptr() as *mut _, s);
+    for (at, r) in acc.iter_mut().zip(res.iter_mut()) {
+        *r = fold_acc::<M>(at);
     }
 }
