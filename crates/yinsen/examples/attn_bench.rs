@@ -4,9 +4,11 @@
 //! Prints min and median ms per layer (one call = one layer); `all` adds the
 //! AVX2 and scalar kernels. `YINSEN_ATTN_P0=P`: the tokens follow P cached
 //! positions (a chunk of a longer prompt, a multi-token step).
+mod common;
+
 use std::time::Instant;
 
-use yinsen::backends::cpu::attention::{self, AttnScratch, AttnShape, Isa};
+use yinsen::backends::cpu::attention::{self, AttnScratch, Isa};
 use yinsen::backends::cpu::spin_pool::{Par, SpinPool};
 
 fn main() {
@@ -15,25 +17,13 @@ fn main() {
     let n: usize = arg(2).and_then(|a| a.parse().ok()).unwrap_or(512);
     let reps: usize = arg(3).and_then(|a| a.parse().ok()).unwrap_or(15);
     let all = arg(4).is_some_and(|a| a == "all");
-    let s = AttnShape {
-        n_heads: 20,
-        n_kv_heads: 5,
-        head_dim: 128,
-    };
-    let (qd, kvd) = (2560, 640);
+    let (s, qd, kvd) = common::shape_2b4t();
     let p0: usize = std::env::var("YINSEN_ATTN_P0")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mut st = 1u64;
-    let mut rnd = |k: usize, a: f32| {
-        (0..k)
-            .map(|_| {
-                st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((st >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-            })
-            .collect::<Vec<f32>>()
-    };
+    let mut values = common::Values::new();
+    let mut rnd = |k: usize, a: f32| values.take(k, a);
     // Buffers start `YINSEN_ATTN_SHIFT` floats (default 4, as a 16-byte
     // aligned malloc block gives) past a 64-byte boundary.
     let shift: usize = std::env::var("YINSEN_ATTN_SHIFT")

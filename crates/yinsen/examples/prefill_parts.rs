@@ -1,9 +1,11 @@
 //! Time the non-matmul parts of a 2B4T prefill layer at 512 tokens:
 //! `cargo run --release -p yinsen --example prefill_parts [threads]`.
 //! Prints the best of several calls (ms per layer; x30 for a forward).
+mod common;
+
 use std::time::Instant;
 
-use yinsen::backends::cpu::attention::{self, AttnScratch, AttnShape, Isa};
+use yinsen::backends::cpu::attention::{self, AttnScratch, Isa};
 use yinsen::backends::cpu::linear::QuantizedInput;
 use yinsen::backends::cpu::spin_pool::{Par, SendPtr, SpinPool};
 
@@ -21,21 +23,9 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     let n: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(512);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let s = AttnShape {
-        n_heads: 20,
-        n_kv_heads: 5,
-        head_dim: 128,
-    };
-    let (qd, kvd) = (2560, 640);
-    let mut st = 1u64;
-    let mut rnd = |k: usize, a: f32| {
-        (0..k)
-            .map(|_| {
-                st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((st >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-            })
-            .collect::<Vec<f32>>()
-    };
+    let (s, qd, kvd) = common::shape_2b4t();
+    let mut values = common::Values::new();
+    let mut rnd = |k: usize, a: f32| values.take(k, a);
     let q = rnd(n * qd, 3.0);
     let kc = rnd(n * kvd, 1.0);
     let vc = rnd(n * kvd, 1.0);
