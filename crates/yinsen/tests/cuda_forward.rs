@@ -180,6 +180,18 @@ fn tiny_matches_cpu(kv: KvDtype) {
     assert!(gpu.forward(gc3.as_mut(), &[vocab as u32], Output::LastLogits).is_err());
 }
 
+/// All logits of three prefills with attention `mode`: `long` in one call
+/// (fresh cache), and `ids` as 100 tokens then the rest after them.
+fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32]) -> Vec<Vec<f32>> {
+    gpu.set_flash(mode);
+    let mut c = gpu.new_cache(400).unwrap();
+    let a = gpu.forward(c.as_mut(), long, Output::AllLogits).unwrap();
+    let mut c = gpu.new_cache(400).unwrap();
+    let b = gpu.forward(c.as_mut(), &ids[..100], Output::AllLogits).unwrap();
+    let d = gpu.forward(c.as_mut(), &ids[100..], Output::AllLogits).unwrap();
+    vec![a, b, d]
+}
+
 /// Prefill through flash.cu (f32 kernel narrow and wide, tensor-core kernel
 /// split and plain f16) against the split-K attention, both cache types, on
 /// tiny (4 query heads on 2 KV heads, hd 64): 300 tokens from an empty cache
@@ -207,15 +219,7 @@ fn flash_prefill_matches_split_k() {
         let tc = gpu.gpu().has_mma();
         let auto = gpu.flash_kernel_name().unwrap_or("none");
         assert_eq!(auto.starts_with("flash_tc_d128_"), tc, "{kv:?}: Auto runs {auto}");
-        let run = |mode: FlashMode| -> Vec<Vec<f32>> {
-            gpu.set_flash(mode);
-            let mut c = gpu.new_cache(400).unwrap();
-            let a = gpu.forward(c.as_mut(), &long, Output::AllLogits).unwrap();
-            let mut c = gpu.new_cache(400).unwrap();
-            let b = gpu.forward(c.as_mut(), &ids[..100], Output::AllLogits).unwrap();
-            let d = gpu.forward(c.as_mut(), &ids[100..], Output::AllLogits).unwrap();
-            vec![a, b, d]
-        };
+        let run = |mode: FlashMode| flash_prefills(&gpu, mode, &long, &ids);
         let want = run(FlashMode::Off);
         for mode in [
             FlashMode::F32,
@@ -792,15 +796,7 @@ fn tcx_prefill_matches_tc() {
         .starts_with("flash_tcx_"));
     gpu.set_flash(FlashMode::Auto);
     assert_eq!(gpu.attention_kernel_name(300), Some(name), "Auto runs flash_tcx");
-    let run = |mode: FlashMode| -> Vec<Vec<f32>> {
-        gpu.set_flash(mode);
-        let mut c = gpu.new_cache(400).unwrap();
-        let a = gpu.forward(c.as_mut(), &long, Output::AllLogits).unwrap();
-        let mut c = gpu.new_cache(400).unwrap();
-        let b = gpu.forward(c.as_mut(), &ids[..100], Output::AllLogits).unwrap();
-        let d = gpu.forward(c.as_mut(), &ids[100..], Output::AllLogits).unwrap();
-        vec![a, b, d]
-    };
+    let run = |mode: FlashMode| flash_prefills(&gpu, mode, &long, &ids);
     for n_ks in [1usize, 0] {
         gpu.set_key_splits(n_ks);
         let want = run(FlashMode::Tc);
