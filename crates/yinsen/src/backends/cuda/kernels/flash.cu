@@ -599,11 +599,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
         tc_commit();
     }
 
-    float o[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    float o[NT][4] = {};
     // Running max and (lane-partial) sum of rows r0, r0 + 8.
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
@@ -922,11 +918,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     const int wfirst = p0 + t0 + wr, wlast = wfirst + 15;
     const bool active = wr < rows;
 
-    float o[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    float o[NT][4] = {};
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
 #pragma unroll 1
