@@ -13,13 +13,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = pack ]; then
   set -e
   cd "$root"
-  cargo build --release -q
-  t=$(cargo test --release --no-run -p yinsen --test kernels_exact 2>&1 | grep -o "target/release/deps/kernels_exact-[a-z0-9]*" | head -1)
-  rm -rf .device && mkdir -p .device/bin .device/tests
-  cp target/release/yinsen .device/bin/ && cp "$t" .device/tests/kernels_exact
-  strip .device/bin/* .device/tests/*
-  cp scripts/cpu-decode-ab.sh .device/
-  du -sh .device
+  . scripts/pack-small.sh
+  pack_small scripts/cpu-decode-ab.sh kernels_exact
   exit 0
 fi
 [ "${1:-}" = run ] || { echo "usage: $0 pack | run [ROUNDS] [THREADS] [KERNELS] [N]"; exit 2; }

@@ -9,14 +9,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${1:-}" = pack ]; then
   set -e
   cd "$root"
-  cargo build --release -q
-  t=$(cargo test --release --no-run -p yinsen --test cuda_forward 2>&1 | grep -o "target/release/deps/cuda_forward-[a-z0-9]*" | head -1)
-  rm -rf .device && mkdir -p .device/bin .device/tests .device/fixtures
-  cp target/release/yinsen .device/bin/ && cp "$t" .device/tests/cuda_forward
-  strip .device/bin/* .device/tests/*
-  cp -r ../shared/fixtures/tiny-bitnet-a ../shared/fixtures/MANIFEST.json .device/fixtures/
-  cp scripts/device-quick.sh .device/
-  du -sh .device
+  . scripts/pack-small.sh
+  pack_small scripts/device-quick.sh cuda_forward -- fixtures
   exit 0
 fi
 [ "${1:-}" = remote ] || { echo "usage: $0 pack | remote FLAGS [test-filter]"; exit 2; }
