@@ -372,12 +372,14 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
 }
 
 /// `YINSEN_CUDA_BENCH=prefill`: only the prefill rows (512 and 2048 tokens)
-/// and their per-kernel profiles, plus (stderr) an A/B of the prefill
-/// attention kernels in this process: the old split kernel (`tc`) and the
-/// K/V-split one (`tcx`), alternated twice, with the attention's share of
-/// the un-graphed per-kernel profile.
+/// and their per-kernel profiles, plus (stderr) an A/B of the GEMM tile
+/// variants for big calls in this process: the shape's default and each
+/// variant named in `YINSEN_CUDA_GEMM_AB` (comma-separated; default: every
+/// wgmma variant this device runs), alternated twice, with the GEMMs' share
+/// of the un-graphed 2048-token profile. `YINSEN_CUDA_GEMM_SWEEP=1` adds the
+/// per-matrix sweep at 512 and 2048 tokens.
 fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
-    use super::forward::FlashMode;
+    use super::MmaVariant;
     let max = crate::backends::Backend::config(b).max_ctx;
     let (short, long) = (512.min(max), 2048.min(max));
     let mut r = bench_decode_only_rows(b, 0.0, 0.0)?;
@@ -385,26 +387,36 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
     r.prefill_ms_2048 = forward_ms(b, long, 5)?;
     r.kernels_prefill_512 = b.profile_forward(short, 3)?;
     r.kernels_prefill_2048 = b.profile_forward(long, 3)?;
+    if std::env::var("YINSEN_CUDA_GEMM_SWEEP").is_ok_and(|v| v == "1") {
+        r.gemm_sweep = b.gemm_sweep(&[short, long])?;
+    }
+    let mut arms: Vec<Option<MmaVariant>> = vec![None];
+    match std::env::var("YINSEN_CUDA_GEMM_AB") {
+        Ok(list) => arms.extend(list.split(',').filter_map(|n| MmaVariant::by_name(n.trim())).map(Some)),
+        Err(_) => arms.extend(MmaVariant::ALL.into_iter().filter(|v| v.wgmma).map(Some)),
+    }
+    arms.retain(|v| v.is_none_or(|v| v.available(b.gpu())));
+    const GEMMS: [&str; 4] = ["qkv", "o", "gate_up", "down"];
     for round in 0..2 {
-        for mode in [FlashMode::Tc, FlashMode::Tcx] {
-            let was = b.set_flash(mode);
+        for &arm in &arms {
+            let was = b.set_big_gemm(arm);
             let res = (|| -> Result<(f64, f64, f64)> {
                 let a = forward_ms(b, short, 5)?;
                 let c = forward_ms(b, long, 5)?;
-                let att = b
+                let gemm = b
                     .profile_forward(long, 3)?
                     .iter()
-                    .filter(|k| k.tag == "attention")
+                    .filter(|k| GEMMS.contains(&k.tag.as_str()))
                     .map(|k| k.us)
                     .sum::<f64>();
-                Ok((a, c, att))
+                Ok((a, c, gemm))
             })();
-            let name = b.attention_kernel_name(long).unwrap_or("none");
-            b.set_flash(was);
-            let (a, c, att) = res?;
+            b.set_big_gemm(was);
+            let (a, c, gemm) = res?;
+            let name = arm.map_or("default", |v| v.name);
             eprintln!(
-                "prefill A/B round {round} {mode:?} ({name}): {short} tokens {a:.2} ms, {long} tokens {c:.2} ms, attention {:.2} ms of the {long}-token profile",
-                att / 1e3
+                "prefill A/B round {round} {name}: {short} tokens {a:.2} ms, {long} tokens {c:.2} ms, GEMMs {:.2} ms of the {long}-token profile",
+                gemm / 1e3
             );
         }
     }

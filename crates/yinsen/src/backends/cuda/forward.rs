@@ -24,6 +24,9 @@ use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 const ATT_CHUNK: usize = 64;
 /// Tokens per prefill chunk at most (activation buffers are sized for it).
 const MAX_CHUNK: usize = 2048;
+/// Calls of this many tokens or more take a forced GEMM tile variant
+/// (`CudaBackend::set_big_gemm`).
+const BIG_GEMM_TOKENS: usize = 128;
 /// Tokens per lm_head launch (the kernel's accumulator count).
 const LM_T: usize = 8;
 
@@ -341,6 +344,10 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
+    /// Tile variant forced on calls of >= BIG_GEMM_TOKENS tokens: 1 + its
+    /// index in `MmaVariant::ALL`, 0 = the shape's default
+    /// (`YINSEN_CUDA_GEMM=<variant name>`; benchmarks' A/B).
+    big_gemm: std::sync::atomic::AtomicUsize,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
     /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
@@ -742,6 +749,11 @@ impl CudaBackend {
             // The tensor-core GEMM from 2 tokens: at 16 tokens its 64x16 tile
             // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
             mma_min_tokens: 2.into(),
+            big_gemm: std::env::var("YINSEN_CUDA_GEMM")
+                .ok()
+                .and_then(|n| super::MmaVariant::ALL.iter().position(|v| v.name == n))
+                .map_or(0, |i| i + 1)
+                .into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
             tcs_ok,
@@ -1010,10 +1022,28 @@ impl CudaBackend {
 
     fn kernel_for(&self, nt: usize) -> MatKernel {
         if nt >= self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_mma() {
-            MatKernel::Mma
+            match self.big_gemm() {
+                Some(v) if nt >= BIG_GEMM_TOKENS => MatKernel::MmaWith(v),
+                _ => MatKernel::Mma,
+            }
         } else {
             MatKernel::Gemv
         }
+    }
+
+    /// The tile variant forced on big calls, if any (and runnable here).
+    fn big_gemm(&self) -> Option<super::MmaVariant> {
+        let i = self.big_gemm.load(std::sync::atomic::Ordering::Relaxed);
+        let v = super::MmaVariant::ALL.get(i.checked_sub(1)?)?;
+        v.available(&self.gpu).then_some(*v)
+    }
+
+    /// For benchmarks: force `v` on calls of >= BIG_GEMM_TOKENS tokens
+    /// (None = the shape's default); returns the previous setting.
+    pub fn set_big_gemm(&self, v: Option<super::MmaVariant>) -> Option<super::MmaVariant> {
+        let i = v.and_then(|v| super::MmaVariant::ALL.iter().position(|a| *a == v)).map_or(0, |i| i + 1);
+        let old = self.big_gemm.swap(i, std::sync::atomic::Ordering::Relaxed);
+        old.checked_sub(1).map(|i| super::MmaVariant::ALL[i])
     }
 
     /// `out = W x` (or `+=`), splitting into 16-token GEMV groups when needed.

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 59] = [
+pub const KERNELS: [&str; 62] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -212,6 +212,9 @@ pub const KERNELS: [&str; 59] = [
     "tern_mma_256x64",
     "tern_mma_256x128",
     "tern_wgmma_128x128",
+    "tern_wgmma_128x128_s8",
+    "tern_wgmma_128x256_s6",
+    "tern_wgmma_256x128_s8",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -734,7 +737,7 @@ pub struct MmaVariant {
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 9] = [
+    pub const ALL: [MmaVariant; 12] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -743,15 +746,23 @@ impl MmaVariant {
         MmaVariant::new("tern_mma_128x128", 4, 2, 2, 8, 4),
         MmaVariant::new("tern_mma_256x64", 8, 1, 2, 8, 4),
         MmaVariant::new("tern_mma_256x128", 4, 2, 4, 8, 4),
-        MmaVariant {
-            name: "tern_wgmma_128x128",
-            bm: 128,
-            bn: 128,
-            threads: 256,
-            stages: 4,
-            wgmma: true,
-        },
+        MmaVariant::wg("tern_wgmma_128x128", 2, 128, 4),
+        MmaVariant::wg("tern_wgmma_128x128_s8", 2, 128, 8),
+        MmaVariant::wg("tern_wgmma_128x256_s6", 2, 256, 6),
+        MmaVariant::wg("tern_wgmma_256x128_s8", 4, 128, 8),
     ];
+
+    /// A `TERN_WGMMA(...)` line: warpgroups (64 rows each), tokens, stages.
+    const fn wg(name: &'static str, wg: usize, bn: usize, stages: usize) -> Self {
+        Self {
+            name,
+            bm: 64 * wg,
+            bn,
+            threads: (128 * wg) as u32,
+            stages,
+            wgmma: true,
+        }
+    }
 
     /// Warps along rows / tokens, m16 / n8 tiles per warp, stages (as in the macro).
     const fn new(name: &'static str, mw: usize, nw: usize, mt: usize, nt: usize, stages: usize) -> Self {
@@ -980,8 +991,20 @@ mod tests {
             assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
             seen += 1;
         }
-        let wgmma = MmaVariant::ALL.iter().filter(|v| v.wgmma).count();
-        assert_eq!(seen + wgmma, MmaVariant::ALL.len());
+        for line in src.lines().filter(|l| l.starts_with("TERN_WGMMA(")) {
+            let args: Vec<&str> = line["TERN_WGMMA(".len()..line.rfind(')').unwrap()]
+                .split(',')
+                .map(str::trim)
+                .collect();
+            assert_eq!(args.len(), 4, "{line}");
+            let n: Vec<usize> = args[1..].iter().map(|a| a.parse().unwrap()).collect();
+            let want = MmaVariant::wg(args[0], n[0], n[1], n[2]);
+            assert_eq!(MmaVariant::by_name(args[0]), Some(want), "{line}");
+            assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
+            assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
+            seen += 1;
+        }
+        assert_eq!(seen, MmaVariant::ALL.len());
         assert!(seen >= 4);
     }
 

@@ -315,7 +315,7 @@ TERN_MMA(tern_mma_256x64, 8, 1, 2, 8, 4, 2)
 TERN_MMA(tern_mma_256x128, 4, 2, 4, 8, 4, 1)
 
 // Hopper (sm_90a) variant: warpgroup MMA. Block = WG warpgroups x 64 weight
-// rows, 128 tokens; each warpgroup issues wgmma.m64n128k32 with A (weights)
+// rows, BN = 128 or 256 tokens; each warpgroup issues wgmma.m64nBNk32 with A (weights)
 // from registers — expanded from the 2-bit codes exactly as for mma.sync
 // (the wgmma A fragment of warp w is the m16n8k32 one for rows 16w..16w+15)
 // — and B (activations) from shared memory through a matrix descriptor.
@@ -327,37 +327,50 @@ TERN_MMA(tern_mma_256x128, 4, 2, 4, 8, 4, 1)
 // byte offset) and the next token group +1024 (stride byte offset).
 // D fragment: per warp, like m16n8 C tiles repeated along N: d[4j + i] is
 // row g (+8 for i >= 2), token 8 j + 2 tg + (i & 1).
-#define WG_BN 128
 #define WG_KG (TM_KC * 4)
 
 __device__ __forceinline__ u64 wg_desc(u32 addr) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)((WG_KG * 128) >> 4) << 32);
 }
 
-__device__ __forceinline__ void wgmma_n128(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+__device__ __forceinline__ void wgmma_n128(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p;\n}\n"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
 #endif
 }
 
-template <int WG, int S>
+__device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]), "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]), "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]), "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]), "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]), "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]), "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]), "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]), "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+#endif
+}
+
+template <int WG, int BN, int S>
 __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                 const i8* __restrict__ X, int nt, const int* xsum,
                                                 const float* row_scale, const float* sx, int* out_i,
                                                 float* out_f, int out_stride, int mode) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int THREADS = 128 * WG, BM = 64 * WG, BN = WG_BN;
+    constexpr int THREADS = 128 * WG, BM = 64 * WG;
+    static_assert(BN == 128 || BN == 256, "wgmma N");
     constexpr int A_BYTES = TM_KC * BM * 16, STAGE = A_BYTES + BN * TM_KC * 64;
     extern __shared__ __align__(128) u8 tm_smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;  // warp w: rows 16 w .. 16 w + 15
     const int g = lane >> 2, tg = lane & 3;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const size_t x_stride = (size_t)chunks * 64;
-    const int iters = (chunks + TM_KC - 1) / TM_KC;
+    // An even number of stages (a zero-filled one past the end), so the loop
+    // below runs its two stages unconditionally: a conditional second stage
+    // makes ptxas serialise the wgmmas.
+    const int iters = ((chunks + TM_KC - 1) / TM_KC + 1) & ~1;
     const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
 
     auto issue = [&](int it) {
@@ -381,15 +394,21 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
 
+    // No zero fill: the first wgmma ignores d (scale-d 0). Registers set by
+    // other instructions while wgmmas run make ptxas serialise them.
     int d[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++) d[i] = 0;
 
     // One stage: A fragments from the 2-bit codes, then 2 TM_KC wgmmas as one
     // group. Up to two groups are in flight: a stage's smem slot and its A
     // registers (`af`, alternating between two sets) are reused only after
     // wgmma.wait_group 1 has retired the group before the last.
-    auto stage = [&](int it, u32 (&af)[TM_KC * 2][4]) {
+    // `af` gets this stage's A fragments; `prev` holds the last stage's,
+    // read by the MMA group still in flight until this stage's wait. The
+    // empty asm after the wait keeps `prev` live until then, so the compiler
+    // cannot give `af` the same registers: ptxas would otherwise see
+    // registers of an in-flight wgmma redefined and serialise every wgmma
+    // (its C7513 warning).
+    auto stage = [&](int it, u32 (&af)[TM_KC * 2][4], u32 (&prev)[TM_KC * 2][4]) {
         asm volatile("cp.async.wait_group %0;" ::"n"(S - 3) : "memory");
         // cp.async wrote through the generic proxy; wgmma reads through the async one.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -411,20 +430,32 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
             af[2 * kc + 1][2] = ext2(lo.w, tg);
             af[2 * kc + 1][3] = ext2(hi.w, tg);
         }
+        // Descriptors made before the fence (and pinned there by the empty
+        // asm): computed between the wgmmas, they too make ptxas serialise them.
+        u64 desc[TM_KC * 2];
+#pragma unroll
+        for (int kk = 0; kk < TM_KC * 2; kk++) {
+            desc[kk] = wg_desc(b_s + 2 * kk * 128);
+            asm volatile("" : "+l"(desc[kk]));
+        }
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < TM_KC * 2; kk++)
-            wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], wg_desc(b_s + 2 * kk * 128));
+            if constexpr (BN == 256) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+            else wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < TM_KC * 2; kk++)
+            asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
     };
 
 #pragma unroll
     for (int s = 0; s < S - 2; s++) issue(s);
     u32 af0[TM_KC * 2][4], af1[TM_KC * 2][4];
     for (int it = 0; it < iters; it += 2) {
-        stage(it, af0);
-        if (it + 1 < iters) stage(it + 1, af1);
+        stage(it, af0, af1);
+        stage(it + 1, af1, af0);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -439,9 +470,19 @@ __device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) tern_wgmma_128x128(
-    const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum, const float* row_scale,
-    const float* sx, int* out_i, float* out_f, int out_stride, int mode, int* ksum, int* kcnt) {
-    pdl_wait();
-    tern_wgmma_body<2, 4>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, mode);
-}
+// Variants: name, warpgroups (64 weight rows each), tokens per block (the
+// wgmma N: 128 or 256), pipeline depth (stages of 128 inputs; the copies run
+// S - 2 stages ahead of the MMAs). One block per SM.
+#define TERN_WGMMA(NAME, WG, BN, S)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128 * WG, 1) NAME(                                    \
+        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
+        int* ksum, int* kcnt) {                                                                        \
+        pdl_wait();                                                                                    \
+        tern_wgmma_body<WG, BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,        \
+                                   out_stride, mode);                                                  \
+    }
+TERN_WGMMA(tern_wgmma_128x128, 2, 128, 4)
+TERN_WGMMA(tern_wgmma_128x128_s8, 2, 128, 8)
+TERN_WGMMA(tern_wgmma_128x256_s6, 2, 256, 6)
+TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
