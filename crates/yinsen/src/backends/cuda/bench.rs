@@ -372,14 +372,14 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
 }
 
 /// `YINSEN_CUDA_BENCH=prefill`: only the prefill rows (512 and 2048 tokens)
-/// and their per-kernel profiles, plus (stderr) an A/B of the GEMM tile
-/// variants for big calls in this process: the shape's default and each
-/// variant named in `YINSEN_CUDA_GEMM_AB` (comma-separated; default: every
-/// wgmma variant this device runs), alternated twice, with the GEMMs' share
-/// of the un-graphed 2048-token profile. `YINSEN_CUDA_GEMM_SWEEP=1` adds the
+/// and their per-kernel profiles, plus (stderr) an A/B of the big-call GEMMs
+/// in this process: each `BigGemm` named in `YINSEN_CUDA_GEMM_AB`
+/// (comma-separated: auto, shape or a variant name; default auto, shape and
+/// the 4-stage TMA kernel), alternated twice, with the GEMMs' share of the
+/// un-graphed 2048-token profile. `YINSEN_CUDA_GEMM_SWEEP=1` adds the
 /// per-matrix sweep at 512 and 2048 tokens.
 fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
-    use super::MmaVariant;
+    use super::forward::BigGemm;
     let max = crate::backends::Backend::config(b).max_ctx;
     let (short, long) = (512.min(max), 2048.min(max));
     let mut r = bench_decode_only_rows(b, 0.0, 0.0)?;
@@ -390,12 +390,14 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
     if std::env::var("YINSEN_CUDA_GEMM_SWEEP").is_ok_and(|v| v == "1") {
         r.gemm_sweep = b.gemm_sweep(&[short, long])?;
     }
-    let mut arms: Vec<Option<MmaVariant>> = vec![None];
-    match std::env::var("YINSEN_CUDA_GEMM_AB") {
-        Ok(list) => arms.extend(list.split(',').filter_map(|n| MmaVariant::by_name(n.trim())).map(Some)),
-        Err(_) => arms.extend(MmaVariant::ALL.into_iter().filter(|v| v.wgmma).map(Some)),
-    }
-    arms.retain(|v| v.is_none_or(|v| v.available(b.gpu())));
+    let arms: Vec<BigGemm> = match std::env::var("YINSEN_CUDA_GEMM_AB") {
+        Ok(list) => list.split(',').filter_map(|n| BigGemm::parse(n.trim())).collect(),
+        Err(_) => vec![
+            BigGemm::Auto,
+            BigGemm::Shape,
+            BigGemm::parse("tern_wgmma_tma_s4").unwrap_or(BigGemm::Shape),
+        ],
+    };
     const GEMMS: [&str; 4] = ["qkv", "o", "gate_up", "down"];
     for round in 0..2 {
         for &arm in &arms {
@@ -413,7 +415,7 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
             })();
             b.set_big_gemm(was);
             let (a, c, gemm) = res?;
-            let name = arm.map_or("default", |v| v.name);
+            let name = arm.name();
             eprintln!(
                 "prefill A/B round {round} {name}: {short} tokens {a:.2} ms, {long} tokens {c:.2} ms, GEMMs {:.2} ms of the {long}-token profile",
                 gemm / 1e3

@@ -24,9 +24,58 @@ use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 const ATT_CHUNK: usize = 64;
 /// Tokens per prefill chunk at most (activation buffers are sized for it).
 const MAX_CHUNK: usize = 2048;
-/// Calls of this many tokens or more take a forced GEMM tile variant
-/// (`CudaBackend::set_big_gemm`).
+/// Calls of this many tokens or more take the big-call GEMM ([`BigGemm`]).
 const BIG_GEMM_TOKENS: usize = 128;
+/// The big-call GEMM where the device runs it (sm_90a).
+const TMA_DEFAULT: &str = "tern_wgmma_tma_s6";
+
+/// The GEMM of calls of >= BIG_GEMM_TOKENS tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BigGemm {
+    /// The TMA-fed wgmma kernel where the device has it, else `Shape`.
+    Auto,
+    /// The tile variant `MmaVariant::for_shape` picks (mma.sync).
+    Shape,
+    /// This variant (if the device runs it, else `Shape`).
+    Variant(super::MmaVariant),
+}
+
+impl BigGemm {
+    /// "auto", "shape" or a variant name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "shape" => Some(Self::Shape),
+            _ => super::MmaVariant::by_name(s).map(Self::Variant),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Shape => "shape",
+            Self::Variant(v) => v.name,
+        }
+    }
+
+    fn code(self) -> usize {
+        match self {
+            Self::Auto => 0,
+            Self::Shape => 1,
+            Self::Variant(v) => 2 + super::MmaVariant::ALL.iter().position(|a| *a == v).unwrap_or(0),
+        }
+    }
+
+    fn from_code(c: usize) -> Self {
+        match c {
+            0 => Self::Auto,
+            1 => Self::Shape,
+            _ => super::MmaVariant::ALL
+                .get(c - 2)
+                .map_or(Self::Auto, |v| Self::Variant(*v)),
+        }
+    }
+}
 /// Tokens per lm_head launch (the kernel's accumulator count).
 const LM_T: usize = 8;
 
@@ -59,7 +108,10 @@ struct Scratch {
     tok: DevBuf,
     pos: DevBuf,
     x: DevBuf,
+    /// Quantised activations: row-major, or tiled for `ntp` tokens (the TMA
+    /// GEMM's order, `super::tile_x`); room for either.
     q8: DevBuf,
+    ntp: usize,
     sx: DevBuf,
     xsum: DevBuf,
     qkv: DevBuf,
@@ -344,9 +396,8 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
-    /// Tile variant forced on calls of >= BIG_GEMM_TOKENS tokens: 1 + its
-    /// index in `MmaVariant::ALL`, 0 = the shape's default
-    /// (`YINSEN_CUDA_GEMM=<variant name>`; benchmarks' A/B).
+    /// GEMM for calls of >= BIG_GEMM_TOKENS tokens: a [`BigGemm`] as
+    /// usize (`YINSEN_CUDA_GEMM=shape|<variant name>`; benchmarks' A/B).
     big_gemm: std::sync::atomic::AtomicUsize,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
@@ -751,8 +802,9 @@ impl CudaBackend {
             mma_min_tokens: 2.into(),
             big_gemm: std::env::var("YINSEN_CUDA_GEMM")
                 .ok()
-                .and_then(|n| super::MmaVariant::ALL.iter().position(|v| v.name == n))
-                .map_or(0, |i| i + 1)
+                .and_then(|n| BigGemm::parse(&n))
+                .unwrap_or(BigGemm::Auto)
+                .code()
                 .into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
@@ -1021,29 +1073,34 @@ impl CudaBackend {
     }
 
     fn kernel_for(&self, nt: usize) -> MatKernel {
-        if nt >= self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_mma() {
-            match self.big_gemm() {
-                Some(v) if nt >= BIG_GEMM_TOKENS => MatKernel::MmaWith(v),
-                _ => MatKernel::Mma,
-            }
-        } else {
-            MatKernel::Gemv
+        if nt < self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) || !self.gpu.has_mma() {
+            return MatKernel::Gemv;
+        }
+        let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
+            _ if nt < BIG_GEMM_TOKENS => None,
+            BigGemm::Auto => super::MmaVariant::by_name(TMA_DEFAULT),
+            BigGemm::Shape => None,
+            BigGemm::Variant(v) => Some(v),
+        };
+        match v {
+            Some(v) if v.available(&self.gpu) => MatKernel::MmaWith(v),
+            _ => MatKernel::Mma,
         }
     }
 
-    /// The tile variant forced on big calls, if any (and runnable here).
-    fn big_gemm(&self) -> Option<super::MmaVariant> {
-        let i = self.big_gemm.load(std::sync::atomic::Ordering::Relaxed);
-        let v = super::MmaVariant::ALL.get(i.checked_sub(1)?)?;
-        v.available(&self.gpu).then_some(*v)
+    /// Token capacity of the tiled quantised activations when calls of `nt`
+    /// tokens take a tiled GEMM, else 0 (row-major).
+    fn x_ntp(&self, s: &Scratch, nt: usize) -> usize {
+        match self.kernel_for(nt) {
+            MatKernel::MmaWith(v) if v.tiled => s.ntp,
+            _ => 0,
+        }
     }
 
-    /// For benchmarks: force `v` on calls of >= BIG_GEMM_TOKENS tokens
-    /// (None = the shape's default); returns the previous setting.
-    pub fn set_big_gemm(&self, v: Option<super::MmaVariant>) -> Option<super::MmaVariant> {
-        let i = v.and_then(|v| super::MmaVariant::ALL.iter().position(|a| *a == v)).map_or(0, |i| i + 1);
-        let old = self.big_gemm.swap(i, std::sync::atomic::Ordering::Relaxed);
-        old.checked_sub(1).map(|i| super::MmaVariant::ALL[i])
+    /// For benchmarks: the GEMM of calls of >= BIG_GEMM_TOKENS tokens;
+    /// returns the previous setting.
+    pub fn set_big_gemm(&self, g: BigGemm) -> BigGemm {
+        BigGemm::from_code(self.big_gemm.swap(g.code(), std::sync::atomic::Ordering::Relaxed))
     }
 
     /// `out = W x` (or `+=`), splitting into 16-token GEMV groups when needed.
@@ -1051,6 +1108,7 @@ impl CudaBackend {
     fn mm(&self, s: &Scratch, m: &GpuMatrix, nt: usize, ep: Epilogue, out: &DevBuf, stride: usize) -> Result<()> {
         let kernel = self.kernel_for(nt);
         let group = if kernel == MatKernel::Gemv { 16 } else { nt };
+        let x_ntp = self.x_ntp(s, nt);
         for t0 in (0..nt).step_by(group) {
             let n = (nt - t0).min(group);
             launch_matmul(
@@ -1058,6 +1116,7 @@ impl CudaBackend {
                 m,
                 kernel,
                 s.q8.at(t0 * m.kpad()),
+                x_ntp,
                 n,
                 s.sx.at(4 * t0),
                 s.xsum.at(4 * t0),
@@ -1114,6 +1173,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
+                Arg::I(self.x_ntp(s, nt) as i32),
             ],
             self.body_launch(),
         )
@@ -1589,6 +1649,7 @@ impl CudaBackend {
                 Arg::P(0),
                 s.normed.p(),
                 Arg::I(h as i32),
+                Arg::I(0),
             ],
             how,
         )?;
@@ -2191,6 +2252,15 @@ impl CudaBackend {
             })
             .collect();
         let xb = g.upload(&x)?;
+        // The tiled variants read a tiled copy (timing only: any bytes do).
+        let ntp = max_t.div_ceil(super::TILED_TOKENS) * super::TILED_TOKENS;
+        let xt = g.upload(
+            &x.iter()
+                .cycle()
+                .take(super::tiled_x_bytes(kmax, ntp))
+                .copied()
+                .collect::<Vec<i8>>(),
+        )?;
         let ones = g.upload(&vec![1f32; max_t])?;
         let zeros = g.upload(&vec![0i32; max_t])?;
         let out = g.alloc(4 * max_t * rows)?;
@@ -2204,7 +2274,8 @@ impl CudaBackend {
                             g,
                             m,
                             MatKernel::MmaWith(v),
-                            xb.p(),
+                            if v.tiled { xt.p() } else { xb.p() },
+                            if v.tiled { ntp } else { 0 },
                             nt,
                             ones.p(),
                             zeros.p(),
@@ -2334,13 +2405,15 @@ impl Scratch {
             .max()
             .unwrap_or(64);
         let f32s = |n: &[usize]| -> Result<DevBuf> { gpu.alloc(checked(n, "scratch")? * 4) };
+        let ntp = chunk.div_ceil(super::TILED_TOKENS) * super::TILED_TOKENS;
         Ok(Self {
             chunk,
             part_tokens,
             tok: f32s(&[chunk])?,
             pos: f32s(&[1])?,
             x: f32s(&[chunk, c.hidden])?,
-            q8: gpu.alloc(checked(&[chunk, kmax], "scratch")?)?,
+            q8: gpu.alloc(checked(&[chunk, kmax], "scratch")?.max(super::tiled_x_bytes(kmax, ntp)))?,
+            ntp,
             sx: f32s(&[chunk])?,
             xsum: f32s(&[chunk])?,
             qkv: f32s(&[chunk, c.q_dim() + 2 * c.kv_dim()])?,

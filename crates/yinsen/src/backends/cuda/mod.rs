@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 62] = [
+pub const KERNELS: [&str; 64] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -215,6 +215,8 @@ pub const KERNELS: [&str; 62] = [
     "tern_wgmma_128x128_s8",
     "tern_wgmma_128x256_s6",
     "tern_wgmma_256x128_s8",
+    "tern_wgmma_tma_s4",
+    "tern_wgmma_tma_s6",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -734,10 +736,13 @@ pub struct MmaVariant {
     pub stages: usize,
     /// Hopper warpgroup MMA (`tern_wgmma_body`; sm_90a only).
     pub wgmma: bool,
+    /// Fed by bulk copies (`tern_wgmma_tma_body`): x must be in the tiled
+    /// order of [`tile_x`] (`norm_quant` with `x_ntp`), not row-major.
+    pub tiled: bool,
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 12] = [
+    pub const ALL: [MmaVariant; 14] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -750,7 +755,22 @@ impl MmaVariant {
         MmaVariant::wg("tern_wgmma_128x128_s8", 2, 128, 8),
         MmaVariant::wg("tern_wgmma_128x256_s6", 2, 256, 6),
         MmaVariant::wg("tern_wgmma_256x128_s8", 4, 128, 8),
+        MmaVariant::tma("tern_wgmma_tma_s4", 4),
+        MmaVariant::tma("tern_wgmma_tma_s6", 6),
     ];
+
+    /// A `TERN_WGMMA_TMA(...)` line: 128 rows x 256 tokens, 384 threads.
+    const fn tma(name: &'static str, stages: usize) -> Self {
+        Self {
+            name,
+            bm: 128,
+            bn: 256,
+            threads: 384,
+            stages,
+            wgmma: true,
+            tiled: true,
+        }
+    }
 
     /// A `TERN_WGMMA(...)` line: warpgroups (64 rows each), tokens, stages.
     const fn wg(name: &'static str, wg: usize, bn: usize, stages: usize) -> Self {
@@ -761,6 +781,7 @@ impl MmaVariant {
             threads: (128 * wg) as u32,
             stages,
             wgmma: true,
+            tiled: false,
         }
     }
 
@@ -773,6 +794,7 @@ impl MmaVariant {
             threads: (32 * mw * nw) as u32,
             stages,
             wgmma: false,
+            tiled: false,
         }
     }
 
@@ -821,14 +843,17 @@ pub enum Epilogue {
     Add = 2,
 }
 
-/// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad), with
-/// per-token scales `sx` and sums `xsum`; output row stride `out_stride`.
+/// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad; or,
+/// with `x_ntp` > 0, in the tiled order of [`tile_x`] for `x_ntp` tokens,
+/// which the tiled variants need), with per-token scales `sx` and sums
+/// `xsum`; output row stride `out_stride`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_matmul(
     gpu: &Gpu,
     m: &GpuMatrix,
     kernel: MatKernel,
     x: Arg,
+    x_ntp: usize,
     nt: usize,
     sx: Arg,
     xsum: Arg,
@@ -857,7 +882,15 @@ pub fn launch_matmul(
         Arg::I(ep as i32),
         Arg::P(gpu.splitk_sum),
         Arg::P(gpu.splitk_cnt),
+        // Read by the tiled variants only (the others declare 14 parameters).
+        Arg::I(x_ntp as i32),
     ];
+    let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
+    if tiled != (x_ntp > 0) || (tiled && (!x_ntp.is_multiple_of(TILED_TOKENS) || x_ntp < nt)) {
+        return Err(berr(format!(
+            "{kernel:?}: x in the wrong order for it (x_ntp {x_ntp}, {nt} tokens)"
+        )));
+    }
     match kernel {
         MatKernel::Mma | MatKernel::MmaWith(_) => {
             if !gpu.has_mma() {
@@ -908,6 +941,29 @@ fn splitk(gpu: &Gpu, m: &GpuMatrix, v: MmaVariant, nt: usize, tiles: usize) -> u
     want.clamp(1, (m.chunks / 4).clamp(1, 16))
 }
 
+/// Token capacity granule of a tiled x (the TMA GEMM's token tile).
+pub const TILED_TOKENS: usize = 256;
+
+/// Bytes of a tiled x holding `ntp` tokens of `kpad` inputs: an even number
+/// of 128-input stages.
+pub fn tiled_x_bytes(kpad: usize, ntp: usize) -> usize {
+    kpad.div_ceil(256) * 256 * ntp
+}
+
+/// Row-major int8 rows `x` (`nt` x `kpad`) in the tiled order the TMA GEMM
+/// copies (`q_at` in ops.cu writes the same): stage `k / 128`, then 8-token
+/// group, 16-input group, token within the group, input within the 16;
+/// `ntp` tokens (a multiple of [`TILED_TOKENS`]), zeros past `nt` and `kpad`.
+pub fn tile_x(x: &[i8], nt: usize, kpad: usize, ntp: usize) -> Vec<i8> {
+    let mut out = vec![0i8; tiled_x_bytes(kpad, ntp)];
+    for t in 0..nt {
+        for (i, &v) in x[t * kpad..(t + 1) * kpad].iter().enumerate() {
+            out[(i >> 7) * ntp * 128 + (t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15)] = v;
+        }
+    }
+    out
+}
+
 /// Exact int32 products `out[t * n_out + o] = sum_i W[o, i] x[t * n_in + i]`
 /// (token-major, like `reference::ternary_matmul_i32`) computed on the GPU
 /// from the canonical matrix. The output buffer is poisoned before launch.
@@ -939,6 +995,16 @@ pub fn ternary_matmul_i32(
         xp[t * kpad..t * kpad + w.n_in].copy_from_slice(&x[t * w.n_in..(t + 1) * w.n_in]);
     }
     let xb = gpu.upload(&xp)?;
+    let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
+    let ntp = if tiled {
+        n_tokens.div_ceil(TILED_TOKENS) * TILED_TOKENS
+    } else {
+        0
+    };
+    let xt = match tiled {
+        true => Some(gpu.upload(&tile_x(&xp, n_tokens, kpad, ntp))?),
+        false => None,
+    };
     let xsum = gpu.alloc(4 * n_tokens)?;
     let ones = gpu.upload(&vec![1f32; n_tokens])?;
     let out = gpu.alloc(4 * n_tokens * w.n_out)?;
@@ -950,11 +1016,13 @@ pub fn ternary_matmul_i32(
     for t0 in (0..n_tokens).step_by(group) {
         let nt = (n_tokens - t0).min(group);
         let (xo, so, oo) = (xb.at(t0 * kpad), xsum.at(4 * t0), out.at(4 * t0 * w.n_out));
+        let xo = xt.as_ref().map_or(xo, DevBuf::p);
         launch_matmul(
             gpu,
             &m,
             kernel,
             xo,
+            ntp,
             nt,
             ones.p(),
             so,
@@ -1004,8 +1072,46 @@ mod tests {
             assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
             seen += 1;
         }
+        for line in src.lines().filter(|l| l.starts_with("TERN_WGMMA_TMA(")) {
+            let args: Vec<&str> = line["TERN_WGMMA_TMA(".len()..line.rfind(')').unwrap()]
+                .split(',')
+                .map(str::trim)
+                .collect();
+            assert_eq!(args.len(), 2, "{line}");
+            let want = MmaVariant::tma(args[0], args[1].parse().unwrap());
+            assert_eq!(MmaVariant::by_name(args[0]), Some(want), "{line}");
+            assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
+            assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
+            seen += 1;
+        }
         assert_eq!(seen, MmaVariant::ALL.len());
         assert!(seen >= 4);
+    }
+
+    /// The big-call GEMM setting survives its text and numeric forms, and the
+    /// host's tiled order puts every input where `q_at` (ops.cu) does.
+    #[test]
+    fn big_gemm_names_and_tiled_order() {
+        use forward::BigGemm;
+        for g in [BigGemm::Auto, BigGemm::Shape]
+            .into_iter()
+            .chain(MmaVariant::ALL.into_iter().map(BigGemm::Variant))
+        {
+            assert_eq!(BigGemm::parse(g.name()), Some(g));
+        }
+        assert_eq!(BigGemm::parse("nope"), None);
+        let (nt, kpad, ntp) = (19, 192, 256);
+        let x: Vec<i8> = (0..nt * kpad).map(|i| (i % 251) as i8 + 1).collect();
+        let t = tile_x(&x, nt, kpad, ntp);
+        assert_eq!(t.len(), 256 * ntp);
+        // Every input once, the rest zero.
+        assert_eq!(t.iter().filter(|&&v| v != 0).count(), nt * kpad);
+        let at = |tok: usize, i: usize| {
+            t[(i / 128) * ntp * 128 + (tok / 8) * 1024 + (i % 128 / 16) * 128 + (tok % 8) * 16 + i % 16]
+        };
+        assert_eq!(at(0, 0), x[0]);
+        assert_eq!(at(18, 191), x[18 * kpad + 191]);
+        assert_eq!(at(9, 130), x[9 * kpad + 130]);
     }
 
     #[test]

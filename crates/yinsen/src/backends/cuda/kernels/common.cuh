@@ -128,3 +128,51 @@ __device__ __forceinline__ void qkv_rope_store(int row, float y, float partner, 
         kv_store(vc + ((size_t)h * cap + p) * hd + d, y);
     }
 }
+
+// Bulk (TMA) weight copies, sm_90+: one thread issues a few large copies
+// that complete on an mbarrier, instead of every thread issuing 16-byte
+// cp.async (whose issue stalls once the SM's request queue is full).
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, unsigned count = 1) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+    unsigned done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+#endif
+}
+// Thread 0: copy `bytes` (a multiple of 16, both ends 16-byte aligned) from
+// global src to shared dst as bulk copies of <= 32 KB, completing on bar.
+// `fence.proxy.async` first: earlier generic-proxy reads of dst (and, for
+// data written in this launch, the generic writes to src) come before them.
+__device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsigned bytes, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    for (unsigned o = 0; o < bytes; o += 32768u) {
+        const unsigned nb = min(32768u, bytes - o);
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         dst + o),
+                     "l"(src + o), "r"(nb), "r"(smem_addr(bar))
+                     : "memory");
+    }
+#endif
+}
+__device__ __forceinline__ void mg_bulk_expect(u64* bar, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}

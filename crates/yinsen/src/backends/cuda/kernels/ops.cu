@@ -28,11 +28,21 @@ __device__ __forceinline__ float load_in(const float* in, int n, int i, int gate
     return g / (1.f + expf(-g)) * u;
 }
 
+// Where norm_quant puts code i of token t: row-major (stride kpad), or with
+// x_ntp > 0 the stage-tiled order the TMA GEMM copies (tern_wgmma_tma_body
+// in ternary.cu), zero-padded to an even number of 128-input stages.
+__device__ __forceinline__ size_t q_at(int t, int i, int kpad, int x_ntp) {
+    if (!x_ntp) return (size_t)t * kpad + i;
+    return (size_t)(i >> 7) * x_ntp * 128 + (size_t)(t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15);
+}
+__device__ __forceinline__ int q_padded(int kpad, int x_ntp) { return x_ntp ? (kpad + 255) / 256 * 256 : kpad; }
+
 // norm_quant for rows that fit in registers (n <= NQ_REG * blockDim): one
 // read of the input instead of three; same arithmetic as the general path.
 #define NQ_REG 8
 __device__ void norm_quant_regs(const float* x, int n, int gate, const float* w, int do_norm, float eps, i8* q,
-                                int kpad, float* sx, int* xsum, float* out_f, int out_stride, float* red) {
+                                int kpad, float* sx, int* xsum, float* out_f, int out_stride, float* red,
+                                int x_ntp) {
     const int tid = threadIdx.x, bd = blockDim.x;
     float v[NQ_REG];
 #pragma unroll
@@ -69,18 +79,18 @@ __device__ void norm_quant_regs(const float* x, int n, int gate, const float* w,
     }
     am = block_max(am, red);
     const float s = 127.f / fmaxf(am, 1e-5f);
-    i8* qo = q + (size_t)blockIdx.x * kpad;
+    const int t = blockIdx.x;
     float qs = 0.f;
 #pragma unroll
     for (int k = 0; k < NQ_REG; k++) {
         int i = tid + k * bd;
         if (i < n) {
             int qi = (int)fminf(fmaxf(rintf(v[k] * s), -128.f), 127.f);
-            qo[i] = (i8)qi;
+            q[q_at(t, i, kpad, x_ntp)] = (i8)qi;
             qs += (float)qi;
         }
     }
-    for (int i = n + tid; i < kpad; i += bd) qo[i] = 0;
+    for (int i = n + tid, kq = q_padded(kpad, x_ntp); i < kq; i += bd) q[q_at(t, i, kpad, x_ntp)] = 0;
     qs = block_sum(qs, red);
     if (tid == 0) {
         sx[blockIdx.x] = s;
@@ -91,15 +101,16 @@ __device__ void norm_quant_regs(const float* x, int n, int gate, const float* w,
 // One block per token. v = [rmsnorm](load_in(...)) [* w]; then either write
 // v as f32 (out_f != 0) or quantise per token as BitNet does:
 // s = 127 / max(max|v|, 1e-5), q = clamp(rint(v * s), -128, 127), padding
-// q[n..kpad) with zeros, and record s and sum(q).
+// q[n..kpad) with zeros, and record s and sum(q). `x_ntp` > 0: q in the
+// TMA GEMM's tiled order (q_at).
 extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int gate, const float* w,
                                       int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
-                                      float* out_f, int out_stride) {
+                                      float* out_f, int out_stride, int x_ntp) {
     pdl_wait();
     __shared__ float red[32];
     const float* x = in + (size_t)blockIdx.x * in_stride;
     if (n <= NQ_REG * (int)blockDim.x) {
-        norm_quant_regs(x, n, gate, w, do_norm, eps, q, kpad, sx, xsum, out_f, out_stride, red);
+        norm_quant_regs(x, n, gate, w, do_norm, eps, q, kpad, sx, xsum, out_f, out_stride, red, x_ntp);
         return;
     }
     float inv = 1.f;
@@ -128,16 +139,15 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
     }
     am = block_max(am, red);
     const float s = 127.f / fmaxf(am, 1e-5f);
-    i8* qo = q + (size_t)blockIdx.x * kpad;
     float qs = 0.f;
-    for (int i = threadIdx.x; i < kpad; i += blockDim.x) {
+    for (int i = threadIdx.x, kq = q_padded(kpad, x_ntp); i < kq; i += blockDim.x) {
         int qi = 0;
         if (i < n) {
             float v = load_in(x, n, i, gate) / inv;
             if (w) v *= w[i];
             qi = (int)fminf(fmaxf(rintf(v * s), -128.f), 127.f);
         }
-        qo[i] = (i8)qi;
+        q[q_at(blockIdx.x, i, kpad, x_ntp)] = (i8)qi;
         qs += (float)qi;
     }
     qs = block_sum(qs, red);

@@ -486,3 +486,143 @@ TERN_WGMMA(tern_wgmma_128x128, 2, 128, 4)
 TERN_WGMMA(tern_wgmma_128x128_s8, 2, 128, 8)
 TERN_WGMMA(tern_wgmma_128x256_s6, 2, 256, 6)
 TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
+
+// TMA-fed Hopper GEMM (sm_90a): the issue of per-thread 16-byte cp.async
+// (address math and one instruction per 16 bytes, ~1300 per stage) was what
+// held the kernels above to ~450 TOPS; with no loads at all the same MMA
+// loop ran ~820 (device run S7-2). Here one producer warp feeds a ring of
+// S stages with bulk copies that complete on an mbarrier per stage:
+// - B, the activations, come pre-tiled by the quantiser (`norm_quant` with
+//   `x_ntp` > 0): stage it (inputs 128 it .. 128 it + 127) of token t is at
+//   it * x_ntp * 128 + (t / 8) * 1024 + kg * 128 + (t % 8) * 16, kg = 16-byte
+//   group of the stage; the core-matrix order the descriptors above read, so
+//   a block's 256-token tile of a stage is one contiguous 32 KB copy.
+//   x_ntp (a multiple of 256) is the buffer's token capacity; the inputs of
+//   an even number of stages are there, zero past the matrix's.
+// - A, the weights, as stored: row r's two chunks of the stage (32 bytes)
+//   at r * 32 of the slot, one bulk copy per row.
+// Two consumer warpgroups (64 rows each, m64n256k32 with A from registers)
+// wait on a slot's `full` barrier and, once the wgmma group that read it has
+// retired, release it on its `empty` barrier (one arrival per warp). Rows or
+// tokens past the matrix are never stored; the tail stages multiply stale
+// weight codes by zero activations.
+#define TW_BM 128
+#define TW_BN 256
+#define TW_STAGE (TW_BM * 32 + TW_BN * 128)
+
+template <int S>
+__device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
+                                                    const i8* __restrict__ X, int nt, const int* xsum,
+                                                    const float* row_scale, const float* sx, int* out_i,
+                                                    float* out_f, int out_stride, int mode, int x_ntp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int WG = 2, BM = TW_BM, BN = TW_BN, A_BYTES = BM * 32, B_BYTES = BN * 128;
+    extern __shared__ __align__(128) u8 tm_smem[];
+    __shared__ __align__(8) u64 full[S], empty[S];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
+    const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even: see tern_wgmma_body
+    const u32 sbase = smem_addr(tm_smem);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(&full[s]);
+            mbar_init(&empty[s], WG * 4);
+        }
+    }
+    __syncthreads();
+    // Registers move from the producer warpgroup (one warp of it works) to
+    // the consumers: 384 threads get 168 each at launch, too few for 128
+    // accumulators and two fragment sets.
+    if (warp >= WG * 4) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (warp > WG * 4) return;
+        // Producer: stage it into slot it % S once the consumers released
+        // that slot's previous stage.
+        const int rows = max(0, min(BM, n_rows - row0));
+        for (int it = 0; it < iters; it++) {
+            const int slot = it % S, c = 2 * it, nck = max(0, min(2, chunks - c));
+            if (it >= S) mbar_wait(&empty[slot], (it / S - 1) & 1);
+            const u32 a_s = sbase + slot * TW_STAGE;
+            if (lane == 0) {
+                mg_bulk_expect(&full[slot], B_BYTES + rows * nck * 16);
+                mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES, &full[slot]);
+            }
+            __syncwarp();
+            if (nck)
+                for (int r = lane; r < rows; r += 32)
+                    mg_bulk_part(a_s + r * 32, (const char*)(W + (size_t)(row0 + r) * chunks + c), nck * 16,
+                                 &full[slot]);
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int g = lane >> 2, tg = lane & 3;
+    int d[BN / 2];  // no zero fill: the first wgmma has scale-d 0
+    // As in tern_wgmma_body: fragments in two alternating sets, the last
+    // stage's kept live until its group retired, descriptors pinned before
+    // the fence, the stage pairs unconditional.
+    auto stage = [&](int it, u32 (&af)[4][4], u32 (&prev)[4][4]) {
+        const int slot = it % S;
+        mbar_wait(&full[slot], (it / S) & 1);
+        const u8* a_p = tm_smem + slot * TW_STAGE + 32 * (warp * 16 + g);
+        const u32 b_s = sbase + slot * TW_STAGE + A_BYTES;
+#pragma unroll
+        for (int kc = 0; kc < 2; kc++) {
+            const uint4 lo = *(const uint4*)(a_p + 16 * kc), hi = *(const uint4*)(a_p + 16 * kc + 8 * 32);
+            af[2 * kc][0] = ext2(lo.x, tg);
+            af[2 * kc][1] = ext2(hi.x, tg);
+            af[2 * kc][2] = ext2(lo.y, tg);
+            af[2 * kc][3] = ext2(hi.y, tg);
+            af[2 * kc + 1][0] = ext2(lo.z, tg);
+            af[2 * kc + 1][1] = ext2(hi.z, tg);
+            af[2 * kc + 1][2] = ext2(lo.w, tg);
+            af[2 * kc + 1][3] = ext2(hi.w, tg);
+        }
+        u64 desc[4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            desc[kk] = wg_desc(b_s + 2 * kk * 128);
+            asm volatile("" : "+l"(desc[kk]));
+        }
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
+        // The group of stage it - 1 has retired: its slot may be refilled.
+        __syncwarp();
+        if (it > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % S]);
+    };
+    u32 af0[4][4], af1[4][4];
+    for (int it = 0; it < iters; it += 2) {
+        stage(it, af0, af1);
+        stage(it + 1, af1, af0);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
+            const int t = tok0 + 8 * j + 2 * tg + (i & 1);
+            if (r < n_rows && t < nt) store_out(mode, d[4 * j + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+        }
+#endif
+}
+
+// Variants: name, pipeline depth. 2 consumer warpgroups + 1 producer
+// warpgroup (one warp of it issues the copies).
+#define TERN_WGMMA_TMA(NAME, S)                                                                        \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
+        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
+        int* ksum, int* kcnt, int x_ntp) {                                                             \
+        pdl_wait();                                                                                    \
+        tern_wgmma_tma_body<S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
+                               mode, x_ntp);                                                           \
+    }
+TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4)
+TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6)
