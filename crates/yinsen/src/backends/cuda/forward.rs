@@ -670,7 +670,7 @@ impl CudaBackend {
             .sum();
         let weight_bytes = layers
             .iter()
-            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gu.bytes() + l.down.bytes())
+            .map(|l| l.qkv.resident_bytes() + l.o.resident_bytes() + l.gu.resident_bytes() + l.down.resident_bytes())
             .sum::<usize>()
             + norms
             + embed.bytes

@@ -14,6 +14,15 @@
 //!   `sum (w+1) x - sum x`, with `sum x` computed once per token.
 //! - Matrices that share an input (q|k|v, gate|up) are stacked row-wise
 //!   into one, with one f32 scale per row.
+//!
+//! Stage tiles (a second copy for the Hopper TMA GEMM, [`GpuLayout::stage_tiles`]):
+//! - The same 16-byte chunks regrouped so that what one block of that GEMM
+//!   reads per pipeline stage — 128 rows x 2 chunks — is 4096 contiguous
+//!   bytes, one bulk copy: block `b` (rows 128 b ..), stage `s` (chunks 2 s,
+//!   2 s + 1) at `(b * stages + s) * 4096`, row `r` of the block at `r * 32`.
+//! - `stages` = [`tile_stages`] (even); pad rows and chunks are zero bytes.
+//!   They only ever meet zero activations (inputs past the matrix) or feed
+//!   outputs that are never stored (rows past it).
 
 use crate::error::{Error, Result};
 use crate::model::{TernaryMatrix, WeightScale};
@@ -81,7 +90,30 @@ impl GpuLayout {
     }
 }
 
+/// Rows per block of the stage tiles.
+pub const TILE_ROWS: usize = 128;
+
+/// Pipeline stages (2 chunks each, an even count) over `chunks` chunks.
+pub fn tile_stages(chunks: usize) -> usize {
+    (chunks.div_ceil(2) + 1) & !1
+}
+
 impl GpuLayout {
+    /// The rows as stage tiles (see the module doc).
+    pub fn stage_tiles(&self) -> Vec<u8> {
+        let (stages, rb) = (tile_stages(self.chunks), self.n_rows.div_ceil(TILE_ROWS));
+        let mut out = vec![0u8; rb * stages * TILE_ROWS * 32];
+        for r in 0..self.n_rows {
+            let (b, rr) = (r / TILE_ROWS, r % TILE_ROWS);
+            for c in 0..self.chunks {
+                let o = ((b * stages + c / 2) * TILE_ROWS + rr) * 32 + (c % 2) * 16;
+                let i = (r * self.chunks + c) * 16;
+                out[o..o + 16].copy_from_slice(&self.bytes[i..i + 16]);
+            }
+        }
+        out
+    }
+
     /// The same rows reordered: new row `i` is old row `order[i]`.
     pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
         if order.len() != self.n_rows || order.iter().any(|&r| r >= self.n_rows) {
@@ -165,6 +197,25 @@ pub fn host_dot(l: &GpuLayout, r: usize, x: &[i8]) -> i32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stage_tiles_hold_every_chunk_once() {
+        // 130 rows (a second, short block), 3 chunks (a half stage).
+        let l = GpuLayout {
+            n_rows: 130,
+            n_in: 150,
+            chunks: 3,
+            bytes: (0..130 * 3 * 16).map(|i| (i % 253) as u8 + 1).collect(),
+            row_scale: vec![1.0; 130],
+        };
+        let t = l.stage_tiles();
+        assert_eq!(tile_stages(3), 2);
+        assert_eq!(t.len(), 2 * 2 * TILE_ROWS * 32);
+        assert_eq!(t.iter().filter(|&&v| v != 0).count(), l.bytes.len());
+        // Row 129 (block 1, row 1), chunk 2 (stage 1, first half).
+        let o = ((2 + 1) * TILE_ROWS + 1) * 32;
+        assert_eq!(&t[o..o + 16], &l.bytes[(129 * 3 + 2) * 16..(129 * 3 + 3) * 16]);
+    }
+
     use super::*;
     use crate::backends::cpu::reference::ternary_matmul_i32;
     use crate::model::synthetic::{random_ternary, SplitMix64};

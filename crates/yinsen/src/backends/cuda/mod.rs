@@ -689,6 +689,8 @@ pub struct GpuMatrix {
     pub chunks: usize,
     pub w: DevBuf,
     pub scale: DevBuf,
+    /// The stage tiles (layout.rs) where the device runs the TMA GEMM (sm_90a).
+    pub tiles: Option<DevBuf>,
 }
 
 impl GpuMatrix {
@@ -702,13 +704,22 @@ impl GpuMatrix {
             chunks: l.chunks,
             w: gpu.upload(&l.bytes)?,
             scale: gpu.upload(&l.row_scale)?,
+            tiles: match gpu.arch == "sm_90a" {
+                true => Some(gpu.upload(&l.stage_tiles())?),
+                false => None,
+            },
         })
     }
     pub fn kpad(&self) -> usize {
         self.chunks * layout::CHUNK_WEIGHTS
     }
+    /// Bytes a pass over the matrix streams (one layout).
     pub fn bytes(&self) -> usize {
         self.w.bytes + self.scale.bytes
+    }
+    /// Bytes resident on the device (both layouts).
+    pub fn resident_bytes(&self) -> usize {
+        self.bytes() + self.tiles.as_ref().map_or(0, |t| t.bytes)
     }
 }
 
@@ -867,8 +878,14 @@ pub fn launch_matmul(
     } else {
         (Arg::P(0), out)
     };
+    let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
+    let w = match (tiled, &m.tiles) {
+        (false, _) => m.w.p(),
+        (true, Some(t)) => t.p(),
+        (true, None) => return Err(berr(format!("{kernel:?}: no stage tiles uploaded"))),
+    };
     let args = [
-        m.w.p(),
+        w,
         Arg::I(m.n_rows as i32),
         Arg::I(m.chunks as i32),
         x,
@@ -885,7 +902,6 @@ pub fn launch_matmul(
         // Read by the tiled variants only (the others declare 14 parameters).
         Arg::I(x_ntp as i32),
     ];
-    let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
     if tiled != (x_ntp > 0) || (tiled && (!x_ntp.is_multiple_of(TILED_TOKENS) || x_ntp < nt)) {
         return Err(berr(format!(
             "{kernel:?}: x in the wrong order for it (x_ntp {x_ntp}, {nt} tokens)"

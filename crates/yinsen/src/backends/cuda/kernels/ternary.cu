@@ -490,7 +490,7 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 // TMA-fed Hopper GEMM (sm_90a): the issue of per-thread 16-byte cp.async
 // (address math and one instruction per 16 bytes, ~1300 per stage) was what
 // held the kernels above to ~450 TOPS; with no loads at all the same MMA
-// loop ran ~820 (device run S7-2). Here one producer warp feeds a ring of
+// loop ran ~820 (device run S7-2). Here one producer thread feeds a ring of
 // S stages with bulk copies that complete on an mbarrier per stage:
 // - B, the activations, come pre-tiled by the quantiser (`norm_quant` with
 //   `x_ntp` > 0): stage it (inputs 128 it .. 128 it + 127) of token t is at
@@ -499,13 +499,14 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 //   a block's 256-token tile of a stage is one contiguous 32 KB copy.
 //   x_ntp (a multiple of 256) is the buffer's token capacity; the inputs of
 //   an even number of stages are there, zero past the matrix's.
-// - A, the weights, as stored: row r's two chunks of the stage (32 bytes)
-//   at r * 32 of the slot, one bulk copy per row.
+// - A, the weights, from the stage tiles (layout.rs): the block's 128 rows
+//   x 2 chunks of a stage are 4096 contiguous bytes, row r at r * 32. (One
+//   bulk copy per row, from the row-major layout, ran at ~190 TOPS: run S7-4.)
 // Two consumer warpgroups (64 rows each, m64n256k32 with A from registers)
 // wait on a slot's `full` barrier and, once the wgmma group that read it has
 // retired, release it on its `empty` barrier (one arrival per warp). Rows or
-// tokens past the matrix are never stored; the tail stages multiply stale
-// weight codes by zero activations.
+// tokens past the matrix are never stored; the tail stages multiply zero
+// pad codes by zero activations.
 #define TW_BM 128
 #define TW_BN 256
 #define TW_STAGE (TW_BM * 32 + TW_BN * 128)
@@ -530,28 +531,23 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         }
     }
     __syncthreads();
-    // Registers move from the producer warpgroup (one warp of it works) to
+    // Registers move from the producer warpgroup (one thread of it works) to
     // the consumers: 384 threads get 168 each at launch, too few for 128
     // accumulators and two fragment sets.
     if (warp >= WG * 4) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (warp > WG * 4) return;
-        // Producer: stage it into slot it % S once the consumers released
-        // that slot's previous stage.
-        const int rows = max(0, min(BM, n_rows - row0));
+        // Producer (one thread): stage it into slot it % S once the
+        // consumers released that slot's previous stage.
+        if (lane != 0) return;
+        const char* wt = (const char*)W + (size_t)blockIdx.x * iters * A_BYTES;
         for (int it = 0; it < iters; it++) {
-            const int slot = it % S, c = 2 * it, nck = max(0, min(2, chunks - c));
+            const int slot = it % S;
             if (it >= S) mbar_wait(&empty[slot], (it / S - 1) & 1);
             const u32 a_s = sbase + slot * TW_STAGE;
-            if (lane == 0) {
-                mg_bulk_expect(&full[slot], B_BYTES + rows * nck * 16);
-                mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES, &full[slot]);
-            }
-            __syncwarp();
-            if (nck)
-                for (int r = lane; r < rows; r += 32)
-                    mg_bulk_part(a_s + r * 32, (const char*)(W + (size_t)(row0 + r) * chunks + c), nck * 16,
-                                 &full[slot]);
+            mg_bulk_expect(&full[slot], A_BYTES + B_BYTES);
+            mg_bulk_part(a_s, wt + (size_t)it * A_BYTES, A_BYTES, &full[slot]);
+            mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES, &full[slot]);
         }
         return;
     }
@@ -614,7 +610,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 }
 
 // Variants: name, pipeline depth. 2 consumer warpgroups + 1 producer
-// warpgroup (one warp of it issues the copies).
+// warpgroup (one thread of it issues the copies).
 #define TERN_WGMMA_TMA(NAME, S)                                                                        \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
