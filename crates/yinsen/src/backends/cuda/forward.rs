@@ -546,7 +546,9 @@ struct StepKey {
     /// not depend on the position).
     splits: usize,
     flash: Option<&'static str>,
-    mat: MatKernel,
+    /// The settings that pick the matrix kernels: GEMM from this many
+    /// tokens, the big-call GEMM (a BigGemm code).
+    mat: (usize, usize),
     /// Logits of every token instead of the last.
     all: bool,
 }
@@ -1072,13 +1074,21 @@ impl CudaBackend {
         }
     }
 
-    fn kernel_for(&self, nt: usize) -> MatKernel {
+    /// The matrix kernel for `nt` tokens through `m`.
+    fn kernel_for(&self, nt: usize, m: &GpuMatrix) -> MatKernel {
         if nt < self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) || !self.gpu.has_mma() {
             return MatKernel::Gemv;
         }
+        // The TMA GEMM's 128 x 256 tiles pay once there are enough of them
+        // or the input is long (run S7-5 sweep: o at 512 tokens, 40 tiles of
+        // 2560 inputs, is slower than the 64 x 64 mma.sync tile; down at 512,
+        // 40 tiles of 6912, faster).
+        let tiles = m.n_rows.div_ceil(super::layout::TILE_ROWS) * nt.div_ceil(super::TILED_TOKENS);
+        let tma_pays = 2 * tiles >= self.gpu.info.sms.max(1) as usize || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
             _ if nt < BIG_GEMM_TOKENS => None,
-            BigGemm::Auto => super::MmaVariant::by_name(TMA_DEFAULT),
+            BigGemm::Auto if tma_pays => super::MmaVariant::by_name(TMA_DEFAULT),
+            BigGemm::Auto => None,
             BigGemm::Shape => None,
             BigGemm::Variant(v) => Some(v),
         };
@@ -1088,10 +1098,10 @@ impl CudaBackend {
         }
     }
 
-    /// Token capacity of the tiled quantised activations when calls of `nt`
-    /// tokens take a tiled GEMM, else 0 (row-major).
-    fn x_ntp(&self, s: &Scratch, nt: usize) -> usize {
-        match self.kernel_for(nt) {
+    /// Token capacity of the tiled quantised activations when `nt` tokens
+    /// through `m` take a tiled GEMM, else 0 (row-major).
+    fn x_ntp(&self, s: &Scratch, nt: usize, m: &GpuMatrix) -> usize {
+        match self.kernel_for(nt, m) {
             MatKernel::MmaWith(v) if v.tiled => s.ntp,
             _ => 0,
         }
@@ -1106,9 +1116,9 @@ impl CudaBackend {
     /// `out = W x` (or `+=`), splitting into 16-token GEMV groups when needed.
     #[allow(clippy::too_many_arguments)]
     fn mm(&self, s: &Scratch, m: &GpuMatrix, nt: usize, ep: Epilogue, out: &DevBuf, stride: usize) -> Result<()> {
-        let kernel = self.kernel_for(nt);
+        let kernel = self.kernel_for(nt, m);
         let group = if kernel == MatKernel::Gemv { 16 } else { nt };
-        let x_ntp = self.x_ntp(s, nt);
+        let x_ntp = self.x_ntp(s, nt, m);
         for t0 in (0..nt).step_by(group) {
             let n = (nt - t0).min(group);
             launch_matmul(
@@ -1140,7 +1150,8 @@ impl CudaBackend {
         }
     }
 
-    /// RMSNorm (optional) + quantisation of `nt` rows of `input` into q8/sx/xsum.
+    /// RMSNorm (optional) + quantisation of `nt` rows of `input` into
+    /// q8/sx/xsum, in the order the GEMM of `next` reads.
     #[allow(clippy::too_many_arguments)]
     fn norm_quant(
         &self,
@@ -1150,9 +1161,10 @@ impl CudaBackend {
         stride: usize,
         gate: i32,
         w: Option<&DevBuf>,
-        kpad: usize,
+        next: &GpuMatrix,
         nt: usize,
     ) -> Result<()> {
+        let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
         self.gpu.launch_smem(
             "norm_quant",
@@ -1173,7 +1185,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
-                Arg::I(self.x_ntp(s, nt) as i32),
+                Arg::I(self.x_ntp(s, nt, next) as i32),
             ],
             self.body_launch(),
         )
@@ -1207,7 +1219,7 @@ impl CudaBackend {
             let kc = cache.k.at(li * cache.layer_bytes);
             let vc = cache.v.at(li * cache.layer_bytes);
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), l.qkv.kpad(), nt)?;
+            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt)?;
             g.set_tag("qkv");
             self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
             g.set_tag("rope_kv");
@@ -1235,15 +1247,15 @@ impl CudaBackend {
             self.attention(s, cache, li, nt, n_split, how == Launch::Pdl)?;
             // Without sub-norms the attention output is only quantised.
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), l.o.kpad(), nt)?;
+            self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), &l.o, nt)?;
             g.set_tag("o");
             self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), l.gu.kpad(), nt)?;
+            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), &l.gu, nt)?;
             g.set_tag("gate_up");
             self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), l.down.kpad(), nt)?;
+            self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), &l.down, nt)?;
             g.set_tag("down");
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
@@ -1780,7 +1792,10 @@ impl CudaBackend {
             nt,
             splits,
             flash: flash.map(|k| k.0),
-            mat: self.kernel_for(nt),
+            mat: (
+                self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed),
+                self.big_gemm.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             all,
         })
     }
