@@ -1099,10 +1099,12 @@ impl CudaBackend {
     }
 
     /// Token capacity of the tiled quantised activations when `nt` tokens
-    /// through `m` take a tiled GEMM, else 0 (row-major).
-    fn x_ntp(&self, s: &Scratch, nt: usize, m: &GpuMatrix) -> usize {
+    /// through `m` take a tiled GEMM, else 0 (row-major); negative for the
+    /// swizzled order (norm_quant's `x_ntp`).
+    fn x_ntp(&self, s: &Scratch, nt: usize, m: &GpuMatrix) -> i32 {
         match self.kernel_for(nt, m) {
-            MatKernel::MmaWith(v) if v.tiled => s.ntp,
+            MatKernel::MmaWith(v) if v.tiled && v.swizzle => -(s.ntp as i32),
+            MatKernel::MmaWith(v) if v.tiled => s.ntp as i32,
             _ => 0,
         }
     }
@@ -1118,7 +1120,7 @@ impl CudaBackend {
     fn mm(&self, s: &Scratch, m: &GpuMatrix, nt: usize, ep: Epilogue, out: &DevBuf, stride: usize) -> Result<()> {
         let kernel = self.kernel_for(nt, m);
         let group = if kernel == MatKernel::Gemv { 16 } else { nt };
-        let x_ntp = self.x_ntp(s, nt, m);
+        let x_ntp = self.x_ntp(s, nt, m).unsigned_abs() as usize;
         for t0 in (0..nt).step_by(group) {
             let n = (nt - t0).min(group);
             launch_matmul(
@@ -1185,7 +1187,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
-                Arg::I(self.x_ntp(s, nt, next) as i32),
+                Arg::I(self.x_ntp(s, nt, next)),
             ],
             self.body_launch(),
         )

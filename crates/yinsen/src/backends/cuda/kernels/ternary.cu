@@ -519,7 +519,13 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 #define TW_BN 256
 #define TW_STAGE (TW_BM * 32 + TW_BN * 128)
 
-template <int S>
+// 128-byte swizzled descriptor (SW = 1): an 8-token x 128-byte atom holds
+// token r's 16-byte group j at r * 128 + (j ^ r) * 16; atoms 1024 apart.
+__device__ __forceinline__ u64 wg_desc_sw128(u32 addr) {
+    return (u64)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <int S, int SW>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
@@ -531,7 +537,10 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even: see tern_wgmma_body
-    const u32 sbase = smem_addr(tm_smem);
+    // Stages on a 1024-byte boundary (the swizzle atoms'; the host adds
+    // 1024 bytes of room).
+    const u32 sbase = (smem_addr(tm_smem) + 1023u) & ~1023u;
+    const u8* smem = tm_smem + (sbase - smem_addr(tm_smem));
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
             mbar_init(&full[s]);
@@ -568,7 +577,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     auto stage = [&](int it, u32 (&af)[4][4], u32 (&prev)[4][4]) {
         const int slot = it % S;
         mbar_wait(&full[slot], (it / S) & 1);
-        const u8* a_p = tm_smem + slot * TW_STAGE + 32 * (warp * 16 + g);
+        const u8* a_p = smem + slot * TW_STAGE + 32 * (warp * 16 + g);
         const u32 b_s = sbase + slot * TW_STAGE + A_BYTES;
 #pragma unroll
         for (int kc = 0; kc < 2; kc++) {
@@ -585,7 +594,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         u64 desc[4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            desc[kk] = wg_desc(b_s + 2 * kk * 128);
+            desc[kk] = SW ? wg_desc_sw128(b_s + 32 * kk) : wg_desc(b_s + 2 * kk * 128);
             asm volatile("" : "+l"(desc[kk]));
         }
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -610,6 +619,18 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     // need (mode 2) are all loaded before any is used, so 16 loads per
     // thread are in flight instead of one (one at a time, the 128 dependent
     // loads per thread made o and down 2x slower in the forward, run S7-5).
+    if (mode != 2) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
+                const int t = tok0 + 8 * j + 2 * tg + (i & 1);
+                if (r < n_rows && t < nt)
+                    store_out(mode, d[4 * j + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+            }
+        return;
+    }
 #pragma unroll
     for (int j0 = 0; j0 < BN / 8; j0 += 4) {
         float old[4][4] = {};
@@ -619,7 +640,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
             for (int i = 0; i < 4; i++) {
                 const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
                 const int t = tok0 + 8 * (j0 + j) + 2 * tg + (i & 1);
-                if (mode == 2 && r < n_rows && t < nt) old[j][i] = out_f[(size_t)t * out_stride + r];
+                if (r < n_rows && t < nt) old[j][i] = out_f[(size_t)t * out_stride + r];
             }
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -635,16 +656,18 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 #endif
 }
 
-// Variants: name, pipeline depth. 2 consumer warpgroups + 1 producer
+// Variants: name, pipeline depth, B swizzled (the x order of q_at with
+// swizzle). 2 consumer warpgroups + 1 producer
 // warpgroup (one thread of it issues the copies).
-#define TERN_WGMMA_TMA(NAME, S)                                                                        \
+#define TERN_WGMMA_TMA(NAME, S, SW)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt, int x_ntp) {                                                             \
         pdl_wait();                                                                                    \
-        tern_wgmma_tma_body<S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
+        tern_wgmma_tma_body<S, SW>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
                                mode, x_ntp);                                                           \
     }
-TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4)
-TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6)
+TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4, 0)
+TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6, 0)
+TERN_WGMMA_TMA(tern_wgmma_tma_sw4, 4, 1)
