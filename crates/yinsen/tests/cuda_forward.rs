@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use common::{check_greedy, check_logits, json_ids, read_json, tiny_a, Limits};
 use yinsen::backends::cpu::CpuBackend;
+use yinsen::backends::cuda::forward::BigGemm;
 use yinsen::backends::cuda::{CudaBackend, FlashMode, KvDtype};
 use yinsen::backends::{Backend, Output};
 use yinsen::formats::{self, LoadOptions};
@@ -123,17 +124,24 @@ fn tiny_matches_cpu(kv: KvDtype) {
     let mut cc = cpu.new_cache(400).unwrap();
     let want_all = cpu.forward(cc.as_mut(), &ids, Output::AllLogits).unwrap();
     let mut per_kernel = vec![];
-    for mma_min in [2, usize::MAX] {
+    // The tensor-core GEMMs as chosen, the TMA-fed one forced (its tiled
+    // activations; the shape's choice where the device lacks it), the GEMV.
+    let tma = BigGemm::parse("tern_wgmma_tma_s4").unwrap();
+    for (mma_min, big) in [(2, BigGemm::Auto), (2, tma), (usize::MAX, BigGemm::Auto)] {
         gpu.set_mma_min_tokens(mma_min);
+        gpu.set_big_gemm(big);
         let mut gc = gpu.new_cache(400).unwrap();
         let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
-        let (d, mean) = close(&got, &want_all, vocab, &format!("prefill (mma from {mma_min})"));
-        println!("prefill 300 (mma from {mma_min}): max |dlogit| {d:.3e} mean {mean:.3e}");
+        let what = format!("prefill (mma from {mma_min}, {})", big.name());
+        let (d, mean) = close(&got, &want_all, vocab, &what);
+        println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}");
         per_kernel.push(got);
     }
-    // The two matrix kernels are exact, so GPU prefill is deterministic across them.
-    assert_eq!(per_kernel[0], per_kernel[1], "GEMV and tensor-core prefill differ");
+    // The matrix kernels are exact, so GPU prefill is deterministic across them.
+    assert_eq!(per_kernel[0], per_kernel[1], "tensor-core and TMA-fed prefill differ");
+    assert_eq!(per_kernel[0], per_kernel[2], "GEMV and tensor-core prefill differ");
     gpu.set_mma_min_tokens(2);
+    gpu.set_big_gemm(BigGemm::Auto);
     // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.
     let mut gc = gpu.new_cache(400).unwrap();
     let g_last = gpu.forward(gc.as_mut(), &ids[..100], Output::LastLogits).unwrap();

@@ -27,7 +27,10 @@ const MAX_CHUNK: usize = 2048;
 /// Calls of this many tokens or more take the big-call GEMM ([`BigGemm`]).
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
-const TMA_DEFAULT: &str = "tern_wgmma_tma_s6";
+const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
+/// `BigGemm::Auto` takes the TMA GEMM from this many tokens: at 2048 the
+/// prefill is 6-9% faster with it, at 512 1-4% slower (runs S7-5 to S7-7).
+const TMA_MIN_TOKENS: usize = 1024;
 
 /// The GEMM of calls of >= BIG_GEMM_TOKENS tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1087,7 +1090,7 @@ impl CudaBackend {
         let tma_pays = 2 * tiles >= self.gpu.info.sms.max(1) as usize || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
             _ if nt < BIG_GEMM_TOKENS => None,
-            BigGemm::Auto if tma_pays => super::MmaVariant::by_name(TMA_DEFAULT),
+            BigGemm::Auto if tma_pays && nt >= TMA_MIN_TOKENS => super::MmaVariant::by_name(TMA_DEFAULT),
             BigGemm::Auto => None,
             BigGemm::Shape => None,
             BigGemm::Variant(v) => Some(v),
@@ -1099,12 +1102,10 @@ impl CudaBackend {
     }
 
     /// Token capacity of the tiled quantised activations when `nt` tokens
-    /// through `m` take a tiled GEMM, else 0 (row-major); negative for the
-    /// swizzled order (norm_quant's `x_ntp`).
-    fn x_ntp(&self, s: &Scratch, nt: usize, m: &GpuMatrix) -> i32 {
+    /// through `m` take a tiled GEMM, else 0 (row-major).
+    fn x_ntp(&self, s: &Scratch, nt: usize, m: &GpuMatrix) -> usize {
         match self.kernel_for(nt, m) {
-            MatKernel::MmaWith(v) if v.tiled && v.swizzle => -(s.ntp as i32),
-            MatKernel::MmaWith(v) if v.tiled => s.ntp as i32,
+            MatKernel::MmaWith(v) if v.tiled => s.ntp,
             _ => 0,
         }
     }
@@ -1120,7 +1121,7 @@ impl CudaBackend {
     fn mm(&self, s: &Scratch, m: &GpuMatrix, nt: usize, ep: Epilogue, out: &DevBuf, stride: usize) -> Result<()> {
         let kernel = self.kernel_for(nt, m);
         let group = if kernel == MatKernel::Gemv { 16 } else { nt };
-        let x_ntp = self.x_ntp(s, nt, m).unsigned_abs() as usize;
+        let x_ntp = self.x_ntp(s, nt, m);
         for t0 in (0..nt).step_by(group) {
             let n = (nt - t0).min(group);
             launch_matmul(
@@ -1187,7 +1188,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
-                Arg::I(self.x_ntp(s, nt, next)),
+                Arg::I(self.x_ntp(s, nt, next) as i32),
             ],
             self.body_launch(),
         )

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 65] = [
+pub const KERNELS: [&str; 64] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -217,7 +217,6 @@ pub const KERNELS: [&str; 65] = [
     "tern_wgmma_256x128_s8",
     "tern_wgmma_tma_s4",
     "tern_wgmma_tma_s6",
-    "tern_wgmma_tma_sw4",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -751,12 +750,10 @@ pub struct MmaVariant {
     /// Fed by bulk copies (`tern_wgmma_tma_body`): x must be in the tiled
     /// order of [`tile_x`] (`norm_quant` with `x_ntp`), not row-major.
     pub tiled: bool,
-    /// Tiled x with the 128-byte swizzle ([`tile_x`]'s `swizzle`).
-    pub swizzle: bool,
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 15] = [
+    pub const ALL: [MmaVariant; 14] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -769,13 +766,12 @@ impl MmaVariant {
         MmaVariant::wg("tern_wgmma_128x128_s8", 2, 128, 8),
         MmaVariant::wg("tern_wgmma_128x256_s6", 2, 256, 6),
         MmaVariant::wg("tern_wgmma_256x128_s8", 4, 128, 8),
-        MmaVariant::tma("tern_wgmma_tma_s4", 4, false),
-        MmaVariant::tma("tern_wgmma_tma_s6", 6, false),
-        MmaVariant::tma("tern_wgmma_tma_sw4", 4, true),
+        MmaVariant::tma("tern_wgmma_tma_s4", 4),
+        MmaVariant::tma("tern_wgmma_tma_s6", 6),
     ];
 
     /// A `TERN_WGMMA_TMA(...)` line: 128 rows x 256 tokens, 384 threads.
-    const fn tma(name: &'static str, stages: usize, swizzle: bool) -> Self {
+    const fn tma(name: &'static str, stages: usize) -> Self {
         Self {
             name,
             bm: 128,
@@ -784,7 +780,6 @@ impl MmaVariant {
             stages,
             wgmma: true,
             tiled: true,
-            swizzle,
         }
     }
 
@@ -798,7 +793,6 @@ impl MmaVariant {
             stages,
             wgmma: true,
             tiled: false,
-            swizzle: false,
         }
     }
 
@@ -812,7 +806,6 @@ impl MmaVariant {
             stages,
             wgmma: false,
             tiled: false,
-            swizzle: false,
         }
     }
 
@@ -978,19 +971,11 @@ pub fn tiled_x_bytes(kpad: usize, ntp: usize) -> usize {
 /// copies (`q_at` in ops.cu writes the same): stage `k / 128`, then 8-token
 /// group, 16-input group, token within the group, input within the 16;
 /// `ntp` tokens (a multiple of [`TILED_TOKENS`]), zeros past `nt` and `kpad`.
-/// With `swizzle`, an 8-token group holds token r's 128 bytes at r * 128,
-/// 16-input group j of them at (j ^ r) * 16 (the 128-byte swizzle).
-pub fn tile_x(x: &[i8], nt: usize, kpad: usize, ntp: usize, swizzle: bool) -> Vec<i8> {
+pub fn tile_x(x: &[i8], nt: usize, kpad: usize, ntp: usize) -> Vec<i8> {
     let mut out = vec![0i8; tiled_x_bytes(kpad, ntp)];
     for t in 0..nt {
         for (i, &v) in x[t * kpad..(t + 1) * kpad].iter().enumerate() {
-            let (j, r) = ((i & 127) >> 4, t & 7);
-            let inner = if swizzle {
-                r * 128 + ((j ^ r) << 4)
-            } else {
-                j * 128 + r * 16
-            };
-            out[(i >> 7) * ntp * 128 + (t >> 3) * 1024 + inner + (i & 15)] = v;
+            out[(i >> 7) * ntp * 128 + (t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15)] = v;
         }
     }
     out
@@ -1027,17 +1012,14 @@ pub fn ternary_matmul_i32(
         xp[t * kpad..t * kpad + w.n_in].copy_from_slice(&x[t * w.n_in..(t + 1) * w.n_in]);
     }
     let xb = gpu.upload(&xp)?;
-    let (tiled, swizzle) = match kernel {
-        MatKernel::MmaWith(v) => (v.tiled, v.swizzle),
-        _ => (false, false),
-    };
+    let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
     let ntp = if tiled {
         n_tokens.div_ceil(TILED_TOKENS) * TILED_TOKENS
     } else {
         0
     };
     let xt = match tiled {
-        true => Some(gpu.upload(&tile_x(&xp, n_tokens, kpad, ntp, swizzle))?),
+        true => Some(gpu.upload(&tile_x(&xp, n_tokens, kpad, ntp))?),
         false => None,
     };
     let xsum = gpu.alloc(4 * n_tokens)?;
@@ -1112,8 +1094,8 @@ mod tests {
                 .split(',')
                 .map(str::trim)
                 .collect();
-            assert_eq!(args.len(), 3, "{line}");
-            let want = MmaVariant::tma(args[0], args[1].parse().unwrap(), args[2] == "1");
+            assert_eq!(args.len(), 2, "{line}");
+            let want = MmaVariant::tma(args[0], args[1].parse().unwrap());
             assert_eq!(MmaVariant::by_name(args[0]), Some(want), "{line}");
             assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
             assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);
@@ -1137,7 +1119,7 @@ mod tests {
         assert_eq!(BigGemm::parse("nope"), None);
         let (nt, kpad, ntp) = (19, 192, 256);
         let x: Vec<i8> = (0..nt * kpad).map(|i| (i % 251) as i8 + 1).collect();
-        let t = tile_x(&x, nt, kpad, ntp, false);
+        let t = tile_x(&x, nt, kpad, ntp);
         assert_eq!(t.len(), 256 * ntp);
         // Every input once, the rest zero.
         assert_eq!(t.iter().filter(|&&v| v != 0).count(), nt * kpad);
@@ -1147,10 +1129,6 @@ mod tests {
         assert_eq!(at(0, 0), x[0]);
         assert_eq!(at(18, 191), x[18 * kpad + 191]);
         assert_eq!(at(9, 130), x[9 * kpad + 130]);
-        // Swizzled: token 9 (row 1 of its group), input 130 (group 0 of stage 1).
-        let sw = tile_x(&x, nt, kpad, ntp, true);
-        assert_eq!(sw[ntp * 128 + 1024 + 128 + (1 << 4) + 2], x[9 * kpad + 130]);
-        assert_eq!(sw.iter().filter(|&&v| v != 0).count(), nt * kpad);
     }
 
     #[test]

@@ -31,13 +31,9 @@ __device__ __forceinline__ float load_in(const float* in, int n, int i, int gate
 // Where norm_quant puts code i of token t: row-major (stride kpad), or with
 // x_ntp > 0 the stage-tiled order the TMA GEMM copies (tern_wgmma_tma_body
 // in ternary.cu), zero-padded to an even number of 128-input stages.
-// x_ntp < 0: the same for -x_ntp tokens, with the 128-byte swizzle (token
-// r of an 8-token atom at r * 128, its 16-byte group j at (j ^ r) * 16).
 __device__ __forceinline__ size_t q_at(int t, int i, int kpad, int x_ntp) {
     if (!x_ntp) return (size_t)t * kpad + i;
-    const int j = (i & 127) >> 4, r = t & 7;
-    const size_t base = (size_t)(i >> 7) * abs(x_ntp) * 128 + (size_t)(t >> 3) * 1024 + (i & 15);
-    return base + (x_ntp > 0 ? j * 128 + r * 16 : r * 128 + ((j ^ r) << 4));
+    return (size_t)(i >> 7) * x_ntp * 128 + (size_t)(t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15);
 }
 __device__ __forceinline__ int q_padded(int kpad, int x_ntp) { return x_ntp ? (kpad + 255) / 256 * 256 : kpad; }
 

@@ -519,13 +519,7 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 #define TW_BN 256
 #define TW_STAGE (TW_BM * 32 + TW_BN * 128)
 
-// 128-byte swizzled descriptor (SW = 1): an 8-token x 128-byte atom holds
-// token r's 16-byte group j at r * 128 + (j ^ r) * 16; atoms 1024 apart.
-__device__ __forceinline__ u64 wg_desc_sw128(u32 addr) {
-    return (u64)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-template <int S, int SW>
+template <int S>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
@@ -537,8 +531,10 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even: see tern_wgmma_body
-    // Stages on a 1024-byte boundary (the swizzle atoms'; the host adds
-    // 1024 bytes of room).
+    // Stages on a 1024-byte boundary (the host adds 1024 bytes of room):
+    // what a 128-byte swizzled B would need. A swizzled variant (atoms of 8
+    // tokens x 128 bytes, descriptor layout type 1) was exact but 0-10%
+    // slower than this unswizzled one (run S7-7), so it was removed.
     const u32 sbase = (smem_addr(tm_smem) + 1023u) & ~1023u;
     const u8* smem = tm_smem + (sbase - smem_addr(tm_smem));
     if (tid == 0) {
@@ -594,7 +590,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         u64 desc[4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            desc[kk] = SW ? wg_desc_sw128(b_s + 32 * kk) : wg_desc(b_s + 2 * kk * 128);
+            desc[kk] = wg_desc(b_s + 2 * kk * 128);
             asm volatile("" : "+l"(desc[kk]));
         }
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -656,18 +652,16 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 #endif
 }
 
-// Variants: name, pipeline depth, B swizzled (the x order of q_at with
-// swizzle). 2 consumer warpgroups + 1 producer
+// Variants: name, pipeline depth. 2 consumer warpgroups + 1 producer
 // warpgroup (one thread of it issues the copies).
-#define TERN_WGMMA_TMA(NAME, S, SW)                                                                    \
+#define TERN_WGMMA_TMA(NAME, S)                                                                        \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt, int x_ntp) {                                                             \
         pdl_wait();                                                                                    \
-        tern_wgmma_tma_body<S, SW>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
+        tern_wgmma_tma_body<S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
                                mode, x_ntp);                                                           \
     }
-TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4, 0)
-TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6, 0)
-TERN_WGMMA_TMA(tern_wgmma_tma_sw4, 4, 1)
+TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4)
+TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6)
