@@ -406,8 +406,6 @@ pub struct CudaBackend {
     /// GEMM for calls of >= BIG_GEMM_TOKENS tokens: a [`BigGemm`] as
     /// usize (`YINSEN_CUDA_GEMM=shape|<variant name>`; benchmarks' A/B).
     big_gemm: std::sync::atomic::AtomicUsize,
-    /// `norm_quant_warp` for calls of many tokens (`YINSEN_CUDA_NQ_WARP=0`: off).
-    nq_warp: std::sync::atomic::AtomicBool,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
     /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
@@ -817,7 +815,6 @@ impl CudaBackend {
                 .unwrap_or(BigGemm::Auto)
                 .code()
                 .into(),
-            nq_warp: std::env::var("YINSEN_CUDA_NQ_WARP").map_or(true, |v| v != "0").into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
             tcs_ok,
@@ -1117,11 +1114,6 @@ impl CudaBackend {
         }
     }
 
-    /// For benchmarks: `norm_quant_warp` on or off; returns the previous setting.
-    pub fn set_nq_warp(&self, on: bool) -> bool {
-        self.nq_warp.swap(on, std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// For benchmarks: the GEMM of calls of >= BIG_GEMM_TOKENS tokens;
     /// returns the previous setting.
     pub fn set_big_gemm(&self, g: BigGemm) -> BigGemm {
@@ -1184,12 +1176,7 @@ impl CudaBackend {
         let x_ntp = self.x_ntp(s, nt, next) as i32;
         // Many tokens of plain rows: one warp per token (see ops.cu). Steps
         // of up to 16 tokens keep the block-per-token kernel and its sums.
-        if self.nq_warp.load(std::sync::atomic::Ordering::Relaxed)
-            && nt >= NQ_WARP_MIN_TOKENS
-            && gate == 0
-            && n.is_multiple_of(4)
-            && stride.is_multiple_of(4)
-            && n <= NQ_WARP_MAX
+        if nt >= NQ_WARP_MIN_TOKENS && gate == 0 && n.is_multiple_of(4) && stride.is_multiple_of(4) && n <= NQ_WARP_MAX
         {
             return self.gpu.launch_smem(
                 "norm_quant_warp",
