@@ -24,10 +24,6 @@ use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 const ATT_CHUNK: usize = 64;
 /// Tokens per prefill chunk at most (activation buffers are sized for it).
 const MAX_CHUNK: usize = 2048;
-/// `norm_quant_warp` (ops.cu) serves calls of this many tokens or more, on
-/// rows of up to NQ_WARP_MAX values.
-const NQ_WARP_MIN_TOKENS: usize = 64;
-const NQ_WARP_MAX: usize = 128 * 24;
 /// Calls of this many tokens or more take the big-call GEMM ([`BigGemm`]).
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
@@ -1173,33 +1169,6 @@ impl CudaBackend {
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
-        let x_ntp = self.x_ntp(s, nt, next) as i32;
-        // Many tokens of plain rows: one warp per token (see ops.cu). Steps
-        // of up to 16 tokens keep the block-per-token kernel and its sums.
-        if nt >= NQ_WARP_MIN_TOKENS && gate == 0 && n.is_multiple_of(4) && stride.is_multiple_of(4) && n <= NQ_WARP_MAX
-        {
-            return self.gpu.launch_smem(
-                "norm_quant_warp",
-                (nt.div_ceil(4) as u32, 1, 1),
-                128,
-                0,
-                &[
-                    input,
-                    Arg::I(n as i32),
-                    Arg::I(stride as i32),
-                    w.map_or(Arg::P(0), DevBuf::p),
-                    Arg::I(do_norm),
-                    Arg::F(self.config.rms_eps),
-                    s.q8.p(),
-                    Arg::I(kpad as i32),
-                    s.sx.p(),
-                    s.xsum.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(x_ntp),
-                ],
-                self.body_launch(),
-            );
-        }
         self.gpu.launch_smem(
             "norm_quant",
             (nt as u32, 1, 1),
@@ -1219,7 +1188,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
-                Arg::I(x_ntp),
+                Arg::I(self.x_ntp(s, nt, next) as i32),
             ],
             self.body_launch(),
         )

@@ -157,68 +157,6 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
     }
 }
 
-// norm_quant for calls of many tokens, one warp per token (4 per block):
-// float4 loads held in registers (n <= 128 * NQW_V, n % 4 == 0, no gate, no
-// f32 output) and shuffle reductions only. A block per token spent most of
-// its time in its three block-wide reductions (prefill 2048: ~45 us per
-// call for 2560 values, ~40% of the bandwidth). Same per-element ops as
-// norm_quant; the sum of squares runs in another order (the code sum is
-// exact either way).
-#define NQW_V 24
-extern "C" __global__ void norm_quant_warp(const float* in, int n, int in_stride, const float* w, int do_norm,
-                                           float eps, i8* q, int kpad, float* sx, int* xsum, int nt, int x_ntp) {
-    pdl_wait();
-    const int lane = threadIdx.x & 31, t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t >= nt) return;
-    const float4* x = (const float4*)(in + (size_t)t * in_stride);
-    const int n4 = n >> 2;
-    float4 v[NQW_V];
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < NQW_V; k++) {
-        const int i4 = lane + 32 * k;
-        v[k] = i4 < n4 ? x[i4] : make_float4(0.f, 0.f, 0.f, 0.f);
-        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-    }
-    float inv = 1.f;
-    if (do_norm) inv = sqrtf(warp_sum(ss) / (float)n + eps);
-    float am = 0.f;
-#pragma unroll
-    for (int k = 0; k < NQW_V; k++) {
-        const int i4 = lane + 32 * k;
-        if (i4 < n4) {
-            float4 e = make_float4(v[k].x / inv, v[k].y / inv, v[k].z / inv, v[k].w / inv);
-            if (w) {
-                const float4 g = ((const float4*)w)[i4];
-                e.x *= g.x, e.y *= g.y, e.z *= g.z, e.w *= g.w;
-            }
-            v[k] = e;
-            am = fmaxf(am, fmaxf(fmaxf(fabsf(e.x), fabsf(e.y)), fmaxf(fabsf(e.z), fabsf(e.w))));
-        }
-    }
-    am = warp_max(am);
-    const float s = 127.f / fmaxf(am, 1e-5f);
-    int qs = 0;
-    auto code = [&](float e) { return (int)fminf(fmaxf(rintf(e * s), -128.f), 127.f); };
-#pragma unroll
-    for (int k = 0; k < NQW_V; k++) {
-        const int i4 = lane + 32 * k;
-        if (i4 < n4) {
-            const int c0 = code(v[k].x), c1 = code(v[k].y), c2 = code(v[k].z), c3 = code(v[k].w);
-            qs += c0 + c1 + c2 + c3;
-            // 4 codes stay contiguous in both orders (q_at).
-            *(u32*)(q + q_at(t, 4 * i4, kpad, x_ntp)) =
-                (u32)(c0 & 255) | ((u32)(c1 & 255) << 8) | ((u32)(c2 & 255) << 16) | ((u32)(c3 & 255) << 24);
-        }
-    }
-    for (int i4 = n4 + lane, kq4 = q_padded(kpad, x_ntp) >> 2; i4 < kq4; i4 += 32) *(u32*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = 0;
-    qs = warp_sum_i(qs);
-    if (lane == 0) {
-        sx[t] = s;
-        xsum[t] = qs;
-    }
-}
-
 // RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
 // are pair-interleaved (row 2j, 2j+1 of a head = dims j, j + hd/2; see
 // forward.rs): rotated q goes to qr [token][n_heads * hd] in natural order,
