@@ -17,10 +17,9 @@ __device__ __forceinline__ int dot_word(u32 w, uint4 x, int a) {
     return a;
 }
 
-// `old`: out_f's value there, read by the caller (mode 2 only).
-__device__ __forceinline__ void store_out_old(int mode, int acc, int row, int t, int out_stride,
-                                              const int* xsum, const float* row_scale, const float* sx,
-                                              int* out_i, float* out_f, float old) {
+__device__ __forceinline__ void store_out(int mode, int acc, int row, int t, int out_stride,
+                                          const int* xsum, const float* row_scale, const float* sx,
+                                          int* out_i, float* out_f) {
     int v = acc - xsum[t];
     size_t o = (size_t)t * out_stride + row;
     if (mode == 0) {
@@ -30,15 +29,8 @@ __device__ __forceinline__ void store_out_old(int mode, int acc, int row, int t,
         // kernel and call site gives the same float bits for the same int32.
         float y = __fmul_rn((float)v, __fdiv_rn(row_scale[row], sx[t]));
         if (mode == 1) out_f[o] = y;
-        else out_f[o] = __fadd_rn(old, y);
+        else out_f[o] = __fadd_rn(out_f[o], y);
     }
-}
-
-__device__ __forceinline__ void store_out(int mode, int acc, int row, int t, int out_stride,
-                                          const int* xsum, const float* row_scale, const float* sx,
-                                          int* out_i, float* out_f) {
-    const float old = mode == 2 ? out_f[(size_t)t * out_stride + row] : 0.f;
-    store_out_old(mode, acc, row, t, out_stride, xsum, row_scale, sx, out_i, out_f, old);
 }
 
 // Decode GEMV for up to T tokens: 8 lanes per row (a warp does 4 rows), each
@@ -518,6 +510,7 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 #define TW_BM 128
 #define TW_BN 256
 #define TW_STAGE (TW_BM * 32 + TW_BN * 128)
+#define TW_EP (TW_BM + 4)  // epilogue row pitch in words (see below)
 
 template <int S>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
@@ -611,43 +604,25 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         stage(it + 1, af1, af0);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    // Epilogue in groups of 4 token octets: the residual values the adds
-    // need (mode 2) are all loaded before any is used, so 16 loads per
-    // thread are in flight instead of one (one at a time, the 128 dependent
-    // loads per thread made o and down 2x slower in the forward, run S7-5).
-    if (mode != 2) {
+    // Epilogue through shared memory (the ring is free once both consumer
+    // warpgroups are here; the producer has issued its last copy): each warp
+    // parks its 16 x 256 accumulators as [token][row] (row pitch TW_EP
+    // words: conflict-free), then a rolled loop stores rows of a token as
+    // contiguous 128-byte runs. Scattered per-fragment stores, fully
+    // unrolled (128 per thread), had the warps waiting on instruction
+    // fetch and on one global load at a time (ncu, run S7-10).
+    asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
+    int* ep = (int*)smem;
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++)
+    for (int j = 0; j < BN / 8; j++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
-                const int t = tok0 + 8 * j + 2 * tg + (i & 1);
-                if (r < n_rows && t < nt)
-                    store_out(mode, d[4 * j + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
-            }
-        return;
-    }
-#pragma unroll
-    for (int j0 = 0; j0 < BN / 8; j0 += 4) {
-        float old[4][4] = {};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
-                const int t = tok0 + 8 * (j0 + j) + 2 * tg + (i & 1);
-                if (r < n_rows && t < nt) old[j][i] = out_f[(size_t)t * out_stride + r];
-            }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
-                const int t = tok0 + 8 * (j0 + j) + 2 * tg + (i & 1);
-                if (r < n_rows && t < nt)
-                    store_out_old(mode, d[4 * (j0 + j) + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f,
-                                  old[j][i]);
-            }
+        for (int i = 0; i < 4; i++)
+            ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+    asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
+#pragma unroll 4
+    for (int e = tid; e < BN * BM; e += WG * 128) {
+        const int tl = e / BM, rl = e % BM, r = row0 + rl, t = tok0 + tl;
+        if (r < n_rows && t < nt) store_out(mode, ep[tl * TW_EP + rl], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
     }
 #endif
 }
