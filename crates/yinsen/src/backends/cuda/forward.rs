@@ -28,9 +28,9 @@ const MAX_CHUNK: usize = 2048;
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
 const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
-/// `BigGemm::Auto` takes the TMA GEMM from this many tokens: at 2048 the
-/// prefill is 6-9% faster with it, at 512 1-4% slower (runs S7-5 to S7-7).
-const TMA_MIN_TOKENS: usize = 1024;
+/// `BigGemm::Auto` takes the TMA GEMM from this many tokens (where its
+/// tiles pay, see `kernel_for`).
+const TMA_MIN_TOKENS: usize = 256;
 
 /// The GEMM of calls of >= BIG_GEMM_TOKENS tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

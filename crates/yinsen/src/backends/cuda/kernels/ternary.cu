@@ -17,9 +17,10 @@ __device__ __forceinline__ int dot_word(u32 w, uint4 x, int a) {
     return a;
 }
 
-__device__ __forceinline__ void store_out(int mode, int acc, int row, int t, int out_stride,
-                                          const int* xsum, const float* row_scale, const float* sx,
-                                          int* out_i, float* out_f) {
+// `old`: out_f's value at the output, read by the caller (mode 2 only).
+__device__ __forceinline__ void store_out_old(int mode, int acc, int row, int t, int out_stride,
+                                              const int* xsum, const float* row_scale, const float* sx,
+                                              int* out_i, float* out_f, float old) {
     int v = acc - xsum[t];
     size_t o = (size_t)t * out_stride + row;
     if (mode == 0) {
@@ -29,8 +30,15 @@ __device__ __forceinline__ void store_out(int mode, int acc, int row, int t, int
         // kernel and call site gives the same float bits for the same int32.
         float y = __fmul_rn((float)v, __fdiv_rn(row_scale[row], sx[t]));
         if (mode == 1) out_f[o] = y;
-        else out_f[o] = __fadd_rn(out_f[o], y);
+        else out_f[o] = __fadd_rn(old, y);
     }
+}
+
+__device__ __forceinline__ void store_out(int mode, int acc, int row, int t, int out_stride,
+                                          const int* xsum, const float* row_scale, const float* sx,
+                                          int* out_i, float* out_f) {
+    const float old = mode == 2 ? out_f[(size_t)t * out_stride + row] : 0.f;
+    store_out_old(mode, acc, row, t, out_stride, xsum, row_scale, sx, out_i, out_f, old);
 }
 
 // Decode GEMV for up to T tokens: 8 lanes per row (a warp does 4 rows), each
@@ -619,10 +627,23 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         for (int i = 0; i < 4; i++)
             ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
-#pragma unroll 4
-    for (int e = tid; e < BN * BM; e += WG * 128) {
-        const int tl = e / BM, rl = e % BM, r = row0 + rl, t = tok0 + tl;
-        if (r < n_rows && t < nt) store_out(mode, ep[tl * TW_EP + rl], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
+    // 8 outputs per thread per round, the residuals (mode 2) all loaded
+    // first: loads and stores of out_f may alias for the compiler, so one
+    // store_out after another keeps a single load in flight.
+    constexpr int EP_N = 8, EP_STEP = WG * 128;
+    for (int e0 = tid; e0 < BN * BM; e0 += EP_N * EP_STEP) {
+        float old[EP_N];
+#pragma unroll
+        for (int k = 0; k < EP_N; k++) {
+            const int e = e0 + k * EP_STEP, r = row0 + e % BM, t = tok0 + e / BM;
+            old[k] = mode == 2 && e < BN * BM && r < n_rows && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < EP_N; k++) {
+            const int e = e0 + k * EP_STEP, tl = e / BM, rl = e % BM, r = row0 + rl, t = tok0 + tl;
+            if (e < BN * BM && r < n_rows && t < nt)
+                store_out_old(mode, ep[tl * TW_EP + rl], r, t, out_stride, xsum, row_scale, sx, out_i, out_f, old[k]);
+        }
     }
 #endif
 }
