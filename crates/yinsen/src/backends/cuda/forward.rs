@@ -643,7 +643,7 @@ impl CudaBackend {
                 o: GpuMatrix::upload(&gpu, &[&l.wo])?,
                 attn_sub: l.attn_sub_norm.as_deref().map(up).transpose()?,
                 ffn_norm: up(&l.ffn_norm)?,
-                gu: GpuMatrix::upload(&gpu, &[&l.w_gate, &l.w_up])?,
+                gu: GpuMatrix::upload_gate_up(&gpu, &l.w_gate, &l.w_up)?,
                 down: GpuMatrix::upload(&gpu, &[&l.w_down])?,
                 ffn_sub: l.ffn_sub_norm.as_deref().map(up).transpose()?,
             });
@@ -1256,9 +1256,22 @@ impl CudaBackend {
             g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), &l.gu, nt)?;
             g.set_tag("gate_up");
-            self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
-            g.set_tag("norm_quant");
-            self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), &l.down, nt)?;
+            // The TMA GEMM over paired tiles writes act(gate) * up itself
+            // (half the bytes out and back in); else [gate | up] rows.
+            if matches!(self.kernel_for(nt, &l.gu), MatKernel::MmaWith(v) if v.tiled) && l.gu.paired {
+                let ep = if gate == 1 {
+                    Epilogue::GatedRelu2
+                } else {
+                    Epilogue::GatedSilu
+                };
+                self.mm(s, &l.gu, nt, ep, &s.gu, f)?;
+                g.set_tag("norm_quant");
+                self.norm_quant(s, s.gu.p(), f, f, 0, l.ffn_sub.as_ref(), &l.down, nt)?;
+            } else {
+                self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
+                g.set_tag("norm_quant");
+                self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), &l.down, nt)?;
+            }
             g.set_tag("down");
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
@@ -2287,6 +2300,12 @@ impl CudaBackend {
         for &(name, m) in &mats {
             for &nt in token_counts {
                 for v in super::MmaVariant::ALL.into_iter().filter(|v| v.available(g)) {
+                    // Paired gate/up tiles take the TMA GEMM with its gated epilogue only.
+                    let gated = v.tiled && m.paired;
+                    let (ep, stride) = match gated {
+                        true => (Epilogue::GatedRelu2, m.n_rows / 2),
+                        false => (Epilogue::Store, m.n_rows),
+                    };
                     let run = || {
                         launch_matmul(
                             g,
@@ -2297,9 +2316,9 @@ impl CudaBackend {
                             nt,
                             ones.p(),
                             zeros.p(),
-                            Epilogue::Store,
+                            ep,
                             out.p(),
-                            m.n_rows,
+                            stride,
                             Launch::Plain,
                         )
                     };

@@ -21,6 +21,8 @@
 //!   bytes, one bulk copy: block `b` (rows 128 b ..), stage `s` (chunks 2 s,
 //!   2 s + 1) at `(b * stages + s) * 4096`, row `r` of the block at `r * 32`.
 //! - `stages` = [`tile_stages`] (even); pad rows and chunks are zero bytes.
+//! - A stacked [gate | up] matrix may instead pair its rows per block
+//!   ([`GpuLayout::stage_tiles_paired`]) for the fused gated epilogue.
 //!   They only ever meet zero activations (inputs past the matrix) or feed
 //!   outputs that are never stored (rows past it).
 
@@ -101,14 +103,35 @@ pub fn tile_stages(chunks: usize) -> usize {
 impl GpuLayout {
     /// The rows as stage tiles (see the module doc).
     pub fn stage_tiles(&self) -> Vec<u8> {
-        let (stages, rb) = (tile_stages(self.chunks), self.n_rows.div_ceil(TILE_ROWS));
+        self.stage_tiles_in(&(0..self.n_rows).map(Some).collect::<Vec<_>>())
+    }
+
+    /// Stage tiles of a stacked [gate | up] matrix (even `n_rows` = 2 f) for
+    /// the fused gated epilogue: block `b` holds gate rows 64 b .. 64 b + 63
+    /// in its rows 0..64 and the matching up rows in 64..128, so the block
+    /// that computes a gate value also has its up value.
+    pub fn stage_tiles_paired(&self) -> Vec<u8> {
+        let (f, half) = (self.n_rows / 2, TILE_ROWS / 2);
+        let order: Vec<Option<usize>> = (0..f.div_ceil(half) * TILE_ROWS)
+            .map(|i| {
+                let p = (i / TILE_ROWS) * half + i % half;
+                (p < f).then_some(p + if i % TILE_ROWS >= half { f } else { 0 })
+            })
+            .collect();
+        self.stage_tiles_in(&order)
+    }
+
+    /// Stage tiles whose tile row `i` is row `order[i]` (None: zero padding).
+    fn stage_tiles_in(&self, order: &[Option<usize>]) -> Vec<u8> {
+        let (stages, rb) = (tile_stages(self.chunks), order.len().div_ceil(TILE_ROWS));
         let mut out = vec![0u8; rb * stages * TILE_ROWS * 32];
-        for r in 0..self.n_rows {
-            let (b, rr) = (r / TILE_ROWS, r % TILE_ROWS);
+        for (i, src) in order.iter().enumerate() {
+            let Some(r) = *src else { continue };
+            let (b, rr) = (i / TILE_ROWS, i % TILE_ROWS);
             for c in 0..self.chunks {
                 let o = ((b * stages + c / 2) * TILE_ROWS + rr) * 32 + (c % 2) * 16;
-                let i = (r * self.chunks + c) * 16;
-                out[o..o + 16].copy_from_slice(&self.bytes[i..i + 16]);
+                let k = (r * self.chunks + c) * 16;
+                out[o..o + 16].copy_from_slice(&self.bytes[k..k + 16]);
             }
         }
         out
@@ -214,6 +237,23 @@ mod tests {
         // Row 129 (block 1, row 1), chunk 2 (stage 1, first half).
         let o = ((2 + 1) * TILE_ROWS + 1) * 32;
         assert_eq!(&t[o..o + 16], &l.bytes[(129 * 3 + 2) * 16..(129 * 3 + 3) * 16]);
+        // Paired (f = 65): block 1 row 0 is gate row 64, row 64 its up row 129.
+        let p = l.stage_tiles_paired();
+        assert_eq!(p.len(), t.len());
+        assert_eq!(p.iter().filter(|&&v| v != 0).count(), l.bytes.len());
+        let at = |b: usize, rr: usize, c: usize| ((b * 2 + c / 2) * TILE_ROWS + rr) * 32 + (c % 2) * 16;
+        assert_eq!(
+            &p[at(1, 0, 1)..at(1, 0, 1) + 16],
+            &l.bytes[(64 * 3 + 1) * 16..(64 * 3 + 2) * 16]
+        );
+        assert_eq!(
+            &p[at(1, 64, 2)..at(1, 64, 2) + 16],
+            &l.bytes[(129 * 3 + 2) * 16..(129 * 3 + 3) * 16]
+        );
+        assert_eq!(
+            &p[at(0, 70, 0)..at(0, 70, 0) + 16],
+            &l.bytes[(71 * 3) * 16..(71 * 3 + 1) * 16]
+        );
     }
 
     use super::*;

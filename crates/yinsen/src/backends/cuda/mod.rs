@@ -691,6 +691,9 @@ pub struct GpuMatrix {
     pub scale: DevBuf,
     /// The stage tiles (layout.rs) where the device runs the TMA GEMM (sm_90a).
     pub tiles: Option<DevBuf>,
+    /// `tiles` pair gate and up rows (a stacked [gate | up] matrix): the TMA
+    /// GEMM then runs only with a gated epilogue.
+    pub paired: bool,
 }
 
 impl GpuMatrix {
@@ -698,16 +701,28 @@ impl GpuMatrix {
         Self::from_layout(gpu, &GpuLayout::stack(mats)?)
     }
     pub fn from_layout(gpu: &Arc<Gpu>, l: &GpuLayout) -> Result<Self> {
+        Self::build(gpu, l, false)
+    }
+    /// A stacked [gate | up] matrix (gate rows first, `n_rows` = 2 f): its
+    /// stage tiles pair the rows for the fused gated epilogue when f is a
+    /// multiple of 64 (else plain tiles).
+    pub fn upload_gate_up(gpu: &Arc<Gpu>, gate: &TernaryMatrix, up: &TernaryMatrix) -> Result<Self> {
+        let paired = gate.n_out == up.n_out && gate.n_out % (layout::TILE_ROWS / 2) == 0;
+        Self::build(gpu, &GpuLayout::stack(&[gate, up])?, paired)
+    }
+    fn build(gpu: &Arc<Gpu>, l: &GpuLayout, paired: bool) -> Result<Self> {
         Ok(Self {
             n_rows: l.n_rows,
             n_in: l.n_in,
             chunks: l.chunks,
             w: gpu.upload(&l.bytes)?,
             scale: gpu.upload(&l.row_scale)?,
-            tiles: match gpu.arch == "sm_90a" {
-                true => Some(gpu.upload(&l.stage_tiles())?),
-                false => None,
+            tiles: match (gpu.arch == "sm_90a", paired) {
+                (true, true) => Some(gpu.upload(&l.stage_tiles_paired())?),
+                (true, false) => Some(gpu.upload(&l.stage_tiles())?),
+                (false, _) => None,
             },
+            paired: paired && gpu.arch == "sm_90a",
         })
     }
     pub fn kpad(&self) -> usize {
@@ -853,6 +868,10 @@ pub enum Epilogue {
     Store = 1,
     /// Add the float result into `out` (residual connection).
     Add = 2,
+    /// relu2(gate) * up into `out` ([token][f]); TMA GEMM on paired tiles only.
+    GatedRelu2 = 3,
+    /// silu(gate) * up, likewise.
+    GatedSilu = 4,
 }
 
 /// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad; or,
@@ -880,6 +899,12 @@ pub fn launch_matmul(
         (Arg::P(0), out)
     };
     let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
+    let gated = matches!(ep, Epilogue::GatedRelu2 | Epilogue::GatedSilu);
+    if gated != (tiled && m.paired) {
+        return Err(berr(format!(
+            "{kernel:?} with {ep:?}: a gated epilogue runs on the TMA GEMM over paired tiles, nothing else"
+        )));
+    }
     let w = match (tiled, &m.tiles) {
         (false, _) => m.w.p(),
         (true, Some(t)) => t.p(),

@@ -176,3 +176,14 @@ __device__ __forceinline__ void mbar_arrive(u64* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 #endif
 }
+
+// The gated FFN activation act(g) * u (gate 1 = relu2, 2 = silu): one
+// expression for norm_quant's input and the GEMM's gated epilogue, so both
+// give the same bits.
+__device__ __forceinline__ float gated_act(float g, float u, int gate) {
+    if (gate == 1) {
+        g = fmaxf(g, 0.f);
+        return g * g * u;
+    }
+    return g / (1.f + expf(-g)) * u;
+}

@@ -20,12 +20,7 @@ extern "C" __global__ void embed_f16(const int* tok, const u16* emb, int hidden,
 // gated activation act(g) * u of a [gate | up] row (relu2 = 1, silu = 2).
 __device__ __forceinline__ float load_in(const float* in, int n, int i, int gate) {
     if (gate == 0) return in[i];
-    float g = in[i], u = in[n + i];
-    if (gate == 1) {
-        g = fmaxf(g, 0.f);
-        return g * g * u;
-    }
-    return g / (1.f + expf(-g)) * u;
+    return gated_act(in[i], in[n + i], gate);
 }
 
 // Where norm_quant puts code i of token t: row-major (stride kpad), or with

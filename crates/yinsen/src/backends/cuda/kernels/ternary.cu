@@ -631,6 +631,24 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     // first: loads and stores of out_f may alias for the compiler, so one
     // store_out after another keeps a single load in flight.
     constexpr int EP_N = 8, EP_STEP = WG * 128;
+    if (mode >= 3) {
+        // Gated (paired tiles, layout.rs): tile rows p and 64 + p are gate
+        // and up row 64 blockIdx.x + p; act(gate) * up goes to column
+        // 64 blockIdx.x + p of out_f ([token][f]), as norm_quant's
+        // load_in would compute it from the two stored values.
+        const int f = n_rows / 2, p0 = blockIdx.x * (BM / 2);
+        for (int e = tid; e < BN * BM / 2; e += EP_STEP) {
+            const int tl = e / (BM / 2), p = e % (BM / 2), rg = p0 + p, t = tok0 + tl;
+            if (rg < f && t < nt) {
+                const float k = sx[t];
+                const float yg = __fmul_rn((float)(ep[tl * TW_EP + p] - xsum[t]), __fdiv_rn(row_scale[rg], k));
+                const float yu =
+                    __fmul_rn((float)(ep[tl * TW_EP + BM / 2 + p] - xsum[t]), __fdiv_rn(row_scale[f + rg], k));
+                out_f[(size_t)t * out_stride + rg] = gated_act(yg, yu, mode - 2);
+            }
+        }
+        return;
+    }
     for (int e0 = tid; e0 < BN * BM; e0 += EP_N * EP_STEP) {
         float old[EP_N];
 #pragma unroll
