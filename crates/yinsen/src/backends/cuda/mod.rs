@@ -707,7 +707,7 @@ impl GpuMatrix {
     /// stage tiles pair the rows for the fused gated epilogue when f is a
     /// multiple of 64 (else plain tiles).
     pub fn upload_gate_up(gpu: &Arc<Gpu>, gate: &TernaryMatrix, up: &TernaryMatrix) -> Result<Self> {
-        let paired = gate.n_out == up.n_out && gate.n_out % (layout::TILE_ROWS / 2) == 0;
+        let paired = gate.n_out == up.n_out && gate.n_out.is_multiple_of(layout::TILE_ROWS / 2);
         Self::build(gpu, &GpuLayout::stack(&[gate, up])?, paired)
     }
     fn build(gpu: &Arc<Gpu>, l: &GpuLayout, paired: bool) -> Result<Self> {
