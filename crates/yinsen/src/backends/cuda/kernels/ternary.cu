@@ -284,7 +284,21 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     const bool split = CAN_SPLIT && gridDim.z > 1;
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int mt = 0; mt < MT; mt++) {
+        // The residuals (mode 2) of an m16 row of tiles are loaded before any
+        // store: out_f's loads and stores may alias for the compiler, so one
+        // store_out after another keeps a single load in flight. (Not with
+        // two m16 rows per warp: the 128-register tiles would spill.)
+        constexpr bool BATCH = MT == 1;
+        float old[NT][4];
+#pragma unroll
+        for (int n8 = 0; n8 < NT; n8++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0);
+                const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
+                old[n8][i] = BATCH && mode == 2 && !split && r < n_rows && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
+            }
 #pragma unroll
         for (int n8 = 0; n8 < NT; n8++)
 #pragma unroll
@@ -293,9 +307,13 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
                 const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
                 if (r < n_rows && t < nt) {
                     if (split) atomicAdd(ksum + (size_t)t * n_rows + r, acc[mt][n8][i]);
+                    else if (BATCH)
+                        store_out_old(mode, acc[mt][n8][i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f,
+                                      old[n8][i]);
                     else store_out(mode, acc[mt][n8][i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
                 }
             }
+    }
     if (split) splitk_finish(BM, BN, THREADS, row0, tok0, n_rows, nt, ksum, kcnt, mode, out_stride, xsum,
                              row_scale, sx, out_i, out_f);
 #endif
