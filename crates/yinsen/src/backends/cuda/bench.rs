@@ -375,7 +375,7 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
 /// and their per-kernel profiles, plus (stderr) an A/B of the big-call GEMMs
 /// in this process: each `BigGemm` named in `YINSEN_CUDA_GEMM_AB`
 /// (comma-separated: auto, shape or a variant name; default auto, shape and
-/// the 6-stage TMA kernel), alternated twice, with the GEMMs' share of the
+/// the TMA kernel with 256- and with 128-token tiles everywhere), alternated twice, with the GEMMs' share of the
 /// un-graphed 2048-token profile. `YINSEN_CUDA_GEMM_SWEEP=1` adds the
 /// per-matrix sweep at 512 and 2048 tokens.
 fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
@@ -392,7 +392,7 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
     }
     let arms: Vec<BigGemm> = match std::env::var("YINSEN_CUDA_GEMM_AB") {
         Ok(list) => list.split(',').filter_map(|n| BigGemm::parse(n.trim())).collect(),
-        Err(_) => ["auto", "shape", "tern_wgmma_tma_s6"]
+        Err(_) => ["auto", "shape", "tern_wgmma_tma_s4", "tern_wgmma_tma_n128"]
             .iter()
             .filter_map(|n| BigGemm::parse(n))
             .collect(),

@@ -28,6 +28,8 @@ const MAX_CHUNK: usize = 2048;
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
 const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
+/// Its 128-token tiles, for grids of under two waves of 256-token ones.
+const TMA_NARROW: &str = "tern_wgmma_tma_n128";
 /// `BigGemm::Auto` takes the TMA GEMM from this many tokens (where its
 /// tiles pay, see `kernel_for`).
 const TMA_MIN_TOKENS: usize = 256;
@@ -1082,15 +1084,22 @@ impl CudaBackend {
         if nt < self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) || !self.gpu.has_mma() {
             return MatKernel::Gemv;
         }
-        // The TMA GEMM's 128 x 256 tiles pay once there are enough of them
+        // The TMA GEMM: 256-token tiles, or 128-token ones where those would
+        // leave the last of under two waves half empty (o and down at 2048
+        // tokens: 160 tiles on 132 SMs). It pays once there are enough tiles
         // or the input is long (run S7-5 sweep: o at 512 tokens, 40 tiles of
-        // 2560 inputs, is slower than the 64 x 64 mma.sync tile; down at 512,
-        // 40 tiles of 6912, faster).
-        let tiles = m.n_rows.div_ceil(super::layout::TILE_ROWS) * nt.div_ceil(super::TILED_TOKENS);
-        let tma_pays = 2 * tiles >= self.gpu.info.sms.max(1) as usize || m.chunks >= 64;
+        // 2560 inputs, was slower than the 64 x 64 mma.sync tile; down at
+        // 512, 40 tiles of 6912, faster).
+        let sms = self.gpu.info.sms.max(1) as usize;
+        let rows = m.n_rows.div_ceil(super::layout::TILE_ROWS);
+        let wide = rows * nt.div_ceil(super::TILED_TOKENS) >= 2 * sms;
+        let tiles = rows * nt.div_ceil(if wide { 256 } else { 128 });
+        let tma_pays = 2 * tiles >= sms || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
             _ if nt < BIG_GEMM_TOKENS => None,
-            BigGemm::Auto if tma_pays && nt >= TMA_MIN_TOKENS => super::MmaVariant::by_name(TMA_DEFAULT),
+            BigGemm::Auto if tma_pays && nt >= TMA_MIN_TOKENS => {
+                super::MmaVariant::by_name(if wide { TMA_DEFAULT } else { TMA_NARROW })
+            }
             BigGemm::Auto => None,
             BigGemm::Shape => None,
             BigGemm::Variant(v) => Some(v),

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 64] = [
+pub const KERNELS: [&str; 65] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -217,6 +217,7 @@ pub const KERNELS: [&str; 64] = [
     "tern_wgmma_256x128_s8",
     "tern_wgmma_tma_s4",
     "tern_wgmma_tma_s6",
+    "tern_wgmma_tma_n128",
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
@@ -768,7 +769,7 @@ pub struct MmaVariant {
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 14] = [
+    pub const ALL: [MmaVariant; 15] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -781,16 +782,17 @@ impl MmaVariant {
         MmaVariant::wg("tern_wgmma_128x128_s8", 2, 128, 8),
         MmaVariant::wg("tern_wgmma_128x256_s6", 2, 256, 6),
         MmaVariant::wg("tern_wgmma_256x128_s8", 4, 128, 8),
-        MmaVariant::tma("tern_wgmma_tma_s4", 4),
-        MmaVariant::tma("tern_wgmma_tma_s6", 6),
+        MmaVariant::tma("tern_wgmma_tma_s4", 256, 4),
+        MmaVariant::tma("tern_wgmma_tma_s6", 256, 6),
+        MmaVariant::tma("tern_wgmma_tma_n128", 128, 6),
     ];
 
-    /// A `TERN_WGMMA_TMA(...)` line: 128 rows x 256 tokens, 384 threads.
-    const fn tma(name: &'static str, stages: usize) -> Self {
+    /// A `TERN_WGMMA_TMA(...)` line: 128 rows x `bn` tokens, 384 threads.
+    const fn tma(name: &'static str, bn: usize, stages: usize) -> Self {
         Self {
             name,
             bm: 128,
-            bn: 256,
+            bn,
             threads: 384,
             stages,
             wgmma: true,
@@ -1119,8 +1121,8 @@ mod tests {
                 .split(',')
                 .map(str::trim)
                 .collect();
-            assert_eq!(args.len(), 2, "{line}");
-            let want = MmaVariant::tma(args[0], args[1].parse().unwrap());
+            assert_eq!(args.len(), 3, "{line}");
+            let want = MmaVariant::tma(args[0], args[1].parse().unwrap(), args[2].parse().unwrap());
             assert_eq!(MmaVariant::by_name(args[0]), Some(want), "{line}");
             assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
             assert!(KERNELS.contains(&args[0]), "{} not loaded", args[0]);

@@ -534,17 +534,16 @@ TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
 // tokens past the matrix are never stored; the tail stages multiply zero
 // pad codes by zero activations.
 #define TW_BM 128
-#define TW_BN 256
-#define TW_STAGE (TW_BM * 32 + TW_BN * 128)
 #define TW_EP (TW_BM + 4)  // epilogue row pitch in words (see below)
 
-template <int S>
+template <int BN, int S>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
                                                     float* out_f, int out_stride, int mode, int x_ntp) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int WG = 2, BM = TW_BM, BN = TW_BN, A_BYTES = BM * 32, B_BYTES = BN * 128;
+    constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
+    static_assert(BN == 128 || BN == 256, "wgmma N");
     extern __shared__ __align__(128) u8 tm_smem[];
     __shared__ __align__(8) u64 full[S], empty[S];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -614,7 +613,9 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         }
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+        for (int kk = 0; kk < 4; kk++)
+            if constexpr (BN == 256) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+            else wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 #pragma unroll
@@ -684,16 +685,18 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 #endif
 }
 
-// Variants: name, pipeline depth. 2 consumer warpgroups + 1 producer
+// Variants: name, tokens per block (the wgmma N), pipeline depth. 2 consumer
+// warpgroups + 1 producer
 // warpgroup (one thread of it issues the copies).
-#define TERN_WGMMA_TMA(NAME, S)                                                                        \
+#define TERN_WGMMA_TMA(NAME, BN, S)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt, int x_ntp) {                                                             \
         pdl_wait();                                                                                    \
-        tern_wgmma_tma_body<S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
+        tern_wgmma_tma_body<BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
                                mode, x_ntp);                                                           \
     }
-TERN_WGMMA_TMA(tern_wgmma_tma_s4, 4)
-TERN_WGMMA_TMA(tern_wgmma_tma_s6, 6)
+TERN_WGMMA_TMA(tern_wgmma_tma_s4, 256, 4)
+TERN_WGMMA_TMA(tern_wgmma_tma_s6, 256, 6)
+TERN_WGMMA_TMA(tern_wgmma_tma_n128, 128, 6)
