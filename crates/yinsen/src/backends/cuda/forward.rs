@@ -28,7 +28,7 @@ const MAX_CHUNK: usize = 2048;
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
 const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
-/// Its 128-token tiles, for grids of under two waves of 256-token ones.
+/// Its 128-token tiles, for grids of under 1.5 waves of 256-token ones.
 const TMA_NARROW: &str = "tern_wgmma_tma_n128";
 /// `BigGemm::Auto` takes the TMA GEMM from this many tokens (where its
 /// tiles pay, see `kernel_for`).
@@ -1084,15 +1084,16 @@ impl CudaBackend {
         if nt < self.mma_min_tokens.load(std::sync::atomic::Ordering::Relaxed) || !self.gpu.has_mma() {
             return MatKernel::Gemv;
         }
-        // The TMA GEMM: 256-token tiles, or 128-token ones where those would
-        // leave the last of under two waves half empty (o and down at 2048
-        // tokens: 160 tiles on 132 SMs). It pays once there are enough tiles
+        // The TMA GEMM: 256-token tiles, or 128-token ones where those make
+        // under 1.5 waves (run S7-15: o at 2048 tokens, 160 tiles on 132
+        // SMs, 62.9 -> 58.5 us; qkv, 240 tiles, 70 -> 82 us; every matrix
+        // but gate_up at 512 tokens 1.4-1.6x faster). It pays once there are enough tiles
         // or the input is long (run S7-5 sweep: o at 512 tokens, 40 tiles of
         // 2560 inputs, was slower than the 64 x 64 mma.sync tile; down at
         // 512, 40 tiles of 6912, faster).
         let sms = self.gpu.info.sms.max(1) as usize;
         let rows = m.n_rows.div_ceil(super::layout::TILE_ROWS);
-        let wide = rows * nt.div_ceil(super::TILED_TOKENS) >= 2 * sms;
+        let wide = 2 * rows * nt.div_ceil(super::TILED_TOKENS) >= 3 * sms;
         let tiles = rows * nt.div_ceil(if wide { 256 } else { 128 });
         let tma_pays = 2 * tiles >= sms || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
