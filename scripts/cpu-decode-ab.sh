@@ -10,10 +10,9 @@
 # (default "vnni vnni3"), with the F16 and the 8-bit (`--lm-head q8`) head.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/pack-small.sh"
 if [ "${1:-}" = pack ]; then
   set -e
-  cd "$root"
-  . scripts/pack-small.sh
   pack_small scripts/cpu-decode-ab.sh kernels_exact
   exit 0
 fi

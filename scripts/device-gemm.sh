@@ -7,20 +7,14 @@
 # sweep and the big-call tile A/B (YINSEN_CUDA_GEMM_AB, default: every wgmma
 # variant against the shape's default). Logs and the bench table go to $OUT.
 set -u
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/pack-small.sh"
 if [ "${1:-}" = pack ]; then
   set -e
-  cd "$root"
-  . scripts/pack-small.sh
   pack_small scripts/device-gemm.sh cuda_kernels cuda_forward -- fixtures
   exit 0
 fi
 [ "${1:-}" = remote ] || { echo "usage: $0 pack | remote"; exit 2; }
-dev="$root"
-[ -d "$root/.device" ] && dev="$root/.device"
-out=${OUT:-/tmp/yinsen-out}
-mkdir -p "$out"
-export PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yc YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures"
+remote_env
 nvidia-smi --query-gpu=name --format=csv,noheader
 "$dev/tests/cuda_kernels" --test-threads=1 matmul >"$out/kernels.log" 2>&1
 grep -E "test result|FAILED|panicked|SKIP|out\[" "$out/kernels.log" | head -20

@@ -5,20 +5,14 @@
 # Runs the cuda_forward tests, then `yinsen bench` decode-only with the
 # persistent kernel's variant flags A/B'd (YINSEN_CUDA_MEGA_AB) and traced.
 set -u
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/pack-small.sh"
 if [ "${1:-}" = pack ]; then
   set -e
-  cd "$root"
-  . scripts/pack-small.sh
   pack_small scripts/device-quick.sh cuda_forward -- fixtures
   exit 0
 fi
 [ "${1:-}" = remote ] || { echo "usage: $0 pack | remote FLAGS [test-filter]"; exit 2; }
-dev="$root"
-[ -d "$root/.device" ] && dev="$root/.device"
-out=${OUT:-/tmp/yinsen-out}
-mkdir -p "$out"
-export PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yc YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures"
+remote_env
 nvidia-smi --query-gpu=name --format=csv,noheader
 "$dev/tests/cuda_forward" --test-threads=2 ${3:-} >"$out/tests.log" 2>&1
 grep -E "test result|FAILED|panicked|SKIP" "$out/tests.log" | head -20

@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Shared by the small device scripts: a release build, then .device/ with the
-# stripped `yinsen`, the named test executables and the calling script.
+# Shared by the small device scripts (sourced from scripts/ here and from
+# .device/ there, where pack_small puts a copy).
+#
 #   pack_small SCRIPT TEST... [-- fixtures]
-# `-- fixtures` also copies the tiny-bitnet-a fixture (tests read it through
-# YINSEN_FIXTURES=.device/fixtures). Run from the repository root.
+# A release build, then .device/ with the stripped `yinsen`, the named test
+# executables, the calling script and this file. `-- fixtures` also copies
+# the tiny-bitnet-a fixture (tests read it through YINSEN_FIXTURES).
+#
+#   remote_env
+# On the device: dev (the packed folder), out ($OUT or /tmp/yinsen-out) and
+# the environment the tests and `yinsen` run with.
+remote_env() {
+  dev=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  out=${OUT:-/tmp/yinsen-out}
+  mkdir -p "$out"
+  export PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yc YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures"
+}
+
 pack_small() {
   local script=$1 fixtures=0 tests=() t bin
   shift
+  cd "$(dirname "${BASH_SOURCE[0]}")/.." || return 1
   for t in "$@"; do
     case "$t" in --) ;; fixtures) fixtures=1 ;; *) tests+=("$t") ;; esac
   done
@@ -22,6 +36,6 @@ pack_small() {
     mkdir -p .device/fixtures
     cp -r ../shared/fixtures/tiny-bitnet-a ../shared/fixtures/MANIFEST.json .device/fixtures/
   fi
-  cp "$script" .device/
+  cp "$script" scripts/pack-small.sh .device/
   du -sh .device
 }

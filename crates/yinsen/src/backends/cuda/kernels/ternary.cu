@@ -290,21 +290,22 @@ __device__ __forceinline__ void tern_mma_body(const uint4* __restrict__ W, int n
         // store_out after another keeps a single load in flight. (Not with
         // two m16 rows per warp: the 128-register tiles would spill.)
         constexpr bool BATCH = MT == 1;
+        // Fragment element i of n8 tile n8: its row and token.
+        auto row = [&](int i) { return row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0); };
+        auto tok = [&](int n8, int i) { return tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1); };
         float old[NT][4];
 #pragma unroll
         for (int n8 = 0; n8 < NT; n8++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int r = row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0);
-                const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
+                const int r = row(i), t = tok(n8, i);
                 old[n8][i] = BATCH && mode == 2 && !split && r < n_rows && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
             }
 #pragma unroll
         for (int n8 = 0; n8 < NT; n8++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int r = row0 + (wm * MT + mt) * 16 + g + (i >= 2 ? 8 : 0);
-                const int t = tok0 + (wn * NT + n8) * 8 + 2 * tg + (i & 1);
+                const int r = row(i), t = tok(n8, i);
                 if (r < n_rows && t < nt) {
                     if (split) atomicAdd(ksum + (size_t)t * n_rows + r, acc[mt][n8][i]);
                     else if (BATCH)
@@ -340,8 +341,8 @@ TERN_MMA(tern_mma_128x128, 4, 2, 2, 8, 4, 2)
 TERN_MMA(tern_mma_256x64, 8, 1, 2, 8, 4, 2)
 TERN_MMA(tern_mma_256x128, 4, 2, 4, 8, 4, 1)
 
-// Hopper (sm_90a) variant: warpgroup MMA. Block = WG warpgroups x 64 weight
-// rows, BN = 128 or 256 tokens; each warpgroup issues wgmma.m64nBNk32 with A (weights)
+// Hopper (sm_90a): warpgroup MMA. Each warpgroup issues wgmma.m64nBNk32
+// (BN = 128 or 256 tokens) with A (weights)
 // from registers — expanded from the 2-bit codes exactly as for mma.sync
 // (the wgmma A fragment of warp w is the m16n8k32 one for rows 16w..16w+15)
 // — and B (activations) from shared memory through a matrix descriptor.
@@ -379,144 +380,11 @@ __device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a
 #endif
 }
 
-template <int WG, int BN, int S>
-__device__ __forceinline__ void tern_wgmma_body(const uint4* __restrict__ W, int n_rows, int chunks,
-                                                const i8* __restrict__ X, int nt, const int* xsum,
-                                                const float* row_scale, const float* sx, int* out_i,
-                                                float* out_f, int out_stride, int mode) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int THREADS = 128 * WG, BM = 64 * WG;
-    static_assert(BN == 128 || BN == 256, "wgmma N");
-    constexpr int A_BYTES = TM_KC * BM * 16, STAGE = A_BYTES + BN * TM_KC * 64;
-    extern __shared__ __align__(128) u8 tm_smem[];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;  // warp w: rows 16 w .. 16 w + 15
-    const int g = lane >> 2, tg = lane & 3;
-    const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
-    const size_t x_stride = (size_t)chunks * 64;
-    // An even number of stages (a zero-filled one past the end), so the loop
-    // below runs its two stages unconditionally: a conditional second stage
-    // makes ptxas serialise the wgmmas.
-    const int iters = ((chunks + TM_KC - 1) / TM_KC + 1) & ~1;
-    const u32 sbase = (u32)__cvta_generic_to_shared(tm_smem);
-
-    auto issue = [&](int it) {
-        if (it < iters) {
-            const u32 a_s = sbase + (it % S) * STAGE, b_s = a_s + A_BYTES;
-            for (int i = tid; i < TM_KC * BM; i += THREADS) {
-                const int kc = i / BM, r = i % BM, c = it * TM_KC + kc, row = row0 + r;
-                const bool ok = c < chunks && row < n_rows;
-                cp_async16(a_s + 16 * i, ok ? W + (size_t)row * chunks + c : W, ok);
-            }
-            // i -> token r of group ng, k group kg: 8 consecutive threads fill
-            // one 128-byte core matrix.
-            for (int i = tid; i < BN * WG_KG; i += THREADS) {
-                const int r = i & 7, kg = (i >> 3) % WG_KG, ng = i / (8 * WG_KG);
-                const int t = ng * 8 + r, c = it * TM_KC + kg / 4, tok = tok0 + t;
-                const bool ok = c < chunks && tok < nt;
-                const i8* src = ok ? X + tok * x_stride + (size_t)c * 64 + 16 * (kg % 4) : X;
-                cp_async16(b_s + (ng * WG_KG + kg) * 128 + 16 * r, src, ok);
-            }
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-
-    // No zero fill: the first wgmma ignores d (scale-d 0). Registers set by
-    // other instructions while wgmmas run make ptxas serialise them.
-    int d[BN / 2];
-
-    // One stage: A fragments from the 2-bit codes, then 2 TM_KC wgmmas as one
-    // group. Up to two groups are in flight: a stage's smem slot and its A
-    // registers (`af`, alternating between two sets) are reused only after
-    // wgmma.wait_group 1 has retired the group before the last.
-    // `af` gets this stage's A fragments; `prev` holds the last stage's,
-    // read by the MMA group still in flight until this stage's wait. The
-    // empty asm after the wait keeps `prev` live until then, so the compiler
-    // cannot give `af` the same registers: ptxas would otherwise see
-    // registers of an in-flight wgmma redefined and serialise every wgmma
-    // (its C7513 warning).
-    auto stage = [&](int it, u32 (&af)[TM_KC * 2][4], u32 (&prev)[TM_KC * 2][4]) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(S - 3) : "memory");
-        // cp.async wrote through the generic proxy; wgmma reads through the async one.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();
-        // Slot of stage it - 2, whose MMAs retired at the end of stage it - 1.
-        issue(it + S - 2);
-        const u32 b_s = sbase + (it % S) * STAGE + A_BYTES;
-        const u8* a_p = tm_smem + (it % S) * STAGE;
-#pragma unroll
-        for (int kc = 0; kc < TM_KC; kc++) {
-            const uint4* ap = (const uint4*)(a_p + 16 * (kc * BM + warp * 16 + g));
-            const uint4 lo = ap[0], hi = ap[8];
-            af[2 * kc][0] = ext2(lo.x, tg);
-            af[2 * kc][1] = ext2(hi.x, tg);
-            af[2 * kc][2] = ext2(lo.y, tg);
-            af[2 * kc][3] = ext2(hi.y, tg);
-            af[2 * kc + 1][0] = ext2(lo.z, tg);
-            af[2 * kc + 1][1] = ext2(hi.z, tg);
-            af[2 * kc + 1][2] = ext2(lo.w, tg);
-            af[2 * kc + 1][3] = ext2(hi.w, tg);
-        }
-        // Descriptors made before the fence (and pinned there by the empty
-        // asm): computed between the wgmmas, they too make ptxas serialise them.
-        u64 desc[TM_KC * 2];
-#pragma unroll
-        for (int kk = 0; kk < TM_KC * 2; kk++) {
-            desc[kk] = wg_desc(b_s + 2 * kk * 128);
-            asm volatile("" : "+l"(desc[kk]));
-        }
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < TM_KC * 2; kk++)
-            if constexpr (BN == 256) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
-            else wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < TM_KC * 2; kk++)
-            asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
-    };
-
-#pragma unroll
-    for (int s = 0; s < S - 2; s++) issue(s);
-    u32 af0[TM_KC * 2][4], af1[TM_KC * 2][4];
-    for (int it = 0; it < iters; it += 2) {
-        stage(it, af0, af1);
-        stage(it + 1, af1, af0);
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-#pragma unroll
-    for (int j = 0; j < BN / 8; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int r = row0 + warp * 16 + g + (i >= 2 ? 8 : 0);
-            const int t = tok0 + 8 * j + 2 * tg + (i & 1);
-            if (r < n_rows && t < nt) store_out(mode, d[4 * j + i], r, t, out_stride, xsum, row_scale, sx, out_i, out_f);
-        }
-#endif
-}
-
-// Variants: name, warpgroups (64 weight rows each), tokens per block (the
-// wgmma N: 128 or 256), pipeline depth (stages of 128 inputs; the copies run
-// S - 2 stages ahead of the MMAs). One block per SM.
-#define TERN_WGMMA(NAME, WG, BN, S)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128 * WG, 1) NAME(                                    \
-        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
-        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
-        int* ksum, int* kcnt) {                                                                        \
-        pdl_wait();                                                                                    \
-        tern_wgmma_body<WG, BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,        \
-                                   out_stride, mode);                                                  \
-    }
-TERN_WGMMA(tern_wgmma_128x128, 2, 128, 4)
-TERN_WGMMA(tern_wgmma_128x128_s8, 2, 128, 8)
-TERN_WGMMA(tern_wgmma_128x256_s6, 2, 256, 6)
-TERN_WGMMA(tern_wgmma_256x128_s8, 4, 128, 8)
-
-// TMA-fed Hopper GEMM (sm_90a): the issue of per-thread 16-byte cp.async
-// (address math and one instruction per 16 bytes, ~1300 per stage) was what
-// held the kernels above to ~450 TOPS; with no loads at all the same MMA
-// loop ran ~820 (device run S7-2). Here one producer thread feeds a ring of
+// TMA-fed Hopper GEMM (sm_90a). A first wgmma kernel loaded its stages
+// with per-thread 16-byte cp.async (address math and one instruction per
+// 16 bytes, ~1300 per stage), which held it to ~420 TOPS, no faster than
+// mma.sync; with no loads at all the same loop ran ~820 (device run S7-2).
+// Here one producer thread feeds a ring of
 // S stages with bulk copies that complete on an mbarrier per stage:
 // - B, the activations, come pre-tiled by the quantiser (`norm_quant` with
 //   `x_ntp` > 0): stage it (inputs 128 it .. 128 it + 127) of token t is at
@@ -548,7 +416,10 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     __shared__ __align__(8) u64 full[S], empty[S];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
-    const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even: see tern_wgmma_body
+    // An even number of stages (a zero-filled one past the end), so the
+    // consumer loop runs its two stages unconditionally: a conditional
+    // second stage makes ptxas serialise the wgmmas (its C7513 info).
+    const int iters = ((chunks + 1) / 2 + 1) & ~1;
     // Stages on a 1024-byte boundary (the host adds 1024 bytes of room):
     // what a 128-byte swizzled B would need. A swizzled variant (atoms of 8
     // tokens x 128 bytes, descriptor layout type 1) was exact but 0-10%
@@ -584,10 +455,15 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
     const int g = lane >> 2, tg = lane & 3;
-    int d[BN / 2];  // no zero fill: the first wgmma has scale-d 0
-    // As in tern_wgmma_body: fragments in two alternating sets, the last
-    // stage's kept live until its group retired, descriptors pinned before
-    // the fence, the stage pairs unconditional.
+    int d[BN / 2];
+    // One stage: A fragments from the 2-bit codes (the m16n8k32 fragment of
+    // warp w's rows 16 w .. 16 w + 15, as for mma.sync), then 4 wgmmas as one
+    // group; up to two groups in flight. ptxas serialises every wgmma (C7513)
+    // when registers a wgmma in flight reads are redefined, so: the fragments
+    // alternate between two sets, `prev` (the last stage's) is kept live by
+    // the empty asm until wait_group 1 has retired its group; the
+    // descriptors are made and pinned before the fence; no zero fill of d
+    // (scale-d 0 on the first wgmma).
     auto stage = [&](int it, u32 (&af)[4][4], u32 (&prev)[4][4]) {
         const int slot = it % S;
         mbar_wait(&full[slot], (it / S) & 1);
