@@ -1126,7 +1126,7 @@ mod tests {
         }
         assert_eq!(BigGemm::parse("nope"), None);
         let (nt, kpad, ntp) = (19, 192, 256);
-        let x: Vec<i8> = (0..nt * kpad).map(|i| (i % 251) as i8 + 1).collect();
+        let x: Vec<i8> = (0..nt * kpad).map(|i| (1 + (i % 251) as u8) as i8).collect();
         let t = tile_x(&x, nt, kpad, ntp);
         assert_eq!(t.len(), 256 * ntp);
         // Every input once, the rest zero.
