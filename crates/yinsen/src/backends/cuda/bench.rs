@@ -398,31 +398,26 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
             .collect(),
     };
     const GEMMS: [&str; 4] = ["qkv", "o", "gate_up", "down"];
-    // Each GEMM arm, then the default one with the block-per-token norm_quant.
-    let arms: Vec<(BigGemm, bool)> = arms
-        .iter()
-        .map(|&a| (a, true))
-        .chain([(BigGemm::Auto, false)])
-        .collect();
     for round in 0..2 {
-        for &(arm, nq_group) in &arms {
+        for &arm in &arms {
             let was = b.set_big_gemm(arm);
-            let was_nq = b.set_nq_group(nq_group);
-            let res = (|| -> Result<(f64, f64, f64, f64)> {
+            let res = (|| -> Result<(f64, f64, f64)> {
                 let a = forward_ms(b, short, 5)?;
                 let c = forward_ms(b, long, 5)?;
-                let prof = b.profile_forward(long, 3)?;
-                let sum = |f: &dyn Fn(&str) -> bool| prof.iter().filter(|k| f(&k.tag)).map(|k| k.us).sum::<f64>();
-                Ok((a, c, sum(&|t| GEMMS.contains(&t)), sum(&|t| t == "norm_quant")))
+                let gemm = b
+                    .profile_forward(long, 3)?
+                    .iter()
+                    .filter(|k| GEMMS.contains(&k.tag.as_str()))
+                    .map(|k| k.us)
+                    .sum::<f64>();
+                Ok((a, c, gemm))
             })();
             b.set_big_gemm(was);
-            b.set_nq_group(was_nq);
-            let (a, c, gemm, nq) = res?;
-            let name = format!("{}{}", arm.name(), if nq_group { "" } else { " + block norm_quant" });
+            let (a, c, gemm) = res?;
+            let name = arm.name();
             eprintln!(
-                "prefill A/B round {round} {name}: {short} tokens {a:.2} ms, {long} tokens {c:.2} ms; of the {long}-token profile GEMMs {:.2} ms, norm_quant {:.2} ms",
-                gemm / 1e3,
-                nq / 1e3
+                "prefill A/B round {round} {name}: {short} tokens {a:.2} ms, {long} tokens {c:.2} ms, GEMMs {:.2} ms of the {long}-token profile",
+                gemm / 1e3
             );
         }
     }

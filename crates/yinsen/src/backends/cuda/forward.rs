@@ -24,10 +24,6 @@ use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
 const ATT_CHUNK: usize = 64;
 /// Tokens per prefill chunk at most (activation buffers are sized for it).
 const MAX_CHUNK: usize = 2048;
-/// `norm_quant_group` (ops.cu) serves calls of this many tokens or more;
-/// each thread holds up to NQ_GROUP_VALUES values (its NQG).
-const NQ_GROUP_MIN_TOKENS: usize = 64;
-const NQ_GROUP_VALUES: usize = 24;
 /// Calls of this many tokens or more take the big-call GEMM ([`BigGemm`]).
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
@@ -408,8 +404,6 @@ pub struct CudaBackend {
     /// GEMM for calls of >= BIG_GEMM_TOKENS tokens: a [`BigGemm`] as
     /// usize (`YINSEN_CUDA_GEMM=shape|<variant name>`; benchmarks' A/B).
     big_gemm: std::sync::atomic::AtomicUsize,
-    /// `norm_quant_group` for calls of many tokens (`YINSEN_CUDA_NQ_GROUP=0`: off).
-    nq_group: std::sync::atomic::AtomicBool,
     /// Prefill attention: a FlashMode as u8.
     flash: std::sync::atomic::AtomicU8,
     /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
@@ -819,7 +813,6 @@ impl CudaBackend {
                 .unwrap_or(BigGemm::Auto)
                 .code()
                 .into(),
-            nq_group: std::env::var("YINSEN_CUDA_NQ_GROUP").map_or(true, |v| v != "0").into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
             tcs_ok,
@@ -1127,11 +1120,6 @@ impl CudaBackend {
         }
     }
 
-    /// For benchmarks: `norm_quant_group` on or off; returns the previous setting.
-    pub fn set_nq_group(&self, on: bool) -> bool {
-        self.nq_group.swap(on, std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// For benchmarks: the GEMM of calls of >= BIG_GEMM_TOKENS tokens;
     /// returns the previous setting.
     pub fn set_big_gemm(&self, g: BigGemm) -> BigGemm {
@@ -1191,35 +1179,6 @@ impl CudaBackend {
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
-        let x_ntp = self.x_ntp(s, nt, next) as i32;
-        // Many tokens: several per block (see ops.cu). Steps of up to 16
-        // tokens keep the block-per-token kernel and its sums.
-        let tpt = n.div_ceil(NQ_GROUP_VALUES).next_power_of_two().max(32);
-        if self.nq_group.load(std::sync::atomic::Ordering::Relaxed) && nt >= NQ_GROUP_MIN_TOKENS && tpt <= 512 {
-            return self.gpu.launch_smem(
-                "norm_quant_group",
-                (nt.div_ceil(512 / tpt) as u32, 1, 1),
-                512,
-                0,
-                &[
-                    input,
-                    Arg::I(n as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(gate),
-                    w.map_or(Arg::P(0), DevBuf::p),
-                    Arg::I(do_norm),
-                    Arg::F(self.config.rms_eps),
-                    s.q8.p(),
-                    Arg::I(kpad as i32),
-                    s.sx.p(),
-                    s.xsum.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(x_ntp),
-                    Arg::I(tpt as i32),
-                ],
-                self.body_launch(),
-            );
-        }
         self.gpu.launch_smem(
             "norm_quant",
             (nt as u32, 1, 1),
@@ -1239,7 +1198,7 @@ impl CudaBackend {
                 s.xsum.p(),
                 Arg::P(0),
                 Arg::I(0),
-                Arg::I(x_ntp),
+                Arg::I(self.x_ntp(s, nt, next) as i32),
             ],
             self.body_launch(),
         )

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 62] = [
+pub const KERNELS: [&str; 61] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -217,7 +217,6 @@ pub const KERNELS: [&str; 62] = [
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
-    "norm_quant_group",
     "rope_kv_f16",
     "rope_kv_f32",
     "attn_partial_f16",
