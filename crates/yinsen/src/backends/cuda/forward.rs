@@ -1106,7 +1106,9 @@ impl CudaBackend {
             BigGemm::Variant(v) => Some(v),
         };
         match v {
-            Some(v) if v.available(&self.gpu) => MatKernel::MmaWith(v),
+            // A tiled variant needs the matrix's stage tiles (not built with
+            // YINSEN_CUDA_GEMM=shape).
+            Some(v) if v.available(&self.gpu) && (!v.tiled || m.tiles.is_some()) => MatKernel::MmaWith(v),
             _ => MatKernel::Mma,
         }
     }

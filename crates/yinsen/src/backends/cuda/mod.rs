@@ -714,12 +714,12 @@ impl GpuMatrix {
             chunks: l.chunks,
             w: gpu.upload(&l.bytes)?,
             scale: gpu.upload(&l.row_scale)?,
-            tiles: match (gpu.arch == "sm_90a", paired) {
+            tiles: match (stage_tiles_wanted(gpu), paired) {
                 (true, true) => Some(gpu.upload(&l.stage_tiles_paired())?),
                 (true, false) => Some(gpu.upload(&l.stage_tiles())?),
                 (false, _) => None,
             },
-            paired: paired && gpu.arch == "sm_90a",
+            paired: paired && stage_tiles_wanted(gpu),
         })
     }
     pub fn kpad(&self) -> usize {
@@ -733,6 +733,13 @@ impl GpuMatrix {
     pub fn resident_bytes(&self) -> usize {
         self.bytes() + self.tiles.as_ref().map_or(0, |t| t.bytes)
     }
+}
+
+/// Whether matrices get their stage tiles: on sm_90a (the TMA GEMM), unless
+/// `YINSEN_CUDA_GEMM=shape` keeps prefill on mma.sync and saves their memory
+/// (the size of the 2-bit weights again).
+fn stage_tiles_wanted(gpu: &Gpu) -> bool {
+    gpu.arch == "sm_90a" && std::env::var("YINSEN_CUDA_GEMM").map_or(true, |v| v != "shape")
 }
 
 /// Which matrix kernel runs.
