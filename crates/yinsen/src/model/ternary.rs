@@ -30,6 +30,21 @@ pub const fn decode_code(c: u8) -> i8 {
     (c & 1) as i8 - (c >> 1) as i8
 }
 
+/// The four trits of a canonical byte (input k at bits `2k`), for every byte.
+pub const CANON_TRITS: [[i8; 4]; 256] = {
+    let mut t = [[0i8; 4]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 4 {
+            t[b][k] = decode_code((b >> (2 * k)) as u8);
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// How the float scale applies to the exact integer dot product.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WeightScale {

@@ -27,7 +27,8 @@
 //! Overflow: the same bound as the tile layout (`|u * x| <= 256` per
 //! product, `n_in <= MAX_N_IN`), so i32 accumulators never wrap.
 
-use super::layout::{canon_to_u, Line, LineLayout, LINE, ROWS};
+use super::layout::{Line, LineLayout, LINE, ROWS};
+use crate::model::ternary::CANON_TRITS;
 use crate::error::Result;
 use crate::model::TernaryMatrix;
 
@@ -82,20 +83,6 @@ impl Base3Layout {
     }
 }
 
-/// A canonical byte -> the u codes of its four inputs.
-static CANON4: [[u8; 4]; 256] = {
-    let mut t = [[0u8; 4]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut k = 0;
-        while k < 4 {
-            t[b][k] = canon_to_u((b >> (2 * k)) as u8);
-            k += 1;
-        }
-        b += 1;
-    }
-    t
-};
 
 /// One row block's lines from the canonical rows (2-bit codes, input i at
 /// bits `2 (i % 4)` of byte `i / 4`).
@@ -110,8 +97,9 @@ fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
         // A canonical byte's four codes at once (the row's last byte may
         // hold fewer than four inputs: the rest of `u` keeps its pad 1s).
         for (dst, &byte) in u[..w.n_in].chunks_mut(4).zip(row) {
-            let four = CANON4[byte as usize];
-            dst.copy_from_slice(&four[..dst.len()]);
+            for (d, &t) in dst.iter_mut().zip(&CANON_TRITS[byte as usize]) {
+                *d = (t + 1) as u8;
+            }
         }
         for (c, line) in blk.iter_mut().enumerate() {
             for k in 0..4 {

@@ -115,12 +115,8 @@ impl<F> LineLayout<F> {
 }
 
 /// Canonical 2-bit code -> u = w + 1 (00 -> 1, 01 -> 2, 10 -> 0, 11 -> 1).
-pub(super) const fn canon_to_u(c: u8) -> u8 {
-    match c & 3 {
-        0b01 => 2,
-        0b10 => 0,
-        _ => 1,
-    }
+const fn canon_to_u(c: u8) -> u8 {
+    (crate::model::ternary::decode_code(c) + 1) as u8
 }
 
 /// A canonical byte (4 codes) -> the same 4 positions as u codes.

@@ -1,12 +1,12 @@
 //! Portable scalar kernel over the canonical layout: byte-at-a-time decode
-//! through a 256-entry table of four trits. Slow but exact; the fallback
+//! through a 256-entry table of four trits (`CANON_TRITS`). Slow but exact; the fallback
 //! everywhere and the baseline for the SIMD kernels.
 
 use std::sync::Arc;
 
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
-use crate::model::ternary::decode_code;
+use crate::model::ternary::CANON_TRITS;
 use crate::model::TernaryMatrix;
 
 pub struct Scalar;
@@ -15,20 +15,6 @@ struct ScalarPacked {
     w: TernaryMatrix,
 }
 
-/// Four decoded trits per canonical byte.
-const LUT: [[i8; 4]; 256] = {
-    let mut t = [[0i8; 4]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut k = 0;
-        while k < 4 {
-            t[b][k] = decode_code((b >> (2 * k)) as u8);
-            k += 1;
-        }
-        b += 1;
-    }
-    t
-};
 
 impl TernaryKernel for Scalar {
     fn name(&self) -> &'static str {
@@ -61,7 +47,7 @@ impl PackedTernary for ScalarPacked {
                 let xt = &x[t * n_in..(t + 1) * n_in];
                 let mut acc = 0i32;
                 for (b, &byte) in row.iter().enumerate() {
-                    let w4 = &LUT[byte as usize];
+                    let w4 = &CANON_TRITS[byte as usize];
                     let base = 4 * b;
                     for k in 0..4.min(n_in - base) {
                         acc += w4[k] as i32 * xt[base + k] as i32;
