@@ -303,6 +303,36 @@ __device__ __forceinline__ void tc_mma_split(float* c0, float* c1, const u32* ah
     tc_mma(c0, ah, bh[0], bh[1]);
     tc_mma(c1, ah, bh[2], bh[3]);
 }
+// One k16 step of B: its hi fragments from shared address `hi` and, with
+// KLO, its lo ones from `lo` (TRANS: ldmatrix .trans, for V), times the
+// split A operand into the n8 tiles c0, c1.
+template <bool SPLIT, bool KLO, bool TRANS>
+__device__ __forceinline__ void tc_split_step(float* c0, float* c1, const u32* ah, const u32* al, u32 hi, u32 lo) {
+    u32 bh[4], bl[4];
+    if (TRANS) {
+        tc_ldsm4t(bh, hi);
+        if (KLO) tc_ldsm4t(bl, lo);
+    } else {
+        tc_ldsm4(bh, hi);
+        if (KLO) tc_ldsm4(bl, lo);
+    }
+    tc_mma_split<SPLIT, KLO>(c0, c1, ah, al, bh, bl);
+}
+// P's A fragment for keys 16 kk.. — the S accumulators of key tiles 2 kk
+// (a0, a1) and 2 kk + 1 (a2, a3) — as f16 and, with SPLIT, the residual.
+template <bool SPLIT>
+__device__ __forceinline__ void tc_p_frag(const float (*s)[4], int kk, u32* ph, u32* pl) {
+    ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+    ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+    ph[2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    ph[3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    if (SPLIT) {
+        pl[0] = tc_pack_lo(s[2 * kk][0], s[2 * kk][1], ph[0]);
+        pl[1] = tc_pack_lo(s[2 * kk][2], s[2 * kk][3], ph[1]);
+        pl[2] = tc_pack_lo(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2]);
+        pl[3] = tc_pack_lo(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3]);
+    }
+}
 // 4 floats into hi (and, with LO, lo) f16 rows at 8-byte aligned dst.
 template <bool LO>
 __device__ __forceinline__ void tc_store4(float4 v, u16* hi, u16* lo) {
@@ -653,10 +683,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
                         const u32 koff = 2 * 16 * np * ld + 32 * ks;
-                        u32 kh[4], kl[4];
-                        tc_ldsm4(kh, sKh + sb + koff);
-                        if (KLO) tc_ldsm4(kl, sKl + koff);
-                        tc_mma_split<SPLIT, KLO>(s[2 * np], s[2 * np + 1], qh, ql, kh, kl);
+                        tc_split_step<SPLIT, KLO, false>(s[2 * np], s[2 * np + 1], qh, ql, sKh + sb + koff, sKl + koff);
                     }
                 }
             }
@@ -680,24 +707,12 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
                 u32 ph[4], pl[4];
-                ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
-                ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
-                ph[2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                ph[3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-                if (SPLIT) {
-                    pl[0] = tc_pack_lo(s[2 * kk][0], s[2 * kk][1], ph[0]);
-                    pl[1] = tc_pack_lo(s[2 * kk][2], s[2 * kk][3], ph[1]);
-                    pl[2] = tc_pack_lo(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2]);
-                    pl[3] = tc_pack_lo(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3]);
-                }
+                tc_p_frag<SPLIT>(s, kk, ph, pl);
 #pragma unroll
                 for (int dp = 0; dp < NT / 2; dp++) {
                     if (16 * dp < hd) {
                         const u32 voff = 2 * 16 * kk * ld + 32 * dp;
-                        u32 vh[4], vl[4];
-                        tc_ldsm4t(vh, sVh + sb + voff);
-                        if (KLO) tc_ldsm4t(vl, sVl + voff);
-                        tc_mma_split<SPLIT, KLO>(o[2 * dp], o[2 * dp + 1], ph, pl, vh, vl);
+                        tc_split_step<SPLIT, KLO, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + sb + voff, sVl + voff);
                     }
                 }
             }
@@ -940,31 +955,18 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
 #pragma unroll
             for (int np = 0; np < NS / 2; np++) {
                 const u32 koff = sb + 2 * 16 * np * LD + 32 * ks;
-                u32 kh[4], kl[4];
-                tc_ldsm4(kh, sKh + koff);
-                tc_ldsm4(kl, sKl + koff);
-                tc_mma_split<true, true>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], kh, kl);
+                tc_split_step<true, true, false>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], sKh + koff, sKl + koff);
             }
         }
         tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
 #pragma unroll
         for (int kk = 0; kk < NS / 2; kk++) {
             u32 ph[4], pl[4];
-            ph[0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
-            ph[1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
-            ph[2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            ph[3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            pl[0] = tc_pack_lo(s[2 * kk][0], s[2 * kk][1], ph[0]);
-            pl[1] = tc_pack_lo(s[2 * kk][2], s[2 * kk][3], ph[1]);
-            pl[2] = tc_pack_lo(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2]);
-            pl[3] = tc_pack_lo(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3]);
+            tc_p_frag<true>(s, kk, ph, pl);
 #pragma unroll
             for (int dp = 0; dp < NT / 2; dp++) {
                 const u32 voff = sb + 2 * 16 * kk * LD + 32 * dp;
-                u32 vh[4], vl[4];
-                tc_ldsm4t(vh, sVh + voff);
-                tc_ldsm4t(vl, sVl + voff);
-                tc_mma_split<true, true>(o[2 * dp], o[2 * dp + 1], ph, pl, vh, vl);
+                tc_split_step<true, true, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + voff, sVl + voff);
             }
         }
     }
