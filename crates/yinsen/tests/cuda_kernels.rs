@@ -217,32 +217,29 @@ fn flash_attention_matches_reference() {
     use yinsen::backends::cuda::{flash_tc_smem, Arg, KvDtype, FLASH_TC_THREADS};
     let Some(g) = gpu() else { return };
     let cap = 400usize;
-    let mut seed = 7u64;
     let mut worst: std::collections::BTreeMap<String, f64> = Default::default();
-    for &(hd, n_heads, n_kv, nt, p0) in &[
-        (64usize, 4usize, 2usize, 300usize, 0usize),
-        (64, 6, 2, 37, 100),
-        (128, 3, 3, 130, 64),
-        (8, 2, 1, 65, 5),
-        (96, 6, 2, 1, 200),
-        (256, 2, 1, 70, 129),
-        // The 2b4t shape's head dim and group of 4, mid-tile start, partial last tile.
-        (128, 8, 2, 200, 37),
-        (64, 4, 1, 129, 250),
-    ] {
-        let n_keys = p0 + nt;
-        let q_dim = n_heads * hd;
-        seed += 1;
-        let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
-        let scale = 1.0 / (hd as f32).sqrt();
+    for case in AttnCase::all(
+        &g,
+        7,
+        cap,
+        &[
+            (64usize, 4usize, 2usize, 300usize, 0usize),
+            (64, 6, 2, 37, 100),
+            (128, 3, 3, 130, 64),
+            (8, 2, 1, 65, 5),
+            (96, 6, 2, 1, 200),
+            (256, 2, 1, 70, 129),
+            // The 2b4t shape's head dim and group of 4, mid-tile start, partial last tile.
+            (128, 8, 2, 200, 37),
+            (64, 4, 1, 129, 250),
+        ],
+    ) {
+        let (hd, n_heads, n_kv, nt, p0) = case.shape;
+        let (q_dim, out) = (case.dims[0], &case.out);
         for f16 in [false, true] {
-            let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
             // f64 reference over the (rounded) cache.
-            let want = attention_f64(&q, &k, &v, round, nt, p0, n_heads, n_kv, hd, cap, scale);
-            let (kb, vb) = upload_kv(&g, &k, &v, f16);
-            let qb = g.upload(&q).unwrap();
-            let pos = g.upload(&[p0 as i32]).unwrap();
-            let out = g.alloc(4 * nt * q_dim).unwrap();
+            let want = case.want(f16);
+            let (_kb, _vb, args) = case.kv_args(&g, f16);
             let kv = if f16 { KvDtype::F16 } else { KvDtype::F32 };
             // (kernel, threads, smem, tolerance)
             let mut kernels: Vec<(String, u32, usize, f64)> = Vec::new();
@@ -274,7 +271,6 @@ fn flash_attention_matches_reference() {
                     "{name}: {smem} bytes of smem"
                 );
                 out.fill(0xff).unwrap(); // NaN until written
-                let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                 flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
                 let got = out.read::<f32>(nt * q_dim).unwrap();
                 let e = worst.entry(name.clone()).or_default();
@@ -333,6 +329,73 @@ fn upload_kv(g: &std::sync::Arc<Gpu>, k: &[f32], v: &[f32], f16: bool) -> (cuda:
         (g.upload(&h(k)).unwrap(), g.upload(&h(v)).unwrap())
     } else {
         (g.upload(k).unwrap(), g.upload(v).unwrap())
+    }
+}
+
+/// One attention case of shape `(hd, n_heads, n_kv, nt, p0)`: the inputs of
+/// `attn_inputs` (cache of `cap` rows, NaN past p0 + nt) and q, the position
+/// and an output buffer on the device.
+struct AttnCase {
+    /// (hd, n_heads, n_kv, nt, p0)
+    shape: (usize, usize, usize, usize, usize),
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// [q_dim, nt, n_heads, n_kv, hd, cap], as `flash_args` takes them.
+    dims: [usize; 6],
+    p0: usize,
+    scale: f32,
+    qb: cuda::DevBuf,
+    pos: cuda::DevBuf,
+    out: cuda::DevBuf,
+}
+
+impl AttnCase {
+    fn new(g: &std::sync::Arc<Gpu>, seed: u64, shape: (usize, usize, usize, usize, usize), cap: usize) -> Self {
+        let (hd, n_heads, n_kv, nt, p0) = shape;
+        let q_dim = n_heads * hd;
+        let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, p0 + nt);
+        Self {
+            shape,
+            qb: g.upload(&q).unwrap(),
+            pos: g.upload(&[p0 as i32]).unwrap(),
+            out: g.alloc(4 * nt * q_dim).unwrap(),
+            q,
+            k,
+            v,
+            dims: [q_dim, nt, n_heads, n_kv, hd, cap],
+            p0,
+            scale: 1.0 / (hd as f32).sqrt(),
+        }
+    }
+
+    /// The cases of `shapes` in order, with seeds seed0 + 1, seed0 + 2, ...
+    fn all<'a>(
+        g: &'a std::sync::Arc<Gpu>,
+        seed0: u64,
+        cap: usize,
+        shapes: &'a [(usize, usize, usize, usize, usize)],
+    ) -> impl Iterator<Item = Self> + 'a {
+        (1..)
+            .zip(shapes)
+            .map(move |(i, &shape)| Self::new(g, seed0 + i, shape, cap))
+    }
+
+    /// The f64 reference over the cache as stored (f16-rounded where `f16`).
+    fn want(&self, f16: bool) -> Vec<f64> {
+        let [_, nt, n_heads, n_kv, hd, cap] = self.dims;
+        let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
+        attention_f64(
+            &self.q, &self.k, &self.v, round, nt, self.p0, n_heads, n_kv, hd, cap, self.scale,
+        )
+    }
+
+    /// K and V on the device (f16 bits where `f16`) and the flash kernels'
+    /// arguments over them.
+    fn kv_args(&self, g: &std::sync::Arc<Gpu>, f16: bool) -> (cuda::DevBuf, cuda::DevBuf, [cuda::Arg; 13]) {
+        let (kb, vb) = upload_kv(g, &self.k, &self.v, f16);
+        let args = flash_args(&self.qb, &kb, &vb, &self.pos, &self.out, self.dims, self.scale);
+        (kb, vb, args)
     }
 }
 
@@ -438,19 +501,14 @@ fn flash_key_split_matches_reference() {
         for p0 in [0usize, 100, 2100] {
             for nt in [1usize, 5, 16, 64] {
                 let n_keys = p0 + nt;
-                let q_dim = n_heads * hd;
                 seed += 1;
-                let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
-                let scale = 1.0 / (hd as f32).sqrt();
-                let qb = g.upload(&q).unwrap();
-                let pos = g.upload(&[p0 as i32]).unwrap();
-                let out = g.alloc(4 * nt * q_dim).unwrap();
+                let case = AttnCase::new(&g, seed, (hd, n_heads, n_kv, nt, p0), cap);
+                let (q_dim, out) = (case.dims[0], &case.out);
                 let part = g.alloc(4 * nt * n_heads * 33 * (hd + 2)).unwrap();
                 for kv in [KvDtype::F32, KvDtype::F16] {
                     let f16 = kv == KvDtype::F16;
-                    let round = |x: f32| if f16 { half::f16::from_f32(x).to_f32() } else { x };
-                    let want = attention_f64(&q, &k, &v, round, nt, p0, n_heads, n_kv, hd, cap, scale);
-                    let (kb, vb) = upload_kv(&g, &k, &v, f16);
+                    let want = case.want(f16);
+                    let (_kb, _vb, args) = case.kv_args(&g, f16);
                     let mut names = vec![
                         (kv.flash_tc(hd > 128, true), true, 5e-5),
                         (kv.flash_tc(hd > 128, false), false, 1e-2),
@@ -461,7 +519,6 @@ fn flash_key_split_matches_reference() {
                     for (name, split, tol) in names {
                         let smem = flash_tc_smem(hd, split, kv);
                         assert!(g.allow_dynamic_smem(name, smem).unwrap());
-                        let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                         let mut base: Vec<f32> = Vec::new();
                         for n_ks in [1usize, 2, 3, 7, 33] {
                             out.fill(0xff).unwrap(); // NaN until written
@@ -767,32 +824,28 @@ fn flash_tcx_matches_reference() {
     }
     let cap = 2200usize;
     let scap = flash_tcx_scap(cap);
-    let mut seed = 170u64;
     let mut ran = 0usize;
     let mut identical = 0usize;
-    for &(hd, n_heads, n_kv, nt, p0) in &[
-        (128usize, 8usize, 2usize, 200usize, 37usize),
-        (128, 20, 5, 300, 0),
-        (128, 3, 3, 130, 64),
-        (128, 8, 2, 64, 2100),
-        (64, 4, 1, 129, 250),
-        (64, 6, 2, 300, 0),
-        (64, 4, 2, 97, 1000),
-    ] {
-        let n_keys = p0 + nt;
-        let q_dim = n_heads * hd;
-        seed += 1;
-        let (q, k, v) = attn_inputs(seed, nt * q_dim, n_kv, cap, hd, n_keys);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let want = attention_f64(&q, &k, &v, |x| x, nt, p0, n_heads, n_kv, hd, cap, scale);
-        let (kb, vb) = upload_kv(&g, &k, &v, false);
-        let qb = g.upload(&q).unwrap();
-        let pos = g.upload(&[p0 as i32]).unwrap();
-        let out = g.alloc(4 * nt * q_dim).unwrap();
+    for case in AttnCase::all(
+        &g,
+        170,
+        cap,
+        &[
+            (128usize, 8usize, 2usize, 200usize, 37usize),
+            (128, 20, 5, 300, 0),
+            (128, 3, 3, 130, 64),
+            (128, 8, 2, 64, 2100),
+            (64, 4, 1, 129, 250),
+            (64, 6, 2, 300, 0),
+            (64, 4, 2, 97, 1000),
+        ],
+    ) {
+        let (hd, n_heads, n_kv, nt, p0) = case.shape;
+        let (q_dim, out, dims) = (case.dims[0], &case.out, case.dims);
+        let want = case.want(false);
+        let (_kb, _vb, args) = case.kv_args(&g, false);
         let part = g.alloc(4 * nt * n_heads * 7 * (hd + 2)).unwrap();
         let kvs = g.alloc(2 * n_kv * scap * 4 * hd).unwrap();
-        let dims = [q_dim, nt, n_heads, n_kv, hd, cap];
-        let args = flash_args(&qb, &kb, &vb, &pos, &out, dims, scale);
         // The old split kernel, un-split, as the bit-level reference.
         let old = KvDtype::F32.flash_tc(false, true);
         let smem = flash_tc_smem(hd, true, KvDtype::F32);
@@ -856,15 +909,8 @@ fn flash_tcx_2b4t_timing() {
     let (n_heads, n_kv, hd, cap) = (20usize, 5usize, 128usize, 4096usize);
     let scap = flash_tcx_scap(cap);
     let q_dim = n_heads * hd;
-    let mut r = SplitMix64(991);
-    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
-            .collect()
-    };
-    let q = rnd(2048 * q_dim, 1.0);
-    let k = rnd(n_kv * cap * hd, 3.0);
-    let v = rnd(n_kv * cap * hd, 2.0);
+    // Every cache row holds a key (none NaN).
+    let (q, k, v) = attn_inputs(991, 2048 * q_dim, n_kv, cap, hd, cap);
     let qb = g.upload(&q).unwrap();
     let (kb, vb) = (g.upload(&k).unwrap(), g.upload(&v).unwrap());
     let out = g.alloc(4 * 2048 * q_dim).unwrap();

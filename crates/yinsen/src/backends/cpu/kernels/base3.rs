@@ -28,8 +28,8 @@
 //! product, `n_in <= MAX_N_IN`), so i32 accumulators never wrap.
 
 use super::layout::{Line, LineLayout, LINE, ROWS};
-use crate::model::ternary::CANON_TRITS;
 use crate::error::Result;
+use crate::model::ternary::CANON_TRITS;
 use crate::model::TernaryMatrix;
 
 /// Inputs per chunk (one line holds ROWS x CHUNK codes).
@@ -82,7 +82,6 @@ impl Base3Layout {
         (byte / 3u8.pow(s as u32) % 3) as i8 - 1
     }
 }
-
 
 /// One row block's lines from the canonical rows (2-bit codes, input i at
 /// bits `2 (i % 4)` of byte `i / 4`).

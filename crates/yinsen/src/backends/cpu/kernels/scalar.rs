@@ -15,7 +15,6 @@ struct ScalarPacked {
     w: TernaryMatrix,
 }
 
-
 impl TernaryKernel for Scalar {
     fn name(&self) -> &'static str {
         "scalar"
