@@ -139,6 +139,37 @@ pub(super) fn padded_tail<const NT: usize, const C: usize>(x: &[i8], n_in: usize
     tail
 }
 
+/// The body of both VNNI kernels' `tile`: 16 rows x NT tokens over the
+/// whole input, `res[t][rr] = sum_i u * x`. `$step` adds one line's
+/// products into `$acc` (NT x A accumulators) for inputs at `$xp`, `$stride`
+/// bytes between tokens. Full chunks read x in place; the partial last chunk
+/// reads a zero-padded copy, so no byte past a token's `n_in` inputs is
+/// touched. A macro, not a function taking a closure: the step expands
+/// inside the caller's `#[target_feature]` body.
+macro_rules! tile_body {
+    ($lines:expr, $n_in:expr, $x:expr, $res:expr, $NT:ident, $A:ident, $M:ident, $CHUNK:ident,
+     |$acc:ident, $line:ident, $xp:ident, $stride:ident| $step:expr) => {{
+        let (lines, n_in, x): (&[Line], usize, &[i8]) = ($lines, $n_in, $x);
+        debug_assert!(x.len() >= $NT * n_in);
+        let full = n_in / $CHUNK;
+        let mut $acc = [[_mm512_setzero_si512(); $A]; $NT];
+        let x0 = x.as_ptr();
+        for (c, $line) in lines.iter().enumerate().take(full) {
+            let ($xp, $stride) = (x0.add(c * $CHUNK), n_in);
+            $step;
+        }
+        if n_in > full * $CHUNK {
+            let tail = padded_tail::<$NT, $CHUNK>(x, n_in);
+            let ($line, $xp, $stride) = (&lines[full], tail.as_ptr() as *const i8, $CHUNK);
+            $step;
+        }
+        for (at, r) in $acc.iter_mut().zip($res.iter_mut()) {
+            *r = fold_acc::<$M>(at);
+        }
+    }};
+}
+pub(super) use tile_body;
+
 /// The blocked loop of both VNNI kernels, row-major out: token groups
 /// outer, then row blocks, so a block's lines stay in L1 while the group's
 /// tiles of up to `MAX_NT` tokens pass over them. `tile(b, t0, nt, res)`
@@ -251,9 +282,7 @@ macro_rules! line_step {
     }};
 }
 
-/// 16 rows x NT tokens over the whole input: `res[t][rr] = sum_i u * x`.
-/// Full chunks read x in place; the partial last chunk reads a zero-padded
-/// copy so no byte past a token's `n_in` inputs is touched.
+/// 16 rows x NT tokens over the whole input (see [`tile_body`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     lines: &[Line],
@@ -261,21 +290,17 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     x: &[i8],
     res: &mut [[i32; ROWS]; MAX_NT],
 ) {
-    debug_assert!(x.len() >= NT * n_in);
-    let full = n_in / CHUNK;
-    let mut acc = [[_mm512_setzero_si512(); A]; NT];
-    let xp = x.as_ptr();
-    for (c, line) in lines.iter().enumerate().take(full) {
-        line_step!(acc, line, xp.add(c * CHUNK), n_in, NT, A, M);
-    }
-    let rem = n_in - full * CHUNK;
-    if rem > 0 {
-        let tail = padded_tail::<NT, CHUNK>(x, n_in);
-        line_step!(acc, &lines[full], tail.as_ptr() as *const i8, CHUNK, NT, A, M);
-    }
-    for (at, r) in acc.iter_mut().zip(res.iter_mut()) {
-        *r = fold_acc::<M>(at);
-    }
+    tile_body!(
+        lines,
+        n_in,
+        x,
+        res,
+        NT,
+        A,
+        M,
+        CHUNK,
+        |acc, line, xp, stride| line_step!(acc, line, xp, stride, NT, A, M)
+    );
 }
 
 /// [`tile`] for one token over two row blocks at once (in-place masks).

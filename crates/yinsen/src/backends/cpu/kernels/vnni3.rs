@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use super::base3::{Base3Layout, CHUNK, FIELDS};
 use super::layout::{token_sums, Line, TiledPacked, ROWS};
-use super::vnni::{fold_acc, for_each_block_pair, for_each_tile, padded_tail, planes, IN_PLACE_MAX_N_IN, MAX_NT};
+use super::vnni::{
+    fold_acc, for_each_block_pair, for_each_tile, padded_tail, planes, tile_body, IN_PLACE_MAX_N_IN, MAX_NT,
+};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -181,9 +183,7 @@ unsafe fn line_step<const NT: usize, const A: usize, const M: bool>(
     }
 }
 
-/// 16 rows x NT tokens over the whole input: `res[t][rr] = sum_i u * x`.
-/// Full chunks read x in place; the partial last chunk reads a zero-padded
-/// copy so no byte past a token's `n_in` inputs is touched.
+/// 16 rows x NT tokens over the whole input (see `vnni::tile_body`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     luts: &Luts,
@@ -192,19 +192,15 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     x: &[i8],
     res: &mut [[i32; ROWS]; MAX_NT],
 ) {
-    debug_assert!(x.len() >= NT * n_in);
-    let full = n_in / CHUNK;
-    let mut acc = [[_mm512_setzero_si512(); A]; NT];
-    let xp = x.as_ptr();
-    for (c, line) in lines.iter().enumerate().take(full) {
-        line_step::<NT, A, M>(luts, &mut acc, line, xp.add(c * CHUNK), n_in);
-    }
-    let rem = n_in - full * CHUNK;
-    if rem > 0 {
-        let tail = padded_tail::<NT, CHUNK>(x, n_in);
-        line_step::<NT, A, M>(luts, &mut acc, &lines[full], tail.as_ptr() as *const i8, CHUNK);
-    }
-    for (at, r) in acc.iter_mut().zip(res.iter_mut()) {
-        *r = fold_acc::<M>(at);
-    }
+    tile_body!(
+        lines,
+        n_in,
+        x,
+        res,
+        NT,
+        A,
+        M,
+        CHUNK,
+        |acc, line, xp, stride| line_step::<NT, A, M>(luts, &mut acc, line, xp, stride)
+    );
 }
