@@ -114,23 +114,16 @@ fn fill_block(w: &TernaryMatrix, rb: usize, b: usize, blk: &mut [Line]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::layout_checks::*;
     use super::*;
-    use crate::model::WeightScale;
 
     #[test]
     fn layout_roundtrip_odd_shape() {
-        let (n_out, n_in) = (19, 47);
-        let trits: Vec<i8> = (0..n_out * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
-        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        let (trits, m) = odd_matrix(47);
         let l = Base3Layout::from_canonical(&m).unwrap();
         assert_eq!((l.blocks, l.chunks), (2, 3));
         assert_eq!(l.resident_bytes(), 2 * 3 * 64);
-        for r in 0..32 {
-            for i in 0..60 {
-                let want = if r < n_out && i < n_in { trits[r * n_in + i] } else { 0 };
-                assert_eq!(l.get(r, i), want, "({r},{i})");
-            }
-        }
+        assert_holds(&trits, 47, 60, |r, i| l.get(r, i));
     }
 
     #[test]
@@ -150,15 +143,6 @@ mod tests {
 
     #[test]
     fn rejects_lying_shapes() {
-        let mut m = TernaryMatrix::zeros(3, 9, WeightScale::PerTensor(1.0)).unwrap();
-        m.packed.pop();
-        assert!(Base3Layout::from_canonical(&m).is_err());
-        let m = TernaryMatrix {
-            n_out: usize::MAX / 2,
-            n_in: 8,
-            packed: vec![],
-            scale: WeightScale::PerTensor(1.0),
-        };
-        assert!(Base3Layout::from_canonical(&m).is_err());
+        assert_rejects_lying_shapes(Base3Layout::from_canonical);
     }
 }

@@ -322,37 +322,61 @@ pub fn check_gemm_args(n_out: usize, n_in: usize, x: &[i8], n_tokens: usize, r0:
     assert_eq!(out.len(), (r1 - r0) * n_tokens, "gemm out length");
 }
 
+/// Checks every line layout's tests share.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::WeightScale;
+pub(super) mod layout_checks {
+    use crate::error::Result;
+    use crate::model::{TernaryMatrix, WeightScale};
 
-    #[test]
-    fn layout_roundtrip_odd_shape() {
-        let (n_out, n_in) = (19, 37);
-        let trits: Vec<i8> = (0..n_out * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
-        let m = TernaryMatrix::from_trits(n_out, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
-        let l = TileLayout::from_canonical(&m).unwrap();
-        assert_eq!((l.blocks, l.chunks), (2, 3));
+    /// A 19-row matrix (two row blocks, the second partial) of `n_in`
+    /// inputs with all three trit values, and its trits.
+    pub fn odd_matrix(n_in: usize) -> (Vec<i8>, TernaryMatrix) {
+        let trits: Vec<i8> = (0..19 * n_in).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
+        let m = TernaryMatrix::from_trits(19, n_in, &trits, WeightScale::PerTensor(1.0)).unwrap();
+        (trits, m)
+    }
+
+    /// `get(r, i)` over both row blocks and `cols` (>= n_in) inputs is
+    /// the matrix's trit, 0 in the padding.
+    pub fn assert_holds(trits: &[i8], n_in: usize, cols: usize, get: impl Fn(usize, usize) -> i8) {
         for r in 0..32 {
-            for i in 0..48 {
-                let want = if r < n_out && i < n_in { trits[r * n_in + i] } else { 0 };
-                assert_eq!(l.get(r, i), want, "({r},{i})");
+            for i in 0..cols {
+                let want = if r < 19 && i < n_in { trits[r * n_in + i] } else { 0 };
+                assert_eq!(get(r, i), want, "({r},{i})");
             }
         }
     }
 
-    #[test]
-    fn rejects_lying_shapes() {
+    /// `build` refuses a truncated matrix and one whose size overflows.
+    pub fn assert_rejects_lying_shapes<T>(build: impl Fn(&TernaryMatrix) -> Result<T>) {
         let mut m = TernaryMatrix::zeros(3, 9, WeightScale::PerTensor(1.0)).unwrap();
         m.packed.pop();
-        assert!(TileLayout::from_canonical(&m).is_err());
+        assert!(build(&m).is_err());
         let m = TernaryMatrix {
             n_out: usize::MAX / 2,
             n_in: 8,
             packed: vec![],
             scale: WeightScale::PerTensor(1.0),
         };
-        assert!(TileLayout::from_canonical(&m).is_err());
+        assert!(build(&m).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_checks::*;
+    use super::*;
+
+    #[test]
+    fn layout_roundtrip_odd_shape() {
+        let (trits, m) = odd_matrix(37);
+        let l = TileLayout::from_canonical(&m).unwrap();
+        assert_eq!((l.blocks, l.chunks), (2, 3));
+        assert_holds(&trits, 37, 48, |r, i| l.get(r, i));
+    }
+
+    #[test]
+    fn rejects_lying_shapes() {
+        assert_rejects_lying_shapes(TileLayout::from_canonical);
     }
 }
