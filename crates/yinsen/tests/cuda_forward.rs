@@ -188,6 +188,15 @@ fn tiny_matches_cpu(kv: KvDtype) {
     assert!(gpu.forward(gc3.as_mut(), &[vocab as u32], Output::LastLogits).is_err());
 }
 
+/// The flash prefill tests' model and prompts: tiny, 237 tokens (the
+/// 100 + 137 calls) and 300 tokens (one call).
+fn flash_prefill_inputs() -> (Model, Vec<u32>, Vec<u32>) {
+    let model = synthetic::build("tiny").unwrap();
+    let vocab = model.config.vocab;
+    let (ids, long) = (prompt(237, vocab), prompt(300, vocab));
+    (model, ids, long)
+}
+
 /// All logits of three prefills with attention `mode`: `long` in one call
 /// (fresh cache), and `ids` as 100 tokens then the rest after them.
 fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32]) -> Vec<Vec<f32>> {
@@ -214,10 +223,8 @@ fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32])
 /// flip-prone limits only.
 #[test]
 fn flash_prefill_matches_split_k() {
-    let model = synthetic::build("tiny").unwrap();
+    let (model, ids, long) = flash_prefill_inputs();
     let vocab = model.config.vocab;
-    let ids = prompt(237, vocab);
-    let long = prompt(300, vocab);
     for kv in [KvDtype::F32, KvDtype::F16] {
         let Some(gpu) = cuda_kv(&model, kv) else { return };
         if std::env::var("YINSEN_DEVICE").is_ok_and(|v| v == "1") {
@@ -786,10 +793,8 @@ fn step_graph_matches_ungraphed() {
 #[test]
 fn tcx_prefill_matches_tc() {
     use yinsen::backends::cuda::TCX_MIN_NT;
-    let model = synthetic::build("tiny").unwrap();
+    let (model, ids, long) = flash_prefill_inputs();
     let vocab = model.config.vocab;
-    let ids = prompt(237, vocab);
-    let long = prompt(300, vocab);
     let Some(gpu) = cuda(&model) else { return };
     gpu.set_flash(FlashMode::Tcx);
     let name = gpu.attention_kernel_name(300).unwrap_or("none");
