@@ -147,24 +147,24 @@ pub(super) fn padded_tail<const NT: usize, const C: usize>(x: &[i8], n_in: usize
 /// touched. A macro, not a function taking a closure: the step expands
 /// inside the caller's `#[target_feature]` body.
 macro_rules! tile_body {
-    ($lines:expr, $n_in:expr, $x:expr, $res:expr, $NT:ident, $A:ident, $M:ident, $CHUNK:ident,
-     |$acc:ident, $line:ident, $xp:ident, $stride:ident| $step:expr) => {{
+    // NT, A, M (the caller's const parameters) and CHUNK resolve where it expands.
+    ($lines:expr, $n_in:expr, $x:expr, $res:expr, |$acc:ident, $line:ident, $xp:ident, $stride:ident| $step:expr) => {{
         let (lines, n_in, x): (&[Line], usize, &[i8]) = ($lines, $n_in, $x);
-        debug_assert!(x.len() >= $NT * n_in);
-        let full = n_in / $CHUNK;
-        let mut $acc = [[_mm512_setzero_si512(); $A]; $NT];
+        debug_assert!(x.len() >= NT * n_in);
+        let full = n_in / CHUNK;
+        let mut $acc = [[_mm512_setzero_si512(); A]; NT];
         let x0 = x.as_ptr();
         for (c, $line) in lines.iter().enumerate().take(full) {
-            let ($xp, $stride) = (x0.add(c * $CHUNK), n_in);
+            let ($xp, $stride) = (x0.add(c * CHUNK), n_in);
             $step;
         }
-        if n_in > full * $CHUNK {
-            let tail = padded_tail::<$NT, $CHUNK>(x, n_in);
-            let ($line, $xp, $stride) = (&lines[full], tail.as_ptr() as *const i8, $CHUNK);
+        if n_in > full * CHUNK {
+            let tail = padded_tail::<NT, CHUNK>(x, n_in);
+            let ($line, $xp, $stride) = (&lines[full], tail.as_ptr() as *const i8, CHUNK);
             $step;
         }
         for (at, r) in $acc.iter_mut().zip($res.iter_mut()) {
-            *r = fold_acc::<$M>(at);
+            *r = fold_acc::<M>(at);
         }
     }};
 }
@@ -290,17 +290,9 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     x: &[i8],
     res: &mut [[i32; ROWS]; MAX_NT],
 ) {
-    tile_body!(
-        lines,
-        n_in,
-        x,
-        res,
-        NT,
-        A,
-        M,
-        CHUNK,
-        |acc, line, xp, stride| line_step!(acc, line, xp, stride, NT, A, M)
-    );
+    tile_body!(lines, n_in, x, res, |acc, line, xp, stride| line_step!(
+        acc, line, xp, stride, NT, A, M
+    ));
 }
 
 /// [`tile`] for one token over two row blocks at once (in-place masks).

@@ -192,15 +192,7 @@ unsafe fn tile<const NT: usize, const A: usize, const M: bool>(
     x: &[i8],
     res: &mut [[i32; ROWS]; MAX_NT],
 ) {
-    tile_body!(
-        lines,
-        n_in,
-        x,
-        res,
-        NT,
-        A,
-        M,
-        CHUNK,
-        |acc, line, xp, stride| line_step::<NT, A, M>(luts, &mut acc, line, xp, stride)
-    );
+    tile_body!(lines, n_in, x, res, |acc, line, xp, stride| line_step::<NT, A, M>(
+        luts, &mut acc, line, xp, stride
+    ));
 }
