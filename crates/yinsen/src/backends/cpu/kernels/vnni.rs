@@ -58,28 +58,42 @@ fn gemm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &m
 /// while every row block of the range passes over them.
 const TOKEN_GROUP: usize = 4 * MAX_NT;
 
-/// Rows r0..r1 (r0 % 16 == 0) of the tile layout (see [`for_each_tile`]).
+/// The body of both VNNI kernels' `gemm` (rows r0..r1, r0 % 16 == 0,
+/// row-major out): one token in row-block pairs through the caller's
+/// `tile_pair` / `tile::<1, $a, true>`, more through [`for_each_tile`] and its
+/// `tile_dispatch`; `$pre` are those functions' leading arguments (vnni3's
+/// lookup tables). The caller has checked the CPU features; x holds
+/// n_tokens rows of n_in values.
+macro_rules! gemm_body {
+    ($l:expr, $x:expr, $n_tokens:expr, $r0:expr, $r1:expr, $sums:expr, $out:expr, $a:literal $(, $pre:expr)*) => {{
+        let (l, x, n_tokens, sums): (_, &[i8], usize, &[i32]) = ($l, $x, $n_tokens, $sums);
+        if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN {
+            // SAFETY (closures): see above.
+            return for_each_block_pair(
+                $r0,
+                $r1,
+                sums[0],
+                $out,
+                |ba, bb| unsafe { tile_pair($($pre,)* l.block(ba), l.block(bb), l.n_in, x) },
+                |b| unsafe {
+                    let mut res = [[0i32; ROWS]; MAX_NT];
+                    tile::<1, $a, true>($($pre,)* l.block(b), l.n_in, x, &mut res);
+                    res[0]
+                },
+            );
+        }
+        for_each_tile(n_tokens, $r0, $r1, sums, $out, |b, t0, nt, res| {
+            // SAFETY: see above.
+            unsafe { tile_dispatch($($pre,)* nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
+        });
+    }};
+}
+pub(super) use gemm_body;
+
+/// Rows r0..r1 (r0 % 16 == 0) of the tile layout (see [`gemm_body`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemm_vnni(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
-    if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN {
-        // SAFETY (closures): the caller checked the features; x holds n_in values.
-        return for_each_block_pair(
-            r0,
-            r1,
-            sums[0],
-            out,
-            |ba, bb| unsafe { tile_pair(l.block(ba), l.block(bb), l.n_in, x) },
-            |b| unsafe {
-                let mut res = [[0i32; ROWS]; MAX_NT];
-                tile::<1, 4, true>(l.block(b), l.n_in, x, &mut res);
-                res[0]
-            },
-        );
-    }
-    for_each_tile(n_tokens, r0, r1, sums, out, |b, t0, nt, res| {
-        // SAFETY: the caller checked the features; x holds n_tokens rows.
-        unsafe { tile_dispatch(nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
-    });
+    gemm_body!(l, x, n_tokens, r0, r1, sums, out, 4)
 }
 
 /// One token (decode) over rows r0..r1: row blocks in pairs `(b, b + half)`

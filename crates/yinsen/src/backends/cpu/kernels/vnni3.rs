@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::base3::{Base3Layout, CHUNK, FIELDS};
 use super::layout::{token_sums, Line, TiledPacked, ROWS};
 use super::vnni::{
-    fold_acc, for_each_block_pair, for_each_tile, padded_tail, planes, tile_body, IN_PLACE_MAX_N_IN, MAX_NT,
+    fold_acc, for_each_block_pair, for_each_tile, gemm_body, padded_tail, planes, tile_body, IN_PLACE_MAX_N_IN, MAX_NT,
 };
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
@@ -81,30 +81,11 @@ unsafe fn decode(l: &Luts, p: __m512i) -> (__m512i, __m512i) {
     (_mm512_permutex2var_epi8(l.fields[0], v, l.fields[1]), top)
 }
 
-/// Rows r0..r1 (r0 % 16 == 0), row-major out: one token in row-block
-/// pairs, more through the VNNI kernels' blocked loop.
+/// Rows r0..r1 (r0 % 16 == 0), row-major out (see `vnni::gemm_body`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn gemm_vnni3(l: &Base3Layout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, sums: &[i32], out: &mut [i32]) {
     let luts = Luts::load();
-    if n_tokens == 1 && l.n_in <= IN_PLACE_MAX_N_IN {
-        // SAFETY (closures): the caller checked the features; x holds n_in values.
-        return for_each_block_pair(
-            r0,
-            r1,
-            sums[0],
-            out,
-            |ba, bb| unsafe { tile_pair(&luts, l.block(ba), l.block(bb), l.n_in, x) },
-            |b| unsafe {
-                let mut res = [[0i32; ROWS]; MAX_NT];
-                tile::<1, 5, true>(&luts, l.block(b), l.n_in, x, &mut res);
-                res[0]
-            },
-        );
-    }
-    for_each_tile(n_tokens, r0, r1, sums, out, |b, t0, nt, res| {
-        // SAFETY: the caller checked the features; x holds n_tokens rows.
-        unsafe { tile_dispatch(&luts, nt, l.block(b), l.n_in, &x[t0 * l.n_in..], res) }
-    });
+    gemm_body!(l, x, n_tokens, r0, r1, sums, out, 5, &luts)
 }
 
 /// [`tile`] for one token over two row blocks at once (in-place masks).
