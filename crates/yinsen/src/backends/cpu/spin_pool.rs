@@ -352,6 +352,11 @@ impl Par<'_> {
 
     /// `f(i)` for every `i` in `0..n`, in parallel, each index once.
     pub fn for_each_index<F: Fn(usize) + Sync + Send>(self, n: usize, f: F) {
+        if n == 1 {
+            // One task (decode's RoPE): a rayon job from outside its pool
+            // waits for a worker to wake up.
+            return f(0);
+        }
         match self {
             Par::Rayon => (0..n).into_par_iter().for_each(f),
             Par::Spin(p) => p.for_each_index(n, f),
