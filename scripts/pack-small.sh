@@ -31,7 +31,7 @@ pack_small() {
     bin=$(cargo test --release --no-run -p yinsen --test "$t" 2>&1 | grep -o "target/release/deps/$t-[a-z0-9]*" | head -1)
     cp "$bin" ".device/tests/$t"
   done
-  strip .device/bin/* .device/tests/*
+  strip .device/bin/* ${tests[@]/#/.device/tests/}
   if [ "$fixtures" = 1 ]; then
     mkdir -p .device/fixtures
     cp -r ../shared/fixtures/tiny-bitnet-a ../shared/fixtures/MANIFEST.json .device/fixtures/

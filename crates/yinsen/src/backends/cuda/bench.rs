@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::forward::CudaBackend;
+use super::forward::{CudaBackend, DecodeLoop};
 use crate::error::Result;
 
 #[derive(Clone, Debug, Serialize)]
@@ -364,6 +364,20 @@ fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
         }
     }
     let (a, l) = (decode_at(b, 0, 128, 5)?, decode_at(b, long, 128, 3)?);
+    // The step as the decode rows time it (GPU time of queued replays),
+    // with a host round trip per token (wall), and `generate_greedy` (wall).
+    for (how, tag) in [
+        (DecodeLoop::Replays, "graph replays fed on the device (GPU time)"),
+        (DecodeLoop::HostFed, "host feeds each token and reads it back (wall)"),
+        (DecodeLoop::Generate, "generate_greedy (wall)"),
+    ] {
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let mut cache = b.cuda_cache(140)?;
+            ms.push(b.time_decode_loop(&mut cache, 128, how)?);
+        }
+        eprintln!("decode ctx 0, {tag}: {:.1} us per step", median(ms) * 1e3);
+    }
     let mut r = bench_decode_only_rows(b, a, l)?;
     r.mega_flag_sweep = flag_sweep(b, long)?;
     r.mega_phases_ctx0 = b.trace_mega(0)?;

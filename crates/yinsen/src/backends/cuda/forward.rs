@@ -132,6 +132,8 @@ struct Scratch {
     cnt: DevBuf,
     /// argmax key of the fused decode head (u64, see lm_head_dec).
     best: DevBuf,
+    /// Greedy tokens of the decode graph's steps, by position mod HIST.
+    hist: DevBuf,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
@@ -483,6 +485,22 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 /// prefetch, release-reduction arrive, no fence after the acquire spin
 /// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200).
 pub const MEGA_DEFAULT_FLAGS: u32 = 7;
+
+/// Steps of a greedy generation queued before their tokens are read.
+const HIST: usize = 1024;
+
+/// How `time_decode_loop` drives the decode graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodeLoop {
+    /// Graph replays queued back to back, each step fed by the previous one
+    /// on the device (the decode rows of `yinsen bench`; GPU time).
+    Replays,
+    /// Per step the host writes the token and position, replays and reads
+    /// the token back, as `forward` does per token (host wall time).
+    HostFed,
+    /// `generate_greedy` (host wall time).
+    Generate,
+}
 
 /// Limits of mega.cu (MG_* there).
 const MG_THREADS: usize = 1024;
@@ -1747,11 +1765,20 @@ impl CudaBackend {
     /// One decode step through the cache's CUDA graph (captured on first
     /// use). Leaves the logits in `s.logits` and the greedy token in `s.argmax`.
     fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32) -> Result<()> {
+        self.decode_launch(s, cache, Some(token))?;
+        self.gpu.sync()
+    }
+
+    /// Queue one replay of the decode graph (captured on first use). With
+    /// `token` the host feeds it at the cache's position; with None the step
+    /// takes what the previous replay left (`decode_advance`: its greedy
+    /// token, the next position), so replays need no copy between them.
+    fn decode_launch(&self, s: &Scratch, cache: &mut CudaCache, token: Option<u32>) -> Result<()> {
         self.claim(cache);
-        let tok = [token as i32];
-        let pos = [cache.len as i32];
-        s.tok.write_async(&tok)?;
-        s.pos.write_async(&pos)?;
+        if let Some(token) = token {
+            s.tok.write_async(&[token as i32])?;
+            s.pos.write_async(&[cache.len as i32])?;
+        }
         if cache.graph.is_none() {
             let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl();
             let splits = cache.cap.div_ceil(ATT_CHUNK);
@@ -1763,8 +1790,7 @@ impl CudaBackend {
             cache.graph = Some(graph);
         }
         let exec = cache.graph.as_ref().expect("just captured").exec;
-        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
-        self.gpu.sync()
+        super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
     }
 
     /// Record the launches `work` makes on the stream as a graph.
@@ -1885,20 +1911,37 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// The decode graph's launches: one step, then `decode_advance`.
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
-        if self.uses_mega() {
-            return self.decode_mega(s, cache, pdl);
-        }
-        if self.fused {
-            return self.decode_fused(s, cache, splits, pdl);
-        }
-        self.body(s, cache, 1, splits)?;
-        self.head(s, 0, 1, true)?;
+        let greedy = if self.uses_mega() {
+            self.decode_mega(s, cache, pdl)?;
+            (s.best.p(), Arg::P(0))
+        } else if self.fused {
+            self.decode_fused(s, cache, splits, pdl)?;
+            (s.best.p(), Arg::P(0))
+        } else {
+            self.body(s, cache, 1, splits)?;
+            self.head(s, 0, 1, true)?;
+            self.gpu.launch(
+                "argmax_f32",
+                (1, 1, 1),
+                1024,
+                &[s.logits.p(), Arg::I(self.config.vocab as i32), s.argmax.p()],
+            )?;
+            (Arg::P(0), s.argmax.p())
+        };
         self.gpu.launch(
-            "argmax_f32",
+            "decode_advance",
             (1, 1, 1),
-            1024,
-            &[s.logits.p(), Arg::I(self.config.vocab as i32), s.argmax.p()],
+            32,
+            &[
+                greedy.0,
+                greedy.1,
+                s.tok.p(),
+                s.pos.p(),
+                s.hist.p(),
+                Arg::I(HIST as i32),
+            ],
         )
     }
 
@@ -1956,45 +1999,75 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Greedy decode of `n` tokens after `first` through the graph; the next
-    /// token is fed back on the device. Returns the generated ids.
+    /// Greedy decode of `n` tokens after `first` through the graph: the steps
+    /// feed their own tokens back on the device (`decode_advance`) and are
+    /// queued back to back; the tokens are read once per HIST steps.
     pub fn generate_greedy(&self, cache: &mut dyn KvCache, first: u32, n: usize) -> Result<Vec<u32>> {
         let cache = self.cache_of(cache)?;
+        self.check_call(cache, &[first])?;
+        if cache.len + n > cache.cap {
+            return Err(Error::input(format!(
+                "context full: {} + {n} tokens > capacity {}",
+                cache.len, cache.cap
+            )));
+        }
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        let mut tok = first;
         let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            self.check_call(cache, &[tok])?;
-            self.decode_graph(&s, cache, tok)?;
-            cache.len += 1;
-            tok = self.decoded_token(&s)?;
-            out.push(tok);
+        while out.len() < n {
+            let start = cache.len;
+            let k = (n - out.len()).min(HIST);
+            for i in 0..k {
+                let feed = (out.is_empty() && i == 0).then_some(first);
+                self.decode_launch(&s, cache, feed)?;
+                cache.len += 1;
+            }
+            let hist = s.hist.read::<i32>(HIST)?;
+            out.extend((start..start + k).map(|p| hist[p % HIST] as u32));
         }
         Ok(out)
     }
 
-    /// For benchmarks: run the decode graph `n` times back to back (same
-    /// token, advancing position) and return GPU milliseconds per step.
+    /// For benchmarks: run the decode graph `n` times back to back (each
+    /// step feeds the next, see `decode_advance`) and return GPU
+    /// milliseconds per step.
     pub(crate) fn time_decode(&self, cache: &mut CudaCache, n: usize) -> Result<f32> {
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
-        self.gpu.bind()?;
+        self.time_decode_loop(cache, n, DecodeLoop::Replays)
+    }
+
+    /// [`Self::time_decode`] with the host's part chosen by `how` (see
+    /// [`DecodeLoop`]): milliseconds per step after a warm step.
+    pub(crate) fn time_decode_loop(&self, cache: &mut CudaCache, n: usize, how: DecodeLoop) -> Result<f32> {
         if cache.len + n + 1 > cache.cap {
             return Err(Error::input("bench: cache too small"));
         }
+        if how == DecodeLoop::Generate {
+            self.generate_greedy(cache, 1, 1)?;
+            let t = std::time::Instant::now();
+            self.generate_greedy(cache, 1, n)?;
+            return Ok(t.elapsed().as_secs_f32() * 1e3 / n as f32);
+        }
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
         self.decode_graph(&s, cache, 1)?; // capture + warm
         cache.len += 1;
-        let exec = cache.graph.as_ref().expect("captured").exec;
-        let ev = Events::new()?;
-        let positions: Vec<[i32; 1]> = (0..n).map(|i| [(cache.len + i) as i32]).collect();
-        ev.record_start(self.gpu.stream)?;
-        for p in &positions {
-            s.pos.write_async(p)?;
-            super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")?;
+        if how == DecodeLoop::HostFed {
+            let mut tok = self.decoded_token(&s)?;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                self.decode_graph(&s, cache, tok)?;
+                cache.len += 1;
+                tok = self.decoded_token(&s)?;
+            }
+            return Ok(t.elapsed().as_secs_f32() * 1e3 / n as f32);
         }
-        let ms = ev.record_stop_ms(self.gpu.stream)?;
-        cache.len += n;
-        Ok(ms / n as f32)
+        let ev = Events::new()?;
+        ev.record_start(self.gpu.stream)?;
+        for _ in 0..n {
+            self.decode_launch(&s, cache, None)?;
+            cache.len += 1;
+        }
+        Ok(ev.record_stop_ms(self.gpu.stream)? / n as f32)
     }
 
     /// For benchmarks: GPU milliseconds per replay of the `nt`-token step
@@ -2480,6 +2553,7 @@ impl Scratch {
                 b
             },
             best: f32s(&[2])?,
+            hist: f32s(&[HIST])?,
             bar: f32s(&[1])?,
             kvs: None,
         })

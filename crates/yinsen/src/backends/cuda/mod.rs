@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 61] = [
+pub const KERNELS: [&str; 62] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -223,6 +223,7 @@ pub const KERNELS: [&str; 61] = [
     "attn_partial_f32",
     "lm_head_f16",
     "argmax_f32",
+    "decode_advance",
     "dec_mm_l8_f16",
     "dec_mm_l8_f32",
     "dec_mm_l16_f16",

@@ -423,6 +423,49 @@ __device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch
 // 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
 // (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
 // weight buffer) while its scores are computed, when they fit.
+// Scores of an item's keys for its G (>= group) query heads into sc[g * ac
+// + j]: warp w takes keys w, w + 32, ...; a lane's 4 K values of a key (dims
+// lane + 32 e) are loaded before the first is used, so their L2 round trips
+// overlap (one dim at a time, each load waited for before the next, cost ~5
+// us per layer at 64 keys: device run S8-8). Same float order as before.
+template <typename KV>
+__device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj, int hd, int group, int ac,
+                                          float* sc) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = MG_THREADS / 32;
+    for (int j = warp; j < nj; j += nwarps) {
+        float kv[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int d = lane + 32 * e;
+            kv[e] = d < hd ? ldcg_kv(kb + (size_t)j * hd + d) : 0.f;
+        }
+        float s[MG_GMAX];
+#pragma unroll
+        for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int d = lane + 32 * e;
+            if (d < hd)
+#pragma unroll
+                for (int g = 0; g < MG_GMAX; g++)
+                    if (g < group) s[g] += qs[g * hd + d] * kv[e];
+        }
+        // Dims past 128 (head_dim > 128): one at a time.
+        for (int d = lane + 128; d < hd; d += 32) {
+            const float k = ldcg_kv(kb + (size_t)j * hd + d);
+#pragma unroll
+            for (int g = 0; g < MG_GMAX; g++)
+                if (g < group) s[g] += qs[g * hd + d] * k;
+        }
+#pragma unroll
+        for (int g = 0; g < MG_GMAX; g++)
+            if (g < group) {
+                const float t = warp_sum(s[g]);
+                if (lane == 0) sc[g * ac + j] = t;
+            }
+    }
+}
+
 template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
@@ -463,23 +506,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
-        for (int j = warp; j < nj; j += nwarps) {
-            float s[MG_GMAX];
-#pragma unroll
-            for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
-            for (int d = lane; d < hd; d += 32) {
-                const float kv = ldcg_kv(kb + (size_t)j * hd + d);
-#pragma unroll
-                for (int g = 0; g < MG_GMAX; g++)
-                    if (g < group) s[g] += qs[g * hd + d] * kv;
-            }
-#pragma unroll
-            for (int g = 0; g < MG_GMAX; g++)
-                if (g < group) {
-                    const float t = warp_sum(s[g]);
-                    if (lane == 0) sc[g * ac + j] = t;
-                }
-        }
+        mg_scores(qs, kb, nj, hd, group, ac, sc);
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 21);
         if (warp < group) mg_softmax_row(sc + warp * ac, nj, ml + 2 * warp);
@@ -503,6 +530,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
             float a = 0.f;
             if (staged)
+#pragma unroll 4
                 for (int j = part_i; j < nj; j += split) a += sc[g * ac + j] * kv_load(vsm + (size_t)j * hd + d);
             else
                 for (int j = part_i; j < nj; j += split) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);

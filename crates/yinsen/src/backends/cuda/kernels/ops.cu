@@ -358,3 +358,27 @@ extern "C" __global__ void argmax_f32(const float* logits, int n, int* out) {
         if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
     }
 }
+
+// The last kernel of the one-token decode graph: the step advances itself.
+// The greedy token (the fused head's argmax key in `best`, else `argmax`)
+// becomes the next step's input and is kept in hist[pos % hist_len]; pos
+// moves to the next position. Why: the host then needs no copy between two
+// replays (a 4-byte position copy between graph launches cost ~150 us per
+// step on the H100, device run S8-6), and a greedy generation can queue its
+// steps back to back and read the tokens once. The host overwrites tok and
+// pos whenever it feeds its own token (`decode_graph`).
+extern "C" __global__ void decode_advance(const u64* best, const int* argmax, int* tok, int* pos, int* hist,
+                                          int hist_len) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int t;
+    if (best) {
+        const u64 k = *best;
+        t = k == 0 ? 0 : (int)~(unsigned)k;  // key 0: no finite logit (as the host reads it)
+    } else {
+        t = *argmax;
+    }
+    const int p = *pos;
+    hist[p % hist_len] = t;
+    tok[0] = t;
+    pos[0] = p + 1;
+}
