@@ -2,8 +2,10 @@
 # Quick decode A/B on the device (one call): pack here, run there.
 #   here:    scripts/device-quick.sh pack
 #   device:  bash .device/device-quick.sh remote "7,263,135"   (run tool, carry [".device"])
-# Runs the cuda_forward tests, then `yinsen bench` decode-only with the
-# persistent kernel's variant flags A/B'd (YINSEN_CUDA_MEGA_AB) and traced.
+# Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
+# decode-only with the persistent kernel's variant flags A/B'd
+# (YINSEN_CUDA_MEGA_AB) and traced, then `yinsen run` greedy with the token
+# picked on the device vs through the host's logits.
 set -u
 . "$(dirname "$0")/pack-small.sh"
 if [ "${1:-}" = pack ]; then
@@ -19,3 +21,10 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 grep -E "test result|FAILED|panicked|SKIP" "$out/tests.log" | head -20
 YINSEN_CUDA_BENCH=decode YINSEN_CUDA_MEGA_AB="$2" yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 >"$out/bench.txt" 2>&1
 grep -E "^flags|decode ctx|variant|persistent decode launch|tok/s" "$out/bench.txt"
+# The engine's loop (`yinsen run`): greedy picked on the device vs greedy
+# through the host's logits (a repetition penalty of 1.0001 needs them).
+for r in 1 2; do
+  for pen in 1 1.0001; do
+    echo "run greedy, repeat penalty $pen: $(yinsen run -m synthetic:2b4t --backend cuda -p "The quick brown fox jumps over the lazy dog" -n 256 --temp 0 --repeat-penalty $pen 2>&1 | grep -o "[0-9]* generated: [0-9.]* tok/s")"
+  done
+done

@@ -11,6 +11,8 @@ use yinsen::backends::cpu::CpuBackend;
 use yinsen::backends::cuda::forward::BigGemm;
 use yinsen::backends::cuda::{CudaBackend, FlashMode, KvDtype};
 use yinsen::backends::{Backend, Output};
+use yinsen::engine::sampling::SamplerConfig;
+use yinsen::engine::session::{GenParams, Session};
 use yinsen::formats::{self, LoadOptions};
 use yinsen::model::{synthetic, Model};
 
@@ -331,7 +333,7 @@ fn flash_key_split_matches_unsplit() {
 /// fixture's tolerances.json limits exactly; the f16 cache to the flip-prone
 /// limits at least (rounding V to f16, rel. 5e-4, flips int8 activation
 /// codes: 1.8e-2 on bos_only).
-fn check_prompt(gpu: &CudaBackend, p: &serde_json::Value, kv: KvDtype) {
+fn check_prompt(gpu: &Arc<CudaBackend>, p: &serde_json::Value, kv: KvDtype) {
     let name = p["name"].as_str().unwrap();
     let ids = json_ids(&p["ids"]);
     let (n, vocab) = (ids.len(), gpu.config().vocab);
@@ -348,6 +350,19 @@ fn check_prompt(gpu: &CudaBackend, p: &serde_json::Value, kv: KvDtype) {
     let mut got = vec![first];
     got.extend(gpu.generate_greedy(cache.as_mut(), first, 15).unwrap());
     check_greedy(&what, name, &got);
+    // The engine's greedy loop: each step's token picked on the device
+    // (`forward_greedy`), the same tokens.
+    let mut s = Session::new(gpu.clone(), n + 20).unwrap();
+    let params = GenParams {
+        max_new: got.len(),
+        sampler: SamplerConfig::greedy(),
+        stop_ids: vec![],
+    };
+    let (via_session, _, _) = s.generate(&ids, &params, |_| Ok(true)).unwrap();
+    assert_eq!(
+        via_session, got,
+        "{what} {name}: session (forward_greedy) vs generate_greedy"
+    );
 }
 
 #[test]
@@ -358,6 +373,7 @@ fn fixture_logits_match_transformers() {
     let prompts = read_json(tiny_a().join("expected/prompts.json"));
     for kv in [KvDtype::F32, KvDtype::F16] {
         let Some(gpu) = cuda_kv(&loaded.model, kv) else { return };
+        let gpu = Arc::new(gpu);
         assert_eq!(gpu.kv_dtype(), kv);
         for p in prompts["prompts"].as_array().unwrap() {
             check_prompt(&gpu, p, kv);

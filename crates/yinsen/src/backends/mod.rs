@@ -46,6 +46,14 @@ pub trait Backend: Send + Sync {
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>>;
     /// Run `tokens` at positions `cache.len()..`, appending to the cache.
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>>;
+    /// Run one token and return the greedy next token (the largest logit,
+    /// the lowest index on ties) without handing out the logits, where the
+    /// backend picks it itself (CUDA: on the device, so a decode step moves
+    /// 4 bytes to the host instead of the vocabulary's logits). None: not
+    /// offered here (nothing ran); call `forward` and sample.
+    fn forward_greedy(&self, _cache: &mut dyn KvCache, _token: u32) -> Result<Option<u32>> {
+        Ok(None)
+    }
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;
     /// Ternary weight bytes one decode step (one token) reads, where the

@@ -143,6 +143,57 @@ impl KvCache for HybridCache {
 }
 
 impl HybridBackend {
+    /// Plan the call of `tokens` (path, where the cache lives), move the
+    /// cache if the plan says so, then run `call` on the planned backend and
+    /// its cache, and count it (`forward`, `forward_greedy`).
+    fn run_planned<T>(
+        &self,
+        cache: &mut dyn KvCache,
+        tokens: &[u32],
+        output: Output,
+        call: impl FnOnce(&Arc<dyn Backend>, &mut dyn KvCache) -> Result<T>,
+    ) -> Result<T> {
+        let hc = cache
+            .as_any_mut()
+            .downcast_mut::<HybridCache>()
+            .ok_or_else(|| Error::backend("hybrid", "KV cache belongs to another backend"))?;
+        check_forward_args(&self.config, hc.len(), hc.capacity, tokens)?;
+        let kv_on = hc.inner.as_ref().map(|i| i.0);
+        let mut plan = self.plan_for(tokens.len(), output, kv_on, hc.len());
+        let be = match self.slot(plan.path)?.get() {
+            Ok(b) => b,
+            // A lazily built CUDA path that cannot run this model: CPU from now on.
+            Err(Error::Unsupported(why)) if plan.path == Path::Cuda => {
+                self.cuda_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.note(format!("CUDA path unusable, staying on the CPU: {why}"));
+                plan = self.plan_for(tokens.len(), output, kv_on, hc.len());
+                self.cpu.get()?
+            }
+            Err(e) => return Err(e),
+        };
+        if self.explain {
+            eprintln!("[plan] {}", plan.summary());
+        }
+        match hc.inner.as_ref().map(|i| i.0) {
+            Some(p) if p != plan.path => self.move_cache(hc, plan.path, &be)?,
+            Some(_) => {}
+            None => hc.inner = Some((plan.path, be.clone(), be.new_cache(hc.capacity)?)),
+        }
+        let (_, owner, inner) = hc.inner.as_mut().expect("placed above");
+        let out = call(owner, inner.as_mut())?;
+        if let Ok(mut s) = self.stats.lock() {
+            match plan.path {
+                Path::Cpu => s.cpu_calls += 1,
+                Path::Cuda => s.cuda_calls += 1,
+            }
+        }
+        self.enforce_budget(plan.path);
+        if let Ok(mut lp) = self.last_plan.lock() {
+            *lp = Some(plan);
+        }
+        Ok(out)
+    }
+
     /// `cuda` is None on machines (or models) without a GPU path. In `Dual`
     /// mode both paths are built now.
     pub fn new(config: ModelConfig, planner: Planner, cpu: Slot, cuda: Option<Slot>, mode: WeightMode) -> Result<Self> {
@@ -292,45 +343,19 @@ impl Backend for HybridBackend {
         }))
     }
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
-        let hc = cache
-            .as_any_mut()
-            .downcast_mut::<HybridCache>()
-            .ok_or_else(|| Error::backend("hybrid", "KV cache belongs to another backend"))?;
-        check_forward_args(&self.config, hc.len(), hc.capacity, tokens)?;
-        let kv_on = hc.inner.as_ref().map(|i| i.0);
-        let mut plan = self.plan_for(tokens.len(), output, kv_on, hc.len());
-        let be = match self.slot(plan.path)?.get() {
-            Ok(b) => b,
-            // A lazily built CUDA path that cannot run this model: CPU from now on.
-            Err(Error::Unsupported(why)) if plan.path == Path::Cuda => {
-                self.cuda_ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                self.note(format!("CUDA path unusable, staying on the CPU: {why}"));
-                plan = self.plan_for(tokens.len(), output, kv_on, hc.len());
-                self.cpu.get()?
-            }
-            Err(e) => return Err(e),
-        };
-        if self.explain {
-            eprintln!("[plan] {}", plan.summary());
+        self.run_planned(cache, tokens, output, |be, c| be.forward(c, tokens, output))
+    }
+    fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
+        // Only the CUDA path picks on its own: a CPU plan is left to
+        // `forward` (nothing runs or is counted here).
+        let on = cache.as_any_mut().downcast_mut::<HybridCache>().map(|hc| {
+            let kv_on = hc.inner.as_ref().map(|i| i.0);
+            self.plan_for(1, Output::LastLogits, kv_on, hc.len()).path
+        });
+        if on != Some(Path::Cuda) {
+            return Ok(None);
         }
-        match hc.inner.as_ref().map(|i| i.0) {
-            Some(p) if p != plan.path => self.move_cache(hc, plan.path, &be)?,
-            Some(_) => {}
-            None => hc.inner = Some((plan.path, be.clone(), be.new_cache(hc.capacity)?)),
-        }
-        let (_, owner, inner) = hc.inner.as_mut().expect("placed above");
-        let out = owner.forward(inner.as_mut(), tokens, output)?;
-        if let Ok(mut s) = self.stats.lock() {
-            match plan.path {
-                Path::Cpu => s.cpu_calls += 1,
-                Path::Cuda => s.cuda_calls += 1,
-            }
-        }
-        self.enforce_budget(plan.path);
-        if let Ok(mut lp) = self.last_plan.lock() {
-            *lp = Some(plan);
-        }
-        Ok(out)
+        self.run_planned(cache, &[token], Output::LastLogits, |be, c| be.forward_greedy(c, token))
     }
     fn resident_weight_bytes(&self) -> usize {
         self.residency().iter().map(|r| r.resident_weight_bytes).sum()

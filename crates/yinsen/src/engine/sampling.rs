@@ -35,6 +35,16 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// Whether the repetition penalty changes any logit.
+    pub fn penalises_repeats(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0
+    }
+
+    /// Plain argmax of the logits: no temperature and no repetition penalty.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 && !self.penalises_repeats()
+    }
+
     pub fn greedy() -> Self {
         Self {
             temperature: 0.0,
@@ -69,7 +79,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.cfg;
         let mut l = logits.to_vec();
-        if c.repeat_penalty != 1.0 && c.repeat_penalty > 0.0 {
+        if c.penalises_repeats() {
             let start = history.len().saturating_sub(c.repeat_last_n);
             let mut seen = std::collections::HashSet::new();
             for &t in &history[start..] {

@@ -102,8 +102,15 @@ impl Session {
         let t1 = Instant::now();
         let mut out = Vec::new();
         let mut reason = StopReason::Length;
+        // Plain greedy needs no logits on the host: where the backend picks
+        // the next token itself (CUDA), a step returns that token.
+        let greedy = params.sampler.is_greedy();
+        let mut picked: Option<u32> = None;
         while out.len() < params.max_new {
-            let tok = sampler.sample(&logits, &self.tokens);
+            let tok = match picked.take() {
+                Some(t) => t,
+                None => sampler.sample(&logits, &self.tokens),
+            };
             if params.stop_ids.contains(&tok) {
                 reason = StopReason::Eos;
                 break;
@@ -120,6 +127,13 @@ impl Session {
                 reason = StopReason::Context;
                 break;
             }
+            if greedy {
+                if let Some(next) = self.backend.forward_greedy(self.cache.as_mut(), tok)? {
+                    self.tokens.push(tok);
+                    picked = Some(next);
+                    continue;
+                }
+            }
             logits = self.feed(&[tok], Output::LastLogits)?;
         }
         let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
@@ -132,5 +146,98 @@ impl Session {
             gen_tokens_per_s: out.len() as f64 / (gen_ms / 1e3).max(1e-9),
         };
         Ok((out, reason, timings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::backends::cpu::CpuBackend;
+    use crate::model::{synthetic, ModelConfig};
+
+    /// A CPU backend that also offers `forward_greedy` (forward, then the
+    /// host argmax) and counts those calls: the session's fast path without
+    /// a GPU.
+    struct Picker {
+        inner: CpuBackend,
+        calls: AtomicUsize,
+    }
+
+    impl Backend for Picker {
+        fn name(&self) -> String {
+            "picker".into()
+        }
+        fn config(&self) -> &ModelConfig {
+            self.inner.config()
+        }
+        fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
+            self.inner.new_cache(capacity)
+        }
+        fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
+            self.inner.forward(cache, tokens, output)
+        }
+        fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let l = self.inner.forward(cache, &[token], Output::LastLogits)?;
+            Ok(Some(super::super::sampling::argmax(&l)))
+        }
+        fn resident_weight_bytes(&self) -> usize {
+            self.inner.resident_weight_bytes()
+        }
+    }
+
+    fn run(be: Arc<dyn Backend>, sampler: SamplerConfig, stop_ids: Vec<u32>) -> (Vec<u32>, StopReason, Vec<u32>) {
+        let mut s = Session::new(be, 64).unwrap();
+        let params = GenParams {
+            max_new: 12,
+            sampler,
+            stop_ids,
+        };
+        let (out, reason, _) = s.generate(&[5, 77, 300, 9], &params, |_| Ok(true)).unwrap();
+        (out, reason, s.tokens().to_vec())
+    }
+
+    #[test]
+    fn greedy_steps_use_the_backends_own_pick() {
+        let m = Arc::new(synthetic::build("tiny").unwrap());
+        let plain: Arc<dyn Backend> = Arc::new(CpuBackend::new(m.clone(), "scalar", 1).unwrap());
+        let picker = Arc::new(Picker {
+            inner: CpuBackend::new(m, "scalar", 1).unwrap(),
+            calls: AtomicUsize::new(0),
+        });
+        let want = run(plain.clone(), SamplerConfig::greedy(), vec![]);
+        assert_eq!(want.0.len(), 12);
+        assert!(want.0.iter().any(|&t| t != want.0[0]), "degenerate continuation");
+        let got = run(picker.clone(), SamplerConfig::greedy(), vec![]);
+        assert_eq!(got, want);
+        // The first token comes from the prompt's logits; the last is not fed.
+        assert_eq!(picker.calls.swap(0, Ordering::Relaxed), 11);
+        // A stop id in the middle ends both the same way.
+        let stop = vec![want.0[6]];
+        let first = want.0.iter().position(|&t| t == want.0[6]).unwrap();
+        let got = run(picker.clone(), SamplerConfig::greedy(), stop.clone());
+        assert_eq!(got, run(plain.clone(), SamplerConfig::greedy(), stop));
+        assert_eq!((got.0.len(), got.1), (first, StopReason::Eos));
+        // Sampling with a temperature or a repetition penalty needs the logits.
+        picker.calls.store(0, Ordering::Relaxed);
+        let warm = SamplerConfig {
+            temperature: 0.7,
+            ..SamplerConfig::default()
+        };
+        assert_eq!(
+            run(picker.clone(), warm.clone(), vec![]),
+            run(plain.clone(), warm, vec![])
+        );
+        let penalised = SamplerConfig {
+            repeat_penalty: 1.3,
+            ..SamplerConfig::greedy()
+        };
+        assert_eq!(
+            run(picker.clone(), penalised.clone(), vec![]),
+            run(plain, penalised, vec![])
+        );
+        assert_eq!(picker.calls.load(Ordering::Relaxed), 0);
     }
 }

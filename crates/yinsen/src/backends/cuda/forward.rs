@@ -2606,6 +2606,15 @@ impl Backend for CudaBackend {
         let cache = self.cache_of(cache)?;
         self.run(cache, tokens, output)
     }
+    fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
+        let cache = self.cache_of(cache)?;
+        self.check_call(cache, &[token])?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        self.decode_graph(&s, cache, token)?;
+        cache.len += 1;
+        self.decoded_token(&s).map(Some)
+    }
     fn resident_weight_bytes(&self) -> usize {
         self.weight_bytes
     }
