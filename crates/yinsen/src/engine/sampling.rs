@@ -69,6 +69,21 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// (token, logit) by falling logit (lower token first on ties), cut to the
+/// first `top_k` (0 = all). With a top-k the k best are selected first and
+/// only they are sorted: O(vocab) instead of sorting the whole vocabulary
+/// (128k entries per token for BitNet), the same list.
+fn ranked(l: &[f32], top_k: usize) -> Vec<(u32, f32)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    if top_k > 0 && top_k < cand.len() {
+        cand.select_nth_unstable_by(top_k - 1, order);
+        cand.truncate(top_k);
+    }
+    cand.sort_unstable_by(order);
+    cand
+}
+
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
         let rng = SplitMix64(cfg.seed);
@@ -97,11 +112,7 @@ impl Sampler {
         if c.temperature <= 0.0 {
             return argmax(&l);
         }
-        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if c.top_k > 0 && c.top_k < cand.len() {
-            cand.truncate(c.top_k);
-        }
+        let cand = ranked(&l, c.top_k);
         // Softmax with temperature over the survivors.
         let m = cand[0].1;
         let mut p: Vec<f32> = cand.iter().map(|&(_, v)| ((v - m) / c.temperature).exp()).collect();
@@ -137,6 +148,43 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The partial selection ranks exactly as sorting everything and cutting
+    /// (ties included), so sampling is unchanged.
+    #[test]
+    fn top_k_selection_equals_a_full_sort() {
+        let mut r = SplitMix64(99);
+        for (n, k) in [
+            (1usize, 1usize),
+            (5, 3),
+            (100, 40),
+            (128_256, 40),
+            (1000, 999),
+            (1000, 1000),
+            (7, 0),
+        ] {
+            // Coarse values so ties occur; one NaN and infinities where room.
+            let mut l: Vec<f32> = (0..n).map(|_| (r.next_f32() * 64.0).floor() - 32.0).collect();
+            if n > 10 {
+                l[3] = f32::NAN;
+                l[5] = f32::INFINITY;
+                l[8] = f32::NEG_INFINITY;
+            }
+            let mut want: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+            want.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if k > 0 {
+                want.truncate(k);
+            }
+            let got = ranked(&l, k);
+            assert_eq!(got.len(), want.len(), "n {n} k {k}");
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.0 == b.0 && a.1.to_bits() == b.1.to_bits()),
+                "n {n} k {k}"
+            );
+        }
+    }
 
     #[test]
     fn greedy_takes_argmax_lowest_on_ties() {
