@@ -27,4 +27,5 @@ for r in 1 2; do
   for pen in 1 1.0001; do
     echo "run greedy, repeat penalty $pen: $(yinsen run -m synthetic:2b4t --backend cuda -p "The quick brown fox jumps over the lazy dog" -n 256 --temp 0 --repeat-penalty $pen 2>&1 | grep -o "[0-9]* generated: [0-9.]* tok/s")"
   done
+  echo "run default sampling: $(yinsen run -m synthetic:2b4t --backend cuda -p "The quick brown fox jumps over the lazy dog" -n 256 2>&1 | grep -o "[0-9]* generated: [0-9.]* tok/s")"
 done

@@ -15,7 +15,7 @@ use cudarc::driver::{result, sys};
 mod mega_multi;
 
 use super::layout::{rope_pair_order, GpuLayout};
-use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel};
+use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
@@ -134,6 +134,8 @@ struct Scratch {
     best: DevBuf,
     /// Greedy tokens of the decode graph's steps, by position mod HIST.
     hist: DevBuf,
+    /// A decode step's logits on their way to the host.
+    logits_host: PinnedHost,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
@@ -1954,7 +1956,7 @@ impl CudaBackend {
         if tokens.len() == 1 && output == Output::LastLogits {
             self.decode_graph(&s, cache, tokens[0])?;
             cache.len += 1;
-            return s.logits.read::<f32>(c.vocab);
+            return s.logits.read_via::<f32>(c.vocab, &s.logits_host);
         }
         // Multi-token steps through a graph (from a key's second use on).
         if let Some(key) = self.step_key(&s, cache, tokens.len(), output) {
@@ -2554,6 +2556,7 @@ impl Scratch {
             },
             best: f32s(&[2])?,
             hist: f32s(&[HIST])?,
+            logits_host: PinnedHost::new(gpu, c.vocab * 4)?,
             bar: f32s(&[1])?,
             kvs: None,
         })
