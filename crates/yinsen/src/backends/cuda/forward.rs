@@ -134,8 +134,9 @@ struct Scratch {
     best: DevBuf,
     /// Greedy tokens of the decode graph's steps, by position mod HIST.
     hist: DevBuf,
-    /// A decode step's logits on their way to the host.
-    logits_host: PinnedHost,
+    /// A decode step's logits on their way to the host (None where the
+    /// driver refused page-locked memory: the pageable read then).
+    logits_host: Option<PinnedHost>,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
@@ -1956,7 +1957,10 @@ impl CudaBackend {
         if tokens.len() == 1 && output == Output::LastLogits {
             self.decode_graph(&s, cache, tokens[0])?;
             cache.len += 1;
-            return s.logits.read_via::<f32>(c.vocab, &s.logits_host);
+            return match &s.logits_host {
+                Some(pin) => s.logits.read_via::<f32>(c.vocab, pin),
+                None => s.logits.read::<f32>(c.vocab),
+            };
         }
         // Multi-token steps through a graph (from a key's second use on).
         if let Some(key) = self.step_key(&s, cache, tokens.len(), output) {
@@ -2556,7 +2560,7 @@ impl Scratch {
             },
             best: f32s(&[2])?,
             hist: f32s(&[HIST])?,
-            logits_host: PinnedHost::new(gpu, c.vocab * 4)?,
+            logits_host: PinnedHost::new(gpu, c.vocab * 4).ok(),
             bar: f32s(&[1])?,
             kvs: None,
         })
