@@ -11,7 +11,7 @@ use yinsen::backends::cpu::CpuBackend;
 use yinsen::backends::cuda::forward::BigGemm;
 use yinsen::backends::cuda::{CudaBackend, FlashMode, KvDtype};
 use yinsen::backends::{Backend, Output};
-use yinsen::engine::sampling::SamplerConfig;
+use yinsen::engine::sampling::{ranked, SamplerConfig};
 use yinsen::engine::session::{GenParams, Session};
 use yinsen::formats::{self, LoadOptions};
 use yinsen::model::{synthetic, Model};
@@ -848,4 +848,39 @@ fn tcx_prefill_matches_tc() {
     }
     gpu.set_key_splits(0);
     gpu.set_flash(FlashMode::Auto);
+}
+
+/// `forward_top_k` ranks on the device as the host sampler ranks the logits
+/// (`ranked`): the same tokens and logit bits, step after step, for k from 1
+/// to the largest offered, over a vocabulary of 16 selection blocks (125m).
+#[test]
+fn top_k_on_the_device_matches_the_host_ranking() {
+    let model = synthetic::build("125m").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let vocab = model.config.vocab as u32;
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 7919 + 5) % vocab).collect();
+    for k in [1usize, 5, 40, 64] {
+        let (mut a, mut b) = (gpu.new_cache(64).unwrap(), gpu.new_cache(64).unwrap());
+        gpu.forward(a.as_mut(), &prompt, Output::LastLogits).unwrap();
+        gpu.forward(b.as_mut(), &prompt, Output::LastLogits).unwrap();
+        let mut tok = 7u32;
+        for step in 0..6 {
+            let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
+            let want = ranked(&logits, k);
+            let got = gpu
+                .forward_top_k(b.as_mut(), tok, k)
+                .unwrap()
+                .expect("offered for k <= 64");
+            assert_eq!(got.len(), k, "k {k} step {step}");
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!((g.0, g.1.to_bits()), (w.0, w.1.to_bits()), "k {k} step {step} rank {j}");
+            }
+            // Not always the best token, so the steps differ from greedy.
+            tok = want[want.len() / 2].0;
+        }
+    }
+    let mut c = gpu.new_cache(16).unwrap();
+    assert!(gpu.forward_top_k(c.as_mut(), 3, 65).unwrap().is_none());
+    assert!(gpu.forward_top_k(c.as_mut(), 3, 0).unwrap().is_none());
+    assert_eq!(c.len(), 0, "nothing ran for a k not offered");
 }

@@ -54,6 +54,14 @@ pub trait Backend: Send + Sync {
     fn forward_greedy(&self, _cache: &mut dyn KvCache, _token: u32) -> Result<Option<u32>> {
         Ok(None)
     }
+    /// Run one token and return the `k` largest next-token logits as
+    /// (token, logit), ranked as `engine::sampling::ranked` ranks them, where
+    /// the backend selects them itself (CUDA: on the device, k pairs to the
+    /// host instead of the vocabulary's logits). None: not offered for this
+    /// k (nothing ran); call `forward`.
+    fn forward_top_k(&self, _cache: &mut dyn KvCache, _token: u32, _k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        Ok(None)
+    }
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;
     /// Ternary weight bytes one decode step (one token) reads, where the

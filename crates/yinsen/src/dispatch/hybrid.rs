@@ -143,6 +143,16 @@ impl KvCache for HybridCache {
 }
 
 impl HybridBackend {
+    /// Whether a one-token decode of `cache` is planned on the CUDA path:
+    /// only it picks or ranks the next token itself, so a CPU plan is left
+    /// to `forward` (nothing runs or is counted for it).
+    fn decode_on_cuda(&self, cache: &mut dyn KvCache) -> bool {
+        cache.as_any_mut().downcast_mut::<HybridCache>().is_some_and(|hc| {
+            let kv_on = hc.inner.as_ref().map(|i| i.0);
+            self.plan_for(1, Output::LastLogits, kv_on, hc.len()).path == Path::Cuda
+        })
+    }
+
     /// Plan the call of `tokens` (path, where the cache lives), move the
     /// cache if the plan says so, then run `call` on the planned backend and
     /// its cache, and count it (`forward`, `forward_greedy`).
@@ -346,16 +356,18 @@ impl Backend for HybridBackend {
         self.run_planned(cache, tokens, output, |be, c| be.forward(c, tokens, output))
     }
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
-        // Only the CUDA path picks on its own: a CPU plan is left to
-        // `forward` (nothing runs or is counted here).
-        let on = cache.as_any_mut().downcast_mut::<HybridCache>().map(|hc| {
-            let kv_on = hc.inner.as_ref().map(|i| i.0);
-            self.plan_for(1, Output::LastLogits, kv_on, hc.len()).path
-        });
-        if on != Some(Path::Cuda) {
+        if !self.decode_on_cuda(cache) {
             return Ok(None);
         }
         self.run_planned(cache, &[token], Output::LastLogits, |be, c| be.forward_greedy(c, token))
+    }
+    fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        if !self.decode_on_cuda(cache) {
+            return Ok(None);
+        }
+        self.run_planned(cache, &[token], Output::LastLogits, |be, c| {
+            be.forward_top_k(c, token, k)
+        })
     }
     fn resident_weight_bytes(&self) -> usize {
         self.residency().iter().map(|r| r.resident_weight_bytes).sum()

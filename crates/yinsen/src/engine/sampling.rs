@@ -74,7 +74,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// whose top is the worst kept (most logits fail one comparison with it) and
 /// only they are sorted: sorting the whole vocabulary (128k entries for
 /// BitNet) cost 3.25 ms per token here, this 0.1 ms; the same list.
-fn ranked(l: &[f32], top_k: usize) -> Vec<(u32, f32)> {
+pub fn ranked(l: &[f32], top_k: usize) -> Vec<(u32, f32)> {
     if top_k == 0 || top_k >= l.len() {
         let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
         cand.sort_unstable_by(rank_order);
@@ -153,6 +153,24 @@ impl Sampler {
             return argmax(&l);
         }
         let cand = ranked(&l, c.top_k);
+        self.sample_ranked(cand)
+    }
+
+    /// Whether [`Self::sample_ranked`] may take a backend's top-k list in
+    /// place of the logits: a temperature, no repetition penalty, and a
+    /// top-k of 1..=`max_k`.
+    pub fn takes_top_k(&self, max_k: usize) -> Option<usize> {
+        let c = &self.cfg;
+        (c.temperature > 0.0 && !c.penalises_repeats() && (1..=max_k).contains(&c.top_k)).then_some(c.top_k)
+    }
+
+    /// The draw of [`Self::sample`] from candidates already ranked and cut
+    /// to the top-k ([`ranked`]'s list: for the same logits, the same token).
+    pub fn sample_ranked(&mut self, cand: Vec<(u32, f32)>) -> u32 {
+        let c = &self.cfg;
+        if cand.is_empty() {
+            return 0;
+        }
         // Softmax with temperature over the survivors.
         let m = cand[0].1;
         let mut p: Vec<f32> = cand.iter().map(|&(_, v)| ((v - m) / c.temperature).exp()).collect();

@@ -9,6 +9,9 @@ use super::sampling::{Sampler, SamplerConfig};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 
+/// The largest top-k a backend is asked to rank itself (CUDA: TK_MAX in ops.cu).
+pub const TOP_K_MAX: usize = 64;
+
 pub struct Session {
     backend: Arc<dyn Backend>,
     cache: Box<dyn KvCache>,
@@ -104,12 +107,17 @@ impl Session {
         let mut reason = StopReason::Length;
         // Plain greedy needs no logits on the host: where the backend picks
         // the next token itself (CUDA), a step returns that token.
+        // Or, sampling from a top-k without a repetition penalty, where the
+        // backend ranks the top-k itself, a step returns those k.
         let greedy = params.sampler.is_greedy();
+        let top_k = sampler.takes_top_k(TOP_K_MAX);
         let mut picked: Option<u32> = None;
+        let mut ranked: Option<Vec<(u32, f32)>> = None;
         while out.len() < params.max_new {
-            let tok = match picked.take() {
-                Some(t) => t,
-                None => sampler.sample(&logits, &self.tokens),
+            let tok = match (picked.take(), ranked.take()) {
+                (Some(t), _) => t,
+                (None, Some(cand)) => sampler.sample_ranked(cand),
+                (None, None) => sampler.sample(&logits, &self.tokens),
             };
             if params.stop_ids.contains(&tok) {
                 reason = StopReason::Eos;
@@ -131,6 +139,12 @@ impl Session {
                 if let Some(next) = self.backend.forward_greedy(self.cache.as_mut(), tok)? {
                     self.tokens.push(tok);
                     picked = Some(next);
+                    continue;
+                }
+            } else if let Some(k) = top_k {
+                if let Some(cand) = self.backend.forward_top_k(self.cache.as_mut(), tok, k)? {
+                    self.tokens.push(tok);
+                    ranked = Some(cand);
                     continue;
                 }
             }
@@ -163,6 +177,7 @@ mod tests {
     struct Picker {
         inner: CpuBackend,
         calls: AtomicUsize,
+        top_k_calls: AtomicUsize,
     }
 
     impl Backend for Picker {
@@ -183,6 +198,11 @@ mod tests {
             let l = self.inner.forward(cache, &[token], Output::LastLogits)?;
             Ok(Some(super::super::sampling::argmax(&l)))
         }
+        fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+            self.top_k_calls.fetch_add(1, Ordering::Relaxed);
+            let l = self.inner.forward(cache, &[token], Output::LastLogits)?;
+            Ok(Some(super::super::sampling::ranked(&l, k)))
+        }
         fn resident_weight_bytes(&self) -> usize {
             self.inner.resident_weight_bytes()
         }
@@ -200,12 +220,13 @@ mod tests {
     }
 
     #[test]
-    fn greedy_steps_use_the_backends_own_pick() {
+    fn decode_steps_use_the_backends_own_pick_or_ranking() {
         let m = Arc::new(synthetic::build("tiny").unwrap());
         let plain: Arc<dyn Backend> = Arc::new(CpuBackend::new(m.clone(), "scalar", 1).unwrap());
         let picker = Arc::new(Picker {
             inner: CpuBackend::new(m, "scalar", 1).unwrap(),
             calls: AtomicUsize::new(0),
+            top_k_calls: AtomicUsize::new(0),
         });
         let want = run(plain.clone(), SamplerConfig::greedy(), vec![]);
         assert_eq!(want.0.len(), 12);
@@ -220,24 +241,42 @@ mod tests {
         let got = run(picker.clone(), SamplerConfig::greedy(), stop.clone());
         assert_eq!(got, run(plain.clone(), SamplerConfig::greedy(), stop));
         assert_eq!((got.0.len(), got.1), (first, StopReason::Eos));
-        // Sampling with a temperature or a repetition penalty needs the logits.
+        // Sampling from a top-k takes the backend's ranked list: the same
+        // draws (same seed) as from the logits.
         picker.calls.store(0, Ordering::Relaxed);
         let warm = SamplerConfig {
             temperature: 0.7,
             ..SamplerConfig::default()
         };
-        assert_eq!(
-            run(picker.clone(), warm.clone(), vec![]),
-            run(plain.clone(), warm, vec![])
-        );
+        let want = run(plain.clone(), warm.clone(), vec![]);
+        assert_eq!(run(picker.clone(), warm, vec![]), want);
+        assert_eq!(picker.top_k_calls.swap(0, Ordering::Relaxed), 11);
+        let hot = SamplerConfig {
+            temperature: 1.5,
+            top_k: 7,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplerConfig::default()
+        };
+        let want = run(plain.clone(), hot.clone(), vec![]);
+        assert!(want.0.iter().any(|&t| t != want.0[0]), "degenerate draws");
+        assert_eq!(run(picker.clone(), hot, vec![]), want);
+        assert_eq!(picker.top_k_calls.swap(0, Ordering::Relaxed), 11);
+        // A repetition penalty, or no top-k, needs the logits.
         let penalised = SamplerConfig {
             repeat_penalty: 1.3,
             ..SamplerConfig::greedy()
         };
         assert_eq!(
             run(picker.clone(), penalised.clone(), vec![]),
-            run(plain, penalised, vec![])
+            run(plain.clone(), penalised, vec![])
         );
+        let no_k = SamplerConfig {
+            top_k: 0,
+            ..SamplerConfig::default()
+        };
+        assert_eq!(run(picker.clone(), no_k.clone(), vec![]), run(plain, no_k, vec![]));
         assert_eq!(picker.calls.load(Ordering::Relaxed), 0);
+        assert_eq!(picker.top_k_calls.load(Ordering::Relaxed), 0);
     }
 }

@@ -134,6 +134,12 @@ struct Scratch {
     best: DevBuf,
     /// Greedy tokens of the decode graph's steps, by position mod HIST.
     hist: DevBuf,
+    /// `topk_logits` (ops.cu): per-block candidates, the arrival counter
+    /// (zero between launches), the k values and tokens.
+    topk_part: DevBuf,
+    topk_cnt: DevBuf,
+    topk_v: DevBuf,
+    topk_i: DevBuf,
     /// A decode step's logits on their way to the host (None where the
     /// driver refused page-locked memory: the pageable read then).
     logits_host: Option<PinnedHost>,
@@ -488,6 +494,11 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 /// prefetch, release-reduction arrive, no fence after the acquire spin
 /// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200).
 pub const MEGA_DEFAULT_FLAGS: u32 = 7;
+
+/// `topk_logits` limits (TK_* in ops.cu): k, blocks, logits per block.
+const TK_MAX: usize = 64;
+const TK_BLOCKS: usize = 64;
+const TK_PER: usize = 2048;
 
 /// Steps of a greedy generation queued before their tokens are read.
 const HIST: usize = 1024;
@@ -2561,6 +2572,14 @@ impl Scratch {
             best: f32s(&[2])?,
             hist: f32s(&[HIST])?,
             logits_host: PinnedHost::new(gpu, c.vocab * 4).ok(),
+            topk_part: gpu.alloc(8 * TK_BLOCKS * TK_MAX)?,
+            topk_cnt: {
+                let b = f32s(&[1])?;
+                b.fill(0)?;
+                b
+            },
+            topk_v: f32s(&[TK_MAX])?,
+            topk_i: f32s(&[TK_MAX])?,
             bar: f32s(&[1])?,
             kvs: None,
         })
@@ -2612,6 +2631,40 @@ impl Backend for CudaBackend {
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         let cache = self.cache_of(cache)?;
         self.run(cache, tokens, output)
+    }
+    fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        let vocab = self.config.vocab;
+        if k == 0 || k > TK_MAX || vocab > TK_BLOCKS * TK_PER {
+            return Ok(None);
+        }
+        let cache = self.cache_of(cache)?;
+        self.check_call(cache, &[token])?;
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        self.decode_launch(&s, cache, Some(token))?;
+        cache.len += 1;
+        self.gpu.launch(
+            "topk_logits",
+            (vocab.div_ceil(TK_PER) as u32, 1, 1),
+            256,
+            &[
+                s.logits.p(),
+                Arg::I(vocab as i32),
+                Arg::I(k as i32),
+                s.topk_part.p(),
+                s.topk_cnt.p(),
+                s.topk_v.p(),
+                s.topk_i.p(),
+            ],
+        )?;
+        let (v, i) = (s.topk_v.read::<f32>(k)?, s.topk_i.read::<i32>(k)?);
+        Ok(Some(
+            i.into_iter()
+                .zip(v)
+                .filter(|&(t, _)| t >= 0)
+                .map(|(t, x)| (t as u32, x))
+                .collect(),
+        ))
     }
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
         let cache = self.cache_of(cache)?;

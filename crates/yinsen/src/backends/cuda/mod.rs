@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 62] = [
+pub const KERNELS: [&str; 63] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -224,6 +224,7 @@ pub const KERNELS: [&str; 62] = [
     "lm_head_f16",
     "argmax_f32",
     "decode_advance",
+    "topk_logits",
     "dec_mm_l8_f16",
     "dec_mm_l8_f32",
     "dec_mm_l16_f16",

@@ -382,3 +382,90 @@ extern "C" __global__ void decode_advance(const u64* best, const int* argmax, in
     tok[0] = t;
     pos[0] = p + 1;
 }
+
+// The k largest logits of one row (k <= TK_MAX) in the host sampler's order
+// (engine/sampling.rs `ranked`: falling value by f32 total order, the lower
+// token first on ties), so a sampled decode step moves k pairs to the host
+// instead of the vocabulary's logits. Each candidate is one u64: the value's
+// total-order key above the complemented token index, so the largest u64 is
+// the best candidate and every candidate is distinct. Block b takes TK_PER
+// logits and pulls its k best one block-wide maximum at a time into part;
+// the last block to finish does the same over those gridDim.x * k.
+#define TK_MAX 64
+#define TK_THREADS 256
+#define TK_PER_THREAD 8
+#define TK_PER (TK_THREADS * TK_PER_THREAD)
+#define TK_MERGE (TK_MAX * 64 / TK_THREADS)  // merge candidates per thread: up to 64 blocks
+__device__ __forceinline__ u64 tk_cand(float v, int i) {
+    const unsigned b = __float_as_uint(v);
+    const unsigned key = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((u64)key << 32) | (u64)(~(unsigned)i);
+}
+// The block-wide maximum of every thread's m (256 threads); red: 8 u64.
+__device__ __forceinline__ u64 tk_block_max(u64 m, u64* red) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 x = __shfl_xor_sync(0xffffffffu, m, o);
+        m = x > m ? x : m;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = red[0];
+#pragma unroll
+    for (int w = 1; w < TK_THREADS / 32; w++) m = red[w] > m ? red[w] : m;
+    __syncthreads();  // red reused by the next round
+    return m;
+}
+// Pull the k best of the N candidates per thread in c (0 = none) into out.
+template <int N>
+__device__ __forceinline__ void tk_select(u64 (&c)[N], int k, u64* out, u64* red) {
+    for (int r = 0; r < k; r++) {
+        u64 m = 0;
+#pragma unroll
+        for (int j = 0; j < N; j++) m = c[j] > m ? c[j] : m;
+        m = tk_block_max(m, red);
+#pragma unroll
+        for (int j = 0; j < N; j++)
+            if (c[j] == m) c[j] = 0;  // candidates are distinct: one thread drops it
+        if (threadIdx.x == 0) out[r] = m;
+    }
+}
+extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_logits(const float* logits, int n, int k, u64* part,
+                                                                      int* cnt, float* out_v, int* out_i) {
+    __shared__ u64 red[TK_THREADS / 32];
+    __shared__ int last;
+    const int base = blockIdx.x * TK_PER;
+    u64 c[TK_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < TK_PER_THREAD; j++) {
+        const int i = base + j * TK_THREADS + threadIdx.x;
+        c[j] = i < n ? tk_cand(logits[i], i) : 0;
+    }
+    tk_select(c, k, part + (size_t)blockIdx.x * k, red);
+    // Publish; the last block merges (as the attention merge of mega.cu).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(cnt, 1) == (int)gridDim.x - 1;
+        if (last) {
+            *cnt = 0;
+            __threadfence();
+        }
+    }
+    __syncthreads();
+    if (!last) return;
+    u64 m[TK_MERGE];
+#pragma unroll
+    for (int j = 0; j < TK_MERGE; j++) {
+        const int i = j * TK_THREADS + threadIdx.x;
+        m[j] = i < (int)gridDim.x * k ? __ldcg(part + i) : 0;
+    }
+    __shared__ u64 best[TK_MAX];
+    tk_select(m, k, best, red);
+    __syncthreads();
+    if (threadIdx.x < k) {
+        const u64 b = best[threadIdx.x];
+        const int i = b ? (int)~(unsigned)(b & 0xffffffffu) : -1;
+        out_i[threadIdx.x] = i;
+        out_v[threadIdx.x] = i >= 0 ? logits[i] : 0.f;
+    }
+}
