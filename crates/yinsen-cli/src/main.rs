@@ -520,6 +520,10 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     );
     println!("| decode ctx 2048 | {:.0} tok/s | |", r.decode_tok_s_ctx2048);
     println!(
+        "| decode ctx 0, host round trip per token | {:.0} tok/s | the engine's greedy loop (token read back each step) |",
+        r.decode_tok_s_ctx0_host_loop
+    );
+    println!(
         "| decode path | {} | per-kernel graph: {:.0} / {:.0} tok/s (ctx 0 / 2048) |",
         if r.persistent_decode {
             "persistent kernel"

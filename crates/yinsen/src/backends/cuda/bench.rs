@@ -16,6 +16,10 @@ pub struct CudaBench {
     /// Single-sequence greedy decode through the CUDA graph.
     pub decode_tok_s_ctx0: f64,
     pub decode_tok_s_ctx2048: f64,
+    /// The same with a host round trip per token (token written, step
+    /// replayed, token read back: the engine's greedy loop through
+    /// `forward_greedy`), wall time, ctx 0.
+    pub decode_tok_s_ctx0_host_loop: f64,
     /// One forward of 512 / 2048 prompt tokens (ms).
     pub prefill_ms_512: f64,
     pub prefill_ms_2048: f64,
@@ -115,6 +119,17 @@ pub struct KernelTime {
 fn median(mut v: Vec<f32>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2] as f64
+}
+
+/// Decode tok/s at ctx 0 with a host round trip per token (median of 5
+/// runs of 128 steps).
+fn host_loop_tok_s(b: &CudaBackend) -> Result<f64> {
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        let mut cache = b.cuda_cache(140)?;
+        ms.push(b.time_decode_loop(&mut cache, 128, DecodeLoop::HostFed)?);
+    }
+    Ok(1000.0 / median(ms))
 }
 
 /// Decode tok/s at a context of `ctx`: fill the cache to `ctx`, then time
@@ -448,6 +463,7 @@ fn bench_decode_only_rows(b: &CudaBackend, decode_ctx0: f64, decode_long: f64) -
         kv_dtype: format!("{:?}", b.kv_dtype()),
         decode_tok_s_ctx0: decode_ctx0,
         decode_tok_s_ctx2048: decode_long,
+        decode_tok_s_ctx0_host_loop: host_loop_tok_s(b)?,
         prefill_ms_512: 0.0,
         prefill_ms_2048: 0.0,
         step16_ms: 0.0,
