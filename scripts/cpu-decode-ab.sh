@@ -11,12 +11,7 @@
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$(dirname "$0")/pack-small.sh"
-if [ "${1:-}" = pack ]; then
-  set -e
-  pack_small scripts/cpu-decode-ab.sh kernels_exact
-  exit 0
-fi
-[ "${1:-}" = run ] || { echo "usage: $0 pack | run [ROUNDS] [THREADS] [KERNELS] [N]"; exit 2; }
+pack_or_run "${1:-}" run "$0 pack | run [ROUNDS] [THREADS] [KERNELS] [N]" scripts/cpu-decode-ab.sh kernels_exact
 rounds=${2:-3}
 threads=${3:-2}
 kernels=${4:-vnni vnni3}

@@ -11,12 +11,7 @@
 # decode profile for every decode spec (a word T=N there: N threads). Ends with a VNNI pp512 row.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-if [ "${1:-}" = pack ]; then
-  set -e
-  pack_small scripts/device-amx.sh kernels_exact kernels_bench
-  exit 0
-fi
-[ "${1:-}" = remote ] || { echo "usage: $0 pack | remote AMX_SPECS DECODE_SPECS [ROUNDS]"; exit 2; }
+pack_or_run "${1:-}" remote "$0 pack | remote AMX_SPECS DECODE_SPECS [ROUNDS]" scripts/device-amx.sh kernels_exact kernels_bench
 remote_env
 amx_specs=$2
 dec_specs=$3

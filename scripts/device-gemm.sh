@@ -8,12 +8,7 @@
 # variant against the shape's default). Logs and the bench table go to $OUT.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-if [ "${1:-}" = pack ]; then
-  set -e
-  pack_small scripts/device-gemm.sh cuda_kernels cuda_forward -- fixtures
-  exit 0
-fi
-[ "${1:-}" = remote ] || { echo "usage: $0 pack | remote"; exit 2; }
+pack_or_run "${1:-}" remote "$0 pack | remote" scripts/device-gemm.sh cuda_kernels cuda_forward -- fixtures
 remote_env
 nvidia-smi --query-gpu=name --format=csv,noheader
 "$dev/tests/cuda_kernels" --test-threads=1 matmul >"$out/kernels.log" 2>&1

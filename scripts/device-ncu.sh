@@ -9,12 +9,7 @@
 # utilisation. Report: $OUT/ncu.txt.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-if [ "${1:-}" = pack ]; then
-  set -e
-  pack_small scripts/device-ncu.sh
-  exit 0
-fi
-[ "${1:-}" = remote ] || { echo "usage: $0 pack | remote [KERNEL_REGEX] [SKIP] [COUNT]"; exit 2; }
+pack_or_run "${1:-}" remote "$0 pack | remote [KERNEL_REGEX] [SKIP] [COUNT]" scripts/device-ncu.sh
 remote_env
 k=${2:-tern_wgmma_tma_s4}
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)

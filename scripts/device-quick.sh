@@ -8,12 +8,7 @@
 # picked on the device vs through the host's logits.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-if [ "${1:-}" = pack ]; then
-  set -e
-  pack_small scripts/device-quick.sh cuda_forward cuda_kernels -- fixtures
-  exit 0
-fi
-[ "${1:-}" = remote ] || { echo "usage: $0 pack | remote FLAGS [test-filter]"; exit 2; }
+pack_or_run "${1:-}" remote "$0 pack | remote FLAGS [test-filter]" scripts/device-quick.sh cuda_forward cuda_kernels -- fixtures
 remote_env
 nvidia-smi --query-gpu=name --format=csv,noheader
 "$dev/tests/cuda_forward" --test-threads=2 ${3:-} >"$out/tests.log" 2>&1

@@ -7,6 +7,11 @@
 # executables, the calling script and this file. `-- fixtures` also copies
 # the tiny-bitnet-a fixture (tests read it through YINSEN_FIXTURES).
 #
+#   pack_or_run "$1" VERB "USAGE" SCRIPT TEST... [-- fixtures]
+# A script's entry: with "pack", pack_small SCRIPT TEST... and exit; with
+# VERB ("remote", "run"), return so the script goes on; else print
+# "usage: USAGE" and exit 2.
+#
 #   remote_env
 # On the device: dev (the packed folder), out ($OUT or /tmp/yinsen-out) and
 # the environment the tests and `yinsen` run with.
@@ -38,4 +43,21 @@ pack_small() {
   fi
   cp "$script" scripts/pack-small.sh .device/
   du -sh .device
+}
+
+pack_or_run() {
+  local cmd=$1 verb=$2 usage=$3
+  shift 3
+  case "$cmd" in
+    pack)
+      set -e
+      pack_small "$@"
+      exit 0
+      ;;
+    "$verb") return 0 ;;
+    *)
+      echo "usage: $usage"
+      exit 2
+      ;;
+  esac
 }
