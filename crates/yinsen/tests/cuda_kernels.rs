@@ -270,9 +270,9 @@ fn flash_attention_matches_reference() {
                     g.allow_dynamic_smem(&name, smem).unwrap(),
                     "{name}: {smem} bytes of smem"
                 );
-                out.fill(0xff).unwrap(); // NaN until written
-                flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
-                let got = out.read::<f32>(nt * q_dim).unwrap();
+                let got = poisoned_run(out, nt * q_dim, || {
+                    flash_launch(&g, &name, threads, smem, nt, n_heads, hd, &args, 1, Arg::P(0))
+                });
                 let e = worst.entry(name.clone()).or_default();
                 let what = format!("{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0}");
                 *e = e.max(assert_attention_close(&got, &want, tol, q_dim, hd, &what));
@@ -316,6 +316,36 @@ fn attn_inputs(
         }
     }
     (q, k, v)
+}
+
+/// `out` poisoned (0xff bytes: NaN), then `launch`, then its first `n` f32
+/// read back: an element the kernel did not write stays NaN.
+fn poisoned_run(out: &cuda::DevBuf, n: usize, launch: impl FnOnce()) -> Vec<f32> {
+    out.fill(0xff).unwrap();
+    launch();
+    out.read::<f32>(n).unwrap()
+}
+
+/// Largest |a - b| / (1 + |b|) over two kernels' outputs; a NaN on either
+/// side counts as infinitely far.
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| ((x - y).abs() / (1.0 + y.abs())) as f64)
+        .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
+}
+
+/// Milliseconds per call of `f` (GPU work): one warm-up call, then 20.
+fn time_ms(g: &std::sync::Arc<Gpu>, f: &dyn Fn()) -> f64 {
+    f();
+    g.sync().unwrap();
+    let reps = 20;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    g.sync().unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / reps as f64
 }
 
 /// K and V caches on the device, as f16 bits or f32.
@@ -453,27 +483,35 @@ fn flash_launch(
     g.launch_smem(name, grid, threads, smem as u32, &a, Launch::Plain)
         .unwrap();
     if n_ks > 1 {
-        // part, pos, nt, n_heads, hd, n_ks, out, out_stride
-        let m = [
-            part,
-            args[4],
-            Arg::I(nt as i32),
-            Arg::I(n_heads as i32),
-            Arg::I(hd as i32),
-            Arg::I(n_ks as i32),
-            args[11],
-            args[12],
-        ];
-        g.launch_smem(
-            "flash_tc_merge",
-            (nt as u32, n_heads as u32, 1),
-            128,
-            0,
-            &m,
-            Launch::Plain,
-        )
-        .unwrap();
+        merge_launch(g, "flash_tc_merge", args, part, [nt, n_heads, hd, n_ks], None);
     }
+}
+
+/// The merge of n_ks > 1 key-split partials (`flash_tc_merge`, or
+/// `flash_tcx_merge` with its query block `bq`): part, pos, nt, n_heads, hd,
+/// n_ks, out, out_stride [, bq]; `args` is the common list of `flash_args`.
+fn merge_launch(
+    g: &Gpu,
+    name: &str,
+    args: &[yinsen::backends::cuda::Arg],
+    part: yinsen::backends::cuda::Arg,
+    [nt, n_heads, hd, n_ks]: [usize; 4],
+    bq: Option<usize>,
+) {
+    use yinsen::backends::cuda::Arg;
+    let mut m = vec![
+        part,
+        args[4],
+        Arg::I(nt as i32),
+        Arg::I(n_heads as i32),
+        Arg::I(hd as i32),
+        Arg::I(n_ks as i32),
+        args[11],
+        args[12],
+    ];
+    m.extend(bq.map(|b| Arg::I(b as i32)));
+    g.launch_smem(name, (nt as u32, n_heads as u32, 1), 128, 0, &m, Launch::Plain)
+        .unwrap();
 }
 
 /// The tensor-core flash kernel with its key range split over n_ks blocks
@@ -521,25 +559,21 @@ fn flash_key_split_matches_reference() {
                         assert!(g.allow_dynamic_smem(name, smem).unwrap());
                         let mut base: Vec<f32> = Vec::new();
                         for n_ks in [1usize, 2, 3, 7, 33] {
-                            out.fill(0xff).unwrap(); // NaN until written
                             part.fill(0xff).unwrap();
-                            flash_launch(&g, name, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, n_ks, part.p());
-                            let got = out.read::<f32>(nt * q_dim).unwrap();
+                            let got = poisoned_run(out, nt * q_dim, || {
+                                flash_launch(&g, name, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, n_ks, part.p())
+                            });
                             let what = format!("{name} hd {hd} nt {nt} p0 {p0} n_ks {n_ks}");
                             assert_attention_close(&got, &want, tol, q_dim, hd, &what);
                             if n_ks == 1 {
                                 base = got;
                             } else {
-                                let d = got
-                                    .iter()
-                                    .zip(&base)
-                                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-                                    .fold(0f32, f32::max);
+                                let d = max_rel_diff(&got, &base);
                                 // Split modes agree to f32 rounding; plain f16 (tc16)
                                 // rounds P after a different per-split max, so its
                                 // split and un-split results differ at its own
                                 // accuracy (`tol`, ~1e-2 relative to the reference).
-                                let same = if tol < 1e-3 { 2e-5 } else { tol as f32 };
+                                let same = if tol < 1e-3 { 2e-5 } else { tol };
                                 assert!(d <= same, "{what}: {d} from the un-split result");
                                 // Splits in use: ceil(kmax / chunk) with chunk whole 64-key tiles.
                                 let chunk = (n_keys.div_ceil(n_ks)).div_ceil(64) * 64;
@@ -617,31 +651,14 @@ fn flash_attention_2b4t_timing() {
     let Some(g) = gpu() else { return };
     let (n_heads, n_kv, hd, cap) = (20usize, 5usize, 128usize, 2064usize);
     let q_dim = n_heads * hd;
-    let mut r = SplitMix64(99);
-    let mut rnd = |n: usize, amp: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp)
-            .collect()
-    };
-    let q = rnd(2048 * q_dim, 1.0);
-    let k = rnd(n_kv * cap * hd, 3.0);
-    let v = rnd(n_kv * cap * hd, 2.0);
+    // Every cache row holds a key (none NaN).
+    let (q, k, v) = attn_inputs(99, 2048 * q_dim, n_kv, cap, hd, cap);
     let qb = g.upload(&q).unwrap();
     let out = g.alloc(4 * 2048 * q_dim).unwrap();
     let part = g.alloc(4 * 16 * n_heads * 64 * (hd + 2)).unwrap();
     let scale = 1.0 / (hd as f32).sqrt();
     for kv in [KvDtype::F32, KvDtype::F16] {
-        let (kb, vb) = match kv {
-            KvDtype::F32 => (g.upload(&k).unwrap(), g.upload(&v).unwrap()),
-            KvDtype::F16 => {
-                let h = |x: &[f32]| {
-                    x.iter()
-                        .map(|&x| half::f16::from_f32(x).to_bits())
-                        .collect::<Vec<u16>>()
-                };
-                (g.upload(&h(&k)).unwrap(), g.upload(&h(&v)).unwrap())
-            }
-        };
+        let (kb, vb) = upload_kv(&g, &k, &v, kv == KvDtype::F16);
         let f32_name = match kv {
             KvDtype::F32 => "flash_attn_d128_f32",
             KvDtype::F16 => "flash_attn_d128_f16",
@@ -683,30 +700,16 @@ fn flash_attention_2b4t_timing() {
                 );
                 let args = flash_args(&qb, &kb, &vb, &pos, &out, [q_dim, nt, n_heads, n_kv, hd, cap], scale);
                 let launch = || flash_launch(&g, name, threads, smem, nt, n_heads, hd, &args, n_ks, part.p());
-                out.fill(0xff).unwrap(); // NaN until written
-                launch();
-                let got = out.read::<f32>(nt * q_dim).unwrap();
+                let got = poisoned_run(&out, nt * q_dim, launch);
                 if want.is_empty() {
                     assert!(got.iter().all(|x| x.is_finite()), "{name}: non-finite output");
                     want = got;
                 } else {
-                    let err = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(&a, &b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
-                        .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                    let err = max_rel_diff(&got, &want);
                     println!("{name} nt {nt} p0 {p0} n_ks {n_ks}: max |err| / (1 + |f32 kernel|) = {err:.2e}");
                     assert!(err <= tol, "{name} nt {nt} p0 {p0} n_ks {n_ks}: {err} > {tol}");
                 }
-                let reps = 20;
-                launch();
-                g.sync().unwrap();
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    launch();
-                }
-                g.sync().unwrap();
-                let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                let ms = time_ms(&g, &launch);
                 let occ = g.occupancy(name, threads, smem).unwrap();
                 println!(
                     "{name} nt {nt} after {p0} keys, n_ks {n_ks}: {ms:.4} ms per launch, x30 layers {:.2} ms ({occ} blocks/SM)",
@@ -772,26 +775,7 @@ fn tcx_launch(
     )
     .unwrap();
     if n_ks > 1 {
-        let m = [
-            part,
-            args[4],
-            Arg::I(nt as i32),
-            Arg::I(n_heads as i32),
-            Arg::I(hd as i32),
-            Arg::I(n_ks as i32),
-            args[11],
-            args[12],
-            Arg::I(bq as i32),
-        ];
-        g.launch_smem(
-            "flash_tcx_merge",
-            (nt as u32, n_heads as u32, 1),
-            128,
-            0,
-            &m,
-            Launch::Plain,
-        )
-        .unwrap();
+        merge_launch(g, "flash_tcx_merge", args, part, [nt, n_heads, hd, n_ks], Some(bq));
     }
 }
 
@@ -850,9 +834,9 @@ fn flash_tcx_matches_reference() {
         let old = KvDtype::F32.flash_tc(false, true);
         let smem = flash_tc_smem(hd, true, KvDtype::F32);
         assert!(g.allow_dynamic_smem(old, smem).unwrap());
-        out.fill(0xff).unwrap();
-        flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
-        let tc = out.read::<f32>(nt * q_dim).unwrap();
+        let tc = poisoned_run(out, nt * q_dim, || {
+            flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0))
+        });
         use yinsen::backends::cuda::Arg;
         for t in tcx_kernels(hd, n_heads / n_kv) {
             let name = t.name;
@@ -863,26 +847,20 @@ fn flash_tcx_matches_reference() {
             let mut base: Vec<f32> = Vec::new();
             for n_ks in [1usize, 2, 3, 7] {
                 kvs.fill(0xff).unwrap(); // NaN until split
-                out.fill(0xff).unwrap();
                 part.fill(0xff).unwrap();
-                tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
-                let got = out.read::<f32>(nt * q_dim).unwrap();
+                let got = poisoned_run(out, nt * q_dim, || {
+                    tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p())
+                });
                 let what = format!("{name} hd {hd} heads {n_heads}/{n_kv} nt {nt} p0 {p0} n_ks {n_ks}");
                 let e = assert_attention_close(&got, &want, 5e-5, q_dim, hd, &what);
-                let rel = |a: &[f32], b: &[f32]| {
-                    a.iter()
-                        .zip(b)
-                        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-                        .fold(0f32, f32::max)
-                };
                 if n_ks == 1 {
-                    let d = rel(&got, &tc);
+                    let d = max_rel_diff(&got, &tc);
                     println!("{what}: err {e:.2e}, vs flash_tc_d128_f32 {d:.2e}");
                     assert!(d <= 1e-6, "{what}: {d} from flash_tc_d128_f32");
                     identical += (got == tc) as usize;
                     base = got;
                 } else {
-                    let d = rel(&got, &base);
+                    let d = max_rel_diff(&got, &base);
                     assert!(d <= 2e-5, "{what}: {d} from the un-split result");
                 }
                 ran += 1;
@@ -918,17 +896,7 @@ fn flash_tcx_2b4t_timing() {
     let kvs = g.alloc(2 * n_kv * scap * 4 * hd).unwrap();
     let scale = 1.0 / (hd as f32).sqrt();
     let sms = g.info.sms.max(1) as usize;
-    let time = |f: &dyn Fn()| -> f64 {
-        f();
-        g.sync().unwrap();
-        let reps = 20;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        g.sync().unwrap();
-        t.elapsed().as_secs_f64() * 1e3 / reps as f64
-    };
+    let time = |f: &dyn Fn()| time_ms(&g, f);
     let mut table = Vec::new();
     for (nt, p0) in [(2048usize, 0usize), (512, 0), (64, 2048)] {
         let pos = g.upload(&[p0 as i32]).unwrap();
@@ -938,9 +906,9 @@ fn flash_tcx_2b4t_timing() {
         let smem = flash_tc_smem(hd, true, KvDtype::F32);
         assert!(g.allow_dynamic_smem(old, smem).unwrap());
         let old_ks = (2 * sms).div_ceil(nt.div_ceil(64) * n_heads).min(64);
-        out.fill(0xff).unwrap();
-        flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0));
-        let want = out.read::<f32>(nt * q_dim).unwrap();
+        let want = poisoned_run(&out, nt * q_dim, || {
+            flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0))
+        });
         assert!(want.iter().all(|x| x.is_finite()));
         let t_old = time(&|| flash_launch(&g, old, FLASH_TC_THREADS, smem, nt, n_heads, hd, &args, 1, Arg::P(0)));
         let t_old_ks = time(&|| {
@@ -993,15 +961,9 @@ fn flash_tcx_2b4t_timing() {
                 splits.push(auto);
             }
             for n_ks in splits {
-                out.fill(0xff).unwrap();
                 let run = || tcx_launch(&g, t, &args, &kvs, scap, dims, n_ks, part.p());
-                run();
-                let got = out.read::<f32>(nt * q_dim).unwrap();
-                let d = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| ((a - b).abs() / (1.0 + b.abs())) as f64)
-                    .fold(0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                let got = poisoned_run(&out, nt * q_dim, run);
+                let d = max_rel_diff(&got, &want);
                 let tol = if n_ks == 1 { 1e-6 } else { 2e-5 };
                 assert!(d <= tol, "{name} nt {nt} p0 {p0} n_ks {n_ks}: {d} from {old}");
                 let ms = time(&run);
