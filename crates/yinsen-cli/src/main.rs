@@ -81,10 +81,13 @@ struct ModelArgs {
     /// Override the FFN activation (relu2 or silu), e.g. for `bitnet` GGUFs.
     #[arg(long)]
     activation: Option<String>,
-    /// lm_head precision: "native" (file dtype; f16 on CUDA) or "q8" (an 8-bit
-    /// Q8_0 copy: half the bytes per decode step, small logit error; on CUDA
-    /// it serves the one-token decode step, prefill logits stay f16).
-    #[arg(long, default_value = "native")]
+    /// lm_head precision: "auto" (the file's dtype; the CPU path also keeps
+    /// an 8-bit copy to pick greedy and top-k tokens exactly as the full head
+    /// would, reading about half its bytes), "native" (the file's dtype only;
+    /// f16 on CUDA) or "q8" (logits from an 8-bit Q8_0 copy: half the bytes
+    /// per decode step, small logit error; on CUDA it serves the one-token
+    /// decode step, prefill logits stay f16).
+    #[arg(long, default_value = "auto")]
     lm_head: String,
     /// Hybrid weights: "dual" (every path's layout resident) or "lazy"
     /// (built on first use, idle ones dropped over --weights-budget).
@@ -205,10 +208,11 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         None => None,
         Some(a) => Some(Activation::parse(a).with_context(|| format!("unknown activation '{a}' (relu2, silu)"))?),
     };
-    let lm_head_q8 = match m.lm_head.as_str() {
-        "native" => false,
-        "q8" => true,
-        other => bail!("unknown --lm-head '{other}' (native, q8)"),
+    let (lm_head_q8, lm_head_screen) = match m.lm_head.as_str() {
+        "auto" => (false, true),
+        "native" => (false, false),
+        "q8" => (true, false),
+        other => bail!("unknown --lm-head '{other}' (auto, native, q8)"),
     };
     let weights = match (m.weights.as_str(), m.weights_budget) {
         ("dual", None) => yinsen::dispatch::WeightMode::Dual,
@@ -234,6 +238,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
                 kernel: m.kernel.clone(),
                 threads: m.threads,
                 lm_head_q8,
+                lm_head_screen,
                 policy: None,
             },
             activation,
@@ -443,7 +448,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     println!("| model | backend | threads | test | t/s (median) | mean ± sd |");
     println!("|---|---|---|---|---|---|");
     for r in &records {
-        let test = if r.n_gen > 0 {
+        let test = if let Some(p) = &r.pick {
+            format!("tg{} ({p} pick)", r.n_gen)
+        } else if r.n_gen > 0 {
             format!("tg{}", r.n_gen)
         } else {
             format!("pp{}", r.n_prompt)

@@ -26,7 +26,14 @@ pub struct BenchRecord {
     /// Decode only: bytes of weights read per token x tokens/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights_gb_per_s: Option<f64>,
+    /// Decode rows that pick on the backend instead of returning the logits
+    /// ("greedy", "top-40"): what `yinsen run` does per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pick: Option<String>,
 }
+
+/// The top-k of the pick rows: the CLI's default sampling.
+const PICK_TOP_K: usize = 40;
 
 pub struct BenchSpec<'a> {
     pub model_name: &'a str,
@@ -94,6 +101,7 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
             median_ts: med,
             samples_ts: samples,
             weights_gb_per_s: gbs,
+            pick: None,
         }
     };
     for &np in spec.prompts {
@@ -142,6 +150,39 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
         } as f64;
         let med = stats(&samples).2;
         out.push(rec(0, ng, samples, Some(per_tok * med / 1e9)));
+        // The same steps picking on the backend, where it offers that.
+        for (name, k) in [("greedy", 1), ("top-40", PICK_TOP_K)] {
+            let step = |cache: &mut dyn crate::backends::KvCache, tok| -> Result<bool> {
+                Ok(match k {
+                    1 => backend.forward_greedy(cache, tok)?.is_some(),
+                    _ => backend.forward_top_k(cache, tok, k)?.is_some(),
+                })
+            };
+            let mut samples = Vec::new();
+            for rep in 0..=spec.repeats {
+                (spec.progress)(&format!("tg{ng} {name} run {rep}/{}", spec.repeats));
+                let mut cache = backend.new_cache(ng + 1)?;
+                let t = Instant::now();
+                for &tok in &toks[..ng] {
+                    if !step(cache.as_mut(), tok)? {
+                        break;
+                    }
+                }
+                let dt = t.elapsed().as_secs_f64();
+                if cache.len() < ng {
+                    samples.clear();
+                    break; // not offered
+                }
+                if rep > 0 {
+                    samples.push(ng as f64 / dt);
+                }
+            }
+            if !samples.is_empty() {
+                let mut r = rec(0, ng, samples, None);
+                r.pick = Some(name.into());
+                out.push(r);
+            }
+        }
     }
     Ok(out)
 }

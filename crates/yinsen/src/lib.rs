@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod formats;
+pub mod logits;
 pub mod mem;
 pub mod model;
 pub mod sysinfo;

@@ -143,20 +143,10 @@ impl KvCache for HybridCache {
 }
 
 impl HybridBackend {
-    /// Whether a one-token decode of `cache` is planned on the CUDA path:
-    /// only it picks or ranks the next token itself, so a CPU plan is left
-    /// to `forward` (nothing runs or is counted for it).
-    fn decode_on_cuda(&self, cache: &mut dyn KvCache) -> bool {
-        cache.as_any_mut().downcast_mut::<HybridCache>().is_some_and(|hc| {
-            let kv_on = hc.inner.as_ref().map(|i| i.0);
-            self.plan_for(1, Output::LastLogits, kv_on, hc.len()).path == Path::Cuda
-        })
-    }
-
     /// Plan the call of `tokens` (path, where the cache lives), move the
     /// cache if the plan says so, then run `call` on the planned backend and
-    /// its cache, and count it (`forward`, `forward_greedy`).
-    fn run_planned<T>(
+    /// its cache, and count it if it ran (`forward`, the picks).
+    fn run_planned<T: Ran>(
         &self,
         cache: &mut dyn KvCache,
         tokens: &[u32],
@@ -191,6 +181,9 @@ impl HybridBackend {
         }
         let (_, owner, inner) = hc.inner.as_mut().expect("placed above");
         let out = call(owner, inner.as_mut())?;
+        if !out.ran() {
+            return Ok(out);
+        }
         if let Ok(mut s) = self.stats.lock() {
             match plan.path {
                 Path::Cpu => s.cpu_calls += 1,
@@ -332,6 +325,22 @@ impl HybridBackend {
     }
 }
 
+/// Whether a backend call ran (a pick a path does not offer runs nothing
+/// and is not counted).
+trait Ran {
+    fn ran(&self) -> bool;
+}
+impl Ran for Vec<f32> {
+    fn ran(&self) -> bool {
+        true
+    }
+}
+impl<T> Ran for Option<T> {
+    fn ran(&self) -> bool {
+        self.is_some()
+    }
+}
+
 impl Backend for HybridBackend {
     fn name(&self) -> String {
         let built = |s: &Slot| s.peek().map_or(format!("{} (lazy)", s.path.as_str()), |b| b.name());
@@ -355,16 +364,12 @@ impl Backend for HybridBackend {
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         self.run_planned(cache, tokens, output, |be, c| be.forward(c, tokens, output))
     }
+    // The planned path picks (CUDA on the device, the CPU through its
+    // screened head); a path that does not offer it runs nothing.
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
-        if !self.decode_on_cuda(cache) {
-            return Ok(None);
-        }
         self.run_planned(cache, &[token], Output::LastLogits, |be, c| be.forward_greedy(c, token))
     }
     fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
-        if !self.decode_on_cuda(cache) {
-            return Ok(None);
-        }
         self.run_planned(cache, &[token], Output::LastLogits, |be, c| {
             be.forward_top_k(c, token, k)
         })

@@ -171,13 +171,14 @@ mod tests {
     use crate::backends::cpu::CpuBackend;
     use crate::model::{synthetic, ModelConfig};
 
-    /// A CPU backend that also offers `forward_greedy` (forward, then the
-    /// host argmax) and counts those calls: the session's fast path without
-    /// a GPU.
+    /// The CPU backend with its screened head (greedy and top-k picks from
+    /// the 8-bit copy plus the candidate rows), counting the picks.
     struct Picker {
         inner: CpuBackend,
         calls: AtomicUsize,
         top_k_calls: AtomicUsize,
+        /// Every pick so far (never reset).
+        picks: AtomicUsize,
     }
 
     impl Backend for Picker {
@@ -195,13 +196,17 @@ mod tests {
         }
         fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
             self.calls.fetch_add(1, Ordering::Relaxed);
-            let l = self.inner.forward(cache, &[token], Output::LastLogits)?;
-            Ok(Some(super::super::sampling::argmax(&l)))
+            self.picks.fetch_add(1, Ordering::Relaxed);
+            let t = self.inner.forward_greedy(cache, token)?;
+            assert!(t.is_some(), "the screened head picks");
+            Ok(t)
         }
         fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
             self.top_k_calls.fetch_add(1, Ordering::Relaxed);
-            let l = self.inner.forward(cache, &[token], Output::LastLogits)?;
-            Ok(Some(super::super::sampling::ranked(&l, k)))
+            self.picks.fetch_add(1, Ordering::Relaxed);
+            let r = self.inner.forward_top_k(cache, token, k)?;
+            assert!(r.is_some(), "the screened head ranks");
+            Ok(r)
         }
         fn resident_weight_bytes(&self) -> usize {
             self.inner.resident_weight_bytes()
@@ -223,10 +228,17 @@ mod tests {
     fn decode_steps_use_the_backends_own_pick_or_ranking() {
         let m = Arc::new(synthetic::build("tiny").unwrap());
         let plain: Arc<dyn Backend> = Arc::new(CpuBackend::new(m.clone(), "scalar", 1).unwrap());
+        let screened = crate::backends::cpu::CpuOptions {
+            kernel: "scalar".into(),
+            threads: 1,
+            lm_head_screen: true,
+            ..Default::default()
+        };
         let picker = Arc::new(Picker {
-            inner: CpuBackend::new(m, "scalar", 1).unwrap(),
+            inner: CpuBackend::with_options(m, &screened).unwrap(),
             calls: AtomicUsize::new(0),
             top_k_calls: AtomicUsize::new(0),
+            picks: AtomicUsize::new(0),
         });
         let want = run(plain.clone(), SamplerConfig::greedy(), vec![]);
         assert_eq!(want.0.len(), 12);
@@ -275,8 +287,19 @@ mod tests {
             top_k: 0,
             ..SamplerConfig::default()
         };
-        assert_eq!(run(picker.clone(), no_k.clone(), vec![]), run(plain, no_k, vec![]));
+        assert_eq!(
+            run(picker.clone(), no_k.clone(), vec![]),
+            run(plain.clone(), no_k, vec![])
+        );
         assert_eq!(picker.calls.load(Ordering::Relaxed), 0);
         assert_eq!(picker.top_k_calls.load(Ordering::Relaxed), 0);
+        // The picks came from the candidates, not the full head.
+        let c = picker.inner.screen_counts().expect("screened head");
+        assert_eq!((c.screened + c.full) as usize, picker.picks.load(Ordering::Relaxed));
+        assert!(c.screened >= 30 && c.candidates < c.screened * 2048 / 4, "{c:?}");
+        // A plain backend offers no pick (the session uses the logits).
+        let mut cache = plain.new_cache(8).unwrap();
+        assert_eq!(plain.forward_greedy(cache.as_mut(), 5).unwrap(), None);
+        assert_eq!(cache.len(), 0);
     }
 }

@@ -149,18 +149,28 @@ impl DenseMatrix {
             let mut row = vec![0f32; self.cols];
             self.row_to_f32(r, &mut row);
             for (blk, x) in dst.chunks_exact_mut(34).zip(row.chunks_exact(32)) {
-                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let dh = f16::from_f32(d);
+                let (dh, codes) = quantize_q8_0_block(x);
                 blk[..2].copy_from_slice(&dh.to_le_bytes());
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &v) in blk[2..].iter_mut().zip(x) {
-                    *q = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                for (q, c) in blk[2..].iter_mut().zip(codes) {
+                    *q = c as u8;
                 }
             }
         });
         DenseMatrix::new(self.rows, self.cols, DenseType::Q8_0, Storage::owned(out))
     }
+}
+
+/// One ggml Q8_0 block of 32 values: `d = max|x| / 127` (stored as f16),
+/// `q = round(x / d)` clamped to ±127.
+pub fn quantize_q8_0_block(x: &[f32]) -> (f16, [i8; 32]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; 32];
+    for (c, &v) in q.iter_mut().zip(x) {
+        *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    (f16::from_f32(d), q)
 }
 
 /// Decode one row of raw bytes of `dtype` into f32.

@@ -8,9 +8,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::attention::{self, AttnShape};
+use super::head_screen::{HeadScreen, ScreenCounters, ScreenCounts};
 use super::kernels::policy::KernelPolicy;
 use super::linear::{Epilogue, Linear, QuantizedInput};
-use super::lm_head;
+use super::lm_head::{self, HeadQ8};
 use super::ops;
 use super::spin_pool::{Par, SendPtr, SpinPool};
 use crate::backends::{Backend, KvCache, Output};
@@ -106,19 +107,15 @@ pub struct CpuBackend {
     threads: usize,
     /// Optional 8-bit copy of the lm_head (halves decode bytes).
     lm_head_q8: Option<HeadQ8>,
+    /// The screened head: greedy and top-k picks equal to the lm_head's own,
+    /// reading its 8-bit copy plus the few rows that may win.
+    head_screen: Option<HeadScreen>,
+    screen_counts: ScreenCounters,
     bufs: Mutex<ForwardBufs>,
     /// Dropped caches' buffers: a cache made right after another is
     /// dropped (a new prompt, `yinsen bench` repetitions) writes into pages
     /// that are already mapped instead of faulting in ~80 MB at 512 tokens.
     kv_free: KvFree,
-}
-
-/// The 8-bit lm_head copy of `--lm-head q8`.
-enum HeadQ8 {
-    /// Int8 activations x int8 weights (VNNI): the decode fast path.
-    Act8(lm_head::Q8Head),
-    /// f32 activations x Q8_0 rows (CPUs without VNNI).
-    Dense(DenseMatrix),
 }
 
 /// How to build a CPU backend.
@@ -130,6 +127,10 @@ pub struct CpuOptions {
     pub threads: usize,
     /// Compute logits from a Q8_0 copy of the lm_head.
     pub lm_head_q8: bool,
+    /// Keep an 8-bit copy of the lm_head to pick greedy / top-k tokens
+    /// exactly as the lm_head itself would, reading about half its bytes
+    /// (see `head_screen`). Ignored with `lm_head_q8`.
+    pub lm_head_screen: bool,
     /// Kernel per token count (from a tuning profile); overrides `kernel`.
     pub policy: Option<KernelPolicy>,
 }
@@ -140,6 +141,7 @@ impl Default for CpuOptions {
             kernel: "auto".into(),
             threads: 0,
             lm_head_q8: false,
+            lm_head_screen: false,
             policy: None,
         }
     }
@@ -228,8 +230,7 @@ impl CpuBackend {
             &CpuOptions {
                 kernel: kernel.into(),
                 threads,
-                lm_head_q8: false,
-                policy: None,
+                ..CpuOptions::default()
             },
         )
     }
@@ -273,11 +274,19 @@ impl CpuBackend {
         let lm_head_q8 = match opts.lm_head_q8 {
             true => {
                 let d = pool.install(|| model.lm_head().to_q8_0())?;
-                Some(match lm_head::q8_act_fast() {
-                    true => HeadQ8::Act8(pool.install(|| lm_head::Q8Head::from_q8_0(&d))?),
-                    false => HeadQ8::Dense(d),
-                })
+                Some(pool.install(|| HeadQ8::build_from_q8_0(d))?)
             }
+            false => None,
+        };
+        let head_screen = match opts.lm_head_screen && lm_head_q8.is_none() {
+            true => match pool.install(|| HeadScreen::build(model.lm_head())) {
+                Ok(s) => Some(s),
+                Err(Error::Unsupported(why)) => {
+                    eprintln!("note: greedy / top-k picks read the whole lm_head: {why}");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             false => None,
         };
         Ok(Self {
@@ -289,9 +298,16 @@ impl CpuBackend {
             spin,
             threads,
             lm_head_q8,
+            head_screen,
+            screen_counts: ScreenCounters::default(),
             bufs: Mutex::new(ForwardBufs::default()),
             kv_free: KvFree::default(),
         })
+    }
+
+    /// How the screened head's picks went (None: no screened head).
+    pub fn screen_counts(&self) -> Option<ScreenCounts> {
+        self.head_screen.as_ref().map(|_| self.screen_counts.get())
     }
 
     pub fn kernel_policy(&self) -> &KernelPolicy {
@@ -428,6 +444,71 @@ impl CpuBackend {
             }
         }
         out
+    }
+
+    /// Run one token and return the `k` best next tokens with their logits,
+    /// ranked as `logits::ranked` ranks the full head's logits (`greedy`: the
+    /// argmax as `logits::argmax` picks it), through the screened head: the
+    /// 8-bit copy's logits, then the lm_head's own rows for the candidates
+    /// only. None (nothing run) without a screened head.
+    fn pick(&self, cache: &mut dyn KvCache, token: u32, k: usize, greedy: bool) -> Result<Option<Vec<(u32, f32)>>> {
+        let Some(screen) = &self.head_screen else {
+            return Ok(None);
+        };
+        let vocab = self.model.config.vocab;
+        if k == 0 || k > vocab {
+            return Ok(None);
+        }
+        let cache = cache
+            .as_any_mut()
+            .downcast_mut::<CpuKvCache>()
+            .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
+        check_forward_args(&self.model.config, cache.len, cache.capacity, &[token])?;
+        let h = self
+            .pool
+            .install(|| self.forward_inner(cache, &[token], Output::Hidden))?;
+        let per = super::linear::spin_chunks_per_thread();
+        let (lq, act) = match screen.q8() {
+            HeadQ8::Act8(q) => {
+                let a = q.quantize(&h, 1);
+                let l = self.logits_with(1, q.rows, per, |r0, t0, nt, o| q.rows_dot(r0, &a, t0, nt, o));
+                (l, Some(a))
+            }
+            HeadQ8::Dense(d) => (self.logits_dense(&h, d, per), None),
+        };
+        let head = self.model.lm_head();
+        if let Ok(cand) = screen.candidates(&h, act.as_ref(), &lq, k) {
+            // The same row dot as the full head's: the same bits per row.
+            let mut exact = vec![0f32; cand.len()];
+            self.spin.for_ranges(&mut exact, 1, |i0, o| {
+                let mut scratch = Vec::new();
+                for (j, v) in o.iter_mut().enumerate() {
+                    lm_head::rows_dot(
+                        head,
+                        cand[i0 + j] as usize,
+                        &h,
+                        1,
+                        std::slice::from_mut(v),
+                        &mut scratch,
+                    );
+                }
+            });
+            // A non-finite exact logit (an overflowing sum) ranks as the
+            // full head ranks it only among all rows: take the full head.
+            if exact.iter().all(|v| v.is_finite()) {
+                self.screen_counts.record(Some(cand.len()));
+                return Ok(Some(crate::logits::ranked_pairs(cand.into_iter().zip(exact), k)));
+            }
+        }
+        self.screen_counts.record(None);
+        let l = self.logits_dense(&h, head, per);
+        Ok(Some(match greedy {
+            true => {
+                let t = crate::logits::argmax(&l);
+                vec![(t, l[t as usize])]
+            }
+            false => crate::logits::ranked(&l, k),
+        }))
     }
 
     /// `x += W q`: for many tokens the residual add runs in the matmul's
@@ -712,6 +793,12 @@ impl Backend for CpuBackend {
         check_forward_args(&self.model.config, cache.len, cache.capacity, tokens)?;
         self.pool.install(|| self.forward_inner(cache, tokens, output))
     }
+    fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
+        Ok(self.pick(cache, token, 1, true)?.map(|best| best[0].0))
+    }
+    fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        self.pick(cache, token, k, false)
+    }
     fn resident_weight_bytes(&self) -> usize {
         self.layers
             .iter()
@@ -787,7 +874,7 @@ mod tests {
                     kernel: "scalar".into(),
                     threads,
                     lm_head_q8: q8,
-                    policy: None,
+                    ..CpuOptions::default()
                 };
                 let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
                 let vocab = model.config.vocab;

@@ -200,6 +200,95 @@ pub fn q8_act_fast() -> bool {
     }
 }
 
+/// An 8-bit copy of the lm_head (`--lm-head q8`, and the screened head).
+pub enum HeadQ8 {
+    /// Int8 activations x int8 weights (VNNI): the decode fast path.
+    Act8(Q8Head),
+    /// f32 activations x Q8_0 rows (CPUs without VNNI).
+    Dense(DenseMatrix),
+}
+
+/// How far an 8-bit row is from its source row: `max |E − Ê|` and an upper
+/// bound of `Σ max(|E|, |Ê|)`; `max_diff` is NaN when either side holds a
+/// non-finite value.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowError {
+    pub max_diff: f32,
+    pub abs_sum: f32,
+}
+
+impl RowError {
+    pub fn add(&mut self, exact: f32, approx: f32) {
+        // Branch-free (a pass over the whole head); a non-finite value makes
+        // the sum non-finite, and `finish` turns that into NaN.
+        self.max_diff = self.max_diff.max((exact - approx).abs());
+        self.abs_sum += exact.abs().max(approx.abs()) + (exact - approx).abs();
+    }
+
+    /// NaN unless every value added was finite.
+    pub fn finish(mut self) -> Self {
+        if !self.abs_sum.is_finite() {
+            self.max_diff = f32::NAN;
+        }
+        self
+    }
+
+    /// Every row of `src` against the same row of `q` (equal shapes).
+    pub fn of_rows(src: &DenseMatrix, q: &DenseMatrix) -> Vec<RowError> {
+        use rayon::prelude::*;
+        let cols = src.cols;
+        (0..src.rows)
+            .into_par_iter()
+            .map_init(
+                || (vec![0f32; cols], vec![0f32; cols]),
+                |(a, b), r| {
+                    src.row_to_f32(r, a);
+                    q.row_to_f32(r, b);
+                    let mut e = RowError::default();
+                    a.iter().zip(b.iter()).for_each(|(&x, &y)| e.add(x, y));
+                    e.finish()
+                },
+            )
+            .collect()
+    }
+}
+
+impl HeadQ8 {
+    /// The 8-bit copy of `m` (`act8`: the int8 x int8 form, which this CPU
+    /// runs fastest where `q8_act_fast`), and each row's distance from `m`.
+    pub fn quantize_with_error(m: &DenseMatrix, act8: bool) -> crate::error::Result<(Self, Vec<RowError>)> {
+        if act8 {
+            let (q, e) = Q8Head::from_dense(m)?;
+            return Ok((HeadQ8::Act8(q), e));
+        }
+        let d = m.to_q8_0()?;
+        let e = RowError::of_rows(m, &d);
+        Ok((HeadQ8::Dense(d), e))
+    }
+
+    /// The form this CPU runs fastest, from a Q8_0 copy.
+    pub fn build_from_q8_0(d: DenseMatrix) -> crate::error::Result<Self> {
+        Ok(match q8_act_fast() {
+            true => HeadQ8::Act8(Q8Head::from_q8_0(&d)?),
+            false => HeadQ8::Dense(d),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            HeadQ8::Act8(q) => q.rows,
+            HeadQ8::Dense(d) => d.rows,
+        }
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            HeadQ8::Act8(q) => q.resident_bytes(),
+            HeadQ8::Dense(d) => d.resident_bytes(),
+        }
+    }
+}
+
 /// Input elements per group of a [`Q8Head`] row: 16 blocks of 32, one
 /// block per dword lane of a 512-bit register.
 pub const Q8_GROUP: usize = 512;
@@ -245,6 +334,24 @@ pub struct Q8Act {
     corr: Vec<i32>,
 }
 
+impl Q8Act {
+    /// `max |h − ĥ|` over token `t` (`h`: the states this was quantised
+    /// from, `ĥ = dx * code`), in f64 so the difference itself is exact.
+    pub fn max_error(&self, h: &[f32], t: usize) -> f64 {
+        let cols = h.len() / self.n;
+        let mut m = 0f64;
+        for (b, blk) in h[t * cols..(t + 1) * cols].chunks_exact(32).enumerate() {
+            let (g, j) = (b / 16, b % 16);
+            let dx = self.dx[(t * self.groups + g) * 16 + j] as f64;
+            for (e, &v) in blk.iter().enumerate() {
+                let c = self.x[(t * self.groups + g) * 8 + e / 4].0[4 * j + e % 4] as i8;
+                m = m.max((v as f64 - dx * c as f64).abs());
+            }
+        }
+        m
+    }
+}
+
 impl Q8Head {
     /// Regroup a Q8_0 matrix (no requantisation: same codes, same scales).
     pub fn from_q8_0(m: &DenseMatrix) -> crate::error::Result<Self> {
@@ -280,6 +387,55 @@ impl Q8Head {
             q,
             d,
         })
+    }
+
+    /// Quantise `m` straight into this layout (the values `to_q8_0` gives:
+    /// same codes, same scales), with each row's distance from `m`.
+    pub fn from_dense(m: &DenseMatrix) -> crate::error::Result<(Self, Vec<RowError>)> {
+        use rayon::prelude::*;
+        if !m.cols.is_multiple_of(32) {
+            return Err(crate::error::Error::Unsupported(format!(
+                "8-bit lm_head copy needs a width divisible by 32, got {}",
+                m.cols
+            )));
+        }
+        let (rows, cols) = (m.rows, m.cols);
+        let groups = cols.div_ceil(Q8_GROUP);
+        let lpr = groups * 8;
+        let mut q = crate::mem::huge_vec(rows * lpr, Q8Line([0x80; 64]));
+        let mut d = crate::mem::huge_vec(rows * groups * 16, 0u16);
+        let err = q
+            .par_chunks_mut(lpr)
+            .zip(d.par_chunks_mut(groups * 16))
+            .enumerate()
+            .map_init(
+                || vec![0f32; cols],
+                |row, (r, (ql, dl))| {
+                    m.row_to_f32(r, row);
+                    let mut e = RowError::default();
+                    for (b, x) in row.chunks_exact(32).enumerate() {
+                        let (dh, codes) = crate::model::dense::quantize_q8_0_block(x);
+                        dl[b] = dh.to_bits();
+                        let (g, j, df) = (b / 16, b % 16, dh.to_f32());
+                        for (k, (&c, &v)) in codes.iter().zip(x).enumerate() {
+                            ql[g * 8 + k / 4].0[4 * j + k % 4] = c as u8 ^ 0x80;
+                            e.add(v, df * c as f32);
+                        }
+                    }
+                    e.finish()
+                },
+            )
+            .collect();
+        Ok((
+            Self {
+                rows,
+                cols,
+                groups,
+                q,
+                d,
+            },
+            err,
+        ))
     }
 
     pub fn resident_bytes(&self) -> usize {

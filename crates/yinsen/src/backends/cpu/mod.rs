@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod forward;
+pub mod head_screen;
 pub mod kernels;
 pub mod linear;
 pub mod lm_head;

@@ -1,0 +1,365 @@
+//! Exact greedy and top-k picks from the lm_head while reading an 8-bit
+//! copy of it (the "screened" head).
+//!
+//! A decode step that only needs the greedy token or the k best logits does
+//! not need every logit exactly. The 8-bit copy (half the bytes of F16) gives
+//! every row's logit `lq` within a bound `B` that is proved, not estimated,
+//! per row and token; only the rows whose interval `[lq - B, lq + B]` reaches
+//! the k-th largest lower end can be among the k best, and only those are
+//! computed from the lm_head itself, by the same row dot the full head runs.
+//! The result is the same tokens and logit bits as the full head's.
+//!
+//! The bound, for row i (E: the head's values, Ê: the 8-bit copy's, h: the
+//! hidden state, ĥ: its 8-bit blocks where the copy multiplies int8 x int8):
+//!   |Σ E h − Σ Ê ĥ| ≤ Σ |E − Ê| |h| + Σ |Ê| |h − ĥ| ≤ err_i ‖h‖₁ + abs_i δ
+//! with `err_i = max |E − Ê|` and `abs_i = Σ max(|E|, |Ê|)` kept per row
+//! (two floats per row), and `δ = max |h − ĥ|` per token. Both computed
+//! logits carry float rounding of at most `γ Σ |terms|` with `γ = n u` for
+//! any summation order (n inputs, u = 2^-24); `ROUND_GAMMA` doubles that.
+//! Everything is inflated by 0.1% for the rounding of the bound itself.
+
+use super::lm_head::{HeadQ8, Q8Act};
+use crate::error::Result;
+use crate::model::dense::{DenseMatrix, DenseType};
+
+/// The rounding allowance per input for either computed logit (2 u).
+const ROUND_GAMMA: f64 = 2.0 / (1u64 << 24) as f64;
+/// Inflation of every bound term for the rounding of the terms themselves.
+const INFLATE: f64 = 1.001;
+
+/// An 8-bit copy of a dense lm_head plus the per-row constants of the bound.
+pub struct HeadScreen {
+    q8: HeadQ8,
+    /// Per row: `max |E − Ê|` over the row.
+    err: Vec<f32>,
+    /// Per row: `Σ max(|E|, |Ê|)`.
+    abs: Vec<f32>,
+}
+
+/// How the picks went so far (for tests and `yinsen bench`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScreenCounts {
+    /// Picks decided from the candidates.
+    pub screened: u64,
+    /// Picks that read the full head (see [`Unscreened`]).
+    pub full: u64,
+    /// Candidates over the screened picks.
+    pub candidates: u64,
+}
+
+/// [`ScreenCounts`] updated from any thread.
+#[derive(Default)]
+pub struct ScreenCounters {
+    screened: std::sync::atomic::AtomicU64,
+    full: std::sync::atomic::AtomicU64,
+    candidates: std::sync::atomic::AtomicU64,
+}
+
+impl ScreenCounters {
+    pub fn record(&self, candidates: Option<usize>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match candidates {
+            Some(n) => {
+                self.screened.fetch_add(1, Relaxed);
+                self.candidates.fetch_add(n as u64, Relaxed);
+            }
+            None => {
+                self.full.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    pub fn get(&self) -> ScreenCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        ScreenCounts {
+            screened: self.screened.load(Relaxed),
+            full: self.full.load(Relaxed),
+            candidates: self.candidates.load(Relaxed),
+        }
+    }
+}
+
+/// Why a step's pick falls back to the full head.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unscreened {
+    /// A hidden value, a screened logit or a bound is not finite.
+    NotFinite,
+    /// More than half the rows are candidates: the full head is cheaper.
+    TooMany,
+}
+
+impl HeadScreen {
+    /// The 8-bit copy of `head` and its bound constants; an error when the
+    /// head cannot be screened (already 8-bit, width not a multiple of 32,
+    /// or a non-finite value, which the bound cannot cover).
+    pub fn build(head: &DenseMatrix) -> Result<Self> {
+        Self::build_as(head, super::lm_head::q8_act_fast())
+    }
+
+    /// [`HeadScreen::build`] with the copy's form chosen (`act8`: int8 x
+    /// int8, else f32 x Q8_0 rows).
+    pub fn build_as(head: &DenseMatrix, act8: bool) -> Result<Self> {
+        if head.dtype == DenseType::Q8_0 {
+            return Err(crate::Error::Unsupported("the lm_head is already 8-bit".into()));
+        }
+        let (q8, rows) = HeadQ8::quantize_with_error(head, act8)?;
+        if let Some(r) = rows.iter().position(|e| e.max_diff.is_nan()) {
+            return Err(crate::Error::Unsupported(format!(
+                "lm_head row {r} holds a non-finite value: not screened"
+            )));
+        }
+        Ok(Self {
+            q8,
+            err: rows.iter().map(|e| e.max_diff).collect(),
+            abs: rows.iter().map(|e| e.abs_sum).collect(),
+        })
+    }
+
+    /// The 8-bit copy whose logits feed [`HeadScreen::candidates`].
+    pub fn q8(&self) -> &HeadQ8 {
+        &self.q8
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.q8.resident_bytes() + (self.err.len() + self.abs.len()) * 4
+    }
+
+    /// Per row, a bound on |computed head logit − `lq`| for hidden state
+    /// `h` (`act`: `h` as the copy quantised it, where it multiplies int8 x
+    /// int8; `lq`: the copy's computed logits of `h`).
+    pub fn bounds(&self, h: &[f32], act: Option<&Q8Act>, lq: &[f32]) -> std::result::Result<Vec<f64>, Unscreened> {
+        assert_eq!(lq.len(), self.err.len());
+        let (mut l1, mut hmax) = (0f64, 0f64);
+        for &v in h {
+            if !v.is_finite() {
+                return Err(Unscreened::NotFinite);
+            }
+            l1 += v.abs() as f64;
+            hmax = hmax.max(v.abs() as f64);
+        }
+        let delta = act.map_or(0.0, |a| a.max_error(h, 0));
+        let gamma = ROUND_GAMMA * h.len() as f64;
+        let (l1, per_abs) = (l1 * INFLATE, (delta + gamma * (2.0 * hmax + delta)) * INFLATE);
+        let mut b = Vec::with_capacity(lq.len());
+        for (i, &v) in lq.iter().enumerate() {
+            let bi = INFLATE * (self.err[i] as f64 * l1 + self.abs[i] as f64 * per_abs);
+            if !v.is_finite() || !bi.is_finite() {
+                return Err(Unscreened::NotFinite);
+            }
+            b.push(bi);
+        }
+        Ok(b)
+    }
+
+    /// The rows (ascending) whose computed head logit may rank among the
+    /// `k` largest, from [`HeadScreen::bounds`]' arguments.
+    pub fn candidates(
+        &self,
+        h: &[f32],
+        act: Option<&Q8Act>,
+        lq: &[f32],
+        k: usize,
+    ) -> std::result::Result<Vec<u32>, Unscreened> {
+        assert!(k >= 1 && k <= lq.len());
+        let b = self.bounds(h, act, lq)?;
+        // The k-th largest lower end: no row whose upper end is below it can
+        // outrank the k rows at or above it.
+        let mut lo: Vec<f64> = lq.iter().zip(&b).map(|(&v, &bi)| v as f64 - bi).collect();
+        let (_, &mut t, _) = lo.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x));
+        let cand: Vec<u32> = (0..lq.len())
+            .filter(|&i| lq[i] as f64 + b[i] >= t)
+            .map(|i| i as u32)
+            .collect();
+        if cand.len() > lq.len() / 2 {
+            return Err(Unscreened::TooMany);
+        }
+        Ok(cand)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::cpu::lm_head;
+    use crate::logits::{argmax, ranked, ranked_pairs};
+    use crate::model::dense::Storage;
+    use crate::model::synthetic::SplitMix64;
+
+    /// A uniform value in [-1, 1).
+    fn unif(r: &mut SplitMix64) -> f32 {
+        (r.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn f16_head(rows: usize, cols: usize, vals: impl Fn(usize, usize) -> f32) -> DenseMatrix {
+        let mut b = Vec::with_capacity(rows * cols * 2);
+        for r in 0..rows {
+            for c in 0..cols {
+                b.extend_from_slice(&half::f16::from_f32(vals(r, c)).to_le_bytes());
+            }
+        }
+        DenseMatrix::new(rows, cols, DenseType::F16, Storage::owned(b)).unwrap()
+    }
+
+    /// Every row's logit as the full head computes it.
+    fn head_logits(head: &DenseMatrix, h: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; head.rows];
+        lm_head::rows_dot(head, 0, h, 1, &mut out, &mut Vec::new());
+        out
+    }
+
+    fn screened_logits(s: &HeadScreen, h: &[f32]) -> (Vec<f32>, Option<Q8Act>) {
+        match s.q8() {
+            HeadQ8::Act8(q) => {
+                let a = q.quantize(h, 1);
+                let mut out = vec![f32::NAN; q.rows];
+                q.rows_dot(0, &a, 0, 1, &mut out);
+                (out, Some(a))
+            }
+            HeadQ8::Dense(d) => (head_logits(d, h), None),
+        }
+    }
+
+    /// Heads: random values, rows with outliers, repeated and near-equal
+    /// rows (ties one f16 step apart); hidden states: plain, one huge
+    /// element, tiny and large magnitudes.
+    fn cases() -> Vec<(DenseMatrix, Vec<Vec<f32>>)> {
+        let (rows, cols) = (3000, 256);
+        let mut out = Vec::new();
+        for seed in 0..3u64 {
+            let mut r = SplitMix64(seed + 11);
+            let base: Vec<f32> = (0..rows * cols).map(|_| 0.05 * unif(&mut r)).collect();
+            let head = f16_head(rows, cols, |i, c| match seed {
+                // Every 7th row has an outlier of 40x the rest.
+                1 if i % 7 == 0 && c == i % cols => 2.0,
+                // Rows 0..64 repeat row 0, rows 64..128 differ from it by a
+                // small step in one column (near ties).
+                2 if i < 64 => base[c],
+                2 if i < 128 => base[c] + if c == i % cols { 1e-3 } else { 0.0 },
+                _ => base[i * cols + c],
+            });
+            let mut hs = Vec::new();
+            for (scale, spike) in [(1.0f32, false), (1.0, true), (1e-3, false), (300.0, true)] {
+                let mut h: Vec<f32> = (0..cols).map(|_| scale * unif(&mut r)).collect();
+                if spike {
+                    h[r.next_u64() as usize % cols] = 40.0 * scale;
+                }
+                hs.push(h);
+            }
+            out.push((head, hs));
+        }
+        out
+    }
+
+    #[test]
+    fn the_bound_holds_on_every_row() {
+        for act8 in [true, false] {
+            let mut worst = 0f64;
+            for (head, hs) in cases() {
+                let s = HeadScreen::build_as(&head, act8).unwrap();
+                for h in &hs {
+                    let exact = head_logits(&head, h);
+                    let (lq, act) = screened_logits(&s, h);
+                    let b = s.bounds(h, act.as_ref(), &lq).unwrap();
+                    for i in 0..head.rows {
+                        let d = (exact[i] as f64 - lq[i] as f64).abs();
+                        assert!(
+                            d <= b[i],
+                            "act8 {act8} row {i}: |{} - {}| > bound {}",
+                            exact[i],
+                            lq[i],
+                            b[i]
+                        );
+                        worst = worst.max(d / b[i]);
+                    }
+                }
+            }
+            // The bound is worst-case, but not vacuous.
+            assert!(worst > 0.02, "act8 {act8}: largest error / bound {worst}");
+            eprintln!("act8 {act8}: largest error / bound {worst:.3}");
+        }
+    }
+
+    /// Errors that all point the same way reach the bound: each term of it
+    /// is needed (a test that halves either one fails here).
+    #[test]
+    fn the_bound_is_tight_for_aligned_errors() {
+        let cols = 256;
+        // h: per block of 32, one element 127 (so dx = 1) and the rest k + 0.49:
+        // every code is off by 0.49 in the same direction.
+        let h: Vec<f32> = (0..cols)
+            .map(|c| if c % 32 == 0 { 127.0 } else { (c % 50) as f32 + 0.49 })
+            .collect();
+        // Row 0: weights the 8-bit copy holds exactly (err = 0), so only the
+        // activation term counts. Row 1: per block one weight 127/128 sets
+        // d = 1/128, the rest sit at 0.49 steps above a code (all errors
+        // positive; codes below 16 keep 0.49 exact in f16), and h > 0: only
+        // the weight term counts.
+        let head = f16_head(2, cols, |r, c| match (r, c % 32) {
+            (0, _) => 0.25,
+            (1, 0) => 127.0 / 128.0,
+            (1, _) => ((c % 16) as f32 + 0.49) / 128.0,
+            _ => unreachable!(),
+        });
+        let exact = head_logits(&head, &h);
+        // int8 activations: row 0 tests the activation term.
+        let s = HeadScreen::build_as(&head, true).unwrap();
+        let (lq, act) = screened_logits(&s, &h);
+        let b = s.bounds(&h, act.as_ref(), &lq).unwrap();
+        let r0 = (exact[0] as f64 - lq[0] as f64).abs() / b[0];
+        // f32 activations: row 1 tests the weight term alone.
+        let s = HeadScreen::build_as(&head, false).unwrap();
+        let (lq, act) = screened_logits(&s, &h);
+        let b = s.bounds(&h, act.as_ref(), &lq).unwrap();
+        let r1 = (exact[1] as f64 - lq[1] as f64).abs() / b[1];
+        for r in [r0, r1] {
+            assert!(
+                r > 0.8 && r <= 1.0,
+                "error / bound {r0:.3} (activations), {r1:.3} (weights)"
+            );
+        }
+    }
+
+    #[test]
+    fn picks_equal_the_full_heads() {
+        let mut screened = 0;
+        for act8 in [true, false] {
+            for (head, hs) in cases() {
+                let s = HeadScreen::build_as(&head, act8).unwrap();
+                for h in &hs {
+                    let exact = head_logits(&head, h);
+                    let (lq, act) = screened_logits(&s, h);
+                    for k in [1, 2, 5, 40, 64] {
+                        let Ok(cand) = s.candidates(h, act.as_ref(), &lq, k) else {
+                            continue;
+                        };
+                        screened += 1;
+                        assert!(cand.len() >= k && cand.windows(2).all(|w| w[0] < w[1]));
+                        let got = ranked_pairs(cand.iter().map(|&i| (i, exact[i as usize])), k);
+                        assert_eq!(got, ranked(&exact, k), "act8 {act8} k {k}");
+                        if k == 1 {
+                            assert_eq!(got[0].0, argmax(&exact));
+                        }
+                    }
+                }
+            }
+        }
+        // Most cases are screened (the rest read the full head, correctly).
+        assert!(screened >= 90, "only {screened} of 120 picks screened");
+    }
+
+    #[test]
+    fn non_finite_values_are_not_screened() {
+        let head = f16_head(64, 64, |r, c| ((r * 7 + c) % 13) as f32 * 0.01 - 0.06);
+        let s = HeadScreen::build(&head).unwrap();
+        let mut h = vec![0.5f32; 64];
+        h[3] = f32::NAN;
+        let (lq, act) = screened_logits(&s, &[0.5; 64]);
+        assert_eq!(s.candidates(&h, act.as_ref(), &lq, 1), Err(Unscreened::NotFinite));
+        h[3] = f32::INFINITY;
+        assert_eq!(s.candidates(&h, act.as_ref(), &lq, 1), Err(Unscreened::NotFinite));
+        let bad = f16_head(8, 64, |r, c| if r == 5 && c == 9 { f32::INFINITY } else { 0.1 });
+        let e = HeadScreen::build(&bad)
+            .err()
+            .expect("an infinite weight is not screened");
+        assert!(e.to_string().contains("row 5"), "{e}");
+    }
+}
