@@ -477,7 +477,8 @@ impl CpuBackend {
             HeadQ8::Dense(d) => (self.logits_dense(&h, d, per), None),
         };
         let head = self.model.lm_head();
-        if let Ok(cand) = screen.candidates(&h, act.as_ref(), &lq, k) {
+        let cand = screen.candidates_with(&h, act.as_ref(), &lq, k, |out, f| self.spin.for_ranges(out, 32, f));
+        if let Ok(cand) = cand {
             // The same row dot as the full head's: the same bits per row.
             let mut exact = vec![0f32; cand.len()];
             self.spin.for_ranges(&mut exact, 1, |i0, o| {
