@@ -234,18 +234,11 @@ impl HeadScreen {
             // can outrank the k rows at or above it.
             let t = match k {
                 1 => m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-                // Small k: a heap of the k largest whose top (the least
-                // kept) most lower ends fail one comparison with.
+                // Small k: the ranking's heap of the k largest (most lower
+                // ends fail one comparison with the least kept).
                 _ if k <= 256 => {
-                    let mut kept = std::collections::BinaryHeap::with_capacity(k);
-                    for &l in lu.iter().step_by(2) {
-                        if kept.len() < k {
-                            kept.push(std::cmp::Reverse(Finite(l)));
-                        } else if l > kept.peek().expect("k >= 1").0 .0 {
-                            *kept.peek_mut().expect("k >= 1") = std::cmp::Reverse(Finite(l));
-                        }
-                    }
-                    kept.peek().expect("k >= 1").0 .0
+                    let lows = lu.iter().step_by(2).enumerate().map(|(i, &l)| (i as u32, l));
+                    crate::logits::ranked_pairs(lows, k)[k - 1].1
                 }
                 _ => {
                     let mut lo: Vec<f32> = lu.iter().step_by(2).copied().collect();
@@ -258,26 +251,6 @@ impl HeadScreen {
                 false => Ok(cand),
             }
         })
-    }
-}
-
-/// An f32 in its total order (for the heap; the values are finite).
-#[derive(Clone, Copy)]
-struct Finite(f32);
-impl PartialEq for Finite {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o).is_eq()
-    }
-}
-impl Eq for Finite {}
-impl PartialOrd for Finite {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Finite {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&o.0)
     }
 }
 
