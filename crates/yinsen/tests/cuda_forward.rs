@@ -271,12 +271,12 @@ fn flash_prefill_matches_split_k() {
 /// The tensor-core flash attention with its key range split over blocks
 /// (CudaBackend::key_splits; automatic, forced 3 and 16) against the
 /// un-split kernel (forced 1), both caches, on tiny (4 query heads on 2 KV
-/// heads, hd 64): an 800-token prefill (un-split: the same cache for all), then 5, 16 and 64
-/// tokens (the batched steps the split is for; 5 and 16 through a captured
-/// step graph on the second call), all logits. The split only reorders
-/// float sums (kernel level: within 2e-5 of the un-split result), so most
-/// tokens agree to 1e-3; int8 codes may still flip downstream, hence the
-/// flip-prone limits of `close`.
+/// heads, hd 64): an 800-token prefill, then 5, 16 and 64 tokens twice (the
+/// batched steps the split is for), all logits, each split call from the
+/// un-split run's cache before it. The split only reorders float sums
+/// (kernel level: within 2e-5 of the un-split result), so most tokens agree
+/// to 1e-3; int8 codes may still flip downstream, hence the flip-prone
+/// limits of `close`.
 #[test]
 fn flash_key_split_matches_unsplit() {
     let model = synthetic::build("tiny").unwrap();
@@ -297,28 +297,30 @@ fn flash_key_split_matches_unsplit() {
             gpu.key_splits(16) > 1,
             "tiny's 4 heads leave SMs idle: expected a key split"
         );
-        // The 800-token prefill always runs un-split, so every variant starts
-        // its steps from the same cache: tiny is flip-prone, and a prefill's
-        // reordered sums would flip int8 codes and diverge the cache itself.
-        let run = |n_ks: usize| -> Vec<Vec<f32>> {
-            gpu.set_key_splits(1);
-            // tiny's max_ctx is 1024: 800 + 2 x (5 + 16 + 64) = 970 tokens.
-            let mut c = gpu.new_cache(1000).unwrap();
-            let mut at = 0;
-            let mut outs = Vec::new();
-            for nt in [800usize, 5, 16, 64, 5, 16, 64] {
-                outs.push(gpu.forward(c.as_mut(), &ids[at..at + nt], Output::AllLogits).unwrap());
-                at += nt;
-                gpu.set_key_splits(n_ks);
-            }
-            outs
-        };
-        let want = run(1);
+        // Every call of a split variant starts from the un-split run's cache
+        // before that call (exported and imported): tiny is flip-prone, and
+        // one int8 code flipped by a reordered sum would otherwise carry into
+        // every later call's cache and logits.
+        // tiny's max_ctx is 1024: 800 + 2 x (5 + 16 + 64) = 970 tokens.
+        let calls = [800usize, 5, 16, 64, 5, 16, 64];
+        gpu.set_key_splits(1);
+        let mut c = gpu.new_cache(1000).unwrap();
+        let (mut at, mut want, mut before) = (0, Vec::new(), Vec::new());
+        for nt in calls {
+            before.push(gpu.export_kv(c.as_mut()).unwrap());
+            want.push(gpu.forward(c.as_mut(), &ids[at..at + nt], Output::AllLogits).unwrap());
+            at += nt;
+        }
         for n_ks in [0usize, 3, 16] {
-            let got = run(n_ks);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let mut at = calls[0];
+            for (i, &nt) in calls.iter().enumerate().skip(1) {
+                let mut c = gpu.import_kv(&before[i], 1000).unwrap();
+                gpu.set_key_splits(n_ks);
+                let got = gpu.forward(c.as_mut(), &ids[at..at + nt], Output::AllLogits).unwrap();
+                gpu.set_key_splits(1);
+                at += nt;
                 let what = format!("{kv:?} {mode:?} n_ks {n_ks} call {i}");
-                let (mean, tight, tokens) = close_tokens(g, w, vocab, &what);
+                let (mean, tight, tokens) = close_tokens(&got, &want[i], vocab, &what);
                 assert!(mean <= 1e-3, "{what}: mean |dlogit| {mean}");
                 assert!(2 * tight >= tokens, "{what}: only {tight}/{tokens} tokens within 1e-3");
             }

@@ -177,6 +177,20 @@ __device__ __forceinline__ void mbar_arrive(u64* bar) {
 #endif
 }
 
+// int8 code of t: one saturating round-to-nearest-even conversion (NaN ->
+// 0, clamped to [-128, 127]), as the CPU's `as i8` of the rounded value.
+__device__ __forceinline__ int q8_code(float t) {
+    int q;
+    asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(t));
+    return q;
+}
+// The codes of y * s for 4 values, packed little-endian (byte permutes).
+__device__ __forceinline__ unsigned q8_word(float4 y, float s) {
+    const unsigned lo = __byte_perm(q8_code(y.x * s), q8_code(y.y * s), 0x0040);
+    const unsigned hi = __byte_perm(q8_code(y.z * s), q8_code(y.w * s), 0x0040);
+    return __byte_perm(lo, hi, 0x5410);
+}
+
 // The gated FFN activation act(g) * u (gate 1 = relu2, 2 = silu): one
 // expression for norm_quant's input and the GEMM's gated epilogue, so both
 // give the same bits.

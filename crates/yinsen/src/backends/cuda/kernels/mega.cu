@@ -223,11 +223,6 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 // the bits (non-negative floats order as integers). Why: at 1024 threads
 // every per-element instruction costs 8 issue slots per scheduler; the
 // divisions and clamps of mg_quant made it ~2 us per 2560 elements.
-__device__ __forceinline__ int mg_code(float t) {
-    int q;
-    asm("cvt.rni.sat.s8.f32 %0, %1;" : "=r"(q) : "f"(t));  // NaN -> 0, clamped to [-128, 127]
-    return q;
-}
 __device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
                           int* xsum_s) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
@@ -286,9 +281,7 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
                     const float4 g = ((const float4*)nw)[i4];
                     t = make_float4(t.x * r * g.x, t.y * r * g.y, t.z * r * g.z, t.w * r * g.w);
                 }
-                const unsigned lo = __byte_perm(mg_code(t.x * s), mg_code(t.y * s), 0x0040);
-                const unsigned hi = __byte_perm(mg_code(t.z * s), mg_code(t.w * s), 0x0040);
-                word = __byte_perm(lo, hi, 0x5410);
+                word = q8_word(t, s);
                 qs = __dp4a((int)word, 0x01010101, qs);
             }
             *(unsigned*)(xq + (i >> 6) * MG_XSTRIDE + (i & 63)) = word;

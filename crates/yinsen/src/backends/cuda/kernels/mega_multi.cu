@@ -127,9 +127,7 @@ __device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps
 // mg_quant), code = saturating round-to-nearest-even of y * s.
 __device__ __forceinline__ unsigned mm_codes(float4 v, float4 g, bool norm, float r, float s) {
     if (norm) v = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
-    const unsigned lo = __byte_perm(mg_code(v.x * s), mg_code(v.y * s), 0x0040);
-    const unsigned hi = __byte_perm(mg_code(v.z * s), mg_code(v.w * s), 0x0040);
-    return __byte_perm(lo, hi, 0x5410);
+    return q8_word(v, s);
 }
 
 // A phase input's first half: the per-token scales (mm_scales), then this
