@@ -261,6 +261,44 @@ fn chat_uses_the_template() {
     assert_eq!(ids.iter().filter(|&&t| t == 1799).count(), 3); // system, user, assistant headers
 }
 
+/// The screened lm_head (`--lm-head auto`, the default) picks the tokens the
+/// full head picks, greedy and sampled, through the hybrid dispatcher.
+#[test]
+fn screened_lm_head_picks_the_full_heads_tokens() {
+    let tokens = |head: &str, temp: &str| -> Vec<u64> {
+        let out = ok(&[
+            "run",
+            "-m",
+            &tq2(),
+            "-p",
+            "Once upon a time",
+            "-n",
+            "24",
+            "--temp",
+            temp,
+            "--seed",
+            "5",
+            "--lm-head",
+            head,
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    for temp in ["0", "0.9"] {
+        let want = tokens("native", temp);
+        assert_eq!(want.len(), 24);
+        assert_eq!(tokens("auto", temp), want, "temperature {temp}");
+    }
+    let e = err(&["run", "-m", &tq2(), "-p", "x", "--lm-head", "q4"]);
+    assert!(e.contains("auto, native, q8"), "{e}");
+}
+
 #[test]
 fn bench_json_has_llama_bench_fields() {
     let out = ok(&[
