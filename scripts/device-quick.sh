@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick decode A/B on the device (one call): pack here, run there.
 #   here:    scripts/device-quick.sh pack
-#   device:  bash .device/device-quick.sh remote "7,263,135"   (run tool, carry [".device"])
+#   device:  bash .device/device-quick.sh remote "23,7"   (run tool, carry [".device"])
 # A baseline binary copied to .device/bin/yinsen-base (e.g. built from the
 # previous commit) gets decode rows alternated with this build's: a
 # same-call A/B of a kernel change.

@@ -492,8 +492,10 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 
 /// Default variant bits of the persistent kernel (see mega.cu): no L2 bulk
 /// prefetch, release-reduction arrive, no fence after the acquire spin
-/// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200).
-pub const MEGA_DEFAULT_FLAGS: u32 = 7;
+/// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200); weight copies with
+/// an L2 evict-first policy (S9-14, H100, alternated x3 in one call: 798-799
+/// / 696-697 vs 797-798 / 691-692 tok/s at ctx 0 / 2048).
+pub const MEGA_DEFAULT_FLAGS: u32 = 23;
 
 /// `topk_logits` limits (TK_* in ops.cu): k, blocks, logits per block.
 const TK_MAX: usize = 64;

@@ -154,14 +154,26 @@ __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
 // global src to shared dst as bulk copies of <= 32 KB, completing on bar.
 // `fence.proxy.async` first: earlier generic-proxy reads of dst (and, for
 // data written in this launch, the generic writes to src) come before them.
-__device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsigned bytes, u64* bar) {
+__device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsigned bytes, u64* bar,
+                                             bool evict_first = false) {
 #if __CUDA_ARCH__ >= 900
+    // evict_first: data read once (a decode step's weights) should not push
+    // the small, re-read data (activations, KV rows) out of the L2.
+    unsigned long long policy = 0;
+    if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     for (unsigned o = 0; o < bytes; o += 32768u) {
         const unsigned nb = min(32768u, bytes - o);
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                         dst + o),
-                     "l"(src + o), "r"(nb), "r"(smem_addr(bar))
-                     : "memory");
+        if (evict_first)
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+                "%4;" ::"r"(dst + o),
+                "l"(src + o), "r"(nb), "r"(smem_addr(bar)), "l"(policy)
+                : "memory");
+        else
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                             dst + o),
+                         "l"(src + o), "r"(nb), "r"(smem_addr(bar))
+                         : "memory");
     }
 #endif
 }

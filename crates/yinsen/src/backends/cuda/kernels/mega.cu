@@ -45,6 +45,7 @@
 #define MG_BAR_RELEASE 2
 #define MG_BAR_NO_TAIL_FENCE 4
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
+#define MG_EVICT_FIRST 16 // weight copies with an L2 evict-first policy
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -152,13 +153,14 @@ __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, u
 }
 
 // Thread 0: copy the block's rows of W into dst, completing on bar.
-__device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar) {
+__device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar,
+                                         bool evict_first) {
     if (threadIdx.x != 0) return;
     const unsigned span = (unsigned)r.n * (unsigned)chunks * 16u, total = r.off2 >= 0 ? 2 * span : span;
     mg_bulk_expect(bar, total);
     for (int part = 0; part < (r.off2 >= 0 ? 2 : 1); part++)
         mg_bulk_part(smem_addr(dst) + part * span, (const char*)(W + (size_t)((part ? r.off2 : 0) + r.a) * chunks),
-                     span, bar);
+                     span, bar, evict_first);
 }
 
 // The next matrix phase's copy: the block's rows of W into `dst` (TMA bulk
@@ -172,10 +174,11 @@ struct MgNext {
     u64* bar;
     const float* rs;
     float* scs;
+    bool evict_first;  // MG_EVICT_FIRST
 };
 __device__ __forceinline__ void mg_issue(const MgNext& n) {
 #if __CUDA_ARCH__ >= 900
-    mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar);
+    mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar, n.evict_first);
 #else
     mg_wcopy(n.W, n.chunks, n.r, n.dst);
 #endif
@@ -650,6 +653,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
     unsigned epoch = 0;
     float sx;
+    const bool ef = flags & MG_EVICT_FIRST;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
 #define SYNC_(WAIT)                  \
@@ -661,7 +665,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mbar_init(&mbar[1]);
     }
     __syncthreads();
-    mg_issue(MgNext{W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0]});
+    mg_issue(MgNext{W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0], ef});
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
     cp_async_wait();
     __syncthreads();
@@ -673,7 +677,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
         {
-            const MgNext next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]};
+            const MgNext next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef};
             sx = mg_phase(cH, r_qkv, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s,
                           trace, tb);
         }
@@ -691,7 +695,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // ---- attention; the gate/up copy starts here
         mg_mark(trace, tb + 4);
         {
-            const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0]};
+            const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
             mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml,
                              vbuf, vbytes, gu, trace, tb);
         }
@@ -712,7 +716,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
         {
-            const MgNext next{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]};
+            const MgNext next{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef};
             sx = mg_phase(cH, r_gu, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s,
                           trace, tb + 12);
         }
@@ -736,7 +740,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const bool more = l + 1 < n_layers;
             const float xres = tid < r_dn.n ? __ldcg(x + r_dn.a + tid) : 0.f;
             const MgNext next{more ? W_(l + 1, LT_QKV) : nullptr, cH, r_qkv, wb0, &mbar[0],
-                              more ? F_(l + 1, LT_QKV_S) : nullptr, scs2[0]};
+                              more ? F_(l + 1, LT_QKV_S) : nullptr, scs2[0], ef};
             sx = mg_phase(cF, r_dn, wb1, &mbar[1], ph1, more ? &next : nullptr, hb, F, F_(l, LT_FFN_SUB), eps, xq, red,
                           xsum_s, acc_s, trace, tb + 16);
             if (tid < r_dn.n)
