@@ -279,18 +279,16 @@ mod tests {
             repeat_penalty: 1.3,
             ..SamplerConfig::greedy()
         };
-        assert_eq!(
-            run(picker.clone(), penalised.clone(), vec![]),
-            run(plain.clone(), penalised, vec![])
-        );
         let no_k = SamplerConfig {
             top_k: 0,
             ..SamplerConfig::default()
         };
-        assert_eq!(
-            run(picker.clone(), no_k.clone(), vec![]),
-            run(plain.clone(), no_k, vec![])
-        );
+        for cfg in [penalised, no_k] {
+            assert_eq!(
+                run(picker.clone(), cfg.clone(), vec![]),
+                run(plain.clone(), cfg, vec![])
+            );
+        }
         assert_eq!(picker.calls.load(Ordering::Relaxed), 0);
         assert_eq!(picker.top_k_calls.load(Ordering::Relaxed), 0);
         // The picks came from the candidates, not the full head.
