@@ -70,15 +70,31 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 fn options(arch: &str) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
         "-default-device".into(),
-    ]
+    ];
+    if lineinfo_dir().is_some() {
+        o.push("-lineinfo".into());
+    }
+    o
+}
+
+/// `$YINSEN_NVRTC_LINEINFO=DIR` (profiling only): compile with line
+/// information and write the program source to `DIR/yinsen.cu`, the name its
+/// lines refer to, so Nsight Compute can show stalls per source line
+/// (`ncu --source-folders DIR`).
+fn lineinfo_dir() -> Option<PathBuf> {
+    std::env::var_os("YINSEN_NVRTC_LINEINFO").map(PathBuf::from)
 }
 
 /// Compile `src` for `arch` (e.g. "sm_90a") to CUBIN, no cache.
 pub fn compile(src: &str, arch: &str) -> Result<Vec<u8>> {
+    if let Some(dir) = lineinfo_dir() {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("yinsen.cu"), src);
+    }
     let csrc = CString::new(src).map_err(|_| err("kernel source contains a NUL byte"))?;
     let name = CString::new("yinsen.cu").expect("static name");
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();

@@ -132,6 +132,29 @@ __device__ __forceinline__ void cp_wait_group() {
 #endif
 }
 
+// Layer l's table entries (MG_LT u64, 16-byte aligned: layers are 96 bytes
+// apart) into lts[l & 1] by 16-byte cp.async from the last warp (warp 0
+// drives the bulk copies and the trace), one commit group on every thread;
+// the next barrier's wait makes them visible. Why: every phase starts by
+// reading its weight, scale and norm pointers from the table; from global
+// memory that was a dependent L2 round trip (and a stack store waiting on
+// it) on the critical path of each of the 5 phases per layer (ncu, S10-5;
+// decode +1.6-1.8%, S10-7).
+__device__ __forceinline__ void mg_lt_copy(const u64* lt, int l, u64 (*lts)[MG_LT]) {
+    const int t = threadIdx.x - (MG_THREADS - 32);
+    if (t >= 0 && t < MG_LT / 2) {
+#if __CUDA_ARCH__ >= 800
+        const unsigned a = (unsigned)__cvta_generic_to_shared(&lts[l & 1][2 * t]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(lt + (size_t)l * MG_LT + 2 * t)
+                     : "memory");
+#else
+        lts[l & 1][2 * t] = lt[(size_t)l * MG_LT + 2 * t];
+        lts[l & 1][2 * t + 1] = lt[(size_t)l * MG_LT + 2 * t + 1];
+#endif
+    }
+    cp_commit();
+}
+
 // Start copying a phase's weights (the block's rows, flattened (row, chunk)
 // order) into a shared-memory buffer: 16-byte cp.async, L1 bypassed. They
 // land while the current phase and the barrier run; cp_async_wait() waits.
@@ -467,12 +490,9 @@ template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
                              float* sc, float* ml, uint4* vstage, int vstage_bytes, const MgNext& gu, u64* trace,
-                             int tb) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = MG_THREADS / 32;
+                             int tb, int ac, int nch) {
+    const int tid = threadIdx.x, warp = tid >> 5;
     const int group = n_heads / n_kv, n_keys = pos + 1;
-    const int per_head = max(1, (int)gridDim.x / n_kv);
-    const int ac = min(MG_ACMAX, max(64, (n_keys + per_head - 1) / per_head));
-    const int nch = (n_keys + ac - 1) / ac;  // <= nsplit; group * nch <= 512 (host)
     const size_t pst = hd + 2;
     __shared__ int last;
     // The gate/up copy (gu) is issued after the first item's K and V reads,
@@ -645,6 +665,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     __shared__ float ml[2 * MG_GMAX];
     __shared__ int xsum_s[MG_THREADS / 32];
     __shared__ __align__(8) u64 mbar[2];  // bulk weight copies into wb0, wb1
+    __shared__ __align__(16) u64 lts[2][MG_LT];  // layer table ring (mg_lt_copy)
     unsigned ph0 = 0, ph1 = 0;            // their mbarrier phases
     float* qs = big;
     float* sc = big + MG_QMAX;
@@ -654,8 +675,12 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     unsigned epoch = 0;
     float sx;
     const bool ef = flags & MG_EVICT_FIRST;
-#define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
-#define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
+#define W_(l, e) ((const uint4*)lts[(l) & 1][e])
+#define F_(l, e) ((const float*)lts[(l) & 1][e])
+    // The attention's key chunks: the position is fixed for the launch.
+    const int n_keys = pos + 1, per_head = max(1, (int)gridDim.x / n_kv);
+    const int att_ac = min(MG_ACMAX, max(64, (n_keys + per_head - 1) / per_head));
+    const int att_nch = (n_keys + att_ac - 1) / att_ac;  // <= nsplit; group * nch <= 512 (host)
 #define SYNC_(WAIT)                  \
     mg_grid_sync(bar, epoch, flags); \
     WAIT;                            \
@@ -665,7 +690,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mbar_init(&mbar[1]);
     }
     __syncthreads();
-    mg_issue(MgNext{W_(0, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0], ef});
+    mg_issue(MgNext{(const uint4*)lt[LT_QKV], cH, r_qkv, wb0, &mbar[0], (const float*)lt[LT_QKV_S], scs2[0], ef});
+    mg_lt_copy(lt, 0, lts);
+    if (n_layers > 1) mg_lt_copy(lt, 1, lts);
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
     cp_async_wait();
     __syncthreads();
@@ -676,6 +703,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
+        // Layer l + 1's table into the ring slot layer l - 1 used (read by
+        // this layer's down phase, three barriers on).
+        if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
         {
             const MgNext next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef};
             sx = mg_phase(cH, r_qkv, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s,
@@ -697,7 +727,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
             mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml,
-                             vbuf, vbytes, gu, trace, tb);
+                             vbuf, vbytes, gu, trace, tb, att_ac, att_nch);
         }
         mg_mark(trace, tb + 7);
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
