@@ -252,26 +252,29 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 __device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
                           int* xsum_s) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
-    float4 v[MG_NQ / 4];
-    float ss = 0.f, mw = 0.f;
+    // Every load first, then the arithmetic: loaded and used in one loop,
+    // the second float4's loads waited for the first's use (ncu, S10-5:
+    // down's 6912-wide input took two L2 round trips).
+    float4 v[MG_NQ / 4], g[MG_NQ / 4];
 #pragma unroll
     for (int k = 0; k < MG_NQ / 4; k++) {
         const int i4 = tid + k * MG_THREADS;
         v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        g[k] = make_float4(1.f, 1.f, 1.f, 1.f);
         if (i4 < n4) {
             v[k] = __ldcg((const float4*)in + i4);
-            ss += v[k].x * v[k].x;
-            ss += v[k].y * v[k].y;
-            ss += v[k].z * v[k].z;
-            ss += v[k].w * v[k].w;
-            if (nw) {
-                const float4 g = ((const float4*)nw)[i4];
-                mw = fmaxf(mw, fmaxf(fmaxf(fabsf(v[k].x * g.x), fabsf(v[k].y * g.y)),
-                                     fmaxf(fabsf(v[k].z * g.z), fabsf(v[k].w * g.w))));
-            } else {
-                mw = fmaxf(mw, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
-            }
+            if (nw) g[k] = __ldg((const float4*)nw + i4);
         }
+    }
+    float ss = 0.f, mw = 0.f;
+#pragma unroll
+    for (int k = 0; k < MG_NQ / 4; k++) {
+        ss += v[k].x * v[k].x;
+        ss += v[k].y * v[k].y;
+        ss += v[k].z * v[k].z;
+        ss += v[k].w * v[k].w;
+        mw = fmaxf(mw, fmaxf(fmaxf(fabsf(v[k].x * g[k].x), fabsf(v[k].y * g[k].y)),
+                             fmaxf(fabsf(v[k].z * g[k].z), fabsf(v[k].w * g[k].w))));
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     unsigned mb = __float_as_uint(mw);
@@ -303,10 +306,7 @@ __device__ float mg_quant(const float* in, int n, const float* nw, float eps, in
             unsigned word = 0;
             if (i4 < n4) {
                 float4 t = v[k];
-                if (nw) {
-                    const float4 g = ((const float4*)nw)[i4];
-                    t = make_float4(t.x * r * g.x, t.y * r * g.y, t.z * r * g.z, t.w * r * g.w);
-                }
+                if (nw) t = make_float4(t.x * r * g[k].x, t.y * r * g[k].y, t.z * r * g[k].z, t.w * r * g[k].w);
                 word = q8_word(t, s);
                 qs = __dp4a((int)word, 0x01010101, qs);
             }
