@@ -886,3 +886,42 @@ fn top_k_on_the_device_matches_the_host_ranking() {
     assert!(gpu.forward_top_k(c.as_mut(), 3, 0).unwrap().is_none());
     assert_eq!(c.len(), 0, "nothing ran for a k not offered");
 }
+
+/// The screened greedy pick (8-bit head + bound, then the F16 rows that can
+/// still win) picks the full head's argmax, step after step: against the
+/// full head's logits on a second cache (steps fed a middle-ranked token, so
+/// the states vary), and `generate_greedy` with the screen on and off.
+#[test]
+fn screened_pick_on_the_device_is_the_full_heads_argmax() {
+    let model = synthetic::build("125m").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    assert!(
+        !gpu.set_lm_head_screen(Some(model.lm_head())).unwrap(),
+        "off by default"
+    );
+    let vocab = model.config.vocab as u32;
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 7919 + 5) % vocab).collect();
+    let (mut a, mut b) = (gpu.new_cache(96).unwrap(), gpu.new_cache(96).unwrap());
+    gpu.forward(a.as_mut(), &prompt, Output::LastLogits).unwrap();
+    gpu.forward(b.as_mut(), &prompt, Output::LastLogits).unwrap();
+    let mut tok = 11u32;
+    for step in 0..40 {
+        let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
+        let want = argmax(&logits) as u32;
+        let got = gpu.forward_greedy(b.as_mut(), tok).unwrap().expect("offered");
+        assert_eq!(got, want, "step {step}");
+        tok = ranked(&logits, 9)[4].0;
+    }
+    let run = |screen: bool| {
+        gpu.set_lm_head_screen(screen.then(|| model.lm_head())).unwrap();
+        let mut c = gpu.new_cache(96).unwrap();
+        gpu.forward(c.as_mut(), &prompt, Output::LastLogits).unwrap();
+        gpu.generate_greedy(c.as_mut(), 3, 48).unwrap()
+    };
+    let (on, off) = (run(true), run(false));
+    assert_eq!(on, off);
+    assert!(
+        on.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        "a varied run: {on:?}"
+    );
+}

@@ -62,6 +62,11 @@ pub struct CudaBench {
     /// Decode at ctx 0 / 2048 with the 8-bit lm_head copy (when a model was given).
     pub decode_tok_s_ctx0_lm_head_q8: Option<f64>,
     pub decode_tok_s_ctx2048_lm_head_q8: Option<f64>,
+    /// Whether the decode rows picked through the screened head.
+    pub decode_screened: bool,
+    /// Decode at ctx 0 / 2048 with the other head pick (the full F16 head
+    /// when the rows were screened, else the screened one; a model given).
+    pub decode_tok_s_other_pick: Option<(f64, f64)>,
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
@@ -260,14 +265,30 @@ fn flag_sweep(b: &CudaBackend, long: usize) -> Result<Vec<(u32, f64, f64)>> {
     Ok(out)
 }
 
-/// Decode tok/s at ctx 0 and `long` with the 8-bit lm_head (then back to f16).
+/// Decode tok/s at ctx 0 and `long` with the 8-bit lm_head (then back to
+/// f16), the screened pick off meanwhile.
 fn q8_decode(b: &CudaBackend, model: Option<&crate::model::Model>, long: usize) -> Result<(Option<f64>, Option<f64>)> {
     let Some(m) = model else { return Ok((None, None)) };
+    let screened = b.set_lm_head_screen(None)?;
     let was = b.set_lm_head_q8(Some(m.lm_head()))?;
     let r = decode_at(b, 0, 128, 3).and_then(|a| Ok((a, decode_at(b, long, 128, 3)?)));
     b.set_lm_head_q8(if was { Some(m.lm_head()) } else { None })?;
+    b.set_lm_head_screen(screened.then(|| m.lm_head()))?;
     let (a, l) = r?;
     Ok((Some(a), Some(l)))
+}
+
+/// Decode tok/s at ctx 0 and `long` with the other greedy pick (screened
+/// <-> full F16 head), then back; None where the screen cannot run.
+fn other_pick_decode(b: &CudaBackend, model: Option<&crate::model::Model>, long: usize) -> Result<Option<(f64, f64)>> {
+    let Some(m) = model else { return Ok(None) };
+    let screened = b.lm_head_screened();
+    if b.set_lm_head_screen((!screened).then(|| m.lm_head())).is_err() {
+        return Ok(None);
+    }
+    let r = decode_at(b, 0, 128, 3).and_then(|a| Ok((a, decode_at(b, long, 128, 3)?)));
+    b.set_lm_head_screen(screened.then(|| m.lm_head()))?;
+    r.map(Some)
 }
 
 /// Run every measurement the model's context length allows (`model`: the
@@ -282,6 +303,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
     let (q8_0, q8_long) = q8_decode(b, model, long)?;
+    let other_pick = other_pick_decode(b, model, long)?;
     let decode_ctx0 = decode_at(b, 0, 128, 5)?;
     let decode_long = decode_at(b, long, 128, 3)?;
     let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
@@ -300,6 +322,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     Ok(CudaBench {
         decode_tok_s_ctx0_lm_head_q8: q8_0,
         decode_tok_s_ctx2048_lm_head_q8: q8_long,
+        decode_screened: b.lm_head_screened(),
+        decode_tok_s_other_pick: other_pick,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
         step16_ms,
@@ -485,6 +509,8 @@ fn bench_decode_only_rows(b: &CudaBackend, decode_ctx0: f64, decode_long: f64) -
         mega_phases_ctx2048: Vec::new(),
         decode_tok_s_ctx0_lm_head_q8: None,
         decode_tok_s_ctx2048_lm_head_q8: None,
+        decode_screened: b.lm_head_screened(),
+        decode_tok_s_other_pick: None,
         kernels_ctx0: Vec::new(),
         kernels_ctx2048: Vec::new(),
         kernels_step16_ctx0: Vec::new(),

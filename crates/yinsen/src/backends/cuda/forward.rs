@@ -405,6 +405,12 @@ pub struct CudaBackend {
     /// bytes, split: int8 values, f16 scales), and whether decode uses it.
     lm_head_q8: Mutex<Option<(DevBuf, DevBuf)>>,
     lm_head_q8_on: std::sync::atomic::AtomicBool,
+    /// The screened greedy pick's device data (`set_lm_head_screen`).
+    lm_head_screen: Mutex<Option<ScreenHead>>,
+    lm_head_screen_on: std::sync::atomic::AtomicBool,
+    /// Set while a cache's pick graph is captured: `lm_head_step` then
+    /// queues the screened pick instead of the full head.
+    capturing_pick: std::sync::atomic::AtomicBool,
     final_norm: DevBuf,
     rope: DevBuf,
     max_splits: usize,
@@ -539,6 +545,19 @@ struct Graph {
     graph: sys::CUgraph,
 }
 
+/// The screened pick's device data (see `set_lm_head_screen`; decode.cu's
+/// ScreenArgs): per-row bound constants and the per-step slots.
+struct ScreenHead {
+    /// f32 per row: max |E - Ê|.
+    err: DevBuf,
+    /// f32 per row: Σ max(|E|, |Ê|).
+    abs: DevBuf,
+    /// The step's bound factors (a, b), written by the screen pass.
+    fac: DevBuf,
+    /// The largest lower end's order key, and the non-finite flag.
+    keys: DevBuf,
+}
+
 impl Drop for Graph {
     fn drop(&mut self) {
         unsafe {
@@ -559,6 +578,8 @@ pub struct CudaCache {
     /// Bytes of one layer's K (or V).
     layer_bytes: usize,
     graph: Option<Graph>,
+    /// The decode graph whose head is the screened greedy pick (no logits).
+    pick_graph: Option<Graph>,
     /// Captured multi-token steps (1 < nt <= STEP_GRAPH_MAX), least recently
     /// used first, at most STEP_GRAPHS.
     steps: Vec<(StepKey, Graph)>,
@@ -833,6 +854,9 @@ impl CudaBackend {
             lm_head,
             lm_head_q8: Mutex::new(None),
             lm_head_q8_on: false.into(),
+            lm_head_screen: Mutex::new(None),
+            lm_head_screen_on: false.into(),
+            capturing_pick: false.into(),
             final_norm,
             rope,
             max_splits,
@@ -855,8 +879,18 @@ impl CudaBackend {
             flash_ok,
             tc_ok,
         };
-        if std::env::var("YINSEN_CUDA_LM_HEAD").is_ok_and(|v| v.eq_ignore_ascii_case("q8")) {
-            be.set_lm_head_q8(Some(model.lm_head()))?;
+        match std::env::var("YINSEN_CUDA_LM_HEAD") {
+            Ok(v) if v.eq_ignore_ascii_case("q8") => {
+                be.set_lm_head_q8(Some(model.lm_head()))?;
+            }
+            // A head the screen cannot cover (non-finite weights, an odd
+            // width) keeps the full head's pick.
+            Ok(v) if v.eq_ignore_ascii_case("screen") => {
+                if let Err(e) = be.set_lm_head_screen(Some(model.lm_head())) {
+                    eprintln!("note: CUDA screened lm_head off: {e}");
+                }
+            }
+            _ => {}
         }
         Ok(be)
     }
@@ -1628,6 +1662,9 @@ impl CudaBackend {
 
     /// Final RMSNorm + lm_head + greedy pick of the one decoded token.
     fn lm_head_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
+        if self.capturing_pick.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.screened_pick_step(s, pdl);
+        }
         let c = &self.config;
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
@@ -1679,6 +1716,106 @@ impl CudaBackend {
             }
         }
         Ok(self.lm_head_q8_on.swap(on, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The screened greedy pick after the last layer (decode.cu): the
+    /// per-step slots zeroed, the 8-bit head's logits and the largest lower
+    /// end, then the F16 rows that can still win and the pick into `best`.
+    fn screened_pick_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize) as u32;
+        g.set_tag("lm_head screen");
+        sh.keys.fill(0)?;
+        let common = [
+            Arg::I(c.vocab as i32),
+            Arg::I(c.hidden as i32),
+            s.x.p(),
+            self.final_norm.p(),
+            Arg::F(c.rms_eps),
+            s.logits.p(),
+            sh.err.p(),
+            sh.abs.p(),
+            sh.fac.p(),
+            sh.keys.p(),
+        ];
+        let mut a1 = vec![vals.p(), scales.p()];
+        a1.extend(common.iter().cloned());
+        g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
+        let mut a2 = vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()];
+        a2.extend(common.iter().cloned());
+        a2.push(s.best.p());
+        g.launch_ex("lm_head_pick_f16", (blocks, 1, 1), 256, &a2, pdl)?;
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// Pick the greedy token through the screened head (Some(lm_head): the
+    /// model's output matrix) or through the full F16 head (None); returns
+    /// the previous setting. The pick reads an 8-bit copy of the head (the
+    /// `--lm-head q8` bytes, +330 MB on 2B4T) and two floats per row of
+    /// bound constants (cpu/head_screen.rs: err_i = max|E - Ê|, abs_i =
+    /// Σ max(|E|, |Ê|) against the F16 values the full head multiplies), then
+    /// the F16 rows whose bound leaves them a chance: the same token as the
+    /// full head, bit for bit. Serves `forward_greedy` and `generate_greedy`
+    /// (their own graph); logits and top-k keep the full head.
+    pub fn set_lm_head_screen(&self, lm_head: Option<&DenseMatrix>) -> Result<bool> {
+        let c = &self.config;
+        if let Some(m) = lm_head {
+            if !c.hidden.is_multiple_of(32) || c.hidden > DM_NMAX || !self.fused {
+                return Err(Error::Unsupported(format!(
+                    "CUDA screened lm_head needs the fused decode and a width divisible by 32 (<= {DM_NMAX}), got {}",
+                    c.hidden
+                )));
+            }
+            if m.rows != c.vocab || m.cols != c.hidden {
+                return Err(Error::input("screened lm_head: matrix shape differs from the model's"));
+            }
+            let mut sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            if sh.is_none() {
+                let q8 = m.to_q8_0()?;
+                // The bound compares the 8-bit copy with the F16 values the
+                // full head reads (an F16 conversion of other dtypes).
+                let f16 = DenseMatrix::new(
+                    m.rows,
+                    m.cols,
+                    DenseType::F16,
+                    crate::model::Storage::owned(dense_to_f16(m)),
+                )?;
+                let rows = crate::backends::cpu::lm_head::RowError::of_rows(&f16, &q8);
+                if let Some(r) = rows.iter().position(|e| e.max_diff.is_nan()) {
+                    return Err(Error::Unsupported(format!(
+                        "lm_head row {r} holds a non-finite value: not screened"
+                    )));
+                }
+                let floats = |f: &dyn Fn(&crate::backends::cpu::lm_head::RowError) -> f32| -> Vec<u8> {
+                    rows.iter().flat_map(|e| f(e).to_le_bytes()).collect()
+                };
+                let mut q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+                if q.is_none() {
+                    let (vals, scales) = q8_split(m)?;
+                    *q = Some((self.gpu.upload(&vals)?, self.gpu.upload(&scales)?));
+                }
+                *sh = Some(ScreenHead {
+                    err: self.gpu.upload(&floats(&|e| e.max_diff))?,
+                    abs: self.gpu.upload(&floats(&|e| e.abs_sum))?,
+                    fac: self.gpu.upload(&[0u8; 8])?,
+                    keys: self.gpu.upload(&[0u8; 8])?,
+                });
+            }
+        }
+        Ok(self
+            .lm_head_screen_on
+            .swap(lm_head.is_some(), std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether greedy picks go through the screened head.
+    pub fn lm_head_screened(&self) -> bool {
+        self.lm_head_screen_on.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The greedy token of the last decode step.
@@ -1772,6 +1909,7 @@ impl CudaBackend {
     fn claim(&self, cache: &mut CudaCache) {
         if cache.owner != self.id {
             cache.graph = None;
+            cache.pick_graph = None;
             cache.steps.clear();
             cache.seen.clear();
             cache.owner = self.id;
@@ -1780,8 +1918,8 @@ impl CudaBackend {
 
     /// One decode step through the cache's CUDA graph (captured on first
     /// use). Leaves the logits in `s.logits` and the greedy token in `s.argmax`.
-    fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32) -> Result<()> {
-        self.decode_launch(s, cache, Some(token))?;
+    fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32, pick: bool) -> Result<()> {
+        self.decode_launch(s, cache, Some(token), pick)?;
         self.gpu.sync()
     }
 
@@ -1789,23 +1927,32 @@ impl CudaBackend {
     /// `token` the host feeds it at the cache's position; with None the step
     /// takes what the previous replay left (`decode_advance`: its greedy
     /// token, the next position), so replays need no copy between them.
-    fn decode_launch(&self, s: &Scratch, cache: &mut CudaCache, token: Option<u32>) -> Result<()> {
+    /// `pick`: only the greedy token is wanted (no logits), so the screened
+    /// head's graph runs where the screen is on.
+    fn decode_launch(&self, s: &Scratch, cache: &mut CudaCache, token: Option<u32>, pick: bool) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
         self.claim(cache);
         if let Some(token) = token {
             s.tok.write_async(&[token as i32])?;
             s.pos.write_async(&[cache.len as i32])?;
         }
-        if cache.graph.is_none() {
-            let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.has_pdl();
+        let pick = pick && self.lm_head_screen_on.load(Relaxed);
+        if (if pick { &cache.pick_graph } else { &cache.graph }).is_none() {
+            let pdl = self.pdl.load(Relaxed) && self.gpu.has_pdl();
             let splits = cache.cap.div_ceil(ATT_CHUNK);
+            self.capturing_pick.store(pick, Relaxed);
             // A driver that cannot capture PDL edges still gets a graph.
             let graph = match self.capture(|| self.decode_kernels(s, cache, splits, pdl)) {
-                Err(_) if pdl => self.capture(|| self.decode_kernels(s, cache, splits, false))?,
-                r => r?,
+                Err(_) if pdl => self.capture(|| self.decode_kernels(s, cache, splits, false)),
+                r => r,
             };
-            cache.graph = Some(graph);
+            self.capturing_pick.store(false, Relaxed);
+            *(if pick { &mut cache.pick_graph } else { &mut cache.graph }) = Some(graph?);
         }
-        let exec = cache.graph.as_ref().expect("just captured").exec;
+        let exec = (if pick { &cache.pick_graph } else { &cache.graph })
+            .as_ref()
+            .expect("just captured")
+            .exec;
         super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
     }
 
@@ -1968,7 +2115,7 @@ impl CudaBackend {
         self.gpu.bind()?;
         let c = &self.config;
         if tokens.len() == 1 && output == Output::LastLogits {
-            self.decode_graph(&s, cache, tokens[0])?;
+            self.decode_graph(&s, cache, tokens[0], false)?;
             cache.len += 1;
             return match &s.logits_host {
                 Some(pin) => s.logits.read_via::<f32>(c.vocab, pin),
@@ -2038,7 +2185,7 @@ impl CudaBackend {
             let k = (n - out.len()).min(HIST);
             for i in 0..k {
                 let feed = (out.is_empty() && i == 0).then_some(first);
-                self.decode_launch(&s, cache, feed)?;
+                self.decode_launch(&s, cache, feed, true)?;
                 cache.len += 1;
             }
             let hist = s.hist.read::<i32>(HIST)?;
@@ -2068,13 +2215,13 @@ impl CudaBackend {
         }
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_graph(&s, cache, 1)?; // capture + warm
+        self.decode_graph(&s, cache, 1, true)?; // capture + warm
         cache.len += 1;
         if how == DecodeLoop::HostFed {
             let mut tok = self.decoded_token(&s)?;
             let t = std::time::Instant::now();
             for _ in 0..n {
-                self.decode_graph(&s, cache, tok)?;
+                self.decode_graph(&s, cache, tok, true)?;
                 cache.len += 1;
                 tok = self.decoded_token(&s)?;
             }
@@ -2083,7 +2230,7 @@ impl CudaBackend {
         let ev = Events::new()?;
         ev.record_start(self.gpu.stream)?;
         for _ in 0..n {
-            self.decode_launch(&s, cache, None)?;
+            self.decode_launch(&s, cache, None, true)?;
             cache.len += 1;
         }
         Ok(ev.record_stop_ms(self.gpu.stream)? / n as f32)
@@ -2499,6 +2646,7 @@ impl CudaBackend {
             kv: self.kv,
             layer_bytes,
             graph: None,
+            pick_graph: None,
             steps: Vec::new(),
             seen: Vec::new(),
             owner: 0,
@@ -2643,7 +2791,7 @@ impl Backend for CudaBackend {
         self.check_call(cache, &[token])?;
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_launch(&s, cache, Some(token))?;
+        self.decode_launch(&s, cache, Some(token), false)?;
         cache.len += 1;
         self.gpu.launch(
             "topk_logits",
@@ -2673,7 +2821,7 @@ impl Backend for CudaBackend {
         self.check_call(cache, &[token])?;
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_graph(&s, cache, token)?;
+        self.decode_graph(&s, cache, token, true)?;
         cache.len += 1;
         self.decoded_token(&s).map(Some)
     }

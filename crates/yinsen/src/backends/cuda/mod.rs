@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 63] = [
+pub const KERNELS: [&str; 65] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -231,6 +231,8 @@ pub const KERNELS: [&str; 63] = [
     "dec_mm_l16_f32",
     "lm_head_dec",
     "lm_head_dec_q8",
+    "lm_head_screen_q8",
+    "lm_head_pick_f16",
     "mega_begin",
     "mega_f16",
     "mega_f32",

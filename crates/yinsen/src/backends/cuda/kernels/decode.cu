@@ -279,6 +279,158 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
     lm_head_body(LmRowF16{E, hidden}, vocab, hidden, x, nw, eps, logits, best);
 }
 
+// The screened pick's per-row bound constants (err_i = max|E - Ê|, abs_i =
+// Σ max(|E|, |Ê|) over row i) and its per-step slots: fac = the token's
+// factors (a, b) of bound_i = err_i a + abs_i b (block 0 writes them),
+// keys[0] = the largest lower end lq - bound as an order-preserving key
+// (0: none yet), keys[1] != 0: a non-finite value was seen (every row is a
+// candidate then). keys are zeroed before pass 1.
+struct ScreenArgs {
+    const float* err;
+    const float* abs_sum;
+    float2* fac;
+    unsigned* keys;
+};
+
+__device__ __forceinline__ unsigned order_key(float v) {
+    const unsigned u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float order_value(unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Row i's bound in f32, as head_screen.rs's bound32: widened for the
+// roundings of its own arithmetic.
+__device__ __forceinline__ float screen_bound(float err, float abs_sum, float lq, float2 ab) {
+    return (err * ab.x + abs_sum * ab.y) * (1.f + 1.f / 1048576.f) + fabsf(lq) * (1.f / 2097152.f);
+}
+
+// The token's factors, as head_screen.rs's `factors` (f64, inflated by 0.1%
+// twice, rounded up to f32) from the normed x (xs) and its 8-bit blocks
+// (codes xq8, scales dxs) that pass 1 multiplies: a = ||x||_1, b = δ + γ (2
+// max|x| + δ), δ = max |x - code dx|, γ = 2^-23 hidden. Every block of the
+// grid computes the same; block 0 stores them.
+__device__ float2 screen_factors(const float* xs, const i8* xq8, const float* dxs, int hidden, ScreenArgs sa) {
+    __shared__ double rd[2][8];
+    __shared__ float rf[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    double l1 = 0.0, dl = 0.0;
+    float hm = 0.f;
+    bool bad = false;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = xs[i];
+        bad |= !isfinite(v) || !isfinite(dxs[i / 32]);
+        l1 += fabs((double)v);
+        hm = fmaxf(hm, fabsf(v));
+        dl = fmax(dl, fabs((double)v - (double)xq8[i] * (double)dxs[i / 32]));
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+        dl = fmax(dl, __shfl_xor_sync(0xffffffffu, dl, o));
+        hm = fmaxf(hm, __shfl_xor_sync(0xffffffffu, hm, o));
+    }
+    if (lane == 0) {
+        rd[0][warp] = l1;
+        rd[1][warp] = dl;
+        rf[warp] = hm;
+    }
+    bad = __syncthreads_or(bad);
+    l1 = dl = 0.0;
+    hm = 0.f;
+    for (int w = 0; w < 8; w++) {
+        l1 += rd[0][w];
+        dl = fmax(dl, rd[1][w]);
+        hm = fmaxf(hm, rf[w]);
+    }
+    const double inflate = 1.001 * 1.001, gamma = (double)hidden / 8388608.0;
+    const double a = inflate * l1, b = inflate * (dl + gamma * (2.0 * (double)hm + dl));
+    const float2 ab = make_float2((float)a * (1.f + 1.1920929e-7f), (float)b * (1.f + 1.1920929e-7f));
+    if (threadIdx.x == 0) {
+        if (bad || !isfinite(ab.x) || !isfinite(ab.y)) atomicOr(sa.keys + 1, 1u);
+        if (blockIdx.x == 0) *sa.fac = ab;
+    }
+    __syncthreads();  // rd / rf reuse
+    return ab;
+}
+
+// Pass 1's per-row step on lane 0: lq kept, the largest lower end tracked
+// (bv), a non-finite row flagged.
+__device__ __forceinline__ void screen_keep(int r, float lq, float2 ab, float2 ea, ScreenArgs sa, float* out,
+                                            float& bv) {
+    if ((threadIdx.x & 31) == 0) {
+        out[r] = lq;
+        const float b = screen_bound(ea.x, ea.y, lq, ab);
+        const float lo = lq - b;
+        if (!isfinite(lo) || !isfinite(lq + b))
+            atomicOr(sa.keys + 1, 1u);
+        else if (lo > bv)
+            bv = lo;
+    }
+}
+
+// The block's largest lower end into keys[0].
+__device__ __forceinline__ void screen_put(float bv, float* bv_s, ScreenArgs sa) {
+    if ((threadIdx.x & 31) == 0) bv_s[threadIdx.x >> 5] = bv;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; w++) bv = fmaxf(bv, bv_s[w]);
+        if (bv != NEG_INF) atomicMax(sa.keys, order_key(bv));
+    }
+}
+
+// Pass 2 of the screened pick: each warp scans 32 rows at a time; the rows
+// whose upper end lq + bound reaches the largest lower end (every row after
+// a non-finite value) get the F16 head's own row dot, exactly as
+// lm_head_body computes it (same xs, same lanes, same sum), and the pick is
+// lm_head_dec's (larger logit, then lower row).
+extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E, int vocab, int hidden,
+                                                                 const float* x, const float* nw, float eps,
+                                                                 const float* lq, const float* err,
+                                                                 const float* abs_sum, const float2* fac,
+                                                                 const unsigned* keys, u64* best) {
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ float red[32];
+    __shared__ float bv_s[8];
+    __shared__ int bi_s[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    pdl_wait();  // pass 1 done (and the layers before it): x, lq, fac, keys
+    lm_head_norm(x, nw, eps, hidden, xs, red);
+    const float2 ab = *fac;
+    const unsigned key = keys[0];
+    const bool all = keys[1] != 0u || key == 0u;
+    const float lmax = all ? NEG_INF : order_value(key);
+    const LmRowF16 R{E, hidden};
+    const int np = R.pieces();
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int base = (blockIdx.x * 8 + warp) * 32; base < vocab; base += gridDim.x * 8 * 32) {
+        const int r = base + lane;
+        bool cand = false;
+        if (r < vocab) {
+            const float l = lq[r];
+            cand = all || l + screen_bound(err[r], abs_sum[r], l, ab) >= lmax;
+        }
+        for (unsigned m = __ballot_sync(0xffffffffu, cand); m; m &= m - 1) {
+            const int rr = base + __ffs(m) - 1;
+            const uint4* pr = R.row(rr);
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < LmRowF16::U; k++) {
+                const int c = lane + 32 * k;
+                if (c < np) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+            }
+            for (int c = lane + 32 * LmRowF16::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+            acc = warp_sum(acc);
+            if (lane == 0 && acc > bv) {  // rows ascending: the first of equal logits stays
+                bv = acc;
+                bi = rr;
+            }
+        }
+    }
+    lm_head_pick(bv, bi, bv_s, bi_s, best);
+}
+
 // The 8-bit lm_head, int8 x int8 as the CPU's Q8Head (cpu/lm_head.rs): the
 // normed x is quantised per block of 32 (dx = max|v| / 127, codes
 // round(v / dx) within +-127; a non-finite block gives dx = NaN), each block's
@@ -288,9 +440,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
 // order. For the same normed x the logits are the CPU's bits; and 4 dp4a
 // replace 16 int8 -> f32 conversions and FMAs per 16 weights.
 // Needs hidden % 32 == 0, <= DM_NMAX.
-extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
-                                                               const float* x, const float* nw, float eps,
-                                                               float* logits, u64* best) {
+template <bool SCREEN>
+__device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x, const float* nw,
+                                float eps, float* logits, u64* best, ScreenArgs sa) {
     __shared__ __align__(16) float xs[DM_NMAX];
     __shared__ __align__(16) i8 xq8[DM_NMAX];
     __shared__ float dxs[DM_NMAX / 32];
@@ -306,6 +458,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
     // bytes of an f16 row, and one row per warp left HBM idle between rows.
     uint4 pv[2][U];
     float dw[2][U];
+    // SCREEN: the row's bound constants travel with its pieces (loaded
+    // where they are used, each row waited a round trip).
+    float2 ea[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
     auto load_row = [&](int rr, int slot) {
         const int rs = rr < vocab ? rr : 0;
 #pragma unroll
@@ -315,6 +470,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
             pv[slot][k] = in ? __ldg(Q + (size_t)rs * np + c) : make_uint4(0, 0, 0, 0);
             dw[slot][k] = in ? h2f(__ldg(D + (size_t)rs * nb + c / 2)) : 0.f;
         }
+        if (SCREEN) ea[slot] = make_float2(__ldg(sa.err + rs), __ldg(sa.abs_sum + rs));
     };
     load_row(r, 0);
     load_row(r + nwarps, 1);
@@ -330,6 +486,8 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
         if (lane == 0) dxs[b] = dx;
     }
     __syncthreads();
+    float2 ab = make_float2(0.f, 0.f);
+    if (SCREEN) ab = screen_factors(xs, xq8, dxs, hidden, sa);
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -368,8 +526,33 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
             acc += __shfl_xor_sync(0xffffffffu, acc, 8);
             acc += __shfl_xor_sync(0xffffffffu, acc, 4);
             acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-            lm_head_keep(rr, acc, logits, bv, bi);
+            if (SCREEN)
+                screen_keep(rr, acc, ab, ea[slot], sa, logits, bv);
+            else
+                lm_head_keep(rr, acc, logits, bv, bi);
         }
     }
-    lm_head_pick(bv, bi, bv_s, bi_s, best);
+    if (SCREEN)
+        screen_put(bv, bv_s, sa);
+    else
+        lm_head_pick(bv, bi, bv_s, bi_s, best);
+}
+
+extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
+                                                               const float* x, const float* nw, float eps,
+                                                               float* logits, u64* best) {
+    lm_head_q8_body<false>(Q, D, vocab, hidden, x, nw, eps, logits, best, ScreenArgs{});
+}
+
+// The screened greedy pick (see backends/cpu/head_screen.rs, whose bound
+// this is): pass 1 is the 8-bit head above, leaving every row's 8-bit logit
+// lq in `logits` and the largest lower end lq - bound in `lkey`; pass 2
+// (lm_head_pick_f16) computes the F16 head's own row dot, as lm_head_dec
+// does, for the rows whose upper end reaches it, and picks as lm_head_dec
+// picks. The greedy token is the full head's, bit for bit.
+extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4* Q, const u16* D, int vocab,
+                                                                  int hidden, const float* x, const float* nw,
+                                                                  float eps, float* lq, const float* err,
+                                                                  const float* abs_sum, float2* fac, unsigned* keys) {
+    lm_head_q8_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr, ScreenArgs{err, abs_sum, fac, keys});
 }
