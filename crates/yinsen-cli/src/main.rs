@@ -83,7 +83,8 @@ struct ModelArgs {
     activation: Option<String>,
     /// lm_head precision: "auto" (the file's dtype; the CPU path also keeps
     /// an 8-bit copy to pick greedy and top-k tokens exactly as the full head
-    /// would, reading about half its bytes), "native" (the file's dtype only;
+    /// would, reading about half its bytes; CUDA picks greedy tokens the same
+    /// way), "native" (the file's dtype only;
     /// f16 on CUDA) or "q8" (logits from an 8-bit Q8_0 copy: half the bytes
     /// per decode step, small logit error; on CUDA it serves the one-token
     /// decode step, prefill logits stay f16).

@@ -208,50 +208,7 @@ pub enum HeadQ8 {
     Dense(DenseMatrix),
 }
 
-/// How far an 8-bit row is from its source row: `max |E − Ê|` and an upper
-/// bound of `Σ max(|E|, |Ê|)`; `max_diff` is NaN when either side holds a
-/// non-finite value.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RowError {
-    pub max_diff: f32,
-    pub abs_sum: f32,
-}
-
-impl RowError {
-    pub fn add(&mut self, exact: f32, approx: f32) {
-        // Branch-free (a pass over the whole head); a non-finite value makes
-        // the sum non-finite, and `finish` turns that into NaN.
-        self.max_diff = self.max_diff.max((exact - approx).abs());
-        self.abs_sum += exact.abs().max(approx.abs()) + (exact - approx).abs();
-    }
-
-    /// NaN unless every value added was finite.
-    pub fn finish(mut self) -> Self {
-        if !self.abs_sum.is_finite() {
-            self.max_diff = f32::NAN;
-        }
-        self
-    }
-
-    /// Every row of `src` against the same row of `q` (equal shapes).
-    pub fn of_rows(src: &DenseMatrix, q: &DenseMatrix) -> Vec<RowError> {
-        use rayon::prelude::*;
-        let cols = src.cols;
-        (0..src.rows)
-            .into_par_iter()
-            .map_init(
-                || (vec![0f32; cols], vec![0f32; cols]),
-                |(a, b), r| {
-                    src.row_to_f32(r, a);
-                    q.row_to_f32(r, b);
-                    let mut e = RowError::default();
-                    a.iter().zip(b.iter()).for_each(|(&x, &y)| e.add(x, y));
-                    e.finish()
-                },
-            )
-            .collect()
-    }
-}
+pub use crate::model::dense::RowError;
 
 impl HeadQ8 {
     /// The 8-bit copy of `m` (`act8`: the int8 x int8 form, which this CPU

@@ -1786,13 +1786,13 @@ impl CudaBackend {
                     DenseType::F16,
                     crate::model::Storage::owned(dense_to_f16(m)),
                 )?;
-                let rows = crate::backends::cpu::lm_head::RowError::of_rows(&f16, &q8);
+                let rows = crate::model::dense::RowError::of_rows(&f16, &q8);
                 if let Some(r) = rows.iter().position(|e| e.max_diff.is_nan()) {
                     return Err(Error::Unsupported(format!(
                         "lm_head row {r} holds a non-finite value: not screened"
                     )));
                 }
-                let floats = |f: &dyn Fn(&crate::backends::cpu::lm_head::RowError) -> f32| -> Vec<u8> {
+                let floats = |f: &dyn Fn(&crate::model::dense::RowError) -> f32| -> Vec<u8> {
                     rows.iter().flat_map(|e| f(e).to_le_bytes()).collect()
                 };
                 let mut q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
