@@ -559,6 +559,12 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         };
         println!("| decode, {other} | {a:.0} / {l:.0} tok/s | ctx 0 / 2048 |");
     }
+    if let Some(n) = r.screen_candidates {
+        println!(
+            "| screened pick, candidate rows | {n} of {} | the last decode step's F16 rows |",
+            m.config.vocab
+        );
+    }
     let ops = 2.0 * m.ternary_bytes() as f64 * 4.0 / 1e12; // TOP per token (2 ops per ternary MAC)
     println!(
         "| prefill 512 | {:.2} ms | {:.0} TOPS ternary |",

@@ -910,6 +910,12 @@ fn screened_pick_on_the_device_is_the_full_heads_argmax() {
         let want = argmax(&logits) as u32;
         let got = gpu.forward_greedy(b.as_mut(), tok).unwrap().expect("offered");
         assert_eq!(got, want, "step {step}");
+        // The pick screened (no fallback) and left out most rows.
+        let (cand, fell_back) = gpu.screen_last_pick().unwrap().expect("a screened pick ran");
+        assert!(
+            !fell_back && cand >= 1 && cand < vocab / 2,
+            "step {step}: {cand} candidates"
+        );
         tok = ranked(&logits, 9)[4].0;
     }
     let run = |screen: bool| {

@@ -67,6 +67,8 @@ pub struct CudaBench {
     /// Decode at ctx 0 / 2048 with the other head pick (the full F16 head
     /// when the rows were screened, else the screened one; a model given).
     pub decode_tok_s_other_pick: Option<(f64, f64)>,
+    /// Candidate rows of the last screened pick of the decode rows.
+    pub screen_candidates: Option<u32>,
     /// Per-kernel times of one un-graphed decode step at ctx 0 and 2048.
     pub kernels_ctx0: Vec<KernelTime>,
     pub kernels_ctx2048: Vec<KernelTime>,
@@ -306,6 +308,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
     let other_pick = other_pick_decode(b, model, long)?;
     let decode_ctx0 = decode_at(b, 0, 128, 5)?;
     let decode_long = decode_at(b, long, 128, 3)?;
+    let screen_candidates = b.screen_last_pick()?.map(|p| p.0);
     let (step16_ms, step16_graph) = step_ms(b, 16, 0, 20)?;
     let step16_ms_ctx2048 = step_ms(b, 16, long, 10)?.0;
     let step16_per_kernel_ms = per_kernel_step(b, 16, 0, 20)?;
@@ -324,6 +327,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         decode_tok_s_ctx2048_lm_head_q8: q8_long,
         decode_screened: b.lm_head_screened(),
         decode_tok_s_other_pick: other_pick,
+        screen_candidates,
         prefill_ms_512: forward_ms(b, 512.min(max), 5)?,
         prefill_ms_2048: forward_ms(b, 2048.min(max), 3)?,
         step16_ms,
@@ -511,6 +515,7 @@ fn bench_decode_only_rows(b: &CudaBackend, decode_ctx0: f64, decode_long: f64) -
         decode_tok_s_ctx2048_lm_head_q8: None,
         decode_screened: b.lm_head_screened(),
         decode_tok_s_other_pick: None,
+        screen_candidates: b.screen_last_pick()?.map(|p| p.0),
         kernels_ctx0: Vec::new(),
         kernels_ctx2048: Vec::new(),
         kernels_step16_ctx0: Vec::new(),

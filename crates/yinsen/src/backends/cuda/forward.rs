@@ -554,7 +554,8 @@ struct ScreenHead {
     abs: DevBuf,
     /// The step's bound factors (a, b), written by the screen pass.
     fac: DevBuf,
-    /// The largest lower end's order key, and the non-finite flag.
+    /// The largest lower end's order key, the non-finite flag and the
+    /// candidate count of the last pick (u32 each, one spare).
     keys: DevBuf,
 }
 
@@ -1804,7 +1805,7 @@ impl CudaBackend {
                     err: self.gpu.upload(&floats(&|e| e.max_diff))?,
                     abs: self.gpu.upload(&floats(&|e| e.abs_sum))?,
                     fac: self.gpu.upload(&[0u8; 8])?,
-                    keys: self.gpu.upload(&[0u8; 8])?,
+                    keys: self.gpu.upload(&[0u8; 16])?,
                 });
             }
         }
@@ -1816,6 +1817,16 @@ impl CudaBackend {
     /// Whether greedy picks go through the screened head.
     pub fn lm_head_screened(&self) -> bool {
         self.lm_head_screen_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For tests and benchmarks: the candidate rows of the last screened
+    /// pick, and whether it fell back to every row (a non-finite value);
+    /// None before any.
+    pub fn screen_last_pick(&self) -> Result<Option<(u32, bool)>> {
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let Some(sh) = sh.as_ref() else { return Ok(None) };
+        let k = sh.keys.read::<u32>(3)?;
+        Ok((k[0] != 0 || k[1] != 0).then_some((k[2], k[1] != 0)))
     }
 
     /// The greedy token of the last decode step.

@@ -284,7 +284,8 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
 // factors (a, b) of bound_i = err_i a + abs_i b (block 0 writes them),
 // keys[0] = the largest lower end lq - bound as an order-preserving key
 // (0: none yet), keys[1] != 0: a non-finite value was seen (every row is a
-// candidate then). keys are zeroed before pass 1.
+// candidate then), keys[2]: pass 2's candidate rows (diagnostics). keys are
+// zeroed before pass 1.
 struct ScreenArgs {
     const float* err;
     const float* abs_sum;
@@ -411,7 +412,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
             const float l = lq[r];
             cand = all || l + screen_bound(err[r], abs_sum[r], l, ab) >= lmax;
         }
-        for (unsigned m = __ballot_sync(0xffffffffu, cand); m; m &= m - 1) {
+        const unsigned cm = __ballot_sync(0xffffffffu, cand);
+        if (lane == 0 && cm) atomicAdd(const_cast<unsigned*>(keys) + 2, __popc(cm));
+        for (unsigned m = cm; m; m &= m - 1) {
             const int rr = base + __ffs(m) - 1;
             const uint4* pr = R.row(rr);
             float acc = 0.f;
