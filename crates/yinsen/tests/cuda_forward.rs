@@ -57,6 +57,19 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m })
 }
 
+/// Nine tokens spread over the vocabulary.
+fn spread_prompt(model: &Model) -> Vec<u32> {
+    let vocab = model.config.vocab as u32;
+    (0..9).map(|i| (i * 7919 + 5) % vocab).collect()
+}
+
+/// A new cache of `cap` positions that has run `prompt`.
+fn prompted(gpu: &CudaBackend, prompt: &[u32], cap: usize) -> Box<dyn yinsen::backends::KvCache> {
+    let mut c = gpu.new_cache(cap).unwrap();
+    gpu.forward(c.as_mut(), prompt, Output::LastLogits).unwrap();
+    c
+}
+
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     let mut r = synthetic::SplitMix64(99);
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
@@ -859,12 +872,9 @@ fn tcx_prefill_matches_tc() {
 fn top_k_on_the_device_matches_the_host_ranking() {
     let model = synthetic::build("125m").unwrap();
     let Some(gpu) = cuda(&model) else { return };
-    let vocab = model.config.vocab as u32;
-    let prompt: Vec<u32> = (0..9).map(|i| (i * 7919 + 5) % vocab).collect();
+    let prompt = spread_prompt(&model);
     for k in [1usize, 5, 40, 64] {
-        let (mut a, mut b) = (gpu.new_cache(64).unwrap(), gpu.new_cache(64).unwrap());
-        gpu.forward(a.as_mut(), &prompt, Output::LastLogits).unwrap();
-        gpu.forward(b.as_mut(), &prompt, Output::LastLogits).unwrap();
+        let (mut a, mut b) = (prompted(&gpu, &prompt, 64), prompted(&gpu, &prompt, 64));
         let mut tok = 7u32;
         for step in 0..6 {
             let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
@@ -900,10 +910,8 @@ fn screened_pick_on_the_device_is_the_full_heads_argmax() {
         "off by default"
     );
     let vocab = model.config.vocab as u32;
-    let prompt: Vec<u32> = (0..9).map(|i| (i * 7919 + 5) % vocab).collect();
-    let (mut a, mut b) = (gpu.new_cache(96).unwrap(), gpu.new_cache(96).unwrap());
-    gpu.forward(a.as_mut(), &prompt, Output::LastLogits).unwrap();
-    gpu.forward(b.as_mut(), &prompt, Output::LastLogits).unwrap();
+    let prompt = spread_prompt(&model);
+    let (mut a, mut b) = (prompted(&gpu, &prompt, 96), prompted(&gpu, &prompt, 96));
     let mut tok = 11u32;
     for step in 0..40 {
         let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
@@ -920,8 +928,7 @@ fn screened_pick_on_the_device_is_the_full_heads_argmax() {
     }
     let run = |screen: bool| {
         gpu.set_lm_head_screen(screen.then(|| model.lm_head())).unwrap();
-        let mut c = gpu.new_cache(96).unwrap();
-        gpu.forward(c.as_mut(), &prompt, Output::LastLogits).unwrap();
+        let mut c = prompted(&gpu, &prompt, 96);
         gpu.generate_greedy(c.as_mut(), 3, 48).unwrap()
     };
     let (on, off) = (run(true), run(false));

@@ -1666,10 +1666,8 @@ impl CudaBackend {
         if self.capturing_pick.load(std::sync::atomic::Ordering::Relaxed) {
             return self.screened_pick_step(s, pdl);
         }
-        let c = &self.config;
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
-        let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize);
         // The 8-bit copy takes (values, scales) where the f16 kernel takes E.
         let (name, mut args) = if self.lm_head_q8_on.load(std::sync::atomic::Ordering::Relaxed) {
             let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
@@ -1678,18 +1676,32 @@ impl CudaBackend {
         } else {
             ("lm_head_dec", vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()])
         };
-        args.extend([
+        args.extend(self.head_args(s));
+        args.push(s.best.p());
+        g.launch_ex(name, (self.head_blocks(), 1, 1), 256, &args, pdl)?;
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// Blocks of the decode head kernels: 8 rows in flight per block, a few
+    /// blocks per SM (each renormalises x).
+    fn head_blocks(&self) -> u32 {
+        let sms = self.gpu.info.sms.max(1) as usize;
+        self.config.vocab.div_ceil(8).min(4 * sms) as u32
+    }
+
+    /// The decode head kernels' arguments after their weights: vocab,
+    /// hidden, x, the final norm, eps, and the logits out.
+    fn head_args(&self, s: &Scratch) -> [Arg; 6] {
+        let c = &self.config;
+        [
             Arg::I(c.vocab as i32),
             Arg::I(c.hidden as i32),
             s.x.p(),
             self.final_norm.p(),
             Arg::F(c.rms_eps),
             s.logits.p(),
-            s.best.p(),
-        ]);
-        g.launch_ex(name, (blocks as u32, 1, 1), 256, &args, pdl)?;
-        g.set_tag("");
-        Ok(())
+        ]
     }
 
     /// Decode with an 8-bit copy of `lm_head` (the model's output matrix:
@@ -1723,27 +1735,16 @@ impl CudaBackend {
     /// per-step slots zeroed, the 8-bit head's logits and the largest lower
     /// end, then the F16 rows that can still win and the pick into `best`.
     fn screened_pick_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
-        let c = &self.config;
         let g = &self.gpu;
         let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
         let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
         let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
         let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
-        let blocks = c.vocab.div_ceil(8).min(4 * g.info.sms.max(1) as usize) as u32;
+        let blocks = self.head_blocks();
         g.set_tag("lm_head screen");
         sh.keys.fill(0)?;
-        let common = [
-            Arg::I(c.vocab as i32),
-            Arg::I(c.hidden as i32),
-            s.x.p(),
-            self.final_norm.p(),
-            Arg::F(c.rms_eps),
-            s.logits.p(),
-            sh.err.p(),
-            sh.abs.p(),
-            sh.fac.p(),
-            sh.keys.p(),
-        ];
+        let mut common = self.head_args(s).to_vec();
+        common.extend([sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p()]);
         let mut a1 = vec![vals.p(), scales.p()];
         a1.extend(common.iter().cloned());
         g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
