@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call per build-check-bench sequence (see DEVELOPERS.md).
+# One device call per build-check-bench sequence (see the README's device section).
 #
 #   here:    scripts/device-check.sh pack     # release build, test executables, fixtures -> .device/ (stripped)
 #   device:  bash scripts/device-check.sh remote [quick]   (run tool, carry [".device"])
