@@ -557,6 +557,9 @@ struct ScreenHead {
     /// The largest lower end's order key, the non-finite flag and the
     /// candidate count of the last pick (u32 each, one spare).
     keys: DevBuf,
+    /// The step's normed x (f32 per hidden unit): pass 1 writes it, pass 2
+    /// reads it.
+    xs: DevBuf,
 }
 
 impl Drop for Graph {
@@ -1599,6 +1602,17 @@ impl CudaBackend {
             Activation::Relu2 => 1,
             Activation::Silu => 2,
         };
+        // A pick graph's screen slots are zeroed by mega_begin (see
+        // screened_pick_step).
+        let screen_keys = if self.capturing_pick.load(std::sync::atomic::Ordering::Relaxed) {
+            let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            sh.as_ref()
+                .ok_or_else(|| berr("screened lm_head not prepared"))?
+                .keys
+                .p()
+        } else {
+            Arg::P(0)
+        };
         g.set_tag("embed");
         g.launch(
             "mega_begin",
@@ -1611,6 +1625,7 @@ impl CudaBackend {
                 s.x.p(),
                 s.best.p(),
                 s.bar.p(),
+                screen_keys,
             ],
         )?;
         g.set_tag("layers (persistent)");
@@ -1732,8 +1747,10 @@ impl CudaBackend {
     }
 
     /// The screened greedy pick after the last layer (decode.cu): the
-    /// per-step slots zeroed, the 8-bit head's logits and the largest lower
-    /// end, then the F16 rows that can still win and the pick into `best`.
+    /// per-step slots zeroed (by `mega_begin` in the persistent decode, so
+    /// no memset node cuts pass 1's programmatic launch; here otherwise),
+    /// the 8-bit head's logits and the largest lower end, then the F16 rows
+    /// that can still win and the pick into `best`.
     fn screened_pick_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
         let g = &self.gpu;
         let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
@@ -1742,15 +1759,26 @@ impl CudaBackend {
         let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
         let blocks = self.head_blocks();
         g.set_tag("lm_head screen");
-        sh.keys.fill(0)?;
-        let mut common = self.head_args(s).to_vec();
-        common.extend([sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p()]);
+        if !self.uses_mega() {
+            sh.keys.fill(0)?;
+        }
         let mut a1 = vec![vals.p(), scales.p()];
-        a1.extend(common.iter().cloned());
+        a1.extend(self.head_args(s));
+        a1.extend([sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p(), sh.xs.p()]);
         g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
-        let mut a2 = vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()];
-        a2.extend(common.iter().cloned());
-        a2.push(s.best.p());
+        let c = &self.config;
+        let a2 = [
+            self.lm_head.as_ref().unwrap_or(&self.embed).p(),
+            Arg::I(c.vocab as i32),
+            Arg::I(c.hidden as i32),
+            s.logits.p(),
+            sh.err.p(),
+            sh.abs.p(),
+            sh.fac.p(),
+            sh.keys.p(),
+            sh.xs.p(),
+            s.best.p(),
+        ];
         g.launch_ex("lm_head_pick_f16", (blocks, 1, 1), 256, &a2, pdl)?;
         g.set_tag("");
         Ok(())
@@ -1807,6 +1835,7 @@ impl CudaBackend {
                     abs: self.gpu.upload(&floats(&|e| e.abs_sum))?,
                     fac: self.gpu.upload(&[0u8; 8])?,
                     keys: self.gpu.upload(&[0u8; 16])?,
+                    xs: self.gpu.upload(&vec![0u8; 4 * c.hidden])?,
                 });
             }
         }

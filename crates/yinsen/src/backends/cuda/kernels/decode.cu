@@ -285,12 +285,16 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
 // keys[0] = the largest lower end lq - bound as an order-preserving key
 // (0: none yet), keys[1] != 0: a non-finite value was seen (every row is a
 // candidate then), keys[2]: pass 2's candidate rows (diagnostics). keys are
-// zeroed before pass 1.
+// zeroed before pass 1 (by mega_begin in the persistent decode's graph, so
+// pass 1 keeps its programmatic launch under the last layer). xs: the
+// step's normed x (block 0 of pass 1 writes it; pass 2 reads it instead of
+// normalising x again in every block).
 struct ScreenArgs {
     const float* err;
     const float* abs_sum;
     float2* fac;
     unsigned* keys;
+    float* xs;
 };
 
 __device__ __forceinline__ unsigned order_key(float v) {
@@ -380,23 +384,26 @@ __device__ __forceinline__ void screen_put(float bv, float* bv_s, ScreenArgs sa)
     }
 }
 
-// Pass 2 of the screened pick: each warp scans 32 rows at a time; the rows
-// whose upper end lq + bound reaches the largest lower end (every row after
-// a non-finite value) get the F16 head's own row dot, exactly as
-// lm_head_body computes it (same xs, same lanes, same sum), and the pick is
-// lm_head_dec's (larger logit, then lower row).
+// Pass 2 of the screened pick: a thread per row tests lq + bound against the
+// largest lower end (every row is a candidate after a non-finite value); the
+// block's candidates go to a shared list that its warps share out, one row
+// per warp at a time (a warp scanning 32 rows of its own had to do its
+// candidates one after another: the step waited for the warp with most).
+// A candidate gets the F16 head's own row dot, exactly as lm_head_body
+// computes it (pass 1's xs, same lanes, same sum), and the pick is
+// lm_head_dec's: larger logit, then lower row (here in any order of rows).
 extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E, int vocab, int hidden,
-                                                                 const float* x, const float* nw, float eps,
                                                                  const float* lq, const float* err,
                                                                  const float* abs_sum, const float2* fac,
-                                                                 const unsigned* keys, u64* best) {
+                                                                 unsigned* keys, const float* xs_in, u64* best) {
     __shared__ __align__(16) float xs[DM_NMAX];
-    __shared__ float red[32];
     __shared__ float bv_s[8];
     __shared__ int bi_s[8];
+    __shared__ int cand_s[256];
+    __shared__ int ncand_s;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    pdl_wait();  // pass 1 done (and the layers before it): x, lq, fac, keys
-    lm_head_norm(x, nw, eps, hidden, xs, red);
+    pdl_wait();  // pass 1 done (and the layers before it): xs, lq, fac, keys
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
     const float2 ab = *fac;
     const unsigned key = keys[0];
     const bool all = keys[1] != 0u || key == 0u;
@@ -405,17 +412,20 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
     const int np = R.pieces();
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (int base = (blockIdx.x * 8 + warp) * 32; base < vocab; base += gridDim.x * 8 * 32) {
-        const int r = base + lane;
-        bool cand = false;
+    unsigned total = 0;
+    for (int b0 = blockIdx.x * 256; b0 < vocab; b0 += gridDim.x * 256) {  // block-uniform
+        if (threadIdx.x == 0) ncand_s = 0;
+        __syncthreads();  // xs complete; the list empty
+        const int r = b0 + threadIdx.x;
         if (r < vocab) {
             const float l = lq[r];
-            cand = all || l + screen_bound(err[r], abs_sum[r], l, ab) >= lmax;
+            if (all || l + screen_bound(err[r], abs_sum[r], l, ab) >= lmax) cand_s[atomicAdd(&ncand_s, 1)] = r;
         }
-        const unsigned cm = __ballot_sync(0xffffffffu, cand);
-        if (lane == 0 && cm) atomicAdd(const_cast<unsigned*>(keys) + 2, __popc(cm));
-        for (unsigned m = cm; m; m &= m - 1) {
-            const int rr = base + __ffs(m) - 1;
+        __syncthreads();
+        const int n = ncand_s;
+        total += n;
+        for (int i = warp; i < n; i += 8) {
+            const int rr = cand_s[i];
             const uint4* pr = R.row(rr);
             float acc = 0.f;
 #pragma unroll
@@ -425,13 +435,15 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
             }
             for (int c = lane + 32 * LmRowF16::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
             acc = warp_sum(acc);
-            if (lane == 0 && acc > bv) {  // rows ascending: the first of equal logits stays
+            if (lane == 0 && (acc > bv || (acc == bv && rr < bi))) {
                 bv = acc;
                 bi = rr;
             }
         }
+        __syncthreads();  // the list is read before the next round resets it
     }
     lm_head_pick(bv, bi, bv_s, bi_s, best);
+    if (threadIdx.x == 0 && total) atomicAdd(keys + 2, total);
 }
 
 // The 8-bit lm_head, int8 x int8 as the CPU's Q8Head (cpu/lm_head.rs): the
@@ -490,7 +502,11 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     }
     __syncthreads();
     float2 ab = make_float2(0.f, 0.f);
-    if (SCREEN) ab = screen_factors(xs, xq8, dxs, hidden, sa);
+    if (SCREEN) {
+        if (blockIdx.x == 0)
+            for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
+        ab = screen_factors(xs, xq8, dxs, hidden, sa);
+    }
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -556,6 +572,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
 extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4* Q, const u16* D, int vocab,
                                                                   int hidden, const float* x, const float* nw,
                                                                   float eps, float* lq, const float* err,
-                                                                  const float* abs_sum, float2* fac, unsigned* keys) {
-    lm_head_q8_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr, ScreenArgs{err, abs_sum, fac, keys});
+                                                                  const float* abs_sum, float2* fac, unsigned* keys,
+                                                                  float* xs) {
+    lm_head_q8_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr, ScreenArgs{err, abs_sum, fac, keys, xs});
 }

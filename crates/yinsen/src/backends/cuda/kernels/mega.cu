@@ -800,13 +800,17 @@ MEGA(f16, u16)
 MEGA(f32, float)
 
 // Before the persistent kernel: the token's embedding row into x, the
-// argmax slot and the barrier counter zeroed.
+// argmax slot and the barrier counter zeroed, and (screened pick graphs,
+// else null) the pick's per-step slots: zeroed here rather than by a memset
+// node, which would sit between the layers and pass 1 and cut its
+// programmatic launch.
 extern "C" __global__ void mega_begin(const int* tok, const u16* emb, int hidden, float* x, u64* best,
-                                      unsigned* bar) {
+                                      unsigned* bar, unsigned* screen_keys) {
     const u16* e = emb + (size_t)tok[0] * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[i] = h2f(e[i]);
     if (threadIdx.x == 0) {
         *best = 0;
         *bar = 0;
     }
+    if (screen_keys && threadIdx.x < 4) screen_keys[threadIdx.x] = 0;
 }
