@@ -4,7 +4,10 @@
 #   device:  bash .device/device-quick.sh remote "23,7"   (run tool, carry [".device"])
 # A baseline binary copied to .device/bin/yinsen-base (e.g. built from the
 # previous commit) gets decode rows alternated with this build's: a
-# same-call A/B of a kernel change.
+# same-call A/B of a kernel change. AB_FLAGS="23 55" alternates this build's
+# rows over those persistent-kernel flag values too (YINSEN_CUDA_MEGA_FLAGS).
+# Everything is also written to $OUT (ab.txt, bench.txt, tests.log), so a
+# long output's tail loses nothing.
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
 # (YINSEN_CUDA_MEGA_AB) and traced, then `yinsen run` greedy with the token
@@ -19,12 +22,14 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 grep -E "test result|FAILED|panicked|SKIP" "$out/tests.log" | head -20
 YINSEN_CUDA_BENCH=decode YINSEN_CUDA_MEGA_AB="$2" yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 >"$out/bench.txt" 2>&1
 grep -E "^flags|decode ctx|variant|persistent decode launch|tok/s" "$out/bench.txt"
-if [ -x "$dev/bin/yinsen-base" ]; then
+rows() { YINSEN_CUDA_BENCH=decode "$@" bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 2>&1 | grep -E '^\| decode ctx (0|2048) \|' | tr '\n' ' '; }
+if [ -x "$dev/bin/yinsen-base" ] || [ -n "${AB_FLAGS:-}" ]; then
   for r in 1 2 3; do
-    for b in yinsen yinsen-base; do
-      echo "A/B $b: $(YINSEN_CUDA_BENCH=decode $b bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 2>&1 | grep -E '^\| decode ctx (0|2048) \|' | tr '\n' ' ')"
+    for f in ${AB_FLAGS:-default}; do
+      if [ "$f" = default ]; then echo "A/B yinsen: $(rows yinsen)"; else echo "A/B yinsen flags $f: $(YINSEN_CUDA_MEGA_FLAGS=$f rows yinsen)"; fi
     done
-  done
+    [ -x "$dev/bin/yinsen-base" ] && echo "A/B yinsen-base: $(rows yinsen-base)"
+  done | tee "$out/ab.txt"
 fi
 # The engine's loop (`yinsen run`): greedy picked on the device vs greedy
 # through the host's logits (a repetition penalty of 1.0001 needs them).

@@ -500,8 +500,10 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 /// prefetch, release-reduction arrive, no fence after the acquire spin
 /// (run 22: 718 / 572 tok/s vs 689 / 546 with 0, H200); weight copies with
 /// an L2 evict-first policy (S9-14, H100, alternated x3 in one call: 798-799
-/// / 696-697 vs 797-798 / 691-692 tok/s at ctx 0 / 2048).
-pub const MEGA_DEFAULT_FLAGS: u32 = 23;
+/// / 696-697 vs 797-798 / 691-692 tok/s at ctx 0 / 2048); blocks without an
+/// attention item holding their gate/up copy back 2000 cycles (S11-2, S11-3:
+/// 865-888 vs 842-867 tok/s at ctx 0 in two calls).
+pub const MEGA_DEFAULT_FLAGS: u32 = 87;
 
 /// `topk_logits` limits (TK_* in ops.cu): k, blocks, logits per block.
 const TK_MAX: usize = 64;

@@ -46,6 +46,15 @@
 #define MG_BAR_NO_TAIL_FENCE 4
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
 #define MG_EVICT_FIRST 16 // weight copies with an L2 evict-first policy
+// Blocks without an attention item hold their gate/up weight copy back
+// 1000 / 2000 cycles (the bits add). Why: issued at once, the ~9 MB burst
+// queues ahead of the items' q and K loads at small contexts; held ~1 us,
+// those get through first (S11-2/3, H100: 2000 cycles +2.3-2.7% at ctx 0;
+// 1000 no gain, 1500 +1.3%, 2500 +2.0%, 3000 +1.3%; no item-less blocks at
+// ctx 2048, so no effect there). A timing heuristic: the default is
+// measured, not derived.
+#define MG_GU_HOLD_1K 32
+#define MG_GU_HOLD_2K 64
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -490,7 +499,7 @@ template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
                              float* sc, float* ml, uint4* vstage, int vstage_bytes, const MgNext& gu, u64* trace,
-                             int tb, int ac, int nch) {
+                             int tb, int ac, int nch, int flags) {
     const int tid = threadIdx.x, warp = tid >> 5;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const size_t pst = hd + 2;
@@ -591,16 +600,34 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
         __syncthreads();
-        for (int o = tid; o < group * hd; o += MG_THREADS) {
+        // `ms` adjacent lanes share an output, each summing every ms-th
+        // chunk, combined by shuffles: a 512-output group left half of the
+        // threads idle, and each output's 26 partial loads at ctx 2048 ran
+        // four at a time (S11-3: ctx 2048 676-677 -> 708-709 tok/s).
+        int ms = 1;
+        while (ms < 8 && group * hd * ms * 2 <= MG_THREADS) ms *= 2;
+        if ((group * hd * ms) % 32 != 0) ms = 1;
+        const int mi = tid & (ms - 1);
+        for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
             const int g = o / hd, d = o - g * hd, h = kvh * group + g;
             const float* ph = part + (size_t)h * nsplit * pst + 2 + d;
             float num = 0.f;
 #pragma unroll 4
-            for (int c = 0; c < nch; c++) num += __ldcg(ph + c * pst) * mw[g * nch + c];
-            attn[h * hd + d] = num / ml[2 * g + 1];
+            for (int c = mi; c < nch; c += ms) num += __ldcg(ph + c * pst) * mw[g * nch + c];
+            for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
+            if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
         }
     }
-    if (!gu_issued) mg_issue(gu);
+    if (!gu_issued) {
+        // See MG_GU_HOLD_1K.
+        const int dly = (flags & MG_GU_HOLD_1K ? 1000 : 0) + (flags & MG_GU_HOLD_2K ? 2000 : 0);
+        if (dly) {
+            const long long t0 = clock64();
+            while (clock64() - t0 < dly) {
+            }
+        }
+        mg_issue(gu);
+    }
     __syncthreads();  // qs / sc reuse by the next layer's attention
 }
 
@@ -727,7 +754,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
             mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml,
-                             vbuf, vbytes, gu, trace, tb, att_ac, att_nch);
+                             vbuf, vbytes, gu, trace, tb, att_ac, att_nch, flags);
         }
         mg_mark(trace, tb + 7);
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
