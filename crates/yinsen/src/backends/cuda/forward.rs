@@ -1764,23 +1764,21 @@ impl CudaBackend {
         if !self.uses_mega() {
             sh.keys.fill(0)?;
         }
+        // Both passes take the bound constants and the per-step slots.
+        let slots = [sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p(), sh.xs.p()];
         let mut a1 = vec![vals.p(), scales.p()];
         a1.extend(self.head_args(s));
-        a1.extend([sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p(), sh.xs.p()]);
+        a1.extend(slots.iter().cloned());
         g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
         let c = &self.config;
-        let a2 = [
+        let mut a2 = vec![
             self.lm_head.as_ref().unwrap_or(&self.embed).p(),
             Arg::I(c.vocab as i32),
             Arg::I(c.hidden as i32),
             s.logits.p(),
-            sh.err.p(),
-            sh.abs.p(),
-            sh.fac.p(),
-            sh.keys.p(),
-            sh.xs.p(),
-            s.best.p(),
         ];
+        a2.extend(slots);
+        a2.push(s.best.p());
         g.launch_ex("lm_head_pick_f16", (blocks, 1, 1), 256, &a2, pdl)?;
         g.set_tag("");
         Ok(())
