@@ -382,7 +382,12 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
 /// every other row is reported as 0 / empty.
 fn bench_decode_only(b: &CudaBackend) -> Result<CudaBench> {
     let max = crate::backends::Backend::config(b).max_ctx;
-    let long = 2048.min(max.saturating_sub(300));
+    // `YINSEN_CUDA_BENCH_CTX`: the long-context row's position (A/B runs).
+    let long = std::env::var("YINSEN_CUDA_BENCH_CTX")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(2048)
+        .min(max.saturating_sub(300));
     for (tag, us) in b.profile_mega(0, 5)? {
         eprintln!("persistent decode launch {tag}: {us:.1} us (un-graphed, ctx 0)");
     }

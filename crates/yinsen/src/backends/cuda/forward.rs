@@ -924,8 +924,10 @@ impl CudaBackend {
         if !fits {
             return Ok(None);
         }
-        // The largest V staging buffer (64 KB: 128 f32 keys of 128 dims) that
-        // still lets one block run per SM; 0 reads V from L2.
+        // The largest K/V staging buffer (64 KB: an item's f32 V rows of up to
+        // 128 keys of 128 dims, or its K and V rows of up to 64) that still
+        // lets one block run per SM; 0 reads V from L2. (96 KB, K and V of
+        // the 79-key items at ctx 2048, made that context slower: S11-6.)
         let smem = |vbytes: usize| (w0_chunks + w1_chunks) * 16 + MG_XBYTES + vbytes;
         let mut chosen = None;
         for vbytes in [64 << 10, 32 << 10, 0] {

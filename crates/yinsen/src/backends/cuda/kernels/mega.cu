@@ -450,13 +450,41 @@ __device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch
 // Attention of the one new query (position pos) of every head over keys
 // 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
 // (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
-// weight buffer) while its scores are computed, when they fit.
+// weight buffer) while its scores are computed, when they fit, and its K
+// rows before them when both fit.
 // Scores of an item's keys for its `group` query heads into sc[g * ac + j]:
 // warp w takes keys w, w + 32, ...; a lane's 4 K values of a key (dims
 // lane + 32 e) are loaded before the first is used, so their round trips
 // overlap (one dim at a time, each load waited for before the next: decode
 // 796 / 684 -> 805 / 696 tok/s at ctx 0 / 2048, S8-8 / S8-9). Same float
 // order as before; no spills (a template on the head count spilled).
+// Block: `bytes` (a multiple of 16) from global src into shared dst by
+// 16-byte cp.async (L1 bypassed); the caller commits the group.
+__device__ __forceinline__ void mg_stage(const void* src, int bytes, uint4* dst) {
+    for (int i = threadIdx.x; i < bytes / 16; i += MG_THREADS) {
+#if __CUDA_ARCH__ >= 800
+        const unsigned a = (unsigned)__cvta_generic_to_shared(dst + i);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"((const uint4*)src + i) : "memory");
+#else
+        dst[i] = __ldcg((const uint4*)src + i);
+#endif
+    }
+}
+
+// A K value from shared or global memory through one generic load:
+// ld.relaxed.gpu reads global memory at L2 (never a stale L1 line, as
+// ld.global.cg) and shared memory as any load does, so the scores need no
+// second code path (which spilled registers) for staged K rows.
+__device__ __forceinline__ float mg_kv(const float* p) {
+    float v;
+    asm("ld.relaxed.gpu.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float mg_kv(const u16* p) {
+    u16 h;
+    asm("ld.relaxed.gpu.b16 %0, [%1];" : "=h"(h) : "l"(p));
+    return h2f(h);
+}
 template <typename KV>
 __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj, int hd, int group, int ac,
                                           float* sc) {
@@ -466,7 +494,7 @@ __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj,
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int d = lane + 32 * e;
-            kv[e] = d < hd ? ldcg_kv(kb + (size_t)j * hd + d) : 0.f;
+            kv[e] = d < hd ? mg_kv(kb + (size_t)j * hd + d) : 0.f;
         }
         float s[MG_GMAX];
 #pragma unroll
@@ -481,7 +509,7 @@ __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj,
         }
         // Dims past 128 (head_dim > 128): one at a time.
         for (int d = lane + 128; d < hd; d += 32) {
-            const float k = ldcg_kv(kb + (size_t)j * hd + d);
+            const float k = mg_kv(kb + (size_t)j * hd + d);
 #pragma unroll
             for (int g = 0; g < MG_GMAX; g++)
                 if (g < group) s[g] += qs[g * hd + d] * k;
@@ -514,25 +542,29 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
         __syncthreads();  // smem reuse across items
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         const int vbytes = nj * hd * (int)sizeof(KV);
         const bool staged = vbytes <= vstage_bytes && vbytes % 16 == 0 && ((size_t)vb & 15) == 0;
-        if (staged) {
-            for (int i = tid; i < vbytes / 16; i += MG_THREADS) {
-#if __CUDA_ARCH__ >= 800
-                const unsigned a = (unsigned)__cvta_generic_to_shared(vstage + i);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"((const uint4*)vb + i) : "memory");
-#else
-                vstage[i] = __ldcg((const uint4*)vb + i);
-#endif
-            }
+        // K staged too where K and V fit (f32 items of up to 64 keys), ahead
+        // of V in the buffer as its own cp.async group: one round trip for
+        // the item's K rows instead of one per key a warp takes (S11-7: ctx
+        // 0 +3.4%; ctx 1024 and 2048 unchanged). f32 caches only: the f16
+        // kernel spilled registers with it.
+        const bool kstaged = staged && 2 * vbytes <= vstage_bytes && ((size_t)kb & 15) == 0 && sizeof(KV) == 4;
+        const uint4* vdst = kstaged ? vstage + vbytes / 16 : vstage;
+        for (int pass = kstaged ? 0 : 1; staged && pass < 2; pass++) {
+            mg_stage(pass ? (const void*)vb : (const void*)kb, vbytes, pass ? (uint4*)vdst : vstage);
             cp_commit();
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)kvh * group * hd + i) * scale;
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
-        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
-        mg_scores(qs, kb, nj, hd, group, ac, sc);
+        if (kstaged) {
+            cp_wait_group<1>();  // the K rows (V may still be in flight)
+            __syncthreads();
+        }
+        mg_scores(qs, kstaged ? (const KV*)vstage : kb, nj, hd, group, ac, sc);
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 21);
         if (warp < group) mg_softmax_row(sc + warp * ac, nj, ml + 2 * warp);
@@ -544,7 +576,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             gu_issued = true;
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 5);
-        const KV* vsm = (const KV*)vstage;
+        const KV* vsm = (const KV*)vdst;
         // PV: `split` adjacent lanes share an output, each taking every
         // split-th key, summed by shuffles (a 512-output group leaves half
         // of the 1024 threads idle otherwise).
