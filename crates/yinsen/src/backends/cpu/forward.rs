@@ -477,16 +477,15 @@ impl CpuBackend {
             HeadQ8::Dense(d) => (self.logits_dense(&h, d, per), None),
         };
         let head = self.model.lm_head();
-        let cand = screen.candidates_with(&h, act.as_ref(), &lq, k, |out, f| self.spin.for_ranges(out, 32, f));
-        if let Ok(cand) = cand {
-            // The same row dot as the full head's: the same bits per row.
-            let mut exact = vec![0f32; cand.len()];
+        // The head's own row dot per row: the same bits as the full head's.
+        let exact_of = |rows: &[u32]| -> Vec<f32> {
+            let mut exact = vec![0f32; rows.len()];
             self.spin.for_ranges(&mut exact, 1, |i0, o| {
                 let mut scratch = Vec::new();
                 for (j, v) in o.iter_mut().enumerate() {
                     lm_head::rows_dot(
                         head,
-                        cand[i0 + j] as usize,
+                        rows[i0 + j] as usize,
                         &h,
                         1,
                         std::slice::from_mut(v),
@@ -494,6 +493,18 @@ impl CpuBackend {
                     );
                 }
             });
+            exact
+        };
+        let cand = screen.candidates_with(
+            &h,
+            act.as_ref(),
+            &lq,
+            k,
+            |out, f| self.spin.for_ranges(out, 32, f),
+            &exact_of,
+        );
+        if let Ok(cand) = cand {
+            let exact = exact_of(&cand);
             // A non-finite exact logit (an overflowing sum) ranks as the
             // full head ranks it only among all rows: take the full head.
             if exact.iter().all(|v| v.is_finite()) {

@@ -171,21 +171,30 @@ impl HeadScreen {
     }
 
     /// The rows (ascending) whose computed head logit may rank among the
-    /// `k` largest, from [`HeadScreen::bounds`]' arguments.
+    /// `k` largest, from [`HeadScreen::bounds`]' arguments and `exact`, the
+    /// head's own computed logits of the rows it is given (in their order).
     pub fn candidates(
         &self,
         h: &[f32],
         act: Option<&Q8Act>,
         lq: &[f32],
         k: usize,
+        exact: &dyn Fn(&[u32]) -> Vec<f32>,
     ) -> std::result::Result<Vec<u32>, Unscreened> {
-        self.candidates_with(h, act, lq, k, |out, f| f(0, out))
+        self.candidates_with(h, act, lq, k, |out, f| f(0, out), exact)
     }
 
     /// [`HeadScreen::candidates`] with the per-row pass run by `par`, which
     /// calls `f(start, chunk)` on chunks of its slice (any split at even
     /// offsets; the CPU backend's spin pool: one pass over the vocabulary
     /// per token is ~0.4 ms on one core).
+    ///
+    /// The threshold a row's upper end must reach is the k-th largest exact
+    /// logit of the `2k + 8` rows with the largest lower ends: a lower bound
+    /// on the head's k-th largest logit (the rows of the k largest lower ends
+    /// are among them), and tighter than the k-th largest lower end by about
+    /// a bound's width. At k = 40 on 2B4T that halves the candidates (~19k
+    /// rows before), whose F16 rows were most of a top-k pick's bytes.
     pub fn candidates_with(
         &self,
         h: &[f32],
@@ -193,6 +202,7 @@ impl HeadScreen {
         lq: &[f32],
         k: usize,
         par: impl FnOnce(&mut [f32], &(dyn Fn(usize, &mut [f32]) + Sync)),
+        exact: &dyn Fn(&[u32]) -> Vec<f32>,
     ) -> std::result::Result<Vec<u32>, Unscreened> {
         let n = lq.len();
         assert_eq!(n, self.err.len());
@@ -211,40 +221,41 @@ impl HeadScreen {
                     p[1] = lq[i] + bi;
                 }
             });
-            // The largest lower end, and a probe that a NaN or infinity
-            // anywhere turns NaN: 16 independent lanes (one serial chain
-            // over the vocabulary took ~0.3 ms).
-            let (mut m, mut probe) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
+            // A probe that a NaN or infinity anywhere turns NaN: 16
+            // independent lanes (one serial chain over the vocabulary took
+            // ~0.3 ms).
+            let mut probe = [0f32; 16];
             let whole = lu.len() / 32 * 32;
             for c in lu[..whole].chunks_exact(32) {
                 for j in 0..16 {
-                    let (l, u) = (c[2 * j], c[2 * j + 1]);
-                    m[j] = if l > m[j] { l } else { m[j] };
-                    probe[j] += l * 0.0 + u * 0.0;
+                    probe[j] += c[2 * j] * 0.0 + c[2 * j + 1] * 0.0;
                 }
             }
             for p in lu[whole..].chunks_exact(2) {
-                m[0] = if p[0] > m[0] { p[0] } else { m[0] };
                 probe[0] += p[0] * 0.0 + p[1] * 0.0;
             }
             if probe.iter().any(|&p| p != 0.0) {
                 return Err(Unscreened::NotFinite);
             }
-            // The k-th largest lower end: no row whose upper end is below it
-            // can outrank the k rows at or above it.
-            let t = match k {
-                1 => m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-                // Small k: the ranking's heap of the k largest (most lower
-                // ends fail one comparison with the least kept).
-                _ if k <= 256 => {
-                    let lows = lu.iter().step_by(2).enumerate().map(|(i, &l)| (i as u32, l));
-                    crate::logits::ranked_pairs(lows, k)[k - 1].1
-                }
-                _ => {
-                    let mut lo: Vec<f32> = lu.iter().step_by(2).copied().collect();
-                    *lo.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x)).1
-                }
+            // The rows of the kp largest lower ends, then the k-th largest of
+            // their exact logits: no row whose upper end is below it can rank
+            // among the k largest (its logit is below k rows' logits).
+            let kp = (2 * k + 8).min(n);
+            let lows = lu.iter().step_by(2).enumerate().map(|(i, &l)| (i as u32, l));
+            let top: Vec<u32> = if kp <= 512 {
+                // Most lower ends fail one comparison with the least kept.
+                crate::logits::ranked_pairs(lows, kp).into_iter().map(|p| p.0).collect()
+            } else {
+                let mut all: Vec<(u32, f32)> = lows.collect();
+                all.select_nth_unstable_by(kp - 1, |x, y| y.1.total_cmp(&x.1));
+                all[..kp].iter().map(|p| p.0).collect()
             };
+            let mut ex = exact(&top);
+            assert_eq!(ex.len(), kp, "exact logits of {kp} rows");
+            if ex.iter().any(|v| !v.is_finite()) {
+                return Err(Unscreened::NotFinite);
+            }
+            let t = *ex.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x)).1;
             let cand: Vec<u32> = (0..n).filter(|&i| lu[2 * i + 1] >= t).map(|i| i as u32).collect();
             match cand.len() > n / 2 {
                 true => Err(Unscreened::TooMany),
@@ -402,26 +413,47 @@ mod tests {
 
     #[test]
     fn picks_equal_the_full_heads() {
-        let mut screened = 0;
+        let (mut screened, mut tightened) = (0, 0);
+        let (mut n_cand, mut n_lower) = (0, 0);
         for act8 in [true, false] {
             for (head, hs) in cases() {
                 let s = HeadScreen::build_as(&head, act8).unwrap();
                 for h in &hs {
                     let exact = head_logits(&head, h);
+                    let exact_of = |rows: &[u32]| -> Vec<f32> { rows.iter().map(|&r| exact[r as usize]).collect() };
                     let (lq, act) = screened_logits(&s, h);
                     for k in [1, 2, 5, 40, 64, 300] {
-                        let Ok(cand) = s.candidates(h, act.as_ref(), &lq, k) else {
+                        let Ok(cand) = s.candidates(h, act.as_ref(), &lq, k, &exact_of) else {
                             continue;
                         };
                         screened += 1;
                         assert!(cand.len() >= k && cand.windows(2).all(|w| w[0] < w[1]));
                         // The per-row pass split in pieces (as the spin pool runs it).
-                        let split = s.candidates_with(h, act.as_ref(), &lq, k, |out, f| {
-                            for (ci, c) in out.chunks_mut(34).enumerate() {
-                                f(ci * 34, c);
-                            }
-                        });
+                        let split = s.candidates_with(
+                            h,
+                            act.as_ref(),
+                            &lq,
+                            k,
+                            |out, f| {
+                                for (ci, c) in out.chunks_mut(34).enumerate() {
+                                    f(ci * 34, c);
+                                }
+                            },
+                            &exact_of,
+                        );
                         assert_eq!(split.as_ref(), Ok(&cand));
+                        // Within the rows the k-th largest lower end alone
+                        // would keep (the threshold before exact logits).
+                        let b = s.bounds(h, act.as_ref(), &lq).unwrap();
+                        let mut lows: Vec<f32> = lq.iter().zip(&b).map(|(l, b)| l - b).collect();
+                        let tk = *lows.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x)).1;
+                        let by_lower: Vec<u32> = (0..lq.len() as u32)
+                            .filter(|&i| lq[i as usize] + b[i as usize] >= tk)
+                            .collect();
+                        assert!(cand.iter().all(|r| by_lower.binary_search(r).is_ok()), "k {k}");
+                        tightened += (cand.len() < by_lower.len()) as usize;
+                        n_cand += cand.len();
+                        n_lower += by_lower.len();
                         let got = ranked_pairs(cand.iter().map(|&i| (i, exact[i as usize])), k);
                         assert_eq!(got, ranked(&exact, k), "act8 {act8} k {k}");
                         if k == 1 {
@@ -433,6 +465,12 @@ mod tests {
         }
         // Most cases are screened (the rest read the full head, correctly).
         assert!(screened >= 100, "only {screened} of 144 picks screened");
+        // The exact logits' threshold keeps fewer rows in many picks.
+        println!("candidates {n_cand} vs {n_lower} by the k-th lower end; fewer in {tightened} of {screened} picks");
+        assert!(
+            tightened >= screened / 4 && n_cand < n_lower,
+            "{tightened} of {screened} picks tightened"
+        );
     }
 
     #[test]
@@ -442,9 +480,24 @@ mod tests {
         let mut h = vec![0.5f32; 64];
         h[3] = f32::NAN;
         let (lq, act) = screened_logits(&s, &[0.5; 64]);
-        assert_eq!(s.candidates(&h, act.as_ref(), &lq, 1), Err(Unscreened::NotFinite));
+        let exact = head_logits(&head, &[0.5; 64]);
+        let exact_of = |rows: &[u32]| -> Vec<f32> { rows.iter().map(|&r| exact[r as usize]).collect() };
+        assert!(s.candidates(&[0.5; 64], act.as_ref(), &lq, 1, &exact_of).is_ok());
+        // An exact logit that overflowed: the full head decides.
+        let inf = |rows: &[u32]| vec![f32::INFINITY; rows.len()];
+        assert_eq!(
+            s.candidates(&[0.5; 64], act.as_ref(), &lq, 1, &inf),
+            Err(Unscreened::NotFinite)
+        );
+        assert_eq!(
+            s.candidates(&h, act.as_ref(), &lq, 1, &exact_of),
+            Err(Unscreened::NotFinite)
+        );
         h[3] = f32::INFINITY;
-        assert_eq!(s.candidates(&h, act.as_ref(), &lq, 1), Err(Unscreened::NotFinite));
+        assert_eq!(
+            s.candidates(&h, act.as_ref(), &lq, 1, &exact_of),
+            Err(Unscreened::NotFinite)
+        );
         let bad = f16_head(8, 64, |r, c| if r == 5 && c == 9 { f32::INFINITY } else { 0.1 });
         let e = HeadScreen::build(&bad)
             .err()
