@@ -447,17 +447,6 @@ __device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch
     }
 }
 
-// Attention of the one new query (position pos) of every head over keys
-// 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
-// (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
-// weight buffer) while its scores are computed, when they fit, and its K
-// rows before them when both fit.
-// Scores of an item's keys for its `group` query heads into sc[g * ac + j]:
-// warp w takes keys w, w + 32, ...; a lane's 4 K values of a key (dims
-// lane + 32 e) are loaded before the first is used, so their round trips
-// overlap (one dim at a time, each load waited for before the next: decode
-// 796 / 684 -> 805 / 696 tok/s at ctx 0 / 2048, S8-8 / S8-9). Same float
-// order as before; no spills (a template on the head count spilled).
 // Block: `bytes` (a multiple of 16) from global src into shared dst by
 // 16-byte cp.async (L1 bypassed); the caller commits the group.
 __device__ __forceinline__ void mg_stage(const void* src, int bytes, uint4* dst) {
@@ -485,6 +474,18 @@ __device__ __forceinline__ float mg_kv(const u16* p) {
     asm("ld.relaxed.gpu.b16 %0, [%1];" : "=h"(h) : "l"(p));
     return h2f(h);
 }
+
+// Attention of the one new query (position pos) of every head over keys
+// 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
+// (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
+// weight buffer) while its scores are computed, when they fit, and its K
+// rows before them when both fit.
+// Scores of an item's keys for its `group` query heads into sc[g * ac + j]:
+// warp w takes keys w, w + 32, ...; a lane's 4 K values of a key (dims
+// lane + 32 e) are loaded before the first is used, so their round trips
+// overlap (one dim at a time, each load waited for before the next: decode
+// 796 / 684 -> 805 / 696 tok/s at ctx 0 / 2048, S8-8 / S8-9). Same float
+// order as before; no spills (a template on the head count spilled).
 template <typename KV>
 __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj, int hd, int group, int ac,
                                           float* sc) {
