@@ -7,7 +7,10 @@
 # same-call A/B of a kernel change. AB_FLAGS="23 55" alternates this build's
 # rows over those persistent-kernel flag values too (YINSEN_CUDA_MEGA_FLAGS).
 # Everything is also written to $OUT (ab.txt, bench.txt, tests.log), so a
-# long output's tail loses nothing.
+# long output's tail loses nothing. MEMCHECK="cuda_forward top_k" runs that
+# test binary and filter under compute-sanitizer memcheck; TG_AB=1 also
+# alternates the engine's tg128 rows (every logit, greedy pick, top-40 pick)
+# and `yinsen run`'s default sampling with the baseline's (tg.txt).
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
 # (YINSEN_CUDA_MEGA_AB) and traced, then `yinsen run` greedy with the token
@@ -20,6 +23,18 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 "$dev/tests/cuda_forward" --test-threads=2 ${3:-} >"$out/tests.log" 2>&1
 "$dev/tests/cuda_kernels" ${3:-} >>"$out/tests.log" 2>&1
 grep -E "test result|FAILED|panicked|SKIP" "$out/tests.log" | head -20
+if [ -n "${MEMCHECK:-}" ] && command -v compute-sanitizer >/dev/null; then
+  read -r bin filter <<<"$MEMCHECK"
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$dev/tests/$bin" --test-threads=1 "$filter" 2>&1 |
+    tail -4 | tee "$out/memcheck.txt"
+fi
+if [ -n "${TG_AB:-}" ] && [ -x "$dev/bin/yinsen-base" ]; then
+  tg() { "$1" bench -m synthetic:2b4t --backend cuda -p 0 -n 128 -r 3 2>&1 | grep -E '^\| .*tg128' | awk -F'|' '{printf "%s %s; ", $5, $6}'; }
+  run() { "$1" run -m synthetic:2b4t --backend cuda -p "The quick brown fox jumps over the lazy dog" -n 256 2>&1 | grep -o "generated: [0-9.]* tok/s"; }
+  for r in 1 2 3; do
+    for b in yinsen yinsen-base; do echo "tg $b: $(YINSEN_CUDA_BENCH=decode tg $b)"; echo "run default sampling $b: $(run $b)"; done
+  done | tee "$out/tg.txt"
+fi
 YINSEN_CUDA_BENCH=decode YINSEN_CUDA_MEGA_AB="$2" yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 >"$out/bench.txt" 2>&1
 grep -E "^flags|decode ctx|variant|persistent decode launch|tok/s" "$out/bench.txt"
 rows() { YINSEN_CUDA_BENCH=decode "$@" bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 2>&1 | grep -E '^\| decode ctx (0|2048) \|' | tr '\n' ' '; }

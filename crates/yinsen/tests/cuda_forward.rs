@@ -867,34 +867,83 @@ fn tcx_prefill_matches_tc() {
 
 /// `forward_top_k` ranks on the device as the host sampler ranks the logits
 /// (`ranked`): the same tokens and logit bits, step after step, for k from 1
-/// to the largest offered, over a vocabulary of 16 selection blocks (125m).
+/// to the largest offered, over a vocabulary of 16 selection blocks (125m);
+/// through the full head's logits and through the screened top-k (8-bit
+/// head, floor, the F16 rows that can reach it), which must not fall back
+/// to the full head and must leave out most rows.
 #[test]
 fn top_k_on_the_device_matches_the_host_ranking() {
     let model = synthetic::build("125m").unwrap();
     let Some(gpu) = cuda(&model) else { return };
+    let vocab = model.config.vocab as u32;
     let prompt = spread_prompt(&model);
-    for k in [1usize, 5, 40, 64] {
-        let (mut a, mut b) = (prompted(&gpu, &prompt, 64), prompted(&gpu, &prompt, 64));
-        let mut tok = 7u32;
-        for step in 0..6 {
-            let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
-            let want = ranked(&logits, k);
-            let got = gpu
-                .forward_top_k(b.as_mut(), tok, k)
-                .unwrap()
-                .expect("offered for k <= 64");
-            assert_eq!(got.len(), k, "k {k} step {step}");
-            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!((g.0, g.1.to_bits()), (w.0, w.1.to_bits()), "k {k} step {step} rank {j}");
+    for screen in [false, true] {
+        gpu.set_lm_head_screen(screen.then(|| model.lm_head())).unwrap();
+        for k in [1usize, 5, 40, 64] {
+            let (mut a, mut b) = (prompted(&gpu, &prompt, 64), prompted(&gpu, &prompt, 64));
+            let mut tok = 7u32;
+            for step in 0..6 {
+                let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
+                let want = ranked(&logits, k);
+                let got = gpu
+                    .forward_top_k(b.as_mut(), tok, k)
+                    .unwrap()
+                    .expect("offered for k <= 64");
+                assert_eq!(got.len(), k, "screen {screen} k {k} step {step}");
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        (g.0, g.1.to_bits()),
+                        (w.0, w.1.to_bits()),
+                        "screen {screen} k {k} step {step} rank {j}"
+                    );
+                }
+                if screen {
+                    let (cand, fell_back) = gpu.screen_last_pick().unwrap().expect("a screened step ran");
+                    assert!(
+                        !fell_back && cand >= k as u32 && cand < vocab / 2,
+                        "k {k} step {step}: {cand} candidates"
+                    );
+                    eprintln!("screened top-{k} step {step}: {cand} candidate rows of {vocab}");
+                }
+                // Not always the best token, so the steps differ from greedy.
+                tok = want[want.len() / 2].0;
             }
-            // Not always the best token, so the steps differ from greedy.
-            tok = want[want.len() / 2].0;
         }
+        assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no step fell back to the full head");
     }
     let mut c = gpu.new_cache(16).unwrap();
     assert!(gpu.forward_top_k(c.as_mut(), 3, 65).unwrap().is_none());
     assert!(gpu.forward_top_k(c.as_mut(), 3, 0).unwrap().is_none());
     assert_eq!(c.len(), 0, "nothing ran for a k not offered");
+}
+
+/// A step whose screen sees a non-finite value (final norm weights at
+/// f32::MAX overflow the normed x) falls back to the full head and ranks
+/// as the host ranks its logits, non-finite ones included.
+#[test]
+fn screened_top_k_falls_back_on_non_finite_values() {
+    let mut model = synthetic::build("125m").unwrap();
+    for i in (3..model.config.hidden).step_by(48) {
+        model.final_norm[i] = f32::MAX;
+    }
+    let Some(gpu) = cuda(&model) else { return };
+    gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    let prompt = spread_prompt(&model);
+    let (mut a, mut b) = (prompted(&gpu, &prompt, 16), prompted(&gpu, &prompt, 16));
+    let mut tok = 5u32;
+    for step in 0..3 {
+        let logits = gpu.forward(a.as_mut(), &[tok], Output::LastLogits).unwrap();
+        assert!(
+            logits.iter().any(|v| !v.is_finite()),
+            "step {step}: the case needs a non-finite logit"
+        );
+        let want = ranked(&logits, 40);
+        let got = gpu.forward_top_k(b.as_mut(), tok, 40).unwrap().expect("offered");
+        let bits = |v: &[(u32, f32)]| v.iter().map(|&(t, x)| (t, x.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "step {step}");
+        tok = want[3].0;
+    }
+    assert_eq!(gpu.screen_top_k_fallbacks(), 3, "every step fell back");
 }
 
 /// The screened greedy pick (8-bit head + bound, then the F16 rows that can

@@ -408,9 +408,13 @@ pub struct CudaBackend {
     /// The screened greedy pick's device data (`set_lm_head_screen`).
     lm_head_screen: Mutex<Option<ScreenHead>>,
     lm_head_screen_on: std::sync::atomic::AtomicBool,
-    /// Set while a cache's pick graph is captured: `lm_head_step` then
-    /// queues the screened pick instead of the full head.
-    capturing_pick: std::sync::atomic::AtomicBool,
+    /// The head of the decode graph being captured (a [`Head`] as u8):
+    /// `lm_head_step` queues the full head, the screened greedy pick or
+    /// the screened top-k.
+    capturing_head: std::sync::atomic::AtomicU8,
+    /// Screened top-k steps that fell back to the full head (a non-finite
+    /// value, or more rows at the floor than the list holds).
+    topk_fallbacks: std::sync::atomic::AtomicUsize,
     final_norm: DevBuf,
     rope: DevBuf,
     max_splits: usize,
@@ -510,6 +514,21 @@ const TK_MAX: usize = 64;
 const TK_BLOCKS: usize = 64;
 const TK_PER: usize = 2048;
 
+/// List entries the screened top-k ranks (TL_CAP in decode.cu).
+const TL_CAP: usize = DM_NMAX / 2;
+
+/// What a decode graph ends with, after the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Head {
+    /// The full head's logits (and their argmax).
+    Logits,
+    /// The screened greedy pick (`screened_pick_step`): the token only.
+    Greedy,
+    /// The screened top-k: the k best rows and logits only.
+    TopK,
+}
+
 /// Steps of a greedy generation queued before their tokens are read.
 const HIST: usize = 1024;
 
@@ -562,6 +581,28 @@ struct ScreenHead {
     /// The step's normed x (f32 per hidden unit): pass 1 writes it, pass 2
     /// reads it.
     xs: DevBuf,
+    /// The screened top-k (decode.cu, `lm_head_topk_*`): pass 1's per-warp
+    /// largest lower ends (u64 each), the floor (f32), k (i32, written
+    /// before each replay), the list of rows at or above the floor (u64 x
+    /// TL_CAP), its length and the blocks' arrivals (2 x u32, reset by the
+    /// kernel), and the ranked output (status, TK_MAX rows, TK_MAX logits).
+    wmax: DevBuf,
+    floor: DevBuf,
+    k: DevBuf,
+    list: DevBuf,
+    cnt: DevBuf,
+    out: DevBuf,
+}
+
+impl CudaCache {
+    /// The captured decode graph that ends with `head`.
+    fn graph_of(&mut self, head: Head) -> &mut Option<Graph> {
+        match head {
+            Head::Logits => &mut self.graph,
+            Head::Greedy => &mut self.pick_graph,
+            Head::TopK => &mut self.topk_graph,
+        }
+    }
 }
 
 impl Drop for Graph {
@@ -586,6 +627,8 @@ pub struct CudaCache {
     graph: Option<Graph>,
     /// The decode graph whose head is the screened greedy pick (no logits).
     pick_graph: Option<Graph>,
+    /// The decode graph whose head is the screened top-k (no logits).
+    topk_graph: Option<Graph>,
     /// Captured multi-token steps (1 < nt <= STEP_GRAPH_MAX), least recently
     /// used first, at most STEP_GRAPHS.
     steps: Vec<(StepKey, Graph)>,
@@ -862,7 +905,8 @@ impl CudaBackend {
             lm_head_q8_on: false.into(),
             lm_head_screen: Mutex::new(None),
             lm_head_screen_on: false.into(),
-            capturing_pick: false.into(),
+            capturing_head: (Head::Logits as u8).into(),
+            topk_fallbacks: 0.into(),
             final_norm,
             rope,
             max_splits,
@@ -1608,7 +1652,7 @@ impl CudaBackend {
         };
         // A pick graph's screen slots are zeroed by mega_begin (see
         // screened_pick_step).
-        let screen_keys = if self.capturing_pick.load(std::sync::atomic::Ordering::Relaxed) {
+        let screen_keys = if self.capturing_head.load(std::sync::atomic::Ordering::Relaxed) != Head::Logits as u8 {
             let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
             sh.as_ref()
                 .ok_or_else(|| berr("screened lm_head not prepared"))?
@@ -1682,8 +1726,9 @@ impl CudaBackend {
 
     /// Final RMSNorm + lm_head + greedy pick of the one decoded token.
     fn lm_head_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
-        if self.capturing_pick.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.screened_pick_step(s, pdl);
+        let head = self.capturing_head.load(std::sync::atomic::Ordering::Relaxed);
+        if head != Head::Logits as u8 {
+            return self.screened_pick_step(s, pdl, head == Head::TopK as u8);
         }
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
@@ -1754,8 +1799,10 @@ impl CudaBackend {
     /// per-step slots zeroed (by `mega_begin` in the persistent decode, so
     /// no memset node cuts pass 1's programmatic launch; here otherwise),
     /// the 8-bit head's logits and the largest lower end, then the F16 rows
-    /// that can still win and the pick into `best`.
-    fn screened_pick_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
+    /// that can still win and the pick into `best`; with `top_k`, the
+    /// screened top-k instead (decode.cu: the floor, then the rows that
+    /// can reach it, ranked into the screen's `out`).
+    fn screened_pick_step(&self, s: &Scratch, pdl: bool, top_k: bool) -> Result<()> {
         let g = &self.gpu;
         let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
         let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
@@ -1770,15 +1817,32 @@ impl CudaBackend {
         let slots = [sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p(), sh.xs.p()];
         let mut a1 = vec![vals.p(), scales.p()];
         a1.extend(self.head_args(s));
-        a1.extend(slots.iter().cloned());
+        a1.extend(slots);
+        a1.push(sh.wmax.p());
         g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
         let c = &self.config;
-        let mut a2 = vec![
-            self.lm_head.as_ref().unwrap_or(&self.embed).p(),
-            Arg::I(c.vocab as i32),
-            Arg::I(c.hidden as i32),
-            s.logits.p(),
-        ];
+        let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
+        if top_k {
+            g.set_tag("lm_head top-k");
+            let floor = [
+                e,
+                Arg::I(c.hidden as i32),
+                sh.wmax.p(),
+                Arg::I(blocks as i32 * 8),
+                sh.k.p(),
+                sh.keys.p(),
+                sh.xs.p(),
+                sh.floor.p(),
+            ];
+            g.launch_ex("lm_head_topk_floor", (1, 1, 1), 1024, &floor, pdl)?;
+            let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
+            a2.extend(slots);
+            a2.extend([sh.floor.p(), sh.k.p(), sh.list.p(), sh.cnt.p(), sh.out.p()]);
+            g.launch_ex("lm_head_topk_f16", (blocks, 1, 1), 256, &a2, pdl)?;
+            g.set_tag("");
+            return Ok(());
+        }
+        let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
         a2.extend(slots);
         a2.push(s.best.p());
         g.launch_ex("lm_head_pick_f16", (blocks, 1, 1), 256, &a2, pdl)?;
@@ -1838,6 +1902,12 @@ impl CudaBackend {
                     fac: self.gpu.upload(&[0u8; 8])?,
                     keys: self.gpu.upload(&[0u8; 16])?,
                     xs: self.gpu.upload(&vec![0u8; 4 * c.hidden])?,
+                    wmax: self.gpu.upload(&vec![0u8; 8 * 8 * self.head_blocks() as usize])?,
+                    floor: self.gpu.upload(&[0u8; 4])?,
+                    k: self.gpu.upload(&[0u8; 4])?,
+                    list: self.gpu.upload(&vec![0u8; 8 * TL_CAP])?,
+                    cnt: self.gpu.upload(&[0u8; 8])?,
+                    out: self.gpu.upload(&vec![0u8; 4 * (1 + 2 * TK_MAX)])?,
                 });
             }
         }
@@ -1859,6 +1929,11 @@ impl CudaBackend {
         let Some(sh) = sh.as_ref() else { return Ok(None) };
         let k = sh.keys.read::<u32>(3)?;
         Ok((k[0] != 0 || k[1] != 0).then_some((k[2], k[1] != 0)))
+    }
+
+    /// For tests: screened top-k steps that fell back to the full head.
+    pub fn screen_top_k_fallbacks(&self) -> usize {
+        self.topk_fallbacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The greedy token of the last decode step.
@@ -1953,6 +2028,7 @@ impl CudaBackend {
         if cache.owner != self.id {
             cache.graph = None;
             cache.pick_graph = None;
+            cache.topk_graph = None;
             cache.steps.clear();
             cache.seen.clear();
             cache.owner = self.id;
@@ -1961,8 +2037,8 @@ impl CudaBackend {
 
     /// One decode step through the cache's CUDA graph (captured on first
     /// use). Leaves the logits in `s.logits` and the greedy token in `s.argmax`.
-    fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32, pick: bool) -> Result<()> {
-        self.decode_launch(s, cache, Some(token), pick)?;
+    fn decode_graph(&self, s: &Scratch, cache: &mut CudaCache, token: u32, head: Head) -> Result<()> {
+        self.decode_launch(s, cache, Some(token), head)?;
         self.gpu.sync()
     }
 
@@ -1970,32 +2046,34 @@ impl CudaBackend {
     /// `token` the host feeds it at the cache's position; with None the step
     /// takes what the previous replay left (`decode_advance`: its greedy
     /// token, the next position), so replays need no copy between them.
-    /// `pick`: only the greedy token is wanted (no logits), so the screened
-    /// head's graph runs where the screen is on.
-    fn decode_launch(&self, s: &Scratch, cache: &mut CudaCache, token: Option<u32>, pick: bool) -> Result<()> {
+    /// `head`: what the step ends with; a screened head (only the greedy
+    /// token, or only the top-k, is wanted) runs where the screen is on,
+    /// else the full head.
+    fn decode_launch(&self, s: &Scratch, cache: &mut CudaCache, token: Option<u32>, head: Head) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         self.claim(cache);
         if let Some(token) = token {
             s.tok.write_async(&[token as i32])?;
             s.pos.write_async(&[cache.len as i32])?;
         }
-        let pick = pick && self.lm_head_screen_on.load(Relaxed);
-        if (if pick { &cache.pick_graph } else { &cache.graph }).is_none() {
+        let head = if self.lm_head_screen_on.load(Relaxed) {
+            head
+        } else {
+            Head::Logits
+        };
+        if cache.graph_of(head).is_none() {
             let pdl = self.pdl.load(Relaxed) && self.gpu.has_pdl();
             let splits = cache.cap.div_ceil(ATT_CHUNK);
-            self.capturing_pick.store(pick, Relaxed);
+            self.capturing_head.store(head as u8, Relaxed);
             // A driver that cannot capture PDL edges still gets a graph.
             let graph = match self.capture(|| self.decode_kernels(s, cache, splits, pdl)) {
                 Err(_) if pdl => self.capture(|| self.decode_kernels(s, cache, splits, false)),
                 r => r,
             };
-            self.capturing_pick.store(false, Relaxed);
-            *(if pick { &mut cache.pick_graph } else { &mut cache.graph }) = Some(graph?);
+            self.capturing_head.store(Head::Logits as u8, Relaxed);
+            *cache.graph_of(head) = Some(graph?);
         }
-        let exec = (if pick { &cache.pick_graph } else { &cache.graph })
-            .as_ref()
-            .expect("just captured")
-            .exec;
+        let exec = cache.graph_of(head).as_ref().expect("just captured").exec;
         super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
     }
 
@@ -2158,7 +2236,7 @@ impl CudaBackend {
         self.gpu.bind()?;
         let c = &self.config;
         if tokens.len() == 1 && output == Output::LastLogits {
-            self.decode_graph(&s, cache, tokens[0], false)?;
+            self.decode_graph(&s, cache, tokens[0], Head::Logits)?;
             cache.len += 1;
             return match &s.logits_host {
                 Some(pin) => s.logits.read_via::<f32>(c.vocab, pin),
@@ -2228,7 +2306,7 @@ impl CudaBackend {
             let k = (n - out.len()).min(HIST);
             for i in 0..k {
                 let feed = (out.is_empty() && i == 0).then_some(first);
-                self.decode_launch(&s, cache, feed, true)?;
+                self.decode_launch(&s, cache, feed, Head::Greedy)?;
                 cache.len += 1;
             }
             let hist = s.hist.read::<i32>(HIST)?;
@@ -2258,13 +2336,13 @@ impl CudaBackend {
         }
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_graph(&s, cache, 1, true)?; // capture + warm
+        self.decode_graph(&s, cache, 1, Head::Greedy)?; // capture + warm
         cache.len += 1;
         if how == DecodeLoop::HostFed {
             let mut tok = self.decoded_token(&s)?;
             let t = std::time::Instant::now();
             for _ in 0..n {
-                self.decode_graph(&s, cache, tok, true)?;
+                self.decode_graph(&s, cache, tok, Head::Greedy)?;
                 cache.len += 1;
                 tok = self.decoded_token(&s)?;
             }
@@ -2273,7 +2351,7 @@ impl CudaBackend {
         let ev = Events::new()?;
         ev.record_start(self.gpu.stream)?;
         for _ in 0..n {
-            self.decode_launch(&s, cache, None, true)?;
+            self.decode_launch(&s, cache, None, Head::Greedy)?;
             cache.len += 1;
         }
         Ok(ev.record_stop_ms(self.gpu.stream)? / n as f32)
@@ -2690,6 +2768,7 @@ impl CudaBackend {
             layer_bytes,
             graph: None,
             pick_graph: None,
+            topk_graph: None,
             steps: Vec::new(),
             seen: Vec::new(),
             owner: 0,
@@ -2834,8 +2913,38 @@ impl Backend for CudaBackend {
         self.check_call(cache, &[token])?;
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_launch(&s, cache, Some(token), false)?;
-        cache.len += 1;
+        if self.lm_head_screened() && !self.lm_head_q8_on.load(std::sync::atomic::Ordering::Relaxed) {
+            // The screened top-k: k goes to the device before the replay,
+            // the ranking comes back in one read.
+            {
+                let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+                let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+                sh.k.write_async(&[k as i32])?;
+            }
+            self.decode_launch(&s, cache, Some(token), Head::TopK)?;
+            cache.len += 1;
+            let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+            let out = sh.out.read::<i32>(1 + 2 * TK_MAX)?;
+            if out[0] == 0 {
+                return Ok(Some(
+                    (0..k)
+                        .filter(|&j| out[1 + j] >= 0)
+                        .map(|j| (out[1 + j] as u32, f32::from_bits(out[1 + TK_MAX + j] as u32)))
+                        .collect(),
+                ));
+            }
+            // A non-finite value or too many rows at the floor: the full
+            // head from the step's final hidden state, as below.
+            self.topk_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut args = vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()];
+            args.extend(self.head_args(&s));
+            args.push(s.best.p());
+            self.gpu.launch("lm_head_dec", (self.head_blocks(), 1, 1), 256, &args)?;
+        } else {
+            self.decode_launch(&s, cache, Some(token), Head::Logits)?;
+            cache.len += 1;
+        }
         self.gpu.launch(
             "topk_logits",
             (vocab.div_ceil(TK_PER) as u32, 1, 1),
@@ -2864,7 +2973,7 @@ impl Backend for CudaBackend {
         self.check_call(cache, &[token])?;
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_graph(&s, cache, token, true)?;
+        self.decode_graph(&s, cache, token, Head::Greedy)?;
         cache.len += 1;
         self.decoded_token(&s).map(Some)
     }

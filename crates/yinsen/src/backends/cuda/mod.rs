@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 65] = [
+pub const KERNELS: [&str; 67] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -233,6 +233,8 @@ pub const KERNELS: [&str; 65] = [
     "lm_head_dec_q8",
     "lm_head_screen_q8",
     "lm_head_pick_f16",
+    "lm_head_topk_floor",
+    "lm_head_topk_f16",
     "mega_begin",
     "mega_f16",
     "mega_f32",
@@ -1127,6 +1129,37 @@ pub fn ternary_matmul_i32(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel a source defines outside a macro is in `KERNELS`, the
+    /// list the module loads by name: one left out fails only at its first
+    /// launch, on a GPU.
+    #[test]
+    fn every_plain_kernel_is_listed() {
+        let mut found = 0;
+        for (file, src) in nvrtc::SOURCES {
+            let lines: Vec<&str> = src.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let in_macro = line.trim_end().ends_with('\\') || (i > 0 && lines[i - 1].trim_end().ends_with('\\'));
+                let Some(at) = line.find("extern \"C\" __global__") else {
+                    continue;
+                };
+                if in_macro {
+                    continue;
+                }
+                // The name: the identifier before the first '(' after `void`,
+                // which may sit on the next line.
+                let rest = format!("{} {}", &line[at..], lines.get(i + 1).unwrap_or(&""));
+                let mut after = rest[rest.find(" void").expect("a void kernel") + 5..].trim_start();
+                if let Some(bounds) = after.strip_prefix("__launch_bounds__(") {
+                    after = bounds[bounds.find(')').unwrap() + 1..].trim_start();
+                }
+                let name = after[..after.find('(').unwrap()].trim();
+                assert!(KERNELS.contains(&name), "{file}: kernel {name} is not in KERNELS");
+                found += 1;
+            }
+        }
+        assert!(found > 15, "only {found} kernels found: the scan is broken");
+    }
 
     /// The host's tile table (`MmaVariant::ALL`: block shape, threads, shared
     /// memory) must describe what the `TERN_MMA(...)` lines of ternary.cu

@@ -288,13 +288,16 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
 // zeroed before pass 1 (by mega_begin in the persistent decode's graph, so
 // pass 1 keeps its programmatic launch under the last layer). xs: the
 // step's normed x (block 0 of pass 1 writes it; pass 2 reads it instead of
-// normalising x again in every block).
+// normalising x again in every block). wmax: pass 1's warps' largest lower
+// ends, one per warp (tk_key of the value and row; 0: none), from which
+// the screened top-k picks the rows of its floor.
 struct ScreenArgs {
     const float* err;
     const float* abs_sum;
     float2* fac;
     unsigned* keys;
     float* xs;
+    u64* wmax;
 };
 
 __device__ __forceinline__ unsigned order_key(float v) {
@@ -362,26 +365,46 @@ __device__ float2 screen_factors(const float* xs, const i8* xq8, const float* dx
 // Pass 1's per-row step on lane 0: lq kept, the largest lower end tracked
 // (bv), a non-finite row flagged.
 __device__ __forceinline__ void screen_keep(int r, float lq, float2 ab, float2 ea, ScreenArgs sa, float* out,
-                                            float& bv) {
+                                            float& bv, int& br) {
     if ((threadIdx.x & 31) == 0) {
         out[r] = lq;
         const float b = screen_bound(ea.x, ea.y, lq, ab);
         const float lo = lq - b;
-        if (!isfinite(lo) || !isfinite(lq + b))
+        if (!isfinite(lo) || !isfinite(lq + b)) {
             atomicOr(sa.keys + 1, 1u);
-        else if (lo > bv)
+        } else if (lo > bv) {
             bv = lo;
+            br = r;
+        }
     }
 }
 
-// The block's largest lower end into keys[0].
-__device__ __forceinline__ void screen_put(float bv, float* bv_s, ScreenArgs sa) {
-    if ((threadIdx.x & 31) == 0) bv_s[threadIdx.x >> 5] = bv;
+// The warp's largest lower end and its row into wmax, the block's into keys[0].
+__device__ __forceinline__ void screen_put(float bv, int br, float* bv_s, ScreenArgs sa) {
+    if ((threadIdx.x & 31) == 0) {
+        sa.wmax[blockIdx.x * 8 + (threadIdx.x >> 5)] = bv != NEG_INF ? tk_cand(bv, br) : 0ull;
+        bv_s[threadIdx.x >> 5] = bv;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < 8; w++) bv = fmaxf(bv, bv_s[w]);
         if (bv != NEG_INF) atomicMax(sa.keys, order_key(bv));
     }
+}
+
+// Row rr's logit by the F16 head's own row dot, exactly as lm_head_body
+// computes it (same lanes, same order, same sum), for the whole warp.
+__device__ __forceinline__ float lm_f16_row_dot(const LmRowF16& R, int rr, const float* xs) {
+    const int lane = threadIdx.x & 31, np = R.pieces();
+    const uint4* pr = R.row(rr);
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < LmRowF16::U; k++) {
+        const int c = lane + 32 * k;
+        if (c < np) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+    }
+    for (int c = lane + 32 * LmRowF16::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+    return warp_sum(acc);
 }
 
 // Pass 2 of the screened pick: a thread per row tests lq + bound against the
@@ -409,7 +432,6 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
     const bool all = keys[1] != 0u || key == 0u;
     const float lmax = all ? NEG_INF : order_value(key);
     const LmRowF16 R{E, hidden};
-    const int np = R.pieces();
     float bv = NEG_INF;
     int bi = 0x7fffffff;
     unsigned total = 0;
@@ -426,15 +448,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
         total += n;
         for (int i = warp; i < n; i += 8) {
             const int rr = cand_s[i];
-            const uint4* pr = R.row(rr);
-            float acc = 0.f;
-#pragma unroll
-            for (int k = 0; k < LmRowF16::U; k++) {
-                const int c = lane + 32 * k;
-                if (c < np) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
-            }
-            for (int c = lane + 32 * LmRowF16::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
-            acc = warp_sum(acc);
+            const float acc = lm_f16_row_dot(R, rr, xs);
             if (lane == 0 && (acc > bv || (acc == bv && rr < bi))) {
                 bv = acc;
                 bi = rr;
@@ -546,13 +560,13 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
             acc += __shfl_xor_sync(0xffffffffu, acc, 4);
             acc += __shfl_xor_sync(0xffffffffu, acc, 2);
             if (SCREEN)
-                screen_keep(rr, acc, ab, ea[slot], sa, logits, bv);
+                screen_keep(rr, acc, ab, ea[slot], sa, logits, bv, bi);
             else
                 lm_head_keep(rr, acc, logits, bv, bi);
         }
     }
     if (SCREEN)
-        screen_put(bv, bv_s, sa);
+        screen_put(bv, bi, bv_s, sa);
     else
         lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
@@ -573,6 +587,220 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4*
                                                                   int hidden, const float* x, const float* nw,
                                                                   float eps, float* lq, const float* err,
                                                                   const float* abs_sum, float2* fac, unsigned* keys,
-                                                                  float* xs) {
-    lm_head_q8_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr, ScreenArgs{err, abs_sum, fac, keys, xs});
+                                                                  float* xs, u64* wmax) {
+    lm_head_q8_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr,
+                          ScreenArgs{err, abs_sum, fac, keys, xs, wmax});
+}
+
+// The screened top-k (the default sampling's ranking): the k best logits of
+// the F16 head, in topk_logits' order and bits, reading the F16 rows of the
+// candidates only. After pass 1 (lm_head_screen_q8):
+// 1. lm_head_topk_floor (one block): the m = 2k + 8 rows of the largest
+//    per-warp lower ends (wmax), their F16 logits, and the floor T = the
+//    k-th largest of those. k rows reach T, so the head's k-th largest logit
+//    is at least T (any k distinct rows would give a valid floor; these give
+//    a high one).
+// 2. lm_head_topk_f16 (the grid): a row whose upper end lq + bound is below
+//    T can neither rank among the k best nor tie with them; the others get
+//    the F16 head's own row dot (lm_f16_row_dot), and those at or above T go
+//    to a list. The last block to finish ranks the list by topk_logits' key
+//    (tk_cand): the same rows in the same order as topk_logits over the
+//    full head's logits.
+// out: [0] status (0: ranked; 1: a non-finite value, or more than TL_CAP
+// rows at or above T: the host then runs the full head), [1 + j] the row
+// of rank j (-1: none, a vocabulary under k), [1 + TK_MAX + j] its logit's
+// bits. cnt: the list's length and the blocks' arrivals (the last block
+// resets both).
+#define TF_THREADS 1024
+#define TF_ROWS 256            // floor rows at most (m = 2k + 8 <= 136)
+#define TL_CAP (DM_NMAX / 2)   // list entries ranked (u64 in pass 2's xs)
+
+// The n-th largest of the nonzero keys hi(a[i]) = a[i] >> 32 (i < len), by
+// four 8-bit radix passes over the digits from the top; 0 where fewer than
+// n are nonzero. Every thread of the block calls it. hist: 256 shared
+// words, sel: 2.
+__device__ unsigned radix_nth_hi(const u64* a, int len, unsigned n, unsigned* hist, unsigned* sel) {
+    unsigned prefix = 0, mask = 0, need = n;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            const unsigned h = (unsigned)(a[i] >> 32);
+            if (h && (h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255), 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l sums digits 255 - 8l down to 248 - 8l; the first lane
+            // whose running sum reaches `need` holds the digit.
+            const int lane = threadIdx.x;
+            unsigned s = 0;
+            for (int j = 0; j < 8; j++) s += hist[255 - 8 * lane - j];
+            unsigned incl = s;
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += t;
+            }
+            const unsigned hit = __ballot_sync(0xffffffffu, incl >= need);
+            if (hit == 0u) {
+                if (lane == 0) sel[0] = 0xffffffffu;  // fewer than n keys
+            } else if (lane == __ffs(hit) - 1) {
+                unsigned acc = incl - s;
+                for (int j = 0; j < 8; j++) {
+                    const unsigned d = 255 - 8 * lane - j;
+                    if (acc + hist[d] >= need) {
+                        sel[0] = d;
+                        sel[1] = need - acc;
+                        break;
+                    }
+                    acc += hist[d];
+                }
+            }
+        }
+        __syncthreads();
+        const unsigned d = sel[0];
+        if (d == 0xffffffffu) return 0u;  // block-uniform
+        need = sel[1];
+        prefix |= d << shift;
+        mask |= 255u << shift;
+        __syncthreads();  // sel read before the next pass writes it
+    }
+    return prefix;
+}
+
+extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
+                                                                            int nw, const int* kp,
+                                                                            const unsigned* keys, const float* xs_in,
+                                                                            float* floor_out) {
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ unsigned hist[256], sel[2];
+    __shared__ int rows_s[TF_ROWS];
+    __shared__ float vals_s[TF_ROWS];
+    __shared__ int n_s, bad_s;
+    __shared__ float t_s;
+    pdl_launch();
+    pdl_wait();  // pass 1 done: wmax, xs, keys
+    if (keys[1] != 0u) {  // a non-finite value: the host runs the full head
+        if (threadIdx.x == 0) *floor_out = NEG_INF;
+        return;
+    }
+    const int k = *kp;
+    const unsigned m = (unsigned)min(2 * k + 8, TF_ROWS);
+    if (threadIdx.x == 0) {
+        n_s = 0;
+        bad_s = 0;
+        t_s = NEG_INF;
+    }
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
+    const unsigned kth = radix_nth_hi(wmax, nw, m, hist, sel);  // synchronises
+    for (int i = threadIdx.x; i < nw; i += blockDim.x) {
+        const u64 e = wmax[i];
+        const unsigned h = (unsigned)(e >> 32);
+        if (h && h >= kth) {
+            const int j = atomicAdd(&n_s, 1);
+            if (j < TF_ROWS) rows_s[j] = (int)~(unsigned)e;
+        }
+    }
+    __syncthreads();
+    const int n = min(n_s, TF_ROWS);
+    const LmRowF16 R{E, hidden};
+    for (int i = threadIdx.x >> 5; i < n; i += TF_THREADS / 32) {
+        const float acc = lm_f16_row_dot(R, rows_s[i], xs);
+        if ((threadIdx.x & 31) == 0) {
+            vals_s[i] = acc;
+            if (!isfinite(acc)) bad_s = 1;
+        }
+    }
+    __syncthreads();
+    // The k-th largest of the n values (ties counted once each).
+    if (threadIdx.x < n) {
+        const float v = vals_s[threadIdx.x];
+        int gt = 0, eq = 0;
+        for (int j = 0; j < n; j++) {
+            gt += vals_s[j] > v;
+            eq += vals_s[j] == v;
+        }
+        if (gt < k && gt + eq >= k) t_s = v;  // every writer writes the same value
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *floor_out = bad_s ? __int_as_float(0x7fc00000) : (n >= k ? t_s : NEG_INF);
+}
+
+extern "C" __global__ void __launch_bounds__(256) lm_head_topk_f16(const u16* E, int vocab, int hidden,
+                                                                 const float* lq, const float* err,
+                                                                 const float* abs_sum, const float2* fac,
+                                                                 unsigned* keys, const float* xs_in,
+                                                                 const float* floor_in, const int* kp, u64* list,
+                                                                 unsigned* cnt, int* out) {
+    __shared__ __align__(16) float xs[DM_NMAX];  // the last block ranks in it
+    __shared__ int cand_s[256];
+    __shared__ int ncand_s, last_s;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    pdl_wait();  // the floor done (and pass 1 before it)
+    const float2 ab = *fac;
+    const float t = *floor_in;
+    const bool skip = keys[1] != 0u || isnan(t);  // the host runs the full head
+    if (!skip)
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
+    const LmRowF16 R{E, hidden};
+    unsigned total = 0;
+    for (int b0 = blockIdx.x * 256; !skip && b0 < vocab; b0 += gridDim.x * 256) {  // block-uniform
+        if (threadIdx.x == 0) ncand_s = 0;
+        __syncthreads();  // xs complete; the list empty
+        const int r = b0 + threadIdx.x;
+        if (r < vocab) {
+            const float l = lq[r];
+            if (l + screen_bound(err[r], abs_sum[r], l, ab) >= t) cand_s[atomicAdd(&ncand_s, 1)] = r;
+        }
+        __syncthreads();
+        const int n = ncand_s;
+        total += n;
+        for (int i = warp; i < n; i += 8) {
+            const int rr = cand_s[i];
+            const float acc = lm_f16_row_dot(R, rr, xs);
+            if (lane == 0) {
+                if (!isfinite(acc)) {
+                    atomicOr(keys + 1, 1u);
+                } else if (acc >= t) {
+                    const unsigned j = atomicAdd(cnt, 1u);
+                    if (j < TL_CAP) list[j] = tk_cand(acc, rr);
+                }
+            }
+        }
+        __syncthreads();  // the candidates are read before the next round resets them
+    }
+    // Publish; the last block ranks (as topk_logits' merge).
+    if (threadIdx.x == 0) {
+        if (total) atomicAdd(keys + 2, total);
+        __threadfence();
+        last_s = atomicAdd(cnt + 1, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    const unsigned n = *(volatile unsigned*)cnt;
+    const int k = *kp;
+    const bool fail = *(volatile unsigned*)(keys + 1) != 0u || isnan(t) || n > TL_CAP;
+    u64* top = (u64*)xs;
+    if (!fail) {
+        for (unsigned i = threadIdx.x; i < n; i += blockDim.x) top[i] = __ldcg(list + i);
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
+            const u64 key = top[i];
+            int rank = 0;
+            for (unsigned j = 0; j < n; j++) rank += top[j] > key;  // keys are distinct
+            if (rank < k) {
+                out[1 + rank] = (int)~(unsigned)key;
+                out[1 + TK_MAX + rank] = __float_as_int(order_value((unsigned)(key >> 32)));
+            }
+        }
+        for (int j = (int)n + threadIdx.x; j < k; j += blockDim.x) {
+            out[1 + j] = -1;
+            out[1 + TK_MAX + j] = 0;
+        }
+    }
+    if (threadIdx.x == 0) {
+        out[0] = fail ? 1 : 0;
+        cnt[0] = 0;
+        cnt[1] = 0;
+    }
 }
