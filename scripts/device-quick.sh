@@ -11,6 +11,8 @@
 # test binary and filter under compute-sanitizer memcheck; TG_AB=1 also
 # alternates the engine's tg128 rows (every logit, greedy pick, top-40 pick)
 # and `yinsen run`'s default sampling with the baseline's (tg.txt).
+# AB_ENV="VAR=a VAR=b" alternates this build's decode rows (and the head's
+# un-graphed kernel times) over environment settings (ab-env.txt).
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
 # (YINSEN_CUDA_MEGA_AB) and traced, then `yinsen run` greedy with the token
@@ -37,7 +39,13 @@ if [ -n "${TG_AB:-}" ] && [ -x "$dev/bin/yinsen-base" ]; then
 fi
 YINSEN_CUDA_BENCH=decode YINSEN_CUDA_MEGA_AB="$2" yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 >"$out/bench.txt" 2>&1
 grep -E "^flags|decode ctx|variant|persistent decode launch|tok/s" "$out/bench.txt"
-rows() { YINSEN_CUDA_BENCH=decode "$@" bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 2>&1 | grep -E '^\| decode ctx (0|2048) \|' | tr '\n' ' '; }
+rows() { YINSEN_CUDA_BENCH=decode "$@" bench -m synthetic:2b4t --backend cuda -p 0 -n 1 -r 1 2>&1 | grep -E '^\| decode ctx (0|2048) \||^persistent decode launch lm_head' | tr '\n' ' '; }
+# AB_ENV="VAR=a VAR=b": this build's rows alternated over those settings.
+if [ -n "${AB_ENV:-}" ]; then
+  for r in 1 2; do
+    for e in $AB_ENV; do echo "A/B env $e: $(env "$e" bash -c "$(declare -f rows); rows yinsen")"; done
+  done | tee "$out/ab-env.txt"
+fi
 if [ -x "$dev/bin/yinsen-base" ] || [ -n "${AB_FLAGS:-}" ]; then
   for r in 1 2 3; do
     for f in ${AB_FLAGS:-default}; do

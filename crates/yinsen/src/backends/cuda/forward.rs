@@ -1751,7 +1751,13 @@ impl CudaBackend {
     /// blocks per SM (each renormalises x).
     fn head_blocks(&self) -> u32 {
         let sms = self.gpu.info.sms.max(1) as usize;
-        self.config.vocab.div_ceil(8).min(4 * sms) as u32
+        // `YINSEN_CUDA_HEAD_BPS`: blocks per SM (A/B runs; default 4).
+        let per_sm = std::env::var("YINSEN_CUDA_HEAD_BPS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| (1..=16).contains(&v))
+            .unwrap_or(4);
+        self.config.vocab.div_ceil(8).min(per_sm * sms) as u32
     }
 
     /// The decode head kernels' arguments after their weights: vocab,
@@ -1809,7 +1815,7 @@ impl CudaBackend {
         let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
         let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
         let blocks = self.head_blocks();
-        g.set_tag("lm_head screen");
+        g.set_tag("lm_head pass 1 (8-bit screen)");
         if !self.uses_mega() {
             sh.keys.fill(0)?;
         }
@@ -1818,12 +1824,13 @@ impl CudaBackend {
         let mut a1 = vec![vals.p(), scales.p()];
         a1.extend(self.head_args(s));
         a1.extend(slots);
-        a1.push(sh.wmax.p());
+        // Only the top-k's floor reads the per-warp lower ends.
+        a1.push(if top_k { sh.wmax.p() } else { Arg::P(0) });
         g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
         let c = &self.config;
         let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
         if top_k {
-            g.set_tag("lm_head top-k");
+            g.set_tag("lm_head top-k floor");
             let floor = [
                 e,
                 Arg::I(c.hidden as i32),
@@ -1835,6 +1842,7 @@ impl CudaBackend {
                 sh.floor.p(),
             ];
             g.launch_ex("lm_head_topk_floor", (1, 1, 1), 1024, &floor, pdl)?;
+            g.set_tag("lm_head top-k rows");
             let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
             a2.extend(slots);
             a2.extend([sh.floor.p(), sh.k.p(), sh.list.p(), sh.cnt.p(), sh.out.p()]);
@@ -1842,6 +1850,7 @@ impl CudaBackend {
             g.set_tag("");
             return Ok(());
         }
+        g.set_tag("lm_head pass 2 (greedy rows)");
         let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
         a2.extend(slots);
         a2.push(s.best.p());
@@ -2432,13 +2441,37 @@ impl CudaBackend {
         if !self.uses_mega() {
             return Ok(Vec::new());
         }
+        use std::sync::atomic::Ordering::Relaxed;
         let (cache, s) = self.profile_state(ctx)?;
-        let runs = self.profiled(reps, || self.decode_mega(&s, &cache, false))?;
         let mut out: Vec<(&'static str, f64)> = Vec::new();
-        for (i, (tag, _)) in runs.first().map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
-            let mut v: Vec<f32> = runs.iter().filter_map(|r| r.get(i).map(|t| t.1)).collect();
-            v.sort_by(|a, b| a.total_cmp(b));
-            out.push((tag, v[v.len() / 2] as f64 * 1e3));
+        // The full head, then (where the screen is on) the screened greedy
+        // pick and the screened top-40 in place of it: the heads' tags
+        // differ, the layers' appear once per head.
+        let mut heads = vec![Head::Logits];
+        if self.lm_head_screened() {
+            if let Some(sh) = self
+                .lm_head_screen
+                .lock()
+                .map_err(|_| berr("lm_head lock poisoned"))?
+                .as_ref()
+            {
+                sh.k.write(&[40i32])?;
+                heads.extend([Head::Greedy, Head::TopK]);
+            }
+        }
+        for head in heads {
+            self.capturing_head.store(head as u8, Relaxed);
+            let runs = self.profiled(reps, || self.decode_mega(&s, &cache, false));
+            self.capturing_head.store(Head::Logits as u8, Relaxed);
+            let runs = runs?;
+            for (i, (tag, _)) in runs.first().map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                if head != Head::Logits && !tag.starts_with("lm_head") {
+                    continue;
+                }
+                let mut v: Vec<f32> = runs.iter().filter_map(|r| r.get(i).map(|t| t.1)).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                out.push((tag, v[v.len() / 2] as f64 * 1e3));
+            }
         }
         Ok(out)
     }

@@ -289,8 +289,8 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec(const u16* E, int 
 // pass 1 keeps its programmatic launch under the last layer). xs: the
 // step's normed x (block 0 of pass 1 writes it; pass 2 reads it instead of
 // normalising x again in every block). wmax: pass 1's warps' largest lower
-// ends, one per warp (tk_key of the value and row; 0: none), from which
-// the screened top-k picks the rows of its floor.
+// ends, one per warp (tk_cand of the value and row; 0: none), from which
+// the screened top-k picks the rows of its floor (null: not written).
 struct ScreenArgs {
     const float* err;
     const float* abs_sum;
@@ -382,7 +382,7 @@ __device__ __forceinline__ void screen_keep(int r, float lq, float2 ab, float2 e
 // The warp's largest lower end and its row into wmax, the block's into keys[0].
 __device__ __forceinline__ void screen_put(float bv, int br, float* bv_s, ScreenArgs sa) {
     if ((threadIdx.x & 31) == 0) {
-        sa.wmax[blockIdx.x * 8 + (threadIdx.x >> 5)] = bv != NEG_INF ? tk_cand(bv, br) : 0ull;
+        if (sa.wmax) sa.wmax[blockIdx.x * 8 + (threadIdx.x >> 5)] = bv != NEG_INF ? tk_cand(bv, br) : 0ull;
         bv_s[threadIdx.x >> 5] = bv;
     }
     __syncthreads();
@@ -479,7 +479,10 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     __shared__ float bv_s[8];
     __shared__ int bi_s[8];
     pdl_launch();
-    constexpr int U = 8;  // pieces per lane kept in registers (hidden <= 4096 in one pass)
+    // Pieces per lane kept in registers: hidden <= 2560 (BitNet 2B4T) in one
+    // pass; wider rows take the rest through the loop after them. 8 (4096)
+    // took 165 registers with the loads-ahead order below: one block per SM.
+    constexpr int U = 5;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = gridDim.x * 8, np = hidden / 16, nb = hidden / 32;
     int r = blockIdx.x * 8 + warp;
@@ -538,29 +541,60 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the block's two halves
         return c < np ? fmaf((float)dot, __fmul_rn(d, dxs[c / 2]), acc) : acc;
     };
+    // Per pair of rows: every piece's exact dot and scale product first
+    // (independent: integer dots, so their order is free), then the next
+    // pair's loads, then per row the block halves joined and lane j's fma
+    // chain in the original order. One dependent chain per piece (load,
+    // dp4a x4, shuffle, fma) had left the warps waiting on latency.
     for (; r < vocab; r += 2 * nwarps) {
+        int dot[2][U];
+        float sc[2][U];
+        const float2 eas[2] = {ea[0], ea[1]};
+#pragma unroll
+        for (int slot = 0; slot < 2; slot++)
+#pragma unroll
+            for (int k = 0; k < U; k++) {
+                const int c = lane + 32 * k;
+                const uint4 w = pv[slot][k];
+                int d = 0;
+                if (c < np) {
+                    const uint4 xv = xq4[c];
+                    d = __dp4a((int)w.x, (int)xv.x, d);
+                    d = __dp4a((int)w.y, (int)xv.y, d);
+                    d = __dp4a((int)w.z, (int)xv.z, d);
+                    d = __dp4a((int)w.w, (int)xv.w, d);
+                }
+                dot[slot][k] = d;
+                sc[slot][k] = c < np ? __fmul_rn(dw[slot][k], dxs[c / 2]) : 0.f;
+            }
+        load_row(r + 2 * nwarps, 0);
+        load_row(r + 3 * nwarps, 1);
 #pragma unroll
         for (int slot = 0; slot < 2; slot++) {
             const int rr = r + slot * nwarps;
             if (rr >= vocab) break;  // warp-uniform
             float acc = 0.f;
 #pragma unroll
-            for (int k = 0; k < U; k++)
-                if (32 * k < np) acc = piece(pv[slot][k], dw[slot][k], lane + 32 * k, acc);
+            for (int k = 0; k < U; k++) {
+                const int c = lane + 32 * k;
+                if (32 * k < np) {
+                    const int d = dot[slot][k] + __shfl_xor_sync(0xffffffffu, dot[slot][k], 1);  // the block's halves
+                    if (c < np) acc = fmaf((float)d, sc[slot][k], acc);
+                }
+            }
             for (int k = U; 32 * k < np; k++) {
                 const int c = lane + 32 * k;
                 const bool in = c < np;
                 acc = piece(in ? __ldg(Q + (size_t)rr * np + c) : make_uint4(0, 0, 0, 0),
                             in ? h2f(__ldg(D + (size_t)rr * nb + c / 2)) : 0.f, c, acc);
             }
-            load_row(rr + 2 * nwarps, slot);
             // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
             acc += __shfl_xor_sync(0xffffffffu, acc, 16);
             acc += __shfl_xor_sync(0xffffffffu, acc, 8);
             acc += __shfl_xor_sync(0xffffffffu, acc, 4);
             acc += __shfl_xor_sync(0xffffffffu, acc, 2);
             if (SCREEN)
-                screen_keep(rr, acc, ab, ea[slot], sa, logits, bv, bi);
+                screen_keep(rr, acc, ab, eas[slot], sa, logits, bv, bi);
             else
                 lm_head_keep(rr, acc, logits, bv, bi);
         }
@@ -615,18 +649,24 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4*
 #define TF_ROWS 256            // floor rows at most (m = 2k + 8 <= 136)
 #define TL_CAP (DM_NMAX / 2)   // list entries ranked (u64 in pass 2's xs)
 
-// The n-th largest of the nonzero keys hi(a[i]) = a[i] >> 32 (i < len), by
+// The n-th largest of the nonzero keys h[i] (i < len, shared memory), by
 // four 8-bit radix passes over the digits from the top; 0 where fewer than
 // n are nonzero. Every thread of the block calls it. hist: 256 shared
 // words, sel: 2.
-__device__ unsigned radix_nth_hi(const u64* a, int len, unsigned n, unsigned* hist, unsigned* sel) {
+__device__ unsigned radix_nth(const unsigned* h, int len, unsigned n, unsigned* hist, unsigned* sel) {
     unsigned prefix = 0, mask = 0, need = n;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < len; i += blockDim.x) {
-            const unsigned h = (unsigned)(a[i] >> 32);
-            if (h && (h & mask) == prefix) atomicAdd(hist + ((h >> shift) & 255), 1u);
+        // Most keys share their top digits: one shared atomic per distinct
+        // digit and warp (lanes grouped by __match_any_sync), not per key.
+        for (int i0 = threadIdx.x & ~31; i0 < len; i0 += blockDim.x) {  // warp-uniform
+            const int i = i0 + (threadIdx.x & 31);
+            const unsigned v = i < len ? h[i] : 0u;
+            const bool in = v && (v & mask) == prefix;
+            const unsigned digit = in ? (v >> shift) & 255 : 256u;
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            if (in && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + digit, (unsigned)__popc(peers));
         }
         __syncthreads();
         if (threadIdx.x < 32) {
@@ -667,11 +707,16 @@ __device__ unsigned radix_nth_hi(const u64* a, int len, unsigned n, unsigned* hi
     return prefix;
 }
 
+// The floor's keys: the top halves of wmax in shared memory (the first
+// TF_KEYS warps' when there are more: any distinct rows give a valid
+// floor). The row dots read pass 1's xs from global memory (shared memory
+// holds the keys), the same values and arithmetic as lm_head_body's.
+#define TF_KEYS 8192
 extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
                                                                             int nw, const int* kp,
-                                                                            const unsigned* keys, const float* xs_in,
+                                                                            const unsigned* keys, const float* xs,
                                                                             float* floor_out) {
-    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ unsigned hk[TF_KEYS];
     __shared__ unsigned hist[256], sel[2];
     __shared__ int rows_s[TF_ROWS];
     __shared__ float vals_s[TF_ROWS];
@@ -685,19 +730,34 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(cons
     }
     const int k = *kp;
     const unsigned m = (unsigned)min(2 * k + 8, TF_ROWS);
+    nw = min(nw, TF_KEYS);
     if (threadIdx.x == 0) {
         n_s = 0;
         bad_s = 0;
         t_s = NEG_INF;
     }
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
-    const unsigned kth = radix_nth_hi(wmax, nw, m, hist, sel);  // synchronises
+    // Every thread's loads in flight at once (one round trip).
+    {
+        constexpr int PER = TF_KEYS / TF_THREADS;
+        u64 v[PER];
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int i = threadIdx.x + j * TF_THREADS;
+            v[j] = i < nw ? __ldcg(wmax + i) : 0ull;
+        }
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int i = threadIdx.x + j * TF_THREADS;
+            if (i < nw) hk[i] = (unsigned)(v[j] >> 32);
+        }
+    }
+    __syncthreads();
+    const unsigned kth = radix_nth(hk, nw, m, hist, sel);  // synchronises
     for (int i = threadIdx.x; i < nw; i += blockDim.x) {
-        const u64 e = wmax[i];
-        const unsigned h = (unsigned)(e >> 32);
+        const unsigned h = hk[i];
         if (h && h >= kth) {
             const int j = atomicAdd(&n_s, 1);
-            if (j < TF_ROWS) rows_s[j] = (int)~(unsigned)e;
+            if (j < TF_ROWS) rows_s[j] = (int)~(unsigned)__ldcg(wmax + i);
         }
     }
     __syncthreads();
