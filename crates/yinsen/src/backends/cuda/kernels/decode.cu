@@ -469,6 +469,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E,
 // order. For the same normed x the logits are the CPU's bits; and 4 dp4a
 // replace 16 int8 -> f32 conversions and FMAs per 16 weights.
 // Needs hidden % 32 == 0, <= DM_NMAX.
+#ifndef LM_Q8_SLOTS
+#define LM_Q8_SLOTS 2  // rows per warp in flight (3: 156 registers, one block per SM)
+#endif
 template <bool SCREEN>
 __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x, const float* nw,
                                 float eps, float* logits, u64* best, ScreenArgs sa) {
@@ -486,13 +489,16 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = gridDim.x * 8, np = hidden / 16, nb = hidden / 32;
     int r = blockIdx.x * 8 + warp;
-    // Two rows per warp in flight (r and r + nwarps): a row is half the
+    // S rows per warp in flight (r, r + nwarps, ...): a row is half the
     // bytes of an f16 row, and one row per warp left HBM idle between rows.
-    uint4 pv[2][U];
-    float dw[2][U];
+    constexpr int S = LM_Q8_SLOTS;
+    uint4 pv[S][U];
+    float dw[S][U];
     // SCREEN: the row's bound constants travel with its pieces (loaded
     // where they are used, each row waited a round trip).
-    float2 ea[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+    float2 ea[S];
+#pragma unroll
+    for (int j = 0; j < S; j++) ea[j] = make_float2(0.f, 0.f);
     auto load_row = [&](int rr, int slot) {
         const int rs = rr < vocab ? rr : 0;
 #pragma unroll
@@ -504,8 +510,8 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
         }
         if (SCREEN) ea[slot] = make_float2(__ldg(sa.err + rs), __ldg(sa.abs_sum + rs));
     };
-    load_row(r, 0);
-    load_row(r + nwarps, 1);
+#pragma unroll
+    for (int j = 0; j < S; j++) load_row(r + j * nwarps, j);
     pdl_wait();
     lm_head_norm(x, nw, eps, hidden, xs, red);
     for (int b = warp; b < nb; b += 8) {
@@ -546,12 +552,14 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     // pair's loads, then per row the block halves joined and lane j's fma
     // chain in the original order. One dependent chain per piece (load,
     // dp4a x4, shuffle, fma) had left the warps waiting on latency.
-    for (; r < vocab; r += 2 * nwarps) {
-        int dot[2][U];
-        float sc[2][U];
-        const float2 eas[2] = {ea[0], ea[1]};
+    for (; r < vocab; r += S * nwarps) {
+        int dot[S][U];
+        float sc[S][U];
+        float2 eas[S];
 #pragma unroll
-        for (int slot = 0; slot < 2; slot++)
+        for (int j = 0; j < S; j++) eas[j] = ea[j];
+#pragma unroll
+        for (int slot = 0; slot < S; slot++)
 #pragma unroll
             for (int k = 0; k < U; k++) {
                 const int c = lane + 32 * k;
@@ -567,10 +575,10 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
                 dot[slot][k] = d;
                 sc[slot][k] = c < np ? __fmul_rn(dw[slot][k], dxs[c / 2]) : 0.f;
             }
-        load_row(r + 2 * nwarps, 0);
-        load_row(r + 3 * nwarps, 1);
 #pragma unroll
-        for (int slot = 0; slot < 2; slot++) {
+        for (int j = 0; j < S; j++) load_row(r + (S + j) * nwarps, j);
+#pragma unroll
+        for (int slot = 0; slot < S; slot++) {
             const int rr = r + slot * nwarps;
             if (rr >= vocab) break;  // warp-uniform
             float acc = 0.f;
