@@ -78,7 +78,23 @@ fn options(arch: &str) -> Vec<String> {
     if lineinfo_dir().is_some() {
         o.push("-lineinfo".into());
     }
+    o.extend(defines().into_iter().map(|d| format!("-D{d}")));
     o
+}
+
+/// `$YINSEN_NVRTC_DEFINES="NAME=VALUE ..."` (A/B runs only): macros the
+/// kernels take as tuning knobs (e.g. `LM_PASS2_MINB=1`). Part of the
+/// options, so of the cache key too; tokens other than NAME or NAME=VALUE
+/// of letters, digits and `_` are ignored.
+fn defines() -> Vec<String> {
+    let ok = |t: &str| {
+        let (name, value) = t.split_once('=').unwrap_or((t, "0"));
+        let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        word(name) && word(value) && !name.starts_with(|c: char| c.is_ascii_digit())
+    };
+    std::env::var("YINSEN_NVRTC_DEFINES")
+        .map(|v| v.split_whitespace().filter(|t| ok(t)).map(String::from).collect())
+        .unwrap_or_default()
 }
 
 /// `$YINSEN_NVRTC_LINEINFO=DIR` (profiling only): compile with line

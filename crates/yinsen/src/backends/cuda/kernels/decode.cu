@@ -394,18 +394,37 @@ __device__ __forceinline__ void screen_put(float bv, int br, float* bv_s, Screen
 
 // Row rr's logit by the F16 head's own row dot, exactly as lm_head_body
 // computes it (same lanes, same order, same sum), for the whole warp.
+// The row's first P pieces per lane (hidden <= 2560) are loaded before any
+// is used: a dot whose loads waited one by one took a round trip per piece
+// (S12-4: the top-k floor's 88 rows, 30 us). The sum's order is by piece,
+// as lm_head_body's, wherever the loads happen.
 __device__ __forceinline__ float lm_f16_row_dot(const LmRowF16& R, int rr, const float* xs) {
+    constexpr int P = 10;
     const int lane = threadIdx.x & 31, np = R.pieces();
     const uint4* pr = R.row(rr);
+    uint4 pv[P];
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        const int c = lane + 32 * k;
+        pv[k] = c < np ? __ldg(pr + c) : make_uint4(0, 0, 0, 0);
+    }
     float acc = 0.f;
 #pragma unroll
-    for (int k = 0; k < LmRowF16::U; k++) {
+    for (int k = 0; k < P; k++) {
         const int c = lane + 32 * k;
-        if (c < np) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+        if (c < np) acc += R.dot(pv[k], 0, xs + LmRowF16::PER * c);
     }
-    for (int c = lane + 32 * LmRowF16::U; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
+    for (int c = lane + 32 * P; c < np; c += 32) acc += R.dot(__ldg(pr + c), 0, xs + LmRowF16::PER * c);
     return warp_sum(acc);
 }
+
+// Blocks per SM the pass-2 kernels are compiled for: 4 caps them at 64
+// registers (12 bytes of spills, off the row loop), 1 leaves them 80-84 (3
+// blocks per SM). S12-7, H100, un-graphed: greedy rows 10.8 vs 11.7 us,
+// top-k rows 12.4 vs 16.1 us.
+#ifndef LM_PASS2_MINB
+#define LM_PASS2_MINB 4
+#endif
 
 // Pass 2 of the screened pick: a thread per row tests lq + bound against the
 // largest lower end (every row is a candidate after a non-finite value); the
@@ -415,7 +434,7 @@ __device__ __forceinline__ float lm_f16_row_dot(const LmRowF16& R, int rr, const
 // A candidate gets the F16 head's own row dot, exactly as lm_head_body
 // computes it (pass 1's xs, same lanes, same sum), and the pick is
 // lm_head_dec's: larger logit, then lower row (here in any order of rows).
-extern "C" __global__ void __launch_bounds__(256) lm_head_pick_f16(const u16* E, int vocab, int hidden,
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f16(const u16* E, int vocab, int hidden,
                                                                  const float* lq, const float* err,
                                                                  const float* abs_sum, const float2* fac,
                                                                  unsigned* keys, const float* xs_in, u64* best) {
@@ -793,7 +812,7 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(cons
     if (threadIdx.x == 0) *floor_out = bad_s ? __int_as_float(0x7fc00000) : (n >= k ? t_s : NEG_INF);
 }
 
-extern "C" __global__ void __launch_bounds__(256) lm_head_topk_f16(const u16* E, int vocab, int hidden,
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f16(const u16* E, int vocab, int hidden,
                                                                  const float* lq, const float* err,
                                                                  const float* abs_sum, const float2* fac,
                                                                  unsigned* keys, const float* xs_in,
