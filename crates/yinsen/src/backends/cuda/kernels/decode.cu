@@ -426,6 +426,34 @@ __device__ __forceinline__ float lm_f16_row_dot(const LmRowF16& R, int rr, const
 #define LM_PASS2_MINB 4
 #endif
 
+// One round of pass 2 over rows b0 .. b0 + 255: a thread per row tests its
+// upper end lq + bound against `bar` (every row a candidate with `all`); the
+// block's candidates go to a shared list that its warps share out, one row
+// per warp at a time, and lane 0 of the warp gets `take(row, logit)` with
+// the F16 head's own row dot. Returns the round's candidate count.
+template <typename Take>
+__device__ __forceinline__ unsigned screen_round(int b0, int vocab, const float* lq, const float* err,
+                                                 const float* abs_sum, float2 ab, float bar, bool all,
+                                                 const LmRowF16& R, const float* xs, int* cand_s, int* ncand_s,
+                                                 Take take) {
+    if (threadIdx.x == 0) *ncand_s = 0;
+    __syncthreads();  // xs complete; the list empty
+    const int r = b0 + threadIdx.x;
+    if (r < vocab) {
+        const float l = lq[r];
+        if (all || l + screen_bound(err[r], abs_sum[r], l, ab) >= bar) cand_s[atomicAdd(ncand_s, 1)] = r;
+    }
+    __syncthreads();
+    const int n = *ncand_s;
+    for (int i = threadIdx.x >> 5; i < n; i += 8) {
+        const int rr = cand_s[i];
+        const float acc = lm_f16_row_dot(R, rr, xs);
+        if ((threadIdx.x & 31) == 0) take(rr, acc);
+    }
+    __syncthreads();  // the list is read before the next round resets it
+    return (unsigned)n;
+}
+
 // Pass 2 of the screened pick: a thread per row tests lq + bound against the
 // largest lower end (every row is a candidate after a non-finite value); the
 // block's candidates go to a shared list that its warps share out, one row
@@ -443,7 +471,6 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f1
     __shared__ int bi_s[8];
     __shared__ int cand_s[256];
     __shared__ int ncand_s;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     pdl_wait();  // pass 1 done (and the layers before it): xs, lq, fac, keys
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
     const float2 ab = *fac;
@@ -454,27 +481,13 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f1
     float bv = NEG_INF;
     int bi = 0x7fffffff;
     unsigned total = 0;
-    for (int b0 = blockIdx.x * 256; b0 < vocab; b0 += gridDim.x * 256) {  // block-uniform
-        if (threadIdx.x == 0) ncand_s = 0;
-        __syncthreads();  // xs complete; the list empty
-        const int r = b0 + threadIdx.x;
-        if (r < vocab) {
-            const float l = lq[r];
-            if (all || l + screen_bound(err[r], abs_sum[r], l, ab) >= lmax) cand_s[atomicAdd(&ncand_s, 1)] = r;
-        }
-        __syncthreads();
-        const int n = ncand_s;
-        total += n;
-        for (int i = warp; i < n; i += 8) {
-            const int rr = cand_s[i];
-            const float acc = lm_f16_row_dot(R, rr, xs);
-            if (lane == 0 && (acc > bv || (acc == bv && rr < bi))) {
+    for (int b0 = blockIdx.x * 256; b0 < vocab; b0 += gridDim.x * 256)  // block-uniform
+        total += screen_round(b0, vocab, lq, err, abs_sum, ab, lmax, all, R, xs, cand_s, &ncand_s, [&](int rr, float acc) {
+            if (acc > bv || (acc == bv && rr < bi)) {
                 bv = acc;
                 bi = rr;
             }
-        }
-        __syncthreads();  // the list is read before the next round resets it
-    }
+        });
     lm_head_pick(bv, bi, bv_s, bi_s, best);
     if (threadIdx.x == 0 && total) atomicAdd(keys + 2, total);
 }
@@ -552,9 +565,9 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    // One block-half (16 bytes of row r at piece c): its exact dot joined with
-    // the other half's lane, then lane j's fma. k < kmax is warp-uniform.
-    auto piece = [&](uint4 w, float d, int c, float acc) {
+    // One block-half (16 bytes of a row at piece c): its exact dot (0 past
+    // the row).
+    auto half_dot = [&](uint4 w, int c) {
         int dot = 0;
         if (c < np) {
             const uint4 xv = xq4[c];
@@ -563,6 +576,12 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
             dot = __dp4a((int)w.z, (int)xv.z, dot);
             dot = __dp4a((int)w.w, (int)xv.w, dot);
         }
+        return dot;
+    };
+    // Its dot joined with the other half's lane, then lane j's fma. k < kmax
+    // is warp-uniform.
+    auto piece = [&](uint4 w, float d, int c, float acc) {
+        int dot = half_dot(w, c);
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);  // the block's two halves
         return c < np ? fmaf((float)dot, __fmul_rn(d, dxs[c / 2]), acc) : acc;
     };
@@ -582,16 +601,7 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
 #pragma unroll
             for (int k = 0; k < U; k++) {
                 const int c = lane + 32 * k;
-                const uint4 w = pv[slot][k];
-                int d = 0;
-                if (c < np) {
-                    const uint4 xv = xq4[c];
-                    d = __dp4a((int)w.x, (int)xv.x, d);
-                    d = __dp4a((int)w.y, (int)xv.y, d);
-                    d = __dp4a((int)w.z, (int)xv.z, d);
-                    d = __dp4a((int)w.w, (int)xv.w, d);
-                }
-                dot[slot][k] = d;
+                dot[slot][k] = half_dot(pv[slot][k], c);
                 sc[slot][k] = c < np ? __fmul_rn(dw[slot][k], dxs[c / 2]) : 0.f;
             }
 #pragma unroll
@@ -821,7 +831,6 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f1
     __shared__ __align__(16) float xs[DM_NMAX];  // the last block ranks in it
     __shared__ int cand_s[256];
     __shared__ int ncand_s, last_s;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     pdl_wait();  // the floor done (and pass 1 before it)
     const float2 ab = *fac;
     const float t = *floor_in;
@@ -830,31 +839,15 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f1
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = xs_in[i];
     const LmRowF16 R{E, hidden};
     unsigned total = 0;
-    for (int b0 = blockIdx.x * 256; !skip && b0 < vocab; b0 += gridDim.x * 256) {  // block-uniform
-        if (threadIdx.x == 0) ncand_s = 0;
-        __syncthreads();  // xs complete; the list empty
-        const int r = b0 + threadIdx.x;
-        if (r < vocab) {
-            const float l = lq[r];
-            if (l + screen_bound(err[r], abs_sum[r], l, ab) >= t) cand_s[atomicAdd(&ncand_s, 1)] = r;
-        }
-        __syncthreads();
-        const int n = ncand_s;
-        total += n;
-        for (int i = warp; i < n; i += 8) {
-            const int rr = cand_s[i];
-            const float acc = lm_f16_row_dot(R, rr, xs);
-            if (lane == 0) {
-                if (!isfinite(acc)) {
-                    atomicOr(keys + 1, 1u);
-                } else if (acc >= t) {
-                    const unsigned j = atomicAdd(cnt, 1u);
-                    if (j < TL_CAP) list[j] = tk_cand(acc, rr);
-                }
+    for (int b0 = blockIdx.x * 256; !skip && b0 < vocab; b0 += gridDim.x * 256)  // block-uniform
+        total += screen_round(b0, vocab, lq, err, abs_sum, ab, t, false, R, xs, cand_s, &ncand_s, [&](int rr, float acc) {
+            if (!isfinite(acc)) {
+                atomicOr(keys + 1, 1u);
+            } else if (acc >= t) {
+                const unsigned j = atomicAdd(cnt, 1u);
+                if (j < TL_CAP) list[j] = tk_cand(acc, rr);
             }
-        }
-        __syncthreads();  // the candidates are read before the next round resets them
-    }
+        });
     // Publish; the last block ranks (as topk_logits' merge).
     if (threadIdx.x == 0) {
         if (total) atomicAdd(keys + 2, total);
