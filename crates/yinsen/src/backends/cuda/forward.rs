@@ -1859,15 +1859,17 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Pick the greedy token through the screened head (Some(lm_head): the
-    /// model's output matrix) or through the full F16 head (None); returns
-    /// the previous setting. The pick reads an 8-bit copy of the head (the
-    /// `--lm-head q8` bytes, +330 MB on 2B4T) and two floats per row of
-    /// bound constants (cpu/head_screen.rs: err_i = max|E - Ê|, abs_i =
-    /// Σ max(|E|, |Ê|) against the F16 values the full head multiplies), then
-    /// the F16 rows whose bound leaves them a chance: the same token as the
-    /// full head, bit for bit. Serves `forward_greedy` and `generate_greedy`
-    /// (their own graph); logits and top-k keep the full head.
+    /// Pick greedy tokens and top-k rows through the screened head
+    /// (Some(lm_head): the model's output matrix) or through the full F16
+    /// head (None); returns the previous setting. A pick reads an 8-bit copy
+    /// of the head (the `--lm-head q8` bytes, +330 MB on 2B4T) and two floats
+    /// per row of bound constants (cpu/head_screen.rs: err_i = max|E - Ê|,
+    /// abs_i = Σ max(|E|, |Ê|) against the F16 values the full head
+    /// multiplies), then the F16 rows whose bound leaves them a chance: the
+    /// same token, or the same k rows and logit bits, as the full head.
+    /// Serves `forward_greedy` and `generate_greedy` (the pick graph) and
+    /// `forward_top_k` (the top-k graph; see decode.cu's `lm_head_topk_*`);
+    /// logits keep the full head.
     pub fn set_lm_head_screen(&self, lm_head: Option<&DenseMatrix>) -> Result<bool> {
         let c = &self.config;
         if let Some(m) = lm_head {
