@@ -1,0 +1,320 @@
+//! The decode step's lm_head on the host side: the full F16 head, the
+//! optional 8-bit copy (`--lm-head q8`), and the screened head (decode.cu's
+//! `lm_head_screen_q8`, `lm_head_pick_f16`, `lm_head_topk_*`), which picks
+//! the full head's greedy token or top-k rows from the 8-bit copy plus the
+//! F16 rows a proved per-row bound cannot rule out.
+
+use std::sync::atomic::Ordering;
+
+use super::{berr, dense_to_f16, CudaBackend, CudaCache, Head, Scratch, DM_NMAX, TK_MAX};
+use crate::backends::cuda::{Arg, DevBuf};
+use crate::error::{Error, Result};
+use crate::model::{DenseMatrix, DenseType};
+
+/// The screened pick's device data (see `set_lm_head_screen`; decode.cu's
+/// ScreenArgs): per-row bound constants and the per-step slots.
+pub(super) struct ScreenHead {
+    /// f32 per row: max |E - Ê|.
+    pub(super) err: DevBuf,
+    /// f32 per row: Σ max(|E|, |Ê|).
+    pub(super) abs: DevBuf,
+    /// The step's bound factors (a, b), written by the screen pass.
+    pub(super) fac: DevBuf,
+    /// The largest lower end's order key, the non-finite flag and the
+    /// candidate count of the last pick (u32 each, one spare).
+    pub(super) keys: DevBuf,
+    /// The step's normed x (f32 per hidden unit): pass 1 writes it, pass 2
+    /// reads it.
+    pub(super) xs: DevBuf,
+    /// The screened top-k (decode.cu, `lm_head_topk_*`): pass 1's per-warp
+    /// largest lower ends (u64 each), the floor (f32), k (i32, written
+    /// before each replay), the list of rows at or above the floor (u64 x
+    /// TL_CAP), its length and the blocks' arrivals (2 x u32, reset by the
+    /// kernel), and the ranked output (status, TK_MAX rows, TK_MAX logits).
+    pub(super) wmax: DevBuf,
+    pub(super) floor: DevBuf,
+    pub(super) k: DevBuf,
+    pub(super) list: DevBuf,
+    pub(super) cnt: DevBuf,
+    pub(super) out: DevBuf,
+}
+
+/// List entries the screened top-k ranks (TL_CAP in decode.cu).
+const TL_CAP: usize = DM_NMAX / 2;
+
+/// The lm_head as ggml Q8_0 (the CPU's 8-bit copy, same numbers), split for
+/// aligned GPU loads: int8 values `[rows][cols]` and the f16 scale of each
+/// 32 values `[rows][cols / 32]`.
+pub(super) fn q8_split(m: &DenseMatrix) -> Result<(Vec<u8>, Vec<u8>)> {
+    let q = m.to_q8_0()?;
+    let (mut vals, mut scales) = (
+        Vec::with_capacity(m.rows * m.cols),
+        Vec::with_capacity(m.rows * m.cols / 16),
+    );
+    for blk in q.data.as_slice().chunks_exact(34) {
+        scales.extend_from_slice(&blk[..2]);
+        vals.extend_from_slice(&blk[2..]);
+    }
+    Ok((vals, scales))
+}
+
+impl CudaBackend {
+    /// Decode with an 8-bit copy of `lm_head` (the model's output matrix:
+    /// ggml Q8_0, the same bytes as the CPU's `--lm-head q8`; half the bytes
+    /// of f16; `YINSEN_CUDA_LM_HEAD=q8` at construction), or with the f16 one
+    /// (None). It serves the one-token decode step (graphs captured
+    /// afterwards); prefill logits stay f16. Returns the previous setting.
+    pub fn set_lm_head_q8(&self, lm_head: Option<&DenseMatrix>) -> Result<bool> {
+        let c = &self.config;
+        let on = lm_head.is_some();
+        if let Some(m) = lm_head {
+            if !c.hidden.is_multiple_of(32) || c.hidden > DM_NMAX || !self.fused {
+                return Err(Error::Unsupported(format!(
+                    "CUDA 8-bit lm_head needs the fused decode and a width divisible by 32 (<= {DM_NMAX}), got {}",
+                    c.hidden
+                )));
+            }
+            let mut q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            if q.is_none() {
+                if m.rows != c.vocab || m.cols != c.hidden {
+                    return Err(Error::input("8-bit lm_head: matrix shape differs from the model's"));
+                }
+                let (vals, scales) = q8_split(m)?;
+                *q = Some((self.gpu.upload(&vals)?, self.gpu.upload(&scales)?));
+            }
+        }
+        Ok(self.lm_head_q8_on.swap(on, Ordering::Relaxed))
+    }
+
+    /// The screened greedy pick after the last layer (decode.cu): the
+    /// per-step slots zeroed (by `mega_begin` in the persistent decode, so
+    /// no memset node cuts pass 1's programmatic launch; here otherwise),
+    /// the 8-bit head's logits and the largest lower end, then the F16 rows
+    /// that can still win and the pick into `best`; with `top_k`, the
+    /// screened top-k instead (decode.cu: the floor, then the rows that
+    /// can reach it, ranked into the screen's `out`).
+    pub(super) fn screened_pick_step(&self, s: &Scratch, pdl: bool, top_k: bool) -> Result<()> {
+        let g = &self.gpu;
+        let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        let blocks = self.head_blocks();
+        g.set_tag("lm_head pass 1 (8-bit screen)");
+        if !self.uses_mega() {
+            sh.keys.fill(0)?;
+        }
+        // Both passes take the bound constants and the per-step slots.
+        let slots = [sh.err.p(), sh.abs.p(), sh.fac.p(), sh.keys.p(), sh.xs.p()];
+        let mut a1 = vec![vals.p(), scales.p()];
+        a1.extend(self.head_args(s));
+        a1.extend(slots);
+        // Only the top-k's floor reads the per-warp lower ends.
+        a1.push(if top_k { sh.wmax.p() } else { Arg::P(0) });
+        g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
+        let c = &self.config;
+        let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
+        if top_k {
+            g.set_tag("lm_head top-k floor");
+            let floor = [
+                e,
+                Arg::I(c.hidden as i32),
+                sh.wmax.p(),
+                Arg::I(blocks as i32 * 8),
+                sh.k.p(),
+                sh.keys.p(),
+                sh.xs.p(),
+                sh.floor.p(),
+            ];
+            g.launch_ex("lm_head_topk_floor", (1, 1, 1), 1024, &floor, pdl)?;
+            g.set_tag("lm_head top-k rows");
+            let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
+            a2.extend(slots);
+            a2.extend([sh.floor.p(), sh.k.p(), sh.list.p(), sh.cnt.p(), sh.out.p()]);
+            g.launch_ex("lm_head_topk_f16", (blocks, 1, 1), 256, &a2, pdl)?;
+            g.set_tag("");
+            return Ok(());
+        }
+        g.set_tag("lm_head pass 2 (greedy rows)");
+        let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
+        a2.extend(slots);
+        a2.push(s.best.p());
+        g.launch_ex("lm_head_pick_f16", (blocks, 1, 1), 256, &a2, pdl)?;
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// Pick greedy tokens and top-k rows through the screened head
+    /// (Some(lm_head): the model's output matrix) or through the full F16
+    /// head (None); returns the previous setting. A pick reads an 8-bit copy
+    /// of the head (the `--lm-head q8` bytes, +330 MB on 2B4T) and two floats
+    /// per row of bound constants (cpu/head_screen.rs: err_i = max|E - Ê|,
+    /// abs_i = Σ max(|E|, |Ê|) against the F16 values the full head
+    /// multiplies), then the F16 rows whose bound leaves them a chance: the
+    /// same token, or the same k rows and logit bits, as the full head.
+    /// Serves `forward_greedy` and `generate_greedy` (the pick graph) and
+    /// `forward_top_k` (the top-k graph; see decode.cu's `lm_head_topk_*`);
+    /// logits keep the full head.
+    pub fn set_lm_head_screen(&self, lm_head: Option<&DenseMatrix>) -> Result<bool> {
+        let c = &self.config;
+        if let Some(m) = lm_head {
+            if !c.hidden.is_multiple_of(32) || c.hidden > DM_NMAX || !self.fused {
+                return Err(Error::Unsupported(format!(
+                    "CUDA screened lm_head needs the fused decode and a width divisible by 32 (<= {DM_NMAX}), got {}",
+                    c.hidden
+                )));
+            }
+            if m.rows != c.vocab || m.cols != c.hidden {
+                return Err(Error::input("screened lm_head: matrix shape differs from the model's"));
+            }
+            let mut sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            if sh.is_none() {
+                let q8 = m.to_q8_0()?;
+                // The bound compares the 8-bit copy with the F16 values the
+                // full head reads (an F16 conversion of other dtypes).
+                let f16 = DenseMatrix::new(
+                    m.rows,
+                    m.cols,
+                    DenseType::F16,
+                    crate::model::Storage::owned(dense_to_f16(m)),
+                )?;
+                let rows = crate::model::dense::RowError::of_rows(&f16, &q8);
+                if let Some(r) = rows.iter().position(|e| e.max_diff.is_nan()) {
+                    return Err(Error::Unsupported(format!(
+                        "lm_head row {r} holds a non-finite value: not screened"
+                    )));
+                }
+                let floats = |f: &dyn Fn(&crate::model::dense::RowError) -> f32| -> Vec<u8> {
+                    rows.iter().flat_map(|e| f(e).to_le_bytes()).collect()
+                };
+                let mut q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+                if q.is_none() {
+                    let (vals, scales) = q8_split(m)?;
+                    *q = Some((self.gpu.upload(&vals)?, self.gpu.upload(&scales)?));
+                }
+                *sh = Some(ScreenHead {
+                    err: self.gpu.upload(&floats(&|e| e.max_diff))?,
+                    abs: self.gpu.upload(&floats(&|e| e.abs_sum))?,
+                    fac: self.gpu.upload(&[0u8; 8])?,
+                    keys: self.gpu.upload(&[0u8; 16])?,
+                    xs: self.gpu.upload(&vec![0u8; 4 * c.hidden])?,
+                    wmax: self.gpu.upload(&vec![0u8; 8 * 8 * self.head_blocks() as usize])?,
+                    floor: self.gpu.upload(&[0u8; 4])?,
+                    k: self.gpu.upload(&[0u8; 4])?,
+                    list: self.gpu.upload(&vec![0u8; 8 * TL_CAP])?,
+                    cnt: self.gpu.upload(&[0u8; 8])?,
+                    out: self.gpu.upload(&vec![0u8; 4 * (1 + 2 * TK_MAX)])?,
+                });
+            }
+        }
+        Ok(self.lm_head_screen_on.swap(lm_head.is_some(), Ordering::Relaxed))
+    }
+
+    /// Whether greedy picks go through the screened head.
+    pub fn lm_head_screened(&self) -> bool {
+        self.lm_head_screen_on.load(Ordering::Relaxed)
+    }
+
+    /// For tests and benchmarks: the candidate rows of the last screened
+    /// pick, and whether it fell back to every row (a non-finite value);
+    /// None before any.
+    pub fn screen_last_pick(&self) -> Result<Option<(u32, bool)>> {
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let Some(sh) = sh.as_ref() else { return Ok(None) };
+        let k = sh.keys.read::<u32>(3)?;
+        Ok((k[0] != 0 || k[1] != 0).then_some((k[2], k[1] != 0)))
+    }
+
+    /// For tests: screened top-k steps that fell back to the full head.
+    pub fn screen_top_k_fallbacks(&self) -> usize {
+        self.topk_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Final RMSNorm + lm_head + greedy pick of the one decoded token.
+    pub(super) fn lm_head_step(&self, s: &Scratch, pdl: bool) -> Result<()> {
+        let head = self.capturing_head.load(Ordering::Relaxed);
+        if head != Head::Logits as u8 {
+            return self.screened_pick_step(s, pdl, head == Head::TopK as u8);
+        }
+        let g = &self.gpu;
+        g.set_tag("lm_head+argmax");
+        // The 8-bit copy takes (values, scales) where the f16 kernel takes E.
+        let (name, mut args) = if self.lm_head_q8_on.load(Ordering::Relaxed) {
+            let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
+            ("lm_head_dec_q8", vec![vals.p(), scales.p()])
+        } else {
+            ("lm_head_dec", vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()])
+        };
+        args.extend(self.head_args(s));
+        args.push(s.best.p());
+        g.launch_ex(name, (self.head_blocks(), 1, 1), 256, &args, pdl)?;
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// Blocks of the decode head kernels: 8 rows in flight per block, a few
+    /// blocks per SM (each renormalises x).
+    pub(super) fn head_blocks(&self) -> u32 {
+        let sms = self.gpu.info.sms.max(1) as usize;
+        // `YINSEN_CUDA_HEAD_BPS`: blocks per SM (A/B runs; default 4).
+        let per_sm = std::env::var("YINSEN_CUDA_HEAD_BPS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| (1..=16).contains(&v))
+            .unwrap_or(4);
+        self.config.vocab.div_ceil(8).min(per_sm * sms) as u32
+    }
+
+    /// The decode head kernels' arguments after their weights: vocab,
+    /// hidden, x, the final norm, eps, and the logits out.
+    pub(super) fn head_args(&self, s: &Scratch) -> [Arg; 6] {
+        let c = &self.config;
+        [
+            Arg::I(c.vocab as i32),
+            Arg::I(c.hidden as i32),
+            s.x.p(),
+            self.final_norm.p(),
+            Arg::F(c.rms_eps),
+            s.logits.p(),
+        ]
+    }
+
+    /// The screened top-k of one decode step (`forward_top_k` where the
+    /// screen is on): k goes to the device before the replay of the cache's
+    /// top-k graph, the ranking comes back in one read. None where the step
+    /// fell back (a non-finite value, or more rows at the floor than the
+    /// list holds): the full head has then been queued from the step's
+    /// final hidden state, and the caller ranks its logits.
+    pub(super) fn screened_top_k(
+        &self,
+        s: &Scratch,
+        cache: &mut CudaCache,
+        token: u32,
+        k: usize,
+    ) -> Result<Option<Vec<(u32, f32)>>> {
+        let screen = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = screen.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        sh.k.write_async(&[k as i32])?;
+        drop(screen); // a first replay captures the graph, which locks it again
+        self.decode_launch(s, cache, Some(token), Head::TopK)?;
+        cache.len += 1;
+        let screen = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = screen.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        let out = sh.out.read::<i32>(1 + 2 * TK_MAX)?;
+        if out[0] == 0 {
+            return Ok(Some(
+                (0..k)
+                    .filter(|&j| out[1 + j] >= 0)
+                    .map(|j| (out[1 + j] as u32, f32::from_bits(out[1 + TK_MAX + j] as u32)))
+                    .collect(),
+            ));
+        }
+        self.topk_fallbacks.fetch_add(1, Ordering::Relaxed);
+        let mut args = vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()];
+        args.extend(self.head_args(s));
+        args.push(s.best.p());
+        self.gpu.launch("lm_head_dec", (self.head_blocks(), 1, 1), 256, &args)?;
+        Ok(None)
+    }
+}
