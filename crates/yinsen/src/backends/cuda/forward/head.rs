@@ -257,12 +257,16 @@ impl CudaBackend {
     /// blocks per SM (each renormalises x).
     pub(super) fn head_blocks(&self) -> u32 {
         let sms = self.gpu.info.sms.max(1) as usize;
-        // `YINSEN_CUDA_HEAD_BPS`: blocks per SM (A/B runs; default 4).
-        let per_sm = std::env::var("YINSEN_CUDA_HEAD_BPS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&v| (1..=16).contains(&v))
-            .unwrap_or(4);
+        // `YINSEN_CUDA_HEAD_BPS`: blocks per SM (A/B runs; default 4), read
+        // once: the screen's per-warp buffer is sized by this grid.
+        static PER_SM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let per_sm = *PER_SM.get_or_init(|| {
+            std::env::var("YINSEN_CUDA_HEAD_BPS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&v| (1..=16).contains(&v))
+                .unwrap_or(4)
+        });
         self.config.vocab.div_ceil(8).min(per_sm * sms) as u32
     }
 
