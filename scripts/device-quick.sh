@@ -13,6 +13,9 @@
 # and `yinsen run`'s default sampling with the baseline's (tg.txt).
 # AB_ENV="VAR=a VAR=b" alternates this build's decode rows (and the head's
 # un-graphed kernel times) over environment settings (ab-env.txt).
+# PREFILL_AB_ENV="VAR=a VAR=b" alternates the prefill rows (512, 2048) and
+# their per-kernel profile over environment settings (prefill-ab.txt);
+# QUICK_SKIP_DECODE=1 then skips the decode rows and `yinsen run`.
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
 # (YINSEN_CUDA_MEGA_AB) and traced, then `yinsen run` greedy with the token
@@ -29,6 +32,15 @@ if [ -n "${MEMCHECK:-}" ] && command -v compute-sanitizer >/dev/null; then
   read -r bin filter <<<"$MEMCHECK"
   compute-sanitizer --tool memcheck --error-exitcode 9 "$dev/tests/$bin" --test-threads=1 "$filter" 2>&1 |
     tail -4 | tee "$out/memcheck.txt"
+fi
+if [ -n "${PREFILL_AB_ENV:-}" ]; then
+  for r in 1 2 3; do
+    for e in $PREFILL_AB_ENV; do
+      echo "prefill A/B env $e: $(env "$e" YINSEN_CUDA_BENCH=prefill yinsen bench -m synthetic:2b4t --backend cuda -p 512,2048 -n 0 -r 3 2>&1 |
+        grep -E '^\| prefill (512|2048)(: (norm_quant|attention|gate_up))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
+    done
+  done | tee "$out/prefill-ab.txt"
+  [ -n "${QUICK_SKIP_DECODE:-}" ] && exit 0
 fi
 if [ -n "${TG_AB:-}" ] && [ -x "$dev/bin/yinsen-base" ]; then
   tg() { "$1" bench -m synthetic:2b4t --backend cuda -p 0 -n 128 -r 3 2>&1 | grep -E '^\| .*tg128' | awk -F'|' '{printf "%s %s; ", $5, $6}'; }

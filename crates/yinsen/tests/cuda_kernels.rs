@@ -979,3 +979,126 @@ fn flash_tcx_2b4t_timing() {
         println!("TIMING {l}");
     }
 }
+
+/// Where the quantisers put code i of token t (ops.cu's q_at): row-major, or
+/// with x_ntp > 0 the TMA GEMM's stage-tiled order.
+fn q_at(t: usize, i: usize, kpad: usize, x_ntp: usize) -> usize {
+    if x_ntp == 0 {
+        return t * kpad + i;
+    }
+    (i >> 7) * x_ntp * 128 + (t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15)
+}
+
+/// The grouped quantisers (`norm_quant_w1/2/4/8/16`, calls of 64+ tokens)
+/// against the block-per-token `norm_quant` on the same rows: plain and
+/// gated (relu2, SiLU) inputs, with and without a norm, row-major and
+/// stage-tiled codes, token counts that leave a block part-full. Every
+/// scale within 2e-6 (the sum of squares runs in another order), every code
+/// equal but for rare +-1 rounding edges, each token's code sum exact, the
+/// padding written (buffers poisoned first).
+#[test]
+fn norm_quant_groups_match_block_kernel() {
+    use yinsen::backends::cuda::Arg;
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64(0x6e71);
+    let mut checked = 0usize;
+    // (n, gate, do_norm, tokens, tiled, kpad)
+    for &(n, gate, norm, nt, tiled, kpad) in &[
+        (2560usize, 0i32, 1i32, 67usize, true, 2560usize),
+        (2560, 0, 0, 130, false, 2560),
+        (6912, 1, 1, 70, true, 6912),
+        (6912, 2, 1, 64, false, 6912),
+        (100, 0, 1, 65, false, 128),
+        (3072, 1, 1, 99, true, 3072),
+    ] {
+        let stride = if gate != 0 { 2 * n } else { n };
+        let mut x = vec![0f32; nt * stride];
+        for (t, row) in x.chunks_mut(stride).enumerate() {
+            let scale = 0.05 + (t % 13) as f32 * 0.7;
+            for v in row.iter_mut() {
+                *v = ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale;
+            }
+            if t % 5 == 0 {
+                row[t % n] = 40.0 * scale; // an outlier sets the token's scale
+            }
+        }
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let xb = g.upload(&x).unwrap();
+        let wb = g.upload(&w).unwrap();
+        let x_ntp = if tiled { nt.div_ceil(256) * 256 } else { 0 };
+        let qbytes = if tiled {
+            kpad.div_ceil(256) * 256 * x_ntp
+        } else {
+            nt * kpad
+        };
+        let q = g.alloc(qbytes).unwrap();
+        let sx = g.alloc(4 * nt).unwrap();
+        let xsum = g.alloc(4 * nt).unwrap();
+        let run = |name: &str, grid: usize, threads: u32, tail: &[Arg]| {
+            q.fill(0x55).unwrap();
+            sx.fill(0xff).unwrap();
+            xsum.fill(0x55).unwrap();
+            let mut args = vec![
+                xb.p(),
+                Arg::I(n as i32),
+                Arg::I(stride as i32),
+                Arg::I(gate),
+                wb.p(),
+                Arg::I(norm),
+                Arg::F(1e-5),
+                q.p(),
+                Arg::I(kpad as i32),
+                sx.p(),
+                xsum.p(),
+            ];
+            args.extend_from_slice(tail);
+            g.launch_smem(name, (grid as u32, 1, 1), threads, 0, &args, Launch::Plain)
+                .unwrap();
+            g.sync().unwrap();
+            (
+                q.read::<i8>(qbytes).unwrap(),
+                sx.read::<f32>(nt).unwrap(),
+                xsum.read::<i32>(nt).unwrap(),
+            )
+        };
+        let threads = n.div_ceil(8).next_power_of_two().clamp(128, 1024) as u32;
+        let (q0, s0, x0) = run("norm_quant", nt, threads, &[Arg::P(0), Arg::I(0), Arg::I(x_ntp as i32)]);
+        for (warps, r, name) in yinsen::backends::cuda::NQ_GROUPS {
+            if n > 128 * warps * r {
+                continue;
+            }
+            let tpb = (8 / warps).max(1);
+            let (q1, s1, x1) = run(
+                name,
+                nt.div_ceil(tpb),
+                (32 * warps * tpb) as u32,
+                &[Arg::I(nt as i32), Arg::I(x_ntp as i32)],
+            );
+            let what = format!("{name} n {n} gate {gate} norm {norm} nt {nt} tiled {tiled}");
+            for t in 0..nt {
+                let rel = ((s1[t] - s0[t]) / s0[t]).abs();
+                assert!(rel <= 2e-6, "{what}: token {t} scale {} vs {}", s1[t], s0[t]);
+                let codes: i32 = (0..n).map(|i| q1[q_at(t, i, kpad, x_ntp)] as i32).sum();
+                assert_eq!(x1[t], codes, "{what}: token {t} code sum");
+                for i in n..kpad {
+                    assert_eq!(q1[q_at(t, i, kpad, x_ntp)], 0, "{what}: token {t} padding {i}");
+                }
+            }
+            let mut flips = 0usize;
+            for (i, (&a, &b)) in q1.iter().zip(&q0).enumerate() {
+                let d = (a as i32 - b as i32).abs();
+                assert!(d <= 1, "{what}: byte {i}: {a} vs {b}");
+                flips += d as usize;
+            }
+            assert!(flips * 10_000 <= nt * n, "{what}: {flips} codes off by one");
+            assert_ne!(
+                x1,
+                x0.iter().map(|_| 0x5555_5555).collect::<Vec<i32>>(),
+                "{what}: sums unwritten"
+            );
+            println!("{what}: {flips} of {} codes off by one", nt * n);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked} variant cases");
+}

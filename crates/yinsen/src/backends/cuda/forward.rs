@@ -93,6 +93,33 @@ fn norm_threads(n: usize) -> u32 {
     n.div_ceil(8).next_power_of_two().clamp(128, 1024) as u32
 }
 
+/// The grouped quantiser (`norm_quant_w{W}`, ops.cu) serves calls of this
+/// many tokens or more; its variants' warps per token and float4 per lane.
+const NQ_GROUP_MIN_TOKENS: usize = 64;
+pub const NQ_GROUPS: [(usize, usize, &str); 5] = [
+    (1, 20, "norm_quant_w1"),
+    (2, 12, "norm_quant_w2"),
+    (4, 14, "norm_quant_w4"),
+    (8, 8, "norm_quant_w8"),
+    (16, 4, "norm_quant_w16"),
+];
+/// S13-2 (H100, prefill 2048 / 512, alternated x3): the block kernel 4.02 /
+/// 1.39 ms of norm_quant; 1 warp per token (4 for 6912) 3.10 / 1.93; 2
+/// (4) 3.15 / 1.45; 8 2.94 / 1.12.
+const NQ_WARPS_DEFAULT: usize = 8;
+
+/// The grouped quantiser variant for rows of `n` values with at least
+/// `min_w` warps per token: (warps, kernel), or None where no variant holds a row.
+fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
+    if min_w == 0 {
+        return None;
+    }
+    NQ_GROUPS
+        .iter()
+        .find(|(w, r, _)| *w >= min_w && n <= 128 * w * r)
+        .map(|&(w, _, name)| (w, name))
+}
+
 fn berr(msg: impl Into<String>) -> Error {
     Error::backend("cuda", msg)
 }
@@ -441,6 +468,10 @@ pub struct CudaBackend {
     tc_ok: [bool; 2],
     /// Whether flash_tcs_d128_f32 can run (tc split, f32 cache, hd <= 128).
     tcs_ok: bool,
+    /// Fewest warps per token of the grouped quantiser (`norm_quant_w*`) for
+    /// calls of NQ_GROUP_MIN_TOKENS+ tokens; 0 keeps the block per token
+    /// (`YINSEN_CUDA_NQ_W=0|1|2|4|8|16`, A/B runs).
+    nq_warps: usize,
     /// The `flash_tcx_*` kernel (f32 cache, hd 64 / 128, sm_80+, smem), if any.
     tcx: Option<TcxKernel>,
     /// The decode step uses the fused one-token kernels (shapes permitting;
@@ -782,6 +813,17 @@ impl CudaBackend {
             && c.head_dim <= 128
             && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
+        let nq_warps = match std::env::var("YINSEN_CUDA_NQ_W") {
+            Err(_) => NQ_WARPS_DEFAULT,
+            Ok(v) => match v.parse::<usize>() {
+                Ok(w @ (0 | 1 | 2 | 4 | 8 | 16)) => w,
+                _ => {
+                    return Err(Error::input(format!(
+                        "YINSEN_CUDA_NQ_W={v}: expected 0, 1, 2, 4, 8 or 16"
+                    )))
+                }
+            },
+        };
         let tcx = match (kv, c.head_dim) {
             (KvDtype::F32, 64 | 128)
                 if gpu.info.sm.0 >= 8 && c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) =>
@@ -881,6 +923,7 @@ impl CudaBackend {
             key_splits_override: 0.into(),
             tcs_ok,
             tcx,
+            nq_warps,
             part_tokens,
             flash_ok,
             tc_ok,
@@ -1257,6 +1300,39 @@ impl CudaBackend {
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
+        // Many tokens: the grouped kernel, where its float4 path applies (the
+        // block kernel's condition; in and w are 16-byte aligned buffers).
+        let group = nq_group(n, self.nq_warps).filter(|_| {
+            nt >= NQ_GROUP_MIN_TOKENS
+                && n.is_multiple_of(4)
+                && stride.is_multiple_of(4)
+                && matches!(input, Arg::P(p) if p % 16 == 0)
+        });
+        if let Some((warps, name)) = group {
+            let tpb = (8 / warps).max(1);
+            return self.gpu.launch_smem(
+                name,
+                (nt.div_ceil(tpb) as u32, 1, 1),
+                (32 * warps * tpb) as u32,
+                0,
+                &[
+                    input,
+                    Arg::I(n as i32),
+                    Arg::I(stride as i32),
+                    Arg::I(gate),
+                    w.map_or(Arg::P(0), DevBuf::p),
+                    Arg::I(do_norm),
+                    Arg::F(self.config.rms_eps),
+                    s.q8.p(),
+                    Arg::I(kpad as i32),
+                    s.sx.p(),
+                    s.xsum.p(),
+                    Arg::I(nt as i32),
+                    Arg::I(self.x_ntp(s, nt, next) as i32),
+                ],
+                self.body_launch(),
+            );
+        }
         self.gpu.launch_smem(
             "norm_quant",
             (nt as u32, 1, 1),

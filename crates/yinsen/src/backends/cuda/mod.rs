@@ -25,7 +25,7 @@ use crate::model::TernaryMatrix;
 
 pub use forward::{
     flash_tc_smem, flash_tcx, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel, FLASH_TC_THREADS,
-    TCX_MIN_NT, TCX_VARIANTS,
+    NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
 };
 pub use layout::GpuLayout;
 
@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 67] = [
+pub const KERNELS: [&str; 72] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -217,6 +217,11 @@ pub const KERNELS: [&str; 67] = [
     "row_sums_i8",
     "embed_f16",
     "norm_quant",
+    "norm_quant_w1",
+    "norm_quant_w2",
+    "norm_quant_w4",
+    "norm_quant_w8",
+    "norm_quant_w16",
     "rope_kv_f16",
     "rope_kv_f32",
     "attn_partial_f16",

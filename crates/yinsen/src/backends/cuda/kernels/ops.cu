@@ -221,6 +221,103 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
     }
 }
 
+// norm_quant for calls of many tokens: W warps per token, blocks of
+// max(1, 8 / W) tokens, each lane holding up to R float4 of its token's row
+// (n <= 128 W R, n % 4 == 0, quantised: no out_f). Same per-element
+// arithmetic as norm_quant_v4; the sums run in another order (the code sum
+// is exact either way). Why: ncu (S13-1) had the block-per-token kernel at
+// 26 us per 2560-wide call of 2048 tokens (~1 TB/s), its warps stalled
+// mostly on its three block-wide reductions (2 barriers each); here a
+// reduction is warp shuffles plus, for W > 1, one named barrier of the
+// token's warps. (S7-8's one-warp kernel divided per element and was
+// issue-bound; this one multiplies as norm_quant_v4.)
+template <int W, int R>
+__device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int in_stride, int gate, const float* w,
+                                                   int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
+                                                   int nt, int x_ntp) {
+    constexpr int TPB = W >= 8 ? 1 : 8 / W, GT = 32 * W;
+    __shared__ float red[3][W * TPB];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wi = warp % W, grp = warp / W;
+    const int t = blockIdx.x * TPB + grp, gl = wi * 32 + lane, n4 = n >> 2;
+    if (t >= nt) return;  // whole token groups: the named barriers below stay matched
+    // Sum over the group's warps in warp order (every warp gets the same bits).
+    auto group_reduce = [&](float v, int slot, bool mx) {
+        v = mx ? warp_max(v) : warp_sum(v);
+        if constexpr (W == 1) return v;
+        if (lane == 0) red[slot][warp] = v;
+        asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "n"(GT) : "memory");
+        float a = red[slot][grp * W];
+#pragma unroll
+        for (int k = 1; k < W; k++) a = mx ? fmaxf(a, red[slot][grp * W + k]) : a + red[slot][grp * W + k];
+        return a;
+    };
+    const float4* x = (const float4*)(in + (size_t)t * in_stride);
+    float4 v[R];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        const int i4 = gl + k * GT;
+        v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i4 < n4) {
+            v[k] = x[i4];
+            if (gate) {
+                const float4 u = ((const float4*)((const float*)x + n))[i4];
+                v[k] = make_float4(gated_act(v[k].x, u.x, gate), gated_act(v[k].y, u.y, gate),
+                                   gated_act(v[k].z, u.z, gate), gated_act(v[k].w, u.w, gate));
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < R; k++) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    const float r = do_norm ? 1.f / sqrtf(group_reduce(ss, 0, false) / (float)n + eps) : 1.f;
+    float am = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        const int i4 = gl + k * GT;
+        if (i4 < n4) {
+            float4 y = v[k];
+            if (do_norm) y = make_float4(y.x * r, y.y * r, y.z * r, y.w * r);
+            if (w) {
+                const float4 g = __ldg((const float4*)w + i4);
+                y = make_float4(y.x * g.x, y.y * g.y, y.z * g.z, y.w * g.w);
+            }
+            v[k] = y;
+            am = fmaxf(am, fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w))));
+        }
+    }
+    am = group_reduce(am, 1, true);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    int qs = 0;
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        const int i4 = gl + k * GT;
+        if (i4 < n4) {
+            const unsigned word = q8_word(v[k], s);
+            qs = __dp4a((int)word, 0x01010101, qs);
+            *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = word;
+        }
+    }
+    for (int i4 = n4 + gl, kq4 = q_padded(kpad, x_ntp) >> 2; i4 < kq4; i4 += GT)
+        *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = 0u;
+    qs = (int)group_reduce((float)qs, 2, false);  // exact: |sum| < 2^24
+    if (gl == 0) {
+        sx[t] = s;
+        xsum[t] = qs;
+    }
+}
+#define NORM_QUANT_WG(NAME, W, R)                                                                              \
+    extern "C" __global__ void __launch_bounds__(W >= 8 ? 32 * W : 256) NAME(const float* in, int n, int in_stride, int gate,    \
+                                                            const float* w, int do_norm, float eps, i8* q,     \
+                                                            int kpad, float* sx, int* xsum, int nt, int x_ntp) { \
+        pdl_wait();                                                                                            \
+        norm_quant_wg_body<W, R>(in, n, in_stride, gate, w, do_norm, eps, q, kpad, sx, xsum, nt, x_ntp);       \
+    }
+NORM_QUANT_WG(norm_quant_w1, 1, 20)
+NORM_QUANT_WG(norm_quant_w2, 2, 12)
+NORM_QUANT_WG(norm_quant_w4, 4, 14)
+NORM_QUANT_WG(norm_quant_w8, 8, 8)
+NORM_QUANT_WG(norm_quant_w16, 16, 4)
+
 // RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
 // are pair-interleaved (row 2j, 2j+1 of a head = dims j, j + hd/2; see
 // forward.rs): rotated q goes to qr [token][n_heads * hd] in natural order,
