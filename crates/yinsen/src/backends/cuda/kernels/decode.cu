@@ -746,21 +746,14 @@ __device__ unsigned radix_nth(const unsigned* h, int len, unsigned n, unsigned* 
 
 // The floor's keys: the top halves of wmax in shared memory (the first
 // TF_KEYS warps' when there are more: any distinct rows give a valid
-// floor). Once the rows are chosen, the keys' room holds pass 1's xs for
-// the row dots (TF_XS_SHARED; hidden <= TF_KEYS): the same values and
-// arithmetic as lm_head_body's. Why: ncu (S13-3) had the one block at 28
-// us, its warps stalled on L1TEX: every row dot read the 10 KB of xs again
-// through the SM's L1, in float4 loads at a 32-byte stride (2 MB into one
-// SM for 88 rows).
+// floor). The row dots read pass 1's xs from global memory (shared memory
+// holds the keys), the same values and arithmetic as lm_head_body's.
 #define TF_KEYS 8192
-#ifndef TF_XS_SHARED
-#define TF_XS_SHARED 1
-#endif
 extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
                                                                             int nw, const int* kp,
                                                                             const unsigned* keys, const float* xs,
                                                                             float* floor_out) {
-    __shared__ __align__(16) unsigned hk[TF_KEYS];
+    __shared__ unsigned hk[TF_KEYS];
     __shared__ unsigned hist[256], sel[2];
     __shared__ int rows_s[TF_ROWS];
     __shared__ float vals_s[TF_ROWS];
@@ -807,15 +800,8 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(cons
     __syncthreads();
     const int n = min(n_s, TF_ROWS);
     const LmRowF16 R{E, hidden};
-    const float* xr = xs;
-    if (TF_XS_SHARED && hidden <= TF_KEYS) {  // the keys are done with
-        float* xsm = (float*)hk;
-        for (int i = threadIdx.x; i < hidden; i += TF_THREADS) xsm[i] = __ldcg(xs + i);
-        __syncthreads();
-        xr = xsm;
-    }
     for (int i = threadIdx.x >> 5; i < n; i += TF_THREADS / 32) {
-        const float acc = lm_f16_row_dot(R, rows_s[i], xr);
+        const float acc = lm_f16_row_dot(R, rows_s[i], xs);
         if ((threadIdx.x & 31) == 0) {
             vals_s[i] = acc;
             if (!isfinite(acc)) bad_s = 1;
