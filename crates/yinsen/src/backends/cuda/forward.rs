@@ -1308,54 +1308,35 @@ impl CudaBackend {
                 && stride.is_multiple_of(4)
                 && matches!(input, Arg::P(p) if p % 16 == 0)
         });
-        if let Some((warps, name)) = group {
-            let tpb = (8 / warps).max(1);
-            return self.gpu.launch_smem(
-                name,
-                (nt.div_ceil(tpb) as u32, 1, 1),
-                (32 * warps * tpb) as u32,
-                0,
-                &[
-                    input,
-                    Arg::I(n as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(gate),
-                    w.map_or(Arg::P(0), DevBuf::p),
-                    Arg::I(do_norm),
-                    Arg::F(self.config.rms_eps),
-                    s.q8.p(),
-                    Arg::I(kpad as i32),
-                    s.sx.p(),
-                    s.xsum.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(self.x_ntp(s, nt, next) as i32),
-                ],
-                self.body_launch(),
-            );
-        }
-        self.gpu.launch_smem(
-            "norm_quant",
-            (nt as u32, 1, 1),
-            norm_threads(n),
-            0,
-            &[
-                input,
-                Arg::I(n as i32),
-                Arg::I(stride as i32),
-                Arg::I(gate),
-                w.map_or(Arg::P(0), DevBuf::p),
-                Arg::I(do_norm),
-                Arg::F(self.config.rms_eps),
-                s.q8.p(),
-                Arg::I(kpad as i32),
-                s.sx.p(),
-                s.xsum.p(),
-                Arg::P(0),
-                Arg::I(0),
-                Arg::I(self.x_ntp(s, nt, next) as i32),
-            ],
-            self.body_launch(),
-        )
+        // Both kernels take the same arguments up to xsum; then the grouped
+        // one its token count, the block one its (unused) f32 output.
+        let mut args = vec![
+            input,
+            Arg::I(n as i32),
+            Arg::I(stride as i32),
+            Arg::I(gate),
+            w.map_or(Arg::P(0), DevBuf::p),
+            Arg::I(do_norm),
+            Arg::F(self.config.rms_eps),
+            s.q8.p(),
+            Arg::I(kpad as i32),
+            s.sx.p(),
+            s.xsum.p(),
+        ];
+        let x_ntp = Arg::I(self.x_ntp(s, nt, next) as i32);
+        let (name, grid, threads) = match group {
+            Some((warps, name)) => {
+                let tpb = (8 / warps).max(1);
+                args.extend([Arg::I(nt as i32), x_ntp]);
+                (name, nt.div_ceil(tpb), 32 * warps * tpb)
+            }
+            None => {
+                args.extend([Arg::P(0), Arg::I(0), x_ntp]);
+                ("norm_quant", nt, norm_threads(n) as usize)
+            }
+        };
+        self.gpu
+            .launch_smem(name, (grid as u32, 1, 1), threads as u32, 0, &args, self.body_launch())
     }
 
     /// The transformer body for `nt` tokens whose ids are in `s.tok` at
