@@ -8,7 +8,9 @@
 # PC sampling (SourceCounters) on code compiled with line information
 # (YINSEN_NVRTC_LINEINFO), and leaves in $OUT: the report, the program
 # source (src/yinsen.cu) and the source page as CSV per CUDA line and per
-# SASS instruction (stall samples per line).
+# SASS instruction (stall samples per line). NCU_SAMPLING=N sets the warp
+# sampling interval (2^(5+N) cycles): 0 for short kernels (S13-3's source
+# page of the 30 us top-k floor came back without sample columns).
 set -u
 . "$(dirname "$0")/pack-small.sh"
 pack_or_run "${1:-}" remote "$0 pack | remote [KERNEL_REGEX] [SKIP]" scripts/device-ncu-source.sh
@@ -17,7 +19,7 @@ k=${2:-mega_f32}
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 src="$out/src"
 mkdir -p "$src"
-"$ncu" -k "regex:$k" -s "${3:-2}" -c 1 --section SourceCounters --section WarpStateStats --section SpeedOfLight \
+"$ncu" -k "regex:$k" -s "${3:-2}" -c 1 ${NCU_SAMPLING:+--warp-sampling-interval $NCU_SAMPLING} --section SourceCounters --section WarpStateStats --section SpeedOfLight \
   --import-source yes --source-folders "$src" -o "$out/prof" \
   env YINSEN_NVRTC_LINEINFO="$src" YINSEN_CUDA_BENCH=decode yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 0 -r 1 \
   >"$out/ncu.log" 2>&1
