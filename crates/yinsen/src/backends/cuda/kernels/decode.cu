@@ -822,6 +822,111 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(cons
     if (threadIdx.x == 0) *floor_out = bad_s ? __int_as_float(0x7fc00000) : (n >= k ? t_s : NEG_INF);
 }
 
+// The floor over a grid of FG_BLOCKS blocks (lm_head_topk_floor's result
+// from other rows; any k distinct rows give a valid floor). Block b takes
+// wmax entries [b per, (b + 1) per), keeps its FG_ROWS largest lower ends
+// (one warp, FG_ROWS rounds of a warp maximum), and each of its warps
+// computes one of those rows' F16 logit (lm_f16_row_dot) into `scratch`
+// (value bits, then a non-finite flag per row). The last block to arrive
+// (keys[3], zeroed with the step's slots; it resets it too) takes the k-th
+// largest of the values as the floor. With the global top 2k + 8 spread
+// over the blocks, a block rarely holds more than FG_ROWS of them, so the
+// floor stays as high as the one-block kernel's. Why: ncu (S13-5) had
+// that kernel's 28 us half in the row dots' loads (88 rows through one
+// SM's memory pipeline) and a third in its four radix passes.
+#define FG_BLOCKS 32
+#define FG_ROWS 8        // rows per block: one per warp of 256 threads
+#define FG_MAXPER 1024   // wmax entries per block at most (the host checks)
+extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor_grid(const u16* E, int hidden, const u64* wmax,
+                                                                          int nw, const int* kp, unsigned* keys,
+                                                                          const float* xs, float* floor_out,
+                                                                          unsigned* scratch) {
+    __shared__ u64 ent[FG_MAXPER];
+    __shared__ int rows_s[FG_ROWS];
+    __shared__ float vals_s[FG_BLOCKS * FG_ROWS];
+    __shared__ int last_s;
+    __shared__ float t_s;
+    pdl_launch();
+    pdl_wait();  // pass 1 done: wmax, xs, keys
+    if (keys[1] != 0u) {  // a non-finite value: the host runs the full head
+        if (blockIdx.x == 0 && threadIdx.x == 0) *floor_out = NEG_INF;
+        return;
+    }
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int per = (nw + gridDim.x - 1) / gridDim.x, i0 = blockIdx.x * per;
+    const int cnt = max(0, min(per, nw - i0));
+    for (int i = tid; i < cnt; i += blockDim.x) ent[i] = __ldcg(wmax + i0 + i);
+    if (tid == 0) t_s = NEG_INF;
+    __syncthreads();
+    if (w == 0) {
+        // Keys are distinct but for 0 (no row): lane i % 32 owns entry i.
+        for (int r = 0; r < FG_ROWS; r++) {
+            u64 best = 0ull;
+            int bi = -1;
+            for (int i = lane; i < cnt; i += 32) {
+                const u64 v = ent[i];
+                if (v > best) {
+                    best = v;
+                    bi = i;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                const u64 ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ob > best) {
+                    best = ob;
+                    bi = oi;
+                }
+            }
+            if (lane == 0) rows_s[r] = best ? (int)~(unsigned)best : -1;
+            if (best && lane == (bi & 31)) ent[bi] = 0ull;  // taken
+        }
+    }
+    __syncthreads();
+    const int slot = blockIdx.x * FG_ROWS + w, n_all = gridDim.x * FG_ROWS;
+    float v = NEG_INF;
+    if (rows_s[w] >= 0) v = lm_f16_row_dot(LmRowF16{E, hidden}, rows_s[w], xs);
+    if (lane == 0) {
+        scratch[slot] = __float_as_uint(v);
+        scratch[n_all + slot] = rows_s[w] >= 0 && !isfinite(v);
+    }
+    // Publish; the last block takes the floor (as attention's chunk merge:
+    // the barrier orders the block's writes before thread 0's fence).
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        last_s = atomicAdd(keys + 3, 1u) == gridDim.x - 1;
+        if (last_s) __threadfence();
+    }
+    __syncthreads();
+    if (!last_s) return;
+    bool valid = false, bad = false;
+    if (tid < n_all) {
+        vals_s[tid] = __uint_as_float(__ldcg(scratch + tid));
+        bad = __ldcg(scratch + n_all + tid) != 0u;
+        valid = vals_s[tid] != NEG_INF;
+    }
+    const int any_bad = __syncthreads_or(bad);
+    const int n = __syncthreads_count(valid && !bad);
+    const int k = *kp;
+    if (valid && !any_bad) {
+        // The k-th largest of the n values (ties counted once each).
+        const float x = vals_s[tid];
+        int gt = 0, eq = 0;
+        for (int j = 0; j < n_all; j++) {
+            const float y = vals_s[j];
+            gt += y != NEG_INF && y > x;
+            eq += y == x;
+        }
+        if (gt < k && gt + eq >= k) t_s = x;  // every writer writes the same value
+    }
+    __syncthreads();
+    if (tid == 0) {
+        *floor_out = any_bad ? __int_as_float(0x7fc00000) : (n >= k ? t_s : NEG_INF);
+        keys[3] = 0u;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f16(const u16* E, int vocab, int hidden,
                                                                  const float* lq, const float* err,
                                                                  const float* abs_sum, const float2* fac,
