@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 73] = [
+pub const KERNELS: [&str; 72] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -239,7 +239,6 @@ pub const KERNELS: [&str; 73] = [
     "lm_head_screen_q8",
     "lm_head_pick_f16",
     "lm_head_topk_floor",
-    "lm_head_topk_floor_grid",
     "lm_head_topk_f16",
     "mega_begin",
     "mega_f16",

@@ -41,17 +41,8 @@ pub(super) struct ScreenHead {
 
 /// List entries the screened top-k ranks (TL_CAP in decode.cu).
 const TL_CAP: usize = DM_NMAX / 2;
-/// The grid floor's blocks and per-block entries (decode.cu).
+/// Blocks of the top-k floor (FG_BLOCKS in decode.cu).
 const FG_BLOCKS: usize = 32;
-const FG_MAXPER: usize = 1024;
-
-/// Whether the screened top-k takes its floor over a grid of blocks
-/// (`lm_head_topk_floor_grid`) or in one block (`lm_head_topk_floor`):
-/// `YINSEN_CUDA_TOPK_FLOOR=grid|block`, read once (A/B runs).
-fn floor_on_grid() -> bool {
-    static GRID: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GRID.get_or_init(|| std::env::var("YINSEN_CUDA_TOPK_FLOOR").map_or(true, |v| v != "block"))
-}
 
 /// The lm_head as ggml Q8_0 (the CPU's 8-bit copy, same numbers), split for
 /// aligned GPU loads: int8 values `[rows][cols]` and the f16 scale of each
@@ -137,17 +128,12 @@ impl CudaBackend {
                 sh.xs.p(),
                 sh.floor.p(),
             ];
-            // The grid floor where a block's share of the per-warp entries
-            // fits its shared memory (decode.cu: FG_BLOCKS, FG_MAXPER).
-            let nw = blocks as usize * 8;
-            let fg = nw.div_ceil(8).clamp(1, FG_BLOCKS);
-            if floor_on_grid() && nw.div_ceil(fg) <= FG_MAXPER {
-                let mut a = floor.to_vec();
-                a.push(sh.list.p());
-                g.launch_ex("lm_head_topk_floor_grid", (fg as u32, 1, 1), 256, &a, pdl)?;
-            } else {
-                g.launch_ex("lm_head_topk_floor", (1, 1, 1), 1024, &floor, pdl)?;
-            }
+            // A grid of up to FG_BLOCKS blocks of 8 rows each (decode.cu);
+            // its scratch is the list, which the next kernel fills.
+            let fg = (blocks as usize).clamp(1, FG_BLOCKS);
+            let mut a = floor.to_vec();
+            a.push(sh.list.p());
+            g.launch_ex("lm_head_topk_floor", (fg as u32, 1, 1), 256, &a, pdl)?;
             g.set_tag("lm_head top-k rows");
             let mut a2 = vec![e, Arg::I(c.vocab as i32), Arg::I(c.hidden as i32), s.logits.p()];
             a2.extend(slots);

@@ -666,7 +666,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4*
 // The screened top-k (the default sampling's ranking): the k best logits of
 // the F16 head, in topk_logits' order and bits, reading the F16 rows of the
 // candidates only. After pass 1 (lm_head_screen_q8):
-// 1. lm_head_topk_floor (one block): the m = 2k + 8 rows of the largest
+// 1. lm_head_topk_floor (a grid of FG_BLOCKS blocks): rows of large
 //    per-warp lower ends (wmax), their F16 logits, and the floor T = the
 //    k-th largest of those. k rows reach T, so the head's k-th largest logit
 //    is at least T (any k distinct rows would give a valid floor; these give
@@ -682,162 +682,26 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4*
 // of rank j (-1: none, a vocabulary under k), [1 + TK_MAX + j] its logit's
 // bits. cnt: the list's length and the blocks' arrivals (the last block
 // resets both).
-#define TF_THREADS 1024
-#define TF_ROWS 256            // floor rows at most (m = 2k + 8 <= 136)
 #define TL_CAP (DM_NMAX / 2)   // list entries ranked (u64 in pass 2's xs)
 
-// The n-th largest of the nonzero keys h[i] (i < len, shared memory), by
-// four 8-bit radix passes over the digits from the top; 0 where fewer than
-// n are nonzero. Every thread of the block calls it. hist: 256 shared
-// words, sel: 2.
-__device__ unsigned radix_nth(const unsigned* h, int len, unsigned n, unsigned* hist, unsigned* sel) {
-    unsigned prefix = 0, mask = 0, need = n;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        // Most keys share their top digits: one shared atomic per distinct
-        // digit and warp (lanes grouped by __match_any_sync), not per key.
-        for (int i0 = threadIdx.x & ~31; i0 < len; i0 += blockDim.x) {  // warp-uniform
-            const int i = i0 + (threadIdx.x & 31);
-            const unsigned v = i < len ? h[i] : 0u;
-            const bool in = v && (v & mask) == prefix;
-            const unsigned digit = in ? (v >> shift) & 255 : 256u;
-            const unsigned peers = __match_any_sync(0xffffffffu, digit);
-            if (in && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(hist + digit, (unsigned)__popc(peers));
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            // Lane l sums digits 255 - 8l down to 248 - 8l; the first lane
-            // whose running sum reaches `need` holds the digit.
-            const int lane = threadIdx.x;
-            unsigned s = 0;
-            for (int j = 0; j < 8; j++) s += hist[255 - 8 * lane - j];
-            unsigned incl = s;
-            for (int o = 1; o < 32; o <<= 1) {
-                const unsigned t = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += t;
-            }
-            const unsigned hit = __ballot_sync(0xffffffffu, incl >= need);
-            if (hit == 0u) {
-                if (lane == 0) sel[0] = 0xffffffffu;  // fewer than n keys
-            } else if (lane == __ffs(hit) - 1) {
-                unsigned acc = incl - s;
-                for (int j = 0; j < 8; j++) {
-                    const unsigned d = 255 - 8 * lane - j;
-                    if (acc + hist[d] >= need) {
-                        sel[0] = d;
-                        sel[1] = need - acc;
-                        break;
-                    }
-                    acc += hist[d];
-                }
-            }
-        }
-        __syncthreads();
-        const unsigned d = sel[0];
-        if (d == 0xffffffffu) return 0u;  // block-uniform
-        need = sel[1];
-        prefix |= d << shift;
-        mask |= 255u << shift;
-        __syncthreads();  // sel read before the next pass writes it
-    }
-    return prefix;
-}
-
-// The floor's keys: the top halves of wmax in shared memory (the first
-// TF_KEYS warps' when there are more: any distinct rows give a valid
-// floor). The row dots read pass 1's xs from global memory (shared memory
-// holds the keys), the same values and arithmetic as lm_head_body's.
-#define TF_KEYS 8192
-extern "C" __global__ void __launch_bounds__(TF_THREADS) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
-                                                                            int nw, const int* kp,
-                                                                            const unsigned* keys, const float* xs,
-                                                                            float* floor_out) {
-    __shared__ unsigned hk[TF_KEYS];
-    __shared__ unsigned hist[256], sel[2];
-    __shared__ int rows_s[TF_ROWS];
-    __shared__ float vals_s[TF_ROWS];
-    __shared__ int n_s, bad_s;
-    __shared__ float t_s;
-    pdl_launch();
-    pdl_wait();  // pass 1 done: wmax, xs, keys
-    if (keys[1] != 0u) {  // a non-finite value: the host runs the full head
-        if (threadIdx.x == 0) *floor_out = NEG_INF;
-        return;
-    }
-    const int k = *kp;
-    const unsigned m = (unsigned)min(2 * k + 8, TF_ROWS);
-    nw = min(nw, TF_KEYS);
-    if (threadIdx.x == 0) {
-        n_s = 0;
-        bad_s = 0;
-        t_s = NEG_INF;
-    }
-    // Every thread's loads in flight at once (one round trip).
-    {
-        constexpr int PER = TF_KEYS / TF_THREADS;
-        u64 v[PER];
-#pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int i = threadIdx.x + j * TF_THREADS;
-            v[j] = i < nw ? __ldcg(wmax + i) : 0ull;
-        }
-#pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int i = threadIdx.x + j * TF_THREADS;
-            if (i < nw) hk[i] = (unsigned)(v[j] >> 32);
-        }
-    }
-    __syncthreads();
-    const unsigned kth = radix_nth(hk, nw, m, hist, sel);  // synchronises
-    for (int i = threadIdx.x; i < nw; i += blockDim.x) {
-        const unsigned h = hk[i];
-        if (h && h >= kth) {
-            const int j = atomicAdd(&n_s, 1);
-            if (j < TF_ROWS) rows_s[j] = (int)~(unsigned)__ldcg(wmax + i);
-        }
-    }
-    __syncthreads();
-    const int n = min(n_s, TF_ROWS);
-    const LmRowF16 R{E, hidden};
-    for (int i = threadIdx.x >> 5; i < n; i += TF_THREADS / 32) {
-        const float acc = lm_f16_row_dot(R, rows_s[i], xs);
-        if ((threadIdx.x & 31) == 0) {
-            vals_s[i] = acc;
-            if (!isfinite(acc)) bad_s = 1;
-        }
-    }
-    __syncthreads();
-    // The k-th largest of the n values (ties counted once each).
-    if (threadIdx.x < n) {
-        const float v = vals_s[threadIdx.x];
-        int gt = 0, eq = 0;
-        for (int j = 0; j < n; j++) {
-            gt += vals_s[j] > v;
-            eq += vals_s[j] == v;
-        }
-        if (gt < k && gt + eq >= k) t_s = v;  // every writer writes the same value
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) *floor_out = bad_s ? __int_as_float(0x7fc00000) : (n >= k ? t_s : NEG_INF);
-}
-
-// The floor over a grid of FG_BLOCKS blocks (lm_head_topk_floor's result
-// from other rows; any k distinct rows give a valid floor). Block b takes
-// wmax entries [b per, (b + 1) per), keeps its FG_ROWS largest lower ends
+// The floor over a grid of FG_BLOCKS blocks. Block b takes wmax entries
+// [b per, (b + 1) per) (its first FG_MAXPER: any k distinct rows give a
+// valid floor), keeps its FG_ROWS largest lower ends
 // (one warp, FG_ROWS rounds of a warp maximum), and each of its warps
 // computes one of those rows' F16 logit (lm_f16_row_dot) into `scratch`
 // (value bits, then a non-finite flag per row). The last block to arrive
 // (keys[3], zeroed with the step's slots; it resets it too) takes the k-th
 // largest of the values as the floor. With the global top 2k + 8 spread
 // over the blocks, a block rarely holds more than FG_ROWS of them, so the
-// floor stays as high as the one-block kernel's. Why: ncu (S13-5) had
-// that kernel's 28 us half in the row dots' loads (88 rows through one
-// SM's memory pipeline) and a third in its four radix passes.
+// floor about as high as that of the global top 2k + 8 (the one-block
+// kernel before S13-6, which a radix select fed). Why: ncu (S13-5) had that
+// kernel's 28 us half in its row dots' loads (88 rows through one SM's
+// memory pipeline) and a third in its four radix passes; this grid takes
+// 16 us (un-graphed, S13-6).
 #define FG_BLOCKS 32
 #define FG_ROWS 8        // rows per block: one per warp of 256 threads
-#define FG_MAXPER 1024   // wmax entries per block at most (the host checks)
-extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor_grid(const u16* E, int hidden, const u64* wmax,
+#define FG_MAXPER 1024   // wmax entries a block looks at
+extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
                                                                           int nw, const int* kp, unsigned* keys,
                                                                           const float* xs, float* floor_out,
                                                                           unsigned* scratch) {
@@ -854,7 +718,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor_grid(const 
     }
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int per = (nw + gridDim.x - 1) / gridDim.x, i0 = blockIdx.x * per;
-    const int cnt = max(0, min(per, nw - i0));
+    const int cnt = max(0, min(min(per, FG_MAXPER), nw - i0));
     for (int i = tid; i < cnt; i += blockDim.x) ent[i] = __ldcg(wmax + i0 + i);
     if (tid == 0) t_s = NEG_INF;
     __syncthreads();
