@@ -79,6 +79,7 @@ fn config_matches_fixture() {
                 bos,
                 eos,
                 add_bos,
+                ..
             }) => {
                 assert_eq!((model.as_str(), pre.as_deref()), ("gpt2", Some("llama-bpe")));
                 assert_eq!((tokens.len(), token_types.len(), merges.len()), (2048, 2048, 2297));

@@ -437,3 +437,74 @@ fn every_truncation_is_an_error() {
         );
     }
 }
+
+/// A SentencePiece ("llama") vocabulary in a model file: pieces, scores and
+/// types come through the loader into a tokenizer that merges by score and
+/// falls back to byte pieces; scores of the wrong count or kind and a
+/// non-bool `add_space_prefix` are format errors naming the key.
+#[test]
+fn sentencepiece_vocabulary_from_gguf() {
+    use yinsen::engine::tokenizer::Tokenizer;
+    let (mut w, _) = model_writer("bitnet-b1.58", types::I2_S);
+    // 0 <unk>, 1 <s>, 2 </s>, 3..=5 ▁ a b, 6 ▁a, 7 ab, 8 ▁ab, 9 <0x21>, then fillers.
+    let mut pieces: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+        ("▁".into(), -1.0, 1),
+        ("a".into(), -1.0, 1),
+        ("b".into(), -1.0, 1),
+        ("▁a".into(), -2.0, 1),
+        ("ab".into(), -3.0, 1),
+        ("▁ab".into(), -4.0, 1),
+        ("<0x21>".into(), 0.0, 6),
+    ];
+    while pieces.len() < VOCAB {
+        pieces.push((format!("<pad{}>", pieces.len()), 0.0, 5));
+    }
+    let arr = |f: &dyn Fn(&(String, f32, i32)) -> Value| Value::Array(pieces.iter().map(f).collect());
+    w.kv("tokenizer.ggml.model", Value::Str("llama".into()))
+        .kv("tokenizer.ggml.tokens", arr(&|p| Value::Str(p.0.clone())))
+        .kv("tokenizer.ggml.scores", arr(&|p| Value::F32(p.1)))
+        .kv("tokenizer.ggml.token_type", arr(&|p| Value::I32(p.2)))
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(2));
+    w.kv.retain(|(k, _)| k != "tokenizer.ggml.merges");
+    let lm = load(&w).unwrap();
+    let tok = Tokenizer::from_spec(lm.tokenizer.as_ref().expect("tokenizer")).unwrap();
+    assert_eq!(tok.encode("ab!", false).unwrap(), vec![8, 9]);
+    assert_eq!(tok.encode("bab", false).unwrap(), vec![3, 5, 7]);
+    assert_eq!(tok.decode(&[8, 9, 2], true).unwrap(), " ab!");
+    assert!(tok.is_eos(2));
+    // Without the space prefix.
+    w.kv("tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    let tok = Tokenizer::from_spec(load(&w).unwrap().tokenizer.as_ref().unwrap()).unwrap();
+    assert_eq!(tok.encode("ab", false).unwrap(), vec![7]);
+    for (key, v, needle) in [
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(vec![Value::F32(0.0)]),
+            "tokenizer.ggml.scores has 1 entries",
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::F32(0.0),
+            "tokenizer.ggml.scores is not an array",
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(vec![Value::Str("x".into()); VOCAB]),
+            "tokenizer.ggml.scores holds non-numbers",
+        ),
+        (
+            "tokenizer.ggml.add_space_prefix",
+            Value::U8(1),
+            "add_space_prefix is not a bool",
+        ),
+    ] {
+        let kept = w.kv.clone();
+        w.kv(key, v);
+        expect_err(&w.to_bytes(), needle);
+        w.kv = kept;
+    }
+}

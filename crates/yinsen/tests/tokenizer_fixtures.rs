@@ -68,6 +68,8 @@ fn gguf_spec_from_json(rel: &str, pre: Option<&str>, bos: u32, eos: u32) -> Toke
         tokens: tokens.into_iter().map(|t| t.expect("ids are contiguous")).collect(),
         token_types: types,
         merges,
+        scores: vec![],
+        add_space_prefix: false,
         bos: Some(bos),
         eos: Some(eos),
         add_bos: true,
@@ -357,4 +359,87 @@ fn gguf_ignore_merges_matches_hf() {
     }
     let whole = full_hf().id_of("Ġjeho").expect("vocab entry");
     assert_eq!(full_hf().encode(" jeho", true).unwrap(), vec![whole]);
+}
+
+/// A GGUF "llama" (SentencePiece BPE) vocabulary against sentencepiece
+/// itself: tests/data/spm_bpe.json holds a BPE vocabulary trained by
+/// sentencepiece (byte fallback, identity normalisation, a dummy prefix, as
+/// LLaMA's; scripts/spm-fixture.py) and the ids sentencepiece encodes its
+/// test strings to (merges, byte fallback for unseen characters and an
+/// emoji, runs of spaces, tabs, CR LF, the empty string). Every encoding
+/// must be equal, and decoding gives the text back behind the prefix space.
+#[test]
+fn gguf_sentencepiece_matches_sentencepiece() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm_bpe.json");
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let strings = |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|x| s(x).to_string()).collect() };
+    let spec = TokenizerSpec::Gguf {
+        model: "llama".into(),
+        pre: None,
+        tokens: strings(&j["tokens"]),
+        token_types: j["token_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect(),
+        merges: vec![],
+        scores: j["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect(),
+        add_space_prefix: true,
+        bos: Some(1),
+        eos: Some(2),
+        add_bos: true,
+    };
+    let tok = Tokenizer::from_spec(&spec).unwrap();
+    let cases = j["cases"].as_array().unwrap();
+    let mut merged = 0;
+    for c in cases {
+        let text = s(&c["text"]);
+        let want = ids(&c["ids"]);
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        merged += got
+            .iter()
+            .filter(|&&id| tok.token_to_piece(id).unwrap().chars().count() > 1)
+            .count();
+        let back = tok.decode(&got, true).unwrap();
+        let expect = if text.is_empty() {
+            String::new()
+        } else {
+            format!(" {text}")
+        };
+        assert_eq!(back, expect, "decode of {text:?}");
+        assert_eq!(tok.encode_prompt(text).unwrap()[0], 1, "BOS first");
+    }
+    assert!(
+        cases.len() >= 10 && merged >= 20,
+        "{} cases, {merged} merged pieces",
+        cases.len()
+    );
+    // Random text (ASCII, Latin-1, CJK, emoji, spaces, tabs, newlines, control
+    // characters): every byte has a piece, so decoding gives the text back
+    // (a "▁" in the text prints as the space it stands for).
+    let alphabet: Vec<char> = "abc XYZ  \t\n\r\u{0}.,!éßü中文🦀▁<>/s".chars().collect();
+    let mut seed = 0x5eed_u64;
+    for _ in 0..300 {
+        let len = (seed >> 60) as usize + 1;
+        let text: String = (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                alphabet[(seed >> 33) as usize % alphabet.len()]
+            })
+            .collect();
+        let got = tok.encode(&text, false).unwrap();
+        let back = tok.decode(&got, true).unwrap();
+        assert_eq!(back, format!(" {text}").replace('\u{2581}', " "), "{text:?}: {got:?}");
+    }
+    // Control pieces: text when parsed, plain characters otherwise.
+    assert_eq!(tok.encode("</s>", true).unwrap(), vec![2]);
+    assert!(!tok.encode("</s>", false).unwrap().contains(&2));
+    assert!(tok.is_eos(2));
 }

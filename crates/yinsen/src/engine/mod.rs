@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod sampling;
 pub mod session;
+mod spm;
 pub mod tokenizer;
 
 use std::sync::Arc;

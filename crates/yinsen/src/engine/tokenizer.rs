@@ -1,5 +1,6 @@
-//! Tokenizers: Llama-3 BPE from GGUF metadata or tokenizer.json, and a
-//! byte-level fallback for synthetic models.
+//! Tokenizers: Llama-3 BPE from GGUF metadata or tokenizer.json,
+//! SentencePiece BPE from GGUF metadata (`spm`), and a byte-level fallback
+//! for synthetic models.
 //!
 //! Encoding goes through the `tokenizers` crate (the same code HF uses), built
 //! either from a `tokenizer.json` or programmatically from GGUF
@@ -19,6 +20,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use super::spm::Spm;
 use crate::{Error, Result};
 
 /// Where a tokenizer comes from.
@@ -31,6 +33,10 @@ pub enum TokenizerSpec {
         tokens: Vec<String>,
         token_types: Vec<i32>,
         merges: Vec<String>,
+        /// Per token (SentencePiece "llama" vocabularies: merge priority).
+        scores: Vec<f32>,
+        /// SentencePiece: a space before the text and after each special token.
+        add_space_prefix: bool,
         bos: Option<u32>,
         eos: Option<u32>,
         add_bos: bool,
@@ -77,6 +83,8 @@ enum Kind {
         /// first use (the crate only has this as tokenizer-wide state).
         as_text: OnceLock<Box<tokenizers::Tokenizer>>,
     },
+    /// SentencePiece BPE (GGUF "llama" vocabularies).
+    Spm(Box<Spm>),
     Bytes,
 }
 
@@ -104,10 +112,16 @@ impl Tokenizer {
                 tokens,
                 token_types,
                 merges,
+                scores,
+                add_space_prefix,
                 bos,
                 eos,
                 add_bos,
             } => {
+                if model == "llama" {
+                    let spm = Spm::new(tokens, token_types, scores, *add_space_prefix)?;
+                    return Self::from_spm(spm, tokens, token_types, *bos, eos.iter().copied().collect(), *add_bos);
+                }
                 let tok = gguf_tokenizer(model, pre.as_deref(), tokens, token_types, merges)?;
                 let eos: Vec<u32> = eos.iter().copied().collect();
                 Self::finish(tok, GGUF_SRC, *bos, eos, *add_bos)
@@ -157,6 +171,51 @@ impl Tokenizer {
         }
     }
 
+    /// A SentencePiece vocabulary: decoding through a byte table of what
+    /// each piece prints (llama.cpp's token_to_piece).
+    fn from_spm(
+        spm: Spm,
+        tokens: &[String],
+        types: &[i32],
+        bos: Option<u32>,
+        mut eos: Vec<u32>,
+        add_bos: bool,
+    ) -> Result<Tokenizer> {
+        let vocab = tokens.len();
+        if vocab == 0 || u32::try_from(vocab).is_err() {
+            return Err(Error::format(GGUF_SRC, format!("bad token count {vocab}")));
+        }
+        check_special_ids(GGUF_SRC, vocab, bos, &eos, add_bos)?;
+        let mut table = ByteTable {
+            data: Vec::new(),
+            offsets: Vec::with_capacity(vocab + 1),
+            special: vec![false; vocab],
+            present: vec![true; vocab],
+        };
+        table.offsets.push(0);
+        for (id, piece) in tokens.iter().enumerate() {
+            let (bytes, special) = Spm::piece_bytes(piece, types.get(id).copied().unwrap_or(1));
+            table.data.extend_from_slice(&bytes);
+            table.offsets.push(table.data.len());
+            table.special[id] = special;
+        }
+        for name in STOP_TOKENS {
+            if let Some(id) = spm.id_of(name) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        Ok(Tokenizer {
+            kind: Kind::Spm(Box::new(spm)),
+            vocab,
+            bos,
+            add_bos,
+            eos,
+            table: Some(table),
+        })
+    }
+
     /// Common tail of `from_spec`: vocabulary size, byte table, BOS/EOS checks.
     fn finish(
         tok: tokenizers::Tokenizer,
@@ -169,17 +228,7 @@ impl Tokenizer {
         if vocab == 0 {
             return Err(Error::format(src, "tokenizer has an empty vocabulary"));
         }
-        for (what, id) in bos.iter().map(|b| ("BOS", b)).chain(eos.iter().map(|e| ("EOS", e))) {
-            if *id as usize >= vocab {
-                return Err(Error::format(
-                    src,
-                    format!("{what} id {id} is outside the vocabulary (size {vocab})"),
-                ));
-            }
-        }
-        if add_bos && bos.is_none() {
-            return Err(Error::format(src, "add_bos is set but there is no BOS id"));
-        }
+        check_special_ids(src, vocab, bos, &eos, add_bos)?;
         for name in STOP_TOKENS {
             if let Some(id) = tok.token_to_id(name) {
                 if !eos.contains(&id) {
@@ -229,6 +278,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
         let ids = match &self.kind {
             Kind::Bytes => text.bytes().map(u32::from).collect(),
+            Kind::Spm(spm) => spm.encode(text, parse_special)?,
             Kind::Hf { tok, as_text } => {
                 let tok: &tokenizers::Tokenizer = if parse_special {
                     tok
@@ -282,7 +332,7 @@ impl Tokenizer {
             (None, Kind::Hf { tok, .. }) => tok
                 .decode(ids, skip_special)
                 .map_err(|e| Error::input(format!("cannot decode ids: {e}"))),
-            (None, Kind::Bytes) => Err(Error::input("byte tokenizer without a byte table")),
+            (None, Kind::Bytes | Kind::Spm(_)) => Err(Error::input("tokenizer without a byte table")),
         }
     }
 
@@ -302,6 +352,7 @@ impl Tokenizer {
         self.check_ids(&[id])?;
         match &self.kind {
             Kind::Bytes => Ok(byte_piece(self.table.as_ref(), id)),
+            Kind::Spm(spm) => Ok(spm.piece(id).unwrap_or_default().to_string()),
             Kind::Hf { tok, .. } => tok
                 .id_to_token(id)
                 .ok_or_else(|| Error::input(format!("token id {id} has no vocabulary entry"))),
@@ -316,6 +367,7 @@ impl Tokenizer {
                 _ => None,
             },
             Kind::Hf { tok, .. } => tok.token_to_id(piece),
+            Kind::Spm(spm) => spm.id_of(piece),
         }
     }
 
@@ -324,7 +376,7 @@ impl Tokenizer {
         match (&self.table, &self.kind) {
             (Some(t), _) => t.special.get(id as usize).copied().unwrap_or(false),
             (None, Kind::Hf { tok, .. }) => tok.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special),
-            (None, Kind::Bytes) => false,
+            (None, Kind::Bytes | Kind::Spm(_)) => false,
         }
     }
 
@@ -403,6 +455,22 @@ impl StreamDecoder<'_> {
             }
         }
     }
+}
+
+/// BOS and EOS ids inside the vocabulary; add_bos only with a BOS id.
+fn check_special_ids(src: &str, vocab: usize, bos: Option<u32>, eos: &[u32], add_bos: bool) -> Result<()> {
+    for (what, id) in bos.iter().map(|b| ("BOS", b)).chain(eos.iter().map(|e| ("EOS", e))) {
+        if *id as usize >= vocab {
+            return Err(Error::format(
+                src,
+                format!("{what} id {id} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+    }
+    if add_bos && bos.is_none() {
+        return Err(Error::format(src, "add_bos is set but there is no BOS id"));
+    }
+    Ok(())
 }
 
 /// Removes and returns the decodable prefix of `buf`, exactly as
@@ -515,15 +583,9 @@ fn gguf_tokenizer(
 ) -> Result<tokenizers::Tokenizer> {
     match model {
         "gpt2" => {}
-        "llama" => {
-            return Err(Error::Unsupported(format!(
-                "{GGUF_SRC}: SentencePiece vocabularies (tokenizer.ggml.model = \"llama\") \
-                 are not supported yet; only byte-level BPE (\"gpt2\")"
-            )))
-        }
         other => {
             return Err(Error::Unsupported(format!(
-                "{GGUF_SRC}: tokenizer model {other:?} (only byte-level BPE \"gpt2\")"
+                "{GGUF_SRC}: tokenizer model {other:?} (supported: byte-level BPE \"gpt2\", SentencePiece \"llama\")"
             )))
         }
     }
@@ -649,12 +711,14 @@ mod tests {
             tokens: vec!["a".into(), "b".into(), "ab".into()],
             token_types: vec![1, 1, 1],
             merges,
+            scores: vec![],
+            add_space_prefix: true,
             bos: None,
             eos: None,
             add_bos: false,
         };
         assert!(matches!(
-            Tokenizer::from_spec(&spec("llama", vec![])),
+            Tokenizer::from_spec(&spec("bert", vec![])),
             Err(Error::Unsupported(_))
         ));
         assert!(Tokenizer::from_spec(&spec("gpt2", vec!["ab".into()])).is_err());
@@ -671,6 +735,8 @@ mod tests {
             tokens: vec!["a".into(), "b".into()],
             token_types: types,
             merges: vec![],
+            scores: vec![],
+            add_space_prefix: true,
             bos,
             eos: None,
             add_bos,

@@ -914,12 +914,36 @@ impl<'a> Loader<'a> {
             None => Vec::new(),
             Some(v) => self.str_array(v, "tokenizer.ggml.merges")?,
         };
+        // SentencePiece vocabularies rank merges by these (llama.cpp: 0 when absent).
+        let scores = match g.get("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| self.err("tokenizer.ggml.scores holds non-numbers"))?,
+            Some(_) => return Err(self.err("tokenizer.ggml.scores is not an array")),
+        };
+        if !scores.is_empty() && scores.len() != tokens.len() {
+            return Err(self.err(format!(
+                "tokenizer.ggml.scores has {} entries for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        let add_space_prefix = match g.get("tokenizer.ggml.add_space_prefix") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(self.err("tokenizer.ggml.add_space_prefix is not a bool")),
+        };
         Ok(Some(TokenizerSpec::Gguf {
             model,
             pre: g.get_str("tokenizer.ggml.pre").map(str::to_owned),
             tokens,
             token_types,
             merges,
+            scores,
+            add_space_prefix,
             bos: c.bos,
             eos: self.token_id(g, "tokenizer.ggml.eos_token_id")?,
             add_bos: c.add_bos,
