@@ -97,6 +97,18 @@ struct ByteTable {
 }
 
 impl ByteTable {
+    /// No bytes yet (ids are appended in order), no specials.
+    fn empty(vocab: usize, present: bool) -> ByteTable {
+        let mut offsets = Vec::with_capacity(vocab + 1);
+        offsets.push(0);
+        ByteTable {
+            data: Vec::new(),
+            offsets,
+            special: vec![false; vocab],
+            present: vec![present; vocab],
+        }
+    }
+
     fn bytes(&self, id: usize) -> &[u8] {
         &self.data[self.offsets[id]..self.offsets[id + 1]]
     }
@@ -186,13 +198,7 @@ impl Tokenizer {
             return Err(Error::format(GGUF_SRC, format!("bad token count {vocab}")));
         }
         check_special_ids(GGUF_SRC, vocab, bos, &eos, add_bos)?;
-        let mut table = ByteTable {
-            data: Vec::new(),
-            offsets: Vec::with_capacity(vocab + 1),
-            special: vec![false; vocab],
-            present: vec![true; vocab],
-        };
-        table.offsets.push(0);
+        let mut table = ByteTable::empty(vocab, true);
         for (id, piece) in tokens.iter().enumerate() {
             let (bytes, special) = Spm::piece_bytes(piece, types.get(id).copied().unwrap_or(1));
             table.data.extend_from_slice(&bytes);
@@ -538,13 +544,7 @@ fn char_to_byte() -> HashMap<char, u8> {
 fn byte_table(tok: &tokenizers::Tokenizer, vocab: usize) -> ByteTable {
     let map = char_to_byte();
     let added = tok.get_added_tokens_decoder();
-    let mut table = ByteTable {
-        data: Vec::new(),
-        offsets: Vec::with_capacity(vocab + 1),
-        special: vec![false; vocab],
-        present: vec![false; vocab],
-    };
-    table.offsets.push(0);
+    let mut table = ByteTable::empty(vocab, false);
     for id in 0..vocab {
         if let Some(piece) = tok.id_to_token(id as u32) {
             table.present[id] = true;

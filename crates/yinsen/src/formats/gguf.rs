@@ -894,43 +894,17 @@ impl<'a> Loader<'a> {
             .get_str("tokenizer.ggml.model")
             .ok_or_else(|| self.err("tokenizer.ggml.tokens present but tokenizer.ggml.model missing"))?
             .to_owned();
-        let token_types = match g.get("tokenizer.ggml.token_type") {
-            None => Vec::new(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_int().and_then(|n| i32::try_from(n).ok()))
-                .collect::<Option<Vec<i32>>>()
-                .ok_or_else(|| self.err("tokenizer.ggml.token_type holds non-i32 values"))?,
-            Some(_) => return Err(self.err("tokenizer.ggml.token_type is not an array")),
-        };
-        if !token_types.is_empty() && token_types.len() != tokens.len() {
-            return Err(self.err(format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                token_types.len(),
-                tokens.len()
-            )));
-        }
+        let token_types = self.per_token(g, "tokenizer.ggml.token_type", tokens.len(), "non-i32 values", |v| {
+            v.as_int().and_then(|n| i32::try_from(n).ok())
+        })?;
         let merges = match g.get("tokenizer.ggml.merges") {
             None => Vec::new(),
             Some(v) => self.str_array(v, "tokenizer.ggml.merges")?,
         };
         // SentencePiece vocabularies rank merges by these (llama.cpp: 0 when absent).
-        let scores = match g.get("tokenizer.ggml.scores") {
-            None => Vec::new(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()))
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| self.err("tokenizer.ggml.scores holds non-numbers"))?,
-            Some(_) => return Err(self.err("tokenizer.ggml.scores is not an array")),
-        };
-        if !scores.is_empty() && scores.len() != tokens.len() {
-            return Err(self.err(format!(
-                "tokenizer.ggml.scores has {} entries for {} tokens",
-                scores.len(),
-                tokens.len()
-            )));
-        }
+        let scores = self.per_token(g, "tokenizer.ggml.scores", tokens.len(), "non-numbers", |v| {
+            v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan())
+        })?;
         let add_space_prefix = match g.get("tokenizer.ggml.add_space_prefix") {
             None => true,
             Some(Value::Bool(b)) => *b,
@@ -948,6 +922,31 @@ impl<'a> Loader<'a> {
             eos: self.token_id(g, "tokenizer.ggml.eos_token_id")?,
             add_bos: c.add_bos,
         }))
+    }
+
+    /// An optional array of one value per token (empty when absent); `bad`
+    /// names what a value `conv` refuses is.
+    fn per_token<T>(
+        &self,
+        g: &Gguf,
+        key: &str,
+        n_tokens: usize,
+        bad: &str,
+        conv: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let v = match g.get(key) {
+            None => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(conv)
+                .collect::<Option<Vec<T>>>()
+                .ok_or_else(|| self.err(format!("{key} holds {bad}")))?,
+            Some(_) => return Err(self.err(format!("{key} is not an array"))),
+        };
+        if v.len() != n_tokens {
+            return Err(self.err(format!("{key} has {} entries for {n_tokens} tokens", v.len())));
+        }
+        Ok(v)
     }
 
     fn str_array(&self, v: &Value, key: &str) -> Result<Vec<String>> {
