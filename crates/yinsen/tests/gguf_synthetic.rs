@@ -476,6 +476,21 @@ fn sentencepiece_vocabulary_from_gguf() {
     assert_eq!(tok.encode("bab", false).unwrap(), vec![3, 5, 7]);
     assert_eq!(tok.decode(&[8, 9, 2], true).unwrap(), " ab!");
     assert!(tok.is_eos(2));
+    // No chat template and no Llama-3 header tokens: --chat is refused.
+    let path = std::env::temp_dir().join(format!("yinsen-spm-{}.gguf", std::process::id()));
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    let engine = yinsen::engine::Engine::load(
+        path.to_str().unwrap(),
+        yinsen::engine::EngineOptions {
+            backend: "cpu".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(engine.encode_prompt("ab").unwrap(), vec![1, 8]);
+    let e = engine.chat_prompt(None, "ab").unwrap_err().to_string();
+    assert!(e.contains("no chat template"), "{e}");
     // Without the space prefix.
     w.kv("tokenizer.ggml.add_space_prefix", Value::Bool(false));
     let tok = Tokenizer::from_spec(load(&w).unwrap().tokenizer.as_ref().unwrap()).unwrap();

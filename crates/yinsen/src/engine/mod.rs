@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::backends::cpu::{CpuBackend, CpuOptions};
 use crate::backends::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::{self, LoadOptions};
 use crate::model::{Activation, Model};
 pub use session::{GenParams, Session, StopReason, Timings};
@@ -104,9 +104,20 @@ impl Engine {
         self.tokenizer.encode_prompt(text)
     }
 
-    /// Render a single-turn chat with the model's template (or Llama-3's).
+    /// Render a single-turn chat with the model's template (or Llama-3's,
+    /// where the vocabulary has its header tokens: another vocabulary would
+    /// read the headers as plain text, so that is an error).
     /// The rendered text carries its own BOS, so encode it without adding one.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        if self.chat_template.is_none()
+            && !self.tokenizer.is_bytes()
+            && self.tokenizer.id_of("<|start_header_id|>").is_none()
+        {
+            return Err(Error::input(
+                "the model ships no chat template and its vocabulary has no Llama-3 header tokens \
+                 for the built-in one: prompt it without --chat",
+            ));
+        }
         let mut msgs = Vec::new();
         if let Some(s) = system {
             msgs.push(chat::ChatMessage::new("system", s));

@@ -377,6 +377,11 @@ impl Tokenizer {
         }
     }
 
+    /// Whether this is the byte fallback of a model without a vocabulary.
+    pub fn is_bytes(&self) -> bool {
+        matches!(self.kind, Kind::Bytes)
+    }
+
     /// Whether `id` is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
         match (&self.table, &self.kind) {
