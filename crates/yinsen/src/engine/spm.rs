@@ -15,6 +15,8 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
+use aho_corasick::{AhoCorasick, MatchKind};
+
 use crate::{Error, Result};
 
 /// GGUF `tokenizer.ggml.token_type` values (SentencePiece's piece types).
@@ -35,9 +37,31 @@ pub struct Spm {
     byte_ids: [Option<u32>; 256],
     unk: Option<u32>,
     add_space_prefix: bool,
-    /// Control, unknown and user-defined pieces matched in text, longest
-    /// first (`control`: matched only when specials are parsed).
-    specials: Vec<(String, u32, bool)>,
+    /// Special pieces found in text, leftmost-longest, in one pass however
+    /// many there are: every control, unknown and user-defined piece (when
+    /// specials are parsed), or the user-defined ones only.
+    all_specials: Option<Specials>,
+    user_specials: Option<Specials>,
+}
+
+/// An automaton over special pieces and the id of each pattern.
+struct Specials {
+    ac: AhoCorasick,
+    ids: Vec<u32>,
+}
+
+impl Specials {
+    fn new(pieces: impl Iterator<Item = (String, u32)>) -> Result<Option<Specials>> {
+        let (texts, ids): (Vec<String>, Vec<u32>) = pieces.filter(|(t, _)| !t.is_empty()).unzip();
+        if texts.is_empty() {
+            return Ok(None);
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&texts)
+            .map_err(|e| Error::format("GGUF tokenizer metadata", format!("special pieces: {e}")))?;
+        Ok(Some(Specials { ac, ids }))
+    }
 }
 
 /// A candidate merge of symbols `left` and its right neighbour `right`.
@@ -118,8 +142,13 @@ impl Spm {
                 *slot = to_id.get(&format!("<0x{b:02X}>")).copied();
             }
         }
-        specials.retain(|(t, _, _)| !t.is_empty());
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let all_specials = Specials::new(specials.iter().map(|(t, id, _)| (t.clone(), *id)))?;
+        let user_specials = Specials::new(
+            specials
+                .iter()
+                .filter(|(_, _, control)| !control)
+                .map(|(t, id, _)| (t.clone(), *id)),
+        )?;
         Ok(Spm {
             pieces: tokens.to_vec(),
             to_id,
@@ -127,7 +156,8 @@ impl Spm {
             byte_ids,
             unk,
             add_space_prefix,
-            specials,
+            all_specials,
+            user_specials,
         })
     }
 
@@ -164,38 +194,29 @@ impl Spm {
         Ok(out)
     }
 
-    /// The text split at special pieces, longest pieces first (llama.cpp's
-    /// partition order).
+    /// The text split at special pieces: leftmost first, the longest of
+    /// those starting there (llama.cpp takes the longest piece first over the
+    /// whole text; they differ only where special pieces overlap).
     fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Frag<'t>> {
-        // No text, no tokens (not even the prefix space), as sentencepiece.
-        let mut frags = match text.is_empty() {
-            true => vec![],
-            false => vec![Frag::Text(text)],
+        let specials = if parse_special {
+            &self.all_specials
+        } else {
+            &self.user_specials
         };
-        for (piece, id, control) in &self.specials {
-            if *control && !parse_special {
-                continue;
-            }
-            let mut next = Vec::with_capacity(frags.len());
-            for f in frags {
-                match f {
-                    Frag::Text(t) => {
-                        let mut rest = t;
-                        while let Some(at) = rest.find(piece.as_str()) {
-                            if at > 0 {
-                                next.push(Frag::Text(&rest[..at]));
-                            }
-                            next.push(Frag::Token(*id));
-                            rest = &rest[at + piece.len()..];
-                        }
-                        if !rest.is_empty() {
-                            next.push(Frag::Text(rest));
-                        }
-                    }
-                    tok => next.push(tok),
+        let mut frags = Vec::new();
+        let mut last = 0;
+        if let Some(sp) = specials {
+            for m in sp.ac.find_iter(text) {
+                if m.start() > last {
+                    frags.push(Frag::Text(&text[last..m.start()]));
                 }
+                frags.push(Frag::Token(sp.ids[m.pattern().as_usize()]));
+                last = m.end();
             }
-            frags = next;
+        }
+        // No text, no tokens (not even the prefix space), as sentencepiece.
+        if last < text.len() {
+            frags.push(Frag::Text(&text[last..]));
         }
         frags
     }
@@ -348,6 +369,27 @@ mod tests {
         assert_eq!(v.encode("a<s>", true).unwrap(), vec![5, 1]);
         assert_ne!(v.encode("<s>a", false).unwrap()[0], 1);
         assert!(v.encode("", true).unwrap().is_empty());
+    }
+
+    /// Special pieces: the leftmost match, the longest there, control ones
+    /// only when parsed; 20,000 of them cost one pass over the text.
+    #[test]
+    fn special_pieces_match_leftmost_longest_in_one_pass() {
+        let mut t: Vec<String> = ["▁", "a", "<x>", "<x><y>", "<y>"].map(String::from).to_vec();
+        let mut k = vec![NORMAL, NORMAL, USER_DEFINED, USER_DEFINED, CONTROL];
+        for i in 0..20_000 {
+            t.push(format!("<u{i}>"));
+            k.push(USER_DEFINED);
+        }
+        let v = Spm::new(&t, &k, &[], true).unwrap();
+        assert_eq!(v.encode("<x><y>a", false).unwrap(), vec![3, 0, 1]);
+        assert_eq!(v.encode("<y><x>", true).unwrap(), vec![4, 2]);
+        assert_eq!(v.encode("a<x>", true).unwrap(), vec![0, 1, 2]);
+        let long = "<u19999>".repeat(10_000) + "a";
+        let ids = v.encode(&long, false).unwrap();
+        assert_eq!(ids.len(), 10_002);
+        assert!(ids[..10_000].iter().all(|&id| id == 5 + 19_999));
+        assert_eq!(ids[10_000..], [0, 1]);
     }
 
     #[test]
