@@ -161,6 +161,11 @@ impl Spm {
         })
     }
 
+    /// Whether encoding puts a space before the text.
+    pub fn adds_space_prefix(&self) -> bool {
+        self.add_space_prefix
+    }
+
     pub fn piece(&self, id: u32) -> Option<&str> {
         self.pieces.get(id as usize).map(String::as_str)
     }

@@ -322,15 +322,24 @@ impl Tokenizer {
     }
 
     /// Decodes ids to text; invalid UTF-8 becomes U+FFFD. With `skip_special`,
-    /// special tokens (BOS, EOS, headers) are left out.
+    /// special tokens (BOS, EOS, headers) are left out. A SentencePiece
+    /// vocabulary that prefixes text with a space drops it again from the
+    /// first piece that prints something (as llama.cpp and transformers
+    /// decode; a stream of generated tokens keeps its spaces).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.check_ids(ids)?;
         match (&self.table, &self.kind) {
             (Some(table), _) => {
                 let mut bytes = Vec::new();
+                let mut strip = matches!(&self.kind, Kind::Spm(s) if s.adds_space_prefix());
                 for &id in ids {
                     if !(skip_special && table.special[id as usize]) {
-                        bytes.extend_from_slice(table.bytes(id as usize));
+                        let mut b = table.bytes(id as usize);
+                        if strip && !b.is_empty() {
+                            b = b.strip_prefix(b" ").unwrap_or(b);
+                            strip = false;
+                        }
+                        bytes.extend_from_slice(b);
                     }
                 }
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
