@@ -20,7 +20,10 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use super::spm::Spm;
+// GGUF `tokenizer.ggml.token_type` values (SentencePiece's piece types).
+use super::spm::{
+    Spm, CONTROL as TOKEN_TYPE_CONTROL, NORMAL as TOKEN_TYPE_NORMAL, USER_DEFINED as TOKEN_TYPE_USER_DEFINED,
+};
 use crate::{Error, Result};
 
 /// Where a tokenizer comes from.
@@ -57,10 +60,6 @@ pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\
 
 /// Tokens that end a turn in Llama-3-style vocabularies: generation stops on them.
 const STOP_TOKENS: [&str; 3] = ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"];
-
-/// GGUF `tokenizer.ggml.token_type` values we treat specially.
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 /// What a GGUF tokenizer error names as its "file".
 const GGUF_SRC: &str = "GGUF tokenizer metadata";
@@ -200,7 +199,7 @@ impl Tokenizer {
         check_special_ids(GGUF_SRC, vocab, bos, &eos, add_bos)?;
         let mut table = ByteTable::empty(vocab, true);
         for (id, piece) in tokens.iter().enumerate() {
-            let (bytes, special) = Spm::piece_bytes(piece, types.get(id).copied().unwrap_or(1));
+            let (bytes, special) = Spm::piece_bytes(piece, types.get(id).copied().unwrap_or(TOKEN_TYPE_NORMAL));
             table.data.extend_from_slice(&bytes);
             table.offsets.push(table.data.len());
             table.special[id] = special;
