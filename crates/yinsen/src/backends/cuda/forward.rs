@@ -569,6 +569,11 @@ struct Graph {
 }
 
 impl CudaCache {
+    /// Layer `li`'s K and V rows ([kv head][cap][head dim] each).
+    fn layer_kv(&self, li: usize) -> (Arg, Arg) {
+        (self.k.at(li * self.layer_bytes), self.v.at(li * self.layer_bytes))
+    }
+
     /// The captured decode graph that ends with `head`.
     fn graph_of(&mut self, head: Head) -> &mut Option<Graph> {
         match head {
@@ -1322,11 +1327,8 @@ impl CudaBackend {
             &[s.tok.p(), self.embed.p(), Arg::I(h as i32), s.x.p(), s.best.p()],
         )?;
         for (li, l) in self.layers.iter().enumerate() {
-            let kv = (
-                cache.k.at(li * cache.layer_bytes),
-                cache.v.at(li * cache.layer_bytes),
-                cache.cap,
-            );
+            let (kc, vc) = cache.layer_kv(li);
+            let kv = (kc, vc, cache.cap);
             let none = (Arg::P(0), Arg::P(0), 0);
             g.set_tag("qkv+rope");
             self.dec_mm(s, &l.qkv, s.x.p(), h, 0, Some(&l.attn_norm), s.qr.p(), 3, kv, pdl)?;

@@ -119,8 +119,7 @@ impl CudaBackend {
             Activation::Silu => 2,
         };
         for (li, l) in self.layers.iter().enumerate() {
-            let kc = cache.k.at(li * cache.layer_bytes);
-            let vc = cache.v.at(li * cache.layer_bytes);
+            let (kc, vc) = cache.layer_kv(li);
             g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt)?;
             g.set_tag("qkv");
@@ -217,26 +216,23 @@ impl CudaBackend {
     ) -> Result<()> {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let (kc, vc) = cache.layer_kv(li);
+        // The layer's cache rows and the call's first position and length,
+        // as the prefill attention kernels take them.
+        let cache_call = [kc, vc, s.pos.p(), Arg::I(nt as i32)];
         if let (Some(t), Some(kvs)) = (self.tcx_for(nt), s.kvs.as_ref()) {
             let scap = flash_tcx_scap(c.max_ctx);
             let gx = (cache.cap * c.head_dim / 4).div_ceil(2048).clamp(1, 64) as u32;
-            self.gpu.launch_ex(
-                "kv_split_f32",
-                (gx, 2 * c.n_kv_heads as u32, 1),
-                256,
-                &[
-                    cache.k.at(li * cache.layer_bytes),
-                    cache.v.at(li * cache.layer_bytes),
-                    s.pos.p(),
-                    Arg::I(nt as i32),
-                    Arg::I(c.n_kv_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(cache.cap as i32),
-                    Arg::I(scap as i32),
-                    kvs.p(),
-                ],
-                pdl,
-            )?;
+            let mut split = cache_call.to_vec();
+            split.extend([
+                Arg::I(c.n_kv_heads as i32),
+                Arg::I(c.head_dim as i32),
+                Arg::I(cache.cap as i32),
+                Arg::I(scap as i32),
+                kvs.p(),
+            ]);
+            self.gpu
+                .launch_ex("kv_split_f32", (gx, 2 * c.n_kv_heads as u32, 1), 256, &split, pdl)?;
             let n_ks = self.tcx_splits(nt, t);
             let bq = t.bq();
             let blocks = nt.div_ceil(bq) * n_ks * (c.n_heads / t.hpb);
@@ -272,13 +268,9 @@ impl CudaBackend {
             let tc = name.starts_with("flash_tc");
             let n_ks = if tc { self.key_splits(nt) } else { 1 };
             let how = if pdl { Launch::Pdl } else { Launch::Plain };
-            let mut args = vec![
-                s.qr.p(),
-                Arg::I(c.q_dim() as i32),
-                cache.k.at(li * cache.layer_bytes),
-                cache.v.at(li * cache.layer_bytes),
-                s.pos.p(),
-                Arg::I(nt as i32),
+            let mut args = vec![s.qr.p(), Arg::I(c.q_dim() as i32)];
+            args.extend(cache_call);
+            args.extend([
                 Arg::I(c.n_heads as i32),
                 Arg::I(c.n_kv_heads as i32),
                 Arg::I(c.head_dim as i32),
@@ -286,7 +278,7 @@ impl CudaBackend {
                 Arg::F(scale),
                 s.attn.p(),
                 Arg::I(c.q_dim() as i32),
-            ];
+            ]);
             if tc {
                 args.extend([Arg::I(n_ks as i32), s.part.p()]);
             }
@@ -304,8 +296,8 @@ impl CudaBackend {
             &[
                 s.qr.p(),
                 Arg::I(c.q_dim() as i32),
-                cache.k.at(li * cache.layer_bytes),
-                cache.v.at(li * cache.layer_bytes),
+                kc,
+                vc,
                 s.pos.p(),
                 Arg::I(c.n_heads as i32),
                 Arg::I(c.n_kv_heads as i32),
