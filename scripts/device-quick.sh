@@ -12,9 +12,12 @@
 # alternates the engine's tg128 rows (every logit, greedy pick, top-40 pick)
 # and `yinsen run`'s default sampling with the baseline's (tg.txt).
 # AB_ENV="VAR=a VAR=b" alternates this build's decode rows (and the head's
-# un-graphed kernel times) over environment settings (ab-env.txt).
+# un-graphed kernel times) over environment settings (ab-env.txt); one
+# setting of several variables joins them with '+' ("A=1+B=2").
 # PREFILL_AB_ENV="VAR=a VAR=b" alternates the prefill rows (512, 2048) and
-# their per-kernel profile over environment settings (prefill-ab.txt);
+# their per-kernel profile over environment settings (prefill-ab.txt,
+# PREFILL_AB_REPS rounds, default 3; an item bin=NAME runs .device/bin/NAME
+# instead, e.g. bin=yinsen-base);
 # QUICK_SKIP_DECODE=1 then skips the decode rows and `yinsen run`.
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
@@ -34,10 +37,12 @@ if [ -n "${MEMCHECK:-}" ] && command -v compute-sanitizer >/dev/null; then
     tail -4 | tee "$out/memcheck.txt"
 fi
 if [ -n "${PREFILL_AB_ENV:-}" ]; then
-  for r in 1 2 3; do
+  for r in $(seq "${PREFILL_AB_REPS:-3}"); do
     for e in $PREFILL_AB_ENV; do
-      echo "prefill A/B env $e: $(env "$e" YINSEN_CUDA_BENCH=prefill yinsen bench -m synthetic:2b4t --backend cuda -p 512,2048 -n 0 -r 3 2>&1 |
-        grep -E '^\| prefill (512|2048)(: (norm_quant|attention|gate_up))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
+      bin=yinsen
+      case "$e" in bin=*) bin=${e#bin=} e=YINSEN_AB_BIN=$bin ;; esac
+      echo "prefill A/B env $e: $(env ${e//+/ } YINSEN_CUDA_BENCH=prefill "$bin" bench -m synthetic:2b4t --backend cuda -p 512,2048 -n 0 -r 3 2>&1 |
+        grep -E '^\| prefill (512|2048)(: (norm_quant|attention|qkv|o|gate_up|down))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
     done
   done | tee "$out/prefill-ab.txt"
   [ -n "${QUICK_SKIP_DECODE:-}" ] && exit 0
@@ -55,7 +60,7 @@ rows() { YINSEN_CUDA_BENCH=decode "$@" bench -m synthetic:2b4t --backend cuda -p
 # AB_ENV="VAR=a VAR=b": this build's rows alternated over those settings.
 if [ -n "${AB_ENV:-}" ]; then
   for r in 1 2; do
-    for e in $AB_ENV; do echo "A/B env $e: $(env "$e" bash -c "$(declare -f rows); rows yinsen")"; done
+    for e in $AB_ENV; do echo "A/B env $e: $(env ${e//+/ } bash -c "$(declare -f rows); rows yinsen")"; done
   done | tee "$out/ab-env.txt"
 fi
 if [ -x "$dev/bin/yinsen-base" ] || [ -n "${AB_FLAGS:-}" ]; then

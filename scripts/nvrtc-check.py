@@ -6,6 +6,7 @@
 Catches syntax and register/ptxas errors before a device run. NVRTC comes
 from the PyPI wheel `nvidia-cuda-nvrtc` (unzip it; point at lib/libnvrtc.so.13).
 Prints the compile log and, via -Xptxas -v, registers/smem per kernel.
+$YINSEN_NVRTC_DEFINES="NAME=VALUE ..." passes macros as the backend does.
 """
 import ctypes, os, sys
 
@@ -21,6 +22,7 @@ n = ctypes.CDLL(lib)
 prog = ctypes.c_void_p()
 assert n.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"yinsen.cu", 0, None, None) == 0
 opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-Xptxas", b"-v"]
+opts += [f"-D{d}".encode() for d in os.environ.get("YINSEN_NVRTC_DEFINES", "").split()]
 arr = (ctypes.c_char_p * len(opts))(*opts)
 r = n.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()

@@ -82,7 +82,8 @@ fn options(arch: &str) -> Vec<String> {
     o
 }
 
-/// `$YINSEN_NVRTC_DEFINES="NAME=VALUE ..."` (A/B runs only): macros the
+/// `$YINSEN_NVRTC_DEFINES="NAME=VALUE ..."` (A/B runs only; spaces or
+/// commas between them): macros the
 /// kernels take as tuning knobs (e.g. `LM_PASS2_MINB=1`). Part of the
 /// options, so of the cache key too; tokens other than NAME or NAME=VALUE
 /// of letters, digits and `_` are ignored.
@@ -93,7 +94,12 @@ fn defines() -> Vec<String> {
         word(name) && word(value) && !name.starts_with(|c: char| c.is_ascii_digit())
     };
     std::env::var("YINSEN_NVRTC_DEFINES")
-        .map(|v| v.split_whitespace().filter(|t| ok(t)).map(String::from).collect())
+        .map(|v| {
+            v.split([' ', '\t', '\n', ','])
+                .filter(|t| ok(t))
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -502,8 +502,15 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f1
 // replace 16 int8 -> f32 conversions and FMAs per 16 weights.
 // Needs hidden % 32 == 0, <= DM_NMAX.
 #ifndef LM_Q8_SLOTS
-#define LM_Q8_SLOTS 2  // rows per warp in flight (3: 156 registers, one block per SM)
+#define LM_Q8_SLOTS 1  // rows per warp in flight (2: 116 registers, 2 blocks per SM; 3: 156, one)
 #endif
+#ifndef LM_Q8_MINB
+#define LM_Q8_MINB 4  // blocks per SM the 8-bit head's registers must allow
+#endif
+// One row per warp in flight at 64 registers (4 blocks per SM, all of the
+// default grid resident) beat two rows at 116 (2 resident): pass 1 151.5 ->
+// 139.5 us, decode 922 -> 933-935 tok/s (S14-1, S14-2, H100); 5 blocks per
+// SM (grid or registers) was slower (168-187 us).
 template <bool SCREEN>
 __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x, const float* nw,
                                 float eps, float* logits, u64* best, ScreenArgs sa) {
@@ -642,7 +649,7 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
         lm_head_pick(bv, bi, bv_s, bi_s, best);
 }
 
-extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
+extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB) lm_head_dec_q8(const uint4* Q, const u16* D, int vocab, int hidden,
                                                                const float* x, const float* nw, float eps,
                                                                float* logits, u64* best) {
     lm_head_q8_body<false>(Q, D, vocab, hidden, x, nw, eps, logits, best, ScreenArgs{});
@@ -654,7 +661,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_dec_q8(const uint4* Q,
 // (lm_head_pick_f16) computes the F16 head's own row dot, as lm_head_dec
 // does, for the rows whose upper end reaches it, and picks as lm_head_dec
 // picks. The greedy token is the full head's, bit for bit.
-extern "C" __global__ void __launch_bounds__(256) lm_head_screen_q8(const uint4* Q, const u16* D, int vocab,
+extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB) lm_head_screen_q8(const uint4* Q, const u16* D, int vocab,
                                                                   int hidden, const float* x, const float* nw,
                                                                   float eps, float* lq, const float* err,
                                                                   const float* abs_sum, float2* fac, unsigned* keys,

@@ -402,6 +402,9 @@ __device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a
 // tokens past the matrix are never stored; the tail stages multiply zero
 // pad codes by zero activations.
 #define TW_BM 128
+#ifndef TW_PROBE
+#define TW_PROBE 0  // timing probe (A/B runs only, results wrong): 1 no loads, 2 no epilogue
+#endif
 #define TW_EP (TW_BM + 4)  // epilogue row pitch in words (see below)
 
 template <int BN, int S>
@@ -441,7 +444,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         if (warp > WG * 4) return;
         // Producer (one thread): stage it into slot it % S once the
         // consumers released that slot's previous stage.
-        if (lane != 0) return;
+        if (lane != 0 || (TW_PROBE & 1)) return;
         const char* wt = (const char*)W + (size_t)blockIdx.x * iters * A_BYTES;
         for (int it = 0; it < iters; it++) {
             const int slot = it % S;
@@ -454,6 +457,23 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    // The epilogue's per-token (xsum, sx) and per-tile-row scale, read here
+    // (under the ring's first copies) into shared memory: from global memory
+    // inside the epilogue each element waited on them in turn (below).
+    __shared__ int ep_xsum[BN];
+    __shared__ float ep_sx[BN], ep_rs[BM];
+    const bool gated = mode >= 3;
+    const int f = n_rows / 2, p0 = blockIdx.x * (BM / 2);
+    for (int i = tid; i < BN; i += WG * 128) {
+        const int t = tok0 + i;
+        ep_xsum[i] = t < nt ? xsum[t] : 0;
+        ep_sx[i] = t < nt && mode > 0 ? sx[t] : 1.f;
+    }
+    for (int i = tid; i < BM; i += WG * 128) {
+        // Gated (paired tiles): tile rows p and 64 + p are gate and up row p0 + p.
+        const int p = i % (BM / 2), r = gated ? (p0 + p < f ? (i < BM / 2 ? 0 : f) + p0 + p : -1) : row0 + i;
+        ep_rs[i] = mode > 0 && r >= 0 && r < n_rows ? row_scale[r] : 0.f;
+    }
     const int g = lane >> 2, tg = lane & 3;
     int d[BN / 2];
     // One stage: A fragments from the 2-bit codes (the m16n8k32 fragment of
@@ -466,7 +486,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     // (scale-d 0 on the first wgmma).
     auto stage = [&](int it, u32 (&af)[4][4], u32 (&prev)[4][4]) {
         const int slot = it % S;
-        mbar_wait(&full[slot], (it / S) & 1);
+        if (!(TW_PROBE & 1)) mbar_wait(&full[slot], (it / S) & 1);
         const u8* a_p = smem + slot * TW_STAGE + 32 * (warp * 16 + g);
         const u32 b_s = sbase + slot * TW_STAGE + A_BYTES;
 #pragma unroll
@@ -499,7 +519,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
             asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
         // The group of stage it - 1 has retired: its slot may be refilled.
         __syncwarp();
-        if (it > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % S]);
+        if (it > 0 && lane == 0 && !(TW_PROBE & 1)) mbar_arrive(&empty[(it - 1) % S]);
     };
     u32 af0[4][4], af1[4][4];
     for (int it = 0; it < iters; it += 2) {
@@ -507,6 +527,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         stage(it + 1, af1, af0);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    if (TW_PROBE & 2) return;
     // Epilogue through shared memory (the ring is free once both consumer
     // warpgroups are here; the producer has issued its last copy): each warp
     // parks its 16 x 256 accumulators as [token][row] (row pitch TW_EP
@@ -522,40 +543,67 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         for (int i = 0; i < 4; i++)
             ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
-    // 8 outputs per thread per round, the residuals (mode 2) all loaded
-    // first: loads and stores of out_f may alias for the compiler, so one
-    // store_out after another keeps a single load in flight.
+    // Every thread keeps one tile row (gated: one gate/up pair) and walks
+    // the tile's tokens, EP_N of them per round: the residuals (mode 2) and
+    // the parked sums loaded first, then the EP_N outputs, whose stores do
+    // not wait. Per element the arithmetic is store_out_old's (gated:
+    // act(gate) * up as norm_quant's load_in computes it), so the bits are.
+    // One element at a time, each waiting on its global xsum / sx / scale
+    // loads behind the last store, the epilogue took longer than the MMA
+    // loop (timing probe TW_PROBE=2, run S14-1: gate_up 2048 6.37 -> 2.62 ms
+    // without it); this order: 4.94 ms (S14-2).
     constexpr int EP_N = 8, EP_STEP = WG * 128;
-    if (mode >= 3) {
-        // Gated (paired tiles, layout.rs): tile rows p and 64 + p are gate
-        // and up row 64 blockIdx.x + p; act(gate) * up goes to column
-        // 64 blockIdx.x + p of out_f ([token][f]), as norm_quant's
-        // load_in would compute it from the two stored values.
-        const int f = n_rows / 2, p0 = blockIdx.x * (BM / 2);
-        for (int e = tid; e < BN * BM / 2; e += EP_STEP) {
-            const int tl = e / (BM / 2), p = e % (BM / 2), rg = p0 + p, t = tok0 + tl;
-            if (rg < f && t < nt) {
-                const float k = sx[t];
-                const float yg = __fmul_rn((float)(ep[tl * TW_EP + p] - xsum[t]), __fdiv_rn(row_scale[rg], k));
-                const float yu =
-                    __fmul_rn((float)(ep[tl * TW_EP + BM / 2 + p] - xsum[t]), __fdiv_rn(row_scale[f + rg], k));
-                out_f[(size_t)t * out_stride + rg] = gated_act(yg, yu, mode - 2);
+    if (gated) {
+        constexpr int HP = BM / 2, TS = EP_STEP / HP;  // pairs, tokens per round of the block
+        const int p = tid % HP, rg = p0 + p;
+        const float rs_g = ep_rs[p], rs_u = ep_rs[HP + p];
+        if (rg >= f) return;
+        for (int k0 = tid / HP; k0 < BN; k0 += EP_N * TS) {
+            int vg[EP_N], vu[EP_N];
+#pragma unroll
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = min(k0 + k * TS, BN - 1);
+                vg[k] = ep[tl * TW_EP + p] - ep_xsum[tl];
+                vu[k] = ep[tl * TW_EP + HP + p] - ep_xsum[tl];
+            }
+#pragma unroll
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = k0 + k * TS, t = tok0 + tl;
+                if (tl < BN && t < nt) {
+                    const float kx = ep_sx[tl];
+                    const float yg = __fmul_rn((float)vg[k], __fdiv_rn(rs_g, kx));
+                    const float yu = __fmul_rn((float)vu[k], __fdiv_rn(rs_u, kx));
+                    out_f[(size_t)t * out_stride + rg] = gated_act(yg, yu, mode - 2);
+                }
             }
         }
         return;
     }
-    for (int e0 = tid; e0 < BN * BM; e0 += EP_N * EP_STEP) {
+    constexpr int TS = EP_STEP / BM;  // tokens per round of the block
+    const int rl = tid % BM, r = row0 + rl;
+    const float rs = ep_rs[rl];
+    if (r >= n_rows) return;
+    for (int k0 = tid / BM; k0 < BN; k0 += EP_N * TS) {
         float old[EP_N];
+        int v[EP_N];
 #pragma unroll
         for (int k = 0; k < EP_N; k++) {
-            const int e = e0 + k * EP_STEP, r = row0 + e % BM, t = tok0 + e / BM;
-            old[k] = mode == 2 && e < BN * BM && r < n_rows && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
+            const int tl = min(k0 + k * TS, BN - 1), t = tok0 + tl;
+            old[k] = mode == 2 && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
+            v[k] = ep[tl * TW_EP + rl] - ep_xsum[tl];
         }
 #pragma unroll
         for (int k = 0; k < EP_N; k++) {
-            const int e = e0 + k * EP_STEP, tl = e / BM, rl = e % BM, r = row0 + rl, t = tok0 + tl;
-            if (e < BN * BM && r < n_rows && t < nt)
-                store_out_old(mode, ep[tl * TW_EP + rl], r, t, out_stride, xsum, row_scale, sx, out_i, out_f, old[k]);
+            const int tl = k0 + k * TS, t = tok0 + tl;
+            if (tl < BN && t < nt) {
+                const size_t o = (size_t)t * out_stride + r;
+                if (mode == 0) {
+                    out_i[o] = v[k];
+                } else {
+                    const float y = __fmul_rn((float)v[k], __fdiv_rn(rs, ep_sx[tl]));
+                    out_f[o] = mode == 1 ? y : __fadd_rn(old[k], y);
+                }
+            }
         }
     }
 #endif
