@@ -11,6 +11,8 @@
 # SASS instruction (stall samples per line). NCU_SAMPLING=N sets the warp
 # sampling interval (2^(5+N) cycles): 0 for short kernels (S13-3's source
 # page of the 30 us top-k floor came back without sample columns).
+# NCU_BENCH=prefill NCU_PROMPT=2048 runs the prefill bench instead (e.g. a
+# GEMM: KERNEL_REGEX tern_wgmma_tma, SKIP 2 = layer 0's gate_up).
 set -u
 . "$(dirname "$0")/pack-small.sh"
 pack_or_run "${1:-}" remote "$0 pack | remote [KERNEL_REGEX] [SKIP]" scripts/device-ncu-source.sh
@@ -21,7 +23,7 @@ src="$out/src"
 mkdir -p "$src"
 "$ncu" -k "regex:$k" -s "${3:-2}" -c 1 ${NCU_SAMPLING:+--warp-sampling-interval $NCU_SAMPLING} --section SourceCounters --section WarpStateStats --section SpeedOfLight \
   --import-source yes --source-folders "$src" -o "$out/prof" \
-  env YINSEN_NVRTC_LINEINFO="$src" YINSEN_CUDA_BENCH=decode yinsen bench -m synthetic:2b4t --backend cuda -p 0 -n 0 -r 1 \
+  env YINSEN_NVRTC_LINEINFO="$src" YINSEN_CUDA_BENCH="${NCU_BENCH:-decode}" yinsen bench -m synthetic:2b4t --backend cuda -p "${NCU_PROMPT:-0}" -n 0 -r 1 \
   >"$out/ncu.log" 2>&1
 echo "profile rc $?"
 tail -5 "$out/ncu.log"

@@ -1102,3 +1102,81 @@ fn norm_quant_groups_match_block_kernel() {
     }
     assert!(checked >= 12, "{checked} variant cases");
 }
+
+/// The GEMM epilogues' division (`div_rcp` / `div_by` in common.cuh) gives
+/// IEEE division's bits: 2^20 random pairs with exponents across and past
+/// its fast range [2^-40, 2^40], pairs of the sizes the epilogues divide
+/// (weight scale / token scale), and the values that take `__fdiv_rn`
+/// (zeros, denormals, the range edges, huge, inf, NaN), both ways round.
+#[test]
+fn fast_division_matches_ieee() {
+    use yinsen::backends::cuda::Arg;
+    let Some(g) = gpu() else { return };
+    let mut r = SplitMix64(0xd1_u64 + 7);
+    let mut rand_f = |lo: i32, hi: i32| {
+        let bits = r.next_u64();
+        let e = (lo + (bits % (hi - lo + 1) as u64) as i32 + 127) as u32;
+        f32::from_bits(((bits >> 32) as u32 & 0x8000_0000) | (e << 23) | ((bits >> 8) as u32 & 0x7f_ffff))
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..(1 << 20) {
+        let (x, y) = match i % 3 {
+            0 => (rand_f(-46, 46), rand_f(-46, 46)),
+            1 => (rand_f(-12, 3), rand_f(-14, 0)),
+            _ => (rand_f(-40, 40), rand_f(-40, 40)),
+        };
+        a.push(x);
+        b.push(y);
+    }
+    let edge = [
+        0.0f32,
+        -0.0,
+        f32::from_bits(1),
+        f32::MIN_POSITIVE,
+        (-40f32).exp2(),
+        (-40f32).exp2() * (1.0 - f32::EPSILON / 2.0),
+        40f32.exp2(),
+        40f32.exp2() * (1.0 + f32::EPSILON),
+        1.0,
+        3.0,
+        -7.5e-3,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    for &x in &edge {
+        for &y in &edge {
+            a.push(x);
+            b.push(y);
+        }
+    }
+    let n = a.len();
+    let (da, db, dq) = (g.upload(&a).unwrap(), g.upload(&b).unwrap(), g.alloc(4 * n).unwrap());
+    dq.write(&vec![f32::from_bits(0x7fc0_dead); n]).unwrap(); // poisoned
+    let args = [da.p(), db.p(), Arg::I(n as i32), dq.p()];
+    g.launch_smem(
+        "fdiv_check",
+        (n.div_ceil(256) as u32, 1, 1),
+        256,
+        0,
+        &args,
+        Launch::Plain,
+    )
+    .unwrap();
+    let q = dq.read::<f32>(n).unwrap();
+    for i in 0..n {
+        let want = a[i] / b[i];
+        let same =
+            q[i].to_bits() == want.to_bits() || (q[i].is_nan() && want.is_nan() && q[i].to_bits() != 0x7fc0_dead);
+        assert!(
+            same,
+            "{} / {}: got {:e} ({:#x}), IEEE {:e}",
+            a[i],
+            b[i],
+            q[i],
+            q[i].to_bits(),
+            want
+        );
+    }
+}

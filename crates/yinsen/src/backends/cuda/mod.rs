@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 72] = [
+pub const KERNELS: [&str; 73] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -216,6 +216,7 @@ pub const KERNELS: [&str; 72] = [
     "tern_wgmma_tma_n128",
     "row_sums_i8",
     "embed_f16",
+    "fdiv_check",
     "norm_quant",
     "norm_quant_w1",
     "norm_quant_w2",

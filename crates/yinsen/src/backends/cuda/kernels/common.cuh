@@ -203,6 +203,31 @@ __device__ __forceinline__ unsigned q8_word(float4 y, float s) {
     return __byte_perm(lo, hi, 0x5410);
 }
 
+// a / b with __fdiv_rn's bits, cheaper where one b divides many a (the
+// GEMM epilogues: row scale / token scale): r1 = div_rcp(b) once per b, then
+// div_by(a, b, r1) per a. Inside |a|, |b| in [2^-40, 2^40] this is the fast
+// path the compiler emits for div.rn.f32 (an approximate reciprocal, one
+// Newton step, Markstein's correction; correctly rounded where nothing
+// over- or underflows), without its per-division range check and branch,
+// which left a GEMM epilogue waiting on one division after another (ncu,
+// S14-3); outside that range (zeros, denormals, huge values, inf, NaN),
+// __fdiv_rn itself. Test (device): `fast_division_matches_ieee`.
+#define DIV_LO 0x1p-40f
+#define DIV_HI 0x1p40f
+__device__ __forceinline__ float div_rcp(float b) {
+    const float ab = fabsf(b);
+    if (!(ab >= DIV_LO && ab <= DIV_HI)) return 0.f;  // 0: div_by takes __fdiv_rn
+    float r0;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(b));
+    return __fmaf_rn(r0, __fmaf_rn(-b, r0, 1.f), r0);
+}
+__device__ __forceinline__ float div_by(float a, float b, float r1) {
+    const float aa = fabsf(a);
+    if (r1 == 0.f || !(aa >= DIV_LO && aa <= DIV_HI)) return __fdiv_rn(a, b);
+    const float q0 = __fmul_rn(a, r1);
+    return __fmaf_rn(r1, __fmaf_rn(-b, q0, a), q0);
+}
+
 // The gated FFN activation act(g) * u (gate 1 = relu2, 2 = silu): one
 // expression for norm_quant's input and the GEMM's gated epilogue, so both
 // give the same bits.

@@ -635,3 +635,10 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_logits(const float
         out_v[threadIdx.x] = i >= 0 ? logits[i] : 0.f;
     }
 }
+
+// Test only: q[i] = a[i] / b[i] through div_rcp / div_by (common.cuh), for
+// the comparison with IEEE division on the host.
+extern "C" __global__ void fdiv_check(const float* a, const float* b, int n, float* q) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) q[i] = div_by(a[i], b[i], div_rcp(b[i]));
+}

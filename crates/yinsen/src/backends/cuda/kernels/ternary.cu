@@ -461,13 +461,14 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     // (under the ring's first copies) into shared memory: from global memory
     // inside the epilogue each element waited on them in turn (below).
     __shared__ int ep_xsum[BN];
-    __shared__ float ep_sx[BN], ep_rs[BM];
+    __shared__ float ep_sx[BN], ep_r1[BN], ep_rs[BM];
     const bool gated = mode >= 3;
     const int f = n_rows / 2, p0 = blockIdx.x * (BM / 2);
     for (int i = tid; i < BN; i += WG * 128) {
         const int t = tok0 + i;
         ep_xsum[i] = t < nt ? xsum[t] : 0;
         ep_sx[i] = t < nt && mode > 0 ? sx[t] : 1.f;
+        ep_r1[i] = div_rcp(ep_sx[i]);
     }
     for (int i = tid; i < BM; i += WG * 128) {
         // Gated (paired tiles): tile rows p and 64 + p are gate and up row p0 + p.
@@ -543,67 +544,108 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         for (int i = 0; i < 4; i++)
             ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
-    // Every thread keeps one tile row (gated: one gate/up pair) and walks
-    // the tile's tokens, EP_N of them per round: the residuals (mode 2) and
-    // the parked sums loaded first, then the EP_N outputs, whose stores do
-    // not wait. Per element the arithmetic is store_out_old's (gated:
-    // act(gate) * up as norm_quant's load_in computes it), so the bits are.
-    // One element at a time, each waiting on its global xsum / sx / scale
-    // loads behind the last store, the epilogue took longer than the MMA
-    // loop (timing probe TW_PROBE=2, run S14-1: gate_up 2048 6.37 -> 2.62 ms
-    // without it); this order: 4.94 ms (S14-2).
-    constexpr int EP_N = 8, EP_STEP = WG * 128;
+    // Every thread keeps four tile rows (gated: four gate/up pairs) and walks
+    // the tile's tokens, EP_N of them per round: the parked sums (one 16-byte
+    // shared load per token) and the residuals (mode 2) loaded first, then
+    // the outputs as one 16-byte store per token. Per element the
+    // arithmetic is store_out_old's (gated: act(gate) * up as norm_quant's
+    // load_in computes it), so the bits are. Why: with one element at a
+    // time, each waiting on its global xsum / sx / scale loads behind the
+    // last store, the epilogue took longer than the MMA loop (timing probe
+    // TW_PROBE=2, S14-1: gate_up 2048 6.37 -> 2.62 ms without it); with
+    // those in shared memory and one row per thread it still took ~40% of
+    // the kernel, issue-bound on its ~56 instructions per output pair (ncu,
+    // S14-3; the division's branch was not the cost: S14-4).
+    constexpr int EP_N = 4, EP_STEP = WG * 128;
+    // 16-byte stores where the output rows allow them (else element-wise).
+    const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
     if (gated) {
-        constexpr int HP = BM / 2, TS = EP_STEP / HP;  // pairs, tokens per round of the block
-        const int p = tid % HP, rg = p0 + p;
-        const float rs_g = ep_rs[p], rs_u = ep_rs[HP + p];
+        constexpr int HP = BM / 2, QS = HP / 4, TS = EP_STEP / QS;  // pairs, quads, tokens per round
+        const int p = 4 * (tid % QS), rg = p0 + p;
         if (rg >= f) return;
-        for (int k0 = tid / HP; k0 < BN; k0 += EP_N * TS) {
-            int vg[EP_N], vu[EP_N];
+        const int nv = min(4, f - rg);  // pairs of the quad inside the matrix
+        float sg[4], su[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) sg[j] = ep_rs[p + j], su[j] = ep_rs[HP + p + j];
+        for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
+            int4 vg[EP_N], vu[EP_N];
 #pragma unroll
             for (int k = 0; k < EP_N; k++) {
-                const int tl = min(k0 + k * TS, BN - 1);
-                vg[k] = ep[tl * TW_EP + p] - ep_xsum[tl];
-                vu[k] = ep[tl * TW_EP + HP + p] - ep_xsum[tl];
+                const int tl = k0 + k * TS;
+                vg[k] = *(const int4*)(ep + tl * TW_EP + p);
+                vu[k] = *(const int4*)(ep + tl * TW_EP + HP + p);
             }
 #pragma unroll
             for (int k = 0; k < EP_N; k++) {
                 const int tl = k0 + k * TS, t = tok0 + tl;
-                if (tl < BN && t < nt) {
-                    const float kx = ep_sx[tl];
-                    const float yg = __fmul_rn((float)vg[k], __fdiv_rn(rs_g, kx));
-                    const float yu = __fmul_rn((float)vu[k], __fdiv_rn(rs_u, kx));
-                    out_f[(size_t)t * out_stride + rg] = gated_act(yg, yu, mode - 2);
+                if (t >= nt) break;  // tokens grow with k
+                const int xs = ep_xsum[tl];
+                const float kx = ep_sx[tl], r1 = ep_r1[tl];
+                const int g[4] = {vg[k].x, vg[k].y, vg[k].z, vg[k].w}, u[4] = {vu[k].x, vu[k].y, vu[k].z, vu[k].w};
+                float o[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float yg = __fmul_rn((float)(g[j] - xs), div_by(sg[j], kx, r1));
+                    const float yu = __fmul_rn((float)(u[j] - xs), div_by(su[j], kx, r1));
+                    o[j] = gated_act(yg, yu, mode - 2);
                 }
+                float* dst = out_f + (size_t)t * out_stride + rg;
+                if (vec && nv == 4) *(float4*)dst = make_float4(o[0], o[1], o[2], o[3]);
+                else
+                    for (int j = 0; j < nv; j++) dst[j] = o[j];
             }
         }
         return;
     }
-    constexpr int TS = EP_STEP / BM;  // tokens per round of the block
-    const int rl = tid % BM, r = row0 + rl;
-    const float rs = ep_rs[rl];
+    constexpr int QS = BM / 4, TS = EP_STEP / QS;  // quads, tokens per round
+    const int rl = 4 * (tid % QS), r = row0 + rl;
     if (r >= n_rows) return;
-    for (int k0 = tid / BM; k0 < BN; k0 += EP_N * TS) {
-        float old[EP_N];
-        int v[EP_N];
+    const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
+    float rs[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) rs[j] = ep_rs[rl + j];
+    for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
+        int4 v[EP_N];
+        float old[EP_N][4];
 #pragma unroll
         for (int k = 0; k < EP_N; k++) {
-            const int tl = min(k0 + k * TS, BN - 1), t = tok0 + tl;
-            old[k] = mode == 2 && t < nt ? out_f[(size_t)t * out_stride + r] : 0.f;
-            v[k] = ep[tl * TW_EP + rl] - ep_xsum[tl];
+            const int tl = k0 + k * TS, t = tok0 + tl;
+            v[k] = *(const int4*)(ep + tl * TW_EP + rl);
+#pragma unroll
+            for (int j = 0; j < 4; j++) old[k][j] = 0.f;
+            if (mode == 2 && t < nt) {
+                const float* src = out_f + (size_t)t * out_stride + r;
+                if (vec && nv == 4) {
+                    const float4 o4 = *(const float4*)src;
+                    old[k][0] = o4.x, old[k][1] = o4.y, old[k][2] = o4.z, old[k][3] = o4.w;
+                } else {
+                    for (int j = 0; j < nv; j++) old[k][j] = src[j];
+                }
+            }
         }
 #pragma unroll
         for (int k = 0; k < EP_N; k++) {
             const int tl = k0 + k * TS, t = tok0 + tl;
-            if (tl < BN && t < nt) {
-                const size_t o = (size_t)t * out_stride + r;
-                if (mode == 0) {
-                    out_i[o] = v[k];
-                } else {
-                    const float y = __fmul_rn((float)v[k], __fdiv_rn(rs, ep_sx[tl]));
-                    out_f[o] = mode == 1 ? y : __fadd_rn(old[k], y);
-                }
+            if (t >= nt) break;  // tokens grow with k
+            const int xs = ep_xsum[tl];
+            const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
+            const size_t o = (size_t)t * out_stride + r;
+            if (mode == 0) {
+                if (vec && nv == 4) *(int4*)(out_i + o) = make_int4(a[0], a[1], a[2], a[3]);
+                else
+                    for (int j = 0; j < nv; j++) out_i[o + j] = a[j];
+                continue;
             }
+            const float kx = ep_sx[tl], r1 = ep_r1[tl];
+            float y[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                y[j] = __fmul_rn((float)a[j], div_by(rs[j], kx, r1));
+                if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
+            }
+            if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
+            else
+                for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
         }
     }
 #endif
