@@ -214,18 +214,25 @@ __device__ __forceinline__ unsigned q8_word(float4 y, float s) {
 // __fdiv_rn itself. Test (device): `fast_division_matches_ieee`.
 #define DIV_LO 0x1p-40f
 #define DIV_HI 0x1p40f
+__device__ __forceinline__ bool div_in_range(float x) {
+    const float ax = fabsf(x);
+    return ax >= DIV_LO && ax <= DIV_HI;  // false for NaN
+}
 __device__ __forceinline__ float div_rcp(float b) {
-    const float ab = fabsf(b);
-    if (!(ab >= DIV_LO && ab <= DIV_HI)) return 0.f;  // 0: div_by takes __fdiv_rn
+    if (!div_in_range(b)) return 0.f;  // 0: div_by takes __fdiv_rn
     float r0;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(b));
     return __fmaf_rn(r0, __fmaf_rn(-b, r0, 1.f), r0);
 }
-__device__ __forceinline__ float div_by(float a, float b, float r1) {
-    const float aa = fabsf(a);
-    if (r1 == 0.f || !(aa >= DIV_LO && aa <= DIV_HI)) return __fdiv_rn(a, b);
+// The fast path alone: where div_in_range(a) and r1 = div_rcp(b) != 0.
+// Callers with many divisions test that once for all of them (one branch
+// per group instead of one per division: S14-7).
+__device__ __forceinline__ float div_fast(float a, float b, float r1) {
     const float q0 = __fmul_rn(a, r1);
     return __fmaf_rn(r1, __fmaf_rn(-b, q0, a), q0);
+}
+__device__ __forceinline__ float div_by(float a, float b, float r1) {
+    return r1 != 0.f && div_in_range(a) ? div_fast(a, b, r1) : __fdiv_rn(a, b);
 }
 
 // The gated FFN activation act(g) * u (gate 1 = relu2, 2 = silu): one

@@ -405,6 +405,20 @@ __device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a
 #ifndef TW_PROBE
 #define TW_PROBE 0  // timing probe (A/B runs only, results wrong): 1 no loads, 2 no epilogue
 #endif
+// Tokens per round of the epilogue (1, 2, 4 or 8): stores only (modes 0
+// and 1, gated) and with residual loads (mode 2). S14-8, prefill 2048
+// (qkv / o / gate_up / down ms): 4 everywhere 1.35 / 1.65 / 3.80 / 3.05;
+// 2: 1.31 / 1.76 / 3.66 / 3.15; 8: 1.35 / 1.60 / 4.05 / 3.00.
+#ifndef TW_EP_STORE
+#define TW_EP_STORE 2
+#endif
+#ifndef TW_EP_ADD
+#define TW_EP_ADD 8
+#endif
+template <int N>
+struct TwInt {
+    static constexpr int value = N;
+};
 #define TW_EP (TW_BM + 4)  // epilogue row pitch in words (see below)
 
 template <int BN, int S>
@@ -556,37 +570,48 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     // those in shared memory and one row per thread it still took ~40% of
     // the kernel, issue-bound on its ~56 instructions per output pair (ncu,
     // S14-3; the division's branch was not the cost: S14-4).
-    constexpr int EP_N = 4, EP_STEP = WG * 128;
+    constexpr int EP_STEP = WG * 128;
     // 16-byte stores where the output rows allow them (else element-wise).
     const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
     if (gated) {
+        constexpr int EP_G = TW_EP_STORE;
         constexpr int HP = BM / 2, QS = HP / 4, TS = EP_STEP / QS;  // pairs, quads, tokens per round
         const int p = 4 * (tid % QS), rg = p0 + p;
         if (rg >= f) return;
         const int nv = min(4, f - rg);  // pairs of the quad inside the matrix
         float sg[4], su[4];
+        bool fast = true;  // every scale in the division's fast range
 #pragma unroll
-        for (int j = 0; j < 4; j++) sg[j] = ep_rs[p + j], su[j] = ep_rs[HP + p + j];
-        for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
-            int4 vg[EP_N], vu[EP_N];
+        for (int j = 0; j < 4; j++) {
+            sg[j] = ep_rs[p + j], su[j] = ep_rs[HP + p + j];
+            fast = fast && div_in_range(sg[j]) && div_in_range(su[j]);
+        }
+        for (int k0 = tid / QS; k0 < BN; k0 += EP_G * TS) {
+            int4 vg[EP_G], vu[EP_G];
 #pragma unroll
-            for (int k = 0; k < EP_N; k++) {
+            for (int k = 0; k < EP_G; k++) {
                 const int tl = k0 + k * TS;
                 vg[k] = *(const int4*)(ep + tl * TW_EP + p);
                 vu[k] = *(const int4*)(ep + tl * TW_EP + HP + p);
             }
 #pragma unroll
-            for (int k = 0; k < EP_N; k++) {
+            for (int k = 0; k < EP_G; k++) {
                 const int tl = k0 + k * TS, t = tok0 + tl;
                 if (t >= nt) break;  // tokens grow with k
                 const int xs = ep_xsum[tl];
                 const float kx = ep_sx[tl], r1 = ep_r1[tl];
                 const int g[4] = {vg[k].x, vg[k].y, vg[k].z, vg[k].w}, u[4] = {vu[k].x, vu[k].y, vu[k].z, vu[k].w};
-                float o[4];
+                float o[4], qg[4], qu[4];
+                if (fast && r1 != 0.f) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) qg[j] = div_fast(sg[j], kx, r1), qu[j] = div_fast(su[j], kx, r1);
+                } else {
+                    for (int j = 0; j < 4; j++) qg[j] = __fdiv_rn(sg[j], kx), qu[j] = __fdiv_rn(su[j], kx);
+                }
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    const float yg = __fmul_rn((float)(g[j] - xs), div_by(sg[j], kx, r1));
-                    const float yu = __fmul_rn((float)(u[j] - xs), div_by(su[j], kx, r1));
+                    const float yg = __fmul_rn((float)(g[j] - xs), qg[j]);
+                    const float yu = __fmul_rn((float)(u[j] - xs), qu[j]);
                     o[j] = gated_act(yg, yu, mode - 2);
                 }
                 float* dst = out_f + (size_t)t * out_stride + rg;
@@ -602,52 +627,68 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     if (r >= n_rows) return;
     const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
     float rs[4];
+    bool fast = true;  // every scale in the division's fast range
 #pragma unroll
-    for (int j = 0; j < 4; j++) rs[j] = ep_rs[rl + j];
-    for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
-        int4 v[EP_N];
-        float old[EP_N][4];
+    for (int j = 0; j < 4; j++) {
+        rs[j] = ep_rs[rl + j];
+        fast = fast && div_in_range(rs[j]);
+    }
+    // The rounds' token count as a constant (the loops unroll over it).
+    auto rounds = [&](auto ep_n) {
+        constexpr int EP_N = decltype(ep_n)::value;
+        for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
+            int4 v[EP_N];
+            float old[EP_N][4];
 #pragma unroll
-        for (int k = 0; k < EP_N; k++) {
-            const int tl = k0 + k * TS, t = tok0 + tl;
-            v[k] = *(const int4*)(ep + tl * TW_EP + rl);
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = k0 + k * TS, t = tok0 + tl;
+                v[k] = *(const int4*)(ep + tl * TW_EP + rl);
 #pragma unroll
-            for (int j = 0; j < 4; j++) old[k][j] = 0.f;
-            if (mode == 2 && t < nt) {
-                const float* src = out_f + (size_t)t * out_stride + r;
-                if (vec && nv == 4) {
-                    const float4 o4 = *(const float4*)src;
-                    old[k][0] = o4.x, old[k][1] = o4.y, old[k][2] = o4.z, old[k][3] = o4.w;
-                } else {
-                    for (int j = 0; j < nv; j++) old[k][j] = src[j];
+                for (int j = 0; j < 4; j++) old[k][j] = 0.f;
+                if (mode == 2 && t < nt) {
+                    const float* src = out_f + (size_t)t * out_stride + r;
+                    if (vec && nv == 4) {
+                        const float4 o4 = *(const float4*)src;
+                        old[k][0] = o4.x, old[k][1] = o4.y, old[k][2] = o4.z, old[k][3] = o4.w;
+                    } else {
+                        for (int j = 0; j < nv; j++) old[k][j] = src[j];
+                    }
                 }
             }
-        }
 #pragma unroll
-        for (int k = 0; k < EP_N; k++) {
-            const int tl = k0 + k * TS, t = tok0 + tl;
-            if (t >= nt) break;  // tokens grow with k
-            const int xs = ep_xsum[tl];
-            const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
-            const size_t o = (size_t)t * out_stride + r;
-            if (mode == 0) {
-                if (vec && nv == 4) *(int4*)(out_i + o) = make_int4(a[0], a[1], a[2], a[3]);
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = k0 + k * TS, t = tok0 + tl;
+                if (t >= nt) break;  // tokens grow with k
+                const int xs = ep_xsum[tl];
+                const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
+                const size_t o = (size_t)t * out_stride + r;
+                if (mode == 0) {
+                    if (vec && nv == 4) *(int4*)(out_i + o) = make_int4(a[0], a[1], a[2], a[3]);
+                    else
+                        for (int j = 0; j < nv; j++) out_i[o + j] = a[j];
+                    continue;
+                }
+                const float kx = ep_sx[tl], r1 = ep_r1[tl];
+                float y[4], qd[4];
+                if (fast && r1 != 0.f) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) qd[j] = div_fast(rs[j], kx, r1);
+                } else {
+                    for (int j = 0; j < 4; j++) qd[j] = __fdiv_rn(rs[j], kx);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    y[j] = __fmul_rn((float)a[j], qd[j]);
+                    if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
+                }
+                if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
                 else
-                    for (int j = 0; j < nv; j++) out_i[o + j] = a[j];
-                continue;
+                    for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
             }
-            const float kx = ep_sx[tl], r1 = ep_r1[tl];
-            float y[4];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                y[j] = __fmul_rn((float)a[j], div_by(rs[j], kx, r1));
-                if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
-            }
-            if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
-            else
-                for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
         }
-    }
+    };
+    if (mode == 2) rounds(TwInt<TW_EP_ADD>{});
+    else rounds(TwInt<TW_EP_STORE>{});
 #endif
 }
 
