@@ -35,11 +35,14 @@ const MAX_CHUNK: usize = 2048;
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
 const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
-/// Its 128-token tiles, for grids of under 1.5 waves of 256-token ones.
+/// Its 128-token tiles, for grids of under one wave of 256-token ones.
 const TMA_NARROW: &str = "tern_wgmma_tma_n128";
 /// `BigGemm::Auto` takes the TMA GEMM from this many tokens (where its
-/// tiles pay, see `kernel_for`).
-const TMA_MIN_TOKENS: usize = 256;
+/// tiles pay, see `kernel_for`). S14-10 (H100, the reworked epilogue):
+/// `yinsen bench -p 128,192,256` through 128-token TMA tiles 32.4k / 43.5k /
+/// 55.3k tok/s against 23.9k / 32.3k / 49.9k through mma.sync (from 256
+/// before).
+const TMA_MIN_TOKENS: usize = 128;
 
 /// The GEMM of calls of >= BIG_GEMM_TOKENS tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1180,15 +1183,17 @@ impl CudaBackend {
             return MatKernel::Gemv;
         }
         // The TMA GEMM: 256-token tiles, or 128-token ones where those make
-        // under 1.5 waves (run S7-15: o at 2048 tokens, 160 tiles on 132
-        // SMs, 62.9 -> 58.5 us; qkv, 240 tiles, 70 -> 82 us; every matrix
-        // but gate_up at 512 tokens 1.4-1.6x faster). It pays once there are enough tiles
-        // or the input is long (run S7-5 sweep: o at 512 tokens, 40 tiles of
-        // 2560 inputs, was slower than the 64 x 64 mma.sync tile; down at
-        // 512, 40 tiles of 6912, faster).
+        // under one wave. S7-15 had the line at 1.5 waves (o at 2048 tokens,
+        // 160 tiles on 132 SMs, 62.9 -> 58.5 us with 128-token tiles); with
+        // the cheaper epilogue (S14-10's sweep) 256-token tiles won there (o
+        // 35.7 vs 38.7 us, down 76.4 vs 87.3; prefill 2048 18.20 vs 18.67
+        // ms) and 128-token ones still at 512 tokens (qkv, o, down: 40-60
+        // tiles). It pays once there are enough tiles or the input is long
+        // (S7-5 sweep: o at 512 tokens, 40 tiles of 2560 inputs, was slower
+        // than the 64 x 64 mma.sync tile; S14-10: 13.2 vs 27.4 us now).
         let sms = self.gpu.info.sms.max(1) as usize;
         let rows = m.n_rows.div_ceil(super::layout::TILE_ROWS);
-        let wide = 2 * rows * nt.div_ceil(super::TILED_TOKENS) >= 3 * sms;
+        let wide = rows * nt.div_ceil(super::TILED_TOKENS) >= sms;
         let tiles = rows * nt.div_ceil(if wide { 256 } else { 128 });
         let tma_pays = 2 * tiles >= sms || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
