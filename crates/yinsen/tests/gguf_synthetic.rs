@@ -351,6 +351,16 @@ fn tensor_table_errors() {
         &with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1 << 40, 1 << 40]),
         "element count overflows",
     );
+    // 2^62 F32 elements: a count that fits, a byte size (2^64) that does not.
+    // (Found by the fuzzer: the size wrapped to 0 in release builds.)
+    expect_err(
+        &with_tensor(|w| {
+            let t = w.tensor_mut("output_norm.weight");
+            t.ggml_type = types::F32;
+            t.dims = vec![1 << 31, 1 << 31];
+        }),
+        "too large",
+    );
     expect_err(
         &with_tensor(|w| w.tensor_mut("output_norm.weight").dims = vec![1; 5]),
         "5 dims",

@@ -401,7 +401,10 @@ fn table_size(t: &TensorInfo) -> std::result::Result<Option<u64>, String> {
             t.name
         ));
     }
-    Ok(Some(t.n_elems / be * bb))
+    (t.n_elems / be)
+        .checked_mul(bb)
+        .map(Some)
+        .ok_or_else(|| format!("tensor '{}' of {} elements is too large", t.name, t.n_elems))
 }
 
 /// Turn relative offsets into absolute spans: every tensor inside the file,
