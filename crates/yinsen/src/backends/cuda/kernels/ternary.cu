@@ -421,6 +421,233 @@ struct TwInt {
 };
 #define TW_EP (TW_BM + 4)  // epilogue row pitch in words (see below)
 
+// A tile's epilogue constants into shared memory, by threads i0, i0 + step,
+// ...: per token (xsum, sx, the refined reciprocal of sx), per tile row the
+// row scale (gated, paired tiles: tile rows p and 64 + p are gate and up row
+// row0 / 2 + p).
+template <int BN>
+__device__ __forceinline__ void tw_tile_consts(int i0, int step, int row0, int tok0, int n_rows, int nt,
+                                               const int* xsum, const float* row_scale, const float* sx, int mode,
+                                               int* ep_xsum, float* ep_sx, float* ep_r1, float* ep_rs) {
+    constexpr int BM = TW_BM;
+    const bool gated = mode >= 3;
+    const int f = n_rows / 2, p0 = row0 / 2;
+    for (int i = i0; i < BN; i += step) {
+        const int t = tok0 + i;
+        ep_xsum[i] = t < nt ? xsum[t] : 0;
+        ep_sx[i] = t < nt && mode > 0 ? sx[t] : 1.f;
+        ep_r1[i] = div_rcp(ep_sx[i]);
+    }
+    for (int i = i0; i < BM; i += step) {
+        const int p = i % (BM / 2), r = gated ? (p0 + p < f ? (i < BM / 2 ? 0 : f) + p0 + p : -1) : row0 + i;
+        ep_rs[i] = mode > 0 && r >= 0 && r < n_rows ? row_scale[r] : 0.f;
+    }
+}
+
+// The epilogue of one tile from its parked sums `ep` ([token][row], row
+// pitch TW_EP words) by NTH threads (this one: et; NTH a multiple of 32,
+// not necessarily a power of two: a round's last tokens may lie past the
+// tile, and are skipped). Every thread keeps four
+// tile rows (gated: four gate/up pairs) and walks the tile's tokens, EP_N
+// of them per round: the parked sums (one 16-byte shared load per token)
+// and the residuals (mode 2) loaded first, then the outputs as one 16-byte
+// store per token. Per element the arithmetic is store_out_old's (gated:
+// act(gate) * up as norm_quant's load_in computes it), so the bits are.
+// Why: with one element at a time, each waiting on its global xsum / sx /
+// scale loads behind the last store, the epilogue took longer than the MMA
+// loop (timing probe TW_PROBE=2, S14-1: gate_up 2048 6.37 -> 2.62 ms
+// without it); with those in shared memory and one row per thread it still
+// took ~40% of the kernel, issue-bound on its ~56 instructions per output
+// pair (ncu, S14-3; the division's branch was not the cost: S14-4).
+template <int BN, int NTH>
+__device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep_xsum, const float* ep_sx,
+                                            const float* ep_r1, const float* ep_rs, int row0, int tok0, int n_rows,
+                                            int nt, int* out_i, float* out_f, int out_stride, int mode) {
+    constexpr int BM = TW_BM;
+    // 16-byte stores where the output rows allow them (else element-wise).
+    const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
+    if (mode >= 3) {
+        constexpr int EP_G = TW_EP_STORE;
+        constexpr int HP = BM / 2, QS = HP / 4, TS = NTH / QS;  // pairs, quads, tokens per round
+        const int f = n_rows / 2, p = 4 * (et % QS), rg = row0 / 2 + p;
+        if (rg >= f) return;
+        const int nv = min(4, f - rg);  // pairs of the quad inside the matrix
+        float sg[4], su[4];
+        bool fast = true;  // every scale in the division's fast range
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            sg[j] = ep_rs[p + j], su[j] = ep_rs[HP + p + j];
+            fast = fast && div_in_range(sg[j]) && div_in_range(su[j]);
+        }
+        for (int k0 = et / QS; k0 < BN; k0 += EP_G * TS) {
+            int4 vg[EP_G], vu[EP_G];
+#pragma unroll
+            for (int k = 0; k < EP_G; k++) {
+                const int tl = min(k0 + k * TS, BN - 1);
+                vg[k] = *(const int4*)(ep + tl * TW_EP + p);
+                vu[k] = *(const int4*)(ep + tl * TW_EP + HP + p);
+            }
+#pragma unroll
+            for (int k = 0; k < EP_G; k++) {
+                const int tl = k0 + k * TS, t = tok0 + tl;
+                if (tl >= BN || t >= nt) break;  // tokens grow with k
+                const int xs = ep_xsum[tl];
+                const float kx = ep_sx[tl], r1 = ep_r1[tl];
+                const int g[4] = {vg[k].x, vg[k].y, vg[k].z, vg[k].w}, u[4] = {vu[k].x, vu[k].y, vu[k].z, vu[k].w};
+                float o[4], qg[4], qu[4];
+                if (fast && r1 != 0.f) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) qg[j] = div_fast(sg[j], kx, r1), qu[j] = div_fast(su[j], kx, r1);
+                } else {
+                    for (int j = 0; j < 4; j++) qg[j] = __fdiv_rn(sg[j], kx), qu[j] = __fdiv_rn(su[j], kx);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float yg = __fmul_rn((float)(g[j] - xs), qg[j]);
+                    const float yu = __fmul_rn((float)(u[j] - xs), qu[j]);
+                    o[j] = gated_act(yg, yu, mode - 2);
+                }
+                float* dst = out_f + (size_t)t * out_stride + rg;
+                if (vec && nv == 4) *(float4*)dst = make_float4(o[0], o[1], o[2], o[3]);
+                else
+                    for (int j = 0; j < nv; j++) dst[j] = o[j];
+            }
+        }
+        return;
+    }
+    constexpr int QS = BM / 4, TS = NTH / QS;  // quads, tokens per round
+    const int rl = 4 * (et % QS), r = row0 + rl;
+    if (r >= n_rows) return;
+    const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
+    float rs[4];
+    bool fast = true;  // every scale in the division's fast range
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        rs[j] = ep_rs[rl + j];
+        fast = fast && div_in_range(rs[j]);
+    }
+    // The rounds' token count as a constant (the loops unroll over it).
+    auto rounds = [&](auto ep_n) {
+        constexpr int EP_N = decltype(ep_n)::value;
+        for (int k0 = et / QS; k0 < BN; k0 += EP_N * TS) {
+            int4 v[EP_N];
+            float old[EP_N][4];
+#pragma unroll
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = min(k0 + k * TS, BN - 1), t = tok0 + k0 + k * TS;
+                v[k] = *(const int4*)(ep + tl * TW_EP + rl);
+#pragma unroll
+                for (int j = 0; j < 4; j++) old[k][j] = 0.f;
+                if (mode == 2 && k0 + k * TS < BN && t < nt) {
+                    const float* src = out_f + (size_t)t * out_stride + r;
+                    if (vec && nv == 4) {
+                        const float4 o4 = *(const float4*)src;
+                        old[k][0] = o4.x, old[k][1] = o4.y, old[k][2] = o4.z, old[k][3] = o4.w;
+                    } else {
+                        for (int j = 0; j < nv; j++) old[k][j] = src[j];
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < EP_N; k++) {
+                const int tl = k0 + k * TS, t = tok0 + tl;
+                if (tl >= BN || t >= nt) break;  // tokens grow with k
+                const int xs = ep_xsum[tl];
+                const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
+                const size_t o = (size_t)t * out_stride + r;
+                if (mode == 0) {
+                    if (vec && nv == 4) *(int4*)(out_i + o) = make_int4(a[0], a[1], a[2], a[3]);
+                    else
+                        for (int j = 0; j < nv; j++) out_i[o + j] = a[j];
+                    continue;
+                }
+                const float kx = ep_sx[tl], r1 = ep_r1[tl];
+                float y[4], qd[4];
+                if (fast && r1 != 0.f) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) qd[j] = div_fast(rs[j], kx, r1);
+                } else {
+                    for (int j = 0; j < 4; j++) qd[j] = __fdiv_rn(rs[j], kx);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    y[j] = __fmul_rn((float)a[j], qd[j]);
+                    if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
+                }
+                if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
+                else
+                    for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
+            }
+        }
+    };
+    if (mode == 2) rounds(TwInt<TW_EP_ADD>{});
+    else rounds(TwInt<TW_EP_STORE>{});
+}
+
+// One stage of the consumer loop (warp `warp` of the two consumer
+// warpgroups): A fragments from the 2-bit codes (the m16n8k32 fragment of
+// warp w's rows 16 w .. 16 w + 15, as for mma.sync), then 4 wgmmas as one
+// group; up to two groups in flight. ptxas serialises every wgmma (C7513)
+// when registers a wgmma in flight reads are redefined, so: the fragments
+// alternate between two sets, `prev` (the last stage's) is kept live by the
+// empty asm until wait_group 1 has retired its group; the descriptors are
+// made and pinned before the fence; no zero fill of d (scale-d 0 on the
+// first wgmma of a tile, `it` = 0). `g` counts stages through the ring (over
+// the tiles of a persistent block); the group of stage g - 1 has retired at
+// the end, so its slot is released (not at a tile's first stage: the tile
+// before released its last one).
+template <int BN, int S>
+__device__ __forceinline__ void tw_stage(int* d, int g, int it, u32 (&af)[4][4], u32 (&prev)[4][4], const u8* smem,
+                                         u32 sbase, u64* full, u64* empty, int warp, int lane) {
+    constexpr int A_BYTES = TW_BM * 32, TW_STAGE = A_BYTES + BN * 128;
+    const int slot = g % S, tg = lane & 3;
+    if (!(TW_PROBE & 1)) mbar_wait(&full[slot], (g / S) & 1);
+    const u8* a_p = smem + slot * TW_STAGE + 32 * (warp * 16 + (lane >> 2));
+    const u32 b_s = sbase + slot * TW_STAGE + A_BYTES;
+#pragma unroll
+    for (int kc = 0; kc < 2; kc++) {
+        const uint4 lo = *(const uint4*)(a_p + 16 * kc), hi = *(const uint4*)(a_p + 16 * kc + 8 * 32);
+        af[2 * kc][0] = ext2(lo.x, tg);
+        af[2 * kc][1] = ext2(hi.x, tg);
+        af[2 * kc][2] = ext2(lo.y, tg);
+        af[2 * kc][3] = ext2(hi.y, tg);
+        af[2 * kc + 1][0] = ext2(lo.z, tg);
+        af[2 * kc + 1][1] = ext2(hi.z, tg);
+        af[2 * kc + 1][2] = ext2(lo.w, tg);
+        af[2 * kc + 1][3] = ext2(hi.w, tg);
+    }
+    u64 desc[4];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        desc[kk] = wg_desc(b_s + 2 * kk * 128);
+        asm volatile("" : "+l"(desc[kk]));
+    }
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+        if constexpr (BN == 256) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+        else wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+        asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
+    __syncwarp();
+    if (it > 0 && lane == 0 && !(TW_PROBE & 1)) mbar_arrive(&empty[(g - 1) % S]);
+}
+
+// A warp's 16 x BN accumulators parked as [token][row] in `ep` (row pitch
+// TW_EP words: conflict-free).
+template <int BN>
+__device__ __forceinline__ void tw_park(int* ep, const int* d, int warp, int lane) {
+    const int g = lane >> 2, tg = lane & 3;
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+}
+
 template <int BN, int S>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
@@ -471,224 +698,32 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    // The epilogue's per-token (xsum, sx) and per-tile-row scale, read here
-    // (under the ring's first copies) into shared memory: from global memory
-    // inside the epilogue each element waited on them in turn (below).
+    // The epilogue's constants, read here (under the ring's first copies)
+    // into shared memory: from global memory inside the epilogue each
+    // element waited on them in turn.
     __shared__ int ep_xsum[BN];
     __shared__ float ep_sx[BN], ep_r1[BN], ep_rs[BM];
-    const bool gated = mode >= 3;
-    const int f = n_rows / 2, p0 = blockIdx.x * (BM / 2);
-    for (int i = tid; i < BN; i += WG * 128) {
-        const int t = tok0 + i;
-        ep_xsum[i] = t < nt ? xsum[t] : 0;
-        ep_sx[i] = t < nt && mode > 0 ? sx[t] : 1.f;
-        ep_r1[i] = div_rcp(ep_sx[i]);
-    }
-    for (int i = tid; i < BM; i += WG * 128) {
-        // Gated (paired tiles): tile rows p and 64 + p are gate and up row p0 + p.
-        const int p = i % (BM / 2), r = gated ? (p0 + p < f ? (i < BM / 2 ? 0 : f) + p0 + p : -1) : row0 + i;
-        ep_rs[i] = mode > 0 && r >= 0 && r < n_rows ? row_scale[r] : 0.f;
-    }
-    const int g = lane >> 2, tg = lane & 3;
+    tw_tile_consts<BN>(tid, WG * 128, row0, tok0, n_rows, nt, xsum, row_scale, sx, mode, ep_xsum, ep_sx, ep_r1, ep_rs);
     int d[BN / 2];
-    // One stage: A fragments from the 2-bit codes (the m16n8k32 fragment of
-    // warp w's rows 16 w .. 16 w + 15, as for mma.sync), then 4 wgmmas as one
-    // group; up to two groups in flight. ptxas serialises every wgmma (C7513)
-    // when registers a wgmma in flight reads are redefined, so: the fragments
-    // alternate between two sets, `prev` (the last stage's) is kept live by
-    // the empty asm until wait_group 1 has retired its group; the
-    // descriptors are made and pinned before the fence; no zero fill of d
-    // (scale-d 0 on the first wgmma).
-    auto stage = [&](int it, u32 (&af)[4][4], u32 (&prev)[4][4]) {
-        const int slot = it % S;
-        if (!(TW_PROBE & 1)) mbar_wait(&full[slot], (it / S) & 1);
-        const u8* a_p = smem + slot * TW_STAGE + 32 * (warp * 16 + g);
-        const u32 b_s = sbase + slot * TW_STAGE + A_BYTES;
-#pragma unroll
-        for (int kc = 0; kc < 2; kc++) {
-            const uint4 lo = *(const uint4*)(a_p + 16 * kc), hi = *(const uint4*)(a_p + 16 * kc + 8 * 32);
-            af[2 * kc][0] = ext2(lo.x, tg);
-            af[2 * kc][1] = ext2(hi.x, tg);
-            af[2 * kc][2] = ext2(lo.y, tg);
-            af[2 * kc][3] = ext2(hi.y, tg);
-            af[2 * kc + 1][0] = ext2(lo.z, tg);
-            af[2 * kc + 1][1] = ext2(hi.z, tg);
-            af[2 * kc + 1][2] = ext2(lo.w, tg);
-            af[2 * kc + 1][3] = ext2(hi.w, tg);
-        }
-        u64 desc[4];
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            desc[kk] = wg_desc(b_s + 2 * kk * 128);
-            asm volatile("" : "+l"(desc[kk]));
-        }
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            if constexpr (BN == 256) wgmma_n256(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
-            else wgmma_n128(d, af[kk][0], af[kk][1], af[kk][2], af[kk][3], desc[kk], it | kk);
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            asm volatile("" ::"r"(prev[kk][0]), "r"(prev[kk][1]), "r"(prev[kk][2]), "r"(prev[kk][3]));
-        // The group of stage it - 1 has retired: its slot may be refilled.
-        __syncwarp();
-        if (it > 0 && lane == 0 && !(TW_PROBE & 1)) mbar_arrive(&empty[(it - 1) % S]);
-    };
     u32 af0[4][4], af1[4][4];
     for (int it = 0; it < iters; it += 2) {
-        stage(it, af0, af1);
-        stage(it + 1, af1, af0);
+        tw_stage<BN, S>(d, it, it, af0, af1, smem, sbase, full, empty, warp, lane);
+        tw_stage<BN, S>(d, it + 1, it + 1, af1, af0, smem, sbase, full, empty, warp, lane);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (TW_PROBE & 2) return;
     // Epilogue through shared memory (the ring is free once both consumer
     // warpgroups are here; the producer has issued its last copy): each warp
-    // parks its 16 x 256 accumulators as [token][row] (row pitch TW_EP
-    // words: conflict-free), then a rolled loop stores rows of a token as
-    // contiguous 128-byte runs. Scattered per-fragment stores, fully
-    // unrolled (128 per thread), had the warps waiting on instruction
-    // fetch and on one global load at a time (ncu, run S7-10).
+    // parks its accumulators, then a rolled loop stores rows of a token as
+    // contiguous runs. Scattered per-fragment stores, fully unrolled (128
+    // per thread), had the warps waiting on instruction fetch and on one
+    // global load at a time (ncu, run S7-10).
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
     int* ep = (int*)smem;
-#pragma unroll
-    for (int j = 0; j < BN / 8; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+    tw_park<BN>(ep, d, warp, lane);
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
-    // Every thread keeps four tile rows (gated: four gate/up pairs) and walks
-    // the tile's tokens, EP_N of them per round: the parked sums (one 16-byte
-    // shared load per token) and the residuals (mode 2) loaded first, then
-    // the outputs as one 16-byte store per token. Per element the
-    // arithmetic is store_out_old's (gated: act(gate) * up as norm_quant's
-    // load_in computes it), so the bits are. Why: with one element at a
-    // time, each waiting on its global xsum / sx / scale loads behind the
-    // last store, the epilogue took longer than the MMA loop (timing probe
-    // TW_PROBE=2, S14-1: gate_up 2048 6.37 -> 2.62 ms without it); with
-    // those in shared memory and one row per thread it still took ~40% of
-    // the kernel, issue-bound on its ~56 instructions per output pair (ncu,
-    // S14-3; the division's branch was not the cost: S14-4).
-    constexpr int EP_STEP = WG * 128;
-    // 16-byte stores where the output rows allow them (else element-wise).
-    const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
-    if (gated) {
-        constexpr int EP_G = TW_EP_STORE;
-        constexpr int HP = BM / 2, QS = HP / 4, TS = EP_STEP / QS;  // pairs, quads, tokens per round
-        const int p = 4 * (tid % QS), rg = p0 + p;
-        if (rg >= f) return;
-        const int nv = min(4, f - rg);  // pairs of the quad inside the matrix
-        float sg[4], su[4];
-        bool fast = true;  // every scale in the division's fast range
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            sg[j] = ep_rs[p + j], su[j] = ep_rs[HP + p + j];
-            fast = fast && div_in_range(sg[j]) && div_in_range(su[j]);
-        }
-        for (int k0 = tid / QS; k0 < BN; k0 += EP_G * TS) {
-            int4 vg[EP_G], vu[EP_G];
-#pragma unroll
-            for (int k = 0; k < EP_G; k++) {
-                const int tl = k0 + k * TS;
-                vg[k] = *(const int4*)(ep + tl * TW_EP + p);
-                vu[k] = *(const int4*)(ep + tl * TW_EP + HP + p);
-            }
-#pragma unroll
-            for (int k = 0; k < EP_G; k++) {
-                const int tl = k0 + k * TS, t = tok0 + tl;
-                if (t >= nt) break;  // tokens grow with k
-                const int xs = ep_xsum[tl];
-                const float kx = ep_sx[tl], r1 = ep_r1[tl];
-                const int g[4] = {vg[k].x, vg[k].y, vg[k].z, vg[k].w}, u[4] = {vu[k].x, vu[k].y, vu[k].z, vu[k].w};
-                float o[4], qg[4], qu[4];
-                if (fast && r1 != 0.f) {
-#pragma unroll
-                    for (int j = 0; j < 4; j++) qg[j] = div_fast(sg[j], kx, r1), qu[j] = div_fast(su[j], kx, r1);
-                } else {
-                    for (int j = 0; j < 4; j++) qg[j] = __fdiv_rn(sg[j], kx), qu[j] = __fdiv_rn(su[j], kx);
-                }
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const float yg = __fmul_rn((float)(g[j] - xs), qg[j]);
-                    const float yu = __fmul_rn((float)(u[j] - xs), qu[j]);
-                    o[j] = gated_act(yg, yu, mode - 2);
-                }
-                float* dst = out_f + (size_t)t * out_stride + rg;
-                if (vec && nv == 4) *(float4*)dst = make_float4(o[0], o[1], o[2], o[3]);
-                else
-                    for (int j = 0; j < nv; j++) dst[j] = o[j];
-            }
-        }
-        return;
-    }
-    constexpr int QS = BM / 4, TS = EP_STEP / QS;  // quads, tokens per round
-    const int rl = 4 * (tid % QS), r = row0 + rl;
-    if (r >= n_rows) return;
-    const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
-    float rs[4];
-    bool fast = true;  // every scale in the division's fast range
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        rs[j] = ep_rs[rl + j];
-        fast = fast && div_in_range(rs[j]);
-    }
-    // The rounds' token count as a constant (the loops unroll over it).
-    auto rounds = [&](auto ep_n) {
-        constexpr int EP_N = decltype(ep_n)::value;
-        for (int k0 = tid / QS; k0 < BN; k0 += EP_N * TS) {
-            int4 v[EP_N];
-            float old[EP_N][4];
-#pragma unroll
-            for (int k = 0; k < EP_N; k++) {
-                const int tl = k0 + k * TS, t = tok0 + tl;
-                v[k] = *(const int4*)(ep + tl * TW_EP + rl);
-#pragma unroll
-                for (int j = 0; j < 4; j++) old[k][j] = 0.f;
-                if (mode == 2 && t < nt) {
-                    const float* src = out_f + (size_t)t * out_stride + r;
-                    if (vec && nv == 4) {
-                        const float4 o4 = *(const float4*)src;
-                        old[k][0] = o4.x, old[k][1] = o4.y, old[k][2] = o4.z, old[k][3] = o4.w;
-                    } else {
-                        for (int j = 0; j < nv; j++) old[k][j] = src[j];
-                    }
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < EP_N; k++) {
-                const int tl = k0 + k * TS, t = tok0 + tl;
-                if (t >= nt) break;  // tokens grow with k
-                const int xs = ep_xsum[tl];
-                const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
-                const size_t o = (size_t)t * out_stride + r;
-                if (mode == 0) {
-                    if (vec && nv == 4) *(int4*)(out_i + o) = make_int4(a[0], a[1], a[2], a[3]);
-                    else
-                        for (int j = 0; j < nv; j++) out_i[o + j] = a[j];
-                    continue;
-                }
-                const float kx = ep_sx[tl], r1 = ep_r1[tl];
-                float y[4], qd[4];
-                if (fast && r1 != 0.f) {
-#pragma unroll
-                    for (int j = 0; j < 4; j++) qd[j] = div_fast(rs[j], kx, r1);
-                } else {
-                    for (int j = 0; j < 4; j++) qd[j] = __fdiv_rn(rs[j], kx);
-                }
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    y[j] = __fmul_rn((float)a[j], qd[j]);
-                    if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
-                }
-                if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
-                else
-                    for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
-            }
-        }
-    };
-    if (mode == 2) rounds(TwInt<TW_EP_ADD>{});
-    else rounds(TwInt<TW_EP_STORE>{});
+    tw_epilogue<BN, WG * 128>(ep, tid, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f, out_stride,
+                              mode);
 #endif
 }
 
@@ -707,3 +742,121 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 TERN_WGMMA_TMA(tern_wgmma_tma_s4, 256, 4)
 TERN_WGMMA_TMA(tern_wgmma_tma_s6, 256, 6)
 TERN_WGMMA_TMA(tern_wgmma_tma_n128, 128, 6)
+
+// The persistent TMA GEMM: one block per SM walks tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... (row tile fastest, as the grid of the kernel
+// above), and the epilogue of a tile overlaps the next tile's MMA loop.
+// In the kernel above every SM reaches its stores at about the same time
+// with the tensor pipe idle: the four GEMMs of a 2048-token prefill took
+// 9.5 ms, 6.8 without an epilogue (S14-1's probes).
+// - Warps 0-7: the two consumer warpgroups, as above; at a tile's end they
+//   park the accumulators in their own shared buffer `ep` (not the ring)
+//   once the epilogue has read the last tile's, and go on.
+// - Warp 8: the producer thread, its ring running on across tiles (the next
+//   tile's stages land during this tile's epilogue).
+// - Warps 9-11: the epilogue of the parked tile (tw_epilogue, 96 threads),
+//   its constants read before the sums are there.
+// mbarriers: full/empty per ring slot (as above), ep_full (256 consumer
+// arrivals), ep_empty (96 epilogue arrivals). 128-token tiles only: the
+// ring (6 x 20 KB) and `ep` (128 x 132 words) fit in shared memory beside
+// each other (256-token tiles: 135 KB of `ep`). ptxas gives every thread
+// of a kernel the same registers (setmaxnreg does not change what it
+// allocates), and each of an SM's 4 schedulers holds 16K of them: at 12
+// warps (3 per scheduler) a thread gets 168, room for 64 accumulators and
+// two fragment sets. At 13 (a producer warp and 4 epilogue warps) or 16 it
+// gets 128 and the MMA loop spilled; 16 warps ran 1.5x slower than the
+// 256-token kernel above (S15-1).
+template <int BN, int S>
+__device__ __forceinline__ void tern_wgmma_tma_pbody(const uint4* __restrict__ W, int n_rows, int chunks,
+                                                     const i8* __restrict__ X, int nt, const int* xsum,
+                                                     const float* row_scale, const float* sx, int* out_i,
+                                                     float* out_f, int out_stride, int mode, int x_ntp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
+    constexpr int EPT = 96;  // epilogue threads
+    static_assert(BN == 128, "persistent tiles are 128 tokens wide");
+    extern __shared__ __align__(128) u8 tm_smem[];
+    __shared__ __align__(8) u64 full[S], empty[S], ep_full, ep_empty;
+    __shared__ int ep_xsum[BN];
+    __shared__ float ep_sx[BN], ep_r1[BN], ep_rs[BM];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row_tiles = (n_rows + BM - 1) / BM, tiles = row_tiles * ((nt + BN - 1) / BN);
+    const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even (see above)
+    const u32 sbase = (smem_addr(tm_smem) + 1023u) & ~1023u;
+    const u8* smem = tm_smem + (sbase - smem_addr(tm_smem));
+    int* ep = (int*)(smem + S * TW_STAGE);
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(&full[s]);
+            mbar_init(&empty[s], WG * 4);
+        }
+        mbar_init(&ep_full, WG * 128);
+        mbar_init(&ep_empty, EPT);
+    }
+    __syncthreads();
+    if (warp == WG * 4) {
+        if (lane != 0 || (TW_PROBE & 1)) return;
+        int g = 0;  // stages through the ring
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const int tok0 = tile / row_tiles * BN;
+            const char* wt = (const char*)W + (size_t)(tile % row_tiles) * iters * A_BYTES;
+            for (int it = 0; it < iters; it++, g++) {
+                const int slot = g % S;
+                if (g >= S) mbar_wait(&empty[slot], (g / S - 1) & 1);
+                const u32 a_s = sbase + slot * TW_STAGE;
+                mg_bulk_expect(&full[slot], A_BYTES + B_BYTES);
+                mg_bulk_part(a_s, wt + (size_t)it * A_BYTES, A_BYTES, &full[slot]);
+                mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES,
+                             &full[slot]);
+            }
+        }
+        return;
+    }
+    if (warp > WG * 4) {
+        const int et = tid - (WG * 4 + 1) * 32;
+        int n = 0;  // tiles of this block done
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, n++) {
+            const int row0 = tile % row_tiles * BM, tok0 = tile / row_tiles * BN;
+            // The last tile's epilogue has read the constants: replace them.
+            asm volatile("bar.sync 2, %0;" ::"n"(EPT) : "memory");
+            tw_tile_consts<BN>(et, EPT, row0, tok0, n_rows, nt, xsum, row_scale, sx, mode, ep_xsum, ep_sx, ep_r1,
+                               ep_rs);
+            asm volatile("bar.sync 2, %0;" ::"n"(EPT) : "memory");
+            mbar_wait(&ep_full, n & 1);
+            if (!(TW_PROBE & 2))
+                tw_epilogue<BN, EPT>(ep, et, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f,
+                                     out_stride, mode);
+            mbar_arrive(&ep_empty);
+        }
+        return;
+    }
+    int d[BN / 2];
+    u32 af0[4][4], af1[4][4];
+    int g = 0, n = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, n++) {
+        for (int it = 0; it < iters; it += 2) {
+            tw_stage<BN, S>(d, g + it, it, af0, af1, smem, sbase, full, empty, warp, lane);
+            tw_stage<BN, S>(d, g + it + 1, it + 1, af1, af0, smem, sbase, full, empty, warp, lane);
+        }
+        g += iters;
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        // The tile's last stage has retired too.
+        __syncwarp();
+        if (lane == 0 && !(TW_PROBE & 1)) mbar_arrive(&empty[(g - 1) % S]);
+        if (n > 0) mbar_wait(&ep_empty, (n - 1) & 1);
+        tw_park<BN>(ep, d, warp, lane);
+        mbar_arrive(&ep_full);
+    }
+#endif
+}
+
+#define TERN_WGMMA_TMA_P(NAME, BN, S)                                                                  \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
+        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
+        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
+        int* ksum, int* kcnt, int x_ntp) {                                                             \
+        pdl_wait();                                                                                    \
+        tern_wgmma_tma_pbody<BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,       \
+                                    out_stride, mode, x_ntp);                                          \
+    }
+TERN_WGMMA_TMA_P(tern_wgmma_tma_p128, 128, 6)
