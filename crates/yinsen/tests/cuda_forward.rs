@@ -141,23 +141,13 @@ fn tiny_matches_cpu(kv: KvDtype) {
     let mut per_kernel = vec![];
     // The tensor-core GEMMs as chosen, the TMA-fed one forced (its tiled
     // activations; the shape's choice where the device lacks it), the GEMV.
-    // The persistent one on 3 blocks, so each walks several tiles (every
-    // epilogue mode: stores, residual adds, the gated pair).
     let tma = BigGemm::parse("tern_wgmma_tma_s4").unwrap();
-    let persistent = BigGemm::parse("tern_wgmma_tma_p128").unwrap();
-    let runs = [
-        (2, BigGemm::Auto, 0),
-        (2, tma, 0),
-        (usize::MAX, BigGemm::Auto, 0),
-        (2, persistent, 3),
-    ];
-    for (mma_min, big, blocks) in runs {
+    for (mma_min, big) in [(2, BigGemm::Auto), (2, tma), (usize::MAX, BigGemm::Auto)] {
         gpu.set_mma_min_tokens(mma_min);
         gpu.set_big_gemm(big);
-        gpu.set_persistent_gemm_blocks(blocks);
         let mut gc = gpu.new_cache(400).unwrap();
         let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
-        let what = format!("prefill (mma from {mma_min}, {}, persistent blocks {blocks})", big.name());
+        let what = format!("prefill (mma from {mma_min}, {})", big.name());
         let (d, mean) = close(&got, &want_all, vocab, &what);
         println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}");
         per_kernel.push(got);
@@ -165,10 +155,8 @@ fn tiny_matches_cpu(kv: KvDtype) {
     // The matrix kernels are exact, so GPU prefill is deterministic across them.
     assert_eq!(per_kernel[0], per_kernel[1], "tensor-core and TMA-fed prefill differ");
     assert_eq!(per_kernel[0], per_kernel[2], "GEMV and tensor-core prefill differ");
-    assert_eq!(per_kernel[0], per_kernel[3], "tensor-core and persistent TMA prefill differ");
     gpu.set_mma_min_tokens(2);
     gpu.set_big_gemm(BigGemm::Auto);
-    gpu.set_persistent_gemm_blocks(0);
     // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.
     let mut gc = gpu.new_cache(400).unwrap();
     let g_last = gpu.forward(gc.as_mut(), &ids[..100], Output::LastLogits).unwrap();

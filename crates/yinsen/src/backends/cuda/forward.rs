@@ -1035,11 +1035,6 @@ impl CudaBackend {
         self.mma_min_tokens.swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// For tests: launch persistent GEMMs on `n` blocks (0 = one per SM).
-    pub fn set_persistent_gemm_blocks(&self, n: usize) {
-        self.gpu.set_persistent_blocks(n);
-    }
-
     /// For benchmarks and tests: the prefill attention kernel (default Auto,
     /// else `YINSEN_CUDA_FLASH`); returns the previous setting. A mode the
     /// device or shape cannot run falls back to split-K.

@@ -178,9 +178,6 @@ pub struct Gpu {
     /// zero between launches. 0 where there is no tensor-core GEMM.
     splitk_sum: sys::CUdeviceptr,
     splitk_cnt: sys::CUdeviceptr,
-    /// Blocks of a persistent GEMM launch: 0 = one per SM (tests set fewer,
-    /// so every block walks several tiles).
-    persistent_blocks: std::sync::atomic::AtomicUsize,
 }
 
 /// Split-K scratch capacity: int32 sums (16 tokens x 64 Ki rows) and tile counters.
@@ -200,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 74] = [
+pub const KERNELS: [&str; 73] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -217,7 +214,6 @@ pub const KERNELS: [&str; 74] = [
     "tern_wgmma_tma_s4",
     "tern_wgmma_tma_s6",
     "tern_wgmma_tma_n128",
-    "tern_wgmma_tma_p128",
     "row_sums_i8",
     "embed_f16",
     "fdiv_check",
@@ -342,7 +338,6 @@ impl Gpu {
             prof: Default::default(),
             splitk_sum,
             splitk_cnt,
-            persistent_blocks: Default::default(),
         });
         if gpu.has_mma() {
             for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
@@ -356,19 +351,6 @@ impl Gpu {
 
     pub fn bind(&self) -> Result<()> {
         drv(self.ctx.bind_to_thread(), "binding context")
-    }
-
-    /// Blocks a persistent GEMM launches: one per SM unless set.
-    pub fn persistent_blocks(&self) -> usize {
-        match self.persistent_blocks.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => self.info.sms.max(1) as usize,
-            n => n,
-        }
-    }
-
-    /// For tests: launch persistent GEMMs on `n` blocks (0 = one per SM).
-    pub fn set_persistent_blocks(&self, n: usize) {
-        self.persistent_blocks.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the tensor-core GEMM can run (mma.sync s8 needs sm_80+).
@@ -853,13 +835,10 @@ pub struct MmaVariant {
     /// Fed by bulk copies (`tern_wgmma_tma_body`): x must be in the tiled
     /// order of [`tile_x`] (`norm_quant` with `x_ntp`), not row-major.
     pub tiled: bool,
-    /// One block per SM walking the tiles, its epilogue beside the next
-    /// tile's MMA loop (`tern_wgmma_tma_pbody`).
-    pub persistent: bool,
 }
 
 impl MmaVariant {
-    pub const ALL: [MmaVariant; 12] = [
+    pub const ALL: [MmaVariant; 11] = [
         MmaVariant::new("tern_mma_32x16", 2, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_64x16", 4, 1, 1, 2, 8),
         MmaVariant::new("tern_mma_128x16", 8, 1, 1, 2, 6),
@@ -871,7 +850,6 @@ impl MmaVariant {
         MmaVariant::tma("tern_wgmma_tma_s4", 256, 4),
         MmaVariant::tma("tern_wgmma_tma_s6", 256, 6),
         MmaVariant::tma("tern_wgmma_tma_n128", 128, 6),
-        MmaVariant::tma_persistent("tern_wgmma_tma_p128", 128, 6),
     ];
 
     /// A `TERN_WGMMA_TMA(...)` line: 128 rows x `bn` tokens, 384 threads.
@@ -884,17 +862,7 @@ impl MmaVariant {
             stages,
             wgmma: true,
             tiled: true,
-            persistent: false,
         }
-    }
-
-    /// A `TERN_WGMMA_TMA_P(...)` line: as [`Self::tma`], persistent: two
-    /// MMA warpgroups, a producer warp, three epilogue warps.
-    const fn tma_persistent(name: &'static str, bn: usize, stages: usize) -> Self {
-        let mut v = Self::tma(name, bn, stages);
-        v.threads = 384;
-        v.persistent = true;
-        v
     }
 
     /// Warps along rows / tokens, m16 / n8 tiles per warp, stages (as in the macro).
@@ -907,7 +875,6 @@ impl MmaVariant {
             stages,
             wgmma: false,
             tiled: false,
-            persistent: false,
         }
     }
 
@@ -920,11 +887,8 @@ impl MmaVariant {
     /// rows (padded by 16 bytes for ldmatrix; core-matrix order for wgmma).
     pub const fn smem(&self) -> usize {
         let b_row = if self.wgmma { 2 * 64 } else { 2 * 64 + 16 };
-        // The tiled kernels align their stages to 1024 bytes in the buffer;
-        // the persistent one parks a tile's sums beside the ring ([token]
-        // [row], row pitch bm + 4 words: TW_EP).
-        let park = if self.persistent { self.bn * (self.bm + 4) * 4 } else { 0 };
-        self.stages * (2 * self.bm * 16 + self.bn * b_row) + if self.tiled { 1024 } else { 0 } + park
+        // The tiled kernels align their stages to 1024 bytes in the buffer.
+        self.stages * (2 * self.bm * 16 + self.bn * b_row) + if self.tiled { 1024 } else { 0 }
     }
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -1039,11 +1003,7 @@ pub fn launch_matmul(
                 return Err(Error::Unsupported(format!("{} cannot run on {}", v.name, gpu.arch)));
             }
             let (gx, gy) = (m.n_rows.div_ceil(v.bm), nt.div_ceil(v.bn));
-            let grid = if v.persistent {
-                ((gx * gy).min(gpu.persistent_blocks()) as u32, 1, 1)
-            } else {
-                (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32)
-            };
+            let grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
             gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, how)
         }
         MatKernel::Gemv => {
@@ -1243,10 +1203,6 @@ mod tests {
         for a in lines("TERN_WGMMA_TMA") {
             assert_eq!(a.len(), 3, "{a:?}");
             seen.push(MmaVariant::tma(leak(&a[0]), num(&a[1]), num(&a[2])));
-        }
-        for a in lines("TERN_WGMMA_TMA_P") {
-            assert_eq!(a.len(), 3, "{a:?}");
-            seen.push(MmaVariant::tma_persistent(leak(&a[0]), num(&a[1]), num(&a[2])));
         }
         for want in &seen {
             assert_eq!(MmaVariant::by_name(want.name), Some(*want));

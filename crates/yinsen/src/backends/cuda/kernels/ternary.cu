@@ -445,9 +445,8 @@ __device__ __forceinline__ void tw_tile_consts(int i0, int step, int row0, int t
 }
 
 // The epilogue of one tile from its parked sums `ep` ([token][row], row
-// pitch TW_EP words) by NTH threads (this one: et; NTH a multiple of 32,
-// not necessarily a power of two: a round's last tokens may lie past the
-// tile, and are skipped). Every thread keeps four
+// pitch TW_EP words) by NTH threads (this one: et; NTH a multiple of 128,
+// so a round's tokens divide BN). Every thread keeps four
 // tile rows (gated: four gate/up pairs) and walks the tile's tokens, EP_N
 // of them per round: the parked sums (one 16-byte shared load per token)
 // and the residuals (mode 2) loaded first, then the outputs as one 16-byte
@@ -483,14 +482,14 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
             int4 vg[EP_G], vu[EP_G];
 #pragma unroll
             for (int k = 0; k < EP_G; k++) {
-                const int tl = min(k0 + k * TS, BN - 1);
+                const int tl = k0 + k * TS;
                 vg[k] = *(const int4*)(ep + tl * TW_EP + p);
                 vu[k] = *(const int4*)(ep + tl * TW_EP + HP + p);
             }
 #pragma unroll
             for (int k = 0; k < EP_G; k++) {
                 const int tl = k0 + k * TS, t = tok0 + tl;
-                if (tl >= BN || t >= nt) break;  // tokens grow with k
+                if (t >= nt) break;  // tokens grow with k
                 const int xs = ep_xsum[tl];
                 const float kx = ep_sx[tl], r1 = ep_r1[tl];
                 const int g[4] = {vg[k].x, vg[k].y, vg[k].z, vg[k].w}, u[4] = {vu[k].x, vu[k].y, vu[k].z, vu[k].w};
@@ -534,11 +533,11 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
             float old[EP_N][4];
 #pragma unroll
             for (int k = 0; k < EP_N; k++) {
-                const int tl = min(k0 + k * TS, BN - 1), t = tok0 + k0 + k * TS;
+                const int tl = k0 + k * TS, t = tok0 + tl;
                 v[k] = *(const int4*)(ep + tl * TW_EP + rl);
 #pragma unroll
                 for (int j = 0; j < 4; j++) old[k][j] = 0.f;
-                if (mode == 2 && k0 + k * TS < BN && t < nt) {
+                if (mode == 2 && t < nt) {
                     const float* src = out_f + (size_t)t * out_stride + r;
                     if (vec && nv == 4) {
                         const float4 o4 = *(const float4*)src;
@@ -551,7 +550,7 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
 #pragma unroll
             for (int k = 0; k < EP_N; k++) {
                 const int tl = k0 + k * TS, t = tok0 + tl;
-                if (tl >= BN || t >= nt) break;  // tokens grow with k
+                if (t >= nt) break;  // tokens grow with k
                 const int xs = ep_xsum[tl];
                 const int a[4] = {v[k].x - xs, v[k].y - xs, v[k].z - xs, v[k].w - xs};
                 const size_t o = (size_t)t * out_stride + r;
@@ -742,121 +741,3 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 TERN_WGMMA_TMA(tern_wgmma_tma_s4, 256, 4)
 TERN_WGMMA_TMA(tern_wgmma_tma_s6, 256, 6)
 TERN_WGMMA_TMA(tern_wgmma_tma_n128, 128, 6)
-
-// The persistent TMA GEMM: one block per SM walks tiles blockIdx.x,
-// blockIdx.x + gridDim.x, ... (row tile fastest, as the grid of the kernel
-// above), and the epilogue of a tile overlaps the next tile's MMA loop.
-// In the kernel above every SM reaches its stores at about the same time
-// with the tensor pipe idle: the four GEMMs of a 2048-token prefill took
-// 9.5 ms, 6.8 without an epilogue (S14-1's probes).
-// - Warps 0-7: the two consumer warpgroups, as above; at a tile's end they
-//   park the accumulators in their own shared buffer `ep` (not the ring)
-//   once the epilogue has read the last tile's, and go on.
-// - Warp 8: the producer thread, its ring running on across tiles (the next
-//   tile's stages land during this tile's epilogue).
-// - Warps 9-11: the epilogue of the parked tile (tw_epilogue, 96 threads),
-//   its constants read before the sums are there.
-// mbarriers: full/empty per ring slot (as above), ep_full (256 consumer
-// arrivals), ep_empty (96 epilogue arrivals). 128-token tiles only: the
-// ring (6 x 20 KB) and `ep` (128 x 132 words) fit in shared memory beside
-// each other (256-token tiles: 135 KB of `ep`). ptxas gives every thread
-// of a kernel the same registers (setmaxnreg does not change what it
-// allocates), and each of an SM's 4 schedulers holds 16K of them: at 12
-// warps (3 per scheduler) a thread gets 168, room for 64 accumulators and
-// two fragment sets. At 13 (a producer warp and 4 epilogue warps) or 16 it
-// gets 128 and the MMA loop spilled; 16 warps ran 1.5x slower than the
-// 256-token kernel above (S15-1).
-template <int BN, int S>
-__device__ __forceinline__ void tern_wgmma_tma_pbody(const uint4* __restrict__ W, int n_rows, int chunks,
-                                                     const i8* __restrict__ X, int nt, const int* xsum,
-                                                     const float* row_scale, const float* sx, int* out_i,
-                                                     float* out_f, int out_stride, int mode, int x_ntp) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
-    constexpr int EPT = 96;  // epilogue threads
-    static_assert(BN == 128, "persistent tiles are 128 tokens wide");
-    extern __shared__ __align__(128) u8 tm_smem[];
-    __shared__ __align__(8) u64 full[S], empty[S], ep_full, ep_empty;
-    __shared__ int ep_xsum[BN];
-    __shared__ float ep_sx[BN], ep_r1[BN], ep_rs[BM];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int row_tiles = (n_rows + BM - 1) / BM, tiles = row_tiles * ((nt + BN - 1) / BN);
-    const int iters = ((chunks + 1) / 2 + 1) & ~1;  // even (see above)
-    const u32 sbase = (smem_addr(tm_smem) + 1023u) & ~1023u;
-    const u8* smem = tm_smem + (sbase - smem_addr(tm_smem));
-    int* ep = (int*)(smem + S * TW_STAGE);
-    if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            mbar_init(&full[s]);
-            mbar_init(&empty[s], WG * 4);
-        }
-        mbar_init(&ep_full, WG * 128);
-        mbar_init(&ep_empty, EPT);
-    }
-    __syncthreads();
-    if (warp == WG * 4) {
-        if (lane != 0 || (TW_PROBE & 1)) return;
-        int g = 0;  // stages through the ring
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const int tok0 = tile / row_tiles * BN;
-            const char* wt = (const char*)W + (size_t)(tile % row_tiles) * iters * A_BYTES;
-            for (int it = 0; it < iters; it++, g++) {
-                const int slot = g % S;
-                if (g >= S) mbar_wait(&empty[slot], (g / S - 1) & 1);
-                const u32 a_s = sbase + slot * TW_STAGE;
-                mg_bulk_expect(&full[slot], A_BYTES + B_BYTES);
-                mg_bulk_part(a_s, wt + (size_t)it * A_BYTES, A_BYTES, &full[slot]);
-                mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES,
-                             &full[slot]);
-            }
-        }
-        return;
-    }
-    if (warp > WG * 4) {
-        const int et = tid - (WG * 4 + 1) * 32;
-        int n = 0;  // tiles of this block done
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, n++) {
-            const int row0 = tile % row_tiles * BM, tok0 = tile / row_tiles * BN;
-            // The last tile's epilogue has read the constants: replace them.
-            asm volatile("bar.sync 2, %0;" ::"n"(EPT) : "memory");
-            tw_tile_consts<BN>(et, EPT, row0, tok0, n_rows, nt, xsum, row_scale, sx, mode, ep_xsum, ep_sx, ep_r1,
-                               ep_rs);
-            asm volatile("bar.sync 2, %0;" ::"n"(EPT) : "memory");
-            mbar_wait(&ep_full, n & 1);
-            if (!(TW_PROBE & 2))
-                tw_epilogue<BN, EPT>(ep, et, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f,
-                                     out_stride, mode);
-            mbar_arrive(&ep_empty);
-        }
-        return;
-    }
-    int d[BN / 2];
-    u32 af0[4][4], af1[4][4];
-    int g = 0, n = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, n++) {
-        for (int it = 0; it < iters; it += 2) {
-            tw_stage<BN, S>(d, g + it, it, af0, af1, smem, sbase, full, empty, warp, lane);
-            tw_stage<BN, S>(d, g + it + 1, it + 1, af1, af0, smem, sbase, full, empty, warp, lane);
-        }
-        g += iters;
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        // The tile's last stage has retired too.
-        __syncwarp();
-        if (lane == 0 && !(TW_PROBE & 1)) mbar_arrive(&empty[(g - 1) % S]);
-        if (n > 0) mbar_wait(&ep_empty, (n - 1) & 1);
-        tw_park<BN>(ep, d, warp, lane);
-        mbar_arrive(&ep_full);
-    }
-#endif
-}
-
-#define TERN_WGMMA_TMA_P(NAME, BN, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
-        const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
-        const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
-        int* ksum, int* kcnt, int x_ntp) {                                                             \
-        pdl_wait();                                                                                    \
-        tern_wgmma_tma_pbody<BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,       \
-                                    out_stride, mode, x_ntp);                                          \
-    }
-TERN_WGMMA_TMA_P(tern_wgmma_tma_p128, 128, 6)
