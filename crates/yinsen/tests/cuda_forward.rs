@@ -141,13 +141,22 @@ fn tiny_matches_cpu(kv: KvDtype) {
     let mut per_kernel = vec![];
     // The tensor-core GEMMs as chosen, the TMA-fed one forced (its tiled
     // activations; the shape's choice where the device lacks it), the GEMV.
+    // The TMA GEMM RoPEs and writes the cache in its epilogue; once more
+    // with `rope_kv` doing that from its stored rows.
     let tma = BigGemm::parse("tern_wgmma_tma_s4").unwrap();
-    for (mma_min, big) in [(2, BigGemm::Auto), (2, tma), (usize::MAX, BigGemm::Auto)] {
+    let runs = [
+        (2, BigGemm::Auto, true),
+        (2, tma, true),
+        (usize::MAX, BigGemm::Auto, true),
+        (2, tma, false),
+    ];
+    for (mma_min, big, fused_rope) in runs {
         gpu.set_mma_min_tokens(mma_min);
         gpu.set_big_gemm(big);
+        gpu.set_fused_rope(fused_rope);
         let mut gc = gpu.new_cache(400).unwrap();
         let got = gpu.forward(gc.as_mut(), &ids, Output::AllLogits).unwrap();
-        let what = format!("prefill (mma from {mma_min}, {})", big.name());
+        let what = format!("prefill (mma from {mma_min}, {}, fused rope {fused_rope})", big.name());
         let (d, mean) = close(&got, &want_all, vocab, &what);
         println!("{what}: max |dlogit| {d:.3e} mean {mean:.3e}");
         per_kernel.push(got);
@@ -155,6 +164,24 @@ fn tiny_matches_cpu(kv: KvDtype) {
     // The matrix kernels are exact, so GPU prefill is deterministic across them.
     assert_eq!(per_kernel[0], per_kernel[1], "tensor-core and TMA-fed prefill differ");
     assert_eq!(per_kernel[0], per_kernel[2], "GEMV and tensor-core prefill differ");
+    assert_eq!(
+        per_kernel[1], per_kernel[3],
+        "RoPE in the TMA epilogue and rope_kv differ"
+    );
+    // A second prefill call after 150 cached tokens (positions from 150),
+    // through the TMA GEMM's RoPE and through the tensor-core GEMM's rope_kv.
+    let mut second = vec![];
+    for big in [tma, BigGemm::Auto] {
+        gpu.set_fused_rope(true);
+        gpu.set_big_gemm(big);
+        let mut gc = gpu.new_cache(400).unwrap();
+        gpu.forward(gc.as_mut(), &ids[..150], Output::LastLogits).unwrap();
+        second.push(gpu.forward(gc.as_mut(), &ids[150..], Output::AllLogits).unwrap());
+    }
+    assert_eq!(
+        second[0], second[1],
+        "prefill after cached tokens: TMA RoPE epilogue and rope_kv differ"
+    );
     gpu.set_mma_min_tokens(2);
     gpu.set_big_gemm(BigGemm::Auto);
     // Decode 40 tokens (graph path) vs CPU, feeding both the CPU's token.

@@ -22,7 +22,9 @@ pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
 
 use super::layout::{rope_pair_order, GpuLayout};
-use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost};
+use super::{
+    launch_matmul, launch_matmul_with, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut,
+};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
@@ -453,6 +455,9 @@ pub struct CudaBackend {
     fused: bool,
     /// Decode graphs use PDL (sm_90+; `YINSEN_CUDA_PDL=0` turns it off).
     pdl: std::sync::atomic::AtomicBool,
+    /// Prefill's TMA GEMM RoPEs q|k|v and writes the KV cache in its
+    /// epilogue instead of `rope_kv` (`YINSEN_CUDA_FUSED_ROPE=0` turns it off).
+    fused_rope: std::sync::atomic::AtomicBool,
     /// The persistent one-launch decode (mega.cu), where the shapes and the
     /// device allow it (`YINSEN_CUDA_MEGA=0` turns it off).
     mega: Option<Mega>,
@@ -861,6 +866,7 @@ impl CudaBackend {
             Err(_) => MEGA_DEFAULT_FLAGS,
         };
         let step_graphs = std::env::var("YINSEN_CUDA_STEP_GRAPH").map_or(true, |v| v != "0");
+        let fused_rope = std::env::var("YINSEN_CUDA_FUSED_ROPE").map_or(true, |v| v != "0");
         let be = Self {
             id: NEXT_BACKEND_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             step_graphs: step_graphs.into(),
@@ -874,6 +880,7 @@ impl CudaBackend {
             kv,
             fused,
             pdl: pdl.into(),
+            fused_rope: fused_rope.into(),
             config: c,
             layers,
             embed,
@@ -1222,6 +1229,12 @@ impl CudaBackend {
         }
     }
 
+    /// For tests: RoPE and the KV-cache write in the TMA GEMM's epilogue (on)
+    /// or by `rope_kv`; returns the previous setting.
+    pub fn set_fused_rope(&self, on: bool) -> bool {
+        self.fused_rope.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// For benchmarks: the GEMM of calls of >= BIG_GEMM_TOKENS tokens;
     /// returns the previous setting.
     pub fn set_big_gemm(&self, g: BigGemm) -> BigGemm {
@@ -1252,6 +1265,37 @@ impl CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    /// The q|k|v matrix for `nt` tokens with RoPE and the KV-cache write in
+    /// its epilogue (`rope_kv`'s work), where `nt` takes the TMA GEMM; false
+    /// (nothing launched) where it does not.
+    fn mm_rope(&self, s: &Scratch, m: &GpuMatrix, nt: usize, rope: &RopeOut) -> Result<bool> {
+        let kernel = self.kernel_for(nt, m);
+        let tiled = matches!(kernel, MatKernel::MmaWith(v) if v.tiled);
+        if !tiled
+            || !rope.hd.is_multiple_of(4)
+            || !m.n_rows.is_multiple_of(4)
+            || !self.fused_rope.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        launch_matmul_with(
+            &self.gpu,
+            m,
+            kernel,
+            s.q8.p(),
+            self.x_ntp(s, nt, m),
+            nt,
+            s.sx.p(),
+            s.xsum.p(),
+            Epilogue::StoreRope,
+            Arg::P(0),
+            0,
+            self.body_launch(),
+            Some(rope),
+        )?;
+        Ok(true)
     }
 
     /// How body() and head() launch: with PDL where the device has it (each

@@ -926,6 +926,27 @@ pub enum Epilogue {
     GatedRelu2 = 3,
     /// silu(gate) * up, likewise.
     GatedSilu = 4,
+    /// The q|k|v rows RoPE'd into q and the KV cache, as `rope_kv` does from
+    /// stored rows ([`RopeOut`]); TMA GEMM only.
+    StoreRope = 5,
+}
+
+/// Where [`Epilogue::StoreRope`] writes: rotated q to `qr` (token-major,
+/// `n_heads` x `hd` a token), k and v to the caches `kc` / `vc` (kv head,
+/// then `cap` positions of `hd`; f16 or f32) at position `pos[0] + t`;
+/// `rope` is the (cos, sin) table.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeOut {
+    pub pos: Arg,
+    pub rope: Arg,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub hd: usize,
+    pub cap: usize,
+    pub kv_f16: bool,
+    pub kc: Arg,
+    pub vc: Arg,
+    pub qr: Arg,
 }
 
 /// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad; or,
@@ -947,6 +968,27 @@ pub fn launch_matmul(
     out_stride: usize,
     how: Launch,
 ) -> Result<()> {
+    launch_matmul_with(gpu, m, kernel, x, x_ntp, nt, sx, xsum, ep, out, out_stride, how, None)
+}
+
+/// [`launch_matmul`], with the RoPE outputs of [`Epilogue::StoreRope`]
+/// (`rope` is Some exactly for that epilogue).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_matmul_with(
+    gpu: &Gpu,
+    m: &GpuMatrix,
+    kernel: MatKernel,
+    x: Arg,
+    x_ntp: usize,
+    nt: usize,
+    sx: Arg,
+    xsum: Arg,
+    ep: Epilogue,
+    out: Arg,
+    out_stride: usize,
+    how: Launch,
+    rope: Option<&RopeOut>,
+) -> Result<()> {
     let (oi, of) = if ep == Epilogue::I32 {
         (out, Arg::P(0))
     } else {
@@ -957,6 +999,14 @@ pub fn launch_matmul(
     if gated != (tiled && m.paired) {
         return Err(berr(format!(
             "{kernel:?} with {ep:?}: a gated epilogue runs on the TMA GEMM over paired tiles, nothing else"
+        )));
+    }
+    let roped = ep == Epilogue::StoreRope;
+    if roped != rope.is_some()
+        || (roped && (!tiled || rope.is_some_and(|r| !r.hd.is_multiple_of(4) || !m.n_rows.is_multiple_of(4))))
+    {
+        return Err(berr(format!(
+            "{kernel:?} with {ep:?}: the RoPE epilogue runs on the TMA GEMM, with its outputs, for head dims a multiple of 4"
         )));
     }
     let w = match (tiled, &m.tiles) {
@@ -981,6 +1031,17 @@ pub fn launch_matmul(
         Arg::P(gpu.splitk_cnt),
         // Read by the tiled variants only (the others declare 14 parameters).
         Arg::I(x_ntp as i32),
+        // The tiled variants' RoPE outputs (read in mode 5 only).
+        rope.map_or(Arg::P(0), |r| r.pos),
+        rope.map_or(Arg::P(0), |r| r.rope),
+        Arg::I(rope.map_or(0, |r| r.n_heads) as i32),
+        Arg::I(rope.map_or(0, |r| r.n_kv) as i32),
+        Arg::I(rope.map_or(0, |r| r.hd) as i32),
+        Arg::I(rope.map_or(0, |r| r.cap) as i32),
+        Arg::I(rope.is_some_and(|r| r.kv_f16) as i32),
+        rope.map_or(Arg::P(0), |r| r.kc),
+        rope.map_or(Arg::P(0), |r| r.vc),
+        rope.map_or(Arg::P(0), |r| r.qr),
     ];
     if tiled != (x_ntp > 0) || (tiled && (!x_ntp.is_multiple_of(TILED_TOKENS) || x_ntp < nt)) {
         return Err(berr(format!(

@@ -123,28 +123,44 @@ impl CudaBackend {
             g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt)?;
             g.set_tag("qkv");
-            self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
-            g.set_tag("rope_kv");
-            g.launch_smem(
-                self.kv.rope_kv(),
-                (nt as u32, 1, 1),
-                256,
-                0,
-                &[
-                    s.qkv.p(),
-                    Arg::I(qkv_n as i32),
-                    s.pos.p(),
-                    self.rope.p(),
-                    Arg::I(c.n_heads as i32),
-                    Arg::I(c.n_kv_heads as i32),
-                    Arg::I(c.head_dim as i32),
-                    Arg::I(cache.cap as i32),
-                    kc,
-                    vc,
-                    s.qr.p(),
-                ],
-                how,
-            )?;
+            let rope = RopeOut {
+                pos: s.pos.p(),
+                rope: self.rope.p(),
+                n_heads: c.n_heads,
+                n_kv: c.n_kv_heads,
+                hd: c.head_dim,
+                cap: cache.cap,
+                kv_f16: self.kv == KvDtype::F16,
+                kc,
+                vc,
+                qr: s.qr.p(),
+            };
+            // The TMA GEMM RoPEs and writes the cache itself; else the rows
+            // are stored and `rope_kv` does it.
+            if !self.mm_rope(s, &l.qkv, nt, &rope)? {
+                self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
+                g.set_tag("rope_kv");
+                g.launch_smem(
+                    self.kv.rope_kv(),
+                    (nt as u32, 1, 1),
+                    256,
+                    0,
+                    &[
+                        s.qkv.p(),
+                        Arg::I(qkv_n as i32),
+                        s.pos.p(),
+                        self.rope.p(),
+                        Arg::I(c.n_heads as i32),
+                        Arg::I(c.n_kv_heads as i32),
+                        Arg::I(c.head_dim as i32),
+                        Arg::I(cache.cap as i32),
+                        kc,
+                        vc,
+                        s.qr.p(),
+                    ],
+                    how,
+                )?;
+            }
             g.set_tag("attention");
             self.attention(s, cache, li, nt, n_split, how == Launch::Pdl)?;
             // Without sub-norms the attention output is only quantised.

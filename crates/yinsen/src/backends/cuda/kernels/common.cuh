@@ -105,6 +105,14 @@ __device__ __forceinline__ void pdl_launch() {
 }
 
 
+// RoPE of one (x1, x2) = (dim j, dim j + hd/2) pair by (cos, sin): the
+// products and their fused sums spelled out, so every kernel that rotates
+// (decode, prefill's rope_kv, the prefill GEMM's epilogue) gives the same
+// bits whatever the compiler would contract.
+__device__ __forceinline__ float2 rope_pair(float x1, float x2, float2 c) {
+    return make_float2(__fmaf_rn(x1, c.x, -__fmul_rn(x2, c.y)), __fmaf_rn(x2, c.x, __fmul_rn(x1, c.y)));
+}
+
 // Epilogue of one output row of the fused q|k|v matrix for one token at
 // position p: RoPE on the pair-interleaved q|k rows (layout rows 2j, 2j+1 of
 // a head are dims j, j + hd/2; `partner` is the other row of the pair), the
@@ -119,7 +127,8 @@ __device__ __forceinline__ void qkv_rope_store(int row, float y, float partner, 
         const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
         const float2 cs = rope_row[j];
         const float x1 = second ? partner : y, x2 = second ? y : partner;
-        const float o = second ? x2 * cs.x + x1 * cs.y : x1 * cs.x - x2 * cs.y;
+        const float2 r = rope_pair(x1, x2, cs);
+        const float o = second ? r.y : r.x;
         const int d = j + (second ? half : 0);
         if (row < nq) q_out[h * hd + d] = o;
         else kv_store(kc + ((size_t)h * cap + p) * hd + d, o);

@@ -335,8 +335,8 @@ __device__ void rope_kv_body(const float* qkv, int stride, const int* pos, const
         int i = idx % half;
         const float* v = idx < nq ? row + h * hd : row + n_heads * hd + h * hd;
         float2 c = cs[i];
-        float x1 = v[2 * i], x2 = v[2 * i + 1];
-        float o1 = x1 * c.x - x2 * c.y, o2 = x2 * c.x + x1 * c.y;
+        const float2 o = rope_pair(v[2 * i], v[2 * i + 1], c);
+        const float o1 = o.x, o2 = o.y;
         if (idx < nq) {
             float* q = qr + (size_t)t * n_heads * hd + h * hd;
             q[i] = o1;

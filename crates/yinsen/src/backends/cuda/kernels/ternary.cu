@@ -430,7 +430,7 @@ __device__ __forceinline__ void tw_tile_consts(int i0, int step, int row0, int t
                                                const int* xsum, const float* row_scale, const float* sx, int mode,
                                                int* ep_xsum, float* ep_sx, float* ep_r1, float* ep_rs) {
     constexpr int BM = TW_BM;
-    const bool gated = mode >= 3;
+    const bool gated = mode == 3 || mode == 4;
     const int f = n_rows / 2, p0 = row0 / 2;
     for (int i = i0; i < BN; i += step) {
         const int t = tok0 + i;
@@ -441,6 +441,54 @@ __device__ __forceinline__ void tw_tile_consts(int i0, int step, int row0, int t
     for (int i = i0; i < BM; i += step) {
         const int p = i % (BM / 2), r = gated ? (p0 + p < f ? (i < BM / 2 ? 0 : f) + p0 + p : -1) : row0 + i;
         ep_rs[i] = mode > 0 && r >= 0 && r < n_rows ? row_scale[r] : 0.f;
+    }
+}
+
+// Where the q|k|v GEMM's epilogue puts RoPE'd rows (mode 5, StoreRope):
+// as rope_kv (ops.cu) does from the stored rows, for tokens at pos[0] + t.
+struct TwRope {
+    const int* pos;
+    const float2* rope;
+    int n_heads, n_kv, hd, cap, kv_f16;
+    void *kc, *vc;
+    float* qr;
+};
+
+// Rows r .. r + 3 (in one head: hd % 4 == 0, r % 4 == 0) of token t at
+// position p, values y: q and k rows are pair-interleaved (rows 2j, 2j + 1
+// of a head = dims j, j + hd/2), so the quad is dims j, j + 1 and j + hd/2,
+// j + hd/2 + 1, rotated by rope_pair with cs = the (cos, sin) of j, j + 1
+// (loaded by the caller ahead of its stores); v rows go to the cache as
+// they are.
+__device__ __forceinline__ void tw_rope_quad(const TwRope& ra, int p, int r, int t, const float (&y)[4], float4 cs) {
+    const int half = ra.hd / 2, nq = ra.n_heads * ra.hd, nk = ra.n_kv * ra.hd;
+    auto kv4 = [&](void* base, size_t at, float a, float b, float c, float d, bool pairs) {
+        // pairs: (a, b) at dims at, at + 1 and (c, d) at at + half, at + half + 1; else 4 in a row.
+        const size_t o2 = pairs ? at + half : at + 2;
+        if (ra.kv_f16) {
+            u16* k = (u16*)base;
+            *(unsigned*)(k + at) = (unsigned)f2h(a) | (unsigned)f2h(b) << 16;
+            *(unsigned*)(k + o2) = (unsigned)f2h(c) | (unsigned)f2h(d) << 16;
+        } else {
+            float* k = (float*)base;
+            *(float2*)(k + at) = make_float2(a, b);
+            *(float2*)(k + o2) = make_float2(c, d);
+        }
+    };
+    if (r < nq + nk) {
+        const int rr = r < nq ? r : r - nq, h = rr / ra.hd, j = (rr % ra.hd) >> 1;
+        const float2 a = rope_pair(y[0], y[1], make_float2(cs.x, cs.y));
+        const float2 b = rope_pair(y[2], y[3], make_float2(cs.z, cs.w));
+        if (r < nq) {
+            float* q = ra.qr + (size_t)t * nq + h * ra.hd;
+            *(float2*)(q + j) = make_float2(a.x, b.x);
+            *(float2*)(q + j + half) = make_float2(a.y, b.y);
+        } else {
+            kv4(ra.kc, ((size_t)h * ra.cap + p) * ra.hd + j, a.x, b.x, a.y, b.y, true);
+        }
+    } else {
+        const int rr = r - nq - nk, h = rr / ra.hd, d = rr % ra.hd;
+        kv4(ra.vc, ((size_t)h * ra.cap + p) * ra.hd + d, y[0], y[1], y[2], y[3], false);
     }
 }
 
@@ -461,11 +509,12 @@ __device__ __forceinline__ void tw_tile_consts(int i0, int step, int row0, int t
 template <int BN, int NTH>
 __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep_xsum, const float* ep_sx,
                                             const float* ep_r1, const float* ep_rs, int row0, int tok0, int n_rows,
-                                            int nt, int* out_i, float* out_f, int out_stride, int mode) {
+                                            int nt, int* out_i, float* out_f, int out_stride, int mode,
+                                            const TwRope& ra) {
     constexpr int BM = TW_BM;
     // 16-byte stores where the output rows allow them (else element-wise).
     const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
-    if (mode >= 3) {
+    if (mode == 3 || mode == 4) {
         constexpr int EP_G = TW_EP_STORE;
         constexpr int HP = BM / 2, QS = HP / 4, TS = NTH / QS;  // pairs, quads, tokens per round
         const int f = n_rows / 2, p = 4 * (et % QS), rg = row0 / 2 + p;
@@ -517,6 +566,10 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     constexpr int QS = BM / 4, TS = NTH / QS;  // quads, tokens per round
     const int rl = 4 * (et % QS), r = row0 + rl;
     if (r >= n_rows) return;
+    // Mode 5: the quad's (cos, sin) offset in a position's row of the table
+    // (-1: v rows, not rotated).
+    const int p0 = mode == 5 ? ra.pos[0] : 0;
+    const int rot_j = mode == 5 && r < (ra.n_heads + ra.n_kv) * ra.hd ? (r % ra.hd) >> 1 : -1;
     const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
     float rs[4];
     bool fast = true;  // every scale in the division's fast range
@@ -546,6 +599,11 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
                         for (int j = 0; j < nv; j++) old[k][j] = src[j];
                     }
                 }
+                // Mode 5: `old` holds the rows' (cos, sin) pairs (j even: 16 bytes).
+                if (rot_j >= 0 && t < nt) {
+                    const float4 c = *(const float4*)(ra.rope + (size_t)(p0 + t) * (ra.hd / 2) + rot_j);
+                    old[k][0] = c.x, old[k][1] = c.y, old[k][2] = c.z, old[k][3] = c.w;
+                }
             }
 #pragma unroll
             for (int k = 0; k < EP_N; k++) {
@@ -573,13 +631,19 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
                     y[j] = __fmul_rn((float)a[j], qd[j]);
                     if (mode == 2) y[j] = __fadd_rn(old[k][j], y[j]);
                 }
+                if (mode == 5) {
+                    // nv == 4: the host checks hd % 4.
+                    tw_rope_quad(ra, p0 + t, r, t, y, make_float4(old[k][0], old[k][1], old[k][2], old[k][3]));
+                    continue;
+                }
                 if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
                 else
                     for (int j = 0; j < nv; j++) out_f[o + j] = y[j];
             }
         }
     };
-    if (mode == 2) rounds(TwInt<TW_EP_ADD>{});
+    // Rounds that load ahead of their stores (residuals, RoPE's table) take more tokens.
+    if (mode == 2 || mode == 5) rounds(TwInt<TW_EP_ADD>{});
     else rounds(TwInt<TW_EP_STORE>{});
 }
 
@@ -651,7 +715,8 @@ template <int BN, int S>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
-                                                    float* out_f, int out_stride, int mode, int x_ntp) {
+                                                    float* out_f, int out_stride, int mode, int x_ntp,
+                                                    const TwRope& ra) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
     static_assert(BN == 128 || BN == 256, "wgmma N");
@@ -722,21 +787,23 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     tw_park<BN>(ep, d, warp, lane);
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
     tw_epilogue<BN, WG * 128>(ep, tid, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f, out_stride,
-                              mode);
+                              mode, ra);
 #endif
 }
 
 // Variants: name, tokens per block (the wgmma N), pipeline depth. 2 consumer
-// warpgroups + 1 producer
-// warpgroup (one thread of it issues the copies).
+// warpgroups + 1 producer warpgroup (one thread of it issues the copies).
+// The parameters after x_ntp are mode 5's (TwRope; unused otherwise).
 #define TERN_WGMMA_TMA(NAME, BN, S)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
-        int* ksum, int* kcnt, int x_ntp) {                                                             \
+        int* ksum, int* kcnt, int x_ntp, const int* pos, const float2* rope, int n_heads, int n_kv,   \
+        int hd, int cap, int kv_f16, void* kc, void* vc, float* qr) {                                 \
         pdl_wait();                                                                                    \
+        const TwRope ra{pos, rope, n_heads, n_kv, hd, cap, kv_f16, kc, vc, qr};                        \
         tern_wgmma_tma_body<BN, S>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f, out_stride, \
-                               mode, x_ntp);                                                           \
+                                   mode, x_ntp, ra);                                                   \
     }
 TERN_WGMMA_TMA(tern_wgmma_tma_s4, 256, 4)
 TERN_WGMMA_TMA(tern_wgmma_tma_s6, 256, 6)
