@@ -231,9 +231,6 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
 // reduction is warp shuffles plus, for W > 1, one named barrier of the
 // token's warps. (S7-8's one-warp kernel divided per element and was
 // issue-bound; this one multiplies as norm_quant_v4.)
-#ifndef NQ_PREFETCH
-#define NQ_PREFETCH 1  // A/B switch (YINSEN_NVRTC_DEFINES=NQ_PREFETCH=0)
-#endif
 template <int W, int R>
 __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int in_stride, int gate, const float* w,
                                                    int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
@@ -257,16 +254,11 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
     const float4* x = (const float4*)(in + (size_t)t * in_stride);
     float4 v[R];
     float ss = 0.f;
-    // The norm weights are prefetched into L1 with the input's loads (read
-    // after the first reduction, each was one more L2 round trip on every
-    // token's path; loaded into registers here, they doubled the kernel's
-    // registers).
 #pragma unroll
     for (int k = 0; k < R; k++) {
         const int i4 = gl + k * GT;
         v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (i4 < n4) {
-            if (NQ_PREFETCH && w) asm volatile("prefetch.global.L1 [%0];" ::"l"((const float4*)w + i4));
             v[k] = x[i4];
             if (gate) {
                 const float4 u = ((const float4*)((const float*)x + n))[i4];
