@@ -415,6 +415,13 @@ __device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a
 #ifndef TW_EP_ADD
 #define TW_EP_ADD 8
 #endif
+// Probe (A/B runs only): TW_ROPE=0 compiles mode 5 out of the epilogue, to
+// time the other modes without its code beside theirs (with
+// YINSEN_CUDA_FUSED_ROPE=0; with it on, q and the cache are never written).
+// S15-8 had o and down 2-17% slower than before mode 5 existed.
+#ifndef TW_ROPE
+#define TW_ROPE 1
+#endif
 template <int N>
 struct TwInt {
     static constexpr int value = N;
@@ -648,8 +655,9 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     };
     // Rounds that load ahead of their stores (residuals, RoPE's table) take more tokens.
     if (mode == 2) rounds(TwInt<TW_EP_ADD>{}, TwInt<2>{});
-    else if (mode == 5) rounds(TwInt<TW_EP_ADD>{}, TwInt<5>{});
-    else rounds(TwInt<TW_EP_STORE>{}, TwInt<-1>{});
+    else if (mode == 5) {
+        if constexpr (TW_ROPE) rounds(TwInt<TW_EP_ADD>{}, TwInt<5>{});
+    } else rounds(TwInt<TW_EP_STORE>{}, TwInt<-1>{});
 }
 
 // One stage of the consumer loop (warp `warp` of the two consumer
