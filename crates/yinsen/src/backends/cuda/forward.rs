@@ -22,9 +22,7 @@ pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
 
 use super::layout::{rope_pair_order, GpuLayout};
-use super::{
-    launch_matmul, launch_matmul_with, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut,
-};
+use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut};
 use crate::backends::{Backend, KvCache, Output};
 use crate::error::{Error, Result};
 use crate::model::{Activation, DenseMatrix, DenseType, Model, ModelConfig};
@@ -1278,6 +1276,7 @@ impl CudaBackend {
                 out.at(4 * t0 * stride),
                 stride,
                 self.body_launch(),
+                None,
             )?;
         }
         Ok(())
@@ -1296,7 +1295,7 @@ impl CudaBackend {
         {
             return Ok(false);
         }
-        launch_matmul_with(
+        launch_matmul(
             &self.gpu,
             m,
             kernel,

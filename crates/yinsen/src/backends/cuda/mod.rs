@@ -952,29 +952,10 @@ pub struct RopeOut {
 /// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad; or,
 /// with `x_ntp` > 0, in the tiled order of [`tile_x`] for `x_ntp` tokens,
 /// which the tiled variants need), with per-token scales `sx` and sums
-/// `xsum`; output row stride `out_stride`.
+/// `xsum`; output row stride `out_stride`; `rope` the outputs of
+/// [`Epilogue::StoreRope`] (Some exactly for that epilogue).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_matmul(
-    gpu: &Gpu,
-    m: &GpuMatrix,
-    kernel: MatKernel,
-    x: Arg,
-    x_ntp: usize,
-    nt: usize,
-    sx: Arg,
-    xsum: Arg,
-    ep: Epilogue,
-    out: Arg,
-    out_stride: usize,
-    how: Launch,
-) -> Result<()> {
-    launch_matmul_with(gpu, m, kernel, x, x_ntp, nt, sx, xsum, ep, out, out_stride, how, None)
-}
-
-/// [`launch_matmul`], with the RoPE outputs of [`Epilogue::StoreRope`]
-/// (`rope` is Some exactly for that epilogue).
-#[allow(clippy::too_many_arguments)]
-pub fn launch_matmul_with(
     gpu: &Gpu,
     m: &GpuMatrix,
     kernel: MatKernel,
@@ -1187,6 +1168,7 @@ pub fn ternary_matmul_i32(
             oo,
             w.n_out,
             Launch::Plain,
+            None,
         )?;
     }
     gpu.sync()?;

@@ -410,6 +410,7 @@ impl CudaBackend {
                             out.p(),
                             stride,
                             Launch::Plain,
+                            None,
                         )
                     };
                     run()?; // warm-up
