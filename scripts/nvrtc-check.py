@@ -6,7 +6,9 @@
 Catches syntax and register/ptxas errors before a device run. NVRTC comes
 from the PyPI wheel `nvidia-cuda-nvrtc` (unzip it; point at lib/libnvrtc.so.13).
 Prints the compile log and, via -Xptxas -v, registers/smem per kernel.
-$YINSEN_NVRTC_DEFINES="NAME=VALUE ..." passes macros as the backend does.
+$YINSEN_NVRTC_DEFINES="NAME=VALUE ..." passes macros as the backend does
+(spaces or commas between them). NVRTC_CUBIN=FILE writes the cubin, for
+`cuobjdump -sass FILE` (PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm).
 """
 import ctypes, os, sys
 
@@ -22,7 +24,7 @@ n = ctypes.CDLL(lib)
 prog = ctypes.c_void_p()
 assert n.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"yinsen.cu", 0, None, None) == 0
 opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-Xptxas", b"-v"]
-opts += [f"-D{d}".encode() for d in os.environ.get("YINSEN_NVRTC_DEFINES", "").split()]
+opts += [f"-D{d}".encode() for d in os.environ.get("YINSEN_NVRTC_DEFINES", "").replace(",", " ").split()]
 arr = (ctypes.c_char_p * len(opts))(*opts)
 r = n.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()
@@ -31,4 +33,10 @@ log = ctypes.create_string_buffer(size.value)
 n.nvrtcGetProgramLog(prog, log)
 print(log.value.decode(errors="replace"))
 print("nvrtc result", r)
+if r == 0 and os.environ.get("NVRTC_CUBIN"):
+    size = ctypes.c_size_t()
+    n.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    n.nvrtcGetCUBIN(prog, cubin)
+    open(os.environ["NVRTC_CUBIN"], "wb").write(cubin.raw)
 sys.exit(1 if r else 0)
