@@ -868,15 +868,26 @@ fn tcx_prefill_matches_tc() {
     gpu.set_flash(FlashMode::Auto);
     assert_eq!(gpu.attention_kernel_name(300), Some(name), "Auto runs flash_tcx");
     let run = |mode: FlashMode| flash_prefills(&gpu, mode, &long, &ids);
-    for n_ks in [1usize, 0] {
+    // Both variants: the short-call one (w4 under 1024 tokens, every call
+    // here) and, with no call short, the long-call one (h1).
+    let short_nt = gpu.set_tcx_short_tokens(0);
+    gpu.set_flash(FlashMode::Tcx);
+    let long_name = gpu.attention_kernel_name(300);
+    gpu.set_tcx_short_tokens(short_nt);
+    let short_name = gpu.attention_kernel_name(300);
+    gpu.set_flash(FlashMode::Auto);
+    assert_ne!(long_name, short_name, "one flash_tcx variant for every call");
+    for (short, n_ks) in [(short_nt, 1usize), (short_nt, 0), (0, 1), (0, 0)] {
+        gpu.set_tcx_short_tokens(short);
         gpu.set_key_splits(n_ks);
         let want = run(FlashMode::Tc);
         let got = run(FlashMode::Tcx);
+        let kernel = if short == 0 { long_name } else { short_name };
         for (case, (g, w)) in ["300 from 0", "100 from 0", "137 from 100"]
             .iter()
             .zip(got.iter().zip(&want))
         {
-            let what = format!("Tcx vs Tc, key splits {n_ks}, prefill {case}");
+            let what = format!("Tcx ({kernel:?}) vs Tc, key splits {n_ks}, prefill {case}");
             if n_ks == 1 {
                 let d = max_abs(g, w);
                 println!("{what}: max |dlogit| {d:.3e} (bit-identical: {})", g == w);
@@ -889,6 +900,7 @@ fn tcx_prefill_matches_tc() {
         }
     }
     gpu.set_key_splits(0);
+    gpu.set_tcx_short_tokens(short_nt);
     gpu.set_flash(FlashMode::Auto);
 }
 

@@ -438,6 +438,8 @@ pub struct CudaBackend {
     flash: std::sync::atomic::AtomicU8,
     /// Forced key splits of the tensor-core flash (tests; 0 = automatic).
     key_splits_override: std::sync::atomic::AtomicUsize,
+    /// Calls of fewer tokens take `tcx_short` (TCX_SHORT_NT; tests move it).
+    tcx_short_nt: std::sync::atomic::AtomicUsize,
     /// Tokens `part` holds with max_splits splits (see Scratch).
     part_tokens: usize,
     /// Whether each f32 flash instantiation (narrow, wide) can run this head dim.
@@ -919,6 +921,7 @@ impl CudaBackend {
                 .into(),
             flash: (flash_mode as u8).into(),
             key_splits_override: 0.into(),
+            tcx_short_nt: TCX_SHORT_NT.into(),
             tcs_ok,
             tcx,
             tcx_short,
@@ -1117,10 +1120,18 @@ impl CudaBackend {
     fn tcx_for(&self, nt: usize) -> Option<TcxKernel> {
         let mode = FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize];
         match mode {
-            FlashMode::Auto | FlashMode::Tcx if nt >= TCX_SHORT_NT => self.tcx,
+            FlashMode::Auto | FlashMode::Tcx if nt >= self.tcx_short_nt.load(std::sync::atomic::Ordering::Relaxed) => {
+                self.tcx
+            }
             FlashMode::Auto | FlashMode::Tcx if nt >= TCX_MIN_NT => self.tcx_short,
             _ => None,
         }
+    }
+
+    /// For tests: calls of fewer than `n` tokens take the short-call
+    /// `flash_tcx` variant (0: none do); returns the previous setting.
+    pub fn set_tcx_short_tokens(&self, n: usize) -> usize {
+        self.tcx_short_nt.swap(n, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The kernel prefill attention of `nt` tokens runs now (tests, logs).
