@@ -461,41 +461,55 @@ struct TwRope {
     float* qr;
 };
 
-// Rows r .. r + 3 (in one head: hd % 4 == 0, r % 4 == 0) of token t at
-// position p, values y: q and k rows are pair-interleaved (rows 2j, 2j + 1
-// of a head = dims j, j + hd/2), so the quad is dims j, j + 1 and j + hd/2,
-// j + hd/2 + 1, rotated by rope_pair with cs = the (cos, sin) of j, j + 1
-// (loaded by the caller ahead of its stores); v rows go to the cache as
-// they are.
-__device__ __forceinline__ void tw_rope_quad(const TwRope& ra, int p, int r, int t, const float (&y)[4], float4 cs) {
-    const int half = ra.hd / 2, nq = ra.n_heads * ra.hd, nk = ra.n_kv * ra.hd;
-    auto kv4 = [&](void* base, size_t at, float a, float b, float c, float d, bool pairs) {
-        // pairs: (a, b) at dims at, at + 1 and (c, d) at at + half, at + half + 1; else 4 in a row.
-        const size_t o2 = pairs ? at + half : at + 2;
+// A thread's quad of q|k|v rows r .. r + 3 (in one head: hd % 4 == 0,
+// r % 4 == 0), worked out once: which output (0 q, 1 k, 2 v), and its
+// offset there without the token's (q: h hd + j; k: h cap hd + j; v: h cap
+// hd + d). q and k rows are pair-interleaved (rows 2j, 2j + 1 of a head =
+// dims j, j + hd/2), so their quad is dims j, j + 1 and j + hd/2,
+// j + hd/2 + 1.
+struct TwQuad {
+    int kind;
+    size_t off;
+};
+__device__ __forceinline__ TwQuad tw_rope_quad_at(const TwRope& ra, int r) {
+    const int nq = ra.n_heads * ra.hd, nk = ra.n_kv * ra.hd;
+    const int kind = r < nq ? 0 : r < nq + nk ? 1 : 2;
+    const int rr = kind == 0 ? r : kind == 1 ? r - nq : r - nq - nk, h = rr / ra.hd, w = rr % ra.hd;
+    const int col = kind == 2 ? w : w >> 1;
+    return {kind, kind == 0 ? (size_t)h * ra.hd + col : (size_t)h * ra.cap * ra.hd + col};
+}
+
+// The quad `at` of token t at position p, values y, rotated by rope_pair
+// with cs = the (cos, sin) of its dims j, j + 1 (loaded by the caller ahead
+// of its stores); v rows go to the cache as they are.
+__device__ __forceinline__ void tw_rope_quad(const TwRope& ra, TwQuad at, int p, int t, const float (&y)[4],
+                                             float4 cs) {
+    const int half = ra.hd / 2;
+    auto kv4 = [&](void* base, size_t o, float a, float b, float c, float d, bool pairs) {
+        // pairs: (a, b) at dims o, o + 1 and (c, d) at o + half, o + half + 1; else 4 in a row.
+        const size_t o2 = pairs ? o + half : o + 2;
         if (ra.kv_f16) {
             u16* k = (u16*)base;
-            *(unsigned*)(k + at) = (unsigned)f2h(a) | (unsigned)f2h(b) << 16;
+            *(unsigned*)(k + o) = (unsigned)f2h(a) | (unsigned)f2h(b) << 16;
             *(unsigned*)(k + o2) = (unsigned)f2h(c) | (unsigned)f2h(d) << 16;
         } else {
             float* k = (float*)base;
-            *(float2*)(k + at) = make_float2(a, b);
+            *(float2*)(k + o) = make_float2(a, b);
             *(float2*)(k + o2) = make_float2(c, d);
         }
     };
-    if (r < nq + nk) {
-        const int rr = r < nq ? r : r - nq, h = rr / ra.hd, j = (rr % ra.hd) >> 1;
-        const float2 a = rope_pair(y[0], y[1], make_float2(cs.x, cs.y));
-        const float2 b = rope_pair(y[2], y[3], make_float2(cs.z, cs.w));
-        if (r < nq) {
-            float* q = ra.qr + (size_t)t * nq + h * ra.hd;
-            *(float2*)(q + j) = make_float2(a.x, b.x);
-            *(float2*)(q + j + half) = make_float2(a.y, b.y);
-        } else {
-            kv4(ra.kc, ((size_t)h * ra.cap + p) * ra.hd + j, a.x, b.x, a.y, b.y, true);
-        }
+    if (at.kind == 2) {
+        kv4(ra.vc, at.off + (size_t)p * ra.hd, y[0], y[1], y[2], y[3], false);
+        return;
+    }
+    const float2 a = rope_pair(y[0], y[1], make_float2(cs.x, cs.y));
+    const float2 b = rope_pair(y[2], y[3], make_float2(cs.z, cs.w));
+    if (at.kind == 0) {
+        float* q = ra.qr + (size_t)t * ra.n_heads * ra.hd + at.off;
+        *(float2*)q = make_float2(a.x, b.x);
+        *(float2*)(q + half) = make_float2(a.y, b.y);
     } else {
-        const int rr = r - nq - nk, h = rr / ra.hd, d = rr % ra.hd;
-        kv4(ra.vc, ((size_t)h * ra.cap + p) * ra.hd + d, y[0], y[1], y[2], y[3], false);
+        kv4(ra.kc, at.off + (size_t)p * ra.hd, a.x, b.x, a.y, b.y, true);
     }
 }
 
@@ -576,7 +590,8 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     // Mode 5: the quad's (cos, sin) offset in a position's row of the table
     // (-1: v rows, not rotated).
     const int p0 = mode == 5 ? ra.pos[0] : 0;
-    const int rot_j = mode == 5 && r < (ra.n_heads + ra.n_kv) * ra.hd ? (r % ra.hd) >> 1 : -1;
+    const TwQuad quad = mode == 5 ? tw_rope_quad_at(ra, r) : TwQuad{2, 0};
+    const int rot_j = quad.kind < 2 ? (r % ra.hd) >> 1 : -1;
     const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
     float rs[4];
     bool fast = true;  // every scale in the division's fast range
@@ -644,7 +659,7 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
                 }
                 if (MD == 5) {
                     // nv == 4: the host checks hd % 4.
-                    tw_rope_quad(ra, p0 + t, r, t, y, make_float4(old[k][0], old[k][1], old[k][2], old[k][3]));
+                    tw_rope_quad(ra, quad, p0 + t, t, y, make_float4(old[k][0], old[k][1], old[k][2], old[k][3]));
                     continue;
                 }
                 if (vec && nv == 4) *(float4*)(out_f + o) = make_float4(y[0], y[1], y[2], y[3]);
