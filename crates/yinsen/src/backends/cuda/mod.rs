@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 73] = [
+pub const KERNELS: [&str; 76] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -212,8 +212,11 @@ pub const KERNELS: [&str; 73] = [
     "tern_mma_256x64",
     "tern_mma_256x128",
     "tern_wgmma_tma_s4",
+    "tern_wgmma_tma_s4_rope",
     "tern_wgmma_tma_s6",
+    "tern_wgmma_tma_s6_rope",
     "tern_wgmma_tma_n128",
+    "tern_wgmma_tma_n128_rope",
     "row_sums_i8",
     "embed_f16",
     "fdiv_check",
@@ -835,6 +838,9 @@ pub struct MmaVariant {
     /// Fed by bulk copies (`tern_wgmma_tma_body`): x must be in the tiled
     /// order of [`tile_x`] (`norm_quant` with `x_ntp`), not row-major.
     pub tiled: bool,
+    /// The tiled variants' twin that runs the RoPE epilogue (mode 5) and
+    /// nothing else ("" for the others).
+    pub rope_name: &'static str,
 }
 
 impl MmaVariant {
@@ -847,15 +853,16 @@ impl MmaVariant {
         MmaVariant::new("tern_mma_128x128", 4, 2, 2, 8, 4),
         MmaVariant::new("tern_mma_256x64", 8, 1, 2, 8, 4),
         MmaVariant::new("tern_mma_256x128", 4, 2, 4, 8, 4),
-        MmaVariant::tma("tern_wgmma_tma_s4", 256, 4),
-        MmaVariant::tma("tern_wgmma_tma_s6", 256, 6),
-        MmaVariant::tma("tern_wgmma_tma_n128", 128, 6),
+        MmaVariant::tma("tern_wgmma_tma_s4", "tern_wgmma_tma_s4_rope", 256, 4),
+        MmaVariant::tma("tern_wgmma_tma_s6", "tern_wgmma_tma_s6_rope", 256, 6),
+        MmaVariant::tma("tern_wgmma_tma_n128", "tern_wgmma_tma_n128_rope", 128, 6),
     ];
 
     /// A `TERN_WGMMA_TMA(...)` line: 128 rows x `bn` tokens, 384 threads.
-    const fn tma(name: &'static str, bn: usize, stages: usize) -> Self {
+    const fn tma(name: &'static str, rope_name: &'static str, bn: usize, stages: usize) -> Self {
         Self {
             name,
+            rope_name,
             bm: 128,
             bn,
             threads: 384,
@@ -875,6 +882,7 @@ impl MmaVariant {
             stages,
             wgmma: false,
             tiled: false,
+            rope_name: "",
         }
     }
 
@@ -1046,7 +1054,8 @@ pub fn launch_matmul(
             }
             let (gx, gy) = (m.n_rows.div_ceil(v.bm), nt.div_ceil(v.bn));
             let grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
-            gpu.launch_smem(v.name, grid, v.threads, v.smem() as u32, &args, how)
+            let name = if roped { v.rope_name } else { v.name };
+            gpu.launch_smem(name, grid, v.threads, v.smem() as u32, &args, how)
         }
         MatKernel::Gemv => {
             let name = match nt {
@@ -1244,13 +1253,19 @@ mod tests {
         }
         let plain = seen.len();
         for a in lines("TERN_WGMMA_TMA") {
-            assert_eq!(a.len(), 3, "{a:?}");
-            seen.push(MmaVariant::tma(leak(&a[0]), num(&a[1]), num(&a[2])));
+            assert_eq!(a.len(), 4, "{a:?}");
+            seen.push(MmaVariant::tma(leak(&a[0]), leak(&a[1]), num(&a[2]), num(&a[3])));
         }
         for want in &seen {
             assert_eq!(MmaVariant::by_name(want.name), Some(*want));
             assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
             assert!(KERNELS.contains(&want.name), "{} not loaded", want.name);
+            assert!(want.rope_name.is_empty() != want.tiled, "{}", want.name);
+            assert!(
+                want.rope_name.is_empty() || KERNELS.contains(&want.rope_name),
+                "{}",
+                want.rope_name
+            );
         }
         assert_eq!(seen.len(), MmaVariant::ALL.len());
         assert!(plain >= 4 && seen.len() > plain);
