@@ -344,8 +344,10 @@ impl Gpu {
         });
         if gpu.has_mma() {
             for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
-                if !gpu.allow_dynamic_smem(v.name, v.smem())? {
-                    return Err(berr(format!("{} needs {} B of shared memory", v.name, v.smem())));
+                for name in [v.name, v.rope_name].into_iter().filter(|n| !n.is_empty()) {
+                    if !gpu.allow_dynamic_smem(name, v.smem())? {
+                        return Err(berr(format!("{name} needs {} B of shared memory", v.smem())));
+                    }
                 }
             }
         }
