@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 76] = [
+pub const KERNELS: [&str; 82] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -212,10 +212,16 @@ pub const KERNELS: [&str; 76] = [
     "tern_mma_256x64",
     "tern_mma_256x128",
     "tern_wgmma_tma_s4",
+    "tern_wgmma_tma_s4_add",
+    "tern_wgmma_tma_s4_gated",
     "tern_wgmma_tma_s4_rope",
     "tern_wgmma_tma_s6",
+    "tern_wgmma_tma_s6_add",
+    "tern_wgmma_tma_s6_gated",
     "tern_wgmma_tma_s6_rope",
     "tern_wgmma_tma_n128",
+    "tern_wgmma_tma_n128_add",
+    "tern_wgmma_tma_n128_gated",
     "tern_wgmma_tma_n128_rope",
     "row_sums_i8",
     "embed_f16",
@@ -344,7 +350,7 @@ impl Gpu {
         });
         if gpu.has_mma() {
             for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
-                for name in [v.name, v.rope_name].into_iter().filter(|n| !n.is_empty()) {
+                for name in [v.name].into_iter().chain(v.ep_names).filter(|n| !n.is_empty()) {
                     if !gpu.allow_dynamic_smem(name, v.smem())? {
                         return Err(berr(format!("{name} needs {} B of shared memory", v.smem())));
                     }
@@ -840,9 +846,27 @@ pub struct MmaVariant {
     /// Fed by bulk copies (`tern_wgmma_tma_body`): x must be in the tiled
     /// order of [`tile_x`] (`norm_quant` with `x_ntp`), not row-major.
     pub tiled: bool,
-    /// The tiled variants' twin that runs the RoPE epilogue (mode 5) and
-    /// nothing else ("" for the others).
-    pub rope_name: &'static str,
+    /// The tiled variants' kernels per epilogue family: `name` (I32, Store),
+    /// then Add, gated, StoreRope ("" for the other variants): each kernel
+    /// carries only its own epilogue code.
+    pub ep_names: [&'static str; 3],
+}
+
+/// A `TERN_WGMMA_TMA(NAME, ...)` line's kernel names: NAME and its
+/// epilogue twins.
+macro_rules! tma_variant {
+    ($name:literal, $bn:expr, $stages:expr) => {
+        MmaVariant::tma(
+            $name,
+            [
+                concat!($name, "_add"),
+                concat!($name, "_gated"),
+                concat!($name, "_rope"),
+            ],
+            $bn,
+            $stages,
+        )
+    };
 }
 
 impl MmaVariant {
@@ -855,16 +879,16 @@ impl MmaVariant {
         MmaVariant::new("tern_mma_128x128", 4, 2, 2, 8, 4),
         MmaVariant::new("tern_mma_256x64", 8, 1, 2, 8, 4),
         MmaVariant::new("tern_mma_256x128", 4, 2, 4, 8, 4),
-        MmaVariant::tma("tern_wgmma_tma_s4", "tern_wgmma_tma_s4_rope", 256, 4),
-        MmaVariant::tma("tern_wgmma_tma_s6", "tern_wgmma_tma_s6_rope", 256, 6),
-        MmaVariant::tma("tern_wgmma_tma_n128", "tern_wgmma_tma_n128_rope", 128, 6),
+        tma_variant!("tern_wgmma_tma_s4", 256, 4),
+        tma_variant!("tern_wgmma_tma_s6", 256, 6),
+        tma_variant!("tern_wgmma_tma_n128", 128, 6),
     ];
 
     /// A `TERN_WGMMA_TMA(...)` line: 128 rows x `bn` tokens, 384 threads.
-    const fn tma(name: &'static str, rope_name: &'static str, bn: usize, stages: usize) -> Self {
+    const fn tma(name: &'static str, ep_names: [&'static str; 3], bn: usize, stages: usize) -> Self {
         Self {
             name,
-            rope_name,
+            ep_names,
             bm: 128,
             bn,
             threads: 384,
@@ -884,7 +908,7 @@ impl MmaVariant {
             stages,
             wgmma: false,
             tiled: false,
-            rope_name: "",
+            ep_names: [""; 3],
         }
     }
 
@@ -899,6 +923,22 @@ impl MmaVariant {
         let b_row = if self.wgmma { 2 * 64 } else { 2 * 64 + 16 };
         // The tiled kernels align their stages to 1024 bytes in the buffer.
         self.stages * (2 * self.bm * 16 + self.bn * b_row) + if self.tiled { 1024 } else { 0 }
+    }
+
+    /// The kernel that runs epilogue `ep` (the tiled variants have one per
+    /// epilogue family).
+    pub fn kernel(&self, ep: Epilogue) -> &'static str {
+        let twin = match ep {
+            Epilogue::I32 | Epilogue::Store => return self.name,
+            Epilogue::Add => self.ep_names[0],
+            Epilogue::GatedRelu2 | Epilogue::GatedSilu => self.ep_names[1],
+            Epilogue::StoreRope => self.ep_names[2],
+        };
+        if twin.is_empty() {
+            self.name
+        } else {
+            twin
+        }
     }
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -1056,7 +1096,7 @@ pub fn launch_matmul(
             }
             let (gx, gy) = (m.n_rows.div_ceil(v.bm), nt.div_ceil(v.bn));
             let grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
-            let name = if roped { v.rope_name } else { v.name };
+            let name = v.kernel(ep);
             gpu.launch_smem(name, grid, v.threads, v.smem() as u32, &args, how)
         }
         MatKernel::Gemv => {
@@ -1255,19 +1295,20 @@ mod tests {
         }
         let plain = seen.len();
         for a in lines("TERN_WGMMA_TMA") {
-            assert_eq!(a.len(), 4, "{a:?}");
-            seen.push(MmaVariant::tma(leak(&a[0]), leak(&a[1]), num(&a[2]), num(&a[3])));
+            assert_eq!(a.len(), 3, "{a:?}");
+            let twin = |s: &str| leak(&format!("{}_{s}", a[0]));
+            let names = [twin("add"), twin("gated"), twin("rope")];
+            seen.push(MmaVariant::tma(leak(&a[0]), names, num(&a[1]), num(&a[2])));
         }
         for want in &seen {
             assert_eq!(MmaVariant::by_name(want.name), Some(*want));
             assert!(want.smem() <= 227 << 10, "{}: {} B", want.name, want.smem());
             assert!(KERNELS.contains(&want.name), "{} not loaded", want.name);
-            assert!(want.rope_name.is_empty() != want.tiled, "{}", want.name);
-            assert!(
-                want.rope_name.is_empty() || KERNELS.contains(&want.rope_name),
-                "{}",
-                want.rope_name
-            );
+            for ep in [Epilogue::I32, Epilogue::Add, Epilogue::GatedSilu, Epilogue::StoreRope] {
+                let k = want.kernel(ep);
+                assert!(KERNELS.contains(&k), "{k} not loaded");
+                assert_eq!(k == want.name, !want.tiled || ep == Epilogue::I32, "{k}");
+            }
         }
         assert_eq!(seen.len(), MmaVariant::ALL.len());
         assert!(plain >= 4 && seen.len() > plain);

@@ -415,12 +415,14 @@ __device__ __forceinline__ void wgmma_n256(int* d, u32 a0, u32 a1, u32 a2, u32 a
 #ifndef TW_EP_ADD
 #define TW_EP_ADD 8
 #endif
-// Probe (A/B runs only, other modes' results wrong): a bit mask of the
-// epilogue modes (0-4) the non-RoPE kernels keep, to time one mode's code
-// alone, e.g. TW_MODES=4 (mode 2: o and down).
-#ifndef TW_MODES
-#define TW_MODES 31
+// Mode 5's tokens per round (its rounds load the RoPE table first).
+#ifndef TW_EP_ROPE
+#define TW_EP_ROPE TW_EP_ADD
 #endif
+// Each TMA GEMM kernel carries one epilogue family (EM): 0 modes 0 and 1
+// (stores), 2 (residual add), 3 modes 3 and 4 (gated), 5 (RoPE). With
+// mode 5's code in the same kernel, o and down took 2-17% longer though
+// their own SASS was the same (S15-8, S16-1: code size, not registers).
 template <int N>
 struct TwInt {
     static constexpr int value = N;
@@ -526,7 +528,7 @@ __device__ __forceinline__ void tw_rope_quad(const TwRope& ra, TwQuad at, int p,
 // without it); with those in shared memory and one row per thread it still
 // took ~40% of the kernel, issue-bound on its ~56 instructions per output
 // pair (ncu, S14-3; the division's branch was not the cost: S14-4).
-template <int BN, int NTH, bool RP>
+template <int BN, int NTH, int EM>
 __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep_xsum, const float* ep_sx,
                                             const float* ep_r1, const float* ep_rs, int row0, int tok0, int n_rows,
                                             int nt, int* out_i, float* out_f, int out_stride, int mode,
@@ -534,7 +536,7 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     constexpr int BM = TW_BM;
     // 16-byte stores where the output rows allow them (else element-wise).
     const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
-    if (!RP && (TW_MODES & 24) && (mode == 3 || mode == 4)) {
+    if constexpr (EM == 3) {
         constexpr int EP_G = TW_EP_STORE;
         constexpr int HP = BM / 2, QS = HP / 4, TS = NTH / QS;  // pairs, quads, tokens per round
         const int f = n_rows / 2, p = 4 * (et % QS), rg = row0 / 2 + p;
@@ -588,8 +590,8 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     if (r >= n_rows) return;
     // Mode 5: the quad's (cos, sin) offset in a position's row of the table
     // (-1: v rows, not rotated).
-    const int p0 = RP ? ra.pos[0] : 0;
-    const TwQuad quad = RP ? tw_rope_quad_at(ra, r) : TwQuad{2, 0};
+    const int p0 = EM == 5 ? ra.pos[0] : 0;
+    const TwQuad quad = EM == 5 ? tw_rope_quad_at(ra, r) : TwQuad{2, 0};
     const int rot_j = quad.kind < 2 ? (r % ra.hd) >> 1 : -1;
     const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
     float rs[4];
@@ -668,9 +670,9 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
         }
     };
     // Rounds that load ahead of their stores (residuals, RoPE's table) take more tokens.
-    if constexpr (RP) rounds(TwInt<TW_EP_ADD>{}, TwInt<5>{});
-    else if ((TW_MODES & 4) && mode == 2) rounds(TwInt<TW_EP_ADD>{}, TwInt<2>{});
-    else if (TW_MODES & 3) rounds(TwInt<TW_EP_STORE>{}, TwInt<-1>{});
+    if constexpr (EM == 5) rounds(TwInt<TW_EP_ROPE>{}, TwInt<5>{});
+    else if constexpr (EM == 2) rounds(TwInt<TW_EP_ADD>{}, TwInt<2>{});
+    else rounds(TwInt<TW_EP_STORE>{}, TwInt<-1>{});
 }
 
 // One stage of the consumer loop (warp `warp` of the two consumer
@@ -737,7 +739,7 @@ __device__ __forceinline__ void tw_park(int* ep, const int* d, int warp, int lan
             ep[(8 * j + 2 * tg + (i & 1)) * TW_EP + warp * 16 + g + (i >= 2 ? 8 : 0)] = d[4 * j + i];
 }
 
-template <int BN, int S, bool RP>
+template <int BN, int S, int EM>
 __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W, int n_rows, int chunks,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
@@ -812,18 +814,17 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     int* ep = (int*)smem;
     tw_park<BN>(ep, d, warp, lane);
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
-    tw_epilogue<BN, WG * 128, RP>(ep, tid, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f, out_stride,
+    tw_epilogue<BN, WG * 128, EM>(ep, tid, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f, out_stride,
                               mode, ra);
 #endif
 }
 
-// Variants: name, its RoPE twin's name, tokens per block (the wgmma N),
-// pipeline depth. 2 consumer warpgroups + 1 producer warpgroup (one thread
-// of it issues the copies). The twin (RP) runs mode 5 only, the other every
-// mode but 5: with mode 5's code in the same kernel, o and down took 2-17%
-// longer (S15-8, S16-1), though their own SASS was the same. The parameters
-// after x_ntp are mode 5's (TwRope; unused otherwise).
-#define TERN_WGMMA_TMA_K(NAME, BN, S, RP)                                                              \
+// Variants: name, tokens per block (the wgmma N), pipeline depth; each as
+// four kernels, one per epilogue family: NAME (modes 0, 1), NAME_add,
+// NAME_gated, NAME_rope. 2 consumer warpgroups + 1 producer warpgroup (one
+// thread of it issues the copies). The parameters after x_ntp are mode 5's
+// (TwRope; unused otherwise).
+#define TERN_WGMMA_TMA_K(NAME, BN, S, EM)                                                              \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
@@ -831,12 +832,14 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         int hd, int cap, int kv_f16, void* kc, void* vc, float* qr) {                                 \
         pdl_wait();                                                                                    \
         const TwRope ra{pos, rope, n_heads, n_kv, hd, cap, kv_f16, kc, vc, qr};                        \
-        tern_wgmma_tma_body<BN, S, RP>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,    \
+        tern_wgmma_tma_body<BN, S, EM>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,    \
                                        out_stride, mode, x_ntp, ra);                                   \
     }
-#define TERN_WGMMA_TMA(NAME, RNAME, BN, S) \
-    TERN_WGMMA_TMA_K(NAME, BN, S, false)   \
-    TERN_WGMMA_TMA_K(RNAME, BN, S, true)
-TERN_WGMMA_TMA(tern_wgmma_tma_s4, tern_wgmma_tma_s4_rope, 256, 4)
-TERN_WGMMA_TMA(tern_wgmma_tma_s6, tern_wgmma_tma_s6_rope, 256, 6)
-TERN_WGMMA_TMA(tern_wgmma_tma_n128, tern_wgmma_tma_n128_rope, 128, 6)
+#define TERN_WGMMA_TMA(NAME, BN, S)               \
+    TERN_WGMMA_TMA_K(NAME, BN, S, 0)              \
+    TERN_WGMMA_TMA_K(NAME##_add, BN, S, 2)        \
+    TERN_WGMMA_TMA_K(NAME##_gated, BN, S, 3)      \
+    TERN_WGMMA_TMA_K(NAME##_rope, BN, S, 5)
+TERN_WGMMA_TMA(tern_wgmma_tma_s4, 256, 4)
+TERN_WGMMA_TMA(tern_wgmma_tma_s6, 256, 6)
+TERN_WGMMA_TMA(tern_wgmma_tma_n128, 128, 6)
