@@ -55,6 +55,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Sweep paths and CPU kernels over token counts; write this machine's profile.
     Tune(tune::TuneArgs),
+    /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+    Serve(ServeArgs),
     /// Embed texts (one pooled hidden-state vector per input, JSON).
     Embed {
         #[command(flatten)]
@@ -103,6 +105,26 @@ struct ModelArgs {
     /// Tuning profile: "auto" (this machine's, if tuned), "off", or a file.
     #[arg(long, default_value = "auto")]
     profile: String,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context per request, prompt + completion (0 = the model's).
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+    /// Completion tokens when a request gives no max_tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Requests that may wait while one generates (more get 503).
+    #[arg(long, default_value_t = 16)]
+    max_queue: usize,
 }
 
 #[derive(Args)]
@@ -357,6 +379,43 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             reason
         );
     }
+    Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let engine = std::sync::Arc::new(load(&a.m)?);
+    let model_id = std::path::Path::new(&a.m.model)
+        .file_name()
+        .map_or(a.m.model.clone(), |f| f.to_string_lossy().into_owned());
+    let opts = yinsen_server::ServerOptions {
+        model_id,
+        ctx: a.ctx,
+        default_max_tokens: a.max_tokens,
+        max_queue: a.max_queue,
+        ..Default::default()
+    };
+    let app = yinsen_server::router(engine.clone(), opts);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        eprintln!(
+            "yinsen: serving {} on http://{} ({}); Ctrl-C stops",
+            a.m.model,
+            listener.local_addr()?,
+            engine.backend.name()
+        );
+        axum_serve(listener, app).await
+    })
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: yinsen_server::Router) -> Result<()> {
+    yinsen_server::serve(listener, app, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     Ok(())
 }
 
@@ -656,6 +715,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Info { json } => cmd_info(json),
         Cmd::Run(a) => cmd_run(a),
+        Cmd::Serve(a) => cmd_serve(a),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Tokenize { m, prompt } => load(&m)
             .and_then(|e| Ok(e.encode_prompt(&prompt)?))

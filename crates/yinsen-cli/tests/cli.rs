@@ -334,3 +334,50 @@ fn bench_json_has_llama_bench_fields() {
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `yinsen serve` through the real binary: it binds (port 0: any free one),
+/// says where on stderr, answers HTTP on it, and a bad model is a clear
+/// error before it listens.
+#[test]
+fn serve_answers_http() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(yinsen_bin())
+        .args(["serve", "-m", &tq2(), "--backend", "cpu", "--port", "0", "--max-tokens", "4"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run yinsen serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited before listening").unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let request = |req: String| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let health = request(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"));
+    let body = r#"{"prompt": "The quick brown fox", "temperature": 0}"#;
+    let completion = request(format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let bad = request(format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{{{{{{"
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(completion.starts_with("HTTP/1.1 200"), "{completion}");
+    // --max-tokens is the default length.
+    assert!(completion.contains("\"completion_tokens\":4"), "{completion}");
+    assert!(bad.starts_with("HTTP/1.1 400") && bad.contains("request body"), "{bad}");
+    let e = err(&["serve", "-m", "/nonexistent.gguf", "--port", "0"]);
+    assert!(e.contains("nonexistent"), "{e}");
+}

@@ -109,6 +109,20 @@ impl Engine {
     /// read the headers as plain text, so that is an error).
     /// The rendered text carries its own BOS, so encode it without adding one.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(chat::ChatMessage::new("system", s));
+        }
+        msgs.push(chat::ChatMessage::new("user", user));
+        self.chat_messages_prompt(&msgs)
+    }
+
+    /// A whole conversation through the chat template (as [`Self::chat_prompt`]),
+    /// ready for the assistant's reply.
+    pub fn chat_messages_prompt(&self, msgs: &[chat::ChatMessage]) -> Result<Vec<u32>> {
+        if msgs.is_empty() {
+            return Err(Error::input("a chat needs at least one message"));
+        }
         if self.chat_template.is_none()
             && !self.tokenizer.is_bytes()
             && self.tokenizer.id_of("<|start_header_id|>").is_none()
@@ -118,15 +132,10 @@ impl Engine {
                  for the built-in one: prompt it without --chat",
             ));
         }
-        let mut msgs = Vec::new();
-        if let Some(s) = system {
-            msgs.push(chat::ChatMessage::new("system", s));
-        }
-        msgs.push(chat::ChatMessage::new("user", user));
         let piece = |id: Option<u32>| id.map(|i| self.tokenizer.token_to_piece(i)).transpose();
         let bos = piece(self.tokenizer.bos())?.unwrap_or_default();
         let eos = piece(self.model.config.eos.first().copied())?.unwrap_or_default();
-        let text = chat::render_chat(self.chat_template.as_deref(), &msgs, true, &bos, &eos)?;
+        let text = chat::render_chat(self.chat_template.as_deref(), msgs, true, &bos, &eos)?;
         let mut ids = self.tokenizer.encode(&text, true)?;
         // Templates that do not emit BOS still need it when the model expects one.
         if let (Some(b), true) = (self.tokenizer.bos(), self.model.config.add_bos) {

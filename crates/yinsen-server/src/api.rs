@@ -1,0 +1,322 @@
+//! The OpenAI-style request and response bodies, their checks, and the two
+//! generation routes.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use yinsen::engine::chat::ChatMessage;
+use yinsen::engine::sampling::SamplerConfig;
+
+use crate::generate::{self, Job, Outcome};
+use crate::AppState;
+
+/// An error as OpenAI's API returns it.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+}
+
+impl From<yinsen::Error> for ApiError {
+    fn from(e: yinsen::Error) -> Self {
+        match e {
+            yinsen::Error::Input(_) | yinsen::Error::Unsupported(_) => Self::bad(e.to_string()),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "code": Value::Null}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt`: text or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// The sampling fields both routes share (top_k, min_p and repeat_penalty
+/// are extensions, as llama.cpp's server names them).
+#[derive(Deserialize, Default)]
+struct Sampling {
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body: {e}")))
+}
+
+/// The checked job for `prompt`, or why the request cannot run.
+fn job(st: &AppState, prompt: Vec<u32>, s: &Sampling) -> Result<Job, ApiError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n: only one completion per request is supported"));
+    }
+    let d = SamplerConfig::default();
+    let unit = |name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32| match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(x),
+        Some(x) => Err(ApiError::bad(format!(
+            "{name} = {x}: expected a number in [{lo}, {hi}]"
+        ))),
+    };
+    let sampler = SamplerConfig {
+        temperature: unit("temperature", s.temperature, d.temperature, 0.0, 100.0)?,
+        top_p: unit("top_p", s.top_p, d.top_p, 0.0, 1.0)?,
+        min_p: unit("min_p", s.min_p, d.min_p, 0.0, 1.0)?,
+        repeat_penalty: unit("repeat_penalty", s.repeat_penalty, d.repeat_penalty, 0.01, 100.0)?,
+        top_k: s.top_k.unwrap_or(d.top_k),
+        seed: s.seed.unwrap_or(d.seed),
+        ..d
+    };
+    let stops = match &s.stop {
+        None => vec![],
+        Some(Stop::One(x)) => vec![x.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 16 || stops.iter().any(|x| x.is_empty() || x.len() > 256) {
+        return Err(ApiError::bad("stop: up to 16 non-empty strings of up to 256 bytes"));
+    }
+    let vocab = st.engine.model.config.vocab;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad(format!(
+            "prompt token {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::bad("the prompt is empty"));
+    }
+    let ctx = st.ctx();
+    if prompt.len() >= ctx {
+        return Err(ApiError::bad(format!(
+            "the prompt has {} tokens; the context holds {ctx} (prompt and completion)",
+            prompt.len()
+        )));
+    }
+    let want = s
+        .max_completion_tokens
+        .or(s.max_tokens)
+        .unwrap_or(st.opts.default_max_tokens);
+    if want == 0 {
+        return Err(ApiError::bad("max_tokens must be at least 1"));
+    }
+    Ok(Job {
+        max_new: want.min(ctx - prompt.len()),
+        prompt,
+        sampler,
+        stops,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn usage(o: &Outcome) -> Value {
+    json!({"prompt_tokens": o.n_prompt, "completion_tokens": o.n_gen, "total_tokens": o.n_prompt + o.n_gen})
+}
+
+/// Which route a response belongs to: its object names and choice shapes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Text,
+    Chat,
+}
+
+impl Kind {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Text, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Text => "cmpl",
+            Kind::Chat => "chatcmpl",
+        }
+    }
+
+    /// A whole reply's choice.
+    fn choice(self, o: &Outcome) -> Value {
+        match self {
+            Kind::Text => json!({"index": 0, "text": o.text, "finish_reason": o.finish, "logprobs": Value::Null}),
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": o.text},
+                "finish_reason": o.finish,
+            }),
+        }
+    }
+
+    /// A streamed piece's choice (`finish`: the last chunk's reason).
+    fn delta(self, piece: &str, finish: Option<&str>) -> Value {
+        match self {
+            Kind::Text => json!({"index": 0, "text": piece, "finish_reason": finish, "logprobs": Value::Null}),
+            Kind::Chat if finish.is_some() => json!({"index": 0, "delta": {}, "finish_reason": finish}),
+            Kind::Chat => json!({"index": 0, "delta": {"content": piece}, "finish_reason": Value::Null}),
+        }
+    }
+}
+
+pub(crate) async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    let prompt = match req.prompt {
+        Prompt::Text(t) => st.engine.encode_prompt(&t)?,
+        Prompt::Tokens(t) => t,
+    };
+    let job = job(&st, prompt, &req.sampling)?;
+    respond(st, job, Kind::Text, req.sampling.stream).await
+}
+
+pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    let msgs: Vec<ChatMessage> = req
+        .messages
+        .iter()
+        .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
+        .collect();
+    let prompt = st.engine.chat_messages_prompt(&msgs)?;
+    let job = job(&st, prompt, &req.sampling)?;
+    respond(st, job, Kind::Chat, req.sampling.stream).await
+}
+
+/// Wait for the engine (or refuse when too many wait), then generate.
+async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Result<Response, ApiError> {
+    let ahead = st.waiting.fetch_add(1, Ordering::SeqCst);
+    if st.gate.available_permits() == 0 && ahead >= st.opts.max_queue {
+        st.waiting.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            "too many requests are waiting; try again later",
+        ));
+    }
+    let permit = st.gate.clone().acquire_owned().await;
+    st.waiting.fetch_sub(1, Ordering::SeqCst);
+    let permit = permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "shutting down"))?;
+    let id = st.new_id(kind.prefix());
+    let (created, model) = (now(), st.opts.model_id.clone());
+    let head = move |chunk: bool| json!({"id": id, "object": kind.object(chunk), "created": created, "model": model});
+    if !stream {
+        let engine = st.engine.clone();
+        let o = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            generate::run(&engine, &job, |_| true)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
+        let mut v = head(false);
+        v["choices"] = json!([kind.choice(&o)]);
+        v["usage"] = usage(&o);
+        return Ok(Json(v).into_response());
+    }
+    // Streaming: the blocking generator sends each final piece as a chunk;
+    // a closed channel (the client left) stops it.
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let engine = st.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let chunk = |choice: Value, usage: Option<Value>| {
+            let mut v = head(true);
+            v["choices"] = json!([choice]);
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            Event::default().data(v.to_string())
+        };
+        if matches!(kind, Kind::Chat) {
+            let first =
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": Value::Null});
+            if tx.blocking_send(Ok(chunk(first, None))).is_err() {
+                return;
+            }
+        }
+        let r = generate::run(&engine, &job, |piece| {
+            tx.blocking_send(Ok(chunk(kind.delta(piece, None), None))).is_ok()
+        });
+        let last = match r {
+            Ok(o) => chunk(kind.delta("", Some(o.finish)), Some(usage(&o))),
+            Err(e) => {
+                let e = ApiError::from(e);
+                Event::default().data(json!({"error": {"message": e.message, "type": e.kind}}).to_string())
+            }
+        };
+        let _ = tx.blocking_send(Ok(last));
+        let _ = tx.blocking_send(Ok(Event::default().data("[DONE]")));
+    });
+    Ok(Sse::new(ReceiverStream::new(rx)).into_response())
+}
