@@ -342,7 +342,17 @@ fn bench_json_has_llama_bench_fields() {
 fn serve_answers_http() {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut child = Command::new(yinsen_bin())
-        .args(["serve", "-m", &tq2(), "--backend", "cpu", "--port", "0", "--max-tokens", "4"])
+        .args([
+            "serve",
+            "-m",
+            &tq2(),
+            "--backend",
+            "cpu",
+            "--port",
+            "0",
+            "--max-tokens",
+            "4",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run yinsen serve");
@@ -360,7 +370,9 @@ fn serve_answers_http() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    let health = request(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"));
+    let health = request(format!(
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    ));
     let body = r#"{"prompt": "The quick brown fox", "temperature": 0}"#;
     let completion = request(format!(
         "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\

@@ -31,34 +31,24 @@ pub(crate) fn run(engine: &Engine, job: &Job, mut emit: impl FnMut(&str) -> bool
         stop_ids: engine.tokenizer.eos_ids().to_vec(),
     };
     let mut decoder = engine.tokenizer.stream(false);
-    let mut text = String::new();
-    let mut sent = 0;
-    let mut stopped = false;
+    let mut scan = StopScan::new(&job.stops);
     let mut listening = true;
     let (tokens, reason, _) = session.generate(&job.prompt, &params, |tok| {
-        text.push_str(&decoder.push(tok)?);
-        if let Some(i) = find_stop(&text, &job.stops) {
-            text.truncate(i);
-            stopped = true;
-            return Ok(false);
+        let (ready, stopped) = scan.push(&decoder.push(tok)?);
+        if !ready.is_empty() {
+            listening = emit(ready);
         }
-        let safe = text.len() - held_back(&text, &job.stops);
-        if safe > sent {
-            listening = emit(&text[sent..safe]);
-            sent = safe;
-        }
-        Ok(listening)
+        Ok(listening && !stopped)
     })?;
-    if !stopped {
-        text.push_str(&decoder.finish()?);
-        if let Some(i) = find_stop(&text, &job.stops) {
-            text.truncate(i);
-            stopped = true;
-        }
+    let rest = if scan.stopped() {
+        ""
+    } else {
+        scan.finish(&decoder.finish()?)
+    };
+    if listening && !rest.is_empty() {
+        emit(rest);
     }
-    if listening && text.len() > sent {
-        emit(&text[sent..]);
-    }
+    let (text, stopped) = scan.into_text();
     Ok(Outcome {
         text,
         n_prompt: job.prompt.len(),
@@ -69,6 +59,62 @@ pub(crate) fn run(engine: &Engine, job: &Job, mut emit: impl FnMut(&str) -> bool
             "length"
         },
     })
+}
+
+/// The text so far against the stop strings: what is final (emitted), what
+/// is held back (it may begin a stop string), and whether one appeared.
+struct StopScan<'a> {
+    stops: &'a [String],
+    text: String,
+    sent: usize,
+    stopped: bool,
+}
+
+impl<'a> StopScan<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            text: String::new(),
+            sent: 0,
+            stopped: false,
+        }
+    }
+
+    /// Add `piece`: the text now final (maybe empty), and whether a stop
+    /// string appeared (the text ends before it; nothing more comes).
+    fn push(&mut self, piece: &str) -> (&str, bool) {
+        if self.stopped {
+            return ("", true);
+        }
+        self.text.push_str(piece);
+        let end = match find_stop(&self.text, self.stops) {
+            Some(i) => {
+                self.text.truncate(i);
+                self.stopped = true;
+                i
+            }
+            None => self.text.len() - held_back(&self.text, self.stops),
+        };
+        let from = self.sent;
+        self.sent = end.max(from);
+        (&self.text[from..self.sent], self.stopped)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The last piece (the decoder's tail): everything left is final.
+    fn finish(&mut self, piece: &str) -> &str {
+        let from = self.sent;
+        self.push(piece);
+        self.sent = self.text.len();
+        &self.text[from..]
+    }
+
+    fn into_text(self) -> (String, bool) {
+        (self.text, self.stopped)
+    }
 }
 
 /// Where the first stop string starts in `text`.
@@ -114,5 +160,80 @@ mod tests {
         assert_eq!(find_stop("xünï ENDy", &st), Some(1));
         assert_eq!(find_stop("plain", &st), None);
         assert_eq!(held_back("anything", &[]), 0);
+    }
+
+    /// Random texts over a small alphabet (so stop strings match partly and
+    /// often), cut into random pieces: what the scan emits joins to the text
+    /// up to the first stop string found after a piece, and after each piece
+    /// it emits everything but the longest tail that begins a stop string
+    /// (brute force here).
+    #[test]
+    fn scan_emits_exactly_the_text_before_a_stop() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) % n as u64) as usize
+        };
+        let alphabet = ['a', 'b', 'ü', 'c'];
+        let mut stopped_cases = 0;
+        for _ in 0..20_000 {
+            let word = |rnd: &mut dyn FnMut(usize) -> usize, n: usize| -> String {
+                (0..n).map(|_| alphabet[rnd(alphabet.len())]).collect()
+            };
+            let n_stops = rnd(4);
+            let stops: Vec<String> = (0..n_stops)
+                .map(|_| {
+                    let n = 1 + rnd(4);
+                    word(&mut rnd, n)
+                })
+                .collect();
+            let n_pieces = rnd(12);
+            let pieces: Vec<String> = (0..n_pieces)
+                .map(|_| {
+                    let n = rnd(4);
+                    word(&mut rnd, n)
+                })
+                .collect();
+            let n_tail = rnd(2);
+            let tail = word(&mut rnd, n_tail);
+            let mut scan = StopScan::new(&stops);
+            let (mut out, mut text, mut want_stop) = (String::new(), String::new(), None);
+            for p in &pieces {
+                let (ready, stopped) = scan.push(p);
+                out.push_str(ready);
+                if want_stop.is_some() {
+                    assert!(stopped && ready.is_empty());
+                    continue;
+                }
+                text.push_str(p);
+                want_stop = find_stop(&text, &stops);
+                assert_eq!(stopped, want_stop.is_some());
+                if want_stop.is_none() {
+                    let held = (1..=text.len())
+                        .filter(|&k| text.is_char_boundary(text.len() - k))
+                        .filter(|&k| {
+                            stops
+                                .iter()
+                                .any(|s| s.len() > k && s.starts_with(&text[text.len() - k..]))
+                        })
+                        .max()
+                        .unwrap_or(0);
+                    assert_eq!(out.len(), text.len() - held, "{stops:?} {pieces:?}");
+                }
+            }
+            if let Some(i) = want_stop {
+                stopped_cases += 1;
+                text.truncate(i);
+            } else {
+                out.push_str(scan.finish(&tail));
+                text.push_str(&tail);
+                if let Some(i) = find_stop(&text, &stops) {
+                    text.truncate(i);
+                }
+            }
+            assert_eq!(out, text, "{stops:?} {pieces:?} {tail:?}");
+            assert_eq!(scan.into_text().0, text);
+        }
+        assert!(stopped_cases > 2_000, "{stopped_cases}");
     }
 }
