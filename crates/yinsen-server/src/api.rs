@@ -104,7 +104,41 @@ struct CompletionRequest {
 #[derive(Deserialize)]
 struct Message {
     role: String,
-    content: String,
+    content: Content,
+}
+
+/// A message's content: text, or a list of parts of which only text is
+/// understood (as newer OpenAI clients send it).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl Content {
+    fn text(&self) -> Result<String, ApiError> {
+        match self {
+            Content::Text(t) => Ok(t.clone()),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => Ok(t.as_str()),
+                    (k, _) => Err(ApiError::bad(format!(
+                        "message content part of type {k:?}: only text is supported"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|t| t.concat()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -244,11 +278,11 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, body: Bytes) ->
 
 pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
-    let msgs: Vec<ChatMessage> = req
+    let msgs = req
         .messages
         .iter()
-        .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
-        .collect();
+        .map(|m| Ok(ChatMessage::new(m.role.as_str(), m.content.text()?)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let prompt = st.engine.chat_messages_prompt(&msgs)?;
     let job = job(&st, prompt, &req.sampling)?;
     respond(st, job, Kind::Chat, req.sampling.stream).await

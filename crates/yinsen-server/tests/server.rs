@@ -182,6 +182,17 @@ async fn chat_completion_uses_the_template_and_streams() {
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(joined(&evs, true).0, text);
+    // Content as a list of text parts is the same conversation.
+    let parts = json!({
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Name a fox."}]},
+        ],
+        "max_tokens": 12, "temperature": 0,
+    });
+    let (s, v) = post(&app, "/v1/chat/completions", parts).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
 }
 
 #[tokio::test]
@@ -376,6 +387,13 @@ async fn bad_requests_get_clear_errors() {
             br#"{"prompt": "x"}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "only text",
         ),
         ("/v1/nothing", b"{}".to_vec(), StatusCode::NOT_FOUND, "no such route"),
     ];
