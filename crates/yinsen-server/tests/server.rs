@@ -278,125 +278,59 @@ async fn bad_requests_get_clear_errors() {
         body_limit: 4096,
         ..Default::default()
     });
-    let long = "fox ".repeat(200);
-    let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+    // (route, body, what the error message says); all 400.
+    let long = json!({"prompt": "fox ".repeat(200)}).to_string();
+    let bad: &[(&str, &str, &str)] = &[
+        ("/v1/completions", "{", "request body"),
+        ("/v1/completions", r#"{"max_tokens": 5}"#, "prompt"),
+        ("/v1/completions", r#"{"prompt": 5}"#, "request body"),
+        ("/v1/completions", "[1, 2]", "request body"),
         (
             "/v1/completions",
-            b"{".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "request body",
-        ),
-        (
-            "/v1/completions",
-            b"{\"prompt\": \"\xff\xfe\"}".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "request body",
-        ),
-        (
-            "/v1/completions",
-            b"{\"max_tokens\": 5}".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "prompt",
-        ),
-        (
-            "/v1/completions",
-            b"{\"prompt\": 5}".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "request body",
-        ),
-        (
-            "/v1/completions",
-            b"[1, 2]".to_vec(),
-            StatusCode::BAD_REQUEST,
-            "request body",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": "x", "temperature": -1}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
+            r#"{"prompt": "x", "temperature": -1}"#,
             "temperature",
         ),
+        ("/v1/completions", r#"{"prompt": "x", "top_p": 1.5}"#, "top_p"),
         (
             "/v1/completions",
-            br#"{"prompt": "x", "top_p": 1.5}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "top_p",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": "x", "temperature": "hot"}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
+            r#"{"prompt": "x", "temperature": "hot"}"#,
             "request body",
         ),
+        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, "n:"),
+        ("/v1/completions", r#"{"prompt": [99999999]}"#, "outside the vocabulary"),
+        ("/v1/completions", r#"{"prompt": []}"#, "empty"),
+        ("/v1/completions", r#"{"prompt": "x", "max_tokens": 0}"#, "max_tokens"),
         (
             "/v1/completions",
-            br#"{"prompt": "x", "n": 2}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "n:",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": [99999999]}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "outside the vocabulary",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": []}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "empty",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": "x", "max_tokens": 0}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "max_tokens",
-        ),
-        (
-            "/v1/completions",
-            br#"{"prompt": "x", "max_tokens": -3}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
+            r#"{"prompt": "x", "max_tokens": -3}"#,
             "request body",
         ),
-        (
-            "/v1/completions",
-            br#"{"prompt": "x", "stop": [""]}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "stop",
-        ),
-        (
-            "/v1/completions",
-            json!({"prompt": long}).to_string().into_bytes(),
-            StatusCode::BAD_REQUEST,
-            "context",
-        ),
+        ("/v1/completions", r#"{"prompt": "x", "stop": [""]}"#, "stop"),
+        ("/v1/completions", &long, "context"),
+        ("/v1/chat/completions", r#"{"messages": []}"#, "at least one message"),
         (
             "/v1/chat/completions",
-            br#"{"messages": []}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "at least one message",
-        ),
-        (
-            "/v1/chat/completions",
-            br#"{"messages": [{"role": "user"}]}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
+            r#"{"messages": [{"role": "user"}]}"#,
             "request body",
         ),
+        ("/v1/chat/completions", r#"{"prompt": "x"}"#, "messages"),
         (
             "/v1/chat/completions",
-            br#"{"prompt": "x"}"#.to_vec(),
-            StatusCode::BAD_REQUEST,
-            "messages",
-        ),
-        (
-            "/v1/chat/completions",
-            br#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#
-                .to_vec(),
-            StatusCode::BAD_REQUEST,
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#,
             "only text",
         ),
-        ("/v1/nothing", b"{}".to_vec(), StatusCode::NOT_FOUND, "no such route"),
     ];
+    let mut cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = bad
+        .iter()
+        .map(|&(uri, body, needle)| (uri, body.as_bytes().to_vec(), StatusCode::BAD_REQUEST, needle))
+        .collect();
+    cases.push((
+        "/v1/completions",
+        b"{\"prompt\": \"\xff\xfe\"}".to_vec(),
+        StatusCode::BAD_REQUEST,
+        "request body",
+    ));
+    cases.push(("/v1/nothing", b"{}".to_vec(), StatusCode::NOT_FOUND, "no such route"));
     for (uri, body, status, needle) in cases {
         let shown = String::from_utf8_lossy(&body).chars().take(60).collect::<String>();
         let (s, b) = call(&app, "POST", uri, body).await;
