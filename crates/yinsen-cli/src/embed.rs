@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use yinsen::backends::Output;
-use yinsen::engine::Engine;
+use yinsen::engine::{Engine, Pooling};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -39,51 +38,23 @@ fn inputs(a: &EmbedArgs) -> Result<Vec<String>> {
     Ok(a.prompt.clone())
 }
 
-/// Pool `[n, hidden]` hidden states into one vector.
-pub fn pool(h: &[f32], hidden: usize, pooling: &str, normalize: bool) -> Result<Vec<f32>> {
-    let n = h.len() / hidden;
-    let mut v = match pooling {
-        "last" => h[(n - 1) * hidden..].to_vec(),
-        "mean" => {
-            let mut m = vec![0f32; hidden];
-            for row in h.chunks_exact(hidden) {
-                m.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            }
-            m.iter_mut().for_each(|a| *a /= n as f32);
-            m
-        }
-        other => bail!("unknown --pooling '{other}' (mean, last)"),
-    };
-    if normalize {
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            v.iter_mut().for_each(|x| *x /= norm);
-        }
-    }
-    Ok(v)
-}
-
 pub fn cmd_embed(engine: &Engine, a: &EmbedArgs) -> Result<()> {
     let texts = inputs(a)?;
-    pool(&[0.0], 1, &a.pooling, false)?; // reject a bad --pooling before any work
-    let hidden = engine.model.config.hidden;
+    let pooling = Pooling::parse(&a.pooling)?;
     let b = &engine.backend;
     let mut out = Vec::with_capacity(texts.len());
     let t = std::time::Instant::now();
     let mut n_tok = 0;
     for text in &texts {
         let ids = engine.encode_prompt(text)?;
-        if ids.is_empty() {
-            bail!("input {:?} has no tokens", text);
-        }
         n_tok += ids.len();
-        // Each input is one call of all its tokens: the throughput path.
-        let mut cache = b.new_cache(ids.len())?;
-        let h = b.forward(cache.as_mut(), &ids, Output::Hidden)?;
+        let embedding = engine
+            .embed(&ids, pooling, a.normalize)
+            .with_context(|| format!("input {text:?}"))?;
         out.push(serde_json::json!({
             "text": text,
             "tokens": ids.len(),
-            "embedding": pool(&h, hidden, &a.pooling, a.normalize)?,
+            "embedding": embedding,
         }));
     }
     let plan = b.hybrid().and_then(|h| h.last_plan()).map(|p| p.summary());
@@ -93,7 +64,7 @@ pub fn cmd_embed(engine: &Engine, a: &EmbedArgs) -> Result<()> {
         "plan": plan,
         "pooling": a.pooling,
         "normalized": a.normalize,
-        "dim": hidden,
+        "dim": engine.model.config.hidden,
         "tokens_per_s": n_tok as f64 / t.elapsed().as_secs_f64(),
         "data": out,
     });

@@ -14,10 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use yinsen::engine::chat::ChatMessage;
 use yinsen::engine::sampling::SamplerConfig;
+use yinsen::engine::Pooling;
 
 use crate::generate::{self, Job, Outcome};
 use crate::AppState;
@@ -288,8 +289,8 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, body: Byte
     respond(st, job, Kind::Chat, req.sampling.stream).await
 }
 
-/// Wait for the engine (or refuse when too many wait), then generate.
-async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Result<Response, ApiError> {
+/// The engine for one request: wait for it, or refuse when too many wait.
+async fn acquire(st: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
     let ahead = st.waiting.fetch_add(1, Ordering::SeqCst);
     if st.gate.available_permits() == 0 && ahead >= st.opts.max_queue {
         st.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -301,18 +302,32 @@ async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Resul
     }
     let permit = st.gate.clone().acquire_owned().await;
     st.waiting.fetch_sub(1, Ordering::SeqCst);
-    let permit = permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "shutting down"))?;
+    permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "shutting down"))
+}
+
+/// Run `f` on a blocking thread while holding `permit`.
+async fn blocking<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    f: impl FnOnce() -> yinsen::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let r = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?;
+    Ok(r?)
+}
+
+/// Wait for the engine, then generate.
+async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Result<Response, ApiError> {
+    let permit = acquire(&st).await?;
     let id = st.new_id(kind.prefix());
     let (created, model) = (now(), st.opts.model_id.clone());
     let head = move |chunk: bool| json!({"id": id, "object": kind.object(chunk), "created": created, "model": model});
     if !stream {
         let engine = st.engine.clone();
-        let o = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            generate::run(&engine, &job, |_| true)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
+        let o = blocking(permit, move || generate::run(&engine, &job, |_| true)).await?;
         let mut v = head(false);
         v["choices"] = json!([kind.choice(&o)]);
         v["usage"] = usage(&o);
@@ -353,4 +368,82 @@ async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Resul
         let _ = tx.blocking_send(Ok(Event::default().data("[DONE]")));
     });
     Ok(Sse::new(ReceiverStream::new(rx)).into_response())
+}
+
+/// `input` of an embeddings request: one text, texts, token ids, or lists of ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbedInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+struct EmbedRequest {
+    input: EmbedInput,
+    encoding_format: Option<String>,
+    /// Extensions: "mean" (default) or "last"; unit length (default true).
+    pooling: Option<String>,
+    normalize: Option<bool>,
+}
+
+/// Inputs per embeddings request.
+const EMBED_MAX_INPUTS: usize = 256;
+
+pub(crate) async fn embeddings(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: EmbedRequest = parse(&body)?;
+    if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
+        return Err(ApiError::bad("encoding_format: only \"float\" is supported"));
+    }
+    let pooling = Pooling::parse(req.pooling.as_deref().unwrap_or("mean"))?;
+    let normalize = req.normalize.unwrap_or(true);
+    let e = &st.engine;
+    let inputs: Vec<Vec<u32>> = match req.input {
+        EmbedInput::Text(t) => vec![e.encode_prompt(&t)?],
+        EmbedInput::Texts(ts) => ts.iter().map(|t| e.encode_prompt(t)).collect::<yinsen::Result<_>>()?,
+        EmbedInput::Tokens(ids) => vec![ids],
+        EmbedInput::TokenLists(l) => l,
+    };
+    if inputs.is_empty() || inputs.len() > EMBED_MAX_INPUTS {
+        return Err(ApiError::bad(format!("input: 1 to {EMBED_MAX_INPUTS} items")));
+    }
+    let vocab = e.model.config.vocab;
+    for (i, ids) in inputs.iter().enumerate() {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::bad(format!(
+                "input {i}: token {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    let permit = acquire(&st).await?;
+    let engine = st.engine.clone();
+    let vectors = blocking(permit, move || {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                let v = engine.embed(ids, pooling, normalize).map_err(|e| match e {
+                    yinsen::Error::Input(m) => yinsen::Error::Input(format!("input {i}: {m}")),
+                    other => other,
+                })?;
+                Ok((v, ids.len()))
+            })
+            .collect::<yinsen::Result<Vec<_>>>()
+    })
+    .await?;
+    let n_tok: usize = vectors.iter().map(|(_, n)| n).sum();
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, (v, _))| json!({"object": "embedding", "index": i, "embedding": v}))
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": st.opts.model_id,
+        "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+    }))
+    .into_response())
 }

@@ -2,7 +2,8 @@
 //!
 //! Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions` (both with `"stream": true` as server-sent
-//! events, OpenAI's chunk format, ending in `data: [DONE]`).
+//! events, OpenAI's chunk format, ending in `data: [DONE]`),
+//! `POST /v1/embeddings` (pooled last hidden states, unit length by default).
 //!
 //! One request generates at a time (the engine has one sequence per call;
 //! batching across sequences is not built); up to `max_queue` more wait their
@@ -104,6 +105,7 @@ pub fn router(engine: Arc<Engine>, opts: ServerOptions) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

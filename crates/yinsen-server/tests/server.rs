@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use yinsen::engine::sampling::SamplerConfig;
-use yinsen::engine::{Engine, EngineOptions, GenParams};
+use yinsen::engine::{Engine, EngineOptions, GenParams, Pooling};
 use yinsen_server::{router, ServerOptions};
 
 fn fixture() -> PathBuf {
@@ -233,6 +233,56 @@ async fn stop_strings_end_the_text_before_them() {
         };
         assert_eq!(text, want[..cut], "stream {stream}, stop {stop:?}");
         assert_eq!(finish, "stop");
+    }
+}
+
+#[tokio::test]
+async fn embeddings_match_the_engine() {
+    let app = app(ServerOptions::default());
+    let e = engine();
+    let texts = ["The quick brown fox", "Hello there, world"];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| e.encode_prompt(t).unwrap()).collect();
+    let (s, v) = post(&app, "/v1/embeddings", json!({"input": texts})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["usage"]["prompt_tokens"], ids[0].len() + ids[1].len());
+    let got = |v: &Value, i: usize| -> Vec<f32> {
+        v["data"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    for (i, t) in ids.iter().enumerate() {
+        assert_eq!(v["data"][i]["index"], i);
+        let want = e.embed(t, Pooling::Mean, true).unwrap();
+        assert_eq!(got(&v, i), want, "input {i}");
+        let norm: f32 = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+    }
+    assert_ne!(got(&v, 0), got(&v, 1));
+    // Token ids, last-token pooling, no normalisation.
+    let (_, w) = post(
+        &app,
+        "/v1/embeddings",
+        json!({"input": ids[1], "pooling": "last", "normalize": false}),
+    )
+    .await;
+    assert_eq!(got(&w, 0), e.embed(&ids[1], Pooling::Last, false).unwrap());
+    for (body, needle) in [
+        (json!({"input": []}), "input: 1 to"),
+        (json!({"input": [[]]}), "input 0: nothing to embed"),
+        (json!({"input": vec!["a"; 300]}), "input: 1 to"),
+        (json!({"input": [[5, 99999999]]}), "outside the vocabulary"),
+        (json!({"input": "a", "encoding_format": "base64"}), "encoding_format"),
+        (json!({"input": "a", "pooling": "max"}), "pooling"),
+        (json!({"input": 5}), "request body"),
+    ] {
+        let (s, v) = post(&app, "/v1/embeddings", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
     }
 }
 

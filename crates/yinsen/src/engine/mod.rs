@@ -2,6 +2,7 @@
 //! [`Engine`] is the library's front door; the CLI and C ABI use only it.
 
 pub mod chat;
+pub mod embed;
 pub mod sampling;
 pub mod session;
 mod spm;
@@ -14,6 +15,7 @@ use crate::backends::Backend;
 use crate::error::{Error, Result};
 use crate::formats::{self, LoadOptions};
 use crate::model::{Activation, Model};
+pub use embed::Pooling;
 pub use session::{GenParams, Session, StopReason, Timings};
 pub use tokenizer::Tokenizer;
 
