@@ -2,7 +2,7 @@
 //! generation routes.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -291,9 +291,17 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, body: Byte
 
 /// The engine for one request: wait for it, or refuse when too many wait.
 async fn acquire(st: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    // Counted while waiting, also when the client leaves (this future is
+    // dropped) before its turn.
+    struct Waiting<'a>(&'a AtomicUsize);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     let ahead = st.waiting.fetch_add(1, Ordering::SeqCst);
+    let _waiting = Waiting(&st.waiting);
     if st.gate.available_permits() == 0 && ahead >= st.opts.max_queue {
-        st.waiting.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_busy",
@@ -301,8 +309,16 @@ async fn acquire(st: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
         ));
     }
     let permit = st.gate.clone().acquire_owned().await;
-    st.waiting.fetch_sub(1, Ordering::SeqCst);
     permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "shutting down"))
+}
+
+/// Set when dropped: a handler future dropped because its client left.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Run `f` on a blocking thread while holding `permit`.
@@ -327,7 +343,11 @@ async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Resul
     let head = move |chunk: bool| json!({"id": id, "object": kind.object(chunk), "created": created, "model": model});
     if !stream {
         let engine = st.engine.clone();
-        let o = blocking(permit, move || generate::run(&engine, &job, |_| true)).await?;
+        // A client that leaves stops its generation at the next token.
+        let left = Arc::new(AtomicBool::new(false));
+        let _cancel = CancelOnDrop(left.clone());
+        let alive = move || !left.load(Ordering::Relaxed);
+        let o = blocking(permit, move || generate::run(&engine, &job, alive, |_| true)).await?;
         let mut v = head(false);
         v["choices"] = json!([kind.choice(&o)]);
         v["usage"] = usage(&o);
@@ -354,9 +374,12 @@ async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Resul
                 return;
             }
         }
-        let r = generate::run(&engine, &job, |piece| {
-            tx.blocking_send(Ok(chunk(kind.delta(piece, None), None))).is_ok()
-        });
+        let r = generate::run(
+            &engine,
+            &job,
+            || !tx.is_closed(),
+            |piece| tx.blocking_send(Ok(chunk(kind.delta(piece, None), None))).is_ok(),
+        );
         let last = match r {
             Ok(o) => chunk(kind.delta("", Some(o.finish)), Some(usage(&o))),
             Err(e) => {

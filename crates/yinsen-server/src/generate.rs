@@ -22,8 +22,14 @@ pub(crate) struct Outcome {
 
 /// Generate `job`. `emit` receives the text piece by piece, never a piece that
 /// could still turn out to begin a stop string; it returns false when nobody
-/// listens any more, which ends generation.
-pub(crate) fn run(engine: &Engine, job: &Job, mut emit: impl FnMut(&str) -> bool) -> yinsen::Result<Outcome> {
+/// listens any more, which ends generation, as `alive` returning false (asked
+/// every token) does.
+pub(crate) fn run(
+    engine: &Engine,
+    job: &Job,
+    alive: impl Fn() -> bool,
+    mut emit: impl FnMut(&str) -> bool,
+) -> yinsen::Result<Outcome> {
     let mut session = engine.session(job.prompt.len() + job.max_new)?;
     let params = GenParams {
         max_new: job.max_new,
@@ -38,6 +44,7 @@ pub(crate) fn run(engine: &Engine, job: &Job, mut emit: impl FnMut(&str) -> bool
         if !ready.is_empty() {
             listening = emit(ready);
         }
+        listening &= alive();
         Ok(listening && !stopped)
     })?;
     let rest = if scan.stopped() {

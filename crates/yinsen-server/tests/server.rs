@@ -451,3 +451,114 @@ async fn a_full_queue_gets_503_and_a_gone_client_frees_the_engine() {
     }
     panic!("the engine stayed busy after the client left");
 }
+
+/// The fixture's engine behind a backend that takes `ms` longer per call, so
+/// a generation lasts long enough to leave in the middle of it.
+fn slow_engine(ms: u64) -> Arc<Engine> {
+    use yinsen::backends::{Backend, KvCache, Output};
+    struct Slow(Arc<dyn Backend>, std::time::Duration);
+    impl Backend for Slow {
+        fn name(&self) -> String {
+            format!("slow {}", self.0.name())
+        }
+        fn config(&self) -> &yinsen::model::ModelConfig {
+            self.0.config()
+        }
+        fn new_cache(&self, capacity: usize) -> yinsen::Result<Box<dyn KvCache>> {
+            self.0.new_cache(capacity)
+        }
+        fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> yinsen::Result<Vec<f32>> {
+            std::thread::sleep(self.1);
+            self.0.forward(cache, tokens, output)
+        }
+        fn resident_weight_bytes(&self) -> usize {
+            self.0.resident_weight_bytes()
+        }
+    }
+    let e = engine();
+    Arc::new(Engine {
+        model: e.model.clone(),
+        tokenizer: e.tokenizer.clone(),
+        chat_template: e.chat_template.clone(),
+        backend: Arc::new(Slow(e.backend.clone(), std::time::Duration::from_millis(ms))),
+        warnings: vec![],
+        load_s: 0.0,
+        prepare_s: 0.0,
+    })
+}
+
+/// Poll until a short completion gets through (the engine is free), for up
+/// to `secs`.
+async fn free_within(app: &axum::Router, secs: f64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed().as_secs_f64() < secs {
+        let (s, _) = post(app, "/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
+        if s == StatusCode::OK {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_the_engine() {
+    // 400 tokens at 10 ms each: 4 s if nobody stops it.
+    let app = router(
+        slow_engine(10),
+        ServerOptions {
+            max_queue: 0,
+            ..Default::default()
+        },
+    );
+    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let gone = tokio::time::timeout(
+        std::time::Duration::from_millis(150),
+        post(&app, "/v1/completions", long),
+    )
+    .await;
+    assert!(gone.is_err(), "the long request finished early");
+    assert!(
+        free_within(&app, 1.5).await,
+        "the engine kept generating for a client that left"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_frees_its_place() {
+    let app = router(
+        slow_engine(10),
+        ServerOptions {
+            max_queue: 1,
+            ..Default::default()
+        },
+    );
+    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let (a, l) = (app.clone(), long.clone());
+    let running = tokio::spawn(async move { post(&a, "/v1/completions", l).await });
+    // Until the long one holds the engine.
+    for _ in 0..500 {
+        let (_, h) = call(&app, "GET", "/health", Body::empty()).await;
+        if serde_json::from_slice::<Value>(&h).unwrap()["busy"] == json!(true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let short = std::time::Duration::from_millis(100);
+    // Two in turn wait in the one place and leave; neither may keep it.
+    for i in 0..2 {
+        let r = tokio::time::timeout(
+            short,
+            post(&app, "/v1/completions", json!({"prompt": "x", "max_tokens": 1})),
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "request {i} should have waited in the queue: {:?}",
+            r.map(|x| x.0)
+        );
+    }
+    running.abort();
+    let _ = running.await;
+    assert!(free_within(&app, 1.5).await, "the engine stayed busy");
+}
