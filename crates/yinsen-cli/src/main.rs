@@ -195,6 +195,10 @@ struct BenchArgs {
     /// Measured repeats per test (one extra warm-up run is excluded).
     #[arg(short, long, default_value_t = 3)]
     repeats: usize,
+    /// Batched decode rows: this many sequences stepped together for each
+    /// -n length (comma-separated counts).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     #[arg(long)]
     json: bool,
     /// Skip the memory-bandwidth measurement.
@@ -482,6 +486,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             prompts: &a.n_prompt.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             gens: &a.n_gen.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             repeats: a.repeats.max(1),
+            batches: &a.batch.iter().copied().filter(|&n| n > 0).collect::<Vec<_>>(),
             // Both paths decode from the 8-bit copy (CUDA: one-token steps).
             lm_head_q8: a.m.lm_head == "q8",
             progress: &progress,
@@ -509,7 +514,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     println!("| model | backend | threads | test | t/s (median) | mean ± sd |");
     println!("|---|---|---|---|---|---|");
     for r in &records {
-        let test = if let Some(p) = &r.pick {
+        let test = if let Some(b) = r.n_seqs {
+            format!("tg{} x {b} sequences", r.n_gen)
+        } else if let Some(p) = &r.pick {
             format!("tg{} ({p} pick)", r.n_gen)
         } else if r.n_gen > 0 {
             format!("tg{}", r.n_gen)

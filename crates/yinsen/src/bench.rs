@@ -30,6 +30,10 @@ pub struct BenchRecord {
     /// ("greedy", "top-40"): what `yinsen run` does per token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pick: Option<String>,
+    /// Batched decode rows: sequences stepped together (`forward_batch`);
+    /// avg_ts counts the tokens of all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_seqs: Option<usize>,
 }
 
 /// The top-k of the pick rows: the CLI's default sampling.
@@ -42,6 +46,8 @@ pub struct BenchSpec<'a> {
     pub prompts: &'a [usize],
     pub gens: &'a [usize],
     pub repeats: usize,
+    /// Batched decode: sequence counts, each row `gens` steps of them all.
+    pub batches: &'a [usize],
     /// The CPU path reads an 8-bit lm_head copy (for the GB/s figure).
     pub lm_head_q8: bool,
     /// Called before each measurement with a short description.
@@ -102,6 +108,7 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
             samples_ts: samples,
             weights_gb_per_s: gbs,
             pick: None,
+            n_seqs: None,
         }
     };
     for &np in spec.prompts {
@@ -182,6 +189,33 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
                 r.pick = Some(name.into());
                 out.push(r);
             }
+        }
+    }
+    // Batched decode: `b` sequences, each after one distinct token, stepped
+    // together `ng` times (every sequence's logits returned).
+    for &b in spec.batches {
+        for &ng in spec.gens {
+            let toks = bench_tokens(b * (ng + 1), vocab);
+            let mut samples = Vec::new();
+            for rep in 0..=spec.repeats {
+                (spec.progress)(&format!("tg{ng} x {b} sequences run {rep}/{}", spec.repeats));
+                let mut caches = (0..b).map(|_| backend.new_cache(ng + 1)).collect::<Result<Vec<_>>>()?;
+                let t = Instant::now();
+                for step in 0..ng {
+                    let mut refs: Vec<&mut dyn crate::backends::KvCache> = caches
+                        .iter_mut()
+                        .map(|c| c.as_mut() as &mut dyn crate::backends::KvCache)
+                        .collect();
+                    backend.forward_batch(&mut refs, &toks[step * b..(step + 1) * b])?;
+                }
+                let dt = t.elapsed().as_secs_f64();
+                if rep > 0 {
+                    samples.push((b * ng) as f64 / dt);
+                }
+            }
+            let mut r = rec(0, ng, samples, None);
+            r.n_seqs = Some(b);
+            out.push(r);
         }
     }
     Ok(out)

@@ -217,6 +217,7 @@ fn bench_2b4t_e2e() {
             prompts: &[512],
             gens: &[16],
             repeats: 2,
+            batches: &[],
             lm_head_q8: false,
             progress: &|_| {},
         };

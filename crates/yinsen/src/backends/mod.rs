@@ -62,6 +62,24 @@ pub trait Backend: Send + Sync {
     fn forward_top_k(&self, _cache: &mut dyn KvCache, _token: u32, _k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         Ok(None)
     }
+    /// One decode step of several sequences: `tokens[i]` appended to
+    /// `caches[i]`; returns each sequence's next-token logits, `[i][vocab]`
+    /// in one vector. The same logits as one `forward` per sequence; the
+    /// default runs exactly that, a backend may run the batch as one call.
+    fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
+        if caches.len() != tokens.len() {
+            return Err(crate::Error::input(format!(
+                "a batched step takes one token per sequence: {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(tokens.len() * self.config().vocab);
+        for (c, &t) in caches.iter_mut().zip(tokens) {
+            out.extend(self.forward(&mut **c, &[t], Output::LastLogits)?);
+        }
+        Ok(out)
+    }
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;
     /// Ternary weight bytes one decode step (one token) reads, where the

@@ -147,6 +147,13 @@ impl Default for CpuOptions {
     }
 }
 
+/// One sequence's share of a forward call: its cache and how many of the
+/// call's tokens are its (in order).
+struct Seg<'a> {
+    cache: &'a mut CpuKvCache,
+    n: usize,
+}
+
 /// f32 keys and values, `[layer][position][kv_dim]`, grown on demand.
 pub struct CpuKvCache {
     k: Vec<Vec<f32>>,
@@ -466,7 +473,7 @@ impl CpuBackend {
         check_forward_args(&self.model.config, cache.len, cache.capacity, &[token])?;
         let h = self
             .pool
-            .install(|| self.forward_inner(cache, &[token], Output::Hidden))?;
+            .install(|| self.forward_inner(&mut [Seg { cache, n: 1 }], &[token], Output::Hidden))?;
         let per = super::linear::spin_chunks_per_thread();
         let (lq, act) = match screen.q8() {
             HeadQ8::Act8(q) => {
@@ -537,11 +544,23 @@ impl CpuBackend {
         }
     }
 
-    fn forward_inner(&self, cache: &mut CpuKvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
+    /// Run `tokens` for one sequence, or for several: `segs` in order take
+    /// their `n` tokens each (a batched decode step: one each). Every layer's
+    /// matmuls run over all the tokens at once; RoPE, the cache rows and
+    /// attention are per sequence. LastLogits: each sequence's last row.
+    fn forward_inner(&self, segs: &mut [Seg], tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         let m = &*self.model;
         let c = &m.config;
         let n = tokens.len();
-        let p0 = cache.len;
+        debug_assert_eq!(segs.iter().map(|s| s.n).sum::<usize>(), n);
+        // Per token: its sequence, its position, its row among the sequence's new ones.
+        let seg_of: Vec<(usize, usize, usize)> = segs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (0..s.n).map(move |r| (i, s.cache.len + r, r)))
+            .collect();
+        let single = segs.len() == 1;
+        let p0 = segs[0].cache.len;
         let (hid, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         let mut prof = PhaseTimes::new();
         // Activation buffers kept from the last forward (fresh pages fault
@@ -572,7 +591,7 @@ impl CpuBackend {
         }
         let th = self.threads;
         let half = c.head_dim / 2;
-        let rope = ops::rope_table(p0, n, &self.inv_freq);
+        let rope = ops::rope_table_at(seg_of.iter().map(|&(_, p, _)| p), &self.inv_freq);
         // Activation buffers for all layers: every layer overwrites them in
         // full, and a fresh 5-14 MB zeroed buffer per layer cost a serial memset.
         let qkv_dim = qd + 2 * kvd;
@@ -616,28 +635,36 @@ impl CpuBackend {
                 pl.qkv.forward_spin(xq, qkv, &self.spin);
             }
             prof.mark("qkv");
-            // Grow the cache by n rows, then rope q/k and copy v per token in
-            // parallel, straight into the new rows (no serial zero-fill first).
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            debug_assert_eq!(kc.len(), p0 * kvd);
-            kc.reserve(n * kvd);
-            vc.reserve(n * kvd);
-            let (qp, kp, vp) = (
-                SendPtr(q.as_mut_ptr()),
-                SendPtr(kc.spare_capacity_mut().as_mut_ptr() as *mut f32),
-                SendPtr(vc.spare_capacity_mut().as_mut_ptr() as *mut f32),
-            );
+            // Grow each cache by its tokens' rows, then rope q/k and copy v
+            // per token in parallel, straight into the new rows (no serial
+            // zero-fill first).
+            let kv_new: Vec<(SendPtr<f32>, SendPtr<f32>)> = segs
+                .iter_mut()
+                .map(|sg| {
+                    let (kc, vc) = (&mut sg.cache.k[li], &mut sg.cache.v[li]);
+                    debug_assert_eq!(kc.len(), sg.cache.len * kvd);
+                    kc.reserve(sg.n * kvd);
+                    vc.reserve(sg.n * kvd);
+                    (
+                        SendPtr(kc.spare_capacity_mut().as_mut_ptr() as *mut f32),
+                        SendPtr(vc.spare_capacity_mut().as_mut_ptr() as *mut f32),
+                    )
+                })
+                .collect();
+            let qp = SendPtr(q.as_mut_ptr());
             const RUN: usize = 8;
             par.for_each_index(n.div_ceil(RUN), |i| {
                 for t in i * RUN..((i + 1) * RUN).min(n) {
                     let row = &qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                    let (si, _, r) = seg_of[t];
+                    let (kp, vp) = &kv_new[si];
                     // SAFETY: token t's rows are written by this task alone:
-                    // `q` holds n rows of qd, the caches' spare capacity at
-                    // least n rows of kvd (reserved above); the new cache
-                    // rows are initialised by the copies before the slices
-                    // over them are made.
+                    // `q` holds n rows of qd, each cache's spare capacity at
+                    // least its tokens' rows of kvd (reserved above); the new
+                    // cache rows are initialised by the copies before the
+                    // slices over them are made.
                     let (qt, kt) = unsafe {
-                        let (kd, vd) = (kp.get().add(t * kvd), vp.get().add(t * kvd));
+                        let (kd, vd) = (kp.get().add(r * kvd), vp.get().add(r * kvd));
                         std::ptr::copy_nonoverlapping(row[qd..].as_ptr(), kd, kvd);
                         std::ptr::copy_nonoverlapping(row[qd + kvd..].as_ptr(), vd, kvd);
                         (
@@ -655,10 +682,13 @@ impl CpuBackend {
                     }
                 }
             });
-            // SAFETY: the n new rows of both caches were written above.
-            unsafe {
-                kc.set_len((p0 + n) * kvd);
-                vc.set_len((p0 + n) * kvd);
+            // SAFETY: each cache's new rows were written above.
+            for sg in segs.iter_mut() {
+                let len = (sg.cache.len + sg.n) * kvd;
+                unsafe {
+                    sg.cache.k[li].set_len(len);
+                    sg.cache.v[li].set_len(len);
+                }
             }
             prof.mark("rope_kv");
             // Last layer with only the last logits wanted: once the K/V of
@@ -667,17 +697,33 @@ impl CpuBackend {
             // token alone. Each row's float ops are the same either way (the
             // tiled attention treats rows independently; one-token matmuls
             // are bit-equal to the batched ones), so the logits are too.
-            let tail = n > 1 && li + 1 == m.layers.len() && matches!(output, Output::LastLogits);
+            let tail = single && n > 1 && li + 1 == m.layers.len() && matches!(output, Output::LastLogits);
             let (nt, t0) = if tail { (1, n - 1) } else { (n, 0) };
             let xs: &mut [f32] = &mut x[t0 * hid..];
             let a1;
             let a: &[f32] = if n == 1 {
-                a1 = self.attention(q, &cache.k[li], &cache.v[li], p0, n);
+                let kv = &segs[0].cache;
+                a1 = self.attention(q, &kv.k[li], &kv.v[li], p0, n);
                 &a1
-            } else {
+            } else if single {
                 let (qs, out) = (&q[t0 * qd..], &mut att[..nt * qd]);
-                self.attention_into(qs, &cache.k[li], &cache.v[li], p0 + t0, nt, out, att_scratch, par);
+                let kv = &segs[0].cache;
+                self.attention_into(qs, &kv.k[li], &kv.v[li], p0 + t0, nt, out, att_scratch, par);
                 &att[..nt * qd]
+            } else {
+                // A batch: each sequence's queries against its own cache.
+                let mut r0 = 0;
+                for sg in segs.iter() {
+                    let (qs, out) = (&q[r0 * qd..(r0 + sg.n) * qd], &mut att[r0 * qd..(r0 + sg.n) * qd]);
+                    let (kc, vc) = (&sg.cache.k[li], &sg.cache.v[li]);
+                    if sg.n == 1 {
+                        out.copy_from_slice(&self.attention(qs, kc, vc, sg.cache.len, 1));
+                    } else {
+                        self.attention_into(qs, kc, vc, sg.cache.len, sg.n, out, att_scratch, par);
+                    }
+                    r0 += sg.n;
+                }
+                &att[..n * qd]
             };
             prof.mark("attention");
             match &layer.attn_sub_norm {
@@ -721,11 +767,22 @@ impl CpuBackend {
             prof.mark("down");
         }
         prof.mark("residual");
-        cache.len = p0 + n;
+        let mut lasts = Vec::new();
         let last = match output {
-            Output::LastLogits => &x[(n - 1) * hid..],
+            Output::LastLogits if single => &x[(n - 1) * hid..],
+            Output::LastLogits => {
+                let mut r0 = 0;
+                for sg in segs.iter() {
+                    r0 += sg.n;
+                    lasts.extend_from_slice(&x[(r0 - 1) * hid..r0 * hid]);
+                }
+                &lasts[..]
+            }
             _ => &x[..],
         };
+        for sg in segs.iter_mut() {
+            sg.cache.len += sg.n;
+        }
         let h = self.rms_rows(last, &m.final_norm, hid);
         let out = match output {
             Output::Hidden => h,
@@ -803,7 +860,29 @@ impl Backend for CpuBackend {
             .downcast_mut::<CpuKvCache>()
             .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
         check_forward_args(&self.model.config, cache.len, cache.capacity, tokens)?;
-        self.pool.install(|| self.forward_inner(cache, tokens, output))
+        let n = tokens.len();
+        self.pool
+            .install(|| self.forward_inner(&mut [Seg { cache, n }], tokens, output))
+    }
+    fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
+        if caches.len() != tokens.len() || tokens.is_empty() {
+            return Err(Error::input(format!(
+                "a batched step takes one token per sequence: {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut segs = Vec::with_capacity(caches.len());
+        for (c, &t) in caches.iter_mut().zip(tokens) {
+            let cache = c
+                .as_any_mut()
+                .downcast_mut::<CpuKvCache>()
+                .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
+            check_forward_args(&self.model.config, cache.len, cache.capacity, &[t])?;
+            segs.push(Seg { cache, n: 1 });
+        }
+        self.pool
+            .install(|| self.forward_inner(&mut segs, tokens, Output::LastLogits))
     }
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
         Ok(self.pick(cache, token, 1, true)?.map(|best| best[0].0))
@@ -973,6 +1052,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A batched decode step (one call for several sequences: their matmuls
+    /// over all the tokens, attention per cache) gives each sequence the bits
+    /// of its own one-token step, and leaves the same caches behind: three
+    /// steps in a row, contexts of 0 to 40 tokens, every kernel.
+    #[test]
+    fn batched_step_equals_one_sequence_at_a_time() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let vocab = model.config.vocab;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let ids: Vec<u32> = (0..64).map(|i| (i * 53 + 11) % vocab as u32).collect();
+        let prompts = [5usize, 0, 23, 1, 40];
+        for kernel in crate::backends::cpu::kernels::available() {
+            let be = CpuBackend::new(model.clone(), kernel, 2).unwrap();
+            let fill = || -> Vec<Box<dyn KvCache>> {
+                prompts
+                    .iter()
+                    .map(|&p| {
+                        let mut c = be.new_cache(48).unwrap();
+                        if p > 0 {
+                            be.forward(c.as_mut(), &ids[..p], Output::LastLogits).unwrap();
+                        }
+                        c
+                    })
+                    .collect()
+            };
+            let (mut batched, mut alone) = (fill(), fill());
+            let mut step: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
+            for round in 0..3 {
+                let got = {
+                    let mut refs: Vec<&mut dyn KvCache> =
+                        batched.iter_mut().map(|c| c.as_mut() as &mut dyn KvCache).collect();
+                    be.forward_batch(&mut refs, &step).unwrap()
+                };
+                assert_eq!(got.len(), prompts.len() * vocab);
+                for (i, c) in alone.iter_mut().enumerate() {
+                    let want = be.forward(c.as_mut(), &[step[i]], Output::LastLogits).unwrap();
+                    assert!(want.iter().any(|&v| v != 0.0));
+                    let what = format!(
+                        "{kernel}, round {round}, sequence {i} after {} tokens",
+                        prompts[i] + round
+                    );
+                    assert_eq!(bits(&got[i * vocab..(i + 1) * vocab]), bits(&want), "{what}");
+                    assert_eq!(batched[i].len(), c.len(), "{what}");
+                    step[i] = crate::logits::argmax(&want);
+                }
+            }
+        }
+        // Clear errors: a token count that is not one per sequence, a full cache.
+        let be = CpuBackend::new(model.clone(), "scalar", 1).unwrap();
+        let (mut a, mut b) = (be.new_cache(4).unwrap(), be.new_cache(1).unwrap());
+        be.forward(b.as_mut(), &[1], Output::LastLogits).unwrap();
+        {
+            let mut refs: Vec<&mut dyn KvCache> = vec![a.as_mut(), b.as_mut()];
+            assert!(be.forward_batch(&mut refs, &[1]).is_err());
+            let e = be.forward_batch(&mut refs, &[1, 2]).unwrap_err().to_string();
+            assert!(e.contains("context") || e.contains("capacity"), "{e}");
+        }
+        assert_eq!(a.len(), 0, "nothing ran");
     }
 
     /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16

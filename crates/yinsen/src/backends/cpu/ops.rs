@@ -56,7 +56,13 @@ pub fn rope_neox(x: &mut [f32], pos: usize, inv_freq: &[f32]) {
 /// `[n][head_dim / 2]`: computed once per call and shared by all layers
 /// and heads (the per-element `sin_cos` dominated prefill otherwise).
 pub fn rope_table(p0: usize, n: usize, inv_freq: &[f32]) -> Vec<(f32, f32)> {
-    (p0..p0 + n)
+    rope_table_at(p0..p0 + n, inv_freq)
+}
+
+/// The `(sin, cos)` rows of the given positions, in order.
+pub fn rope_table_at(positions: impl IntoIterator<Item = usize>, inv_freq: &[f32]) -> Vec<(f32, f32)> {
+    positions
+        .into_iter()
         .flat_map(|pos| inv_freq.iter().map(move |&f| (pos as f32 * f).sin_cos()))
         .collect()
 }
