@@ -14,12 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use yinsen::engine::chat::ChatMessage;
 use yinsen::engine::sampling::SamplerConfig;
 use yinsen::engine::Pooling;
 
+use crate::batcher::{Alive, Emit, Req};
 use crate::generate::{self, Job, Outcome};
 use crate::AppState;
 
@@ -335,6 +336,43 @@ async fn blocking<T: Send + 'static>(
     Ok(r?)
 }
 
+/// Start `job`: on a blocking thread of its own, or in the batcher's next
+/// steps; its outcome arrives on the returned channel.
+fn start(
+    st: &AppState,
+    job: Job,
+    permit: OwnedSemaphorePermit,
+    alive: Alive,
+    emit: Emit,
+) -> oneshot::Receiver<yinsen::Result<Outcome>> {
+    let (done, rx) = oneshot::channel();
+    match &st.batcher {
+        Some(b) => b.submit(Req {
+            job,
+            alive,
+            emit,
+            done,
+            _permit: permit,
+        }),
+        None => {
+            let engine = st.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let _ = done.send(generate::run(&engine, &job, alive, emit));
+            });
+        }
+    }
+    rx
+}
+
+fn gone() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "the generation ended without an outcome",
+    )
+}
+
 /// Wait for the engine, then generate.
 async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Result<Response, ApiError> {
     let permit = acquire(&st).await?;
@@ -342,53 +380,59 @@ async fn respond(st: Arc<AppState>, job: Job, kind: Kind, stream: bool) -> Resul
     let (created, model) = (now(), st.opts.model_id.clone());
     let head = move |chunk: bool| json!({"id": id, "object": kind.object(chunk), "created": created, "model": model});
     if !stream {
-        let engine = st.engine.clone();
         // A client that leaves stops its generation at the next token.
         let left = Arc::new(AtomicBool::new(false));
         let _cancel = CancelOnDrop(left.clone());
-        let alive = move || !left.load(Ordering::Relaxed);
-        let o = blocking(permit, move || generate::run(&engine, &job, alive, |_| true)).await?;
+        let alive = Box::new(move || !left.load(Ordering::Relaxed));
+        let o = start(&st, job, permit, alive, Box::new(|_| true))
+            .await
+            .map_err(|_| gone())??;
         let mut v = head(false);
         v["choices"] = json!([kind.choice(&o)]);
         v["usage"] = usage(&o);
         return Ok(Json(v).into_response());
     }
-    // Streaming: the blocking generator sends each final piece as a chunk;
-    // a closed channel (the client left) stops it.
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let engine = st.engine.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let chunk = |choice: Value, usage: Option<Value>| {
-            let mut v = head(true);
-            v["choices"] = json!([choice]);
-            if let Some(u) = usage {
-                v["usage"] = u;
-            }
-            Event::default().data(v.to_string())
-        };
-        if matches!(kind, Kind::Chat) {
-            let first =
-                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": Value::Null});
-            if tx.blocking_send(Ok(chunk(first, None))).is_err() {
-                return;
-            }
+    // Streaming: each final piece goes out as a chunk; a closed channel (the
+    // client left) stops the generation. Alone, the generator waits for a
+    // slow reader (64 chunks in flight); batched, it must not hold up the
+    // others, so the channel has room for every piece and never blocks.
+    let chunk = move |choice: Value, usage: Option<Value>| {
+        let mut v = head(true);
+        v["choices"] = json!([choice]);
+        if let Some(u) = usage {
+            v["usage"] = u;
         }
-        let r = generate::run(
-            &engine,
-            &job,
-            || !tx.is_closed(),
-            |piece| tx.blocking_send(Ok(chunk(kind.delta(piece, None), None))).is_ok(),
-        );
-        let last = match r {
-            Ok(o) => chunk(kind.delta("", Some(o.finish)), Some(usage(&o))),
-            Err(e) => {
+        Event::default().data(v.to_string())
+    };
+    let batched = st.batcher.is_some();
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(if batched { job.max_new + 4 } else { 64 });
+    if matches!(kind, Kind::Chat) {
+        let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": Value::Null});
+        let _ = tx.try_send(Ok(chunk(first, None)));
+    }
+    let (t1, t2, c1) = (tx.clone(), tx.clone(), chunk.clone());
+    let emit: Emit = Box::new(move |piece| {
+        let ev = Ok(c1(kind.delta(piece, None), None));
+        if batched {
+            t1.try_send(ev).is_ok()
+        } else {
+            t1.blocking_send(ev).is_ok()
+        }
+    });
+    let outcome = start(&st, job, permit, Box::new(move || !t2.is_closed()), emit);
+    tokio::spawn(async move {
+        let last = match outcome.await {
+            Ok(Ok(o)) => chunk(kind.delta("", Some(o.finish)), Some(usage(&o))),
+            Ok(Err(e)) => {
                 let e = ApiError::from(e);
                 Event::default().data(json!({"error": {"message": e.message, "type": e.kind}}).to_string())
             }
+            Err(_) => {
+                Event::default().data(json!({"error": {"message": gone().message, "type": "server_error"}}).to_string())
+            }
         };
-        let _ = tx.blocking_send(Ok(last));
-        let _ = tx.blocking_send(Ok(Event::default().data("[DONE]")));
+        let _ = tx.send(Ok(last)).await;
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
     Ok(Sse::new(ReceiverStream::new(rx)).into_response())
 }

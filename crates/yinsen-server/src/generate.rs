@@ -1,7 +1,8 @@
-//! One request's generation, on a blocking thread: the engine's session loop
-//! plus stop strings, with text handed out as soon as it is final.
+//! One request's generation: the engine's session loop (or the batcher's
+//! steps) plus stop strings, with text handed out as soon as it is final.
 
 use yinsen::engine::sampling::SamplerConfig;
+use yinsen::engine::tokenizer::StreamDecoder;
 use yinsen::engine::{Engine, GenParams, StopReason};
 
 pub(crate) struct Job {
@@ -20,10 +21,67 @@ pub(crate) struct Outcome {
     pub finish: &'static str,
 }
 
-/// Generate `job`. `emit` receives the text piece by piece, never a piece that
-/// could still turn out to begin a stop string; it returns false when nobody
-/// listens any more, which ends generation, as `alive` returning false (asked
-/// every token) does.
+/// A request's text as its tokens come: decoded, checked against the stop
+/// strings, handed out when final; the serial and the batched loops share it.
+pub(crate) struct TextOut<'e> {
+    decoder: StreamDecoder<'e>,
+    scan: StopScan,
+    listening: bool,
+}
+
+impl<'e> TextOut<'e> {
+    pub fn new(engine: &'e Engine, job: &Job) -> Self {
+        Self {
+            decoder: engine.tokenizer.stream(false),
+            scan: StopScan::new(job.stops.clone()),
+            listening: true,
+        }
+    }
+
+    /// Token `tok` was generated: whether generation goes on (no stop
+    /// string, someone listening, `alive`).
+    pub fn on_token(
+        &mut self,
+        tok: u32,
+        alive: &dyn Fn() -> bool,
+        emit: &mut dyn FnMut(&str) -> bool,
+    ) -> yinsen::Result<bool> {
+        let (ready, stopped) = self.scan.push(&self.decoder.push(tok)?);
+        if !ready.is_empty() {
+            self.listening = emit(ready);
+        }
+        self.listening &= alive();
+        Ok(self.listening && !stopped)
+    }
+
+    /// Generation ended: the rest of the text out; the whole text, and
+    /// whether a stop string ended it.
+    pub fn finish(mut self, emit: &mut dyn FnMut(&str) -> bool) -> yinsen::Result<(String, bool)> {
+        let rest = if self.scan.stopped() {
+            ""
+        } else {
+            self.scan.finish(&self.decoder.finish()?)
+        };
+        if self.listening && !rest.is_empty() {
+            emit(rest);
+        }
+        Ok(self.scan.into_text())
+    }
+}
+
+/// OpenAI's finish_reason.
+pub(crate) fn finish_reason(stopped: bool, eos: bool) -> &'static str {
+    if stopped || eos {
+        "stop"
+    } else {
+        "length"
+    }
+}
+
+/// Generate `job` alone. `emit` receives the text piece by piece, never a
+/// piece that could still turn out to begin a stop string; it returns false
+/// when nobody listens any more, which ends generation, as `alive` returning
+/// false (asked every token) does.
 pub(crate) fn run(
     engine: &Engine,
     job: &Job,
@@ -36,49 +94,28 @@ pub(crate) fn run(
         sampler: job.sampler.clone(),
         stop_ids: engine.tokenizer.eos_ids().to_vec(),
     };
-    let mut decoder = engine.tokenizer.stream(false);
-    let mut scan = StopScan::new(&job.stops);
-    let mut listening = true;
-    let (tokens, reason, _) = session.generate(&job.prompt, &params, |tok| {
-        let (ready, stopped) = scan.push(&decoder.push(tok)?);
-        if !ready.is_empty() {
-            listening = emit(ready);
-        }
-        listening &= alive();
-        Ok(listening && !stopped)
-    })?;
-    let rest = if scan.stopped() {
-        ""
-    } else {
-        scan.finish(&decoder.finish()?)
-    };
-    if listening && !rest.is_empty() {
-        emit(rest);
-    }
-    let (text, stopped) = scan.into_text();
+    let mut text = TextOut::new(engine, job);
+    let (tokens, reason, _) = session.generate(&job.prompt, &params, |tok| text.on_token(tok, &alive, &mut emit))?;
+    let (text, stopped) = text.finish(&mut emit)?;
     Ok(Outcome {
         text,
         n_prompt: job.prompt.len(),
         n_gen: tokens.len(),
-        finish: if stopped || reason == StopReason::Eos {
-            "stop"
-        } else {
-            "length"
-        },
+        finish: finish_reason(stopped, reason == StopReason::Eos),
     })
 }
 
 /// The text so far against the stop strings: what is final (emitted), what
 /// is held back (it may begin a stop string), and whether one appeared.
-struct StopScan<'a> {
-    stops: &'a [String],
+struct StopScan {
+    stops: Vec<String>,
     text: String,
     sent: usize,
     stopped: bool,
 }
 
-impl<'a> StopScan<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopScan {
+    fn new(stops: Vec<String>) -> Self {
         Self {
             stops,
             text: String::new(),
@@ -94,13 +131,13 @@ impl<'a> StopScan<'a> {
             return ("", true);
         }
         self.text.push_str(piece);
-        let end = match find_stop(&self.text, self.stops) {
+        let end = match find_stop(&self.text, &self.stops) {
             Some(i) => {
                 self.text.truncate(i);
                 self.stopped = true;
                 i
             }
-            None => self.text.len() - held_back(&self.text, self.stops),
+            None => self.text.len() - held_back(&self.text, &self.stops),
         };
         let from = self.sent;
         self.sent = end.max(from);
@@ -203,7 +240,7 @@ mod tests {
                 .collect();
             let n_tail = rnd(2);
             let tail = word(&mut rnd, n_tail);
-            let mut scan = StopScan::new(&stops);
+            let mut scan = StopScan::new(stops.clone());
             let (mut out, mut text, mut want_stop) = (String::new(), String::new(), None);
             for p in &pieces {
                 let (ready, stopped) = scan.push(p);

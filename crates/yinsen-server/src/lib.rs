@@ -5,14 +5,16 @@
 //! events, OpenAI's chunk format, ending in `data: [DONE]`),
 //! `POST /v1/embeddings` (pooled last hidden states, unit length by default).
 //!
-//! One request generates at a time (the engine has one sequence per call;
-//! batching across sequences is not built); up to `max_queue` more wait their
-//! turn, beyond that a request gets 503. Every bad request (malformed JSON,
+//! One request generates at a time, or with `batch` > 1 up to that many
+//! decode together (continuous batching: one `Backend::forward_batch` step
+//! for all of them, see `batcher`); up to `max_queue` more wait their turn,
+//! beyond that a request gets 503. Every bad request (malformed JSON,
 //! invalid UTF-8, wrong types, unknown token ids, a prompt longer than the
 //! context, values out of range, a body over the limit) gets a 4xx with an
 //! OpenAI-style `{"error": {"message", "type"}}` body, never a panic.
 
 mod api;
+mod batcher;
 mod generate;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,8 +49,11 @@ pub struct ServerOptions {
     pub ctx: usize,
     /// Completion tokens when a request names none.
     pub default_max_tokens: usize,
-    /// Requests allowed to wait while one generates.
+    /// Requests allowed to wait while the engine is full.
     pub max_queue: usize,
+    /// Requests decoded together, one batched step for all (1: one request
+    /// at a time, each on its own thread).
+    pub batch: usize,
     /// Largest request body in bytes.
     pub body_limit: usize,
 }
@@ -60,6 +65,7 @@ impl Default for ServerOptions {
             ctx: 0,
             default_max_tokens: 256,
             max_queue: 16,
+            batch: 1,
             body_limit: 1 << 20,
         }
     }
@@ -68,8 +74,10 @@ impl Default for ServerOptions {
 pub(crate) struct AppState {
     pub engine: Arc<Engine>,
     pub opts: ServerOptions,
-    /// One generation at a time.
+    /// Generations at a time: `batch` of them.
     pub gate: Arc<Semaphore>,
+    /// The batching thread, with `batch` > 1.
+    pub batcher: Option<batcher::Batcher>,
     pub waiting: AtomicUsize,
     pub next_id: AtomicU64,
 }
@@ -93,10 +101,12 @@ impl AppState {
 /// The server's routes over `engine`.
 pub fn router(engine: Arc<Engine>, opts: ServerOptions) -> Router {
     let limit = opts.body_limit;
+    let batch = opts.batch.max(1);
     let state = Arc::new(AppState {
+        batcher: (batch > 1).then(|| batcher::Batcher::spawn(engine.clone(), batch)),
         engine,
         opts,
-        gate: Arc::new(Semaphore::new(1)),
+        gate: Arc::new(Semaphore::new(batch)),
         waiting: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
     });
@@ -116,6 +126,8 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "status": "ok",
         "backend": st.engine.backend.name(),
         "busy": st.gate.available_permits() == 0,
+        "batch": st.opts.batch.max(1),
+        "widest_step": st.batcher.as_ref().map(|b| b.widest.load(Ordering::Relaxed)),
         "waiting": st.waiting.load(Ordering::Relaxed),
     }))
 }

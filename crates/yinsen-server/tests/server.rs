@@ -562,3 +562,93 @@ async fn a_client_that_leaves_the_queue_frees_its_place() {
     let _ = running.await;
     assert!(free_within(&app, 1.5).await, "the engine stayed busy");
 }
+
+/// A completion's (text, finish_reason, usage), streamed or not.
+async fn reply(app: &axum::Router, uri: &str, req: Value) -> (String, String, Value) {
+    let chat = uri.contains("chat");
+    let (s, body) = call(app, "POST", uri, req.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    if req["stream"] == json!(true) {
+        return joined(&events(&body), chat);
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let c = &v["choices"][0];
+    let text = if chat { &c["message"]["content"] } else { &c["text"] };
+    (
+        text.as_str().unwrap().to_string(),
+        c["finish_reason"].as_str().unwrap().to_string(),
+        v["usage"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn batched_requests_get_the_text_they_get_alone() {
+    let alone = app(ServerOptions::default());
+    // Slowed, so the four are in the batcher together.
+    let batched = router(
+        slow_engine(3),
+        ServerOptions {
+            batch: 4,
+            ..Default::default()
+        },
+    );
+    let reqs = [
+        (
+            "/v1/completions",
+            json!({"prompt": PROMPT, "max_tokens": 20, "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Grüße aus Köln", "max_tokens": 16, "temperature": 0.9, "top_k": 30, "seed": 5}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "def fib(n):", "max_tokens": 12, "temperature": 0.7, "repeat_penalty": 1.3, "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10, "temperature": 0, "stream": true}),
+        ),
+    ];
+    let mut want = Vec::new();
+    for (uri, r) in &reqs {
+        want.push(reply(&alone, uri, r.clone()).await);
+    }
+    let got = tokio::join!(
+        reply(&batched, reqs[0].0, reqs[0].1.clone()),
+        reply(&batched, reqs[1].0, reqs[1].1.clone()),
+        reply(&batched, reqs[2].0, reqs[2].1.clone()),
+        reply(&batched, reqs[3].0, reqs[3].1.clone()),
+    );
+    let got = [got.0, got.1, got.2, got.3];
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(!w.0.is_empty(), "request {i}: an empty reply proves little");
+        assert_eq!(g, w, "request {i}");
+    }
+    let (_, h) = call(&batched, "GET", "/health", Body::empty()).await;
+    let h: Value = serde_json::from_slice(&h).unwrap();
+    assert!(h["widest_step"].as_u64().unwrap() >= 2, "never batched: {h}");
+}
+
+#[tokio::test]
+async fn batched_clients_that_leave_free_their_places() {
+    let app = router(
+        slow_engine(10),
+        ServerOptions {
+            batch: 2,
+            max_queue: 0,
+            ..Default::default()
+        },
+    );
+    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let short = std::time::Duration::from_millis(150);
+    let both = tokio::join!(
+        tokio::time::timeout(short, post(&app, "/v1/completions", long.clone())),
+        tokio::time::timeout(short, post(&app, "/v1/completions", long.clone())),
+    );
+    assert!(both.0.is_err() && both.1.is_err(), "the long requests finished early");
+    assert!(
+        free_within(&app, 1.5).await,
+        "the batch kept generating for clients that left"
+    );
+}
