@@ -266,3 +266,47 @@ fn quick_tune_writes_a_profile_the_dispatcher_loads() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A batched step through the hybrid: planned as a call of that many tokens
+/// (3: the decode path, 17: the matrix path), every cache moved there, and
+/// each sequence's logits the bits of its own step on a plain CPU backend.
+#[test]
+fn batched_steps_follow_the_plan_and_equal_single_steps() {
+    use yinsen::backends::KvCache;
+    type Caches = Vec<Box<dyn KvCache>>;
+    let m = model();
+    let h = two_path_hybrid(&m, WeightMode::Dual);
+    let single = CpuBackend::new(m.clone(), "scalar", 2).unwrap();
+    let vocab = m.config.vocab;
+    for (n_seqs, want_path) in [(3usize, Path::Cuda), (17, Path::Cpu)] {
+        // Contexts of 0, 20 (prefilled on the matrix path) and 2 or 3 tokens.
+        let lens: Vec<usize> = (0..n_seqs).map(|i| [0, 20, 3][i % 3] + i / 3).collect();
+        let (mut hc, mut sc): (Caches, Caches) = lens
+            .iter()
+            .map(|&n| {
+                let (mut a, mut b) = (h.new_cache(32).unwrap(), single.new_cache(32).unwrap());
+                if n > 0 {
+                    h.forward(a.as_mut(), &toks(n), Output::LastLogits).unwrap();
+                    single.forward(b.as_mut(), &toks(n), Output::LastLogits).unwrap();
+                }
+                (a, b)
+            })
+            .unzip();
+        let step: Vec<u32> = (0..n_seqs as u32).map(|i| (i * 29 + 1) % vocab as u32).collect();
+        let got = {
+            let mut refs: Vec<&mut dyn KvCache> = hc.iter_mut().map(|c| c.as_mut() as &mut dyn KvCache).collect();
+            h.forward_batch(&mut refs, &step).unwrap()
+        };
+        assert_eq!(h.last_plan().unwrap().path, want_path, "{n_seqs} sequences");
+        for (i, c) in sc.iter_mut().enumerate() {
+            let want = single.forward(c.as_mut(), &[step[i]], Output::LastLogits).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got[i * vocab..(i + 1) * vocab]),
+                bits(&want),
+                "{n_seqs} sequences, #{i}"
+            );
+            assert_eq!(hc[i].len(), lens[i] + 1);
+        }
+    }
+}
