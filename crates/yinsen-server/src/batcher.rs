@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use yinsen::backends::{KvCache, Output};
 use yinsen::engine::sampling::Sampler;
+use yinsen::engine::session::TOP_K_MAX;
 use yinsen::engine::Engine;
 
 use crate::generate::{finish_reason, Job, Outcome, TextOut};
@@ -71,6 +72,13 @@ struct Seq<'e> {
     next: u32,
 }
 
+/// What a step gives a request: its logits, or its pick (greedy: the
+/// token first; top-k: ranked).
+enum Scores<'a> {
+    Logits(&'a [f32]),
+    Ranked(Vec<(u32, f32)>),
+}
+
 /// How a request's turn ended.
 enum Turn {
     Next,
@@ -102,7 +110,7 @@ impl<'e> Seq<'e> {
             cache,
             req,
         };
-        match s.take(engine, &logits) {
+        match s.take(engine, Scores::Logits(&logits)) {
             Ok(turn) => Some((s, turn)),
             Err(e) => {
                 let _ = s.req.done.send(Err(e));
@@ -111,9 +119,22 @@ impl<'e> Seq<'e> {
         }
     }
 
-    /// Sample the next token from `logits` and hand out its text.
-    fn take(&mut self, engine: &Engine, logits: &[f32]) -> yinsen::Result<Turn> {
-        let tok = self.sampler.sample(logits, &self.fed);
+    /// What this request can take from a step instead of its logits, as
+    /// `Session::generate` takes it: a greedy pick, or a ranked top-k.
+    fn pick(&self) -> Option<(usize, bool)> {
+        if self.req.job.sampler.is_greedy() {
+            return Some((1, true));
+        }
+        self.sampler.takes_top_k(TOP_K_MAX).map(|k| (k, false))
+    }
+
+    /// Sample the next token and hand out its text.
+    fn take(&mut self, engine: &Engine, scores: Scores) -> yinsen::Result<Turn> {
+        let tok = match scores {
+            Scores::Logits(l) => self.sampler.sample(l, &self.fed),
+            Scores::Ranked(cand) if self.req.job.sampler.is_greedy() => cand[0].0,
+            Scores::Ranked(cand) => self.sampler.sample_ranked(cand),
+        };
         if engine.tokenizer.eos_ids().contains(&tok) {
             return Ok(Turn::Done { eos: true });
         }
@@ -171,14 +192,24 @@ fn run(engine: &Engine, rx: mpsc::Receiver<Req>, max: usize, widest: &AtomicUsiz
             continue;
         }
         widest.fetch_max(active.len(), Ordering::Relaxed);
-        // One step for every active request.
+        // One step for every active request: picks where all can take one
+        // (the backend's screened head reads a fraction of the F16 rows),
+        // else every logit.
         let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
+        let picks: Option<Vec<(usize, bool)>> = active.iter().map(|s| s.pick()).collect();
         let step = {
             let mut caches: Vec<&mut dyn KvCache> = active.iter_mut().map(|s| s.cache.as_mut() as _).collect();
-            engine.backend.forward_batch(&mut caches, &tokens)
+            match &picks {
+                Some(p) => engine.backend.forward_batch_pick(&mut caches, &tokens, p),
+                None => Ok(None),
+            }
+            .and_then(|ranked| match ranked {
+                Some(r) => Ok((Vec::new(), Some(r))),
+                None => Ok((engine.backend.forward_batch(&mut caches, &tokens)?, None)),
+            })
         };
-        let logits = match step {
-            Ok(l) => l,
+        let (logits, mut ranked) = match step {
+            Ok(x) => x,
             Err(e) => {
                 // The step failed for all of them: each gets the error.
                 for s in active.drain(..) {
@@ -190,7 +221,11 @@ fn run(engine: &Engine, rx: mpsc::Receiver<Req>, max: usize, widest: &AtomicUsiz
         let mut still = Vec::with_capacity(active.len());
         for (i, mut s) in active.drain(..).enumerate() {
             s.fed.push(s.next);
-            match s.take(engine, &logits[i * vocab..(i + 1) * vocab]) {
+            let scores = match ranked.as_mut() {
+                Some(r) => Scores::Ranked(std::mem::take(&mut r[i])),
+                None => Scores::Logits(&logits[i * vocab..(i + 1) * vocab]),
+            };
+            match s.take(engine, scores) {
                 Ok(Turn::Next) => still.push(s),
                 Ok(Turn::Done { eos }) => s.end(eos),
                 Err(e) => {

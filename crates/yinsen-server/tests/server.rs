@@ -26,8 +26,13 @@ fn engine() -> Arc<Engine> {
     static E: OnceLock<Arc<Engine>> = OnceLock::new();
     E.get_or_init(|| {
         let path = fixture();
+        // The CLI's default head: greedy and top-k picks through the screen.
         let opts = EngineOptions {
             backend: "cpu".into(),
+            cpu: yinsen::backends::cpu::CpuOptions {
+                lm_head_screen: true,
+                ..Default::default()
+            },
             ..Default::default()
         };
         Arc::new(Engine::load(path.to_str().unwrap(), opts).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -452,8 +457,9 @@ async fn a_full_queue_gets_503_and_a_gone_client_frees_the_engine() {
     panic!("the engine stayed busy after the client left");
 }
 
-/// The fixture's engine behind a backend that takes `ms` longer per call, so
-/// a generation lasts long enough to leave in the middle of it.
+/// The fixture's engine behind a backend that takes `ms` longer per call
+/// (each call passed on to the CPU backend), so a generation lasts long
+/// enough to leave in the middle of it.
 fn slow_engine(ms: u64) -> Arc<Engine> {
     use yinsen::backends::{Backend, KvCache, Output};
     struct Slow(Arc<dyn Backend>, std::time::Duration);
@@ -470,6 +476,32 @@ fn slow_engine(ms: u64) -> Arc<Engine> {
         fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> yinsen::Result<Vec<f32>> {
             std::thread::sleep(self.1);
             self.0.forward(cache, tokens, output)
+        }
+        fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> yinsen::Result<Option<u32>> {
+            std::thread::sleep(self.1);
+            self.0.forward_greedy(cache, token)
+        }
+        fn forward_top_k(
+            &self,
+            cache: &mut dyn KvCache,
+            token: u32,
+            k: usize,
+        ) -> yinsen::Result<Option<Vec<(u32, f32)>>> {
+            std::thread::sleep(self.1);
+            self.0.forward_top_k(cache, token, k)
+        }
+        fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> yinsen::Result<Vec<f32>> {
+            std::thread::sleep(self.1);
+            self.0.forward_batch(caches, tokens)
+        }
+        fn forward_batch_pick(
+            &self,
+            caches: &mut [&mut dyn KvCache],
+            tokens: &[u32],
+            picks: &[(usize, bool)],
+        ) -> yinsen::Result<Option<yinsen::backends::BatchPicks>> {
+            std::thread::sleep(self.1);
+            self.0.forward_batch_pick(caches, tokens, picks)
         }
         fn resident_weight_bytes(&self) -> usize {
             self.0.resident_weight_bytes()

@@ -37,6 +37,9 @@ pub trait KvCache: Send {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// Per sequence of a batched step, its pick: (token, logit) pairs, ranked.
+pub type BatchPicks = Vec<Vec<(u32, f32)>>;
+
 /// One compute path able to run the whole model.
 pub trait Backend: Send + Sync {
     /// e.g. "cpu/vnni", "cuda:0".
@@ -79,6 +82,18 @@ pub trait Backend: Send + Sync {
             out.extend(self.forward(&mut **c, &[t], Output::LastLogits)?);
         }
         Ok(out)
+    }
+    /// [`Self::forward_batch`] where each sequence wants a pick, not its
+    /// logits: `picks[i] = (k, greedy)`, and sequence i gets what
+    /// `forward_greedy` (k = 1, greedy) or `forward_top_k` (k) would return
+    /// for it alone. None: not offered (nothing ran); call `forward_batch`.
+    fn forward_batch_pick(
+        &self,
+        _caches: &mut [&mut dyn KvCache],
+        _tokens: &[u32],
+        _picks: &[(usize, bool)],
+    ) -> Result<Option<BatchPicks>> {
+        Ok(None)
     }
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;

@@ -197,6 +197,64 @@ impl HybridBackend {
         Ok(out)
     }
 
+    /// A batched step, planned as a call of that many tokens (a batch of 16
+    /// goes where 16 tokens of one sequence would): every cache moves to that
+    /// path and its backend runs `call` on them.
+    fn run_batch<T: Ran>(
+        &self,
+        caches: &mut [&mut dyn KvCache],
+        tokens: &[u32],
+        call: impl FnOnce(&Arc<dyn Backend>, &mut [&mut dyn KvCache]) -> Result<T>,
+    ) -> Result<T> {
+        if caches.len() != tokens.len() || tokens.is_empty() {
+            return Err(Error::input(format!(
+                "a batched step takes one token per sequence: {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut hcs = Vec::with_capacity(caches.len());
+        for (c, &t) in caches.iter_mut().zip(tokens) {
+            let hc = c
+                .as_any_mut()
+                .downcast_mut::<HybridCache>()
+                .ok_or_else(|| Error::backend("hybrid", "KV cache belongs to another backend"))?;
+            check_forward_args(&self.config, hc.len(), hc.capacity, &[t])?;
+            hcs.push(hc);
+        }
+        let plan = self.plan_for(tokens.len(), Output::LastLogits, None, 0);
+        let be = self.slot(plan.path)?.get()?;
+        if self.explain {
+            eprintln!("[plan] batch of {}: {}", tokens.len(), plan.summary());
+        }
+        for hc in hcs.iter_mut() {
+            match hc.inner.as_ref() {
+                Some((p, owner, _)) if *p == plan.path && Arc::ptr_eq(owner, &be) => {}
+                Some(_) => self.move_cache(hc, plan.path, &be)?,
+                None => hc.inner = Some((plan.path, be.clone(), be.new_cache(hc.capacity)?)),
+            }
+        }
+        let mut inner: Vec<&mut dyn KvCache> = hcs
+            .iter_mut()
+            .map(|hc| hc.inner.as_mut().expect("placed above").2.as_mut() as &mut dyn KvCache)
+            .collect();
+        let out = call(&be, &mut inner)?;
+        if !out.ran() {
+            return Ok(out);
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            match plan.path {
+                Path::Cpu => s.cpu_calls += 1,
+                Path::Cuda => s.cuda_calls += 1,
+            }
+        }
+        self.enforce_budget(plan.path);
+        if let Ok(mut lp) = self.last_plan.lock() {
+            *lp = Some(plan);
+        }
+        Ok(out)
+    }
+
     /// `cuda` is None on machines (or models) without a GPU path. In `Dual`
     /// mode both paths are built now.
     pub fn new(config: ModelConfig, planner: Planner, cpu: Slot, cuda: Option<Slot>, mode: WeightMode) -> Result<Self> {
@@ -374,54 +432,16 @@ impl Backend for HybridBackend {
             be.forward_top_k(c, token, k)
         })
     }
-    // A batched step is planned as a call of that many tokens (a batch of
-    // 16 goes where 16 tokens of one sequence would); every cache moves to
-    // that path and its backend runs the batch.
     fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
-        if caches.len() != tokens.len() || tokens.is_empty() {
-            return Err(Error::input(format!(
-                "a batched step takes one token per sequence: {} tokens for {} sequences",
-                tokens.len(),
-                caches.len()
-            )));
-        }
-        let mut hcs = Vec::with_capacity(caches.len());
-        for (c, &t) in caches.iter_mut().zip(tokens) {
-            let hc = c
-                .as_any_mut()
-                .downcast_mut::<HybridCache>()
-                .ok_or_else(|| Error::backend("hybrid", "KV cache belongs to another backend"))?;
-            check_forward_args(&self.config, hc.len(), hc.capacity, &[t])?;
-            hcs.push(hc);
-        }
-        let plan = self.plan_for(tokens.len(), Output::LastLogits, None, 0);
-        let be = self.slot(plan.path)?.get()?;
-        if self.explain {
-            eprintln!("[plan] batch of {}: {}", tokens.len(), plan.summary());
-        }
-        for hc in hcs.iter_mut() {
-            match hc.inner.as_ref() {
-                Some((p, owner, _)) if *p == plan.path && Arc::ptr_eq(owner, &be) => {}
-                Some(_) => self.move_cache(hc, plan.path, &be)?,
-                None => hc.inner = Some((plan.path, be.clone(), be.new_cache(hc.capacity)?)),
-            }
-        }
-        let mut inner: Vec<&mut dyn KvCache> = hcs
-            .iter_mut()
-            .map(|hc| hc.inner.as_mut().expect("placed above").2.as_mut() as &mut dyn KvCache)
-            .collect();
-        let out = be.forward_batch(&mut inner, tokens)?;
-        if let Ok(mut s) = self.stats.lock() {
-            match plan.path {
-                Path::Cpu => s.cpu_calls += 1,
-                Path::Cuda => s.cuda_calls += 1,
-            }
-        }
-        self.enforce_budget(plan.path);
-        if let Ok(mut lp) = self.last_plan.lock() {
-            *lp = Some(plan);
-        }
-        Ok(out)
+        self.run_batch(caches, tokens, |be, c| be.forward_batch(c, tokens))
+    }
+    fn forward_batch_pick(
+        &self,
+        caches: &mut [&mut dyn KvCache],
+        tokens: &[u32],
+        picks: &[(usize, bool)],
+    ) -> Result<Option<crate::backends::BatchPicks>> {
+        self.run_batch(caches, tokens, |be, c| be.forward_batch_pick(c, tokens, picks))
     }
     fn resident_weight_bytes(&self) -> usize {
         self.residency().iter().map(|r| r.resident_weight_bytes).sum()

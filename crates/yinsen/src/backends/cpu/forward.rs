@@ -474,14 +474,19 @@ impl CpuBackend {
         let h = self
             .pool
             .install(|| self.forward_inner(&mut [Seg { cache, n: 1 }], &[token], Output::Hidden))?;
+        Ok(Some(self.pick_row(screen, &h, k, greedy)))
+    }
+
+    /// The pick of one final hidden row `h` (see `pick`).
+    fn pick_row(&self, screen: &HeadScreen, h: &[f32], k: usize, greedy: bool) -> Vec<(u32, f32)> {
         let per = super::linear::spin_chunks_per_thread();
         let (lq, act) = match screen.q8() {
             HeadQ8::Act8(q) => {
-                let a = q.quantize(&h, 1);
+                let a = q.quantize(h, 1);
                 let l = self.logits_with(1, q.rows, per, |r0, t0, nt, o| q.rows_dot(r0, &a, t0, nt, o));
                 (l, Some(a))
             }
-            HeadQ8::Dense(d) => (self.logits_dense(&h, d, per), None),
+            HeadQ8::Dense(d) => (self.logits_dense(h, d, per), None),
         };
         let head = self.model.lm_head();
         // The head's own row dot per row: the same bits as the full head's.
@@ -490,20 +495,13 @@ impl CpuBackend {
             self.spin.for_ranges(&mut exact, 1, |i0, o| {
                 let mut scratch = Vec::new();
                 for (j, v) in o.iter_mut().enumerate() {
-                    lm_head::rows_dot(
-                        head,
-                        rows[i0 + j] as usize,
-                        &h,
-                        1,
-                        std::slice::from_mut(v),
-                        &mut scratch,
-                    );
+                    lm_head::rows_dot(head, rows[i0 + j] as usize, h, 1, std::slice::from_mut(v), &mut scratch);
                 }
             });
             exact
         };
         let cand = screen.candidates_with(
-            &h,
+            h,
             act.as_ref(),
             &lq,
             k,
@@ -516,18 +514,18 @@ impl CpuBackend {
             // full head ranks it only among all rows: take the full head.
             if exact.iter().all(|v| v.is_finite()) {
                 self.screen_counts.record(Some(cand.len()));
-                return Ok(Some(crate::logits::ranked_pairs(cand.into_iter().zip(exact), k)));
+                return crate::logits::ranked_pairs(cand.into_iter().zip(exact), k);
             }
         }
         self.screen_counts.record(None);
-        let l = self.logits_dense(&h, head, per);
-        Ok(Some(match greedy {
+        let l = self.logits_dense(h, head, per);
+        match greedy {
             true => {
                 let t = crate::logits::argmax(&l);
                 vec![(t, l[t as usize])]
             }
             false => crate::logits::ranked(&l, k),
-        }))
+        }
     }
 
     /// `x += W q`: for many tokens the residual add runs in the matmul's
@@ -884,6 +882,48 @@ impl Backend for CpuBackend {
         self.pool
             .install(|| self.forward_inner(&mut segs, tokens, Output::LastLogits))
     }
+    fn forward_batch_pick(
+        &self,
+        caches: &mut [&mut dyn KvCache],
+        tokens: &[u32],
+        picks: &[(usize, bool)],
+    ) -> Result<Option<crate::backends::BatchPicks>> {
+        let Some(screen) = &self.head_screen else {
+            return Ok(None);
+        };
+        let vocab = self.model.config.vocab;
+        if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
+            return Ok(None);
+        }
+        if caches.len() != tokens.len() || tokens.is_empty() {
+            return Err(Error::input(format!(
+                "a batched step takes one token per sequence: {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut segs = Vec::with_capacity(caches.len());
+        for (c, &t) in caches.iter_mut().zip(tokens) {
+            let cache = c
+                .as_any_mut()
+                .downcast_mut::<CpuKvCache>()
+                .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
+            check_forward_args(&self.model.config, cache.len, cache.capacity, &[t])?;
+            segs.push(Seg { cache, n: 1 });
+        }
+        // Each sequence's final hidden row, then its pick as `pick` makes it.
+        let h = self
+            .pool
+            .install(|| self.forward_inner(&mut segs, tokens, Output::Hidden))?;
+        let hid = self.model.config.hidden;
+        Ok(Some(
+            picks
+                .iter()
+                .enumerate()
+                .map(|(i, &(k, greedy))| self.pick_row(screen, &h[i * hid..(i + 1) * hid], k, greedy))
+                .collect(),
+        ))
+    }
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
         Ok(self.pick(cache, token, 1, true)?.map(|best| best[0].0))
     }
@@ -1112,6 +1152,70 @@ mod tests {
             assert!(e.contains("context") || e.contains("capacity"), "{e}");
         }
         assert_eq!(a.len(), 0, "nothing ran");
+    }
+
+    /// Batched picks through the screened head: each sequence gets what its
+    /// own greedy or top-k step returns (tokens and logit bits), and the
+    /// caches stay in step; a backend without the screen offers none.
+    #[test]
+    fn batched_picks_equal_one_sequence_at_a_time() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let vocab = model.config.vocab;
+        let ids: Vec<u32> = (0..64).map(|i| (i * 53 + 11) % vocab as u32).collect();
+        let prompts = [5usize, 0, 23, 9];
+        let picks = [(1usize, true), (40, false), (5, false), (1, true)];
+        let opts = CpuOptions {
+            kernel: "auto".into(),
+            threads: 2,
+            lm_head_screen: true,
+            ..Default::default()
+        };
+        let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
+        let fill = || -> Vec<Box<dyn KvCache>> {
+            prompts
+                .iter()
+                .map(|&p| {
+                    let mut c = be.new_cache(48).unwrap();
+                    if p > 0 {
+                        be.forward(c.as_mut(), &ids[..p], Output::LastLogits).unwrap();
+                    }
+                    c
+                })
+                .collect()
+        };
+        let (mut batched, mut alone) = (fill(), fill());
+        let mut step: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
+        let bits = |v: &[(u32, f32)]| v.iter().map(|&(t, l)| (t, l.to_bits())).collect::<Vec<_>>();
+        for round in 0..3 {
+            let got = {
+                let mut refs: Vec<&mut dyn KvCache> =
+                    batched.iter_mut().map(|c| c.as_mut() as &mut dyn KvCache).collect();
+                be.forward_batch_pick(&mut refs, &step, &picks)
+                    .unwrap()
+                    .expect("offered")
+            };
+            for (i, c) in alone.iter_mut().enumerate() {
+                let (k, greedy) = picks[i];
+                let want = match greedy {
+                    true => {
+                        let t = be.forward_greedy(c.as_mut(), step[i]).unwrap().unwrap();
+                        assert_eq!(got[i].len(), 1);
+                        vec![(t, got[i][0].1)]
+                    }
+                    false => be.forward_top_k(c.as_mut(), step[i], k).unwrap().unwrap(),
+                };
+                assert_eq!(bits(&got[i]), bits(&want), "round {round}, sequence {i}");
+                assert_eq!(got[i].len(), k);
+                step[i] = got[i][0].0;
+            }
+        }
+        let plain = CpuBackend::new(model.clone(), "scalar", 1).unwrap();
+        let mut c = plain.new_cache(4).unwrap();
+        let mut refs: Vec<&mut dyn KvCache> = vec![c.as_mut()];
+        assert!(plain
+            .forward_batch_pick(&mut refs, &[1], &[(1, true)])
+            .unwrap()
+            .is_none());
     }
 
     /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16
