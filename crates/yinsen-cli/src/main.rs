@@ -521,7 +521,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     println!("|---|---|---|---|---|---|");
     for r in &records {
         let test = if let Some(b) = r.n_seqs {
-            format!("tg{} x {b} sequences", r.n_gen)
+            match &r.pick {
+                Some(p) => format!("tg{} x {b} sequences ({p} pick)", r.n_gen),
+                None => format!("tg{} x {b} sequences", r.n_gen),
+            }
         } else if let Some(p) = &r.pick {
             format!("tg{} ({p} pick)", r.n_gen)
         } else if r.n_gen > 0 {

@@ -192,30 +192,48 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
         }
     }
     // Batched decode: `b` sequences, each after one distinct token, stepped
-    // together `ng` times (every sequence's logits returned).
+    // together `ng` times: every sequence's logits returned, then each one's
+    // greedy pick where the backend offers batched picks.
     for &b in spec.batches {
         for &ng in spec.gens {
             let toks = bench_tokens(b * (ng + 1), vocab);
-            let mut samples = Vec::new();
-            for rep in 0..=spec.repeats {
-                (spec.progress)(&format!("tg{ng} x {b} sequences run {rep}/{}", spec.repeats));
-                let mut caches = (0..b).map(|_| backend.new_cache(ng + 1)).collect::<Result<Vec<_>>>()?;
-                let t = Instant::now();
-                for step in 0..ng {
-                    let mut refs: Vec<&mut dyn crate::backends::KvCache> = caches
-                        .iter_mut()
-                        .map(|c| c.as_mut() as &mut dyn crate::backends::KvCache)
-                        .collect();
-                    backend.forward_batch(&mut refs, &toks[step * b..(step + 1) * b])?;
+            for pick in [false, true] {
+                let mut samples = Vec::new();
+                for rep in 0..=spec.repeats {
+                    (spec.progress)(&format!("tg{ng} x {b} sequences run {rep}/{}", spec.repeats));
+                    let mut caches = (0..b).map(|_| backend.new_cache(ng + 1)).collect::<Result<Vec<_>>>()?;
+                    let t = Instant::now();
+                    for step in 0..ng {
+                        let mut refs: Vec<&mut dyn crate::backends::KvCache> = caches
+                            .iter_mut()
+                            .map(|c| c.as_mut() as &mut dyn crate::backends::KvCache)
+                            .collect();
+                        let toks = &toks[step * b..(step + 1) * b];
+                        if !pick {
+                            backend.forward_batch(&mut refs, toks)?;
+                        } else if backend
+                            .forward_batch_pick(&mut refs, toks, &vec![(1, true); b])?
+                            .is_none()
+                        {
+                            break;
+                        }
+                    }
+                    let dt = t.elapsed().as_secs_f64();
+                    if caches[0].len() < ng {
+                        samples.clear();
+                        break; // not offered
+                    }
+                    if rep > 0 {
+                        samples.push((b * ng) as f64 / dt);
+                    }
                 }
-                let dt = t.elapsed().as_secs_f64();
-                if rep > 0 {
-                    samples.push((b * ng) as f64 / dt);
+                if !samples.is_empty() {
+                    let mut r = rec(0, ng, samples, None);
+                    r.n_seqs = Some(b);
+                    r.pick = pick.then(|| "greedy".to_string());
+                    out.push(r);
                 }
             }
-            let mut r = rec(0, ng, samples, None);
-            r.n_seqs = Some(b);
-            out.push(r);
         }
     }
     Ok(out)
