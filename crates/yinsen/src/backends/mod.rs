@@ -37,6 +37,37 @@ pub trait KvCache: Send {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// A batched step's shape: one token for each of at least one sequence.
+pub fn check_batch(n_caches: usize, n_tokens: usize) -> Result<()> {
+    if n_caches != n_tokens || n_tokens == 0 {
+        return Err(crate::Error::input(format!(
+            "a batched step takes one token per sequence: {n_tokens} tokens for {n_caches} sequences"
+        )));
+    }
+    Ok(())
+}
+
+/// A batched step's caches as the backend's own cache type `C`, each
+/// checked: its one token, room for it.
+pub fn batch_caches<'c, C: KvCache + 'static>(
+    config: &ModelConfig,
+    caches: &'c mut [&mut dyn KvCache],
+    tokens: &[u32],
+    backend: &str,
+) -> Result<Vec<&'c mut C>> {
+    check_batch(caches.len(), tokens.len())?;
+    let mut out = Vec::with_capacity(caches.len());
+    for (c, &t) in caches.iter_mut().zip(tokens) {
+        let cache = c
+            .as_any_mut()
+            .downcast_mut::<C>()
+            .ok_or_else(|| crate::Error::backend(backend, "KV cache belongs to another backend"))?;
+        cpu::forward::check_forward_args(config, cache.len(), cache.capacity(), &[t])?;
+        out.push(cache);
+    }
+    Ok(out)
+}
+
 /// Per sequence of a batched step, its pick: (token, logit) pairs, ranked.
 pub type BatchPicks = Vec<Vec<(u32, f32)>>;
 
@@ -70,13 +101,7 @@ pub trait Backend: Send + Sync {
     /// in one vector. The same logits as one `forward` per sequence; the
     /// default runs exactly that, a backend may run the batch as one call.
     fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
-        if caches.len() != tokens.len() {
-            return Err(crate::Error::input(format!(
-                "a batched step takes one token per sequence: {} tokens for {} sequences",
-                tokens.len(),
-                caches.len()
-            )));
-        }
+        check_batch(caches.len(), tokens.len())?;
         let mut out = Vec::with_capacity(tokens.len() * self.config().vocab);
         for (c, &t) in caches.iter_mut().zip(tokens) {
             out.extend(self.forward(&mut **c, &[t], Output::LastLogits)?);

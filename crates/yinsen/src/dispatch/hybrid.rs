@@ -184,6 +184,13 @@ impl HybridBackend {
         if !out.ran() {
             return Ok(out);
         }
+        self.record(plan);
+        Ok(out)
+    }
+
+    /// A call that ran on `plan`'s path: counted, the budget kept, the plan
+    /// kept for reports.
+    fn record(&self, plan: Plan) {
         if let Ok(mut s) = self.stats.lock() {
             match plan.path {
                 Path::Cpu => s.cpu_calls += 1,
@@ -194,7 +201,6 @@ impl HybridBackend {
         if let Ok(mut lp) = self.last_plan.lock() {
             *lp = Some(plan);
         }
-        Ok(out)
     }
 
     /// A batched step, planned as a call of that many tokens (a batch of 16
@@ -206,22 +212,7 @@ impl HybridBackend {
         tokens: &[u32],
         call: impl FnOnce(&Arc<dyn Backend>, &mut [&mut dyn KvCache]) -> Result<T>,
     ) -> Result<T> {
-        if caches.len() != tokens.len() || tokens.is_empty() {
-            return Err(Error::input(format!(
-                "a batched step takes one token per sequence: {} tokens for {} sequences",
-                tokens.len(),
-                caches.len()
-            )));
-        }
-        let mut hcs = Vec::with_capacity(caches.len());
-        for (c, &t) in caches.iter_mut().zip(tokens) {
-            let hc = c
-                .as_any_mut()
-                .downcast_mut::<HybridCache>()
-                .ok_or_else(|| Error::backend("hybrid", "KV cache belongs to another backend"))?;
-            check_forward_args(&self.config, hc.len(), hc.capacity, &[t])?;
-            hcs.push(hc);
-        }
+        let mut hcs = crate::backends::batch_caches::<HybridCache>(&self.config, caches, tokens, "hybrid")?;
         let plan = self.plan_for(tokens.len(), Output::LastLogits, None, 0);
         let be = self.slot(plan.path)?.get()?;
         if self.explain {
@@ -242,16 +233,7 @@ impl HybridBackend {
         if !out.ran() {
             return Ok(out);
         }
-        if let Ok(mut s) = self.stats.lock() {
-            match plan.path {
-                Path::Cpu => s.cpu_calls += 1,
-                Path::Cuda => s.cuda_calls += 1,
-            }
-        }
-        self.enforce_budget(plan.path);
-        if let Ok(mut lp) = self.last_plan.lock() {
-            *lp = Some(plan);
-        }
+        self.record(plan);
         Ok(out)
     }
 

@@ -477,6 +477,12 @@ impl CpuBackend {
         Ok(Some(self.pick_row(screen, &h, k, greedy)))
     }
 
+    /// A batched step's sequences, each checked (one token, room for it).
+    fn batch_segs<'c>(&self, caches: &'c mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<Seg<'c>>> {
+        let caches = crate::backends::batch_caches::<CpuKvCache>(&self.model.config, caches, tokens, "cpu")?;
+        Ok(caches.into_iter().map(|cache| Seg { cache, n: 1 }).collect())
+    }
+
     /// The pick of one final hidden row `h` (see `pick`).
     fn pick_row(&self, screen: &HeadScreen, h: &[f32], k: usize, greedy: bool) -> Vec<(u32, f32)> {
         let per = super::linear::spin_chunks_per_thread();
@@ -863,22 +869,7 @@ impl Backend for CpuBackend {
             .install(|| self.forward_inner(&mut [Seg { cache, n }], tokens, output))
     }
     fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
-        if caches.len() != tokens.len() || tokens.is_empty() {
-            return Err(Error::input(format!(
-                "a batched step takes one token per sequence: {} tokens for {} sequences",
-                tokens.len(),
-                caches.len()
-            )));
-        }
-        let mut segs = Vec::with_capacity(caches.len());
-        for (c, &t) in caches.iter_mut().zip(tokens) {
-            let cache = c
-                .as_any_mut()
-                .downcast_mut::<CpuKvCache>()
-                .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
-            check_forward_args(&self.model.config, cache.len, cache.capacity, &[t])?;
-            segs.push(Seg { cache, n: 1 });
-        }
+        let mut segs = self.batch_segs(caches, tokens)?;
         self.pool
             .install(|| self.forward_inner(&mut segs, tokens, Output::LastLogits))
     }
@@ -895,22 +886,7 @@ impl Backend for CpuBackend {
         if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
             return Ok(None);
         }
-        if caches.len() != tokens.len() || tokens.is_empty() {
-            return Err(Error::input(format!(
-                "a batched step takes one token per sequence: {} tokens for {} sequences",
-                tokens.len(),
-                caches.len()
-            )));
-        }
-        let mut segs = Vec::with_capacity(caches.len());
-        for (c, &t) in caches.iter_mut().zip(tokens) {
-            let cache = c
-                .as_any_mut()
-                .downcast_mut::<CpuKvCache>()
-                .ok_or_else(|| Error::backend("cpu", "KV cache belongs to another backend"))?;
-            check_forward_args(&self.model.config, cache.len, cache.capacity, &[t])?;
-            segs.push(Seg { cache, n: 1 });
-        }
+        let mut segs = self.batch_segs(caches, tokens)?;
         // Each sequence's final hidden row, then its pick as `pick` makes it.
         let h = self
             .pool
@@ -1094,6 +1070,20 @@ mod tests {
         }
     }
 
+    /// A cache per prompt length, each holding that many of `ids`.
+    fn filled(be: &CpuBackend, prompts: &[usize], ids: &[u32]) -> Vec<Box<dyn KvCache>> {
+        prompts
+            .iter()
+            .map(|&p| {
+                let mut c = be.new_cache(48).unwrap();
+                if p > 0 {
+                    be.forward(c.as_mut(), &ids[..p], Output::LastLogits).unwrap();
+                }
+                c
+            })
+            .collect()
+    }
+
     /// A batched decode step (one call for several sequences: their matmuls
     /// over all the tokens, attention per cache) gives each sequence the bits
     /// of its own one-token step, and leaves the same caches behind: three
@@ -1107,19 +1097,7 @@ mod tests {
         let prompts = [5usize, 0, 23, 1, 40];
         for kernel in crate::backends::cpu::kernels::available() {
             let be = CpuBackend::new(model.clone(), kernel, 2).unwrap();
-            let fill = || -> Vec<Box<dyn KvCache>> {
-                prompts
-                    .iter()
-                    .map(|&p| {
-                        let mut c = be.new_cache(48).unwrap();
-                        if p > 0 {
-                            be.forward(c.as_mut(), &ids[..p], Output::LastLogits).unwrap();
-                        }
-                        c
-                    })
-                    .collect()
-            };
-            let (mut batched, mut alone) = (fill(), fill());
+            let (mut batched, mut alone) = (filled(&be, &prompts, &ids), filled(&be, &prompts, &ids));
             let mut step: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
             for round in 0..3 {
                 let got = {
@@ -1171,19 +1149,7 @@ mod tests {
             ..Default::default()
         };
         let be = CpuBackend::with_options(model.clone(), &opts).unwrap();
-        let fill = || -> Vec<Box<dyn KvCache>> {
-            prompts
-                .iter()
-                .map(|&p| {
-                    let mut c = be.new_cache(48).unwrap();
-                    if p > 0 {
-                        be.forward(c.as_mut(), &ids[..p], Output::LastLogits).unwrap();
-                    }
-                    c
-                })
-                .collect()
-        };
-        let (mut batched, mut alone) = (fill(), fill());
+        let (mut batched, mut alone) = (filled(&be, &prompts, &ids), filled(&be, &prompts, &ids));
         let mut step: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
         let bits = |v: &[(u32, f32)]| v.iter().map(|&(t, l)| (t, l.to_bits())).collect::<Vec<_>>();
         for round in 0..3 {
