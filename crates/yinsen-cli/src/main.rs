@@ -127,7 +127,8 @@ struct ServeArgs {
     max_queue: usize,
     /// Requests decoded together in one batched step each token (1: one at
     /// a time). Pays on the CPU path (16 sequences: 3x the tokens/s of one
-    /// on a 16-core Xeon); CUDA steps the batch one sequence at a time.
+    /// on a 16-core Xeon); CUDA steps a batch one sequence at a time, each
+    /// picking its token on the device, so it gains nothing there.
     #[arg(long, default_value_t = 1)]
     batch: usize,
 }

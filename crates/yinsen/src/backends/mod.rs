@@ -110,15 +110,44 @@ pub trait Backend: Send + Sync {
     }
     /// [`Self::forward_batch`] where each sequence wants a pick, not its
     /// logits: `picks[i] = (k, greedy)`, and sequence i gets what
-    /// `forward_greedy` (k = 1, greedy) or `forward_top_k` (k) would return
-    /// for it alone. None: not offered (nothing ran); call `forward_batch`.
+    /// `forward_greedy` (k = 1, greedy: the token, its logit NaN where the
+    /// backend gives only the token) or `forward_top_k` (k) would return for
+    /// it alone. None: not offered (nothing ran); call `forward_batch`. The
+    /// default picks one sequence after another (CUDA: each on the device).
     fn forward_batch_pick(
         &self,
-        _caches: &mut [&mut dyn KvCache],
-        _tokens: &[u32],
-        _picks: &[(usize, bool)],
+        caches: &mut [&mut dyn KvCache],
+        tokens: &[u32],
+        picks: &[(usize, bool)],
     ) -> Result<Option<BatchPicks>> {
-        Ok(None)
+        check_batch(caches.len(), tokens.len())?;
+        if picks.len() != tokens.len() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(tokens.len());
+        for (i, (c, (&t, &(k, greedy)))) in caches.iter_mut().zip(tokens.iter().zip(picks)).enumerate() {
+            let pick = match greedy {
+                true => self.forward_greedy(&mut **c, t)?.map(|tok| vec![(tok, f32::NAN)]),
+                false => self.forward_top_k(&mut **c, t, k)?,
+            };
+            out.push(match pick {
+                Some(p) => p,
+                // Not offered: nothing ran yet, or this sequence's logits
+                // ranked here (the same pick by the trait's contract).
+                None if i == 0 => return Ok(None),
+                None => {
+                    let l = self.forward(&mut **c, &[t], Output::LastLogits)?;
+                    match greedy {
+                        true => {
+                            let tok = crate::logits::argmax(&l);
+                            vec![(tok, l[tok as usize])]
+                        }
+                        false => crate::logits::ranked(&l, k),
+                    }
+                }
+            });
+        }
+        Ok(Some(out))
     }
     /// Weight bytes this backend keeps resident in its own layout.
     fn resident_weight_bytes(&self) -> usize;

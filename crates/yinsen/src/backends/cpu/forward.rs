@@ -1182,6 +1182,49 @@ mod tests {
             .forward_batch_pick(&mut refs, &[1], &[(1, true)])
             .unwrap()
             .is_none());
+        // The trait's default (one sequence after another, as CUDA runs it)
+        // over a backend that offers only one-sequence picks: the same picks.
+        struct OneByOne(CpuBackend);
+        impl Backend for OneByOne {
+            fn name(&self) -> String {
+                "one-by-one".into()
+            }
+            fn config(&self) -> &ModelConfig {
+                self.0.config()
+            }
+            fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
+                self.0.new_cache(capacity)
+            }
+            fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
+                self.0.forward(cache, tokens, output)
+            }
+            fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
+                self.0.forward_greedy(cache, token)
+            }
+            fn forward_top_k(&self, cache: &mut dyn KvCache, t: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+                self.0.forward_top_k(cache, t, k)
+            }
+            fn resident_weight_bytes(&self) -> usize {
+                0
+            }
+        }
+        let looped = OneByOne(CpuBackend::with_options(model.clone(), &opts).unwrap());
+        let (mut a, mut b) = (filled(&be, &prompts, &ids), filled(&be, &prompts, &ids));
+        let step: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 31 + 9) % vocab as u32).collect();
+        let native = {
+            let mut r: Vec<&mut dyn KvCache> = a.iter_mut().map(|c| c.as_mut() as &mut dyn KvCache).collect();
+            be.forward_batch_pick(&mut r, &step, &picks).unwrap().unwrap()
+        };
+        let one_by_one = {
+            let mut r: Vec<&mut dyn KvCache> = b.iter_mut().map(|c| c.as_mut() as &mut dyn KvCache).collect();
+            looped.forward_batch_pick(&mut r, &step, &picks).unwrap().unwrap()
+        };
+        for (i, (n, o)) in native.iter().zip(&one_by_one).enumerate() {
+            match picks[i].1 {
+                true => assert_eq!((o.len(), o[0].0), (1, n[0].0), "sequence {i}"),
+                false => assert_eq!(bits(o), bits(n), "sequence {i}"),
+            }
+        }
     }
 
     /// The 8-bit lm_head (int8 activations where VNNI runs) against the F16
