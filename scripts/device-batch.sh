@@ -17,13 +17,8 @@ clients=${3:-16}
 port=18081
 clients_run() { # backend batch
   local log="$out/serve-$1-$2.log" pid t0 t1 n
-  yinsen serve -m "$model" --backend "$1" --port "$port" --batch "$2" --max-queue 64 >"$log" 2>&1 &
-  pid=$!
-  for _ in $(seq 300); do
-    grep -q "http://" "$log" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 1
-  done
+  start_serve "$log" -m "$model" --backend "$1" --port "$port" --batch "$2" --max-queue 64
+  pid=$serve_pid
   for rep in 1 2; do
     rm -f "$out"/c-*.json
     t0=$(date +%s%N)

@@ -14,13 +14,8 @@ model=${2:-synthetic:2b4t}
 backend=${3:-cuda}
 port=18080
 log="$out/serve.log"
-yinsen serve -m "$model" --backend "$backend" --port "$port" >"$log" 2>&1 &
-pid=$!
-for _ in $(seq 300); do
-  grep -q "http://" "$log" && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 1
-done
+start_serve "$log" -m "$model" --backend "$backend" --port "$port"
+pid=$serve_pid
 url="http://127.0.0.1:$port"
 {
   head -3 "$log"

@@ -15,11 +15,29 @@
 #   remote_env
 # On the device: dev (the packed folder), out ($OUT or /tmp/yinsen-out) and
 # the environment the tests and `yinsen` run with.
+#
+#   start_serve LOG ARGS...
+# On the device: `yinsen serve ARGS...`, waited for until it listens.
 remote_env() {
   dev=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   out=${OUT:-/tmp/yinsen-out}
   mkdir -p "$out"
   export PATH="$dev/bin:$PATH" YINSEN_CUDA_CACHE=/tmp/yc YINSEN_DEVICE=1 YINSEN_FIXTURES="$dev/fixtures"
+}
+
+# On the device: `yinsen serve ARGS...` in the background, its output in LOG;
+# returns once it listens (or has exited), with its pid in $serve_pid.
+#   start_serve LOG ARGS...
+start_serve() {
+  local log=$1
+  shift
+  yinsen serve "$@" >"$log" 2>&1 &
+  serve_pid=$!
+  for _ in $(seq 300); do
+    grep -q "http://" "$log" && break
+    kill -0 "$serve_pid" 2>/dev/null || break
+    sleep 1
+  done
 }
 
 pack_small() {
