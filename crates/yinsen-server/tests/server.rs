@@ -519,6 +519,18 @@ fn slow_engine(ms: u64) -> Arc<Engine> {
     })
 }
 
+/// A server over a backend slowed to 10 ms a call (`batch`, `max_queue`),
+/// and a request of 400 tokens: 4 s if nobody stops it.
+fn slow_app(batch: usize, max_queue: usize) -> (axum::Router, Value) {
+    let opts = ServerOptions {
+        batch,
+        max_queue,
+        ..Default::default()
+    };
+    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    (router(slow_engine(10), opts), long)
+}
+
 /// Poll until a short completion gets through (the engine is free), for up
 /// to `secs`.
 async fn free_within(app: &axum::Router, secs: f64) -> bool {
@@ -535,15 +547,7 @@ async fn free_within(app: &axum::Router, secs: f64) -> bool {
 
 #[tokio::test]
 async fn a_client_that_leaves_frees_the_engine() {
-    // 400 tokens at 10 ms each: 4 s if nobody stops it.
-    let app = router(
-        slow_engine(10),
-        ServerOptions {
-            max_queue: 0,
-            ..Default::default()
-        },
-    );
-    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let (app, long) = slow_app(1, 0);
     let gone = tokio::time::timeout(
         std::time::Duration::from_millis(150),
         post(&app, "/v1/completions", long),
@@ -558,14 +562,7 @@ async fn a_client_that_leaves_frees_the_engine() {
 
 #[tokio::test]
 async fn a_client_that_leaves_the_queue_frees_its_place() {
-    let app = router(
-        slow_engine(10),
-        ServerOptions {
-            max_queue: 1,
-            ..Default::default()
-        },
-    );
-    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let (app, long) = slow_app(1, 1);
     let (a, l) = (app.clone(), long.clone());
     let running = tokio::spawn(async move { post(&a, "/v1/completions", l).await });
     // Until the long one holds the engine.
@@ -664,15 +661,7 @@ async fn batched_requests_get_the_text_they_get_alone() {
 
 #[tokio::test]
 async fn batched_clients_that_leave_free_their_places() {
-    let app = router(
-        slow_engine(10),
-        ServerOptions {
-            batch: 2,
-            max_queue: 0,
-            ..Default::default()
-        },
-    );
-    let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let (app, long) = slow_app(2, 0);
     let short = std::time::Duration::from_millis(150);
     let both = tokio::join!(
         tokio::time::timeout(short, post(&app, "/v1/completions", long.clone())),
