@@ -11,7 +11,7 @@ use super::attention::{self, AttnShape};
 use super::head_screen::{HeadScreen, ScreenCounters, ScreenCounts};
 use super::kernels::policy::KernelPolicy;
 use super::linear::{Epilogue, Linear, QuantizedInput};
-use super::lm_head::{self, HeadQ8};
+use super::lm_head::{self, HeadQ8, Q8Act};
 use super::ops;
 use super::spin_pool::{Par, SendPtr, SpinPool};
 use crate::backends::{Backend, KvCache, Output};
@@ -433,20 +433,28 @@ impl CpuBackend {
             }
             return out;
         }
-        // Row-major over the vocabulary so each lm_head row is read once,
-        // up to 4 tokens at a time (the SIMD kernels' register budget).
+        // Row blocks small enough to stay in L2 while every group of up to
+        // 4 tokens (the SIMD kernels' register budget) passes over them: the
+        // lm_head is streamed from memory once per call, not once per group.
+        let block = 64;
+        let mut by_block = vec![0f32; vocab * n];
+        by_block.par_chunks_mut(block * n).enumerate().for_each(|(bi, ch)| {
+            let rows = ch.len() / n;
+            for t0 in (0..n).step_by(4) {
+                let nt = (n - t0).min(4);
+                dot(bi * block, t0, nt, &mut ch[rows * t0..rows * (t0 + nt)]);
+            }
+        });
+        // Block bi, group t0: rows x nt values, token fastest.
         let mut out = vec![0f32; n * vocab];
-        let block = 256;
-        for t0 in (0..n).step_by(4) {
-            let nt = (n - t0).min(4);
-            let mut by_row = vec![0f32; vocab * nt];
-            by_row
-                .par_chunks_mut(block * nt)
-                .enumerate()
-                .for_each(|(bi, ch)| dot(bi * block, t0, nt, ch));
-            for r in 0..vocab {
-                for t in 0..nt {
-                    out[(t0 + t) * vocab + r] = by_row[r * nt + t];
+        for (bi, ch) in by_block.chunks(block * n).enumerate() {
+            let rows = ch.len() / n;
+            for t0 in (0..n).step_by(4) {
+                let nt = (n - t0).min(4);
+                for (j, v) in ch[rows * t0..rows * (t0 + nt)].chunks_exact(nt).enumerate() {
+                    for (t, &x) in v.iter().enumerate() {
+                        out[(t0 + t) * vocab + bi * block + j] = x;
+                    }
                 }
             }
         }
@@ -485,15 +493,39 @@ impl CpuBackend {
 
     /// The pick of one final hidden row `h` (see `pick`).
     fn pick_row(&self, screen: &HeadScreen, h: &[f32], k: usize, greedy: bool) -> Vec<(u32, f32)> {
+        let (lq, act) = self.screen_logits(screen, h);
+        self.pick_screened(screen, h, &lq, act.as_ref(), k, greedy)
+    }
+
+    /// The 8-bit copy's logits of every row of `h` (`[n][vocab]`, one pass
+    /// over the copy for all of them) and, where it multiplies int8 x int8,
+    /// `h` as it quantised it.
+    fn screen_logits(&self, screen: &HeadScreen, h: &[f32]) -> (Vec<f32>, Option<Q8Act>) {
+        let n = h.len() / self.model.config.hidden;
         let per = super::linear::spin_chunks_per_thread();
-        let (lq, act) = match screen.q8() {
+        match screen.q8() {
             HeadQ8::Act8(q) => {
-                let a = q.quantize(h, 1);
-                let l = self.logits_with(1, q.rows, per, |r0, t0, nt, o| q.rows_dot(r0, &a, t0, nt, o));
+                let a = q.quantize(h, n);
+                let l = self.logits_with(n, q.rows, per, |r0, t0, nt, o| q.rows_dot(r0, &a, t0, nt, o));
                 (l, Some(a))
             }
             HeadQ8::Dense(d) => (self.logits_dense(h, d, per), None),
-        };
+        }
+    }
+
+    /// The pick of one hidden row `h` from its screened logits `lq` (and
+    /// `act`, `h` quantised alone): the candidates' own rows, or the full
+    /// head where the screen cannot decide.
+    fn pick_screened(
+        &self,
+        screen: &HeadScreen,
+        h: &[f32],
+        lq: &[f32],
+        act: Option<&Q8Act>,
+        k: usize,
+        greedy: bool,
+    ) -> Vec<(u32, f32)> {
+        let per = super::linear::spin_chunks_per_thread();
         let head = self.model.lm_head();
         // The head's own row dot per row: the same bits as the full head's.
         let exact_of = |rows: &[u32]| -> Vec<f32> {
@@ -506,14 +538,7 @@ impl CpuBackend {
             });
             exact
         };
-        let cand = screen.candidates_with(
-            h,
-            act.as_ref(),
-            &lq,
-            k,
-            |out, f| self.spin.for_ranges(out, 32, f),
-            &exact_of,
-        );
+        let cand = screen.candidates_with(h, act, lq, k, |out, f| self.spin.for_ranges(out, 32, f), &exact_of);
         if let Ok(cand) = cand {
             let exact = exact_of(&cand);
             // A non-finite exact logit (an overflowing sum) ranks as the
@@ -887,16 +912,22 @@ impl Backend for CpuBackend {
             return Ok(None);
         }
         let mut segs = self.batch_segs(caches, tokens)?;
-        // Each sequence's final hidden row, then its pick as `pick` makes it.
+        // Each sequence's final hidden row; the 8-bit copy's logits of all
+        // of them in one pass over it; then each row's pick as `pick` makes it.
         let h = self
             .pool
             .install(|| self.forward_inner(&mut segs, tokens, Output::Hidden))?;
         let hid = self.model.config.hidden;
+        let (lq, act) = self.pool.install(|| self.screen_logits(screen, &h));
         Ok(Some(
             picks
                 .iter()
                 .enumerate()
-                .map(|(i, &(k, greedy))| self.pick_row(screen, &h[i * hid..(i + 1) * hid], k, greedy))
+                .map(|(i, &(k, greedy))| {
+                    let act_i = act.as_ref().map(|a| a.token(i));
+                    let (hi, li) = (&h[i * hid..(i + 1) * hid], &lq[i * vocab..(i + 1) * vocab]);
+                    self.pick_screened(screen, hi, li, act_i.as_ref(), k, greedy)
+                })
                 .collect(),
         ))
     }
@@ -1132,6 +1163,34 @@ mod tests {
         assert_eq!(a.len(), 0, "nothing ran");
     }
 
+    /// The many-token logits loop puts each (row, token) value where it
+    /// belongs: vocabularies that end inside a row block, token counts that
+    /// end inside a group of 4, each dot called once per block and group.
+    #[test]
+    fn logits_with_places_every_row_and_token() {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let be = CpuBackend::new(model, "scalar", 2).unwrap();
+        for (n, vocab) in [(2usize, 64usize), (5, 150), (9, 1), (16, 200)] {
+            let calls = std::sync::atomic::AtomicUsize::new(0);
+            let got = be.pool.install(|| {
+                be.logits_with(n, vocab, 1, |r0, t0, nt, o: &mut [f32]| {
+                    calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    assert!(nt <= 4 && t0 + nt <= n && o.len() % nt == 0);
+                    for (j, v) in o.chunks_exact_mut(nt).enumerate() {
+                        for (t, x) in v.iter_mut().enumerate() {
+                            *x = ((r0 + j) * 1000 + t0 + t) as f32;
+                        }
+                    }
+                })
+            });
+            let want: Vec<f32> = (0..n)
+                .flat_map(|t| (0..vocab).map(move |r| (r * 1000 + t) as f32))
+                .collect();
+            assert_eq!(got, want, "{n} tokens, vocabulary {vocab}");
+            assert_eq!(calls.into_inner(), vocab.div_ceil(64) * n.div_ceil(4));
+        }
+    }
+
     /// Batched picks through the screened head: each sequence gets what its
     /// own greedy or top-k step returns (tokens and logit bits), and the
     /// caches stay in step; a backend without the screen offers none.
@@ -1140,8 +1199,16 @@ mod tests {
         let model = Arc::new(synthetic::build("tiny").unwrap());
         let vocab = model.config.vocab;
         let ids: Vec<u32> = (0..64).map(|i| (i * 53 + 11) % vocab as u32).collect();
-        let prompts = [5usize, 0, 23, 9];
-        let picks = [(1usize, true), (40, false), (5, false), (1, true)];
+        // Six sequences: the screened logits run as two token groups (4 + 2).
+        let prompts = [5usize, 0, 23, 9, 2, 17];
+        let picks = [
+            (1usize, true),
+            (40, false),
+            (5, false),
+            (1, true),
+            (3, false),
+            (1, true),
+        ];
         let opts = CpuOptions {
             kernel: "auto".into(),
             threads: 2,

@@ -292,6 +292,19 @@ pub struct Q8Act {
 }
 
 impl Q8Act {
+    /// Token `t` alone, as `quantize` of its one state gives it.
+    pub fn token(&self, t: usize) -> Q8Act {
+        assert!(t < self.n);
+        let g = self.groups;
+        Q8Act {
+            n: 1,
+            groups: g,
+            x: self.x[t * g * 8..(t + 1) * g * 8].to_vec(),
+            dx: self.dx[t * g * 16..(t + 1) * g * 16].to_vec(),
+            corr: self.corr[t * g * 16..(t + 1) * g * 16].to_vec(),
+        }
+    }
+
     /// `max |h − ĥ|` over token `t` (`h`: the states this was quantised
     /// from, `ĥ = dx * code`), in f64 so the difference itself is exact.
     pub fn max_error(&self, h: &[f32], t: usize) -> f64 {
