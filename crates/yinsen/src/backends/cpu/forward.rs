@@ -1175,7 +1175,7 @@ mod tests {
             let got = be.pool.install(|| {
                 be.logits_with(n, vocab, 1, |r0, t0, nt, o: &mut [f32]| {
                     calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    assert!(nt <= 4 && t0 + nt <= n && o.len() % nt == 0);
+                    assert!(nt <= 4 && t0 + nt <= n && o.len().is_multiple_of(nt));
                     for (j, v) in o.chunks_exact_mut(nt).enumerate() {
                         for (t, x) in v.iter_mut().enumerate() {
                             *x = ((r0 + j) * 1000 + t0 + t) as f32;
