@@ -6,11 +6,13 @@
 #    host's CPU;
 # 2. `yinsen serve` on the CPU path, --batch 1 against --batch CLIENTS: CLIENTS
 #    concurrent greedy completions of 64 tokens, timed (curl);
-# 3. the same on CUDA (the trait's default: one sequence after another).
-# Output in $OUT/batch.txt.
+# 3. with a GPU: the batched-step test (`cuda_forward batched`, also under
+#    compute-sanitizer memcheck), `yinsen bench --backend cuda --batch 1,4,16`,
+#    and the serve runs of 2. on CUDA.
+# SKIP_CPU=1 leaves out 1. and 2.'s CPU runs. Output in $OUT/batch.txt.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-pack_or_run "${1:-}" run "$0 pack | run [MODEL] [CLIENTS]" scripts/device-batch.sh
+pack_or_run "${1:-}" run "$0 pack | run [MODEL] [CLIENTS]" scripts/device-batch.sh cuda_forward
 remote_env
 model=${2:-synthetic:2b4t}
 clients=${3:-16}
@@ -35,10 +37,18 @@ clients_run() { # backend batch
   wait "$pid" 2>/dev/null
 }
 {
-  timeout 300 yinsen bench -m "$model" --backend cpu -p 0 -n 16 --batch 1,4,16 -r 2 --no-bandwidth 2>&1 | grep -E "^\| |machine"
-  clients_run cpu 1
-  clients_run cpu "$clients"
+  if [ "${SKIP_CPU:-0}" != 1 ]; then
+    timeout 300 yinsen bench -m "$model" --backend cpu -p 0 -n 16 --batch 1,4,16 -r 2 --no-bandwidth 2>&1 | grep -E "^\| |machine"
+    clients_run cpu 1
+    clients_run cpu "$clients"
+  fi
   if nvidia-smi >/dev/null 2>&1; then
+    timeout 300 "$dev/tests/cuda_forward" --test-threads=1 batched 2>&1 | grep -E "test |round|alone|panicked|result"
+    if command -v compute-sanitizer >/dev/null; then
+      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$dev/tests/cuda_forward" --test-threads=1 batched 2>&1 |
+        grep -E "ERROR SUMMARY|test result"
+    fi
+    timeout 300 yinsen bench -m "$model" --backend cuda -p 0 -n 32 --batch 1,4,16 -r 3 --no-bandwidth 2>&1 | grep -E "^\| |machine"
     clients_run cuda 1
     clients_run cuda "$clients"
   fi

@@ -1026,3 +1026,101 @@ fn screened_pick_on_the_device_is_the_full_heads_argmax() {
         "a varied run: {on:?}"
     );
 }
+
+/// Mutable views of a batch's caches, as `forward_batch` takes them.
+fn refs(v: &mut [Box<dyn yinsen::backends::KvCache>]) -> Vec<&mut dyn yinsen::backends::KvCache> {
+    v.iter_mut()
+        .map(|c| c.as_mut() as &mut dyn yinsen::backends::KvCache)
+        .collect()
+}
+
+/// A batched decode step on the GPU (one body call for several sequences,
+/// each token's RoPE, cache row and attention in its own cache) against the
+/// CPU's batched step, which equals the CPU's one-sequence steps bit for bit:
+/// sequences of different lengths (one past a 64-key split, so the split
+/// counts differ inside a launch), more sequences than one launch takes,
+/// three rounds, then one-sequence steps over the caches the batch wrote;
+/// the picks equal those ranked from the batch's logits; a full cache fails
+/// the call before anything runs.
+#[test]
+fn batched_step_matches_cpu() {
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let model = synthetic::build("tiny").unwrap();
+        let Some(gpu) = cuda_kv(&model, kv) else { return };
+        let vocab = model.config.vocab;
+        let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
+        let ids = prompt(100, vocab);
+        // 19 sequences: more than one launch's 16.
+        let lens: Vec<usize> = (0..19).map(|i| [5, 1, 23, 70, 9, 64, 2][i % 7] + i).collect();
+        let fill = |be: &dyn Backend| -> Vec<Box<dyn yinsen::backends::KvCache>> {
+            lens.iter()
+                .map(|&n| {
+                    let mut c = be.new_cache(128).unwrap();
+                    be.forward(c.as_mut(), &ids[..n], Output::LastLogits).unwrap();
+                    c
+                })
+                .collect()
+        };
+        let (mut gc, mut cc) = (fill(&gpu), fill(&cpu));
+        let mut step: Vec<u32> = (0..lens.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
+        for round in 0..3 {
+            // Round 1 runs a batch of 3 (one launch); the others all 19.
+            let n = if round == 1 { 3 } else { lens.len() };
+            let got = {
+                let mut r = refs(&mut gc[..n]);
+                gpu.forward_batch(&mut r, &step[..n]).unwrap()
+            };
+            let want = {
+                let mut r = refs(&mut cc[..n]);
+                cpu.forward_batch(&mut r, &step[..n]).unwrap()
+            };
+            close_tokens(&got, &want, vocab, &format!("{kv:?} round {round}, {n} sequences"));
+            for i in 0..n {
+                assert_eq!(gc[i].len(), cc[i].len());
+                step[i] = argmax(&want[i * vocab..(i + 1) * vocab]) as u32;
+            }
+            // Sequences left out of round 1 catch up alone.
+            for i in n..lens.len() {
+                let g = gpu.forward(gc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
+                let w = cpu.forward(cc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
+                close(&g, &w, vocab, &format!("{kv:?} round {round}, sequence {i} alone"));
+                step[i] = argmax(&w) as u32;
+            }
+        }
+        // One-sequence steps over what the batches wrote into the caches.
+        for i in [0, 3, 18] {
+            let g = gpu.forward(gc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
+            let w = cpu.forward(cc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
+            close(&g, &w, vocab, &format!("{kv:?}: sequence {i} alone after the batches"));
+        }
+        // Picks: those ranked from the same step's logits (two caches each).
+        let (mut a, mut b) = (fill(&gpu), fill(&gpu));
+        let picks: Vec<(usize, bool)> = (0..lens.len())
+            .map(|i| if i % 3 == 0 { (1, true) } else { (i, false) })
+            .collect();
+        let got = {
+            let mut r = refs(&mut a);
+            gpu.forward_batch_pick(&mut r, &step, &picks).unwrap().expect("offered")
+        };
+        let l = {
+            let mut r = refs(&mut b);
+            gpu.forward_batch(&mut r, &step).unwrap()
+        };
+        for (i, &(k, greedy)) in picks.iter().enumerate() {
+            let li = &l[i * vocab..(i + 1) * vocab];
+            let want: Vec<(u32, u32)> = match greedy {
+                true => vec![(argmax(li) as u32, li[argmax(li)].to_bits())],
+                false => ranked(li, k).into_iter().map(|(t, v)| (t, v.to_bits())).collect(),
+            };
+            let got: Vec<(u32, u32)> = got[i].iter().map(|&(t, v)| (t, v.to_bits())).collect();
+            assert_eq!(got, want, "{kv:?}: pick of sequence {i}");
+        }
+        // A full cache: an error, and no cache moved.
+        let mut full = gpu.new_cache(1).unwrap();
+        gpu.forward(full.as_mut(), &[1], Output::LastLogits).unwrap();
+        let before = a[0].len();
+        let mut r: Vec<&mut dyn yinsen::backends::KvCache> = vec![a[0].as_mut(), full.as_mut()];
+        assert!(gpu.forward_batch(&mut r, &[1, 2]).is_err());
+        assert_eq!(a[0].len(), before);
+    }
+}

@@ -116,6 +116,9 @@ struct Scratch {
     part_tokens: usize,
     tok: DevBuf,
     pos: DevBuf,
+    /// A batched step's `BatchSeq` table (ops.cu): per token, its cache's
+    /// K and V addresses, capacity and position.
+    seqs: DevBuf,
     x: DevBuf,
     /// Quantised activations: row-major, or tiled for `ntp` tokens (the TMA
     /// GEMM's order, `super::tile_x`); room for either.
@@ -197,6 +200,13 @@ impl KvDtype {
         match self {
             KvDtype::F16 => "attn_partial_f16",
             KvDtype::F32 => "attn_partial_f32",
+        }
+    }
+    /// `rope_kv` and `attn_partial` of a batched step (each token its own cache).
+    fn batch_kernels(self) -> (&'static str, &'static str) {
+        match self {
+            KvDtype::F16 => ("rope_kv_batch_f16", "attn_partial_batch_f16"),
+            KvDtype::F32 => ("rope_kv_batch_f32", "attn_partial_batch_f32"),
         }
     }
     /// The flash prefill attention for head dims up to 128 or (`wide`) 256.
@@ -634,6 +644,9 @@ pub struct CudaCache {
     /// Identity (`CudaBackend::id`) of the backend that captured the graphs.
     owner: usize,
 }
+
+/// Bytes of one `BatchSeq` (ops.cu): K and V addresses, capacity, position.
+const BATCH_SEQ_BYTES: usize = 24;
 
 /// Largest token count a multi-token step is captured for (the GEMV's group).
 const STEP_GRAPH_MAX: usize = 16;
@@ -1860,6 +1873,40 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// One decode step of several sequences (`tokens[i]` appended to
+    /// `caches[i]`, checked by the caller): the per-kernel body over all of
+    /// them, each token's RoPE, cache row and attention in its own cache
+    /// (`Keys::Batch`), up to `batch_group` sequences per launch sequence.
+    /// Returns every sequence's logits, `[i][vocab]`.
+    fn run_batch(&self, caches: &mut [&mut CudaCache], tokens: &[u32]) -> Result<Vec<f32>> {
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let vocab = self.config.vocab;
+        // The split-K partials, the scratch rows and the logits rows bound it.
+        let group = s.chunk.min(s.part_tokens).min(LM_T.max(STEP_GRAPH_MAX));
+        let mut out = Vec::with_capacity(tokens.len() * vocab);
+        for (cs, ts) in caches.chunks_mut(group).zip(tokens.chunks(group)) {
+            let nt = ts.len();
+            let tok: Vec<i32> = ts.iter().map(|&t| t as i32).collect();
+            s.tok.write_async(&tok)?;
+            let table: Vec<u64> = cs
+                .iter()
+                .flat_map(|c| [c.k.ptr, c.v.ptr, c.cap as u64 | (c.len as u64) << 32])
+                .collect();
+            s.seqs.write_async(&table)?;
+            let n_split = cs.iter().map(|c| (c.len + 1).div_ceil(ATT_CHUNK)).max().unwrap_or(1);
+            self.body_keys(&s, prefill::Keys::Batch(s.seqs.p()), nt, n_split)?;
+            for t0 in (0..nt).step_by(LM_T) {
+                self.head_at(&s, t0, (nt - t0).min(LM_T), true, t0)?;
+            }
+            out.extend(s.logits.read::<f32>(nt * vocab)?);
+            for c in cs.iter_mut() {
+                c.len += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Greedy decode of `n` tokens after `first` through the graph: the steps
     /// feed their own tokens back on the device (`decode_advance`) and are
     /// queued back to back; the tokens are read once per HIST steps.
@@ -1964,6 +2011,7 @@ impl Scratch {
             part_tokens,
             tok: f32s(&[chunk])?,
             pos: f32s(&[1])?,
+            seqs: gpu.alloc(checked(&[chunk, BATCH_SEQ_BYTES], "scratch")?)?,
             x: f32s(&[chunk, c.hidden])?,
             q8: gpu.alloc(checked(&[chunk, kmax], "scratch")?.max(super::tiled_x_bytes(kmax, ntp)))?,
             ntp,
@@ -2045,6 +2093,43 @@ impl Backend for CudaBackend {
     fn forward(&self, cache: &mut dyn KvCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         let cache = self.cache_of(cache)?;
         self.run(cache, tokens, output)
+    }
+    /// Several sequences in one body call (see `run_batch`); one sequence
+    /// takes the decode graph. The logits equal each sequence's own step
+    /// within the fixtures' tolerances, not bit for bit: the one-token step
+    /// runs the persistent decode kernel, whose float order differs.
+    fn forward_batch(&self, caches: &mut [&mut dyn KvCache], tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut cs = crate::backends::batch_caches::<CudaCache>(&self.config, caches, tokens, "cuda")?;
+        match cs.len() {
+            1 => self.run(cs[0], tokens, Output::LastLogits),
+            _ => self.run_batch(&mut cs, tokens),
+        }
+    }
+    /// The batched step's logits, each sequence's pick ranked on the host
+    /// (the full head's pick, which the screened one equals).
+    fn forward_batch_pick(
+        &self,
+        caches: &mut [&mut dyn KvCache],
+        tokens: &[u32],
+        picks: &[(usize, bool)],
+    ) -> Result<Option<crate::backends::BatchPicks>> {
+        let vocab = self.config.vocab;
+        if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
+            return Ok(None);
+        }
+        let l = self.forward_batch(caches, tokens)?;
+        Ok(Some(
+            l.chunks_exact(vocab)
+                .zip(picks)
+                .map(|(l, &(k, greedy))| match greedy {
+                    true => {
+                        let t = crate::logits::argmax(l);
+                        vec![(t, l[t as usize])]
+                    }
+                    false => crate::logits::ranked(l, k),
+                })
+                .collect(),
+        ))
     }
     fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         let vocab = self.config.vocab;

@@ -38,6 +38,16 @@ fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
         .map(|&(w, _, name)| (w, name))
 }
 
+/// Whose keys a body call's tokens attend to.
+#[derive(Clone, Copy)]
+pub(super) enum Keys<'a> {
+    /// One sequence: its tokens at positions `s.pos..` of this cache.
+    One(&'a CudaCache),
+    /// A batched step: token t is the next of sequence t, whose cache and
+    /// position are entry t of this `BatchSeq` table (ops.cu).
+    Batch(Arg),
+}
+
 impl CudaBackend {
     /// RMSNorm (optional) + quantisation of `nt` rows of `input` into
     /// q8/sx/xsum, in the order the GEMM of `next` reads.
@@ -97,13 +107,18 @@ impl CudaBackend {
     /// The transformer body for `nt` tokens whose ids are in `s.tok` at
     /// position `s.pos` (device); `n_split` attention splits are launched.
     pub(super) fn body(&self, s: &Scratch, cache: &CudaCache, nt: usize, n_split: usize) -> Result<()> {
-        let c = &self.config;
-        let g = &self.gpu;
-        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
-        let qkv_n = q + 2 * kv;
         if (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(cache.len + nt) {
             return self.body_multi(s, cache, nt);
         }
+        self.body_keys(s, Keys::One(cache), nt, n_split)
+    }
+
+    /// The per-kernel body for `nt` tokens in `s.tok` attending to `keys`.
+    pub(super) fn body_keys(&self, s: &Scratch, keys: Keys, nt: usize, n_split: usize) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let (h, q, kv) = (c.hidden, c.q_dim(), c.kv_dim());
+        let qkv_n = q + 2 * kv;
         let how = self.body_launch();
         g.set_tag("embed");
         g.launch_smem(
@@ -119,10 +134,53 @@ impl CudaBackend {
             Activation::Silu => 2,
         };
         for (li, l) in self.layers.iter().enumerate() {
-            let (kc, vc) = cache.layer_kv(li);
             g.set_tag("norm_quant");
             self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt)?;
             g.set_tag("qkv");
+            let cache = match keys {
+                Keys::One(cache) => cache,
+                Keys::Batch(seqs) => {
+                    // Each token its own cache and position: rope_kv's batched twin.
+                    self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
+                    g.set_tag("rope_kv");
+                    let i = |v: usize| Arg::I(v as i32);
+                    let (rope_kv, attn) = self.kv.batch_kernels();
+                    let (heads, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+                    let args = [
+                        s.qkv.p(),
+                        i(qkv_n),
+                        seqs,
+                        i(li),
+                        self.rope.p(),
+                        i(heads),
+                        i(kvh),
+                        i(hd),
+                        s.qr.p(),
+                    ];
+                    g.launch_smem(rope_kv, (nt as u32, 1, 1), 256, 0, &args, how)?;
+                    g.set_tag("attention");
+                    let args = [
+                        s.qr.p(),
+                        i(q),
+                        seqs,
+                        i(li),
+                        i(heads),
+                        i(kvh),
+                        i(hd),
+                        Arg::F(1.0 / (hd as f32).sqrt()),
+                        i(n_split),
+                        s.part.p(),
+                        s.cnt.p(),
+                        s.attn.p(),
+                        i(q),
+                    ];
+                    let grid = (n_split as u32, heads as u32, nt as u32);
+                    g.launch_ex(attn, grid, 128, &args, how == Launch::Pdl)?;
+                    self.body_layer_rest(s, l, nt, gate)?;
+                    continue;
+                }
+            };
+            let (kc, vc) = cache.layer_kv(li);
             let rope = RopeOut {
                 pos: s.pos.p(),
                 rope: self.rope.p(),
@@ -163,6 +221,18 @@ impl CudaBackend {
             }
             g.set_tag("attention");
             self.attention(s, cache, li, nt, n_split, how == Launch::Pdl)?;
+            self.body_layer_rest(s, l, nt, gate)?;
+        }
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// A layer after its attention: the o projection and the feed-forward.
+    fn body_layer_rest(&self, s: &Scratch, l: &GpuLayer, nt: usize, gate: i32) -> Result<()> {
+        let c = &self.config;
+        let g = &self.gpu;
+        let (h, q, f) = (c.hidden, c.q_dim(), c.ffn);
+        {
             // Without sub-norms the attention output is only quantised.
             g.set_tag("norm_quant");
             self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), &l.o, nt)?;
@@ -190,7 +260,6 @@ impl CudaBackend {
             g.set_tag("down");
             self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
-        g.set_tag("");
         Ok(())
     }
 

@@ -324,9 +324,9 @@ NORM_QUANT_WG(norm_quant_w16, 16, 4)
 // rotated k and v to the cache [kv_head][cap][hd] (KV = u16 for f16 or
 // float) at pos + t. rope[(p * hd/2 + i)] = (cos, sin) of p * base^(-2i/hd).
 template <typename KV>
-__device__ void rope_kv_body(const float* qkv, int stride, const int* pos, const float2* rope, int n_heads, int n_kv,
+__device__ void rope_kv_body(const float* qkv, int stride, int t, int p, const float2* rope, int n_heads, int n_kv,
                              int hd, int cap, KV* kc, KV* vc, float* qr) {
-    const int t = blockIdx.x, p = pos[0] + t, half = hd / 2;
+    const int half = hd / 2;
     const float* row = qkv + (size_t)t * stride;
     const float2* cs = rope + (size_t)p * half;
     const int nq = n_heads * half, nk = n_kv * half;
@@ -357,10 +357,33 @@ __device__ void rope_kv_body(const float* qkv, int stride, const int* pos, const
     extern "C" __global__ void rope_kv_##SUF(const float* qkv, int stride, const int* pos, const float2* rope,     \
                                              int n_heads, int n_kv, int hd, int cap, KV* kc, KV* vc, float* qr) { \
         pdl_wait();                                                                                               \
-        rope_kv_body<KV>(qkv, stride, pos, rope, n_heads, n_kv, hd, cap, kc, vc, qr);                             \
+        const int t = blockIdx.x;                                                                                 \
+        rope_kv_body<KV>(qkv, stride, t, pos[0] + t, rope, n_heads, n_kv, hd, cap, kc, vc, qr);                   \
     }
 ROPE_KV(f16, u16)
 ROPE_KV(f32, float)
+
+// A batched decode step (one token of each of several sequences): token t's
+// cache and position. k / v: the cache's layer-0 K and V rows; layer li's
+// start li * n_kv * cap * hd elements further (CudaCache's layout).
+struct BatchSeq {
+    unsigned long long k, v;
+    int cap, pos;
+};
+__device__ __forceinline__ size_t batch_layer_off(const BatchSeq& s, int li, int n_kv, int hd) {
+    return (size_t)li * n_kv * s.cap * hd;
+}
+#define ROPE_KV_BATCH(SUF, KV)                                                                                     \
+    extern "C" __global__ void rope_kv_batch_##SUF(const float* qkv, int stride, const BatchSeq* seqs, int li,     \
+                                                   const float2* rope, int n_heads, int n_kv, int hd, float* qr) {  \
+        pdl_wait();                                                                                                 \
+        const int t = blockIdx.x;                                                                                   \
+        const BatchSeq s = seqs[t];                                                                                 \
+        const size_t off = batch_layer_off(s, li, n_kv, hd);                                                    \
+        rope_kv_body<KV>(qkv, stride, t, s.pos, rope, n_heads, n_kv, hd, s.cap, (KV*)s.k + off, (KV*)s.v + off, qr); \
+    }
+ROPE_KV_BATCH(f16, u16)
+ROPE_KV_BATCH(f32, float)
 
 // Split-K attention. Grid (split, head, token); split s covers keys
 // [64 s, 64 s + 64) of the causal range 0..=pos+t and writes the running
@@ -370,18 +393,16 @@ ROPE_KV(f32, float)
 // [token][n_heads * hd]. q: [token][q_stride], rotated. KV: the cache
 // element (u16 = f16 bits, or float).
 #define ATT_CHUNK 64
+// Query row t over its n_keys keys (kc / vc: its layer's rows).
 template <typename KV>
-__device__ __forceinline__ void attn_partial_body(const float* qr, int q_stride, const KV* kc, const KV* vc,
-                                                  const int* pos, int n_heads, int n_kv, int hd, int cap, float scale,
+__device__ __forceinline__ void attn_partial_body(const float* qr, int q_stride, const KV* kc, const KV* vc, int t,
+                                                  int n_keys, int n_heads, int n_kv, int hd, int cap, float scale,
                                                   int n_split, float* part, int* cnt, float* outp, int out_stride) {
     __shared__ float qs[256];
     __shared__ float sc[ATT_CHUNK];
     __shared__ float red[32];
     __shared__ int last;
-    pdl_launch();
-    pdl_wait();
-    const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
-    const int n_keys = pos[0] + t + 1, j0 = sp * ATT_CHUNK;
+    const int sp = blockIdx.x, h = blockIdx.y, j0 = sp * ATT_CHUNK;
     const size_t pstride = hd + 2;
     // One split holds every key (short contexts): it writes the output itself.
     const int used = (n_keys + ATT_CHUNK - 1) / ATT_CHUNK;
@@ -448,11 +469,33 @@ __device__ __forceinline__ void attn_partial_body(const float* qr, int q_stride,
         attn_partial_##SUF(const float* qr, int q_stride, const KV* kc, const KV* vc, const int* pos, int n_heads,    \
                            int n_kv, int hd, int cap, float scale, int n_split, float* part, int* cnt, float* outp,    \
                            int out_stride) {                                                                         \
-        attn_partial_body<KV>(qr, q_stride, kc, vc, pos, n_heads, n_kv, hd, cap, scale, n_split, part, cnt, outp,     \
-                              out_stride);                                                                            \
+        pdl_launch();                                                                                                \
+        pdl_wait();                                                                                                  \
+        const int t = blockIdx.z;                                                                                    \
+        attn_partial_body<KV>(qr, q_stride, kc, vc, t, pos[0] + t + 1, n_heads, n_kv, hd, cap, scale, n_split, part,  \
+                              cnt, outp, out_stride);                                                                \
     }
 ATTN_PARTIAL(f16, u16)
 ATTN_PARTIAL(f32, float)
+// The batched step's attention: token t over its own sequence's keys
+// (seqs[t]: its cache, its position); grid (split, head, token) as above,
+// n_split covering the longest sequence (blocks past a shorter one's keys
+// only count themselves in).
+#define ATTN_PARTIAL_BATCH(SUF, KV)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                                                \
+        attn_partial_batch_##SUF(const float* qr, int q_stride, const BatchSeq* seqs, int li, int n_heads, int n_kv, \
+                                 int hd, float scale, int n_split, float* part, int* cnt, float* outp,               \
+                                 int out_stride) {                                                                   \
+        pdl_launch();                                                                                                \
+        pdl_wait();                                                                                                  \
+        const int t = blockIdx.z;                                                                                    \
+        const BatchSeq s = seqs[t];                                                                                  \
+        const size_t off = batch_layer_off(s, li, n_kv, hd);                                                     \
+        attn_partial_body<KV>(qr, q_stride, (const KV*)s.k + off, (const KV*)s.v + off, t, s.pos + 1, n_heads, n_kv, \
+                              hd, s.cap, scale, n_split, part, cnt, outp, out_stride);                               \
+    }
+ATTN_PARTIAL_BATCH(f16, u16)
+ATTN_PARTIAL_BATCH(f32, float)
 
 // logits[t][r] = x[t] . E[r] for up to 8 tokens; a warp per row, 16-byte
 // loads of 8 halves. Needs hidden % 8 == 0.
