@@ -1063,9 +1063,11 @@ fn batched_step_matches_cpu() {
         };
         let (mut gc, mut cc) = (fill(&gpu), fill(&cpu));
         let mut step: Vec<u32> = (0..lens.len() as u32).map(|i| (i * 97 + 3) % vocab as u32).collect();
-        for round in 0..3 {
-            // Round 1 runs a batch of 3 (one launch); the others all 19.
-            let n = if round == 1 { 3 } else { lens.len() };
+        // Five rounds: a key's graph is captured on its second use and
+        // replayed on its third.
+        for round in 0..5 {
+            // Rounds 1 and 3 run a batch of 3 (one launch); the others all 19.
+            let n = if round % 2 == 1 { 3 } else { lens.len() };
             let got = {
                 let mut r = refs(&mut gc[..n]);
                 gpu.forward_batch(&mut r, &step[..n]).unwrap()
@@ -1093,8 +1095,16 @@ fn batched_step_matches_cpu() {
             let w = cpu.forward(cc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
             close(&g, &w, vocab, &format!("{kv:?}: sequence {i} alone after the batches"));
         }
-        // Picks: those ranked from the same step's logits (two caches each).
-        let (mut a, mut b) = (fill(&gpu), fill(&gpu));
+        // Greedy picks (the GPU's argmax of each row, the logit not given)
+        // and mixed picks (ranked on the host): those ranked from the same
+        // step's logits (separate caches in the same state).
+        let (mut a, mut b, mut c) = (fill(&gpu), fill(&gpu), fill(&gpu));
+        let argmaxes = {
+            let mut r = refs(&mut c);
+            gpu.forward_batch_pick(&mut r, &step, &vec![(1, true); lens.len()])
+                .unwrap()
+                .expect("offered")
+        };
         let picks: Vec<(usize, bool)> = (0..lens.len())
             .map(|i| if i % 3 == 0 { (1, true) } else { (i, false) })
             .collect();
@@ -1108,6 +1118,11 @@ fn batched_step_matches_cpu() {
         };
         for (i, &(k, greedy)) in picks.iter().enumerate() {
             let li = &l[i * vocab..(i + 1) * vocab];
+            assert_eq!(
+                argmaxes[i][0].0,
+                argmax(li) as u32,
+                "{kv:?}: greedy pick of sequence {i}"
+            );
             let want: Vec<(u32, u32)> = match greedy {
                 true => vec![(argmax(li) as u32, li[argmax(li)].to_bits())],
                 false => ranked(li, k).into_iter().map(|(t, v)| (t, v.to_bits())).collect(),

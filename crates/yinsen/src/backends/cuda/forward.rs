@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
+mod batch;
 mod head;
 mod mega_multi;
 mod prefill;
@@ -152,6 +153,8 @@ struct Scratch {
     logits_host: Option<PinnedHost>,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
+    /// Captured batched steps (they read only these buffers).
+    batch_graphs: batch::BatchGraphs,
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
     /// ([n_kv][flash_tcx_scap][4][hd] halves), where that kernel runs.
     kvs: Option<DevBuf>,
@@ -1873,40 +1876,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// One decode step of several sequences (`tokens[i]` appended to
-    /// `caches[i]`, checked by the caller): the per-kernel body over all of
-    /// them, each token's RoPE, cache row and attention in its own cache
-    /// (`Keys::Batch`), up to `batch_group` sequences per launch sequence.
-    /// Returns every sequence's logits, `[i][vocab]`.
-    fn run_batch(&self, caches: &mut [&mut CudaCache], tokens: &[u32]) -> Result<Vec<f32>> {
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
-        self.gpu.bind()?;
-        let vocab = self.config.vocab;
-        // The split-K partials, the scratch rows and the logits rows bound it.
-        let group = s.chunk.min(s.part_tokens).min(LM_T.max(STEP_GRAPH_MAX));
-        let mut out = Vec::with_capacity(tokens.len() * vocab);
-        for (cs, ts) in caches.chunks_mut(group).zip(tokens.chunks(group)) {
-            let nt = ts.len();
-            let tok: Vec<i32> = ts.iter().map(|&t| t as i32).collect();
-            s.tok.write_async(&tok)?;
-            let table: Vec<u64> = cs
-                .iter()
-                .flat_map(|c| [c.k.ptr, c.v.ptr, c.cap as u64 | (c.len as u64) << 32])
-                .collect();
-            s.seqs.write_async(&table)?;
-            let n_split = cs.iter().map(|c| (c.len + 1).div_ceil(ATT_CHUNK)).max().unwrap_or(1);
-            self.body_keys(&s, prefill::Keys::Batch(s.seqs.p()), nt, n_split)?;
-            for t0 in (0..nt).step_by(LM_T) {
-                self.head_at(&s, t0, (nt - t0).min(LM_T), true, t0)?;
-            }
-            out.extend(s.logits.read::<f32>(nt * vocab)?);
-            for c in cs.iter_mut() {
-                c.len += 1;
-            }
-        }
-        Ok(out)
-    }
-
     /// Greedy decode of `n` tokens after `first` through the graph: the steps
     /// feed their own tokens back on the device (`decode_advance`) and are
     /// queued back to back; the tokens are read once per HIST steps.
@@ -2024,7 +1993,8 @@ impl Scratch {
             normed: f32s(&[chunk, c.hidden])?,
             // LM_T rows per head launch; a graphed step keeps all its rows.
             logits: f32s(&[LM_T.max(STEP_GRAPH_MAX), c.vocab])?,
-            argmax: f32s(&[1])?,
+            // A batched step's greedy tokens, one per row of `logits`.
+            argmax: f32s(&[LM_T.max(STEP_GRAPH_MAX)])?,
             qr: f32s(&[chunk, c.q_dim()])?,
             cnt: {
                 let b = f32s(&[part_tokens, c.n_heads])?;
@@ -2043,6 +2013,7 @@ impl Scratch {
             topk_v: f32s(&[TK_MAX])?,
             topk_i: f32s(&[TK_MAX])?,
             bar: f32s(&[1])?,
+            batch_graphs: batch::BatchGraphs::default(),
             kvs: None,
         })
     }
@@ -2102,11 +2073,13 @@ impl Backend for CudaBackend {
         let mut cs = crate::backends::batch_caches::<CudaCache>(&self.config, caches, tokens, "cuda")?;
         match cs.len() {
             1 => self.run(cs[0], tokens, Output::LastLogits),
-            _ => self.run_batch(&mut cs, tokens),
+            _ => Ok(self.run_batch(&mut cs, tokens, false)?.0),
         }
     }
-    /// The batched step's logits, each sequence's pick ranked on the host
-    /// (the full head's pick, which the screened one equals).
+    /// Greedy picks from the GPU's argmax of each row (the full head's
+    /// token, which the screened pick equals; its logit NaN); a top-k pick
+    /// ranks the row's logits on the host. One sequence: the device's own
+    /// picks (the trait's default).
     fn forward_batch_pick(
         &self,
         caches: &mut [&mut dyn KvCache],
@@ -2117,16 +2090,31 @@ impl Backend for CudaBackend {
         if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
             return Ok(None);
         }
-        let l = self.forward_batch(caches, tokens)?;
+        if caches.len() == 1 {
+            let pick = match picks[0] {
+                (_, true) => self
+                    .forward_greedy(&mut *caches[0], tokens[0])?
+                    .map(|t| vec![(t, f32::NAN)]),
+                (k, false) => self.forward_top_k(&mut *caches[0], tokens[0], k)?,
+            };
+            if let Some(p) = pick {
+                return Ok(Some(vec![p]));
+            }
+        }
+        let mut cs = crate::backends::batch_caches::<CudaCache>(&self.config, caches, tokens, "cuda")?;
+        let greedy = picks.iter().all(|p| p.1);
+        let (l, best) = self.run_batch(&mut cs, tokens, greedy)?;
         Ok(Some(
-            l.chunks_exact(vocab)
-                .zip(picks)
-                .map(|(l, &(k, greedy))| match greedy {
+            picks
+                .iter()
+                .enumerate()
+                .map(|(i, &(k, g))| match g {
+                    true if greedy => vec![(best[i], f32::NAN)],
                     true => {
-                        let t = crate::logits::argmax(l);
-                        vec![(t, l[t as usize])]
+                        let t = crate::logits::argmax(&l[i * vocab..(i + 1) * vocab]);
+                        vec![(t, l[i * vocab + t as usize])]
                     }
-                    false => crate::logits::ranked(l, k),
+                    false => crate::logits::ranked(&l[i * vocab..(i + 1) * vocab], k),
                 })
                 .collect(),
         ))

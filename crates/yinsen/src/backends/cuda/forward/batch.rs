@@ -1,0 +1,140 @@
+//! Batched decode across sequences: one new token of each of several
+//! sequences per step, every matrix over all of them, each token's RoPE,
+//! cache row and attention in its own cache (`Keys::Batch`: a table of the
+//! caches' addresses and positions in device memory). Steps replay a graph
+//! per (token count, attention splits, head) from a key's second use.
+
+use super::prefill::Keys;
+use super::*;
+
+/// Graph key of a batched step: everything its launches depend on besides
+/// the token ids and the `BatchSeq` table (both read from device memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct BatchKey {
+    nt: usize,
+    /// Attention splits launched: a power of two covering the longest
+    /// sequence (a token's blocks past its own keys only count themselves).
+    n_split: usize,
+    /// The argmax of each row instead of its logits.
+    greedy: bool,
+    /// The matrix kernels' settings (as `StepKey::mat`).
+    mat: (usize, usize),
+}
+
+/// Batched-step graphs kept at most (keys vary with the batch size and the
+/// longest context's power of two).
+const BATCH_GRAPHS: usize = 16;
+
+/// Captured batched steps, least recently used first, and keys run once
+/// un-graphed (a key is captured on its second use).
+#[derive(Default)]
+pub(super) struct BatchGraphs {
+    graphs: Vec<(BatchKey, Graph)>,
+    seen: Vec<BatchKey>,
+}
+
+// SAFETY: the graph handles are only used with the scratch lock held.
+unsafe impl Send for BatchGraphs {}
+
+impl CudaBackend {
+    /// The launches of a batched step: body, heads into successive rows of
+    /// `s.logits`, and with `greedy` each row's argmax into `s.argmax`.
+    fn batch_step_kernels(&self, s: &Scratch, key: BatchKey) -> Result<()> {
+        self.body_keys(s, Keys::Batch(s.seqs.p()), key.nt, key.n_split)?;
+        for t0 in (0..key.nt).step_by(LM_T) {
+            self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)?;
+        }
+        if key.greedy {
+            self.gpu.launch(
+                "argmax_f32",
+                (key.nt as u32, 1, 1),
+                1024,
+                &[s.logits.p(), Arg::I(self.config.vocab as i32), s.argmax.p()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One decode step of several sequences (`tokens[i]` appended to
+    /// `caches[i]`, checked by the caller), up to 16 sequences per launch
+    /// sequence. Returns every sequence's logits (`[i][vocab]`), or with
+    /// `greedy` each one's greedy token instead.
+    pub(super) fn run_batch(
+        &self,
+        caches: &mut [&mut CudaCache],
+        tokens: &[u32],
+        greedy: bool,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let mut s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let vocab = self.config.vocab;
+        // The split-K partials, the scratch rows and the logits rows bound it.
+        let group = s.chunk.min(s.part_tokens).min(LM_T.max(STEP_GRAPH_MAX));
+        let (mut logits, mut best) = (Vec::new(), Vec::new());
+        let mut graphs = std::mem::take(&mut s.batch_graphs);
+        let run = (|| -> Result<()> {
+            for (cs, ts) in caches.chunks_mut(group).zip(tokens.chunks(group)) {
+                let nt = ts.len();
+                let tok: Vec<i32> = ts.iter().map(|&t| t as i32).collect();
+                s.tok.write_async(&tok)?;
+                let table: Vec<u64> = cs
+                    .iter()
+                    .flat_map(|c| [c.k.ptr, c.v.ptr, c.cap as u64 | (c.len as u64) << 32])
+                    .collect();
+                s.seqs.write_async(&table)?;
+                let longest = cs.iter().map(|c| (c.len + 1).div_ceil(ATT_CHUNK)).max().unwrap_or(1);
+                let key = BatchKey {
+                    nt,
+                    n_split: longest.next_power_of_two().min(self.max_splits),
+                    greedy,
+                    mat: (
+                        self.mma_min_tokens.load(Ordering::Relaxed),
+                        self.big_gemm.load(Ordering::Relaxed),
+                    ),
+                };
+                self.batch_step(&s, &mut graphs, key)?;
+                if greedy {
+                    best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| t as u32));
+                } else {
+                    logits.extend(s.logits.read::<f32>(nt * vocab)?);
+                }
+                for c in cs.iter_mut() {
+                    c.len += 1;
+                }
+            }
+            Ok(())
+        })();
+        s.batch_graphs = graphs;
+        run.map(|()| (logits, best))
+    }
+
+    /// Queue the step `key`: through its graph where one is captured or the
+    /// key was seen before, else un-graphed (first use).
+    fn batch_step(&self, s: &Scratch, g: &mut BatchGraphs, key: BatchKey) -> Result<()> {
+        if !self.step_graphs.load(Ordering::Relaxed) {
+            return self.batch_step_kernels(s, key);
+        }
+        let graph = match g.graphs.iter().position(|(k, _)| *k == key) {
+            Some(i) => g.graphs.remove(i).1,
+            None => match g.seen.iter().position(|k| *k == key) {
+                Some(i) => {
+                    g.seen.remove(i);
+                    if g.graphs.len() >= BATCH_GRAPHS {
+                        g.graphs.remove(0);
+                    }
+                    self.capture(|| self.batch_step_kernels(s, key))?
+                }
+                None => {
+                    if g.seen.len() >= BATCH_GRAPHS {
+                        g.seen.remove(0);
+                    }
+                    g.seen.push(key);
+                    return self.batch_step_kernels(s, key);
+                }
+            },
+        };
+        let exec = graph.exec;
+        g.graphs.push((key, graph));
+        super::super::drv(unsafe { result::graph::launch(exec, self.gpu.stream) }, "cuGraphLaunch")
+    }
+}
