@@ -1035,23 +1035,29 @@ fn refs(v: &mut [Box<dyn yinsen::backends::KvCache>]) -> Vec<&mut dyn yinsen::ba
 }
 
 /// A batched decode step on the GPU (one body call for several sequences,
-/// each token's RoPE, cache row and attention in its own cache) against the
-/// CPU's batched step, which equals the CPU's one-sequence steps bit for bit:
-/// sequences of different lengths (one past a 64-key split, so the split
-/// counts differ inside a launch), more sequences than one launch takes,
-/// three rounds, then one-sequence steps over the caches the batch wrote;
+/// each token's RoPE, cache row and attention in its own cache; through the
+/// persistent multi-token kernel and through the per-kernel body) against
+/// the CPU's batched step, which equals the CPU's one-sequence steps bit for
+/// bit: sequences of different lengths (some past a 64-key chunk, so chunk
+/// and split counts differ inside a launch), more sequences than one launch
+/// takes (16 + 1), five rounds (graphs captured on a key's second use,
+/// replayed on its third), then one-sequence steps over the caches the batch wrote;
 /// the picks equal those ranked from the batch's logits; a full cache fails
 /// the call before anything runs.
 #[test]
 fn batched_step_matches_cpu() {
-    for kv in [KvDtype::F32, KvDtype::F16] {
+    for (kv, multi) in [(KvDtype::F32, true), (KvDtype::F32, false), (KvDtype::F16, true)] {
         let model = synthetic::build("tiny").unwrap();
         let Some(gpu) = cuda_kv(&model, kv) else { return };
+        if multi && !path_in_use(gpu.uses_mega_multi(), "the persistent multi-token step") {
+            continue;
+        }
+        gpu.set_mega_multi(multi);
         let vocab = model.config.vocab;
         let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
         let ids = prompt(100, vocab);
-        // 19 sequences: more than one launch's 16.
-        let lens: Vec<usize> = (0..19).map(|i| [5, 1, 23, 70, 9, 64, 2][i % 7] + i).collect();
+        // 17 sequences: one launch of 16, one of 1.
+        let lens: Vec<usize> = (0..17).map(|i| [5, 1, 23, 70, 9, 64, 2][i % 7] + i).collect();
         let fill = |be: &dyn Backend| -> Vec<Box<dyn yinsen::backends::KvCache>> {
             lens.iter()
                 .map(|&n| {
@@ -1066,7 +1072,7 @@ fn batched_step_matches_cpu() {
         // Five rounds: a key's graph is captured on its second use and
         // replayed on its third.
         for round in 0..5 {
-            // Rounds 1 and 3 run a batch of 3 (one launch); the others all 19.
+            // Rounds 1 and 3 run a batch of 3 (one launch); the others all 17.
             let n = if round % 2 == 1 { 3 } else { lens.len() };
             let got = {
                 let mut r = refs(&mut gc[..n]);
@@ -1076,7 +1082,12 @@ fn batched_step_matches_cpu() {
                 let mut r = refs(&mut cc[..n]);
                 cpu.forward_batch(&mut r, &step[..n]).unwrap()
             };
-            close_tokens(&got, &want, vocab, &format!("{kv:?} round {round}, {n} sequences"));
+            close_tokens(
+                &got,
+                &want,
+                vocab,
+                &format!("{kv:?} multi {multi} round {round}, {n} sequences"),
+            );
             for i in 0..n {
                 assert_eq!(gc[i].len(), cc[i].len());
                 step[i] = argmax(&want[i * vocab..(i + 1) * vocab]) as u32;
@@ -1090,7 +1101,7 @@ fn batched_step_matches_cpu() {
             }
         }
         // One-sequence steps over what the batches wrote into the caches.
-        for i in [0, 3, 18] {
+        for i in [0, 3, 16] {
             let g = gpu.forward(gc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
             let w = cpu.forward(cc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
             close(&g, &w, vocab, &format!("{kv:?}: sequence {i} alone after the batches"));

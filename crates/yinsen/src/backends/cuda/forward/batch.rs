@@ -19,6 +19,8 @@ pub(super) struct BatchKey {
     greedy: bool,
     /// The matrix kernels' settings (as `StepKey::mat`).
     mat: (usize, usize),
+    /// Through the persistent multi-token kernel (else the per-kernel body).
+    multi: bool,
 }
 
 /// Batched-step graphs kept at most (keys vary with the batch size and the
@@ -40,7 +42,11 @@ impl CudaBackend {
     /// The launches of a batched step: body, heads into successive rows of
     /// `s.logits`, and with `greedy` each row's argmax into `s.argmax`.
     fn batch_step_kernels(&self, s: &Scratch, key: BatchKey) -> Result<()> {
-        self.body_keys(s, Keys::Batch(s.seqs.p()), key.nt, key.n_split)?;
+        let keys = Keys::Batch(s.seqs.p());
+        match key.multi {
+            true => self.body_multi(s, keys, key.nt)?,
+            false => self.body_keys(s, keys, key.nt, key.n_split)?,
+        }
         for t0 in (0..key.nt).step_by(LM_T) {
             self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)?;
         }
@@ -82,7 +88,8 @@ impl CudaBackend {
                     .flat_map(|c| [c.k.ptr, c.v.ptr, c.cap as u64 | (c.len as u64) << 32])
                     .collect();
                 s.seqs.write_async(&table)?;
-                let longest = cs.iter().map(|c| (c.len + 1).div_ceil(ATT_CHUNK)).max().unwrap_or(1);
+                let keys = cs.iter().map(|c| c.len + 1).max().unwrap_or(1);
+                let longest = keys.div_ceil(ATT_CHUNK);
                 let key = BatchKey {
                     nt,
                     n_split: longest.next_power_of_two().min(self.max_splits),
@@ -91,6 +98,8 @@ impl CudaBackend {
                         self.mma_min_tokens.load(Ordering::Relaxed),
                         self.big_gemm.load(Ordering::Relaxed),
                     ),
+                    // As one sequence's step of nt tokens would (mega_multi.rs).
+                    multi: (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(keys),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 if greedy {

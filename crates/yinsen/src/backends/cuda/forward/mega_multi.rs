@@ -5,6 +5,7 @@
 //! passed as byte offsets; buffers the kernel exchanges between blocks
 //! (int8 codes, per-block statistics) live in global memory.
 
+use super::prefill::Keys;
 use super::{Mega, MG_MAXROWS, MG_QMAX, MG_THREADS};
 use crate::backends::cuda::{Arg, DevBuf, Gpu, Launch};
 use crate::error::Result;
@@ -222,11 +223,11 @@ impl super::CudaBackend {
 
     /// The body (embedding + every layer, hidden states into `s.x`) of `nt`
     /// tokens at the cache's position in two launches.
-    pub(super) fn body_multi(&self, s: &super::Scratch, cache: &super::CudaCache, nt: usize) -> Result<()> {
-        self.body_multi_traced(s, cache, nt, Arg::P(0))
+    pub(super) fn body_multi(&self, s: &super::Scratch, keys: Keys, nt: usize) -> Result<()> {
+        self.body_multi_traced(s, keys, nt, Arg::P(0))
     }
 
-    fn body_multi_traced(&self, s: &super::Scratch, cache: &super::CudaCache, nt: usize, trace: Arg) -> Result<()> {
+    fn body_multi_traced(&self, s: &super::Scratch, keys: Keys, nt: usize, trace: Arg) -> Result<()> {
         let c = &self.config;
         let g = &self.gpu;
         let (Some(m), Some(mm)) = (self.mega.as_ref(), self.mega_multi.as_ref()) else {
@@ -249,6 +250,18 @@ impl super::CudaBackend {
             crate::model::Activation::Silu => 2,
         };
         let i = |v: usize| Arg::I(v as i32);
+        // One sequence's cache (layer 0 and the layer stride), or a batched
+        // step's table of caches.
+        let (seqs, kc0, vc0, layer_elems, cap) = match keys {
+            Keys::One(cache) => (
+                Arg::P(0),
+                cache.k.p(),
+                cache.v.p(),
+                cache.layer_bytes / self.kv.bytes(),
+                cache.cap,
+            ),
+            Keys::Batch(seqs) => (seqs, Arg::P(0), Arg::P(0), 0, 0),
+        };
         g.launch_smem(
             name,
             (m.grid, 1, 1),
@@ -269,11 +282,12 @@ impl super::CudaBackend {
                 Arg::F(1.0 / (c.head_dim as f32).sqrt()),
                 s.pos.p(),
                 i(nt),
+                seqs,
                 self.rope.p(),
-                cache.k.p(),
-                cache.v.p(),
-                i(cache.layer_bytes / self.kv.bytes()),
-                i(cache.cap),
+                kc0,
+                vc0,
+                i(layer_elems),
+                i(cap),
                 s.x.p(),
                 s.qr.p(),
                 s.attn.p(),
@@ -321,8 +335,8 @@ impl super::CudaBackend {
         let tok: Vec<i32> = (0..nt as i32).collect();
         s.tok.write_async(&tok)?;
         s.pos.write_async(&[ctx as i32])?;
-        self.body_multi_traced(&s, &cache, nt, Arg::P(0))?; // warm-up
-        self.body_multi_traced(&s, &cache, nt, tr.p())?;
+        self.body_multi_traced(&s, Keys::One(&cache), nt, Arg::P(0))?; // warm-up
+        self.body_multi_traced(&s, Keys::One(&cache), nt, tr.p())?;
         let t = tr.read::<u64>(n * MM_TRACE)?;
         let khz = self.gpu.clock_khz()? as f64;
         // Consecutive marks (mega_multi.cu); the last step of a layer runs

@@ -108,7 +108,7 @@ impl CudaBackend {
     /// position `s.pos` (device); `n_split` attention splits are launched.
     pub(super) fn body(&self, s: &Scratch, cache: &CudaCache, nt: usize, n_split: usize) -> Result<()> {
         if (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(cache.len + nt) {
-            return self.body_multi(s, cache, nt);
+            return self.body_multi(s, Keys::One(cache), nt);
         }
         self.body_keys(s, Keys::One(cache), nt, n_split)
     }

@@ -285,17 +285,20 @@ __device__ __forceinline__ float4 ld4f(const u16* p) {
 }
 
 template <typename KV>
-__device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int pos, int T, int n_heads, int n_kv,
-                             int hd, int cap, float scale, int nsplit, float* part, int* cnt, float* attn,
+__device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int pos, int T, const BatchSeq* sq, int l,
+                             int n_keys, int n_heads, int n_kv, int hd, int cap, float scale, int nsplit, float* part,
+                             int* cnt, float* attn,
                              const float* nw, float* qsm, KV* ksm, KV* vsm, float* S, float* ml, float* nws,
                              float2* statacc, float2* red2, int* last_s, const MgNext& gu, u64* trace, int tb) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int group = n_heads / n_kv, n_keys = pos + T, Q = n_heads * hd;
+    // sq (a batched step, in shared memory): token t is the next of its own
+    // sequence (cache, position sq[t]); n_keys then covers the longest.
+    const int group = n_heads / n_kv, Q = n_heads * hd;
     const int nch = (n_keys + MM_AC - 1) / MM_AC, hs = hd + 4, ss_ = MM_AC + 1;
     // Token blocks: (KV head, chunk) pairs are few on short contexts (5 on
     // 2B4T at position 0), so the tokens are split too until the items
     // about fill the grid; each item then stages fewer query rows.
-    const int TB = (T + max(1, min(T, (int)gridDim.x / (n_kv * nch))) - 1) / max(1, min(T, (int)gridDim.x / (n_kv * nch)));
+    const int TB = sq ? 1 : (T + max(1, min(T, (int)gridDim.x / (n_kv * nch))) - 1) / max(1, min(T, (int)gridDim.x / (n_kv * nch)));
     const int ntb = (T + TB - 1) / TB;  // non-empty blocks of TB tokens
     // K rows padded by 16 bytes (conflict-free 8-row reads); 16-byte units per row.
     const int khs = hd + 16 / (int)sizeof(KV), ku = hd * (int)sizeof(KV) / 16, qu = hd / 4;
@@ -303,11 +306,22 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
     for (int item = blockIdx.x; item < n_kv * nch * ntb; item += gridDim.x) {
         const int kvh = item / (nch * ntb), rem = item - kvh * nch * ntb, ch = rem / ntb, tbk = rem - ch * ntb;
         const int t0 = tbk * TB, Tb = min(TB, T - t0), R = Tb * group, j0 = ch * MM_AC;
+        // The item's first position and cache rows.
+        int ipos = pos + t0;
+        const KV *kb = kc, *vb = vc;
+        if (sq) {
+            const BatchSeq& b = sq[t0];
+            const size_t off = batch_layer_off(b, l, n_kv, hd) + ((size_t)kvh * b.cap + j0) * hd;
+            ipos = b.pos;
+            kb = (const KV*)b.k + off;
+            vb = (const KV*)b.v + off;
+        } else {
+            kb += ((size_t)kvh * cap + j0) * hd;
+            vb += ((size_t)kvh * cap + j0) * hd;
+        }
         // Keys up to the block's last token only (none: an empty partial).
-        const int nj = max(0, min(MM_AC, min(n_keys, pos + t0 + Tb) - j0));
+        const int nj = max(0, min(MM_AC, min(n_keys, ipos + Tb) - j0));
         __syncthreads();  // shared reuse across items
-        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
-        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
         // K, V rows of the chunk and the query rows into shared memory, all
         // as 16-byte cp.async (one round trip), then the queries scaled.
         // Loops are (row, unit) grids with the unit fixed per thread (units
@@ -366,7 +380,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int r = r0 + i;
-                if (r < R) S[r * ss_ + j] = j0 + j <= pos + t0 + r / group ? sv[i] : NEG_INF;
+                if (r < R) S[r * ss_ + j] = j0 + j <= ipos + r / group ? sv[i] : NEG_INF;
             }
         }
         __syncthreads();
@@ -517,8 +531,8 @@ __device__ void mm_residual(float* x, int H, int T, MgRows r, float xres, const 
 
 template <typename KV>
 __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,
-                           int gate, float eps, float att_scale, const int* pos_p, int T, const float2* rope, KV* kc0,
-                           KV* vc0, int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
+                           int gate, float eps, float att_scale, const int* pos_p, int T, const BatchSeq* seqs,
+                           const float2* rope, KV* kc0, KV* vc0, int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
                            int nsplit, int* cnt, unsigned* bar, i8* xg, float2* stat, int w0_chunks,
                            int w1_chunks, int c_off, int dn_off, int s_off, int acc_off, u64* trace, int flags) {
     extern __shared__ __align__(16) uint4 wdyn[];
@@ -546,10 +560,13 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
     // registers a thread), and a spill reload goes to L2 here (the L1 is
     // nearly all shared memory), ~1 us apiece.
     struct MmC {
-        int cH, cQ, cF, xsH, xsQ, xsF, pos;
+        int cH, cQ, cF, xsH, xsQ, xsF, pos, keys;
         MgRows r_qkv, r_o, r_gu, r_dn;
     };
     __shared__ MmC mc;
+    // A batched step's sequences (seqs non-null): token t's cache and position.
+    __shared__ BatchSeq sq[MM_T];
+    if (seqs && tid < T) sq[tid] = seqs[tid];
     if (tid == 0) {
         mc.cH = (H + 63) / 64;
         mc.cQ = (Q + 63) / 64;
@@ -557,7 +574,10 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mc.xsH = mm_xs(mc.cH * 64);
         mc.xsQ = mm_xs(mc.cQ * 64);
         mc.xsF = mm_xs(mc.cF * 64);
-        mc.pos = pos_p[0];
+        mc.pos = seqs ? 0 : pos_p[0];
+        mc.keys = mc.pos + T;
+        if (seqs)
+            for (int t = 0; t < T; t++) mc.keys = max(mc.keys, seqs[t].pos + 1);
         mc.r_qkv = mg_rows(Q + 2 * KVD, 1);
         mc.r_o = mg_rows(H, 0);
         mc.r_gu = mg_rows_paired(F);
@@ -594,14 +614,25 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mm_matrix(mc.cH, mc.r_qkv.n, T, wb0, &mbar[0], ph0, xg, mc.xsH, xq_c, acc_s, xsum_s, red_i, trace, tb + 3,
                   tb + 26, tb + 32);
         mg_mark(trace, tb + 4);
-        if (tt < T)
+        if (tt < T) {
+            // This thread's token: its position and cache rows.
+            int p = mc.pos + tt, capt = cap;
+            KV *kt = kc, *vt = vc;
+            if (seqs) {
+                const BatchSeq& b = sq[tt];
+                const size_t off = batch_layer_off(b, l, n_kv, hd);
+                p = b.pos;
+                capt = b.cap;
+                kt = (KV*)b.k + off;
+                vt = (KV*)b.v + off;
+            }
             for (int li = lt6; li < mc.r_qkv.n; li += 64) {
                 const float y = mm_y(acc_s, xsum_s, scs2[0], s_s, li, tt);
                 const float partner = mm_y(acc_s, xsum_s, scs2[0], s_s, li ^ 1, tt);
-                const int p = mc.pos + tt;
-                qkv_rope_store(mc.r_qkv.a + li, y, partner, p, rope + (size_t)p * half, n_heads, n_kv, hd, cap,
-                               qr + (size_t)tt * Q, kc, vc);
+                qkv_rope_store(mc.r_qkv.a + li, y, partner, p, rope + (size_t)p * half, n_heads, n_kv, hd, capt,
+                               qr + (size_t)tt * Q, kt, vt);
             }
+        }
         mg_mark(trace, tb + 5);
         SYNC_;
         // ---- attention; the gate/up copy starts here
@@ -610,7 +641,8 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         __syncthreads();
         {
             const MgNext gu{W_(l, LT_GU), mc.cH, mc.r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0]};
-            mm_attention<KV>(qr, kc, vc, mc.pos, T, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn,
+            mm_attention<KV>(qr, kc, vc, mc.pos, T, seqs ? sq : nullptr, l, mc.keys, n_heads, n_kv, hd, cap, att_scale,
+                             nsplit, part, cnt, attn,
                              F_(l, LT_ATTN_SUB), qsm, ksm, vsm, S, ml, nws, statacc, red2, &last_s, gu, trace, tb);
         }
         __syncthreads();
@@ -704,11 +736,13 @@ __device__ void mm_none(A...) {}
 #define MEGA_MULTI(SUF, KV)                                                                                        \
     extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) mega_multi_##SUF(                                  \
         const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv, int gate,        \
-        float eps, float att_scale, const int* pos_p, int T, const float2* rope, KV* kc0, KV* vc0, int layer_elems, \
+        float eps, float att_scale, const int* pos_p, int T, const BatchSeq* seqs, const float2* rope, KV* kc0,    \
+        KV* vc0, int layer_elems,                                                                                  \
         int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, int* cnt, unsigned* bar,    \
         i8* xg, float2* stat, int w0_chunks, int w1_chunks, int c_off, int dn_off, int s_off,                      \
         int acc_off, u64* trace, int flags) {                                                                      \
-        MMEGA_CALL(KV)(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, T, rope, kc0,   \
+        MMEGA_CALL(KV)(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, T, seqs, rope,  \
+                       kc0,                                                                                        \
                        vc0, layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, xg, stat, w0_chunks,         \
                        w1_chunks, c_off, dn_off, s_off, acc_off, trace, flags);                                    \
     }
