@@ -13,7 +13,7 @@
 # `cuda_forward` test instead of the batched one. Output in $OUT/batch.txt.
 set -u
 . "$(dirname "$0")/pack-small.sh"
-pack_or_run "${1:-}" run "$0 pack | run [MODEL] [CLIENTS]" scripts/device-batch.sh cuda_forward
+pack_or_run "${1:-}" run "$0 pack | run [MODEL] [CLIENTS]" scripts/device-batch.sh cuda_forward -- fixtures
 remote_env
 model=${2:-synthetic:2b4t}
 clients=${3:-16}

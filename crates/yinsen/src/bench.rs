@@ -193,11 +193,11 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
     }
     // Batched decode: `b` sequences, each after one distinct token, stepped
     // together `ng` times: every sequence's logits returned, then each one's
-    // greedy pick where the backend offers batched picks.
+    // greedy pick and top-40 pick where the backend offers batched picks.
     for &b in spec.batches {
         for &ng in spec.gens {
             let toks = bench_tokens(b * (ng + 1), vocab);
-            for pick in [false, true] {
+            for pick in [None, Some((1, true)), Some((PICK_TOP_K, false))] {
                 let mut samples = Vec::new();
                 for rep in 0..=spec.repeats {
                     (spec.progress)(&format!("tg{ng} x {b} sequences run {rep}/{}", spec.repeats));
@@ -209,13 +209,13 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
                             .map(|c| c.as_mut() as &mut dyn crate::backends::KvCache)
                             .collect();
                         let toks = &toks[step * b..(step + 1) * b];
-                        if !pick {
-                            backend.forward_batch(&mut refs, toks)?;
-                        } else if backend
-                            .forward_batch_pick(&mut refs, toks, &vec![(1, true); b])?
-                            .is_none()
-                        {
-                            break;
+                        match pick {
+                            None => drop(backend.forward_batch(&mut refs, toks)?),
+                            Some(p) => {
+                                if backend.forward_batch_pick(&mut refs, toks, &vec![p; b])?.is_none() {
+                                    break;
+                                }
+                            }
                         }
                     }
                     let dt = t.elapsed().as_secs_f64();
@@ -230,7 +230,10 @@ pub fn run(backend: &dyn Backend, model: &Model, spec: &BenchSpec) -> Result<Vec
                 if !samples.is_empty() {
                     let mut r = rec(0, ng, samples, None);
                     r.n_seqs = Some(b);
-                    r.pick = pick.then(|| "greedy".to_string());
+                    r.pick = pick.map(|(k, greedy)| match greedy {
+                        true => "greedy".to_string(),
+                        false => format!("top-{k}"),
+                    });
                     out.push(r);
                 }
             }

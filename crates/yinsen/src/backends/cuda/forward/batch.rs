@@ -105,7 +105,7 @@ impl CudaBackend {
                 if greedy {
                     best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| t as u32));
                 } else {
-                    logits.extend(s.logits.read::<f32>(nt * vocab)?);
+                    logits.extend(s.read_logits(nt, vocab)?);
                 }
                 for c in cs.iter_mut() {
                     c.len += 1;
