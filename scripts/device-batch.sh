@@ -18,21 +18,23 @@ remote_env
 model=${2:-synthetic:2b4t}
 clients=${3:-16}
 port=18081
-clients_run() { # backend batch
+clients_run() { # backend batch (each temperature of $SERVE_TEMPS, default 0)
   local log="$out/serve-$1-$2.log" pid t0 t1 n
   start_serve "$log" -m "$model" --backend "$1" --port "$port" --batch "$2" --max-queue 64
   pid=$serve_pid
+  for temp in ${SERVE_TEMPS:-0}; do
   for rep in 1 2; do
     rm -f "$out"/c-*.json
     t0=$(date +%s%N)
     for i in $(seq "$clients"); do
       curl -s "http://127.0.0.1:$port/v1/completions" -o "$out/c-$i.json" \
-        -d "{\"prompt\": \"Request $i: the quick brown fox\", \"max_tokens\": 64, \"temperature\": 0}" &
+        -d "{\"prompt\": \"Request $i: the quick brown fox\", \"max_tokens\": 64, \"temperature\": $temp, \"seed\": $i}" &
     done
     wait $(jobs -p | grep -v "^$pid$") 2>/dev/null
     t1=$(date +%s%N)
     n=$(cat "$out"/c-*.json | grep -o '"completion_tokens":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {print s}')
-    echo "serve $1 --batch $2, $clients clients, rep $rep: $n tokens in $(((t1 - t0) / 1000000)) ms; $(curl -s "http://127.0.0.1:$port/health")"
+    echo "serve $1 --batch $2, $clients clients, temperature $temp, rep $rep: $n tokens in $(((t1 - t0) / 1000000)) ms; $(curl -s "http://127.0.0.1:$port/health")"
+  done
   done
   kill "$pid"
   wait "$pid" 2>/dev/null

@@ -1106,10 +1106,11 @@ fn batched_step_matches_cpu() {
             let w = cpu.forward(cc[i].as_mut(), &[step[i]], Output::LastLogits).unwrap();
             close(&g, &w, vocab, &format!("{kv:?}: sequence {i} alone after the batches"));
         }
-        // Greedy picks (the GPU's argmax of each row, the logit not given)
-        // and mixed picks (ranked on the host): those ranked from the same
-        // step's logits (separate caches in the same state).
-        let (mut a, mut b, mut c) = (fill(&gpu), fill(&gpu), fill(&gpu));
+        // Greedy picks (the GPU's argmax of each row, the logit not given),
+        // mixed picks of k <= 64 (the device's top-k per row) and mixed
+        // picks with a k past it (ranked on the host): those ranked from the
+        // same step's logits (separate caches in the same state).
+        let (mut a, mut b, mut c, mut d) = (fill(&gpu), fill(&gpu), fill(&gpu), fill(&gpu));
         let argmaxes = {
             let mut r = refs(&mut c);
             gpu.forward_batch_pick(&mut r, &step, &vec![(1, true); lens.len()])
@@ -1122,6 +1123,12 @@ fn batched_step_matches_cpu() {
         let got = {
             let mut r = refs(&mut a);
             gpu.forward_batch_pick(&mut r, &step, &picks).unwrap().expect("offered")
+        };
+        let mut wide = picks.clone();
+        wide[1] = (100, false);
+        let got_wide = {
+            let mut r = refs(&mut d);
+            gpu.forward_batch_pick(&mut r, &step, &wide).unwrap().expect("offered")
         };
         let l = {
             let mut r = refs(&mut b);
@@ -1138,9 +1145,14 @@ fn batched_step_matches_cpu() {
                 true => vec![(argmax(li) as u32, li[argmax(li)].to_bits())],
                 false => ranked(li, k).into_iter().map(|(t, v)| (t, v.to_bits())).collect(),
             };
-            let got: Vec<(u32, u32)> = got[i].iter().map(|&(t, v)| (t, v.to_bits())).collect();
-            assert_eq!(got, want, "{kv:?}: pick of sequence {i}");
+            let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
+            assert_eq!(bits(&got[i]), want, "{kv:?}: pick of sequence {i}");
+            if i != 1 {
+                assert_eq!(bits(&got_wide[i]), want, "{kv:?}: pick of sequence {i}, host ranking");
+            }
         }
+        let want_wide = ranked(&l[vocab..2 * vocab], 100);
+        assert_eq!(got_wide[1], want_wide, "{kv:?}: top-100 of sequence 1");
         // A full cache: an error, and no cache moved.
         let mut full = gpu.new_cache(1).unwrap();
         gpu.forward(full.as_mut(), &[1], Output::LastLogits).unwrap();

@@ -2016,8 +2016,9 @@ impl Scratch {
                 b.fill(0)?;
                 b
             },
-            topk_v: f32s(&[TK_MAX])?,
-            topk_i: f32s(&[TK_MAX])?,
+            // A batched step's rows each get TK_MAX slots.
+            topk_v: f32s(&[LM_T.max(STEP_GRAPH_MAX), TK_MAX])?,
+            topk_i: f32s(&[LM_T.max(STEP_GRAPH_MAX), TK_MAX])?,
             bar: f32s(&[1])?,
             batch_graphs: batch::BatchGraphs::default(),
             kvs: None,
@@ -2079,7 +2080,10 @@ impl Backend for CudaBackend {
         let mut cs = crate::backends::batch_caches::<CudaCache>(&self.config, caches, tokens, "cuda")?;
         match cs.len() {
             1 => self.run(cs[0], tokens, Output::LastLogits),
-            _ => Ok(self.run_batch(&mut cs, tokens, false)?.0),
+            _ => match self.run_batch(&mut cs, tokens, batch::BatchWant::Logits)? {
+                batch::BatchOut::Logits(l) => Ok(l),
+                _ => Err(berr("batched step: logits expected")),
+            },
         }
     }
     /// Greedy picks from the GPU's argmax of each row (the full head's
@@ -2108,21 +2112,38 @@ impl Backend for CudaBackend {
             }
         }
         let mut cs = crate::backends::batch_caches::<CudaCache>(&self.config, caches, tokens, "cuda")?;
-        let greedy = picks.iter().all(|p| p.1);
-        let (l, best) = self.run_batch(&mut cs, tokens, greedy)?;
+        // Every pick greedy: the argmax per row. Else, where the device's
+        // top-k takes the largest k: its ranked list per row, cut to each
+        // row's k (a ranked list's first k are the top k; a greedy pick is
+        // the first). Else every logit, ranked on the host.
+        let kmax = picks.iter().map(|p| p.0).max().unwrap_or(1);
+        let want = if picks.iter().all(|p| p.1) {
+            batch::BatchWant::Greedy
+        } else if kmax <= TK_MAX && vocab <= TK_BLOCKS * TK_PER {
+            batch::BatchWant::TopK(kmax)
+        } else {
+            batch::BatchWant::Logits
+        };
+        let out = self.run_batch(&mut cs, tokens, want)?;
         // Rows ranked in parallel (a top-k over 128k logits is ~0.1 ms).
         use rayon::prelude::*;
         Ok(Some(
             picks
                 .par_iter()
                 .enumerate()
-                .map(|(i, &(k, g))| match g {
-                    true if greedy => vec![(best[i], f32::NAN)],
-                    true => {
-                        let t = crate::logits::argmax(&l[i * vocab..(i + 1) * vocab]);
-                        vec![(t, l[i * vocab + t as usize])]
+                .map(|(i, &(k, g))| match &out {
+                    batch::BatchOut::Greedy(best) => vec![(best[i], f32::NAN)],
+                    batch::BatchOut::TopK(rows) => rows[i][..k.min(rows[i].len())].to_vec(),
+                    batch::BatchOut::Logits(l) => {
+                        let l = &l[i * vocab..(i + 1) * vocab];
+                        match g {
+                            true => {
+                                let t = crate::logits::argmax(l);
+                                vec![(t, l[t as usize])]
+                            }
+                            false => crate::logits::ranked(l, k),
+                        }
                     }
-                    false => crate::logits::ranked(&l[i * vocab..(i + 1) * vocab], k),
                 })
                 .collect(),
         ))

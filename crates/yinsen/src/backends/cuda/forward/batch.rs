@@ -7,6 +7,24 @@
 use super::prefill::Keys;
 use super::*;
 
+/// What a batched step hands back per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BatchWant {
+    /// Every logit (`[i][vocab]`).
+    Logits,
+    /// The greedy token (the GPU's argmax of the row).
+    Greedy,
+    /// The k best (token, logit), ranked (`topk_logits`, k <= TK_MAX).
+    TopK(usize),
+}
+
+/// A batched step's results, as [`BatchWant`] asked.
+pub(super) enum BatchOut {
+    Logits(Vec<f32>),
+    Greedy(Vec<u32>),
+    TopK(Vec<Vec<(u32, f32)>>),
+}
+
 /// Graph key of a batched step: everything its launches depend on besides
 /// the token ids and the `BatchSeq` table (both read from device memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,8 +33,8 @@ pub(super) struct BatchKey {
     /// Attention splits launched: a power of two covering the longest
     /// sequence (a token's blocks past its own keys only count themselves).
     n_split: usize,
-    /// The argmax of each row instead of its logits.
-    greedy: bool,
+    /// What the step ends with (the logits, or a pick per row from them).
+    want: BatchWant,
     /// The matrix kernels' settings (as `StepKey::mat`).
     mat: (usize, usize),
     /// Through the persistent multi-token kernel (else the per-kernel body).
@@ -50,33 +68,46 @@ impl CudaBackend {
         for t0 in (0..key.nt).step_by(LM_T) {
             self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)?;
         }
-        if key.greedy {
-            self.gpu.launch(
+        let vocab = self.config.vocab;
+        match key.want {
+            BatchWant::Logits => Ok(()),
+            BatchWant::Greedy => self.gpu.launch(
                 "argmax_f32",
                 (key.nt as u32, 1, 1),
                 1024,
-                &[s.logits.p(), Arg::I(self.config.vocab as i32), s.argmax.p()],
-            )?;
+                &[s.logits.p(), Arg::I(vocab as i32), s.argmax.p()],
+            ),
+            // One row after another (the kernel's partials and arrival
+            // counter are one row's), each into its own TK_MAX slots.
+            BatchWant::TopK(k) => (0..key.nt).try_for_each(|t| {
+                self.gpu.launch(
+                    "topk_logits",
+                    (vocab.div_ceil(TK_PER) as u32, 1, 1),
+                    256,
+                    &[
+                        s.logits.at(4 * t * vocab),
+                        Arg::I(vocab as i32),
+                        Arg::I(k as i32),
+                        s.topk_part.p(),
+                        s.topk_cnt.p(),
+                        s.topk_v.at(4 * t * TK_MAX),
+                        s.topk_i.at(4 * t * TK_MAX),
+                    ],
+                )
+            }),
         }
-        Ok(())
     }
 
     /// One decode step of several sequences (`tokens[i]` appended to
     /// `caches[i]`, checked by the caller), up to 16 sequences per launch
-    /// sequence. Returns every sequence's logits (`[i][vocab]`), or with
-    /// `greedy` each one's greedy token instead.
-    pub(super) fn run_batch(
-        &self,
-        caches: &mut [&mut CudaCache],
-        tokens: &[u32],
-        greedy: bool,
-    ) -> Result<(Vec<f32>, Vec<u32>)> {
+    /// sequence; returns what `want` asks for, in sequence order.
+    pub(super) fn run_batch(&self, caches: &mut [&mut CudaCache], tokens: &[u32], want: BatchWant) -> Result<BatchOut> {
         let mut s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
         let vocab = self.config.vocab;
         // The split-K partials, the scratch rows and the logits rows bound it.
         let group = s.chunk.min(s.part_tokens).min(LM_T.max(STEP_GRAPH_MAX));
-        let (mut logits, mut best) = (Vec::new(), Vec::new());
+        let (mut logits, mut best, mut top) = (Vec::new(), Vec::new(), Vec::new());
         let mut graphs = std::mem::take(&mut s.batch_graphs);
         let run = (|| -> Result<()> {
             for (cs, ts) in caches.chunks_mut(group).zip(tokens.chunks(group)) {
@@ -93,7 +124,7 @@ impl CudaBackend {
                 let key = BatchKey {
                     nt,
                     n_split: longest.next_power_of_two().min(self.max_splits),
-                    greedy,
+                    want,
                     mat: (
                         self.mma_min_tokens.load(Ordering::Relaxed),
                         self.big_gemm.load(Ordering::Relaxed),
@@ -102,10 +133,17 @@ impl CudaBackend {
                     multi: (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(keys),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
-                if greedy {
-                    best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| t as u32));
-                } else {
-                    logits.extend(s.read_logits(nt, vocab)?);
+                match want {
+                    BatchWant::Logits => logits.extend(s.read_logits(nt, vocab)?),
+                    BatchWant::Greedy => best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| t as u32)),
+                    BatchWant::TopK(k) => {
+                        let (v, i) = (s.topk_v.read::<f32>(nt * TK_MAX)?, s.topk_i.read::<i32>(nt * TK_MAX)?);
+                        for (vr, ir) in v.chunks(TK_MAX).zip(i.chunks(TK_MAX)) {
+                            // Slots past the vocabulary hold -1.
+                            let row = ir[..k].iter().zip(&vr[..k]).filter(|p| *p.0 >= 0);
+                            top.push(row.map(|(&t, &x)| (t as u32, x)).collect());
+                        }
+                    }
                 }
                 for c in cs.iter_mut() {
                     c.len += 1;
@@ -114,7 +152,11 @@ impl CudaBackend {
             Ok(())
         })();
         s.batch_graphs = graphs;
-        run.map(|()| (logits, best))
+        run.map(|()| match want {
+            BatchWant::Logits => BatchOut::Logits(logits),
+            BatchWant::Greedy => BatchOut::Greedy(best),
+            BatchWant::TopK(_) => BatchOut::TopK(top),
+        })
     }
 
     /// Queue the step `key`: through its graph where one is captured or the
