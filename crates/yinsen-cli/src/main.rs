@@ -405,6 +405,16 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         batch: a.batch,
         ..Default::default()
     };
+    let cpu_batch = engine
+        .backend
+        .hybrid()
+        .and_then(|h| h.planner.default_rules_cpu_batch(a.batch));
+    if let Some(n) = cpu_batch {
+        eprintln!(
+            "yinsen: note: steps of {n} or more sequences run on the CPU matrix path (the default rules, no \
+             tuned profile); `yinsen tune` measures this machine, `--backend cuda` keeps every step on the GPU"
+        );
+    }
     let app = yinsen_server::router(engine.clone(), opts);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

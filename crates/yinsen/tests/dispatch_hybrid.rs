@@ -104,6 +104,23 @@ fn two_path_hybrid(m: &Arc<Model>, mode: WeightMode) -> HybridBackend {
     HybridBackend::new(m.config.clone(), planner, cpu, Some(gpu), mode).unwrap()
 }
 
+/// The default rules send batched steps of 16+ sequences to the CPU matrix
+/// path; `default_rules_cpu_batch` names the first such size (what `yinsen
+/// serve` notes), and nothing once a path is forced or without a GPU path.
+#[test]
+fn default_rules_cpu_batch_names_the_first_cpu_batch() {
+    let m = model();
+    let mut h = two_path_hybrid(&m, WeightMode::Dual);
+    let first = yinsen::dispatch::plan::DEFAULT_CPU_MIN_TOKENS;
+    assert_eq!(h.planner.default_rules_cpu_batch(first + 4), Some(first));
+    assert_eq!(h.planner.default_rules_cpu_batch(first - 1), None);
+    h.planner.force = Some(Path::Cuda);
+    assert_eq!(h.planner.default_rules_cpu_batch(64), None);
+    h.planner.force = None;
+    h.planner.cuda_usable = false;
+    assert_eq!(h.planner.default_rules_cpu_batch(64), None);
+}
+
 #[test]
 fn kv_cache_moves_between_paths_without_changing_results() {
     let m = model();

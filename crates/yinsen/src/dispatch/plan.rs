@@ -128,6 +128,19 @@ impl Planner {
         self.plan_with(phase, n, kv_on, kv_len, self.cuda_usable)
     }
 
+    /// The fewest sequences (2..=`max`) whose batched step the default rules
+    /// (no profile, no forced path) send to the CPU matrix path although the
+    /// GPU path is usable; None where no such batch is planned so. Batched
+    /// decode measured ~20x faster on the device host's GPU than on its
+    /// CPU at 16 sequences (docs/open-questions.md), so `yinsen serve`
+    /// points this out.
+    pub fn default_rules_cpu_batch(&self, max: usize) -> Option<usize> {
+        if !self.cuda_usable || self.profile.is_some() || self.force.is_some() {
+            return None;
+        }
+        (2..=max).find(|&n| self.plan(Phase::Prefill, n, None, 0).path == Path::Cpu)
+    }
+
     /// As [`Self::plan`], with the CUDA path's availability given (it can
     /// turn out unusable when built lazily).
     pub fn plan_with(&self, phase: Phase, n: usize, kv_on: Option<Path>, kv_len: usize, cuda_ok: bool) -> Plan {
