@@ -47,6 +47,12 @@ pub fn check_batch(n_caches: usize, n_tokens: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether `picks` can be a batched step's picks: one per token, each k in
+/// 1..=vocab (else a backend offers none and the caller takes the logits).
+pub fn picks_offered(picks: &[(usize, bool)], n_tokens: usize, vocab: usize) -> bool {
+    picks.len() == n_tokens && picks.iter().all(|&(k, _)| k >= 1 && k <= vocab)
+}
+
 /// A batched step's caches as the backend's own cache type `C`, each
 /// checked: its one token, room for it.
 pub fn batch_caches<'c, C: KvCache + 'static>(

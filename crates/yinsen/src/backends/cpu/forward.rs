@@ -908,7 +908,7 @@ impl Backend for CpuBackend {
             return Ok(None);
         };
         let vocab = self.model.config.vocab;
-        if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
+        if !crate::backends::picks_offered(picks, tokens.len(), vocab) {
             return Ok(None);
         }
         let mut segs = self.batch_segs(caches, tokens)?;

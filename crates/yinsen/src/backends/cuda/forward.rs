@@ -2087,9 +2087,9 @@ impl Backend for CudaBackend {
         }
     }
     /// Greedy picks from the GPU's argmax of each row (the full head's
-    /// token, which the screened pick equals; its logit NaN); a top-k pick
-    /// ranks the row's logits on the host. One sequence: the device's own
-    /// picks (the trait's default).
+    /// token, which the screened pick equals; its logit NaN); top-k picks
+    /// from the device's top-k per row (k <= 64; past that the logits,
+    /// ranked on the host). One sequence: the device's own picks.
     fn forward_batch_pick(
         &self,
         caches: &mut [&mut dyn KvCache],
@@ -2097,7 +2097,7 @@ impl Backend for CudaBackend {
         picks: &[(usize, bool)],
     ) -> Result<Option<crate::backends::BatchPicks>> {
         let vocab = self.config.vocab;
-        if picks.len() != tokens.len() || picks.iter().any(|&(k, _)| k == 0 || k > vocab) {
+        if !crate::backends::picks_offered(picks, tokens.len(), vocab) {
             return Ok(None);
         }
         if caches.len() == 1 {
