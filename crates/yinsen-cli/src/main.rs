@@ -679,6 +679,14 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
         r.step16_ms_ctx2048, r.step16_vs_step1_ctx2048
     );
     println!(
+        "| batch-16 decode step | {:.2} ms | 16 sequences, greedy picks, wall: {:.2}x the 1-token step ({:.0} tok/s); after 2048 tokens each {:.2} ms = {:.2}x |",
+        r.batch16_ms,
+        r.batch16_ms / step1,
+        16e3 / r.batch16_ms,
+        r.batch16_ms_ctx2048,
+        r.batch16_ms_ctx2048 * r.decode_tok_s_ctx2048 / 1000.0
+    );
+    println!(
         "| 16-token step, no graph | {:.2} ms | {:.2}x the 1-token step |",
         r.step16_nograph_ms,
         r.step16_nograph_ms / step1

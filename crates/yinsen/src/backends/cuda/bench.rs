@@ -40,6 +40,11 @@ pub struct CudaBench {
     pub step16_nograph_ms: f64,
     /// The faster 16-token step over the decode step at ctx 0 (issue 4: <= 1.3).
     pub step16_vs_step1: f64,
+    /// A batched decode step of 16 sequences (`forward_batch_pick`, greedy
+    /// picks; wall time with the host's share, median over steps after the
+    /// graph's capture) from ctx 0 and after 2048 cached tokens each.
+    pub batch16_ms: f64,
+    pub batch16_ms_ctx2048: f64,
     /// The 16-token step (as `run` does it) after 2048 cached tokens, and its
     /// ratio to the decode step at ctx 2048.
     pub step16_ms_ctx2048: f64,
@@ -192,6 +197,32 @@ fn step_ms(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<(f64, 
     Ok((median(ms), true))
 }
 
+/// Wall ms of one batched greedy step of `nseq` sequences after `ctx`
+/// cached tokens each: median of `steps` steps after 3 warm-up steps (a
+/// graph is captured on a key's second use).
+fn batch_ms(b: &CudaBackend, nseq: usize, ctx: usize, steps: usize) -> Result<f64> {
+    use crate::backends::{Backend, KvCache};
+    let vocab = b.config().vocab as u32;
+    let mut caches = (0..nseq)
+        .map(|_| {
+            let mut c = b.cuda_cache(ctx + steps + 4)?;
+            set_len(&mut c, ctx);
+            Ok(c)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut ms = Vec::with_capacity(steps);
+    for step in 0..steps + 3 {
+        let mut refs: Vec<&mut dyn KvCache> = caches.iter_mut().map(|c| c as &mut dyn KvCache).collect();
+        let toks: Vec<u32> = (0..nseq as u32).map(|i| (i * 7919 + step as u32) % vocab).collect();
+        let t = std::time::Instant::now();
+        b.forward_batch_pick(&mut refs, &toks, &vec![(1, true); nseq])?;
+        if step >= 3 {
+            ms.push(t.elapsed().as_secs_f32() * 1e3);
+        }
+    }
+    Ok(median(ms))
+}
+
 /// `step_ms` with the persistent multi-token kernel off (the per-kernel body).
 fn per_kernel_step(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<f64> {
     let was = b.set_mega_multi(false);
@@ -339,6 +370,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         step16_vs_step1: step16_ms.min(step16_gemv_ms).min(step16_per_kernel_ms) * decode_ctx0 / 1000.0,
         step16_ms_ctx2048,
         step16_vs_step1_ctx2048: step16_ms_ctx2048 * decode_long / 1000.0,
+        batch16_ms: batch_ms(b, 16, 0, 20)?,
+        batch16_ms_ctx2048: batch_ms(b, 16, long, 10)?,
         step1_nograph_ms: forward_ms(b, 1, 20)?,
         decode_tok_s_ctx0_no_pdl: {
             let was = b.set_pdl(false);
@@ -508,6 +541,8 @@ fn bench_decode_only_rows(b: &CudaBackend, decode_ctx0: f64, decode_long: f64) -
         step16_vs_step1: 0.0,
         step16_ms_ctx2048: 0.0,
         step16_vs_step1_ctx2048: 0.0,
+        batch16_ms: 0.0,
+        batch16_ms_ctx2048: 0.0,
         step1_nograph_ms: 0.0,
         decode_tok_s_ctx0_no_pdl: 0.0,
         persistent_decode: b.uses_mega(),
