@@ -331,6 +331,7 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         Ok("decode") => return bench_decode_only(b),
         Ok("step") => return bench_step_only(b),
         Ok("prefill") => return bench_prefill_only(b),
+        Ok("batch") => return bench_batch_only(b),
         _ => {}
     }
     let max = crate::backends::Backend::config(b).max_ctx;
@@ -408,6 +409,33 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         },
         ..bench_decode_only_rows(b, decode_ctx0, decode_long)?
     })
+}
+
+/// `YINSEN_CUDA_BENCH=batch`: batched steps of 4 and 16 sequences from
+/// several contexts through the persistent multi-token kernel and the
+/// per-kernel body (printed), then the decode rows and the batch-16 rows.
+fn bench_batch_only(b: &CudaBackend) -> Result<CudaBench> {
+    let max = crate::backends::Backend::config(b).max_ctx;
+    let long = 2048.min(max.saturating_sub(300));
+    for n in [4, 16] {
+        for ctx in [0, 512, 1024, long] {
+            let was = b.set_mega_multi_batch_ctx(usize::MAX);
+            let p = batch_ms(b, n, ctx, 10);
+            b.set_mega_multi_batch_ctx(0);
+            let k = batch_ms(b, n, ctx, 10);
+            b.set_mega_multi_batch_ctx(was);
+            eprintln!(
+                "batch {n:2} sequences ctx {ctx}: persistent {:.3} ms, per-kernel {:.3} ms",
+                p?, k?
+            );
+        }
+    }
+    let decode_ctx0 = decode_at(b, 0, 128, 5)?;
+    let decode_long = decode_at(b, long, 128, 3)?;
+    let mut r = bench_decode_only_rows(b, decode_ctx0, decode_long)?;
+    r.batch16_ms = batch_ms(b, 16, 0, 20)?;
+    r.batch16_ms_ctx2048 = batch_ms(b, 16, long, 10)?;
+    Ok(r)
 }
 
 /// `YINSEN_CUDA_BENCH=decode`: only the persistent decode rows (tok/s, the

@@ -1,8 +1,11 @@
 //! Batched decode across sequences: one new token of each of several
 //! sequences per step, every matrix over all of them, each token's RoPE,
 //! cache row and attention in its own cache (`Keys::Batch`: a table of the
-//! caches' addresses and positions in device memory). Steps replay a graph
-//! per (token count, attention splits, head) from a key's second use.
+//! caches' addresses and positions in device memory), through the
+//! persistent multi-token kernel at any context (its attention items are
+//! (KV head, key chunk, token): each K/V row read once for the head group)
+//! or the per-kernel body. Steps replay a graph per (token count, attention
+//! splits, head) from a key's second use.
 
 use super::prefill::Keys;
 use super::*;
@@ -57,6 +60,12 @@ pub(super) struct BatchGraphs {
 unsafe impl Send for BatchGraphs {}
 
 impl CudaBackend {
+    /// For benchmarks: the longest context (keys) a batched step takes the
+    /// persistent multi-token kernel for; returns the previous limit.
+    pub fn set_mega_multi_batch_ctx(&self, keys: usize) -> usize {
+        self.mega_multi_batch_ctx.swap(keys, Ordering::Relaxed)
+    }
+
     /// The launches of a batched step: body, heads into successive rows of
     /// `s.logits`, and with `greedy` each row's argmax into `s.argmax`.
     fn batch_step_kernels(&self, s: &Scratch, key: BatchKey) -> Result<()> {
@@ -129,8 +138,9 @@ impl CudaBackend {
                         self.mma_min_tokens.load(Ordering::Relaxed),
                         self.big_gemm.load(Ordering::Relaxed),
                     ),
-                    // As one sequence's step of nt tokens would (mega_multi.rs).
-                    multi: (2..=mega_multi::MM_T).contains(&nt) && self.uses_mega_multi_at(keys),
+                    multi: (2..=mega_multi::MM_T).contains(&nt)
+                        && self.uses_mega_multi()
+                        && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 match want {
