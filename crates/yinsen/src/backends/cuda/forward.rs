@@ -495,8 +495,8 @@ pub struct CudaBackend {
     /// stay at most this many; longer contexts take the per-kernel body,
     /// whose flash attention scales better (`YINSEN_CUDA_MEGA_MULTI_CTX`).
     mega_multi_ctx: std::sync::atomic::AtomicUsize,
-    /// The same limit for batched steps across sequences (default: none;
-    /// `YINSEN_CUDA_MEGA_MULTI_BATCH_CTX`).
+    /// The same limit for batched steps across sequences (the longest
+    /// sequence's keys; `YINSEN_CUDA_MEGA_MULTI_BATCH_CTX`).
     mega_multi_batch_ctx: std::sync::atomic::AtomicUsize,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
@@ -893,14 +893,11 @@ impl CudaBackend {
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_CTX={v}: expected an integer")))?,
             Err(_) => mega_multi::DEFAULT_MAX_CTX,
         };
-        // Batched steps: each token has keys of its own, so the persistent
-        // kernel's GQA-grouped items read each K/V row once where the
-        // per-kernel attention reads it per query head.
         let mega_multi_batch_ctx = match std::env::var("YINSEN_CUDA_MEGA_MULTI_BATCH_CTX") {
             Ok(v) => v
                 .parse::<usize>()
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_BATCH_CTX={v}: expected an integer")))?,
-            Err(_) => c.max_ctx,
+            Err(_) => mega_multi::DEFAULT_BATCH_MAX_CTX,
         };
         let mega_flags = match std::env::var("YINSEN_CUDA_MEGA_FLAGS") {
             Ok(v) => v

@@ -2,8 +2,7 @@
 //! sequences per step, every matrix over all of them, each token's RoPE,
 //! cache row and attention in its own cache (`Keys::Batch`: a table of the
 //! caches' addresses and positions in device memory), through the
-//! persistent multi-token kernel at any context (its attention items are
-//! (KV head, key chunk, token): each K/V row read once for the head group)
+//! persistent multi-token kernel on short contexts (`DEFAULT_BATCH_MAX_CTX`)
 //! or the per-kernel body. Steps replay a graph per (token count, attention
 //! splits, head) from a key's second use.
 

@@ -18,6 +18,14 @@ pub(super) const MM_T: usize = 16;
 /// default: its attention is a plain loop over 64-key chunks, slower than
 /// the per-kernel flash attention on long contexts (device runs 102, 105).
 pub(super) const DEFAULT_MAX_CTX: usize = 1024;
+/// The same for a batched step across sequences (keys of its longest
+/// sequence): each token's own keys make the persistent kernel's attention
+/// items grow with the context while the per-kernel attention spreads over
+/// many more blocks. Device S17-8 (H100, ms per step, persistent / per-kernel):
+/// 16 sequences 3.33 / 3.73 at ctx 0, 6.09 / 5.09 at 512, 11.8 / 8.8 at
+/// 2048; 4 sequences 2.13 / 2.37 at 0, 2.98 / 2.67 at 512: linear
+/// crossovers near 145 (16 sequences) and 220 keys (4).
+pub(super) const DEFAULT_BATCH_MAX_CTX: usize = 160;
 /// Query rows (tokens x group) at most (MM_RMAX).
 const MM_RMAX: usize = 128;
 /// Keys per attention item (MM_AC).
