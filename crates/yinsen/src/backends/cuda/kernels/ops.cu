@@ -497,6 +497,124 @@ ATTN_PARTIAL(f32, float)
 ATTN_PARTIAL_BATCH(f16, u16)
 ATTN_PARTIAL_BATCH(f32, float)
 
+// The batched step's attention by head group: grid (split, KV head, token),
+// one block for the `group` query heads that share a KV head, so the chunk's
+// K and V rows are read once for the group (attn_partial_batch reads them
+// once per query head: 4x the cache bytes on 2B4T, which dominate a batched
+// step at long contexts). Same partials layout and merge rule as
+// attn_partial_body; the counter of a (token, group) is its first head's.
+#define GQA_MAXG 8
+template <typename KV>
+__device__ void attn_gqa_body(const float* qr, int q_stride, const KV* kc, const KV* vc, int t, int n_keys,
+                              int n_heads, int n_kv, int hd, int cap, float scale, int n_split, float* part, int* cnt,
+                              float* outp, int out_stride) {
+    __shared__ float qs[GQA_MAXG * 256];
+    __shared__ float sc[GQA_MAXG * ATT_CHUNK];
+    __shared__ float mls[2 * GQA_MAXG];
+    __shared__ int last;
+    const int sp = blockIdx.x, kvh = blockIdx.y, j0 = sp * ATT_CHUNK;
+    const int group = n_heads / n_kv, h0 = kvh * group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, nw = blockDim.x >> 5;
+    const int used = (n_keys + ATT_CHUNK - 1) / ATT_CHUNK;
+    const size_t pstride = hd + 2;
+    if (j0 < n_keys) {
+        const int nj = min(ATT_CHUNK, n_keys - j0);
+        const float* q = qr + (size_t)t * q_stride + h0 * hd;
+        for (int i = tid; i < group * hd; i += blockDim.x) qs[i] = q[i] * scale;
+        __syncthreads();
+        // Scores: (key, head) pairs, a key's heads on neighbouring threads.
+        const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
+        for (int p = tid; p < nj * group; p += blockDim.x) {
+            const int j = p / group, g = p - j * group;
+            sc[g * ATT_CHUNK + j] = kv_dot(qs + g * hd, kb + (size_t)j * hd, hd);
+        }
+        __syncthreads();
+        // Softmax per head (unnormalised), a warp per head.
+        for (int g = warp; g < group; g += nw) {
+            float* r = sc + g * ATT_CHUNK;
+            float mx = NEG_INF;
+            for (int j = lane; j < nj; j += 32) mx = fmaxf(mx, r[j]);
+            mx = warp_max(mx);
+            float l = 0.f;
+            for (int j = lane; j < nj; j += 32) {
+                const float e = expf(r[j] - mx);
+                r[j] = e;
+                l += e;
+            }
+            l = warp_sum(l);
+            if (lane == 0) {
+                mls[2 * g] = mx;
+                mls[2 * g + 1] = l;
+            }
+        }
+        __syncthreads();
+        // P V: a thread per dimension for every head of the group (each V
+        // element read once per block).
+        const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
+        for (int d = tid; d < hd; d += blockDim.x) {
+            float a[GQA_MAXG];
+#pragma unroll
+            for (int g = 0; g < GQA_MAXG; g++) a[g] = 0.f;
+            for (int j = 0; j < nj; j++) {
+                const float v = kv_load(vb + (size_t)j * hd + d);
+#pragma unroll
+                for (int g = 0; g < GQA_MAXG; g++)
+                    if (g < group) a[g] += sc[g * ATT_CHUNK + j] * v;
+            }
+#pragma unroll
+            for (int g = 0; g < GQA_MAXG; g++) {
+                if (g >= group) break;
+                if (used == 1) outp[(size_t)t * out_stride + (h0 + g) * hd + d] = a[g] / mls[2 * g + 1];
+                else part[(((size_t)t * n_heads + h0 + g) * n_split + sp) * pstride + 2 + d] = a[g];
+            }
+        }
+        if (used > 1 && tid < group) {
+            float* p = part + (((size_t)t * n_heads + h0 + tid) * n_split + sp) * pstride;
+            p[0] = mls[2 * tid];
+            p[1] = mls[2 * tid + 1];
+        }
+    }
+    if (used == 1) return;
+    // Publish this split, then let the last one merge every head of the group.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int* c = cnt + (size_t)t * n_heads + h0;
+        last = atomicAdd(c, 1) == (int)gridDim.x - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int g = 0; g < group; g++) {
+        const float* base = part + ((size_t)t * n_heads + h0 + g) * n_split * pstride;
+        float m = NEG_INF;
+        for (int s = 0; s < used; s++) m = fmaxf(m, __ldcg(base + s * pstride));
+        float l = 0.f;
+        for (int s = 0; s < used; s++) l += __ldcg(base + s * pstride + 1) * expf(__ldcg(base + s * pstride) - m);
+        for (int d = tid; d < hd; d += blockDim.x) {
+            float a = 0.f;
+            for (int s = 0; s < used; s++)
+                a += __ldcg(base + s * pstride + 2 + d) * expf(__ldcg(base + s * pstride) - m);
+            outp[(size_t)t * out_stride + (h0 + g) * hd + d] = a / l;
+        }
+    }
+}
+#define ATTN_GQA_BATCH(SUF, KV)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128)                                                                \
+        attn_gqa_batch_##SUF(const float* qr, int q_stride, const BatchSeq* seqs, int li, int n_heads, int n_kv,     \
+                             int hd, float scale, int n_split, float* part, int* cnt, float* outp, int out_stride) { \
+        pdl_launch();                                                                                                \
+        pdl_wait();                                                                                                  \
+        const int t = blockIdx.z;                                                                                    \
+        const BatchSeq s = seqs[t];                                                                                  \
+        const size_t off = batch_layer_off(s, li, n_kv, hd);                                                         \
+        attn_gqa_body<KV>(qr, q_stride, (const KV*)s.k + off, (const KV*)s.v + off, t, s.pos + 1, n_heads, n_kv, hd, \
+                          s.cap, scale, n_split, part, cnt, outp, out_stride);                                       \
+    }
+ATTN_GQA_BATCH(f16, u16)
+ATTN_GQA_BATCH(f32, float)
+
 // logits[t][r] = x[t] . E[r] for up to 8 tokens; a warp per row, 16-byte
 // loads of 8 halves. Needs hidden % 8 == 0.
 extern "C" __global__ void __launch_bounds__(256) lm_head_f16(const u16* E, int vocab, int hidden, const float* x,
