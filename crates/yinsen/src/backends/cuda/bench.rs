@@ -423,13 +423,10 @@ fn bench_batch_only(b: &CudaBackend) -> Result<CudaBench> {
             let p = batch_ms(b, n, ctx, 10);
             b.set_mega_multi_batch_ctx(0);
             let k = batch_ms(b, n, ctx, 10);
-            let groups = b.set_batch_attention_groups(false);
-            let h = batch_ms(b, n, ctx, 10);
-            b.set_batch_attention_groups(groups);
             b.set_mega_multi_batch_ctx(was);
             eprintln!(
-                "batch {n:2} sequences ctx {ctx}: persistent {:.3} ms, per-kernel {:.3} ms (attention per query head {:.3} ms)",
-                p?, k?, h?
+                "batch {n:2} sequences ctx {ctx}: persistent {:.3} ms, per-kernel {:.3} ms",
+                p?, k?
             );
         }
     }
