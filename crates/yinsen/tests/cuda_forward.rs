@@ -1036,8 +1036,7 @@ fn refs(v: &mut [Box<dyn yinsen::backends::KvCache>]) -> Vec<&mut dyn yinsen::ba
 
 /// A batched decode step on the GPU (one body call for several sequences,
 /// each token's RoPE, cache row and attention in its own cache; through the
-/// persistent multi-token kernel and through the per-kernel body, whose
-/// attention runs by head group or per query head) against
+/// persistent multi-token kernel and through the per-kernel body) against
 /// the CPU's batched step, which equals the CPU's one-sequence steps bit for
 /// bit: sequences of different lengths (some past a 64-key chunk, so chunk
 /// and split counts differ inside a launch), more sequences than one launch
@@ -1047,22 +1046,13 @@ fn refs(v: &mut [Box<dyn yinsen::backends::KvCache>]) -> Vec<&mut dyn yinsen::ba
 /// the call before anything runs.
 #[test]
 fn batched_step_matches_cpu() {
-    // (cache, persistent kernel, the per-kernel body's attention by head group)
-    let cases = [
-        (KvDtype::F32, true, true),
-        (KvDtype::F32, false, true),
-        (KvDtype::F32, false, false),
-        (KvDtype::F16, true, true),
-        (KvDtype::F16, false, true),
-    ];
-    for (kv, multi, groups) in cases {
+    for (kv, multi) in [(KvDtype::F32, true), (KvDtype::F32, false), (KvDtype::F16, true)] {
         let model = synthetic::build("tiny").unwrap();
         let Some(gpu) = cuda_kv(&model, kv) else { return };
         if multi && !path_in_use(gpu.uses_mega_multi(), "the persistent multi-token step") {
             continue;
         }
         gpu.set_mega_multi(multi);
-        gpu.set_batch_attention_groups(groups);
         let vocab = model.config.vocab;
         let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 2).unwrap();
         let ids = prompt(100, vocab);
@@ -1096,7 +1086,7 @@ fn batched_step_matches_cpu() {
                 &got,
                 &want,
                 vocab,
-                &format!("{kv:?} multi {multi} groups {groups} round {round}, {n} sequences"),
+                &format!("{kv:?} multi {multi} round {round}, {n} sequences"),
             );
             for i in 0..n {
                 assert_eq!(gc[i].len(), cc[i].len());

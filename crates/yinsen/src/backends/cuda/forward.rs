@@ -206,12 +206,11 @@ impl KvDtype {
             KvDtype::F32 => "attn_partial_f32",
         }
     }
-    /// `rope_kv`, `attn_partial` and the head-group attention of a batched
-    /// step (each token its own cache).
-    fn batch_kernels(self) -> (&'static str, &'static str, &'static str) {
+    /// `rope_kv` and `attn_partial` of a batched step (each token its own cache).
+    fn batch_kernels(self) -> (&'static str, &'static str) {
         match self {
-            KvDtype::F16 => ("rope_kv_batch_f16", "attn_partial_batch_f16", "attn_gqa_batch_f16"),
-            KvDtype::F32 => ("rope_kv_batch_f32", "attn_partial_batch_f32", "attn_gqa_batch_f32"),
+            KvDtype::F16 => ("rope_kv_batch_f16", "attn_partial_batch_f16"),
+            KvDtype::F32 => ("rope_kv_batch_f32", "attn_partial_batch_f32"),
         }
     }
     /// The flash prefill attention for head dims up to 128 or (`wide`) 256.
@@ -499,9 +498,6 @@ pub struct CudaBackend {
     /// The same limit for batched steps across sequences (the longest
     /// sequence's keys; `YINSEN_CUDA_MEGA_MULTI_BATCH_CTX`).
     mega_multi_batch_ctx: std::sync::atomic::AtomicUsize,
-    /// Batched steps' per-kernel attention by head group (`attn_gqa_batch`)
-    /// where it fits, else per query head (tests compare the two).
-    batch_attn_groups: std::sync::atomic::AtomicBool,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
     step_graphs: std::sync::atomic::AtomicBool,
@@ -921,7 +917,6 @@ impl CudaBackend {
             mega_multi,
             mega_multi_ctx: mega_multi_ctx.into(),
             mega_multi_batch_ctx: mega_multi_batch_ctx.into(),
-            batch_attn_groups: true.into(),
             gpu,
             kv,
             fused,

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 88] = [
+pub const KERNELS: [&str; 86] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -240,8 +240,6 @@ pub const KERNELS: [&str; 88] = [
     "rope_kv_batch_f32",
     "attn_partial_batch_f16",
     "attn_partial_batch_f32",
-    "attn_gqa_batch_f16",
-    "attn_gqa_batch_f32",
     "lm_head_f16",
     "argmax_f32",
     "decode_advance",

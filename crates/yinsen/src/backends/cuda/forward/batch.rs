@@ -41,8 +41,6 @@ pub(super) struct BatchKey {
     mat: (usize, usize),
     /// Through the persistent multi-token kernel (else the per-kernel body).
     multi: bool,
-    /// The per-kernel body's attention by head group.
-    groups: bool,
 }
 
 /// Batched-step graphs kept at most (keys vary with the batch size and the
@@ -65,12 +63,6 @@ impl CudaBackend {
     /// persistent multi-token kernel for; returns the previous limit.
     pub fn set_mega_multi_batch_ctx(&self, keys: usize) -> usize {
         self.mega_multi_batch_ctx.swap(keys, Ordering::Relaxed)
-    }
-
-    /// For tests: batched steps' per-kernel attention by head group (true,
-    /// the default) or per query head; returns the previous setting.
-    pub fn set_batch_attention_groups(&self, on: bool) -> bool {
-        self.batch_attn_groups.swap(on, Ordering::Relaxed)
     }
 
     /// The launches of a batched step: body, heads into successive rows of
@@ -148,7 +140,6 @@ impl CudaBackend {
                     multi: (2..=mega_multi::MM_T).contains(&nt)
                         && self.uses_mega_multi()
                         && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
-                    groups: self.batch_attn_groups.load(Ordering::Relaxed),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 match want {

@@ -38,9 +38,6 @@ fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
         .map(|&(w, _, name)| (w, name))
 }
 
-/// Query heads per KV head the batched head-group attention takes (GQA_MAXG).
-const GQA_MAXG: usize = 8;
-
 /// Whose keys a body call's tokens attend to.
 #[derive(Clone, Copy)]
 pub(super) enum Keys<'a> {
@@ -147,7 +144,7 @@ impl CudaBackend {
                     self.mm(s, &l.qkv, nt, Epilogue::Store, &s.qkv, qkv_n)?;
                     g.set_tag("rope_kv");
                     let i = |v: usize| Arg::I(v as i32);
-                    let (rope_kv, attn_heads, attn_groups) = self.kv.batch_kernels();
+                    let (rope_kv, attn) = self.kv.batch_kernels();
                     let (heads, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                     let args = [
                         s.qkv.p(),
@@ -177,14 +174,7 @@ impl CudaBackend {
                         s.attn.p(),
                         i(q),
                     ];
-                    // A block per head group where the group fits the kernel
-                    // (GQA_MAXG, head dim <= 256), else per query head.
-                    let groups = self.batch_attn_groups.load(std::sync::atomic::Ordering::Relaxed);
-                    let (attn, blocks_y) = match groups && heads / kvh <= GQA_MAXG && hd <= 256 {
-                        true => (attn_groups, kvh),
-                        false => (attn_heads, heads),
-                    };
-                    let grid = (n_split as u32, blocks_y as u32, nt as u32);
+                    let grid = (n_split as u32, heads as u32, nt as u32);
                     g.launch_ex(attn, grid, 128, &args, how == Launch::Pdl)?;
                     self.body_layer_rest(s, l, nt, gate)?;
                     continue;
