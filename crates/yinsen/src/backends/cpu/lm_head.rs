@@ -65,6 +65,17 @@ mod x86 {
     unsafe fn f16_impl<const N: usize>(m: &DenseMatrix, r0: usize, h: &[f32], out: &mut [f32]) {
         let n = N;
         let cols = m.cols;
+        // Two tokens or more: rows in pairs, each loaded slice of h feeding
+        // both rows (one row per pass left the loads, not the FMAs, the
+        // limit). Every (row, token) keeps the one-row loop's two chains and
+        // their order, so the logits are the same bits.
+        let pairs = if N > 1 { out.len() / n / 2 } else { 0 };
+        for p in 0..pairs {
+            f16_pair::<N>(m, r0 + 2 * p, h, &mut out[2 * p * n..(2 * p + 2) * n]);
+        }
+        let done = 2 * pairs;
+        let out = &mut out[done * n..];
+        let r0 = r0 + done;
         for (j, o) in out.chunks_exact_mut(n).enumerate() {
             let row = m.row_raw(r0 + j).as_ptr();
             let mut acc = [_mm512_setzero_ps(); N];
@@ -89,6 +100,48 @@ mod x86 {
             }
             for (t, ot) in o.iter_mut().enumerate() {
                 *ot = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t]));
+            }
+        }
+    }
+
+    /// Rows `r0` and `r0 + 1` for N tokens into `out` (`[2][N]`), each
+    /// (row, token) as `f16_impl` computes it alone.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f16_pair<const N: usize>(m: &DenseMatrix, r0: usize, h: &[f32], out: &mut [f32]) {
+        let cols = m.cols;
+        let rows = [m.row_raw(r0).as_ptr(), m.row_raw(r0 + 1).as_ptr()];
+        let mut acc = [[_mm512_setzero_ps(); N]; 2];
+        let mut acc2 = [[_mm512_setzero_ps(); N]; 2];
+        let mut c = 0;
+        while c + 32 <= cols {
+            let w: [[__m512; 2]; 2] = std::array::from_fn(|r| {
+                [
+                    _mm512_cvtph_ps(_mm256_loadu_si256(rows[r].add(2 * c) as *const __m256i)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(rows[r].add(2 * c + 32) as *const __m256i)),
+                ]
+            });
+            for t in 0..N {
+                let hp = h.as_ptr().add(t * cols + c);
+                let (h0, h1) = (_mm512_loadu_ps(hp), _mm512_loadu_ps(hp.add(16)));
+                for r in 0..2 {
+                    acc[r][t] = _mm512_fmadd_ps(w[r][0], h0, acc[r][t]);
+                    acc2[r][t] = _mm512_fmadd_ps(w[r][1], h1, acc2[r][t]);
+                }
+            }
+            c += 32;
+        }
+        if c < cols {
+            for r in 0..2 {
+                let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(rows[r].add(2 * c) as *const __m256i));
+                for t in 0..N {
+                    acc[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(h.as_ptr().add(t * cols + c)), acc[r][t]);
+                }
+            }
+        }
+        for r in 0..2 {
+            for t in 0..N {
+                out[r * N + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t], acc2[r][t]));
             }
         }
     }
@@ -537,6 +590,44 @@ mod tests {
                         "{:?} n={n}: {x} vs {y}",
                         m.dtype
                     );
+                }
+            }
+        }
+    }
+
+    /// An F16 row's logit for a token does not depend on how many tokens
+    /// or rows a call takes (row pairs, the single-row remainder, a width
+    /// that ends in half a 32-column step): batched logits equal one
+    /// sequence's step bit for bit.
+    #[test]
+    fn f16_rows_same_bits_for_any_token_count() {
+        let mut r = SplitMix64(17);
+        for (rows, cols) in [(9, 80), (8, 96), (5, 2560)] {
+            let v: Vec<u8> = (0..rows * cols)
+                .flat_map(|_| half::f16::from_f32(r.next_f32() - 0.5).to_le_bytes())
+                .collect();
+            let m = DenseMatrix::new(rows, cols, DenseType::F16, Storage::owned(v)).unwrap();
+            let h: Vec<f32> = (0..4 * cols).map(|_| r.next_f32() * 4.0 - 2.0).collect();
+            let one: Vec<Vec<u32>> = (0..4)
+                .map(|t| {
+                    let mut o = vec![f32::NAN; rows - 1];
+                    rows_dot(&m, 1, &h[t * cols..(t + 1) * cols], 1, &mut o, &mut vec![]);
+                    o.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            assert!(one[0].iter().all(|&b| f32::from_bits(b).is_finite() && b != 0));
+            for n in 2..=4 {
+                let mut o = vec![f32::NAN; (rows - 1) * n];
+                rows_dot(&m, 1, &h, n, &mut o, &mut vec![]);
+                for (j, row) in o.chunks_exact(n).enumerate() {
+                    for (t, x) in row.iter().enumerate() {
+                        assert_eq!(
+                            x.to_bits(),
+                            one[t][j],
+                            "{rows}x{cols}, {n} tokens, row {}, token {t}",
+                            j + 1
+                        );
+                    }
                 }
             }
         }
