@@ -65,6 +65,27 @@ impl CudaBackend {
         self.mega_multi_batch_ctx.swap(keys, Ordering::Relaxed)
     }
 
+    /// For benchmarks: GPU ms of one replay of the most recently used
+    /// batched-step graph (`n` back-to-back replays between events; the
+    /// caches and positions are those of its last step), or None where none
+    /// is captured.
+    pub(crate) fn time_last_batch_graph(&self, n: usize) -> Result<Option<f32>> {
+        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        self.gpu.bind()?;
+        let Some((_, g)) = s.batch_graphs.graphs.last() else {
+            return Ok(None);
+        };
+        let ev = Events::new()?;
+        ev.record_start(self.gpu.stream)?;
+        for _ in 0..n {
+            super::super::drv(
+                unsafe { result::graph::launch(g.exec, self.gpu.stream) },
+                "cuGraphLaunch",
+            )?;
+        }
+        Ok(Some(ev.record_stop_ms(self.gpu.stream)? / n.max(1) as f32))
+    }
+
     /// The launches of a batched step: body, heads into successive rows of
     /// `s.logits`, and with `greedy` each row's argmax into `s.argmax`.
     fn batch_step_kernels(&self, s: &Scratch, key: BatchKey) -> Result<()> {
