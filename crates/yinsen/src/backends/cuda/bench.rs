@@ -201,6 +201,12 @@ fn step_ms(b: &CudaBackend, nt: usize, ctx: usize, reps: usize) -> Result<(f64, 
 /// cached tokens each: median of `steps` steps after 3 warm-up steps (a
 /// graph is captured on a key's second use).
 fn batch_ms(b: &CudaBackend, nseq: usize, ctx: usize, steps: usize) -> Result<f64> {
+    Ok(batch_ms_gpu(b, nseq, ctx, steps, false)?.0)
+}
+
+/// [`batch_ms`], and with `gpu` the GPU ms of a replay of the step's graph
+/// (timed while its caches are alive: the graph's table points at them).
+fn batch_ms_gpu(b: &CudaBackend, nseq: usize, ctx: usize, steps: usize, gpu: bool) -> Result<(f64, f32)> {
     use crate::backends::{Backend, KvCache};
     let vocab = b.config().vocab as u32;
     let mut caches = (0..nseq)
@@ -220,7 +226,11 @@ fn batch_ms(b: &CudaBackend, nseq: usize, ctx: usize, steps: usize) -> Result<f6
             ms.push(t.elapsed().as_secs_f32() * 1e3);
         }
     }
-    Ok(median(ms))
+    let g = match gpu {
+        true => b.time_last_batch_graph(10)?.unwrap_or(f32::NAN),
+        false => f32::NAN,
+    };
+    Ok((median(ms), g))
 }
 
 /// `step_ms` with the persistent multi-token kernel off (the per-kernel body).
@@ -421,11 +431,9 @@ fn bench_batch_only(b: &CudaBackend) -> Result<CudaBench> {
         for ctx in [0, 512, 1024, long] {
             // Wall ms per step (host included), then the GPU ms of a replay.
             let was = b.set_mega_multi_batch_ctx(usize::MAX);
-            let p = batch_ms(b, n, ctx, 10)?;
-            let pg = b.time_last_batch_graph(10)?.unwrap_or(f32::NAN);
+            let (p, pg) = batch_ms_gpu(b, n, ctx, 10, true)?;
             b.set_mega_multi_batch_ctx(0);
-            let k = batch_ms(b, n, ctx, 10)?;
-            let kg = b.time_last_batch_graph(10)?.unwrap_or(f32::NAN);
+            let (k, kg) = batch_ms_gpu(b, n, ctx, 10, true)?;
             b.set_mega_multi_batch_ctx(was);
             eprintln!(
                 "batch {n:2} sequences ctx {ctx}: persistent {p:.3} ms (GPU {pg:.3}), per-kernel {k:.3} ms (GPU {kg:.3})"

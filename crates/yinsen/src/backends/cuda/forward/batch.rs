@@ -67,8 +67,8 @@ impl CudaBackend {
 
     /// For benchmarks: GPU ms of one replay of the most recently used
     /// batched-step graph (`n` back-to-back replays between events; the
-    /// caches and positions are those of its last step), or None where none
-    /// is captured.
+    /// caches and positions are those of its last step, which must still be
+    /// alive), or None where none is captured.
     pub(crate) fn time_last_batch_graph(&self, n: usize) -> Result<Option<f32>> {
         let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
