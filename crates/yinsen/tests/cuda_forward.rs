@@ -1162,3 +1162,44 @@ fn batched_step_matches_cpu() {
         assert_eq!(a[0].len(), before);
     }
 }
+
+/// The lm_head of 2-8 tokens through `lm_head_f16_rows` (4 rows a warp)
+/// gives the bits of `lm_head_f16` (a row a warp) for every token: calls of
+/// 2, 5 and 8 tokens (AllLogits) and a batched step of 7 sequences.
+#[test]
+fn lm_head_rows_kernel_gives_the_row_kernels_bits() {
+    let model = synthetic::build("tiny").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let vocab = model.config.vocab;
+    let ids = prompt(40, vocab);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let run = |rows: bool| -> Vec<Vec<f32>> {
+        gpu.set_lm_head_rows(rows);
+        let mut out = Vec::new();
+        let mut c = gpu.new_cache(64).unwrap();
+        let mut at = 0;
+        for n in [2, 5, 8] {
+            out.push(gpu.forward(c.as_mut(), &ids[at..at + n], Output::AllLogits).unwrap());
+            at += n;
+        }
+        let mut seqs: Vec<Box<dyn yinsen::backends::KvCache>> = (0..7)
+            .map(|i| {
+                let mut c = gpu.new_cache(64).unwrap();
+                gpu.forward(c.as_mut(), &ids[i..i + 3 + i], Output::LastLogits).unwrap();
+                c
+            })
+            .collect();
+        let mut r = refs(&mut seqs);
+        out.push(gpu.forward_batch(&mut r, &ids[20..27]).unwrap());
+        out
+    };
+    let (rows, one) = (run(true), run(false));
+    gpu.set_lm_head_rows(true);
+    for (i, (a, b)) in rows.iter().zip(&one).enumerate() {
+        assert!(
+            a.iter().all(|v| v.is_finite()) && a.iter().any(|&v| v != 0.0),
+            "call {i}"
+        );
+        assert_eq!(bits(a), bits(b), "call {i}: lm_head_f16_rows against lm_head_f16");
+    }
+}

@@ -94,6 +94,8 @@ impl BigGemm {
 }
 /// Tokens per lm_head launch (the kernel's accumulator count).
 const LM_T: usize = 8;
+/// Rows a warp of `lm_head_f16_rows` takes (LM_R in ops.cu).
+const LM_R: usize = 4;
 
 fn berr(msg: impl Into<String>) -> Error {
     Error::backend("cuda", msg)
@@ -498,6 +500,9 @@ pub struct CudaBackend {
     /// The same limit for batched steps across sequences (the longest
     /// sequence's keys; `YINSEN_CUDA_MEGA_MULTI_BATCH_CTX`).
     mega_multi_batch_ctx: std::sync::atomic::AtomicUsize,
+    /// Heads of 2+ tokens through `lm_head_f16_rows` (tests compare it with
+    /// `lm_head_f16`).
+    lm_head_rows: std::sync::atomic::AtomicBool,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
     step_graphs: std::sync::atomic::AtomicBool,
@@ -917,6 +922,7 @@ impl CudaBackend {
             mega_multi,
             mega_multi_ctx: mega_multi_ctx.into(),
             mega_multi_batch_ctx: mega_multi_batch_ctx.into(),
+            lm_head_rows: true.into(),
             gpu,
             kv,
             fused,
@@ -1588,9 +1594,14 @@ impl CudaBackend {
         }
         debug_assert!(n <= LM_T && (row + n) * c.vocab * 4 <= s.logits.bytes);
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
+        // Several tokens: LM_R rows a warp (the same bits, fewer x loads).
+        let (name, rows_per_block) = match n > 1 && self.lm_head_rows.load(Ordering::Relaxed) {
+            true => ("lm_head_f16_rows", 8 * LM_R),
+            false => ("lm_head_f16", 8),
+        };
         self.gpu.launch_smem(
-            "lm_head_f16",
-            (c.vocab.div_ceil(8) as u32, 1, 1),
+            name,
+            (c.vocab.div_ceil(rows_per_block) as u32, 1, 1),
             256,
             0,
             &[
@@ -1939,6 +1950,12 @@ impl CudaBackend {
             seen: Vec::new(),
             owner: 0,
         })
+    }
+
+    /// For tests: heads of 2+ tokens through `lm_head_f16_rows` (true, the
+    /// default) or `lm_head_f16`; returns the previous setting.
+    pub fn set_lm_head_rows(&self, on: bool) -> bool {
+        self.lm_head_rows.swap(on, Ordering::Relaxed)
     }
 
     pub fn max_splits(&self) -> usize {

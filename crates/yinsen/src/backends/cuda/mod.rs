@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 86] = [
+pub const KERNELS: [&str; 87] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -241,6 +241,7 @@ pub const KERNELS: [&str; 86] = [
     "attn_partial_batch_f16",
     "attn_partial_batch_f32",
     "lm_head_f16",
+    "lm_head_f16_rows",
     "argmax_f32",
     "decode_advance",
     "topk_logits",

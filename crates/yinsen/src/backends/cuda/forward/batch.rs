@@ -41,6 +41,8 @@ pub(super) struct BatchKey {
     mat: (usize, usize),
     /// Through the persistent multi-token kernel (else the per-kernel body).
     multi: bool,
+    /// The head through `lm_head_f16_rows`.
+    lm_rows: bool,
 }
 
 /// Batched-step graphs kept at most (keys vary with the batch size and the
@@ -161,6 +163,7 @@ impl CudaBackend {
                     multi: (2..=mega_multi::MM_T).contains(&nt)
                         && self.uses_mega_multi()
                         && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
+                    lm_rows: self.lm_head_rows.load(Ordering::Relaxed),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 match want {

@@ -537,6 +537,58 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_f16(const u16* E, int 
     }
 }
 
+// lm_head_f16 for 2-8 tokens: a warp takes LM_R rows, so each loaded slice
+// of x feeds LM_R rows (one row per warp made the x loads, not E's bytes, the
+// limit: a batched step's two 8-token passes took ~0.6 ms each). Every
+// (row, token) sums in lm_head_f16's order: the same bits.
+#define LM_R 4
+extern "C" __global__ void __launch_bounds__(256) lm_head_f16_rows(const u16* E, int vocab, int hidden,
+                                                                 const float* x, int nt, float* logits) {
+    pdl_wait();
+    const int lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * LM_R;
+    if (r0 >= vocab) return;
+    const int nr = min(LM_R, vocab - r0);
+    float acc[LM_R][8];
+#pragma unroll
+    for (int r = 0; r < LM_R; r++)
+#pragma unroll
+        for (int t = 0; t < 8; t++) acc[r][t] = 0.f;
+    for (int c = lane; c < hidden / 8; c += 32) {
+        float ev[LM_R][8];
+#pragma unroll
+        for (int r = 0; r < LM_R; r++) {
+            const uint4 e = r < nr ? __ldg((const uint4*)(E + (size_t)(r0 + r) * hidden) + c) : make_uint4(0, 0, 0, 0);
+            const u32 ws[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                ev[r][2 * k] = h2f((u16)(ws[k] & 0xffff));
+                ev[r][2 * k + 1] = h2f((u16)(ws[k] >> 16));
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < nt) {
+                const float4* xp = (const float4*)(x + (size_t)t * hidden + 8 * c);
+                const float4 a = __ldg(xp), b = __ldg(xp + 1);
+#pragma unroll
+                for (int r = 0; r < LM_R; r++)
+                    acc[r][t] += ev[r][0] * a.x + ev[r][1] * a.y + ev[r][2] * a.z + ev[r][3] * a.w +
+                                 ev[r][4] * b.x + ev[r][5] * b.y + ev[r][6] * b.z + ev[r][7] * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < LM_R; r++)
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < nt) {
+                const float s = warp_sum(acc[r][t]);
+                if (lane == 0 && r < nr) logits[(size_t)t * vocab + r0 + r] = s;
+            }
+        }
+}
+
 // Greedy pick: index of the largest logit (lowest index on ties), one block
 // of 1024 threads per row.
 extern "C" __global__ void argmax_f32(const float* logits, int n, int* out) {
