@@ -96,8 +96,6 @@ impl BigGemm {
 const LM_T: usize = 8;
 /// Rows a warp of `lm_head_f16_rows` takes (LM_R in ops.cu).
 const LM_R: usize = 4;
-/// Tokens `lm_head_f16_rows16` takes in one pass over the head.
-const LM_ROWS_T: usize = 16;
 
 fn berr(msg: impl Into<String>) -> Error {
     Error::backend("cuda", msg)
@@ -1594,14 +1592,13 @@ impl CudaBackend {
         if !logits {
             return Ok(());
         }
+        debug_assert!(n <= LM_T && (row + n) * c.vocab * 4 <= s.logits.bytes);
         let e = self.lm_head.as_ref().unwrap_or(&self.embed);
         // Several tokens: LM_R rows a warp (the same bits, fewer x loads).
-        let (name, rows_per_block) = match (n, self.lm_head_rows.load(Ordering::Relaxed)) {
-            (1, _) | (_, false) => ("lm_head_f16", 8),
-            (2..=LM_T, true) => ("lm_head_f16_rows", 8 * LM_R),
-            (_, true) => ("lm_head_f16_rows16", 8 * LM_R),
+        let (name, rows_per_block) = match n > 1 && self.lm_head_rows.load(Ordering::Relaxed) {
+            true => ("lm_head_f16_rows", 8 * LM_R),
+            false => ("lm_head_f16", 8),
         };
-        debug_assert!(n <= self.head_tokens() && (row + n) * c.vocab * 4 <= s.logits.bytes);
         self.gpu.launch_smem(
             name,
             (c.vocab.div_ceil(rows_per_block) as u32, 1, 1),
@@ -1953,15 +1950,6 @@ impl CudaBackend {
             seen: Vec::new(),
             owner: 0,
         })
-    }
-
-    /// Tokens one head launch takes (`head_at`): 16 through
-    /// `lm_head_f16_rows16`, else LM_T.
-    fn head_tokens(&self) -> usize {
-        match self.lm_head_rows.load(Ordering::Relaxed) {
-            true => LM_ROWS_T,
-            false => LM_T,
-        }
     }
 
     /// For tests: heads of 2+ tokens through `lm_head_f16_rows` (true, the

@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 88] = [
+pub const KERNELS: [&str; 87] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -242,7 +242,6 @@ pub const KERNELS: [&str; 88] = [
     "attn_partial_batch_f32",
     "lm_head_f16",
     "lm_head_f16_rows",
-    "lm_head_f16_rows16",
     "argmax_f32",
     "decode_advance",
     "topk_logits",

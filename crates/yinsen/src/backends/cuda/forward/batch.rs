@@ -96,9 +96,8 @@ impl CudaBackend {
             true => self.body_multi(s, keys, key.nt)?,
             false => self.body_keys(s, keys, key.nt, key.n_split)?,
         }
-        let per = self.head_tokens();
-        for t0 in (0..key.nt).step_by(per) {
-            self.head_at(s, t0, (key.nt - t0).min(per), true, t0)?;
+        for t0 in (0..key.nt).step_by(LM_T) {
+            self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)?;
         }
         let vocab = self.config.vocab;
         match key.want {

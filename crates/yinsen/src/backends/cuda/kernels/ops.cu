@@ -542,19 +542,18 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_f16(const u16* E, int 
 // limit: a batched step's two 8-token passes took ~0.6 ms each). Every
 // (row, token) sums in lm_head_f16's order: the same bits.
 #define LM_R 4
-template <int TMAX>
-__device__ __forceinline__ void lm_head_rows_body(const u16* E, int vocab, int hidden, const float* x, int nt,
-                                                  float* logits) {
+extern "C" __global__ void __launch_bounds__(256) lm_head_f16_rows(const u16* E, int vocab, int hidden,
+                                                                 const float* x, int nt, float* logits) {
     pdl_wait();
     const int lane = threadIdx.x & 31;
     const int r0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * LM_R;
     if (r0 >= vocab) return;
     const int nr = min(LM_R, vocab - r0);
-    float acc[LM_R][TMAX];
+    float acc[LM_R][8];
 #pragma unroll
     for (int r = 0; r < LM_R; r++)
 #pragma unroll
-        for (int t = 0; t < TMAX; t++) acc[r][t] = 0.f;
+        for (int t = 0; t < 8; t++) acc[r][t] = 0.f;
     for (int c = lane; c < hidden / 8; c += 32) {
         float ev[LM_R][8];
 #pragma unroll
@@ -568,7 +567,7 @@ __device__ __forceinline__ void lm_head_rows_body(const u16* E, int vocab, int h
             }
         }
 #pragma unroll
-        for (int t = 0; t < TMAX; t++) {
+        for (int t = 0; t < 8; t++) {
             if (t < nt) {
                 const float4* xp = (const float4*)(x + (size_t)t * hidden + 8 * c);
                 const float4 a = __ldg(xp), b = __ldg(xp + 1);
@@ -582,21 +581,12 @@ __device__ __forceinline__ void lm_head_rows_body(const u16* E, int vocab, int h
 #pragma unroll
     for (int r = 0; r < LM_R; r++)
 #pragma unroll
-        for (int t = 0; t < TMAX; t++) {
+        for (int t = 0; t < 8; t++) {
             if (t < nt) {
                 const float s = warp_sum(acc[r][t]);
                 if (lane == 0 && r < nr) logits[(size_t)t * vocab + r0 + r] = s;
             }
         }
-}
-// 2-8 tokens, and 9-16 in one pass over E (a batched step of 16 sequences).
-extern "C" __global__ void __launch_bounds__(256) lm_head_f16_rows(const u16* E, int vocab, int hidden,
-                                                                 const float* x, int nt, float* logits) {
-    lm_head_rows_body<8>(E, vocab, hidden, x, nt, logits);
-}
-extern "C" __global__ void __launch_bounds__(256) lm_head_f16_rows16(const u16* E, int vocab, int hidden,
-                                                                   const float* x, int nt, float* logits) {
-    lm_head_rows_body<16>(E, vocab, hidden, x, nt, logits);
 }
 
 // Greedy pick: index of the largest logit (lowest index on ties), one block
