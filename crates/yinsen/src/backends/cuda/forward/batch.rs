@@ -89,7 +89,8 @@ impl CudaBackend {
     }
 
     /// The launches of a batched step: body, heads into successive rows of
-    /// `s.logits`, and with `greedy` each row's argmax into `s.argmax`.
+    /// `s.logits`, then what `key.want` asks for: each row's argmax into
+    /// `s.argmax`, or its top k into its TK_MAX slots of `s.topk_v / _i`.
     fn batch_step_kernels(&self, s: &Scratch, key: BatchKey) -> Result<()> {
         let keys = Keys::Batch(s.seqs.p());
         match key.multi {
