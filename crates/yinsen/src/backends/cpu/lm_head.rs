@@ -633,6 +633,43 @@ mod tests {
         }
     }
 
+    /// The same for the 8-bit head's int8 kernel (token groups of 1-4 at every
+    /// offset).
+    #[test]
+    fn q8_head_rows_same_bits_for_any_token_count() {
+        let mut r = SplitMix64(23);
+        for cols in [96, 2560] {
+            let rows = 9;
+            let (_, head) = q8_head(rows, cols, 5 + cols as u64);
+            let h: Vec<f32> = (0..4 * cols).map(|_| r.next_f32() * 4.0 - 2.0).collect();
+            let a = head.quantize(&h, 4);
+            let one: Vec<Vec<u32>> = (0..4)
+                .map(|t| {
+                    let mut o = vec![f32::NAN; rows - 2];
+                    head.rows_dot(2, &a, t, 1, &mut o);
+                    o.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            assert!(one[0].iter().all(|&b| f32::from_bits(b).is_finite() && b != 0));
+            for nt in 2..=4 {
+                for t0 in 0..=4 - nt {
+                    let mut o = vec![f32::NAN; (rows - 2) * nt];
+                    head.rows_dot(2, &a, t0, nt, &mut o);
+                    for (j, row) in o.chunks_exact(nt).enumerate() {
+                        for (t, x) in row.iter().enumerate() {
+                            assert_eq!(
+                                x.to_bits(),
+                                one[t0 + t][j],
+                                "{cols} cols, {nt} tokens from {t0}, row {}",
+                                j + 2
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn q8_head(rows: usize, cols: usize, seed: u64) -> (DenseMatrix, Q8Head) {
         let mut r = SplitMix64(seed);
         // Rows of different magnitude, a few outliers, so block scales differ.
