@@ -995,6 +995,19 @@ mod tests {
     use super::*;
     use crate::model::synthetic::{self, SplitMix64};
 
+    /// Logits as bit patterns (the tests compare paths bit for bit).
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// synthetic:tiny and `n` token ids spread over its vocabulary
+    /// (`(i * mul + add) % vocab`).
+    fn tiny_ids(n: u32, mul: u32, add: u32) -> (Arc<Model>, Vec<u32>) {
+        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let vocab = model.config.vocab as u32;
+        (model, (0..n).map(|i| (i * mul + add) % vocab).collect())
+    }
+
     /// One-token logits on the spin pool (1, 2, 5 threads; F16 head and the
     /// 8-bit copy) against every row computed alone on this thread: same
     /// bits. And a 6-token call gives each token the bits of its own call.
@@ -1005,7 +1018,6 @@ mod tests {
         let mut r = SplitMix64(21);
         let h: Vec<f32> = (0..6 * hid).map(|_| r.next_f32() * 2.0 - 1.0).collect();
         let h0 = &h[..hid];
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for threads in [1, 2, 5] {
             for q8 in [false, true] {
                 let opts = CpuOptions {
@@ -1046,9 +1058,7 @@ mod tests {
     /// after it continues the same way.
     #[test]
     fn recycled_buffers_give_the_same_bits() {
-        let model = Arc::new(synthetic::build("tiny").unwrap());
-        let ids: Vec<u32> = (0..11).map(|i| (i * 29 + 3) % model.config.vocab as u32).collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (model, ids) = tiny_ids(11, 29, 3);
         let run = |be: &CpuBackend, toks: &[u32]| {
             let mut c = be.new_cache(32).unwrap();
             let mut a = be.forward(c.as_mut(), toks, Output::AllLogits).unwrap();
@@ -1075,10 +1085,8 @@ mod tests {
     /// for a prompt and for a chunk after cached tokens, for every kernel.
     #[test]
     fn last_logits_equal_the_last_row_of_all_logits() {
-        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let (model, ids) = tiny_ids(37, 41, 7);
         let vocab = model.config.vocab;
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let ids: Vec<u32> = (0..37).map(|i| (i * 41 + 7) % vocab as u32).collect();
         for kernel in crate::backends::cpu::kernels::available() {
             let be = CpuBackend::new(model.clone(), kernel, 2).unwrap();
             for (pre, n) in [(0usize, 37usize), (0, 2), (20, 17), (36, 1)] {
@@ -1121,10 +1129,8 @@ mod tests {
     /// steps in a row, contexts of 0 to 40 tokens, every kernel.
     #[test]
     fn batched_step_equals_one_sequence_at_a_time() {
-        let model = Arc::new(synthetic::build("tiny").unwrap());
+        let (model, ids) = tiny_ids(64, 53, 11);
         let vocab = model.config.vocab;
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let ids: Vec<u32> = (0..64).map(|i| (i * 53 + 11) % vocab as u32).collect();
         let prompts = [5usize, 0, 23, 1, 40];
         for kernel in crate::backends::cpu::kernels::available() {
             let be = CpuBackend::new(model.clone(), kernel, 2).unwrap();
@@ -1337,7 +1343,6 @@ mod tests {
         for threads in [1, 2, 5] {
             let be = CpuBackend::new(model.clone(), "scalar", threads).unwrap();
             let got = be.attention(&q, &kc, &vc, p0, 1);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{threads} threads");
         }
     }
