@@ -1163,6 +1163,127 @@ fn batched_step_matches_cpu() {
     }
 }
 
+/// A batched step's picks through the screened head (the 8-bit head read
+/// once for all of the step's sequences, then each sequence's F16 rows that
+/// can still win or reach its top-k floor) are the full head's: greedy picks
+/// (token and logit bits) and top-k picks (k of 1, 5, 40 and 64, mixed with
+/// greedy rows) against the ranking of the same step's logits, on caches in
+/// the same state. Batches of 17 (launches of 16 and 1) and 3, five rounds
+/// (graphs captured, then replayed); every token screened, no fallback, most
+/// rows left out.
+#[test]
+fn batched_screened_picks_are_the_full_heads() {
+    let model = synthetic::build("125m").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    let vocab = model.config.vocab;
+    let ids = prompt(60, vocab);
+    let lens: Vec<usize> = (0..17).map(|i| 3 + (i * 7) % 40).collect();
+    let fill =
+        || -> Vec<Box<dyn yinsen::backends::KvCache>> { lens.iter().map(|&n| prompted(&gpu, &ids[..n], 96)).collect() };
+    let (mut a, mut b, mut l) = (fill(), fill(), fill());
+    let mut step: Vec<u32> = (0..17u32).map(|i| (i * 4099 + 11) % vocab as u32).collect();
+    let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
+    for round in 0..5 {
+        let n = if round % 2 == 1 { 3 } else { 17 };
+        let logits = gpu.forward_batch(&mut refs(&mut l[..n]), &step[..n]).unwrap();
+        let greedy = gpu
+            .forward_batch_pick(&mut refs(&mut a[..n]), &step[..n], &vec![(1, true); n])
+            .unwrap()
+            .expect("offered");
+        let greedy_screen = gpu.batch_screen_last(n.min(16)).unwrap();
+        let picks: Vec<(usize, bool)> = (0..n)
+            .map(|i| match i % 5 {
+                0 => (1, true),
+                j => ([1, 5, 40, 64][(j + round) % 4], false),
+            })
+            .collect();
+        let top = gpu
+            .forward_batch_pick(&mut refs(&mut b[..n]), &step[..n], &picks)
+            .unwrap()
+            .expect("offered");
+        let top_screen = gpu.batch_screen_last(n.min(16)).unwrap();
+        // The last launch's tokens: the 17th sequence alone, or all 3.
+        let last = if n == 17 { 16..17 } else { 0..n };
+        for (j, i) in last.enumerate() {
+            for (what, (cand, fell_back)) in [("greedy", greedy_screen[j]), ("top-k", top_screen[j])] {
+                assert!(
+                    !fell_back && cand >= 1 && (cand as usize) < vocab / 2,
+                    "round {round} sequence {i} {what}: {cand} candidate rows of {vocab}"
+                );
+            }
+        }
+        for i in 0..n {
+            let li = &logits[i * vocab..(i + 1) * vocab];
+            let t = argmax(li);
+            assert_eq!(
+                bits(&greedy[i]),
+                vec![(t as u32, li[t].to_bits())],
+                "round {round}: greedy pick of sequence {i}"
+            );
+            let want = ranked(li, picks[i].0);
+            assert_eq!(
+                bits(&top[i]),
+                bits(&want),
+                "round {round}: pick {:?} of sequence {i}",
+                picks[i]
+            );
+            // Not always the best token, so the sequences' states spread.
+            step[i] = ranked(li, 9)[4 + i % 5].0;
+        }
+    }
+    assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no token fell back to the full head");
+}
+
+/// A batched step whose screen sees a non-finite value (final norm weights
+/// at f32::MAX overflow the normed x) falls back, token by token, to the
+/// full head: greedy and top-40 picks as the host ranks the same step's
+/// logits, non-finite ones included.
+#[test]
+fn batched_screened_picks_fall_back_on_non_finite_values() {
+    let mut model = synthetic::build("125m").unwrap();
+    for i in (3..model.config.hidden).step_by(48) {
+        model.final_norm[i] = f32::MAX;
+    }
+    let Some(gpu) = cuda(&model) else { return };
+    gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    let vocab = model.config.vocab;
+    let ids = prompt(20, vocab);
+    let fill = || -> Vec<Box<dyn yinsen::backends::KvCache>> {
+        (0..4).map(|i| prompted(&gpu, &ids[..4 + 3 * i], 16)).collect()
+    };
+    let (mut a, mut b, mut l) = (fill(), fill(), fill());
+    let step = [5u32, 77, 901, 3000];
+    let logits = gpu.forward_batch(&mut refs(&mut l), &step).unwrap();
+    assert!(
+        logits.iter().any(|v| !v.is_finite()),
+        "the case needs a non-finite logit"
+    );
+    let greedy = gpu
+        .forward_batch_pick(&mut refs(&mut a), &step, &[(1, true); 4])
+        .unwrap()
+        .expect("offered");
+    assert!(
+        gpu.batch_screen_last(4).unwrap().iter().all(|s| s.1),
+        "every token flagged"
+    );
+    let top = gpu
+        .forward_batch_pick(&mut refs(&mut b), &step, &[(40, false); 4])
+        .unwrap()
+        .expect("offered");
+    let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
+    for i in 0..4 {
+        let li = &logits[i * vocab..(i + 1) * vocab];
+        // The GPU's argmax rule: the first row of the largest logit above
+        // -inf (NaN never wins), else row 0.
+        let first_max = (0..vocab).fold((f32::NEG_INFINITY, 0), |m, r| if li[r] > m.0 { (li[r], r) } else { m });
+        assert_eq!(greedy[i][0].0, first_max.1 as u32, "greedy pick of sequence {i}");
+        let want = ranked(li, 40);
+        assert_eq!(bits(&top[i]), bits(&want), "top-40 of sequence {i}");
+    }
+    assert_eq!(gpu.screen_top_k_fallbacks(), 4, "every token fell back");
+}
+
 /// The lm_head of 2-8 tokens through `lm_head_f16_rows` (4 rows a warp)
 /// gives the bits of `lm_head_f16` (a row a warp) for every token: calls of
 /// 2, 5 and 8 tokens (AllLogits) and a batched step of 7 sequences.

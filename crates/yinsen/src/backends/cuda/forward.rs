@@ -2113,10 +2113,13 @@ impl Backend for CudaBackend {
             },
         }
     }
-    /// Greedy picks from the GPU's argmax of each row (the full head's
-    /// token, which the screened pick equals; its logit NaN); top-k picks
-    /// from the device's top-k per row (k <= 64; past that the logits,
-    /// ranked on the host). One sequence: the device's own picks.
+    /// With the screened head on, the picks of every row from one pass over
+    /// the 8-bit head plus each row's F16 candidates (greedy: the full
+    /// head's token and logit; top-k, k <= 64: its rows and logit bits).
+    /// Otherwise greedy picks from the GPU's argmax of each row (the full
+    /// head's token; its logit NaN) and top-k picks from the device's top-k
+    /// per row. Past k = 64 the logits, ranked on the host. One sequence:
+    /// the device's own picks.
     fn forward_batch_pick(
         &self,
         caches: &mut [&mut dyn KvCache],
@@ -2159,7 +2162,7 @@ impl Backend for CudaBackend {
                 .par_iter()
                 .enumerate()
                 .map(|(i, &(k, g))| match &out {
-                    batch::BatchOut::Greedy(best) => vec![(best[i], f32::NAN)],
+                    batch::BatchOut::Greedy(best) => vec![best[i]],
                     batch::BatchOut::TopK(rows) => rows[i][..k.min(rows[i].len())].to_vec(),
                     batch::BatchOut::Logits(l) => {
                         let l = &l[i * vocab..(i + 1) * vocab];

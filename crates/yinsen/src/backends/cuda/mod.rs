@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 87] = [
+pub const KERNELS: [&str; 92] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -255,6 +255,11 @@ pub const KERNELS: [&str; 87] = [
     "lm_head_pick_f16",
     "lm_head_topk_floor",
     "lm_head_topk_f16",
+    "lm_head_screen_prep",
+    "lm_head_screen_q8_batch",
+    "lm_head_pick_f16_batch",
+    "lm_head_topk_floor_batch",
+    "lm_head_topk_f16_batch",
     "mega_begin",
     "mega_f16",
     "mega_f32",
@@ -676,13 +681,18 @@ impl DevBuf {
         )
     }
     pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
-        if n * std::mem::size_of::<T>() > self.bytes {
+        self.read_at(0, n)
+    }
+    /// `n` elements from element `at` on.
+    pub fn read_at<T: Copy + Default>(&self, at: usize, n: usize) -> Result<Vec<T>> {
+        let size = std::mem::size_of::<T>();
+        if (at + n) * size > self.bytes {
             return Err(berr("download larger than its buffer"));
         }
         self.gpu.sync()?;
         let mut v = vec![T::default(); n];
         drv(
-            unsafe { result::memcpy_dtoh_sync(&mut v, self.ptr) },
+            unsafe { result::memcpy_dtoh_sync(&mut v, self.ptr + (at * size) as u64) },
             "copy from device",
         )?;
         Ok(v)

@@ -23,7 +23,8 @@ pub(super) enum BatchWant {
 /// A batched step's results, as [`BatchWant`] asked.
 pub(super) enum BatchOut {
     Logits(Vec<f32>),
-    Greedy(Vec<u32>),
+    /// The token and its logit (NaN where the full head's argmax gave it).
+    Greedy(Vec<(u32, f32)>),
     TopK(Vec<Vec<(u32, f32)>>),
 }
 
@@ -43,6 +44,8 @@ pub(super) struct BatchKey {
     multi: bool,
     /// The head through `lm_head_f16_rows`.
     lm_rows: bool,
+    /// Picks through the screened head (`batch_screen_kernels`): no logits.
+    screen: bool,
 }
 
 /// Batched-step graphs kept at most (keys vary with the batch size and the
@@ -97,6 +100,11 @@ impl CudaBackend {
             true => self.body_multi(s, keys, key.nt)?,
             false => self.body_keys(s, keys, key.nt, key.n_split)?,
         }
+        if key.screen {
+            // The final norms of all rows, then the screened picks.
+            self.head_at(s, 0, key.nt, false, 0)?;
+            return self.batch_screen_kernels(s, key.nt, matches!(key.want, BatchWant::TopK(_)));
+        }
         for t0 in (0..key.nt).step_by(LM_T) {
             self.head_at(s, t0, (key.nt - t0).min(LM_T), true, t0)?;
         }
@@ -138,7 +146,17 @@ impl CudaBackend {
         self.gpu.bind()?;
         let vocab = self.config.vocab;
         // The split-K partials, the scratch rows and the logits rows bound it.
-        let group = s.chunk.min(s.part_tokens).min(LM_T.max(STEP_GRAPH_MAX));
+        let group = s
+            .chunk
+            .min(s.part_tokens)
+            .min(LM_T.max(STEP_GRAPH_MAX))
+            .min(head::LMB_T);
+        // Picks through the screened head where it is on: the 8-bit head
+        // read once for the step's tokens instead of the F16 head's passes.
+        let screen = want != BatchWant::Logits && self.batch_screened();
+        if let (true, BatchWant::TopK(k)) = (screen, want) {
+            self.set_screen_k(k)?;
+        }
         let (mut logits, mut best, mut top) = (Vec::new(), Vec::new(), Vec::new());
         let mut graphs = std::mem::take(&mut s.batch_graphs);
         let run = (|| -> Result<()> {
@@ -165,11 +183,16 @@ impl CudaBackend {
                         && self.uses_mega_multi()
                         && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
                     lm_rows: self.lm_head_rows.load(Ordering::Relaxed),
+                    screen,
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 match want {
                     BatchWant::Logits => logits.extend(s.read_logits(nt, vocab)?),
-                    BatchWant::Greedy => best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| t as u32)),
+                    BatchWant::Greedy if screen => best.extend(self.batch_screen_greedy(nt)?),
+                    BatchWant::Greedy => {
+                        best.extend(s.argmax.read::<i32>(nt)?.into_iter().map(|t| (t as u32, f32::NAN)))
+                    }
+                    BatchWant::TopK(k) if screen => top.extend(self.batch_screen_top_k(&s, nt, k)?),
                     BatchWant::TopK(k) => {
                         let (v, i) = (s.topk_v.read::<f32>(nt * TK_MAX)?, s.topk_i.read::<i32>(nt * TK_MAX)?);
                         for (vr, ir) in v.chunks(TK_MAX).zip(i.chunks(TK_MAX)) {

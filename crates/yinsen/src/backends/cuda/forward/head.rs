@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{berr, dense_to_f16, CudaBackend, CudaCache, Head, Scratch, DM_NMAX, TK_MAX};
-use crate::backends::cuda::{Arg, DevBuf};
+use crate::backends::cuda::{Arg, DevBuf, Launch};
 use crate::error::{Error, Result};
 use crate::model::{DenseMatrix, DenseType};
 
@@ -37,6 +37,39 @@ pub(super) struct ScreenHead {
     pub(super) list: DevBuf,
     pub(super) cnt: DevBuf,
     pub(super) out: DevBuf,
+    /// The batched steps' slots (None: pass 1's shared memory does not fit
+    /// LMB_T rows of codes; batched picks then read the full head).
+    pub(super) batch: Option<BatchScreen>,
+}
+
+/// Tokens a batched screen takes (LMB_T in decode.cu).
+pub(super) const LMB_T: usize = 16;
+
+/// The screened head of a batched step (decode.cu: `lm_head_screen_prep`,
+/// `lm_head_screen_q8_batch`, then `lm_head_pick_f16_batch` or the top-k's
+/// `lm_head_topk_floor_batch` / `lm_head_topk_f16_batch`): the one-token
+/// slots with a row per token, and each token's 8-bit blocks of its normed x.
+pub(super) struct BatchScreen {
+    xq8: DevBuf,
+    dxs: DevBuf,
+    fac: DevBuf,
+    keys: DevBuf,
+    best: DevBuf,
+    wmax: DevBuf,
+    floor: DevBuf,
+    list: DevBuf,
+    cnt: DevBuf,
+    out: DevBuf,
+    /// Pass 1's dynamic shared memory per token: its codes and block scales.
+    smem_per_token: usize,
+}
+
+/// The (row, logit) of an argmax key (decode.cu's `argmax_key`; 0: no
+/// finite logit was seen).
+fn from_argmax_key(k: u64) -> Option<(u32, f32)> {
+    let u = (k >> 32) as u32;
+    let bits = if u & 0x8000_0000 != 0 { u & 0x7fff_ffff } else { !u };
+    (k != 0).then_some((!(k as u32), f32::from_bits(bits)))
 }
 
 /// List entries the screened top-k ranks (TL_CAP in decode.cu).
@@ -211,10 +244,231 @@ impl CudaBackend {
                     list: self.gpu.upload(&vec![0u8; 8 * TL_CAP])?,
                     cnt: self.gpu.upload(&[0u8; 8])?,
                     out: self.gpu.upload(&vec![0u8; 4 * (1 + 2 * TK_MAX)])?,
+                    batch: self.batch_screen_slots()?,
                 });
             }
         }
         Ok(self.lm_head_screen_on.swap(lm_head.is_some(), Ordering::Relaxed))
+    }
+
+    /// The batched screen's slots, or None where pass 1 cannot hold LMB_T
+    /// tokens' codes in shared memory.
+    fn batch_screen_slots(&self) -> Result<Option<BatchScreen>> {
+        let (h, nb) = (self.config.hidden, self.config.hidden / 32);
+        let smem_per_token = h + 4 * nb;
+        if smem_per_token * LMB_T > 48 * 1024
+            && !self
+                .gpu
+                .allow_dynamic_smem("lm_head_screen_q8_batch", smem_per_token * LMB_T)?
+        {
+            eprintln!("note: CUDA batched screened picks off: {h}-wide rows do not fit shared memory");
+            return Ok(None);
+        }
+        let zeros = |n: usize| self.gpu.upload(&vec![0u8; n]);
+        let nw = 8 * self.head_blocks() as usize;
+        Ok(Some(BatchScreen {
+            xq8: zeros(LMB_T * h)?,
+            dxs: zeros(LMB_T * 4 * nb)?,
+            fac: zeros(LMB_T * 8)?,
+            keys: zeros(LMB_T * 16)?,
+            best: zeros(LMB_T * 8)?,
+            wmax: zeros(LMB_T * 8 * nw)?,
+            floor: zeros(LMB_T * 4)?,
+            list: zeros(LMB_T * 8 * TL_CAP)?,
+            // The top-k rows' list lengths and arrivals: zero between steps
+            // (the last block of each token's grid resets them).
+            cnt: zeros(LMB_T * 8)?,
+            out: zeros(LMB_T * 4 * (1 + 2 * TK_MAX))?,
+            smem_per_token,
+        }))
+    }
+
+    /// Whether a batched step's picks go through the screened head: the
+    /// screen is on (and not the 8-bit head's logits) and its batch slots
+    /// fit; `YINSEN_CUDA_BATCH_SCREEN=0` (read once, for A/B runs) keeps the
+    /// full head's passes.
+    pub(super) fn batch_screened(&self) -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        !*OFF.get_or_init(|| std::env::var("YINSEN_CUDA_BATCH_SCREEN").is_ok_and(|v| v == "0"))
+            && self.lm_head_screened()
+            && !self.lm_head_q8_on.load(Ordering::Relaxed)
+            && self
+                .lm_head_screen
+                .lock()
+                .is_ok_and(|sh| sh.as_ref().is_some_and(|sh| sh.batch.is_some()))
+    }
+
+    /// The screened picks of a batched step's `nt` tokens (<= LMB_T), whose
+    /// final norms are rows 0..nt of `s.normed`: pass 1 over the 8-bit head
+    /// once for all of them (its logits into rows 0..nt of `s.logits`), then
+    /// per token the greedy pick (`top_k` false) or the screened top-k (k
+    /// written to the screen's `k` before the launch). Every token's result
+    /// is what the one-token screen gives for its x: the full head's token,
+    /// or its k rows and logit bits.
+    pub(super) fn batch_screen_kernels(&self, s: &Scratch, nt: usize, top_k: bool) -> Result<()> {
+        let g = &self.gpu;
+        let c = &self.config;
+        let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        let b = sh.batch.as_ref().ok_or_else(|| berr("batched screen not prepared"))?;
+        if nt == 0 || nt > LMB_T {
+            return Err(berr(format!("batched screen: {nt} tokens (1..={LMB_T})")));
+        }
+        let (blocks, nt32) = (self.head_blocks(), nt as u32);
+        let (vocab, hidden) = (Arg::I(c.vocab as i32), Arg::I(c.hidden as i32));
+        g.set_tag("lm_head batched screen");
+        let prep = [
+            s.normed.p(),
+            hidden,
+            b.xq8.p(),
+            b.dxs.p(),
+            b.fac.p(),
+            b.keys.p(),
+            b.best.p(),
+        ];
+        g.launch("lm_head_screen_prep", (nt32, 1, 1), 256, &prep)?;
+        let pass1 = [
+            vals.p(),
+            scales.p(),
+            vocab,
+            hidden,
+            Arg::I(nt as i32),
+            b.xq8.p(),
+            b.dxs.p(),
+            b.fac.p(),
+            sh.err.p(),
+            sh.abs.p(),
+            b.keys.p(),
+            s.logits.p(),
+            if top_k { b.wmax.p() } else { Arg::P(0) },
+        ];
+        let smem = (nt * b.smem_per_token) as u32;
+        g.launch_smem(
+            "lm_head_screen_q8_batch",
+            (blocks, 1, 1),
+            256,
+            smem,
+            &pass1,
+            Launch::Plain,
+        )?;
+        let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
+        let lq = [
+            e,
+            vocab,
+            hidden,
+            s.logits.p(),
+            sh.err.p(),
+            sh.abs.p(),
+            b.fac.p(),
+            b.keys.p(),
+            s.normed.p(),
+        ];
+        if !top_k {
+            let mut a = lq.to_vec();
+            a.push(b.best.p());
+            g.launch("lm_head_pick_f16_batch", (blocks, nt32, 1), 256, &a)?;
+        } else {
+            let fg = (blocks as usize).clamp(1, FG_BLOCKS) as u32;
+            let floor = [
+                e,
+                hidden,
+                b.wmax.p(),
+                Arg::I(blocks as i32 * 8),
+                sh.k.p(),
+                b.keys.p(),
+                s.normed.p(),
+                b.floor.p(),
+                b.list.p(),
+            ];
+            g.launch("lm_head_topk_floor_batch", (fg, nt32, 1), 256, &floor)?;
+            let mut a = lq.to_vec();
+            a.extend([b.floor.p(), sh.k.p(), b.list.p(), b.cnt.p(), b.out.p()]);
+            g.launch("lm_head_topk_f16_batch", (blocks, nt32, 1), 256, &a)?;
+        }
+        g.set_tag("");
+        Ok(())
+    }
+
+    /// Sets k for the screened top-k of the next step (one-token or batched).
+    pub(super) fn set_screen_k(&self, k: usize) -> Result<()> {
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let sh = sh.as_ref().ok_or_else(|| berr("screened lm_head not prepared"))?;
+        sh.k.write_async(&[k as i32])
+    }
+
+    /// The greedy picks of the last batched screen's `nt` tokens: (token,
+    /// its F16 logit); token 0 with a NaN logit where no logit was finite
+    /// (as `argmax_f32` gives 0).
+    pub(super) fn batch_screen_greedy(&self, nt: usize) -> Result<Vec<(u32, f32)>> {
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let b = sh
+            .as_ref()
+            .and_then(|sh| sh.batch.as_ref())
+            .ok_or_else(|| berr("batched screen not prepared"))?;
+        let keys = b.best.read::<u64>(nt)?;
+        Ok(keys
+            .into_iter()
+            .map(|k| from_argmax_key(k).unwrap_or((0, f32::NAN)))
+            .collect())
+    }
+
+    /// The top-k rows of the last batched screen's `nt` tokens, ranked. A
+    /// token whose screen fell back (a non-finite value, or more rows at the
+    /// floor than the list holds) gets the full head's logits from its row
+    /// of `s.normed`, ranked on the host.
+    pub(super) fn batch_screen_top_k(&self, s: &Scratch, nt: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let c = &self.config;
+        let out = {
+            let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+            let b = sh
+                .as_ref()
+                .and_then(|sh| sh.batch.as_ref())
+                .ok_or_else(|| berr("batched screen not prepared"))?;
+            b.out.read::<i32>(nt * (1 + 2 * TK_MAX))?
+        };
+        let mut rows = Vec::with_capacity(nt);
+        for (t, o) in out.chunks(1 + 2 * TK_MAX).enumerate() {
+            if o[0] == 0 {
+                rows.push(
+                    (0..k)
+                        .filter(|&j| o[1 + j] >= 0)
+                        .map(|j| (o[1 + j] as u32, f32::from_bits(o[1 + TK_MAX + j] as u32)))
+                        .collect(),
+                );
+                continue;
+            }
+            self.topk_fallbacks.fetch_add(1, Ordering::Relaxed);
+            let e = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let args = [
+                e.p(),
+                Arg::I(c.vocab as i32),
+                Arg::I(c.hidden as i32),
+                s.normed.at(4 * t * c.hidden),
+                Arg::I(1),
+                s.logits.at(4 * t * c.vocab),
+            ];
+            self.gpu
+                .launch("lm_head_f16", (c.vocab.div_ceil(8) as u32, 1, 1), 256, &args)?;
+            rows.push(crate::logits::ranked(
+                &s.logits.read_at::<f32>(t * c.vocab, c.vocab)?,
+                k,
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// For tests: each token's candidate rows in the last batched screen
+    /// and whether it fell back to every row (a non-finite value).
+    pub fn batch_screen_last(&self, nt: usize) -> Result<Vec<(u32, bool)>> {
+        let sh = self.lm_head_screen.lock().map_err(|_| berr("lm_head lock poisoned"))?;
+        let b = sh
+            .as_ref()
+            .and_then(|sh| sh.batch.as_ref())
+            .ok_or_else(|| berr("batched screen not prepared"))?;
+        let k = b.keys.read::<u32>(4 * nt.min(LMB_T))?;
+        Ok(k.chunks(4).map(|k| (k[2], k[1] != 0)).collect())
     }
 
     /// Whether greedy picks go through the screened head.

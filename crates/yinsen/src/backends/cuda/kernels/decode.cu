@@ -317,9 +317,10 @@ __device__ __forceinline__ float screen_bound(float err, float abs_sum, float lq
 // The token's factors, as head_screen.rs's `factors` (f64, inflated by 0.1%
 // twice, rounded up to f32) from the normed x (xs) and its 8-bit blocks
 // (codes xq8, scales dxs) that pass 1 multiplies: a = ||x||_1, b = δ + γ (2
-// max|x| + δ), δ = max |x - code dx|, γ = 2^-23 hidden. Every block of the
-// grid computes the same; block 0 stores them.
-__device__ float2 screen_factors(const float* xs, const i8* xq8, const float* dxs, int hidden, ScreenArgs sa) {
+// max|x| + δ), δ = max |x - code dx|, γ = 2^-23 hidden. Block-wide; thread 0
+// flags a non-finite value in keys[1] and stores them to fac_out (if any).
+__device__ float2 screen_factors(const float* xs, const i8* xq8, const float* dxs, int hidden, unsigned* keys,
+                                  float2* fac_out) {
     __shared__ double rd[2][8];
     __shared__ float rf[8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -355,8 +356,8 @@ __device__ float2 screen_factors(const float* xs, const i8* xq8, const float* dx
     const double a = inflate * l1, b = inflate * (dl + gamma * (2.0 * (double)hm + dl));
     const float2 ab = make_float2((float)a * (1.f + 1.1920929e-7f), (float)b * (1.f + 1.1920929e-7f));
     if (threadIdx.x == 0) {
-        if (bad || !isfinite(ab.x) || !isfinite(ab.y)) atomicOr(sa.keys + 1, 1u);
-        if (blockIdx.x == 0) *sa.fac = ab;
+        if (bad || !isfinite(ab.x) || !isfinite(ab.y)) atomicOr(keys + 1, 1u);
+        if (fac_out) *fac_out = ab;
     }
     __syncthreads();  // rd / rf reuse
     return ab;
@@ -462,10 +463,9 @@ __device__ __forceinline__ unsigned screen_round(int b0, int vocab, const float*
 // A candidate gets the F16 head's own row dot, exactly as lm_head_body
 // computes it (pass 1's xs, same lanes, same sum), and the pick is
 // lm_head_dec's: larger logit, then lower row (here in any order of rows).
-extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f16(const u16* E, int vocab, int hidden,
-                                                                 const float* lq, const float* err,
-                                                                 const float* abs_sum, const float2* fac,
-                                                                 unsigned* keys, const float* xs_in, u64* best) {
+__device__ __forceinline__ void pick_f16_body(const u16* E, int vocab, int hidden, const float* lq, const float* err,
+                                              const float* abs_sum, const float2* fac, unsigned* keys,
+                                              const float* xs_in, u64* best) {
     __shared__ __align__(16) float xs[DM_NMAX];
     __shared__ float bv_s[8];
     __shared__ int bi_s[8];
@@ -492,6 +492,13 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f1
     if (threadIdx.x == 0 && total) atomicAdd(keys + 2, total);
 }
 
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f16(const u16* E, int vocab, int hidden,
+                                                                 const float* lq, const float* err,
+                                                                 const float* abs_sum, const float2* fac,
+                                                                 unsigned* keys, const float* xs_in, u64* best) {
+    pick_f16_body(E, vocab, hidden, lq, err, abs_sum, fac, keys, xs_in, best);
+}
+
 // The 8-bit lm_head, int8 x int8 as the CPU's Q8Head (cpu/lm_head.rs): the
 // normed x is quantised per block of 32 (dx = max|v| / 127, codes
 // round(v / dx) within +-127; a non-finite block gives dx = NaN), each block's
@@ -511,6 +518,23 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_pick_f1
 // default grid resident) beat two rows at 116 (2 resident): pass 1 151.5 ->
 // 139.5 us, decode 922 -> 933-935 tok/s (S14-1, S14-2, H100); 5 blocks per
 // SM (grid or registers) was slower (168-187 us).
+// The normed x (shared memory) in 8-bit blocks of 32, as the CPU's Q8Head
+// quantises it: dx = max|v| / 127 (NaN for a non-finite block), codes
+// round(v / dx) within +-127. Block-wide (a warp per block); synchronises.
+__device__ __forceinline__ void q8_blocks(const float* xs, int nb, i8* xq8, float* dxs) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int b = warp; b < nb; b += 8) {  // 256 threads
+        const float v = xs[32 * b + lane];
+        const float amax = warp_max(fabsf(v));
+        const float dx = isfinite(amax) ? amax / 127.f : __int_as_float(0x7fc00000);
+        const float inv = dx > 0.f ? 1.f / dx : 0.f;
+        const float t = roundf(v * inv);
+        xq8[32 * b + lane] = (i8)(isnan(t) ? 0 : (int)fminf(fmaxf(t, -127.f), 127.f));
+        if (lane == 0) dxs[b] = dx;
+    }
+    __syncthreads();
+}
+
 template <bool SCREEN>
 __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x, const float* nw,
                                 float eps, float* logits, u64* best, ScreenArgs sa) {
@@ -553,21 +577,12 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
     for (int j = 0; j < S; j++) load_row(r + j * nwarps, j);
     pdl_wait();
     lm_head_norm(x, nw, eps, hidden, xs, red);
-    for (int b = warp; b < nb; b += 8) {
-        const float v = xs[32 * b + lane];
-        const float amax = warp_max(fabsf(v));
-        const float dx = isfinite(amax) ? amax / 127.f : __int_as_float(0x7fc00000);
-        const float inv = dx > 0.f ? 1.f / dx : 0.f;
-        const float t = roundf(v * inv);
-        xq8[32 * b + lane] = (i8)(isnan(t) ? 0 : (int)fminf(fmaxf(t, -127.f), 127.f));
-        if (lane == 0) dxs[b] = dx;
-    }
-    __syncthreads();
+    q8_blocks(xs, nb, xq8, dxs);
     float2 ab = make_float2(0.f, 0.f);
     if (SCREEN) {
         if (blockIdx.x == 0)
             for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
-        ab = screen_factors(xs, xq8, dxs, hidden, sa);
+        ab = screen_factors(xs, xq8, dxs, hidden, sa.keys, blockIdx.x == 0 ? sa.fac : nullptr);
     }
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
@@ -708,10 +723,8 @@ extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB) lm_head_screen_q8(
 #define FG_BLOCKS 32
 #define FG_ROWS 8        // rows per block: one per warp of 256 threads
 #define FG_MAXPER 1024   // wmax entries a block looks at
-extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
-                                                                          int nw, const int* kp, unsigned* keys,
-                                                                          const float* xs, float* floor_out,
-                                                                          unsigned* scratch) {
+__device__ __forceinline__ void topk_floor_body(const u16* E, int hidden, const u64* wmax, int nw, const int* kp,
+                                                unsigned* keys, const float* xs, float* floor_out, unsigned* scratch) {
     __shared__ u64 ent[FG_MAXPER];
     __shared__ int rows_s[FG_ROWS];
     __shared__ float vals_s[FG_BLOCKS * FG_ROWS];
@@ -798,12 +811,17 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor(const u16* 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f16(const u16* E, int vocab, int hidden,
-                                                                 const float* lq, const float* err,
-                                                                 const float* abs_sum, const float2* fac,
-                                                                 unsigned* keys, const float* xs_in,
-                                                                 const float* floor_in, const int* kp, u64* list,
-                                                                 unsigned* cnt, int* out) {
+extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor(const u16* E, int hidden, const u64* wmax,
+                                                                          int nw, const int* kp, unsigned* keys,
+                                                                          const float* xs, float* floor_out,
+                                                                          unsigned* scratch) {
+    topk_floor_body(E, hidden, wmax, nw, kp, keys, xs, floor_out, scratch);
+}
+
+__device__ __forceinline__ void topk_f16_body(const u16* E, int vocab, int hidden, const float* lq, const float* err,
+                                              const float* abs_sum, const float2* fac, unsigned* keys,
+                                              const float* xs_in, const float* floor_in, const int* kp, u64* list,
+                                              unsigned* cnt, int* out) {
     __shared__ __align__(16) float xs[DM_NMAX];  // the last block ranks in it
     __shared__ int cand_s[256];
     __shared__ int ncand_s, last_s;
@@ -859,4 +877,197 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f1
         cnt[0] = 0;
         cnt[1] = 0;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f16(const u16* E, int vocab, int hidden,
+                                                                 const float* lq, const float* err,
+                                                                 const float* abs_sum, const float2* fac,
+                                                                 unsigned* keys, const float* xs_in,
+                                                                 const float* floor_in, const int* kp, u64* list,
+                                                                 unsigned* cnt, int* out) {
+    topk_f16_body(E, vocab, hidden, lq, err, abs_sum, fac, keys, xs_in, floor_in, kp, list, cnt, out);
+}
+
+// ---- The screened head of a batched step (forward/batch.rs) ----
+// Token t of a step (the next token of sequence t) gets the pick the
+// one-token screen gives: the same bound, per token, between the 8-bit
+// head's logit of its normed x (norm_quant's row t, the x the batched full
+// head multiplies) and the F16 head's own row dot. The 8-bit head is read
+// once for all tokens (pass 1); passes 2 run a grid per token (blockIdx.y)
+// on that token's slots: keys[4t..4t+3], fac[t], best[t], row t of lq, of
+// the normed x, of wmax (nw entries each) and of the top-k list, cnt[2t..],
+// out[t (1 + 2 TK_MAX)..].
+#define LMB_T 16  // tokens a batched screen takes (MM_T, LM_T x 2)
+
+// Block t: token t's step slots zeroed (keys, best), its normed x in 8-bit
+// blocks into xq8_out / dxs_out (rows of hidden / nb), its bound factors
+// into fac[t] (a non-finite value flags keys[4t + 1]).
+extern "C" __global__ void __launch_bounds__(256) lm_head_screen_prep(const float* normed, int hidden, i8* xq8_out,
+                                                                     float* dxs_out, float2* fac, unsigned* keys,
+                                                                     u64* best) {
+    __shared__ __align__(16) float xs[DM_NMAX];
+    __shared__ __align__(16) i8 xq8[DM_NMAX];
+    __shared__ float dxs[DM_NMAX / 32];
+    pdl_launch();
+    pdl_wait();
+    const int t = blockIdx.x, nb = hidden / 32;
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < 4; j++) keys[4 * t + j] = 0u;
+        best[t] = 0ull;
+    }
+    const float* x = normed + (size_t)t * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xs[i] = x[i];
+    __syncthreads();
+    q8_blocks(xs, nb, xq8, dxs);
+    const uint4* q4 = (const uint4*)xq8;
+    uint4* o4 = (uint4*)(xq8_out + (size_t)t * hidden);
+    for (int i = threadIdx.x; i < hidden / 16; i += blockDim.x) o4[i] = q4[i];
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) dxs_out[(size_t)t * nb + b] = dxs[b];
+    screen_factors(xs, xq8, dxs, hidden, keys + 4 * t, fac + t);
+}
+
+// Pass 1 for nt <= LMB_T tokens: a warp per row, each row's pieces loaded
+// once and multiplied with every token's codes (dynamic shared memory: nt
+// rows of codes, then nt rows of block scales), each (row, token) with
+// lm_head_q8_body's arithmetic in its order (the same lq bits as the
+// one-token screen for the same codes). Lane t keeps token t's factors and
+// the warp's largest lower end; a non-finite value flags keys[4t + 1].
+// wmax (or null): row t holds nw = gridDim.x * 8 per-warp entries.
+extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB)
+    lm_head_screen_q8_batch(const uint4* Q, const u16* D, int vocab, int hidden, int nt, const i8* xq8_g,
+                            const float* dxs_g, const float2* fac, const float* err, const float* abs_sum,
+                            unsigned* keys, float* lq, u64* wmax) {
+    extern __shared__ __align__(16) unsigned char lmb_smem[];
+    __shared__ float bv_s[8][LMB_T];
+    constexpr int U = 5;  // pieces per lane in registers: hidden <= 2560 in one pass
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = gridDim.x * 8, np = hidden / 16, nb = hidden / 32;
+    i8* xq8 = (i8*)lmb_smem;
+    float* dxs = (float*)(lmb_smem + (size_t)nt * hidden);
+    uint4 pv[U];
+    float dw[U];
+    float2 ea;
+    auto load_row = [&](int rr) {
+        const int rs = rr < vocab ? rr : 0;
+#pragma unroll
+        for (int k = 0; k < U; k++) {
+            const int c = lane + 32 * k;
+            const bool in = rr < vocab && c < np;
+            pv[k] = in ? __ldg(Q + (size_t)rs * np + c) : make_uint4(0, 0, 0, 0);
+            dw[k] = in ? h2f(__ldg(D + (size_t)rs * nb + c / 2)) : 0.f;
+        }
+        ea = make_float2(__ldg(err + rs), __ldg(abs_sum + rs));
+    };
+    int r = blockIdx.x * 8 + warp;
+    pdl_launch();
+    load_row(r);  // weights: written by no kernel
+    pdl_wait();
+    {
+        const uint4* s4 = (const uint4*)xq8_g;
+        uint4* d4 = (uint4*)xq8;
+        for (int i = threadIdx.x; i < nt * hidden / 16; i += blockDim.x) d4[i] = s4[i];
+        for (int i = threadIdx.x; i < nt * nb; i += blockDim.x) dxs[i] = dxs_g[i];
+    }
+    __syncthreads();
+    const float2 ab = lane < nt ? fac[lane] : make_float2(0.f, 0.f);
+    float bv = NEG_INF;
+    int br = 0x7fffffff;
+    for (; r < vocab; r += nwarps) {
+        if (r != blockIdx.x * 8 + warp) load_row(r);
+        for (int t = 0; t < nt; t++) {
+            const uint4* xq4 = (const uint4*)(xq8 + (size_t)t * hidden);
+            const float* dxt = dxs + (size_t)t * nb;
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < U; k++) {
+                const int c = lane + 32 * k;
+                if (32 * k < np) {
+                    int d = 0;
+                    if (c < np) {
+                        const uint4 xv = xq4[c], w = pv[k];
+                        d = __dp4a((int)w.x, (int)xv.x, d);
+                        d = __dp4a((int)w.y, (int)xv.y, d);
+                        d = __dp4a((int)w.z, (int)xv.z, d);
+                        d = __dp4a((int)w.w, (int)xv.w, d);
+                    }
+                    d += __shfl_xor_sync(0xffffffffu, d, 1);  // the block's halves
+                    if (c < np) acc = fmaf((float)d, __fmul_rn(dw[k], dxt[c / 2]), acc);
+                }
+            }
+            // Wider rows: the rest of the row from global memory (L1 / L2
+            // after the first token).
+            for (int k = U; 32 * k < np; k++) {
+                const int c = lane + 32 * k;
+                int d = 0;
+                float sc = 0.f;
+                if (c < np) {
+                    const uint4 xv = xq4[c], w = __ldg(Q + (size_t)r * np + c);
+                    d = __dp4a((int)w.x, (int)xv.x, d);
+                    d = __dp4a((int)w.y, (int)xv.y, d);
+                    d = __dp4a((int)w.z, (int)xv.z, d);
+                    d = __dp4a((int)w.w, (int)xv.w, d);
+                    sc = __fmul_rn(h2f(__ldg(D + (size_t)r * nb + c / 2)), dxt[c / 2]);
+                }
+                d += __shfl_xor_sync(0xffffffffu, d, 1);
+                if (c < np) acc = fmaf((float)d, sc, acc);
+            }
+            acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            if (lane == t) {
+                lq[(size_t)t * vocab + r] = acc;
+                const float b = screen_bound(ea.x, ea.y, acc, ab);
+                const float lo = acc - b;
+                if (!isfinite(lo) || !isfinite(acc + b)) {
+                    atomicOr(keys + 4 * t + 1, 1u);
+                } else if (lo > bv) {
+                    bv = lo;
+                    br = r;
+                }
+            }
+        }
+    }
+    if (lane < nt) {
+        bv_s[warp][lane] = bv;
+        if (wmax) wmax[(size_t)lane * nwarps + blockIdx.x * 8 + warp] = bv != NEG_INF ? tk_cand(bv, br) : 0ull;
+    }
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        const int t = threadIdx.x;
+        float m = bv_s[0][t];
+        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
+        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
+    }
+}
+
+// Pass 2, greedy: grid (blocks, tokens), token blockIdx.y's pick into best[t].
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB)
+    lm_head_pick_f16_batch(const u16* E, int vocab, int hidden, const float* lq, const float* err,
+                           const float* abs_sum, const float2* fac, unsigned* keys, const float* xs_in, u64* best) {
+    const int t = blockIdx.y;
+    pick_f16_body(E, vocab, hidden, lq + (size_t)t * vocab, err, abs_sum, fac + t, keys + 4 * t,
+                  xs_in + (size_t)t * hidden, best + t);
+}
+
+// The top-k floor per token: grid (FG_BLOCKS or fewer, tokens); token t's
+// floor scratch is the start of its list row (as the one-token floor's).
+extern "C" __global__ void __launch_bounds__(256) lm_head_topk_floor_batch(const u16* E, int hidden, const u64* wmax,
+                                                                          int nw, const int* kp, unsigned* keys,
+                                                                          const float* xs, float* floor_out,
+                                                                          u64* list) {
+    const int t = blockIdx.y;
+    topk_floor_body(E, hidden, wmax + (size_t)t * nw, nw, kp, keys + 4 * t, xs + (size_t)t * hidden, floor_out + t,
+                    (unsigned*)(list + (size_t)t * TL_CAP));
+}
+
+// The screened top-k rows per token: grid (blocks, tokens).
+extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB)
+    lm_head_topk_f16_batch(const u16* E, int vocab, int hidden, const float* lq, const float* err,
+                           const float* abs_sum, const float2* fac, unsigned* keys, const float* xs_in,
+                           const float* floor_in, const int* kp, u64* list, unsigned* cnt, int* out) {
+    const int t = blockIdx.y;
+    topk_f16_body(E, vocab, hidden, lq + (size_t)t * vocab, err, abs_sum, fac + t, keys + 4 * t,
+                  xs_in + (size_t)t * hidden, floor_in + t, kp, list + (size_t)t * TL_CAP, cnt + 2 * t,
+                  out + (size_t)t * (1 + 2 * TK_MAX));
 }
