@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{check_greedy, check_logits, json_ids, read_json, tiny_a, Limits};
 use yinsen::backends::cpu::CpuBackend;
-use yinsen::backends::cuda::forward::BigGemm;
+use yinsen::backends::cuda::forward::{BatchPass1, BigGemm};
 use yinsen::backends::cuda::{CudaBackend, FlashMode, KvDtype};
 use yinsen::backends::{Backend, Output};
 use yinsen::engine::sampling::{ranked, SamplerConfig};
@@ -1170,17 +1170,25 @@ fn batched_step_matches_cpu() {
 /// greedy rows) against the ranking of the same step's logits, on caches in
 /// the same state. Batches of 17 (launches of 16 and 1) and 3, five rounds
 /// (graphs captured, then replayed); every token screened, no fallback, most
-/// rows left out.
+/// rows left out. Both pass 1 kernels: tensor cores (the default) and dp4a.
 #[test]
 fn batched_screened_picks_are_the_full_heads() {
     let model = synthetic::build("125m").unwrap();
     let Some(gpu) = cuda(&model) else { return };
     gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    for pass1 in [BatchPass1::Mma, BatchPass1::Dp4a] {
+        gpu.set_batch_pass1(pass1);
+        batched_screened_picks(&gpu, &model, pass1);
+    }
+    assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no token fell back to the full head");
+}
+
+fn batched_screened_picks(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
     let vocab = model.config.vocab;
     let ids = prompt(60, vocab);
     let lens: Vec<usize> = (0..17).map(|i| 3 + (i * 7) % 40).collect();
     let fill =
-        || -> Vec<Box<dyn yinsen::backends::KvCache>> { lens.iter().map(|&n| prompted(&gpu, &ids[..n], 96)).collect() };
+        || -> Vec<Box<dyn yinsen::backends::KvCache>> { lens.iter().map(|&n| prompted(gpu, &ids[..n], 96)).collect() };
     let (mut a, mut b, mut l) = (fill(), fill(), fill());
     let mut step: Vec<u32> = (0..17u32).map(|i| (i * 4099 + 11) % vocab as u32).collect();
     let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
@@ -1206,10 +1214,10 @@ fn batched_screened_picks_are_the_full_heads() {
         // The last launch's tokens: the 17th sequence alone, or all 3.
         let last = if n == 17 { 16..17 } else { 0..n };
         for (j, i) in last.enumerate() {
-            for (what, (cand, fell_back)) in [("greedy", greedy_screen[j]), ("top-k", top_screen[j])] {
+            for (kind, (cand, fell_back)) in [("greedy", greedy_screen[j]), ("top-k", top_screen[j])] {
                 assert!(
                     !fell_back && cand >= 1 && (cand as usize) < vocab / 2,
-                    "round {round} sequence {i} {what}: {cand} candidate rows of {vocab}"
+                    "{pass1:?} round {round} sequence {i} {kind}: {cand} candidate rows of {vocab}"
                 );
             }
         }
@@ -1219,26 +1227,25 @@ fn batched_screened_picks_are_the_full_heads() {
             assert_eq!(
                 bits(&greedy[i]),
                 vec![(t as u32, li[t].to_bits())],
-                "round {round}: greedy pick of sequence {i}"
+                "{pass1:?} round {round}: greedy pick of sequence {i}"
             );
             let want = ranked(li, picks[i].0);
             assert_eq!(
                 bits(&top[i]),
                 bits(&want),
-                "round {round}: pick {:?} of sequence {i}",
+                "{pass1:?} round {round}: pick {:?} of sequence {i}",
                 picks[i]
             );
             // Not always the best token, so the sequences' states spread.
             step[i] = ranked(li, 9)[4 + i % 5].0;
         }
     }
-    assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no token fell back to the full head");
 }
 
 /// A batched step whose screen sees a non-finite value (final norm weights
 /// at f32::MAX overflow the normed x) falls back, token by token, to the
 /// full head: greedy and top-40 picks as the host ranks the same step's
-/// logits, non-finite ones included.
+/// logits, non-finite ones included; both pass 1 kernels.
 #[test]
 fn batched_screened_picks_fall_back_on_non_finite_values() {
     let mut model = synthetic::build("125m").unwrap();
@@ -1247,10 +1254,18 @@ fn batched_screened_picks_fall_back_on_non_finite_values() {
     }
     let Some(gpu) = cuda(&model) else { return };
     gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    for pass1 in [BatchPass1::Mma, BatchPass1::Dp4a] {
+        gpu.set_batch_pass1(pass1);
+        batched_screen_falls_back(&gpu, &model, pass1);
+    }
+    assert_eq!(gpu.screen_top_k_fallbacks(), 8, "every token fell back");
+}
+
+fn batched_screen_falls_back(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
     let vocab = model.config.vocab;
     let ids = prompt(20, vocab);
     let fill = || -> Vec<Box<dyn yinsen::backends::KvCache>> {
-        (0..4).map(|i| prompted(&gpu, &ids[..4 + 3 * i], 16)).collect()
+        (0..4).map(|i| prompted(gpu, &ids[..4 + 3 * i], 16)).collect()
     };
     let (mut a, mut b, mut l) = (fill(), fill(), fill());
     let step = [5u32, 77, 901, 3000];
@@ -1265,7 +1280,7 @@ fn batched_screened_picks_fall_back_on_non_finite_values() {
         .expect("offered");
     assert!(
         gpu.batch_screen_last(4).unwrap().iter().all(|s| s.1),
-        "every token flagged"
+        "{pass1:?}: every token flagged"
     );
     let top = gpu
         .forward_batch_pick(&mut refs(&mut b), &step, &[(40, false); 4])
@@ -1277,11 +1292,13 @@ fn batched_screened_picks_fall_back_on_non_finite_values() {
         // The GPU's argmax rule: the first row of the largest logit above
         // -inf (NaN never wins), else row 0.
         let first_max = (0..vocab).fold((f32::NEG_INFINITY, 0), |m, r| if li[r] > m.0 { (li[r], r) } else { m });
-        assert_eq!(greedy[i][0].0, first_max.1 as u32, "greedy pick of sequence {i}");
+        assert_eq!(
+            greedy[i][0].0, first_max.1 as u32,
+            "{pass1:?}: greedy pick of sequence {i}"
+        );
         let want = ranked(li, 40);
-        assert_eq!(bits(&top[i]), bits(&want), "top-40 of sequence {i}");
+        assert_eq!(bits(&top[i]), bits(&want), "{pass1:?}: top-40 of sequence {i}");
     }
-    assert_eq!(gpu.screen_top_k_fallbacks(), 4, "every token fell back");
 }
 
 /// The lm_head of 2-8 tokens through `lm_head_f16_rows` (4 rows a warp)

@@ -440,6 +440,26 @@ fn bench_batch_only(b: &CudaBackend) -> Result<CudaBench> {
             );
         }
     }
+    // The batched picks' heads: the full head's passes, the screen with
+    // either pass 1 (un-graphed kernel groups, then graphed wall / GPU ms).
+    use crate::backends::cuda::forward::BatchPass1;
+    let pass1 = b.set_batch_pass1(BatchPass1::Off);
+    for p in [BatchPass1::Off, BatchPass1::Dp4a, BatchPass1::Mma] {
+        b.set_batch_pass1(p);
+        for (what, k) in [("greedy", None), ("top-40", Some(40))] {
+            let groups = b.profile_batch(16, k, 5)?;
+            let total: f32 = groups.iter().map(|g| g.1).sum();
+            let parts: Vec<String> = groups.iter().map(|(t, ms)| format!("{t} {:.0}", ms * 1e3)).collect();
+            eprintln!(
+                "batch 16 sequences ctx 0, {what} picks, head {p:?}, un-graphed, GPU us: {:.0} = {}",
+                total * 1e3,
+                parts.join(", ")
+            );
+        }
+        let (w, g) = batch_ms_gpu(b, 16, 0, 20, true)?;
+        eprintln!("batch 16 sequences ctx 0, greedy picks, head {p:?}: {w:.3} ms (GPU {g:.3})");
+    }
+    b.set_batch_pass1(pass1);
     let decode_ctx0 = decode_at(b, 0, 128, 5)?;
     let decode_long = decode_at(b, long, 128, 3)?;
     let mut r = bench_decode_only_rows(b, decode_ctx0, decode_long)?;

@@ -18,6 +18,7 @@ mod mega_multi;
 mod prefill;
 mod profile;
 
+pub use head::BatchPass1;
 use head::ScreenHead;
 pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
@@ -503,6 +504,9 @@ pub struct CudaBackend {
     /// Heads of 2+ tokens through `lm_head_f16_rows` (tests compare it with
     /// `lm_head_f16`).
     lm_head_rows: std::sync::atomic::AtomicBool,
+    /// Which pass 1 a batched step's screened picks run (`BatchPass1` as
+    /// u8; `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma`, default mma).
+    batch_pass1: std::sync::atomic::AtomicU8,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).
     step_graphs: std::sync::atomic::AtomicBool,
@@ -923,6 +927,7 @@ impl CudaBackend {
             mega_multi_ctx: mega_multi_ctx.into(),
             mega_multi_batch_ctx: mega_multi_batch_ctx.into(),
             lm_head_rows: true.into(),
+            batch_pass1: (head::BatchPass1::from_env() as u8).into(),
             gpu,
             kv,
             fused,

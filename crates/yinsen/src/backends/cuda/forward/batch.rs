@@ -44,8 +44,9 @@ pub(super) struct BatchKey {
     multi: bool,
     /// The head through `lm_head_f16_rows`.
     lm_rows: bool,
-    /// Picks through the screened head (`batch_screen_kernels`): no logits.
-    screen: bool,
+    /// Picks through the screened head (`batch_screen_kernels`) with this
+    /// pass 1: no logits.
+    screen: Option<head::BatchPass1>,
 }
 
 /// Batched-step graphs kept at most (keys vary with the batch size and the
@@ -100,7 +101,7 @@ impl CudaBackend {
             true => self.body_multi(s, keys, key.nt)?,
             false => self.body_keys(s, keys, key.nt, key.n_split)?,
         }
-        if key.screen {
+        if key.screen.is_some() {
             // The final norms of all rows, then the screened picks.
             self.head_at(s, 0, key.nt, false, 0)?;
             return self.batch_screen_kernels(s, key.nt, matches!(key.want, BatchWant::TopK(_)));
@@ -183,7 +184,7 @@ impl CudaBackend {
                         && self.uses_mega_multi()
                         && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
                     lm_rows: self.lm_head_rows.load(Ordering::Relaxed),
-                    screen,
+                    screen: screen.then(|| self.batch_pass1()),
                 };
                 self.batch_step(&s, &mut graphs, key)?;
                 match want {

@@ -60,8 +60,40 @@ pub(super) struct BatchScreen {
     list: DevBuf,
     cnt: DevBuf,
     out: DevBuf,
-    /// Pass 1's dynamic shared memory per token: its codes and block scales.
+    /// `lm_head_screen_q8_batch`'s dynamic shared memory per token: its
+    /// codes and block scales.
     smem_per_token: usize,
+    /// `lm_head_screen_q8_mma`'s dynamic shared memory (LMB_T padded code
+    /// rows and block scales), where that pass 1 runs (None: dp4a's).
+    mma_smem: Option<usize>,
+}
+
+/// Which pass 1 a batched step's screened picks run: none (the full head's
+/// passes), `lm_head_screen_q8_batch` (dp4a) or `lm_head_screen_q8_mma`
+/// (tensor cores, sm_80+; the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchPass1 {
+    Off = 0,
+    Dp4a = 1,
+    Mma = 2,
+}
+
+impl BatchPass1 {
+    /// `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma` (A/B runs), else Mma.
+    pub(super) fn from_env() -> Self {
+        match std::env::var("YINSEN_CUDA_BATCH_SCREEN").as_deref() {
+            Ok("0") => Self::Off,
+            Ok("dp4a") => Self::Dp4a,
+            _ => Self::Mma,
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Off,
+            1 => Self::Dp4a,
+            _ => Self::Mma,
+        }
+    }
 }
 
 /// The (row, logit) of an argmax key (decode.cu's `argmax_key`; 0: no
@@ -264,6 +296,13 @@ impl CudaBackend {
             eprintln!("note: CUDA batched screened picks off: {h}-wide rows do not fit shared memory");
             return Ok(None);
         }
+        // The tensor-core pass 1 (sm_80+): LMB_T code rows of hw words
+        // padded to 8 mod 32, then nb x LMB_T scales (decode.cu).
+        let hw = h / 4;
+        let mma_bytes = 4 * (LMB_T * (hw + (8usize.wrapping_sub(hw) & 31)) + nb * LMB_T);
+        let mma_smem = (self.gpu.has_mma()
+            && (mma_bytes <= 48 * 1024 || self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma", mma_bytes)?))
+        .then_some(mma_bytes);
         let zeros = |n: usize| self.gpu.upload(&vec![0u8; n]);
         let nw = 8 * self.head_blocks() as usize;
         Ok(Some(BatchScreen {
@@ -280,7 +319,19 @@ impl CudaBackend {
             cnt: zeros(LMB_T * 8)?,
             out: zeros(LMB_T * 4 * (1 + 2 * TK_MAX))?,
             smem_per_token,
+            mma_smem,
         }))
+    }
+
+    /// For tests and A/B runs: which pass 1 batched screened picks run
+    /// (Off: the full head's passes); returns the previous setting.
+    pub fn set_batch_pass1(&self, p: BatchPass1) -> BatchPass1 {
+        BatchPass1::from_u8(self.batch_pass1.swap(p as u8, Ordering::Relaxed))
+    }
+
+    /// The pass 1 batched screened picks run.
+    pub(super) fn batch_pass1(&self) -> BatchPass1 {
+        BatchPass1::from_u8(self.batch_pass1.load(Ordering::Relaxed))
     }
 
     /// Whether a batched step's picks go through the screened head: the
@@ -288,8 +339,7 @@ impl CudaBackend {
     /// fit; `YINSEN_CUDA_BATCH_SCREEN=0` (read once, for A/B runs) keeps the
     /// full head's passes.
     pub(super) fn batch_screened(&self) -> bool {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        !*OFF.get_or_init(|| std::env::var("YINSEN_CUDA_BATCH_SCREEN").is_ok_and(|v| v == "0"))
+        self.batch_pass1() != BatchPass1::Off
             && self.lm_head_screened()
             && !self.lm_head_q8_on.load(Ordering::Relaxed)
             && self
@@ -318,7 +368,7 @@ impl CudaBackend {
         }
         let (blocks, nt32) = (self.head_blocks(), nt as u32);
         let (vocab, hidden) = (Arg::I(c.vocab as i32), Arg::I(c.hidden as i32));
-        g.set_tag("lm_head batched screen");
+        g.set_tag("screen prep");
         let prep = [
             s.normed.p(),
             hidden,
@@ -329,6 +379,7 @@ impl CudaBackend {
             b.best.p(),
         ];
         g.launch("lm_head_screen_prep", (nt32, 1, 1), 256, &prep)?;
+        g.set_tag("screen pass 1");
         let pass1 = [
             vals.p(),
             scales.p(),
@@ -344,15 +395,17 @@ impl CudaBackend {
             s.logits.p(),
             if top_k { b.wmax.p() } else { Arg::P(0) },
         ];
-        let smem = (nt * b.smem_per_token) as u32;
-        g.launch_smem(
-            "lm_head_screen_q8_batch",
-            (blocks, 1, 1),
-            256,
-            smem,
-            &pass1,
-            Launch::Plain,
-        )?;
+        // The tensor-core pass 1 runs 16-row tiles on 2 blocks an SM.
+        // (The wmax rows hold 8 entries per head block: grids up to that.)
+        let (name, p1_blocks, smem) = match b.mma_smem.filter(|_| self.batch_pass1() == BatchPass1::Mma) {
+            Some(bytes) => {
+                let tiles = c.vocab.div_ceil(16).div_ceil(8) as u32;
+                let grid = tiles.min(2 * self.gpu.info.sms.max(1) as u32).min(blocks);
+                ("lm_head_screen_q8_mma", grid, bytes)
+            }
+            None => ("lm_head_screen_q8_batch", blocks, nt * b.smem_per_token),
+        };
+        g.launch_smem(name, (p1_blocks, 1, 1), 256, smem as u32, &pass1, Launch::Plain)?;
         let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
         let lq = [
             e,
@@ -368,6 +421,7 @@ impl CudaBackend {
         if !top_k {
             let mut a = lq.to_vec();
             a.push(b.best.p());
+            g.set_tag("screen pass 2");
             g.launch("lm_head_pick_f16_batch", (blocks, nt32, 1), 256, &a)?;
         } else {
             let fg = (blocks as usize).clamp(1, FG_BLOCKS) as u32;
@@ -375,14 +429,16 @@ impl CudaBackend {
                 e,
                 hidden,
                 b.wmax.p(),
-                Arg::I(blocks as i32 * 8),
+                Arg::I(p1_blocks as i32 * 8),
                 sh.k.p(),
                 b.keys.p(),
                 s.normed.p(),
                 b.floor.p(),
                 b.list.p(),
             ];
+            g.set_tag("screen top-k floor");
             g.launch("lm_head_topk_floor_batch", (fg, nt32, 1), 256, &floor)?;
+            g.set_tag("screen top-k rows");
             let mut a = lq.to_vec();
             a.extend([b.floor.p(), sh.k.p(), b.list.p(), b.cnt.p(), b.out.p()]);
             g.launch("lm_head_topk_f16_batch", (blocks, nt32, 1), 256, &a)?;

@@ -300,6 +300,50 @@ impl CudaBackend {
         Ok(self.forward_table(&runs, nt, 0))
     }
 
+    /// For benchmarks: GPU ms per kernel group (tag, in launch order;
+    /// median over `reps`) of an un-graphed batched step of `nseq` sequences
+    /// from short contexts, with greedy picks (`top_k` None) or top-k picks.
+    pub(crate) fn profile_batch(
+        &self,
+        nseq: usize,
+        top_k: Option<usize>,
+        reps: usize,
+    ) -> Result<Vec<(&'static str, f32)>> {
+        use crate::backends::{Backend, KvCache};
+        let vocab = self.config.vocab as u32;
+        let mut caches = (0..nseq)
+            .map(|_| self.cuda_cache(reps + 8))
+            .collect::<Result<Vec<_>>>()?;
+        let picks = vec![top_k.map_or((1, true), |k| (k, false)); nseq];
+        let graphs = self.set_step_graphs(false);
+        let mut step = 0u32;
+        let runs = self.profiled(reps, || {
+            let mut refs: Vec<&mut dyn KvCache> = caches.iter_mut().map(|c| c as &mut dyn KvCache).collect();
+            let toks: Vec<u32> = (0..nseq as u32).map(|i| (i * 7919 + step) % vocab).collect();
+            step += 1;
+            self.forward_batch_pick(&mut refs, &toks, &picks).map(|_| ())
+        });
+        self.set_step_graphs(graphs);
+        let runs = runs?;
+        let mut tags: Vec<&'static str> = Vec::new();
+        for (t, _) in runs.first().into_iter().flatten() {
+            if !tags.contains(t) {
+                tags.push(t);
+            }
+        }
+        Ok(tags
+            .into_iter()
+            .map(|tag| {
+                let mut per: Vec<f32> = runs
+                    .iter()
+                    .map(|r| r.iter().filter(|(t, _)| *t == tag).map(|(_, ms)| ms).sum())
+                    .collect();
+                per.sort_by(f32::total_cmp);
+                (tag, per[per.len() / 2])
+            })
+            .collect())
+    }
+
     /// One warm-up call of `f`, then `reps` calls with per-launch events on:
     /// (tag, ms) of every launch, per call.
     fn profiled(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<Vec<(&'static str, f32)>>> {
