@@ -341,7 +341,8 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
         Ok("decode") => return bench_decode_only(b),
         Ok("step") => return bench_step_only(b),
         Ok("prefill") => return bench_prefill_only(b),
-        Ok("batch") => return bench_batch_only(b),
+        Ok("batch") => return bench_batch_only(b, true),
+        Ok("batch-head") => return bench_batch_only(b, false),
         _ => {}
     }
     let max = crate::backends::Backend::config(b).max_ctx;
@@ -423,11 +424,13 @@ pub fn bench(b: &CudaBackend, model: Option<&crate::model::Model>) -> Result<Cud
 
 /// `YINSEN_CUDA_BENCH=batch`: batched steps of 4 and 16 sequences from
 /// several contexts through the persistent multi-token kernel and the
-/// per-kernel body (printed), then the decode rows and the batch-16 rows.
-fn bench_batch_only(b: &CudaBackend) -> Result<CudaBench> {
+/// per-kernel body (printed; `batch-head` leaves these out), the batched
+/// picks' head kernels (the full head, the screen with either pass 1), then
+/// the decode rows and the batch-16 rows.
+fn bench_batch_only(b: &CudaBackend, contexts: bool) -> Result<CudaBench> {
     let max = crate::backends::Backend::config(b).max_ctx;
     let long = 2048.min(max.saturating_sub(300));
-    for n in [4, 16] {
+    for n in [4, 16].into_iter().filter(|_| contexts) {
         for ctx in [0, 512, 1024, long] {
             // Wall ms per step (host included), then the GPU ms of a replay.
             let was = b.set_mega_multi_batch_ctx(usize::MAX);

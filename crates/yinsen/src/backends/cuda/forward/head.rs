@@ -96,6 +96,20 @@ impl BatchPass1 {
     }
 }
 
+/// Blocks per token of a batched screen's pass 2 on `sms` SMs:
+/// `YINSEN_CUDA_BATCH_P2_BPS` per SM (A/B runs; read once), default 1.
+fn batch_pass2_blocks(sms: u32) -> u32 {
+    static PER_SM: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let per_sm = *PER_SM.get_or_init(|| {
+        std::env::var("YINSEN_CUDA_BATCH_P2_BPS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&v| (1..=16).contains(&v))
+            .unwrap_or(1)
+    });
+    per_sm * sms
+}
+
 /// The (row, logit) of an argmax key (decode.cu's `argmax_key`; 0: no
 /// finite logit was seen).
 fn from_argmax_key(k: u64) -> Option<(u32, f32)> {
@@ -399,8 +413,11 @@ impl CudaBackend {
         // (The wmax rows hold 8 entries per head block: grids up to that.)
         let (name, p1_blocks, smem) = match b.mma_smem.filter(|_| self.batch_pass1() == BatchPass1::Mma) {
             Some(bytes) => {
+                // As many blocks as are resident at once (2 an SM at its
+                // registers; 16-row tiles shared out over their warps).
                 let tiles = c.vocab.div_ceil(16).div_ceil(8) as u32;
-                let grid = tiles.min(2 * self.gpu.info.sms.max(1) as u32).min(blocks);
+                let per_sm = self.gpu.occupancy("lm_head_screen_q8_mma", 256, bytes)?.max(1) as u32;
+                let grid = tiles.min(per_sm * self.gpu.info.sms.max(1) as u32).min(blocks);
                 ("lm_head_screen_q8_mma", grid, bytes)
             }
             None => ("lm_head_screen_q8_batch", blocks, nt * b.smem_per_token),
@@ -418,11 +435,15 @@ impl CudaBackend {
             b.keys.p(),
             s.normed.p(),
         ];
+        // Passes 2 run a grid per token: a block per SM and token scans
+        // several 256-row rounds (one round per block, 4 blocks an SM per
+        // token, spent more on each block's copy of x than on its rows).
+        let p2 = batch_pass2_blocks(self.gpu.info.sms.max(1) as u32).min(blocks);
         if !top_k {
             let mut a = lq.to_vec();
             a.push(b.best.p());
             g.set_tag("screen pass 2");
-            g.launch("lm_head_pick_f16_batch", (blocks, nt32, 1), 256, &a)?;
+            g.launch("lm_head_pick_f16_batch", (p2, nt32, 1), 256, &a)?;
         } else {
             let fg = (blocks as usize).clamp(1, FG_BLOCKS) as u32;
             let floor = [
@@ -441,7 +462,7 @@ impl CudaBackend {
             g.set_tag("screen top-k rows");
             let mut a = lq.to_vec();
             a.extend([b.floor.p(), sh.k.p(), b.list.p(), b.cnt.p(), b.out.p()]);
-            g.launch("lm_head_topk_f16_batch", (blocks, nt32, 1), 256, &a)?;
+            g.launch("lm_head_topk_f16_batch", (p2, nt32, 1), 256, &a)?;
         }
         g.set_tag("");
         Ok(())

@@ -1087,8 +1087,13 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB)
 // both, gives the same integer sum). Shared memory: codes [LMB_T][sw words]
 // (sw = hidden / 4 padded to 8 mod 32, so a warp's 8-byte code loads hit
 // distinct banks; rows past nt zeroed), then block scales [nb][LMB_T].
+#ifndef LMB_KC
 #define LMB_KC 4  // blocks of 32 codes a lane loads ahead
-extern "C" __global__ void __launch_bounds__(256, 2)
+#endif
+#ifndef LMB_MINB
+#define LMB_MINB 2  // blocks per SM (registers allowed: 65536 / (256 x this))
+#endif
+extern "C" __global__ void __launch_bounds__(256, LMB_MINB)
     lm_head_screen_q8_mma(const uint4* Q, const u16* D, int vocab, int hidden, int nt, const i8* xq8_g,
                           const float* dxs_g, const float2* fac, const float* err, const float* abs_sum,
                           unsigned* keys, float* lq, u64* wmax) {
