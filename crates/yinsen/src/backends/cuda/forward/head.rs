@@ -99,15 +99,18 @@ impl BatchPass1 {
 /// Blocks per token of a batched screen's pass 2 on `sms` SMs:
 /// `YINSEN_CUDA_BATCH_P2_BPS` per SM (A/B runs; read once), default 1.
 fn batch_pass2_blocks(sms: u32) -> u32 {
-    static PER_SM: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let per_sm = *PER_SM.get_or_init(|| {
-        std::env::var("YINSEN_CUDA_BATCH_P2_BPS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|&v| (1..=16).contains(&v))
-            .unwrap_or(1)
-    });
-    per_sm * sms
+    static PER_SM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PER_SM.get_or_init(|| env_per_sm("YINSEN_CUDA_BATCH_P2_BPS", 1)) as u32 * sms
+}
+
+/// Blocks per SM from the environment variable `var` (1..=16; A/B runs),
+/// else `default`.
+fn env_per_sm(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| (1..=16).contains(v))
+        .unwrap_or(default)
 }
 
 /// The (row, logit) of an argmax key (decode.cu's `argmax_key`; 0: no
@@ -598,13 +601,7 @@ impl CudaBackend {
         // `YINSEN_CUDA_HEAD_BPS`: blocks per SM (A/B runs; default 4), read
         // once: the screen's per-warp buffer is sized by this grid.
         static PER_SM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let per_sm = *PER_SM.get_or_init(|| {
-            std::env::var("YINSEN_CUDA_HEAD_BPS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&v| (1..=16).contains(&v))
-                .unwrap_or(4)
-        });
+        let per_sm = *PER_SM.get_or_init(|| env_per_sm("YINSEN_CUDA_HEAD_BPS", 4));
         self.config.vocab.div_ceil(8).min(per_sm * sms) as u32
     }
 
