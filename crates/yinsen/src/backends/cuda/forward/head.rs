@@ -657,3 +657,46 @@ impl CudaBackend {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::from_argmax_key;
+
+    /// decode.cu's `argmax_key`, written out as the kernels compute it.
+    fn argmax_key(v: f32, i: u32) -> u64 {
+        let u = v.to_bits();
+        let u = if u & 0x8000_0000 != 0 { !u } else { u | 0x8000_0000 };
+        (u as u64) << 32 | !i as u64
+    }
+
+    /// The batched greedy picks read (row, logit) back from the GPU's keys:
+    /// every finite and infinite value and row comes back bit for bit, and
+    /// the keys order as the pick does (larger logit, then the lower row).
+    #[test]
+    fn argmax_keys_give_back_row_and_logit_in_pick_order() {
+        let vals = [
+            f32::NEG_INFINITY,
+            -3.4e38,
+            -1.0,
+            -1e-40,
+            -0.0,
+            1e-40,
+            0.5,
+            1.0,
+            7.25,
+            3.4e38,
+            f32::INFINITY,
+        ];
+        for (a, &v) in vals.iter().enumerate() {
+            for i in [0u32, 1, 77, 128_255] {
+                let (r, x) = from_argmax_key(argmax_key(v, i)).expect("a key");
+                assert_eq!((r, x.to_bits()), (i, v.to_bits()), "{v} row {i}");
+                assert!(argmax_key(v, i) > argmax_key(v, i + 1), "{v}: the lower row wins a tie");
+                for &w in &vals[a + 1..] {
+                    assert!(argmax_key(w, 128_255) > argmax_key(v, 0), "{w} over {v}");
+                }
+            }
+        }
+        assert_eq!(from_argmax_key(0), None, "0: no finite logit was seen");
+    }
+}
