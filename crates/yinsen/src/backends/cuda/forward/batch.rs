@@ -3,8 +3,10 @@
 //! cache row and attention in its own cache (`Keys::Batch`: a table of the
 //! caches' addresses and positions in device memory), through the
 //! persistent multi-token kernel on short contexts (`DEFAULT_BATCH_MAX_CTX`)
-//! or the per-kernel body. Steps replay a graph per (token count, attention
-//! splits, head) from a key's second use.
+//! or the per-kernel body. Greedy and top-k picks go through the screened
+//! head where it is on (`head.rs`: the 8-bit head read once for all of the
+//! step's tokens). Steps replay a graph per (token count, attention splits,
+//! head) from a key's second use.
 
 use super::prefill::Keys;
 use super::*;
