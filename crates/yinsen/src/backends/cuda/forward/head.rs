@@ -66,7 +66,16 @@ pub(super) struct BatchScreen {
     /// `lm_head_screen_q8_mma`'s dynamic shared memory (LMB_T padded code
     /// rows and block scales), where that pass 1 runs (None: dp4a's).
     mma_smem: Option<usize>,
+    /// `lm_head_screen_q8_mma_cp`'s (the same, then each warp's cp.async
+    /// stages), where it runs.
+    mma_cp_smem: Option<usize>,
 }
+
+/// Each warp's cp.async stages of `lm_head_screen_q8_mma_cp` (decode.cu:
+/// 8 warps x LMB_ST stages x LMB_STAGE bytes), and the blocks of 32 codes a
+/// stage holds (LMB_KB).
+const LMB_CP_BYTES: usize = 8 * 3 * (16 * 160 + 16 * 4 * 2);
+const LMB_KB: usize = 4;
 
 /// Which pass 1 a batched step's screened picks run: none (the full head's
 /// passes), `lm_head_screen_q8_batch` (dp4a) or `lm_head_screen_q8_mma`
@@ -76,6 +85,8 @@ pub enum BatchPass1 {
     Off = 0,
     Dp4a = 1,
     Mma = 2,
+    /// Mma with the weight rows staged by cp.async.
+    MmaCp = 3,
 }
 
 impl BatchPass1 {
@@ -84,6 +95,7 @@ impl BatchPass1 {
         match std::env::var("YINSEN_CUDA_BATCH_SCREEN").as_deref() {
             Ok("0") => Self::Off,
             Ok("dp4a") => Self::Dp4a,
+            Ok("mmacp") => Self::MmaCp,
             _ => Self::Mma,
         }
     }
@@ -91,6 +103,7 @@ impl BatchPass1 {
         match v {
             0 => Self::Off,
             1 => Self::Dp4a,
+            3 => Self::MmaCp,
             _ => Self::Mma,
         }
     }
@@ -320,6 +333,11 @@ impl CudaBackend {
         let mma_smem = (self.gpu.has_mma()
             && (mma_bytes <= 48 * 1024 || self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma", mma_bytes)?))
         .then_some(mma_bytes);
+        let cp_bytes = mma_bytes + LMB_CP_BYTES;
+        let mma_cp_smem = (self.gpu.has_mma()
+            && nb.is_multiple_of(LMB_KB)
+            && self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma_cp", cp_bytes)?)
+        .then_some(cp_bytes);
         let zeros = |n: usize| self.gpu.upload(&vec![0u8; n]);
         let nw = 8 * self.head_blocks() as usize;
         Ok(Some(BatchScreen {
@@ -337,6 +355,7 @@ impl CudaBackend {
             out: zeros(LMB_T * 4 * (1 + 2 * TK_MAX))?,
             smem_per_token,
             mma_smem,
+            mma_cp_smem,
         }))
     }
 
@@ -414,14 +433,20 @@ impl CudaBackend {
         ];
         // The tensor-core pass 1 runs 16-row tiles on 2 blocks an SM.
         // (The wmax rows hold 8 entries per head block: grids up to that.)
-        let (name, p1_blocks, smem) = match b.mma_smem.filter(|_| self.batch_pass1() == BatchPass1::Mma) {
-            Some(bytes) => {
-                // As many blocks as are resident at once (2 an SM at its
+        let tensor = match self.batch_pass1() {
+            BatchPass1::MmaCp => b.mma_cp_smem.map(|m| ("lm_head_screen_q8_mma_cp", m)),
+            _ => None,
+        }
+        .or(b.mma_smem.map(|m| ("lm_head_screen_q8_mma", m)))
+        .filter(|_| self.batch_pass1() != BatchPass1::Dp4a);
+        let (name, p1_blocks, smem) = match tensor {
+            Some((name, bytes)) => {
+                // As many blocks as are resident at once (2 an SM at their
                 // registers; 16-row tiles shared out over their warps).
                 let tiles = c.vocab.div_ceil(16).div_ceil(8) as u32;
-                let per_sm = self.gpu.occupancy("lm_head_screen_q8_mma", 256, bytes)?.max(1) as u32;
+                let per_sm = self.gpu.occupancy(name, 256, bytes)?.max(1) as u32;
                 let grid = tiles.min(per_sm * self.gpu.info.sms.max(1) as u32).min(blocks);
-                ("lm_head_screen_q8_mma", grid, bytes)
+                (name, grid, bytes)
             }
             None => ("lm_head_screen_q8_batch", blocks, nt * b.smem_per_token),
         };

@@ -1228,3 +1228,165 @@ extern "C" __global__ void __launch_bounds__(256, LMB_MINB)
         if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
     }
 }
+
+// lm_head_screen_q8_mma with its weight rows staged by cp.async: each warp
+// keeps LMB_ST stages of (16 rows x LMB_KB blocks of 32 codes, and their
+// scales) in flight in shared memory instead of one chunk in registers, so
+// more bytes are on their way per SM. Rows sit LMB_RS bytes apart in a
+// stage (words 8 mod 32: a warp's 8-byte fragment loads hit distinct
+// banks). Needs nb % LMB_KB == 0 (the host checks). Same arithmetic, same
+// order as the register kernel: the same lq bits.
+#define LMB_ST 3
+#define LMB_KB 4
+#define LMB_RS 160
+#define LMB_STAGE (16 * LMB_RS + 16 * LMB_KB * 2)
+__device__ __forceinline__ void lmb_cp(u32 dst, const void* src, bool ok, int bytes) {
+    if (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void lmb_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void lmb_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(LMB_ST - 2) : "memory"); }
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    lm_head_screen_q8_mma_cp(const uint4* Q, const u16* D, int vocab, int hidden, int nt, const i8* xq8_g,
+                             const float* dxs_g, const float2* fac, const float* err, const float* abs_sum,
+                             unsigned* keys, float* lq, u64* wmax) {
+    extern __shared__ __align__(16) unsigned char lmb_smem[];
+    __shared__ float bv_s[8][LMB_T];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int nb = hidden / 32, hw = hidden / 4, sw = hw + ((8 - hw) & 31);
+    u32* xw = (u32*)lmb_smem;
+    float* dxt = (float*)(xw + (size_t)LMB_T * sw);
+    unsigned char* stages = (unsigned char*)(dxt + (size_t)nb * LMB_T) + (size_t)warp * LMB_ST * LMB_STAGE;
+    const u32 stages_s = (u32)__cvta_generic_to_shared(stages);
+    const int nwarps = gridDim.x * 8, ntiles = (vocab + 15) / 16, nkc = nb / LMB_KB;
+    const int first = blockIdx.x * 8 + warp;
+    const int my_tiles = first < ntiles ? (ntiles - first + nwarps - 1) / nwarps : 0;
+    const int total = my_tiles * nkc;
+    const unsigned char* Qb = (const unsigned char*)Q;
+    // Chunk i of this warp: tile first + (i / nkc) nwarps, blocks (i % nkc) LMB_KB ...
+    auto issue = [&](int i) {
+        if (i < total) {
+            const int r0 = (first + (i / nkc) * nwarps) * 16, b0 = (i % nkc) * LMB_KB;
+            const u32 st = stages_s + (u32)((i % LMB_ST) * LMB_STAGE);
+#pragma unroll
+            for (int k = 0; k < 16 * LMB_KB * 2 / 32; k++) {  // 16-byte pieces: 8 a row
+                const int c = lane + 32 * k, row = c / (LMB_KB * 2), part = c % (LMB_KB * 2);
+                const bool ok = r0 + row < vocab;
+                const unsigned char* src = Qb + (size_t)(ok ? r0 + row : 0) * hidden + 32 * b0 + 16 * part;
+                lmb_cp(st + row * LMB_RS + 16 * part, src, ok, 16);
+            }
+            if (lane < 16) {
+                const bool ok = r0 + lane < vocab;
+                lmb_cp(st + 16 * LMB_RS + lane * LMB_KB * 2, D + (size_t)(ok ? r0 + lane : 0) * nb + b0, ok, 8);
+            }
+        }
+        lmb_commit();
+    };
+    for (int i = 0; i < LMB_ST - 1; i++) issue(i);
+    pdl_launch();
+    pdl_wait();
+    for (int i = threadIdx.x; i < LMB_T * sw; i += blockDim.x) {
+        const int t = i / sw, w = i - t * sw;
+        xw[i] = t < nt && w < hw ? ((const u32*)xq8_g)[(size_t)t * hw + w] : 0u;
+    }
+    for (int i = threadIdx.x; i < nb * LMB_T; i += blockDim.x) {
+        const int b = i / LMB_T, t = i - b * LMB_T;
+        dxt[i] = t < nt ? dxs_g[(size_t)t * nb + b] : 0.f;
+    }
+    __syncthreads();
+    float2 ab[4];
+    float bv[4];
+    int br[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int t = (j >> 1) * 8 + 2 * q + (j & 1);
+        ab[j] = t < nt ? fac[t] : make_float2(0.f, 0.f);
+        bv[j] = NEG_INF;
+        br[j] = 0x7fffffff;
+    }
+    float acc[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; n++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[n][j] = 0.f;
+    for (int i = 0; i < total; i++) {
+        lmb_wait();  // chunk i landed (this lane's copies)
+        __syncwarp();  // every lane's; and stage (i - 1) % LMB_ST is free
+        issue(i + LMB_ST - 1);
+        const unsigned char* st = stages + (i % LMB_ST) * LMB_STAGE;
+        const u16* scs = (const u16*)(st + 16 * LMB_RS);
+        const int b0 = (i % nkc) * LMB_KB;
+#pragma unroll
+        for (int j = 0; j < LMB_KB; j++) {
+            const int b = b0 + j;
+            const uint2 wa = *(const uint2*)(st + g * LMB_RS + 32 * j + 8 * q);
+            const uint2 wb = *(const uint2*)(st + (g + 8) * LMB_RS + 32 * j + 8 * q);
+            const float da = h2f(scs[g * LMB_KB + j]), db = h2f(scs[(g + 8) * LMB_KB + j]);
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+                const uint2 xv = *(const uint2*)(xw + (size_t)(8 * n + g) * sw + 8 * b + 2 * q);
+                int d[4] = {0, 0, 0, 0};
+                mma_s8(d, wa.x, wb.x, wa.y, wb.y, xv.x, xv.y);
+                const float2 dx = *(const float2*)(dxt + b * LMB_T + 8 * n + 2 * q);
+                acc[n][0] = fmaf((float)d[0], __fmul_rn(da, dx.x), acc[n][0]);
+                acc[n][1] = fmaf((float)d[1], __fmul_rn(da, dx.y), acc[n][1]);
+                acc[n][2] = fmaf((float)d[2], __fmul_rn(db, dx.x), acc[n][2]);
+                acc[n][3] = fmaf((float)d[3], __fmul_rn(db, dx.y), acc[n][3]);
+            }
+        }
+        if (i % nkc != nkc - 1) continue;
+        // The tile's last chunk: its rows' logits, bounds and lower ends.
+        const int ra = (first + (i / nkc) * nwarps) * 16 + g, rb = ra + 8;
+        const int sa = ra < vocab ? ra : 0, sb = rb < vocab ? rb : 0;
+        const float2 eaa = make_float2(__ldg(err + sa), __ldg(abs_sum + sa));
+        const float2 ebb = make_float2(__ldg(err + sb), __ldg(abs_sum + sb));
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int t = 8 * n + 2 * q + (j & 1), r = j < 2 ? ra : rb, slot = 2 * n + (j & 1);
+                if (t < nt && r < vocab) {
+                    const float v = acc[n][j];
+                    lq[(size_t)t * vocab + r] = v;
+                    const float2 e = j < 2 ? eaa : ebb;
+                    const float bnd = screen_bound(e.x, e.y, v, ab[slot]);
+                    const float lo = v - bnd;
+                    if (!isfinite(lo) || !isfinite(v + bnd)) {
+                        atomicOr(keys + 4 * t + 1, 1u);
+                    } else if (lo > bv[slot] || (lo == bv[slot] && r < br[slot])) {
+                        bv[slot] = lo;
+                        br[slot] = r;
+                    }
+                }
+                acc[n][j] = 0.f;
+            }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        for (int o = 4; o < 32; o <<= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv[j], o);
+            const int orr = __shfl_xor_sync(0xffffffffu, br[j], o);
+            if (ov > bv[j] || (ov == bv[j] && orr < br[j])) {
+                bv[j] = ov;
+                br[j] = orr;
+            }
+        }
+        const int t = (j >> 1) * 8 + 2 * q + (j & 1);
+        if (g == 0) {
+            bv_s[warp][t] = bv[j];
+            if (wmax && t < nt)
+                wmax[(size_t)t * nwarps + blockIdx.x * 8 + warp] = bv[j] != NEG_INF ? tk_cand(bv[j], br[j]) : 0ull;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        const int t = threadIdx.x;
+        float m = bv_s[0][t];
+        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
+        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
+    }
+}
