@@ -78,8 +78,11 @@ const LMB_CP_BYTES: usize = 8 * 3 * (16 * 160 + 16 * 4 * 2);
 const LMB_KB: usize = 4;
 
 /// Which pass 1 a batched step's screened picks run: none (the full head's
-/// passes), `lm_head_screen_q8_batch` (dp4a) or `lm_head_screen_q8_mma`
-/// (tensor cores, sm_80+; the default).
+/// passes), `lm_head_screen_q8_batch` (dp4a), `lm_head_screen_q8_mma`
+/// (tensor cores, sm_80+, weights through registers) or
+/// `lm_head_screen_q8_mma_cp` (the same with the weights staged by
+/// cp.async: 152 against 200 us on an H100, S18-7; the default, where its
+/// shared memory fits, else Mma).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchPass1 {
     Off = 0,
@@ -90,21 +93,21 @@ pub enum BatchPass1 {
 }
 
 impl BatchPass1 {
-    /// `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma` (A/B runs), else Mma.
+    /// `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma|mmacp` (A/B runs), else MmaCp.
     pub(super) fn from_env() -> Self {
         match std::env::var("YINSEN_CUDA_BATCH_SCREEN").as_deref() {
             Ok("0") => Self::Off,
             Ok("dp4a") => Self::Dp4a,
-            Ok("mmacp") => Self::MmaCp,
-            _ => Self::Mma,
+            Ok("mma") => Self::Mma,
+            _ => Self::MmaCp,
         }
     }
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Self::Off,
             1 => Self::Dp4a,
-            3 => Self::MmaCp,
-            _ => Self::Mma,
+            2 => Self::Mma,
+            _ => Self::MmaCp,
         }
     }
 }
