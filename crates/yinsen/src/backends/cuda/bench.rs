@@ -447,7 +447,7 @@ fn bench_batch_only(b: &CudaBackend, contexts: bool) -> Result<CudaBench> {
     // either pass 1 (un-graphed kernel groups, then graphed wall / GPU ms).
     use crate::backends::cuda::forward::BatchPass1;
     let pass1 = b.set_batch_pass1(BatchPass1::Off);
-    for p in [BatchPass1::Off, BatchPass1::Dp4a, BatchPass1::Mma, BatchPass1::MmaCp] {
+    for p in [BatchPass1::Off, BatchPass1::Dp4a, BatchPass1::Mma] {
         b.set_batch_pass1(p);
         for (what, k) in [("greedy", None), ("top-40", Some(40))] {
             let groups = b.profile_batch(16, k, 5)?;

@@ -505,7 +505,7 @@ pub struct CudaBackend {
     /// `lm_head_f16`).
     lm_head_rows: std::sync::atomic::AtomicBool,
     /// Which pass 1 a batched step's screened picks run (`BatchPass1` as
-    /// u8; `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma|mmacp`, default mmacp).
+    /// u8; `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma`, default mma).
     batch_pass1: std::sync::atomic::AtomicU8,
     /// Calls of 2..=16 tokens replay a captured graph per token count
     /// (`YINSEN_CUDA_STEP_GRAPH=0` turns it off).

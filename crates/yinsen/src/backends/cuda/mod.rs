@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 94] = [
+pub const KERNELS: [&str; 93] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -257,7 +257,6 @@ pub const KERNELS: [&str; 94] = [
     "lm_head_topk_f16",
     "lm_head_screen_prep",
     "lm_head_screen_q8_batch",
-    "lm_head_screen_q8_mma",
     "lm_head_screen_q8_mma_cp",
     "lm_head_pick_f16_batch",
     "lm_head_topk_floor_batch",

@@ -63,12 +63,10 @@ pub(super) struct BatchScreen {
     /// `lm_head_screen_q8_batch`'s dynamic shared memory per token: its
     /// codes and block scales.
     smem_per_token: usize,
-    /// `lm_head_screen_q8_mma`'s dynamic shared memory (LMB_T padded code
-    /// rows and block scales), where that pass 1 runs (None: dp4a's).
+    /// `lm_head_screen_q8_mma_cp`'s dynamic shared memory (LMB_T padded
+    /// code rows, block scales, each warp's cp.async stages), where that
+    /// pass 1 runs (None: dp4a's).
     mma_smem: Option<usize>,
-    /// `lm_head_screen_q8_mma_cp`'s (the same, then each warp's cp.async
-    /// stages), where it runs.
-    mma_cp_smem: Option<usize>,
 }
 
 /// Each warp's cp.async stages of `lm_head_screen_q8_mma_cp` (decode.cu:
@@ -78,36 +76,30 @@ const LMB_CP_BYTES: usize = 8 * 3 * (16 * 160 + 16 * 4 * 2);
 const LMB_KB: usize = 4;
 
 /// Which pass 1 a batched step's screened picks run: none (the full head's
-/// passes), `lm_head_screen_q8_batch` (dp4a), `lm_head_screen_q8_mma`
-/// (tensor cores, sm_80+, weights through registers) or
-/// `lm_head_screen_q8_mma_cp` (the same with the weights staged by
-/// cp.async: 152 against 200 us on an H100, S18-7; the default, where its
-/// shared memory fits, else Mma).
+/// passes), `lm_head_screen_q8_batch` (dp4a) or `lm_head_screen_q8_mma_cp`
+/// (tensor cores, sm_80+, weights staged by cp.async; the default where its
+/// shared memory fits, else dp4a).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchPass1 {
     Off = 0,
     Dp4a = 1,
     Mma = 2,
-    /// Mma with the weight rows staged by cp.async.
-    MmaCp = 3,
 }
 
 impl BatchPass1 {
-    /// `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma|mmacp` (A/B runs), else MmaCp.
+    /// `YINSEN_CUDA_BATCH_SCREEN=0|dp4a|mma` (A/B runs), else Mma.
     pub(super) fn from_env() -> Self {
         match std::env::var("YINSEN_CUDA_BATCH_SCREEN").as_deref() {
             Ok("0") => Self::Off,
             Ok("dp4a") => Self::Dp4a,
-            Ok("mma") => Self::Mma,
-            _ => Self::MmaCp,
+            _ => Self::Mma,
         }
     }
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Self::Off,
             1 => Self::Dp4a,
-            2 => Self::Mma,
-            _ => Self::MmaCp,
+            _ => Self::Mma,
         }
     }
 }
@@ -330,17 +322,14 @@ impl CudaBackend {
             return Ok(None);
         }
         // The tensor-core pass 1 (sm_80+): LMB_T code rows of hw words
-        // padded to 8 mod 32, then nb x LMB_T scales (decode.cu).
+        // padded to 8 mod 32, nb x LMB_T scales, then the warps' stages
+        // (decode.cu).
         let hw = h / 4;
-        let mma_bytes = 4 * (LMB_T * (hw + (8usize.wrapping_sub(hw) & 31)) + nb * LMB_T);
+        let mma_bytes = 4 * (LMB_T * (hw + (8usize.wrapping_sub(hw) & 31)) + nb * LMB_T) + LMB_CP_BYTES;
         let mma_smem = (self.gpu.has_mma()
-            && (mma_bytes <= 48 * 1024 || self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma", mma_bytes)?))
-        .then_some(mma_bytes);
-        let cp_bytes = mma_bytes + LMB_CP_BYTES;
-        let mma_cp_smem = (self.gpu.has_mma()
             && nb.is_multiple_of(LMB_KB)
-            && self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma_cp", cp_bytes)?)
-        .then_some(cp_bytes);
+            && self.gpu.allow_dynamic_smem("lm_head_screen_q8_mma_cp", mma_bytes)?)
+        .then_some(mma_bytes);
         let zeros = |n: usize| self.gpu.upload(&vec![0u8; n]);
         let nw = 8 * self.head_blocks() as usize;
         Ok(Some(BatchScreen {
@@ -358,7 +347,6 @@ impl CudaBackend {
             out: zeros(LMB_T * 4 * (1 + 2 * TK_MAX))?,
             smem_per_token,
             mma_smem,
-            mma_cp_smem,
         }))
     }
 
@@ -436,16 +424,11 @@ impl CudaBackend {
         ];
         // The tensor-core pass 1 runs 16-row tiles on 2 blocks an SM.
         // (The wmax rows hold 8 entries per head block: grids up to that.)
-        let tensor = match self.batch_pass1() {
-            BatchPass1::MmaCp => b.mma_cp_smem.map(|m| ("lm_head_screen_q8_mma_cp", m)),
-            _ => None,
-        }
-        .or(b.mma_smem.map(|m| ("lm_head_screen_q8_mma", m)))
-        .filter(|_| self.batch_pass1() != BatchPass1::Dp4a);
-        let (name, p1_blocks, smem) = match tensor {
-            Some((name, bytes)) => {
+        let (name, p1_blocks, smem) = match b.mma_smem.filter(|_| self.batch_pass1() == BatchPass1::Mma) {
+            Some(bytes) => {
                 // As many blocks as are resident at once (2 an SM at their
-                // registers; 16-row tiles shared out over their warps).
+                // shared memory; 16-row tiles shared out over their warps).
+                let name = "lm_head_screen_q8_mma_cp";
                 let tiles = c.vocab.div_ceil(16).div_ceil(8) as u32;
                 let per_sm = self.gpu.occupancy(name, 256, bytes)?.max(1) as u32;
                 let grid = tiles.min(per_sm * self.gpu.info.sms.max(1) as u32).min(blocks);

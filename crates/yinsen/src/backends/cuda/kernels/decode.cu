@@ -1077,8 +1077,8 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB)
 // m16n8k32 per (8 tokens, 32-code block), which gives each (row, token)
 // block's exact int dot; then lane by lane acc = fma(dot, dw * dx, acc) over
 // the blocks. The dp4a kernel above spent its time in shared-memory loads of
-// the codes (every row reloaded every token's codes: ~0.2 ms for 16 tokens
-// on an H100); here a code load serves 16 rows. The order of the float sum
+// the codes (every row reloaded every token's codes: 0.5 ms for 16 tokens
+// on an H100, S18-2); here a code load serves 16 rows. The order of the float sum
 // differs from the one-token screen's (the bound holds for any order).
 // Lane (g, q) (g = lane / 4, q = lane % 4) loads words 2q, 2q + 1 of each
 // 8-word block of rows g and g + 8 (one 8-byte load per row): as its mma
@@ -1086,156 +1086,14 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB)
 // dot is the block's (any permutation of k within the block, applied to
 // both, gives the same integer sum). Shared memory: codes [LMB_T][sw words]
 // (sw = hidden / 4 padded to 8 mod 32, so a warp's 8-byte code loads hit
-// distinct banks; rows past nt zeroed), then block scales [nb][LMB_T].
-#ifndef LMB_KC
-#define LMB_KC 4  // blocks of 32 codes a lane loads ahead
-#endif
-#ifndef LMB_MINB
-#define LMB_MINB 2  // blocks per SM (registers allowed: 65536 / (256 x this))
-#endif
-extern "C" __global__ void __launch_bounds__(256, LMB_MINB)
-    lm_head_screen_q8_mma(const uint4* Q, const u16* D, int vocab, int hidden, int nt, const i8* xq8_g,
-                          const float* dxs_g, const float2* fac, const float* err, const float* abs_sum,
-                          unsigned* keys, float* lq, u64* wmax) {
-    extern __shared__ __align__(16) unsigned char lmb_smem[];
-    __shared__ float bv_s[8][LMB_T];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-    const int nb = hidden / 32, hw = hidden / 4, sw = hw + ((8 - hw) & 31);
-    u32* xw = (u32*)lmb_smem;
-    float* dxt = (float*)(xw + (size_t)LMB_T * sw);
-    const int nwarps = gridDim.x * 8, ntiles = (vocab + 15) / 16;
-    pdl_launch();
-    pdl_wait();
-    for (int i = threadIdx.x; i < LMB_T * sw; i += blockDim.x) {
-        const int t = i / sw, w = i - t * sw;
-        xw[i] = t < nt && w < hw ? ((const u32*)xq8_g)[(size_t)t * hw + w] : 0u;
-    }
-    for (int i = threadIdx.x; i < nb * LMB_T; i += blockDim.x) {
-        const int b = i / LMB_T, t = i - b * LMB_T;
-        dxt[i] = t < nt ? dxs_g[(size_t)t * nb + b] : 0.f;
-    }
-    __syncthreads();
-    // This lane's tokens: 2q, 2q + 1 (n-tile 0) and 8 + 2q, 9 + 2q (n-tile 1).
-    float2 ab[4];
-    float bv[4];
-    int br[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const int t = (j >> 1) * 8 + 2 * q + (j & 1);
-        ab[j] = t < nt ? fac[t] : make_float2(0.f, 0.f);
-        bv[j] = NEG_INF;
-        br[j] = 0x7fffffff;
-    }
-    const uint2* Q2 = (const uint2*)Q;
-    for (int tile = blockIdx.x * 8 + warp; tile < ntiles; tile += nwarps) {
-        const int ra = tile * 16 + g, rb = ra + 8;
-        const int sa = ra < vocab ? ra : 0, sb = rb < vocab ? rb : 0;
-        const uint2* pa = Q2 + (size_t)sa * (hidden / 8) + q;
-        const uint2* pb = Q2 + (size_t)sb * (hidden / 8) + q;
-        uint2 wa[LMB_KC], wb[LMB_KC];
-        float da[LMB_KC], db[LMB_KC];
-        auto load = [&](int b0) {
-#pragma unroll
-            for (int j = 0; j < LMB_KC; j++) {
-                const int b = b0 + j;
-                const bool in = b < nb;
-                wa[j] = in ? __ldg(pa + 4 * b) : make_uint2(0, 0);
-                wb[j] = in ? __ldg(pb + 4 * b) : make_uint2(0, 0);
-                da[j] = in ? h2f(__ldg(D + (size_t)sa * nb + b)) : 0.f;
-                db[j] = in ? h2f(__ldg(D + (size_t)sb * nb + b)) : 0.f;
-            }
-        };
-        float acc[2][4];
-#pragma unroll
-        for (int n = 0; n < 2; n++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) acc[n][j] = 0.f;
-        load(0);
-        for (int b0 = 0; b0 < nb; b0 += LMB_KC) {
-            uint2 ca[LMB_KC], cb[LMB_KC];
-            float ea_[LMB_KC], eb_[LMB_KC];
-#pragma unroll
-            for (int j = 0; j < LMB_KC; j++) {
-                ca[j] = wa[j];
-                cb[j] = wb[j];
-                ea_[j] = da[j];
-                eb_[j] = db[j];
-            }
-            if (b0 + LMB_KC < nb) load(b0 + LMB_KC);
-#pragma unroll
-            for (int j = 0; j < LMB_KC; j++) {
-                const int b = b0 + j;
-                if (b < nb) {  // warp-uniform
-#pragma unroll
-                    for (int n = 0; n < 2; n++) {
-                        const uint2 xv = *(const uint2*)(xw + (size_t)(8 * n + g) * sw + 8 * b + 2 * q);
-                        int d[4] = {0, 0, 0, 0};
-                        mma_s8(d, ca[j].x, cb[j].x, ca[j].y, cb[j].y, xv.x, xv.y);
-                        const float2 dx = *(const float2*)(dxt + b * LMB_T + 8 * n + 2 * q);
-                        acc[n][0] = fmaf((float)d[0], __fmul_rn(ea_[j], dx.x), acc[n][0]);
-                        acc[n][1] = fmaf((float)d[1], __fmul_rn(ea_[j], dx.y), acc[n][1]);
-                        acc[n][2] = fmaf((float)d[2], __fmul_rn(eb_[j], dx.x), acc[n][2]);
-                        acc[n][3] = fmaf((float)d[3], __fmul_rn(eb_[j], dx.y), acc[n][3]);
-                    }
-                }
-            }
-        }
-        const float2 eaa = make_float2(__ldg(err + sa), __ldg(abs_sum + sa));
-        const float2 ebb = make_float2(__ldg(err + sb), __ldg(abs_sum + sb));
-#pragma unroll
-        for (int n = 0; n < 2; n++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 8 * n + 2 * q + (j & 1), r = j < 2 ? ra : rb, slot = 2 * n + (j & 1);
-                if (t < nt && r < vocab) {
-                    const float v = acc[n][j];
-                    lq[(size_t)t * vocab + r] = v;
-                    const float2 e = j < 2 ? eaa : ebb;
-                    const float bnd = screen_bound(e.x, e.y, v, ab[slot]);
-                    const float lo = v - bnd;
-                    if (!isfinite(lo) || !isfinite(v + bnd)) {
-                        atomicOr(keys + 4 * t + 1, 1u);
-                    } else if (lo > bv[slot] || (lo == bv[slot] && r < br[slot])) {
-                        bv[slot] = lo;
-                        br[slot] = r;
-                    }
-                }
-            }
-    }
-    // The warp's largest lower end per token: over the 8 lanes of each q.
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        for (int o = 4; o < 32; o <<= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv[j], o);
-            const int orr = __shfl_xor_sync(0xffffffffu, br[j], o);
-            if (ov > bv[j] || (ov == bv[j] && orr < br[j])) {
-                bv[j] = ov;
-                br[j] = orr;
-            }
-        }
-        const int t = (j >> 1) * 8 + 2 * q + (j & 1);
-        if (g == 0) {
-            bv_s[warp][t] = bv[j];
-            if (wmax && t < nt)
-                wmax[(size_t)t * nwarps + blockIdx.x * 8 + warp] = bv[j] != NEG_INF ? tk_cand(bv[j], br[j]) : 0ull;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < nt) {
-        const int t = threadIdx.x;
-        float m = bv_s[0][t];
-        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
-        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
-    }
-}
-
-// lm_head_screen_q8_mma with its weight rows staged by cp.async: each warp
-// keeps LMB_ST stages of (16 rows x LMB_KB blocks of 32 codes, and their
-// scales) in flight in shared memory instead of one chunk in registers, so
-// more bytes are on their way per SM. Rows sit LMB_RS bytes apart in a
-// stage (words 8 mod 32: a warp's 8-byte fragment loads hit distinct
-// banks). Needs nb % LMB_KB == 0 (the host checks). Same arithmetic, same
-// order as the register kernel: the same lq bits.
+// distinct banks; rows past nt zeroed), block scales [nb][LMB_T], then
+// each warp's stages. The weight rows come through shared memory: each warp keeps LMB_ST
+// stages of (16 rows x LMB_KB blocks of 32 codes, and their scales) in
+// flight, copied by cp.async. Rows sit LMB_RS bytes apart in a stage (words
+// 8 mod 32: a warp's 8-byte fragment loads hit distinct banks). Loading one
+// 4-block chunk ahead into registers instead (3248375) had fewer bytes in
+// flight per SM: 200 against 152 us for 16 tokens (S18-7, H100). Needs
+// nb % LMB_KB == 0 (the host checks).
 #define LMB_ST 3
 #define LMB_KB 4
 #define LMB_RS 160
