@@ -978,8 +978,7 @@ fn screened_top_k_falls_back_on_non_finite_values() {
         );
         let want = ranked(&logits, 40);
         let got = gpu.forward_top_k(b.as_mut(), tok, 40).unwrap().expect("offered");
-        let bits = |v: &[(u32, f32)]| v.iter().map(|&(t, x)| (t, x.to_bits())).collect::<Vec<_>>();
-        assert_eq!(bits(&got), bits(&want), "step {step}");
+        assert_eq!(pick_bits(&got), pick_bits(&want), "step {step}");
         tok = want[3].0;
     }
     assert_eq!(gpu.screen_top_k_fallbacks(), 3, "every step fell back");
@@ -1143,12 +1142,15 @@ fn batched_step_matches_cpu() {
             );
             let want: Vec<(u32, u32)> = match greedy {
                 true => vec![(argmax(li) as u32, li[argmax(li)].to_bits())],
-                false => ranked(li, k).into_iter().map(|(t, v)| (t, v.to_bits())).collect(),
+                false => pick_bits(&ranked(li, k)),
             };
-            let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
-            assert_eq!(bits(&got[i]), want, "{kv:?}: pick of sequence {i}");
+            assert_eq!(pick_bits(&got[i]), want, "{kv:?}: pick of sequence {i}");
             if i != 1 {
-                assert_eq!(bits(&got_wide[i]), want, "{kv:?}: pick of sequence {i}, host ranking");
+                assert_eq!(
+                    pick_bits(&got_wide[i]),
+                    want,
+                    "{kv:?}: pick of sequence {i}, host ranking"
+                );
             }
         }
         let want_wide = ranked(&l[vocab..2 * vocab], 100);
@@ -1174,13 +1176,26 @@ fn batched_step_matches_cpu() {
 #[test]
 fn batched_screened_picks_are_the_full_heads() {
     let model = synthetic::build("125m").unwrap();
-    let Some(gpu) = cuda(&model) else { return };
+    if let Some(gpu) = with_each_batch_pass1(&model, batched_screened_picks) {
+        assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no token fell back to the full head");
+    }
+}
+
+/// A CUDA backend of `model` with the screened head on, `body` run with
+/// each pass 1 of the batched screen; None (SKIP) without a GPU.
+fn with_each_batch_pass1(model: &Model, body: fn(&CudaBackend, &Model, BatchPass1)) -> Option<CudaBackend> {
+    let gpu = cuda(model)?;
     gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
     for pass1 in [BatchPass1::Mma, BatchPass1::Dp4a] {
         gpu.set_batch_pass1(pass1);
-        batched_screened_picks(&gpu, &model, pass1);
+        body(&gpu, model, pass1);
     }
-    assert_eq!(gpu.screen_top_k_fallbacks(), 0, "no token fell back to the full head");
+    Some(gpu)
+}
+
+/// Picks as (token, logit bits), for exact comparisons.
+fn pick_bits(p: &[(u32, f32)]) -> Vec<(u32, u32)> {
+    p.iter().map(|&(t, v)| (t, v.to_bits())).collect()
 }
 
 fn batched_screened_picks(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
@@ -1191,7 +1206,6 @@ fn batched_screened_picks(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
         || -> Vec<Box<dyn yinsen::backends::KvCache>> { lens.iter().map(|&n| prompted(gpu, &ids[..n], 96)).collect() };
     let (mut a, mut b, mut l) = (fill(), fill(), fill());
     let mut step: Vec<u32> = (0..17u32).map(|i| (i * 4099 + 11) % vocab as u32).collect();
-    let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
     for round in 0..5 {
         let n = if round % 2 == 1 { 3 } else { 17 };
         let logits = gpu.forward_batch(&mut refs(&mut l[..n]), &step[..n]).unwrap();
@@ -1225,14 +1239,14 @@ fn batched_screened_picks(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
             let li = &logits[i * vocab..(i + 1) * vocab];
             let t = argmax(li);
             assert_eq!(
-                bits(&greedy[i]),
+                pick_bits(&greedy[i]),
                 vec![(t as u32, li[t].to_bits())],
                 "{pass1:?} round {round}: greedy pick of sequence {i}"
             );
             let want = ranked(li, picks[i].0);
             assert_eq!(
-                bits(&top[i]),
-                bits(&want),
+                pick_bits(&top[i]),
+                pick_bits(&want),
                 "{pass1:?} round {round}: pick {:?} of sequence {i}",
                 picks[i]
             );
@@ -1252,13 +1266,9 @@ fn batched_screened_picks_fall_back_on_non_finite_values() {
     for i in (3..model.config.hidden).step_by(48) {
         model.final_norm[i] = f32::MAX;
     }
-    let Some(gpu) = cuda(&model) else { return };
-    gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
-    for pass1 in [BatchPass1::Mma, BatchPass1::Dp4a] {
-        gpu.set_batch_pass1(pass1);
-        batched_screen_falls_back(&gpu, &model, pass1);
+    if let Some(gpu) = with_each_batch_pass1(&model, batched_screen_falls_back) {
+        assert_eq!(gpu.screen_top_k_fallbacks(), 8, "every token fell back");
     }
-    assert_eq!(gpu.screen_top_k_fallbacks(), 8, "every token fell back");
 }
 
 fn batched_screen_falls_back(gpu: &CudaBackend, model: &Model, pass1: BatchPass1) {
@@ -1286,7 +1296,6 @@ fn batched_screen_falls_back(gpu: &CudaBackend, model: &Model, pass1: BatchPass1
         .forward_batch_pick(&mut refs(&mut b), &step, &[(40, false); 4])
         .unwrap()
         .expect("offered");
-    let bits = |p: &[(u32, f32)]| p.iter().map(|&(t, v)| (t, v.to_bits())).collect::<Vec<_>>();
     for i in 0..4 {
         let li = &logits[i * vocab..(i + 1) * vocab];
         // The GPU's argmax rule: the first row of the largest logit above
@@ -1297,7 +1306,11 @@ fn batched_screen_falls_back(gpu: &CudaBackend, model: &Model, pass1: BatchPass1
             "{pass1:?}: greedy pick of sequence {i}"
         );
         let want = ranked(li, 40);
-        assert_eq!(bits(&top[i]), bits(&want), "{pass1:?}: top-40 of sequence {i}");
+        assert_eq!(
+            pick_bits(&top[i]),
+            pick_bits(&want),
+            "{pass1:?}: top-40 of sequence {i}"
+        );
     }
 }
 

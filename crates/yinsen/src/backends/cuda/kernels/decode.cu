@@ -899,6 +899,19 @@ extern "C" __global__ void __launch_bounds__(256, LM_PASS2_MINB) lm_head_topk_f1
 // out[t (1 + 2 TK_MAX)..].
 #define LMB_T 16  // tokens a batched screen takes (MM_T, LM_T x 2)
 
+// The end of a batched pass 1: token t's largest lower end over the
+// block's 8 warps (bv_s[warp][t], written before) into keys[4t] as an
+// order key.
+__device__ __forceinline__ void batch_screen_put(const float (*bv_s)[LMB_T], int nt, unsigned* keys) {
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        const int t = threadIdx.x;
+        float m = bv_s[0][t];
+        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
+        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
+    }
+}
+
 // Block t: token t's step slots zeroed (keys, best), its normed x in 8-bit
 // blocks into xq8_out / dxs_out (rows of hidden / nb), its bound factors
 // into fac[t] (a non-finite value flags keys[4t + 1]).
@@ -1032,13 +1045,7 @@ extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB)
         bv_s[warp][lane] = bv;
         if (wmax) wmax[(size_t)lane * nwarps + blockIdx.x * 8 + warp] = bv != NEG_INF ? tk_cand(bv, br) : 0ull;
     }
-    __syncthreads();
-    if (threadIdx.x < nt) {
-        const int t = threadIdx.x;
-        float m = bv_s[0][t];
-        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
-        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
-    }
+    batch_screen_put(bv_s, nt, keys);
 }
 
 // Pass 2, greedy: grid (blocks, tokens), token blockIdx.y's pick into best[t].
@@ -1240,11 +1247,5 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                 wmax[(size_t)t * nwarps + blockIdx.x * 8 + warp] = bv[j] != NEG_INF ? tk_cand(bv[j], br[j]) : 0ull;
         }
     }
-    __syncthreads();
-    if (threadIdx.x < nt) {
-        const int t = threadIdx.x;
-        float m = bv_s[0][t];
-        for (int w = 1; w < 8; w++) m = fmaxf(m, bv_s[w][t]);
-        if (m != NEG_INF) atomicMax(keys + 4 * t, order_key(m));
-    }
+    batch_screen_put(bv_s, nt, keys);
 }
