@@ -93,7 +93,8 @@ fn bench_kernels() {
             // Cold: enough copies to exceed a 32 MB L3 several times.
             let copies = (160e6 / bytes).ceil() as usize;
             let cold: Vec<_> = (0..copies).map(|_| k.prepare(&m).unwrap()).collect();
-            let x: Vec<i8> = (0..512 * n_in).map(|i| (i * 37 % 255) as i8).collect();
+            let xb = input(512 * n_in, |i| (i * 37 % 255) as i8);
+            let x = &xb[x_off()..];
             let mut out = vec![0i32; n_out * 512];
             let hot = time(|| p.gemm(&x[..n_in], 1, 0, n_out, &mut out[..n_out]), 0.6);
             let mut i = 0;
@@ -112,7 +113,7 @@ fn bench_kernels() {
             );
             drop(cold);
             for nt in [4usize, 16, 64, 512] {
-                let t = time(|| gemm(p.as_ref(), &x, nt, &mut out), 0.6);
+                let t = time(|| gemm(p.as_ref(), x, nt, &mut out), 0.6);
                 println!(
                     "{name:6} {n_out}x{n_in} gemm n_tokens={nt:3}: {:7.1} GOPS (1 thread)",
                     ops(n_out, n_in, nt) / t / 1e9
@@ -142,6 +143,26 @@ fn gemm_par(p: &dyn PackedTernary, x: &[i8], nt: usize, out: &mut [i32], threads
         });
 }
 
+/// `YINSEN_BENCH_X_OFF` (default 0): bytes the GEMM input starts past a
+/// 64-byte line (16 is where a plain `Vec<i8>` of a few MB starts).
+fn x_off() -> usize {
+    std::env::var("YINSEN_BENCH_X_OFF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        % 64
+}
+
+/// `len` codes `f(i)` from a 64-byte line on, in room for `x_off()` more.
+fn input(len: usize, f: impl Fn(usize) -> i8) -> kernels::layout::Codes {
+    let mut x = kernels::layout::Codes::zeroed(len + 64);
+    let off = x_off();
+    for (i, v) in x[off..off + len].iter_mut().enumerate() {
+        *v = f(i);
+    }
+    x
+}
+
 #[test]
 #[ignore]
 fn bench_threads() {
@@ -151,10 +172,11 @@ fn bench_threads() {
         let k = kernels::select(name).unwrap();
         for (n_out, n_in) in [(6912usize, 2560usize), (2560, 6912)] {
             let p = k.prepare(&matrix(n_out, n_in, 2)).unwrap();
-            let x: Vec<i8> = (0..512 * n_in).map(|i| (i * 37 % 255) as i8).collect();
+            let xb = input(512 * n_in, |i| (i * 37 % 255) as i8);
+            let x = &xb[x_off()..];
             let mut out = vec![0i32; n_out * 512];
             for nt in [1usize, 16, 64, 512] {
-                let t = pool.install(|| wall_time(|| gemm_par(p.as_ref(), &x, nt, &mut out, n), 0.5));
+                let t = pool.install(|| wall_time(|| gemm_par(p.as_ref(), x, nt, &mut out, n), 0.5));
                 let gb = p.resident_bytes() as f64 / t / 1e9;
                 println!(
                     "{name:6} {n_out}x{n_in} gemm n_tokens={nt:3}: {:8.1} GOPS ({n} threads, {gb:.0} GB/s of weights)",
@@ -171,13 +193,14 @@ fn bench_threads() {
             .map(|(i, &(o, i_))| k.prepare(&matrix(o, i_, 10 + i as u64)).unwrap())
             .collect();
         let nt = 512;
-        let x: Vec<i8> = (0..nt * 6912).map(|i| (i * 53 % 251) as i8).collect();
+        let xb = input(nt * 6912, |i| (i * 53 % 251) as i8);
+        let x = &xb[x_off()..];
         let mut out = vec![0i32; 13824 * nt];
         let t = pool.install(|| {
             wall_time(
                 || {
                     for p in &packed {
-                        gemm_par(p.as_ref(), &x, nt, &mut out, n);
+                        gemm_par(p.as_ref(), x, nt, &mut out, n);
                     }
                 },
                 1.0,
@@ -225,6 +248,31 @@ fn bench_2b4t_e2e() {
             println!(
                 "{name:6} e2e 2b4t pp{} tg{} {n} threads: {:.1} tok/s (samples {:?})",
                 r.n_prompt, r.n_gen, r.median_ts, r.samples_ts
+            );
+        }
+    }
+}
+
+/// The AMX tile loop's variants (`kernels::amx::micro`) on 1 thread and on
+/// `YINSEN_BENCH_THREADS` threads at once (each with its own buffers):
+/// where the GEMM loses against the unit's peak.
+#[test]
+#[ignore]
+fn bench_amx_micro() {
+    use yinsen::backends::cpu::kernels::amx::micro;
+    if micro::run("peak", 0.01).is_none() {
+        eprintln!("SKIP bench_amx_micro: {}", kernels::amx_status_text());
+        return;
+    }
+    for n in [1, bench_threads_n()] {
+        for v in micro::VARIANTS {
+            let gops: f64 = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..n).map(|_| s.spawn(|| micro::run(v, 0.5).unwrap())).collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            println!(
+                "amx micro {v:12} {n:2} threads: {gops:8.0} GOPS ({:.0} per thread)",
+                gops / n as f64
             );
         }
     }

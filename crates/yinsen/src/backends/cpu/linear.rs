@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::kernels::layout::Codes;
 use super::kernels::policy::KernelPolicy;
 use super::kernels::PackedTernary;
 use super::ops;
@@ -34,7 +35,8 @@ unsafe impl Sync for OutPtr {}
 /// Per-token int8 activations of a BitLinear input, `[n_tokens][n_in]`.
 #[derive(Default)]
 pub struct QuantizedInput {
-    pub q: Vec<i8>,
+    /// 64-byte aligned (see [`Codes`]).
+    pub q: Codes,
     /// `s = 127 / max|x|` per token.
     pub s: Vec<f32>,
     pub n_in: usize,
@@ -51,7 +53,7 @@ impl QuantizedInput {
     /// to `ops::rms_norm` followed by `reference::quantize_token`.
     pub fn from_rms_norm(x: &[f32], w: &[f32], eps: f32) -> Self {
         let mut me = Self {
-            q: Vec::new(),
+            q: Codes::default(),
             s: Vec::new(),
             n_in: w.len(),
         };
@@ -88,7 +90,7 @@ impl QuantizedInput {
     /// Run `quantize(token, codes) -> scale` over every token in parallel.
     fn per_token(x: &[f32], n_in: usize, quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync) -> Self {
         let mut me = Self {
-            q: Vec::new(),
+            q: Codes::default(),
             s: Vec::new(),
             n_in,
         };
@@ -114,7 +116,7 @@ impl QuantizedInput {
         self.s.clear();
         self.s.resize(n, 0.0);
         // Every code is overwritten below; only growth is zero-filled.
-        self.q.resize(x.len(), 0);
+        self.q.resize(x.len());
         if n == 1 {
             // Decode: a fork-join would cost more than quantising one token.
             quantize(x, &mut self.q, &mut self.s);
@@ -1100,7 +1102,7 @@ mod tests {
             let fresh = if norm {
                 buf.refill_rms_norm(&x, &w, 1e-5);
                 let mut want = QuantizedInput {
-                    q: vec![0; n * d],
+                    q: Codes::zeroed(n * d),
                     s: vec![0.0; n],
                     n_in: d,
                 };

@@ -31,7 +31,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use super::layout::{Line, TileLayout, TiledPacked, LINE, ROWS};
+use super::layout::{Codes, Line, TileLayout, TiledPacked, LINE, ROWS};
 use super::{PackedTernary, TernaryKernel};
 use crate::error::Result;
 use crate::model::TernaryMatrix;
@@ -368,7 +368,7 @@ unsafe fn drive<T: TileOps>(
     // tile do not all map to the same L1 sets when kp is a multiple of 2^k.
     let xs = kp + KB;
     let rest = n_tokens - direct;
-    let mut xpad = vec![0i8; rest.next_multiple_of(TP) * xs];
+    let mut xpad = Codes::zeroed(rest.next_multiple_of(TP) * xs);
     for (dst, src) in xpad
         .chunks_exact_mut(xs)
         .zip(x[direct * l.n_in..n_tokens * l.n_in].chunks_exact(l.n_in))
@@ -707,6 +707,206 @@ impl TileOps for Emu {
         }
     }
     unsafe fn end(&mut self) {}
+}
+
+/// Micro-benchmarks of the tile loop, for the device study of where the
+/// AMX GEMM loses against the unit's peak (`kernels_bench`'s
+/// `bench_amx_micro`). Each variant runs the 2 x 2 loop of [`Hw::run`] on
+/// this thread for about `secs` seconds and returns int8 GOPS (2 ops per
+/// multiply-add); `None` without AMX permission.
+#[doc(hidden)]
+pub mod micro {
+    use super::*;
+
+    /// The variants, in the order the bench prints them: `l1` A and B in
+    /// L1 (16 KB each), `l2b` B streamed from a 512 KB panel (L2) with A's
+    /// K slice in L1, `l2ab` whole K per (token pair, row pair): A (32 x
+    /// 2560 bytes) and B both from L2; `-mis`: A and B 16 bytes off a line,
+    /// `-amis`: A only (as a plain Vec<i8> input is); `-park`: the C tiles
+    /// stored and reloaded around each 8-step slice; `-pf`: B prefetched
+    /// two steps ahead.
+    pub const VARIANTS: [&str; 12] = [
+        "expand",
+        "peak",
+        "l1",
+        "l1-mis",
+        "l2b",
+        "l2b-amis",
+        "l2b-park",
+        "l2b-pf",
+        "l2b-amis-park",
+        "l2ab",
+        "l2ab-amis",
+        "l2ab-pf",
+    ];
+
+    pub fn run(variant: &str, secs: f64) -> Option<f64> {
+        if amx_status() != AmxStatus::Granted {
+            return None;
+        }
+        if variant == "expand" {
+            // SAFETY: every AMX CPU has AVX-512 F and BW (as drive_hw assumes).
+            return Some(unsafe { expand_gbs(secs) });
+        }
+        let has = |w: &str| variant.split('-').any(|p| p == w);
+        let (a_off, b_off) = match () {
+            _ if has("mis") => (16, 16),
+            _ if has("amis") => (16, 0),
+            _ => (0, 0),
+        };
+        let whole_k = has("l2ab");
+        // K steps per run, A row stride, B bytes per row block, row pairs.
+        let (nk, sa, pairs) = match () {
+            _ if whole_k => (40, 2560, 6),
+            _ if has("l1") => (8, 512, 1),
+            _ => (8, 512, 32),
+        };
+        let rb = nk * B_STEP;
+        let lines = |bytes: usize| vec![Line([0; LINE]); bytes / LINE + 2];
+        let mut a_buf = lines(32 * sa);
+        let mut b_buf = lines(pairs * 2 * rb);
+        for (i, l) in a_buf.iter_mut().enumerate() {
+            l.0 = std::array::from_fn(|j| ((i * 64 + j) * 37 % 251) as u8);
+        }
+        for (i, l) in b_buf.iter_mut().enumerate() {
+            l.0 = std::array::from_fn(|j| ((i * 64 + j) % 3) as i8 as u8 - 1);
+        }
+        let mut c = CTiles([[0; 256]; 4]);
+        let cp = c.0.as_mut_ptr() as *mut i32;
+        let t0 = std::time::Instant::now();
+        let mut steps = 0u64;
+        // SAFETY: AMX permitted; every pointer stays inside the buffers
+        // (each has two spare lines for the offsets).
+        unsafe {
+            let a = (a_buf.as_ptr() as *const i8).add(a_off);
+            let b = (b_buf.as_ptr() as *const i8).add(b_off);
+            Hw.begin();
+            Hw.zero();
+            while t0.elapsed().as_secs_f64() < secs {
+                for s in 0..pairs {
+                    let bp = b.add(s * 2 * rb);
+                    let park = has("park");
+                    if park {
+                        Hw.load(cp);
+                    }
+                    if variant == "peak" {
+                        peak(64);
+                    } else if has("pf") {
+                        run_pf(a, sa, bp, rb, nk);
+                    } else {
+                        Hw.run([a, a.add(16 * sa)], [sa, sa], bp, rb, nk, 2);
+                    }
+                    if park {
+                        Hw.store(cp);
+                    }
+                }
+                steps += pairs as u64 * if variant == "peak" { 64 } else { nk as u64 };
+            }
+            Hw.store(cp);
+            Hw.end();
+        }
+        std::hint::black_box(&c);
+        // 4 TDPBSSD of 16 x 16 x 64 multiply-adds per step.
+        Some(steps as f64 * 4.0 * 16384.0 * 2.0 / t0.elapsed().as_secs_f64() / 1e9)
+    }
+
+    /// GB/s of expanded panel written by [`expand_block`] (512 KB panels
+    /// from 128 KB of 2-bit lines), in "GOPS" units of the caller (1e9/s).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn expand_gbs(secs: f64) -> f64 {
+        let src: Vec<Line> = (0..2048)
+            .map(|i| Line(std::array::from_fn(|j| (i * 64 + j) as u8 | 0x55)))
+            .collect();
+        let mut panel = vec![Line([0; LINE]); 4 * src.len()];
+        let t0 = std::time::Instant::now();
+        let mut n = 0u64;
+        while t0.elapsed().as_secs_f64() < secs {
+            for b in 0..8 {
+                expand_block(&src[b * 256..(b + 1) * 256], &mut panel[b * 1024..(b + 1) * 1024]);
+            }
+            std::hint::black_box(&mut panel);
+            n += (panel.len() * LINE) as u64;
+        }
+        n as f64 / t0.elapsed().as_secs_f64() / 1e9
+    }
+
+    /// `n` steps of four independent TDPBSSD on loaded tiles (no loads).
+    unsafe fn peak(n: usize) {
+        asm!(
+            "2:",
+            "tdpbssd tmm0, tmm4, tmm6",
+            "tdpbssd tmm1, tmm4, tmm7",
+            "tdpbssd tmm2, tmm5, tmm6",
+            "tdpbssd tmm3, tmm5, tmm7",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) n => _,
+            options(nostack),
+        );
+    }
+
+    /// [`Hw::run`]'s 2 x 2 loop with both B tiles of the step two ahead
+    /// prefetched into L1 (16 lines each).
+    unsafe fn run_pf(a: *const i8, sa: usize, b: *const i8, b_next: usize, nk: usize) {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {s64}*1]",
+            "tdpbssd tmm0, tmm4, tmm6",
+            "prefetcht0 [{b0} + 2048]",
+            "prefetcht0 [{b0} + 2112]",
+            "prefetcht0 [{b0} + 2176]",
+            "prefetcht0 [{b0} + 2240]",
+            "prefetcht0 [{b0} + 2304]",
+            "prefetcht0 [{b0} + 2368]",
+            "prefetcht0 [{b0} + 2432]",
+            "prefetcht0 [{b0} + 2496]",
+            "prefetcht0 [{b0} + 2560]",
+            "prefetcht0 [{b0} + 2624]",
+            "prefetcht0 [{b0} + 2688]",
+            "prefetcht0 [{b0} + 2752]",
+            "prefetcht0 [{b0} + 2816]",
+            "prefetcht0 [{b0} + 2880]",
+            "prefetcht0 [{b0} + 2944]",
+            "prefetcht0 [{b0} + 3008]",
+            "tileloadd tmm7, [{b1} + {s64}*1]",
+            "tdpbssd tmm1, tmm4, tmm7",
+            "prefetcht0 [{b1} + 2048]",
+            "prefetcht0 [{b1} + 2112]",
+            "prefetcht0 [{b1} + 2176]",
+            "prefetcht0 [{b1} + 2240]",
+            "prefetcht0 [{b1} + 2304]",
+            "prefetcht0 [{b1} + 2368]",
+            "prefetcht0 [{b1} + 2432]",
+            "prefetcht0 [{b1} + 2496]",
+            "prefetcht0 [{b1} + 2560]",
+            "prefetcht0 [{b1} + 2624]",
+            "prefetcht0 [{b1} + 2688]",
+            "prefetcht0 [{b1} + 2752]",
+            "prefetcht0 [{b1} + 2816]",
+            "prefetcht0 [{b1} + 2880]",
+            "prefetcht0 [{b1} + 2944]",
+            "prefetcht0 [{b1} + 3008]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tdpbssd tmm2, tmm5, tmm6",
+            "tdpbssd tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, {bstep}",
+            "add {b1}, {bstep}",
+            "dec {n}",
+            "jnz 2b",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(16 * sa) => _,
+            sa = in(reg) sa,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(b_next) => _,
+            s64 = in(reg) 64usize,
+            bstep = const B_STEP,
+            n = inout(reg) nk => _,
+            options(nostack),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,70 @@ pub const MAX_N_IN: usize = 1 << 22;
 #[repr(C, align(64))]
 pub struct Line(pub [u8; LINE]);
 
+/// int8 codes in 64-byte aligned storage. A plain `Vec<i8>` of a few MB
+/// starts 16 bytes past a page, so every 64-byte row an AMX tile load reads
+/// of a token (`n_in` a multiple of 64) straddled two cache lines.
+#[derive(Default, Clone)]
+pub struct Codes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl Codes {
+    /// `len` zero codes.
+    pub fn zeroed(len: usize) -> Self {
+        let mut c = Self::default();
+        c.resize(len);
+        c
+    }
+
+    /// Sets the length to `len`; codes past the old length are zero.
+    pub fn resize(&mut self, len: usize) {
+        if len > self.len {
+            // Zero the old tail line's unused bytes, then grow with zero lines.
+            let lines = self.lines.len().min(len.div_ceil(LINE));
+            lines_bytes_mut(&mut self.lines[..lines])[self.len..].fill(0);
+        }
+        self.lines.resize(len.div_ceil(LINE), Line([0; LINE]));
+        self.len = len;
+    }
+}
+
+/// The bytes of `lines`.
+fn lines_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+    // SAFETY: Line is 64 plain bytes (repr C), so the lines are
+    // contiguous bytes.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * LINE) }
+}
+
+impl std::ops::Deref for Codes {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        // SAFETY: `len` <= 64 x lines (resize keeps it so); i8 and u8 share a layout.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const i8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Codes {
+    fn deref_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as Deref.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i8, self.len) }
+    }
+}
+
+/// Equal codes (the storage past `len` does not count).
+impl PartialEq for Codes {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl std::fmt::Debug for Codes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 /// Ternary weights as 64-byte lines: row blocks of 16 rows, each a run of
 /// `chunks` lines over consecutive inputs. `F` says how a line codes its
 /// weights: [`TwoBit`] (the tile layout, this file) or `Base3` (base3.rs).
@@ -378,5 +442,30 @@ mod tests {
     #[test]
     fn rejects_lying_shapes() {
         assert_rejects_lying_shapes(TileLayout::from_canonical);
+    }
+
+    #[test]
+    fn codes_are_line_aligned_and_zero_where_they_grow() {
+        let mut c = Codes::zeroed(100);
+        assert_eq!(c.as_ptr() as usize % LINE, 0);
+        assert_eq!(c.len(), 100);
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = i as i8 - 50;
+        }
+        // Shrink inside a line, then grow past it: the old codes beyond the
+        // short length come back as zeros, those before it unchanged.
+        c.resize(70);
+        c.resize(300);
+        assert_eq!(c.as_ptr() as usize % LINE, 0);
+        assert_eq!(c.len(), 300);
+        assert!(c[..70].iter().enumerate().all(|(i, &v)| v == i as i8 - 50));
+        assert!(c[70..].iter().all(|&v| v == 0));
+        assert_eq!(c, {
+            let mut d = Codes::zeroed(300);
+            d[..70].copy_from_slice(&c[..70]);
+            d
+        });
+        c.resize(0);
+        assert!(c.is_empty());
     }
 }
