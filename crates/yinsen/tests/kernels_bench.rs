@@ -139,8 +139,18 @@ fn gemm_par(p: &dyn PackedTernary, x: &[i8], nt: usize, out: &mut [i32], threads
         .enumerate()
         .for_each(|(ci, ch)| {
             let r0 = ci * rows;
-            p.gemm(&x[..nt * p.n_in()], nt, r0, r0 + ch.len() / nt, ch);
+            let (x, r1) = (&x[..nt * p.n_in()], r0 + ch.len() / nt);
+            // Token-major where the kernel has it, as the forward asks.
+            if !(token_major() && p.gemm_tokens(x, nt, r0, r1, ch)) {
+                p.gemm(x, nt, r0, r1, ch);
+            }
         });
+}
+
+/// `YINSEN_BENCH_TM=1`: the threaded GEMMs ask for token-major output, as
+/// the forward's many-token matmuls do (AMX stores its tiles straight).
+fn token_major() -> bool {
+    std::env::var("YINSEN_BENCH_TM").ok().as_deref() == Some("1")
 }
 
 /// `YINSEN_BENCH_X_OFF` (default 0): bytes the GEMM input starts past a

@@ -39,7 +39,13 @@ fn kernels_under_test() -> Vec<Arc<dyn TernaryKernel>> {
     #[cfg(target_arch = "x86_64")]
     {
         v.push(kernels::amx::emulated());
+        // The K-sliced driver (C tiles parked between slices), which the
+        // default whole-K loop no longer runs.
+        v.push(kernels::amx::emulated_sliced());
         let st = kernels::amx::amx_status();
+        if st == kernels::amx::AmxStatus::Granted {
+            v.push(kernels::amx::sliced());
+        }
         if device_run() {
             assert_eq!(
                 st,

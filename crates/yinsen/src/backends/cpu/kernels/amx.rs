@@ -122,68 +122,126 @@ impl TernaryKernel for Amx {
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_hw,
-            gemm_hw_tm,
+            gemm_hw::<0>,
+            gemm_hw_tm::<0>,
         ))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(TiledPacked::shared_tm(l.clone(), gemm_hw, gemm_hw_tm))
+        Some(TiledPacked::shared_tm(l.clone(), gemm_hw::<0>, gemm_hw_tm::<0>))
+    }
+}
+
+/// Test double: real AMX with the K loop cut into slices of 3 steps (C
+/// tiles parked between slices), the path `YINSEN_AMX_KSLICE` selects.
+/// Named "amx-k3"; not offered by `select`.
+pub fn sliced() -> Arc<dyn TernaryKernel> {
+    Arc::new(AmxSliced)
+}
+
+struct AmxSliced;
+
+impl TernaryKernel for AmxSliced {
+    fn name(&self) -> &'static str {
+        "amx-k3"
+    }
+    fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
+        Ok(TiledPacked::shared_tm(
+            Arc::new(TileLayout::from_canonical(w)?),
+            gemm_hw::<3>,
+            gemm_hw_tm::<3>,
+        ))
     }
 }
 
 /// Test double: the same driver with scalar tile operations. Named
 /// "amx-emu"; not offered by `select`.
 pub fn emulated() -> Arc<dyn TernaryKernel> {
-    Arc::new(AmxEmu)
+    Arc::new(AmxEmu::<0>)
 }
 
-struct AmxEmu;
+/// [`emulated`] with the K loop in slices of 3 steps ("amx-emu-k3").
+pub fn emulated_sliced() -> Arc<dyn TernaryKernel> {
+    Arc::new(AmxEmu::<3>)
+}
 
-impl TernaryKernel for AmxEmu {
+/// The driver with scalar tile operations; K slices of `KS` steps (0: as
+/// the real kernel's default).
+struct AmxEmu<const KS: usize = 0>;
+
+impl<const KS: usize> TernaryKernel for AmxEmu<KS> {
     fn name(&self) -> &'static str {
-        "amx-emu"
+        if KS == 0 {
+            "amx-emu"
+        } else {
+            "amx-emu-k3"
+        }
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_emu,
-            gemm_emu_tm,
+            gemm_emu::<KS>,
+            gemm_emu_tm::<KS>,
         ))
     }
 }
 
-/// Entry from `TiledPacked` (shapes checked there): real AMX tiles.
-fn gemm_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+/// Entry from `TiledPacked` (shapes checked there): real AMX tiles, K
+/// slices of `KS` steps (0: [`k_slice`]).
+fn gemm_hw<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
     assert_eq!(
         amx_status(),
         AmxStatus::Granted,
         "amx kernel used without AMX permission"
     );
     // SAFETY: AMX permitted (checked); drive configures and releases tiles.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, false) };
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, false, ks_or_default(KS)) };
 }
 
 /// [`gemm_hw`] with token-major output (`out[t * (r1 - r0) + r - r0]`).
-fn gemm_hw_tm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+fn gemm_hw_tm<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
     assert_eq!(
         amx_status(),
         AmxStatus::Granted,
         "amx kernel used without AMX permission"
     );
     // SAFETY: as gemm_hw.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, true) };
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, true, ks_or_default(KS)) };
 }
 
 /// The same driver with scalar tile operations (tests on machines without AMX).
-fn gemm_emu(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+fn gemm_emu<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
     // SAFETY: Emu only touches memory the driver hands it (in bounds).
-    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out, false) };
+    unsafe {
+        drive(
+            &mut Emu::default(),
+            l,
+            x,
+            n_tokens,
+            r0,
+            r1,
+            out,
+            false,
+            ks_or_default(KS),
+        )
+    };
 }
 
 /// [`gemm_emu`] with token-major output.
-fn gemm_emu_tm(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+fn gemm_emu_tm<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
     // SAFETY: as gemm_emu.
-    unsafe { drive(&mut Emu::default(), l, x, n_tokens, r0, r1, out, true) };
+    unsafe {
+        drive(
+            &mut Emu::default(),
+            l,
+            x,
+            n_tokens,
+            r0,
+            r1,
+            out,
+            true,
+            ks_or_default(KS),
+        )
+    };
 }
 
 /// K inputs per A tile row / per K step.
@@ -210,10 +268,14 @@ fn panel_bytes() -> usize {
     })
 }
 
-/// K steps per slice of the driver's K loop (`YINSEN_AMX_KSLICE`, 0 = whole
-/// K): 8 steps keep a token pair's A slice (16 KB) and a super-block's parked
-/// C tiles (<= 24 KB) within a 48 KB L1. Super-blocks of one row pair run
-/// whole K regardless (see `drive`).
+/// K steps per slice of the driver's K loop: whole K (the default), or
+/// `YINSEN_AMX_KSLICE` steps (0 = whole K). Slices of 8 steps kept a token
+/// pair's A slice (16 KB) in L1 across the row pairs, but the C tiles are
+/// then parked in memory and reloaded around every slice, and on the device
+/// a tile stored and reloaded costs more than A tiles from L2: the 2x2 loop
+/// ran at 587 against 1667 GOPS on one core of a slow host, and the layer's
+/// matmuls took 4.02-4.64 ms with whole K against 4.92-4.95 ms with slices
+/// of 8 (16 threads, inputs on 64-byte lines; docs/performance.md, S19).
 fn k_slice() -> usize {
     static K: OnceLock<usize> = OnceLock::new();
     *K.get_or_init(|| {
@@ -221,11 +283,19 @@ fn k_slice() -> usize {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
         {
-            Some(0) => usize::MAX,
-            Some(k) => k,
-            None => 8,
+            Some(k) if k > 0 => k,
+            _ => usize::MAX,
         }
     })
+}
+
+/// `ks`, or [`k_slice`] for 0.
+fn ks_or_default(ks: usize) -> usize {
+    if ks == 0 {
+        k_slice()
+    } else {
+        ks
+    }
 }
 
 /// Token pairs that run each K slice together for a super-block of `npairs`
@@ -325,8 +395,18 @@ unsafe fn scatter_avx512(c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn drive_hw(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32], tm: bool) {
-    drive(&mut Hw, l, x, n_tokens, r0, r1, out, tm)
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive_hw(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [i32],
+    tm: bool,
+    ks: usize,
+) {
+    drive(&mut Hw, l, x, n_tokens, r0, r1, out, tm, ks)
 }
 
 thread_local! {
@@ -349,6 +429,7 @@ unsafe fn drive<T: TileOps>(
     r1: usize,
     out: &mut [i32],
     tm: bool,
+    ks: usize,
 ) {
     if n_tokens == 0 || r0 == r1 {
         return;
@@ -388,7 +469,7 @@ unsafe fn drive<T: TileOps>(
     let mut panel = PANEL.with(|p| std::mem::take(&mut *p.borrow_mut()));
     panel.resize(sb * blk, Line([0; LINE]));
     let nk = kp / KB;
-    let ks = k_slice().min(nk);
+    let ks = ks.clamp(1, nk);
     let mut cacc: Vec<CTiles> = Vec::new();
     let op = out.as_mut_ptr();
     // Token-major row pitch (i32) of `out`.
