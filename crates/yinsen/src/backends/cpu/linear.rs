@@ -978,7 +978,7 @@ mod tests {
         let mut r = SplitMix64(31);
         let mut ks: Vec<std::sync::Arc<dyn TernaryKernel>> = vec![amx::emulated()];
         if amx::amx_status() == amx::AmxStatus::Granted {
-            ks.push(std::sync::Arc::new(amx::Amx));
+            ks.push(std::sync::Arc::new(amx::Amx::<0>));
         }
         let fuse = |k: &dyn TernaryKernel, mats: &[&TernaryMatrix]| {
             let n_in = mats[0].n_in;

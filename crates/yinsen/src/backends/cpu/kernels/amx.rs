@@ -113,21 +113,31 @@ fn request_permission() -> AmxStatus {
     AmxStatus::Denied("AMX permission request is only implemented on Linux".into())
 }
 
-pub struct Amx;
+/// The AMX kernel; `KS` > 0 cuts the K loop into slices of `KS` steps (a
+/// test double, see [`sliced`]).
+pub struct Amx<const KS: usize = 0>;
 
-impl TernaryKernel for Amx {
+impl<const KS: usize> TernaryKernel for Amx<KS> {
     fn name(&self) -> &'static str {
-        "amx"
+        if KS == 0 {
+            "amx"
+        } else {
+            "amx-k3"
+        }
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_hw::<0>,
-            gemm_hw_tm::<0>,
+            gemm_hw::<KS, false>,
+            gemm_hw::<KS, true>,
         ))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(TiledPacked::shared_tm(l.clone(), gemm_hw::<0>, gemm_hw_tm::<0>))
+        Some(TiledPacked::shared_tm(
+            l.clone(),
+            gemm_hw::<KS, false>,
+            gemm_hw::<KS, true>,
+        ))
     }
 }
 
@@ -135,22 +145,7 @@ impl TernaryKernel for Amx {
 /// tiles parked between slices), the path `YINSEN_AMX_KSLICE` selects.
 /// Named "amx-k3"; not offered by `select`.
 pub fn sliced() -> Arc<dyn TernaryKernel> {
-    Arc::new(AmxSliced)
-}
-
-struct AmxSliced;
-
-impl TernaryKernel for AmxSliced {
-    fn name(&self) -> &'static str {
-        "amx-k3"
-    }
-    fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(TiledPacked::shared_tm(
-            Arc::new(TileLayout::from_canonical(w)?),
-            gemm_hw::<3>,
-            gemm_hw_tm::<3>,
-        ))
-    }
+    Arc::new(Amx::<3>)
 }
 
 /// Test double: the same driver with scalar tile operations. Named
@@ -166,7 +161,7 @@ pub fn emulated_sliced() -> Arc<dyn TernaryKernel> {
 
 /// The driver with scalar tile operations; K slices of `KS` steps (0: as
 /// the real kernel's default).
-struct AmxEmu<const KS: usize = 0>;
+struct AmxEmu<const KS: usize>;
 
 impl<const KS: usize> TernaryKernel for AmxEmu<KS> {
     fn name(&self) -> &'static str {
@@ -179,69 +174,43 @@ impl<const KS: usize> TernaryKernel for AmxEmu<KS> {
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_emu::<KS>,
-            gemm_emu_tm::<KS>,
+            gemm_emu::<KS, false>,
+            gemm_emu::<KS, true>,
         ))
     }
 }
 
 /// Entry from `TiledPacked` (shapes checked there): real AMX tiles, K
-/// slices of `KS` steps (0: [`k_slice`]).
-fn gemm_hw<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+/// slices of `KS` steps (0: [`k_slice`]), token-major output with `TM`.
+fn gemm_hw<const KS: usize, const TM: bool>(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [i32],
+) {
     assert_eq!(
         amx_status(),
         AmxStatus::Granted,
         "amx kernel used without AMX permission"
     );
     // SAFETY: AMX permitted (checked); drive configures and releases tiles.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, false, ks_or_default(KS)) };
-}
-
-/// [`gemm_hw`] with token-major output (`out[t * (r1 - r0) + r - r0]`).
-fn gemm_hw_tm<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-    assert_eq!(
-        amx_status(),
-        AmxStatus::Granted,
-        "amx kernel used without AMX permission"
-    );
-    // SAFETY: as gemm_hw.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, true, ks_or_default(KS)) };
+    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, TM, ks_or_default(KS)) };
 }
 
 /// The same driver with scalar tile operations (tests on machines without AMX).
-fn gemm_emu<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
+fn gemm_emu<const KS: usize, const TM: bool>(
+    l: &TileLayout,
+    x: &[i8],
+    n_tokens: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [i32],
+) {
+    let mut emu = Emu::default();
     // SAFETY: Emu only touches memory the driver hands it (in bounds).
-    unsafe {
-        drive(
-            &mut Emu::default(),
-            l,
-            x,
-            n_tokens,
-            r0,
-            r1,
-            out,
-            false,
-            ks_or_default(KS),
-        )
-    };
-}
-
-/// [`gemm_emu`] with token-major output.
-fn gemm_emu_tm<const KS: usize>(l: &TileLayout, x: &[i8], n_tokens: usize, r0: usize, r1: usize, out: &mut [i32]) {
-    // SAFETY: as gemm_emu.
-    unsafe {
-        drive(
-            &mut Emu::default(),
-            l,
-            x,
-            n_tokens,
-            r0,
-            r1,
-            out,
-            true,
-            ks_or_default(KS),
-        )
-    };
+    unsafe { drive(&mut emu, l, x, n_tokens, r0, r1, out, TM, ks_or_default(KS)) };
 }
 
 /// K inputs per A tile row / per K step.

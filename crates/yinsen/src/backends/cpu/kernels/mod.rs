@@ -82,7 +82,7 @@ pub fn select(name: &str) -> Result<Arc<dyn TernaryKernel>> {
         "avx2" if avx2::detected() => Ok(Arc::new(avx2::Avx2)),
         #[cfg(target_arch = "x86_64")]
         "amx" => match amx::amx_status() {
-            amx::AmxStatus::Granted => Ok(Arc::new(amx::Amx)),
+            amx::AmxStatus::Granted => Ok(Arc::new(amx::Amx::<0>)),
             st => Err(crate::Error::Unsupported(format!("kernel 'amx': {st}"))),
         },
         other if KERNEL_NAMES.contains(&other) => Err(crate::Error::Unsupported(format!(
