@@ -1118,6 +1118,9 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     lm_head_screen_q8_mma_cp(const uint4* Q, const u16* D, int vocab, int hidden, int nt, const i8* xq8_g,
                              const float* dxs_g, const float2* fac, const float* err, const float* abs_sum,
                              unsigned* keys, float* lq, u64* wmax) {
+// sm_80+ (cp.async, mma.sync s8; the host checks `has_mma`): older archs
+// get an empty kernel so that every image has the name.
+#if __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) unsigned char lmb_smem[];
     __shared__ float bv_s[8][LMB_T];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -1248,4 +1251,5 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         }
     }
     batch_screen_put(bv_s, nt, keys);
+#endif
 }
