@@ -91,6 +91,64 @@ fn nvrtc_compiles_all_kernels() {
     }
 }
 
+/// Spill stores (bytes) per kernel in ptxas's `-v` log.
+fn spill_stores(log: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut name: Option<String> = None;
+    for line in log.lines() {
+        if let Some((_, n)) = line.split_once("Function properties for ") {
+            name = Some(n.trim().to_string());
+        } else if let (Some(n), Some(i)) = (&name, line.find(" bytes spill stores")) {
+            let bytes = line[..i].rsplit(' ').next().and_then(|v| v.parse().ok());
+            out.push((n.clone(), bytes.unwrap_or(usize::MAX)));
+            name = None;
+        }
+    }
+    out
+}
+
+/// The hot kernels stay within their measured spills on sm_90a (the
+/// device's arch): at their register limits ptxas's allocation flips with
+/// small source changes, and a spill there cost the persistent decode ~9%
+/// (session 18). Runs wherever NVRTC loads (CI fetches it), no GPU needed.
+#[test]
+fn nvrtc_hot_kernels_do_not_spill() {
+    if let Err(e) = cuda::nvrtc_available() {
+        assert!(!device_required(), "YINSEN_DEVICE=1 but {e}");
+        common::skip_cuda(&e.to_string());
+        return;
+    }
+    let src = cuda::nvrtc::program_source();
+    let (_, log) = cuda::nvrtc::compile_with(&src, "sm_90a", &["-Xptxas", "-v"]).unwrap();
+    let spills = spill_stores(&log);
+    assert!(
+        spills.len() >= cuda::KERNELS.len(),
+        "{} kernels in the log",
+        spills.len()
+    );
+    // (name prefix, most spill-store bytes allowed): 0, or what the kernel
+    // spilled when it was last measured fast.
+    let ceilings = [
+        ("mega_f16", 0),
+        ("mega_f32", 0),
+        ("mega_multi_f16", 0),
+        ("mega_multi_f32", 4),
+        ("tern_wgmma_tma_", 0),
+        ("flash_tcx_", 0),
+        ("norm_quant_w8", 0),
+        ("lm_head_dec", 0),
+        ("lm_head_screen_q8_mma_cp", 0),
+        ("lm_head_pick_f16_batch", 0),
+    ];
+    for (prefix, most) in ceilings {
+        let hits: Vec<_> = spills.iter().filter(|(n, _)| n.starts_with(prefix)).collect();
+        assert!(!hits.is_empty(), "{prefix}: not in the ptxas log");
+        for (n, b) in hits {
+            assert!(*b <= most, "{n} spills {b} bytes (at most {most})");
+        }
+    }
+}
+
 #[test]
 fn nvrtc_reports_compile_errors() {
     if cuda::nvrtc_available().is_err() {

@@ -113,6 +113,13 @@ fn lineinfo_dir() -> Option<PathBuf> {
 
 /// Compile `src` for `arch` (e.g. "sm_90a") to CUBIN, no cache.
 pub fn compile(src: &str, arch: &str) -> Result<Vec<u8>> {
+    compile_with(src, arch, &[]).map(|(bin, _)| bin)
+}
+
+/// [`compile`] with `extra` options after the usual ones; also returns the
+/// compiler's log (e.g. ptxas's per-kernel registers and spills with
+/// `-Xptxas -v`).
+pub fn compile_with(src: &str, arch: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     if let Some(dir) = lineinfo_dir() {
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join("yinsen.cu"), src);
@@ -133,16 +140,17 @@ pub fn compile(src: &str, arch: &str) -> Result<Vec<u8>> {
         },
         "nvrtcCreateProgram",
     )?;
-    let out = compile_prog(prog, arch);
+    let out = compile_prog(prog, arch, extra);
     unsafe { sys::nvrtcDestroyProgram(&mut prog) };
     out
 }
 
-fn compile_prog(prog: sys::nvrtcProgram, arch: &str) -> Result<Vec<u8>> {
+fn compile_prog(prog: sys::nvrtcProgram, arch: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     let opts: Vec<CString> = options(arch)
         .into_iter()
-        .map(|o| CString::new(o).expect("option without NUL"))
-        .collect();
+        .chain(extra.iter().map(|o| o.to_string()))
+        .map(|o| CString::new(o).map_err(|_| err("NVRTC option contains a NUL byte")))
+        .collect::<Result<_>>()?;
     let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     let r = unsafe { sys::nvrtcCompileProgram(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
     if r != sys::nvrtcResult::NVRTC_SUCCESS {
@@ -158,7 +166,7 @@ fn compile_prog(prog: sys::nvrtcProgram, arch: &str) -> Result<Vec<u8>> {
         unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut c_char) },
         "nvrtcGetCUBIN",
     )?;
-    Ok(bin)
+    Ok((bin, log(prog)))
 }
 
 fn log(prog: sys::nvrtcProgram) -> String {
