@@ -4,7 +4,10 @@
     python3 scripts/nvrtc-check.py [arch] [libnvrtc.so path]
 
 Catches syntax and register/ptxas errors before a device run. NVRTC comes
-from the PyPI wheel `nvidia-cuda-nvrtc` (unzip it; point at lib/libnvrtc.so.13).
+from the PyPI wheel `nvidia-cuda-nvrtc` (unzip it; point at lib/libnvrtc.so.13,
+with that lib folder on LD_LIBRARY_PATH for its builtins). Take 13.0.* to see
+what the device compiles: its register allocation differs from 13.5's (the
+persistent decode spills 32-36 bytes with 13.0, none with 13.5).
 Prints the compile log and, via -Xptxas -v, registers/smem per kernel.
 $YINSEN_NVRTC_DEFINES="NAME=VALUE ..." passes macros as the backend does
 (spaces or commas between them). NVRTC_CUBIN=FILE writes the cubin, for
@@ -23,7 +26,7 @@ src = "".join(f"// ---- {n}\n{open(os.path.join(root, n)).read()}\n" for n in or
 n = ctypes.CDLL(lib)
 prog = ctypes.c_void_p()
 assert n.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"yinsen.cu", 0, None, None) == 0
-opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-Xptxas", b"-v"]
+opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device", b"-Xptxas", b"-v"]
 opts += [f"-D{d}".encode() for d in os.environ.get("YINSEN_NVRTC_DEFINES", "").replace(",", " ").split()]
 arr = (ctypes.c_char_p * len(opts))(*opts)
 r = n.nvrtcCompileProgram(prog, len(opts), arr)
