@@ -65,9 +65,6 @@ fn probe_reports_status() {
     }
 }
 
-/// Compiles every kernel with NVRTC for the archs we ship, so compile errors
-/// show up on machines without a GPU (point YINSEN_CUDA_LIB_DIR or
-/// LD_LIBRARY_PATH at a libnvrtc).
 /// NVRTC loads here; else a printed SKIP (an error under YINSEN_DEVICE=1).
 fn nvrtc_ready() -> bool {
     if let Err(e) = cuda::nvrtc_available() {
@@ -78,6 +75,9 @@ fn nvrtc_ready() -> bool {
     true
 }
 
+/// Compiles every kernel with NVRTC for the archs we ship, so compile errors
+/// show up on machines without a GPU (point YINSEN_CUDA_LIB_DIR or
+/// LD_LIBRARY_PATH at a libnvrtc; CI fetches one).
 #[test]
 fn nvrtc_compiles_all_kernels() {
     if !nvrtc_ready() {
