@@ -65,14 +65,17 @@ fn probe_reports_status() {
     }
 }
 
-/// NVRTC loads here; else a printed SKIP (an error under YINSEN_DEVICE=1).
-fn nvrtc_ready() -> bool {
+/// NVRTC's version and the program source where NVRTC loads; else a
+/// printed SKIP and None (an error under YINSEN_DEVICE=1).
+fn nvrtc_program() -> Option<((i32, i32), String)> {
     if let Err(e) = cuda::nvrtc_available() {
         assert!(!device_required(), "YINSEN_DEVICE=1 but {e}");
         common::skip_cuda(&e.to_string());
-        return false;
+        return None;
     }
-    true
+    let v = cuda::nvrtc::version().unwrap();
+    println!("NVRTC {}.{}", v.0, v.1);
+    Some((v, cuda::nvrtc::program_source()))
 }
 
 /// Compiles every kernel with NVRTC for the archs we ship, so compile errors
@@ -80,12 +83,9 @@ fn nvrtc_ready() -> bool {
 /// LD_LIBRARY_PATH at a libnvrtc; CI fetches one).
 #[test]
 fn nvrtc_compiles_all_kernels() {
-    if !nvrtc_ready() {
+    let Some((_, src)) = nvrtc_program() else {
         return;
-    }
-    let v = cuda::nvrtc::version().unwrap();
-    println!("NVRTC {}.{}", v.0, v.1);
-    let src = cuda::nvrtc::program_source();
+    };
     for arch in ["sm_90a", "sm_80", "sm_75"] {
         let bin = cuda::nvrtc::compile(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert!(bin.len() > 1000, "{arch}: {} bytes", bin.len());
@@ -124,11 +124,9 @@ fn spill_stores(log: &str) -> Vec<(String, usize)> {
 /// bytes, so a newer compiler passes too.
 #[test]
 fn nvrtc_hot_kernels_do_not_spill() {
-    if !nvrtc_ready() {
+    let Some((v, src)) = nvrtc_program() else {
         return;
-    }
-    let v = cuda::nvrtc::version().unwrap();
-    let src = cuda::nvrtc::program_source();
+    };
     let (_, log) = cuda::nvrtc::compile_with(&src, "sm_90a", &["-Xptxas", "-v"]).unwrap();
     let spills = spill_stores(&log);
     assert!(

@@ -128,15 +128,15 @@ impl<const KS: usize> TernaryKernel for Amx<KS> {
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_hw::<KS, false>,
-            gemm_hw::<KS, true>,
+            gemm::<true, KS, false>,
+            gemm::<true, KS, true>,
         ))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
         Some(TiledPacked::shared_tm(
             l.clone(),
-            gemm_hw::<KS, false>,
-            gemm_hw::<KS, true>,
+            gemm::<true, KS, false>,
+            gemm::<true, KS, true>,
         ))
     }
 }
@@ -174,15 +174,16 @@ impl<const KS: usize> TernaryKernel for AmxEmu<KS> {
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
         Ok(TiledPacked::shared_tm(
             Arc::new(TileLayout::from_canonical(w)?),
-            gemm_emu::<KS, false>,
-            gemm_emu::<KS, true>,
+            gemm::<false, KS, false>,
+            gemm::<false, KS, true>,
         ))
     }
 }
 
-/// Entry from `TiledPacked` (shapes checked there): real AMX tiles, K
+/// Entry from `TiledPacked` (shapes checked there): real AMX tiles with
+/// `HW`, else their scalar emulation (tests on machines without AMX); K
 /// slices of `KS` steps (0: [`k_slice`]), token-major output with `TM`.
-fn gemm_hw<const KS: usize, const TM: bool>(
+fn gemm<const HW: bool, const KS: usize, const TM: bool>(
     l: &TileLayout,
     x: &[i8],
     n_tokens: usize,
@@ -190,27 +191,29 @@ fn gemm_hw<const KS: usize, const TM: bool>(
     r1: usize,
     out: &mut [i32],
 ) {
-    assert_eq!(
-        amx_status(),
-        AmxStatus::Granted,
-        "amx kernel used without AMX permission"
-    );
-    // SAFETY: AMX permitted (checked); drive configures and releases tiles.
-    unsafe { drive_hw(l, x, n_tokens, r0, r1, out, TM, ks_or_default(KS)) };
-}
-
-/// The same driver with scalar tile operations (tests on machines without AMX).
-fn gemm_emu<const KS: usize, const TM: bool>(
-    l: &TileLayout,
-    x: &[i8],
-    n_tokens: usize,
-    r0: usize,
-    r1: usize,
-    out: &mut [i32],
-) {
-    let mut emu = Emu::default();
-    // SAFETY: Emu only touches memory the driver hands it (in bounds).
-    unsafe { drive(&mut emu, l, x, n_tokens, r0, r1, out, TM, ks_or_default(KS)) };
+    let ks = ks_or_default(KS);
+    let c = Call {
+        l,
+        x,
+        n_tokens,
+        r0,
+        r1,
+        out,
+        tm: TM,
+        ks,
+    };
+    if HW {
+        assert_eq!(
+            amx_status(),
+            AmxStatus::Granted,
+            "amx kernel used without AMX permission"
+        );
+        // SAFETY: AMX permitted (checked); drive configures and releases tiles.
+        unsafe { drive_hw(c) };
+    } else {
+        // SAFETY: Emu only touches memory the driver hands it (in bounds).
+        unsafe { drive(&mut Emu::default(), c) };
+    }
 }
 
 /// K inputs per A tile row / per K step.
@@ -363,19 +366,23 @@ unsafe fn scatter_avx512(c: &[i32; 256], dst: *mut i32, stride: usize, vr: usize
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn drive_hw(
-    l: &TileLayout,
-    x: &[i8],
+/// One driver call: rows r0..r1 of `W x` for `n_tokens` tokens of `x` into
+/// `out` (token-major with `tm`), K in slices of `ks` steps (one argument
+/// for the `#[target_feature]` wrapper and the driver alike).
+struct Call<'a> {
+    l: &'a TileLayout,
+    x: &'a [i8],
     n_tokens: usize,
     r0: usize,
     r1: usize,
-    out: &mut [i32],
+    out: &'a mut [i32],
     tm: bool,
     ks: usize,
-) {
-    drive(&mut Hw, l, x, n_tokens, r0, r1, out, tm, ks)
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn drive_hw(c: Call) {
+    drive(&mut Hw, c)
 }
 
 thread_local! {
@@ -383,23 +390,13 @@ thread_local! {
     static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Rows r0..r1 of `W x` through `ops` (see module doc for the blocking):
+/// The [`Call`] through `ops` (see module doc for the blocking):
 /// row-major `out[(r - r0) * n_tokens + t]`, or with `tm` token-major
 /// `out[t * (r1 - r0) + r - r0]`, which is a C tile's own order: whole
 /// tiles are stored straight into `out` (no transpose).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn drive<T: TileOps>(
-    ops: &mut T,
-    l: &TileLayout,
-    x: &[i8],
-    n_tokens: usize,
-    r0: usize,
-    r1: usize,
-    out: &mut [i32],
-    tm: bool,
-    ks: usize,
-) {
+unsafe fn drive<T: TileOps>(ops: &mut T, c: Call) {
+    let (l, x, n_tokens, r0, r1, out, tm, ks) = (c.l, c.x, c.n_tokens, c.r0, c.r1, c.out, c.tm, c.ks);
     if n_tokens == 0 || r0 == r1 {
         return;
     }
@@ -773,9 +770,9 @@ pub mod micro {
     /// K slice in L1, `l2ab` whole K per (token pair, row pair): A (32 x
     /// 2560 bytes) and B both from L2; `-mis`: A and B 16 bytes off a line,
     /// `-amis`: A only (as a plain Vec<i8> input is); `-park`: the C tiles
-    /// stored and reloaded around each 8-step slice; `-pf`: B prefetched
-    /// two steps ahead.
-    pub const VARIANTS: [&str; 12] = [
+    /// stored and reloaded around each 8-step slice. (A variant with B
+    /// prefetched two steps ahead gained nothing, S19-2, and is gone.)
+    pub const VARIANTS: [&str; 10] = [
         "expand",
         "peak",
         "l1",
@@ -783,11 +780,9 @@ pub mod micro {
         "l2b",
         "l2b-amis",
         "l2b-park",
-        "l2b-pf",
         "l2b-amis-park",
         "l2ab",
         "l2ab-amis",
-        "l2ab-pf",
     ];
 
     pub fn run(variant: &str, secs: f64) -> Option<f64> {
@@ -841,8 +836,6 @@ pub mod micro {
                     }
                     if variant == "peak" {
                         peak(64);
-                    } else if has("pf") {
-                        run_pf(a, sa, bp, rb, nk);
                     } else {
                         Hw.run([a, a.add(16 * sa)], [sa, sa], bp, rb, nk, 2);
                     }
@@ -891,69 +884,6 @@ pub mod micro {
             "dec {n}",
             "jnz 2b",
             n = inout(reg) n => _,
-            options(nostack),
-        );
-    }
-
-    /// [`Hw::run`]'s 2 x 2 loop with both B tiles of the step two ahead
-    /// prefetched into L1 (16 lines each).
-    unsafe fn run_pf(a: *const i8, sa: usize, b: *const i8, b_next: usize, nk: usize) {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {s64}*1]",
-            "tdpbssd tmm0, tmm4, tmm6",
-            "prefetcht0 [{b0} + 2048]",
-            "prefetcht0 [{b0} + 2112]",
-            "prefetcht0 [{b0} + 2176]",
-            "prefetcht0 [{b0} + 2240]",
-            "prefetcht0 [{b0} + 2304]",
-            "prefetcht0 [{b0} + 2368]",
-            "prefetcht0 [{b0} + 2432]",
-            "prefetcht0 [{b0} + 2496]",
-            "prefetcht0 [{b0} + 2560]",
-            "prefetcht0 [{b0} + 2624]",
-            "prefetcht0 [{b0} + 2688]",
-            "prefetcht0 [{b0} + 2752]",
-            "prefetcht0 [{b0} + 2816]",
-            "prefetcht0 [{b0} + 2880]",
-            "prefetcht0 [{b0} + 2944]",
-            "prefetcht0 [{b0} + 3008]",
-            "tileloadd tmm7, [{b1} + {s64}*1]",
-            "tdpbssd tmm1, tmm4, tmm7",
-            "prefetcht0 [{b1} + 2048]",
-            "prefetcht0 [{b1} + 2112]",
-            "prefetcht0 [{b1} + 2176]",
-            "prefetcht0 [{b1} + 2240]",
-            "prefetcht0 [{b1} + 2304]",
-            "prefetcht0 [{b1} + 2368]",
-            "prefetcht0 [{b1} + 2432]",
-            "prefetcht0 [{b1} + 2496]",
-            "prefetcht0 [{b1} + 2560]",
-            "prefetcht0 [{b1} + 2624]",
-            "prefetcht0 [{b1} + 2688]",
-            "prefetcht0 [{b1} + 2752]",
-            "prefetcht0 [{b1} + 2816]",
-            "prefetcht0 [{b1} + 2880]",
-            "prefetcht0 [{b1} + 2944]",
-            "prefetcht0 [{b1} + 3008]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tdpbssd tmm2, tmm5, tmm6",
-            "tdpbssd tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
-            "add {b0}, {bstep}",
-            "add {b1}, {bstep}",
-            "dec {n}",
-            "jnz 2b",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a.add(16 * sa) => _,
-            sa = in(reg) sa,
-            b0 = inout(reg) b => _,
-            b1 = inout(reg) b.add(b_next) => _,
-            s64 = in(reg) 64usize,
-            bstep = const B_STEP,
-            n = inout(reg) nk => _,
             options(nostack),
         );
     }
