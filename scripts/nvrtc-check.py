@@ -28,6 +28,8 @@ prog = ctypes.c_void_p()
 assert n.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"yinsen.cu", 0, None, None) == 0
 opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device", b"-Xptxas", b"-v"]
 opts += [f"-D{d}".encode() for d in os.environ.get("YINSEN_NVRTC_DEFINES", "").replace(",", " ").split()]
+# NVRTC_EXTRA="OPT ...": more compiler options (studies only; the backend passes none).
+opts += [o.encode() for o in os.environ.get("NVRTC_EXTRA", "").split()]
 arr = (ctypes.c_char_p * len(opts))(*opts)
 r = n.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()

@@ -669,13 +669,17 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
 // weights (buf, on bar with parity ph), dot the block's rows into acc_s.
 // Returns sx. Marks `mark + 1` after the quantisation, `mark + 2` after the
 // dot.
+// `issue_next()` starts the next phase's copy after the quantisation: built
+// there (from the layer table in shared memory), its addresses are not live
+// across mg_quant (with NVRTC 13.0 they were, and the kernel spilled).
+template <typename IssueNext>
 __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf, u64* bar, unsigned& ph,
-                                       const MgNext* next, const float* in, int n, const float* nw, float eps,
+                                       IssueNext issue_next, const float* in, int n, const float* nw, float eps,
                                        i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace, int mark) {
     if (threadIdx.x < MG_MAXROWS) acc_s[threadIdx.x] = 0;
     const float sx = mg_quant(in, n, nw, eps, chunks * 64, xq, red, xsum_s);
     mg_mark(trace, mark + 1);
-    if (next) mg_issue(*next);
+    issue_next();
     mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
     ph ^= 1;
     mg_dot(chunks, r, buf, xq, acc_s);
@@ -766,11 +770,10 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // Layer l + 1's table into the ring slot layer l - 1 used (read by
         // this layer's down phase, three barriers on).
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
-        {
-            const MgNext next{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef};
-            sx = mg_phase(cH, r_qkv, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s,
-                          trace, tb);
-        }
+        sx = mg_phase(
+            cH, r_qkv, wb0, &mbar[0], ph0,
+            [&] { mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef}); }, x, H,
+            F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
             const int xs = mg_xsum(xsum_s);
@@ -796,7 +799,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             // The residual rows this block adds to: loaded now, used after the dot.
             const float xres = tid < r_o.n ? __ldcg(x + r_o.a + tid) : 0.f;
-            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, nullptr, attn, Q, F_(l, LT_ATTN_SUB), eps, xq, red, xsum_s, acc_s,
+            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, [] {}, attn, Q, F_(l, LT_ATTN_SUB), eps, xq, red, xsum_s, acc_s,
                           trace, tb + 8);
             if (tid < r_o.n)
                 x[r_o.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
@@ -805,11 +808,10 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_(cp_async_wait());
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
-        {
-            const MgNext next{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef};
-            sx = mg_phase(cH, r_gu, wb0, &mbar[0], ph0, &next, x, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s,
-                          trace, tb + 12);
-        }
+        sx = mg_phase(
+            cH, r_gu, wb0, &mbar[0], ph0,
+            [&] { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}); }, x, H,
+            F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb + 12);
         if (tid < r_gu.n) {
             const float* scs = scs2[0];
             const int row = r_gu.a + tid;
@@ -829,10 +831,13 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             const bool more = l + 1 < n_layers;
             const float xres = tid < r_dn.n ? __ldcg(x + r_dn.a + tid) : 0.f;
-            const MgNext next{more ? W_(l + 1, LT_QKV) : nullptr, cH, r_qkv, wb0, &mbar[0],
-                              more ? F_(l + 1, LT_QKV_S) : nullptr, scs2[0], ef};
-            sx = mg_phase(cF, r_dn, wb1, &mbar[1], ph1, more ? &next : nullptr, hb, F, F_(l, LT_FFN_SUB), eps, xq, red,
-                          xsum_s, acc_s, trace, tb + 16);
+            sx = mg_phase(
+                cF, r_dn, wb1, &mbar[1], ph1,
+                [&] {
+                    if (more)
+                        mg_issue(MgNext{W_(l + 1, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0], ef});
+                },
+                hb, F, F_(l, LT_FFN_SUB), eps, xq, red, xsum_s, acc_s, trace, tb + 16);
             if (tid < r_dn.n)
                 x[r_dn.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
         }
