@@ -552,8 +552,9 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 /// an L2 evict-first policy (S9-14, H100, alternated x3 in one call: 798-799
 /// / 696-697 vs 797-798 / 691-692 tok/s at ctx 0 / 2048); blocks without an
 /// attention item holding their gate/up copy back 2000 cycles (S11-2, S11-3:
-/// 865-888 vs 842-867 tok/s at ctx 0 in two calls).
-pub const MEGA_DEFAULT_FLAGS: u32 = 87;
+/// 865-888 vs 842-867 tok/s at ctx 0 in two calls); attention items of
+/// fewer query heads where the grid has room (MG_HEAD_SPLIT, session 18).
+pub const MEGA_DEFAULT_FLAGS: u32 = 215;
 
 /// `topk_logits` limits (TK_* in ops.cu): k, blocks, logits per block.
 const TK_MAX: usize = 64;

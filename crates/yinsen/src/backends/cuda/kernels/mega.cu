@@ -55,6 +55,13 @@
 // measured, not derived.
 #define MG_GU_HOLD_1K 32
 #define MG_GU_HOLD_2K 64
+// Attention items of fewer query heads where the grid has room: at short
+// contexts the (KV head, key chunk) items are few (5 on 2B4T up to 64 keys)
+// and every other block waits for them at the barrier; an item then takes
+// group / sub of its KV head's query heads (sub a power of two dividing
+// group, the items at most one per block), so the serial part of each item
+// (q loads, score FMAs, warp sums, P V) shrinks by sub.
+#define MG_HEAD_SPLIT 128
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
     epoch += gridDim.x;
@@ -528,11 +535,14 @@ template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
                              float* sc, float* ml, uint4* vstage, int vstage_bytes, const MgNext& gu, u64* trace,
-                             int tb, int ac, int nch, int flags) {
+                             int tb, int ac, int nch, int flags, int sub_log) {
     const int tid = threadIdx.x, warp = tid >> 5;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const size_t pst = hd + 2;
     __shared__ int last;
+    // Items are (virtual head vh, key chunk): vh covers query heads
+    // vh * group .. + group - 1 of KV head vh >> sub_log; the caller passes
+    // n_kv << sub_log as n_kv (see MG_HEAD_SPLIT).
     // The gate/up copy (gu) is issued after the first item's K and V reads,
     // which it would otherwise slow down; blocks without an item issue it at
     // once. Its row scales are the newest cp.async group: the barrier after
@@ -540,7 +550,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     bool gu_issued = false;
     // qs: MG_QMAX floats, sc: MG_GMAX * MG_ACMAX floats (the caller's big buffer).
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
-        const int kvh = item / nch, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
+        const int vh = item / nch, kvh = vh >> sub_log, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
         __syncthreads();  // smem reuse across items
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
@@ -558,7 +568,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             cp_commit();
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
-        for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)kvh * group * hd + i) * scale;
+        for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)vh * group * hd + i) * scale;
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
         if (kstaged) {
@@ -586,7 +596,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         if ((group * hd * split) % 32 != 0) split = 1;  // whole warps only (the shuffles)
         const int part_i = tid & (split - 1);
         for (int o = tid / split; o < group * hd; o += MG_THREADS / split) {
-            const int g = o / hd, d = o - g * hd, h = kvh * group + g;
+            const int g = o / hd, d = o - g * hd, h = vh * group + g;
             float a = 0.f;
             if (staged)
 #pragma unroll 4
@@ -601,7 +611,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (item == blockIdx.x) mg_mark(trace, tb + 6);
         if (nch == 1) continue;
         if (tid < group) {
-            float* p = part + ((size_t)(kvh * group + tid) * nsplit + ch) * pst;
+            float* p = part + ((size_t)(vh * group + tid) * nsplit + ch) * pst;
             p[0] = ml[2 * tid];
             p[1] = ml[2 * tid + 1];
         }
@@ -612,9 +622,9 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (tid == 0) {
             __threadfence();
-            last = atomicAdd(cnt + kvh, 1) == nch - 1;
+            last = atomicAdd(cnt + vh, 1) == nch - 1;
             if (last) {
-                cnt[kvh] = 0;
+                cnt[vh] = 0;
                 __threadfence();
             }
         }
@@ -626,7 +636,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         float* lw = sc + 512;    // [group][nch]: l
         for (int i = tid; i < group * nch; i += MG_THREADS) {
             const int g = i / nch, c = i - g * nch;
-            const float* p = part + ((size_t)(kvh * group + g) * nsplit + c) * pst;
+            const float* p = part + ((size_t)(vh * group + g) * nsplit + c) * pst;
             mw[i] = __ldcg(p);
             lw[i] = __ldcg(p + 1);
         }
@@ -642,7 +652,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         if ((group * hd * ms) % 32 != 0) ms = 1;
         const int mi = tid & (ms - 1);
         for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
-            const int g = o / hd, d = o - g * hd, h = kvh * group + g;
+            const int g = o / hd, d = o - g * hd, h = vh * group + g;
             const float* ph = part + (size_t)h * nsplit * pst + 2 + d;
             float num = 0.f;
 #pragma unroll 4
@@ -745,6 +755,14 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     const int n_keys = pos + 1, per_head = max(1, (int)gridDim.x / n_kv);
     const int att_ac = min(MG_ACMAX, max(64, (n_keys + per_head - 1) / per_head));
     const int att_nch = (n_keys + att_ac - 1) / att_ac;  // <= nsplit; group * nch <= 512 (host)
+    __shared__ int att_sub_log;  // MG_HEAD_SPLIT: log2 of the items per KV head and chunk
+    if (tid == 0) {
+        int sl = 0;
+        const int group = n_heads / n_kv;
+        if (flags & MG_HEAD_SPLIT)
+            while (group % (2 << sl) == 0 && (n_kv * att_nch << (sl + 1)) <= (int)gridDim.x) sl++;
+        att_sub_log = sl;
+    }
 #define SYNC_(WAIT)                  \
     mg_grid_sync(bar, epoch, flags); \
     WAIT;                            \
@@ -789,8 +807,8 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mg_mark(trace, tb + 4);
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
-            mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv, hd, cap, att_scale, nsplit, part, cnt, attn, qs, sc, ml,
-                             vbuf, vbytes, gu, trace, tb, att_ac, att_nch, flags);
+            mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv << att_sub_log, hd, cap, att_scale, nsplit, part, cnt,
+                             attn, qs, sc, ml, vbuf, vbytes, gu, trace, tb, att_ac, att_nch, flags, att_sub_log);
         }
         mg_mark(trace, tb + 7);
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
