@@ -370,6 +370,41 @@ fn flash_key_split_matches_unsplit() {
     }
 }
 
+/// A call right after `import_kv` sees the whole imported cache. The import
+/// once copied with a synchronous cuMemcpyHtoD from pageable memory, which
+/// returns before its DMA lands, on the legacy stream that the backend's
+/// non-blocking stream does not wait for: the next call's kernels could read
+/// the cache's last bytes before they arrived (S20-2: a 5-token call after an
+/// import, mean |dlogit| 0.385). Every repeat must give the first one's
+/// logits; the cache holds the whole context, so the copy has a long tail.
+#[test]
+fn call_after_import_sees_the_whole_cache() {
+    let model = synthetic::build("tiny").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    let vocab = model.config.vocab;
+    let cap = model.config.max_ctx;
+    let ids = prompt(cap, vocab);
+    let mut c = gpu.new_cache(cap).unwrap();
+    let keep = cap - 16;
+    gpu.forward(c.as_mut(), &ids[..keep], Output::LastLogits).unwrap();
+    let snap = gpu.export_kv(c.as_mut()).unwrap();
+    let want = gpu
+        .forward(c.as_mut(), &ids[keep..keep + 5], Output::AllLogits)
+        .unwrap();
+    assert!(want.iter().all(|v| v.is_finite()));
+    for round in 0..20 {
+        let mut c = gpu.import_kv(&snap, cap).unwrap();
+        let got = gpu
+            .forward(c.as_mut(), &ids[keep..keep + 5], Output::AllLogits)
+            .unwrap();
+        let d = max_abs(&got, &want);
+        assert!(
+            d <= 1e-4,
+            "round {round}: max |dlogit| {d} against the first call after the import"
+        );
+    }
+}
+
 /// The oracle checks of tests/fixture_oracle.rs for one prompt, with greedy
 /// decoding on the device (`generate_greedy`). The f32 cache is held to the
 /// fixture's tolerances.json limits exactly; the f16 cache to the flip-prone

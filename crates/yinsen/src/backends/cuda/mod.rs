@@ -343,7 +343,10 @@ impl Gpu {
                 )?;
                 Ok(p)
             };
-            (alloc(SPLITK_SUM_INTS)?, alloc(SPLITK_TILES)?)
+            let bufs = (alloc(SPLITK_SUM_INTS)?, alloc(SPLITK_TILES)?);
+            // The memsets ran on the legacy stream, which ours does not wait for.
+            drv(result::ctx::synchronize(), "zeroing split-K scratch")?;
+            bufs
         } else {
             (0, 0)
         };
@@ -668,8 +671,16 @@ impl DevBuf {
             return Err(berr("upload larger than its buffer"));
         }
         self.gpu.bind()?;
-        self.gpu.sync()?;
-        drv(unsafe { result::memcpy_htod_sync(self.ptr, data) }, "copy to device")
+        // On our stream, then waited for: a synchronous cuMemcpyHtoD from
+        // pageable memory returns once the data is staged, before its DMA
+        // lands, and on the legacy stream, which our non-blocking stream does
+        // not wait for; a kernel queued next could read the old bytes (an
+        // imported KV cache's tail, S20-3).
+        drv(
+            unsafe { result::memcpy_htod_async(self.ptr, data, self.gpu.stream) },
+            "copy to device",
+        )?;
+        self.gpu.sync()
     }
     /// Queue a copy of `data` on the stream (data must stay alive until sync).
     pub fn write_async<T: Copy>(&self, data: &[T]) -> Result<()> {
