@@ -1013,8 +1013,14 @@ impl CudaBackend {
         // lets one block run per SM; 0 reads V from L2. (96 KB, K and V of
         // the 79-key items at ctx 2048, made that context slower: S11-6.)
         let smem = |vbytes: usize| (w0_chunks + w1_chunks) * 16 + MG_XBYTES + vbytes;
+        // YINSEN_CUDA_MEGA_VBYTES=KB tries that size first (measurements: a
+        // smaller buffer leaves more of the SM's 256 KB to the L1).
+        let first = std::env::var("YINSEN_CUDA_MEGA_VBYTES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|kb| kb << 10);
         let mut chosen = None;
-        for vbytes in [64 << 10, 32 << 10, 0] {
+        for vbytes in first.into_iter().chain([64 << 10, 32 << 10, 0]) {
             let mut ok = true;
             for name in ["mega_f32", "mega_f16"] {
                 ok = ok
