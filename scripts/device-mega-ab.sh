@@ -7,7 +7,8 @@
 # or "base": .device/bin/yinsen-base (a baseline binary copied there).
 #   here:    scripts/device-mega-ab.sh pack   (then copy a baseline to .device/bin/yinsen-base)
 #   device:  bash .device/device-mega-ab.sh remote "- base YINSEN_CUDA_MEGA_FLAGS=87" [test-filter]
-#            (run tool, carry [".device"]); SKIP_TESTS=1 skips the tests.
+#            (run tool, carry [".device"]); SKIP_TESTS=1 skips the tests, PHASES=0
+#            the traces.
 # Output also in $OUT: tests.log, ab.txt, phases.txt.
 set -u
 . "$(dirname "$0")/pack-small.sh"
@@ -31,7 +32,9 @@ for r in $(seq "${ROUNDS:-3}"); do
     echo "$s: $(run "$s" | grep -E '^\| decode ctx (0|2048) \|' | awk -F'|' '{printf "%s %s;", $2, $3}')"
   done
 done | tee "$out/ab.txt"
-for s in $2; do
-  echo "$s:"
-  run "$s" | grep -E '^\| persistent ctx (0|2048):'
-done | tee "$out/phases.txt"
+if [ "${PHASES:-1}" = 1 ]; then
+  for s in $2; do
+    echo "$s:"
+    run "$s" | grep -E '^\| persistent ctx (0|2048):'
+  done | tee "$out/phases.txt"
+fi
