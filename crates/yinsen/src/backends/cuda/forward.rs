@@ -684,6 +684,9 @@ struct StepKey {
     mat: (usize, usize),
     /// Logits of every token instead of the last.
     all: bool,
+    /// Forced key splits (tests) and the persistent kernels' flag bits, which
+    /// the captured launches bake in.
+    knobs: (usize, u32),
 }
 
 // SAFETY: the graph handles are only used with the owning backend's lock held.
@@ -1759,6 +1762,10 @@ impl CudaBackend {
                 self.big_gemm.load(std::sync::atomic::Ordering::Relaxed),
             ),
             all,
+            knobs: (
+                self.key_splits_override.load(Ordering::Relaxed),
+                self.mega_flags.load(Ordering::Relaxed),
+            ),
         })
     }
 
