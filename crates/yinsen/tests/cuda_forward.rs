@@ -600,6 +600,41 @@ fn mega_decode_matches_per_kernel_decode() {
     }
 }
 
+/// The persistent decode after a long context, where its attention items
+/// hold more keys than the K staging takes (125m: more than 704 keys), so
+/// the scores read K from global memory through the L1 (prefetched): every
+/// step close to the per-kernel decode's (125m's flip-prone bounds, as in
+/// `mega_multi_matches_per_kernel_step`).
+#[test]
+fn mega_decode_after_a_long_context() {
+    let model = synthetic::build("125m").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    if !path_in_use(gpu.uses_mega(), "125m: the persistent decode") {
+        return;
+    }
+    let vocab = model.config.vocab;
+    let ids = prompt(800, vocab);
+    let stream: Vec<u32> = (0..6).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let decode = |mega: bool| -> Vec<Vec<f32>> {
+        gpu.set_mega(mega);
+        let mut c = gpu.new_cache(900).unwrap();
+        gpu.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
+        stream
+            .iter()
+            .map(|&t| gpu.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
+            .collect()
+    };
+    let kern = decode(false);
+    let mega = decode(true);
+    for (i, (m, k)) in mega.iter().zip(&kern).enumerate() {
+        assert!(m.iter().all(|v| v.is_finite()), "step {i}: non-finite logits");
+        let d = max_abs(m, k);
+        let mean = m.iter().zip(k).map(|(a, b)| (a - b).abs()).sum::<f32>() / m.len() as f32;
+        println!("125m after 800 tokens, step {i}: persistent vs per-kernel max {d:.3e} mean {mean:.3e}");
+        assert!(d <= 0.25 && mean <= 0.02, "step {i}: max |dlogit| {d}, mean {mean}");
+    }
+}
+
 /// The persistent multi-token step (mega_multi.cu) against the per-kernel
 /// multi-token body and the CPU: every token's logits of calls of 2..=16
 /// tokens (odd counts, one and two n8 tiles), 74 positions in all, so the
