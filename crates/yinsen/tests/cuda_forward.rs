@@ -70,6 +70,22 @@ fn prompted(gpu: &CudaBackend, prompt: &[u32], cap: usize) -> Box<dyn yinsen::ba
     c
 }
 
+/// A fixed token stream (not the argmax: the same tokens on every backend).
+fn fixed_stream(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+/// `prompt` into a new cache of `cap` positions, then one decode step per
+/// token of `stream`: every step's logits.
+fn decode_stream(b: &dyn Backend, cap: usize, prompt: &[u32], stream: &[u32]) -> Vec<Vec<f32>> {
+    let mut c = b.new_cache(cap).unwrap();
+    b.forward(c.as_mut(), prompt, Output::LastLogits).unwrap();
+    stream
+        .iter()
+        .map(|&t| b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
+        .collect()
+}
+
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     let mut r = synthetic::SplitMix64(99);
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
@@ -559,16 +575,8 @@ fn mega_decode_matches_per_kernel_decode() {
         }
         let vocab = model.config.vocab;
         let ids = prompt(10, vocab);
-        // Same token stream everywhere: a fixed sequence, not the argmax.
-        let stream: Vec<u32> = (0..80).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-        let decode = |b: &dyn Backend| -> Vec<Vec<f32>> {
-            let mut c = b.new_cache(200).unwrap();
-            b.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
-            stream
-                .iter()
-                .map(|&t| b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
-                .collect()
-        };
+        let stream = fixed_stream(80, vocab);
+        let decode = |b: &dyn Backend| decode_stream(b, 200, &ids, &stream);
         let cpu = CpuBackend::new(Arc::new(model.clone()), "auto", 4).unwrap();
         let want = decode(&cpu);
         gpu.set_mega(true);
@@ -617,15 +625,10 @@ fn mega_decode_after_a_long_context() {
     }
     let vocab = model.config.vocab;
     let ids = prompt(1500, vocab);
-    let stream: Vec<u32> = (0..6).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-    let decode = |mega: bool| -> Vec<Vec<f32>> {
+    let stream = fixed_stream(6, vocab);
+    let decode = |mega: bool| {
         gpu.set_mega(mega);
-        let mut c = gpu.new_cache(1600).unwrap();
-        gpu.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
-        stream
-            .iter()
-            .map(|&t| gpu.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
-            .collect()
+        decode_stream(&gpu, 1600, &ids, &stream)
     };
     let kern = decode(false);
     let mega = decode(true);
@@ -734,15 +737,8 @@ fn q8_lm_head_decode_matches_cpu_q8() {
     )
     .unwrap();
     let ids = prompt(12, vocab);
-    let stream: Vec<u32> = (0..30).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-    let decode = |b: &dyn Backend| -> Vec<Vec<f32>> {
-        let mut c = b.new_cache(64).unwrap();
-        b.forward(c.as_mut(), &ids, Output::LastLogits).unwrap();
-        stream
-            .iter()
-            .map(|&t| b.forward(c.as_mut(), &[t], Output::LastLogits).unwrap())
-            .collect()
-    };
+    let stream = fixed_stream(30, vocab);
+    let decode = |b: &dyn Backend| decode_stream(b, 64, &ids, &stream);
     let f16 = decode(&gpu);
     assert!(!gpu.set_lm_head_q8(Some(model.lm_head())).unwrap());
     let q8 = decode(&gpu);
