@@ -161,8 +161,12 @@ __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
 }
 // Thread 0: copy `bytes` (a multiple of 16, both ends 16-byte aligned) from
 // global src to shared dst as bulk copies of <= 32 KB, completing on bar.
-// `fence.proxy.async` first: earlier generic-proxy reads of dst (and, for
-// data written in this launch, the generic writes to src) come before them.
+// mg_bulk_expect fences the shared-memory proxies first: earlier
+// generic-proxy reads of dst come before the copy's writes. Sources are
+// never written in the launch that copies them (weights; a GEMM's inputs
+// come from an earlier kernel), so the fence is the CTA's shared-memory one:
+// the full `fence.proxy.async` was a MEMBAR.GPU in front of every phase's
+// copy (S21-3: decode +1%).
 __device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsigned bytes, u64* bar,
                                              bool evict_first = false) {
 #if __CUDA_ARCH__ >= 900
@@ -188,7 +192,7 @@ __device__ __forceinline__ void mg_bulk_part(unsigned dst, const char* src, unsi
 }
 __device__ __forceinline__ void mg_bulk_expect(u64* bar, unsigned bytes) {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 #endif
 }
