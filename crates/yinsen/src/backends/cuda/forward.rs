@@ -591,6 +591,15 @@ pub(crate) enum DecodeLoop {
 
 /// Limits of mega.cu (MG_* there).
 const MG_THREADS: usize = 1024;
+/// Threads of the persistent decode's blocks: MG_THREADS unless
+/// `$YINSEN_CUDA_MEGA_THREADS` says otherwise (A/B runs only, together with
+/// `YINSEN_NVRTC_DEFINES=MG_THREADS=N`).
+fn mega_threads() -> u32 {
+    std::env::var("YINSEN_CUDA_MEGA_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MG_THREADS as u32)
+}
 const MG_MAXROWS: usize = 512;
 const MG_GMAX: usize = 8;
 const MG_QMAX: usize = 1024;
@@ -1028,7 +1037,7 @@ impl CudaBackend {
             for name in ["mega_f32", "mega_f16"] {
                 ok = ok
                     && gpu.allow_dynamic_smem(name, smem(vbytes))?
-                    && gpu.occupancy(name, MG_THREADS as u32, smem(vbytes))? >= 1;
+                    && gpu.occupancy(name, mega_threads(), smem(vbytes))? >= 1;
             }
             if ok {
                 chosen = Some(vbytes);
@@ -1518,7 +1527,7 @@ impl CudaBackend {
         g.launch_smem(
             name,
             (m.grid, 1, 1),
-            MG_THREADS as u32,
+            mega_threads(),
             m.smem() as u32,
             &[
                 m.table.p(),

@@ -6,7 +6,7 @@
 //! (int8 codes, per-block statistics) live in global memory.
 
 use super::prefill::Keys;
-use super::{Mega, MG_MAXROWS, MG_QMAX, MG_THREADS};
+use super::{mega_threads, Mega, MG_MAXROWS, MG_QMAX, MG_THREADS};
 use crate::backends::cuda::{Arg, DevBuf, Gpu, Launch};
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -114,7 +114,10 @@ fn plan(
     let (qkv_bytes, o_bytes) = (sh.r_qkv * sh.ch * 16, sh.r_o * sh.cq * 16);
     let (q_bytes, k_bytes, v_bytes, s_bytes) = attention_bytes(c, kv_bytes);
     let r_max = MM_T * group;
-    let fits = c.n_kv_heads > 0
+    // An A/B build of the decode kernel at another block size compiles
+    // this kernel with it too, which its launches do not follow: off then.
+    let fits = mega_threads() == MG_THREADS as u32
+        && c.n_kv_heads > 0
         && c.n_heads.is_multiple_of(c.n_kv_heads)
         && grid * MM_T / 2 <= 2 * MG_THREADS
         && group * hd <= MG_QMAX

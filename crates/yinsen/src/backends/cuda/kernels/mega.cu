@@ -22,8 +22,14 @@
 // Data written inside the launch by other blocks is read with ld.global.cg
 // (L2, never a stale L1 line); weights and norms are read-only (__ldg).
 
+// Threads per block. 512 (an A/B build: YINSEN_NVRTC_DEFINES=MG_THREADS=512
+// with YINSEN_CUDA_MEGA_THREADS=512) gives 128 registers and half the warps
+// running each phase's per-block code: decode +2.8% at ctx 0, -6% at ctx
+// 2048, where its attention's unstaged-K scores are slower (S21-5).
+#ifndef MG_THREADS
 #define MG_THREADS 1024
-#define MG_NQ 8           // input elements per thread: widths up to 8192
+#endif
+#define MG_NQ (8192 / MG_THREADS)  // input elements per thread: widths up to 8192
 #define MG_MAXROWS 512    // rows of one phase per block (host checks)
 #define MG_GMAX 8         // query heads per KV head
 #define MG_QMAX 1024      // group * head_dim
@@ -494,41 +500,61 @@ __device__ __forceinline__ float mg_kv(const u16* p) {
 // overlap (one dim at a time, each load waited for before the next: decode
 // 796 / 684 -> 805 / 696 tok/s at ctx 0 / 2048, S8-8 / S8-9). Same float
 // order as before; no spills (a template on the head count spilled).
+// MG_KB keys per warp are loaded before the first is used. At 512 threads
+// (16 warps; an A/B build, see MG_THREADS) the unstaged 79-key items of ctx
+// 2048 took 5 round trips a warp: 4 keys at once cut their scores from 8.1
+// to 6.8 us a layer, still above 1024 threads' 5.4 (S21-5).
+#ifndef MG_KB
+#if MG_THREADS <= 512
+#define MG_KB 4
+#else
+#define MG_KB 1  // 64 registers: more keys in flight spilled
+#endif
+#endif
 template <typename KV>
 __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj, int hd, int group, int ac,
                                           float* sc) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = MG_THREADS / 32;
-    for (int j = warp; j < nj; j += nwarps) {
-        float kv[4];
+    for (int j0 = warp; j0 < nj; j0 += nwarps * MG_KB) {
+        float kv[MG_KB][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int d = lane + 32 * e;
-            kv[e] = d < hd ? mg_kv(kb + (size_t)j * hd + d) : 0.f;
+        for (int b = 0; b < MG_KB; b++) {
+            const int j = j0 + b * nwarps;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int d = lane + 32 * e;
+                kv[b][e] = j < nj && d < hd ? mg_kv(kb + (size_t)j * hd + d) : 0.f;
+            }
         }
-        float s[MG_GMAX];
 #pragma unroll
-        for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
+        for (int b = 0; b < MG_KB; b++) {
+            const int j = j0 + b * nwarps;
+            if (j >= nj) break;
+            float s[MG_GMAX];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int d = lane + 32 * e;
-            if (d < hd)
+            for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int d = lane + 32 * e;
+                if (d < hd)
+#pragma unroll
+                    for (int g = 0; g < MG_GMAX; g++)
+                        if (g < group) s[g] += qs[g * hd + d] * kv[b][e];
+            }
+            // Dims past 128 (head_dim > 128): one at a time.
+            for (int d = lane + 128; d < hd; d += 32) {
+                const float k = mg_kv(kb + (size_t)j * hd + d);
 #pragma unroll
                 for (int g = 0; g < MG_GMAX; g++)
-                    if (g < group) s[g] += qs[g * hd + d] * kv[e];
-        }
-        // Dims past 128 (head_dim > 128): one at a time.
-        for (int d = lane + 128; d < hd; d += 32) {
-            const float k = mg_kv(kb + (size_t)j * hd + d);
+                    if (g < group) s[g] += qs[g * hd + d] * k;
+            }
 #pragma unroll
             for (int g = 0; g < MG_GMAX; g++)
-                if (g < group) s[g] += qs[g * hd + d] * k;
+                if (g < group) {
+                    const float t = warp_sum(s[g]);
+                    if (lane == 0) sc[g * ac + j] = t;
+                }
         }
-#pragma unroll
-        for (int g = 0; g < MG_GMAX; g++)
-            if (g < group) {
-                const float t = warp_sum(s[g]);
-                if (lane == 0) sc[g * ac + j] = t;
-            }
     }
 }
 
@@ -656,7 +682,11 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             const int g = o / hd, d = o - g * hd, h = vh * group + g;
             const float* ph = part + (size_t)h * nsplit * pst + 2 + d;
             float num = 0.f;
+#if MG_THREADS <= 512
+#pragma unroll 8  // ms = 1 at 512 threads: 26 partials a thread at ctx 2048
+#else
 #pragma unroll 4
+#endif
             for (int c = mi; c < nch; c += ms) num += __ldcg(ph + c * pst) * mw[g * nch + c];
             for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
             if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
