@@ -578,7 +578,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     // qs: MG_QMAX floats, sc: MG_GMAX * MG_ACMAX floats (the caller's big buffer).
     for (int item = blockIdx.x; item < n_kv * nch; item += gridDim.x) {
         const int vh = item / nch, kvh = vh >> sub_log, ch = item % nch, j0 = ch * ac, nj = min(ac, n_keys - j0);
-        __syncthreads();  // smem reuse across items
+        if (item != blockIdx.x) __syncthreads();  // smem reuse across items (the first follows a grid barrier)
         const KV* vb = vc + ((size_t)kvh * cap + j0) * hd;
         const KV* kb = kc + ((size_t)kvh * cap + j0) * hd;
         const int vbytes = nj * hd * (int)sizeof(KV);
@@ -596,12 +596,9 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)vh * group * hd + i) * scale;
+        if (kstaged) cp_wait_group<1>();  // the K rows (V may still be in flight), under the same barrier as q
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
-        if (kstaged) {
-            cp_wait_group<1>();  // the K rows (V may still be in flight)
-            __syncthreads();
-        }
         mg_scores(qs, kstaged ? (const KV*)vstage : kb, nj, hd, group, ac, sc);
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 21);
