@@ -13,6 +13,8 @@
 # page of the 30 us top-k floor came back without sample columns).
 # NCU_BENCH=prefill NCU_PROMPT=2048 runs the prefill bench instead (e.g. a
 # GEMM: KERNEL_REGEX tern_wgmma_tma, SKIP 2 = layer 0's gate_up).
+# YINSEN_CUDA_PROFILE_CTX=2048 puts the decode bench's first (un-graphed)
+# launches at that position, so the default SKIP profiles a ctx-2048 launch.
 set -u
 . "$(dirname "$0")/pack-small.sh"
 pack_or_run "${1:-}" remote "$0 pack | remote [KERNEL_REGEX] [SKIP]" scripts/device-ncu-source.sh
