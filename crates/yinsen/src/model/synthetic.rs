@@ -47,6 +47,10 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         // 1bitLLM/bitnet_b1_58-large (Llama-style).
         "700m" => (1536, 24, 16, 16, 4096, 32002, 2048, Activation::Silu, false),
         "125m" => (768, 12, 12, 12, 2048, 32000, 2048, Activation::Relu2, true),
+        // 2B4T's layer shape (20 query heads over 5 KV heads, head dim 128),
+        // two layers and a small vocabulary: the kernels' group-of-4
+        // attention on a model tests can afford.
+        "2b4t-2l" => (2560, 2, 20, 5, 6912, 4096, 4096, Activation::Relu2, true),
         // The fixture model's shape.
         "tiny" => (256, 2, 4, 2, 768, 2048, 1024, Activation::Relu2, true),
         _ => return None,
@@ -72,7 +76,7 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
     })
 }
 
-pub const SHAPES: [&str; 4] = ["2b4t", "700m", "125m", "tiny"];
+pub const SHAPES: [&str; 5] = ["2b4t", "700m", "125m", "2b4t-2l", "tiny"];
 
 /// Random ternary matrix: 25% zeros, the rest +-1 evenly, and a
 /// per-tensor scale of 2^-e (e in 5..=7), as absmean ternarisation gives.
