@@ -68,6 +68,23 @@
 // group, the items at most one per block), so the serial part of each item
 // (q loads, score FMAs, warp sums, P V) shrinks by sub.
 #define MG_HEAD_SPLIT 128
+// Each block's first attention item's K and V rows prefetched into L2 at
+// the layer's start (thread 0, one bulk prefetch each; 0 turns it off).
+// Why: at ctx 2048 an item reads ~80 KB of the cache from HBM in dependent
+// rounds; prefetched during the QKV phase they come from L2 (S22-2: ctx 2048
+// 790 -> 808 tok/s, scores 4.4 -> 3.0 us a layer; issued in the previous
+// layer's down phase instead: 807).
+#ifndef MG_KVPF
+#define MG_KVPF 1
+#endif
+// The first attention item's K rows staged in the gate/up weight buffer
+// (free until that copy is issued, after the scores) where the V staging
+// buffer has no room for them (ctx 2048 on 2B4T: 79-key items, 40 KB of K),
+// so that the scores read shared memory (S22-3: 808 -> 821 tok/s at ctx 2048
+// with MG_KVPF). 0 turns it off (A/B builds).
+#ifndef MG_KSTAGE_GU
+#define MG_KSTAGE_GU 1
+#endif
 template <bool TAIL = true>
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
@@ -110,6 +127,15 @@ __device__ __forceinline__ void cp_async4(float* smem, const float* g) {
 __device__ __forceinline__ void cp_async_wait() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// An L2 prefetch of [p, p + bytes) by one bulk instruction (sm_90; nothing
+// before): rounded out to 16-byte bounds, as cp.async.bulk requires.
+__device__ __forceinline__ void mg_prefetch_l2(const void* p, size_t bytes) {
+#if __CUDA_ARCH__ >= 900
+    const size_t a = (size_t)p & ~(size_t)15, e = ((size_t)p + bytes + 15) & ~(size_t)15;
+    if (e > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(e - a)) : "memory");
 #endif
 }
 
@@ -612,8 +638,8 @@ __device__ __forceinline__ void mg_scores_g(const float* qs, const KV* kb, int n
 template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
-                             float* sc, float* ml, uint4* vstage, int vstage_bytes, const MgNext& gu, u64* trace,
-                             int tb, int ac, int nch, int flags, int sub_log) {
+                             float* sc, float* ml, uint4* vstage, int vstage_bytes, uint4* kbuf, int kbuf_bytes,
+                             const MgNext& gu, u64* trace, int tb, int ac, int nch, int flags, int sub_log) {
     const int tid = threadIdx.x, warp = tid >> 5;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const size_t pst = hd + 2;
@@ -641,17 +667,25 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // kernel spilled registers with it.
         const bool kstaged = staged && 2 * vbytes <= vstage_bytes && ((size_t)kb & 15) == 0 && sizeof(KV) == 4;
         const uint4* vdst = kstaged ? vstage + vbytes / 16 : vstage;
+        // MG_KSTAGE_GU: the first item's K rows into kbuf (the gate/up
+        // buffer, not yet copied into), a group of their own ahead of V's.
+        const bool kgu = MG_KSTAGE_GU && staged && !kstaged && item == blockIdx.x && vbytes <= kbuf_bytes &&
+                         ((size_t)kb & 15) == 0 && sizeof(KV) == 4;
+        if (kgu) {
+            mg_stage(kb, vbytes, kbuf);
+            cp_commit();
+        }
         for (int pass = kstaged ? 0 : 1; staged && pass < 2; pass++) {
             mg_stage(pass ? (const void*)vb : (const void*)kb, vbytes, pass ? (uint4*)vdst : vstage);
             cp_commit();
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)vh * group * hd + i) * scale;
-        if (kstaged) cp_wait_group<1>();  // the K rows (V may still be in flight), under the same barrier as q
+        if (kstaged || kgu) cp_wait_group<1>();  // the K rows (V may still be in flight), under the same barrier as q
         __syncthreads();
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
         {
-            const KV* ks = kstaged ? (const KV*)vstage : kb;
+            const KV* ks = kstaged ? (const KV*)vstage : kgu ? (const KV*)kbuf : kb;
             // A compile-time head count where hd <= 128 (S21-11: the generic
             // loop issued ~200 instructions per key a warp at group 4; S22-1:
             // 2B4T's ctx-2048 scores 5.4 -> 4.4 us a layer, decode +1.7%).
@@ -857,6 +891,23 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     mg_grid_sync<false>(bar, epoch, flags); \
     WAIT;                                   \
     __syncthreads();
+    // MG_KVPF: the block's first attention item's K and V rows of layer ll
+    // into L2 (thread 0). Its element offset in a layer and its bytes are
+    // found once (a per-call loop over the items spilled registers).
+    __shared__ long long pf_off;
+    __shared__ unsigned pf_bytes;
+    if (MG_KVPF && tid == 0) {
+        const int item = blockIdx.x, j0 = (item % att_nch) * att_ac;
+        const bool any = item < (n_kv << att_sub_log) * att_nch;
+        pf_off = any ? ((long long)((item / att_nch) >> att_sub_log) * cap + j0) * hd : 0;
+        pf_bytes = any ? (unsigned)(min(att_ac, n_keys - j0) * hd * sizeof(KV)) : 0u;
+    }
+    auto prefetch_kv = [&](int ll) {
+        if (tid != 0 || pf_bytes == 0) return;
+        const size_t off = (size_t)ll * layer_elems + pf_off;
+        mg_prefetch_l2(kc0 + off, pf_bytes);
+        mg_prefetch_l2(vc0 + off, pf_bytes);
+    };
     if (tid == 0) {
         mbar_init(&mbar[0]);
         mbar_init(&mbar[1]);
@@ -875,6 +926,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
+        if (MG_KVPF) prefetch_kv(l);
         // Layer l + 1's table into the ring slot layer l - 1 used (read by
         // this layer's down phase, three barriers on).
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
@@ -898,7 +950,8 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
             mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv << att_sub_log, hd, cap, att_scale, nsplit, part, cnt,
-                             attn, qs, sc, ml, vbuf, vbytes, gu, trace, tb, att_ac, att_nch, flags, att_sub_log);
+                             attn, qs, sc, ml, vbuf, vbytes, wb0, w0_chunks * 16, gu, trace, tb, att_ac, att_nch, flags,
+                             att_sub_log);
         }
         mg_mark(trace, tb + 7);
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
