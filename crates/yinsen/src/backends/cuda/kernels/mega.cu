@@ -73,7 +73,8 @@
 // Why: at ctx 2048 an item reads ~80 KB of the cache from HBM in dependent
 // rounds; prefetched during the QKV phase they come from L2 (S22-2: ctx 2048
 // 790 -> 808 tok/s, scores 4.4 -> 3.0 us a layer; issued in the previous
-// layer's down phase instead: 807).
+// layer's down phase instead: 807). 2: after the QKV phase's quantisation
+// (A/B: its x loads then do not queue behind the prefetch).
 #ifndef MG_KVPF
 #define MG_KVPF 1
 #endif
@@ -926,13 +927,17 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
-        if (MG_KVPF) prefetch_kv(l);
+        if (MG_KVPF == 1) prefetch_kv(l);
         // Layer l + 1's table into the ring slot layer l - 1 used (read by
         // this layer's down phase, three barriers on).
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
         sx = mg_phase(
             cH, r_qkv, wb0, &mbar[0], ph0,
-            [&] { mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef}); }, x, H,
+            [&] {
+                mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef});
+                if (MG_KVPF == 2) prefetch_kv(l);
+            },
+            x, H,
             F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
