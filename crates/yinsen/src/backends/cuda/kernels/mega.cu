@@ -74,7 +74,9 @@
 // rounds; prefetched during the QKV phase they come from L2 (S22-2: ctx 2048
 // 790 -> 808 tok/s, scores 4.4 -> 3.0 us a layer; issued in the previous
 // layer's down phase instead: 807). 2: after the QKV phase's quantisation
-// (A/B: its x loads then do not queue behind the prefetch).
+// (A/B: its x loads then do not queue behind the prefetch; S22-5: 831
+// against 828-830). 3: the next layer's, once the block's attention items
+// are done (it waits at the barrier after them).
 #ifndef MG_KVPF
 #define MG_KVPF 1
 #endif
@@ -85,6 +87,11 @@
 // with MG_KVPF). 0 turns it off (A/B builds).
 #ifndef MG_KSTAGE_GU
 #define MG_KSTAGE_GU 1
+#endif
+// The attention's chunk counter as one acquire-release atomic instead of a
+// fence, a relaxed atomic and a second fence (A/B; 0 off).
+#ifndef MG_CNT_ACQREL
+#define MG_CNT_ACQREL 0
 #endif
 template <bool TAIL = true>
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
@@ -740,12 +747,23 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // writes before the fence, and the merge's reads after it.
         __syncthreads();
         if (tid == 0) {
+#if MG_CNT_ACQREL
+            // One acquire-release atomic: its release orders the block's
+            // partial writes (before the block barrier) ahead of the count,
+            // its acquire the merge's reads after it. The reset is ordered
+            // before the next layer's counts by the grid barriers between.
+            unsigned old;
+            asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt + vh) : "memory");
+            last = old == (unsigned)(nch - 1);
+            if (last) cnt[vh] = 0;
+#else
             __threadfence();
             last = atomicAdd(cnt + vh, 1) == nch - 1;
             if (last) {
                 cnt[vh] = 0;
                 __threadfence();
             }
+#endif
         }
         __syncthreads();
         if (!last) continue;
@@ -927,7 +945,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l == n_layers - 1) pdl_launch();  // let the lm_head start loading
         // ---- QKV + RoPE + KV write
         mg_mark(trace, tb + 0);
-        if (MG_KVPF == 1) prefetch_kv(l);
+        if (MG_KVPF == 1 || (MG_KVPF == 3 && l == 0)) prefetch_kv(l);
         // Layer l + 1's table into the ring slot layer l - 1 used (read by
         // this layer's down phase, three barriers on).
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
@@ -958,6 +976,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                              attn, qs, sc, ml, vbuf, vbytes, wb0, w0_chunks * 16, gu, trace, tb, att_ac, att_nch, flags,
                              att_sub_log);
         }
+        if (MG_KVPF == 3 && l + 1 < n_layers) prefetch_kv(l + 1);
         mg_mark(trace, tb + 7);
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
         // ---- O + residual
