@@ -68,17 +68,17 @@
 // group, the items at most one per block), so the serial part of each item
 // (q loads, score FMAs, warp sums, P V) shrinks by sub.
 #define MG_HEAD_SPLIT 128
-// Each block's first attention item's K and V rows prefetched into L2 at
-// the layer's start (thread 0, one bulk prefetch each; 0 turns it off).
-// Why: at ctx 2048 an item reads ~80 KB of the cache from HBM in dependent
-// rounds; prefetched during the QKV phase they come from L2 (S22-2: ctx 2048
-// 790 -> 808 tok/s, scores 4.4 -> 3.0 us a layer; issued in the previous
-// layer's down phase instead: 807). 2: after the QKV phase's quantisation
-// (A/B: its x loads then do not queue behind the prefetch; S22-5: 831
-// against 828-830). 3: the next layer's, once the block's attention items
-// are done (it waits at the barrier after them).
+// Each block's first attention item's K and V rows prefetched into L2 (thread
+// 0, one bulk prefetch each). Why: at ctx 2048 an item reads ~80 KB of the
+// cache from HBM in dependent rounds. When (A/B builds; 0 off):
+//   1: at the layer's start (S22-2: ctx 2048 790 -> 808 tok/s, scores 4.4 ->
+//      3.0 us a layer; the QKV phase's x loads queue behind it, 97 -> 106 us);
+//   2: after the QKV phase's quantisation (S22-5: 831 against 828-830);
+//   3: the next layer's, once the block's attention items are done, while it
+//      waits at the barrier after them (layer 0's at its start). S22-6: with
+//      MG_CNT_ACQREL 833-839 against 829-830 for 1; the QKV phase back to 99.
 #ifndef MG_KVPF
-#define MG_KVPF 1
+#define MG_KVPF 3
 #endif
 // The first attention item's K rows staged in the gate/up weight buffer
 // (free until that copy is issued, after the scores) where the V staging
@@ -89,9 +89,10 @@
 #define MG_KSTAGE_GU 1
 #endif
 // The attention's chunk counter as one acquire-release atomic instead of a
-// fence, a relaxed atomic and a second fence (A/B; 0 off).
+// fence, a relaxed atomic and a second fence (S22-6: +0.6% at both contexts;
+// 0 turns it off).
 #ifndef MG_CNT_ACQREL
-#define MG_CNT_ACQREL 0
+#define MG_CNT_ACQREL 1
 #endif
 template <bool TAIL = true>
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
