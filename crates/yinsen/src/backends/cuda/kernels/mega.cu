@@ -546,6 +546,24 @@ __device__ __forceinline__ float mg_kv(const u16* p) {
 #define MG_KB 1  // 64 registers: more keys in flight spilled
 #endif
 #endif
+// One key's partial scores on a lane: s[g] = sum over the lane's dims d =
+// lane + 32 e < min(hd, 128) of q[g][d] * k[d], for heads g < n (G unrolled;
+// the rest 0). Shared by mg_scores (G = MG_GMAX, n the run-time group) and
+// mg_scores_g (n = G).
+template <int G>
+__device__ __forceinline__ void mg_key_dot(const float* qs, const float (&kv)[4], int lane, int hd, int n,
+                                           float (&s)[G]) {
+#pragma unroll
+    for (int g = 0; g < G; g++) s[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int d = lane + 32 * e;
+        if (d < hd)
+#pragma unroll
+            for (int g = 0; g < G; g++)
+                if (g < n) s[g] += qs[g * hd + d] * kv[e];
+    }
+}
 template <typename KV>
 __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj, int hd, int group, int ac,
                                           float* sc) {
@@ -566,16 +584,7 @@ __device__ __forceinline__ void mg_scores(const float* qs, const KV* kb, int nj,
             const int j = j0 + b * nwarps;
             if (j >= nj) break;
             float s[MG_GMAX];
-#pragma unroll
-            for (int g = 0; g < MG_GMAX; g++) s[g] = 0.f;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int d = lane + 32 * e;
-                if (d < hd)
-#pragma unroll
-                    for (int g = 0; g < MG_GMAX; g++)
-                        if (g < group) s[g] += qs[g * hd + d] * kv[b][e];
-            }
+            mg_key_dot(qs, kv[b], lane, hd, group, s);
             // Dims past 128 (head_dim > 128): one at a time.
             for (int d = lane + 128; d < hd; d += 32) {
                 const float k = mg_kv(kb + (size_t)j * hd + d);
@@ -629,15 +638,7 @@ __device__ __forceinline__ void mg_scores_g(const float* qs, const KV* kb, int n
             kv[e] = d < hd ? mg_kv(kb + (size_t)j * hd + d) : 0.f;
         }
         float s[G];
-#pragma unroll
-        for (int g = 0; g < G; g++) s[g] = 0.f;
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int d = lane + 32 * e;
-            if (d < hd)
-#pragma unroll
-                for (int g = 0; g < G; g++) s[g] += qs[g * hd + d] * kv[e];
-        }
+        mg_key_dot(qs, kv, lane, hd, G, s);
         mg_reduce_heads<G>(s, lane);
         // Lane bits 4..(5 - LG) name the head whose sum this lane holds.
         if ((lane & ((32 >> LG) - 1)) == 0) sc[(lane >> (5 - LG)) * ac + j] = s[0];
