@@ -94,6 +94,11 @@
 #ifndef MG_CNT_ACQREL
 #define MG_CNT_ACQREL 1
 #endif
+// The attention merge's partials staged in shared memory (see the merge in
+// mg_attention; 0 off).
+#ifndef MG_MERGE_STAGE
+#define MG_MERGE_STAGE 1
+#endif
 template <bool TAIL = true>
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
@@ -137,6 +142,18 @@ __device__ __forceinline__ void cp_async_wait() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
+}
+
+// v, computed where it is used: the compiler cannot hoist it out of a loop
+// (a value live across the whole layer loop spills at 64 registers).
+__device__ __forceinline__ int mg_opaque(int v) {
+    asm volatile("" : "+r"(v));
+    return v;
+}
+template <typename T>
+__device__ __forceinline__ T* mg_opaque(T* p) {
+    asm volatile("" : "+l"(p));
+    return p;
 }
 
 // An L2 prefetch of [p, p + bytes) by one bulk instruction (sm_90; nothing
@@ -734,12 +751,12 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             for (int m = 1; m < split; m *= 2) a += __shfl_xor_sync(0xffffffffu, a, m);
             if (part_i != 0) continue;
             if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
-            else part[((size_t)h * nsplit + ch) * pst + 2 + d] = a;
+            else part[((size_t)vh * nsplit + ch) * mg_opaque(group * (int)pst) + g * pst + 2 + d] = a;
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 6);
         if (nch == 1) continue;
         if (tid < group) {
-            float* p = part + ((size_t)(vh * group + tid) * nsplit + ch) * pst;
+            float* p = part + ((size_t)vh * nsplit + ch) * mg_opaque(group * (int)pst) + tid * pst;
             p[0] = ml[2 * tid];
             p[1] = ml[2 * tid + 1];
         }
@@ -773,11 +790,33 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // weights e^(m_c - M) and the denominator, then the weighted outputs.
         float* mw = sc;          // [group][nch]: m, then the weight
         float* lw = sc + 512;    // [group][nch]: l
+        // The partials of KV head vh lie chunk-major (entry (c, g) at pb +
+        // (c * group + g) * pst), so that the merge's are one contiguous
+        // range: MG_MERGE_STAGE copies it into vstage (the V rows are used
+        // up) by one round of 16-byte cp.async, where the loads below take
+        // five L2 round trips in a row; mg_kv reads either memory. sm_90 only:
+        // before, cp_async_wait would wait for the gate/up weights too.
+        const int cs = mg_opaque(group * (int)pst);  // a chunk's floats
+        const float* pb = part + (size_t)vh * nsplit * cs;
+#if MG_MERGE_STAGE && __CUDA_ARCH__ >= 900
+        {
+            const int bytes = nch * cs * 4;
+            // part is 256-byte aligned (cudaMalloc): pb is 16-byte aligned where cs is a multiple of 4.
+            if (bytes <= vstage_bytes && (cs & 3) == 0) {
+                uint4* st = mg_opaque(vstage);
+                mg_stage(pb, bytes, st);
+                cp_commit();
+                cp_async_wait();
+                __syncthreads();
+                pb = (const float*)st;
+            }
+        }
+#endif
         for (int i = tid; i < group * nch; i += MG_THREADS) {
             const int g = i / nch, c = i - g * nch;
-            const float* p = part + ((size_t)(vh * group + g) * nsplit + c) * pst;
-            mw[i] = __ldcg(p);
-            lw[i] = __ldcg(p + 1);
+            const float* p = pb + c * cs + g * (int)pst;
+            mw[i] = mg_kv(p);
+            lw[i] = mg_kv(p + 1);
         }
         __syncthreads();
         if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
@@ -792,14 +831,14 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         const int mi = tid & (ms - 1);
         for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
             const int g = o / hd, d = o - g * hd, h = vh * group + g;
-            const float* ph = part + (size_t)h * nsplit * pst + 2 + d;
+            const float* ph = pb + g * (int)pst + 2 + d;
             float num = 0.f;
 #if MG_THREADS <= 512
 #pragma unroll 8  // ms = 1 at 512 threads: 26 partials a thread at ctx 2048
 #else
 #pragma unroll 4
 #endif
-            for (int c = mi; c < nch; c += ms) num += __ldcg(ph + c * pst) * mw[g * nch + c];
+            for (int c = mi; c < nch; c += ms) num += mg_kv(ph + c * cs) * mw[g * nch + c];
             for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
             if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
         }
