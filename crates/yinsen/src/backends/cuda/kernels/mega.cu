@@ -94,6 +94,11 @@
 #ifndef MG_CNT_ACQREL
 #define MG_CNT_ACQREL 1
 #endif
+// Scores of groups of 1 or 2 query heads by mg_scores_g<KV, 4> (A/B; 0
+// off: the generic loop).
+#ifndef MG_SCORES_PAD4
+#define MG_SCORES_PAD4 0
+#endif
 // The attention merge's partials staged in shared memory (see the merge in
 // mg_attention; 0 off).
 #ifndef MG_MERGE_STAGE
@@ -716,7 +721,11 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             // A compile-time head count where hd <= 128 (S21-11: the generic
             // loop issued ~200 instructions per key a warp at group 4; S22-1:
             // 2B4T's ctx-2048 scores 5.4 -> 4.4 us a layer, decode +1.7%).
-            if (hd <= 128 && group == 4)
+            // MG_SCORES_PAD4: groups of 1 or 2 (the split items of short
+            // contexts, tiny's 2) through the same loop, as 4 heads: rows past
+            // the group are computed and never read (heads never mix in the
+            // reduction), so no second instantiation adds registers.
+            if (hd <= 128 && (group == 4 || (MG_SCORES_PAD4 && group < 4)))
                 mg_scores_g<KV, 4>(qs, ks, nj, hd, ac, sc);
             else
                 mg_scores(qs, ks, nj, hd, group, ac, sc);
