@@ -986,6 +986,10 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     mg_lt_copy(lt, 0, lts);
     if (n_layers > 1) mg_lt_copy(lt, 1, lts);
     for (int i = tid; i < half; i += MG_THREADS) rope_s[i] = rope[(size_t)pos * half + i];
+    // MG_SCORES_PAD4 reads q rows past the group (the group is fixed for the
+    // launch, so they are never written): zero, not uninitialised.
+    if (MG_SCORES_PAD4)
+        for (int i = tid; i < MG_QMAX; i += MG_THREADS) qs[i] = 0.f;
     cp_async_wait();
     __syncthreads();
     for (int l = 0; l < n_layers; l++) {
