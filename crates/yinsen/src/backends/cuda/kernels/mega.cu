@@ -94,13 +94,15 @@
 #ifndef MG_CNT_ACQREL
 #define MG_CNT_ACQREL 1
 #endif
-// Scores of groups of 1 or 2 query heads by mg_scores_g<KV, 4> (A/B; 0
-// off: the generic loop).
+// Scores of groups of 1 or 2 query heads by mg_scores_g<KV, 4> (0 off: the
+// generic loop). S23-1: ctx 0 1014-1017 -> 1045-1047 tok/s (the split items
+// of short contexts have 1 head: scores 1.15 -> 0.44 us a layer).
 #ifndef MG_SCORES_PAD4
-#define MG_SCORES_PAD4 0
+#define MG_SCORES_PAD4 1
 #endif
 // The attention merge's partials staged in shared memory (see the merge in
-// mg_attention; 0 off).
+// mg_attention; 0 off). S23-1: ctx 2048 831-832 -> 843 tok/s; with 0 (the
+// chunk-major layout, loads from L2) 812.
 #ifndef MG_MERGE_STAGE
 #define MG_MERGE_STAGE 1
 #endif
