@@ -277,7 +277,8 @@ fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32])
 /// most tokens agree to 1e-3; but int8 codes downstream may flip (random
 /// ternary models are flip prone, see `close`), moving a token's logits by up
 /// to ~0.04, hence the flip-prone limits plus "most tokens within 1e-3".
-/// Plain f16 (Tc16) rounds Q, K, V and P to f16 and is held to the
+/// Plain f16 (Tc16, and Tcx16: `flash_tcx16_*` for the calls of 64+ tokens
+/// on the f32 cache) rounds Q, K, V and P to f16 and is held to the
 /// flip-prone limits only.
 #[test]
 fn flash_prefill_matches_split_k() {
@@ -300,11 +301,16 @@ fn flash_prefill_matches_split_k() {
             FlashMode::Tc,
             FlashMode::Tc16,
             FlashMode::TcStaged,
+            FlashMode::Tcx16,
         ] {
             gpu.set_flash(mode);
             if !gpu.uses_flash() {
                 assert!(!tc, "{kv:?} {mode:?} unavailable on an sm_80+ device");
                 continue;
+            }
+            if mode == FlashMode::Tcx16 && kv == KvDtype::F32 && tc {
+                let name = gpu.attention_kernel_name(100).unwrap_or("none");
+                assert!(name.starts_with("flash_tcx16_d64_"), "Tcx16 runs {name}");
             }
             let got = run(mode);
             for (case, (g, w)) in ["300 from 0", "100 from 0", "137 from 100"]
@@ -313,7 +319,7 @@ fn flash_prefill_matches_split_k() {
             {
                 let what = format!("{kv:?} {mode:?} prefill {case}");
                 let (mean, tight, tokens) = close_tokens(g, w, vocab, &what);
-                if mode == FlashMode::Tc16 {
+                if matches!(mode, FlashMode::Tc16 | FlashMode::Tcx16) {
                     continue; // `close`'s flip-prone limits only
                 }
                 assert!(mean <= 1e-3, "{what}: mean |dlogit| {mean}");

@@ -275,10 +275,15 @@ pub enum FlashMode {
     /// (`kv_split_f32` + `flash_tcx_*`: f32 cache, head dim 64 or 128) for
     /// calls of at least TCX_MIN_NT tokens; else Tc. Auto's choice where it runs.
     Tcx,
+    /// Tcx in plain f16 (`kv_half_f32` + `flash_tcx16_*`): one mma per
+    /// product instead of three, Q, K, V and P rounded to f16 (as Tc16; held
+    /// to the fixtures' flip-prone limits only); calls under TCX_MIN_NT
+    /// tokens take Tc16.
+    Tcx16,
 }
 
 impl FlashMode {
-    const ALL: [FlashMode; 8] = [
+    const ALL: [FlashMode; 9] = [
         FlashMode::Off,
         FlashMode::Auto,
         FlashMode::F32,
@@ -287,9 +292,11 @@ impl FlashMode {
         FlashMode::Tc16,
         FlashMode::TcStaged,
         FlashMode::Tcx,
+        FlashMode::Tcx16,
     ];
 
-    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`, `tcx`.
+    /// `$YINSEN_CUDA_FLASH`: `0`/`off`, `1`/`auto` (the default), `f32`, `wide`, `tc`, `tc16`, `tcs`, `tcx`,
+    /// `tcx16`.
     pub fn from_env() -> Result<Self> {
         let Ok(v) = std::env::var("YINSEN_CUDA_FLASH") else {
             return Ok(FlashMode::Auto);
@@ -303,9 +310,10 @@ impl FlashMode {
             "tc16" => FlashMode::Tc16,
             "tcs" => FlashMode::TcStaged,
             "tcx" => FlashMode::Tcx,
+            "tcx16" => FlashMode::Tcx16,
             _ => {
                 return Err(Error::input(format!(
-                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16, tcs or tcx"
+                    "YINSEN_CUDA_FLASH={v}: expected 0, auto, f32, wide, tc, tc16, tcs, tcx or tcx16"
                 )))
             }
         })
@@ -347,7 +355,8 @@ pub const TCX_MIN_NT: usize = 64;
 const _: () = assert!(TCX_MIN_NT > STEP_GRAPH_MAX);
 
 /// One `flash_tcx_*` instantiation (flash.cu): kernel, query heads per
-/// block, warps per block, keys per tile (two stages of four f16 planes).
+/// block, warps per block, keys per tile (two stages of four f16 planes, or
+/// two where `!split`: `flash_tcx16_*`, plain f16), head dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcxKernel {
     pub name: &'static str,
@@ -355,6 +364,7 @@ pub struct TcxKernel {
     pub warps: usize,
     pub bk: usize,
     pub hd: usize,
+    pub split: bool,
 }
 
 impl TcxKernel {
@@ -365,9 +375,25 @@ impl TcxKernel {
     pub fn bq(&self) -> usize {
         16 * self.warps / self.hpb
     }
-    /// Dynamic shared memory: 2 stages x 4 planes (K hi, K lo, V hi, V lo) [bk][hd + 8] f16.
+    /// Dynamic shared memory: 2 stages x 4 planes (K hi, K lo, V hi, V lo;
+    /// plain f16: K, V) [bk][hd + 8] f16.
     pub fn smem(&self) -> usize {
-        2 * 4 * self.bk * (self.hd + 8) * 2
+        2 * self.planes() * self.bk * (self.hd + 8) * 2
+    }
+    fn planes(&self) -> usize {
+        if self.split {
+            4
+        } else {
+            2
+        }
+    }
+    /// The kernel that fills the f16 side buffer this one reads.
+    pub fn kv_kernel(&self) -> &'static str {
+        if self.split {
+            "kv_split_f32"
+        } else {
+            "kv_half_f32"
+        }
     }
 }
 
@@ -376,17 +402,26 @@ impl TcxKernel {
 /// 32-key tiles), for head dims 64 and 128.
 pub const TCX_VARIANTS: [&str; 4] = ["h1", "h2", "h4", "w4"];
 
-/// `flash_tcx_*` variant `v` (TCX_VARIANTS) for head dim `hd`, if instantiated.
-pub fn flash_tcx(hd: usize, v: &str) -> Option<TcxKernel> {
-    let name = match (hd, v) {
-        (128, "h1") => "flash_tcx_d128_h1",
-        (128, "h2") => "flash_tcx_d128_h2",
-        (128, "h4") => "flash_tcx_d128_h4",
-        (128, "w4") => "flash_tcx_d128_w4",
-        (64, "h1") => "flash_tcx_d64_h1",
-        (64, "h2") => "flash_tcx_d64_h2",
-        (64, "h4") => "flash_tcx_d64_h4",
-        (64, "w4") => "flash_tcx_d64_w4",
+/// `flash_tcx_*` (split) or `flash_tcx16_*` variant `v` (TCX_VARIANTS) for
+/// head dim `hd`, if instantiated.
+pub fn flash_tcx(hd: usize, v: &str, split: bool) -> Option<TcxKernel> {
+    let name = match (hd, v, split) {
+        (128, "h1", true) => "flash_tcx_d128_h1",
+        (128, "h2", true) => "flash_tcx_d128_h2",
+        (128, "h4", true) => "flash_tcx_d128_h4",
+        (128, "w4", true) => "flash_tcx_d128_w4",
+        (64, "h1", true) => "flash_tcx_d64_h1",
+        (64, "h2", true) => "flash_tcx_d64_h2",
+        (64, "h4", true) => "flash_tcx_d64_h4",
+        (64, "w4", true) => "flash_tcx_d64_w4",
+        (128, "h1", false) => "flash_tcx16_d128_h1",
+        (128, "h2", false) => "flash_tcx16_d128_h2",
+        (128, "h4", false) => "flash_tcx16_d128_h4",
+        (128, "w4", false) => "flash_tcx16_d128_w4",
+        (64, "h1", false) => "flash_tcx16_d64_h1",
+        (64, "h2", false) => "flash_tcx16_d64_h2",
+        (64, "h4", false) => "flash_tcx16_d64_h4",
+        (64, "w4", false) => "flash_tcx16_d64_w4",
         _ => return None,
     };
     let (hpb, warps, bk) = match v {
@@ -401,6 +436,7 @@ pub fn flash_tcx(hd: usize, v: &str) -> Option<TcxKernel> {
         warps,
         bk,
         hd,
+        split,
     })
 }
 
@@ -470,10 +506,11 @@ pub struct CudaBackend {
     /// calls of NQ_GROUP_MIN_TOKENS+ tokens; 0 keeps the block per token
     /// (`YINSEN_CUDA_NQ_W=0|1|2|4|8|16`, A/B runs).
     nq_warps: usize,
-    /// The `flash_tcx_*` kernel (f32 cache, hd 64 / 128, sm_80+, smem), if any.
-    tcx: Option<TcxKernel>,
-    /// The one for calls of fewer than TCX_SHORT_NT tokens.
-    tcx_short: Option<TcxKernel>,
+    /// The `flash_tcx_*` kernels (f32 cache, hd 64 / 128, sm_80+, smem), if
+    /// any, by split: [plain f16 (`flash_tcx16_*`, Tcx16), split (Auto, Tcx)].
+    tcx: [Option<TcxKernel>; 2],
+    /// The ones for calls of fewer than TCX_SHORT_NT tokens.
+    tcx_short: [Option<TcxKernel>; 2],
     /// The decode step uses the fused one-token kernels (shapes permitting;
     /// `YINSEN_CUDA_FUSED=0` turns them off).
     fused: bool,
@@ -865,7 +902,7 @@ impl CudaBackend {
                 "YINSEN_CUDA_TCX={v}: expected one of {TCX_VARIANTS:?}"
             )));
         }
-        let tcx_kernel = |v: &str| -> Result<Option<TcxKernel>> {
+        let tcx_kernel = |v: &str, split: bool| -> Result<Option<TcxKernel>> {
             Ok(match (kv, c.head_dim) {
                 (KvDtype::F32, 64 | 128)
                     if gpu.info.sm.0 >= 8 && c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) =>
@@ -873,9 +910,9 @@ impl CudaBackend {
                     // A variant whose heads per block do not divide the
                     // group falls back to h1.
                     let group = c.n_heads / c.n_kv_heads;
-                    let t = flash_tcx(c.head_dim, v)
+                    let t = flash_tcx(c.head_dim, v, split)
                         .filter(|t| group.is_multiple_of(t.hpb))
-                        .or_else(|| flash_tcx(c.head_dim, "h1"));
+                        .or_else(|| flash_tcx(c.head_dim, "h1", split));
                     match t {
                         Some(t) if gpu.allow_dynamic_smem(t.name, t.smem())? => Some(t),
                         _ => None,
@@ -884,18 +921,20 @@ impl CudaBackend {
                 _ => None,
             })
         };
-        let tcx = tcx_kernel(tcx_env.as_deref().unwrap_or(TCX_DEFAULT))?;
-        let tcx_short = tcx_kernel(tcx_env.as_deref().unwrap_or(TCX_SHORT))?;
+        let both = |v: &str| -> Result<[Option<TcxKernel>; 2]> { Ok([tcx_kernel(v, false)?, tcx_kernel(v, true)?]) };
+        let tcx = both(tcx_env.as_deref().unwrap_or(TCX_DEFAULT))?;
+        let tcx_short = both(tcx_env.as_deref().unwrap_or(TCX_SHORT))?;
         // The hi/lo side buffer holds every key of the context (21 MB at
         // 2b4t); past 256 MiB (very long contexts) the old kernel stays.
         let kvs_bytes = checked(
             &[c.n_kv_heads, flash_tcx_scap(c.max_ctx), 4, c.head_dim, 2],
             "K/V split",
         )?;
-        let tcx = tcx.filter(|_| kvs_bytes <= 256 << 20);
-        let tcx_short = tcx_short.filter(|_| tcx.is_some());
+        let fits = kvs_bytes <= 256 << 20;
+        let tcx = tcx.map(|t| t.filter(|_| fits));
+        let tcx_short = [0, 1].map(|i| tcx_short[i].filter(|_| tcx[i].is_some()));
         let mut scratch = scratch;
-        if tcx.is_some() {
+        if tcx.iter().any(Option::is_some) {
             scratch.kvs = Some(gpu.alloc(kvs_bytes)?);
         }
         let mega = match fused && std::env::var("YINSEN_CUDA_MEGA").map_or(true, |v| v != "0") {
@@ -1145,6 +1184,7 @@ impl CudaBackend {
             FlashMode::Tc => tc(true),
             FlashMode::Tc16 => tc(false),
             FlashMode::Tcx => tc(true),
+            FlashMode::Tcx16 => tc(false),
             FlashMode::TcStaged => match self.tcs_ok {
                 true => Some(("flash_tcs_d128_f32", FLASH_TC_THREADS, flash_tc_smem(hd, true, self.kv))),
                 false => tc(true),
@@ -1172,15 +1212,18 @@ impl CudaBackend {
         want.min(c.max_ctx.div_ceil(FA_TILE)).min(room).max(1)
     }
 
-    /// The `flash_tcx_*` kernel a call of `nt` tokens runs (Auto and Tcx
-    /// modes, nt >= TCX_MIN_NT), if any.
+    /// The `flash_tcx*` kernel a call of `nt` tokens runs (Auto, Tcx and
+    /// Tcx16 modes, nt >= TCX_MIN_NT), if any.
     fn tcx_for(&self, nt: usize) -> Option<TcxKernel> {
         let mode = FlashMode::ALL[self.flash.load(std::sync::atomic::Ordering::Relaxed) as usize];
-        match mode {
-            FlashMode::Auto | FlashMode::Tcx if nt >= self.tcx_short_nt.load(std::sync::atomic::Ordering::Relaxed) => {
-                self.tcx
-            }
-            FlashMode::Auto | FlashMode::Tcx if nt >= TCX_MIN_NT => self.tcx_short,
+        let split = match mode {
+            FlashMode::Auto | FlashMode::Tcx => 1,
+            FlashMode::Tcx16 => 0,
+            _ => return None,
+        };
+        match nt {
+            _ if nt >= self.tcx_short_nt.load(std::sync::atomic::Ordering::Relaxed) => self.tcx[split],
+            _ if nt >= TCX_MIN_NT => self.tcx_short[split],
             _ => None,
         }
     }

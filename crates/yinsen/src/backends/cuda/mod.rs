@@ -197,7 +197,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 93] = [
+pub const KERNELS: [&str; 102] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -291,6 +291,15 @@ pub const KERNELS: [&str; 93] = [
     "flash_tcx_d64_h2",
     "flash_tcx_d64_h4",
     "flash_tcx_d64_w4",
+    "kv_half_f32",
+    "flash_tcx16_d128_h1",
+    "flash_tcx16_d128_h2",
+    "flash_tcx16_d128_h4",
+    "flash_tcx16_d128_w4",
+    "flash_tcx16_d64_h1",
+    "flash_tcx16_d64_h2",
+    "flash_tcx16_d64_h4",
+    "flash_tcx16_d64_w4",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

@@ -317,7 +317,7 @@ impl CudaBackend {
                 kvs.p(),
             ]);
             self.gpu
-                .launch_ex("kv_split_f32", (gx, 2 * c.n_kv_heads as u32, 1), 256, &split, pdl)?;
+                .launch_ex(t.kv_kernel(), (gx, 2 * c.n_kv_heads as u32, 1), 256, &split, pdl)?;
             let n_ks = self.tcx_splits(nt, t);
             let bq = t.bq();
             let blocks = nt.div_ceil(bq) * n_ks * (c.n_heads / t.hpb);

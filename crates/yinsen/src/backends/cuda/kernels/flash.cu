@@ -807,23 +807,37 @@ extern "C" __global__ void __launch_bounds__(128)
 // tiles of BK = 64 rotate through ST = 2 stages (one barrier per tile).
 // The 1-D grid runs the heaviest query tiles of every head group first.
 // flash_tcx_d{HD}_w4: 4 warps, one head, 32-key tiles (two blocks per SM).
-extern "C" __global__ void __launch_bounds__(256)
-    kv_split_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
-                 u16* kvs) {
-    pdl_wait();
+// SPLIT: rows [Kh | Kl | Vh | Vl] for flash_tcx_*; else [Kh | Vh] (f16
+// values only) for flash_tcx16_*.
+template <bool SPLIT>
+__device__ __forceinline__ void kv_split_body(const float* kc, const float* vc, const int* pos, int nt, int n_kv,
+                                              int hd, int cap, int scap, u16* kvs) {
 #if __CUDA_ARCH__ >= 800
+    constexpr int NPL = SPLIT ? 4 : 2;  // f16 planes per key row
     const int kmax = pos[0] + nt;
     const int which = blockIdx.y & 1, kvh = blockIdx.y >> 1;  // which: 0 = K, 1 = V
     const float* src = (which ? vc : kc) + (size_t)kvh * cap * hd;
-    u16* dst = kvs + (size_t)kvh * scap * 4 * hd + 2 * which * hd;  // key row: Kh Kl Vh Vl
+    u16* dst = kvs + (size_t)kvh * scap * NPL * hd + (NPL / 2) * which * hd;
     const int per_row = hd / 4;
     const int n = kmax * per_row;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const int j = i / per_row, d = (i - j * per_row) * 4;
-        u16* hi = dst + (size_t)j * 4 * hd + d;
-        tc_store4<true>(*(const float4*)(src + (size_t)j * hd + d), hi, hi + hd);
+        u16* hi = dst + (size_t)j * NPL * hd + d;
+        tc_store4<SPLIT>(*(const float4*)(src + (size_t)j * hd + d), hi, hi + hd);
     }
 #endif
+}
+extern "C" __global__ void __launch_bounds__(256)
+    kv_split_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
+                 u16* kvs) {
+    pdl_wait();
+    kv_split_body<true>(kc, vc, pos, nt, n_kv, hd, cap, scap, kvs);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    kv_half_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
+                u16* kvs) {
+    pdl_wait();
+    kv_split_body<false>(kc, vc, pos, nt, n_kv, hd, cap, scap, kvs);
 }
 
 #if __CUDA_ARCH__ >= 800
@@ -837,7 +851,7 @@ __device__ __forceinline__ void tcx_wait() {
 }
 #endif
 
-template <int HD, int HPB, int ST, int NW, int BK>
+template <int HD, int HPB, int ST, int NW, int BK, bool SPLIT>
 __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
                                                int n_heads, int n_kv, int scap, float scale, float* outp,
                                                int out_stride, int n_ks, float* part) {
@@ -847,12 +861,13 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     constexpr int BQ = 16 * WPH;   // query rows per tile
     constexpr int KS = HD / 16, NT = HD / 8;
     constexpr int LD = HD + 8;            // halves per smem row (as flash_tc_body)
+    constexpr int NPL = SPLIT ? 4 : 2;    // planes: Kh, Kl, Vh, Vl (split) or Kh, Vh
     constexpr int PLANE = BK * LD;        // halves per plane and stage
-    constexpr int STAGE = 4 * PLANE;      // Kh, Kl, Vh, Vl
+    constexpr int STAGE = NPL * PLANE;
     constexpr int CPR = HD / 8;           // 16-byte chunks per row
-    constexpr int CPT = 4 * BK * CPR / THREADS;  // chunks per thread and tile
+    constexpr int CPT = NPL * BK * CPR / THREADS;  // chunks per thread and tile
     constexpr int NS = BK / 8;                     // n8 key tiles of S
-    static_assert(NW % HPB == 0 && CPT * THREADS == 4 * BK * CPR && TC_BK % BK == 0, "tile shape");
+    static_assert(NW % HPB == 0 && CPT * THREADS == NPL * BK * CPR && TC_BK % BK == 0, "tile shape");
     extern __shared__ uint4 tc_smem4[];
     u16* sm = (u16*)tc_smem4;
 
@@ -870,18 +885,19 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
     if (kbeg >= kmax) return;  // block-uniform
     const int ntl = (kend - kbeg + BK - 1) / BK;
-    // kvs rows are [Kh | Kl | Vh | Vl] of one key (4 HD halves), so a key
-    // tile is one contiguous run: chunk id = tid + THREADS i is 16
-    // bytes at id * 8 halves, i.e. key row id / (4 CPR), plane (id / CPR) % 4.
+    // kvs rows are [Kh | Kl | Vh | Vl] (split) or [Kh | Vh] of one key (NPL
+    // HD halves), so a key tile is one contiguous run: chunk id = tid +
+    // THREADS i is 16 bytes at id * 8 halves, i.e. key row id / (NPL CPR),
+    // plane (id / CPR) % NPL.
     // Rows at or past kend become zeros (cp.async zero fill; the source
     // stays inside kvs: scap is a whole number of key tiles).
-    const u16* src_t = kvs + (size_t)kvh * scap * 4 * HD + threadIdx.x * 8;
-    const int jt = threadIdx.x / (4 * CPR), pt = (threadIdx.x / CPR) % 4, dt = (threadIdx.x % CPR) * 8;
-    constexpr int RSTEP = THREADS / (4 * CPR);  // key rows per chunk step
-    static_assert(THREADS % (4 * CPR) == 0, "whole rows per chunk step");
+    const u16* src_t = kvs + (size_t)kvh * scap * NPL * HD + threadIdx.x * 8;
+    const int jt = threadIdx.x / (NPL * CPR), pt = (threadIdx.x / CPR) % NPL, dt = (threadIdx.x % CPR) * 8;
+    constexpr int RSTEP = THREADS / (NPL * CPR);  // key rows per chunk step
+    static_assert(THREADS % (NPL * CPR) == 0, "whole rows per chunk step");
     u16* dst_t = sm + pt * PLANE + jt * LD + dt;
     auto copy_tile = [&](int j0, int st) {
-        const u16* src = src_t + (size_t)j0 * 4 * HD;
+        const u16* src = src_t + (size_t)j0 * NPL * HD;
         u16* dst = dst_t + st * STAGE;
 #pragma unroll
         for (int i = 0; i < CPT; i++)
@@ -917,7 +933,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
             for (int i = 0; i < 4; i++) {
                 const float x = v[i].x * qscale, y = v[i].y * qscale;
                 qreg[ks][i] = tc_pack(x, y);
-                qlreg[ks][i] = tc_pack_lo(x, y, qreg[ks][i]);
+                qlreg[ks][i] = SPLIT ? tc_pack_lo(x, y, qreg[ks][i]) : 0u;
             }
         }
     }
@@ -927,7 +943,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     const int v_off = (lr + 8 * (lm & 1)) * LD + 8 * (lm >> 1);
     const u32 s_base = (u32)__cvta_generic_to_shared(sm);
     const u32 sKh = s_base + 2 * k_off, sKl = sKh + 2 * PLANE;
-    const u32 sVh = s_base + 2 * (2 * PLANE + v_off), sVl = sVh + 2 * PLANE;
+    const u32 sVh = s_base + 2 * ((NPL / 2) * PLANE + v_off), sVl = sVh + 2 * PLANE;  // sKl, sVl: split only
 
     const int pos0 = p0 + t0 + r0;
     const int wfirst = p0 + t0 + wr, wlast = wfirst + 15;
@@ -955,18 +971,19 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
 #pragma unroll
             for (int np = 0; np < NS / 2; np++) {
                 const u32 koff = sb + 2 * 16 * np * LD + 32 * ks;
-                tc_split_step<true, true, false>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], sKh + koff, sKl + koff);
+                tc_split_step<SPLIT, SPLIT, false>(s[2 * np], s[2 * np + 1], qreg[ks], qlreg[ks], sKh + koff,
+                                                   sKl + koff);
             }
         }
         tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
 #pragma unroll
         for (int kk = 0; kk < NS / 2; kk++) {
             u32 ph[4], pl[4];
-            tc_p_frag<true>(s, kk, ph, pl);
+            tc_p_frag<SPLIT>(s, kk, ph, pl);
 #pragma unroll
             for (int dp = 0; dp < NT / 2; dp++) {
                 const u32 voff = sb + 2 * 16 * kk * LD + 32 * dp;
-                tc_split_step<true, true, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + voff, sVl + voff);
+                tc_split_step<SPLIT, SPLIT, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + voff, sVl + voff);
             }
         }
     }
@@ -977,20 +994,31 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
                   outp, out_stride);
 #endif
 }
-// NW warps per block (8: one resident block per SM; 4: two, with 32-key tiles).
-#define FLASH_TCX(NAME, HD, HPB, ST, NW, BK)                                                                  \
+// NW warps per block (8: one resident block per SM; 4: two, with 32-key
+// tiles). flash_tcx_*: split precision; flash_tcx16_*: plain f16 (Q, K, V
+// and P rounded to f16 once, one mma per product instead of three:
+// YINSEN_CUDA_FLASH=tcx16).
+#define FLASH_TCX(NAME, HD, HPB, ST, NW, BK, SPLIT)                                                           \
     extern "C" __global__ void __launch_bounds__(32 * NW, 8 / NW)                                              \
         NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \
              int scap, float scale, float* outp, int out_stride, int n_ks, float* part) {                       \
         pdl_wait();                                                                                             \
-        flash_tcx_body<HD, HPB, ST, NW, BK>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp,       \
-                                            out_stride, n_ks, part);                                            \
+        flash_tcx_body<HD, HPB, ST, NW, BK, SPLIT>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp, \
+                                                   out_stride, n_ks, part);                                     \
     }
-FLASH_TCX(flash_tcx_d128_h1, 128, 1, 2, 8, 64)
-FLASH_TCX(flash_tcx_d128_h2, 128, 2, 2, 8, 64)
-FLASH_TCX(flash_tcx_d128_h4, 128, 4, 2, 8, 64)
-FLASH_TCX(flash_tcx_d128_w4, 128, 1, 2, 4, 32)
-FLASH_TCX(flash_tcx_d64_h1, 64, 1, 2, 8, 64)
-FLASH_TCX(flash_tcx_d64_h2, 64, 2, 2, 8, 64)
-FLASH_TCX(flash_tcx_d64_h4, 64, 4, 2, 8, 64)
-FLASH_TCX(flash_tcx_d64_w4, 64, 1, 2, 4, 32)
+FLASH_TCX(flash_tcx_d128_h1, 128, 1, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d128_h2, 128, 2, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d128_h4, 128, 4, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d128_w4, 128, 1, 2, 4, 32, true)
+FLASH_TCX(flash_tcx_d64_h1, 64, 1, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d64_h2, 64, 2, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d64_h4, 64, 4, 2, 8, 64, true)
+FLASH_TCX(flash_tcx_d64_w4, 64, 1, 2, 4, 32, true)
+FLASH_TCX(flash_tcx16_d128_h1, 128, 1, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d128_h2, 128, 2, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d128_h4, 128, 4, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d128_w4, 128, 1, 2, 4, 32, false)
+FLASH_TCX(flash_tcx16_d64_h1, 64, 1, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d64_h2, 64, 2, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d64_h4, 64, 4, 2, 8, 64, false)
+FLASH_TCX(flash_tcx16_d64_w4, 64, 1, 2, 4, 32, false)
