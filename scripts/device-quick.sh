@@ -14,7 +14,7 @@
 # AB_ENV="VAR=a VAR=b" alternates this build's decode rows (and the head's
 # un-graphed kernel times) over environment settings (ab-env.txt); one
 # setting of several variables joins them with '+' ("A=1+B=2").
-# PREFILL_AB_ENV="VAR=a VAR=b" alternates the prefill rows (512, 2048) and
+# PREFILL_AB_ENV="VAR=a VAR=b" ("-": no setting) alternates the prefill rows (512, 2048) and
 # their per-kernel profile over environment settings (prefill-ab.txt,
 # PREFILL_AB_REPS rounds, default 3; an item bin=NAME runs .device/bin/NAME
 # instead, e.g. bin=yinsen-base);
@@ -40,7 +40,8 @@ if [ -n "${PREFILL_AB_ENV:-}" ]; then
   for r in $(seq "${PREFILL_AB_REPS:-3}"); do
     for e in $PREFILL_AB_ENV; do
       bin=yinsen
-      case "$e" in bin=*) bin=${e#bin=} e=YINSEN_AB_BIN=$bin ;; esac
+      # "-" is no setting (a bare `env -` would empty the environment).
+      case "$e" in bin=*) bin=${e#bin=} e=YINSEN_AB_BIN=$bin ;; -) e=YINSEN_AB=none ;; esac
       echo "prefill A/B env $e: $(env ${e//+/ } YINSEN_CUDA_BENCH=prefill "$bin" bench -m synthetic:2b4t --backend cuda -p 512,2048 -n 0 -r 3 2>&1 |
         grep -E '^\| prefill (512|2048)(: (norm_quant|attention|qkv|o|gate_up|down))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
     done
