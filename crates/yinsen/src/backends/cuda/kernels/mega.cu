@@ -35,7 +35,7 @@
 #define MG_QMAX 1024      // group * head_dim
 #define MG_ACMAX 256      // keys per attention item
 #define MG_LT 12          // u64 entries per layer in the layer table
-#define MG_TRACE 24       // trace marks per layer (bench only)
+#define MG_TRACE 28       // trace marks per layer (bench only)
 // int8 activations in shared memory: 64-byte chunks at an 80-byte stride, so
 // the 8 lanes of a 16-byte load phase (consecutive chunks) hit 8 distinct
 // 4-bank groups: no bank conflicts (at 64 bytes they collide 4-way).
@@ -99,6 +99,11 @@
 // of short contexts have 1 head: scores 1.15 -> 0.44 us a layer).
 #ifndef MG_SCORES_PAD4
 #define MG_SCORES_PAD4 1
+#endif
+// Trace marks 24-27 of the attention merge (a diagnostic build: NVRTC 13.0
+// spills 4 bytes with them).
+#ifndef MG_TRACE_MERGE
+#define MG_TRACE_MERGE 0
 #endif
 // The attention merge's partials staged in shared memory (see the merge in
 // mg_attention; 0 off). S23-1: ctx 2048 831-832 -> 843 tok/s; with 0 (the
@@ -678,6 +683,8 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const size_t pst = hd + 2;
     __shared__ int last;
+    // Trace (bench only): clocks of the block's item, for the merge's marks.
+    __shared__ long long mt[4];
     // Items are (virtual head vh, key chunk): vh covers query heads
     // vh * group .. + group - 1 of KV head vh >> sub_log; the caller passes
     // n_kv << sub_log as n_kv (see MG_HEAD_SPLIT).
@@ -714,6 +721,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             cp_commit();
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
+        if (MG_TRACE_MERGE && trace && tid == 0) mt[0] = clock64();
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)vh * group * hd + i) * scale;
         if (kstaged || kgu) cp_wait_group<1>();  // the K rows (V may still be in flight), under the same barrier as q
         __syncthreads();
@@ -777,6 +785,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // writes before the fence, and the merge's reads after it.
         __syncthreads();
         if (tid == 0) {
+            if (MG_TRACE_MERGE && trace) mt[1] = clock64();
 #if MG_CNT_ACQREL
             // One acquire-release atomic: its release orders the block's
             // partial writes (before the block barrier) ahead of the count,
@@ -794,6 +803,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 __threadfence();
             }
 #endif
+            if (MG_TRACE_MERGE && trace) mt[2] = clock64();
         }
         __syncthreads();
         if (!last) continue;
@@ -823,6 +833,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             }
         }
 #endif
+        if (MG_TRACE_MERGE && trace && tid == 0) mt[3] = clock64();
         for (int i = tid; i < group * nch; i += MG_THREADS) {
             const int g = i / nch, c = i - g * nch;
             const float* p = pb + c * cs + g * (int)pst;
@@ -852,6 +863,17 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             for (int c = mi; c < nch; c += ms) num += mg_kv(ph + c * cs) * mw[g * nch + c];
             for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
             if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
+        }
+        // Marks 24-27 (bench only, MG_TRACE_MERGE builds): the merging block
+        // of virtual head 0, in its own clock: its item (staging issued to P
+        // V done), the counter, the partials' staging, the merge (thread 0's
+        // outputs).
+        if (MG_TRACE_MERGE && trace && tid == 0 && vh == 0) {
+            u64* tr = mg_opaque(trace) + mg_opaque(tb);
+            tr[24] = mt[1] - mt[0];
+            tr[25] = mt[2] - mt[1];
+            tr[26] = mt[3] - mt[2];
+            tr[27] = clock64() - mt[3];
         }
     }
     if (!gu_issued) {
