@@ -35,6 +35,6 @@ done | tee "$out/ab.txt"
 if [ "${PHASES:-1}" = 1 ]; then
   for s in $2; do
     echo "$s:"
-    run "$s" | grep -E '^\| persistent ctx (0|2048):|attention inner|^\| decode ctx (0|2048) \|'
+    run "$s" | grep -E '^\| persistent ctx (0|2048):|attention (inner|merge)|^\| decode ctx (0|2048) \|'
   done | tee "$out/phases.txt"
 fi

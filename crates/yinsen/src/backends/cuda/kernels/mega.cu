@@ -100,6 +100,11 @@
 #ifndef MG_SCORES_PAD4
 #define MG_SCORES_PAD4 1
 #endif
+// The merge's partials read by weak loads (0: by mg_kv's strong generic
+// loads; see the merge in mg_attention).
+#ifndef MG_MERGE_PLAIN
+#define MG_MERGE_PLAIN 1
+#endif
 // Trace marks 24-27 of the attention merge (a diagnostic build: NVRTC 13.0
 // spills 4 bytes with them).
 #ifndef MG_TRACE_MERGE
@@ -553,6 +558,14 @@ __device__ __forceinline__ float mg_kv(const u16* p) {
     return h2f(h);
 }
 
+// A weak generic load (as a plain one) in the same asm form as mg_kv, so
+// that the merge's code is scheduled as before (plain C++ loads spilled).
+__device__ __forceinline__ float mg_ld_weak(const float* p) {
+    float v;
+    asm("ld.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
 // Attention of the one new query (position pos) of every head over keys
 // 0..pos of this layer's cache; output [n_heads * hd] into attn. Items are
 // (KV head, key chunk); a chunk's V rows are copied into `vstage` (a free
@@ -834,35 +847,46 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         }
 #endif
         if (MG_TRACE_MERGE && trace && tid == 0) mt[3] = clock64();
-        for (int i = tid; i < group * nch; i += MG_THREADS) {
-            const int g = i / nch, c = i - g * nch;
-            const float* p = pb + c * cs + g * (int)pst;
-            mw[i] = mg_kv(p);
-            lw[i] = mg_kv(p + 1);
-        }
-        __syncthreads();
-        if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
-        __syncthreads();
-        // `ms` adjacent lanes share an output, each summing every ms-th
-        // chunk, combined by shuffles: a 512-output group left half of the
-        // threads idle, and each output's 26 partial loads at ctx 2048 ran
-        // four at a time (S11-3: ctx 2048 676-677 -> 708-709 tok/s).
-        int ms = 1;
-        while (ms < 8 && group * hd * ms * 2 <= MG_THREADS) ms *= 2;
-        if ((group * hd * ms) % 32 != 0) ms = 1;
-        const int mi = tid & (ms - 1);
-        for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
-            const int g = o / hd, d = o - g * hd, h = vh * group + g;
-            const float* ph = pb + g * (int)pst + 2 + d;
-            float num = 0.f;
+        // MG_MERGE_PLAIN: the partials (staged, or in global memory) read
+        // by weak loads. That is enough in the memory model: the writers'
+        // stores precede their block barrier and release; this block's
+        // thread 0 acquired the count (or fenced after it) and a block
+        // barrier follows, so every thread's later loads observe them (the
+        // acquire also discards this SM's stale L1 lines). Else mg_kv's
+        // strong generic loads, which took the staged merge ~3 us a layer
+        // at ctx 2048 (S23-5, MG_TRACE_MERGE).
+        {
+            auto ld = [](const float* p) { return MG_MERGE_PLAIN ? mg_ld_weak(p) : mg_kv(p); };
+            for (int i = tid; i < group * nch; i += MG_THREADS) {
+                const int g = i / nch, c = i - g * nch;
+                const float* p = pb + c * cs + g * (int)pst;
+                mw[i] = ld(p);
+                lw[i] = ld(p + 1);
+            }
+            __syncthreads();
+            if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
+            __syncthreads();
+            // `ms` adjacent lanes share an output, each summing every ms-th
+            // chunk, combined by shuffles: a 512-output group left half of the
+            // threads idle, and each output's 26 partial loads at ctx 2048 ran
+            // four at a time (S11-3: ctx 2048 676-677 -> 708-709 tok/s).
+            int ms = 1;
+            while (ms < 8 && group * hd * ms * 2 <= MG_THREADS) ms *= 2;
+            if ((group * hd * ms) % 32 != 0) ms = 1;
+            const int mi = tid & (ms - 1);
+            for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
+                const int g = o / hd, d = o - g * hd, h = vh * group + g;
+                const float* ph = pb + g * (int)pst + 2 + d;
+                float num = 0.f;
 #if MG_THREADS <= 512
 #pragma unroll 8  // ms = 1 at 512 threads: 26 partials a thread at ctx 2048
 #else
 #pragma unroll 4
 #endif
-            for (int c = mi; c < nch; c += ms) num += mg_kv(ph + c * cs) * mw[g * nch + c];
-            for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
-            if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
+                for (int c = mi; c < nch; c += ms) num += ld(ph + c * cs) * mw[g * nch + c];
+                for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
+                if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
+            }
         }
         // Marks 24-27 (bench only, MG_TRACE_MERGE builds): the merging block
         // of virtual head 0, in its own clock: its item (staging issued to P
