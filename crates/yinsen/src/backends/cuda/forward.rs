@@ -641,7 +641,7 @@ const MG_MAXROWS: usize = 512;
 const MG_GMAX: usize = 8;
 const MG_QMAX: usize = 1024;
 /// Trace marks per layer (MG_TRACE).
-const MG_TRACE: usize = 28;
+const MG_TRACE: usize = 30;
 /// Bytes of the padded int8 activation buffer (MG_XBYTES).
 const MG_XBYTES: usize = 8192 / 64 * 80;
 

@@ -253,19 +253,20 @@ impl CudaBackend {
                         "attention inner (us/layer): start {:.2} q {:.2} scores {:.2} softmax {:.2} V+gu {:.2}",
                         part[0], part[1], part[2], part[3], part[4]
                     );
-                    // Marks 24-27: cycle counts of the block that merged
-                    // virtual head 0's key chunks (none with one chunk).
+                    // Marks 24-29 (MG_TRACE_MERGE builds): cycle counts of
+                    // the block that merged virtual head 0's key chunks
+                    // (none with one chunk).
                     let merged: Vec<usize> = (0..n).filter(|l| t[l * MG_TRACE + 24] > 0).collect();
                     if !merged.is_empty() {
-                        let mut m = [0.0; 4];
+                        let mut m = [0.0; 6];
                         for &l in &merged {
                             for (k, v) in m.iter_mut().enumerate() {
                                 *v += t[l * MG_TRACE + 24 + k] as f64 / khz * 1e3 / merged.len() as f64;
                             }
                         }
                         eprintln!(
-                            "attention merge, head 0's merging block (us/layer, {} layers): item {:.2} counter {:.2} staging {:.2} merge {:.2}",
-                            merged.len(), m[0], m[1], m[2], m[3]
+                            "attention merge, head 0's merging block (us/layer, {} layers): item {:.2} counter {:.2} staging {:.2} merge: (m, l) loads {:.2} weights {:.2} outputs {:.2}",
+                            merged.len(), m[0], m[1], m[2], m[3], m[4], m[5]
                         );
                     }
                 }

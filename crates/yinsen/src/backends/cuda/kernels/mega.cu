@@ -35,7 +35,7 @@
 #define MG_QMAX 1024      // group * head_dim
 #define MG_ACMAX 256      // keys per attention item
 #define MG_LT 12          // u64 entries per layer in the layer table
-#define MG_TRACE 28       // trace marks per layer (bench only)
+#define MG_TRACE 30       // trace marks per layer (bench only)
 // int8 activations in shared memory: 64-byte chunks at an 80-byte stride, so
 // the 8 lanes of a 16-byte load phase (consecutive chunks) hit 8 distinct
 // 4-bank groups: no bank conflicts (at 64 bytes they collide 4-way).
@@ -105,7 +105,12 @@
 #ifndef MG_MERGE_PLAIN
 #define MG_MERGE_PLAIN 1
 #endif
-// Trace marks 24-27 of the attention merge (a diagnostic build: NVRTC 13.0
+// The merge's denominators summed by a warp each (0: by lane 0; 1 spilled
+// 8 bytes under NVRTC 13.0).
+#ifndef MG_MERGE_ROWPAR
+#define MG_MERGE_ROWPAR 0
+#endif
+// Trace marks 24-29 of the attention merge (a diagnostic build: NVRTC 13.0
 // spills 4 bytes with them).
 #ifndef MG_TRACE_MERGE
 #define MG_TRACE_MERGE 0
@@ -523,11 +528,19 @@ __device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch
     m = warp_max(m);
     for (int c = lane; c < nch; c += 32) mw[c] = mw[c] == NEG_INF ? 0.f : expf(mw[c] - m);
     __syncwarp();
+#if MG_MERGE_ROWPAR
+    // The denominator summed by the warp, not by lane 0 alone.
+    float d = 0.f;
+    for (int c = lane; c < nch; c += 32) d += lw[c] * mw[c];
+    d = warp_sum(d);
+    if (lane == 0) *den = d;
+#else
     if (lane == 0) {
         float d = 0.f;
         for (int c = 0; c < nch; c++) d += lw[c] * mw[c];
         *den = d;
     }
+#endif
 }
 
 // Block: `bytes` (a multiple of 16) from global src into shared dst by
@@ -697,7 +710,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     const size_t pst = hd + 2;
     __shared__ int last;
     // Trace (bench only): clocks of the block's item, for the merge's marks.
-    __shared__ long long mt[4];
+    __shared__ long long mt[6];
     // Items are (virtual head vh, key chunk): vh covers query heads
     // vh * group .. + group - 1 of KV head vh >> sub_log; the caller passes
     // n_kv << sub_log as n_kv (see MG_HEAD_SPLIT).
@@ -864,8 +877,10 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 lw[i] = ld(p + 1);
             }
             __syncthreads();
+            if (MG_TRACE_MERGE && trace && tid == 0) mt[4] = clock64();
             if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
             __syncthreads();
+            if (MG_TRACE_MERGE && trace && tid == 0) mt[5] = clock64();
             // `ms` adjacent lanes share an output, each summing every ms-th
             // chunk, combined by shuffles: a 512-output group left half of the
             // threads idle, and each output's 26 partial loads at ctx 2048 ran
@@ -888,16 +903,18 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
             }
         }
-        // Marks 24-27 (bench only, MG_TRACE_MERGE builds): the merging block
+        // Marks 24-29 (bench only, MG_TRACE_MERGE builds): the merging block
         // of virtual head 0, in its own clock: its item (staging issued to P
-        // V done), the counter, the partials' staging, the merge (thread 0's
-        // outputs).
+        // V done), the counter, the partials' staging, the (m, l) loads, the
+        // weights and denominators, the outputs (thread 0's).
         if (MG_TRACE_MERGE && trace && tid == 0 && vh == 0) {
             u64* tr = mg_opaque(trace) + mg_opaque(tb);
             tr[24] = mt[1] - mt[0];
             tr[25] = mt[2] - mt[1];
             tr[26] = mt[3] - mt[2];
-            tr[27] = clock64() - mt[3];
+            tr[27] = mt[4] - mt[3];
+            tr[28] = mt[5] - mt[4];
+            tr[29] = clock64() - mt[5];
         }
     }
     if (!gu_issued) {
