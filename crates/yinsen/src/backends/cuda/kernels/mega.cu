@@ -110,6 +110,11 @@
 #ifndef MG_MERGE_ROWPAR
 #define MG_MERGE_ROWPAR 0
 #endif
+// The attention merge split over the last blocks to finish a KV head's
+// chunks, a share of its query heads each (see mg_attention; 0 off).
+#ifndef MG_MERGE_SPLIT
+#define MG_MERGE_SPLIT 1
+#endif
 // Trace marks 24-29 of the attention merge (a diagnostic build: NVRTC 13.0
 // spills 4 bytes with them).
 #ifndef MG_TRACE_MERGE
@@ -805,34 +810,51 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             p[0] = ml[2 * tid];
             p[1] = ml[2 * tid + 1];
         }
-        // Publish; the block finishing this KV head's last chunk merges. One
+        // Publish; the blocks finishing this KV head's last chunks merge. One
         // thread fences around the counter, after and before a block barrier
         // (as a grid sync does): the barrier orders the block's partial
         // writes before the fence, and the merge's reads after it.
+        // MG_MERGE_SPLIT: the last nm blocks to count (nm a power of two
+        // dividing the group, at most nch) merge group / nm heads each;
+        // all but the last wait for the count to reach nch (they would wait
+        // at the grid barrier anyway). The counts are reset by block 0
+        // after the grid barrier that ends the attention (mega_body).
+        // Else the last block merges every head and resets the count.
+        // From opaque copies: computed here, not hoisted out of the layer
+        // loop (live across the quantisation, it spilled).
+        int nm = 1;
+        const int grp = mg_opaque(group), nc = mg_opaque(nch);
+        if (MG_MERGE_SPLIT && (grp & (grp - 1)) == 0)
+            while (nm < grp && 2 * nm <= nc) nm *= 2;
         __syncthreads();
         if (tid == 0) {
             if (MG_TRACE_MERGE && trace) mt[1] = clock64();
+            unsigned old;
 #if MG_CNT_ACQREL
             // One acquire-release atomic: its release orders the block's
             // partial writes (before the block barrier) ahead of the count,
             // its acquire the merge's reads after it. The reset is ordered
             // before the next layer's counts by the grid barriers between.
-            unsigned old;
             asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt + vh) : "memory");
-            last = old == (unsigned)(nch - 1);
-            if (last) cnt[vh] = 0;
 #else
             __threadfence();
-            last = atomicAdd(cnt + vh, 1) == nch - 1;
-            if (last) {
-                cnt[vh] = 0;
-                __threadfence();
-            }
+            old = atomicAdd(cnt + vh, 1);
+            __threadfence();
 #endif
+            const int k = nch - 1 - (int)old;  // 0: the last to count
+            last = k < nm ? k : -1;
+            if (!MG_MERGE_SPLIT && k == 0) cnt[vh] = 0;
+            if (MG_MERGE_SPLIT && k > 0 && k < nm) {
+                unsigned v;
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(cnt + vh) : "memory");
+                } while (v < (unsigned)nch);
+            }
             if (MG_TRACE_MERGE && trace) mt[2] = clock64();
         }
         __syncthreads();
-        if (!last) continue;
+        const int mk = last;  // this block's heads: mk, mk + nm, ...
+        if (mk < 0) continue;
         // Merge in parallel: every chunk's (max, sum) first, then per head the
         // weights e^(m_c - M) and the denominator, then the weighted outputs.
         float* mw = sc;          // [group][nch]: m, then the weight
@@ -878,19 +900,21 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             }
             __syncthreads();
             if (MG_TRACE_MERGE && trace && tid == 0) mt[4] = clock64();
-            if (warp < group) mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
+            if (warp < group && (warp & (nm - 1)) == mk)
+                mg_merge_row(mw + warp * nch, lw + warp * nch, nch, ml + 2 * warp + 1);
             __syncthreads();
             if (MG_TRACE_MERGE && trace && tid == 0) mt[5] = clock64();
             // `ms` adjacent lanes share an output, each summing every ms-th
             // chunk, combined by shuffles: a 512-output group left half of the
             // threads idle, and each output's 26 partial loads at ctx 2048 ran
             // four at a time (S11-3: ctx 2048 676-677 -> 708-709 tok/s).
+            const int outs = group / nm * hd;  // this block's outputs
             int ms = 1;
-            while (ms < 8 && group * hd * ms * 2 <= MG_THREADS) ms *= 2;
-            if ((group * hd * ms) % 32 != 0) ms = 1;
+            while (ms < 8 && outs * ms * 2 <= MG_THREADS) ms *= 2;
+            if ((outs * ms) % 32 != 0) ms = 1;
             const int mi = tid & (ms - 1);
-            for (int o = tid / ms; o < group * hd; o += MG_THREADS / ms) {
-                const int g = o / hd, d = o - g * hd, h = vh * group + g;
+            for (int o = tid / ms; o < outs; o += MG_THREADS / ms) {
+                const int gi = o / hd, d = o - gi * hd, g = mk + gi * nm, h = vh * group + g;
                 const float* ph = pb + g * (int)pst + 2 + d;
                 float num = 0.f;
 #if MG_THREADS <= 512
@@ -907,7 +931,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // of virtual head 0, in its own clock: its item (staging issued to P
         // V done), the counter, the partials' staging, the (m, l) loads, the
         // weights and denominators, the outputs (thread 0's).
-        if (MG_TRACE_MERGE && trace && tid == 0 && vh == 0) {
+        if (MG_TRACE_MERGE && trace && tid == 0 && vh == 0 && mk == 0) {
             u64* tr = mg_opaque(trace) + mg_opaque(tb);
             tr[24] = mt[1] - mt[0];
             tr[25] = mt[2] - mt[1];
@@ -1100,6 +1124,11 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
         // ---- O + residual
         mg_mark(trace, tb + 8);
+        // MG_MERGE_SPLIT: the attention's chunk counts back to zero, every
+        // merging block past its wait (the grid barrier above); ordered
+        // before the next layer's counts (and the next launch) by the
+        // barriers between.
+        if (MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log)) mg_opaque(cnt)[tid] = 0;
         {
             // The residual rows this block adds to: loaded now, used after the dot.
             const float xres = tid < r_o.n ? __ldcg(x + r_o.a + tid) : 0.f;
