@@ -101,7 +101,8 @@
 #define MG_SCORES_PAD4 1
 #endif
 // The merge's partials read by weak loads (0: by mg_kv's strong generic
-// loads; see the merge in mg_attention).
+// loads; see the merge in mg_attention). S23-6: no measurable difference
+// (1046 / 845-847 against 1041-1042 / 842-848 tok/s).
 #ifndef MG_MERGE_PLAIN
 #define MG_MERGE_PLAIN 1
 #endif
@@ -112,6 +113,9 @@
 #endif
 // The attention merge split over the last blocks to finish a KV head's
 // chunks, a share of its query heads each (see mg_attention; 0 off).
+// S23-8: ctx 2048 844 -> 861 tok/s (the wait after the attention 164 -> 142
+// us over 30 layers); ctx 0 unchanged. NVRTC 13.0 spills 4 bytes of
+// mega_f32 since (either setting), at no measured cost.
 #ifndef MG_MERGE_SPLIT
 #define MG_MERGE_SPLIT 1
 #endif
@@ -888,8 +892,9 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         // thread 0 acquired the count (or fenced after it) and a block
         // barrier follows, so every thread's later loads observe them (the
         // acquire also discards this SM's stale L1 lines). Else mg_kv's
-        // strong generic loads, which took the staged merge ~3 us a layer
-        // at ctx 2048 (S23-5, MG_TRACE_MERGE).
+        // strong generic loads. The staged merge took ~3 us a layer at ctx
+        // 2048 with either (MG_TRACE_MERGE, S23-5 / S23-6): its time is the
+        // per-block code, hence MG_MERGE_SPLIT.
         {
             auto ld = [](const float* p) { return MG_MERGE_PLAIN ? mg_ld_weak(p) : mg_kv(p); };
             for (int i = tid; i < group * nch; i += MG_THREADS) {
