@@ -106,11 +106,6 @@
 #ifndef MG_MERGE_PLAIN
 #define MG_MERGE_PLAIN 1
 #endif
-// The merge's denominators summed by a warp each (0: by lane 0; 1 spilled
-// 8 bytes under NVRTC 13.0).
-#ifndef MG_MERGE_ROWPAR
-#define MG_MERGE_ROWPAR 0
-#endif
 // The attention merge split over the last blocks to finish a KV head's
 // chunks, a share of its query heads each (see mg_attention; 0 off).
 // S23-8: ctx 2048 844 -> 861 tok/s (the wait after the attention 164 -> 142
@@ -537,19 +532,12 @@ __device__ __forceinline__ void mg_merge_row(float* mw, const float* lw, int nch
     m = warp_max(m);
     for (int c = lane; c < nch; c += 32) mw[c] = mw[c] == NEG_INF ? 0.f : expf(mw[c] - m);
     __syncwarp();
-#if MG_MERGE_ROWPAR
-    // The denominator summed by the warp, not by lane 0 alone.
-    float d = 0.f;
-    for (int c = lane; c < nch; c += 32) d += lw[c] * mw[c];
-    d = warp_sum(d);
-    if (lane == 0) *den = d;
-#else
+    // By lane 0 alone: summed by the warp (S23-7) it spilled registers.
     if (lane == 0) {
         float d = 0.f;
         for (int c = 0; c < nch; c++) d += lw[c] * mw[c];
         *den = d;
     }
-#endif
 }
 
 // Block: `bytes` (a multiple of 16) from global src into shared dst by
