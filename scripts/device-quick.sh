@@ -16,8 +16,8 @@
 # setting of several variables joins them with '+' ("A=1+B=2").
 # PREFILL_AB_ENV="VAR=a VAR=b" ("-": no setting) alternates the prefill rows (512, 2048) and
 # their per-kernel profile over environment settings (prefill-ab.txt,
-# PREFILL_AB_REPS rounds, default 3; an item bin=NAME runs .device/bin/NAME
-# instead, e.g. bin=yinsen-base);
+# PREFILL_AB_REPS rounds, default 3; PREFILL_AB_P the prompt lengths, default
+# 512,2048; an item bin=NAME runs .device/bin/NAME instead, e.g. bin=yinsen-base);
 # QUICK_SKIP_DECODE=1 then skips the decode rows and `yinsen run`.
 # Runs the cuda_forward and cuda_kernels tests, then `yinsen bench`
 # decode-only with the persistent kernel's variant flags A/B'd
@@ -42,8 +42,8 @@ if [ -n "${PREFILL_AB_ENV:-}" ]; then
       bin=yinsen
       # "-" is no setting (a bare `env -` would empty the environment).
       case "$e" in bin=*) bin=${e#bin=} e=YINSEN_AB_BIN=$bin ;; -) e=YINSEN_AB=none ;; esac
-      echo "prefill A/B env $e: $(env ${e//+/ } YINSEN_CUDA_BENCH=prefill "$bin" bench -m synthetic:2b4t --backend cuda -p 512,2048 -n 0 -r 3 2>&1 |
-        grep -E '^\| prefill (512|2048)(: (norm_quant|attention|qkv|o|gate_up|down))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
+      echo "prefill A/B env $e: $(env ${e//+/ } YINSEN_CUDA_BENCH=prefill "$bin" bench -m synthetic:2b4t --backend cuda -p "${PREFILL_AB_P:-512,2048}" -n 0 -r 3 2>&1 |
+        grep -E '^\| prefill [0-9]+(: (norm_quant|attention|qkv|o|gate_up|down))? \|' | awk -F'|' '{printf "%s %s; ", $2, $3}')"
     done
   done | tee "$out/prefill-ab.txt"
   [ -n "${QUICK_SKIP_DECODE:-}" ] && exit 0

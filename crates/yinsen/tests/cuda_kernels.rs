@@ -228,6 +228,52 @@ fn matmul_exact_random_shapes() {
     }
 }
 
+/// The TMA GEMM's tail split (sm_90a): the grid planned for a few SMs so
+/// that small shapes cut their last wave's tiles into pieces along K, each
+/// piece's int32 sums parked and added by the last one. Every output must
+/// equal the reference (outputs poisoned before each launch): a piece that
+/// skipped its stages, a sum added twice or a lost piece shows.
+#[test]
+fn matmul_exact_tail_split() {
+    let Some(g) = gpu() else { return };
+    let tma: Vec<_> = cuda::MmaVariant::ALL
+        .into_iter()
+        .filter(|v| v.tiled && v.available(&g))
+        .collect();
+    if tma.is_empty() {
+        println!("SKIP matmul_exact_tail_split: no TMA GEMM on {} (sm_90a only)", g.arch);
+        return;
+    }
+    // (rows, inputs, tokens): 640 rows = 5 row tiles, 2560 inputs = 10 stage
+    // pairs, 6912 = 27, 1000 = 4 (odd chunk count); 300 tokens = 2 / 3 token tiles.
+    let shapes = [(640, 2560, 300), (700, 6912, 256), (129, 1000, 257), (1280, 2560, 128)];
+    let before = g.tail_sms();
+    let mut split_runs = 0;
+    for (i, &(o, n, nt)) in shapes.iter().enumerate() {
+        let w = random_ternary(o, n, 300 + i as u64).unwrap();
+        let x = random_x(nt * n, 17 + i as u64);
+        let want = ternary_matmul_i32(&w, &x, nt);
+        for sms in [3usize, 4, 7, 8, 32] {
+            for &v in &tma {
+                let tiles = o.div_ceil(v.bm) * nt.div_ceil(v.bn);
+                let (_, tail) = cuda::tail_split(sms, tiles, n.div_ceil(64));
+                split_runs += (tail != 0) as usize;
+                g.set_tail_sms(sms);
+                let got = cuda::ternary_matmul_i32(&g, &w, &x, nt, MatKernel::MmaWith(v));
+                g.set_tail_sms(before);
+                let got = got.unwrap();
+                if let Some(j) = (0..want.len()).find(|&j| got[j] != want[j]) {
+                    panic!(
+                        "{} {o}x{n} nt={nt} planned for {sms} SMs (tail {tail:#x}): out[{j}] = {} want {}",
+                        v.name, got[j], want[j]
+                    );
+                }
+            }
+        }
+    }
+    assert!(split_runs >= 20, "only {split_runs} launches took the tail split");
+}
+
 #[test]
 fn matmul_exact_edges() {
     let Some(g) = gpu() else { return };

@@ -584,6 +584,37 @@ fn bench_prefill_only(b: &CudaBackend) -> Result<CudaBench> {
             );
         }
     }
+    // YINSEN_CUDA_TAIL_AB=1: the TMA GEMM's tail split on / off, alternated
+    // three times, over prompt lengths and the 2048-token profile's GEMMs.
+    if std::env::var("YINSEN_CUDA_TAIL_AB").is_ok_and(|v| v == "1") {
+        let g = b.gpu();
+        let on = g.info.sms.max(1) as usize;
+        for round in 0..3 {
+            for sms in [on, 0] {
+                let was = g.set_tail_sms(sms);
+                let res = (|| -> Result<(Vec<String>, Vec<String>)> {
+                    let mut rows = Vec::new();
+                    for n in [128, 256, 512, 1024, 2048].into_iter().filter(|&n| n <= max) {
+                        rows.push(format!("{n} {:.3} ms", forward_ms(b, n, 5)?));
+                    }
+                    let prof = b.profile_forward(long, 3)?;
+                    let gemms = GEMMS.iter().map(|t| {
+                        let us: f64 = prof.iter().filter(|k| k.tag == *t).map(|k| k.us).sum();
+                        format!("{t} {us:.0} us")
+                    });
+                    Ok((rows, gemms.collect()))
+                })();
+                g.set_tail_sms(was);
+                let (rows, gemms) = res?;
+                let arm = if sms > 0 { "on" } else { "off" };
+                eprintln!(
+                    "tail split A/B round {round} {arm}: {}; {long}-token GEMMs: {}",
+                    rows.join(", "),
+                    gemms.join(", ")
+                );
+            }
+        }
+    }
     Ok(r)
 }
 

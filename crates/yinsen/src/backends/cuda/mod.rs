@@ -178,11 +178,20 @@ pub struct Gpu {
     /// zero between launches. 0 where there is no tensor-core GEMM.
     splitk_sum: sys::CUdeviceptr,
     splitk_cnt: sys::CUdeviceptr,
+    /// The TMA GEMM's tail split (`TwTail` in ternary.cu): the pieces' int32
+    /// sums, room for one 128 x 256 tile per SM (0: no TMA GEMM here), and
+    /// the SMs it plans for: 0 off, else that many (at most the device's;
+    /// `YINSEN_CUDA_TAIL_SPLIT=0` turns it off, tests plan for fewer SMs to
+    /// reach it with small shapes). Its counters are `splitk_cnt`'s.
+    tail_ws: sys::CUdeviceptr,
+    tail_sms: std::sync::atomic::AtomicUsize,
 }
 
 /// Split-K scratch capacity: int32 sums (16 tokens x 64 Ki rows) and tile counters.
 const SPLITK_SUM_INTS: usize = 16 << 16;
 const SPLITK_TILES: usize = 8192;
+/// Int32 sums of one TMA GEMM tile (128 rows x 256 tokens at most).
+const TAIL_TILE_INTS: usize = 128 * TILED_TOKENS;
 
 #[derive(Default)]
 struct Profile {
@@ -359,6 +368,16 @@ impl Gpu {
         } else {
             (0, 0)
         };
+        let sms = info.sms.max(1) as usize;
+        let tail_ws = if arch == "sm_90a" {
+            drv(
+                unsafe { result::malloc_sync(4 * sms * TAIL_TILE_INTS) },
+                "allocating the tail split's scratch",
+            )?
+        } else {
+            0
+        };
+        let tail_on = std::env::var("YINSEN_CUDA_TAIL_SPLIT").map_or(true, |v| v != "0");
         let gpu = Arc::new(Self {
             ctx,
             stream,
@@ -370,6 +389,8 @@ impl Gpu {
             prof: Default::default(),
             splitk_sum,
             splitk_cnt,
+            tail_ws,
+            tail_sms: std::sync::atomic::AtomicUsize::new(if tail_on && tail_ws != 0 { sms } else { 0 }),
         });
         if gpu.has_mma() {
             for v in MmaVariant::ALL.into_iter().filter(|v| v.available(&gpu)) {
@@ -385,6 +406,23 @@ impl Gpu {
 
     pub fn bind(&self) -> Result<()> {
         drv(self.ctx.bind_to_thread(), "binding context")
+    }
+
+    /// The SMs the TMA GEMM's tail split plans for (0: off).
+    pub fn tail_sms(&self) -> usize {
+        self.tail_sms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Plans the tail split for `sms` SMs (0: off; at most the device's,
+    /// whose count its scratch is sized for); returns the previous setting.
+    /// Tests plan for a few SMs so that small shapes take it.
+    pub fn set_tail_sms(&self, sms: usize) -> usize {
+        let sms = if self.tail_ws == 0 {
+            0
+        } else {
+            sms.min(self.info.sms.max(1) as usize)
+        };
+        self.tail_sms.swap(sms, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the tensor-core GEMM can run (mma.sync s8 needs sm_80+).
@@ -611,7 +649,7 @@ impl Drop for Gpu {
         if self.ctx.bind_to_thread().is_ok() {
             unsafe {
                 let _ = result::stream::synchronize(self.stream);
-                for p in [self.splitk_sum, self.splitk_cnt] {
+                for p in [self.splitk_sum, self.splitk_cnt, self.tail_ws] {
                     if p != 0 {
                         let _ = result::free_sync(p);
                     }
@@ -1094,7 +1132,8 @@ pub fn launch_matmul(
         of,
         Arg::I(out_stride as i32),
         Arg::I(ep as i32),
-        Arg::P(gpu.splitk_sum),
+        // The tiled variants' tail-split scratch, else the split-K one.
+        Arg::P(if tiled { gpu.tail_ws } else { gpu.splitk_sum }),
         Arg::P(gpu.splitk_cnt),
         // Read by the tiled variants only (the others declare 14 parameters).
         Arg::I(x_ntp as i32),
@@ -1131,7 +1170,15 @@ pub fn launch_matmul(
                 return Err(Error::Unsupported(format!("{} cannot run on {}", v.name, gpu.arch)));
             }
             let (gx, gy) = (m.n_rows.div_ceil(v.bm), nt.div_ceil(v.bn));
-            let grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
+            let mut grid = (gx as u32, gy as u32, splitk(gpu, m, v, nt, gx * gy) as u32);
+            let mut args = args.to_vec();
+            if tiled {
+                let (blocks, tail) = tail_split(gpu.tail_sms(), gx * gy, m.chunks);
+                if tail != 0 {
+                    grid = (blocks as u32, 1, 1);
+                }
+                args.push(Arg::I(tail as i32));
+            }
             let name = v.kernel(ep);
             gpu.launch_smem(name, grid, v.threads, v.smem() as u32, &args, how)
         }
@@ -1148,6 +1195,27 @@ pub fn launch_matmul(
             gpu.launch_smem(name, (m.n_rows.div_ceil(16) as u32, 1, 1), 128, 0, &args, how)
         }
     }
+}
+
+/// The TMA GEMM's tail split for `tiles` tiles of `chunks` input chunks on
+/// `sms` SMs (one block each; 0: off): (blocks, `tail` argument), `tail` 0
+/// where the grid stays whole. The w = tiles / sms full waves run whole
+/// tiles; the r = tiles % sms tiles of a last wave that would leave at
+/// least half the SMs idle run as p = sms / r pieces of their stage pairs
+/// each (at most 16, at least 2 pairs a piece), so that wave takes ~1/p of
+/// a tile's time. o and down at 2048 tokens: 160 tiles on 132 SMs, 28 tiles
+/// in 4 pieces.
+pub fn tail_split(sms: usize, tiles: usize, chunks: usize) -> (usize, usize) {
+    let pairs = chunks.div_ceil(2).div_ceil(2).max(1);
+    if sms < 2 || tiles == 0 {
+        return (tiles, 0);
+    }
+    let (w, r) = (tiles / sms, tiles % sms);
+    let p = sms.checked_div(r).map_or(1, |p| p.min(16).min(pairs / 2));
+    if p < 2 {
+        return (tiles, 0);
+    }
+    (w * sms + r * p, (w * sms) << 8 | p)
 }
 
 /// K splits for a tensor-core launch of `tiles` tiles: few tokens leave the
@@ -1378,6 +1446,37 @@ mod tests {
         assert_eq!(at(0, 0), x[0]);
         assert_eq!(at(18, 191), x[18 * kpad + 191]);
         assert_eq!(at(9, 130), x[9 * kpad + 130]);
+    }
+
+    #[test]
+    fn tail_split_cuts_only_a_thin_last_wave() {
+        // o and down at 2048 tokens on an H100: 160 tiles, 28 in the last wave, 4 pieces each.
+        assert_eq!(tail_split(132, 160, 40), (132 + 28 * 4, 132 << 8 | 4));
+        assert_eq!(tail_split(132, 160, 108), (132 + 28 * 4, 132 << 8 | 4));
+        // A last wave of 72 tiles (gate_up) or whole waves stay as they are.
+        assert_eq!(tail_split(132, 864, 40), (864, 0));
+        assert_eq!(tail_split(132, 264, 40), (264, 0));
+        // Under one wave: every tile in pieces (full = 0, the tail still non-zero).
+        assert_eq!(tail_split(132, 40, 40), (120, 3));
+        // At least 2 stage pairs a piece: 8 stages (4 pairs) allow 2 pieces; 2 pairs none.
+        assert_eq!(tail_split(132, 10, 16), (20, 2));
+        assert_eq!(tail_split(132, 10, 8), (10, 0));
+        // Off, or nothing to run.
+        assert_eq!(tail_split(0, 160, 40), (160, 0));
+        assert_eq!(tail_split(132, 0, 40), (0, 0));
+        // Never more pieces than SMs (the scratch holds one tile per SM), at most 16 a tile.
+        for sms in 2..140 {
+            for tiles in 1..300 {
+                let (blocks, tail) = tail_split(sms, tiles, 108);
+                if tail != 0 {
+                    let (full, p) = (tail >> 8, tail & 255);
+                    assert!((2..=16).contains(&p) && full % sms == 0 && (blocks - full) / p <= sms / p);
+                    assert_eq!((blocks - full) % p, 0);
+                    assert_eq!(full + (blocks - full) / p, tiles);
+                    assert!(blocks - full <= sms);
+                }
+            }
+        }
     }
 
     #[test]

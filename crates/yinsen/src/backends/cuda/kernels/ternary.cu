@@ -675,6 +675,56 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     else rounds(TwInt<TW_EP_STORE>{}, TwInt<-1>{});
 }
 
+// The tail split. A grid of n tiles on an S-SM GPU (one block an SM) runs
+// w = n / S full waves and a last one of r = n % S tiles: for o and down at
+// 2048 tokens (160 tiles of 128 rows x 256 tokens on 132 SMs) that last
+// wave costs as long as the first with 28 SMs busy. With the tail split
+// the host launches w S whole tiles, then each of the r last tiles as p
+// pieces (p <= S / r) of its stage pairs, one block each (`tail` = w S << 8
+// | p; 0: no split, grid row tiles x token tiles). Every piece parks its
+// int32 sums in `tail_ws` and counts itself on the tile's counter; the
+// last to count adds the others' sums to its own and runs the epilogue.
+// Integer sums are exact and commutative, so the outputs are the unsplit
+// kernel's bit for bit, whatever the arrival order.
+struct TwTail {
+    int rt, tt, s0, s1, piece, slot0, p, cnt;
+};
+__device__ __forceinline__ TwTail tw_tail(int tail, int n_rows, int iters) {
+    if (tail == 0) return {(int)blockIdx.x, (int)blockIdx.y, 0, iters, -1, 0, 1, 0};
+    const int full = tail >> 8, p = tail & 255, gx = (n_rows + TW_BM - 1) / TW_BM, b = blockIdx.x;
+    if (b < full) return {b % gx, b / gx, 0, iters, -1, 0, 1, 0};
+    const int q = b - full, tile = full + q / p, piece = q % p, pairs = iters / 2;
+    return {tile % gx, tile / gx, 2 * (piece * pairs / p), 2 * ((piece + 1) * pairs / p), piece, q - piece, p,
+            tile - full};
+}
+
+// A piece's sums into the workspace ([slot][value][thread]: each thread's
+// own registers, coalesced), its count on the tile's counter; the last piece
+// (returns true) adds every other piece's sums to `d` and leaves the counter
+// at zero for the next launch. Consumer threads only (named barrier 1).
+template <int BN>
+__device__ __forceinline__ bool tw_tail_sum(int* d, const TwTail& tt, int* ws, int* cnt, int tid) {
+    constexpr int NTH = 256, SLOT = TW_BM * BN;
+    __shared__ int tw_last;
+    int* mine = ws + (size_t)(tt.slot0 + tt.piece) * SLOT + tid;
+#pragma unroll
+    for (int i = 0; i < BN / 2; i++) __stcg(mine + i * NTH, d[i]);
+    __threadfence();
+    asm volatile("bar.sync 1, %0;" ::"n"(NTH) : "memory");
+    if (tid == 0) tw_last = atomicAdd(cnt + tt.cnt, 1) == tt.p - 1;
+    asm volatile("bar.sync 1, %0;" ::"n"(NTH) : "memory");
+    if (!tw_last) return false;
+    __threadfence();
+    for (int j = 0; j < tt.p; j++) {
+        if (j == tt.piece) continue;
+        const int* other = ws + (size_t)(tt.slot0 + j) * SLOT + tid;
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) d[i] += __ldcg(other + i * NTH);
+    }
+    if (tid == 0) cnt[tt.cnt] = 0;
+    return true;
+}
+
 // One stage of the consumer loop (warp `warp` of the two consumer
 // warpgroups): A fragments from the 2-bit codes (the m16n8k32 fragment of
 // warp w's rows 16 w .. 16 w + 15, as for mma.sync), then 4 wgmmas as one
@@ -744,18 +794,23 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
                                                     float* out_f, int out_stride, int mode, int x_ntp,
-                                                    const TwRope& ra) {
+                                                    const TwRope& ra, int* tail_ws, int* tail_cnt, int tail) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
     static_assert(BN == 128 || BN == 256, "wgmma N");
     extern __shared__ __align__(128) u8 tm_smem[];
     __shared__ __align__(8) u64 full[S], empty[S];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int row0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
     // An even number of stages (a zero-filled one past the end), so the
     // consumer loop runs its two stages unconditionally: a conditional
     // second stage makes ptxas serialise the wgmmas (its C7513 info).
     const int iters = ((chunks + 1) / 2 + 1) & ~1;
+    // The tile and its stages [s0, s1): the block's own (tail == 0, grid
+    // row tiles x token tiles) or, for a grid whose last wave would leave
+    // most SMs idle, a 1-D grid where that wave's tiles are cut along K
+    // (see `TwTail`).
+    const TwTail ts = tw_tail(tail, n_rows, iters);
+    const int row0 = ts.rt * BM, tok0 = ts.tt * BN, s0 = ts.s0, n_st = ts.s1 - ts.s0;
     // Stages on a 1024-byte boundary (the host adds 1024 bytes of room):
     // what a 128-byte swizzled B would need. A swizzled variant (atoms of 8
     // tokens x 128 bytes, descriptor layout type 1) was exact but 0-10%
@@ -778,14 +833,15 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         // Producer (one thread): stage it into slot it % S once the
         // consumers released that slot's previous stage.
         if (lane != 0 || (TW_PROBE & 1)) return;
-        const char* wt = (const char*)W + (size_t)blockIdx.x * iters * A_BYTES;
-        for (int it = 0; it < iters; it++) {
+        const char* wt = (const char*)W + ((size_t)ts.rt * iters + s0) * A_BYTES;
+        const char* xt = (const char*)X + ((size_t)s0 * x_ntp + tok0) * 128;
+        for (int it = 0; it < n_st; it++) {
             const int slot = it % S;
             if (it >= S) mbar_wait(&empty[slot], (it / S - 1) & 1);
             const u32 a_s = sbase + slot * TW_STAGE;
             mg_bulk_expect(&full[slot], A_BYTES + B_BYTES);
             mg_bulk_part(a_s, wt + (size_t)it * A_BYTES, A_BYTES, &full[slot]);
-            mg_bulk_part(a_s + A_BYTES, (const char*)X + ((size_t)it * x_ntp + tok0) * 128, B_BYTES, &full[slot]);
+            mg_bulk_part(a_s + A_BYTES, xt + (size_t)it * x_ntp * 128, B_BYTES, &full[slot]);
         }
         return;
     }
@@ -798,12 +854,13 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     tw_tile_consts<BN>(tid, WG * 128, row0, tok0, n_rows, nt, xsum, row_scale, sx, mode, ep_xsum, ep_sx, ep_r1, ep_rs);
     int d[BN / 2];
     u32 af0[4][4], af1[4][4];
-    for (int it = 0; it < iters; it += 2) {
+    for (int it = 0; it < n_st; it += 2) {
         tw_stage<BN, S>(d, it, it, af0, af1, smem, sbase, full, empty, warp, lane);
         tw_stage<BN, S>(d, it + 1, it + 1, af1, af0, smem, sbase, full, empty, warp, lane);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (TW_PROBE & 2) return;
+    if (ts.piece >= 0 && !tw_tail_sum<BN>(d, ts, tail_ws, tail_cnt, tid)) return;
     // Epilogue through shared memory (the ring is free once both consumer
     // warpgroups are here; the producer has issued its last copy): each warp
     // parks its accumulators, then a rolled loop stores rows of a token as
@@ -823,17 +880,18 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
 // four kernels, one per epilogue family: NAME (modes 0, 1), NAME_add,
 // NAME_gated, NAME_rope. 2 consumer warpgroups + 1 producer warpgroup (one
 // thread of it issues the copies). The parameters after x_ntp are mode 5's
-// (TwRope; unused otherwise).
+// (TwRope; unused otherwise), then the tail split's (`TwTail`; ksum / kcnt
+// are its workspace and counters).
 #define TERN_WGMMA_TMA_K(NAME, BN, S, EM)                                                              \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                         \
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt, int x_ntp, const int* pos, const float2* rope, int n_heads, int n_kv,   \
-        int hd, int cap, int kv_f16, void* kc, void* vc, float* qr) {                                 \
+        int hd, int cap, int kv_f16, void* kc, void* vc, float* qr, int tail) {                       \
         pdl_wait();                                                                                    \
         const TwRope ra{pos, rope, n_heads, n_kv, hd, cap, kv_f16, kc, vc, qr};                        \
         tern_wgmma_tma_body<BN, S, EM>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,    \
-                                       out_stride, mode, x_ntp, ra);                                   \
+                                       out_stride, mode, x_ntp, ra, ksum, kcnt, tail);                 \
     }
 #define TERN_WGMMA_TMA(NAME, BN, S)               \
     TERN_WGMMA_TMA_K(NAME, BN, S, 0)              \
