@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
 pub use forward::{
-    flash_tc_smem, flash_tcx, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel, FLASH_TC_THREADS,
-    NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
+    flash_tc_smem, flash_tcx, flash_tcx_prec, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel,
+    TcxPrec, FLASH_TC_THREADS, NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
 };
 pub use layout::GpuLayout;
 
@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 102] = [
+pub const KERNELS: [&str; 110] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -309,6 +309,14 @@ pub const KERNELS: [&str; 102] = [
     "flash_tcx16_d64_h2",
     "flash_tcx16_d64_h4",
     "flash_tcx16_d64_w4",
+    "flash_tcxv_d128_h1",
+    "flash_tcxv_d128_h2",
+    "flash_tcxv_d128_h4",
+    "flash_tcxv_d128_w4",
+    "flash_tcxv_d64_h1",
+    "flash_tcxv_d64_h2",
+    "flash_tcxv_d64_h4",
+    "flash_tcxv_d64_w4",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.
