@@ -37,7 +37,7 @@ const MAX_CHUNK: usize = 2048;
 const BIG_GEMM_TOKENS: usize = 128;
 /// The big-call GEMM where the device runs it (sm_90a).
 const TMA_DEFAULT: &str = "tern_wgmma_tma_s4";
-/// Its 128-token tiles, for grids of under one wave of 256-token ones.
+/// Its 128-token tiles, for grids of under 1.5 waves of 256-token ones.
 const TMA_NARROW: &str = "tern_wgmma_tma_n128";
 /// `BigGemm::Auto` takes the TMA GEMM from this many tokens (where its
 /// tiles pay, see `kernel_for`). S14-10 (H100, the reworked epilogue):
@@ -537,6 +537,10 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Use the tensor-core GEMM from this many tokens on (else the GEMV).
     mma_min_tokens: std::sync::atomic::AtomicUsize,
+    /// Tenths of a wave of 256-token TMA tiles from which a call takes them
+    /// over 128-token ones (`YINSEN_CUDA_TMA_WIDE_WAVES=1.5`, the default;
+    /// A/B runs; see `kernel_for`).
+    tma_wide_tenths: usize,
     /// GEMM for calls of >= BIG_GEMM_TOKENS tokens: a [`BigGemm`] as
     /// usize (`YINSEN_CUDA_GEMM=shape|<variant name>`; benchmarks' A/B).
     big_gemm: std::sync::atomic::AtomicUsize,
@@ -1063,6 +1067,11 @@ impl CudaBackend {
             // The tensor-core GEMM from 2 tokens: at 16 tokens its 64x16 tile
             // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
             mma_min_tokens: 2.into(),
+            tma_wide_tenths: std::env::var("YINSEN_CUDA_TMA_WIDE_WAVES")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|w| w.is_finite() && *w >= 0.0)
+                .map_or(15, |w| (w * 10.0).round().min(1e6) as usize),
             big_gemm: std::env::var("YINSEN_CUDA_GEMM")
                 .ok()
                 .and_then(|n| BigGemm::parse(&n))
@@ -1377,17 +1386,21 @@ impl CudaBackend {
             return MatKernel::Gemv;
         }
         // The TMA GEMM: 256-token tiles, or 128-token ones where those make
-        // under one wave. S7-15 had the line at 1.5 waves (o at 2048 tokens,
+        // under 1.5 waves. S7-15 had the line at 1.5 waves (o at 2048 tokens,
         // 160 tiles on 132 SMs, 62.9 -> 58.5 us with 128-token tiles); with
         // the cheaper epilogue (S14-10's sweep) 256-token tiles won there (o
         // 35.7 vs 38.7 us, down 76.4 vs 87.3; prefill 2048 18.20 vs 18.67
-        // ms) and 128-token ones still at 512 tokens (qkv, o, down: 40-60
-        // tiles). It pays once there are enough tiles or the input is long
+        // ms) and the line moved to one wave; with the tail split (S24-8,
+        // inside the forward, 30 calls) 128-token ones win again at 1.2 waves
+        // (2048 tokens: o 1480 -> 1325 us, down 2168 -> 2064) and lose at
+        // 1.6-1.8 (qkv at 2048 1408 -> 1534, gate_up at 512 1107 -> 1270),
+        // so the line is back at 1.5. 128-token ones still at 512 tokens
+        // (qkv, o, down: 40-60 tiles). It pays once there are enough tiles or the input is long
         // (S7-5 sweep: o at 512 tokens, 40 tiles of 2560 inputs, was slower
         // than the 64 x 64 mma.sync tile; S14-10: 13.2 vs 27.4 us now).
         let sms = self.gpu.info.sms.max(1) as usize;
         let rows = m.n_rows.div_ceil(super::layout::TILE_ROWS);
-        let wide = rows * nt.div_ceil(super::TILED_TOKENS) >= sms;
+        let wide = 10 * rows * nt.div_ceil(super::TILED_TOKENS) >= self.tma_wide_tenths * sms;
         let tiles = rows * nt.div_ceil(if wide { 256 } else { 128 });
         let tma_pays = 2 * tiles >= sms || m.chunks >= 64;
         let v = match BigGemm::from_code(self.big_gemm.load(std::sync::atomic::Ordering::Relaxed)) {
