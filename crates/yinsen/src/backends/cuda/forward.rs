@@ -281,8 +281,8 @@ pub enum FlashMode {
     /// to the fixtures' flip-prone limits only); calls under TCX_MIN_NT
     /// tokens take Tc16.
     Tcx16,
-    /// Tcx with P V split and Q K in plain f16 (`flash_tcxv_*`): 5 mma per
-    /// key tile and head instead of 6 (attention at 2048 tokens -20%); on
+    /// Tcx with P V split and Q K in plain f16 (`flash_tcxv_*`): one mma for
+    /// Q K instead of three (attention at 2048 tokens -20%); on
     /// the fixtures its logits stay near Tcx's (long prompt, F32 cache, max
     /// / mean |dlogit| 8.3e-3 / 1.7e-3 against 5.3e-3 / 1.2e-3; Tcx16 2.6e-2
     /// / 5.7e-3), since P V's rounding is what moves them. Auto's choice
