@@ -941,6 +941,17 @@ impl CudaBackend {
             && c.head_dim <= 128
             && gpu.allow_dynamic_smem("flash_tcs_d128_f32", tcs_smem)?;
         let flash_mode = FlashMode::from_env()?;
+        let tma_wide_tenths = match std::env::var("YINSEN_CUDA_TMA_WIDE_WAVES") {
+            Err(_) => 15,
+            Ok(v) => match v.parse::<f64>() {
+                Ok(w) if w.is_finite() && (0.0..=1e5).contains(&w) => (w * 10.0).round() as usize,
+                _ => {
+                    return Err(Error::input(format!(
+                        "YINSEN_CUDA_TMA_WIDE_WAVES={v}: expected a number of waves from 0 (e.g. 1.5)"
+                    )))
+                }
+            },
+        };
         let nq_warps = match std::env::var("YINSEN_CUDA_NQ_W") {
             Err(_) => NQ_WARPS_DEFAULT,
             Ok(v) => match v.parse::<usize>() {
@@ -1067,11 +1078,7 @@ impl CudaBackend {
             // The tensor-core GEMM from 2 tokens: at 16 tokens its 64x16 tile
             // runs a matrix in 12-25 us, the dp4a GEMV in ~80 (H200 sweep).
             mma_min_tokens: 2.into(),
-            tma_wide_tenths: std::env::var("YINSEN_CUDA_TMA_WIDE_WAVES")
-                .ok()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|w| w.is_finite() && *w >= 0.0)
-                .map_or(15, |w| (w * 10.0).round().min(1e6) as usize),
+            tma_wide_tenths,
             big_gemm: std::env::var("YINSEN_CUDA_GEMM")
                 .ok()
                 .and_then(|n| BigGemm::parse(&n))

@@ -337,6 +337,12 @@ pub enum Arg {
 
 impl Gpu {
     pub fn new(device: usize) -> Result<Arc<Self>> {
+        // Settings first: nothing is allocated yet when they are refused.
+        let tail_on = match std::env::var("YINSEN_CUDA_TAIL_SPLIT").as_deref() {
+            Err(_) | Ok("" | "1") => true,
+            Ok("0") => false,
+            Ok(v) => return Err(Error::input(format!("YINSEN_CUDA_TAIL_SPLIT={v}: expected 0 or 1"))),
+        };
         load_libs()?;
         drv(result::init(), "no CUDA device: cuInit")?;
         let n = drv(result::device::get_count(), "cuDeviceGetCount")?;
@@ -385,7 +391,6 @@ impl Gpu {
         } else {
             0
         };
-        let tail_on = std::env::var("YINSEN_CUDA_TAIL_SPLIT").map_or(true, |v| v != "0");
         let gpu = Arc::new(Self {
             ctx,
             stream,
