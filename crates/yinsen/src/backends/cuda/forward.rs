@@ -20,8 +20,8 @@ mod profile;
 
 pub use head::BatchPass1;
 use head::ScreenHead;
-pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
+pub use prefill::{nq_ring_plan, NQR_WARPS, NQ_GROUPS};
 
 use super::layout::{rope_pair_order, GpuLayout};
 use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut};
@@ -281,12 +281,13 @@ pub enum FlashMode {
     /// to the fixtures' flip-prone limits only); calls under TCX_MIN_NT
     /// tokens take Tc16.
     Tcx16,
-    /// Tcx with P V split and Q K in plain f16 (`flash_tcxv_*`): one mma for
-    /// Q K instead of three (attention at 2048 tokens -20%); on
-    /// the fixtures its logits stay near Tcx's (long prompt, F32 cache, max
-    /// / mean |dlogit| 8.3e-3 / 1.7e-3 against 5.3e-3 / 1.2e-3; Tcx16 2.6e-2
-    /// / 5.7e-3), since P V's rounding is what moves them. Auto's choice
-    /// where it runs; calls under TCX_MIN_NT tokens take Tc.
+    /// Tcx with only V split (`flash_tcxv_*`): Q K and P in plain f16, P V
+    /// as hi(P) lo(V) + hi(P) hi(V): 3 mmas a key tile where Tcx takes 6
+    /// (attention at 2048 tokens -30%, S24-4, S25-1); on the fixtures its
+    /// logits stay near Tcx's (F32 cache, worst prompt: max / mean |dlogit|
+    /// 8.4e-3 / 1.7e-3 against 5.3e-3 / 1.2e-3; Tcx16 2.6e-2 / 5.7e-3), since
+    /// V's rounding is what moves them. Auto's choice where it runs; calls
+    /// under TCX_MIN_NT tokens take Tc.
     TcxPv,
 }
 
@@ -371,15 +372,15 @@ pub enum TcxPrec {
     Plain = 0,
     /// `flash_tcx_*`: both products on hi + lo f16 parts (~f32).
     Split = 1,
-    /// `flash_tcxv_*`: P V split, Q K plain (the split side buffer, its K lo
-    /// plane unread).
+    /// `flash_tcxv_*`: V split only; Q K and P plain (the split side buffer,
+    /// its K lo plane unread).
     SplitPv = 2,
 }
 
 /// One `flash_tcx_*` instantiation (flash.cu): kernel, query heads per
 /// block, warps per block, keys per tile (two stages of four f16 planes, or
 /// two where `!split`: `flash_tcx16_*`, plain f16), head dim, whether Q K
-/// and P V are split (`flash_tcx_*` both, `flash_tcxv_*` P V only).
+/// and P V are split (`flash_tcx_*` both, `flash_tcxv_*` V only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcxKernel {
     pub name: &'static str,
@@ -563,9 +564,12 @@ pub struct CudaBackend {
     /// calls of NQ_GROUP_MIN_TOKENS+ tokens; 0 keeps the block per token
     /// (`YINSEN_CUDA_NQ_W=0|1|2|4|8|16`, A/B runs).
     nq_warps: usize,
+    /// Dynamic shared memory `norm_quant_ring` may take (sm_90+), 0 where it
+    /// cannot run or `YINSEN_CUDA_NQ_RING=0` (A/B runs) turns it off.
+    nq_ring_smem: usize,
     /// The `flash_tcx_*` kernels (f32 cache, hd 64 / 128, sm_80+, smem), if
     /// any, by `TcxPrec`: [plain f16 (`flash_tcx16_*`, Tcx16), split (Auto,
-    /// Tcx), P V split (`flash_tcxv_*`, Auto, TcxPv)].
+    /// Tcx), V split (`flash_tcxv_*`, Auto, TcxPv)].
     tcx: [Option<TcxKernel>; 3],
     /// The ones for calls of fewer than TCX_SHORT_NT tokens.
     tcx_short: [Option<TcxKernel>; 3],
@@ -963,6 +967,20 @@ impl CudaBackend {
                 }
             },
         };
+        let nq_ring_on = match std::env::var("YINSEN_CUDA_NQ_RING").as_deref() {
+            Err(_) | Ok("1") => true,
+            Ok("0") => false,
+            Ok(v) => return Err(Error::input(format!("YINSEN_CUDA_NQ_RING={v}: expected 0 or 1"))),
+        };
+        let mut nq_ring_smem = 0;
+        if nq_ring_on && gpu.has_pdl() {
+            for kb in [227usize, 163, 99] {
+                if gpu.allow_dynamic_smem("norm_quant_ring", kb * 1024)? {
+                    nq_ring_smem = kb * 1024;
+                    break;
+                }
+            }
+        }
         // `YINSEN_CUDA_TCX=h1|h2|h4|w4` (A/B runs) for every call, else the
         // defaults above.
         let tcx_env = std::env::var("YINSEN_CUDA_TCX").ok();
@@ -1092,6 +1110,7 @@ impl CudaBackend {
             tcx,
             tcx_short,
             nq_warps,
+            nq_ring_smem,
             part_tokens,
             flash_ok,
             tc_ok,

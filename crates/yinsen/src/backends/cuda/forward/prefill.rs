@@ -26,6 +26,20 @@ pub const NQ_GROUPS: [(usize, usize, &str); 5] = [
 /// (4) 3.15 / 1.45; 8 2.94 / 1.12.
 pub(super) const NQ_WARPS_DEFAULT: usize = 8;
 
+/// `norm_quant_ring` (ops.cu): warps per block, bytes of mbarriers before
+/// its row buffers.
+pub const NQR_WARPS: usize = 4;
+const NQR_BAR_BYTES: usize = 128;
+
+/// `norm_quant_ring`'s buffers per warp (2, else 1) and dynamic shared memory
+/// for rows of `row_bytes`, if one buffer a warp fits in `smem_max`.
+pub fn nq_ring_plan(row_bytes: usize, smem_max: usize) -> Option<(usize, usize)> {
+    [2usize, 1]
+        .into_iter()
+        .map(|ns| (ns, NQR_BAR_BYTES + NQR_WARPS * ns * row_bytes))
+        .find(|&(_, smem)| smem <= smem_max)
+}
+
 /// The grouped quantiser variant for rows of `n` values with at least
 /// `min_w` warps per token: (warps, kernel), or None where no variant holds a row.
 fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
@@ -65,14 +79,16 @@ impl CudaBackend {
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
-        // Many tokens: the grouped kernel, where its float4 path applies (the
-        // block kernel's condition; in and w are 16-byte aligned buffers).
-        let group = nq_group(n, self.nq_warps).filter(|_| {
-            nt >= NQ_GROUP_MIN_TOKENS
-                && n.is_multiple_of(4)
-                && stride.is_multiple_of(4)
-                && matches!(input, Arg::P(p) if p % 16 == 0)
-        });
+        // Many tokens: the ring or the grouped kernel, where their float4
+        // path applies (the block kernel's condition; in and w are 16-byte
+        // aligned buffers).
+        let many = nt >= NQ_GROUP_MIN_TOKENS
+            && n.is_multiple_of(4)
+            && stride.is_multiple_of(4)
+            && matches!(input, Arg::P(p) if p % 16 == 0);
+        let row_bytes = 4 * if gate != 0 { 2 * n } else { n };
+        let ring = nq_ring_plan(row_bytes, self.nq_ring_smem).filter(|_| many);
+        let group = nq_group(n, self.nq_warps).filter(|_| many);
         // Both kernels take the same arguments up to xsum; then the grouped
         // one its token count, the block one its (unused) f32 output.
         let mut args = vec![
@@ -89,6 +105,22 @@ impl CudaBackend {
             s.xsum.p(),
         ];
         let x_ntp = Arg::I(self.x_ntp(s, nt, next) as i32);
+        if let Some((ns, smem)) = ring {
+            const NAME: &str = "norm_quant_ring";
+            // A few blocks an SM stride over the tokens (every warp's rows
+            // in flight at once where they fit).
+            let per_sm = self.gpu.occupancy(NAME, 32 * NQR_WARPS as u32, smem)?.max(1) as usize;
+            let grid = nt.div_ceil(NQR_WARPS).min(per_sm * self.gpu.info.sms.max(1) as usize);
+            args.extend([Arg::I(nt as i32), x_ntp, Arg::I(ns as i32)]);
+            return self.gpu.launch_smem(
+                NAME,
+                (grid as u32, 1, 1),
+                32 * NQR_WARPS as u32,
+                smem as u32,
+                &args,
+                self.body_launch(),
+            );
+        }
         let (name, grid, threads) = match group {
             Some((warps, name)) => {
                 let tpb = (8 / warps).max(1);
