@@ -280,9 +280,9 @@ fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32])
 /// Plain f16 (Tc16, and Tcx16: `flash_tcx16_*` for the calls of 64+ tokens
 /// on the f32 cache) rounds Q, K, V and P to f16 and is held to the
 /// flip-prone limits only. TcxPv (`flash_tcxv_*`, Auto's choice for 64+
-/// tokens: Q K and P in plain f16, V split) too, and its mean |dlogit| on each
-/// F32-cache prefill must stay under 3/4 of Tcx16's (S24-5, P V split: 2.6e-3
-/// against 5.2e-3 on the 300 tokens; a V that lost its lo part would match Tcx16).
+/// tokens: Q K in plain f16, P V split) too, and its mean |dlogit| on each
+/// F32-cache prefill must stay under 3/4 of Tcx16's (S24-5: 2.6e-3 against
+/// 5.2e-3 on the 300 tokens; a P V that lost its lo part would match Tcx16).
 #[test]
 fn flash_prefill_matches_split_k() {
     let (model, ids, long) = flash_prefill_inputs();

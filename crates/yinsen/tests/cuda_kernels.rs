@@ -900,7 +900,7 @@ fn tcx_launch(
 }
 
 /// The `flash_tcx_*` (split), `flash_tcx16_*` (plain) and `flash_tcxv_*`
-/// (V split only) variants whose heads per block divide the group, for head dim `hd`.
+/// (P V split) variants whose heads per block divide the group, for head dim `hd`.
 fn tcx_kernels(hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
     use yinsen::backends::cuda::{flash_tcx_prec, TcxPrec, TCX_VARIANTS};
     [TcxPrec::Split, TcxPrec::Plain, TcxPrec::SplitPv]
@@ -921,7 +921,7 @@ fn tcx_kernels(hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
 /// first (a row read past the keys shows), outputs and partials too.
 /// kv_half_f32 + `flash_tcx16_*` (plain f16) the same way, to 1e-2 of the
 /// reference as tc16, and within 1e-2 of the split result (key splits:
-/// 2e-5 of their un-split result); `flash_tcxv_*` (V split, Q K and P plain)
+/// 2e-5 of their un-split result); `flash_tcxv_*` (P V split, Q K plain)
 /// to tc16's 1e-2 too.
 #[test]
 fn flash_tcx_matches_reference() {
@@ -972,7 +972,7 @@ fn flash_tcx_matches_reference() {
             }
             // Plain f16 rounds each split's P against its own running max, so
             // key splits move its results by f16 rounding, not f32's. Q K in
-            // plain f16 (with V split) is held to the same limits.
+            // plain f16 (with P V split too) is held to the same limits.
             let (tol, tol_tc, tol_ks) = if t.qk_split {
                 (5e-5, 1e-6, 2e-5)
             } else {
@@ -1130,8 +1130,8 @@ fn q_at(t: usize, i: usize, kpad: usize, x_ntp: usize) -> usize {
 
 /// The grouped quantisers (`norm_quant_w1/2/4/8/16`, calls of 64+ tokens)
 /// and, on sm_90+, `norm_quant_ring` (rows bulk-copied into 1 or 2 buffers
-/// a warp; a grid of a block per 4 tokens, and one of 3 blocks so each warp
-/// takes 5-11 tokens through its buffers' phases) against the
+/// a block; a grid of a block per token, and one of 3 blocks so each block
+/// takes 21-44 tokens through its buffers' phases) against the
 /// block-per-token `norm_quant` on the same rows: plain and
 /// gated (relu2, SiLU) inputs, with and without a norm, row-major and
 /// stage-tiled codes, token counts that leave a block part-full. Every
@@ -1145,7 +1145,7 @@ fn norm_quant_groups_match_block_kernel() {
     let mut rng = SplitMix64(0x6e71);
     let mut checked = 0usize;
     let mut ring_checked = 0usize;
-    use yinsen::backends::cuda::NQR_WARPS;
+    use yinsen::backends::cuda::NQR_THREADS;
     // (n, gate, do_norm, tokens, tiled, kpad)
     for &(n, gate, norm, nt, tiled, kpad) in &[
         (2560usize, 0i32, 1i32, 67usize, true, 2560usize),
@@ -1232,14 +1232,14 @@ fn norm_quant_groups_match_block_kernel() {
         }
         let row_bytes = 4 * stride.min(if gate != 0 { 2 * n } else { n });
         for ns in [1usize, 2] {
-            let smem = 128 + NQR_WARPS * ns * row_bytes;
+            let smem = 128 + ns * row_bytes;
             if !g.has_pdl() || !g.allow_dynamic_smem("norm_quant_ring", smem).unwrap() {
-                println!("norm_quant_ring n {n} gate {gate}: {ns} buffers a warp need sm_90+ and {smem} bytes of smem");
+                println!("norm_quant_ring n {n} gate {gate}: {ns} buffers need sm_90+ and {smem} bytes of smem");
                 continue;
             }
-            for grid in [nt.div_ceil(NQR_WARPS), 3] {
+            for grid in [nt, 3] {
                 let tail = [Arg::I(nt as i32), Arg::I(x_ntp as i32), Arg::I(ns as i32)];
-                let got = run("norm_quant_ring", grid, 32 * NQR_WARPS as u32, smem, &tail);
+                let got = run("norm_quant_ring", grid, NQR_THREADS as u32, smem, &tail);
                 runs.push((format!("norm_quant_ring ns {ns} grid {grid}"), got));
                 ring_checked += 1;
             }

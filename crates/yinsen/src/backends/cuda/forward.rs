@@ -21,7 +21,7 @@ mod profile;
 pub use head::BatchPass1;
 use head::ScreenHead;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
-pub use prefill::{nq_ring_plan, NQR_WARPS, NQ_GROUPS};
+pub use prefill::{nq_ring_plan, NQR_THREADS, NQ_GROUPS};
 
 use super::layout::{rope_pair_order, GpuLayout};
 use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut};
@@ -281,13 +281,12 @@ pub enum FlashMode {
     /// to the fixtures' flip-prone limits only); calls under TCX_MIN_NT
     /// tokens take Tc16.
     Tcx16,
-    /// Tcx with only V split (`flash_tcxv_*`): Q K and P in plain f16, P V
-    /// as hi(P) lo(V) + hi(P) hi(V): 3 mmas a key tile where Tcx takes 6
-    /// (attention at 2048 tokens -30%, S24-4, S25-1); on the fixtures its
-    /// logits stay near Tcx's (F32 cache, worst prompt: max / mean |dlogit|
-    /// 8.4e-3 / 1.7e-3 against 5.3e-3 / 1.2e-3; Tcx16 2.6e-2 / 5.7e-3), since
-    /// V's rounding is what moves them. Auto's choice where it runs; calls
-    /// under TCX_MIN_NT tokens take Tc.
+    /// Tcx with P V split and Q K in plain f16 (`flash_tcxv_*`): one mma for
+    /// Q K instead of three (attention at 2048 tokens -20%); on
+    /// the fixtures its logits stay near Tcx's (long prompt, F32 cache, max
+    /// / mean |dlogit| 8.3e-3 / 1.7e-3 against 5.3e-3 / 1.2e-3; Tcx16 2.6e-2
+    /// / 5.7e-3), since P V's rounding is what moves them. Auto's choice
+    /// where it runs; calls under TCX_MIN_NT tokens take Tc.
     TcxPv,
 }
 
@@ -372,15 +371,15 @@ pub enum TcxPrec {
     Plain = 0,
     /// `flash_tcx_*`: both products on hi + lo f16 parts (~f32).
     Split = 1,
-    /// `flash_tcxv_*`: V split only; Q K and P plain (the split side buffer,
-    /// its K lo plane unread).
+    /// `flash_tcxv_*`: P V split, Q K plain (the split side buffer, its K lo
+    /// plane unread).
     SplitPv = 2,
 }
 
 /// One `flash_tcx_*` instantiation (flash.cu): kernel, query heads per
 /// block, warps per block, keys per tile (two stages of four f16 planes, or
 /// two where `!split`: `flash_tcx16_*`, plain f16), head dim, whether Q K
-/// and P V are split (`flash_tcx_*` both, `flash_tcxv_*` V only).
+/// and P V are split (`flash_tcx_*` both, `flash_tcxv_*` P V only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcxKernel {
     pub name: &'static str,
@@ -569,7 +568,7 @@ pub struct CudaBackend {
     nq_ring_smem: usize,
     /// The `flash_tcx_*` kernels (f32 cache, hd 64 / 128, sm_80+, smem), if
     /// any, by `TcxPrec`: [plain f16 (`flash_tcx16_*`, Tcx16), split (Auto,
-    /// Tcx), V split (`flash_tcxv_*`, Auto, TcxPv)].
+    /// Tcx), P V split (`flash_tcxv_*`, Auto, TcxPv)].
     tcx: [Option<TcxKernel>; 3],
     /// The ones for calls of fewer than TCX_SHORT_NT tokens.
     tcx_short: [Option<TcxKernel>; 3],

@@ -25,7 +25,7 @@ use crate::model::TernaryMatrix;
 
 pub use forward::{
     flash_tc_smem, flash_tcx, flash_tcx_prec, flash_tcx_scap, nq_ring_plan, CudaBackend, CudaCache, FlashMode, KvDtype,
-    TcxKernel, TcxPrec, FLASH_TC_THREADS, NQR_WARPS, NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
+    TcxKernel, TcxPrec, FLASH_TC_THREADS, NQR_THREADS, NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
 };
 pub use layout::GpuLayout;
 

@@ -26,17 +26,23 @@ pub const NQ_GROUPS: [(usize, usize, &str); 5] = [
 /// (4) 3.15 / 1.45; 8 2.94 / 1.12.
 pub(super) const NQ_WARPS_DEFAULT: usize = 8;
 
-/// `norm_quant_ring` (ops.cu): warps per block, bytes of mbarriers before
-/// its row buffers.
-pub const NQR_WARPS: usize = 4;
+/// `norm_quant_ring` (ops.cu): threads per block (one token at a time),
+/// float4 per thread (the widest row: 4 NQR_THREADS NQR_R values), bytes of
+/// mbarriers before its row buffers.
+pub const NQR_THREADS: usize = 256;
+const NQR_R: usize = 8;
 const NQR_BAR_BYTES: usize = 128;
 
-/// `norm_quant_ring`'s buffers per warp (2, else 1) and dynamic shared memory
-/// for rows of `row_bytes`, if one buffer a warp fits in `smem_max`.
-pub fn nq_ring_plan(row_bytes: usize, smem_max: usize) -> Option<(usize, usize)> {
+/// `norm_quant_ring`'s row buffers per block (2, else 1) and dynamic shared
+/// memory for rows of `n` values (`row_bytes` copied a token), if the kernel
+/// holds such a row and one buffer fits in `smem_max`.
+pub fn nq_ring_plan(n: usize, row_bytes: usize, smem_max: usize) -> Option<(usize, usize)> {
+    if n > 4 * NQR_THREADS * NQR_R {
+        return None;
+    }
     [2usize, 1]
         .into_iter()
-        .map(|ns| (ns, NQR_BAR_BYTES + NQR_WARPS * ns * row_bytes))
+        .map(|ns| (ns, NQR_BAR_BYTES + ns * row_bytes))
         .find(|&(_, smem)| smem <= smem_max)
 }
 
@@ -87,7 +93,7 @@ impl CudaBackend {
             && stride.is_multiple_of(4)
             && matches!(input, Arg::P(p) if p % 16 == 0);
         let row_bytes = 4 * if gate != 0 { 2 * n } else { n };
-        let ring = nq_ring_plan(row_bytes, self.nq_ring_smem).filter(|_| many);
+        let ring = nq_ring_plan(n, row_bytes, self.nq_ring_smem).filter(|_| many);
         let group = nq_group(n, self.nq_warps).filter(|_| many);
         // Both kernels take the same arguments up to xsum; then the grouped
         // one its token count, the block one its (unused) f32 output.
@@ -107,15 +113,14 @@ impl CudaBackend {
         let x_ntp = Arg::I(self.x_ntp(s, nt, next) as i32);
         if let Some((ns, smem)) = ring {
             const NAME: &str = "norm_quant_ring";
-            // A few blocks an SM stride over the tokens (every warp's rows
-            // in flight at once where they fit).
-            let per_sm = self.gpu.occupancy(NAME, 32 * NQR_WARPS as u32, smem)?.max(1) as usize;
-            let grid = nt.div_ceil(NQR_WARPS).min(per_sm * self.gpu.info.sms.max(1) as usize);
+            // As many blocks as fit on the SMs stride over the tokens.
+            let per_sm = self.gpu.occupancy(NAME, NQR_THREADS as u32, smem)?.max(1) as usize;
+            let grid = nt.min(per_sm * self.gpu.info.sms.max(1) as usize);
             args.extend([Arg::I(nt as i32), x_ntp, Arg::I(ns as i32)]);
             return self.gpu.launch_smem(
                 NAME,
                 (grid as u32, 1, 1),
-                32 * NQR_WARPS as u32,
+                NQR_THREADS as u32,
                 smem as u32,
                 &args,
                 self.body_launch(),

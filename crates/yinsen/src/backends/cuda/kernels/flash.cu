@@ -851,14 +851,11 @@ __device__ __forceinline__ void tcx_wait() {
 }
 #endif
 
-// With SPLIT, QKS (the default) splits Q K and P too; false takes Q K in
-// plain f16 (one mma instead of three), P in plain f16 and V split (P V in
-// two mmas: hi(P) lo(V), hi(P) hi(V)), and leaves the side buffer's K lo
-// plane uncopied: flash_tcxv_* (Auto's choice). On the fixtures V's
-// rounding is what moves the logits: Q K split with P V plain, or P split
-// with V plain, were as far off as plain f16 (S24-3, S25-1), and V split
-// alone is as close as both split (S25-1: 7.3e-3 / 1.5e-3 on the long
-// prompt against 8.3e-3 / 1.7e-3).
+// With SPLIT, QKS (the default) splits Q K too; false takes Q K in plain
+// f16 (one mma instead of three) and leaves the side buffer's K lo plane
+// uncopied: flash_tcxv_* (P V split only, Auto's choice). On the fixtures
+// the P V product's rounding is what moves the logits (S24-3, S24-4:
+// Q K split with P V plain was as far off as plain f16).
 template <int HD, int HPB, int ST, int NW, int BK, bool SPLIT, bool QKS = SPLIT>
 __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
                                                int n_heads, int n_kv, int scap, float scale, float* outp,
@@ -875,7 +872,6 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     constexpr int CPR = HD / 8;           // 16-byte chunks per row
     constexpr int CPT = NPL * BK * CPR / THREADS;  // chunks per thread and tile
     constexpr int NS = BK / 8;                     // n8 key tiles of S
-    constexpr bool PLO = SPLIT && QKS;             // P V's lo(P) hi(V) term
     static_assert(NW % HPB == 0 && CPT * THREADS == NPL * BK * CPR && TC_BK % BK == 0, "tile shape");
     extern __shared__ uint4 tc_smem4[];
     u16* sm = (u16*)tc_smem4;
@@ -989,11 +985,11 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
 #pragma unroll
         for (int kk = 0; kk < NS / 2; kk++) {
             u32 ph[4], pl[4];
-            tc_p_frag<PLO>(s, kk, ph, pl);
+            tc_p_frag<SPLIT>(s, kk, ph, pl);
 #pragma unroll
             for (int dp = 0; dp < NT / 2; dp++) {
                 const u32 voff = sb + 2 * 16 * kk * LD + 32 * dp;
-                tc_split_step<PLO, SPLIT, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + voff, sVl + voff);
+                tc_split_step<SPLIT, SPLIT, true>(o[2 * dp], o[2 * dp + 1], ph, pl, sVh + voff, sVl + voff);
             }
         }
     }
@@ -1007,7 +1003,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
 // NW warps per block (8: one resident block per SM; 4: two, with 32-key
 // tiles). flash_tcx_*: split precision; flash_tcx16_*: plain f16 (Q, K, V
 // and P rounded to f16 once, one mma per product instead of three:
-// YINSEN_CUDA_FLASH=tcx16); flash_tcxv_*: V split only (QKS false).
+// YINSEN_CUDA_FLASH=tcx16); flash_tcxv_*: P V split, Q K plain (QKS).
 #define FLASH_TCX(NAME, HD, HPB, ST, NW, BK, SPLIT, QKS)                                                      \
     extern "C" __global__ void __launch_bounds__(32 * NW, 8 / NW)                                              \
         NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \

@@ -318,94 +318,112 @@ NORM_QUANT_WG(norm_quant_w4, 4, 14)
 NORM_QUANT_WG(norm_quant_w8, 8, 8)
 NORM_QUANT_WG(norm_quant_w16, 16, 4)
 
-// norm_quant for calls of many tokens on sm_90+: one warp per token, rows
-// brought into shared memory by bulk (TMA) copies. Why: the grouped kernel
-// holds a row in registers, so a block has one row in flight and its loads,
-// three reductions and stores run one after another; at 2048 tokens it
-// moved ~1.5 TB/s (S24 profile: 3.05 ms a prefill for ~4.5 GB). Here each
-// warp of NQR_WARPS owns `ns` row buffers (1 or 2) and a grid of a few
-// blocks an SM strides over the tokens, so every SM keeps 4-16 rows in
-// flight while its warps reduce the rows that have landed; reductions are
-// warp shuffles, with no block barrier. Same per-element arithmetic as
-// norm_quant_wg_body (v r, then * w; codes by q8_word); the sums run in
-// another order. Lane 0 issues the copies; a buffer is refilled once the
-// warp is past its last read of it (__syncwarp, then the proxy fence in
-// mg_bulk_expect). Shared memory: NQR_BAR_BYTES of mbarriers, then the
-// buffers, (gate ? 2 n : n) floats each (n % 4 == 0, rows 16-byte aligned).
-#define NQR_WARPS 4
+// norm_quant for calls of many tokens on sm_90+: the grouped kernel's
+// arithmetic (8 warps a token, the row in registers) with rows brought in
+// by bulk (TMA) copies. Why: norm_quant_w8 runs a block per token, so an
+// SM's rows are in flight only while blocks start, and its loads,
+// reductions and stores run one after another (S24 profile: 3.05 ms a
+// prefill of 2048 tokens for ~4.5 GB, ~1.5 TB/s). Here a grid of a few
+// blocks an SM strides over the tokens; each block keeps `ns` (1 or 2)
+// rows in shared memory and refills a buffer as soon as every warp has
+// taken its part into registers. A one-warp-per-token form (rows read from shared memory three
+// times) was 2.2x slower than norm_quant_w8 (S25-2). Shared memory:
+// NQR_BAR_BYTES of mbarriers, then the buffers, (gate ? 2 n : n) floats
+// each (n % 4 == 0, n <= 4 * NQR_THREADS * NQR_R, rows 16-byte aligned).
+#define NQR_THREADS 256
+#define NQR_R 8
 #define NQR_BAR_BYTES 128
-extern "C" __global__ void __launch_bounds__(32 * NQR_WARPS)
+extern "C" __global__ void __launch_bounds__(NQR_THREADS)
     norm_quant_ring(const float* in, int n, int in_stride, int gate, const float* w, int do_norm, float eps, i8* q,
                     int kpad, float* sx, int* xsum, int nt, int x_ntp, int ns) {
 #if __CUDA_ARCH__ >= 900
+    constexpr int R = NQR_R, GT = NQR_THREADS, NW = GT / 32;
     extern __shared__ uint4 nqr_smem4[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ float red[3][NW];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row_f = gate ? 2 * n : n, n4 = n >> 2;
     const unsigned row_b = 4u * (unsigned)row_f;
-    u64* bars = (u64*)nqr_smem4 + warp * ns;
-    float* ring = (float*)((char*)nqr_smem4 + NQR_BAR_BYTES) + (size_t)warp * ns * row_f;
-    const int tw = gridDim.x * NQR_WARPS, t0 = blockIdx.x * NQR_WARPS + warp;
-    if (lane == 0)
+    u64* bars = (u64*)nqr_smem4;
+    const float* ring = (const float*)((const char*)nqr_smem4 + NQR_BAR_BYTES);
+    if (tid == 0)
         for (int k = 0; k < ns; k++) mbar_init(&bars[k]);
-    __syncwarp();
-    pdl_wait();
-    // Lane 0: the row of the warp's k-th token into buffer k % ns.
+    __syncthreads();
+    // Thread 0: the row of the block's k-th token into buffer k % ns.
     auto issue = [&](int k) {
-        const int t = t0 + k * tw;
+        const int t = blockIdx.x + k * gridDim.x;
         if (t >= nt) return;
         u64* b = &bars[k % ns];
         mg_bulk_expect(b, row_b);
         mg_bulk_part(smem_addr(ring + (size_t)(k % ns) * row_f), (const char*)(in + (size_t)t * in_stride), row_b, b);
     };
-    if (lane == 0)
+    pdl_wait();
+    if (tid == 0)
         for (int k = 0; k < ns; k++) issue(k);
+    auto block_reduce_w = [&](float v, int slot, bool mx) {
+        v = mx ? warp_max(v) : warp_sum(v);
+        if (lane == 0) red[slot][warp] = v;
+        __syncthreads();
+        float a = red[slot][0];
+#pragma unroll
+        for (int k = 1; k < NW; k++) a = mx ? fmaxf(a, red[slot][k]) : a + red[slot][k];
+        return a;
+    };
 #pragma unroll 1
-    for (int k = 0; t0 + k * tw < nt; k++) {
-        const int t = t0 + k * tw;
+    for (int k = 0; blockIdx.x + k * gridDim.x < nt; k++) {
+        const int t = blockIdx.x + k * gridDim.x;
         const float4* x = (const float4*)(ring + (size_t)(k % ns) * row_f);
         mbar_wait(&bars[k % ns], (unsigned)(k / ns) & 1u);
-        auto load = [&](int i4) {
-            float4 v = x[i4];
-            if (gate) {
-                const float4 u = x[n4 + i4];
-                v = make_float4(gated_act(v.x, u.x, gate), gated_act(v.y, u.y, gate), gated_act(v.z, u.z, gate),
-                                gated_act(v.w, u.w, gate));
+        float4 v[R];
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            const int i4 = tid + j * GT;
+            v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i4 < n4) {
+                v[j] = x[i4];
+                if (gate) {
+                    const float4 u = x[n4 + i4];
+                    v[j] = make_float4(gated_act(v[j].x, u.x, gate), gated_act(v[j].y, u.y, gate),
+                                       gated_act(v[j].z, u.z, gate), gated_act(v[j].w, u.w, gate));
+                }
             }
-            return v;
-        };
+        }
         float ss = 0.f;
-        for (int i4 = lane; i4 < n4; i4 += 32) {
-            const float4 v = load(i4);
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-        const float r = do_norm ? 1.f / sqrtf(warp_sum(ss) / (float)n + eps) : 1.f;
-        auto scaled = [&](int i4) {
-            float4 y = load(i4);
-            if (do_norm) y = make_float4(y.x * r, y.y * r, y.z * r, y.w * r);
-            if (w) {
-                const float4 g = __ldg((const float4*)w + i4);
-                y = make_float4(y.x * g.x, y.y * g.y, y.z * g.z, y.w * g.w);
-            }
-            return y;
-        };
+#pragma unroll
+        for (int j = 0; j < R; j++) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        // The reduction's barrier also says every thread has read the buffer.
+        ss = block_reduce_w(ss, 0, false);
+        if (tid == 0) issue(k + ns);
+        const float r = do_norm ? 1.f / sqrtf(ss / (float)n + eps) : 1.f;
         float am = 0.f;
-        for (int i4 = lane; i4 < n4; i4 += 32) {
-            const float4 y = scaled(i4);
-            am = fmaxf(am, fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w))));
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            const int i4 = tid + j * GT;
+            if (i4 < n4) {
+                float4 y = v[j];
+                if (do_norm) y = make_float4(y.x * r, y.y * r, y.z * r, y.w * r);
+                if (w) {
+                    const float4 g = __ldg((const float4*)w + i4);
+                    y = make_float4(y.x * g.x, y.y * g.y, y.z * g.z, y.w * g.w);
+                }
+                v[j] = y;
+                am = fmaxf(am, fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w))));
+            }
         }
-        const float s = 127.f / fmaxf(warp_max(am), 1e-5f);
+        const float s = 127.f / fmaxf(block_reduce_w(am, 1, true), 1e-5f);
         int qs = 0;
-        for (int i4 = lane; i4 < n4; i4 += 32) {
-            const unsigned word = q8_word(scaled(i4), s);
-            qs = __dp4a((int)word, 0x01010101, qs);
-            *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = word;
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            const int i4 = tid + j * GT;
+            if (i4 < n4) {
+                const unsigned word = q8_word(v[j], s);
+                qs = __dp4a((int)word, 0x01010101, qs);
+                *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = word;
+            }
         }
-        for (int i4 = n4 + lane, kq4 = q_padded(kpad, x_ntp) >> 2; i4 < kq4; i4 += 32)
+        for (int i4 = n4 + tid, kq4 = q_padded(kpad, x_ntp) >> 2; i4 < kq4; i4 += GT)
             *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = 0u;
-        __syncwarp();  // every lane is past its reads of this buffer
-        if (lane == 0) issue(k + ns);
-        qs = warp_sum_i(qs);  // exact
-        if (lane == 0) {
+        qs = (int)block_reduce_w((float)qs, 2, false);  // exact: |sum| < 2^24
+        if (tid == 0) {
             sx[t] = s;
             xsum[t] = qs;
         }
