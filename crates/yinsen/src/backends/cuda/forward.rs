@@ -566,6 +566,8 @@ pub struct CudaBackend {
     /// Dynamic shared memory `norm_quant_ring` may take (sm_90+), 0 where it
     /// cannot run or `YINSEN_CUDA_NQ_RING=0` (A/B runs) turns it off.
     nq_ring_smem: usize,
+    /// Its most row buffers a block (`YINSEN_CUDA_NQ_RING=1|2`, default 2).
+    nq_ring_ns: usize,
     /// The `flash_tcx_*` kernels (f32 cache, hd 64 / 128, sm_80+, smem), if
     /// any, by `TcxPrec`: [plain f16 (`flash_tcx16_*`, Tcx16), split (Auto,
     /// Tcx), P V split (`flash_tcxv_*`, Auto, TcxPv)].
@@ -966,13 +968,18 @@ impl CudaBackend {
                 }
             },
         };
-        let nq_ring_on = match std::env::var("YINSEN_CUDA_NQ_RING").as_deref() {
-            Err(_) | Ok("1") => true,
-            Ok("0") => false,
-            Ok(v) => return Err(Error::input(format!("YINSEN_CUDA_NQ_RING={v}: expected 0 or 1"))),
+        let nq_ring_ns = match std::env::var("YINSEN_CUDA_NQ_RING").as_deref() {
+            Err(_) | Ok("2") => 2,
+            Ok("1") => 1,
+            Ok("0") => 0,
+            Ok(v) => {
+                return Err(Error::input(format!(
+                    "YINSEN_CUDA_NQ_RING={v}: expected 0 (off), 1 or 2 (row buffers)"
+                )))
+            }
         };
         let mut nq_ring_smem = 0;
-        if nq_ring_on && gpu.has_pdl() {
+        if nq_ring_ns > 0 && gpu.has_pdl() {
             for kb in [227usize, 163, 99] {
                 if gpu.allow_dynamic_smem("norm_quant_ring", kb * 1024)? {
                     nq_ring_smem = kb * 1024;
@@ -1110,6 +1117,7 @@ impl CudaBackend {
             tcx_short,
             nq_warps,
             nq_ring_smem,
+            nq_ring_ns,
             part_tokens,
             flash_ok,
             tc_ok,

@@ -33,15 +33,16 @@ pub const NQR_THREADS: usize = 256;
 const NQR_R: usize = 8;
 const NQR_BAR_BYTES: usize = 128;
 
-/// `norm_quant_ring`'s row buffers per block (2, else 1) and dynamic shared
-/// memory for rows of `n` values (`row_bytes` copied a token), if the kernel
-/// holds such a row and one buffer fits in `smem_max`.
-pub fn nq_ring_plan(n: usize, row_bytes: usize, smem_max: usize) -> Option<(usize, usize)> {
+/// `norm_quant_ring`'s row buffers per block (up to `max_ns` of 2 and 1)
+/// and dynamic shared memory for rows of `n` values (`row_bytes` copied a
+/// token), if the kernel holds such a row and one buffer fits in `smem_max`.
+pub fn nq_ring_plan(n: usize, row_bytes: usize, smem_max: usize, max_ns: usize) -> Option<(usize, usize)> {
     if n > 4 * NQR_THREADS * NQR_R {
         return None;
     }
     [2usize, 1]
         .into_iter()
+        .filter(|&ns| ns <= max_ns)
         .map(|ns| (ns, NQR_BAR_BYTES + ns * row_bytes))
         .find(|&(_, smem)| smem <= smem_max)
 }
@@ -93,7 +94,7 @@ impl CudaBackend {
             && stride.is_multiple_of(4)
             && matches!(input, Arg::P(p) if p % 16 == 0);
         let row_bytes = 4 * if gate != 0 { 2 * n } else { n };
-        let ring = nq_ring_plan(n, row_bytes, self.nq_ring_smem).filter(|_| many);
+        let ring = nq_ring_plan(n, row_bytes, self.nq_ring_smem, self.nq_ring_ns).filter(|_| many);
         let group = nq_group(n, self.nq_warps).filter(|_| many);
         // Both kernels take the same arguments up to xsum; then the grouped
         // one its token count, the block one its (unused) f32 output.
