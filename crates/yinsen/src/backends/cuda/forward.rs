@@ -20,8 +20,8 @@ mod profile;
 
 pub use head::BatchPass1;
 use head::ScreenHead;
+pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
-pub use prefill::{nq_ring_plan, NQR_THREADS, NQ_GROUPS};
 
 use super::layout::{rope_pair_order, GpuLayout};
 use super::{launch_matmul, Arg, DevBuf, Epilogue, Gpu, GpuMatrix, Launch, MatKernel, PinnedHost, RopeOut};
@@ -563,11 +563,6 @@ pub struct CudaBackend {
     /// calls of NQ_GROUP_MIN_TOKENS+ tokens; 0 keeps the block per token
     /// (`YINSEN_CUDA_NQ_W=0|1|2|4|8|16`, A/B runs).
     nq_warps: usize,
-    /// Dynamic shared memory `norm_quant_ring` may take (sm_90+), 0 where it
-    /// cannot run or `YINSEN_CUDA_NQ_RING=0` (A/B runs) turns it off.
-    nq_ring_smem: usize,
-    /// Its most row buffers a block (`YINSEN_CUDA_NQ_RING=1|2`, default 2).
-    nq_ring_ns: usize,
     /// The `flash_tcx_*` kernels (f32 cache, hd 64 / 128, sm_80+, smem), if
     /// any, by `TcxPrec`: [plain f16 (`flash_tcx16_*`, Tcx16), split (Auto,
     /// Tcx), P V split (`flash_tcxv_*`, Auto, TcxPv)].
@@ -968,25 +963,6 @@ impl CudaBackend {
                 }
             },
         };
-        let nq_ring_ns = match std::env::var("YINSEN_CUDA_NQ_RING").as_deref() {
-            Err(_) | Ok("2") => 2,
-            Ok("1") => 1,
-            Ok("0") => 0,
-            Ok(v) => {
-                return Err(Error::input(format!(
-                    "YINSEN_CUDA_NQ_RING={v}: expected 0 (off), 1 or 2 (row buffers)"
-                )))
-            }
-        };
-        let mut nq_ring_smem = 0;
-        if nq_ring_ns > 0 && gpu.has_pdl() {
-            for kb in [227usize, 163, 99] {
-                if gpu.allow_dynamic_smem("norm_quant_ring", kb * 1024)? {
-                    nq_ring_smem = kb * 1024;
-                    break;
-                }
-            }
-        }
         // `YINSEN_CUDA_TCX=h1|h2|h4|w4` (A/B runs) for every call, else the
         // defaults above.
         let tcx_env = std::env::var("YINSEN_CUDA_TCX").ok();
@@ -1116,8 +1092,6 @@ impl CudaBackend {
             tcx,
             tcx_short,
             nq_warps,
-            nq_ring_smem,
-            nq_ring_ns,
             part_tokens,
             flash_ok,
             tc_ok,

@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::model::TernaryMatrix;
 
 pub use forward::{
-    flash_tc_smem, flash_tcx, flash_tcx_prec, flash_tcx_scap, nq_ring_plan, CudaBackend, CudaCache, FlashMode, KvDtype,
-    TcxKernel, TcxPrec, FLASH_TC_THREADS, NQR_THREADS, NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
+    flash_tc_smem, flash_tcx, flash_tcx_prec, flash_tcx_scap, CudaBackend, CudaCache, FlashMode, KvDtype, TcxKernel,
+    TcxPrec, FLASH_TC_THREADS, NQ_GROUPS, TCX_MIN_NT, TCX_VARIANTS,
 };
 pub use layout::GpuLayout;
 
@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 111] = [
+pub const KERNELS: [&str; 110] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -241,7 +241,6 @@ pub const KERNELS: [&str; 111] = [
     "norm_quant_w4",
     "norm_quant_w8",
     "norm_quant_w16",
-    "norm_quant_ring",
     "rope_kv_f16",
     "rope_kv_f32",
     "attn_partial_f16",

@@ -26,27 +26,6 @@ pub const NQ_GROUPS: [(usize, usize, &str); 5] = [
 /// (4) 3.15 / 1.45; 8 2.94 / 1.12.
 pub(super) const NQ_WARPS_DEFAULT: usize = 8;
 
-/// `norm_quant_ring` (ops.cu): threads per block (one token at a time),
-/// float4 per thread (the widest row: 4 NQR_THREADS NQR_R values), bytes of
-/// mbarriers before its row buffers.
-pub const NQR_THREADS: usize = 256;
-const NQR_R: usize = 8;
-const NQR_BAR_BYTES: usize = 128;
-
-/// `norm_quant_ring`'s row buffers per block (up to `max_ns` of 2 and 1)
-/// and dynamic shared memory for rows of `n` values (`row_bytes` copied a
-/// token), if the kernel holds such a row and one buffer fits in `smem_max`.
-pub fn nq_ring_plan(n: usize, row_bytes: usize, smem_max: usize, max_ns: usize) -> Option<(usize, usize)> {
-    if n > 4 * NQR_THREADS * NQR_R {
-        return None;
-    }
-    [2usize, 1]
-        .into_iter()
-        .filter(|&ns| ns <= max_ns)
-        .map(|ns| (ns, NQR_BAR_BYTES + ns * row_bytes))
-        .find(|&(_, smem)| smem <= smem_max)
-}
-
 /// The grouped quantiser variant for rows of `n` values with at least
 /// `min_w` warps per token: (warps, kernel), or None where no variant holds a row.
 fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
@@ -86,16 +65,14 @@ impl CudaBackend {
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
-        // Many tokens: the ring or the grouped kernel, where their float4
-        // path applies (the block kernel's condition; in and w are 16-byte
-        // aligned buffers).
-        let many = nt >= NQ_GROUP_MIN_TOKENS
-            && n.is_multiple_of(4)
-            && stride.is_multiple_of(4)
-            && matches!(input, Arg::P(p) if p % 16 == 0);
-        let row_bytes = 4 * if gate != 0 { 2 * n } else { n };
-        let ring = nq_ring_plan(n, row_bytes, self.nq_ring_smem, self.nq_ring_ns).filter(|_| many);
-        let group = nq_group(n, self.nq_warps).filter(|_| many);
+        // Many tokens: the grouped kernel, where its float4 path applies (the
+        // block kernel's condition; in and w are 16-byte aligned buffers).
+        let group = nq_group(n, self.nq_warps).filter(|_| {
+            nt >= NQ_GROUP_MIN_TOKENS
+                && n.is_multiple_of(4)
+                && stride.is_multiple_of(4)
+                && matches!(input, Arg::P(p) if p % 16 == 0)
+        });
         // Both kernels take the same arguments up to xsum; then the grouped
         // one its token count, the block one its (unused) f32 output.
         let mut args = vec![
@@ -112,21 +89,6 @@ impl CudaBackend {
             s.xsum.p(),
         ];
         let x_ntp = Arg::I(self.x_ntp(s, nt, next) as i32);
-        if let Some((ns, smem)) = ring {
-            const NAME: &str = "norm_quant_ring";
-            // As many blocks as fit on the SMs stride over the tokens.
-            let per_sm = self.gpu.occupancy(NAME, NQR_THREADS as u32, smem)?.max(1) as usize;
-            let grid = nt.min(per_sm * self.gpu.info.sms.max(1) as usize);
-            args.extend([Arg::I(nt as i32), x_ntp, Arg::I(ns as i32)]);
-            return self.gpu.launch_smem(
-                NAME,
-                (grid as u32, 1, 1),
-                NQR_THREADS as u32,
-                smem as u32,
-                &args,
-                self.body_launch(),
-            );
-        }
         let (name, grid, threads) = match group {
             Some((warps, name)) => {
                 let tpb = (8 / warps).max(1);
