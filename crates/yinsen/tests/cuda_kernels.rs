@@ -1128,7 +1128,7 @@ fn q_at(t: usize, i: usize, kpad: usize, x_ntp: usize) -> usize {
     (i >> 7) * x_ntp * 128 + (t >> 3) * 1024 + ((i & 127) >> 4) * 128 + (t & 7) * 16 + (i & 15)
 }
 
-/// The grouped quantisers (`norm_quant_w1/2/4/8/16`, calls of 64+ tokens)
+/// The grouped quantisers (`norm_quant_w*`, calls of 64+ tokens; every one that holds the row)
 /// against the block-per-token `norm_quant` on the same rows: plain and
 /// gated (relu2, SiLU) inputs, with and without a norm, row-major and
 /// stage-tiled codes, token counts that leave a block part-full. Every

@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 110] = [
+pub const KERNELS: [&str; 114] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -238,8 +238,12 @@ pub const KERNELS: [&str; 110] = [
     "norm_quant",
     "norm_quant_w1",
     "norm_quant_w2",
+    "norm_quant_w4r5",
     "norm_quant_w4",
+    "norm_quant_w8r3",
+    "norm_quant_w8r7",
     "norm_quant_w8",
+    "norm_quant_w16r2",
     "norm_quant_w16",
     "rope_kv_f16",
     "rope_kv_f32",

@@ -12,13 +12,18 @@ pub(super) fn norm_threads(n: usize) -> u32 {
 }
 
 /// The grouped quantiser (`norm_quant_w{W}`, ops.cu) serves calls of this
-/// many tokens or more; its variants' warps per token and float4 per lane.
+/// many tokens or more; its variants' warps per token and float4 per lane,
+/// by warps and then float4 (the first that holds a row is the tightest).
 const NQ_GROUP_MIN_TOKENS: usize = 64;
-pub const NQ_GROUPS: [(usize, usize, &str); 5] = [
+pub const NQ_GROUPS: [(usize, usize, &str); 9] = [
     (1, 20, "norm_quant_w1"),
     (2, 12, "norm_quant_w2"),
+    (4, 5, "norm_quant_w4r5"),
     (4, 14, "norm_quant_w4"),
+    (8, 3, "norm_quant_w8r3"),
+    (8, 7, "norm_quant_w8r7"),
     (8, 8, "norm_quant_w8"),
+    (16, 2, "norm_quant_w16r2"),
     (16, 4, "norm_quant_w16"),
 ];
 /// S13-2 (H100, prefill 2048 / 512, alternated x3): the block kernel 4.02 /

@@ -312,10 +312,18 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
         pdl_wait();                                                                                            \
         norm_quant_wg_body<W, R>(in, n, in_stride, gate, w, do_norm, eps, q, kpad, sx, xsum, nt, x_ntp);       \
     }
+// R fitted to the row (2B4T: 2560 and 6912 wide): the loops over R are
+// unrolled and predicated, so a lane's unused float4 still issue their
+// instructions (ncu, S25-3: norm_quant_w8 at 2560 wide, every memory unit
+// under 50%, the SM's pipes at 47%).
 NORM_QUANT_WG(norm_quant_w1, 1, 20)
 NORM_QUANT_WG(norm_quant_w2, 2, 12)
+NORM_QUANT_WG(norm_quant_w4r5, 4, 5)
 NORM_QUANT_WG(norm_quant_w4, 4, 14)
+NORM_QUANT_WG(norm_quant_w8r3, 8, 3)
+NORM_QUANT_WG(norm_quant_w8r7, 8, 7)
 NORM_QUANT_WG(norm_quant_w8, 8, 8)
+NORM_QUANT_WG(norm_quant_w16r2, 16, 2)
 NORM_QUANT_WG(norm_quant_w16, 16, 4)
 
 // RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
