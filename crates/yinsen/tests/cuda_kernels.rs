@@ -1132,8 +1132,7 @@ fn q_at(t: usize, i: usize, kpad: usize, x_ntp: usize) -> usize {
 /// against the block-per-token `norm_quant` on the same rows: plain and
 /// gated (relu2, SiLU) inputs, with and without a norm, row-major and
 /// stage-tiled codes, token counts that leave a block part-full. Every
-/// scale within 2e-6 (the sum of squares runs in another order, the grouped
-/// kernels take max |y| as r max |v w|), every code
+/// scale within 2e-6 (the sum of squares runs in another order), every code
 /// equal but for rare +-1 rounding edges, each token's code sum exact, the
 /// padding written (buffers poisoned first).
 #[test]

@@ -225,8 +225,7 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
 // max(1, 8 / W) tokens, each lane holding up to R float4 of its token's row
 // (n <= 128 W R, n % 4 == 0, quantised: no out_f). Same per-element
 // arithmetic as norm_quant_v4; the sums run in another order (the code sum
-// is exact either way), and max |y| is taken as r max |v w|, so the sum of
-// squares and the max share one reduction round. Why: ncu (S13-1) had the block-per-token kernel at
+// is exact either way). Why: ncu (S13-1) had the block-per-token kernel at
 // 26 us per 2560-wide call of 2048 tokens (~1 TB/s), its warps stalled
 // mostly on its three block-wide reductions (2 barriers each); here a
 // reduction is warp shuffles plus, for W > 1, one named barrier of the
@@ -252,24 +251,6 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
         for (int k = 1; k < W; k++) a = mx ? fmaxf(a, red[slot][grp * W + k]) : a + red[slot][grp * W + k];
         return a;
     };
-    // (sum of a, max of b) over the group's warps in one barrier round.
-    auto group_reduce2 = [&](float a, float b) {
-        a = warp_sum(a);
-        b = warp_max(b);
-        if constexpr (W == 1) return make_float2(a, b);
-        if (lane == 0) {
-            red[0][warp] = a;
-            red[1][warp] = b;
-        }
-        asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "n"(GT) : "memory");
-        float sa = red[0][grp * W], sb = red[1][grp * W];
-#pragma unroll
-        for (int k = 1; k < W; k++) {
-            sa += red[0][grp * W + k];
-            sb = fmaxf(sb, red[1][grp * W + k]);
-        }
-        return make_float2(sa, sb);
-    };
     const float4* x = (const float4*)(in + (size_t)t * in_stride);
     float4 v[R];
     float ss = 0.f;
@@ -286,26 +267,10 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
             }
         }
     }
-    // One reduction round for the sum of squares and max |v w|: the scale
-    // takes max |y| as r max |v w| (with a norm and weights that may differ
-    // from max |(v r) w| in the last bits; S25-6: each of a token's
-    // reductions is a step of its serial chain).
-    float amg = 0.f;
 #pragma unroll
-    for (int k = 0; k < R; k++) {
-        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-        const int i4 = gl + k * GT;
-        if (i4 < n4) {
-            float4 a = v[k];
-            if (w) {
-                const float4 g = __ldg((const float4*)w + i4);
-                a = make_float4(a.x * g.x, a.y * g.y, a.z * g.z, a.w * g.w);
-            }
-            amg = fmaxf(amg, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))));
-        }
-    }
-    const float2 sm = group_reduce2(ss, amg);
-    const float r = do_norm ? 1.f / sqrtf(sm.x / (float)n + eps) : 1.f;
+    for (int k = 0; k < R; k++) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    const float r = do_norm ? 1.f / sqrtf(group_reduce(ss, 0, false) / (float)n + eps) : 1.f;
+    float am = 0.f;
 #pragma unroll
     for (int k = 0; k < R; k++) {
         const int i4 = gl + k * GT;
@@ -317,9 +282,11 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
                 y = make_float4(y.x * g.x, y.y * g.y, y.z * g.z, y.w * g.w);
             }
             v[k] = y;
+            am = fmaxf(am, fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w))));
         }
     }
-    const float s = 127.f / fmaxf(do_norm ? sm.y * r : sm.y, 1e-5f);
+    am = group_reduce(am, 1, true);
+    const float s = 127.f / fmaxf(am, 1e-5f);
     int qs = 0;
 #pragma unroll
     for (int k = 0; k < R; k++) {
