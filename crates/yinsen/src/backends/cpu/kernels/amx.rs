@@ -114,30 +114,30 @@ fn request_permission() -> AmxStatus {
 }
 
 /// The AMX kernel; `KS` > 0 cuts the K loop into slices of `KS` steps (a
-/// test double, see [`sliced`]).
-pub struct Amx<const KS: usize = 0>;
+/// test double, see [`sliced`]). `HW` false runs the same driver with scalar
+/// tile operations (the `emulated` test doubles).
+pub struct Amx<const KS: usize = 0, const HW: bool = true>;
 
-impl<const KS: usize> TernaryKernel for Amx<KS> {
+impl<const KS: usize, const HW: bool> TernaryKernel for Amx<KS, HW> {
     fn name(&self) -> &'static str {
-        if KS == 0 {
-            "amx"
-        } else {
-            "amx-k3"
+        match (HW, KS == 0) {
+            (true, true) => "amx",
+            (true, false) => "amx-k3",
+            (false, true) => "amx-emu",
+            (false, false) => "amx-emu-k3",
         }
     }
     fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(TiledPacked::shared_tm(
-            Arc::new(TileLayout::from_canonical(w)?),
-            gemm::<true, KS, false>,
-            gemm::<true, KS, true>,
-        ))
+        Ok(Self::packed(Arc::new(TileLayout::from_canonical(w)?)))
     }
     fn prepare_tiled(&self, l: &Arc<TileLayout>) -> Option<Arc<dyn PackedTernary>> {
-        Some(TiledPacked::shared_tm(
-            l.clone(),
-            gemm::<true, KS, false>,
-            gemm::<true, KS, true>,
-        ))
+        Some(Self::packed(l.clone()))
+    }
+}
+
+impl<const KS: usize, const HW: bool> Amx<KS, HW> {
+    fn packed(l: Arc<TileLayout>) -> Arc<dyn PackedTernary> {
+        TiledPacked::shared_tm(l, gemm::<HW, KS, false>, gemm::<HW, KS, true>)
     }
 }
 
@@ -151,33 +151,12 @@ pub fn sliced() -> Arc<dyn TernaryKernel> {
 /// Test double: the same driver with scalar tile operations. Named
 /// "amx-emu"; not offered by `select`.
 pub fn emulated() -> Arc<dyn TernaryKernel> {
-    Arc::new(AmxEmu::<0>)
+    Arc::new(Amx::<0, false>)
 }
 
 /// [`emulated`] with the K loop in slices of 3 steps ("amx-emu-k3").
 pub fn emulated_sliced() -> Arc<dyn TernaryKernel> {
-    Arc::new(AmxEmu::<3>)
-}
-
-/// The driver with scalar tile operations; K slices of `KS` steps (0: as
-/// the real kernel's default).
-struct AmxEmu<const KS: usize>;
-
-impl<const KS: usize> TernaryKernel for AmxEmu<KS> {
-    fn name(&self) -> &'static str {
-        if KS == 0 {
-            "amx-emu"
-        } else {
-            "amx-emu-k3"
-        }
-    }
-    fn prepare(&self, w: &TernaryMatrix) -> Result<Arc<dyn PackedTernary>> {
-        Ok(TiledPacked::shared_tm(
-            Arc::new(TileLayout::from_canonical(w)?),
-            gemm::<false, KS, false>,
-            gemm::<false, KS, true>,
-        ))
-    }
+    Arc::new(Amx::<3, false>)
 }
 
 /// Entry from `TiledPacked` (shapes checked there): real AMX tiles with
