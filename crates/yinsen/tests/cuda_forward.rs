@@ -279,10 +279,20 @@ fn flash_prefills(gpu: &CudaBackend, mode: FlashMode, long: &[u32], ids: &[u32])
 /// to ~0.04, hence the flip-prone limits plus "most tokens within 1e-3".
 /// Plain f16 (Tc16, and Tcx16: `flash_tcx16_*` for the calls of 64+ tokens
 /// on the f32 cache) rounds Q, K, V and P to f16 and is held to the
-/// flip-prone limits only. TcxPv (`flash_tcxv_*`, Auto's choice for 64+
-/// tokens: Q K in plain f16, P V split) too, and its mean |dlogit| on each
+/// flip-prone limits only. TcxPv (`flash_tcxv_*`, `flash_wg_*` on sm_90a,
+/// Auto's choice for 64+ tokens: Q K in plain f16, P V split) too, and its mean |dlogit| on each
 /// F32-cache prefill must stay under 3/4 of Tcx16's (S24-5: 2.6e-3 against
 /// 5.2e-3 on the 300 tokens; a P V that lost its lo part would match Tcx16).
+/// The P V split kernel of tiny's head dim (64) Auto runs: `flash_wg_d64`
+/// (wgmma) on sm_90a, a `flash_tcxv_d64_*` elsewhere.
+fn is_pv_kernel(gpu: &CudaBackend, name: &str) -> bool {
+    if gpu.gpu().arch == "sm_90a" {
+        name == "flash_wg_d64"
+    } else {
+        name.starts_with("flash_tcxv_d64_")
+    }
+}
+
 #[test]
 fn flash_prefill_matches_split_k() {
     let (model, ids, long) = flash_prefill_inputs();
@@ -317,7 +327,7 @@ fn flash_prefill_matches_split_k() {
                 let name = gpu.attention_kernel_name(100).unwrap_or("none");
                 match mode {
                     FlashMode::Tcx16 => assert!(name.starts_with("flash_tcx16_d64_"), "Tcx16 runs {name}"),
-                    FlashMode::TcxPv => assert!(name.starts_with("flash_tcxv_d64_"), "TcxPv runs {name}"),
+                    FlashMode::TcxPv => assert!(is_pv_kernel(&gpu, name), "TcxPv runs {name}"),
                     _ => {}
                 }
             }
@@ -946,7 +956,7 @@ fn step_graph_matches_ungraphed() {
 }
 
 /// Prefill through `kv_split_f32` + `flash_tcx_*` (FlashMode::Tcx; Auto takes
-/// its `flash_tcxv_*` twin for calls of TCX_MIN_NT tokens or more) against the old split
+/// its `flash_tcxv_*` twin, `flash_wg_*` on sm_90a, for calls of TCX_MIN_NT tokens or more) against the old split
 /// kernel (FlashMode::Tc) on tiny (4 query heads on 2 KV heads, hd 64: the
 /// default d64 instantiation): 300 tokens from an empty cache, then 100 + 137
 /// tokens (p0 = 100, mid key tile). With one key split forced the two run
@@ -975,7 +985,7 @@ fn tcx_prefill_matches_tc() {
     let pv = gpu.attention_kernel_name(300);
     gpu.set_flash(FlashMode::Auto);
     assert_eq!(gpu.attention_kernel_name(300), pv, "Auto runs flash_tcxv");
-    assert!(pv.is_some_and(|n| n.starts_with("flash_tcxv_d64_")), "{pv:?}");
+    assert!(pv.is_some_and(|n| is_pv_kernel(&gpu, n)), "{pv:?}");
     let run = |mode: FlashMode| flash_prefills(&gpu, mode, &long, &ids);
     // Both variants: the short-call one (w4 under 1024 tokens, every call
     // here) and, with no call short, the long-call one (h1).

@@ -901,13 +901,18 @@ fn tcx_launch(
 
 /// The `flash_tcx_*` (split), `flash_tcx16_*` (plain) and `flash_tcxv_*`
 /// (P V split) variants whose heads per block divide the group, for head dim `hd`.
-fn tcx_kernels(hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
+/// `flash_wg_*` (wgmma) only where the image is sm_90a.
+fn tcx_kernels(g: &Gpu, hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
     use yinsen::backends::cuda::{flash_tcx_prec, TcxPrec, TCX_VARIANTS};
-    [TcxPrec::Split, TcxPrec::Plain, TcxPrec::SplitPv]
+    let all: Vec<_> = [TcxPrec::Split, TcxPrec::Plain, TcxPrec::SplitPv]
         .iter()
         .flat_map(|&p| TCX_VARIANTS.iter().filter_map(move |v| flash_tcx_prec(hd, v, p)))
         .filter(|t| group.is_multiple_of(t.hpb))
-        .collect()
+        .collect();
+    if g.arch != "sm_90a" && all.iter().any(|t| t.wg) {
+        println!("flash_wg_*: skipped, needs sm_90a (this GPU: {})", g.arch);
+    }
+    all.into_iter().filter(|t| !t.wg || g.arch == "sm_90a").collect()
 }
 
 /// `kv_split_f32` + `flash_tcx_*` (K/V split into hi/lo f16 once, 8 warps
@@ -964,7 +969,7 @@ fn flash_tcx_matches_reference() {
         });
         use yinsen::backends::cuda::Arg;
         let group = n_heads / n_kv;
-        for t in tcx_kernels(hd, group) {
+        for t in tcx_kernels(&g, hd, group) {
             let name = t.name;
             if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
                 println!("{name}: {} bytes of smem not available here", t.smem());
@@ -1081,7 +1086,7 @@ fn flash_tcx_2b4t_timing() {
         });
         table.push(format!("nt {nt} p0 {p0}: kv_split_f32 {t_split:.4} ms"));
         let group = n_heads / n_kv;
-        for t in tcx_kernels(hd, group) {
+        for t in tcx_kernels(&g, hd, group) {
             let name = t.name;
             if !g.allow_dynamic_smem(name, t.smem()).unwrap() {
                 continue;

@@ -390,6 +390,8 @@ pub struct TcxKernel {
     pub split: bool,
     pub qk_split: bool,
     pub pv_split: bool,
+    /// `flash_wg_*` (sm_90a warpgroup MMA, `kv_tile_f32`'s tile images).
+    pub wg: bool,
 }
 
 impl TcxKernel {
@@ -401,8 +403,13 @@ impl TcxKernel {
         16 * self.warps / self.hpb
     }
     /// Dynamic shared memory: 2 stages x 4 planes (K hi, K lo, V hi, V lo;
-    /// plain f16: K, V) [bk][hd + 8] f16.
+    /// plain f16: K, V) [bk][hd + 8] f16; `flash_wg_*`: its stages of
+    /// 3 planes [bk][hd] f16 (one tile image each) and their mbarriers.
     pub fn smem(&self) -> usize {
+        if self.wg {
+            let stages = if self.hd == 128 { 3 } else { 4 };
+            return stages * (3 * self.bk * self.hd * 2 + 8);
+        }
         2 * self.planes() * self.bk * (self.hd + 8) * 2
     }
     fn planes(&self) -> usize {
@@ -414,7 +421,9 @@ impl TcxKernel {
     }
     /// The kernel that fills the f16 side buffer this one reads.
     pub fn kv_kernel(&self) -> &'static str {
-        if self.split {
+        if self.wg {
+            "kv_tile_f32"
+        } else if self.split {
             "kv_split_f32"
         } else {
             "kv_half_f32"
@@ -424,8 +433,9 @@ impl TcxKernel {
 
 /// The `flash_tcx_*` variants: `h1`, `h2`, `h4` (8 warps, 64-key tiles, 1,
 /// 2 or 4 query heads of a KV group per block) and `w4` (4 warps, one head,
-/// 32-key tiles), for head dims 64 and 128.
-pub const TCX_VARIANTS: [&str; 4] = ["h1", "h2", "h4", "w4"];
+/// 32-key tiles), for head dims 64 and 128; `wg`: `flash_wg_*` (P V split
+/// only; sm_90a: two warpgroups, one head, 64-key tiles).
+pub const TCX_VARIANTS: [&str; 5] = ["h1", "h2", "h4", "w4", "wg"];
 
 /// `flash_tcx_*` (split) or `flash_tcx16_*` variant `v` (TCX_VARIANTS) for
 /// head dim `hd`, if instantiated.
@@ -437,6 +447,20 @@ pub fn flash_tcx(hd: usize, v: &str, split: bool) -> Option<TcxKernel> {
 pub fn flash_tcx_prec(hd: usize, v: &str, prec: TcxPrec) -> Option<TcxKernel> {
     let split = prec != TcxPrec::Plain;
     let name = match (hd, v, prec) {
+        (128 | 64, "wg", TcxPrec::SplitPv) => {
+            return Some(TcxKernel {
+                name: if hd == 128 { "flash_wg_d128" } else { "flash_wg_d64" },
+                hpb: 1,
+                warps: 8,
+                bk: 64,
+                hd,
+                split: true,
+                qk_split: false,
+                pv_split: true,
+                wg: true,
+            })
+        }
+        (_, "wg", _) => return None,
         (128, "h1", TcxPrec::SplitPv) => "flash_tcxv_d128_h1",
         (128, "h2", TcxPrec::SplitPv) => "flash_tcxv_d128_h2",
         (128, "h4", TcxPrec::SplitPv) => "flash_tcxv_d128_h4",
@@ -490,6 +514,7 @@ fn flash_tcx_named(hd: usize, v: &str, split: bool) -> Option<TcxKernel> {
         split,
         qk_split: split,
         pv_split: split,
+        wg: false,
     })
 }
 
@@ -502,8 +527,12 @@ pub fn flash_tcx_scap(max_ctx: usize) -> usize {
 /// every call): `w4` for calls of fewer than TCX_SHORT_NT tokens, where its
 /// 4-warp blocks (2 per SM) fill the GPU better (S6-F2, 512 tokens: 0.035
 /// vs 0.041 ms a layer), `h1` from there (2048: 0.205 vs 0.214 ms).
+/// On sm_90a the P V split precision (Auto's) takes `wg` (`flash_wg_*`,
+/// wgmma) for every call: 2048 tokens 0.110 against h1's 0.165 ms a layer,
+/// 512 tokens 0.024 against 0.034 (S26-1, split included).
 const TCX_DEFAULT: &str = "h1";
 const TCX_SHORT: &str = "w4";
+const TCX_WG: &str = "wg";
 const TCX_SHORT_NT: usize = 1024;
 
 pub struct CudaBackend {
@@ -980,7 +1009,7 @@ impl CudaBackend {
                     // group falls back to h1.
                     let group = c.n_heads / c.n_kv_heads;
                     let t = flash_tcx_prec(c.head_dim, v, prec)
-                        .filter(|t| group.is_multiple_of(t.hpb))
+                        .filter(|t| group.is_multiple_of(t.hpb) && (!t.wg || gpu.arch == "sm_90a"))
                         .or_else(|| flash_tcx_prec(c.head_dim, "h1", prec));
                     match t {
                         Some(t) if gpu.allow_dynamic_smem(t.name, t.smem())? => Some(t),
@@ -990,15 +1019,21 @@ impl CudaBackend {
                 _ => None,
             })
         };
-        let both = |v: &str| -> Result<[Option<TcxKernel>; 3]> {
+        let wg = gpu.arch == "sm_90a";
+        let both = |default: &str| -> Result<[Option<TcxKernel>; 3]> {
+            let v = |prec: TcxPrec| match tcx_env.as_deref() {
+                Some(v) => v,
+                None if wg && prec == TcxPrec::SplitPv => TCX_WG,
+                None => default,
+            };
             Ok([
-                tcx_kernel(v, TcxPrec::Plain)?,
-                tcx_kernel(v, TcxPrec::Split)?,
-                tcx_kernel(v, TcxPrec::SplitPv)?,
+                tcx_kernel(v(TcxPrec::Plain), TcxPrec::Plain)?,
+                tcx_kernel(v(TcxPrec::Split), TcxPrec::Split)?,
+                tcx_kernel(v(TcxPrec::SplitPv), TcxPrec::SplitPv)?,
             ])
         };
-        let tcx = both(tcx_env.as_deref().unwrap_or(TCX_DEFAULT))?;
-        let tcx_short = both(tcx_env.as_deref().unwrap_or(TCX_SHORT))?;
+        let tcx = both(TCX_DEFAULT)?;
+        let tcx_short = both(TCX_SHORT)?;
         // The hi/lo side buffer holds every key of the context (21 MB at
         // 2b4t); past 256 MiB (very long contexts) the old kernel stays.
         let kvs_bytes = checked(

@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 114] = [
+pub const KERNELS: [&str; 117] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -321,6 +321,9 @@ pub const KERNELS: [&str; 114] = [
     "flash_tcxv_d64_h2",
     "flash_tcxv_d64_h4",
     "flash_tcxv_d64_w4",
+    "kv_tile_f32",
+    "flash_wg_d128",
+    "flash_wg_d64",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

@@ -1036,3 +1036,243 @@ FLASH_TCX(flash_tcxv_d64_h1, 64, 1, 2, 8, 64, true, false)
 FLASH_TCX(flash_tcxv_d64_h2, 64, 2, 2, 8, 64, true, false)
 FLASH_TCX(flash_tcxv_d64_h4, 64, 4, 2, 8, 64, true, false)
 FLASH_TCX(flash_tcxv_d64_w4, 64, 1, 2, 4, 32, true, false)
+
+// ---- Prefill attention, v3 (flash_wg_*): Hopper warpgroup MMA (sm_90a).
+// The precision of flash_tcxv_* (Q K in plain f16, P V split into hi + lo
+// f16: lo(P) hi(V), hi(P) lo(V), hi(P) hi(V), in that order) on wgmma
+// instead of mma.sync: B operands come straight from shared memory through
+// matrix descriptors (no ldmatrix), A (Q, then P) from registers in the
+// mma.sync fragment layout, so qreg, tc_p_frag, tc_softmax_step and
+// tc_finish carry over: a warp's m64nN accumulators are its 16 rows' m16n8
+// C tiles along N.
+//
+// kv_tile_f32 writes the side buffer as the kernel's shared-memory image,
+// one contiguous run per (KV head, 64-key tile), so a stage is one bulk
+// copy (TMA) completing on an mbarrier. Tile image (halves, FW_TILE(hd)):
+//   [0, 64 hd)         K hi, K-major core matrices of 8 keys x 8 dims:
+//                      (key j, dim d) at ((j / 8) (hd / 8) + d / 8) 64 + (j % 8) 8 + d % 8
+//   [64 hd, 128 hd)    V hi transposed, core matrices of 8 dims x 8 keys:
+//                      (key j, dim d) at ((d / 8) 8 + j / 8) 64 + (d % 8) 8 + j % 8
+//   [128 hd, 192 hd)   V lo, the same
+// Core matrices are 128 contiguous bytes; along K (dims for S = Q K^T,
+// keys for O = P V) the next one is +128 bytes (the descriptor's leading
+// byte offset), along N +(hd / 8) 128 (K) or +1024 (V) (stride offset).
+// Keys at or past p0 + nt of the last tile are written as zeros (P V would
+// otherwise pick up 0 * NaN); tiles past it are never read.
+#define FW_BK 64
+__device__ __forceinline__ int fw_tile(int hd) { return 3 * FW_BK * hd; }
+
+extern "C" __global__ void __launch_bounds__(256)
+    kv_tile_f32(const float* kc, const float* vc, const int* pos, int nt, int n_kv, int hd, int cap, int scap,
+                u16* kvs) {
+    pdl_wait();
+#if __CUDA_ARCH__ >= 800
+    const int kmax = pos[0] + nt;
+    const int ntile = (kmax + FW_BK - 1) / FW_BK;
+    const int which = blockIdx.y & 1, kvh = blockIdx.y >> 1;  // which: 0 = K, 1 = V
+    const float* src = (which ? vc : kc) + (size_t)kvh * cap * hd;
+    u16* img = kvs + (size_t)kvh * (scap / FW_BK) * fw_tile(hd);
+    const int per_tile = FW_BK * hd / 8;  // 16-byte chunks of one plane
+    const int n = ntile * per_tile, hg = hd / 8;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const int t = i / per_tile, r = i - t * per_tile, cm = r >> 3, rr = r & 7;
+        u16* dst = img + (size_t)t * fw_tile(hd) + r * 8;
+        float v[8];
+        if (!which) {
+            // K: chunk r is (key group cm / hg, dim group cm % hg), key row rr.
+            const int j = t * FW_BK + (cm / hg) * 8 + rr, d = (cm % hg) * 8;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+            if (j < kmax) {
+                a = *(const float4*)(src + (size_t)j * hd + d);
+                b = *(const float4*)(src + (size_t)j * hd + d + 4);
+            }
+            *(uint4*)dst = make_uint4(tc_pack(a.x, a.y), tc_pack(a.z, a.w), tc_pack(b.x, b.y), tc_pack(b.z, b.w));
+        } else {
+            // V: chunk r is (dim group cm / 8, key group cm % 8), dim row rr.
+            const int d = (cm >> 3) * 8 + rr, j0 = t * FW_BK + (cm & 7) * 8;
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = j0 + e < kmax ? src[(size_t)(j0 + e) * hd + d] : 0.f;
+            u32 hi[4], lo[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                hi[e] = tc_pack(v[2 * e], v[2 * e + 1]);
+                lo[e] = tc_pack_lo(v[2 * e], v[2 * e + 1], hi[e]);
+            }
+            *(uint4*)(dst + FW_BK * hd) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+            *(uint4*)(dst + 2 * FW_BK * hd) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        }
+    }
+#endif
+}
+
+#if __CUDA_ARCH__ >= 900
+// K-major, no-swizzle matrix descriptor: start address, leading byte
+// offset 128 (the next core matrix along K), stride byte offset `sbo`.
+__device__ __forceinline__ u64 fw_desc(u32 addr, u32 sbo) {
+    u64 d = (u64)((addr & 0x3FFFF) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+    asm volatile("" : "+l"(d));  // made before the fence, not between the wgmmas
+    return d;
+}
+__device__ __forceinline__ void fw_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void fw_commit_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// d (m64n64 f32 accumulators) += a (m64k16 f16, registers) b (desc: k16 x n64, K-major); scale_d 0: d = a b.
+__device__ __forceinline__ void fw_mma_n64(float* d, const u32* a, u64 desc, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+#endif
+}
+// d (m64n128 f32 accumulators) += a (m64k16 f16, registers) b (desc: k16 x n128, K-major); scale_d 0: d = a b.
+__device__ __forceinline__ void fw_mma_n128(float* d, const u32* a, u64 desc, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+#endif
+}
+#endif
+
+// flash_wg_d{HD}: 8 warps = 2 warpgroups per block, one query head, 128
+// query rows (warpgroup w: rows 64 w .. 64 w + 63; warp w: rows 16 w ..
+// 16 w + 15, as flash_tcx_*'s h1), 64-key tiles through ST stages of bulk
+// copies. Per tile a warpgroup issues S = Q K^T (HD / 16 wgmmas m64n64k16),
+// the online softmax of tc_softmax_step, then O += P V (3 x 4 wgmmas
+// m64n{HD}k16); one block barrier a tile frees its stage for the copy of
+// tile it + ST. Grid, key splits and partials: flash_tcx_*'s (hpb 1).
+template <int HD, int ST>
+__device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
+                                              int n_heads, int n_kv, int scap, float scale, float* outp,
+                                              int out_stride, int n_ks, float* part) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BQ = 128, BK = FW_BK, KS = HD / 16, NT = HD / 8, NS = BK / 8;
+    constexpr int TILE = 3 * BK * HD;  // halves per stage
+    extern __shared__ uint4 tc_smem4[];
+    u16* sm = (u16*)tc_smem4;
+    u64* full = (u64*)(sm + ST * TILE);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int n_qt = (nt + BQ - 1) / BQ;
+    const int h = blockIdx.x % n_heads, rest = blockIdx.x / n_heads;
+    const int ksp = rest % n_ks, qt = n_qt - 1 - rest / n_ks;
+    const int kvh = h / (n_heads / n_kv);
+    const int p0 = pos[0], t0 = qt * BQ;
+    const int rows = min(BQ, nt - t0);
+    const int kmax = p0 + t0 + rows;
+    const int kchunk = tc_split_chunk(kmax, n_ks);
+    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
+    if (kbeg >= kmax) return;  // block-uniform
+    const int ntl = (kend - kbeg + BK - 1) / BK;
+    const char* src = (const char*)(kvs + ((size_t)kvh * (scap / BK) + kbeg / BK) * TILE);
+    const u32 sbase = smem_addr(sm);
+    auto issue = [&](int i) {  // thread 0: tile i into stage i % ST
+        u64* bar = &full[i % ST];
+        mg_bulk_expect(bar, 2 * TILE);
+        mg_bulk_part(sbase + (i % ST) * 2 * TILE, src + (size_t)i * 2 * TILE, 2 * TILE, bar);
+    };
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < ST; s++) mbar_init(&full[s]);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int i = 0; i < ST && i < ntl; i++) issue(i);
+
+    // Q (pre-scaled by scale * log2(e)) as plain f16 A fragments, straight
+    // from global memory: a0 row g cols 2c.., a1 row g + 8, a2 / a3 cols + 8.
+    const int wr = 16 * warp;  // the warp's first row in the tile
+    const int r0 = wr + g;
+    const float qscale = scale * 1.4426950408889634f;
+    u32 qreg[KS][4];
+    {
+        const float* q0 = qr + (size_t)(t0 + r0) * q_stride + h * HD + 2 * c;
+        const float* q1 = q0 + (size_t)8 * q_stride;
+        const bool ok0 = r0 < rows, ok1 = r0 + 8 < rows;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            float2 v[4];
+            v[0] = ok0 ? *(const float2*)(q0 + 16 * ks) : make_float2(0.f, 0.f);
+            v[1] = ok1 ? *(const float2*)(q1 + 16 * ks) : make_float2(0.f, 0.f);
+            v[2] = ok0 ? *(const float2*)(q0 + 16 * ks + 8) : make_float2(0.f, 0.f);
+            v[3] = ok1 ? *(const float2*)(q1 + 16 * ks + 8) : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int i = 0; i < 4; i++) qreg[ks][i] = tc_pack(v[i].x * qscale, v[i].y * qscale);
+        }
+    }
+
+    const int pos0 = p0 + t0 + r0;
+    const int wfirst = p0 + t0 + wr;
+    const int wg_rows = 64 * (warp >> 2);  // the warpgroup's first row
+    const bool wg_active = wg_rows < rows;
+    const int wg_last = p0 + t0 + wg_rows + 63;
+
+    float o[NT][4] = {};
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+#pragma unroll 1
+    for (int it = 0; it < ntl; it++) {
+        const int st = it % ST, j0 = kbeg + it * BK;
+        // Warpgroup-uniform: tiles wholly past the warpgroup's rows are skipped.
+        if (wg_active && j0 <= wg_last) {
+            mbar_wait(&full[st], (it / ST) & 1);
+            const u32 kb = sbase + st * 2 * TILE, vh = kb + 2 * BK * HD, vl = vh + 2 * BK * HD;
+            float s[NS][4];
+            u64 dk[KS];
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) dk[ks] = fw_desc(kb + 256 * ks, (HD / 8) * 128);
+            fw_fence();
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) fw_mma_n64(&s[0][0], qreg[ks], dk[ks], ks);
+            fw_commit_wait();
+            tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
+            u32 ph[NS / 2][4], pl[NS / 2][4];
+#pragma unroll
+            for (int kk = 0; kk < NS / 2; kk++) tc_p_frag<true>(s, kk, ph[kk], pl[kk]);
+            u64 dvh[NS / 2], dvl[NS / 2];
+#pragma unroll
+            for (int kk = 0; kk < NS / 2; kk++) {
+                dvh[kk] = fw_desc(vh + 256 * kk, (BK / 8) * 128);
+                dvl[kk] = fw_desc(vl + 256 * kk, (BK / 8) * 128);
+            }
+            fw_fence();
+#pragma unroll
+            for (int kk = 0; kk < NS / 2; kk++) {
+                if constexpr (HD == 128) {
+                    fw_mma_n128(&o[0][0], pl[kk], dvh[kk], 1);
+                    fw_mma_n128(&o[0][0], ph[kk], dvl[kk], 1);
+                    fw_mma_n128(&o[0][0], ph[kk], dvh[kk], 1);
+                } else {
+                    fw_mma_n64(&o[0][0], pl[kk], dvh[kk], 1);
+                    fw_mma_n64(&o[0][0], ph[kk], dvl[kk], 1);
+                    fw_mma_n64(&o[0][0], ph[kk], dvh[kk], 1);
+                }
+            }
+            fw_commit_wait();
+        }
+        __syncthreads();  // every wgmma that read stage st has retired
+        if (threadIdx.x == 0 && it + ST < ntl) issue(it + ST);
+    }
+
+    if (wr >= rows) return;
+    tc_finish<NT>(o, m0, m1, l0, l1, HD, n_ks > 1 && kchunk < kmax, part, t0, r0, rows, c, h, n_heads, n_ks, ksp,
+                  outp, out_stride);
+#endif
+}
+#define FLASH_WG(NAME, HD, ST)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+        NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \
+             int scap, float scale, float* outp, int out_stride, int n_ks, float* part) {                       \
+        pdl_wait();                                                                                             \
+        flash_wg_body<HD, ST>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp, out_stride, n_ks,   \
+                              part);                                                                            \
+    }
+FLASH_WG(flash_wg_d128, 128, 3)
+FLASH_WG(flash_wg_d64, 64, 4)
