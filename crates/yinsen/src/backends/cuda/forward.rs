@@ -408,7 +408,7 @@ impl TcxKernel {
     pub fn smem(&self) -> usize {
         if self.wg {
             let stages = if self.hd == 128 { 3 } else { 4 };
-            return stages * (3 * self.bk * self.hd * 2 + 8);
+            return stages * (3 * self.bk * self.hd * 2 + 16);
         }
         2 * self.planes() * self.bk * (self.hd + 8) * 2
     }

@@ -1145,8 +1145,10 @@ __device__ __forceinline__ void fw_mma_n128(float* d, const u32* a, u64 desc, in
 // 16 w + 15, as flash_tcx_*'s h1), 64-key tiles through ST stages of bulk
 // copies. Per tile a warpgroup issues S = Q K^T (HD / 16 wgmmas m64n64k16),
 // the online softmax of tc_softmax_step, then O += P V (3 x 4 wgmmas
-// m64n{HD}k16); one block barrier a tile frees its stage for the copy of
+// m64n{HD}k16); the last warpgroup done with a tile refills its stage with
 // tile it + ST. Grid, key splits and partials: flash_tcx_*'s (hpb 1).
+// (Measured and not kept, S26-2 / S26-4: FlashAttention-3's intra-warpgroup
+// pipelining, docs/wip/s26-wgp-pipelined.patch; one block barrier a tile.)
 template <int HD, int ST>
 __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
                                               int n_heads, int n_kv, int scap, float scale, float* outp,
@@ -1157,6 +1159,7 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
     extern __shared__ uint4 tc_smem4[];
     u16* sm = (u16*)tc_smem4;
     u64* full = (u64*)(sm + ST * TILE);
+    int* done = (int*)(full + ST);  // warpgroups done with each stage's tile
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
@@ -1180,7 +1183,10 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
     };
     if (threadIdx.x == 0) {
 #pragma unroll
-        for (int s = 0; s < ST; s++) mbar_init(&full[s]);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(&full[s]);
+            done[s] = 0;
+        }
     }
     __syncthreads();
     if (threadIdx.x == 0)
@@ -1210,55 +1216,67 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
 
     const int pos0 = p0 + t0 + r0;
     const int wfirst = p0 + t0 + wr;
-    const int wg_rows = 64 * (warp >> 2);  // the warpgroup's first row
-    const bool wg_active = wg_rows < rows;
-    const int wg_last = p0 + t0 + wg_rows + 63;
+    // Tiles 0 .. n_w - 1 reach warpgroup w's rows (the later ones are wholly
+    // past them); each warpgroup walks its own.
+    auto tiles_of = [&](int w) {
+        const int last = p0 + t0 + 64 * w + 63;
+        return 64 * w >= rows || last < kbeg ? 0 : min(ntl, (last - kbeg) / BK + 1);
+    };
+    const int n_0 = tiles_of(0), n_1 = tiles_of(1);
+    const int n_mine = warp >> 2 ? n_1 : n_0;
 
     float o[NT][4] = {};
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
 #pragma unroll 1
-    for (int it = 0; it < ntl; it++) {
+    for (int it = 0; it < n_mine; it++) {
         const int st = it % ST, j0 = kbeg + it * BK;
-        // Warpgroup-uniform: tiles wholly past the warpgroup's rows are skipped.
-        if (wg_active && j0 <= wg_last) {
-            mbar_wait(&full[st], (it / ST) & 1);
-            const u32 kb = sbase + st * 2 * TILE, vh = kb + 2 * BK * HD, vl = vh + 2 * BK * HD;
-            float s[NS][4];
-            u64 dk[KS];
+        mbar_wait(&full[st], (it / ST) & 1);
+        const u32 kb = sbase + st * 2 * TILE, vh = kb + 2 * BK * HD, vl = vh + 2 * BK * HD;
+        float s[NS][4];
+        u64 dk[KS];
 #pragma unroll
-            for (int ks = 0; ks < KS; ks++) dk[ks] = fw_desc(kb + 256 * ks, (HD / 8) * 128);
-            fw_fence();
+        for (int ks = 0; ks < KS; ks++) dk[ks] = fw_desc(kb + 256 * ks, (HD / 8) * 128);
+        fw_fence();
 #pragma unroll
-            for (int ks = 0; ks < KS; ks++) fw_mma_n64(&s[0][0], qreg[ks], dk[ks], ks);
-            fw_commit_wait();
-            tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
-            u32 ph[NS / 2][4], pl[NS / 2][4];
+        for (int ks = 0; ks < KS; ks++) fw_mma_n64(&s[0][0], qreg[ks], dk[ks], ks);
+        fw_commit_wait();
+        tc_softmax_step<NS, NT>(s, o, j0 + BK - 1 > wfirst, j0, pos0, c, m0, m1, l0, l1);
+        u32 ph[NS / 2][4], pl[NS / 2][4];
 #pragma unroll
-            for (int kk = 0; kk < NS / 2; kk++) tc_p_frag<true>(s, kk, ph[kk], pl[kk]);
-            u64 dvh[NS / 2], dvl[NS / 2];
+        for (int kk = 0; kk < NS / 2; kk++) tc_p_frag<true>(s, kk, ph[kk], pl[kk]);
+        u64 dvh[NS / 2], dvl[NS / 2];
 #pragma unroll
-            for (int kk = 0; kk < NS / 2; kk++) {
-                dvh[kk] = fw_desc(vh + 256 * kk, (BK / 8) * 128);
-                dvl[kk] = fw_desc(vl + 256 * kk, (BK / 8) * 128);
-            }
-            fw_fence();
-#pragma unroll
-            for (int kk = 0; kk < NS / 2; kk++) {
-                if constexpr (HD == 128) {
-                    fw_mma_n128(&o[0][0], pl[kk], dvh[kk], 1);
-                    fw_mma_n128(&o[0][0], ph[kk], dvl[kk], 1);
-                    fw_mma_n128(&o[0][0], ph[kk], dvh[kk], 1);
-                } else {
-                    fw_mma_n64(&o[0][0], pl[kk], dvh[kk], 1);
-                    fw_mma_n64(&o[0][0], ph[kk], dvl[kk], 1);
-                    fw_mma_n64(&o[0][0], ph[kk], dvh[kk], 1);
-                }
-            }
-            fw_commit_wait();
+        for (int kk = 0; kk < NS / 2; kk++) {
+            dvh[kk] = fw_desc(vh + 256 * kk, (BK / 8) * 128);
+            dvl[kk] = fw_desc(vl + 256 * kk, (BK / 8) * 128);
         }
-        __syncthreads();  // every wgmma that read stage st has retired
-        if (threadIdx.x == 0 && it + ST < ntl) issue(it + ST);
+        fw_fence();
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; kk++) {
+            if constexpr (HD == 128) {
+                fw_mma_n128(&o[0][0], pl[kk], dvh[kk], 1);
+                fw_mma_n128(&o[0][0], ph[kk], dvl[kk], 1);
+                fw_mma_n128(&o[0][0], ph[kk], dvh[kk], 1);
+            } else {
+                fw_mma_n64(&o[0][0], pl[kk], dvh[kk], 1);
+                fw_mma_n64(&o[0][0], ph[kk], dvl[kk], 1);
+                fw_mma_n64(&o[0][0], ph[kk], dvh[kk], 1);
+            }
+        }
+        fw_commit_wait();
+        // The warpgroup's last warp to retire counts it; the tile's last
+        // consumer refills the stage. No block barrier: the warpgroups drift
+        // apart, one's softmax overlapping the other's wgmmas (S26-4: the
+        // attention at 2048 tokens -7% against one barrier a tile).
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + (warp >> 2)) : "memory");
+        if ((threadIdx.x & 127) == 0) {
+            const int want = (it < n_0) + (it < n_1);
+            if (atomicAdd(&done[st], 1) + 1 == want) {
+                done[st] = 0;
+                if (it + ST < ntl) issue(it + ST);
+            }
+        }
     }
 
     if (wr >= rows) return;
