@@ -955,6 +955,41 @@ fn step_graph_matches_ungraphed() {
     }
 }
 
+/// `flash_wg3_d64` (three warpgroups a block: Auto's P V split kernel for
+/// calls of TCX_SHORT_NT+ tokens on sm_90a) against `flash_wg_d64` (two, the
+/// shorter calls') on tiny: 300 tokens, then 100 + 137. With one key split
+/// each query row runs the same tiles in the same order, only in another
+/// block, so the logits are bit-identical.
+#[test]
+fn wg3_prefill_matches_wg() {
+    let (model, ids, long) = flash_prefill_inputs();
+    let Some(gpu) = cuda(&model) else { return };
+    if gpu.gpu().arch != "sm_90a" {
+        common::skip_cuda(&format!("flash_wg*: needs sm_90a, this GPU is {}", gpu.gpu().arch));
+        return;
+    }
+    gpu.set_key_splits(1);
+    gpu.set_flash(FlashMode::TcxPv);
+    let two = gpu.attention_kernel_name(300);
+    let want = flash_prefills(&gpu, FlashMode::TcxPv, &long, &ids);
+    let short_nt = gpu.set_tcx_short_tokens(0);
+    let three = gpu.attention_kernel_name(300);
+    let got = flash_prefills(&gpu, FlashMode::TcxPv, &long, &ids);
+    gpu.set_tcx_short_tokens(short_nt);
+    gpu.set_key_splits(0);
+    gpu.set_flash(FlashMode::Auto);
+    assert_eq!(two, Some("flash_wg_d64"));
+    assert_eq!(three, Some("flash_wg3_d64"));
+    for (case, (g, w)) in ["300 from 0", "100 from 0", "137 from 100"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        assert!(g.iter().all(|x| x.is_finite()), "{case}: non-finite logits");
+        let d = max_abs(g, w);
+        assert!(g == w, "{case}: flash_wg3_d64 vs flash_wg_d64: max |dlogit| {d}");
+    }
+}
+
 /// Prefill through `kv_split_f32` + `flash_tcx_*` (FlashMode::Tcx; Auto takes
 /// its `flash_tcxv_*` twin, `flash_wg_*` on sm_90a, for calls of TCX_MIN_NT tokens or more) against the old split
 /// kernel (FlashMode::Tc) on tiny (4 query heads on 2 KV heads, hd 64: the

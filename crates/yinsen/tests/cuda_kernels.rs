@@ -146,6 +146,13 @@ fn nvrtc_hot_kernels_do_not_spill() {
         ("tern_wgmma_tma_", 0),
         ("flash_tcx_", 0),
         ("flash_tcx16_", 0),
+        ("flash_tcxv_", 0),
+        // flash_wg3_d128: 44 bytes at 168 registers (three warpgroups), and
+        // still the faster from ~1024 tokens (S26-6).
+        ("flash_wg_", 0),
+        ("flash_wg3_d64", 0),
+        ("flash_wg3_d128", 44),
+        ("kv_tile_f32", 0),
         ("norm_quant_w8", 0),
         ("lm_head_dec", 0),
         ("lm_head_screen_q8_mma_cp", 0),
@@ -1084,7 +1091,13 @@ fn flash_tcx_2b4t_timing() {
             g.launch_smem("kv_split_f32", (gx, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
                 .unwrap()
         });
-        table.push(format!("nt {nt} p0 {p0}: kv_split_f32 {t_split:.4} ms"));
+        let t_tile = time(&|| {
+            g.launch_smem("kv_tile_f32", (gx, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
+                .unwrap()
+        });
+        table.push(format!(
+            "nt {nt} p0 {p0}: kv_split_f32 {t_split:.4} ms, kv_tile_f32 {t_tile:.4} ms"
+        ));
         let group = n_heads / n_kv;
         for t in tcx_kernels(&g, hd, group) {
             let name = t.name;
@@ -1094,7 +1107,7 @@ fn flash_tcx_2b4t_timing() {
             // CudaBackend::tcx_splits: about one block per SM where the
             // un-split grid leaves over half of them idle.
             let blocks = nt.div_ceil(t.bq()) * (n_heads / t.hpb);
-            let slots = sms * (8 / t.warps);
+            let slots = sms * (8 / t.warps).max(1);
             let auto = if 2 * blocks <= slots { slots / blocks } else { 1 };
             let mut splits = vec![1usize, 2];
             if auto > 2 {

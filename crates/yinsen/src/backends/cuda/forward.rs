@@ -433,9 +433,10 @@ impl TcxKernel {
 
 /// The `flash_tcx_*` variants: `h1`, `h2`, `h4` (8 warps, 64-key tiles, 1,
 /// 2 or 4 query heads of a KV group per block) and `w4` (4 warps, one head,
-/// 32-key tiles), for head dims 64 and 128; `wg`: `flash_wg_*` (P V split
-/// only; sm_90a: two warpgroups, one head, 64-key tiles).
-pub const TCX_VARIANTS: [&str; 5] = ["h1", "h2", "h4", "w4", "wg"];
+/// 32-key tiles), for head dims 64 and 128; `wg` / `wg3`: `flash_wg_*` /
+/// `flash_wg3_*` (P V split only; sm_90a: two / three warpgroups, one head,
+/// 64-key tiles).
+pub const TCX_VARIANTS: [&str; 6] = ["h1", "h2", "h4", "w4", "wg", "wg3"];
 
 /// `flash_tcx_*` (split) or `flash_tcx16_*` variant `v` (TCX_VARIANTS) for
 /// head dim `hd`, if instantiated.
@@ -447,11 +448,16 @@ pub fn flash_tcx(hd: usize, v: &str, split: bool) -> Option<TcxKernel> {
 pub fn flash_tcx_prec(hd: usize, v: &str, prec: TcxPrec) -> Option<TcxKernel> {
     let split = prec != TcxPrec::Plain;
     let name = match (hd, v, prec) {
-        (128 | 64, "wg", TcxPrec::SplitPv) => {
+        (128 | 64, "wg" | "wg3", TcxPrec::SplitPv) => {
             return Some(TcxKernel {
-                name: if hd == 128 { "flash_wg_d128" } else { "flash_wg_d64" },
+                name: match (hd, v) {
+                    (128, "wg") => "flash_wg_d128",
+                    (64, "wg") => "flash_wg_d64",
+                    (128, _) => "flash_wg3_d128",
+                    _ => "flash_wg3_d64",
+                },
                 hpb: 1,
-                warps: 8,
+                warps: if v == "wg" { 8 } else { 12 },
                 bk: 64,
                 hd,
                 split: true,
@@ -460,7 +466,7 @@ pub fn flash_tcx_prec(hd: usize, v: &str, prec: TcxPrec) -> Option<TcxKernel> {
                 wg: true,
             })
         }
-        (_, "wg", _) => return None,
+        (_, "wg" | "wg3", _) => return None,
         (128, "h1", TcxPrec::SplitPv) => "flash_tcxv_d128_h1",
         (128, "h2", TcxPrec::SplitPv) => "flash_tcxv_d128_h2",
         (128, "h4", TcxPrec::SplitPv) => "flash_tcxv_d128_h4",
@@ -527,12 +533,16 @@ pub fn flash_tcx_scap(max_ctx: usize) -> usize {
 /// every call): `w4` for calls of fewer than TCX_SHORT_NT tokens, where its
 /// 4-warp blocks (2 per SM) fill the GPU better (S6-F2, 512 tokens: 0.035
 /// vs 0.041 ms a layer), `h1` from there (2048: 0.205 vs 0.214 ms).
-/// On sm_90a the P V split precision (Auto's) takes `wg` (`flash_wg_*`,
-/// wgmma) for every call: 2048 tokens 0.110 against h1's 0.165 ms a layer,
-/// 512 tokens 0.024 against 0.034 (S26-1, split included).
+/// On sm_90a the P V split precision (Auto's) takes the wgmma kernels
+/// (`flash_wg_*`): 2048 tokens 0.110 against h1's 0.165 ms a layer, 512
+/// tokens 0.024 against 0.034 (S26-1, split included); three warpgroups a
+/// block (`wg3`) from TCX_SHORT_NT tokens (S26-6: attention at 2048 tokens
+/// 2957-2968 against 3068-3075 us; at 512 its 60 blocks take a key split
+/// and lose: 1490 against 846 us).
 const TCX_DEFAULT: &str = "h1";
 const TCX_SHORT: &str = "w4";
-const TCX_WG: &str = "wg";
+const TCX_WG: &str = "wg3";
+const TCX_WG_SHORT: &str = "wg";
 const TCX_SHORT_NT: usize = 1024;
 
 pub struct CudaBackend {
@@ -1020,10 +1030,10 @@ impl CudaBackend {
             })
         };
         let wg = gpu.arch == "sm_90a";
-        let both = |default: &str| -> Result<[Option<TcxKernel>; 3]> {
+        let both = |default: &str, wg_default: &str| -> Result<[Option<TcxKernel>; 3]> {
             let v = |prec: TcxPrec| match tcx_env.as_deref() {
                 Some(v) => v,
-                None if wg && prec == TcxPrec::SplitPv => TCX_WG,
+                None if wg && prec == TcxPrec::SplitPv => wg_default,
                 None => default,
             };
             Ok([
@@ -1032,8 +1042,8 @@ impl CudaBackend {
                 tcx_kernel(v(TcxPrec::SplitPv), TcxPrec::SplitPv)?,
             ])
         };
-        let tcx = both(TCX_DEFAULT)?;
-        let tcx_short = both(TCX_SHORT)?;
+        let tcx = both(TCX_DEFAULT, TCX_WG)?;
+        let tcx_short = both(TCX_SHORT, TCX_WG_SHORT)?;
         // The hi/lo side buffer holds every key of the context (21 MB at
         // 2b4t); past 256 MiB (very long contexts) the old kernel stays.
         let kvs_bytes = checked(
@@ -1363,7 +1373,7 @@ impl CudaBackend {
         let forced = self.key_splits_override.load(std::sync::atomic::Ordering::Relaxed);
         let c = &self.config;
         let blocks = (nt.div_ceil(t.bq()) * (c.n_heads / t.hpb)).max(1);
-        let slots = self.gpu.info.sms.max(1) as usize * (8 / t.warps);
+        let slots = self.gpu.info.sms.max(1) as usize * (8 / t.warps).max(1);
         let want = match forced {
             0 if 2 * blocks <= slots => slots / blocks,
             0 => 1,

@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 117] = [
+pub const KERNELS: [&str; 119] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -324,6 +324,8 @@ pub const KERNELS: [&str; 117] = [
     "kv_tile_f32",
     "flash_wg_d128",
     "flash_wg_d64",
+    "flash_wg3_d128",
+    "flash_wg3_d64",
 ];
 
 /// How a kernel is launched: plainly, with PDL, or cooperatively.

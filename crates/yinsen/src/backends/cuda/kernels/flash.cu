@@ -1140,21 +1140,23 @@ __device__ __forceinline__ void fw_mma_n128(float* d, const u32* a, u64 desc, in
 }
 #endif
 
-// flash_wg_d{HD}: 8 warps = 2 warpgroups per block, one query head, 128
-// query rows (warpgroup w: rows 64 w .. 64 w + 63; warp w: rows 16 w ..
-// 16 w + 15, as flash_tcx_*'s h1), 64-key tiles through ST stages of bulk
+// flash_wg_d{HD} / flash_wg3_d{HD}: NWG = 2 / 3 warpgroups per block, one
+// query head, 64 NWG query rows (warpgroup w: rows 64 w .. 64 w + 63; warp
+// w: rows 16 w .. 16 w + 15, as flash_tcx_*'s h1; wg3 spills 44 bytes under
+// NVRTC 13.0 at its 168 registers and is still faster from ~1024 tokens,
+// S26-6), 64-key tiles through ST stages of bulk
 // copies. Per tile a warpgroup issues S = Q K^T (HD / 16 wgmmas m64n64k16),
 // the online softmax of tc_softmax_step, then O += P V (3 x 4 wgmmas
 // m64n{HD}k16); the last warpgroup done with a tile refills its stage with
 // tile it + ST. Grid, key splits and partials: flash_tcx_*'s (hpb 1).
 // (Measured and not kept, S26-2 / S26-4: FlashAttention-3's intra-warpgroup
 // pipelining, docs/wip/s26-wgp-pipelined.patch; one block barrier a tile.)
-template <int HD, int ST>
+template <int HD, int ST, int NWG = 2>
 __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt,
                                               int n_heads, int n_kv, int scap, float scale, float* outp,
                                               int out_stride, int n_ks, float* part) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BQ = 128, BK = FW_BK, KS = HD / 16, NT = HD / 8, NS = BK / 8;
+    constexpr int BQ = 64 * NWG, BK = FW_BK, KS = HD / 16, NT = HD / 8, NS = BK / 8;
     constexpr int TILE = 3 * BK * HD;  // halves per stage
     extern __shared__ uint4 tc_smem4[];
     u16* sm = (u16*)tc_smem4;
@@ -1222,8 +1224,7 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
         const int last = p0 + t0 + 64 * w + 63;
         return 64 * w >= rows || last < kbeg ? 0 : min(ntl, (last - kbeg) / BK + 1);
     };
-    const int n_0 = tiles_of(0), n_1 = tiles_of(1);
-    const int n_mine = warp >> 2 ? n_1 : n_0;
+    const int n_mine = tiles_of(warp >> 2);
 
     float o[NT][4] = {};
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
@@ -1271,7 +1272,9 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
         // attention at 2048 tokens -7% against one barrier a tile).
         asm volatile("bar.sync %0, 128;" ::"r"(1 + (warp >> 2)) : "memory");
         if ((threadIdx.x & 127) == 0) {
-            const int want = (it < n_0) + (it < n_1);
+            int want = 0;
+#pragma unroll
+            for (int w = 0; w < NWG; w++) want += it < tiles_of(w);
             if (atomicAdd(&done[st], 1) + 1 == want) {
                 done[st] = 0;
                 if (it + ST < ntl) issue(it + ST);
@@ -1284,13 +1287,15 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
                   outp, out_stride);
 #endif
 }
-#define FLASH_WG(NAME, HD, ST)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                       \
+#define FLASH_WG(NAME, HD, ST, NWG)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, 1)                                                 \
         NAME(const float* qr, int q_stride, const u16* kvs, const int* pos, int nt, int n_heads, int n_kv,      \
              int scap, float scale, float* outp, int out_stride, int n_ks, float* part) {                       \
         pdl_wait();                                                                                             \
-        flash_wg_body<HD, ST>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp, out_stride, n_ks,   \
-                              part);                                                                            \
+        flash_wg_body<HD, ST, NWG>(qr, q_stride, kvs, pos, nt, n_heads, n_kv, scap, scale, outp, out_stride,    \
+                                   n_ks, part);                                                                 \
     }
-FLASH_WG(flash_wg_d128, 128, 3)
-FLASH_WG(flash_wg_d64, 64, 4)
+FLASH_WG(flash_wg_d128, 128, 3, 2)
+FLASH_WG(flash_wg_d64, 64, 4, 2)
+FLASH_WG(flash_wg3_d128, 128, 3, 3)
+FLASH_WG(flash_wg3_d64, 64, 4, 3)
