@@ -851,6 +851,36 @@ __device__ __forceinline__ void tcx_wait() {
 }
 #endif
 
+// Q (pre-scaled by scale * log2(e), as flash_tc_body) as A fragments
+// straight from global memory (row t0 + r0 of qr, the head's first column
+// col): a0 row r0 cols 2c.., a1 row r0 + 8, a2 / a3 cols + 8, the ks-th
+// k16 step at + 16 ks;
+// with QKS also the lo parts. Rows at or past `rows` are zeros.
+#if __CUDA_ARCH__ >= 800
+template <int KS, bool QKS>
+__device__ __forceinline__ void tcx_q_frags(const float* qr, int q_stride, int t0, int col, int r0, int rows, int c,
+                                            float scale, u32 (&qreg)[KS][4], u32 (&qlreg)[KS][4]) {
+    const float qscale = scale * 1.4426950408889634f;
+    const float* q0 = qr + (size_t)(t0 + r0) * q_stride + col + 2 * c;
+    const float* q1 = q0 + (size_t)8 * q_stride;
+    const bool ok0 = r0 < rows, ok1 = r0 + 8 < rows;
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+        float2 v[4];
+        v[0] = ok0 ? *(const float2*)(q0 + 16 * ks) : make_float2(0.f, 0.f);
+        v[1] = ok1 ? *(const float2*)(q1 + 16 * ks) : make_float2(0.f, 0.f);
+        v[2] = ok0 ? *(const float2*)(q0 + 16 * ks + 8) : make_float2(0.f, 0.f);
+        v[3] = ok1 ? *(const float2*)(q1 + 16 * ks + 8) : make_float2(0.f, 0.f);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float x = v[i].x * qscale, y = v[i].y * qscale;
+            qreg[ks][i] = tc_pack(x, y);
+            qlreg[ks][i] = QKS ? tc_pack_lo(x, y, qreg[ks][i]) : 0u;
+        }
+    }
+}
+#endif
+
 // With SPLIT, QKS (the default) splits Q K too; false takes Q K in plain
 // f16 (one mma instead of three) and leaves the side buffer's K lo plane
 // uncopied: flash_tcxv_* (P V split only, Auto's choice). On the fixtures
@@ -917,32 +947,11 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
         tc_commit();
     }
 
-    // Q (pre-scaled by scale * log2(e), as flash_tc_body) split into hi/lo
-    // A fragments straight from global memory: a0 row g cols 2c.., a1 row
-    // g + 8, a2 / a3 cols + 8. Rows past nt are zeros.
+    // Q split into hi/lo A fragments (tcx_q_frags).
     const int wr = 16 * (warp % WPH);  // the warp's first row in the tile
     const int r0 = wr + g;
-    const float qscale = scale * 1.4426950408889634f;
     u32 qreg[KS][4], qlreg[KS][4];
-    {
-        const float* q0 = qr + (size_t)(t0 + r0) * q_stride + h * HD + 2 * c;
-        const float* q1 = q0 + (size_t)8 * q_stride;
-        const bool ok0 = r0 < rows, ok1 = r0 + 8 < rows;
-#pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
-            float2 v[4];
-            v[0] = ok0 ? *(const float2*)(q0 + 16 * ks) : make_float2(0.f, 0.f);
-            v[1] = ok1 ? *(const float2*)(q1 + 16 * ks) : make_float2(0.f, 0.f);
-            v[2] = ok0 ? *(const float2*)(q0 + 16 * ks + 8) : make_float2(0.f, 0.f);
-            v[3] = ok1 ? *(const float2*)(q1 + 16 * ks + 8) : make_float2(0.f, 0.f);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float x = v[i].x * qscale, y = v[i].y * qscale;
-                qreg[ks][i] = tc_pack(x, y);
-                qlreg[ks][i] = QKS ? tc_pack_lo(x, y, qreg[ks][i]) : 0u;
-            }
-        }
-    }
+    tcx_q_frags<KS, QKS>(qr, q_stride, t0, h * HD, r0, rows, c, scale, qreg, qlreg);
 
     const int lm = lane >> 3, lr = lane & 7;
     const int k_off = (lr + 8 * (lm >> 1)) * LD + 8 * (lm & 1);
@@ -1194,27 +1203,11 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
     if (threadIdx.x == 0)
         for (int i = 0; i < ST && i < ntl; i++) issue(i);
 
-    // Q (pre-scaled by scale * log2(e)) as plain f16 A fragments, straight
-    // from global memory: a0 row g cols 2c.., a1 row g + 8, a2 / a3 cols + 8.
+    // Q as plain f16 A fragments (tcx_q_frags).
     const int wr = 16 * warp;  // the warp's first row in the tile
     const int r0 = wr + g;
-    const float qscale = scale * 1.4426950408889634f;
-    u32 qreg[KS][4];
-    {
-        const float* q0 = qr + (size_t)(t0 + r0) * q_stride + h * HD + 2 * c;
-        const float* q1 = q0 + (size_t)8 * q_stride;
-        const bool ok0 = r0 < rows, ok1 = r0 + 8 < rows;
-#pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
-            float2 v[4];
-            v[0] = ok0 ? *(const float2*)(q0 + 16 * ks) : make_float2(0.f, 0.f);
-            v[1] = ok1 ? *(const float2*)(q1 + 16 * ks) : make_float2(0.f, 0.f);
-            v[2] = ok0 ? *(const float2*)(q0 + 16 * ks + 8) : make_float2(0.f, 0.f);
-            v[3] = ok1 ? *(const float2*)(q1 + 16 * ks + 8) : make_float2(0.f, 0.f);
-#pragma unroll
-            for (int i = 0; i < 4; i++) qreg[ks][i] = tc_pack(v[i].x * qscale, v[i].y * qscale);
-        }
-    }
+    u32 qreg[KS][4], qlreg[KS][4];  // qlreg: unused (Q K plain)
+    tcx_q_frags<KS, false>(qr, q_stride, t0, h * HD, r0, rows, c, scale, qreg, qlreg);
 
     const int pos0 = p0 + t0 + r0;
     const int wfirst = p0 + t0 + wr;
