@@ -922,6 +922,100 @@ fn tcx_kernels(g: &Gpu, hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
     all.into_iter().filter(|t| !t.wg || g.arch == "sm_90a").collect()
 }
 
+/// `kv_tile_f32` writes `flash_wg_*`'s tile images exactly: per (KV head,
+/// 64-key tile) K hi in K-major core matrices (key j, dim d at ((j / 8)
+/// (hd / 8) + d / 8) 64 + (j % 8) 8 + d % 8), then V hi and V lo transposed
+/// (at 64 hd and 128 hd + ((d / 8) 8 + j / 8) 64 + (d % 8) 8 + j % 8), each
+/// value the f16 of the cache's f32 (hi) and of its residual (lo), keys past
+/// p0 + nt zeros (their cache rows are NaN), and nothing past the last tile
+/// written (the buffer is poisoned with 0xff first). Head dims 128 and 64,
+/// a grid smaller than the work (the kernel strides).
+#[test]
+fn kv_tile_writes_the_tile_images() {
+    use half::f16;
+    use yinsen::backends::cuda::{flash_tcx_scap, Arg};
+    let Some(g) = gpu() else { return };
+    if !g.has_mma() {
+        common::skip_cuda("no mma.sync (sm_80+): kv_tile_f32 is empty there");
+        return;
+    }
+    let mut rng = SplitMix64(0x7e1e);
+    for &(n_kv, hd, p0, nt) in &[(2usize, 128usize, 37usize, 200usize), (3, 64, 0, 129)] {
+        let cap = 300usize;
+        let scap = flash_tcx_scap(cap);
+        let kmax = p0 + nt;
+        let mut cache = |_: ()| -> Vec<f32> {
+            (0..n_kv * cap * hd)
+                .map(|i| {
+                    if (i / hd) % cap >= kmax {
+                        f32::NAN
+                    } else {
+                        ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+                    }
+                })
+                .collect()
+        };
+        let (k, v) = (cache(()), cache(()));
+        let (kb, vb) = (g.upload(&k).unwrap(), g.upload(&v).unwrap());
+        let pos = g.upload(&[p0 as i32]).unwrap();
+        let halves = n_kv * scap * 4 * hd;
+        let kvs = g.alloc(2 * halves).unwrap();
+        kvs.fill(0xff).unwrap();
+        let args = [
+            kb.p(),
+            vb.p(),
+            pos.p(),
+            Arg::I(nt as i32),
+            Arg::I(n_kv as i32),
+            Arg::I(hd as i32),
+            Arg::I(cap as i32),
+            Arg::I(scap as i32),
+            kvs.p(),
+        ];
+        g.launch_smem("kv_tile_f32", (7, 2 * n_kv as u32, 1), 256, 0, &args, Launch::Plain)
+            .unwrap();
+        g.sync().unwrap();
+        let got = kvs.read::<u16>(halves).unwrap();
+        let tile = 3 * 64 * hd;
+        let ntile = kmax.div_ceil(64);
+        let hi_lo = |x: f32| {
+            let hi = f16::from_f32(x);
+            (hi.to_bits(), f16::from_f32(x - hi.to_f32()).to_bits())
+        };
+        let mut checked = 0usize;
+        for h in 0..n_kv {
+            let img = h * (scap / 64) * tile;
+            for t in 0..scap / 64 {
+                for jj in 0..64 {
+                    let j = t * 64 + jj;
+                    for d in 0..hd {
+                        let at_k = img + t * tile + ((jj / 8) * (hd / 8) + d / 8) * 64 + (jj % 8) * 8 + d % 8;
+                        let at_v = img + t * tile + 64 * hd + ((d / 8) * 8 + jj / 8) * 64 + (d % 8) * 8 + jj % 8;
+                        let what = format!("hd {hd} kv head {h} key {j} dim {d}");
+                        if t >= ntile {
+                            let untouched = [got[at_k], got[at_v], got[at_v + 64 * hd]];
+                            assert_eq!(untouched, [0xffff; 3], "{what}: past the last tile, written");
+                            continue;
+                        }
+                        let (kx, vx) = if j < kmax {
+                            (k[(h * cap + j) * hd + d], v[(h * cap + j) * hd + d])
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        assert_eq!(got[at_k], hi_lo(kx).0, "{what}: K {kx}");
+                        let (vh, vl) = hi_lo(vx);
+                        assert_eq!(got[at_v], vh, "{what}: V hi of {vx}");
+                        assert_eq!(got[at_v + 64 * hd], vl, "{what}: V lo of {vx}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, n_kv * ntile * 64 * hd);
+        println!("kv_tile_f32 hd {hd}: {checked} (key, dim) entries of {ntile} tiles a KV head exact");
+    }
+}
+
 /// `kv_split_f32` + `flash_tcx_*` (K/V split into hi/lo f16 once, 8 warps
 /// per block over 1, 2 or 4 query heads of a KV group) against the f64
 /// reference (split precision: 5e-5, as flash_attention_matches_reference)
