@@ -24,6 +24,17 @@ fn gpu() -> Option<std::sync::Arc<Gpu>> {
     }
 }
 
+/// The GPU if it has mma.sync (sm_80+), or None after printing why not;
+/// `why` says what the test needs it for.
+fn mma_gpu(why: &str) -> Option<std::sync::Arc<Gpu>> {
+    let g = gpu()?;
+    if !g.has_mma() {
+        common::skip_cuda(&format!("no mma.sync (sm_80+): {why}"));
+        return None;
+    }
+    Some(g)
+}
+
 /// Every attention output within `tol * (1 + |want|)` of the f64 reference
 /// (`[token][head][hd]`); returns the largest such relative error.
 fn assert_attention_close(got: &[f32], want: &[f64], tol: f64, q_dim: usize, hd: usize, what: &str) -> f64 {
@@ -653,11 +664,9 @@ fn merge_launch(
 #[test]
 fn flash_key_split_matches_reference() {
     use yinsen::backends::cuda::{flash_tc_smem, KvDtype, FLASH_TC_THREADS};
-    let Some(g) = gpu() else { return };
-    if !g.has_mma() {
-        common::skip_cuda("no mma.sync (sm_80+)");
+    let Some(g) = mma_gpu("the tensor-core flash kernels") else {
         return;
-    }
+    };
     let cap = 2200usize;
     let mut seed = 70u64;
     let mut splits_seen = 0usize;
@@ -846,6 +855,15 @@ fn flash_attention_2b4t_timing() {
     }
 }
 
+/// The arguments of the kernels that fill the f16 side buffer
+/// (`kv_split_f32`, `kv_half_f32`, `kv_tile_f32`): the f32 K and V caches and
+/// the first position ([k, v, pos]), then [nt, n_kv, hd, cap, scap], then the buffer.
+fn kv_side_args(kvp: [cuda::Arg; 3], dims: [usize; 5], kvs: &cuda::DevBuf) -> [cuda::Arg; 9] {
+    use yinsen::backends::cuda::Arg;
+    let [nt, n_kv, hd, cap, scap] = dims.map(|d| Arg::I(d as i32));
+    [kvp[0], kvp[1], kvp[2], nt, n_kv, hd, cap, scap, kvs.p()]
+}
+
 /// kv_split_f32 (or kv_half_f32) + one `flash_tcx*` launch (+
 /// flash_tcx_merge for n_ks > 1) over an f32 cache; `kvs` is the f16 side
 /// buffer ([n_kv][scap][4][hd] split, [n_kv][scap][2][hd] plain).
@@ -862,17 +880,7 @@ fn tcx_launch(
 ) {
     use yinsen::backends::cuda::Arg;
     let [q_dim, nt, n_heads, n_kv, hd, cap] = dims;
-    let split = [
-        args[2],
-        args[3],
-        args[4],
-        Arg::I(nt as i32),
-        Arg::I(n_kv as i32),
-        Arg::I(hd as i32),
-        Arg::I(cap as i32),
-        Arg::I(scap as i32),
-        kvs.p(),
-    ];
+    let split = kv_side_args([args[2], args[3], args[4]], [nt, n_kv, hd, cap, scap], kvs);
     g.launch_smem(t.kv_kernel(), (16, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
         .unwrap();
     let bq = t.bq();
@@ -933,12 +941,10 @@ fn tcx_kernels(g: &Gpu, hd: usize, group: usize) -> Vec<cuda::TcxKernel> {
 #[test]
 fn kv_tile_writes_the_tile_images() {
     use half::f16;
-    use yinsen::backends::cuda::{flash_tcx_scap, Arg};
-    let Some(g) = gpu() else { return };
-    if !g.has_mma() {
-        common::skip_cuda("no mma.sync (sm_80+): kv_tile_f32 is empty there");
+    use yinsen::backends::cuda::flash_tcx_scap;
+    let Some(g) = mma_gpu("kv_tile_f32 is empty there") else {
         return;
-    }
+    };
     let mut rng = SplitMix64(0x7e1e);
     for &(n_kv, hd, p0, nt) in &[(2usize, 128usize, 37usize, 200usize), (3, 64, 0, 129)] {
         let cap = 300usize;
@@ -961,17 +967,7 @@ fn kv_tile_writes_the_tile_images() {
         let halves = n_kv * scap * 4 * hd;
         let kvs = g.alloc(2 * halves).unwrap();
         kvs.fill(0xff).unwrap();
-        let args = [
-            kb.p(),
-            vb.p(),
-            pos.p(),
-            Arg::I(nt as i32),
-            Arg::I(n_kv as i32),
-            Arg::I(hd as i32),
-            Arg::I(cap as i32),
-            Arg::I(scap as i32),
-            kvs.p(),
-        ];
+        let args = kv_side_args([kb.p(), vb.p(), pos.p()], [nt, n_kv, hd, cap, scap], &kvs);
         g.launch_smem("kv_tile_f32", (7, 2 * n_kv as u32, 1), 256, 0, &args, Launch::Plain)
             .unwrap();
         g.sync().unwrap();
@@ -1032,11 +1028,9 @@ fn kv_tile_writes_the_tile_images() {
 #[test]
 fn flash_tcx_matches_reference() {
     use yinsen::backends::cuda::{flash_tc_smem, flash_tcx_scap, KvDtype, FLASH_TC_THREADS};
-    let Some(g) = gpu() else { return };
-    if !g.has_mma() {
-        common::skip_cuda("no mma.sync (sm_80+)");
+    let Some(g) = mma_gpu("the tensor-core flash kernels") else {
         return;
-    }
+    };
     let cap = 2200usize;
     let scap = flash_tcx_scap(cap);
     let mut ran = 0usize;
@@ -1169,17 +1163,7 @@ fn flash_tcx_2b4t_timing() {
             "nt {nt} p0 {p0}: {old} n_ks 1 {t_old:.4} ms, n_ks {old_ks} {t_old_ks:.4} ms"
         ));
         // kv_split_f32 alone.
-        let split = [
-            args[2],
-            args[3],
-            args[4],
-            Arg::I(nt as i32),
-            Arg::I(n_kv as i32),
-            Arg::I(hd as i32),
-            Arg::I(cap as i32),
-            Arg::I(scap as i32),
-            kvs.p(),
-        ];
+        let split = kv_side_args([args[2], args[3], args[4]], [nt, n_kv, hd, cap, scap], &kvs);
         let gx = (cap * hd / 4).div_ceil(2048).clamp(1, 64) as u32;
         let t_split = time(&|| {
             g.launch_smem("kv_split_f32", (gx, 2 * n_kv as u32, 1), 256, 0, &split, Launch::Plain)
