@@ -404,7 +404,7 @@ pub fn exp2_portable(x: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -707,7 +707,7 @@ mod x86 {
     /// In-register 16x16 transpose: `r[i]` lane j becomes `r[j]` lane i.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
+    pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
         // Pairs of rows interleaved per 128-bit lane, then quads: r[4i + k]
         // lane L = column 4L + k of rows 4i..4i+3.
         let t: [__m512; 16] = std::array::from_fn(|i| {

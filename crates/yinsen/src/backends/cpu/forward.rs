@@ -8,6 +8,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::attention::{self, AttnShape};
+use super::decode_attention;
 use super::head_screen::{HeadScreen, ScreenCounters, ScreenCounts};
 use super::kernels::policy::KernelPolicy;
 use super::linear::{Epilogue, Linear, QuantizedInput};
@@ -370,14 +371,13 @@ impl CpuBackend {
         };
         // Decode has one query per head: nothing to tile. Heads in
         // contiguous groups on the spin pool, whose workers would otherwise
-        // spin against rayon's for the cores.
+        // spin against rayon's for the cores; the reference's bits
+        // (decode_attention.rs).
         if n == 1 {
             let hd = c.head_dim;
             let mut out = vec![0f32; c.q_dim()];
             self.spin.for_ranges(&mut out, hd, |r0, o| {
-                for (k, oh) in o.chunks_exact_mut(hd).enumerate() {
-                    attention::simple_head(&shape, q, kc, vc, p0, r0 / hd + k, oh);
-                }
+                decode_attention::decode_heads(&shape, q, kc, vc, p0, r0 / hd, o);
             });
             out
         } else {

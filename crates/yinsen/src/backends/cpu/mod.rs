@@ -2,6 +2,7 @@
 //! SIMD/AMX kernels chosen at run time, and the CPU forward pass.
 
 pub mod attention;
+pub mod decode_attention;
 pub mod forward;
 pub mod head_screen;
 pub mod kernels;
