@@ -724,10 +724,10 @@ pub(crate) enum DecodeLoop {
 }
 
 /// Limits of mega.cu (MG_* there).
-const MG_THREADS: usize = 1024;
+const MG_THREADS: usize = 512;
 /// Threads of the persistent decode's blocks: MG_THREADS unless
 /// `$YINSEN_CUDA_MEGA_THREADS` says otherwise (A/B runs only, together with
-/// `YINSEN_NVRTC_DEFINES=MG_THREADS=N`).
+/// `YINSEN_NVRTC_DEFINES=MG_THREADS=N`; the multi-token kernel keeps its own).
 fn mega_threads() -> u32 {
     std::env::var("YINSEN_CUDA_MEGA_THREADS")
         .ok()

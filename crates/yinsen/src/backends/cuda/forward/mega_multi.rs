@@ -6,11 +6,15 @@
 //! (int8 codes, per-block statistics) live in global memory.
 
 use super::prefill::Keys;
-use super::{mega_threads, Mega, MG_MAXROWS, MG_QMAX, MG_THREADS};
+use super::{Mega, MG_MAXROWS, MG_QMAX};
 use crate::backends::cuda::{Arg, DevBuf, Gpu, Launch};
 use crate::error::Result;
 use crate::model::ModelConfig;
 use std::sync::Arc;
+
+/// Threads per block of the multi-token kernel (MM_THREADS in mega_multi.cu;
+/// the one-token kernel's are `MG_THREADS`).
+const MM_THREADS: usize = 1024;
 
 /// Tokens per launch at most (MM_T).
 pub(super) const MM_T: usize = 16;
@@ -114,16 +118,13 @@ fn plan(
     let (qkv_bytes, o_bytes) = (sh.r_qkv * sh.ch * 16, sh.r_o * sh.cq * 16);
     let (q_bytes, k_bytes, v_bytes, s_bytes) = attention_bytes(c, kv_bytes);
     let r_max = MM_T * group;
-    // An A/B build of the decode kernel at another block size compiles
-    // this kernel with it too, which its launches do not follow: off then.
-    let fits = mega_threads() == MG_THREADS as u32
-        && c.n_kv_heads > 0
+    let fits = c.n_kv_heads > 0
         && c.n_heads.is_multiple_of(c.n_kv_heads)
-        && grid * MM_T / 2 <= 2 * MG_THREADS
+        && grid * MM_T / 2 <= 2 * MM_THREADS
         && group * hd <= MG_QMAX
         && r_max <= MM_RMAX
         && hd > 0
-        && MG_THREADS.is_multiple_of(hd)
+        && MM_THREADS.is_multiple_of(hd)
         && c.hidden.is_multiple_of(4)
         && c.q_dim().is_multiple_of(4)
         && c.ffn.is_multiple_of(4)
@@ -193,7 +194,7 @@ impl MegaMulti {
             _ => return Ok(None),
         };
         for name in ["mega_multi_f32", "mega_multi_f16"] {
-            if !gpu.allow_dynamic_smem(name, plan.smem)? || gpu.occupancy(name, MG_THREADS as u32, plan.smem)? < 1 {
+            if !gpu.allow_dynamic_smem(name, plan.smem)? || gpu.occupancy(name, MM_THREADS as u32, plan.smem)? < 1 {
                 return Ok(None);
             }
         }
@@ -276,7 +277,7 @@ impl super::CudaBackend {
         g.launch_smem(
             name,
             (m.grid, 1, 1),
-            MG_THREADS as u32,
+            MM_THREADS as u32,
             mm.plan.smem as u32,
             &[
                 m.table.p(),
@@ -446,7 +447,7 @@ mod tests {
                     let max_splits = c.max_ctx.div_ceil(MM_AC);
                     let Some(p) = plan(&c, grid, chunks, 64, max_splits, kvb) else {
                         // The attention loops need head dims dividing the block (700m's is 96).
-                        assert!(!MG_THREADS.is_multiple_of(c.head_dim), "{what}: no plan");
+                        assert!(!MM_THREADS.is_multiple_of(c.head_dim), "{what}: no plan");
                         continue;
                     };
                     let sh = Shapes::new(&c, grid);

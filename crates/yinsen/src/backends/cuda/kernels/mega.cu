@@ -1,6 +1,6 @@
 // The persistent one-token decode: every layer of the transformer body in
-// ONE kernel launch, one 1024-thread block per SM, phases separated by grid
-// barriers. Why: a decode step is ~150 small dependent matrix kernels whose
+// ONE kernel launch, one 512-thread block per SM (MG_THREADS), phases
+// separated by grid barriers. Why: a decode step is ~150 small dependent matrix kernels whose
 // launch, ramp-up and tail latencies (not bytes) set the step time. Here a
 // phase costs one barrier, and the weights of the next phase are already on
 // their way (bulk-copied into the other shared-memory buffer a phase ahead;
@@ -22,12 +22,16 @@
 // Data written inside the launch by other blocks is read with ld.global.cg
 // (L2, never a stale L1 line); weights and norms are read-only (__ldg).
 
-// Threads per block. 512 (an A/B build: YINSEN_NVRTC_DEFINES=MG_THREADS=512
-// with YINSEN_CUDA_MEGA_THREADS=512) gives 128 registers and half the warps
-// running each phase's per-block code: decode +2.8% at ctx 0, -6% at ctx
-// 2048, where its attention's unstaged-K scores are slower (S21-5).
+// Threads per block of the one-token kernel (the multi-token kernel has
+// its own, MM_THREADS in mega_multi.cu). 512: 128 registers and half the
+// warps running each phase's per-block code (the quantisation, the item
+// setup: issue-bound at 32 warps, S21-2). S21-5 had it +2.8% at ctx 0 and
+// -6% at ctx 2048 against 1024; with sessions 22-23's K staging and merge,
+// S27-3 measured 1097-1103 / 884-889 tok/s against 1046-1047 / 856-861.
+// A/B builds: YINSEN_NVRTC_DEFINES=MG_THREADS=1024 with
+// YINSEN_CUDA_MEGA_THREADS=1024.
 #ifndef MG_THREADS
-#define MG_THREADS 1024
+#define MG_THREADS 512
 #endif
 #define MG_NQ (8192 / MG_THREADS)  // input elements per thread: widths up to 8192
 #define MG_MAXROWS 512    // rows of one phase per block (host checks)
@@ -259,13 +263,15 @@ __device__ __forceinline__ void mg_lt_copy(const u64* lt, int l, u64 (*lts)[MG_L
 // Start copying a phase's weights (the block's rows, flattened (row, chunk)
 // order) into a shared-memory buffer: 16-byte cp.async, L1 bypassed. They
 // land while the current phase and the barrier run; cp_async_wait() waits.
+// NT: the block's threads (MG_THREADS here, MM_THREADS in mega_multi.cu).
+template <int NT = MG_THREADS>
 __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, uint4* dst) {
     // The block's rows are one contiguous range (two when paired): the
     // flattened chunk index maps to global chunks without a division.
     const int span = r.n * chunks, total = mg_nloc(r) * chunks;
     const uint4* b0 = W + (size_t)r.a * chunks;
     const uint4* b1 = r.off2 >= 0 ? W + (size_t)(r.off2 + r.a) * chunks - span : b0;
-    for (int idx = threadIdx.x; idx < total; idx += MG_THREADS) {
+    for (int idx = threadIdx.x; idx < total; idx += NT) {
         const uint4* src = idx < span ? b0 + idx : b1 + idx;
 #if __CUDA_ARCH__ >= 800
         const unsigned a = (unsigned)__cvta_generic_to_shared(dst + idx);
@@ -300,14 +306,15 @@ struct MgNext {
     float* scs;
     bool evict_first;  // MG_EVICT_FIRST
 };
+template <int NT = MG_THREADS>
 __device__ __forceinline__ void mg_issue(const MgNext& n) {
 #if __CUDA_ARCH__ >= 900
     mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar, n.evict_first);
 #else
-    mg_wcopy(n.W, n.chunks, n.r, n.dst);
+    mg_wcopy<NT>(n.W, n.chunks, n.r, n.dst);
 #endif
     const int nloc = mg_nloc(n.r);
-    for (int i = threadIdx.x; i < nloc; i += MG_THREADS) cp_async4(n.scs + i, n.rs + mg_row(n.r, i));
+    for (int i = threadIdx.x; i < nloc; i += NT) cp_async4(n.scs + i, n.rs + mg_row(n.r, i));
     cp_commit();
 }
 
@@ -588,7 +595,7 @@ __device__ __forceinline__ float mg_ld_weak(const float* p) {
 // 796 / 684 -> 805 / 696 tok/s at ctx 0 / 2048, S8-8 / S8-9). Same float
 // order as before; no spills (a template on the head count spilled).
 // MG_KB keys per warp are loaded before the first is used. At 512 threads
-// (16 warps; an A/B build, see MG_THREADS) the unstaged 79-key items of ctx
+// (16 warps; the default since session 27, see MG_THREADS) the unstaged 79-key items of ctx
 // 2048 took 5 round trips a warp: 4 keys at once cut their scores from 8.1
 // to 6.8 us a layer, still above 1024 threads' 5.4 (S21-5).
 #ifndef MG_KB
@@ -776,8 +783,8 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (item == blockIdx.x) mg_mark(trace, tb + 5);
         const KV* vsm = (const KV*)vdst;
         // PV: `split` adjacent lanes share an output, each taking every
-        // split-th key, summed by shuffles (a 512-output group leaves half
-        // of the 1024 threads idle otherwise).
+        // split-th key, summed by shuffles (a 512-output group would leave
+        // half of 1024 threads idle otherwise).
         int split = 1;
         while (split < 8 && group * hd * split * 2 <= MG_THREADS) split *= 2;
         if ((group * hd * split) % 32 != 0) split = 1;  // whole warps only (the shuffles)

@@ -44,6 +44,10 @@
 //   s_off ..           the attention scores (B's free tail where it fits)
 //   acc_off ..         int32 row x token sums of the dot
 
+// Threads per block (the one-token kernel's are MG_THREADS, mega.cu).
+#ifndef MM_THREADS
+#define MM_THREADS 1024
+#endif
 #define MM_T 16          // tokens at most
 #define MM_RMAX 128      // query rows (tokens x group) at most
 #define MM_AC 64         // keys per attention item
@@ -99,7 +103,7 @@ __device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps
                           float2* sbuf) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, n4 = gridDim.x * MM_T / 2;
     const float4* src = (const float4*)stat;
-    const int i0 = threadIdx.x, i1 = threadIdx.x + MG_THREADS;
+    const int i0 = threadIdx.x, i1 = threadIdx.x + MM_THREADS;
     const float4 a = i0 < n4 ? __ldcg(src + i0) : make_float4(0.f, 0.f, 0.f, 0.f);
     const float4 b = i1 < n4 ? __ldcg(src + i1) : make_float4(0.f, 0.f, 0.f, 0.f);
     if (i0 < n4) ((float4*)sbuf)[i0] = a;
@@ -151,11 +155,11 @@ __device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, 
     }
     mm_scales(stat, T, n, norm, eps, r_s, s_s, sbuf);  // ends with a block barrier
     mg_mark(trace, mark);
-    for (; idx < w1; idx += MG_THREADS) {
+    for (; idx < w1; idx += MM_THREADS) {
         const int t = idx / wpt, i = (idx - t * wpt) * 4;
         unsigned word = 0;
         if (i < n) {
-            if (idx >= w0 + MG_THREADS) {
+            if (idx >= w0 + MM_THREADS) {
                 v = __ldcg((const float4*)(in + (size_t)t * n + i));
                 if (has_nw) g = __ldg((const float4*)(nw + i));
             }
@@ -172,7 +176,7 @@ __device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, 
 // here than cp.async by all: run 103.)
 __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
-    for (int i = threadIdx.x; i < bytes / 16; i += MG_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
+    for (int i = threadIdx.x; i < bytes / 16; i += MM_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
     cp_commit();
     mg_mark(trace, mark);
     cp_async_wait();
@@ -246,7 +250,7 @@ __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* 
 }
 
 __device__ __forceinline__ void mm_zero_acc(int* acc_s, int nloc) {
-    for (int i = threadIdx.x; i < nloc * MM_T; i += MG_THREADS) acc_s[i] = 0;
+    for (int i = threadIdx.x; i < nloc * MM_T; i += MM_THREADS) acc_s[i] = 0;
 }
 
 // A matrix phase after its barrier: acc_s zeroed, the codes copied in
@@ -327,29 +331,29 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         // Loops are (row, unit) grids with the unit fixed per thread (units
         // per row divide the block): no integer division per element, which
         // at 1024 threads costs 8 issue slots per scheduler each.
-        for (int j = tid / ku, c = tid % ku; j < nj; j += MG_THREADS / ku) {
+        for (int j = tid / ku, c = tid % ku; j < nj; j += MM_THREADS / ku) {
             cp16(ksm + j * khs + c * (16 / (int)sizeof(KV)), (const char*)(kb + (size_t)j * hd) + 16 * c);
             cp16((char*)(vsm + j * hd) + 16 * c, (const char*)(vb + (size_t)j * hd) + 16 * c);
         }
-        for (int r = tid / qu, c = tid % qu; r < R; r += MG_THREADS / qu) {
+        for (int r = tid / qu, c = tid % qu; r < R; r += MM_THREADS / qu) {
             const int t = t0 + r / group, g = r - (t - t0) * group;
             cp16(qsm + r * hs + 4 * c, qr + (size_t)t * Q + (kvh * group + g) * hd + 4 * c);
         }
         // The sub-norm weights of this head group (for the output statistics).
         if (nw)
-            for (int i = tid; i < group * qu; i += MG_THREADS) cp16(nws + 4 * i, nw + (size_t)kvh * group * hd + 4 * i);
+            for (int i = tid; i < group * qu; i += MM_THREADS) cp16(nws + 4 * i, nw + (size_t)kvh * group * hd + 4 * i);
         cp_commit();
         const bool first = item == (int)blockIdx.x;
         if (first) mg_mark(trace, tb + 33);
         cp_async_wait();
         __syncthreads();
         if (first) mg_mark(trace, tb + 34);
-        for (int r = tid / hd, d = tid % hd; r < R; r += MG_THREADS / hd) qsm[r * hs + d] *= scale;
+        for (int r = tid / hd, d = tid % hd; r < R; r += MM_THREADS / hd) qsm[r * hs + d] *= scale;
         __syncthreads();
         // Scores, 4 query rows x 1 key per thread (each K row read once per
         // 4 rows); keys after a query's own position are masked.
         const int nrq = (R + 3) / 4;
-        for (int p = tid; p < nrq * nj; p += MG_THREADS) {
+        for (int p = tid; p < nrq * nj; p += MM_THREADS) {
             const int r0 = 4 * (p / nj), j = p - (p / nj) * nj;
             const KV* kr = ksm + j * khs;
             const float4* q0 = (const float4*)(qsm + min(r0, R - 1) * hs);
@@ -386,12 +390,12 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         __syncthreads();
         if (first) mg_mark(trace, tb + 35);
         // Softmax per query row (unnormalised; the sum goes to ml).
-        for (int r = warp; r < R; r += MG_THREADS / 32) mg_softmax_row(S + r * ss_, nj, ml + 2 * r);
+        for (int r = warp; r < R; r += MM_THREADS / 32) mg_softmax_row(S + r * ss_, nj, ml + 2 * r);
         __syncthreads();
         if (first) mg_mark(trace, tb + 36);
         // P V: thread (4 rows, 4 dims); outputs into qsm ([R][hd]).
         const int n4 = hd / 4;
-        for (int p = tid; p < nrq * n4; p += MG_THREADS) {
+        for (int p = tid; p < nrq * n4; p += MM_THREADS) {
             const int r0 = 4 * (p / n4), d = 4 * (p - (p / n4) * n4);
             float4 a[4];
 #pragma unroll
@@ -415,18 +419,18 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (first) mg_mark(trace, tb + 37);
         bool out = true;
         if (nch == 1) {
-            for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+            for (int r = tid / hd, dd = tid % hd; r < R; r += MM_THREADS / hd) {
                 const int t = t0 + r / group, g = r - (t - t0) * group;
                 const float v = qsm[r * hd + dd] / ml[2 * r + 1];
                 qsm[r * hd + dd] = v;
                 attn[(size_t)t * Q + (kvh * group + g) * hd + dd] = v;
             }
         } else {
-            for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+            for (int r = tid / hd, dd = tid % hd; r < R; r += MM_THREADS / hd) {
                 const int t = t0 + r / group, g = r - (t - t0) * group;
                 part[(((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst + 2 + dd] = qsm[r * hd + dd];
             }
-            for (int r = tid; r < R; r += MG_THREADS) {
+            for (int r = tid; r < R; r += MM_THREADS) {
                 const int t = t0 + r / group, g = r - (t - t0) * group;
                 float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + ch) * pst;
                 p[0] = ml[2 * r];
@@ -451,17 +455,17 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
                 // outputs in chunk order.
                 float* mw = (float*)ksm;
                 float* lw = mw + R * nch;
-                for (int i = tid; i < R * nch; i += MG_THREADS) {
+                for (int i = tid; i < R * nch; i += MM_THREADS) {
                     const int r = i / nch, c = i - r * nch, t = t0 + r / group, g = r - (t - t0) * group;
                     const float* p = part + (((size_t)t * n_heads + kvh * group + g) * nsplit + c) * pst;
                     mw[i] = __ldcg(p);
                     lw[i] = __ldcg(p + 1);
                 }
                 __syncthreads();
-                for (int r = warp; r < R; r += MG_THREADS / 32)
+                for (int r = warp; r < R; r += MM_THREADS / 32)
                     mg_merge_row(mw + r * nch, lw + r * nch, nch, ml + 2 * r + 1);
                 __syncthreads();
-                for (int r = tid / hd, dd = tid % hd; r < R; r += MG_THREADS / hd) {
+                for (int r = tid / hd, dd = tid % hd; r < R; r += MM_THREADS / hd) {
                     const int t = t0 + r / group, g = r - (t - t0) * group, i = r * hd + dd;
                     const float* ph = part + ((size_t)t * n_heads + kvh * group + g) * nsplit * pst + 2 + dd;
                     float num = 0.f;
@@ -491,7 +495,7 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
     }
     // The gate/up weights are wanted two phases later: issued inside the
     // first item, the copy held up that item's scores by ~4 us (run 104).
-    mg_issue(gu);
+    mg_issue<MM_THREADS>(gu);
 }
 
 // Per-token stats of this block's rows [a, a + n) of x [T][H] with norm
@@ -595,7 +599,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mbar_init(&mbar[1]);
     }
     __syncthreads();
-    mg_issue(MgNext{W_(0, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0]});
+    mg_issue<MM_THREADS>(MgNext{W_(0, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(0, LT_QKV_S), scs2[0]});
     mm_stats_rows(x, H, T, mc.r_dn.a, mc.r_dn.n, F_(0, LT_ATTN_NORM), red2, stat);
     SYNC_;
     for (int l = 0; l < n_layers; l++) {
@@ -610,7 +614,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mg_mark(trace, tb + 1);
         SYNC_;
         mg_mark(trace, tb + 2);
-        mg_issue(MgNext{W_(l, LT_O), mc.cQ, mc.r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]});
+        mg_issue<MM_THREADS>(MgNext{W_(l, LT_O), mc.cQ, mc.r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1]});
         mm_matrix(mc.cH, mc.r_qkv.n, T, wb0, &mbar[0], ph0, xg, mc.xsH, xq_c, acc_s, xsum_s, red_i, trace, tb + 3,
                   tb + 26, tb + 32);
         mg_mark(trace, tb + 4);
@@ -672,7 +676,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mg_mark(trace, tb + 15);
         SYNC_;
         mg_mark(trace, tb + 16);
-        mg_issue(MgNext{W_(l, LT_DN), mc.cF, mc.r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]});
+        mg_issue<MM_THREADS>(MgNext{W_(l, LT_DN), mc.cF, mc.r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1]});
         mm_matrix(mc.cH, 2 * mc.r_gu.n, T, wb0, &mbar[0], ph0, xg, mc.xsH, xq_c, acc_s, xsum_s, red_i, trace, tb + 17,
                   tb + 28);
         mg_mark(trace, tb + 18);
@@ -709,7 +713,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         SYNC_;
         mg_mark(trace, tb + 22);
         const bool more = l + 1 < n_layers;
-        if (more) mg_issue(MgNext{W_(l + 1, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0]});
+        if (more) mg_issue<MM_THREADS>(MgNext{W_(l + 1, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0]});
         xres = tt < T && lt6 < mc.r_dn.n ? __ldcg(x + (size_t)tt * H + mc.r_dn.a + lt6) : 0.f;
         mm_matrix(mc.cF, mc.r_dn.n, T, wb1, &mbar[1], ph1, xg, mc.xsF, xq_dn, acc_s, xsum_s, red_i, trace, tb + 23,
                   tb + 29);
@@ -734,7 +738,7 @@ __device__ void mm_none(A...) {}
 #endif  // __CUDA_ARCH__ >= 900
 
 #define MEGA_MULTI(SUF, KV)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) mega_multi_##SUF(                                  \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) mega_multi_##SUF(                                  \
         const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv, int gate,        \
         float eps, float att_scale, const int* pos_p, int T, const BatchSeq* seqs, const float2* rope, KV* kc0,    \
         KV* vc0, int layer_elems,                                                                                  \
