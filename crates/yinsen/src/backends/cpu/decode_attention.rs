@@ -120,7 +120,16 @@ mod x86 {
                 } else {
                     std::ptr::null()
                 };
-                weighted_values(scores.as_ptr().add(j * lp), w1, v, kvd, hd, len, o.add(j * hd));
+                let wv = WeightedValues {
+                    w0: scores.as_ptr().add(j * lp),
+                    w1,
+                    v,
+                    kvd,
+                    hd,
+                    len,
+                    o: o.add(j * hd),
+                };
+                wv.run();
                 j += 2;
             }
             a = b;
@@ -155,11 +164,10 @@ mod x86 {
         }
     }
 
-    /// `o0 = sum_p w0[p] v_p` (and `o1` from `w1` when not null), `ops::axpy`
-    /// per key in order from zero: mul then add per element. 128 dims of
-    /// each head's output at a time (the accumulators stay in registers).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_values(
+    /// `o0 = sum_p w0[p] v_p` (and `o1 = sum_p w1[p] v_p` at `o + hd` when
+    /// `w1` is not null), `ops::axpy` per key in order from zero: mul then
+    /// add per element. `v_p` at `v + p kvd`, keys `0..len`.
+    struct WeightedValues {
         w0: *const f32,
         w1: *const f32,
         v: *const f32,
@@ -167,57 +175,60 @@ mod x86 {
         hd: usize,
         len: usize,
         o: *mut f32,
-    ) {
-        for d0 in (0..hd).step_by(128) {
-            match (hd - d0) / 16 {
-                1 => wv_block::<1>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                2 => wv_block::<2>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                3 => wv_block::<3>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                4 => wv_block::<4>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                5 => wv_block::<5>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                6 => wv_block::<6>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                7 => wv_block::<7>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-                _ => wv_block::<8>(w0, w1, v.add(d0), kvd, hd, len, o.add(d0)),
-            }
-        }
     }
 
-    /// [`weighted_values`] for NV vectors of dims (`v`, `o` at the block).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn wv_block<const NV: usize>(
-        w0: *const f32,
-        w1: *const f32,
-        v: *const f32,
-        kvd: usize,
-        hd: usize,
-        len: usize,
-        o: *mut f32,
-    ) {
-        let mut a0 = [_mm512_setzero_ps(); NV];
-        let mut a1 = [_mm512_setzero_ps(); NV];
-        if w1.is_null() {
-            for p in 0..len {
-                let (vr, b0) = (v.add(p * kvd), _mm512_set1_ps(*w0.add(p)));
-                for i in 0..NV {
-                    a0[i] = _mm512_add_ps(a0[i], _mm512_mul_ps(b0, _mm512_loadu_ps(vr.add(16 * i))));
-                }
-            }
-        } else {
-            for p in 0..len {
-                let vr = v.add(p * kvd);
-                let (b0, b1) = (_mm512_set1_ps(*w0.add(p)), _mm512_set1_ps(*w1.add(p)));
-                for i in 0..NV {
-                    let x = _mm512_loadu_ps(vr.add(16 * i));
-                    a0[i] = _mm512_add_ps(a0[i], _mm512_mul_ps(b0, x));
-                    a1[i] = _mm512_add_ps(a1[i], _mm512_mul_ps(b1, x));
+    impl WeightedValues {
+        /// 128 dims of each head's output at a time (the accumulators stay in
+        /// registers).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(&self) {
+            for d0 in (0..self.hd).step_by(128) {
+                match (self.hd - d0) / 16 {
+                    1 => self.block::<1>(d0),
+                    2 => self.block::<2>(d0),
+                    3 => self.block::<3>(d0),
+                    4 => self.block::<4>(d0),
+                    5 => self.block::<5>(d0),
+                    6 => self.block::<6>(d0),
+                    7 => self.block::<7>(d0),
+                    _ => self.block::<8>(d0),
                 }
             }
         }
-        for i in 0..NV {
-            _mm512_storeu_ps(o.add(16 * i), a0[i]);
-            if !w1.is_null() {
-                _mm512_storeu_ps(o.add(hd + 16 * i), a1[i]);
+
+        /// Dims `d0..d0 + 16 NV`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn block<const NV: usize>(&self, d0: usize) {
+            let Self {
+                w0, w1, kvd, hd, len, ..
+            } = *self;
+            let (v, o) = (self.v.add(d0), self.o.add(d0));
+            let mut a0 = [_mm512_setzero_ps(); NV];
+            let mut a1 = [_mm512_setzero_ps(); NV];
+            if w1.is_null() {
+                for p in 0..len {
+                    let (vr, b0) = (v.add(p * kvd), _mm512_set1_ps(*w0.add(p)));
+                    for i in 0..NV {
+                        a0[i] = _mm512_add_ps(a0[i], _mm512_mul_ps(b0, _mm512_loadu_ps(vr.add(16 * i))));
+                    }
+                }
+            } else {
+                for p in 0..len {
+                    let vr = v.add(p * kvd);
+                    let (b0, b1) = (_mm512_set1_ps(*w0.add(p)), _mm512_set1_ps(*w1.add(p)));
+                    for i in 0..NV {
+                        let x = _mm512_loadu_ps(vr.add(16 * i));
+                        a0[i] = _mm512_add_ps(a0[i], _mm512_mul_ps(b0, x));
+                        a1[i] = _mm512_add_ps(a1[i], _mm512_mul_ps(b1, x));
+                    }
+                }
+            }
+            for i in 0..NV {
+                _mm512_storeu_ps(o.add(16 * i), a0[i]);
+                if !w1.is_null() {
+                    _mm512_storeu_ps(o.add(hd + 16 * i), a1[i]);
+                }
             }
         }
     }
