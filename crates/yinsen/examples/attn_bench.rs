@@ -4,14 +4,14 @@
 //! Prints min and median ms per layer (one call = one layer); `all` adds the
 //! AVX2 and scalar kernels. `YINSEN_ATTN_P0=P`: the tokens follow P cached
 //! positions (a chunk of a longer prompt, a multi-token step). With 1 token
-//! (decode at position P) it also times the decode kernel and its scalar
+//! (decode at position P) it also times each decode kernel and the scalar
 //! reference as the forward runs them (heads split over the spin pool).
 mod common;
 
 use std::time::Instant;
 
 use yinsen::backends::cpu::attention::{self, AttnScratch, Isa};
-use yinsen::backends::cpu::decode_attention::{decode_heads, decode_heads_reference};
+use yinsen::backends::cpu::decode_attention::{decode_heads_with, decode_kernels};
 use yinsen::backends::cpu::spin_pool::{Par, SpinPool};
 
 fn main() {
@@ -78,19 +78,17 @@ fn main() {
         );
     }
     if n == 1 {
-        type Decode = fn(&attention::AttnShape, &[f32], &[f32], &[f32], usize, usize, &mut [f32]);
-        let kernels: [(&str, Decode); 2] = [("kernel", decode_heads), ("reference", decode_heads_reference)];
-        for (name, f) in kernels {
+        for isa in decode_kernels(128) {
             let mut t = Vec::new();
             for _ in 0..reps + 1 {
                 let t0 = Instant::now();
-                spin.for_ranges(out, 128, |r0, o| f(&s, q, kc, vc, p0, r0 / 128, o));
+                spin.for_ranges(out, 128, |r0, o| decode_heads_with(isa, &s, q, kc, vc, p0, r0 / 128, o));
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             t.remove(0);
             t.sort_by(f64::total_cmp);
             println!(
-                "decode attention ({name}) {threads} thr at {} keys: min {:.4} median {:.4} ms/layer",
+                "decode attention {isa:?} {threads} thr at {} keys: min {:.4} median {:.4} ms/layer",
                 p0 + 1,
                 t[0],
                 t[t.len() / 2]

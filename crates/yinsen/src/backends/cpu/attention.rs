@@ -1002,9 +1002,30 @@ pub fn simple_head(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::synthetic::SplitMix64;
+
+    /// A shape and random queries (of `n` tokens after `p0` cached ones),
+    /// keys and values: q in [-3, 3], K and V in [-1, 1], so scores are a
+    /// few units, like real attention (peaked rows).
+    pub(crate) fn random_case(
+        r: &mut SplitMix64,
+        (nh, nkv, hd): (usize, usize, usize),
+        p0: usize,
+        n: usize,
+    ) -> (AttnShape, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mut rnd = |k: usize, a: f32| (0..k).map(|_| (r.next_f32() * 2.0 - 1.0) * a).collect::<Vec<f32>>();
+        let q = rnd(n * nh * hd, 3.0);
+        let kc = rnd((p0 + n) * nkv * hd, 1.0);
+        let vc = rnd((p0 + n) * nkv * hd, 1.0);
+        (s, q, kc, vc)
+    }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -1021,18 +1042,8 @@ mod tests {
         let mut scratch = AttnScratch::default();
         // Groups of 1 and 3 with hd 64 reach every row-tile remainder (1..5) of the AVX-512 kernels.
         for (nh, nkv, hd) in [(4, 2, 8), (20, 5, 128), (4, 1, 64), (3, 3, 16), (6, 2, 64), (5, 5, 64)] {
-            let s = AttnShape {
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-            };
             for (p0, n) in [(0, 1), (0, 37), (5, 20), (70, 3), (0, 150), (63, 66)] {
-                let tot = p0 + n;
-                // Scores of a few units, like real attention (peaked rows).
-                let mut rnd = |k: usize, a: f32| (0..k).map(|_| (r.next_f32() * 2.0 - 1.0) * a).collect::<Vec<f32>>();
-                let q = rnd(n * nh * hd, 3.0);
-                let kc = rnd(tot * nkv * hd, 1.0);
-                let vc = rnd(tot * nkv * hd, 1.0);
+                let (s, q, kc, vc) = random_case(&mut r, (nh, nkv, hd), p0, n);
                 let want = causal_attention_simple(&s, &q, &kc, &vc, p0, n);
                 for isa in Isa::available(hd) {
                     // NaN until written: a row no task writes shows up here.

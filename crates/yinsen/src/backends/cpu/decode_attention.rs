@@ -21,13 +21,49 @@
 //! The heads of one KV head are done together, so its K rows are read from
 //! L1 by each of them in turn (16 keys at a time) instead of from memory.
 
-use super::attention::{simple_head, AttnShape};
+use super::attention::{simple_head, AttnShape, Isa};
 
 /// Query heads `h0..h0 + out.len() / head_dim` of one new token at position
 /// `p0` (the cache holds `p0 + 1` rows, the token's own last) into `out`
 /// (`[head][head_dim]`, fully overwritten). `q`: the token's
 /// `[n_heads * head_dim]`; `kc` / `vc`: `[p0 + 1][n_kv_heads * head_dim]`.
+/// Runs the fastest kernel usable here ([`decode_kernels`]).
 pub fn decode_heads(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, h0: usize, out: &mut [f32]) {
+    decode_heads_with(decode_kernels(s.head_dim)[0], s, q, kc, vc, p0, h0, out);
+}
+
+/// The kernels [`decode_heads_with`] can run here for `head_dim`, fastest
+/// first; the scalar reference always (last). The SIMD kernels take head
+/// dims that are multiples of 16 (the reference's dot sums 16-wide chunks).
+pub fn decode_kernels(head_dim: usize) -> Vec<Isa> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if head_dim.is_multiple_of(16) && head_dim > 0 {
+        if is_x86_feature_detected!("avx512f") {
+            v.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") {
+            v.push(Isa::Avx2);
+        }
+    }
+    let _ = head_dim;
+    v.push(Isa::Scalar);
+    v
+}
+
+/// [`decode_heads`] by kernel `isa` (one of [`decode_kernels`]; panics on
+/// another). Every kernel gives the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_heads_with(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    p0: usize,
+    h0: usize,
+    out: &mut [f32],
+) {
     let hd = s.head_dim;
     assert!(out.len().is_multiple_of(hd), "decode attention: output not whole heads");
     let h1 = h0 + out.len() / hd;
@@ -40,32 +76,25 @@ pub fn decode_heads(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize,
         kc.len() >= (p0 + 1) * kvd && vc.len() >= (p0 + 1) * kvd,
         "decode attention: cache too short"
     );
-    #[cfg(target_arch = "x86_64")]
-    if x86::usable(hd) {
-        // SAFETY: avx512f detected by `usable`; the shapes are checked above.
-        unsafe { x86::heads(s, q, kc, vc, p0 + 1, h0, h1, out) };
-        return;
+    assert!(
+        decode_kernels(hd).contains(&isa),
+        "decode attention: {isa:?} cannot run here"
+    );
+    // SAFETY (both kernels): the CPU features were detected by
+    // `decode_kernels`; the shapes are checked above.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::heads::<x86::Avx512>(s, q, kc, vc, p0 + 1, h0, h1, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::heads::<x86::Avx2>(s, q, kc, vc, p0 + 1, h0, h1, out) },
+        _ => decode_heads_reference(s, q, kc, vc, p0, h0, out),
     }
-    decode_heads_reference(s, q, kc, vc, p0, h0, out);
 }
 
 /// [`decode_heads`] by the scalar reference, head by head.
 pub fn decode_heads_reference(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, h0: usize, out: &mut [f32]) {
     for (k, o) in out.chunks_exact_mut(s.head_dim).enumerate() {
         simple_head(s, q, kc, vc, p0, h0 + k, o);
-    }
-}
-
-/// Whether [`decode_heads`] runs the AVX-512 kernel for `head_dim` here.
-pub fn decode_simd(head_dim: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::usable(head_dim)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = head_dim;
-        false
     }
 }
 
@@ -78,15 +107,41 @@ mod x86 {
     use super::super::attention::{x86::transpose16, AttnShape};
     use super::super::ops;
 
-    pub fn usable(hd: usize) -> bool {
-        hd.is_multiple_of(16) && hd > 0 && is_x86_feature_detected!("avx512f")
+    /// One instruction set's two passes; [`heads`] runs them per head.
+    pub trait Kernel {
+        /// `st[p] = dot(q, k_p) * scale` for keys `0..len` (`k_p` at
+        /// `k + p kvd`), summed as `ops::dot` sums.
+        unsafe fn scores(q: *const f32, k: *const f32, kvd: usize, hd: usize, len: usize, scale: f32, st: *mut f32);
+        /// `o = sum_p w0[p] v_p` (and the same of `w1` into `o + hd` when
+        /// not null), as `ops::axpy` from zero, keys in order.
+        unsafe fn values(w: WeightedValues);
+    }
+
+    pub struct Avx512;
+    pub struct Avx2;
+
+    impl Kernel for Avx512 {
+        unsafe fn scores(q: *const f32, k: *const f32, kvd: usize, hd: usize, len: usize, scale: f32, st: *mut f32) {
+            scores_of(q, k, kvd, hd, len, scale, st)
+        }
+        unsafe fn values(w: WeightedValues) {
+            w.run()
+        }
+    }
+
+    impl Kernel for Avx2 {
+        unsafe fn scores(q: *const f32, k: *const f32, kvd: usize, hd: usize, len: usize, scale: f32, st: *mut f32) {
+            avx2::scores_of(q, k, kvd, hd, len, scale, st)
+        }
+        unsafe fn values(w: WeightedValues) {
+            avx2::values(&w)
+        }
     }
 
     /// Heads `h0..h1` over `len` cached keys into `out`, a run of heads of
-    /// one KV head at a time.
+    /// one KV head at a time. The caller has checked the CPU features of K.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn heads(
+    pub unsafe fn heads<K: Kernel>(
         s: &AttnShape,
         q: &[f32],
         kc: &[f32],
@@ -108,7 +163,7 @@ mod x86 {
             let (k, v) = (kc.as_ptr().add(kvh * hd), vc.as_ptr().add(kvh * hd));
             for (j, h) in (a..b).enumerate() {
                 let sj = &mut scores[j * lp..j * lp + len];
-                scores_of(q.as_ptr().add(h * hd), k, kvd, hd, len, scale, sj.as_mut_ptr());
+                K::scores(q.as_ptr().add(h * hd), k, kvd, hd, len, scale, sj.as_mut_ptr());
                 ops::softmax(sj);
             }
             let o = out.as_mut_ptr().add((a - h0) * hd);
@@ -129,7 +184,7 @@ mod x86 {
                     len,
                     o: o.add(j * hd),
                 };
-                wv.run();
+                K::values(wv);
                 j += 2;
             }
             a = b;
@@ -167,7 +222,7 @@ mod x86 {
     /// `o0 = sum_p w0[p] v_p` (and `o1 = sum_p w1[p] v_p` at `o + hd` when
     /// `w1` is not null), `ops::axpy` per key in order from zero: mul then
     /// add per element. `v_p` at `v + p kvd`, keys `0..len`.
-    struct WeightedValues {
+    pub struct WeightedValues {
         w0: *const f32,
         w1: *const f32,
         v: *const f32,
@@ -232,56 +287,169 @@ mod x86 {
             }
         }
     }
+
+    /// The same two passes on 8-lane vectors (AVX2 machines without
+    /// AVX-512): `ops::dot`'s 16 lane accumulators as a low and a high half.
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::WeightedValues;
+
+        /// In-register 8x8 transpose: `r[i]` lane j becomes `r[j]` lane i.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn transpose8(r: &mut [__m256; 8]) {
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            // t[2i] / t[2i + 1]: rows 2i, 2i + 1 interleaved (lo / hi pairs).
+            let u: [__m256; 8] = std::array::from_fn(|i| {
+                let (g, k) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + (k & 1)], t[4 * g + 2 + (k & 1)]);
+                if k < 2 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            // u[4g + k] holds columns (k, k + 4) of rows 4g..4g + 3 in its two
+            // 128-bit halves, k in 0, 2, 1, 3 order (see above).
+            let col = [0usize, 2, 1, 3];
+            for (k, &c) in col.iter().enumerate() {
+                r[c] = _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k]);
+                r[c + 4] = _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k]);
+            }
+        }
+
+        /// Keys 8 at a time: the low halves of the 16-wide chunks (lanes 0-7
+        /// of `ops::dot`'s accumulators) then the high halves, each
+        /// transposed and summed in lane order onto the same running sum.
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn scores_of(
+            q: *const f32,
+            k: *const f32,
+            kvd: usize,
+            hd: usize,
+            len: usize,
+            scale: f32,
+            st: *mut f32,
+        ) {
+            let sc = _mm256_set1_ps(scale);
+            for p0 in (0..len).step_by(8) {
+                let nk = (len - p0).min(8);
+                let rows: [*const f32; 8] = std::array::from_fn(|i| k.add((p0 + i.min(nk - 1)) * kvd));
+                let mut sum = _mm256_setzero_ps();
+                for half in [0, 8] {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (half..hd).step_by(16) {
+                        let qc = _mm256_loadu_ps(q.add(c));
+                        for i in 0..8 {
+                            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(qc, _mm256_loadu_ps(rows[i].add(c))));
+                        }
+                    }
+                    transpose8(&mut acc);
+                    let first = if half == 0 { 1 } else { 0 };
+                    if half == 0 {
+                        sum = acc[0];
+                    }
+                    for r in &acc[first..] {
+                        sum = _mm256_add_ps(sum, *r);
+                    }
+                }
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_mul_ps(sum, sc));
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), st.add(p0), nk);
+            }
+        }
+
+        /// One head's output per pass (then the second's), 64 dims at a time.
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn values(w: &WeightedValues) {
+            for (wr, o) in [(w.w0, w.o), (w.w1, w.o.add(w.hd))] {
+                if wr.is_null() {
+                    continue;
+                }
+                for d0 in (0..w.hd).step_by(64) {
+                    match (w.hd - d0) / 8 {
+                        2 => block::<2>(wr, w, d0, o),
+                        4 => block::<4>(wr, w, d0, o),
+                        6 => block::<6>(wr, w, d0, o),
+                        _ => block::<8>(wr, w, d0, o),
+                    }
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn block<const NV: usize>(wr: *const f32, w: &WeightedValues, d0: usize, o: *mut f32) {
+            let v = w.v.add(d0);
+            let mut a = [_mm256_setzero_ps(); NV];
+            for p in 0..w.len {
+                let (vr, b) = (v.add(p * w.kvd), _mm256_set1_ps(*wr.add(p)));
+                for i in 0..NV {
+                    a[i] = _mm256_add_ps(a[i], _mm256_mul_ps(b, _mm256_loadu_ps(vr.add(8 * i))));
+                }
+            }
+            for i in 0..NV {
+                _mm256_storeu_ps(o.add(d0 + 8 * i), a[i]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::attention::tests::random_case;
     use super::*;
     use crate::model::synthetic::SplitMix64;
 
-    /// Every head range of every shape gives the reference's bits, over key
-    /// counts that reach each remainder of the 16-key blocks. Outputs start
-    /// as NaN, so a head the kernel skips fails.
+    /// Every kernel usable here, on every head range of every shape, gives
+    /// the reference's bits, over key counts that reach each remainder of the
+    /// 8- and 16-key blocks. Outputs start as NaN, so a head a kernel skips
+    /// fails.
     #[test]
     fn decode_heads_match_the_reference_bit_for_bit() {
         let mut r = SplitMix64(11);
-        let mut checked_simd = false;
+        let mut ran = Vec::new();
         for (nh, nkv, hd) in [(20, 5, 128), (4, 2, 64), (6, 3, 16), (8, 1, 32), (3, 3, 8), (4, 4, 144)] {
-            let s = AttnShape {
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-            };
-            checked_simd |= decode_simd(hd);
-            for p0 in [0, 1, 14, 15, 16, 17, 40, 300] {
-                let tot = p0 + 1;
-                let mut rnd = |k: usize, a: f32| (0..k).map(|_| (r.next_f32() * 2.0 - 1.0) * a).collect::<Vec<f32>>();
-                let q = rnd(nh * hd, 3.0);
-                let kc = rnd(tot * nkv * hd, 1.0);
-                let vc = rnd(tot * nkv * hd, 1.0);
+            for p0 in [0, 1, 6, 7, 8, 9, 14, 15, 16, 17, 40, 300] {
+                let (s, q, kc, vc) = random_case(&mut r, (nh, nkv, hd), p0, 1);
                 let mut want = vec![f32::NAN; nh * hd];
                 decode_heads_reference(&s, &q, &kc, &vc, p0, 0, &mut want);
                 assert!(want.iter().all(|v| v.is_finite()));
-                // Whole, then ranges that start and end inside a group.
-                for (a, b) in [(0, nh), (1, nh), (0, nh - 1), (nh / 2, nh), (nh - 1, nh)] {
-                    if a >= b {
-                        continue;
+                for isa in decode_kernels(hd) {
+                    if !ran.contains(&isa) {
+                        ran.push(isa);
                     }
-                    let mut got = vec![f32::NAN; (b - a) * hd];
-                    decode_heads(&s, &q, &kc, &vc, p0, a, &mut got);
-                    let same = got
-                        .iter()
-                        .zip(&want[a * hd..b * hd])
-                        .all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(
-                        same,
-                        "heads {nh}/{nkv} hd {hd} p0 {p0} range {a}..{b}: not the reference's bits"
-                    );
+                    // Whole, then ranges that start and end inside a group.
+                    for (a, b) in [(0, nh), (1, nh), (0, nh - 1), (nh / 2, nh), (nh - 1, nh)] {
+                        if a >= b {
+                            continue;
+                        }
+                        let mut got = vec![f32::NAN; (b - a) * hd];
+                        decode_heads_with(isa, &s, &q, &kc, &vc, p0, a, &mut got);
+                        let same = got
+                            .iter()
+                            .zip(&want[a * hd..b * hd])
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(
+                            same,
+                            "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} range {a}..{b}: not the reference's bits"
+                        );
+                    }
                 }
             }
         }
-        if !checked_simd {
-            println!("SKIP (bit-equality of the AVX-512 decode attention): no avx512f on this CPU; the reference ran");
+        for isa in [Isa::Avx512, Isa::Avx2] {
+            if !ran.contains(&isa) {
+                println!("SKIP (bit-equality of the {isa:?} decode attention): not available on this CPU");
+            }
         }
     }
 
