@@ -8,15 +8,17 @@
 //! keys and ~250 us at 512 (2 threads here), several percent of a decode
 //! step by 100 keys and the larger part of it past ~1000.
 //!
-//! The AVX-512 kernel keeps the reference's arithmetic:
+//! The AVX-512 and AVX2 kernels keep the reference's arithmetic:
 //! - a score is `ops::dot` (16 lane accumulators, `acc[k] += q[k] * k[k]`
 //!   over the 16-wide chunks in order, mul then add, then the lanes summed
-//!   from lane 0 to 15) times the scale: 16 keys' accumulators at once, then
-//!   one 16x16 transpose and 15 vector adds sum each key's lanes in that
-//!   same order;
+//!   from lane 0 to 15) times the scale: AVX-512 takes 16 keys'
+//!   accumulators at once, then one 16x16 transpose and 15 vector adds sum
+//!   each key's lanes in that same order; AVX2 takes 8 keys, the chunks'
+//!   low halves (lanes 0-7) and then their high halves, each transposed 8x8
+//!   and added onto one running sum;
 //! - the softmax is `ops::softmax` itself (scalar, libm's `exp`);
 //! - `o += w_p v_p` is `ops::axpy` (mul then add per element), keys in
-//!   order, two heads of a group per pass over V.
+//!   order (AVX-512: two heads of a group per pass over V).
 //!
 //! The heads of one KV head are done together, so its K rows are read from
 //! L1 by each of them in turn (16 keys at a time) instead of from memory.
