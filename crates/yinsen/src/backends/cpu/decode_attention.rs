@@ -21,7 +21,7 @@
 //!   order (AVX-512: two heads of a group per pass over V).
 //!
 //! The heads of one KV head are done together, so its K rows are read from
-//! L1 by each of them in turn (16 keys at a time) instead of from memory.
+//! L1 by each of them in turn (32 keys at a time) instead of from memory.
 
 use super::attention::{simple_head, AttnShape, Isa};
 
@@ -109,6 +109,10 @@ mod x86 {
     use super::super::attention::{x86::transpose16, AttnShape};
     use super::super::ops;
 
+    /// Keys per block of the scores pass (a multiple of both kernels' 16 and
+    /// 8 keys, so only the last block is short).
+    const KEY_BLOCK: usize = 32;
+
     /// One instruction set's two passes; [`heads`] runs them per head.
     pub trait Kernel {
         /// `st[p] = dot(q, k_p) * scale` for keys `0..len` (`k_p` at
@@ -163,10 +167,17 @@ mod x86 {
             let kvh = a / group;
             let b = h1.min((kvh + 1) * group);
             let (k, v) = (kc.as_ptr().add(kvh * hd), vc.as_ptr().add(kvh * hd));
-            for (j, h) in (a..b).enumerate() {
-                let sj = &mut scores[j * lp..j * lp + len];
-                K::scores(q.as_ptr().add(h * hd), k, kvd, hd, len, scale, sj.as_mut_ptr());
-                ops::softmax(sj);
+            // Key blocks outer, heads inner: a block's K rows (16 KB at head
+            // dim 128) stay in L1 while every head of the group reads them.
+            for pb in (0..len).step_by(KEY_BLOCK) {
+                let nb = (len - pb).min(KEY_BLOCK);
+                for (j, h) in (a..b).enumerate() {
+                    let st = scores.as_mut_ptr().add(j * lp + pb);
+                    K::scores(q.as_ptr().add(h * hd), k.add(pb * kvd), kvd, hd, nb, scale, st);
+                }
+            }
+            for j in 0..b - a {
+                ops::softmax(&mut scores[j * lp..j * lp + len]);
             }
             let o = out.as_mut_ptr().add((a - h0) * hd);
             let mut j = 0;
