@@ -416,6 +416,22 @@ __device__ __forceinline__ int tc_split_chunk(int kmax, int n_ks) {
 }
 __device__ __forceinline__ float tc_fin(float m) { return m == NEG_INF ? 0.f : m; }
 
+// The block's query tile and key range, as every tiled flash kernel takes
+// them: with qt (its query tile), ksp (its key split of n_ks), BQ query
+// rows a tile, nt tokens at pos[0], declares p0, t0, rows, kmax (the keys
+// the tile needs, last row inclusive), kchunk and [kbeg, kend), and returns
+// from a block past the tile's keys (block-uniform; the merge skips it;
+// with one split in use, kchunk >= kmax, that split writes the output
+// itself). A macro so that each kernel keeps its own code as compiled
+// before (a shared function changed 17 of 28 kernels' SASS, session 26).
+#define TC_KEY_RANGE(BQ)                                                   \
+    const int p0 = pos[0], t0 = qt * BQ;                                   \
+    const int rows = min(BQ, nt - t0);                                     \
+    const int kmax = p0 + t0 + rows;                                       \
+    const int kchunk = tc_split_chunk(kmax, n_ks);                         \
+    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);        \
+    if (kbeg >= kmax) return;
+
 // HDMAX: the largest head dim of the instantiation (hd <= HDMAX, hd % 16 == 0).
 // STG (f32 cache, split, hd <= 128 only): raw f32 K/V tiles are copied by
 // cp.async into the Q tiles' smem (dead once Q's fragments are in
@@ -547,14 +563,7 @@ __device__ __forceinline__ void flash_tc_body(const float* qr, int q_stride, con
     // With n_ks > 1 key splits, block x = (tile, split) takes one key range.
     const int qt = gridDim.x / n_ks - 1 - blockIdx.x / n_ks, ksp = blockIdx.x % n_ks, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv);
-    const int p0 = pos[0], t0 = qt * TC_BQ;
-    const int rows = min(TC_BQ, nt - t0);
-    const int kmax = p0 + t0 + rows;  // keys this tile needs (last row inclusive)
-    const int kchunk = tc_split_chunk(kmax, n_ks);
-    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
-    // Past the keys of this tile: the merge skips it. With one split in use
-    // (kchunk >= kmax), that split writes the output itself.
-    if (kbeg >= kmax) return;
+    TC_KEY_RANGE(TC_BQ)
     const KV* kb = kc + (size_t)kvh * cap * hd;
     const KV* vb = vc + (size_t)kvh * cap * hd;
     // f16 cache: K/V tiles double-buffered by cp.async (stage 1 two tiles
@@ -913,12 +922,7 @@ __device__ __forceinline__ void flash_tcx_body(const float* qr, int q_stride, co
     const int ksp = rest % n_ks, qt = n_qt - 1 - rest / n_ks;
     const int h = hg * HPB + warp / WPH;
     const int kvh = hg * HPB / (n_heads / n_kv);
-    const int p0 = pos[0], t0 = qt * BQ;
-    const int rows = min(BQ, nt - t0);
-    const int kmax = p0 + t0 + rows;
-    const int kchunk = tc_split_chunk(kmax, n_ks);
-    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
-    if (kbeg >= kmax) return;  // block-uniform
+    TC_KEY_RANGE(BQ)
     const int ntl = (kend - kbeg + BK - 1) / BK;
     // kvs rows are [Kh | Kl | Vh | Vl] (split) or [Kh | Vh] of one key (NPL
     // HD halves), so a key tile is one contiguous run: chunk id = tid +
@@ -1178,12 +1182,7 @@ __device__ __forceinline__ void flash_wg_body(const float* qr, int q_stride, con
     const int h = blockIdx.x % n_heads, rest = blockIdx.x / n_heads;
     const int ksp = rest % n_ks, qt = n_qt - 1 - rest / n_ks;
     const int kvh = h / (n_heads / n_kv);
-    const int p0 = pos[0], t0 = qt * BQ;
-    const int rows = min(BQ, nt - t0);
-    const int kmax = p0 + t0 + rows;
-    const int kchunk = tc_split_chunk(kmax, n_ks);
-    const int kbeg = ksp * kchunk, kend = min(kmax, kbeg + kchunk);
-    if (kbeg >= kmax) return;  // block-uniform
+    TC_KEY_RANGE(BQ)
     const int ntl = (kend - kbeg + BK - 1) / BK;
     const char* src = (const char*)(kvs + ((size_t)kvh * (scap / BK) + kbeg / BK) * TILE);
     const u32 sbase = smem_addr(sm);
