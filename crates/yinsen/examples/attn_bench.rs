@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Instant;
 
-use yinsen::backends::cpu::attention::{self, AttnScratch, Isa};
+use yinsen::backends::cpu::attention::{self, AttnInput, AttnScratch, Isa};
 use yinsen::backends::cpu::decode_attention::{decode_heads_with, decode_kernels};
 use yinsen::backends::cpu::spin_pool::{Par, SpinPool};
 
@@ -56,6 +56,7 @@ fn main() {
         &vb[offs[2]..offs[2] + (p0 + n) * kvd],
     );
     let out = &mut ob[offs[3]..offs[3] + n * qd];
+    let input = AttnInput::new(&s, q, kc, vc, p0);
     let mut sc = AttnScratch::default();
     let spin = SpinPool::new(threads).unwrap();
     let isas = Isa::available(128);
@@ -63,7 +64,7 @@ fn main() {
         let mut t = Vec::new();
         for _ in 0..reps + 1 {
             let t0 = Instant::now();
-            attention::causal_attention_into(*isa, &s, q, kc, vc, p0, n, out, &mut sc, Par::Spin(&spin));
+            attention::causal_attention_into(*isa, input, n, out, &mut sc, Par::Spin(&spin));
             t.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         t.remove(0);
@@ -82,7 +83,7 @@ fn main() {
             let mut t = Vec::new();
             for _ in 0..reps + 1 {
                 let t0 = Instant::now();
-                spin.for_ranges(out, 128, |r0, o| decode_heads_with(isa, &s, q, kc, vc, p0, r0 / 128, o));
+                spin.for_ranges(out, 128, |r0, o| decode_heads_with(isa, input, r0 / 128, o));
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             t.remove(0);

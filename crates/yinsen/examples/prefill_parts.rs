@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Instant;
 
-use yinsen::backends::cpu::attention::{self, AttnScratch, Isa};
+use yinsen::backends::cpu::attention::{self, AttnInput, AttnScratch, Isa};
 use yinsen::backends::cpu::linear::QuantizedInput;
 use yinsen::backends::cpu::spin_pool::{Par, SendPtr, SpinPool};
 
@@ -36,7 +36,10 @@ fn main() {
     pool.install(|| {
         for isa in Isa::available(128) {
             let ms = best(
-                || attention::causal_attention_into(isa, &s, &q, &kc, &vc, 0, n, &mut out, &mut sc, Par::Rayon),
+                || {
+                    let input = AttnInput::new(&s, &q, &kc, &vc, 0);
+                    attention::causal_attention_into(isa, input, n, &mut out, &mut sc, Par::Rayon)
+                },
                 10,
             );
             let gf = 20.0 * (n * (n + 1) / 2) as f64 * 128.0 * 4.0 / 1e9;

@@ -28,6 +28,29 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// What one attention call reads: the queries `q` (`[n][n_heads *
+/// head_dim]`, token t at position `p0 + t`) and the caches `kc` / `vc`
+/// (`[p0 + n][n_kv_heads * head_dim]`, or more rows).
+#[derive(Clone, Copy)]
+pub struct AttnInput<'a> {
+    pub shape: &'a AttnShape,
+    pub q: &'a [f32],
+    pub kc: &'a [f32],
+    pub vc: &'a [f32],
+    pub p0: usize,
+}
+
+impl<'a> AttnInput<'a> {
+    pub fn new(shape: &'a AttnShape, q: &'a [f32], kc: &'a [f32], vc: &'a [f32], p0: usize) -> Self {
+        AttnInput { shape, q, kc, vc, p0 }
+    }
+
+    /// (shape, q, kc, vc, p0).
+    pub fn parts(self) -> (&'a AttnShape, &'a [f32], &'a [f32], &'a [f32], usize) {
+        (self.shape, self.q, self.kc, self.vc, self.p0)
+    }
+}
+
 const Q_BLOCK: usize = 16;
 /// Keys per block; also the width of a score row (four 16-lane vectors).
 const K_BLOCK: usize = 64;
@@ -66,18 +89,8 @@ impl Isa {
 pub fn causal_attention(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * s.n_heads * s.head_dim];
     let mut sc = AttnScratch::default();
-    causal_attention_into(
-        Isa::available(s.head_dim)[0],
-        s,
-        q,
-        kc,
-        vc,
-        p0,
-        n,
-        &mut out,
-        &mut sc,
-        Par::Rayon,
-    );
+    let input = AttnInput::new(s, q, kc, vc, p0);
+    causal_attention_into(Isa::available(s.head_dim)[0], input, n, &mut out, &mut sc, Par::Rayon);
     out
 }
 
@@ -124,19 +137,15 @@ impl AttnScratch {
 /// [`causal_attention`] with a given kernel set (tests compare them) into
 /// `out` (`[n][n_heads * hd]`, every element written), its parallel regions
 /// on `par`.
-#[allow(clippy::too_many_arguments)]
 pub fn causal_attention_into(
     isa: Isa,
-    s: &AttnShape,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    p0: usize,
+    input: AttnInput,
     n: usize,
     out: &mut [f32],
     scratch: &mut AttnScratch,
     par: Par,
 ) {
+    let (s, q, kc, vc, p0) = input.parts();
     let (hd, qd, kvd) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     assert!(isa != Isa::Avx512 || hd.is_multiple_of(64));
     let group = s.n_heads / s.n_kv_heads;
@@ -1048,7 +1057,8 @@ pub(crate) mod tests {
                 for isa in Isa::available(hd) {
                     // NaN until written: a row no task writes shows up here.
                     let mut got = vec![f32::NAN; n * nh * hd];
-                    causal_attention_into(isa, &s, &q, &kc, &vc, p0, n, &mut got, &mut scratch, Par::Rayon);
+                    let input = AttnInput::new(&s, &q, &kc, &vc, p0);
+                    causal_attention_into(isa, input, n, &mut got, &mut scratch, Par::Rayon);
                     let d = max_diff(&got, &want);
                     assert!(d < 5e-6, "{isa:?} heads {nh}/{nkv} hd {hd} p0 {p0} n {n}: {d}");
                 }

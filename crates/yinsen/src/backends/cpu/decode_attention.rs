@@ -23,15 +23,15 @@
 //! The heads of one KV head are done together, so its K rows are read from
 //! L1 by each of them in turn (32 keys at a time) instead of from memory.
 
-use super::attention::{simple_head, AttnShape, Isa};
+use super::attention::{simple_head, AttnInput, Isa};
 
-/// Query heads `h0..h0 + out.len() / head_dim` of one new token at position
-/// `p0` (the cache holds `p0 + 1` rows, the token's own last) into `out`
-/// (`[head][head_dim]`, fully overwritten). `q`: the token's
-/// `[n_heads * head_dim]`; `kc` / `vc`: `[p0 + 1][n_kv_heads * head_dim]`.
-/// Runs the fastest kernel usable here ([`decode_kernels`]).
-pub fn decode_heads(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, h0: usize, out: &mut [f32]) {
-    decode_heads_with(decode_kernels(s.head_dim)[0], s, q, kc, vc, p0, h0, out);
+/// Query heads `h0..h0 + out.len() / head_dim` of one new token into `out`
+/// (`[head][head_dim]`, fully overwritten): `input.q` is the token's
+/// `[n_heads * head_dim]` at position `input.p0`, the caches hold `p0 + 1`
+/// rows (the token's own last). Runs the fastest kernel usable here
+/// ([`decode_kernels`]).
+pub fn decode_heads(input: AttnInput, h0: usize, out: &mut [f32]) {
+    decode_heads_with(decode_kernels(input.shape.head_dim)[0], input, h0, out);
 }
 
 /// The kernels [`decode_heads_with`] can run here for `head_dim`, fastest
@@ -55,17 +55,8 @@ pub fn decode_kernels(head_dim: usize) -> Vec<Isa> {
 
 /// [`decode_heads`] by kernel `isa` (one of [`decode_kernels`]; panics on
 /// another). Every kernel gives the same bits.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_heads_with(
-    isa: Isa,
-    s: &AttnShape,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    p0: usize,
-    h0: usize,
-    out: &mut [f32],
-) {
+pub fn decode_heads_with(isa: Isa, input: AttnInput, h0: usize, out: &mut [f32]) {
+    let (s, q, kc, vc, p0) = input.parts();
     let hd = s.head_dim;
     assert!(out.len().is_multiple_of(hd), "decode attention: output not whole heads");
     let h1 = h0 + out.len() / hd;
@@ -89,12 +80,13 @@ pub fn decode_heads_with(
         Isa::Avx512 => unsafe { x86::heads::<x86::Avx512>(s, q, kc, vc, p0 + 1, h0, h1, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::heads::<x86::Avx2>(s, q, kc, vc, p0 + 1, h0, h1, out) },
-        _ => decode_heads_reference(s, q, kc, vc, p0, h0, out),
+        _ => decode_heads_reference(input, h0, out),
     }
 }
 
 /// [`decode_heads`] by the scalar reference, head by head.
-pub fn decode_heads_reference(s: &AttnShape, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, h0: usize, out: &mut [f32]) {
+pub fn decode_heads_reference(input: AttnInput, h0: usize, out: &mut [f32]) {
+    let (s, q, kc, vc, p0) = input.parts();
     for (k, o) in out.chunks_exact_mut(s.head_dim).enumerate() {
         simple_head(s, q, kc, vc, p0, h0 + k, o);
     }
@@ -434,7 +426,8 @@ mod tests {
             for p0 in [0, 1, 6, 7, 8, 9, 14, 15, 16, 17, 40, 300] {
                 let (s, q, kc, vc) = random_case(&mut r, (nh, nkv, hd), p0, 1);
                 let mut want = vec![f32::NAN; nh * hd];
-                decode_heads_reference(&s, &q, &kc, &vc, p0, 0, &mut want);
+                let input = AttnInput::new(&s, &q, &kc, &vc, p0);
+                decode_heads_reference(input, 0, &mut want);
                 assert!(want.iter().all(|v| v.is_finite()));
                 for isa in decode_kernels(hd) {
                     if !ran.contains(&isa) {
@@ -446,7 +439,7 @@ mod tests {
                             continue;
                         }
                         let mut got = vec![f32::NAN; (b - a) * hd];
-                        decode_heads_with(isa, &s, &q, &kc, &vc, p0, a, &mut got);
+                        decode_heads_with(isa, input, a, &mut got);
                         let same = got
                             .iter()
                             .zip(&want[a * hd..b * hd])

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::attention::{self, AttnShape};
+use super::attention::{self, AttnInput, AttnShape};
 use super::decode_attention;
 use super::head_screen::{HeadScreen, ScreenCounters, ScreenCounts};
 use super::kernels::policy::KernelPolicy;
@@ -359,7 +359,8 @@ impl CpuBackend {
             head_dim: c.head_dim,
         };
         let isa = attention::Isa::available(c.head_dim)[0];
-        attention::causal_attention_into(isa, &shape, q, kc, vc, p0, n, out, scratch, par);
+        let input = AttnInput::new(&shape, q, kc, vc, p0);
+        attention::causal_attention_into(isa, input, n, out, scratch, par);
     }
 
     fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], p0: usize, n: usize) -> Vec<f32> {
@@ -377,7 +378,8 @@ impl CpuBackend {
             let hd = c.head_dim;
             let mut out = vec![0f32; c.q_dim()];
             self.spin.for_ranges(&mut out, hd, |r0, o| {
-                decode_attention::decode_heads(&shape, q, kc, vc, p0, r0 / hd, o);
+                let input = AttnInput::new(&shape, q, kc, vc, p0);
+                decode_attention::decode_heads(input, r0 / hd, o);
             });
             out
         } else {
