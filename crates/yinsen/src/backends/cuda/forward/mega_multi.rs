@@ -14,14 +14,28 @@ use std::sync::Arc;
 
 /// Threads per block of the multi-token kernel (MM_THREADS in mega_multi.cu;
 /// the one-token kernel's are `MG_THREADS`).
-const MM_THREADS: usize = 1024;
+const MM_THREADS: usize = 512;
+/// MM_THREADS unless `$YINSEN_CUDA_MULTI_THREADS` says otherwise (A/B runs
+/// only, together with `YINSEN_NVRTC_DEFINES=MM_THREADS=N`; 1024 or 512).
+fn multi_threads() -> usize {
+    std::env::var("YINSEN_CUDA_MULTI_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MM_THREADS)
+}
+/// Every block's per-token partials, as float4, that mm_scales stages
+/// (MM_SL x MM_THREADS there).
+const MM_STAGED_F4: usize = 2048;
 
 /// Tokens per launch at most (MM_T).
 pub(super) const MM_T: usize = 16;
 /// Keys (cached + new) up to which calls take the multi-token kernel by
 /// default: its attention is a plain loop over 64-key chunks, slower than
 /// the per-kernel flash attention on long contexts (device runs 102, 105).
-pub(super) const DEFAULT_MAX_CTX: usize = 1024;
+/// At 512 threads a block (S28-1, H200, 16 tokens, persistent / per-kernel
+/// ms): 2.18 / 2.59 after 256 keys, 3.13 / 2.95 after 1024: a linear
+/// crossover near 790 keys (near 1000 at 1024 threads).
+pub(super) const DEFAULT_MAX_CTX: usize = 768;
 /// The same for a batched step across sequences (keys of its longest
 /// sequence): each token's own keys make the persistent kernel's attention
 /// items grow with the context while the per-kernel attention spreads over
@@ -105,6 +119,7 @@ fn attention_bytes(c: &ModelConfig, kv_bytes: usize) -> (usize, usize, usize, us
 /// by the caller).
 fn plan(
     c: &ModelConfig,
+    threads: usize,
     grid: usize,
     (w0_chunks, w1_chunks): (usize, usize),
     part_tokens: usize,
@@ -120,11 +135,11 @@ fn plan(
     let r_max = MM_T * group;
     let fits = c.n_kv_heads > 0
         && c.n_heads.is_multiple_of(c.n_kv_heads)
-        && grid * MM_T / 2 <= 2 * MM_THREADS
+        && grid * MM_T / 2 <= MM_STAGED_F4
         && group * hd <= MG_QMAX
         && r_max <= MM_RMAX
         && hd > 0
-        && MM_THREADS.is_multiple_of(hd)
+        && threads.is_multiple_of(hd)
         && c.hidden.is_multiple_of(4)
         && c.q_dim().is_multiple_of(4)
         && c.ffn.is_multiple_of(4)
@@ -168,6 +183,8 @@ pub(super) struct MegaMulti {
     /// Per-block, per-token (sum of squares, max) partials, [grid][MM_T] float2.
     stat: DevBuf,
     plan: Plan,
+    /// Threads per block (MM_THREADS).
+    threads: usize,
 }
 
 impl MegaMulti {
@@ -182,8 +199,10 @@ impl MegaMulti {
         kv_bytes: usize,
     ) -> Result<Option<Self>> {
         let grid = mega.grid as usize;
+        let threads = multi_threads();
         let plan = match plan(
             c,
+            threads,
             grid,
             (mega.w0_chunks, mega.w1_chunks),
             part_tokens,
@@ -194,7 +213,7 @@ impl MegaMulti {
             _ => return Ok(None),
         };
         for name in ["mega_multi_f32", "mega_multi_f16"] {
-            if !gpu.allow_dynamic_smem(name, plan.smem)? || gpu.occupancy(name, MM_THREADS as u32, plan.smem)? < 1 {
+            if !gpu.allow_dynamic_smem(name, plan.smem)? || gpu.occupancy(name, threads as u32, plan.smem)? < 1 {
                 return Ok(None);
             }
         }
@@ -205,6 +224,7 @@ impl MegaMulti {
             xg,
             stat: gpu.alloc(grid * MM_T * 8)?,
             plan,
+            threads,
         }))
     }
 }
@@ -277,7 +297,7 @@ impl super::CudaBackend {
         g.launch_smem(
             name,
             (m.grid, 1, 1),
-            MM_THREADS as u32,
+            mm.threads as u32,
             mm.plan.smem as u32,
             &[
                 m.table.p(),
@@ -445,7 +465,7 @@ mod tests {
                     let what = format!("{shape} grid {grid} kv {kvb}");
                     let chunks = super::super::mega_weight_chunks(&c, grid);
                     let max_splits = c.max_ctx.div_ceil(MM_AC);
-                    let Some(p) = plan(&c, grid, chunks, 64, max_splits, kvb) else {
+                    let Some(p) = plan(&c, MM_THREADS, grid, chunks, 64, max_splits, kvb) else {
                         // The attention loops need head dims dividing the block (700m's is 96).
                         assert!(!MM_THREADS.is_multiple_of(c.head_dim), "{what}: no plan");
                         continue;

@@ -31,7 +31,7 @@
 // The dot: mma.sync m16n8k32 with A = the block's weight rows straight from
 // the offset-code chunks in shared memory (`ext2` gives the A fragment, see
 // ternary.cu) and B = the int8 codes of up to 16 tokens (two n8 tiles).
-// Items (m16 row tile, 64-weight chunk) are split over the 32 warps, partial
+// Items (m16 row tile, 64-weight chunk) are split over the warps, partial
 // int32 sums added into acc_s with shared atomics: exact in any order.
 //
 // Shared memory (bytes, offsets from the host, see `MegaMulti` in forward.rs):
@@ -45,10 +45,27 @@
 //   acc_off ..         int32 row x token sums of the dot
 
 // Threads per block (the one-token kernel's are MG_THREADS, mega.cu).
+// 512 since session 28: the 16-token step at ctx 0 1.81 against 1.94 ms
+// and the batch-16 step 1.90-1.95 against 2.03-2.10 ms on an H200 (S28-1),
+// as the one-token kernel gained from 512 (half the warps issue each
+// phase's per-block code; 128 registers, no spill). Its attention items
+// loop over twice as many rows a thread, so long contexts lose (1024 keys:
+// 3.13 against 2.97 ms): the host's key limit is lower (DEFAULT_MAX_CTX).
 #ifndef MM_THREADS
-#define MM_THREADS 1024
+#define MM_THREADS 512
 #endif
 #define MM_T 16          // tokens at most
+// Threads per token in the per-token reductions and epilogues (64 or 32),
+// the warps of the block as a power of two (mm_dot's item split), and the
+// 16-byte loads per thread that stage every block's partials (mm_scales,
+// 2 or 4: up to 2048 float4, i.e. 256 blocks; the host checks).
+#define MM_TPT (MM_THREADS / MM_T)
+#define MM_TLOG (MM_THREADS == 1024 ? 6 : 5)  // log2(MM_TPT)
+#define MM_WLOG (MM_THREADS == 1024 ? 5 : 4)
+#define MM_SL (2048 / MM_THREADS)
+#if MM_THREADS != 1024 && MM_THREADS != 512
+#error "MM_THREADS must be 1024 or 512"
+#endif
 #define MM_RMAX 128      // query rows (tokens x group) at most
 #define MM_AC 64         // keys per attention item
 #define MM_TRACE 48      // trace marks per layer (bench only; see trace_mega_multi)
@@ -74,9 +91,12 @@ __device__ __forceinline__ void cp16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 
-// (sum, max) of the 64 threads of each token group (threads 64t..64t+63)
-// in a fixed order; thread 64t gets the result. red2: 32 float2.
+// (sum, max) of the MM_TPT threads of each token group (threads
+// MM_TPT t .. MM_TPT t + MM_TPT - 1) in a fixed order; thread MM_TPT t gets
+// the result. red2: 32 float2. With 32 threads a token a group is a warp:
+// no block barrier.
 __device__ __forceinline__ float2 mm_group_reduce(float ss, float mx, float2* red2) {
+#if MM_TPT == 64
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     ss = warp_sum(ss);
     mx = warp_max(mx);
@@ -85,13 +105,16 @@ __device__ __forceinline__ float2 mm_group_reduce(float ss, float mx, float2* re
     __syncthreads();
     const float2 a = red2[w & ~1], b = red2[w | 1];
     return make_float2(a.x + b.x, fmaxf(a.y, b.y));
+#else
+    return make_float2(warp_sum(ss), warp_max(mx));
+#endif
 }
 
-// Write this block's per-token partials (thread 64t holds token t's).
+// Write this block's per-token partials (thread MM_TPT t holds token t's).
 __device__ __forceinline__ void mm_stat_put(float ss, float mx, int T, float2* red2, float2* stat) {
     const float2 r = mm_group_reduce(ss, mx, red2);
-    const int t = threadIdx.x >> 6;
-    if ((threadIdx.x & 63) == 0 && t < MM_T) stat[blockIdx.x * MM_T + t] = t < T ? r : make_float2(0.f, 0.f);
+    const int t = (threadIdx.x >> MM_TLOG);
+    if ((threadIdx.x & (MM_TPT - 1)) == 0 && t < MM_T) stat[blockIdx.x * MM_T + t] = t < T ? r : make_float2(0.f, 0.f);
 }
 
 // Per token: r = 1 / sqrt(mean square + eps) (1 without a norm) and the
@@ -106,6 +129,13 @@ __device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps
     const int i0 = threadIdx.x, i1 = threadIdx.x + MM_THREADS;
     const float4 a = i0 < n4 ? __ldcg(src + i0) : make_float4(0.f, 0.f, 0.f, 0.f);
     const float4 b = i1 < n4 ? __ldcg(src + i1) : make_float4(0.f, 0.f, 0.f, 0.f);
+#if MM_SL == 4
+    const int i2 = i1 + MM_THREADS, i3 = i2 + MM_THREADS;
+    const float4 c = i2 < n4 ? __ldcg(src + i2) : make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 d = i3 < n4 ? __ldcg(src + i3) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i2 < n4) ((float4*)sbuf)[i2] = c;
+    if (i3 < n4) ((float4*)sbuf)[i3] = d;
+#endif
     if (i0 < n4) ((float4*)sbuf)[i0] = a;
     if (i1 < n4) ((float4*)sbuf)[i1] = b;
     __syncthreads();
@@ -172,7 +202,7 @@ __device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, 
 
 // After the barrier: copy the codes ([T][xs], written by every block) into
 // shared memory, then each token's code sum (exact) from there: threads
-// 64t..64t+63 take token t. (Bulk copies by one thread measured slower
+// MM_TPT t .. MM_TPT t + MM_TPT - 1 take token t. (Bulk copies by one thread measured slower
 // here than cp.async by all: run 103.)
 __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
@@ -181,15 +211,20 @@ __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, 
     mg_mark(trace, mark);
     cp_async_wait();
     __syncthreads();
-    const int t = threadIdx.x >> 6, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int t = (threadIdx.x >> MM_TLOG), lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int sum = 0;
     if (t < T)
-        for (int k4 = threadIdx.x & 63; k4 < kpad / 4; k4 += 64)
+        for (int k4 = (threadIdx.x & (MM_TPT - 1)); k4 < kpad / 4; k4 += MM_TPT)
             sum = __dp4a(*(const int*)(xq + t * xs + 4 * k4), 0x01010101, sum);
     sum = warp_sum_i(sum);
+#if MM_TPT == 64
     if (lane == 0) red_i[w] = sum;
     __syncthreads();
     if ((threadIdx.x & 63) == 0 && t < T) xsum_s[t] = red_i[2 * t] + red_i[2 * t + 1];
+#else
+    (void)red_i;
+    if (lane == 0 && t < T) xsum_s[t] = sum;
+#endif
     __syncthreads();
 }
 
@@ -198,7 +233,7 @@ __device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, 
 // tokens (xq: [T][xs] codes). acc_s must be zero; ends with a block barrier.
 __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* xq, int xs, int* acc_s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
-    const int items = ((nloc + 15) >> 4) * chunks, per = (items + 31) >> 5;
+    const int items = ((nloc + 15) >> 4) * chunks, per = (items + (1 << MM_WLOG) - 1) >> MM_WLOG;
     const int i0 = warp * per, i1 = min(items, i0 + per);
     // B rows: token g (tile 0) and g + 8 (tile 1), clamped (extra columns
     // are never stored); lane tg's 4 words of a chunk are one uint4 (mm_code_pos).
@@ -480,10 +515,10 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (!out) continue;  // uniform over the block (last_s)
         __syncthreads();
         // This item's outputs into the block's per-token statistics.
-        const int t = tid >> 6, lt = tid & 63;  // token t0 + t
+        const int t = tid >> MM_TLOG, lt = tid & (MM_TPT - 1);  // token t0 + t
         float ss = 0.f, mx = 0.f;
         if (t < Tb)
-            for (int i = lt; i < group * hd; i += 64) {
+            for (int i = lt; i < group * hd; i += MM_TPT) {
                 const float v = qsm[(t * group) * hd + i];
                 ss += v * v;
                 mx = fmaxf(mx, fabsf(nw ? v * nws[i] : v));
@@ -502,10 +537,10 @@ __device__ void mm_attention(const float* qr, const KV* kc, const KV* vc, int po
 // weight nw (layer 0's input: nothing wrote it inside the launch).
 __device__ void mm_stats_rows(const float* x, int H, int T, int a, int n, const float* nw, float2* red2,
                               float2* stat) {
-    const int t = threadIdx.x >> 6, lt = threadIdx.x & 63;
+    const int t = (threadIdx.x >> MM_TLOG), lt = (threadIdx.x & (MM_TPT - 1));
     float ss = 0.f, mx = 0.f;
     if (t < T)
-        for (int i = lt; i < n; i += 64) {
+        for (int i = lt; i < n; i += MM_TPT) {
             const float v = __ldcg(x + (size_t)t * H + a + i);
             ss += v * v;
             mx = fmaxf(mx, fabsf(v * nw[a + i]));
@@ -519,10 +554,10 @@ __device__ void mm_stats_rows(const float* x, int H, int T, int a, int n, const 
 // none, the last layer) into stat.
 __device__ void mm_residual(float* x, int H, int T, MgRows r, float xres, const int* acc_s, const int* xsum_s,
                             const float* scs, const float* s_s, const float* nw, float2* red2, float2* stat) {
-    const int t = threadIdx.x >> 6, l0 = threadIdx.x & 63;
+    const int t = (threadIdx.x >> MM_TLOG), l0 = (threadIdx.x & (MM_TPT - 1));
     float ss = 0.f, mx = 0.f;
     if (t < T)
-        for (int li = l0; li < r.n; li += 64) {
+        for (int li = l0; li < r.n; li += MM_TPT) {
             const int row = r.a + li;
             float* xp = x + (size_t)t * H + row;
             const float v = (li == l0 ? xres : __ldcg(xp)) + mm_y(acc_s, xsum_s, scs, s_s, li, t);
@@ -588,8 +623,8 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mc.r_dn = mg_rows(H, 0);
     }
     __syncthreads();
-#define tt (threadIdx.x >> 6)  // epilogue: token, row lane
-#define lt6 (threadIdx.x & 63)
+#define tt ((threadIdx.x >> MM_TLOG))  // epilogue: token, row lane
+#define ltk ((threadIdx.x & (MM_TPT - 1)))
     unsigned epoch = 0;
 #define W_(l, e) ((const uint4*)lt[(size_t)(l) * MG_LT + (e)])
 #define F_(l, e) ((const float*)lt[(size_t)(l) * MG_LT + (e)])
@@ -630,7 +665,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
                 kt = (KV*)b.k + off;
                 vt = (KV*)b.v + off;
             }
-            for (int li = lt6; li < mc.r_qkv.n; li += 64) {
+            for (int li = ltk; li < mc.r_qkv.n; li += MM_TPT) {
                 const float y = mm_y(acc_s, xsum_s, scs2[0], s_s, li, tt);
                 const float partner = mm_y(acc_s, xsum_s, scs2[0], s_s, li ^ 1, tt);
                 qkv_rope_store(mc.r_qkv.a + li, y, partner, p, rope + (size_t)p * half, n_heads, n_kv, hd, capt,
@@ -663,7 +698,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         SYNC_;
         mg_mark(trace, tb + 10);
         // The residual value of this thread's first row, loaded ahead of its use.
-        float xres = tt < T && lt6 < mc.r_o.n ? __ldcg(x + (size_t)tt * H + mc.r_o.a + lt6) : 0.f;
+        float xres = tt < T && ltk < mc.r_o.n ? __ldcg(x + (size_t)tt * H + mc.r_o.a + ltk) : 0.f;
         mm_matrix(mc.cQ, mc.r_o.n, T, wb1, &mbar[1], ph1, xg, mc.xsQ, xq_c, acc_s, xsum_s, red_i, trace, tb + 11,
                   tb + 27);
         mg_mark(trace, tb + 12);
@@ -684,7 +719,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
             const float* sub = F_(l, LT_FFN_SUB);
             float ss = 0.f, mx = 0.f;
             if (tt < T)
-                for (int li = lt6; li < mc.r_gu.n; li += 64) {
+                for (int li = ltk; li < mc.r_gu.n; li += MM_TPT) {
                     const int row = mc.r_gu.a + li;
                     float g = mm_y(acc_s, xsum_s, scs2[0], s_s, li, tt);
                     const float u = mm_y(acc_s, xsum_s, scs2[0], s_s, li + mc.r_gu.n, tt);
@@ -714,7 +749,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
         mg_mark(trace, tb + 22);
         const bool more = l + 1 < n_layers;
         if (more) mg_issue<MM_THREADS>(MgNext{W_(l + 1, LT_QKV), mc.cH, mc.r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0]});
-        xres = tt < T && lt6 < mc.r_dn.n ? __ldcg(x + (size_t)tt * H + mc.r_dn.a + lt6) : 0.f;
+        xres = tt < T && ltk < mc.r_dn.n ? __ldcg(x + (size_t)tt * H + mc.r_dn.a + ltk) : 0.f;
         mm_matrix(mc.cF, mc.r_dn.n, T, wb1, &mbar[1], ph1, xg, mc.xsF, xq_dn, acc_s, xsum_s, red_i, trace, tb + 23,
                   tb + 29);
         mg_mark(trace, tb + 24);
@@ -727,7 +762,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
 #undef F_
 #undef SYNC_
 #undef tt
-#undef lt6
+#undef ltk
 }
 
 #define MMEGA_CALL(KV) mmega_body<KV>
