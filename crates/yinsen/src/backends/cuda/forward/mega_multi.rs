@@ -32,10 +32,11 @@ pub(super) const MM_T: usize = 16;
 /// Keys (cached + new) up to which calls take the multi-token kernel by
 /// default: its attention is a plain loop over 64-key chunks, slower than
 /// the per-kernel flash attention on long contexts (device runs 102, 105).
-/// At 512 threads a block (S28-1, H200, 16 tokens, persistent / per-kernel
-/// ms): 2.18 / 2.59 after 256 keys, 3.13 / 2.95 after 1024: a linear
-/// crossover near 790 keys (near 1000 at 1024 threads).
-pub(super) const DEFAULT_MAX_CTX: usize = 768;
+/// At 512 threads a block with the partials read token-major (S28-5, H200,
+/// 16 tokens, persistent / per-kernel ms): 2.25 / 2.62 after 512 keys,
+/// 2.99 / 2.945 after 1024: a linear crossover near 970 keys (S28-1, the
+/// block-major reads: near 790).
+pub(super) const DEFAULT_MAX_CTX: usize = 960;
 /// The same for a batched step across sequences (keys of its longest
 /// sequence): each token's own keys make the persistent kernel's attention
 /// items grow with the context while the per-kernel attention spreads over
@@ -180,7 +181,7 @@ fn plan(
 pub(super) struct MegaMulti {
     /// int8 codes of a phase input, [MM_T][xs].
     xg: DevBuf,
-    /// Per-block, per-token (sum of squares, max) partials, [grid][MM_T] float2.
+    /// Per-token, per-block (sum of squares, max) partials, [MM_T][grid] float2.
     stat: DevBuf,
     plan: Plan,
     /// Threads per block (MM_THREADS).

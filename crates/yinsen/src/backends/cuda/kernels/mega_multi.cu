@@ -11,7 +11,7 @@
 // are broadcast instead:
 //   1. the phase that writes an input also leaves, per block and token, the
 //      partial (sum of squares, max |v * norm weight|) of the rows it wrote
-//      (`stat`, [block][16]);
+//      (`stat`, [16][block]);
 //   2. the consuming phase sums those partials per token in a fixed order
 //      (deterministic), quantises its share of the T x n values into the
 //      global int8 buffer `xg` ([token][xs]);
@@ -50,7 +50,7 @@
 // as the one-token kernel gained from 512 (half the warps issue each
 // phase's per-block code; 128 registers, no spill). Its attention items
 // loop over twice as many rows a thread, so long contexts lose (1024 keys:
-// 3.13 against 2.97 ms): the host's key limit is lower (DEFAULT_MAX_CTX).
+// 3.13 against 2.97 ms, S28-1; the host's key limit is DEFAULT_MAX_CTX).
 #ifndef MM_THREADS
 #define MM_THREADS 512
 #endif
@@ -114,14 +114,18 @@ __device__ __forceinline__ float2 mm_group_reduce(float ss, float mx, float2* re
 __device__ __forceinline__ void mm_stat_put(float ss, float mx, int T, float2* red2, float2* stat) {
     const float2 r = mm_group_reduce(ss, mx, red2);
     const int t = (threadIdx.x >> MM_TLOG);
-    if ((threadIdx.x & (MM_TPT - 1)) == 0 && t < MM_T) stat[blockIdx.x * MM_T + t] = t < T ? r : make_float2(0.f, 0.f);
+    if ((threadIdx.x & (MM_TPT - 1)) == 0 && t < MM_T) stat[t * gridDim.x + blockIdx.x] = t < T ? r : make_float2(0.f, 0.f);
 }
 
 // Per token: r = 1 / sqrt(mean square + eps) (1 without a norm) and the
 // quantisation scale s = 127 / max(max|v w| r, 1e-5), from every block's
 // partials summed in block order. As mg_quant, `max|v w| * r` stands for
-// max|(v r) w|. The partials are staged in `sbuf` (grid x MM_T float2 of
-// free shared memory) by coalesced loads, all issued before the first use.
+// max|(v r) w|. The partials ([token][block], see mm_stat_put) are staged
+// in `sbuf` (MM_T x grid float2 of free shared memory) by coalesced loads,
+// all issued before the first use; warp t then reads token t's row, lane
+// by lane consecutive. (Block-major, [block][token], those reads were 128
+// bytes apart: one bank, 32 ways. ncu S28-4: the four phases' sums were
+// 15% of the kernel's stall samples, nearly all short scoreboard.)
 __device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps, float* r_s, float* s_s,
                           float2* sbuf) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, n4 = gridDim.x * MM_T / 2;
@@ -142,7 +146,7 @@ __device__ void mm_scales(const float2* stat, int T, int n, bool norm, float eps
     if (w < T) {
         float ss = 0.f, mx = 0.f;
         for (int blk = lane; blk < (int)gridDim.x; blk += 32) {
-            const float2 v = sbuf[blk * MM_T + w];
+            const float2 v = sbuf[w * gridDim.x + blk];
             ss += v.x;
             mx = fmaxf(mx, v.y);
         }
@@ -258,11 +262,16 @@ __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* 
 #pragma unroll
         for (int i = 0; i < 4; i++) c0[i] = c1[i] = 0;
     };
-    if (i0 < i1) {
-        // Walk (m16 tile, chunk) from item i0 without a division per item.
-        int mt = i0 / chunks, c = i0 - mt * chunks;
+    // The warp's items as runs of chunks of one m16 tile: the inner loop
+    // has no branch but its bound, so the compiler can unroll and overlap
+    // the next chunk's shared loads with this one's mma (ncu S28-4: with a
+    // per-item end-of-tile test, 15% of the dot's stall samples were branch
+    // resolving and a third fixed-latency waits).
+    for (int it = i0; it < i1;) {
+        const int mt = it / chunks, cs = it - mt * chunks, ce = min(chunks, cs + (i1 - it));
         const uint4 *wa = wsm + min(mt * 16 + g, nloc - 1) * chunks, *wb = wsm + min(mt * 16 + g + 8, nloc - 1) * chunks;
-        for (int it = i0; it < i1; it++) {
+#pragma unroll 2
+        for (int c = cs; c < ce; c++) {
             const uint4 a = wa[c], b = wb[c], x0 = xb0[4 * c];
             mma_s8(c0, ext2(a.x, tg), ext2(b.x, tg), ext2(a.y, tg), ext2(b.y, tg), x0.x, x0.y);
             mma_s8(c0, ext2(a.z, tg), ext2(b.z, tg), ext2(a.w, tg), ext2(b.w, tg), x0.z, x0.w);
@@ -271,15 +280,9 @@ __device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* 
                 mma_s8(c1, ext2(a.x, tg), ext2(b.x, tg), ext2(a.y, tg), ext2(b.y, tg), x1.x, x1.y);
                 mma_s8(c1, ext2(a.z, tg), ext2(b.z, tg), ext2(a.w, tg), ext2(b.w, tg), x1.z, x1.w);
             }
-            if (++c == chunks && it + 1 < i1) {
-                flush(mt);
-                c = 0;
-                mt++;
-                wa = wsm + min(mt * 16 + g, nloc - 1) * chunks;
-                wb = wsm + min(mt * 16 + g + 8, nloc - 1) * chunks;
-            }
         }
         flush(mt);
+        it += ce - cs;
     }
     __syncthreads();
 }
@@ -685,7 +688,7 @@ __device__ void mmega_body(const u64* lt, int n_layers, int H, int Q, int KVD, i
                              F_(l, LT_ATTN_SUB), qsm, ksm, vsm, S, ml, nws, statacc, red2, &last_s, gu, trace, tb);
         }
         __syncthreads();
-        if (tid < MM_T) stat[blockIdx.x * MM_T + tid] = tid < T ? statacc[tid] : make_float2(0.f, 0.f);
+        if (tid < MM_T) stat[tid * gridDim.x + blockIdx.x] = tid < T ? statacc[tid] : make_float2(0.f, 0.f);
         mg_mark(trace, tb + 7);
         SYNC_;
         // ---- O + residual
