@@ -12,7 +12,7 @@
 #      (`YINSEN_CUDA_BENCH=step`); BATCH=1 adds the batched steps'
 #      persistent / per-kernel sweep over contexts (`YINSEN_CUDA_BENCH=batch`).
 # A setting is environment assignments joined by '+' (e.g.
-# "YINSEN_NVRTC_DEFINES=MM_THREADS=1024+YINSEN_CUDA_MULTI_THREADS=1024"), "-"
+# "YINSEN_NVRTC_DEFINES=MM_THREADS=1024", the launch follows it), "-"
 # for none, or "base": .device/bin/yinsen-base.
 #   here:    scripts/device-multi-ab.sh pack [BASE_REV]
 #            (BASE_REV: a git revision built as .device/bin/yinsen-base, in a

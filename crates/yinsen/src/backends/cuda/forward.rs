@@ -726,11 +726,10 @@ pub(crate) enum DecodeLoop {
 /// Limits of mega.cu (MG_* there).
 const MG_THREADS: usize = 512;
 /// Threads of the persistent decode's blocks: MG_THREADS unless
-/// `$YINSEN_CUDA_MEGA_THREADS` says otherwise (A/B runs only, together with
-/// `YINSEN_NVRTC_DEFINES=MG_THREADS=N`; the multi-token kernel keeps its own).
+/// `YINSEN_NVRTC_DEFINES=MG_THREADS=N` builds the kernel for N (A/B runs;
+/// the launch follows the same setting, so the two cannot disagree).
 fn mega_threads() -> u32 {
-    std::env::var("YINSEN_CUDA_MEGA_THREADS")
-        .ok()
+    crate::backends::cuda::nvrtc::define_value("MG_THREADS")
         .and_then(|v| v.parse().ok())
         .unwrap_or(MG_THREADS as u32)
 }

@@ -88,19 +88,37 @@ fn options(arch: &str) -> Vec<String> {
 /// options, so of the cache key too; tokens other than NAME or NAME=VALUE
 /// of letters, digits and `_` are ignored.
 fn defines() -> Vec<String> {
+    std::env::var("YINSEN_NVRTC_DEFINES")
+        .map(|v| parse_defines(&v))
+        .unwrap_or_default()
+}
+
+/// The value `$YINSEN_NVRTC_DEFINES` gives macro `name` ("1" for a bare
+/// NAME, as -DNAME), if any: host settings that must match a kernel's macro (a block
+/// size) follow the same setting.
+pub fn define_value(name: &str) -> Option<String> {
+    define_value_in(&defines(), name)
+}
+
+fn define_value_in(defines: &[String], name: &str) -> Option<String> {
+    defines.iter().rev().find_map(|d| match d.split_once('=') {
+        Some((n, v)) if n == name => Some(v.to_string()),
+        None if d == name => Some("1".to_string()),
+        _ => None,
+    })
+}
+
+/// The well-formed tokens of a defines setting (see [`defines`]).
+fn parse_defines(v: &str) -> Vec<String> {
     let ok = |t: &str| {
         let (name, value) = t.split_once('=').unwrap_or((t, "0"));
         let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         word(name) && word(value) && !name.starts_with(|c: char| c.is_ascii_digit())
     };
-    std::env::var("YINSEN_NVRTC_DEFINES")
-        .map(|v| {
-            v.split([' ', '\t', '\n', ','])
-                .filter(|t| ok(t))
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
+    v.split([' ', '\t', '\n', ','])
+        .filter(|t| ok(t))
+        .map(String::from)
+        .collect()
 }
 
 /// `$YINSEN_NVRTC_LINEINFO=DIR` (profiling only): compile with line
@@ -228,5 +246,23 @@ fn store(p: &std::path::Path, bin: &[u8]) {
 pub fn evict(arch: &str) {
     if let Ok(Some(p)) = cache_path(&program_source(), arch) {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Malformed tokens are dropped; the last setting of a macro wins, as
+    /// for the compiler's -D options; a bare NAME is "1", as -DNAME.
+    #[test]
+    fn define_values_follow_the_setting() {
+        let d = parse_defines("MM_THREADS=512, bad-token MG_THREADS=1024\tMM_THREADS=1024 FLAG =x 9X=1");
+        assert_eq!(d, ["MM_THREADS=512", "MG_THREADS=1024", "MM_THREADS=1024", "FLAG"]);
+        assert_eq!(define_value_in(&d, "MM_THREADS").as_deref(), Some("1024"));
+        assert_eq!(define_value_in(&d, "MG_THREADS").as_deref(), Some("1024"));
+        assert_eq!(define_value_in(&d, "FLAG").as_deref(), Some("1"));
+        assert_eq!(define_value_in(&d, "MM_T").as_deref(), None);
+        assert!(parse_defines("").is_empty());
     }
 }

@@ -15,11 +15,11 @@ use std::sync::Arc;
 /// Threads per block of the multi-token kernel (MM_THREADS in mega_multi.cu;
 /// the one-token kernel's are `MG_THREADS`).
 const MM_THREADS: usize = 512;
-/// MM_THREADS unless `$YINSEN_CUDA_MULTI_THREADS` says otherwise (A/B runs
-/// only, together with `YINSEN_NVRTC_DEFINES=MM_THREADS=N`; 1024 or 512).
+/// MM_THREADS unless `YINSEN_NVRTC_DEFINES=MM_THREADS=N` builds the kernel
+/// for N (A/B runs: 1024 or 512, else the kernel does not compile); the
+/// launch follows the same setting.
 fn multi_threads() -> usize {
-    std::env::var("YINSEN_CUDA_MULTI_THREADS")
-        .ok()
+    crate::backends::cuda::nvrtc::define_value("MM_THREADS")
         .and_then(|v| v.parse().ok())
         .unwrap_or(MM_THREADS)
 }
