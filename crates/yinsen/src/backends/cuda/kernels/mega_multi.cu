@@ -125,7 +125,8 @@ __device__ __forceinline__ float2 mm_group_reduce(float ss, float mx, float2* re
 __device__ __forceinline__ void mm_stat_put(float ss, float mx, int T, float2* red2, float2* stat) {
     const float2 r = mm_group_reduce(ss, mx, red2);
     const int t = (threadIdx.x >> MM_TLOG);
-    if ((threadIdx.x & (MM_TPT - 1)) == 0 && t < MM_T) stat[t * gridDim.x + blockIdx.x] = t < T ? r : make_float2(0.f, 0.f);
+    if ((threadIdx.x & (MM_TPT - 1)) == 0 && t < MM_T)
+        stat[t * gridDim.x + blockIdx.x] = t < T ? r : make_float2(0.f, 0.f);
 }
 
 // Per token: r = 1 / sqrt(mean square + eps) (1 without a norm) and the
@@ -217,8 +218,8 @@ __device__ MM_NI void mm_quant_slice(const float* in, int T, int n, int kpad, in
 
 // After the barrier: copy the codes ([T][xs], written by every block) into
 // shared memory, then each token's code sum (exact) from there: threads
-// MM_TPT t .. MM_TPT t + MM_TPT - 1 take token t. (Bulk copies by one thread measured slower
-// here than cp.async by all: run 103.)
+// MM_TPT t .. MM_TPT t + MM_TPT - 1 take token t. (Bulk copies by one
+// thread measured slower here than cp.async by all: run 103.)
 __device__ MM_NI void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
     for (int i = threadIdx.x; i < bytes / 16; i += MM_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
