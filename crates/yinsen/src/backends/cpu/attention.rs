@@ -713,20 +713,32 @@ pub(crate) mod x86 {
         }
     }
 
+    /// The first step of an in-register transpose on any vector width:
+    /// rows 2i and 2i + 1 interleaved, `lo(a, b)` (an unpacklo) into slot 2i
+    /// and `hi(a, b)` (an unpackhi) into slot 2i + 1.
+    #[inline(always)]
+    pub(crate) fn interleave_row_pairs<V: Copy, const N: usize>(
+        r: &[V; N],
+        lo: impl Fn(V, V) -> V,
+        hi: impl Fn(V, V) -> V,
+    ) -> [V; N] {
+        std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                lo(a, b)
+            } else {
+                hi(a, b)
+            }
+        })
+    }
+
     /// In-register 16x16 transpose: `r[i]` lane j becomes `r[j]` lane i.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
         // Pairs of rows interleaved per 128-bit lane, then quads: r[4i + k]
         // lane L = column 4L + k of rows 4i..4i+3.
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
+        let t = interleave_row_pairs(r, |a, b| _mm512_unpacklo_ps(a, b), |a, b| _mm512_unpackhi_ps(a, b));
         for i in 0..4 {
             let pd = |x: __m512| _mm512_castps_pd(x);
             let (a0, a1, a2, a3) = (pd(t[4 * i]), pd(t[4 * i + 1]), pd(t[4 * i + 2]), pd(t[4 * i + 3]));

@@ -298,20 +298,14 @@ mod x86 {
     mod avx2 {
         use std::arch::x86_64::*;
 
+        use super::super::super::attention::x86::interleave_row_pairs;
         use super::WeightedValues;
 
         /// In-register 8x8 transpose: `r[i]` lane j becomes `r[j]` lane i.
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn transpose8(r: &mut [__m256; 8]) {
-            let t: [__m256; 8] = std::array::from_fn(|i| {
-                let (a, b) = (r[i & !1], r[i | 1]);
-                if i % 2 == 0 {
-                    _mm256_unpacklo_ps(a, b)
-                } else {
-                    _mm256_unpackhi_ps(a, b)
-                }
-            });
+            let t = interleave_row_pairs(r, |a, b| _mm256_unpacklo_ps(a, b), |a, b| _mm256_unpackhi_ps(a, b));
             // t[2i] / t[2i + 1]: rows 2i, 2i + 1 interleaved (lo / hi pairs).
             let u: [__m256; 8] = std::array::from_fn(|i| {
                 let (g, k) = (i / 4, i % 4);
