@@ -433,11 +433,11 @@ fn bench_batch_only(b: &CudaBackend, contexts: bool) -> Result<CudaBench> {
     for n in [4, 16].into_iter().filter(|_| contexts) {
         for ctx in [0, 512, 1024, long] {
             // Wall ms per step (host included), then the GPU ms of a replay.
-            let was = b.set_mega_multi_batch_ctx(usize::MAX);
+            let was = b.set_mega_multi_batch_keys(usize::MAX);
             let (p, pg) = batch_ms_gpu(b, n, ctx, 10, true)?;
-            b.set_mega_multi_batch_ctx(0);
+            b.set_mega_multi_batch_keys(0);
             let (k, kg) = batch_ms_gpu(b, n, ctx, 10, true)?;
-            b.set_mega_multi_batch_ctx(was);
+            b.set_mega_multi_batch_keys(was);
             eprintln!(
                 "batch {n:2} sequences ctx {ctx}: persistent {p:.3} ms (GPU {pg:.3}), per-kernel {k:.3} ms (GPU {kg:.3})"
             );

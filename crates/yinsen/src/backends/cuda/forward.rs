@@ -632,9 +632,10 @@ pub struct CudaBackend {
     /// stay at most this many; longer contexts take the per-kernel body,
     /// whose flash attention scales better (`YINSEN_CUDA_MEGA_MULTI_CTX`).
     mega_multi_ctx: std::sync::atomic::AtomicUsize,
-    /// The same limit for batched steps across sequences (the longest
-    /// sequence's keys; `YINSEN_CUDA_MEGA_MULTI_BATCH_CTX`).
-    mega_multi_batch_ctx: std::sync::atomic::AtomicUsize,
+    /// The same for batched steps across sequences, as a budget of the
+    /// longest sequence's keys times sequences
+    /// (`YINSEN_CUDA_MEGA_MULTI_BATCH_KEYS`).
+    mega_multi_batch_keys: std::sync::atomic::AtomicUsize,
     /// Heads of 2+ tokens through `lm_head_f16_rows` (tests compare it with
     /// `lm_head_f16`).
     lm_head_rows: std::sync::atomic::AtomicBool,
@@ -1073,11 +1074,11 @@ impl CudaBackend {
                 .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_CTX={v}: expected an integer")))?,
             Err(_) => mega_multi::DEFAULT_MAX_CTX,
         };
-        let mega_multi_batch_ctx = match std::env::var("YINSEN_CUDA_MEGA_MULTI_BATCH_CTX") {
+        let mega_multi_batch_keys = match std::env::var("YINSEN_CUDA_MEGA_MULTI_BATCH_KEYS") {
             Ok(v) => v
                 .parse::<usize>()
-                .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_BATCH_CTX={v}: expected an integer")))?,
-            Err(_) => mega_multi::DEFAULT_BATCH_MAX_CTX,
+                .map_err(|_| Error::input(format!("YINSEN_CUDA_MEGA_MULTI_BATCH_KEYS={v}: expected an integer")))?,
+            Err(_) => mega_multi::DEFAULT_BATCH_KEY_BUDGET,
         };
         let mega_flags = match std::env::var("YINSEN_CUDA_MEGA_FLAGS") {
             Ok(v) => v
@@ -1096,7 +1097,7 @@ impl CudaBackend {
             mega_multi_on: mega_multi.is_some().into(),
             mega_multi,
             mega_multi_ctx: mega_multi_ctx.into(),
-            mega_multi_batch_ctx: mega_multi_batch_ctx.into(),
+            mega_multi_batch_keys: mega_multi_batch_keys.into(),
             lm_head_rows: true.into(),
             batch_pass1: (head::BatchPass1::from_env() as u8).into(),
             gpu,

@@ -2,7 +2,7 @@
 //! sequences per step, every matrix over all of them, each token's RoPE,
 //! cache row and attention in its own cache (`Keys::Batch`: a table of the
 //! caches' addresses and positions in device memory), through the
-//! persistent multi-token kernel on short contexts (`DEFAULT_BATCH_MAX_CTX`)
+//! persistent multi-token kernel on short contexts (`DEFAULT_BATCH_KEY_BUDGET`)
 //! or the per-kernel body. Greedy and top-k picks go through the screened
 //! head where it is on (`head.rs`: the 8-bit head read once for all of the
 //! step's tokens). Steps replay a graph per (token count, attention splits,
@@ -67,10 +67,11 @@ pub(super) struct BatchGraphs {
 unsafe impl Send for BatchGraphs {}
 
 impl CudaBackend {
-    /// For benchmarks: the longest context (keys) a batched step takes the
-    /// persistent multi-token kernel for; returns the previous limit.
-    pub fn set_mega_multi_batch_ctx(&self, keys: usize) -> usize {
-        self.mega_multi_batch_ctx.swap(keys, Ordering::Relaxed)
+    /// For benchmarks: the budget of keys (of the longest sequence) times
+    /// sequences up to which a batched step takes the persistent
+    /// multi-token kernel; returns the previous budget.
+    pub fn set_mega_multi_batch_keys(&self, budget: usize) -> usize {
+        self.mega_multi_batch_keys.swap(budget, Ordering::Relaxed)
     }
 
     /// For benchmarks: GPU ms of one replay of the most recently used
@@ -182,9 +183,8 @@ impl CudaBackend {
                         self.mma_min_tokens.load(Ordering::Relaxed),
                         self.big_gemm.load(Ordering::Relaxed),
                     ),
-                    multi: (2..=mega_multi::MM_T).contains(&nt)
-                        && self.uses_mega_multi()
-                        && keys <= self.mega_multi_batch_ctx.load(Ordering::Relaxed),
+                    multi: self.uses_mega_multi()
+                        && mega_multi::batch_takes_multi(nt, keys, self.mega_multi_batch_keys.load(Ordering::Relaxed)),
                     lm_rows: self.lm_head_rows.load(Ordering::Relaxed),
                     screen: screen.then(|| self.batch_pass1()),
                 };

@@ -37,14 +37,22 @@ pub(super) const MM_T: usize = 16;
 /// 2.99 / 2.945 after 1024: a linear crossover near 970 keys (S28-1, the
 /// block-major reads: near 790).
 pub(super) const DEFAULT_MAX_CTX: usize = 960;
-/// The same for a batched step across sequences (keys of its longest
-/// sequence): each token's own keys make the persistent kernel's attention
-/// items grow with the context while the per-kernel attention spreads over
-/// many more blocks. Device S17-8 (H100, ms per step, persistent / per-kernel):
-/// 16 sequences 3.33 / 3.73 at ctx 0, 6.09 / 5.09 at 512, 11.8 / 8.8 at
-/// 2048; 4 sequences 2.13 / 2.37 at 0, 2.98 / 2.67 at 512: linear
-/// crossovers near 145 (16 sequences) and 220 keys (4).
-pub(super) const DEFAULT_BATCH_MAX_CTX: usize = 160;
+/// The same for a batched step across sequences, as a budget of keys (of
+/// its longest sequence) times sequences: each token's own keys make the
+/// persistent kernel's attention items grow with both, while the per-kernel
+/// attention spreads over many more blocks. Device S29-1 (H200, ms a step,
+/// persistent / per-kernel, two runs): 4 sequences 2.61 and 2.53 / 2.67
+/// after 1024 keys, 3.70 and 3.38 / 3.31 after 2048 (crossover near 1300);
+/// 16 sequences 1.78 / 2.42 at ctx 0, 3.92 and 3.64 / 3.75 and 3.70 after
+/// 512 (crossover near 470). 4096 stays inside both wins: 4 sequences up
+/// to 1024 keys, 16 up to 256 (a flat 160 keys before).
+pub(super) const DEFAULT_BATCH_KEY_BUDGET: usize = 4096;
+
+/// Whether a batched step of `seqs` sequences whose longest holds `keys`
+/// keys (cached + new) takes the persistent multi-token kernel.
+pub(super) fn batch_takes_multi(seqs: usize, keys: usize, budget: usize) -> bool {
+    (2..=MM_T).contains(&seqs) && keys.saturating_mul(seqs) <= budget
+}
 /// Query rows (tokens x group) at most (MM_RMAX).
 const MM_RMAX: usize = 128;
 /// Keys per attention item (MM_AC).
@@ -434,6 +442,15 @@ impl super::CudaBackend {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn batched_steps_take_the_multi_token_kernel_within_the_key_budget() {
+        use super::{batch_takes_multi, DEFAULT_BATCH_KEY_BUDGET as B};
+        assert!(batch_takes_multi(4, 1024, B) && !batch_takes_multi(4, 1025, B));
+        assert!(batch_takes_multi(16, 256, B) && !batch_takes_multi(16, 257, B));
+        assert!(!batch_takes_multi(1, 1, B) && !batch_takes_multi(17, 1, B));
+        assert!(!batch_takes_multi(16, usize::MAX, usize::MAX - 1) && batch_takes_multi(16, usize::MAX, usize::MAX));
+    }
+
     use super::*;
     use crate::model::synthetic;
 

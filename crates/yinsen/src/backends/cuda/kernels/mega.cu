@@ -126,16 +126,6 @@
 // The attention merge's partials staged in shared memory (see the merge in
 // mg_attention; 0 off). S23-1: ctx 2048 831-832 -> 843 tok/s; with 0 (the
 // chunk-major layout, loads from L2) 812.
-// MG_NOINLINE (A/B runs, not measured yet): one shared copy of the
-// quantiser and the dot instead of one inlined per phase (the kernel's
-// 11.8k instructions exceed the instruction caches; the multi-token
-// kernel's ncu run, S28-4, put 7% of its stall samples on instruction
-// fetch). With it 9.9k, no spill (NVRTC 13.0).
-#ifdef MG_NOINLINE
-#define MG_NI __noinline__
-#else
-#define MG_NI
-#endif
 #ifndef MG_MERGE_STAGE
 #define MG_MERGE_STAGE 1
 #endif
@@ -367,7 +357,7 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 // the bits (non-negative floats order as integers). Why: at 1024 threads
 // every per-element instruction costs 8 issue slots per scheduler; the
 // divisions and clamps of mg_quant made it ~2 us per 2560 elements.
-__device__ MG_NI float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
+__device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
                           int* xsum_s) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
     // Every load first, then the arithmetic: loaded and used in one loop,
@@ -493,7 +483,7 @@ __device__ __forceinline__ int mg_dot_chunk_masked(uint4 w, uint4 x0, uint4 x1, 
 // its 64 activations are read from shared memory once and stay in registers;
 // per row only the 16 weight bytes are read. Shared-memory traffic drops
 // from (16 + 64) to ~16 bytes per chunk, which bounded the flat loop.
-__device__ MG_NI void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
+__device__ void mg_dot(int chunks, MgRows r, const uint4* wsm, const i8* xq, int* acc_s) {
     const int nloc = mg_nloc(r), groups = MG_THREADS / chunks;
     const int grp = threadIdx.x / chunks, c = threadIdx.x - grp * chunks;
     const bool act = grp < groups;

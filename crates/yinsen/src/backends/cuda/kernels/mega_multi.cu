@@ -55,17 +55,6 @@
 #define MM_THREADS 512
 #endif
 #define MM_T 16          // tokens at most
-// MM_NOINLINE (A/B runs, not measured yet): one shared copy of the
-// quantiser, the code copy and the dot instead of one inlined per phase.
-// The kernel's 14.6k instructions exceed the instruction caches, and ncu
-// (S28-4) puts 7% of the stall samples on instruction fetch, mostly in
-// code run once a layer. With it: 11.0k, but 32 (f32) / 8 (f16) bytes of
-// spill stores around the calls (NVRTC 13.0).
-#ifdef MM_NOINLINE
-#define MM_NI __noinline__
-#else
-#define MM_NI
-#endif
 // Threads per token in the per-token reductions and epilogues (64 or 32),
 // the warps of the block as a power of two (mm_dot's item split), and the
 // 16-byte loads per thread that stage every block's partials (mm_scales,
@@ -184,7 +173,7 @@ __device__ __forceinline__ unsigned mm_codes(float4 v, float4 g, bool norm, floa
 // block's share of the codes of in [T][n] into xg [T][xs] (k in [n, kpad)
 // -> 0). The first word of each thread is loaded before the scales, so both
 // round trips overlap. sbuf: free shared memory for mm_scales.
-__device__ MM_NI void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, const float* nw, const float2* stat,
+__device__ void mm_quant_slice(const float* in, int T, int n, int kpad, int xs, const float* nw, const float2* stat,
                                bool norm, float eps, float* r_s, float* s_s, i8* xg, float2* sbuf,
                                u64* trace = nullptr, int mark = 0) {
     const int wpt = kpad / 4, total = T * wpt, per = (total + gridDim.x - 1) / gridDim.x;
@@ -220,7 +209,7 @@ __device__ MM_NI void mm_quant_slice(const float* in, int T, int n, int kpad, in
 // shared memory, then each token's code sum (exact) from there: threads
 // MM_TPT t .. MM_TPT t + MM_TPT - 1 take token t. (Bulk copies by one
 // thread measured slower here than cp.async by all: run 103.)
-__device__ MM_NI void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
+__device__ void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int kpad, int xs, int* xsum_s, int* red_i,
                               u64* trace = nullptr, int mark = 0) {
     for (int i = threadIdx.x; i < bytes / 16; i += MM_THREADS) cp16(xq + 16 * i, xg + 16 * (size_t)i);
     cp_commit();
@@ -247,7 +236,7 @@ __device__ MM_NI void mm_load_codes(const i8* xg, int bytes, i8* xq, int T, int 
 // acc_s[li * MM_T + t] += sum_k code(W[li][k]) x[t][k] (codes 0..2 = w + 1)
 // for the block's nloc rows (wsm: [nloc][chunks] offset-code chunks) and T
 // tokens (xq: [T][xs] codes). acc_s must be zero; ends with a block barrier.
-__device__ MM_NI void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* xq, int xs, int* acc_s) {
+__device__ void mm_dot(int chunks, int nloc, int T, const uint4* wsm, const i8* xq, int xs, int* acc_s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
     const int items = ((nloc + 15) >> 4) * chunks, per = (items + (1 << MM_WLOG) - 1) >> MM_WLOG;
     const int i0 = warp * per, i1 = min(items, i0 + per);
