@@ -1417,3 +1417,255 @@ fn fast_division_matches_ieee() {
         );
     }
 }
+
+/// What `nq_stream` (ops.cu) must produce for token rows `x` (`n` wide,
+/// stride n) with norm partials `part` ([token][tile] (sum of squares,
+/// max |v w|)): r from the partials' sums in the kernel's order (lane l sums
+/// tiles l, l + 32, ... in turn, then a butterfly over the 32 lanes), then
+/// norm_quant's arithmetic with the max of |y| over the whole row. Returns
+/// (codes [token][n], scales, code sums).
+fn nq_stream_want(
+    x: &[f32],
+    n: usize,
+    part: &[f32],
+    nqt: usize,
+    w: Option<&[f32]>,
+    eps: f32,
+) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    let nt = x.len() / n;
+    let (mut codes, mut scales, mut sums) = (vec![0i8; nt * n], vec![0f32; nt], vec![0i32; nt]);
+    for t in 0..nt {
+        let mut lanes = [0f32; 32];
+        for i in 0..nqt {
+            lanes[i % 32] += part[2 * (t * nqt + i)];
+        }
+        for o in [16, 8, 4, 2, 1] {
+            let old = lanes;
+            for l in 0..32 {
+                lanes[l] = old[l] + old[l ^ o];
+            }
+        }
+        let r = 1.0f32 / (lanes[0] / n as f32 + eps).sqrt();
+        let y: Vec<f32> = (0..n)
+            .map(|i| {
+                let v = x[t * n + i];
+                match w {
+                    Some(w) => (v * r) * w[i],
+                    None => v,
+                }
+            })
+            .collect();
+        let am = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = 127.0f32 / am.max(1e-5);
+        scales[t] = s;
+        for i in 0..n {
+            let c = (y[i] * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+            codes[t * n + i] = c;
+            sums[t] += c as i32;
+        }
+    }
+    (codes, scales, sums)
+}
+
+/// `nq_stream` against its host model (`nq_stream_want`) bit for bit:
+/// every scale, code and code sum, and the padding written (buffers
+/// poisoned first). Partials made on the host as the GEMM epilogues make
+/// them; rows whose max |v w| repeats or nearly repeats across tiles
+/// (several candidate tiles, exact ties, a near-tie just past the 2^-19
+/// bound), tiles of 128 and 64 values (the gated epilogue's), a last tile
+/// part-full, with and without a norm, row-major and stage-tiled codes.
+#[test]
+fn nq_stream_matches_host_model() {
+    use yinsen::backends::cuda::Arg;
+    let Some(g) = gpu() else { return };
+    let mut rng = SplitMix64(0x6e51);
+    let mut uni = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    let mut checked = 0;
+    // (kernel, n, tile width, norm, tokens, tiled)
+    for &(name, n, tw, norm, nt, tiled) in &[
+        ("nq_stream_r3", 2560usize, 128usize, true, 70usize, true),
+        ("nq_stream_r7", 6912, 64, true, 67, true),
+        ("nq_stream_r8", 6912, 64, false, 64, false),
+        ("nq_stream_r3", 100, 64, true, 65, false),
+        ("nq_stream_r8", 8192, 128, true, 66, true),
+        ("nq_stream_r3", 3072, 128, true, 64, false),
+    ] {
+        let nqt = n.div_ceil(tw);
+        let mut x = vec![0f32; nt * n];
+        let w: Vec<f32> = (0..n)
+            .map(|i| [0.5, 1.25, -0.75, 2.0, 0.9][i % 5] + uni() * 0.1)
+            .collect();
+        for (t, row) in x.chunks_mut(n).enumerate() {
+            let scale = 0.05 + (t % 13) as f32 * 0.7;
+            for v in row.iter_mut() {
+                *v = uni() * scale;
+            }
+            // The token's largest |v w| set on purpose in 2-3 tiles.
+            let big = 9.0 * scale;
+            let (a, b, c) = (t % n, (t * 37 + n / 2) % n, (t * 11 + 3 * n / 4) % n);
+            row[a] = big / w[a];
+            match t % 4 {
+                0 => row[b] = big / w[b],                 // equal products (maybe 1 ulp apart)
+                1 => row[b] = -big * (1.0 + 3e-7) / w[b], // within 2^-19 (a candidate)
+                2 => row[b] = big * (1.0 - 4e-6) / w[b],  // just past the bound
+                _ => {
+                    row[b] = big / w[b];
+                    row[c] = big * (1.0 + 1.2e-7) / w[c];
+                }
+            }
+        }
+        let wsel = norm.then_some(&w[..]);
+        let mut part = vec![0f32; 2 * nt * nqt];
+        for t in 0..nt {
+            for c in 0..nqt {
+                let vals = &x[t * n + c * tw..t * n + ((c + 1) * tw).min(n)];
+                let ss: f32 = vals.iter().map(|v| v * v).sum();
+                let mx = vals
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| (v * wsel.map_or(1.0, |w| w[c * tw + j])).abs())
+                    .fold(0f32, f32::max);
+                part[2 * (t * nqt + c)] = ss;
+                part[2 * (t * nqt + c) + 1] = mx;
+            }
+        }
+        let (want_q, want_s, want_sum) = nq_stream_want(&x, n, &part, nqt, wsel, 1e-5);
+        let kpad = n.div_ceil(128) * 128;
+        let x_ntp = if tiled { nt.div_ceil(256) * 256 } else { 0 };
+        let qbytes = if tiled {
+            kpad.div_ceil(256) * 256 * x_ntp
+        } else {
+            nt * kpad
+        };
+        let (xb, pb, wb) = (g.upload(&x).unwrap(), g.upload(&part).unwrap(), g.upload(&w).unwrap());
+        let (q, sx, xsum) = (
+            g.alloc(qbytes).unwrap(),
+            g.alloc(4 * nt).unwrap(),
+            g.alloc(4 * nt).unwrap(),
+        );
+        q.fill(0x55).unwrap();
+        sx.fill(0xff).unwrap();
+        xsum.fill(0x55).unwrap();
+        let args = [
+            xb.p(),
+            Arg::I(n as i32),
+            Arg::I(n as i32),
+            pb.p(),
+            Arg::I(nqt as i32),
+            Arg::I(tw as i32),
+            if norm { wb.p() } else { Arg::P(0) },
+            Arg::I(norm as i32),
+            Arg::F(1e-5),
+            q.p(),
+            Arg::I(kpad as i32),
+            sx.p(),
+            xsum.p(),
+            Arg::I(x_ntp as i32),
+        ];
+        g.launch_smem(name, (nt as u32, 1, 1), 256, 0, &args, Launch::Plain)
+            .unwrap();
+        g.sync().unwrap();
+        let (gq, gs, gsum) = (
+            q.read::<i8>(qbytes).unwrap(),
+            sx.read::<f32>(nt).unwrap(),
+            xsum.read::<i32>(nt).unwrap(),
+        );
+        let what = format!("{name} n {n} tile {tw} norm {norm} nt {nt} tiled {tiled}");
+        for t in 0..nt {
+            assert_eq!(
+                gs[t].to_bits(),
+                want_s[t].to_bits(),
+                "{what}: token {t} scale {} vs {}",
+                gs[t],
+                want_s[t]
+            );
+            assert_eq!(gsum[t], want_sum[t], "{what}: token {t} code sum");
+            for i in 0..kpad {
+                let want = if i < n { want_q[t * n + i] } else { 0 };
+                assert_eq!(gq[q_at(t, i, kpad, x_ntp)], want, "{what}: token {t} code {i}");
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}
+
+/// The TMA GEMM's norm partials (`TwNq`, ternary.cu) from its residual-add
+/// and relu2-gated epilogues, against its own outputs: per token and tile,
+/// the max |v w| bit for bit and the sum of squares within 1e-5 (another
+/// order than the host's); the outputs bit-identical to the same launch
+/// without partials. Shapes with a part-full last row tile and token tile,
+/// norm weights and none.
+#[test]
+fn nq_partials_from_tma_epilogues() {
+    let Some(g) = gpu() else { return };
+    let Some(v) = cuda::MmaVariant::ALL.into_iter().find(|v| v.tiled && v.available(&g)) else {
+        common::skip_cuda(&format!("no TMA GEMM on {} (sm_90a only)", g.arch));
+        return;
+    };
+    let mut rng = SplitMix64(0x7a3);
+    let mut checked = 0;
+    // (rows, inputs, tokens, gated, norm weights)
+    for (i, &(rows, n_in, nt, gated, norm)) in [
+        (2560usize, 2560usize, 300usize, false, true),
+        (700, 1000, 129, false, false),
+        (6912, 2560, 257, true, true),
+        (320, 640, 70, true, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m = if gated {
+            let (a, b) = (
+                random_ternary(rows, n_in, 40 + i as u64).unwrap(),
+                random_ternary(rows, n_in, 50 + i as u64).unwrap(),
+            );
+            cuda::GpuMatrix::upload_gate_up(&g, &a, &b).unwrap()
+        } else {
+            cuda::GpuMatrix::upload(&g, &[&random_ternary(rows, n_in, 60 + i as u64).unwrap()]).unwrap()
+        };
+        assert_eq!(m.paired, gated, "paired tiles on sm_90a");
+        let x = random_x(nt * n_in, 70 + i as u64);
+        let sx: Vec<f32> = (0..nt).map(|t| 3.0 + (t % 7) as f32).collect();
+        let resid: Vec<f32> = (0..nt * rows)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 20) as f32 - 8.0)
+            .collect();
+        let w: Vec<f32> = (0..rows)
+            .map(|r| 0.25 + (r % 9) as f32 * 0.3 - if r % 4 == 0 { 1.5 } else { 0.0 })
+            .collect();
+        let wsel = norm.then_some(&w[..]);
+        let (plain, _) = cuda::tma_matmul_nq(&g, &m, v, &x, nt, &sx, &resid, wsel, false).unwrap();
+        let (out, part) = cuda::tma_matmul_nq(&g, &m, v, &x, nt, &sx, &resid, wsel, true).unwrap();
+        let what = format!("{rows}x{n_in} nt {nt} gated {gated} norm {norm}");
+        assert!(out == plain, "{what}: outputs changed with the partials");
+        let (tw, nqt) = if gated {
+            (64, rows.div_ceil(64))
+        } else {
+            (128, rows.div_ceil(128))
+        };
+        for t in 0..nt {
+            for c in 0..nqt {
+                let vals = &out[t * rows + c * tw..t * rows + ((c + 1) * tw).min(rows)];
+                let ss: f64 = vals.iter().map(|&v| v as f64 * v as f64).sum();
+                let mx = vals
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| (v * wsel.map_or(1.0, |w| w[c * tw + j])).abs())
+                    .fold(0f32, f32::max);
+                let (gss, gmx) = (part[2 * (t * nqt + c)], part[2 * (t * nqt + c) + 1]);
+                assert_eq!(
+                    gmx.to_bits(),
+                    mx.to_bits(),
+                    "{what}: token {t} tile {c} max {gmx} vs {mx}"
+                );
+                assert!(
+                    ((gss as f64 - ss) / ss.max(1e-30)).abs() <= 1e-5,
+                    "{what}: token {t} tile {c} sum of squares {gss} vs {ss}"
+                );
+            }
+        }
+        assert!(out.iter().any(|v| *v != 0.0), "{what}: all-zero outputs");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}

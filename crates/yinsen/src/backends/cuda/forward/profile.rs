@@ -471,6 +471,7 @@ impl CudaBackend {
                             stride,
                             Launch::Plain,
                             None,
+                            None,
                         )
                     };
                     run()?; // warm-up

@@ -326,6 +326,107 @@ NORM_QUANT_WG(norm_quant_w8, 8, 8)
 NORM_QUANT_WG(norm_quant_w16r2, 16, 2)
 NORM_QUANT_WG(norm_quant_w16, 16, 4)
 
+// The prefill quantiser after a TMA GEMM that left norm partials (`part`:
+// per token, per tile of `tw` outputs, the tile's sum of squares and max
+// |v w|; tw_epilogue in ternary.cu). A block of 8 warps per token, each
+// lane holding up to R float4 of the row, as norm_quant_w8r*: the same
+// codes for the same r, without their first two block reductions.
+// - r from the partials' sums, summed by every warp in one fixed order (so
+//   every warp gets the same bits);
+// - the max of |y| (y = (v r) w, as norm_quant computes it) over the tiles
+//   whose max |v w| comes within 2^-19 of the largest, M: read again by each
+//   warp (in L2). No other element can hold the max: an element of a tile
+//   under that bound has |v w| < M (1 - 2^-20) / (1 - u), so (two roundings
+//   of u = 2^-24 each) |y| < M r (1 - 2^-20)(1 + u)^2 / (1 - u), while the
+//   element whose rounded |v w| is M has |y| >= M r (1 - u)^2 / (1 + u),
+//   which is larger. So the scale is norm_quant's, bit for bit, for that r.
+// Only the code sum is a block reduction (one barrier, after the stores).
+// Why: norm_quant's 120 calls took ~20% of a 2048-token prefill (S29-1),
+// bound by each token's chain of three reductions (S25-3), not by bytes.
+template <int R>
+__device__ __forceinline__ void nq_stream_body(const float* in, int n, int in_stride, const float2* part, int nqt,
+                                               int tw, const float* w, int do_norm, float eps, i8* q, int kpad,
+                                               float* sx, int* xsum, int x_ntp) {
+    constexpr int GT = 256;
+    __shared__ int red[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gl = threadIdx.x, t = blockIdx.x, n4 = n >> 2;
+    const float* row = in + (size_t)t * in_stride;
+    float4 v[R];
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        const int i4 = gl + k * GT;
+        v[k] = i4 < n4 ? ((const float4*)row)[i4] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const float2* pt = part + (size_t)t * nqt;
+    float ss = 0.f, mm = 0.f;
+    for (int i = lane; i < nqt; i += 32) {
+        const float2 p = pt[i];
+        ss += p.x;
+        mm = fmaxf(mm, p.y);
+    }
+    ss = warp_sum(ss);
+    mm = warp_max(mm);
+    const float r = do_norm ? 1.f / sqrtf(ss / (float)n + eps) : 1.f;
+    auto normed = [&](float4 y, int i4) {
+        if (do_norm) y = make_float4(y.x * r, y.y * r, y.z * r, y.w * r);
+        if (w) {
+            const float4 g = __ldg((const float4*)w + i4);
+            y = make_float4(y.x * g.x, y.y * g.y, y.z * g.z, y.w * g.w);
+        }
+        return y;
+    };
+    // M (1 - 2^-19) rounded: under M (1 - 2^-20), as the bound above needs.
+    const float thr = mm - mm * 0x1p-19f;
+    float am = 0.f;
+    for (int i0 = 0; i0 < nqt; i0 += 32) {
+        unsigned cand = __ballot_sync(0xffffffffu, i0 + lane < nqt && pt[i0 + lane].y >= thr);
+        while (cand) {
+            const int e = (i0 + __ffs(cand) - 1) * tw + 4 * lane;
+            cand &= cand - 1;
+            if (4 * lane < tw && e < n) {
+                const float4 y = normed(*(const float4*)(row + e), e >> 2);
+                am = fmaxf(am, fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w))));
+            }
+        }
+    }
+    am = warp_max(am);
+    const float s = 127.f / fmaxf(am, 1e-5f);
+    int qs = 0;
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        const int i4 = gl + k * GT;
+        if (i4 < n4) {
+            const unsigned word = q8_word(normed(v[k], i4), s);
+            qs = __dp4a((int)word, 0x01010101, qs);
+            *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = word;
+        }
+    }
+    for (int i4 = n4 + gl, kq4 = q_padded(kpad, x_ntp) >> 2; i4 < kq4; i4 += GT)
+        *(unsigned*)(q + q_at(t, 4 * i4, kpad, x_ntp)) = 0u;
+    qs = warp_sum_i(qs);
+    if (lane == 0) red[warp] = qs;
+    __syncthreads();
+    if (gl == 0) {
+        int sum = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++) sum += red[k];
+        sx[t] = s;
+        xsum[t] = sum;
+    }
+}
+#define NQ_STREAM(NAME, R)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const float* in, int n, int in_stride,             \
+                                                           const float2* part, int nqt, int tw, const float* w, \
+                                                           int do_norm, float eps, i8* q, int kpad, float* sx,  \
+                                                           int* xsum, int x_ntp) {                              \
+        pdl_wait();                                                                                            \
+        nq_stream_body<R>(in, n, in_stride, part, nqt, tw, w, do_norm, eps, q, kpad, sx, xsum, x_ntp);         \
+    }
+// R fitted to 2B4T's rows (2560 and 6912 wide), then any row to 8192.
+NQ_STREAM(nq_stream_r3, 3)
+NQ_STREAM(nq_stream_r7, 7)
+NQ_STREAM(nq_stream_r8, 8)
+
 // RoPE NEOX on q and k of the fused [q | k | v] rows, whose q and k heads
 // are pair-interleaved (row 2j, 2j+1 of a head = dims j, j + hd/2; see
 // forward.rs): rotated q goes to qr [token][n_heads * hd] in natural order,
