@@ -134,9 +134,6 @@ struct Scratch {
     attn: DevBuf,
     gu: DevBuf,
     part: DevBuf,
-    /// Norm partials of the TMA GEMM's add / gated epilogues for the next
-    /// quantiser ([chunk][tiles of 128 rows] f32 pairs; `TwNq`, ternary.cu).
-    nqp: DevBuf,
     normed: DevBuf,
     logits: DevBuf,
     argmax: DevBuf,
@@ -619,12 +616,6 @@ pub struct CudaBackend {
     /// Prefill's TMA GEMM RoPEs q|k|v and writes the KV cache in its
     /// epilogue instead of `rope_kv` (`YINSEN_CUDA_FUSED_ROPE=0` turns it off).
     fused_rope: std::sync::atomic::AtomicBool,
-    /// Prefill's TMA GEMMs with a residual-add or gated epilogue leave the
-    /// next quantiser's norm partials, and `nq_stream` quantises from them
-    /// (`YINSEN_CUDA_NQ_FUSED=0` turns it off).
-    nq_fused: std::sync::atomic::AtomicBool,
-    /// GEMM launches that left norm partials (tests check the path ran).
-    nq_launches: std::sync::atomic::AtomicUsize,
     /// The persistent one-launch decode (mega.cu), where the shapes and the
     /// device allow it (`YINSEN_CUDA_MEGA=0` turns it off).
     mega: Option<Mega>,
@@ -1097,7 +1088,6 @@ impl CudaBackend {
         };
         let step_graphs = std::env::var("YINSEN_CUDA_STEP_GRAPH").map_or(true, |v| v != "0");
         let fused_rope = std::env::var("YINSEN_CUDA_FUSED_ROPE").map_or(true, |v| v != "0");
-        let nq_fused = std::env::var("YINSEN_CUDA_NQ_FUSED").map_or(true, |v| v != "0");
         let be = Self {
             id: NEXT_BACKEND_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             step_graphs: step_graphs.into(),
@@ -1115,8 +1105,6 @@ impl CudaBackend {
             fused,
             pdl: pdl.into(),
             fused_rope: fused_rope.into(),
-            nq_fused: nq_fused.into(),
-            nq_launches: 0.into(),
             config: c,
             layers,
             embed,
@@ -1499,17 +1487,6 @@ impl CudaBackend {
         self.fused_rope.swap(on, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// For tests: prefill's quantiser from the GEMMs' norm partials (on) or
-    /// by its own reductions; returns the previous setting.
-    pub fn set_nq_fused(&self, on: bool) -> bool {
-        self.nq_fused.swap(on, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// For tests: GEMM launches so far that left norm partials.
-    pub fn nq_launches(&self) -> usize {
-        self.nq_launches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// For benchmarks: the GEMM of calls of >= BIG_GEMM_TOKENS tokens;
     /// returns the previous setting.
     pub fn set_big_gemm(&self, g: BigGemm) -> BigGemm {
@@ -1538,66 +1515,9 @@ impl CudaBackend {
                 stride,
                 self.body_launch(),
                 None,
-                None,
             )?;
         }
         Ok(())
-    }
-
-    /// [`Self::mm`] whose output feeds a quantiser with norm weights
-    /// `next_w` (None: none): where `nt` tokens take the TMA GEMM with an
-    /// add or gated epilogue and `nq_stream` can take the rows, the GEMM
-    /// also leaves its norm partials in `s.nqp`; returns their tile width
-    /// (outputs per partial, for [`Self::norm_quant`]), or None where it
-    /// ran plain.
-    #[allow(clippy::too_many_arguments)]
-    fn mm_nq(
-        &self,
-        s: &Scratch,
-        m: &GpuMatrix,
-        nt: usize,
-        ep: Epilogue,
-        out: &DevBuf,
-        stride: usize,
-        next_w: Option<&DevBuf>,
-    ) -> Result<Option<usize>> {
-        let kernel = self.kernel_for(nt, m);
-        let gated = matches!(ep, Epilogue::GatedRelu2 | Epilogue::GatedSilu);
-        let (n, tw) = if gated { (m.n_rows / 2, 64) } else { (m.n_rows, 128) };
-        let on = self.nq_fused.load(std::sync::atomic::Ordering::Relaxed)
-            && matches!(kernel, MatKernel::MmaWith(v) if v.tiled)
-            && (gated || ep == Epilogue::Add)
-            && prefill::nq_stream_kernel(n).is_some()
-            && nt >= prefill::NQ_GROUP_MIN_TOKENS
-            && nt <= s.chunk
-            && stride.is_multiple_of(4)
-            && n.is_multiple_of(4);
-        if !on {
-            self.mm(s, m, nt, ep, out, stride)?;
-            return Ok(None);
-        }
-        let nq = super::NqOut {
-            part: s.nqp.p(),
-            w: next_w.map_or(Arg::P(0), DevBuf::p),
-        };
-        launch_matmul(
-            &self.gpu,
-            m,
-            kernel,
-            s.q8.p(),
-            self.x_ntp(s, nt, m),
-            nt,
-            s.sx.p(),
-            s.xsum.p(),
-            ep,
-            out.p(),
-            stride,
-            self.body_launch(),
-            None,
-            Some(nq),
-        )?;
-        self.nq_launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some(tw))
     }
 
     /// The q|k|v matrix for `nt` tokens with RoPE and the KV-cache write in
@@ -1627,7 +1547,6 @@ impl CudaBackend {
             0,
             self.body_launch(),
             Some(rope),
-            None,
         )?;
         Ok(true)
     }
@@ -2302,10 +2221,6 @@ impl Scratch {
             attn: f32s(&[chunk, c.q_dim()])?,
             gu: f32s(&[chunk, 2 * c.ffn])?,
             part: f32s(&[part_tokens, c.n_heads, splits, c.head_dim + 2])?,
-            nqp: {
-                let rows = layers.iter().flat_map(|l| [l.o.n_rows, l.gu.n_rows, l.down.n_rows]);
-                f32s(&[chunk, rows.max().unwrap_or(0).div_ceil(128), 2])?
-            },
             normed: f32s(&[chunk, c.hidden])?,
             // LM_T rows per head launch; a graphed step keeps all its rows.
             logits: f32s(&[LM_T.max(STEP_GRAPH_MAX), c.vocab])?,

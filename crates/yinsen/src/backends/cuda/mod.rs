@@ -206,7 +206,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 122] = [
+pub const KERNELS: [&str; 119] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -245,9 +245,6 @@ pub const KERNELS: [&str; 122] = [
     "norm_quant_w8",
     "norm_quant_w16r2",
     "norm_quant_w16",
-    "nq_stream_r3",
-    "nq_stream_r7",
-    "nq_stream_r8",
     "rope_kv_f16",
     "rope_kv_f32",
     "attn_partial_f16",
@@ -1098,22 +1095,11 @@ pub struct RopeOut {
     pub qr: Arg,
 }
 
-/// Where the TMA GEMM's residual-add and gated epilogues leave the next
-/// quantiser's norm partials (`tw_epilogue`'s `TwNq`): per token and
-/// 128-row tile, (sum of squares, max |v w|) at `part` (f32 pairs,
-/// `nt` x ceil(n_rows / 128)), `w` the next RMSNorm's weights (P(0): 1).
-#[derive(Clone, Copy, Debug)]
-pub struct NqOut {
-    pub part: Arg,
-    pub w: Arg,
-}
-
 /// Launch `kernel` for `nt` tokens of int8 rows `x` (stride = kpad; or,
 /// with `x_ntp` > 0, in the tiled order of [`tile_x`] for `x_ntp` tokens,
 /// which the tiled variants need), with per-token scales `sx` and sums
 /// `xsum`; output row stride `out_stride`; `rope` the outputs of
-/// [`Epilogue::StoreRope`] (Some exactly for that epilogue); `nq` the norm
-/// partials' outputs (TMA GEMM with an add or gated epilogue only).
+/// [`Epilogue::StoreRope`] (Some exactly for that epilogue).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_matmul(
     gpu: &Gpu,
@@ -1129,7 +1115,6 @@ pub fn launch_matmul(
     out_stride: usize,
     how: Launch,
     rope: Option<&RopeOut>,
-    nq: Option<NqOut>,
 ) -> Result<()> {
     let (oi, of) = if ep == Epilogue::I32 {
         (out, Arg::P(0))
@@ -1149,11 +1134,6 @@ pub fn launch_matmul(
     {
         return Err(berr(format!(
             "{kernel:?} with {ep:?}: the RoPE epilogue runs on the TMA GEMM, with its outputs, for head dims a multiple of 4"
-        )));
-    }
-    if nq.is_some() && !(tiled && (gated || ep == Epilogue::Add)) {
-        return Err(berr(format!(
-            "{kernel:?} with {ep:?}: norm partials come from the TMA GEMM's add and gated epilogues only"
         )));
     }
     let w = match (tiled, &m.tiles) {
@@ -1220,8 +1200,6 @@ pub fn launch_matmul(
                     grid = (blocks as u32, 1, 1);
                 }
                 args.push(Arg::I(tail as i32));
-                args.push(nq.map_or(Arg::P(0), |n| n.part));
-                args.push(nq.map_or(Arg::P(0), |n| n.w));
             }
             let name = v.kernel(ep);
             gpu.launch_smem(name, grid, v.threads, v.smem() as u32, &args, how)
@@ -1368,78 +1346,10 @@ pub fn ternary_matmul_i32(
             w.n_out,
             Launch::Plain,
             None,
-            None,
         )?;
     }
     gpu.sync()?;
     out.read::<i32>(n_tokens * w.n_out)
-}
-
-/// For tests: one TMA GEMM launch (`variant`, tiled) of `m` on `nt`
-/// tokens of int8 rows `x` (n_in wide) with token scales `sx`, a residual
-/// add into `resid` (f32, `nt` x n_rows) or, for a paired gate/up matrix,
-/// the relu2-gated epilogue, leaving norm partials for weights `next_w`
-/// where `partials` is set (a poisoned buffer otherwise unread). Returns
-/// the outputs and the partials ([token][tile] (sum of squares, max |v w|)).
-#[allow(clippy::too_many_arguments)]
-pub fn tma_matmul_nq(
-    gpu: &Arc<Gpu>,
-    m: &GpuMatrix,
-    variant: MmaVariant,
-    x: &[i8],
-    nt: usize,
-    sx: &[f32],
-    resid: &[f32],
-    next_w: Option<&[f32]>,
-    partials: bool,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let n_out = if m.paired { m.n_rows / 2 } else { m.n_rows };
-    if !variant.tiled || x.len() != nt * m.n_in || sx.len() != nt || resid.len() != nt * n_out {
-        return Err(Error::input(
-            "tma_matmul_nq: a tiled variant and inputs of the matrix's shapes",
-        ));
-    }
-    gpu.bind()?;
-    let kpad = m.kpad();
-    let mut xp = vec![0i8; nt * kpad];
-    for t in 0..nt {
-        xp[t * kpad..t * kpad + m.n_in].copy_from_slice(&x[t * m.n_in..(t + 1) * m.n_in]);
-    }
-    let xb = gpu.upload(&xp)?;
-    let ntp = nt.div_ceil(TILED_TOKENS) * TILED_TOKENS;
-    let xt = gpu.upload(&tile_x(&xp, nt, kpad, ntp))?;
-    let xsum = gpu.alloc(4 * nt)?;
-    let k = Arg::I(kpad as i32);
-    gpu.launch("row_sums_i8", (nt as u32, 1, 1), 256, &[xb.p(), k, k, xsum.p()])?;
-    let sxb = gpu.upload(sx)?;
-    let out = gpu.upload(resid)?;
-    let tiles = m.n_rows.div_ceil(layout::TILE_ROWS);
-    let part = gpu.alloc(8 * nt * tiles)?;
-    part.fill(0xA5)?;
-    let wb = next_w.map(|w| gpu.upload(w)).transpose()?;
-    let nq = partials.then(|| NqOut {
-        part: part.p(),
-        w: wb.as_ref().map_or(Arg::P(0), DevBuf::p),
-    });
-    let ep = if m.paired { Epilogue::GatedRelu2 } else { Epilogue::Add };
-    launch_matmul(
-        gpu,
-        m,
-        MatKernel::MmaWith(variant),
-        xt.p(),
-        ntp,
-        nt,
-        sxb.p(),
-        xsum.p(),
-        ep,
-        out.p(),
-        n_out,
-        Launch::Plain,
-        None,
-        nq,
-    )?;
-    gpu.sync()?;
-    Ok((out.read::<f32>(nt * n_out)?, part.read::<f32>(2 * nt * tiles)?))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub(super) fn norm_threads(n: usize) -> u32 {
 /// The grouped quantiser (`norm_quant_w{W}`, ops.cu) serves calls of this
 /// many tokens or more; its variants' warps per token and float4 per lane,
 /// by warps and then float4 (the first that holds a row is the tightest).
-pub(super) const NQ_GROUP_MIN_TOKENS: usize = 64;
+const NQ_GROUP_MIN_TOKENS: usize = 64;
 pub const NQ_GROUPS: [(usize, usize, &str); 9] = [
     (1, 20, "norm_quant_w1"),
     (2, 12, "norm_quant_w2"),
@@ -43,15 +43,6 @@ fn nq_group(n: usize, min_w: usize) -> Option<(usize, &'static str)> {
         .map(|&(w, _, name)| (w, name))
 }
 
-/// `nq_stream_r{R}` (ops.cu) for rows of `n` values: 8 warps a token, R
-/// float4 a lane (R fitted to 2B4T's 2560 and 6912, then up to 8192).
-pub(super) fn nq_stream_kernel(n: usize) -> Option<&'static str> {
-    [(3, "nq_stream_r3"), (7, "nq_stream_r7"), (8, "nq_stream_r8")]
-        .into_iter()
-        .find(|&(r, _)| n <= 1024 * r)
-        .map(|(_, name)| name)
-}
-
 /// Whose keys a body call's tokens attend to.
 #[derive(Clone, Copy)]
 pub(super) enum Keys<'a> {
@@ -64,9 +55,7 @@ pub(super) enum Keys<'a> {
 
 impl CudaBackend {
     /// RMSNorm (optional) + quantisation of `nt` rows of `input` into
-    /// q8/sx/xsum, in the order the GEMM of `next` reads. `nq`: the GEMM
-    /// that wrote `input` left norm partials of that tile width in `s.nqp`
-    /// ([`Self::mm_nq`], with the same `w`): `nq_stream` quantises from them.
+    /// q8/sx/xsum, in the order the GEMM of `next` reads.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn norm_quant(
         &self,
@@ -78,31 +67,9 @@ impl CudaBackend {
         w: Option<&DevBuf>,
         next: &GpuMatrix,
         nt: usize,
-        nq: Option<usize>,
     ) -> Result<()> {
         let kpad = next.kpad();
         let do_norm = w.is_some() as i32;
-        if let (Some(tw), Some(name), 0) = (nq, nq_stream_kernel(n), gate) {
-            let args = [
-                input,
-                Arg::I(n as i32),
-                Arg::I(stride as i32),
-                s.nqp.p(),
-                Arg::I(n.div_ceil(tw) as i32),
-                Arg::I(tw as i32),
-                w.map_or(Arg::P(0), DevBuf::p),
-                Arg::I(do_norm),
-                Arg::F(self.config.rms_eps),
-                s.q8.p(),
-                Arg::I(kpad as i32),
-                s.sx.p(),
-                s.xsum.p(),
-                Arg::I(self.x_ntp(s, nt, next) as i32),
-            ];
-            return self
-                .gpu
-                .launch_smem(name, (nt as u32, 1, 1), 256, 0, &args, self.body_launch());
-        }
         // Many tokens: the grouped kernel, where its float4 path applies (the
         // block kernel's condition; in and w are 16-byte aligned buffers).
         let group = nq_group(n, self.nq_warps).filter(|_| {
@@ -171,11 +138,9 @@ impl CudaBackend {
             Activation::Relu2 => 1,
             Activation::Silu => 2,
         };
-        // Norm partials the last layer's down GEMM left for this one (`mm_nq`).
-        let mut nq = None;
         for (li, l) in self.layers.iter().enumerate() {
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt, nq)?;
+            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.attn_norm), &l.qkv, nt)?;
             g.set_tag("qkv");
             let cache = match keys {
                 Keys::One(cache) => cache,
@@ -216,7 +181,7 @@ impl CudaBackend {
                     ];
                     let grid = (n_split as u32, heads as u32, nt as u32);
                     g.launch_ex(attn, grid, 128, &args, how == Launch::Pdl)?;
-                    nq = self.body_layer_rest(s, li, nt, gate)?;
+                    self.body_layer_rest(s, l, nt, gate)?;
                     continue;
                 }
             };
@@ -261,29 +226,25 @@ impl CudaBackend {
             }
             g.set_tag("attention");
             self.attention(s, cache, li, nt, n_split, how == Launch::Pdl)?;
-            nq = self.body_layer_rest(s, li, nt, gate)?;
+            self.body_layer_rest(s, l, nt, gate)?;
         }
         g.set_tag("");
         Ok(())
     }
 
-    /// Layer `li` after its attention: the o projection and the
-    /// feed-forward. Returns the tile width of the norm partials its down
-    /// GEMM left for the next layer's quantiser, if it did.
-    fn body_layer_rest(&self, s: &Scratch, li: usize, nt: usize, gate: i32) -> Result<Option<usize>> {
+    /// A layer after its attention: the o projection and the feed-forward.
+    fn body_layer_rest(&self, s: &Scratch, l: &GpuLayer, nt: usize, gate: i32) -> Result<()> {
         let c = &self.config;
         let g = &self.gpu;
-        let l = &self.layers[li];
         let (h, q, f) = (c.hidden, c.q_dim(), c.ffn);
-        let next_norm = self.layers.get(li + 1).map(|n| &n.attn_norm);
         {
             // Without sub-norms the attention output is only quantised.
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), &l.o, nt, None)?;
+            self.norm_quant(s, s.attn.p(), q, q, 0, l.attn_sub.as_ref(), &l.o, nt)?;
             g.set_tag("o");
-            let nq = self.mm_nq(s, &l.o, nt, Epilogue::Add, &s.x, h, Some(&l.ffn_norm))?;
+            self.mm(s, &l.o, nt, Epilogue::Add, &s.x, h)?;
             g.set_tag("norm_quant");
-            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), &l.gu, nt, nq)?;
+            self.norm_quant(s, s.x.p(), h, h, 0, Some(&l.ffn_norm), &l.gu, nt)?;
             g.set_tag("gate_up");
             // The TMA GEMM over paired tiles writes act(gate) * up itself
             // (half the bytes out and back in); else [gate | up] rows.
@@ -293,21 +254,18 @@ impl CudaBackend {
                 } else {
                     Epilogue::GatedSilu
                 };
-                let nq = self.mm_nq(s, &l.gu, nt, ep, &s.gu, f, l.ffn_sub.as_ref())?;
+                self.mm(s, &l.gu, nt, ep, &s.gu, f)?;
                 g.set_tag("norm_quant");
-                self.norm_quant(s, s.gu.p(), f, f, 0, l.ffn_sub.as_ref(), &l.down, nt, nq)?;
+                self.norm_quant(s, s.gu.p(), f, f, 0, l.ffn_sub.as_ref(), &l.down, nt)?;
             } else {
                 self.mm(s, &l.gu, nt, Epilogue::Store, &s.gu, 2 * f)?;
                 g.set_tag("norm_quant");
-                self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), &l.down, nt, None)?;
+                self.norm_quant(s, s.gu.p(), f, 2 * f, gate, l.ffn_sub.as_ref(), &l.down, nt)?;
             }
             g.set_tag("down");
-            // The last layer's output goes to the head's own norm.
-            match next_norm {
-                Some(w) => self.mm_nq(s, &l.down, nt, Epilogue::Add, &s.x, h, Some(w)),
-                None => self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h).map(|_| None),
-            }
+            self.mm(s, &l.down, nt, Epilogue::Add, &s.x, h)?;
         }
+        Ok(())
     }
 
     /// The merge of `n_ks` key splits' partials (`s.part`) into `s.attn`:

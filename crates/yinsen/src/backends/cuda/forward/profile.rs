@@ -471,7 +471,6 @@ impl CudaBackend {
                             stride,
                             Launch::Plain,
                             None,
-                            None,
                         )
                     };
                     run()?; // warm-up

@@ -514,18 +514,6 @@ __device__ __forceinline__ void tw_rope_quad(const TwRope& ra, TwQuad at, int p,
     }
 }
 
-// The next quantiser's norm partials (modes 2 and 3; `part` null: none).
-// Per token and 128-row tile (the gated epilogue's 64 outputs), the tile's
-// sum of squares of the outputs v and its max |v w| (w the next RMSNorm's
-// weights, null: 1) at part[t * ceil(n_rows / 128) + tile], for
-// `nq_stream` (ops.cu): that quantiser then needs no reduction over the row
-// but its code sum. The sums run over a warp (gated: a half warp) in a
-// fixed order, so the bits are the same every run.
-struct TwNq {
-    float2* part;
-    const float* w;
-};
-
 // The epilogue of one tile from its parked sums `ep` ([token][row], row
 // pitch TW_EP words) by NTH threads (this one: et; NTH a multiple of 128,
 // so a round's tokens divide BN). Every thread keeps four
@@ -544,26 +532,16 @@ template <int BN, int NTH, int EM>
 __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep_xsum, const float* ep_sx,
                                             const float* ep_r1, const float* ep_rs, int row0, int tok0, int n_rows,
                                             int nt, int* out_i, float* out_f, int out_stride, int mode,
-                                            const TwRope& ra, const TwNq& nq) {
+                                            const TwRope& ra) {
     constexpr int BM = TW_BM;
-    // With norm partials, threads past the matrix stay for their warp's
-    // reductions: their outputs are zeros (their row scales are 0) and
-    // are never stored (nv <= 0).
-    const bool nq_on = (EM == 2 || EM == 3) && nq.part != nullptr;
-    const int nqt = (n_rows + BM - 1) / BM, nq_tile = row0 / BM;
     // 16-byte stores where the output rows allow them (else element-wise).
     const bool vec = out_stride % 4 == 0 && ((size_t)(mode == 0 ? (void*)out_i : (void*)out_f) & 15) == 0;
     if constexpr (EM == 3) {
         constexpr int EP_G = TW_EP_STORE;
         constexpr int HP = BM / 2, QS = HP / 4, TS = NTH / QS;  // pairs, quads, tokens per round
         const int f = n_rows / 2, p = 4 * (et % QS), rg = row0 / 2 + p;
-        if (rg >= f && !nq_on) return;
+        if (rg >= f) return;
         const int nv = min(4, f - rg);  // pairs of the quad inside the matrix
-        // A half warp holds one token's 64 outputs (QS = 16).
-        const unsigned half = (et & 31) < 16 ? 0x0000ffffu : 0xffff0000u;
-        float nw[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) nw[j] = nq_on && j < nv ? (nq.w ? nq.w[rg + j] : 1.f) : 0.f;
         float sg[4], su[4];
         bool fast = true;  // every scale in the division's fast range
 #pragma unroll
@@ -599,17 +577,6 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
                     const float yu = __fmul_rn((float)(u[j] - xs), qu[j]);
                     o[j] = gated_act(yg, yu, mode - 2);
                 }
-                if (nq_on) {
-                    float ss = 0.f, mx = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 4; j++) ss += o[j] * o[j], mx = fmaxf(mx, fabsf(o[j] * nw[j]));
-#pragma unroll
-                    for (int m = 8; m > 0; m >>= 1) {
-                        ss += __shfl_xor_sync(half, ss, m);
-                        mx = fmaxf(mx, __shfl_xor_sync(half, mx, m));
-                    }
-                    if ((et & 15) == 0) nq.part[(size_t)t * nqt + nq_tile] = make_float2(ss, mx);
-                }
                 float* dst = out_f + (size_t)t * out_stride + rg;
                 if (vec && nv == 4) *(float4*)dst = make_float4(o[0], o[1], o[2], o[3]);
                 else
@@ -620,16 +587,13 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
     }
     constexpr int QS = BM / 4, TS = NTH / QS;  // quads, tokens per round
     const int rl = 4 * (et % QS), r = row0 + rl;
-    if (r >= n_rows && !nq_on) return;
+    if (r >= n_rows) return;
     // Mode 5: the quad's (cos, sin) offset in a position's row of the table
     // (-1: v rows, not rotated).
     const int p0 = EM == 5 ? ra.pos[0] : 0;
     const TwQuad quad = EM == 5 ? tw_rope_quad_at(ra, r) : TwQuad{2, 0};
     const int rot_j = quad.kind < 2 ? (r % ra.hd) >> 1 : -1;
     const int nv = min(4, n_rows - r);  // rows of the quad inside the matrix
-    float nw[4];  // the next norm's weights (mode 2 with partials; a warp holds a token's 128 rows)
-#pragma unroll
-    for (int j = 0; j < 4; j++) nw[j] = nq_on && j < nv ? (nq.w ? nq.w[r + j] : 1.f) : 0.f;
     float rs[4];
     bool fast = true;  // every scale in the division's fast range
 #pragma unroll
@@ -693,14 +657,6 @@ __device__ __forceinline__ void tw_epilogue(const int* ep, int et, const int* ep
                 for (int j = 0; j < 4; j++) {
                     y[j] = __fmul_rn((float)a[j], qd[j]);
                     if (MD == 2) y[j] = __fadd_rn(old[k][j], y[j]);
-                }
-                if (MD == 2 && nq_on) {
-                    float ss = 0.f, mx = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 4; j++) ss += y[j] * y[j], mx = fmaxf(mx, fabsf(y[j] * nw[j]));
-                    ss = warp_sum(ss);
-                    mx = warp_max(mx);
-                    if ((et & 31) == 0) nq.part[(size_t)t * nqt + nq_tile] = make_float2(ss, mx);
                 }
                 if (MD == 5) {
                     // nv == 4: the host checks hd % 4.
@@ -838,8 +794,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
                                                     const i8* __restrict__ X, int nt, const int* xsum,
                                                     const float* row_scale, const float* sx, int* out_i,
                                                     float* out_f, int out_stride, int mode, int x_ntp,
-                                                    const TwRope& ra, int* tail_ws, int* tail_cnt, int tail,
-                                                    const TwNq& nq) {
+                                                    const TwRope& ra, int* tail_ws, int* tail_cnt, int tail) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int WG = 2, BM = TW_BM, A_BYTES = BM * 32, B_BYTES = BN * 128, TW_STAGE = A_BYTES + B_BYTES;
     static_assert(BN == 128 || BN == 256, "wgmma N");
@@ -917,7 +872,7 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
     tw_park<BN>(ep, d, warp, lane);
     asm volatile("bar.sync 1, %0;" ::"n"(WG * 128) : "memory");
     tw_epilogue<BN, WG * 128, EM>(ep, tid, ep_xsum, ep_sx, ep_r1, ep_rs, row0, tok0, n_rows, nt, out_i, out_f, out_stride,
-                              mode, ra, nq);
+                              mode, ra);
 #endif
 }
 
@@ -932,12 +887,11 @@ __device__ __forceinline__ void tern_wgmma_tma_body(const uint4* __restrict__ W,
         const uint4* W, int n_rows, int chunks, const i8* X, int nt, const int* xsum,                 \
         const float* row_scale, const float* sx, int* out_i, float* out_f, int out_stride, int mode,   \
         int* ksum, int* kcnt, int x_ntp, const int* pos, const float2* rope, int n_heads, int n_kv,   \
-        int hd, int cap, int kv_f16, void* kc, void* vc, float* qr, int tail, float2* nqp,            \
-        const float* nq_w) {                                                                           \
+        int hd, int cap, int kv_f16, void* kc, void* vc, float* qr, int tail) {                       \
         pdl_wait();                                                                                    \
         const TwRope ra{pos, rope, n_heads, n_kv, hd, cap, kv_f16, kc, vc, qr};                        \
         tern_wgmma_tma_body<BN, S, EM>(W, n_rows, chunks, X, nt, xsum, row_scale, sx, out_i, out_f,    \
-                                       out_stride, mode, x_ntp, ra, ksum, kcnt, tail, TwNq{nqp, nq_w}); \
+                                       out_stride, mode, x_ntp, ra, ksum, kcnt, tail);                 \
     }
 #define TERN_WGMMA_TMA(NAME, BN, S)               \
     TERN_WGMMA_TMA_K(NAME, BN, S, 0)              \
