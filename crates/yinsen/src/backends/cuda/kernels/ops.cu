@@ -231,6 +231,30 @@ extern "C" __global__ void norm_quant(const float* in, int n, int in_stride, int
 // reduction is warp shuffles plus, for W > 1, one named barrier of the
 // token's warps. (S7-8's one-warp kernel divided per element and was
 // issue-bound; this one multiplies as norm_quant_v4.)
+// bar.sync of group grp's N threads on barrier 1 + grp (grp < G <= 8), the
+// id an immediate: ptxas then reserves ids up to G only. With the id in a
+// register it reserved all 16, which capped the quantiser at 4 blocks an SM
+// (ncu, S29-4: norm_quant_w8r3 at 50% theoretical occupancy, "Block Limit
+// Barriers 4").
+template <int G, int N>
+__device__ __forceinline__ void group_bar(int grp) {
+#define GROUP_BAR_CASE(K)                                                  \
+    case K:                                                                \
+        if constexpr (K < G) asm volatile("bar.sync %0, %1;" ::"n"(K + 1), "n"(N) : "memory"); \
+        break;
+    static_assert(G >= 1 && G <= 8, "group count");
+    switch (G == 1 ? 0 : grp) {
+        GROUP_BAR_CASE(0)
+        GROUP_BAR_CASE(1)
+        GROUP_BAR_CASE(2)
+        GROUP_BAR_CASE(3)
+        GROUP_BAR_CASE(4)
+        GROUP_BAR_CASE(5)
+        GROUP_BAR_CASE(6)
+        GROUP_BAR_CASE(7)
+    }
+#undef GROUP_BAR_CASE
+}
 template <int W, int R>
 __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int in_stride, int gate, const float* w,
                                                    int do_norm, float eps, i8* q, int kpad, float* sx, int* xsum,
@@ -245,7 +269,7 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
         v = mx ? warp_max(v) : warp_sum(v);
         if constexpr (W == 1) return v;
         if (lane == 0) red[slot][warp] = v;
-        asm volatile("bar.sync %0, %1;" ::"r"(1 + grp), "n"(GT) : "memory");
+        group_bar<TPB, GT>(grp);
         float a = red[slot][grp * W];
 #pragma unroll
         for (int k = 1; k < W; k++) a = mx ? fmaxf(a, red[slot][grp * W + k]) : a + red[slot][grp * W + k];
