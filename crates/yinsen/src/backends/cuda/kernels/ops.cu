@@ -243,7 +243,11 @@ __device__ __forceinline__ void group_bar(int grp) {
         if constexpr (K < G) asm volatile("bar.sync %0, %1;" ::"n"(K + 1), "n"(N) : "memory"); \
         break;
     static_assert(G >= 1 && G <= 8, "group count");
-    switch (G == 1 ? 0 : grp) {
+    if constexpr (G == 1) {
+        asm volatile("bar.sync 1, %0;" ::"n"(N) : "memory");
+        return;
+    }
+    switch (grp) {
         GROUP_BAR_CASE(0)
         GROUP_BAR_CASE(1)
         GROUP_BAR_CASE(2)
@@ -329,13 +333,15 @@ __device__ __forceinline__ void norm_quant_wg_body(const float* in, int n, int i
         xsum[t] = qs;
     }
 }
-#define NORM_QUANT_WG(NAME, W, R)                                                                              \
-    extern "C" __global__ void __launch_bounds__(W >= 8 ? 32 * W : 256) NAME(const float* in, int n, int in_stride, int gate,    \
+// The arguments after R: the kernel's __launch_bounds__.
+#define NORM_QUANT_WG_B(NAME, W, R, ...)                                                                         \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME(const float* in, int n, int in_stride, int gate,    \
                                                             const float* w, int do_norm, float eps, i8* q,     \
                                                             int kpad, float* sx, int* xsum, int nt, int x_ntp) { \
         pdl_wait();                                                                                            \
         norm_quant_wg_body<W, R>(in, n, in_stride, gate, w, do_norm, eps, q, kpad, sx, xsum, nt, x_ntp);       \
     }
+#define NORM_QUANT_WG(NAME, W, R) NORM_QUANT_WG_B(NAME, W, R, W >= 8 ? 32 * W : 256)
 // R fitted to the row (2B4T: 2560 and 6912 wide): the loops over R are
 // unrolled and predicated, so a lane's unused float4 still issue their
 // instructions (ncu, S25-3: norm_quant_w8 at 2560 wide, every memory unit
@@ -344,8 +350,18 @@ NORM_QUANT_WG(norm_quant_w1, 1, 20)
 NORM_QUANT_WG(norm_quant_w2, 2, 12)
 NORM_QUANT_WG(norm_quant_w4r5, 4, 5)
 NORM_QUANT_WG(norm_quant_w4, 4, 14)
-NORM_QUANT_WG(norm_quant_w8r3, 8, 3)
-NORM_QUANT_WG(norm_quant_w8r7, 8, 7)
+// Blocks an SM the bounds ask for (NVRTC 13.0): w8r3 (2560-wide rows) 8
+// at 32 registers, no spill (34 and 6 blocks without); w8r7 (6912) 5 at its
+// 48 registers (without the bound ptxas spilled 4 bytes there since
+// group_bar; 20 bytes at 40 registers for 6).
+#ifndef NQ_R3_MINB
+#define NQ_R3_MINB 8
+#endif
+#ifndef NQ_R7_MINB
+#define NQ_R7_MINB 5
+#endif
+NORM_QUANT_WG_B(norm_quant_w8r3, 8, 3, 256, NQ_R3_MINB)
+NORM_QUANT_WG_B(norm_quant_w8r7, 8, 7, 256, NQ_R7_MINB)
 NORM_QUANT_WG(norm_quant_w8, 8, 8)
 NORM_QUANT_WG(norm_quant_w16r2, 16, 2)
 NORM_QUANT_WG(norm_quant_w16, 16, 4)
