@@ -126,6 +126,23 @@ fn spill_stores(log: &str) -> Vec<(String, usize)> {
     out
 }
 
+/// Hardware barriers reserved per kernel in ptxas's `-v` log ("used N
+/// barriers" after its "Compiling entry function" line).
+fn barriers_used(log: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut name: Option<String> = None;
+    for line in log.lines() {
+        if let Some((_, rest)) = line.split_once("Compiling entry function '") {
+            name = rest.split('\'').next().map(str::to_string);
+        } else if let (Some(n), Some(i)) = (&name, line.find(" barriers")) {
+            let used = line[..i].rsplit(' ').next().and_then(|v| v.parse().ok());
+            out.push((n.clone(), used.unwrap_or(usize::MAX)));
+            name = None;
+        }
+    }
+    out
+}
+
 /// The hot kernels stay within their measured spills on sm_90a (the
 /// device's arch): at their register limits ptxas's allocation flips with
 /// small source changes, and a spill there cost the persistent decode ~9%
@@ -182,6 +199,23 @@ fn nvrtc_hot_kernels_do_not_spill() {
         );
     }
     assert!(over.is_empty(), "NVRTC {v:?}: {over:?}");
+    // Named barriers with a register id reserve all 16 of a block's, and an
+    // SM has 64: that capped the grouped quantiser at 4 blocks an SM, half
+    // its occupancy (ncu, S29-4). Its one-token-a-block variants (8 and 16
+    // warps) use barriers 0 and 1 only.
+    let bars = barriers_used(&log);
+    let quantisers: Vec<_> = bars
+        .iter()
+        .filter(|(n, _)| n.starts_with("norm_quant_w8") || n.starts_with("norm_quant_w16"))
+        .collect();
+    assert!(
+        quantisers.len() >= 5,
+        "{} grouped quantisers in the log",
+        quantisers.len()
+    );
+    for (n, b) in quantisers {
+        assert!(*b <= 2, "{n} reserves {b} barriers (at most 2)");
+    }
 }
 
 #[test]
