@@ -185,6 +185,7 @@ fn nvrtc_hot_kernels_do_not_spill() {
         ("kv_tile_f32", 0),
         ("norm_quant_w8", 0),
         ("lm_head_dec", 0),
+        ("lm_head_screen_q8_tma", 0),
         ("lm_head_screen_q8_mma_cp", 0),
         ("lm_head_pick_f16_batch", 0),
     ];
@@ -1450,4 +1451,149 @@ fn fast_division_matches_ieee() {
             want
         );
     }
+}
+
+/// The streamed 8-bit head passes (`lm_head_screen_q8_tma`,
+/// `lm_head_dec_q8_tma`: rows by bulk copies through a ring of stages) give
+/// the register-fed kernels' bits on the same inputs: every row's logit,
+/// the screen's keys, bound factors and normed x, the largest per-warp lower
+/// end, and the greedy pick. Vocabularies that end in a partial octet (its
+/// scales and bounds read from global memory), grids that make each block
+/// wrap its ring many times, rings of 2-4 stages; outputs poisoned first.
+#[test]
+fn lm_head_streamed_matches_register_kernels() {
+    use half::f16;
+    use yinsen::backends::cuda::{head_tma_smem, Arg};
+    let Some(g) = gpu() else { return };
+    if g.arch != "sm_90a" {
+        common::skip_cuda(&format!("the streamed head needs bulk copies (sm_90a), not {}", g.arch));
+        return;
+    }
+    let mut rng = SplitMix64(0x7e4d);
+    let mut cases = 0usize;
+    for &(vocab, hidden) in &[(1003usize, 2560usize), (4096, 2560), (517, 320), (64, 96)] {
+        let q: Vec<i8> = (0..vocab * hidden)
+            .map(|_| (((rng.next_u64() >> 33) % 255) as i32 - 127) as i8)
+            .collect();
+        let d: Vec<u16> = (0..vocab * hidden / 32)
+            .map(|_| f16::from_f32(1e-3 + (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 0.02).to_bits())
+            .collect();
+        let unit = |r: &mut SplitMix64| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let x: Vec<f32> = (0..hidden).map(|_| (unit(&mut rng) - 0.5) * 6.0).collect();
+        let nw: Vec<f32> = (0..hidden).map(|_| 0.5 + unit(&mut rng)).collect();
+        let err: Vec<f32> = (0..vocab).map(|_| 1e-3 * unit(&mut rng)).collect();
+        let abs: Vec<f32> = (0..vocab).map(|_| 10.0 + 50.0 * unit(&mut rng)).collect();
+        let (qb, db, xb, nwb) = (
+            g.upload(&q).unwrap(),
+            g.upload(&d).unwrap(),
+            g.upload(&x).unwrap(),
+            g.upload(&nw).unwrap(),
+        );
+        let (errb, absb) = (g.upload(&err).unwrap(), g.upload(&abs).unwrap());
+        let lq = g.alloc(4 * vocab).unwrap();
+        let fac = g.alloc(8).unwrap();
+        let keys = g.alloc(16).unwrap();
+        let xs = g.alloc(4 * hidden).unwrap();
+        let wmax = g.alloc(8 * 8 * 64).unwrap();
+        let best = g.alloc(8).unwrap();
+        // (lq bits, keys, fac bits, xs bits, largest wmax entry), then
+        // (logits bits, best) of the plain 8-bit head.
+        let run = |tma: Option<(u32, usize)>| {
+            lq.fill(0xff).unwrap();
+            fac.fill(0xff).unwrap();
+            xs.fill(0xff).unwrap();
+            keys.fill(0).unwrap();
+            wmax.fill(0).unwrap();
+            let mut a = vec![
+                qb.p(),
+                db.p(),
+                Arg::I(vocab as i32),
+                Arg::I(hidden as i32),
+                xb.p(),
+                nwb.p(),
+                Arg::F(1e-5),
+                lq.p(),
+                errb.p(),
+                absb.p(),
+                fac.p(),
+                keys.p(),
+                xs.p(),
+                wmax.p(),
+            ];
+            match tma {
+                Some((grid, ring)) => {
+                    let smem = head_tma_smem(hidden, ring);
+                    assert!(g.allow_dynamic_smem("lm_head_screen_q8_tma", smem).unwrap());
+                    a.push(Arg::I(ring as i32));
+                    g.launch_smem(
+                        "lm_head_screen_q8_tma",
+                        (grid, 1, 1),
+                        256,
+                        smem as u32,
+                        &a,
+                        Launch::Plain,
+                    )
+                    .unwrap();
+                }
+                None => g
+                    .launch_smem("lm_head_screen_q8", (8, 1, 1), 256, 0, &a, Launch::Plain)
+                    .unwrap(),
+            }
+            g.sync().unwrap();
+            let screen = (
+                lq.read::<u32>(vocab).unwrap(),
+                keys.read::<u32>(2).unwrap(),
+                fac.read::<u32>(2).unwrap(),
+                xs.read::<u32>(hidden).unwrap(),
+                wmax.read::<u64>(8 * 64).unwrap().into_iter().max().unwrap(),
+            );
+            lq.fill(0xff).unwrap();
+            best.fill(0).unwrap();
+            let mut a = vec![
+                qb.p(),
+                db.p(),
+                Arg::I(vocab as i32),
+                Arg::I(hidden as i32),
+                xb.p(),
+                nwb.p(),
+                Arg::F(1e-5),
+                lq.p(),
+                best.p(),
+            ];
+            match tma {
+                Some((grid, ring)) => {
+                    let smem = head_tma_smem(hidden, ring);
+                    assert!(g.allow_dynamic_smem("lm_head_dec_q8_tma", smem).unwrap());
+                    a.push(Arg::I(ring as i32));
+                    g.launch_smem("lm_head_dec_q8_tma", (grid, 1, 1), 256, smem as u32, &a, Launch::Plain)
+                        .unwrap();
+                }
+                None => g
+                    .launch_smem("lm_head_dec_q8", (8, 1, 1), 256, 0, &a, Launch::Plain)
+                    .unwrap(),
+            }
+            g.sync().unwrap();
+            (screen, lq.read::<u32>(vocab).unwrap(), best.read::<u64>(1).unwrap()[0])
+        };
+        let want = run(None);
+        assert!(
+            want.0 .0.iter().all(|&b| b != u32::MAX),
+            "register kernel left rows unwritten"
+        );
+        assert_ne!(want.2, 0, "no pick");
+        let octets = vocab.div_ceil(8) as u32;
+        for &(grid, ring) in &[(1u32, 2usize), (3, 4), (7, 3), (octets.min(64), 4)] {
+            let got = run(Some((grid, ring)));
+            let what = format!("vocab {vocab} hidden {hidden} grid {grid} ring {ring}");
+            assert_eq!(got.0 .0, want.0 .0, "{what}: screen logits");
+            assert_eq!(got.0 .1, want.0 .1, "{what}: keys");
+            assert_eq!(got.0 .2, want.0 .2, "{what}: bound factors");
+            assert_eq!(got.0 .3, want.0 .3, "{what}: normed x");
+            assert_eq!(got.0 .4 >> 32, want.0 .4 >> 32, "{what}: largest lower end");
+            assert_eq!(got.1, want.1, "{what}: 8-bit head logits");
+            assert_eq!(got.2, want.2, "{what}: greedy pick");
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 16);
 }

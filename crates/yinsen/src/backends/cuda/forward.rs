@@ -19,7 +19,7 @@ mod prefill;
 mod profile;
 
 pub use head::BatchPass1;
-use head::ScreenHead;
+use head::{HeadTma, ScreenHead};
 pub use prefill::NQ_GROUPS;
 use prefill::{norm_threads, NQ_WARPS_DEFAULT};
 
@@ -569,6 +569,8 @@ pub struct CudaBackend {
     /// Screened top-k steps that fell back to the full head (a non-finite
     /// value, or more rows at the floor than the list holds).
     topk_fallbacks: std::sync::atomic::AtomicUsize,
+    /// The streamed 8-bit head passes' launch (`head_tma`), planned once.
+    head_tma: std::sync::OnceLock<Option<HeadTma>>,
     final_norm: DevBuf,
     rope: DevBuf,
     max_splits: usize,
@@ -1115,6 +1117,7 @@ impl CudaBackend {
             lm_head_screen_on: false.into(),
             capturing_head: (Head::Logits as u8).into(),
             topk_fallbacks: 0.into(),
+            head_tma: std::sync::OnceLock::new(),
             final_norm,
             rope,
             max_splits,

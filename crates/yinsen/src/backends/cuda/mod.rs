@@ -150,6 +150,15 @@ fn probe_inner() -> Result<Vec<DeviceInfo>> {
         .collect()
 }
 
+/// Dynamic shared memory of the streamed 8-bit head passes
+/// (`lm_head_screen_q8_tma`, `lm_head_dec_q8_tma`) at `ring` stages of 8
+/// rows, in decode.cu's layout: the 2 x ring mbarriers padded to 128 bytes,
+/// the stages (codes, block scales, two bound floats a row), then the normed
+/// x (f32), its codes and their block scales.
+pub fn head_tma_smem(hidden: usize, ring: usize) -> usize {
+    (16 * ring).div_ceil(128) * 128 + ring * (8 * hidden + hidden / 2 + 64) + 4 * hidden + hidden + 4 * (hidden / 32)
+}
+
 /// NVRTC target for a compute capability: the arch-specific `a` variant on
 /// Hopper/Blackwell (sm_90a), plain `sm_XY` elsewhere.
 pub fn arch_for(sm: (i32, i32)) -> String {
@@ -206,7 +215,7 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 /// Every kernel the host launches (looked up at load; the NVRTC test checks them).
-pub const KERNELS: [&str; 119] = [
+pub const KERNELS: [&str; 121] = [
     "tern_gemv_t1",
     "tern_gemv_t2",
     "tern_gemv_t4",
@@ -265,6 +274,8 @@ pub const KERNELS: [&str; 119] = [
     "lm_head_dec",
     "lm_head_dec_q8",
     "lm_head_screen_q8",
+    "lm_head_screen_q8_tma",
+    "lm_head_dec_q8_tma",
     "lm_head_pick_f16",
     "lm_head_topk_floor",
     "lm_head_topk_f16",

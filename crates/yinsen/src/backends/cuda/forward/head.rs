@@ -121,6 +121,27 @@ fn env_per_sm(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The streamed 8-bit head passes (decode.cu: `lm_head_screen_q8_tma`,
+/// `lm_head_dec_q8_tma`; sm_90a): thread 0 of each block keeps `ring`
+/// stages of 8 rows in flight by bulk copies, where the register-fed
+/// kernels hold one row a warp.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HeadTma {
+    grid: u32,
+    smem: u32,
+    ring: i32,
+}
+
+/// Ring stages of the streamed head (`YINSEN_CUDA_HEAD_TMA_RING`, 2..=8;
+/// A/B runs), default 4: 87 KB of rows in flight a block on 2B4T.
+fn head_tma_ring() -> usize {
+    std::env::var("YINSEN_CUDA_HEAD_TMA_RING")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| (2..=8).contains(v))
+        .unwrap_or(4)
+}
+
 /// The (row, logit) of an argmax key (decode.cu's `argmax_key`; 0: no
 /// finite logit was seen).
 fn from_argmax_key(k: u64) -> Option<(u32, f32)> {
@@ -175,6 +196,7 @@ impl CudaBackend {
                 *q = Some((self.gpu.upload(&vals)?, self.gpu.upload(&scales)?));
             }
         }
+        self.head_tma();
         Ok(self.lm_head_q8_on.swap(on, Ordering::Relaxed))
     }
 
@@ -203,7 +225,19 @@ impl CudaBackend {
         a1.extend(slots);
         // Only the top-k's floor reads the per-warp lower ends.
         a1.push(if top_k { sh.wmax.p() } else { Arg::P(0) });
-        g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
+        // The floor reads a lower end from each warp of pass 1's grid.
+        let p1_blocks = match self.head_tma() {
+            Some(t) => {
+                a1.push(Arg::I(t.ring));
+                let how = if pdl { Launch::Pdl } else { Launch::Plain };
+                g.launch_smem("lm_head_screen_q8_tma", (t.grid, 1, 1), 256, t.smem, &a1, how)?;
+                t.grid
+            }
+            None => {
+                g.launch_ex("lm_head_screen_q8", (blocks, 1, 1), 256, &a1, pdl)?;
+                blocks
+            }
+        };
         let c = &self.config;
         let e = self.lm_head.as_ref().unwrap_or(&self.embed).p();
         if top_k {
@@ -212,7 +246,7 @@ impl CudaBackend {
                 e,
                 Arg::I(c.hidden as i32),
                 sh.wmax.p(),
-                Arg::I(blocks as i32 * 8),
+                Arg::I(p1_blocks as i32 * 8),
                 sh.k.p(),
                 sh.keys.p(),
                 sh.xs.p(),
@@ -305,6 +339,8 @@ impl CudaBackend {
                 });
             }
         }
+        // Planned here, outside any graph capture (it sets kernel attributes).
+        self.head_tma();
         Ok(self.lm_head_screen_on.swap(lm_head.is_some(), Ordering::Relaxed))
     }
 
@@ -591,18 +627,61 @@ impl CudaBackend {
         let g = &self.gpu;
         g.set_tag("lm_head+argmax");
         // The 8-bit copy takes (values, scales) where the f16 kernel takes E.
-        let (name, mut args) = if self.lm_head_q8_on.load(Ordering::Relaxed) {
+        let (name, args) = if self.lm_head_q8_on.load(Ordering::Relaxed) {
             let q = self.lm_head_q8.lock().map_err(|_| berr("lm_head lock poisoned"))?;
             let (vals, scales) = q.as_ref().ok_or_else(|| berr("8-bit lm_head not uploaded"))?;
-            ("lm_head_dec_q8", vec![vals.p(), scales.p()])
+            let mut args = vec![vals.p(), scales.p()];
+            args.extend(self.head_args(s));
+            args.push(s.best.p());
+            if let Some(t) = self.head_tma() {
+                args.push(Arg::I(t.ring));
+                let how = if pdl { Launch::Pdl } else { Launch::Plain };
+                g.launch_smem("lm_head_dec_q8_tma", (t.grid, 1, 1), 256, t.smem, &args, how)?;
+                g.set_tag("");
+                return Ok(());
+            }
+            ("lm_head_dec_q8", args)
         } else {
-            ("lm_head_dec", vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()])
+            let mut args = vec![self.lm_head.as_ref().unwrap_or(&self.embed).p()];
+            args.extend(self.head_args(s));
+            args.push(s.best.p());
+            ("lm_head_dec", args)
         };
-        args.extend(self.head_args(s));
-        args.push(s.best.p());
         g.launch_ex(name, (self.head_blocks(), 1, 1), 256, &args, pdl)?;
         g.set_tag("");
         Ok(())
+    }
+
+    /// The streamed 8-bit head's launch, planned at first use: None before
+    /// sm_90a, with `YINSEN_CUDA_HEAD_TMA=0` (A/B runs), or where its
+    /// shared memory does not fit. Its grid stays within `head_blocks`
+    /// (the screen's per-warp buffer) and the row octets.
+    pub(super) fn head_tma(&self) -> Option<HeadTma> {
+        *self.head_tma.get_or_init(|| {
+            let g = &self.gpu;
+            let c = &self.config;
+            if g.arch != "sm_90a" || std::env::var("YINSEN_CUDA_HEAD_TMA").is_ok_and(|v| v == "0") {
+                return None;
+            }
+            let ring = head_tma_ring();
+            let smem = crate::backends::cuda::head_tma_smem(c.hidden, ring);
+            let names = ["lm_head_screen_q8_tma", "lm_head_dec_q8_tma"];
+            let mut per_sm = u32::MAX;
+            for name in names {
+                if !g.allow_dynamic_smem(name, smem).ok()? {
+                    return None;
+                }
+                per_sm = per_sm.min(g.occupancy(name, 256, smem).ok()?.max(0) as u32);
+            }
+            let grid = (per_sm * g.info.sms.max(1) as u32)
+                .min(c.vocab.div_ceil(8) as u32)
+                .min(self.head_blocks());
+            (grid > 0).then_some(HeadTma {
+                grid,
+                smem: smem as u32,
+                ring: ring as i32,
+            })
+        })
     }
 
     /// Blocks of the decode head kernels: 8 rows in flight per block, a few

@@ -93,20 +93,12 @@ __device__ __forceinline__ void warp_argmax(float& v, int& idx) {
 // PDL (programmatic dependent launch, sm_90+): launch_dependents lets the
 // next kernel start; wait blocks until the previous kernel has finished and
 // its writes are visible. No-ops without the launch attribute or before sm_90.
-// PDL_EARLY=1 (A/B runs, not measured yet): every kernel also lets its
-// successor launch right after its own wait, so the successor's blocks take
-// the SMs the last wave frees and wait there; without it only the decode
-// kernels trigger early (the prefill kernels' successors launch once their
-// last block exits). The successor's wait still orders every read.
-#ifndef PDL_EARLY
-#define PDL_EARLY 0
-#endif
+// The prefill kernels do not trigger early: letting every successor launch
+// right after its own wait measured slower (S30-1: prefill 2048 13.05 against
+// 12.77 ms; the waiting blocks take SMs the last wave could use).
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#if PDL_EARLY
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 #endif
 }
 __device__ __forceinline__ void pdl_launch() {

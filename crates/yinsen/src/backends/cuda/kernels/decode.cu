@@ -685,6 +685,170 @@ extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB) lm_head_screen_q8(
                           ScreenArgs{err, abs_sum, fac, keys, xs, wmax});
 }
 
+// The 8-bit head with its rows streamed by bulk copies (sm_90; the host's
+// default there, `YINSEN_CUDA_HEAD_TMA=0` for the kernels above). Why: the
+// register-fed kernels keep one 2.5 KB row a warp in flight and read the
+// head at ~3.1 TB/s on the H200 (ncu S30-2: DRAM 64%, 101.5 us of an 870 us
+// step). Here block b owns the contiguous rows of octets [n8 b / G,
+// n8 (b + 1) / G) and thread 0 keeps `ring` stages of 8 rows (codes, block
+// scales, and the screen's two bound floats a row) in flight by bulk copies;
+// warp w takes row w of each stage. A row's arithmetic is lm_head_q8_body's
+// (same lanes, same order, same sums) and each warp walks its rows in
+// ascending order, so logits, keys and picks are the same bits. A last,
+// partial stage copies only its codes (a partial stage's scales need not be
+// 16-byte sized); its warps read scales and bounds from global memory.
+// Dynamic shared memory: 2 x ring mbarriers, then ring stages of
+// lq_stage_bytes(hidden), then xs (f32), xq8 and dxs. Needs hidden % 32 == 0.
+__device__ __forceinline__ int lq_stage_bytes(int hidden) { return 8 * hidden + hidden / 2 + 64; }
+
+template <bool SCREEN>
+__device__ void lm_head_q8_tma_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x,
+                                    const float* nw, float eps, float* logits, u64* best, ScreenArgs sa, int ring) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) unsigned char lq_smem[];
+    __shared__ float red[32];
+    __shared__ float bv_s[8];
+    __shared__ int bi_s[8];
+    pdl_launch();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int np = hidden / 16, nb = hidden / 32, sb = lq_stage_bytes(hidden);
+    u64* full = (u64*)lq_smem;
+    u64* empty = full + ring;
+    unsigned char* stages = lq_smem + ((16 * ring + 127) / 128) * 128;
+    float* xs = (float*)(stages + (size_t)ring * sb);
+    i8* xq8 = (i8*)(xs + hidden);
+    float* dxs = (float*)(xq8 + hidden);
+    const int n8 = (vocab + 7) / 8;
+    const int o0 = (int)((long long)n8 * blockIdx.x / gridDim.x);
+    const int o1 = (int)((long long)n8 * (blockIdx.x + 1) / gridDim.x);
+    const int nst = o1 - o0;
+    // Stage s: rows 8 (o0 + s) .. + 8, within vocab.
+    auto issue = [&](int s) {
+        const int slot = s % ring, row0 = 8 * (o0 + s), rows = min(8, vocab - row0);
+        unsigned char* st = stages + (size_t)slot * sb;
+        const unsigned qb = (unsigned)(rows * hidden);
+        const bool whole = rows == 8;
+        mg_bulk_expect(full + slot, qb + (whole ? (unsigned)(hidden / 2 + (SCREEN ? 64 : 0)) : 0u));
+        mg_bulk_part(smem_addr(st), (const char*)Q + (size_t)row0 * hidden, qb, full + slot, true);
+        if (whole) {
+            mg_bulk_part(smem_addr(st + 8 * hidden), (const char*)(D + (size_t)row0 * nb), hidden / 2, full + slot,
+                         true);
+            if (SCREEN) {
+                mg_bulk_part(smem_addr(st + 8 * hidden + hidden / 2), (const char*)(sa.err + row0), 32, full + slot);
+                mg_bulk_part(smem_addr(st + 8 * hidden + hidden / 2 + 32), (const char*)(sa.abs_sum + row0), 32,
+                             full + slot);
+            }
+        }
+    };
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < ring; i++) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, 8);
+        }
+    }
+    __syncthreads();
+    // The weights do not depend on the previous kernel: copy before its wait.
+    if (threadIdx.x == 0)
+        for (int s = 0; s < min(ring, nst); s++) issue(s);
+    pdl_wait();
+    lm_head_norm(x, nw, eps, hidden, xs, red);
+    q8_blocks(xs, nb, xq8, dxs);
+    float2 ab = make_float2(0.f, 0.f);
+    if (SCREEN) {
+        if (blockIdx.x == 0)
+            for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
+        ab = screen_factors(xs, xq8, dxs, hidden, sa.keys, blockIdx.x == 0 ? sa.fac : nullptr);
+    }
+    const uint4* xq4 = (const uint4*)xq8;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int s = 0; s < nst; s++) {
+        const int slot = s % ring, row0 = 8 * (o0 + s), rows = min(8, vocab - row0);
+        const unsigned ph = (unsigned)(s / ring) & 1u;
+        const unsigned char* st = stages + (size_t)slot * sb;
+        mbar_wait(full + slot, ph);
+        if (warp < rows) {  // warp-uniform
+            const int rr = row0 + warp;
+            const bool whole = rows == 8;
+            const uint4* qrow = (const uint4*)(st + warp * hidden);
+            const u16* drow = whole ? (const u16*)(st + 8 * hidden) + warp * nb : D + (size_t)rr * nb;
+            // A piece's exact dot and scale product (0 past the row).
+            auto piece = [&](int c, int& dot, float& sc) {
+                dot = 0;
+                sc = 0.f;
+                if (c < np) {
+                    const uint4 w = qrow[c], xv = xq4[c];
+                    dot = __dp4a((int)w.x, (int)xv.x, dot);
+                    dot = __dp4a((int)w.y, (int)xv.y, dot);
+                    dot = __dp4a((int)w.z, (int)xv.z, dot);
+                    dot = __dp4a((int)w.w, (int)xv.w, dot);
+                    sc = __fmul_rn(h2f(drow[c / 2]), dxs[c / 2]);
+                }
+            };
+            // The first U pieces' dots and scales are independent: all
+            // first, then the halves joined and the fma chain in piece order.
+            constexpr int U = 5;  // hidden <= 2560 in one round
+            int dot[U];
+            float sc[U];
+#pragma unroll
+            for (int k = 0; k < U; k++) piece(lane + 32 * k, dot[k], sc[k]);
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < U; k++)
+                if (32 * k < np) {  // warp-uniform
+                    const int d = dot[k] + __shfl_xor_sync(0xffffffffu, dot[k], 1);  // the block's halves
+                    if (lane + 32 * k < np) acc = fmaf((float)d, sc[k], acc);
+                }
+            for (int k = U; 32 * k < np; k++) {  // warp-uniform
+                int dk;
+                float sk;
+                piece(lane + 32 * k, dk, sk);
+                const int d = dk + __shfl_xor_sync(0xffffffffu, dk, 1);
+                if (lane + 32 * k < np) acc = fmaf((float)d, sk, acc);
+            }
+            // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
+            acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            if (SCREEN) {
+                const float* eb = (const float*)(st + 8 * hidden + hidden / 2);
+                const float2 ea = whole ? make_float2(eb[warp], eb[8 + warp])
+                                        : make_float2(__ldg(sa.err + rr), __ldg(sa.abs_sum + rr));
+                screen_keep(rr, acc, ab, ea, sa, logits, bv, bi);
+            } else {
+                lm_head_keep(rr, acc, logits, bv, bi);
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + slot);
+        if (threadIdx.x == 0 && s + ring < nst) {
+            mbar_wait(empty + slot, ph);  // every warp is done with the slot
+            issue(s + ring);
+        }
+    }
+    if (SCREEN)
+        screen_put(bv, bi, bv_s, sa);
+    else
+        lm_head_pick(bv, bi, bv_s, bi_s, best);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) lm_head_screen_q8_tma(const uint4* Q, const u16* D, int vocab,
+                                                                   int hidden, const float* x, const float* nw,
+                                                                   float eps, float* lq, const float* err,
+                                                                   const float* abs_sum, float2* fac,
+                                                                   unsigned* keys, float* xs, u64* wmax, int ring) {
+    lm_head_q8_tma_body<true>(Q, D, vocab, hidden, x, nw, eps, lq, nullptr,
+                              ScreenArgs{err, abs_sum, fac, keys, xs, wmax}, ring);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) lm_head_dec_q8_tma(const uint4* Q, const u16* D, int vocab,
+                                                                int hidden, const float* x, const float* nw,
+                                                                float eps, float* logits, u64* best, int ring) {
+    lm_head_q8_tma_body<false>(Q, D, vocab, hidden, x, nw, eps, logits, best, ScreenArgs{}, ring);
+}
+
 // The screened top-k (the default sampling's ranking): the k best logits of
 // the F16 head, in topk_logits' order and bits, reading the F16 rows of the
 // candidates only. After pass 1 (lm_head_screen_q8):
