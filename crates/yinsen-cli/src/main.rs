@@ -622,7 +622,7 @@ fn print_cuda_bench(engine: &Engine) -> Result<()> {
     }
     println!("| decode ctx 2048 | {:.0} tok/s | |", r.decode_tok_s_ctx2048);
     println!(
-        "| decode ctx 0, host round trip per token | {:.0} tok/s | the engine's greedy loop (token read back each step) |",
+        "| decode ctx 0, host round trip per token | {:.0} tok/s | the engine's greedy loop (each pick read back, the next step queued before it) |",
         r.decode_tok_s_ctx0_host_loop
     );
     println!(

@@ -1508,3 +1508,101 @@ fn lm_head_rows_kernel_gives_the_row_kernels_bits() {
         assert_eq!(bits(a), bits(b), "call {i}: lm_head_f16_rows against lm_head_f16");
     }
 }
+
+/// Greedy steps queued ahead: `forward_greedy` queues the step its pick
+/// feeds (fed on the device) before it reads the pick back. A greedy loop
+/// gives the full head's argmax step by step and takes the queued steps;
+/// stepping a second cache in between, truncating, a logits call, or
+/// feeding a token other than the pick each leave the queued step unused
+/// and still give the right tokens.
+#[test]
+fn greedy_steps_queued_ahead_match_plain_steps() {
+    let model = synthetic::build("125m").unwrap();
+    let Some(gpu) = cuda(&model) else { return };
+    gpu.set_lm_head_screen(Some(model.lm_head())).unwrap();
+    let prompt = spread_prompt(&model);
+    let other: Vec<u32> = prompt.iter().rev().copied().collect();
+    // The full head's argmax after feeding `first`, then each pick, n steps.
+    let reference = |p: &[u32], first: u32, n: usize| -> Vec<u32> {
+        let mut c = prompted(&gpu, p, 96);
+        let mut tok = first;
+        (0..n)
+            .map(|_| {
+                tok = argmax(&gpu.forward(c.as_mut(), &[tok], Output::LastLogits).unwrap()) as u32;
+                tok
+            })
+            .collect()
+    };
+    let (want, want_b) = (reference(&prompt, 3, 24), reference(&other, 7, 12));
+    assert!(
+        want.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        "a varied run: {want:?}"
+    );
+    let greedy =
+        |c: &mut Box<dyn yinsen::backends::KvCache>, tok: u32| gpu.forward_greedy(c.as_mut(), tok).unwrap().unwrap();
+    // A plain greedy loop.
+    let taken = gpu.greedy_steps_taken_ahead();
+    let mut a = prompted(&gpu, &prompt, 96);
+    let mut tok = 3;
+    let got: Vec<u32> = (0..24)
+        .map(|_| {
+            tok = greedy(&mut a, tok);
+            tok
+        })
+        .collect();
+    assert_eq!(got, want, "greedy loop");
+    assert_eq!(
+        gpu.greedy_steps_taken_ahead() - taken,
+        23,
+        "every step after the first was queued ahead"
+    );
+    // Two caches stepped in turn: no queued step fits the other cache.
+    let taken = gpu.greedy_steps_taken_ahead();
+    let (mut a, mut b) = (prompted(&gpu, &prompt, 96), prompted(&gpu, &other, 96));
+    let (mut ta, mut tb) = (3, 7);
+    for i in 0..12 {
+        ta = greedy(&mut a, ta);
+        tb = greedy(&mut b, tb);
+        assert_eq!((ta, tb), (want[i], want_b[i]), "interleaved step {i}");
+    }
+    assert_eq!(
+        gpu.greedy_steps_taken_ahead(),
+        taken,
+        "interleaved caches took no queued step"
+    );
+    // Truncated after 10 steps to 6: the step at position 6 is fed pick 5.
+    let mut c = prompted(&gpu, &prompt, 96);
+    let mut tok = 3;
+    for _ in 0..10 {
+        tok = greedy(&mut c, tok);
+    }
+    let n = c.len();
+    c.truncate(n - 4);
+    let mut tok = want[5];
+    for (i, w) in want.iter().enumerate().take(12).skip(6) {
+        tok = greedy(&mut c, tok);
+        assert_eq!(tok, *w, "after the truncation, step {i}");
+    }
+    // A logits call between greedy steps, then a token other than the pick.
+    let mut d = prompted(&gpu, &prompt, 96);
+    let mut tok = 3;
+    for _ in 0..3 {
+        tok = greedy(&mut d, tok);
+    }
+    let logits = gpu.forward(d.as_mut(), &[tok], Output::LastLogits).unwrap();
+    assert_eq!(argmax(&logits) as u32, want[3], "logits call after greedy steps");
+    let pick = greedy(&mut d, want[3]);
+    assert_eq!(pick, want[4], "greedy after a logits call");
+    let alt = ranked(&logits, 9)[4].0;
+    let mut e = prompted(&gpu, &prompt, 96);
+    for &t in &[3, want[0], want[1], want[2]] {
+        greedy(&mut e, t);
+    }
+    let via_alt = greedy(&mut e, alt);
+    let mut g = prompted(&gpu, &prompt, 96);
+    let mut want_after_alt = 0;
+    for &t in &[3, want[0], want[1], want[2], alt] {
+        want_after_alt = argmax(&gpu.forward(g.as_mut(), &[t], Output::LastLogits).unwrap()) as u32;
+    }
+    assert_eq!(via_alt, want_after_alt, "a token other than the pick");
+}

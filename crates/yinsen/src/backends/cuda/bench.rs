@@ -16,9 +16,8 @@ pub struct CudaBench {
     /// Single-sequence greedy decode through the CUDA graph.
     pub decode_tok_s_ctx0: f64,
     pub decode_tok_s_ctx2048: f64,
-    /// The same with a host round trip per token (token written, step
-    /// replayed, token read back: the engine's greedy loop through
-    /// `forward_greedy`), wall time, ctx 0.
+    /// The engine's greedy loop through `forward_greedy` (a pick read back
+    /// per token, the next step queued before it), wall time, ctx 0.
     pub decode_tok_s_ctx0_host_loop: f64,
     /// One forward of 512 / 2048 prompt tokens (ms).
     pub prefill_ms_512: f64,
@@ -133,13 +132,21 @@ fn median(mut v: Vec<f32>) -> f64 {
     v[v.len() / 2] as f64
 }
 
-/// Decode tok/s at ctx 0 with a host round trip per token (median of 5
-/// runs of 128 steps).
+/// Decode tok/s at ctx 0 through the engine's greedy loop: `forward_greedy`
+/// fed each pick it returned, wall time (median of 5 runs of 128 steps
+/// after one warm-up step). Each call reads its pick back, with the next
+/// step already queued (`YINSEN_CUDA_GREEDY_AHEAD=0`: not).
 fn host_loop_tok_s(b: &CudaBackend) -> Result<f64> {
+    use crate::backends::Backend;
     let mut ms = Vec::new();
     for _ in 0..5 {
         let mut cache = b.cuda_cache(140)?;
-        ms.push(b.time_decode_loop(&mut cache, 128, DecodeLoop::HostFed)?);
+        let mut tok = b.forward_greedy(&mut cache, 1)?.unwrap_or(1);
+        let t = std::time::Instant::now();
+        for _ in 0..128 {
+            tok = b.forward_greedy(&mut cache, tok)?.unwrap_or(1);
+        }
+        ms.push(t.elapsed().as_secs_f32() * 1e3 / 128.0);
     }
     Ok(1000.0 / median(ms))
 }

@@ -155,6 +155,11 @@ struct Scratch {
     /// where the driver refused page-locked memory: the pageable read then,
     /// ~3x slower for a batched step's 16 rows).
     logits_host: Option<PinnedHost>,
+    /// The greedy pick (`best`) on its way to the host.
+    pick_host: PinnedHost,
+    /// The greedy step queued ahead by `forward_greedy`, if still valid
+    /// (every other use of the scratch drops it: see `lock_scratch`).
+    ahead: Option<Ahead>,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
     /// Captured batched steps (they read only these buffers).
@@ -162,6 +167,18 @@ struct Scratch {
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
     /// ([n_kv][flash_tcx_scap][4][hd] halves), where that kernel runs.
     kvs: Option<DevBuf>,
+}
+
+/// A greedy step `forward_greedy` queued behind the one it returned: fed on
+/// the device by that step's pick (`decode_advance`), it writes position
+/// `pos` of cache `cache`. The next `forward_greedy` on that cache, at that
+/// length, with that token, takes it instead of launching; anything else
+/// leaves it unused (its KV row past the cache's length is overwritten later).
+#[derive(Clone, Copy, Debug)]
+struct Ahead {
+    cache: u64,
+    pos: usize,
+    token: u32,
 }
 
 /// Element type of the KV cache. F32 (the default) keeps the forward in
@@ -569,6 +586,8 @@ pub struct CudaBackend {
     /// Screened top-k steps that fell back to the full head (a non-finite
     /// value, or more rows at the floor than the list holds).
     topk_fallbacks: std::sync::atomic::AtomicUsize,
+    /// Greedy steps `forward_greedy` found queued ahead (tests).
+    ahead_taken: std::sync::atomic::AtomicUsize,
     /// The streamed 8-bit head passes' launch (`head_tma`), planned once.
     head_tma: std::sync::OnceLock<Option<HeadTma>>,
     final_norm: DevBuf,
@@ -805,6 +824,9 @@ pub struct CudaCache {
     seen: Vec<StepKey>,
     /// Identity (`CudaBackend::id`) of the backend that captured the graphs.
     owner: usize,
+    /// Unique among the process's caches (a greedy step queued ahead names
+    /// its cache by this; an address could be reused).
+    uid: u64,
 }
 
 /// Bytes of one `BatchSeq` (ops.cu): K and V addresses, capacity, position.
@@ -1118,6 +1140,7 @@ impl CudaBackend {
             capturing_head: (Head::Logits as u8).into(),
             topk_fallbacks: 0.into(),
             head_tma: std::sync::OnceLock::new(),
+            ahead_taken: 0.into(),
             final_norm,
             rope,
             max_splits,
@@ -1411,6 +1434,15 @@ impl CudaBackend {
     }
 
     /// Downcast a cache made by `new_cache`.
+    /// The scratch, for any use but `forward_greedy`'s: a greedy step
+    /// queued ahead is dropped, since what runs next may overwrite its
+    /// buffers (its token, position, pick).
+    fn lock_scratch(&self) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+        let mut s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        s.ahead = None;
+        Ok(s)
+    }
+
     fn cache_of<'a>(&self, cache: &'a mut dyn KvCache) -> Result<&'a mut CudaCache> {
         let c = cache
             .as_any_mut()
@@ -2045,7 +2077,7 @@ impl CudaBackend {
     /// Run `tokens` and return the requested output (the Backend contract).
     fn run(&self, cache: &mut CudaCache, tokens: &[u32], output: Output) -> Result<Vec<f32>> {
         self.check_call(cache, tokens)?;
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         let c = &self.config;
         if tokens.len() == 1 && output == Output::LastLogits {
@@ -2108,7 +2140,7 @@ impl CudaBackend {
                 cache.len, cache.cap
             )));
         }
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
@@ -2150,6 +2182,10 @@ impl CudaBackend {
             steps: Vec::new(),
             seen: Vec::new(),
             owner: 0,
+            uid: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         })
     }
 
@@ -2238,6 +2274,8 @@ impl Scratch {
             best: f32s(&[2])?,
             hist: f32s(&[HIST])?,
             logits_host: PinnedHost::new(gpu, checked(&[LM_T.max(STEP_GRAPH_MAX), c.vocab, 4], "scratch")?).ok(),
+            pick_host: PinnedHost::new(gpu, 8)?,
+            ahead: None,
             topk_part: gpu.alloc(8 * TK_BLOCKS * TK_MAX)?,
             topk_cnt: {
                 let b = f32s(&[1])?;
@@ -2292,7 +2330,7 @@ impl Backend for CudaBackend {
         &self.config
     }
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvCache>> {
-        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let _g = self.lock_scratch()?;
         self.gpu.bind()?;
         Ok(Box::new(self.cuda_cache(capacity)?))
     }
@@ -2386,7 +2424,7 @@ impl Backend for CudaBackend {
         }
         let cache = self.cache_of(cache)?;
         self.check_call(cache, &[token])?;
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         if self.lm_head_screened() && !self.lm_head_q8_on.load(Ordering::Relaxed) {
             if let Some(top) = self.screened_top_k(&s, cache, token, k)? {
@@ -2419,14 +2457,49 @@ impl Backend for CudaBackend {
                 .collect(),
         ))
     }
+    /// One greedy step. Where the pick is made on the device (the fused
+    /// head), the step after it is queued before the pick is read back,
+    /// fed on the device by that pick: a caller that feeds the returned
+    /// token next (a greedy generation loop) finds its step already running,
+    /// so the host's round trip per token hides behind the GPU's work.
+    /// `YINSEN_CUDA_GREEDY_AHEAD=0` turns that off (A/B runs).
     fn forward_greedy(&self, cache: &mut dyn KvCache, token: u32) -> Result<Option<u32>> {
         let cache = self.cache_of(cache)?;
         self.check_call(cache, &[token])?;
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let mut s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
         self.gpu.bind()?;
-        self.decode_graph(&s, cache, token, Head::Greedy)?;
+        let ahead = s.ahead.take();
+        if !self.fused {
+            self.decode_graph(&s, cache, token, Head::Greedy)?;
+            cache.len += 1;
+            return self.decoded_token(&s).map(Some);
+        }
+        let queued = ahead.is_some_and(|a| a.cache == cache.uid && a.pos == cache.len && a.token == token);
+        if queued {
+            self.ahead_taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.decode_launch(&s, cache, Some(token), Head::Greedy)?;
+        }
+        let pick = s.best.read_async_into(8, &s.pick_host)?;
+        static AHEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *AHEAD.get_or_init(|| std::env::var("YINSEN_CUDA_GREEDY_AHEAD").map_or(true, |v| v != "0"));
+        // The next step writes position len + 1.
+        let next = on && cache.len + 2 <= cache.cap;
+        if next {
+            self.decode_launch(&s, cache, None, Head::Greedy)?;
+        }
+        let k = pick.wait::<u64>()?[0];
         cache.len += 1;
-        self.decoded_token(&s).map(Some)
+        // Key 0: no finite logit was seen (as `decoded_token` reads it).
+        let t = if k == 0 { 0 } else { !(k as u32) };
+        if next {
+            s.ahead = Some(Ahead {
+                cache: cache.uid,
+                pos: cache.len,
+                token: t,
+            });
+        }
+        Ok(Some(t))
     }
     fn resident_weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -2457,7 +2530,7 @@ impl CudaBackend {
     pub fn export_cuda_kv(&self, cache: &mut dyn KvCache) -> Result<crate::backends::KvSnapshot> {
         let cache = self.cache_of(cache)?;
         let c = &self.config;
-        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let _g = self.lock_scratch()?;
         self.gpu.bind()?;
         let layer_elems = cache.layer_bytes / cache.kv.bytes();
         let total = checked(&[layer_elems, c.n_layers], "KV export")?;
@@ -2499,7 +2572,7 @@ impl CudaBackend {
     pub fn import_cuda_kv(&self, snap: &crate::backends::KvSnapshot, capacity: usize) -> Result<CudaCache> {
         let c = &self.config;
         snap.validate(c, capacity)?;
-        let _g = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let _g = self.lock_scratch()?;
         self.gpu.bind()?;
         let mut cache = self.cuda_cache(capacity.min(c.max_ctx))?;
         let layer_elems = cache.layer_bytes / cache.kv.bytes();

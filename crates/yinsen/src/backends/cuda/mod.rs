@@ -802,6 +802,36 @@ impl DevBuf {
         drv(unsafe { result::memcpy_dtoh_sync(dst, self.ptr) }, "copy from device")?;
         Ok(dst.to_vec())
     }
+    /// Queue a copy of the first `bytes` into `pin` behind the work on the
+    /// stream, and an event after it: the work queued next can run while
+    /// the caller waits for this copy alone ([`PendingRead::wait`]).
+    pub fn read_async_into<'a>(&self, bytes: usize, pin: &'a PinnedHost) -> Result<PendingRead<'a>> {
+        if bytes > self.bytes || bytes > pin.bytes {
+            return Err(berr("download larger than its buffer"));
+        }
+        // SAFETY: `pin` holds `bytes` page-locked bytes that nothing else
+        // uses while the caller holds the scratch that owns it; the event
+        // orders the host's reads after the copy.
+        let dst = unsafe { std::slice::from_raw_parts_mut(pin.ptr, bytes) };
+        drv(
+            unsafe { result::memcpy_dtoh_async(dst, self.ptr, self.gpu.stream) },
+            "copy from device",
+        )?;
+        let event = drv(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+            "cuEventCreate",
+        )?;
+        if let Err(e) = drv(
+            unsafe { result::event::record(event, self.gpu.stream) },
+            "cuEventRecord",
+        ) {
+            unsafe {
+                let _ = result::event::destroy(event);
+            }
+            return Err(e);
+        }
+        Ok(PendingRead { pin, bytes, event })
+    }
     /// Fill with a byte (used to poison outputs before a kernel writes them).
     pub fn fill(&self, byte: u8) -> Result<()> {
         drv(
@@ -839,6 +869,38 @@ impl PinnedHost {
             ptr: ptr as *mut u8,
             bytes,
         })
+    }
+}
+
+/// A device-to-host copy in flight (`DevBuf::read_async_into`).
+pub struct PendingRead<'a> {
+    pin: &'a PinnedHost,
+    bytes: usize,
+    event: sys::CUevent,
+}
+
+impl PendingRead<'_> {
+    /// Wait for the copy (not for what was queued after it) and return its
+    /// bytes as `T`s.
+    pub fn wait<T: Copy + Default>(self) -> Result<Vec<T>> {
+        drv(unsafe { result::event::synchronize(self.event) }, "cuEventSynchronize")?;
+        let n = self.bytes / std::mem::size_of::<T>();
+        let mut out = vec![T::default(); n];
+        // SAFETY: the copy into `pin` has completed (the event), and `out`
+        // holds n * size_of::<T>() <= bytes bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.pin.ptr, out.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
+        };
+        Ok(out)
+    }
+}
+
+impl Drop for PendingRead<'_> {
+    fn drop(&mut self) {
+        // Released once complete, if not yet (the driver's contract).
+        unsafe {
+            let _ = result::event::destroy(self.event);
+        }
     }
 }
 

@@ -79,7 +79,7 @@ impl CudaBackend {
     /// caches and positions are those of its last step, which must still be
     /// alive), or None where none is captured.
     pub(crate) fn time_last_batch_graph(&self, n: usize) -> Result<Option<f32>> {
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         let Some((_, g)) = s.batch_graphs.graphs.last() else {
             return Ok(None);
@@ -146,7 +146,7 @@ impl CudaBackend {
     /// `caches[i]`, checked by the caller), up to 16 sequences per launch
     /// sequence; returns what `want` asks for, in sequence order.
     pub(super) fn run_batch(&self, caches: &mut [&mut CudaCache], tokens: &[u32], want: BatchWant) -> Result<BatchOut> {
-        let mut s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let mut s = self.lock_scratch()?;
         self.gpu.bind()?;
         let vocab = self.config.vocab;
         // The split-K partials, the scratch rows and the logits rows bound it.

@@ -613,6 +613,12 @@ impl CudaBackend {
         Ok((k[0] != 0 || k[1] != 0).then_some((k[2], k[1] != 0)))
     }
 
+    /// For tests: greedy steps `forward_greedy` took from the queue (run
+    /// ahead, fed on the device by the pick before them).
+    pub fn greedy_steps_taken_ahead(&self) -> usize {
+        self.ahead_taken.load(Ordering::Relaxed)
+    }
+
     /// For tests: screened top-k steps that fell back to the full head.
     pub fn screen_top_k_fallbacks(&self) -> usize {
         self.topk_fallbacks.load(Ordering::Relaxed)

@@ -369,7 +369,7 @@ impl super::CudaBackend {
         let n = self.config.n_layers;
         let mut cache = self.cuda_cache(ctx + nt)?;
         cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| super::berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         let tr = self.gpu.alloc(n * MM_TRACE * 8)?;
         tr.fill(0)?;

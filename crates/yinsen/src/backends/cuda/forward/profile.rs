@@ -28,7 +28,7 @@ impl CudaBackend {
             self.generate_greedy(cache, 1, n)?;
             return Ok(t.elapsed().as_secs_f32() * 1e3 / n as f32);
         }
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         self.decode_graph(&s, cache, 1, Head::Greedy)?; // capture + warm
         cache.len += 1;
@@ -57,7 +57,7 @@ impl CudaBackend {
     /// replay rewrites the same KV rows). None where `run` would not use a
     /// graph for `nt` tokens.
     pub(crate) fn time_step_graph(&self, cache: &mut CudaCache, nt: usize, n: usize) -> Result<Option<f32>> {
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         if cache.len + nt > cache.cap {
             return Err(Error::input("bench: cache too small"));
@@ -79,7 +79,7 @@ impl CudaBackend {
     /// For benchmarks: GPU milliseconds of one un-graphed forward of `nt`
     /// tokens at the cache's position (the cache is not advanced).
     pub(crate) fn time_forward(&self, cache: &mut CudaCache, nt: usize) -> Result<f32> {
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         if cache.len + nt > cache.cap {
             return Err(Error::input("bench: cache too small"));
@@ -112,7 +112,7 @@ impl CudaBackend {
     fn profile_state(&self, ctx: usize) -> Result<(CudaCache, std::sync::MutexGuard<'_, Scratch>)> {
         let mut cache = self.cuda_cache(ctx + 2)?;
         cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
@@ -180,7 +180,7 @@ impl CudaBackend {
     pub(crate) fn profile_step(&self, nt: usize, ctx: usize, reps: usize) -> Result<Vec<bench::KernelTime>> {
         let mut cache = self.cuda_cache(ctx + nt)?;
         cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         if nt == 0 || nt > s.chunk {
             return Ok(Vec::new());
@@ -208,7 +208,7 @@ impl CudaBackend {
         let n = self.config.n_layers;
         let mut cache = self.cuda_cache(ctx + 2)?;
         cache.set_len_for_bench(ctx);
-        let s = self.scratch.lock().map_err(|_| berr("scratch lock poisoned"))?;
+        let s = self.lock_scratch()?;
         self.gpu.bind()?;
         let tr = self.gpu.alloc(n * MG_TRACE * 8)?;
         tr.fill(0)?;
