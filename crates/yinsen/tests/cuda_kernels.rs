@@ -1496,15 +1496,30 @@ fn lm_head_streamed_matches_register_kernels() {
         let xs = g.alloc(4 * hidden).unwrap();
         let wmax = g.alloc(8 * 8 * 64).unwrap();
         let best = g.alloc(8).unwrap();
+        // `plain` on 8 blocks, or `tma` at (grid, ring) with its ring as
+        // the last argument.
+        let launch = |plain: &str, tma: &str, mut a: Vec<Arg>, how: Option<(u32, usize)>| {
+            match how {
+                Some((grid, ring)) => {
+                    let smem = head_tma_smem(hidden, ring);
+                    assert!(g.allow_dynamic_smem(tma, smem).unwrap());
+                    a.push(Arg::I(ring as i32));
+                    g.launch_smem(tma, (grid, 1, 1), 256, smem as u32, &a, Launch::Plain)
+                }
+                None => g.launch_smem(plain, (8, 1, 1), 256, 0, &a, Launch::Plain),
+            }
+            .unwrap();
+            g.sync().unwrap();
+        };
         // (lq bits, keys, fac bits, xs bits, largest wmax entry), then
         // (logits bits, best) of the plain 8-bit head.
-        let run = |tma: Option<(u32, usize)>| {
+        let run = |how: Option<(u32, usize)>| {
             lq.fill(0xff).unwrap();
             fac.fill(0xff).unwrap();
             xs.fill(0xff).unwrap();
             keys.fill(0).unwrap();
             wmax.fill(0).unwrap();
-            let mut a = vec![
+            let head = [
                 qb.p(),
                 db.p(),
                 Arg::I(vocab as i32),
@@ -1513,33 +1528,10 @@ fn lm_head_streamed_matches_register_kernels() {
                 nwb.p(),
                 Arg::F(1e-5),
                 lq.p(),
-                errb.p(),
-                absb.p(),
-                fac.p(),
-                keys.p(),
-                xs.p(),
-                wmax.p(),
             ];
-            match tma {
-                Some((grid, ring)) => {
-                    let smem = head_tma_smem(hidden, ring);
-                    assert!(g.allow_dynamic_smem("lm_head_screen_q8_tma", smem).unwrap());
-                    a.push(Arg::I(ring as i32));
-                    g.launch_smem(
-                        "lm_head_screen_q8_tma",
-                        (grid, 1, 1),
-                        256,
-                        smem as u32,
-                        &a,
-                        Launch::Plain,
-                    )
-                    .unwrap();
-                }
-                None => g
-                    .launch_smem("lm_head_screen_q8", (8, 1, 1), 256, 0, &a, Launch::Plain)
-                    .unwrap(),
-            }
-            g.sync().unwrap();
+            let mut a = head.to_vec();
+            a.extend([errb.p(), absb.p(), fac.p(), keys.p(), xs.p(), wmax.p()]);
+            launch("lm_head_screen_q8", "lm_head_screen_q8_tma", a, how);
             let screen = (
                 lq.read::<u32>(vocab).unwrap(),
                 keys.read::<u32>(2).unwrap(),
@@ -1549,36 +1541,19 @@ fn lm_head_streamed_matches_register_kernels() {
             );
             lq.fill(0xff).unwrap();
             best.fill(0).unwrap();
-            let mut a = vec![
-                qb.p(),
-                db.p(),
-                Arg::I(vocab as i32),
-                Arg::I(hidden as i32),
-                xb.p(),
-                nwb.p(),
-                Arg::F(1e-5),
-                lq.p(),
-                best.p(),
-            ];
-            match tma {
-                Some((grid, ring)) => {
-                    let smem = head_tma_smem(hidden, ring);
-                    assert!(g.allow_dynamic_smem("lm_head_dec_q8_tma", smem).unwrap());
-                    a.push(Arg::I(ring as i32));
-                    g.launch_smem("lm_head_dec_q8_tma", (grid, 1, 1), 256, smem as u32, &a, Launch::Plain)
-                        .unwrap();
-                }
-                None => g
-                    .launch_smem("lm_head_dec_q8", (8, 1, 1), 256, 0, &a, Launch::Plain)
-                    .unwrap(),
-            }
-            g.sync().unwrap();
+            let mut a = head.to_vec();
+            a.push(best.p());
+            launch("lm_head_dec_q8", "lm_head_dec_q8_tma", a, how);
             (screen, lq.read::<u32>(vocab).unwrap(), best.read::<u64>(1).unwrap()[0])
         };
         let want = run(None);
         assert!(
             want.0 .0.iter().all(|&b| b != u32::MAX),
             "register kernel left rows unwritten"
+        );
+        assert!(
+            want.1.iter().all(|&b| b != u32::MAX),
+            "register 8-bit head left rows unwritten"
         );
         assert_ne!(want.2, 0, "no pick");
         let octets = vocab.div_ceil(8) as u32;

@@ -535,6 +535,35 @@ __device__ __forceinline__ void q8_blocks(const float* xs, int nb, i8* xq8, floa
     __syncthreads();
 }
 
+// The 8-bit head's per-block start, after the previous kernel's wait: the
+// final norm of x into xs, its 8-bit blocks, and for the screen the block-0
+// copy of xs and the bound factors.
+template <bool SCREEN>
+__device__ __forceinline__ float2 q8_head_prologue(const float* x, const float* nw, float eps, int hidden, float* xs,
+                                                   float* red, i8* xq8, float* dxs, ScreenArgs sa) {
+    lm_head_norm(x, nw, eps, hidden, xs, red);
+    q8_blocks(xs, hidden / 32, xq8, dxs);
+    if (!SCREEN) return make_float2(0.f, 0.f);
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
+    return screen_factors(xs, xq8, dxs, hidden, sa.keys, blockIdx.x == 0 ? sa.fac : nullptr);
+}
+
+// A row's end: lanes 2j, 2j + 1 hold lane j of the CPU's 16, summed
+// pairwise; lane 0 keeps the logit (and for the screen its bound, ea).
+template <bool SCREEN>
+__device__ __forceinline__ void q8_row_keep(int rr, float acc, float2 ab, float2 ea, ScreenArgs sa, float* logits,
+                                            float& bv, int& bi) {
+    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    if (SCREEN)
+        screen_keep(rr, acc, ab, ea, sa, logits, bv, bi);
+    else
+        lm_head_keep(rr, acc, logits, bv, bi);
+}
+
 template <bool SCREEN>
 __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hidden, const float* x, const float* nw,
                                 float eps, float* logits, u64* best, ScreenArgs sa) {
@@ -576,14 +605,7 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
 #pragma unroll
     for (int j = 0; j < S; j++) load_row(r + j * nwarps, j);
     pdl_wait();
-    lm_head_norm(x, nw, eps, hidden, xs, red);
-    q8_blocks(xs, nb, xq8, dxs);
-    float2 ab = make_float2(0.f, 0.f);
-    if (SCREEN) {
-        if (blockIdx.x == 0)
-            for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
-        ab = screen_factors(xs, xq8, dxs, hidden, sa.keys, blockIdx.x == 0 ? sa.fac : nullptr);
-    }
+    const float2 ab = q8_head_prologue<SCREEN>(x, nw, eps, hidden, xs, red, xq8, dxs, sa);
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -647,15 +669,7 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
                 acc = piece(in ? __ldg(Q + (size_t)rr * np + c) : make_uint4(0, 0, 0, 0),
                             in ? h2f(__ldg(D + (size_t)rr * nb + c / 2)) : 0.f, c, acc);
             }
-            // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
-            acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 8);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-            if (SCREEN)
-                screen_keep(rr, acc, ab, eas[slot], sa, logits, bv, bi);
-            else
-                lm_head_keep(rr, acc, logits, bv, bi);
+            q8_row_keep<SCREEN>(rr, acc, ab, eas[slot], sa, logits, bv, bi);
         }
     }
     if (SCREEN)
@@ -751,14 +765,7 @@ __device__ void lm_head_q8_tma_body(const uint4* Q, const u16* D, int vocab, int
     if (threadIdx.x == 0)
         for (int s = 0; s < min(ring, nst); s++) issue(s);
     pdl_wait();
-    lm_head_norm(x, nw, eps, hidden, xs, red);
-    q8_blocks(xs, nb, xq8, dxs);
-    float2 ab = make_float2(0.f, 0.f);
-    if (SCREEN) {
-        if (blockIdx.x == 0)
-            for (int i = threadIdx.x; i < hidden; i += blockDim.x) sa.xs[i] = xs[i];
-        ab = screen_factors(xs, xq8, dxs, hidden, sa.keys, blockIdx.x == 0 ? sa.fac : nullptr);
-    }
+    const float2 ab = q8_head_prologue<SCREEN>(x, nw, eps, hidden, xs, red, xq8, dxs, sa);
     const uint4* xq4 = (const uint4*)xq8;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -806,19 +813,13 @@ __device__ void lm_head_q8_tma_body(const uint4* Q, const u16* D, int vocab, int
                 const int d = dk + __shfl_xor_sync(0xffffffffu, dk, 1);
                 if (lane + 32 * k < np) acc = fmaf((float)d, sk, acc);
             }
-            // Lanes 2j, 2j + 1 hold lane j of the CPU's 16; its pairwise sum.
-            acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 8);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            float2 ea = make_float2(0.f, 0.f);
             if (SCREEN) {
                 const float* eb = (const float*)(st + 8 * hidden + hidden / 2);
-                const float2 ea = whole ? make_float2(eb[warp], eb[8 + warp])
-                                        : make_float2(__ldg(sa.err + rr), __ldg(sa.abs_sum + rr));
-                screen_keep(rr, acc, ab, ea, sa, logits, bv, bi);
-            } else {
-                lm_head_keep(rr, acc, logits, bv, bi);
+                ea = whole ? make_float2(eb[warp], eb[8 + warp])
+                           : make_float2(__ldg(sa.err + rr), __ldg(sa.abs_sum + rr));
             }
+            q8_row_keep<SCREEN>(rr, acc, ab, ea, sa, logits, bv, bi);
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + slot);
