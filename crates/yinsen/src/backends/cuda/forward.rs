@@ -145,6 +145,10 @@ struct Scratch {
     best: DevBuf,
     /// Greedy tokens of the decode graph's steps, by position mod HIST.
     hist: DevBuf,
+    /// Set (i32 1) where `tok` and `pos` hold the next step's input, as the
+    /// host or `decode_advance` leave them; clear, `mega_begin` advances
+    /// from the last pick itself.
+    fed: DevBuf,
     /// `topk_logits` (ops.cu): per-block candidates, the arrival counter
     /// (zero between launches), the k values and tokens.
     topk_part: DevBuf,
@@ -561,6 +565,21 @@ const TCX_SHORT: &str = "w4";
 const TCX_WG: &str = "wg3";
 const TCX_WG_SHORT: &str = "wg";
 const TCX_SHORT_NT: usize = 1024;
+
+/// Whether the persistent decode's `mega_begin` takes the previous step's
+/// pick itself (no `decode_advance` launch; `YINSEN_CUDA_BEGIN_ADVANCE=0`:
+/// the graph ends with it as the other decode paths do). Read once.
+fn begin_advances() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("YINSEN_CUDA_BEGIN_ADVANCE").map_or(true, |v| v != "0"))
+}
+
+/// Whether the persistent decode kernel launches with PDL behind
+/// `mega_begin` where the graph uses PDL (`YINSEN_CUDA_MEGA_PDL=0`: not).
+fn mega_pdl() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("YINSEN_CUDA_MEGA_PDL").map_or(true, |v| v != "0"))
+}
 
 pub struct CudaBackend {
     /// Unique per backend (never 0): caches remember which backend captured
@@ -1716,6 +1735,10 @@ impl CudaBackend {
             256,
             &[
                 s.tok.p(),
+                s.pos.p(),
+                s.fed.p(),
+                s.hist.p(),
+                Arg::I(HIST as i32),
                 self.embed.p(),
                 Arg::I(c.hidden as i32),
                 s.x.p(),
@@ -1767,7 +1790,11 @@ impl CudaBackend {
                 Arg::I(m.vbytes as i32),
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
-            Launch::Cooperative,
+            if pdl && mega_pdl() {
+                Launch::CooperativePdl
+            } else {
+                Launch::Cooperative
+            },
         )?;
         self.lm_head_step(s, pdl)
     }
@@ -1896,6 +1923,7 @@ impl CudaBackend {
         if let Some(token) = token {
             s.tok.write_async(&[token as i32])?;
             s.pos.write_async(&[cache.len as i32])?;
+            s.fed.write_async(&[1i32])?;
         }
         let head = if self.lm_head_screen_on.load(Relaxed) {
             head
@@ -2040,10 +2068,15 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// The decode graph's launches: one step, then `decode_advance`.
+    /// The decode graph's launches: one step, then `decode_advance`; in the
+    /// persistent decode the next step's `mega_begin` advances instead (one
+    /// launch fewer a step; `YINSEN_CUDA_BEGIN_ADVANCE=0`: not).
     fn decode_kernels(&self, s: &Scratch, cache: &CudaCache, splits: usize, pdl: bool) -> Result<()> {
         let greedy = if self.uses_mega() {
             self.decode_mega(s, cache, pdl)?;
+            if begin_advances() {
+                return Ok(());
+            }
             (s.best.p(), Arg::P(0))
         } else if self.fused {
             self.decode_fused(s, cache, splits, pdl)?;
@@ -2070,6 +2103,7 @@ impl CudaBackend {
                 s.pos.p(),
                 s.hist.p(),
                 Arg::I(HIST as i32),
+                s.fed.p(),
             ],
         )
     }
@@ -2151,8 +2185,11 @@ impl CudaBackend {
                 self.decode_launch(&s, cache, feed, Head::Greedy)?;
                 cache.len += 1;
             }
+            // The chunk's last pick is in `best` (hist gets it from the
+            // next step's start where mega_begin advances).
             let hist = s.hist.read::<i32>(HIST)?;
-            out.extend((start..start + k).map(|p| hist[p % HIST] as u32));
+            out.extend((start..start + k - 1).map(|p| hist[p % HIST] as u32));
+            out.push(self.decoded_token(&s)?);
         }
         Ok(out)
     }
@@ -2273,6 +2310,7 @@ impl Scratch {
             },
             best: f32s(&[2])?,
             hist: f32s(&[HIST])?,
+            fed: f32s(&[1])?,
             logits_host: PinnedHost::new(gpu, checked(&[LM_T.max(STEP_GRAPH_MAX), c.vocab, 4], "scratch")?).ok(),
             pick_host: PinnedHost::new(gpu, 8)?,
             ahead: None,

@@ -345,6 +345,8 @@ pub enum Launch {
     Plain,
     Pdl,
     Cooperative,
+    /// Cooperative, and with PDL: it may launch while its predecessor runs.
+    CooperativePdl,
 }
 
 /// A kernel argument, passed by value.
@@ -555,8 +557,8 @@ impl Gpu {
         args: &[Arg],
         how: Launch,
     ) -> Result<()> {
-        let pdl = how == Launch::Pdl;
-        let coop = how == Launch::Cooperative;
+        let pdl = matches!(how, Launch::Pdl | Launch::CooperativePdl) && self.has_pdl();
+        let coop = matches!(how, Launch::Cooperative | Launch::CooperativePdl);
         let f = *self
             .funcs
             .get(name)
@@ -576,14 +578,18 @@ impl Gpu {
         let ev = self.prof_start()?;
         // SAFETY: `f` comes from our module; argument kinds match the kernel
         // signatures (checked by the device tests); the driver copies them.
-        let r = if (pdl && self.has_pdl()) || coop {
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        let r = if pdl || coop {
+            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+            let mut n = 0;
             if coop {
-                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-                attr.value.cooperative = 1;
-            } else {
-                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-                attr.value.programmaticStreamSerializationAllowed = 1;
+                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+                attrs[n].value.cooperative = 1;
+                n += 1;
+            }
+            if pdl {
+                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attrs[n].value.programmaticStreamSerializationAllowed = 1;
+                n += 1;
             }
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
@@ -594,8 +600,8 @@ impl Gpu {
                 blockDimZ: 1,
                 sharedMemBytes: smem,
                 hStream: self.stream,
-                attrs: &mut attr,
-                numAttrs: 1,
+                attrs: attrs.as_mut_ptr(),
+                numAttrs: n as u32,
             };
             unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()).result() }
         } else {

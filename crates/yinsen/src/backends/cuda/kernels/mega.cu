@@ -1023,6 +1023,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     unsigned ph0 = 0, ph1 = 0;            // their mbarrier phases
     float* qs = big;
     float* sc = big + MG_QMAX;
+    pdl_wait();  // mega_begin's token, position, x and zeroed barrier
     const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
     const int cH = (H + 63) / 64, cQ = (Q + 63) / 64, cF = (F + 63) / 64;
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
@@ -1202,13 +1203,37 @@ MEGA(f32, float)
 // else null) the pick's per-step slots: zeroed here rather than by a memset
 // node, which would sit between the layers and pass 1 and cut its
 // programmatic launch.
-extern "C" __global__ void mega_begin(const int* tok, const u16* emb, int hidden, float* x, u64* best,
-                                      unsigned* bar, unsigned* screen_keys) {
-    const u16* e = emb + (size_t)tok[0] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[i] = h2f(e[i]);
+// A decode step's start, one block. A step fed by the host has its token
+// and position written and `fed` set (decode_advance sets it too, where it
+// ends a step); a step fed on the device takes the previous step's pick
+// from `best` and the next position, as decode_advance would have left
+// them (hist: the pick at the previous position). Then x = the token's
+// embedding row, and the step's slots zeroed: the pick, the grid barrier,
+// the screen's keys. It lets the persistent kernel launch at once (PDL),
+// which waits for it before reading any of this.
+extern "C" __global__ void mega_begin(int* tok, int* pos, int* fed, int* hist, int hist_len, const u16* emb,
+                                      int hidden, float* x, u64* best, unsigned* bar, unsigned* screen_keys) {
+    __shared__ int t_s;
+    pdl_launch();
     if (threadIdx.x == 0) {
+        int t;
+        if (*fed) {
+            t = *tok;
+            *fed = 0;
+        } else {
+            const u64 k = *best;
+            t = k == 0 ? 0 : (int)~(unsigned)k;  // key 0: no finite logit (as the host reads it)
+            const int p = *pos;
+            hist[p % hist_len] = t;
+            *tok = t;
+            *pos = p + 1;
+        }
+        t_s = t;
         *best = 0;
         *bar = 0;
     }
     if (screen_keys && threadIdx.x < 4) screen_keys[threadIdx.x] = 0;
+    __syncthreads();
+    const u16* e = emb + (size_t)t_s * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[i] = h2f(e[i]);
 }

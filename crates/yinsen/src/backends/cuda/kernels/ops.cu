@@ -677,7 +677,7 @@ extern "C" __global__ void argmax_f32(const float* logits, int n, int* out) {
 // copy between them. The host overwrites tok and pos whenever it feeds its
 // own token (`decode_graph`).
 extern "C" __global__ void decode_advance(const u64* best, const int* argmax, int* tok, int* pos, int* hist,
-                                          int hist_len) {
+                                          int hist_len, int* fed) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     int t;
     if (best) {
@@ -690,6 +690,7 @@ extern "C" __global__ void decode_advance(const u64* best, const int* argmax, in
     hist[p % hist_len] = t;
     tok[0] = t;
     pos[0] = p + 1;
+    *fed = 1;  // mega_begin takes tok and pos as they are
 }
 
 // The k largest logits of one row (k <= TK_MAX) in the host sampler's order
