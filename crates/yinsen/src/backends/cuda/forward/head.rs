@@ -197,6 +197,7 @@ impl CudaBackend {
             }
         }
         self.head_tma();
+        drop(self.lock_scratch()?);
         Ok(self.lm_head_q8_on.swap(on, Ordering::Relaxed))
     }
 
@@ -341,6 +342,8 @@ impl CudaBackend {
         }
         // Planned here, outside any graph capture (it sets kernel attributes).
         self.head_tma();
+        // A greedy step queued ahead picked through the head before this call.
+        drop(self.lock_scratch()?);
         Ok(self.lm_head_screen_on.swap(lm_head.is_some(), Ordering::Relaxed))
     }
 
