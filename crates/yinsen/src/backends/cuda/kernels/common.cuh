@@ -205,6 +205,14 @@ __device__ __forceinline__ void mbar_arrive(u64* bar) {
 #endif
 }
 
+// Exact int8 dot of 16 bytes (four dp4a in x, y, z, w order) added to acc.
+__device__ __forceinline__ int dp4a16(uint4 w, uint4 x, int acc) {
+    acc = __dp4a((int)w.x, (int)x.x, acc);
+    acc = __dp4a((int)w.y, (int)x.y, acc);
+    acc = __dp4a((int)w.z, (int)x.z, acc);
+    return __dp4a((int)w.w, (int)x.w, acc);
+}
+
 // int8 code of t: one saturating round-to-nearest-even conversion (NaN ->
 // 0, clamped to [-128, 127]), as the CPU's `as i8` of the rounded value.
 __device__ __forceinline__ int q8_code(float t) {

@@ -615,10 +615,7 @@ __device__ void lm_head_q8_body(const uint4* Q, const u16* D, int vocab, int hid
         int dot = 0;
         if (c < np) {
             const uint4 xv = xq4[c];
-            dot = __dp4a((int)w.x, (int)xv.x, dot);
-            dot = __dp4a((int)w.y, (int)xv.y, dot);
-            dot = __dp4a((int)w.z, (int)xv.z, dot);
-            dot = __dp4a((int)w.w, (int)xv.w, dot);
+            dot = dp4a16(w, xv, dot);
         }
         return dot;
     };
@@ -785,10 +782,7 @@ __device__ void lm_head_q8_tma_body(const uint4* Q, const u16* D, int vocab, int
                 sc = 0.f;
                 if (c < np) {
                     const uint4 w = qrow[c], xv = xq4[c];
-                    dot = __dp4a((int)w.x, (int)xv.x, dot);
-                    dot = __dp4a((int)w.y, (int)xv.y, dot);
-                    dot = __dp4a((int)w.z, (int)xv.z, dot);
-                    dot = __dp4a((int)w.w, (int)xv.w, dot);
+                    dot = dp4a16(w, xv, dot);
                     sc = __fmul_rn(h2f(drow[c / 2]), dxs[c / 2]);
                 }
             };
@@ -1163,10 +1157,7 @@ extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB)
                     int d = 0;
                     if (c < np) {
                         const uint4 xv = xq4[c], w = pv[k];
-                        d = __dp4a((int)w.x, (int)xv.x, d);
-                        d = __dp4a((int)w.y, (int)xv.y, d);
-                        d = __dp4a((int)w.z, (int)xv.z, d);
-                        d = __dp4a((int)w.w, (int)xv.w, d);
+                        d = dp4a16(w, xv, d);
                     }
                     d += __shfl_xor_sync(0xffffffffu, d, 1);  // the block's halves
                     if (c < np) acc = fmaf((float)d, __fmul_rn(dw[k], dxt[c / 2]), acc);
@@ -1180,10 +1171,7 @@ extern "C" __global__ void __launch_bounds__(256, LM_Q8_MINB)
                 float sc = 0.f;
                 if (c < np) {
                     const uint4 xv = xq4[c], w = __ldg(Q + (size_t)r * np + c);
-                    d = __dp4a((int)w.x, (int)xv.x, d);
-                    d = __dp4a((int)w.y, (int)xv.y, d);
-                    d = __dp4a((int)w.z, (int)xv.z, d);
-                    d = __dp4a((int)w.w, (int)xv.w, d);
+                    d = dp4a16(w, xv, d);
                     sc = __fmul_rn(h2f(__ldg(D + (size_t)r * nb + c / 2)), dxt[c / 2]);
                 }
                 d += __shfl_xor_sync(0xffffffffu, d, 1);
