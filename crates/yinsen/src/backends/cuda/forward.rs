@@ -137,7 +137,7 @@ struct Scratch {
     normed: DevBuf,
     logits: DevBuf,
     argmax: DevBuf,
-    /// Rotated q rows [chunk][q_dim].
+    /// Rotated q rows [max(chunk, 2)][q_dim].
     qr: DevBuf,
     /// Attention split counters [chunk][n_heads] (zero between launches).
     cnt: DevBuf,
@@ -166,6 +166,12 @@ struct Scratch {
     ahead: Option<Ahead>,
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
+    /// The persistent decode's tagged vectors (mega.cu, MG_TAGGED): u64
+    /// (value, tag) words of x after down, x after O, the attention output
+    /// and h ([2 hidden + q_dim + ffn]), and its step count `gen` (u32) that
+    /// the tags derive from.
+    tagged: DevBuf,
+    gen: DevBuf,
     /// Captured batched steps (they read only these buffers).
     batch_graphs: batch::BatchGraphs,
     /// K/V of one layer split into hi/lo f16 rows for `flash_tcx_*`
@@ -1745,6 +1751,9 @@ impl CudaBackend {
                 s.best.p(),
                 s.bar.p(),
                 screen_keys,
+                s.tagged.p(),
+                s.gen.p(),
+                Arg::I(c.n_layers as i32),
             ],
         )?;
         g.set_tag("layers (persistent)");
@@ -1789,6 +1798,8 @@ impl CudaBackend {
                 Arg::I(m.w1_chunks as i32),
                 Arg::I(m.vbytes as i32),
                 Arg::I(self.mega_flags.load(std::sync::atomic::Ordering::Relaxed) as i32),
+                s.tagged.p(),
+                s.gen.p(),
             ],
             if pdl && mega_pdl() {
                 Launch::CooperativePdl
@@ -2302,7 +2313,8 @@ impl Scratch {
             logits: f32s(&[LM_T.max(STEP_GRAPH_MAX), c.vocab])?,
             // A batched step's greedy tokens, one per row of `logits`.
             argmax: f32s(&[LM_T.max(STEP_GRAPH_MAX)])?,
-            qr: f32s(&[chunk, c.q_dim()])?,
+            // Two rows at least: the persistent decode alternates them by layer.
+            qr: f32s(&[chunk.max(2), c.q_dim()])?,
             cnt: {
                 let b = f32s(&[part_tokens, c.n_heads])?;
                 b.fill(0)?;
@@ -2324,6 +2336,16 @@ impl Scratch {
             topk_v: f32s(&[LM_T.max(STEP_GRAPH_MAX), TK_MAX])?,
             topk_i: f32s(&[LM_T.max(STEP_GRAPH_MAX), TK_MAX])?,
             bar: f32s(&[1])?,
+            tagged: {
+                let b = gpu.alloc(checked(&[2 * c.hidden + c.q_dim() + c.ffn, 8], "scratch")?)?;
+                b.fill(0)?;
+                b
+            },
+            gen: {
+                let b = f32s(&[1])?;
+                b.fill(0)?;
+                b
+            },
             batch_graphs: batch::BatchGraphs::default(),
             kvs: None,
         })

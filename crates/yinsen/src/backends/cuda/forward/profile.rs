@@ -114,9 +114,17 @@ impl CudaBackend {
         cache.set_len_for_bench(ctx);
         let s = self.lock_scratch()?;
         self.gpu.bind()?;
+        Self::feed_at(&s, ctx)?;
+        Ok((cache, s))
+    }
+
+    /// Token 1 at position `ctx`, fed by the host: the next persistent step
+    /// runs there (`mega_begin` would otherwise advance from the last pick,
+    /// past the cache's rows after a few launches).
+    fn feed_at(s: &Scratch, ctx: usize) -> Result<()> {
         s.tok.write_async(&[1i32])?;
         s.pos.write_async(&[ctx as i32])?;
-        Ok((cache, s))
+        s.fed.write_async(&[1i32])
     }
 
     /// For benchmarks: GPU microseconds of the persistent decode's three
@@ -146,7 +154,10 @@ impl CudaBackend {
         }
         for head in heads {
             self.capturing_head.store(head as u8, Relaxed);
-            let runs = self.profiled(reps, || self.decode_mega(&s, &cache, false));
+            let runs = self.profiled(reps, || {
+                Self::feed_at(&s, ctx)?;
+                self.decode_mega(&s, &cache, false)
+            });
             self.capturing_head.store(Head::Logits as u8, Relaxed);
             let runs = runs?;
             for (i, (tag, _)) in runs.first().map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
@@ -212,9 +223,9 @@ impl CudaBackend {
         self.gpu.bind()?;
         let tr = self.gpu.alloc(n * MG_TRACE * 8)?;
         tr.fill(0)?;
-        s.tok.write_async(&[1i32])?;
-        s.pos.write_async(&[ctx as i32])?;
+        Self::feed_at(&s, ctx)?;
         self.decode_mega_traced(&s, &cache, false, Arg::P(0))?; // warm-up
+        Self::feed_at(&s, ctx)?;
         self.decode_mega_traced(&s, &cache, false, tr.p())?;
         let t = tr.read::<u64>(n * MG_TRACE)?;
         let khz = self.gpu.clock_khz()? as f64;

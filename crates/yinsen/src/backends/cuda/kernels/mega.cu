@@ -6,7 +6,8 @@
 // their way (bulk-copied into the other shared-memory buffer a phase ahead;
 // gate/up's during the attention) while the current one runs.
 //
-// Per layer (5 phases, 5 barriers):
+// Per layer (5 phases; one grid barrier, after QKV: the other phases' inputs
+// are tagged vectors, polled in their loads, see MG_TAGGED):
 //   QKV  every block: RMSNorm + int8 quantisation of x (recomputed per block,
 //        no extra barrier), its rows of W_qkv, RoPE + KV-cache write.
 //   ATT  items (kv head, key chunk) over the blocks; a chunk's block merges
@@ -129,6 +130,51 @@
 #ifndef MG_MERGE_STAGE
 #define MG_MERGE_STAGE 1
 #endif
+// Tagged vectors: the inputs of the O, gate/up and down phases and of the
+// next layer's QKV phase (the attention output, x after O, h, x after
+// down) are written as 8-byte words (value, tag), the tag naming the step
+// and the layer (see mg_tag); the consuming phase loads them with relaxed
+// 8-byte loads and loads again until every tag is current. So only one grid
+// barrier a layer remains, QKV -> attention (its K / V rows go to the cache
+// untagged). Why: a grid barrier is a release fence, an atomic and a polled
+// counter (about three L2 round trips) before the input's own load; here the
+// input's load is the poll (NCCL's LL protocol: an aligned 8-byte access is
+// single-copy atomic). Reuse needs no barrier either: a block writes one of
+// these buffers again only after it has consumed a vector that every block
+// wrote after its own last read of that buffer. 0: the grid barriers (A/B).
+#ifndef MG_TAGGED
+#define MG_TAGGED 1
+#endif
+// Polls of a tagged input before the kernel traps (a tag never written is a
+// bug: an error, not a hang).
+#define MG_SPIN_MAX (1 << 24)
+#if MG_TAGGED
+typedef u64 MgVec;
+#else
+typedef float MgVec;
+#endif
+__device__ __forceinline__ void mg_put(float* p, float v, unsigned) { *p = v; }
+__device__ __forceinline__ void mg_put(u64* p, float v, unsigned tag) {
+    const u64 w = ((u64)tag << 32) | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+// A value this thread wrote earlier (the residual's own rows).
+__device__ __forceinline__ float mg_own(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float mg_own(const u64* p) {
+    u64 w;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+    return __uint_as_float((unsigned)w);
+}
+// 4 tagged values at p (16-byte aligned); ok cleared unless every tag is `tag`.
+__device__ __forceinline__ float4 mg_tget4(const u64* p, unsigned tag, bool& ok) {
+    u64 a, b, c, d;
+    asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+    asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(c), "=l"(d) : "l"(p + 2) : "memory");
+    ok = ok & ((unsigned)(a >> 32) == tag) & ((unsigned)(b >> 32) == tag) & ((unsigned)(c >> 32) == tag) &
+         ((unsigned)(d >> 32) == tag);
+    return make_float4(__uint_as_float((unsigned)a), __uint_as_float((unsigned)b), __uint_as_float((unsigned)c),
+                       __uint_as_float((unsigned)d));
+}
 template <bool TAIL = true>
 __device__ __forceinline__ void mg_grid_sync(unsigned* bar, unsigned& epoch, int flags) {
     __syncthreads();
@@ -357,23 +403,43 @@ __device__ __forceinline__ float2 mg_block_sum_max(float s, float m, float* red)
 // the bits (non-negative floats order as integers). Why: at 1024 threads
 // every per-element instruction costs 8 issue slots per scheduler; the
 // divisions and clamps of mg_quant made it ~2 us per 2560 elements.
-__device__ float mg_quant(const float* in, int n, const float* nw, float eps, int kpad, i8* xq, float* red,
-                          int* xsum_s) {
+// The input's float4s of this thread (element 4 * (tid + k * MG_THREADS)),
+// zero past n4: plain, or tagged (loaded again until every tag is `tag`).
+__device__ __forceinline__ void mg_load_in(const float* in, unsigned, int n4, float4 (&v)[MG_NQ / 4]) {
+#pragma unroll
+    for (int k = 0; k < MG_NQ / 4; k++) {
+        const int i4 = threadIdx.x + k * MG_THREADS;
+        v[k] = i4 < n4 ? __ldcg((const float4*)in + i4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+__device__ __forceinline__ void mg_load_in(const u64* in, unsigned tag, int n4, float4 (&v)[MG_NQ / 4]) {
+    for (int it = 0;; it++) {
+        bool ok = true;
+#pragma unroll
+        for (int k = 0; k < MG_NQ / 4; k++) {
+            const int i4 = threadIdx.x + k * MG_THREADS;
+            v[k] = i4 < n4 ? mg_tget4(in + 4 * i4, tag, ok) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        if (__all_sync(0xffffffffu, ok)) break;
+        if (it == MG_SPIN_MAX) __trap();
+    }
+}
+
+template <typename IN>
+__device__ float mg_quant(const IN* in, unsigned tag, int n, const float* nw, float eps, int kpad, i8* xq,
+                          float* red, int* xsum_s) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
     // Every load first, then the arithmetic: loaded and used in one loop,
     // the second float4's loads waited for the first's use (ncu, S10-5:
-    // down's 6912-wide input took two L2 round trips).
+    // down's 6912-wide input took two L2 round trips). The norm weights
+    // first: they do not wait for another block.
     float4 v[MG_NQ / 4], g[MG_NQ / 4];
 #pragma unroll
     for (int k = 0; k < MG_NQ / 4; k++) {
         const int i4 = tid + k * MG_THREADS;
-        v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-        g[k] = make_float4(1.f, 1.f, 1.f, 1.f);
-        if (i4 < n4) {
-            v[k] = __ldcg((const float4*)in + i4);
-            if (nw) g[k] = __ldg((const float4*)nw + i4);
-        }
+        g[k] = nw && i4 < n4 ? __ldg((const float4*)nw + i4) : make_float4(1.f, 1.f, 1.f, 1.f);
     }
+    mg_load_in(in, tag, n4, v);
     float ss = 0.f, mw = 0.f;
 #pragma unroll
     for (int k = 0; k < MG_NQ / 4; k++) {
@@ -706,7 +772,7 @@ __device__ __forceinline__ void mg_scores_g(const float* qs, const KV* kb, int n
 
 template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
-                             int cap, float scale, int nsplit, float* part, int* cnt, float* attn, float* qs,
+                             int cap, float scale, int nsplit, float* part, int* cnt, MgVec* attn, unsigned tag, float* qs,
                              float* sc, float* ml, uint4* vstage, int vstage_bytes, uint4* kbuf, int kbuf_bytes,
                              const MgNext& gu, u64* trace, int tb, int ac, int nch, int flags, int sub_log) {
     const int tid = threadIdx.x, warp = tid >> 5;
@@ -799,7 +865,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
                 for (int j = part_i; j < nj; j += split) a += sc[g * ac + j] * ldcg_kv(vb + (size_t)j * hd + d);
             for (int m = 1; m < split; m *= 2) a += __shfl_xor_sync(0xffffffffu, a, m);
             if (part_i != 0) continue;
-            if (nch == 1) attn[h * hd + d] = a / ml[2 * g + 1];
+            if (nch == 1) mg_put(attn + h * hd + d, a / ml[2 * g + 1], tag);
             else part[((size_t)vh * nsplit + ch) * mg_opaque(group * (int)pst) + g * pst + 2 + d] = a;
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 6);
@@ -924,7 +990,7 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
 #endif
                 for (int c = mi; c < nch; c += ms) num += ld(ph + c * cs) * mw[g * nch + c];
                 for (int m = 1; m < ms; m *= 2) num += __shfl_xor_sync(0xffffffffu, num, m);
-                if (mi == 0) attn[h * hd + d] = num / ml[2 * g + 1];
+                if (mi == 0) mg_put(attn + h * hd + d, num / ml[2 * g + 1], tag);
             }
         }
         // Marks 24-29 (bench only, MG_TRACE_MERGE builds): the merging block
@@ -962,12 +1028,13 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
 // `issue_next()` starts the next phase's copy after the quantisation: built
 // there (from the layer table in shared memory), its addresses are not live
 // across mg_quant (with NVRTC 13.0 they were, and the kernel spilled).
-template <typename IssueNext>
+template <typename IssueNext, typename IN>
 __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf, u64* bar, unsigned& ph,
-                                       IssueNext issue_next, const float* in, int n, const float* nw, float eps,
-                                       i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace, int mark) {
+                                       IssueNext issue_next, const IN* in, unsigned tag, int n, const float* nw,
+                                       float eps, i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace,
+                                       int mark) {
     if (threadIdx.x < MG_MAXROWS) acc_s[threadIdx.x] = 0;
-    const float sx = mg_quant(in, n, nw, eps, chunks * 64, xq, red, xsum_s);
+    const float sx = mg_quant(in, tag, n, nw, eps, chunks * 64, xq, red, xsum_s);
     mg_mark(trace, mark + 1);
     issue_next();
     mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
@@ -1002,7 +1069,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                           int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0,
                           int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part,
                           int nsplit, int* cnt, unsigned* bar, u64* trace, int w0_chunks, int w1_chunks, int vbytes,
-                          int flags) {
+                          int flags, u64* tg, const unsigned* gen) {
     // Dynamic shared memory: weight buffers wb0 (QKV, GU) and wb1 (O, DN),
     // the int8 activations (MG_XBYTES), then the attention's V staging.
     extern __shared__ __align__(16) uint4 wdyn[];
@@ -1025,6 +1092,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     float* sc = big + MG_QMAX;
     pdl_wait();  // mega_begin's token, position, x and zeroed barrier
     const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
+    // Layer l's tag is tag0_s + l (MG_TAGGED; mega_begin counts the steps).
+    __shared__ unsigned tag0_s;
+    if (tid == 0) tag0_s = MG_TAGGED ? *gen * (unsigned)n_layers : 0u;
     const int cH = (H + 63) / 64, cQ = (Q + 63) / 64, cF = (F + 63) / 64;
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
     unsigned epoch = 0;
@@ -1050,6 +1120,26 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     mg_grid_sync<false>(bar, epoch, flags); \
     WAIT;                                   \
     __syncthreads();
+    // Between the phases whose inputs are tagged: the block's own copies.
+#if MG_TAGGED
+#define TSYNC_(WAIT) \
+    WAIT;            \
+    __syncthreads();
+// q rows by layer parity: the next layer's QKV phase may write them while
+// a slower block still reads this layer's (no grid barrier between).
+#define QR_(l) (mg_opaque(qr) + (size_t)((l) & 1) * Q)
+#define XA_ (mg_opaque(tg))
+#define XB_ (mg_opaque(tg) + H)
+#define ATT_ (mg_opaque(tg) + 2 * H)
+#define HB_ (mg_opaque(tg) + 2 * H + Q)
+#else
+#define TSYNC_(WAIT) SYNC_(WAIT)
+#define QR_(l) qr
+#define XA_ x
+#define XB_ x
+#define ATT_ attn
+#define HB_ hb
+#endif
     // MG_KVPF: the block's first attention item's K and V rows of layer ll
     // into L2 (thread 0). Its element offset in a layer and its bytes are
     // found once (a per-call loop over the items spilled registers).
@@ -1099,8 +1189,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
                 mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef});
                 if (MG_KVPF == 2) prefetch_kv(l);
             },
-            x, H,
-            F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb);
+            XA_, tag0_s + l, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb);
         if (tid < r_qkv.n) {
             const int row = r_qkv.a + tid;
             const int xs = mg_xsum(xsum_s);
@@ -1108,7 +1197,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const float y = (float)(acc_s[tid] - xs) * (scs[tid] / sx);
             // The pair partner (rows 2j, 2j+1 stay in one block: rows per block are even).
             const float partner = (float)(acc_s[tid ^ 1] - xs) * (scs[tid ^ 1] / sx);
-            qkv_rope_store(row, y, partner, pos, rope_s, n_heads, n_kv, hd, cap, qr, kc, vc);
+            qkv_rope_store(row, y, partner, pos, rope_s, n_heads, n_kv, hd, cap, QR_(l), kc, vc);
         }
         mg_mark(trace, tb + 3);
         SYNC_(cp_async_wait());
@@ -1116,36 +1205,42 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mg_mark(trace, tb + 4);
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
-            mg_attention<KV>(qr, kc, vc, pos, n_heads, n_kv << att_sub_log, hd, cap, att_scale, nsplit, part, cnt,
-                             attn, qs, sc, ml, vbuf, vbytes, wb0, w0_chunks * 16, gu, trace, tb, att_ac, att_nch, flags,
+            mg_attention<KV>(QR_(l), kc, vc, pos, n_heads, n_kv << att_sub_log, hd, cap, att_scale, nsplit, part, cnt,
+                             ATT_, tag0_s + l, qs, sc, ml, vbuf, vbytes, wb0, w0_chunks * 16, gu, trace, tb, att_ac, att_nch, flags,
                              att_sub_log);
         }
         if (MG_KVPF == 3 && l + 1 < n_layers) prefetch_kv(l + 1);
         mg_mark(trace, tb + 7);
-        SYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
+        TSYNC_(cp_wait_group<1>());  // all but the gate/up group (its row scales; sm_80: and weights)
         // ---- O + residual
         mg_mark(trace, tb + 8);
         // MG_MERGE_SPLIT: the attention's chunk counts back to zero, every
         // merging block past its wait (the grid barrier above); ordered
         // before the next layer's counts (and the next launch) by the
         // barriers between.
-        if (MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log)) mg_opaque(cnt)[tid] = 0;
+        // MG_TAGGED: block 0 resets them once its quantisation has seen the
+        // whole attention output, so every merge is past its wait.
+        if (!MG_TAGGED && MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
+            mg_opaque(cnt)[tid] = 0;
         {
             // The residual rows this block adds to: loaded now, used after the dot.
-            const float xres = tid < r_o.n ? __ldcg(x + r_o.a + tid) : 0.f;
-            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, [] {}, attn, Q, F_(l, LT_ATTN_SUB), eps, xq, red, xsum_s, acc_s,
-                          trace, tb + 8);
+            const float xres = tid < r_o.n ? mg_own(XA_ + r_o.a + tid) : 0.f;
+            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, [] {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
+                          xsum_s, acc_s, trace, tb + 8);
+            if (MG_TAGGED && MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
+                mg_opaque(cnt)[tid] = 0;
             if (tid < r_o.n)
-                x[r_o.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
+                mg_put(XB_ + r_o.a + tid, xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx),
+                       tag0_s + l);
         }
         mg_mark(trace, tb + 11);
-        SYNC_(cp_async_wait());
+        TSYNC_(cp_async_wait());
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
         sx = mg_phase(
             cH, r_gu, wb0, &mbar[0], ph0,
-            [&] { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}); }, x, H,
-            F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb + 12);
+            [&] { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}); }, XB_,
+            tag0_s + l, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb + 12);
         if (tid < r_gu.n) {
             const float* scs = scs2[0];
             const int row = r_gu.a + tid;
@@ -1153,36 +1248,48 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const float u = (float)(acc_s[tid + r_gu.n] - mg_xsum(xsum_s)) * (scs[tid + r_gu.n] / sx);
             if (gate == 1) {
                 g = fmaxf(g, 0.f);
-                hb[row] = g * g * u;
+                mg_put(HB_ + row, g * g * u, tag0_s + l);
             } else {
-                hb[row] = g / (1.f + expf(-g)) * u;
+                mg_put(HB_ + row, g / (1.f + expf(-g)) * u, tag0_s + l);
             }
         }
         mg_mark(trace, tb + 15);
-        SYNC_(cp_async_wait());
+        TSYNC_(cp_async_wait());
         // ---- down + residual
         mg_mark(trace, tb + 16);
         {
             const bool more = l + 1 < n_layers;
-            const float xres = tid < r_dn.n ? __ldcg(x + r_dn.a + tid) : 0.f;
+            const float xres = tid < r_dn.n ? mg_own(XB_ + r_dn.a + tid) : 0.f;
             sx = mg_phase(
                 cF, r_dn, wb1, &mbar[1], ph1,
                 [&] {
                     if (more)
                         mg_issue(MgNext{W_(l + 1, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0], ef});
                 },
-                hb, F, F_(l, LT_FFN_SUB), eps, xq, red, xsum_s, acc_s, trace, tb + 16);
-            if (tid < r_dn.n)
-                x[r_dn.a + tid] = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
+                HB_, tag0_s + l, F, F_(l, LT_FFN_SUB), eps, xq, red, xsum_s, acc_s, trace, tb + 16);
+            if (tid < r_dn.n) {
+                // The last layer's x in plain floats, for the lm_head.
+                const float y = xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx);
+                if (more)
+                    mg_put(XA_ + r_dn.a + tid, y, tag0_s + l + 1);
+                else
+                    x[r_dn.a + tid] = y;
+            }
         }
         mg_mark(trace, tb + 19);
         if (l + 1 < n_layers) {
-            SYNC_(cp_async_wait());
+            TSYNC_(cp_async_wait());
         }
     }
 #undef W_
 #undef F_
 #undef SYNC_
+#undef TSYNC_
+#undef QR_
+#undef XA_
+#undef XB_
+#undef ATT_
+#undef HB_
 }
 
 #define MEGA(SUF, KV)                                                                                             \
@@ -1190,10 +1297,11 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mega_##SUF(const u64* lt, int n_layers, int H, int Q, int KVD, int F, int hd, int n_heads, int n_kv,     \
                    int gate, float eps, float att_scale, const int* pos_p, const float2* rope, KV* kc0, KV* vc0, \
                    int layer_elems, int cap, float* x, float* qr, float* attn, float* hb, float* part, int nsplit, \
-                   int* cnt, unsigned* bar, u64* trace, int w0_chunks, int w1_chunks, int vbytes, int flags) {   \
+                   int* cnt, unsigned* bar, u64* trace, int w0_chunks, int w1_chunks, int vbytes, int flags,    \
+                   u64* tg, const unsigned* gen) {                                                               \
         mega_body<KV>(lt, n_layers, H, Q, KVD, F, hd, n_heads, n_kv, gate, eps, att_scale, pos_p, rope, kc0, vc0, \
                       layer_elems, cap, x, qr, attn, hb, part, nsplit, cnt, bar, trace, w0_chunks, w1_chunks,    \
-                      vbytes, flags);                                                                            \
+                      vbytes, flags, tg, gen);                                                                   \
     }
 MEGA(f16, u16)
 MEGA(f32, float)
@@ -1211,9 +1319,13 @@ MEGA(f32, float)
 // embedding row, and the step's slots zeroed: the pick, the grid barrier,
 // the screen's keys. It lets the persistent kernel launch at once (PDL),
 // which waits for it before reading any of this.
+// MG_TAGGED: the step count `gen` goes up by one, and x is also written
+// tagged for layer 0 (tg, with n_layers: see mega_body).
 extern "C" __global__ void mega_begin(int* tok, int* pos, int* fed, int* hist, int hist_len, const u16* emb,
-                                      int hidden, float* x, u64* best, unsigned* bar, unsigned* screen_keys) {
+                                      int hidden, float* x, u64* best, unsigned* bar, unsigned* screen_keys, u64* tg,
+                                      unsigned* gen, int n_layers) {
     __shared__ int t_s;
+    __shared__ unsigned tag_s;
     pdl_launch();
     if (threadIdx.x == 0) {
         int t;
@@ -1231,9 +1343,16 @@ extern "C" __global__ void mega_begin(int* tok, int* pos, int* fed, int* hist, i
         t_s = t;
         *best = 0;
         *bar = 0;
+        const unsigned g = *gen + 1;
+        *gen = g;
+        tag_s = g * (unsigned)n_layers;
     }
     if (screen_keys && threadIdx.x < 4) screen_keys[threadIdx.x] = 0;
     __syncthreads();
     const u16* e = emb + (size_t)t_s * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[i] = h2f(e[i]);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = h2f(e[i]);
+        x[i] = v;
+        if (MG_TAGGED) mg_put(tg + i, v, tag_s);
+    }
 }
