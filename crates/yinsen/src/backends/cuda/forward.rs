@@ -167,9 +167,9 @@ struct Scratch {
     /// Grid-barrier counter of the persistent decode (zeroed per step).
     bar: DevBuf,
     /// The persistent decode's tagged vectors (mega.cu, MG_TAGGED): u64
-    /// (value, tag) words of x after down, x after O, the attention output
-    /// and h ([2 hidden + q_dim + ffn]), and its step count `gen` (u32) that
-    /// the tags derive from.
+    /// (value, tag) words of x after down, x after O, the attention output,
+    /// h, then q and the new key's k and v ([2 hidden + q_dim + ffn + q_dim +
+    /// 2 kv_dim]), and its step count `gen` (u32) that the tags derive from.
     tagged: DevBuf,
     gen: DevBuf,
     /// Captured batched steps (they read only these buffers).
@@ -734,8 +734,10 @@ fn mega_weight_chunks(c: &ModelConfig, grid: usize) -> (usize, usize) {
 /// / 696-697 vs 797-798 / 691-692 tok/s at ctx 0 / 2048); blocks without an
 /// attention item holding their gate/up copy back 2000 cycles (S11-2, S11-3:
 /// 865-888 vs 842-867 tok/s at ctx 0 in two calls); attention items of
-/// fewer query heads where the grid has room (MG_HEAD_SPLIT, session 18).
-pub const MEGA_DEFAULT_FLAGS: u32 = 215;
+/// fewer query heads where the grid has room (MG_HEAD_SPLIT, session 18);
+/// a 64 ns back-off between polls of a tagged input (512, MG_TAG_SLEEP_SHIFT:
+/// S31-2, 1239 / 989 tok/s against 1226 / 980 with none).
+pub const MEGA_DEFAULT_FLAGS: u32 = 727;
 
 /// `topk_logits` limits (TK_* in ops.cu): k, blocks, logits per block.
 const TK_MAX: usize = 64;
@@ -2337,7 +2339,8 @@ impl Scratch {
             topk_i: f32s(&[LM_T.max(STEP_GRAPH_MAX), TK_MAX])?,
             bar: f32s(&[1])?,
             tagged: {
-                let b = gpu.alloc(checked(&[2 * c.hidden + c.q_dim() + c.ffn, 8], "scratch")?)?;
+                let words = 2 * c.hidden + 2 * c.q_dim() + c.ffn + 2 * c.kv_dim();
+                let b = gpu.alloc(checked(&[words, 8], "scratch")?)?;
                 b.fill(0)?;
                 b
             },

@@ -116,29 +116,39 @@ __device__ __forceinline__ float2 rope_pair(float x1, float x2, float2 c) {
     return make_float2(__fmaf_rn(x1, c.x, -__fmul_rn(x2, c.y)), __fmaf_rn(x2, c.x, __fmul_rn(x1, c.y)));
 }
 
-// Epilogue of one output row of the fused q|k|v matrix for one token at
-// position p: RoPE on the pair-interleaved q|k rows (layout rows 2j, 2j+1 of
-// a head are dims j, j + hd/2; `partner` is the other row of the pair), the
-// rotated q to q_out (natural order), k and v to the caches at p.
-// rope_row: the (cos, sin) pairs of position p.
-template <typename KV>
-__device__ __forceinline__ void qkv_rope_store(int row, float y, float partner, int p, const float2* rope_row,
-                                               int n_heads, int n_kv, int hd, int cap, float* q_out, KV* kc,
-                                               KV* vc) {
+// One output row of the fused q|k|v matrix for one token: RoPE on the
+// pair-interleaved q|k rows (layout rows 2j, 2j+1 of a head are dims j,
+// j + hd/2; `partner` is the other row of the pair). Returns where the value
+// goes: kind 0 q, 1 k, 2 v; head h, dim d (natural order).
+struct QkvOut {
+    int kind, h, d;
+    float v;
+};
+__device__ __forceinline__ QkvOut qkv_rope_out(int row, float y, float partner, const float2* rope_row, int n_heads,
+                                               int n_kv, int hd) {
     const int half = hd / 2, nq = n_heads * hd, nk = n_kv * hd;
     if (row < nq + nk) {
         const int rr = row < nq ? row : row - nq, h = rr / hd, w = rr % hd, j = w >> 1, second = w & 1;
         const float2 cs = rope_row[j];
         const float x1 = second ? partner : y, x2 = second ? y : partner;
         const float2 r = rope_pair(x1, x2, cs);
-        const float o = second ? r.y : r.x;
-        const int d = j + (second ? half : 0);
-        if (row < nq) q_out[h * hd + d] = o;
-        else kv_store(kc + ((size_t)h * cap + p) * hd + d, o);
-    } else {
-        const int rr = row - nq - nk, h = rr / hd, d = rr % hd;
-        kv_store(vc + ((size_t)h * cap + p) * hd + d, y);
+        return QkvOut{row < nq ? 0 : 1, h, j + (second ? half : 0), second ? r.y : r.x};
     }
+    const int rr = row - nq - nk;
+    return QkvOut{2, rr / hd, rr % hd, y};
+}
+
+// Epilogue of one output row of the fused q|k|v matrix for one token at
+// position p (qkv_rope_out): the rotated q to q_out (natural order), k and v
+// to the caches at p. rope_row: the (cos, sin) pairs of position p.
+template <typename KV>
+__device__ __forceinline__ void qkv_rope_store(int row, float y, float partner, int p, const float2* rope_row,
+                                               int n_heads, int n_kv, int hd, int cap, float* q_out, KV* kc,
+                                               KV* vc) {
+    const QkvOut o = qkv_rope_out(row, y, partner, rope_row, n_heads, n_kv, hd);
+    if (o.kind == 0) q_out[o.h * hd + o.d] = o.v;
+    else if (o.kind == 1) kv_store(kc + ((size_t)o.h * cap + p) * hd + o.d, o.v);
+    else kv_store(vc + ((size_t)o.h * cap + p) * hd + o.d, o.v);
 }
 
 // Bulk (TMA) weight copies, sm_90+: one thread issues a few large copies

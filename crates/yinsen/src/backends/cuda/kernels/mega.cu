@@ -58,7 +58,7 @@
 #define MG_SPIN_SLEEP 8   // back off in the barrier spin
 #define MG_EVICT_FIRST 16 // weight copies with an L2 evict-first policy
 // Blocks without an attention item hold their gate/up weight copy back
-// 1000 / 2000 cycles (the bits add). Why: issued at once, the ~9 MB burst
+// 1000 / 2000 / 4000 cycles (the bits add). Why: issued at once, the ~9 MB burst
 // queues ahead of the items' q and K loads at small contexts; held ~1 us,
 // those get through first (S11-2/3, H100: 2000 cycles +2.3-2.7% at ctx 0;
 // 1000 no gain, 1500 +1.3%, 2500 +2.0%, 3000 +1.3%; no item-less blocks at
@@ -66,6 +66,7 @@
 // measured, not derived.
 #define MG_GU_HOLD_1K 32
 #define MG_GU_HOLD_2K 64
+#define MG_GU_HOLD_4K 1024
 // Attention items of fewer query heads where the grid has room: at short
 // contexts the (KV head, key chunk) items are few (5 on 2B4T up to 64 keys)
 // and every other block waits for them at the barrier; an item then takes
@@ -142,12 +143,24 @@
 // single-copy atomic). Reuse needs no barrier either: a block writes one of
 // these buffers again only after it has consumed a vector that every block
 // wrote after its own last read of that buffer. 0: the grid barriers (A/B).
+// 2: no grid barrier at all: q and the new key's k and v rows are tagged
+// too (QKT), the attention items poll them, and the item that holds the new
+// key writes its k and v rows where it reads them (its staged copy, else the
+// cache) instead of waiting for the QKV phase's cache write; the attention's
+// chunk counters only count up within a launch (reset after the last layer).
+// A block without rows in a phase loads none of its input, so the blocks
+// that wait for nobody's output read nothing that could be rewritten.
 #ifndef MG_TAGGED
 #define MG_TAGGED 1
 #endif
 // Polls of a tagged input before the kernel traps (a tag never written is a
 // bug: an error, not a hang).
 #define MG_SPIN_MAX (1 << 24)
+// flags bits 8-9: back off 32 << (k - 1) ns between polls of a tagged input
+// (k = 1..3; 0: poll again at once). The launch's flags, for code that is
+// not passed them.
+#define MG_TAG_SLEEP_SHIFT 8
+__shared__ int mg_flags_s;
 #if MG_TAGGED
 typedef u64 MgVec;
 #else
@@ -164,6 +177,17 @@ __device__ __forceinline__ float mg_own(const u64* p) {
     u64 w;
     asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
     return __uint_as_float((unsigned)w);
+}
+// One tagged value, polled until its tag is `tag`.
+__device__ __forceinline__ float mg_tget1(const u64* p, unsigned tag) {
+    for (int it = 0;; it++) {
+        u64 w;
+        asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+        if ((unsigned)(w >> 32) == tag) return __uint_as_float((unsigned)w);
+        if (it == MG_SPIN_MAX) __trap();
+        const int k = (mg_flags_s >> MG_TAG_SLEEP_SHIFT) & 3;
+        if (k) __nanosleep(16u << k);
+    }
 }
 // 4 tagged values at p (16-byte aligned); ok cleared unless every tag is `tag`.
 __device__ __forceinline__ float4 mg_tget4(const u64* p, unsigned tag, bool& ok) {
@@ -422,12 +446,14 @@ __device__ __forceinline__ void mg_load_in(const u64* in, unsigned tag, int n4, 
         }
         if (__all_sync(0xffffffffu, ok)) break;
         if (it == MG_SPIN_MAX) __trap();
+        const int k = (mg_flags_s >> MG_TAG_SLEEP_SHIFT) & 3;
+        if (k) __nanosleep(16u << k);
     }
 }
 
 template <typename IN>
 __device__ float mg_quant(const IN* in, unsigned tag, int n, const float* nw, float eps, int kpad, i8* xq,
-                          float* red, int* xsum_s) {
+                          float* red, int* xsum_s, bool need = true) {
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n4 = n >> 2;
     // Every load first, then the arithmetic: loaded and used in one loop,
     // the second float4's loads waited for the first's use (ncu, S10-5:
@@ -439,7 +465,7 @@ __device__ float mg_quant(const IN* in, unsigned tag, int n, const float* nw, fl
         const int i4 = tid + k * MG_THREADS;
         g[k] = nw && i4 < n4 ? __ldg((const float4*)nw + i4) : make_float4(1.f, 1.f, 1.f, 1.f);
     }
-    mg_load_in(in, tag, n4, v);
+    mg_load_in(in, tag, need ? n4 : 0, v);
     float ss = 0.f, mw = 0.f;
 #pragma unroll
     for (int k = 0; k < MG_NQ / 4; k++) {
@@ -774,7 +800,8 @@ template <typename KV>
 __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int pos, int n_heads, int n_kv, int hd,
                              int cap, float scale, int nsplit, float* part, int* cnt, MgVec* attn, unsigned tag, float* qs,
                              float* sc, float* ml, uint4* vstage, int vstage_bytes, uint4* kbuf, int kbuf_bytes,
-                             const MgNext& gu, u64* trace, int tb, int ac, int nch, int flags, int sub_log) {
+                             const MgNext& gu, u64* trace, int tb, int ac, int nch, int flags, int sub_log,
+                             const u64* qkt, unsigned cbase) {
     const int tid = threadIdx.x, warp = tid >> 5;
     const int group = n_heads / n_kv, n_keys = pos + 1;
     const size_t pst = hd + 2;
@@ -818,9 +845,35 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         }
         if (item == blockIdx.x) mg_mark(trace, tb + 23);
         if (MG_TRACE_MERGE && trace && tid == 0) mt[0] = clock64();
+#if MG_TAGGED >= 2
+        // q from its tagged words; the new key's k and v (the last chunk's
+        // last row) held by threads d < hd until their copies have landed.
+        const bool newkey = j0 + nj == n_keys;
+        float knew = 0.f, vnew = 0.f;
+        {
+            const int nq = n_heads * hd, nkr = (n_kv >> sub_log) * hd;
+            for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = mg_tget1(qkt + (size_t)vh * group * hd + i, tag) * scale;
+            if (newkey && tid < hd) {
+                knew = mg_tget1(qkt + nq + kvh * hd + tid, tag);
+                vnew = mg_tget1(qkt + nq + nkr + kvh * hd + tid, tag);
+            }
+        }
+        if (kstaged || kgu) cp_wait_group<1>();
+        // Every thread's K copies landed before the new row is written over
+        // them (or into the cache, where K is read from there).
+        if (newkey) {
+            __syncthreads();
+            if (tid < hd) {
+                KV* kr = kstaged ? (KV*)vstage : kgu ? (KV*)kbuf : (KV*)kb;
+                kv_store(kr + (size_t)(nj - 1) * hd + tid, knew);
+            }
+        }
+        __syncthreads();
+#else
         for (int i = tid; i < group * hd; i += MG_THREADS) qs[i] = __ldcg(qr + (size_t)vh * group * hd + i) * scale;
         if (kstaged || kgu) cp_wait_group<1>();  // the K rows (V may still be in flight), under the same barrier as q
         __syncthreads();
+#endif
         if (item == blockIdx.x) mg_mark(trace, tb + 20);
         {
             const KV* ks = kstaged ? (const KV*)vstage : kgu ? (const KV*)kbuf : kb;
@@ -842,6 +895,12 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
         if (item == blockIdx.x) mg_mark(trace, tb + 22);
         cp_async_wait();  // the V rows
         __syncthreads();
+#if MG_TAGGED >= 2
+        if (newkey) {
+            if (tid < hd) kv_store((staged ? (KV*)vdst : (KV*)vb) + (size_t)(nj - 1) * hd + tid, vnew);
+            __syncthreads();
+        }
+#endif
         if (!gu_issued) {
             mg_issue(gu);
             gu_issued = true;
@@ -906,14 +965,17 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
             old = atomicAdd(cnt + vh, 1);
             __threadfence();
 #endif
-            const int k = nch - 1 - (int)old;  // 0: the last to count
+            // MG_TAGGED: the counts go on from layer to layer (cbase: nch
+            // per layer before this one), reset after the launch's last layer.
+            const unsigned target = (MG_TAGGED ? cbase : 0u) + (unsigned)nch;
+            const int k = (int)(target - 1u - old);  // 0: the last to count
             last = k < nm ? k : -1;
-            if (!MG_MERGE_SPLIT && k == 0) cnt[vh] = 0;
+            if (!MG_TAGGED && !MG_MERGE_SPLIT && k == 0) cnt[vh] = 0;
             if (MG_MERGE_SPLIT && k > 0 && k < nm) {
                 unsigned v;
                 do {
                     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(cnt + vh) : "memory");
-                } while (v < (unsigned)nch);
+                } while (v < target);
             }
             if (MG_TRACE_MERGE && trace) mt[2] = clock64();
         }
@@ -1009,7 +1071,8 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
     }
     if (!gu_issued) {
         // See MG_GU_HOLD_1K.
-        const int dly = (flags & MG_GU_HOLD_1K ? 1000 : 0) + (flags & MG_GU_HOLD_2K ? 2000 : 0);
+        const int dly = (flags & MG_GU_HOLD_1K ? 1000 : 0) + (flags & MG_GU_HOLD_2K ? 2000 : 0) +
+                        (flags & MG_GU_HOLD_4K ? 4000 : 0);
         if (dly) {
             const long long t0 = clock64();
             while (clock64() - t0 < dly) {
@@ -1034,7 +1097,8 @@ __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf
                                        float eps, i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace,
                                        int mark) {
     if (threadIdx.x < MG_MAXROWS) acc_s[threadIdx.x] = 0;
-    const float sx = mg_quant(in, tag, n, nw, eps, chunks * 64, xq, red, xsum_s);
+    // A block without rows here reads none of the input (MG_TAGGED 2: see there).
+    const float sx = mg_quant(in, tag, n, nw, eps, chunks * 64, xq, red, xsum_s, MG_TAGGED < 2 || r.n > 0);
     mg_mark(trace, mark + 1);
     issue_next();
     mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
@@ -1094,7 +1158,10 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
     const int tid = threadIdx.x, pos = pos_p[0], half = hd / 2;
     // Layer l's tag is tag0_s + l (MG_TAGGED; mega_begin counts the steps).
     __shared__ unsigned tag0_s;
-    if (tid == 0) tag0_s = MG_TAGGED ? *gen * (unsigned)n_layers : 0u;
+    if (tid == 0) {
+        tag0_s = MG_TAGGED ? *gen * (unsigned)n_layers : 0u;
+        mg_flags_s = flags;
+    }
     const int cH = (H + 63) / 64, cQ = (Q + 63) / 64, cF = (F + 63) / 64;
     const MgRows r_qkv = mg_rows(Q + 2 * KVD, 1), r_o = mg_rows(H, 0), r_gu = mg_rows_paired(F), r_dn = mg_rows(H, 0);
     unsigned epoch = 0;
@@ -1132,6 +1199,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
 #define XB_ (mg_opaque(tg) + H)
 #define ATT_ (mg_opaque(tg) + 2 * H)
 #define HB_ (mg_opaque(tg) + 2 * H + Q)
+#define QKT_ (mg_opaque(tg) + 2 * H + Q + F)
 #else
 #define TSYNC_(WAIT) SYNC_(WAIT)
 #define QR_(l) qr
@@ -1139,6 +1207,13 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
 #define XB_ x
 #define ATT_ attn
 #define HB_ hb
+#define QKT_ ((u64*)nullptr)
+#endif
+    // After the QKV phase: a grid barrier, but for MG_TAGGED 2.
+#if MG_TAGGED >= 2
+#define QSYNC_(WAIT) TSYNC_(WAIT)
+#else
+#define QSYNC_(WAIT) SYNC_(WAIT)
 #endif
     // MG_KVPF: the block's first attention item's K and V rows of layer ll
     // into L2 (thread 0). Its element offset in a layer and its bytes are
@@ -1197,17 +1272,25 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const float y = (float)(acc_s[tid] - xs) * (scs[tid] / sx);
             // The pair partner (rows 2j, 2j+1 stay in one block: rows per block are even).
             const float partner = (float)(acc_s[tid ^ 1] - xs) * (scs[tid ^ 1] / sx);
+#if MG_TAGGED >= 2
+            // The cache rows for the steps to come; q, k and v tagged for this
+            // layer's attention items.
+            const QkvOut o = qkv_rope_out(row, y, partner, rope_s, n_heads, n_kv, hd);
+            if (o.kind) kv_store((o.kind == 1 ? kc : vc) + ((size_t)o.h * cap + pos) * hd + o.d, o.v);
+            mg_put(QKT_ + (o.kind ? Q + (o.kind - 1) * KVD : 0) + o.h * hd + o.d, o.v, tag0_s + l);
+#else
             qkv_rope_store(row, y, partner, pos, rope_s, n_heads, n_kv, hd, cap, QR_(l), kc, vc);
+#endif
         }
         mg_mark(trace, tb + 3);
-        SYNC_(cp_async_wait());
+        QSYNC_(cp_async_wait());
         // ---- attention; the gate/up copy starts here
         mg_mark(trace, tb + 4);
         {
             const MgNext gu{W_(l, LT_GU), cH, r_gu, wb0, &mbar[0], F_(l, LT_GU_S), scs2[0], ef};
             mg_attention<KV>(QR_(l), kc, vc, pos, n_heads, n_kv << att_sub_log, hd, cap, att_scale, nsplit, part, cnt,
                              ATT_, tag0_s + l, qs, sc, ml, vbuf, vbytes, wb0, w0_chunks * 16, gu, trace, tb, att_ac, att_nch, flags,
-                             att_sub_log);
+                             att_sub_log, QKT_, (unsigned)(l * att_nch));
         }
         if (MG_KVPF == 3 && l + 1 < n_layers) prefetch_kv(l + 1);
         mg_mark(trace, tb + 7);
@@ -1218,8 +1301,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // merging block past its wait (the grid barrier above); ordered
         // before the next layer's counts (and the next launch) by the
         // barriers between.
-        // MG_TAGGED: block 0 resets them once its quantisation has seen the
-        // whole attention output, so every merge is past its wait.
+        // MG_TAGGED: they count on over the layers; block 0 resets them after
+        // the last layer's attention, once its quantisation has seen the
+        // whole attention output (every merge is past its wait).
         if (!MG_TAGGED && MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
             mg_opaque(cnt)[tid] = 0;
         {
@@ -1227,7 +1311,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const float xres = tid < r_o.n ? mg_own(XA_ + r_o.a + tid) : 0.f;
             sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, [] {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
                           xsum_s, acc_s, trace, tb + 8);
-            if (MG_TAGGED && MG_MERGE_SPLIT && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
+            if (MG_TAGGED && l == n_layers - 1 && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
                 mg_opaque(cnt)[tid] = 0;
             if (tid < r_o.n)
                 mg_put(XB_ + r_o.a + tid, xres + (float)(acc_s[tid] - mg_xsum(xsum_s)) * (scs2[1][tid] / sx),
@@ -1290,6 +1374,8 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
 #undef XB_
 #undef ATT_
 #undef HB_
+#undef QKT_
+#undef QSYNC_
 }
 
 #define MEGA(SUF, KV)                                                                                             \
