@@ -249,6 +249,15 @@ impl CudaBackend {
                         wait += us(t[b + 3], t[next]);
                     }
                 }
+                // Marks 24 + phase: this matrix phase's weights landed (after
+                // its quantisation); zero in MG_TRACE_MERGE builds.
+                if p != 1 && std::env::var("YINSEN_CUDA_BENCH").is_ok_and(|v| v == "decode") {
+                    let w = (0..n)
+                        .filter(|l| t[l * MG_TRACE + 24 + p] > 0)
+                        .map(|l| us(t[l * MG_TRACE + 4 * p + 1], t[l * MG_TRACE + 24 + p]))
+                        .sum::<f64>();
+                    eprintln!("{name}: weights landed {:.2} us/layer after the quantisation", w / n as f64);
+                }
                 if p == 1 && std::env::var("YINSEN_CUDA_BENCH").is_ok_and(|v| v == "decode") {
                     // Attention's inner marks (block 0's first item): q loaded,
                     // scores, softmax, V landed; microseconds per layer.

@@ -1,13 +1,15 @@
 // The persistent one-token decode: every layer of the transformer body in
-// ONE kernel launch, one 512-thread block per SM (MG_THREADS), phases
-// separated by grid barriers. Why: a decode step is ~150 small dependent matrix kernels whose
-// launch, ramp-up and tail latencies (not bytes) set the step time. Here a
-// phase costs one barrier, and the weights of the next phase are already on
-// their way (bulk-copied into the other shared-memory buffer a phase ahead;
-// gate/up's during the attention) while the current one runs.
+// ONE kernel launch, one 512-thread block per SM (MG_THREADS), each phase
+// waiting for its input vector from every block. Why: a decode step is ~150
+// small dependent matrix kernels whose launch, ramp-up and tail latencies
+// (not bytes) set the step time. Here a phase costs a wait for its input's
+// tags (MG_TAGGED; a grid barrier before session 31), and the weights of the
+// next phase are already on their way (bulk-copied into the other
+// shared-memory buffer a phase ahead; gate/up's during the attention) while
+// the current one runs.
 //
-// Per layer (5 phases; one grid barrier, after QKV: the other phases' inputs
-// are tagged vectors, polled in their loads, see MG_TAGGED):
+// Per layer (5 phases; no grid barrier: each phase's input is a tagged
+// vector, polled in its loads, see MG_TAGGED):
 //   QKV  every block: RMSNorm + int8 quantisation of x (recomputed per block,
 //        no extra barrier), its rows of W_qkv, RoPE + KV-cache write.
 //   ATT  items (kv head, key chunk) over the blocks; a chunk's block merges
@@ -131,28 +133,33 @@
 #ifndef MG_MERGE_STAGE
 #define MG_MERGE_STAGE 1
 #endif
-// Tagged vectors: the inputs of the O, gate/up and down phases and of the
-// next layer's QKV phase (the attention output, x after O, h, x after
-// down) are written as 8-byte words (value, tag), the tag naming the step
-// and the layer (see mg_tag); the consuming phase loads them with relaxed
-// 8-byte loads and loads again until every tag is current. So only one grid
-// barrier a layer remains, QKV -> attention (its K / V rows go to the cache
-// untagged). Why: a grid barrier is a release fence, an atomic and a polled
-// counter (about three L2 round trips) before the input's own load; here the
-// input's load is the poll (NCCL's LL protocol: an aligned 8-byte access is
-// single-copy atomic). Reuse needs no barrier either: a block writes one of
-// these buffers again only after it has consumed a vector that every block
-// wrote after its own last read of that buffer. 0: the grid barriers (A/B).
-// 2: no grid barrier at all: q and the new key's k and v rows are tagged
-// too (QKT), the attention items poll them, and the item that holds the new
-// key writes its k and v rows where it reads them (its staged copy, else the
-// cache) instead of waiting for the QKV phase's cache write; the attention's
-// chunk counters only count up within a launch (reset after the last layer).
-// A block without rows in a phase loads none of its input, so the blocks
-// that wait for nobody's output read nothing that could be rewritten.
+// Tagged vectors (MG_TAGGED): every vector one phase hands to the next (x
+// after down and after O, the attention output, h; at level 2 also q and the
+// new key's k and v) is written as 8-byte words (value, tag), the tag naming
+// the step and the layer (mega_begin counts the steps); the consuming phase
+// loads them with relaxed 8-byte loads and loads again until every tag is
+// current. Why: a grid barrier is a release fence, an atomic and a polled
+// counter (about three L2 round trips) before the input's own load; here
+// the input's load is the poll (NCCL's LL protocol: an aligned 8-byte access
+// is single-copy atomic). Reuse needs no barrier: a block writes one of these
+// buffers again only after it has consumed a vector that every block reading
+// it wrote after that read (a block without rows in a phase reads none of
+// its input, so the blocks that nobody waits for read nothing).
+//   0: five grid barriers a layer (A/B builds);
+//   1: one, QKV -> attention (the K / V rows go to the cache untagged).
+//      S31-1: 1207 / 977 tok/s against 1172 / 942 at ctx 0 / 2048;
+//   2: none: the attention items poll q and the new key's k and v, and the
+//      item that holds the new key writes its k and v rows where it reads
+//      them (its staged copy, else the cache) rather than wait for the QKV
+//      phase's cache write; the chunk counters count on over the layers
+//      (reset after the last). S31-3 / S31-4: 1222-1225 / 1011-1014 against
+//      1228-1232 / 993-994 for level 1.
+// Every level gives the same tokens (S31-2, S31-3: 200 greedy tokens, f32
+// and f16 caches).
 #ifndef MG_TAGGED
-#define MG_TAGGED 1
+#define MG_TAGGED 2
 #endif
+
 // Polls of a tagged input before the kernel traps (a tag never written is a
 // bug: an error, not a hang).
 #define MG_SPIN_MAX (1 << 24)
@@ -1091,7 +1098,11 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
 // `issue_next()` starts the next phase's copy after the quantisation: built
 // there (from the layer table in shared memory), its addresses are not live
 // across mg_quant (with NVRTC 13.0 they were, and the kernel spilled).
-template <typename IssueNext, typename IN>
+// Issued before the quantisation instead, while the block waits for its
+// tagged input, it was slower (S31-5: 1176 / 955 against 1229 / 992 tok/s;
+// the copy's bytes queue ahead of the input's loads, as in MG_GU_HOLD_1K).
+// P: the phase (0 QKV, 2 O, 3 gate/up, 4 down; `mark` is layer start + 4 P).
+template <int P, typename IssueNext, typename IN>
 __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf, u64* bar, unsigned& ph,
                                        IssueNext issue_next, const IN* in, unsigned tag, int n, const float* nw,
                                        float eps, i8* xq, float* red, int* xsum_s, int* acc_s, u64* trace,
@@ -1103,6 +1114,8 @@ __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf
     issue_next();
     mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
     ph ^= 1;
+    // Marks 24 + phase (trace builds without MG_TRACE_MERGE): the weights landed.
+    if (!MG_TRACE_MERGE) mg_mark(trace, mark - 3 * P + 24);
     mg_dot(chunks, r, buf, xq, acc_s);
     mg_mark(trace, mark + 2);
     return sx;
@@ -1258,7 +1271,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         // Layer l + 1's table into the ring slot layer l - 1 used (read by
         // this layer's down phase, three barriers on).
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
-        sx = mg_phase(
+        sx = mg_phase<0>(
             cH, r_qkv, wb0, &mbar[0], ph0,
             [&] {
                 mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef});
@@ -1309,7 +1322,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             // The residual rows this block adds to: loaded now, used after the dot.
             const float xres = tid < r_o.n ? mg_own(XA_ + r_o.a + tid) : 0.f;
-            sx = mg_phase(cQ, r_o, wb1, &mbar[1], ph1, [] {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
+            sx = mg_phase<2>(cQ, r_o, wb1, &mbar[1], ph1, [] {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
                           xsum_s, acc_s, trace, tb + 8);
             if (MG_TAGGED && l == n_layers - 1 && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
                 mg_opaque(cnt)[tid] = 0;
@@ -1321,7 +1334,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         TSYNC_(cp_async_wait());
         // ---- gate/up + activation
         mg_mark(trace, tb + 12);
-        sx = mg_phase(
+        sx = mg_phase<3>(
             cH, r_gu, wb0, &mbar[0], ph0,
             [&] { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}); }, XB_,
             tag0_s + l, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb + 12);
@@ -1344,7 +1357,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             const bool more = l + 1 < n_layers;
             const float xres = tid < r_dn.n ? mg_own(XB_ + r_dn.a + tid) : 0.f;
-            sx = mg_phase(
+            sx = mg_phase<4>(
                 cF, r_dn, wb1, &mbar[1], ph1,
                 [&] {
                     if (more)
