@@ -109,7 +109,8 @@ pub struct PhaseTime {
     /// (attention: scores + softmax, and the P V product).
     pub quant_us: f64,
     pub dot_us: f64,
-    /// Block 0's wait at the grid barrier after it.
+    /// Block 0's wait at the grid barrier after it (with tagged inputs,
+    /// MG_TAGGED, the wait for the next phase's input is in its quant_us).
     pub barrier_us: f64,
 }
 

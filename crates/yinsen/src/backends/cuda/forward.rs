@@ -164,7 +164,8 @@ struct Scratch {
     /// The greedy step queued ahead by `forward_greedy`, if still valid
     /// (every other use of the scratch drops it: see `lock_scratch`).
     ahead: Option<Ahead>,
-    /// Grid-barrier counter of the persistent decode (zeroed per step).
+    /// Grid-barrier counter of the persistent kernels (zeroed per step; the
+    /// one-token kernel's tagged vectors need none, but for MG_TAGGED < 2).
     bar: DevBuf,
     /// The persistent decode's tagged vectors (mega.cu, MG_TAGGED): u64
     /// (value, tag) words of x after down, x after O, the attention output,
