@@ -159,11 +159,6 @@
 #ifndef MG_TAGGED
 #define MG_TAGGED 2
 #endif
-// The next phase's weights issued after the dot by the last warp (see
-// mg_phase; 0: after the quantisation, by thread 0). Unmeasured: off.
-#ifndef MG_ISSUE_LATE
-#define MG_ISSUE_LATE 0
-#endif
 
 // Polls of a tagged input before the kernel traps (a tag never written is a
 // bug: an error, not a hang).
@@ -364,10 +359,10 @@ __device__ __forceinline__ void mg_wcopy(const uint4* W, int chunks, MgRows r, u
     }
 }
 
-// Thread `who`: copy the block's rows of W into dst, completing on bar.
+// Thread 0: copy the block's rows of W into dst, completing on bar.
 __device__ __forceinline__ void mg_wbulk(const uint4* W, int chunks, MgRows r, uint4* dst, u64* bar,
-                                         bool evict_first, int who = 0) {
-    if ((int)threadIdx.x != who) return;
+                                         bool evict_first) {
+    if (threadIdx.x != 0) return;
     const unsigned span = (unsigned)r.n * (unsigned)chunks * 16u, total = r.off2 >= 0 ? 2 * span : span;
     mg_bulk_expect(bar, total);
     for (int part = 0; part < (r.off2 >= 0 ? 2 : 1); part++)
@@ -388,21 +383,13 @@ struct MgNext {
     float* scs;
     bool evict_first;  // MG_EVICT_FIRST
 };
-// What mg_issue starts: both parts; the row scales only; the weights only,
-// by the last warp's first thread (sm_90+, see MG_ISSUE_LATE).
-#define MG_ISSUE_ALL 0
-#define MG_ISSUE_SCALES 1
-#define MG_ISSUE_WEIGHTS 2
 template <int NT = MG_THREADS>
-__device__ __forceinline__ void mg_issue(const MgNext& n, int what = MG_ISSUE_ALL) {
-    if (what != MG_ISSUE_SCALES) {
+__device__ __forceinline__ void mg_issue(const MgNext& n) {
 #if __CUDA_ARCH__ >= 900
-        mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar, n.evict_first, what == MG_ISSUE_WEIGHTS ? NT - 32 : 0);
+    mg_wbulk(n.W, n.chunks, n.r, n.dst, n.bar, n.evict_first);
 #else
-        mg_wcopy<NT>(n.W, n.chunks, n.r, n.dst);
+    mg_wcopy<NT>(n.W, n.chunks, n.r, n.dst);
 #endif
-    }
-    if (what == MG_ISSUE_WEIGHTS) return;
     const int nloc = mg_nloc(n.r);
     for (int i = threadIdx.x; i < nloc; i += NT) cp_async4(n.scs + i, n.rs + mg_row(n.r, i));
     cp_commit();
@@ -1114,13 +1101,9 @@ __device__ void mg_attention(const float* qr, const KV* kc, const KV* vc, int po
 // Issued before the quantisation instead, while the block waits for its
 // tagged input, it was slower (S31-5: 1176 / 955 against 1229 / 992 tok/s;
 // the copy's bytes queue ahead of the input's loads, as in MG_GU_HOLD_1K).
-// MG_ISSUE_LATE (sm_90+): the row scales there, the weights after the dot
-// by the last warp, which has no epilogue rows (2B4T: at most 53 a phase),
-// so thread 0's ~0.3 us of issue (S31-4's weights-landed marks: 0.36-0.43
-// us in the phases that issue against 0.08 in O) leaves the path from the
-// quantisation to the dot. Not measured yet (session 31's device time ran
-// out); the weights then have the epilogue and the next phase's wait and
-// quantisation to land (~2 us for QKV's 18.6 KB a block, more for the rest).
+// Issued after the dot by the last warp (the row scales where they are), it
+// was slower too (S32-1: 1169 / 974 against 1217 / 1009 tok/s): the weights
+// then land late for the next phase.
 // P: the phase (0 QKV, 2 O, 3 gate/up, 4 down; `mark` is layer start + 4 P).
 template <int P, typename IssueNext, typename IN>
 __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf, u64* bar, unsigned& ph,
@@ -1131,19 +1114,13 @@ __device__ __forceinline__ float mg_phase(int chunks, MgRows r, const uint4* buf
     // A block without rows here reads none of the input (MG_TAGGED 2: see there).
     const float sx = mg_quant(in, tag, n, nw, eps, chunks * 64, xq, red, xsum_s, MG_TAGGED < 2 || r.n > 0);
     mg_mark(trace, mark + 1);
-#if __CUDA_ARCH__ >= 900
-    constexpr bool late = MG_ISSUE_LATE;
-#else
-    constexpr bool late = false;
-#endif
-    issue_next(late ? MG_ISSUE_SCALES : MG_ISSUE_ALL);
+    issue_next();
     mbar_wait(bar, ph);  // this phase's weights (a no-op before sm_90: cp.async, waited at the barrier)
     ph ^= 1;
     // Marks 24 + phase (trace builds without MG_TRACE_MERGE): the weights landed.
     if (!MG_TRACE_MERGE) mg_mark(trace, mark - 3 * P + 24);
     mg_dot(chunks, r, buf, xq, acc_s);
     mg_mark(trace, mark + 2);
-    if (late) issue_next(MG_ISSUE_WEIGHTS);
     return sx;
 }
 
@@ -1299,9 +1276,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         if (l >= 1 && l + 1 < n_layers) mg_lt_copy(lt, l + 1, lts);
         sx = mg_phase<0>(
             cH, r_qkv, wb0, &mbar[0], ph0,
-            [&](int what) {
-                mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef}, what);
-                if (MG_KVPF == 2 && what != MG_ISSUE_WEIGHTS) prefetch_kv(l);
+            [&] {
+                mg_issue(MgNext{W_(l, LT_O), cQ, r_o, wb1, &mbar[1], F_(l, LT_O_S), scs2[1], ef});
+                if (MG_KVPF == 2) prefetch_kv(l);
             },
             XA_, tag0_s + l, H, F_(l, LT_ATTN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb);
         if (tid < r_qkv.n) {
@@ -1348,7 +1325,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         {
             // The residual rows this block adds to: loaded now, used after the dot.
             const float xres = tid < r_o.n ? mg_own(XA_ + r_o.a + tid) : 0.f;
-            sx = mg_phase<2>(cQ, r_o, wb1, &mbar[1], ph1, [](int) {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
+            sx = mg_phase<2>(cQ, r_o, wb1, &mbar[1], ph1, [] {}, ATT_, tag0_s + l, Q, F_(l, LT_ATTN_SUB), eps, xq, red,
                           xsum_s, acc_s, trace, tb + 8);
             if (MG_TAGGED && l == n_layers - 1 && blockIdx.x == 0 && tid < mg_opaque(n_kv << att_sub_log))
                 mg_opaque(cnt)[tid] = 0;
@@ -1362,8 +1339,7 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
         mg_mark(trace, tb + 12);
         sx = mg_phase<3>(
             cH, r_gu, wb0, &mbar[0], ph0,
-            [&](int what) { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}, what); },
-            XB_,
+            [&] { mg_issue(MgNext{W_(l, LT_DN), cF, r_dn, wb1, &mbar[1], F_(l, LT_DN_S), scs2[1], ef}); }, XB_,
             tag0_s + l, H, F_(l, LT_FFN_NORM), eps, xq, red, xsum_s, acc_s, trace, tb + 12);
         if (tid < r_gu.n) {
             const float* scs = scs2[0];
@@ -1386,10 +1362,9 @@ __device__ void mega_body(const u64* lt, int n_layers, int H, int Q, int KVD, in
             const float xres = tid < r_dn.n ? mg_own(XB_ + r_dn.a + tid) : 0.f;
             sx = mg_phase<4>(
                 cF, r_dn, wb1, &mbar[1], ph1,
-                [&](int what) {
+                [&] {
                     if (more)
-                        mg_issue(MgNext{W_(l + 1, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0], ef},
-                                 what);
+                        mg_issue(MgNext{W_(l + 1, LT_QKV), cH, r_qkv, wb0, &mbar[0], F_(l + 1, LT_QKV_S), scs2[0], ef});
                 },
                 HB_, tag0_s + l, F, F_(l, LT_FFN_SUB), eps, xq, red, xsum_s, acc_s, trace, tb + 16);
             if (tid < r_dn.n) {
