@@ -58,8 +58,51 @@ pub fn render_chat(
         ("eos_token".to_string(), Value::from(eos_token)),
         ("tools".to_string(), Value::from(())),
     ]);
-    tmpl.render(Value::from(ctx))
-        .map_err(|e| Error::input(format!("chat template failed: {e}")))
+    // A template comes with the model file, which may lie: its running time
+    // is bounded by fuel and its output by CHAT_MAX_BYTES (minijinja itself
+    // caps `range` and string repetition, not loops in loops).
+    let mut out = CappedWriter {
+        buf: Vec::new(),
+        over: false,
+    };
+    match tmpl.render_captured_to(Value::from(ctx), &mut out).map(drop) {
+        Ok(_) => String::from_utf8(out.buf).map_err(|_| Error::input("chat template output is not UTF-8")),
+        Err(_) if out.over => Err(Error::input(format!(
+            "chat template output is larger than {} MiB",
+            CHAT_MAX_BYTES >> 20
+        ))),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::input(format!(
+            "chat template runs too long (more than {CHAT_FUEL} steps)"
+        ))),
+        Err(e) => Err(Error::input(format!("chat template failed: {e}"))),
+    }
+}
+
+/// Instructions a chat template may run (minijinja fuel): a Llama-3
+/// conversation takes ~30 a message.
+pub const CHAT_FUEL: u64 = 20_000_000;
+/// Bytes of prompt text a chat template may render (far more than any
+/// model's context holds).
+pub const CHAT_MAX_BYTES: usize = 16 << 20;
+
+/// An output that refuses to grow past CHAT_MAX_BYTES.
+struct CappedWriter {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > CHAT_MAX_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn message_value(m: &ChatMessage) -> Value {
@@ -79,6 +122,7 @@ fn environment() -> Result<Environment<'static>> {
         .build()
         .map_err(|e| Error::input(format!("chat template syntax: {e}")))?;
     env.set_syntax(syntax);
+    env.set_fuel(Some(CHAT_FUEL));
     // Python string/dict methods (`.strip()`, `.items()`, ...) used by HF templates.
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     minijinja_contrib::add_to_environment(&mut env);
@@ -299,6 +343,44 @@ fn write_json_str(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Templates from a lying model file end with an error, soon: loops in
+    /// loops (10^10 steps) run out of fuel, a flood of output stops at
+    /// CHAT_MAX_BYTES, a macro calling itself at minijinja's recursion limit.
+    /// A long real conversation still renders.
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let m = [ChatMessage::new("user", "hi")];
+        for (t, want) in [
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                "runs too long",
+            ),
+            (
+                "{% for i in range(1000) %}{{ 'a' * 100000 }}{% endfor %}",
+                "larger than 16 MiB",
+            ),
+            (
+                "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                "chat template failed",
+            ),
+            ("{{ 'a' * 1000000000 }}", "chat template failed"),
+        ] {
+            let t0 = std::time::Instant::now();
+            let e = render_chat(Some(t), &m, true, "<s>", "</s>").unwrap_err().to_string();
+            assert!(e.contains(want), "{t}: {e}");
+            assert!(t0.elapsed().as_secs() < 20, "{t}: {:?}", t0.elapsed());
+        }
+        // Just under the output cap renders.
+        let t = "{% for i in range(160) %}{{ 'a' * 100000 }}{% endfor %}";
+        assert_eq!(render_chat(Some(t), &m, true, "<s>", "</s>").unwrap().len(), 16_000_000);
+        let long: Vec<ChatMessage> = (0..20_000)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, format!("message {i}")))
+            .collect();
+        let text = render_chat(None, &long, true, "<s>", "</s>").unwrap();
+        assert!(text.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
+        assert_eq!(text.matches("<|eot_id|>").count(), 20_000);
+    }
 
     #[test]
     fn civil_dates_known_points() {
