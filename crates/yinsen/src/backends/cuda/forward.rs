@@ -2458,16 +2458,21 @@ impl Backend for CudaBackend {
             batch::BatchWant::Logits
         };
         let out = self.run_batch(&mut cs, tokens, want)?;
-        // Rows ranked in parallel (a top-k over 128k logits is ~0.1 ms).
-        use rayon::prelude::*;
-        Ok(Some(
-            picks
-                .par_iter()
-                .enumerate()
-                .map(|(i, &(k, g))| match &out {
-                    batch::BatchOut::Greedy(best) => vec![best[i]],
-                    batch::BatchOut::TopK(rows) => rows[i][..k.min(rows[i].len())].to_vec(),
-                    batch::BatchOut::Logits(l) => {
+        Ok(Some(match &out {
+            batch::BatchOut::Greedy(best) => best.iter().map(|&p| vec![p]).collect(),
+            batch::BatchOut::TopK(rows) => rows
+                .iter()
+                .zip(picks)
+                .map(|(r, &(k, _))| r[..k.min(r.len())].to_vec())
+                .collect(),
+            // Rows ranked in parallel (a top-k over 128k logits is ~0.1 ms);
+            // the picks above are copies, not worth waking the pool for.
+            batch::BatchOut::Logits(l) => {
+                use rayon::prelude::*;
+                picks
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, &(k, g))| {
                         let l = &l[i * vocab..(i + 1) * vocab];
                         match g {
                             true => {
@@ -2476,10 +2481,10 @@ impl Backend for CudaBackend {
                             }
                             false => crate::logits::ranked(l, k),
                         }
-                    }
-                })
-                .collect(),
-        ))
+                    })
+                    .collect()
+            }
+        }))
     }
     fn forward_top_k(&self, cache: &mut dyn KvCache, token: u32, k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         let vocab = self.config.vocab;
